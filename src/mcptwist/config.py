@@ -1,0 +1,544 @@
+# -*- test-case-name: tests.test_config -*-
+"""Load and validate the bridge's configuration.
+
+Two formats are read: TOML (the bridge's own, ``[servers.NAME]`` tables plus
+bridge settings) and JSON in the ``mcpServers`` shape that Claude Desktop,
+Cursor and most MCP tooling use. Both become the same frozen L{BridgeConfig}.
+The whole file is validated before anything starts; every error names the
+file, the key, what is wrong and how to fix it. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import attrs
+
+DEFAULT_LISTEN: Final = "tcp:8080:interface=127.0.0.1"
+DEFAULT_ORIGINS: Final = (
+    "http://localhost:*",
+    "https://localhost:*",
+    "http://127.0.0.1:*",
+    "https://127.0.0.1:*",
+    "http://[::1]:*",
+    "https://[::1]:*",
+)
+MiB: Final = 1024 * 1024
+SHARING_MODES: Final = ("shared", "session")
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VAR_RE: Final = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+_SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS: Final = {
+    "b": 1,
+    "kib": 1024,
+    "mib": MiB,
+    "gib": 1024 * MiB,
+    "kb": 1000,
+    "mb": 1000_000,
+    "gb": 1000_000_000,
+}
+# Keys that MCP clients put in an mcpServers entry and that mean nothing to a
+# bridge: accepted so that a pasted client config works, and otherwise ignored.
+CLIENT_ONLY_KEYS: Final = frozenset(
+    {"autoApprove", "alwaysAllow", "description", "disabledTools", "timeout"}
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who has to fix it."""
+
+    def __init__(self, source: str, key: str, problem: str, fix: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{source}: {key}: {problem}. Fix: {fix}")
+
+
+@attrs.frozen
+class RestartPolicy:
+    """How a crashed child is restarted, and when the bridge gives up."""
+
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    crash_limit: int = 5
+    crash_window: float = 60.0
+
+
+@attrs.frozen
+class ServerConfig:
+    """One stdio MCP server and how the bridge runs and shares it."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    env_passthrough: tuple[str, ...] = ()
+    cwd: str | None = None
+    sharing: str = "shared"
+    max_message_size: int = 16 * MiB
+    request_timeout: float = 300.0
+    max_request_timeout: float = 3600.0
+    term_after: float = 2.0
+    kill_after: float = 2.0
+    stderr_lines: int = 100
+    max_children: int = 16
+    session_idle_timeout: float = 1800.0
+    startup_timeout: float = 60.0
+    json_response: bool = False
+    restart: RestartPolicy = RestartPolicy()
+
+
+@attrs.frozen
+class BridgeConfig:
+    """Everything the bridge needs to start; built once, never mutated."""
+
+    servers: Mapping[str, ServerConfig]
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    insecure: bool = False
+    allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
+    heartbeat_interval: float = 15.0
+    stream_buffer: int = 8 * MiB
+    replay_events: int = 256
+    max_sessions: int = 10_000
+    source: str = "<built-in>"
+
+
+def default_config() -> BridgeConfig:
+    """The configuration used without C{--config}: the built-in example server."""
+    example = ServerConfig(name="example", command=sys.executable, args=("-m", "mcptwist.example"))
+    return BridgeConfig(servers={"example": example})
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str]) -> BridgeConfig:
+    """Read, expand and validate the configuration file at C{path}.
+
+    @raise ConfigError: on any problem, naming the file and key.
+    """
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            source,
+            "(file)",
+            f"cannot be read ({e.strerror})",
+            "check the path given to --config",
+        ) from None
+    is_json = source.endswith(".json") or raw.lstrip().startswith(b"{")
+    if is_json:
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                source, "(file)", f"is not valid JSON ({e})", "correct the JSON syntax"
+            ) from None
+        if not isinstance(doc, dict):
+            raise ConfigError(source, "(file)", "is not a JSON object", 'use {"mcpServers": {...}}')
+        doc = _from_mcp_servers_json(source, doc)
+    else:
+        try:
+            doc = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                source, "(file)", f"is not valid TOML ({e})", "correct the TOML syntax"
+            ) from None
+    return parse_config(doc, source, environ)
+
+
+def _from_mcp_servers_json(source: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Turn the C{mcpServers} JSON shape into the TOML shape."""
+    unknown = sorted(set(doc) - {"mcpServers", "mcptwist"})
+    if unknown:
+        raise ConfigError(
+            source,
+            unknown[0],
+            "unknown top-level key",
+            'a JSON config holds "mcpServers" and optionally "mcptwist" (bridge settings); '
+            "remove the other keys",
+        )
+    if "mcpServers" not in doc:
+        raise ConfigError(
+            source,
+            "mcpServers",
+            "missing",
+            'add {"mcpServers": {"NAME": {"command": ...}}}',
+        )
+    settings = doc.get("mcptwist", {})
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            source,
+            "mcptwist",
+            "must be an object",
+            "give bridge settings as a JSON object",
+        )
+    if "servers" in settings:
+        raise ConfigError(
+            source,
+            "mcptwist.servers",
+            "not allowed here",
+            "declare servers under mcpServers",
+        )
+    return {**settings, "servers": doc["mcpServers"]}
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Reads one table of the document, tracking which keys were used."""
+
+    def __init__(
+        self,
+        source: str,
+        prefix: str,
+        table: Mapping[str, Any],
+        environ: Mapping[str, str],
+    ):
+        self.source = source
+        self.prefix = prefix
+        self.table = table
+        self.environ = environ
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem, fix)
+
+    def get(self, name: str, kind: str, convert: Callable[[Any], T], default: T, fix: str) -> T:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        try:
+            return convert(value)
+        except (TypeError, ValueError) as e:
+            detail = f" ({e})" if str(e) else ""
+            raise self.error(name, f"must be {kind}, not {value!r}{detail}", fix) from None
+
+    def string(self, name: str, default: str | None = None, required: bool = False) -> str | None:
+        self.used.add(name)
+        if name not in self.table:
+            if required:
+                raise self.error(name, "missing", f'add {name} = "..."')
+            return default
+        value = self.table[name]
+        if not isinstance(value, str):
+            raise self.error(name, f"must be a string, not {value!r}", f'write {name} = "..."')
+        return self.expand(name, value)
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(
+                name,
+                f"must be a list of strings, not {value!r}",
+                f'write {name} = ["...", "..."]',
+            )
+        return tuple(self.expand(f"{name}[{i}]", v) for i, v in enumerate(value))
+
+    def boolean(self, name: str, default: bool) -> bool:
+        return self.get(
+            name,
+            "true or false",
+            _bool,
+            default,
+            f"write {name} = true or {name} = false",
+        )
+
+    def number(self, name: str, default: float) -> float:
+        return self.get(
+            name,
+            "a positive number of seconds",
+            _seconds,
+            default,
+            f"write {name} = a number such as {default:g}",
+        )
+
+    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+        return self.get(
+            name,
+            f"a whole number of at least {minimum}",
+            lambda v: _whole(v, minimum),
+            default,
+            f"write {name} = a whole number such as {default}",
+        )
+
+    def size(self, name: str, default: int) -> int:
+        return self.get(
+            name,
+            'a size in bytes (a number, or a string such as "16MiB")',
+            _size,
+            default,
+            f'write {name} = "{default // MiB}MiB" or a number of bytes',
+        )
+
+    def table_at(self, name: str) -> Mapping[str, Any]:
+        self.used.add(name)
+        value = self.table.get(name, {})
+        if not isinstance(value, dict):
+            raise self.error(
+                name,
+                f"must be a table, not {value!r}",
+                f"write [{self.key(name)}] as a table",
+            )
+        return value
+
+    def expand(self, name: str, value: str) -> str:
+        def replace(match: re.Match[str]) -> str:
+            if match.group(1) == "$":
+                return "$"
+            var, default = match.group(2), match.group(3)
+            if var in self.environ:
+                return self.environ[var]
+            if default is not None:
+                return default
+            raise self.error(
+                name,
+                f"refers to ${{{var}}}, which is not set in the bridge's environment",
+                f"export {var} before starting the bridge, or write ${{{var}:-default}}",
+            )
+
+        return _VAR_RE.sub(replace, value)
+
+    def finish(self, ignored: frozenset[str] = frozenset()) -> None:
+        for name in self.table:
+            if name not in self.used and name not in ignored:
+                raise self.error(
+                    name,
+                    "unknown key",
+                    f"remove it or check its spelling ({_suggest(name, self.used)})",
+                )
+
+
+def _suggest(name: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"did you mean {close[0]}?" if close else "see docs/configuration.md for every key"
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError()
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError()
+    if not 0 < value < float("inf"):
+        raise ValueError()
+    return float(value)
+
+
+def _whole(value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError()
+    if value < minimum:
+        raise ValueError()
+    return value
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError()
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        number = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+    else:
+        raise TypeError()
+    if number < 1024:
+        raise ValueError("at least 1KiB")
+    return number
+
+
+def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> BridgeConfig:
+    """Validate a parsed document (TOML shape) into a L{BridgeConfig}."""
+    top = _Reader(source, "", doc, environ)
+    listen = top.strings("listen", (DEFAULT_LISTEN,))
+    if not listen:
+        raise top.error(
+            "listen",
+            "is empty",
+            f'give at least one endpoint, such as "{DEFAULT_LISTEN}"',
+        )
+    for i, endpoint in enumerate(listen):
+        check_endpoint(source, f"listen[{i}]", endpoint)
+    origins = top.strings("allowed_origins", DEFAULT_ORIGINS)
+    for i, origin in enumerate(origins):
+        if not re.match(r"^https?://[^/\s]+$", origin):
+            raise top.error(
+                f"allowed_origins[{i}]",
+                f"{origin!r} is not an origin",
+                'write scheme://host[:port] with no path, such as "https://app.example.com" '
+                'or "http://localhost:*"',
+            )
+    defaults = BridgeConfig(servers={})
+    settings = {
+        "insecure": top.boolean("insecure", defaults.insecure),
+        "heartbeat_interval": top.number("heartbeat_interval", defaults.heartbeat_interval),
+        "stream_buffer": top.size("stream_buffer", defaults.stream_buffer),
+        "replay_events": top.integer("replay_events", defaults.replay_events, minimum=0),
+        "max_sessions": top.integer("max_sessions", defaults.max_sessions),
+    }
+    servers_table = top.table_at("servers")
+    top.finish()
+    if not servers_table:
+        raise ConfigError(
+            source,
+            "servers",
+            "no MCP server is configured",
+            'add a [servers.NAME] table with command = "..." (TOML) or an mcpServers entry (JSON)',
+        )
+    servers: dict[str, ServerConfig] = {}
+    for name, table in servers_table.items():
+        if not _NAME_RE.match(name):
+            raise ConfigError(
+                source,
+                f"servers.{name}",
+                "is not a usable server name (it becomes part of the URL)",
+                "use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64",
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(
+                source,
+                f"servers.{name}",
+                "must be a table",
+                f'write [servers.{name}] with command = "..."',
+            )
+        server = _parse_server(source, name, table, environ)
+        if server is not None:
+            servers[name] = server
+    if not servers:
+        raise ConfigError(
+            source, "servers", "every server is disabled", "enable at least one server"
+        )
+    return BridgeConfig(
+        servers=servers,
+        listen=listen,
+        allowed_origins=origins,
+        source=source,
+        **settings,  # type: ignore[arg-type]
+    )
+
+
+def _parse_server(
+    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str]
+) -> ServerConfig | None:
+    r = _Reader(source, f"servers.{name}.", table, environ)
+    if r.boolean("disabled", False):
+        return None
+    kind = r.string("type", "stdio")
+    if kind != "stdio":
+        raise r.error(
+            "type",
+            f"{kind!r} servers cannot be bridged (mcptwist runs stdio servers as child processes)",
+            'remove this server, or give it a command to run (type = "stdio")',
+        )
+    if "url" in table:
+        raise r.error(
+            "url",
+            "remote servers are not bridged",
+            "give a command to run instead of a url",
+        )
+    command = r.string("command", required=True)
+    assert command is not None
+    if not command.strip():
+        raise r.error("command", "is empty", 'name the program to run, such as "npx" or "uvx"')
+    env_table = r.table_at("env")
+    env: dict[str, str] = {}
+    for var, value in env_table.items():
+        if not isinstance(value, str):
+            raise r.error(
+                f"env.{var}",
+                f"must be a string, not {value!r}",
+                f'write {var} = "{value}"',
+            )
+        env[var] = r.expand(f"env.{var}", value)
+    sharing = r.string("sharing", "shared")
+    if sharing not in SHARING_MODES:
+        raise r.error(
+            "sharing",
+            f"{sharing!r} is not a sharing mode",
+            'write sharing = "shared" (one child for all) or "session"',
+        )
+    defaults = ServerConfig(name=name, command=command)
+    restart_table = r.table_at("restart")
+    rr = _Reader(source, f"servers.{name}.restart.", restart_table, environ)
+    rd = RestartPolicy()
+    restart = RestartPolicy(
+        initial_delay=rr.number("initial_delay", rd.initial_delay),
+        max_delay=rr.number("max_delay", rd.max_delay),
+        crash_limit=rr.integer("crash_limit", rd.crash_limit),
+        crash_window=rr.number("crash_window", rd.crash_window),
+    )
+    rr.finish()
+    server = ServerConfig(
+        name=name,
+        command=command,
+        args=r.strings("args"),
+        env=env,
+        env_passthrough=r.strings("env_passthrough"),
+        cwd=r.string("cwd"),
+        sharing=sharing or "shared",
+        max_message_size=r.size("max_message_size", defaults.max_message_size),
+        request_timeout=r.number("request_timeout", defaults.request_timeout),
+        max_request_timeout=r.number("max_request_timeout", defaults.max_request_timeout),
+        term_after=r.number("term_after", defaults.term_after),
+        kill_after=r.number("kill_after", defaults.kill_after),
+        stderr_lines=r.integer("stderr_lines", defaults.stderr_lines, minimum=0),
+        max_children=r.integer("max_children", defaults.max_children),
+        session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
+        startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
+        json_response=r.boolean("json_response", defaults.json_response),
+        restart=restart,
+    )
+    r.finish(ignored=CLIENT_ONLY_KEYS)
+    if server.max_request_timeout < server.request_timeout:
+        raise r.error(
+            "max_request_timeout",
+            f"({server.max_request_timeout:g}) is shorter than request_timeout ({server.request_timeout:g})",
+            "make max_request_timeout at least as long as request_timeout",
+        )
+    if server.cwd is not None and not os.path.isdir(server.cwd):
+        raise r.error(
+            "cwd",
+            f"{server.cwd!r} is not a directory",
+            "give an existing directory, or remove cwd",
+        )
+    return server
+
+
+def check_endpoint(source: str, key: str, description: str) -> None:
+    """Parse an endpoint string without listening, so typos fail at load time."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    kind = description.split(":", 1)[0]
+    if kind == "systemd":
+        # Resolved against the inherited sockets only at start.
+        return
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        raise ConfigError(
+            source,
+            key,
+            f"{description!r} is not a valid endpoint ({e})",
+            f'use a Twisted endpoint string such as "{DEFAULT_LISTEN}" or '
+            '"ssl:8443:privateKey=key.pem:certKey=cert.pem"',
+        ) from None

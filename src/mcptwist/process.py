@@ -1,0 +1,288 @@
+# -*- test-case-name: tests.test_process -*-
+"""One child process: spawn it, frame its output, stop it cleanly.
+
+A L{Child} is one incarnation of an MCP server. It runs in its own process
+group (so that a C{npx} or shell wrapper's whole tree is stopped), gets an
+allow-listed environment (never the bridge's own secrets), frames stdout as
+newline-delimited JSON-RPC and stderr as log lines (kept in a ring buffer),
+and stops with the sequence the MCP lifecycle recommends: close stdin, then
+SIGTERM the group, then SIGKILL it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProcessTransport,
+    IReactorProcess,
+    IReactorTime,
+)
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import jsonrpc
+from .config import ServerConfig
+from .framing import LineFramer
+
+# The variables a child inherits from the bridge's environment when set; the
+# rest (tokens, keys, LISTEN_FDS...) stays with the bridge.
+INHERITED_ENV: Final = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "TERM",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "TZ",
+    "TMPDIR",
+    "XDG_RUNTIME_DIR",
+    "XDG_CACHE_HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "NODE_EXTRA_CA_CERTS",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+DEFAULT_CHILD_ENV: Final = {"PYTHONUNBUFFERED": "1"}
+MAX_STDERR_LINE: Final = 8192
+
+# Run the configured command in a new session (so in its own process group,
+# pgid == pid) without forking: the pid Twisted knows stays the server's.
+_SETSID_EXEC: Final = (
+    "import os, sys\n"
+    "os.setsid()\n"
+    "try:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "except OSError as e:\n"
+    "    sys.stderr.write(f'mcptwist: cannot run {sys.argv[1]!r}: {e.strerror}\\n')\n"
+    "    sys.exit(127)\n"
+)
+
+log = Logger(namespace="mcptwist.process")
+
+
+def child_environment(server: ServerConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """The complete environment of a child: allow-list, defaults, then config."""
+    env = {k: environ[k] for k in INHERITED_ENV if k in environ}
+    env.setdefault("PATH", os.defpath)
+    env.update(DEFAULT_CHILD_ENV)
+    env.update({k: environ[k] for k in server.env_passthrough if k in environ})
+    env.update(server.env)
+    return env
+
+
+def describe_exit(reason: Failure) -> str:
+    """A short human description of how a process ended."""
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return "exited with code 0"
+    if isinstance(value, ProcessTerminated):
+        if value.signal is not None:
+            try:
+                name = signal.Signals(value.signal).name
+            except ValueError:
+                name = str(value.signal)
+            return f"killed by {name}"
+        return f"exited with code {value.exitCode}"
+    return str(value)
+
+
+class ChildListener(Protocol):
+    """What a L{Child} reports to (the supervisor, and through it the router)."""
+
+    def child_message(self, child: Child, message: jsonrpc.Message) -> None: ...
+
+    def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None: ...
+
+    def child_exited(self, child: Child, reason: Failure) -> None: ...
+
+
+class _ChildProtocol(ProcessProtocol):
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+    def connectionMade(self) -> None:
+        self.child._connected(getattr(self.transport, "pid", None))
+
+    def outReceived(self, data: bytes) -> None:
+        self.child._stdout.feed(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.child._stderr.feed(data)
+
+    def processExited(self, reason: Failure) -> None:
+        self.child._exited(reason)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.child._ended(reason)
+
+
+@attrs.define(eq=False)
+class Child:
+    """One running incarnation of a server's process."""
+
+    server: ServerConfig
+    listener: ChildListener
+    reactor: Any  # IReactorProcess & IReactorTime
+    stderr_tail: deque[str]
+    transport: IProcessTransport | None = None
+    pid: int | None = None
+    started: float = 0.0
+    exit_reason: Failure | None = None
+    ended: Deferred[None] = attrs.field(factory=Deferred)
+    _stdout: LineFramer = attrs.field(init=False)
+    _stderr: LineFramer = attrs.field(init=False)
+    _timers: list[IDelayedCall] = attrs.field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self._stdout = LineFramer(self.server.max_message_size, self._line, self._oversize)
+        self._stderr = LineFramer(MAX_STDERR_LINE, self._stderr_line, self._stderr_oversize)
+
+    def spawn(self, environ: Mapping[str, str]) -> None:
+        """Start the process. Raises if the reactor cannot spawn it."""
+        proto = _ChildProtocol(self)
+        args = [
+            sys.executable,
+            "-c",
+            _SETSID_EXEC,
+            self.server.command,
+            *self.server.args,
+        ]
+        reactor: IReactorProcess = self.reactor
+        self.transport = reactor.spawnProcess(
+            proto,
+            sys.executable,
+            args,
+            env=child_environment(self.server, environ),
+            path=self.server.cwd,
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        self.pid = self.transport.pid
+
+    def send(self, message: jsonrpc.Message) -> None:
+        """Write one message to the child's stdin."""
+        if self.transport is not None and self.exit_reason is None:
+            self.transport.writeSequence([jsonrpc.dumps(message), b"\n"])
+
+    def stop(self) -> Deferred[None]:
+        """Close stdin, SIGTERM the group after term_after, SIGKILL after kill_after.
+
+        The Deferred fires once the process has exited and its pipes closed.
+        """
+        if self.ended.called or self.transport is None:
+            return succeed(None)
+        try:
+            self.transport.closeStdin()
+        except Exception:
+            log.failure("closing stdin of {server}", server=self.server.name)
+        clock: IReactorTime = self.reactor
+        term = self.server.term_after
+        self._timers += [
+            clock.callLater(term, self.signal_group, signal.SIGTERM),
+            clock.callLater(term + self.server.kill_after, self.signal_group, signal.SIGKILL),
+        ]
+        d: Deferred[None] = Deferred()
+        self.ended.addBoth(lambda r: d.callback(None))
+        return d
+
+    def kill(self) -> None:
+        """SIGKILL the child's whole process group now."""
+        self.signal_group(signal.SIGKILL)
+
+    def signal_group(self, sig: int) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # Callbacks from the process protocol.
+
+    def _connected(self, pid: int | None) -> None:
+        log.info("{server}: child started (pid {pid})", server=self.server.name, pid=pid)
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            message = jsonrpc.loads(line)
+            jsonrpc.classify(message)
+        except jsonrpc.ProtocolError as e:
+            log.warn(
+                "{server}: skipped a stdout line that is not JSON-RPC ({problem}): {excerpt}",
+                server=self.server.name,
+                problem=e.message,
+                excerpt=line[:200].decode("utf-8", "replace"),
+            )
+            return
+        self.listener.child_message(self, message)
+
+    def _oversize(self, size: int, head: bytes, tail: bytes) -> None:
+        log.warn(
+            "{server}: dropped a {size}-byte message from the child (max_message_size is {limit})",
+            server=self.server.name,
+            size=size,
+            limit=self.server.max_message_size,
+        )
+        self.listener.child_oversize(self, size, head, tail)
+
+    def _stderr_line(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        self.stderr_tail.append(text)
+        log.info("{server} stderr: {line}", server=self.server.name, line=text, pid=self.pid)
+
+    def _stderr_oversize(self, size: int, head: bytes, tail: bytes) -> None:
+        self._stderr_line(head[:MAX_STDERR_LINE] + f" ... ({size} bytes)".encode())
+
+    def _exited(self, reason: Failure) -> None:
+        # The server has exited; stray members of its group (grandchildren)
+        # must not outlive it. Output still in the pipes is delivered before
+        # processEnded, so the listener hears of the exit only then.
+        self.exit_reason = reason
+        self.signal_group(signal.SIGTERM)
+        clock: IReactorTime = self.reactor
+        self._timers.append(
+            clock.callLater(self.server.kill_after, self.signal_group, signal.SIGKILL)
+        )
+
+    def _ended(self, reason: Failure) -> None:
+        if self.exit_reason is None:
+            self.exit_reason = reason
+        self._stdout.flush()
+        self._stderr.flush()
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self.signal_group(signal.SIGKILL)
+        log.info(
+            "{server}: child (pid {pid}) {how}",
+            server=self.server.name,
+            pid=self.pid,
+            how=describe_exit(self.exit_reason),
+        )
+        self.listener.child_exited(self, self.exit_reason)
+        self.ended.callback(None)
+
+
+def stderr_buffer(server: ServerConfig) -> deque[str]:
+    return deque(maxlen=server.stderr_lines)
+
+
+ChildFactory = Callable[[ServerConfig, ChildListener], Child]

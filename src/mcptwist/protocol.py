@@ -1,0 +1,41 @@
+"""MCP facts the bridge relies on: protocol versions, log levels, methods."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Session-era ("legacy") revisions the bridge serves, oldest first.
+LEGACY_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+LATEST_LEGACY: Final = LEGACY_VERSIONS[-1]
+# A request without MCP-Protocol-Version is taken as this (transports spec).
+DEFAULT_HEADER_VERSION: Final = "2025-03-26"
+BATCH_VERSIONS: Final = frozenset({"2025-03-26"})
+PRIMING_VERSIONS: Final = frozenset({"2025-11-25"})
+
+LOG_LEVELS: Final = (
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+)
+LOG_RANK: Final = {level: rank for rank, level in enumerate(LOG_LEVELS)}
+
+# Server-to-client requests that a client must have declared a capability for.
+CLIENT_CAPABILITY_FOR: Final = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+
+BRIDGE_NAME: Final = "mcptwist"
+
+
+def negotiate(requested: object) -> str:
+    """The version to answer an C{initialize} with, per the lifecycle rules."""
+    if isinstance(requested, str) and requested in LEGACY_VERSIONS:
+        return requested
+    return LATEST_LEGACY

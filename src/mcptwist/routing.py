@@ -1,0 +1,820 @@
+# -*- test-case-name: tests.test_routing -*-
+"""Route JSON-RPC between client sessions and a child: the multiplexer.
+
+An L{Upstream} owns one child (through its L{Supervisor}) and any number of
+client sessions. It initializes the child once and answers every client's
+C{initialize} from the child's result; rewrites request ids so that clients
+never collide; maps progress tokens and cancellations both ways; sends each
+response, and each server-to-client request, to the client it belongs to;
+and fans notifications out (list changes to all, resource updates to
+subscribers, log messages by each client's level). Every request gets an
+answer: the child's, a timeout, or an error when the child dies.
+
+A server is served by a L{SharedBackend} (one upstream for every session) or
+a L{SessionBackend} (one upstream, so one child, per session).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, Protocol
+
+import attrs
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from . import __version__, jsonrpc, protocol
+from .config import ServerConfig
+from .jsonrpc import Kind, Message, RequestId
+from .process import Child
+from .supervisor import ChildState, Supervisor
+
+log = Logger(namespace="mcptwist.routing")
+
+MAX_QUEUED: Final = 10_000
+STDERR_IN_ERRORS: Final = 20
+BRIDGE_CAPABILITIES: Final = {
+    "sampling": {},
+    "elicitation": {},
+    "roots": {"listChanged": True},
+}
+_ID_HEAD: Final = re.compile(rb'^\s*\{\s*(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?"id"\s*:\s*(-?\d+)\s*,')
+_ID_TAIL: Final = re.compile(rb',\s*"id"\s*:\s*(-?\d+)\s*\}\s*$')
+
+
+class Downstream(Protocol):
+    """A client session, as the router sees it."""
+
+    id: str
+    protocol_version: str | None
+    capabilities: dict[str, Any]
+    client_info: dict[str, Any]
+    log_level: str | None
+
+    def deliver(self, message: Message, related: RequestId | None) -> None:
+        """Send a message to the client; C{related} is the request it belongs to."""
+
+
+class CapacityError(Exception):
+    """No child can be started for a new session (the server's limit is reached)."""
+
+
+@attrs.define(eq=False)
+class _Pending:
+    """A request sent (or queued) to the child, waiting for its response."""
+
+    child_id: int
+    method: str
+    started: float
+    session: Downstream | None = None
+    client_id: RequestId | None = None
+    progress_token: Any = None
+    on_response: Callable[[Message], None] | None = None
+    timer: IDelayedCall | None = None
+    sent_to: Child | None = None
+
+
+@attrs.define(eq=False)
+class _Outbound:
+    """A server-to-client request, waiting for the client's response."""
+
+    child: Child
+    child_id: RequestId
+    session: Downstream
+    method: str
+
+
+class Upstream(Service):
+    """One child and the sessions that share it."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        reactor: Any,
+        environ: Mapping[str, str],
+        label: str | None = None,
+    ) -> None:
+        self.server = server
+        self.clock: IReactorTime = reactor
+        self.supervisor = Supervisor(server, self, reactor, environ, label)
+        self.sessions: set[Downstream] = set()
+        self.init_result: dict[str, Any] | None = None
+        self._child: Child | None = None
+        self._ready = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._by_client: dict[tuple[Downstream, RequestId], _Pending] = {}
+        self._outbound: dict[int, _Outbound] = {}
+        self._queue: deque[tuple[_Pending | None, Message]] = deque()
+        self._waiting_init: list[tuple[Downstream, Message]] = []
+        self._subscriptions: dict[str, set[Downstream]] = {}
+        self._child_level: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.supervisor.label
+
+    @property
+    def state(self) -> ChildState:
+        return self.supervisor.state
+
+    # Service
+
+    def startService(self) -> None:
+        super().startService()
+        self.supervisor.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d = self.supervisor.stopService()
+        self._fail_all(f"MCP server '{self.label}' is shutting down")
+        return d
+
+    # Sessions
+
+    def attach(self, session: Downstream) -> None:
+        self.sessions.add(session)
+
+    def detach(self, session: Downstream) -> None:
+        """Forget a session: cancel its requests and release what it held."""
+        self.sessions.discard(session)
+        for p in [p for p in self._pending.values() if p.session is session]:
+            self._forget(p)
+            if p.sent_to is not None:
+                self._cancel_on_child(p, "client session closed")
+        self._queue = deque((p, m) for p, m in self._queue if p is None or p.session is not session)
+        for out_id, out in list(self._outbound.items()):
+            if out.session is session:
+                del self._outbound[out_id]
+                self._send(
+                    out.child,
+                    jsonrpc.error(out.child_id, jsonrpc.INTERNAL_ERROR, "client session closed"),
+                )
+        self._waiting_init = [(s, m) for s, m in self._waiting_init if s is not session]
+        for uri, subscribers in list(self._subscriptions.items()):
+            if session in subscribers:
+                subscribers.discard(session)
+                if not subscribers:
+                    del self._subscriptions[uri]
+                    self._internal("resources/unsubscribe", {"uri": uri})
+
+    # Messages from a client
+
+    def handle(self, session: Downstream, message: Message, kind: Kind) -> None:
+        """Take one message from a client session (already parsed and classified)."""
+        if kind is Kind.REQUEST:
+            method = message["method"]
+            handler = self._client_requests.get(method)
+            if handler is not None:
+                handler(self, session, message)
+            else:
+                self._forward(session, message)
+        elif kind is Kind.NOTIFICATION:
+            self._client_notification(session, message)
+        else:
+            self._client_response(session, message)
+
+    def _initialize(self, session: Downstream, message: Message) -> None:
+        if self._ready:
+            self._answer_initialize(session, message)
+        elif self.state in (ChildState.FAILED, ChildState.STOPPED):
+            session.deliver(self._unavailable(message["id"]), message["id"])
+        else:
+            self._waiting_init.append((session, message))
+
+    def _answer_initialize(self, session: Downstream, message: Message) -> None:
+        assert self.init_result is not None
+        params = message.get("params") or {}
+        version = protocol.negotiate(params.get("protocolVersion"))
+        session.protocol_version = version
+        caps = params.get("capabilities")
+        session.capabilities = caps if isinstance(caps, dict) else {}
+        info = params.get("clientInfo")
+        session.client_info = info if isinstance(info, dict) else {}
+        result: dict[str, Any] = {
+            "protocolVersion": version,
+            "capabilities": self.init_result.get("capabilities", {}),
+            "serverInfo": self.init_result.get(
+                "serverInfo", {"name": self.server.name, "version": "unknown"}
+            ),
+        }
+        if "instructions" in self.init_result:
+            result["instructions"] = self.init_result["instructions"]
+        session.deliver(jsonrpc.result(message["id"], result), message["id"])
+
+    def _set_level(self, session: Downstream, message: Message) -> None:
+        params = message.get("params") or {}
+        level = params.get("level")
+        if level not in protocol.LOG_RANK:
+            session.deliver(
+                jsonrpc.error(
+                    message["id"],
+                    jsonrpc.INVALID_PARAMS,
+                    f"Invalid params: level must be one of {', '.join(protocol.LOG_LEVELS)}",
+                ),
+                message["id"],
+            )
+            return
+        session.log_level = level
+        wanted = self._wanted_level()
+        if wanted == self._child_level and self._child_supports("logging"):
+            session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+            return
+        self._child_level = wanted
+        params["level"] = wanted
+        self._forward(session, message)
+
+    def _wanted_level(self) -> str | None:
+        levels = [s.log_level for s in self.sessions if s.log_level is not None]
+        return min(levels, key=protocol.LOG_RANK.__getitem__) if levels else None
+
+    def _subscribe(self, session: Downstream, message: Message) -> None:
+        uri = (message.get("params") or {}).get("uri")
+        if not isinstance(uri, str):
+            self._forward(session, message)
+            return
+        subscribers = self._subscriptions.setdefault(uri, set())
+        first = not subscribers
+        subscribers.add(session)
+        if not first:
+            session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+            return
+
+        def refused(response: Message) -> None:
+            if "error" in response:
+                self._drop_subscription(uri, session)
+
+        self._forward(session, message, on_response=refused)
+
+    def _unsubscribe(self, session: Downstream, message: Message) -> None:
+        uri = (message.get("params") or {}).get("uri")
+        subscribers = self._subscriptions.get(uri) if isinstance(uri, str) else None
+        if subscribers is not None and session in subscribers and len(subscribers) > 1:
+            subscribers.discard(session)
+            session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+            return
+        if isinstance(uri, str):
+            self._drop_subscription(uri, session)
+        self._forward(session, message)
+
+    def _drop_subscription(self, uri: str, session: Downstream) -> None:
+        subscribers = self._subscriptions.get(uri)
+        if subscribers is not None:
+            subscribers.discard(session)
+            if not subscribers:
+                del self._subscriptions[uri]
+
+    _client_requests: Final[dict[str, Callable[[Upstream, Downstream, Message], None]]] = {
+        "initialize": _initialize,
+        "logging/setLevel": _set_level,
+        "resources/subscribe": _subscribe,
+        "resources/unsubscribe": _unsubscribe,
+    }
+
+    def _forward(
+        self,
+        session: Downstream,
+        message: Message,
+        on_response: Callable[[Message], None] | None = None,
+    ) -> None:
+        client_id = message["id"]
+        key = (session, client_id)
+        if key in self._by_client:
+            session.deliver(
+                jsonrpc.error(
+                    client_id,
+                    jsonrpc.INVALID_REQUEST,
+                    f"Invalid Request: id {client_id!r} is already in use by a request in progress",
+                ),
+                client_id,
+            )
+            return
+        if self.state in (ChildState.FAILED, ChildState.STOPPED):
+            session.deliver(self._unavailable(client_id), client_id)
+            return
+        child_id = next(self._ids)
+        p = _Pending(
+            child_id=child_id,
+            method=message["method"],
+            started=self.clock.seconds(),
+            session=session,
+            client_id=client_id,
+            on_response=on_response,
+        )
+        message["id"] = child_id
+        params = message.get("params")
+        if isinstance(params, dict):
+            meta = params.get("_meta")
+            if isinstance(meta, dict) and "progressToken" in meta:
+                p.progress_token = meta["progressToken"]
+                meta["progressToken"] = child_id
+        self._pending[child_id] = p
+        self._by_client[key] = p
+        p.timer = self.clock.callLater(self.server.request_timeout, self._timed_out, p)
+        self._send_or_queue(p, message)
+
+    def _client_notification(self, session: Downstream, message: Message) -> None:
+        method = message["method"]
+        if method == "notifications/initialized":
+            return
+        if method == "notifications/cancelled":
+            params = message.get("params") or {}
+            request_id = params.get("requestId")
+            p = (
+                self._by_client.get((session, request_id))
+                if isinstance(request_id, str | int)
+                else None
+            )
+            if p is None:
+                return
+            self._forget(p)
+            if p.sent_to is not None:
+                self._cancel_on_child(p, params.get("reason") or "cancelled by the client")
+            else:
+                self._queue = deque((q, m) for q, m in self._queue if q is not p)
+            session.deliver(
+                jsonrpc.error(p.client_id, jsonrpc.REQUEST_CANCELLED, "Request cancelled"),
+                p.client_id,
+            )
+            return
+        self._send_or_queue(None, message)
+
+    def _client_response(self, session: Downstream, message: Message) -> None:
+        out = self._outbound.get(message["id"]) if isinstance(message["id"], int) else None
+        if out is None or out.session is not session:
+            log.debug("{server}: dropped a response to an unknown request", server=self.label)
+            return
+        del self._outbound[message["id"]]
+        message["id"] = out.child_id
+        self._send(out.child, message)
+
+    # Messages from the child
+
+    def child_spawned(self, child: Child) -> None:
+        self._child = child
+        self._ready = False
+        child_id = next(self._ids)
+        p = _Pending(
+            child_id=child_id,
+            method="initialize",
+            started=self.clock.seconds(),
+            on_response=lambda response: self._handshake_done(child, response),
+        )
+        p.timer = self.clock.callLater(
+            self.server.startup_timeout,
+            self.supervisor.abandon,
+            child,
+            f"did not answer initialize within {self.server.startup_timeout:g}s (startup_timeout)",
+        )
+        self._pending[child_id] = p
+        p.sent_to = child
+        self._send(
+            child,
+            jsonrpc.request(
+                child_id,
+                "initialize",
+                {
+                    "protocolVersion": protocol.LATEST_LEGACY,
+                    "capabilities": BRIDGE_CAPABILITIES,
+                    "clientInfo": {
+                        "name": protocol.BRIDGE_NAME,
+                        "version": __version__,
+                    },
+                },
+            ),
+        )
+
+    def _handshake_done(self, child: Child, response: Message) -> None:
+        result = response.get("result")
+        if not isinstance(result, dict) or child is not self._child:
+            error = response.get("error") or {}
+            self.supervisor.abandon(child, f"refused initialize: {error.get('message', response)}")
+            return
+        self.init_result = result
+        self._send(child, jsonrpc.notification("notifications/initialized"))
+        self._ready = True
+        self.supervisor.mark_ready(child)
+        # Restore what the sessions had set up on a previous child.
+        if self._child_level is not None and self._child_supports("logging"):
+            self._internal("logging/setLevel", {"level": self._child_level})
+        for uri in self._subscriptions:
+            self._internal("resources/subscribe", {"uri": uri})
+        queued, self._queue = self._queue, deque()
+        for p, message in queued:
+            self._send_or_queue(p, message)
+        waiting, self._waiting_init = self._waiting_init, []
+        for session, message in waiting:
+            self._answer_initialize(session, message)
+
+    def child_message(self, child: Child, message: Message) -> None:
+        if "method" not in message:
+            p = self._pending.get(message["id"]) if isinstance(message["id"], int) else None
+            if p is None or p.sent_to is not child:
+                log.debug("{server}: dropped a late or unknown response", server=self.label)
+                return
+            self._respond(p, message)
+        elif "id" in message:
+            self._child_request(child, message)
+        else:
+            self._child_notification(message)
+
+    def _respond(self, p: _Pending, message: Message) -> None:
+        self._forget(p)
+        if p.on_response is not None:
+            p.on_response(message)
+        if p.session is not None:
+            assert p.client_id is not None
+            message["id"] = p.client_id
+            p.session.deliver(message, p.client_id)
+
+    def _child_notification(self, message: Message) -> None:
+        method = message["method"]
+        params = message.get("params")
+        if not isinstance(params, dict):
+            params = {}
+        if method == "notifications/progress":
+            token = params.get("progressToken")
+            p = self._pending.get(token) if isinstance(token, int) else None
+            if p is None or p.session is None or p.progress_token is None:
+                return
+            params["progressToken"] = p.progress_token
+            self._extend(p)
+            p.session.deliver(message, p.client_id)
+        elif method == "notifications/message":
+            rank = protocol.LOG_RANK.get(params.get("level", ""), len(protocol.LOG_LEVELS))
+            for session in list(self.sessions):
+                if session.log_level is None or rank >= protocol.LOG_RANK[session.log_level]:
+                    session.deliver(message, None)
+        elif method == "notifications/resources/updated":
+            for session in list(self._subscriptions.get(params.get("uri", ""), ())):
+                session.deliver(message, None)
+        elif method == "notifications/cancelled":
+            request_id = params.get("requestId")
+            for out_id, out in list(self._outbound.items()):
+                if out.child_id == request_id and out.child is self._child:
+                    del self._outbound[out_id]
+                    params["requestId"] = out_id
+                    out.session.deliver(message, None)
+        else:
+            for session in list(self.sessions):
+                session.deliver(message, None)
+
+    def _child_request(self, child: Child, message: Message) -> None:
+        method = message["method"]
+        if method == "ping":
+            self._send(child, jsonrpc.result(message["id"], {}))
+            return
+        target, related, problem = self._target_of(method)
+        if target is None:
+            log.warn(
+                "{server}: refused the child's {method} request: {problem}",
+                server=self.label,
+                method=method,
+                problem=problem,
+            )
+            self._send(child, jsonrpc.error(message["id"], jsonrpc.INTERNAL_ERROR, problem))
+            return
+        capability = protocol.CLIENT_CAPABILITY_FOR.get(method)
+        if capability is not None and capability not in target.capabilities:
+            self._send(
+                child,
+                jsonrpc.error(
+                    message["id"],
+                    jsonrpc.METHOD_NOT_FOUND,
+                    f"the client does not support {method}",
+                ),
+            )
+            return
+        out_id = next(self._ids)
+        self._outbound[out_id] = _Outbound(
+            child=child, child_id=message["id"], session=target, method=method
+        )
+        message["id"] = out_id
+        target.deliver(message, related)
+
+    def _target_of(self, method: str) -> tuple[Downstream | None, RequestId | None, str]:
+        """Which client a server-to-client request is for, and during which request.
+
+        The request belongs to the client whose request is in flight. When
+        several clients have requests in flight it cannot be told apart, so it
+        is refused rather than risk asking the wrong person.
+        """
+        busy: dict[Downstream, list[_Pending]] = {}
+        for p in self._pending.values():
+            if p.session is not None and p.sent_to is not None:
+                busy.setdefault(p.session, []).append(p)
+        if len(busy) == 1:
+            [(session, requests)] = busy.items()
+            calls = [p for p in requests if p.method == "tools/call"] or requests
+            return session, max(calls, key=lambda p: p.started).client_id, ""
+        if not busy and len(self.sessions) == 1:
+            return next(iter(self.sessions)), None, ""
+        if not busy:
+            return (
+                None,
+                None,
+                f"no single client to send {method} to ({len(self.sessions)} connected, none waiting)",
+            )
+        return (
+            None,
+            None,
+            f"cannot tell which of {len(busy)} clients with requests in flight this {method} is for; "
+            'use sharing = "session" for servers that send requests to clients',
+        )
+
+    def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None:
+        for pattern, text in ((_ID_HEAD, head), (_ID_TAIL, tail)):
+            match = pattern.search(text)
+            if match is None:
+                continue
+            p = self._pending.get(int(match.group(1)))
+            if p is not None and p.sent_to is child:
+                self._respond(
+                    p,
+                    jsonrpc.error(
+                        p.child_id,
+                        jsonrpc.MESSAGE_TOO_LARGE,
+                        f"The response of MCP server '{self.label}' was {size} bytes, more than its "
+                        f"max_message_size of {self.server.max_message_size} bytes",
+                    ),
+                )
+                return
+
+    def child_lost(self, child: Child, why: str) -> None:
+        if child is not self._child:
+            return
+        self._ready = False
+        stderr = list(self.supervisor.stderr)[-STDERR_IN_ERRORS:]
+        text = f"MCP server '{self.label}' {why}"
+        if stderr:
+            text += f"; last stderr: {stderr[-1]}"
+        for p in [p for p in self._pending.values() if p.sent_to is child]:
+            self._fail(
+                p,
+                jsonrpc.SERVER_UNAVAILABLE,
+                text,
+                {"server": self.server.name, "exit": why, "stderr": stderr},
+            )
+        for out_id, out in list(self._outbound.items()):
+            if out.child is child:
+                del self._outbound[out_id]
+        if self.state in (ChildState.FAILED, ChildState.STOPPED):
+            self._fail_all(text)
+
+    # Plumbing
+
+    def _send_or_queue(self, p: _Pending | None, message: Message) -> None:
+        if self._ready and self._child is not None:
+            if p is not None:
+                p.sent_to = self._child
+            self._send(self._child, message)
+        elif self.state in (ChildState.FAILED, ChildState.STOPPED):
+            if p is not None:
+                self._fail(p, jsonrpc.SERVER_UNAVAILABLE, self._unavailable_text())
+        elif len(self._queue) >= MAX_QUEUED:
+            if p is not None:
+                self._fail(
+                    p,
+                    jsonrpc.SERVER_UNAVAILABLE,
+                    f"MCP server '{self.label}' is starting and its queue is full",
+                )
+        else:
+            self._queue.append((p, message))
+
+    def _send(self, child: Child, message: Message) -> None:
+        child.send(message)
+
+    def _internal(self, method: str, params: dict[str, Any]) -> None:
+        """A request of the bridge's own; its response only gets logged if it is an error."""
+        if not self._ready or self._child is None:
+            return
+        child_id = next(self._ids)
+
+        def check(response: Message) -> None:
+            if "error" in response:
+                log.warn(
+                    "{server}: {method} failed: {error}",
+                    server=self.label,
+                    method=method,
+                    error=response["error"],
+                )
+
+        p = _Pending(
+            child_id=child_id,
+            method=method,
+            started=self.clock.seconds(),
+            on_response=check,
+        )
+        p.timer = self.clock.callLater(self.server.request_timeout, self._forget, p)
+        self._pending[child_id] = p
+        p.sent_to = self._child
+        self._send(self._child, jsonrpc.request(child_id, method, params))
+
+    def _timed_out(self, p: _Pending) -> None:
+        p.timer = None
+        seconds = self.clock.seconds() - p.started
+        self._fail(
+            p,
+            jsonrpc.REQUEST_TIMEOUT,
+            f"Request timed out: MCP server '{self.label}' did not answer {p.method} within {seconds:g}s",
+        )
+        if p.sent_to is not None:
+            self._cancel_on_child(p, "timed out")
+        else:
+            self._queue = deque((q, m) for q, m in self._queue if q is not p)
+
+    def _extend(self, p: _Pending) -> None:
+        """Progress was made: push the request's deadline out, within the maximum."""
+        if p.timer is None or not p.timer.active():
+            return
+        now = self.clock.seconds()
+        deadline = min(
+            now + self.server.request_timeout,
+            p.started + self.server.max_request_timeout,
+        )
+        p.timer.reset(max(0.0, deadline - now))
+
+    def _cancel_on_child(self, p: _Pending, reason: str) -> None:
+        if p.sent_to is not None:
+            self._send(
+                p.sent_to,
+                jsonrpc.notification(
+                    "notifications/cancelled",
+                    {"requestId": p.child_id, "reason": reason},
+                ),
+            )
+
+    def _fail(self, p: _Pending, code: int, text: str, data: Any = None) -> None:
+        self._respond(p, jsonrpc.error(p.child_id, code, text, data))
+
+    def _forget(self, p: _Pending) -> None:
+        self._pending.pop(p.child_id, None)
+        if p.session is not None:
+            self._by_client.pop((p.session, p.client_id), None)  # type: ignore[arg-type]
+        if p.timer is not None and p.timer.active():
+            p.timer.cancel()
+        p.timer = None
+
+    def _fail_all(self, text: str) -> None:
+        for p in list(self._pending.values()):
+            if p.session is not None:
+                self._fail(p, jsonrpc.SERVER_UNAVAILABLE, text)
+            else:
+                self._forget(p)
+        for queued, _ in self._queue:
+            if queued is not None:
+                self._fail(queued, jsonrpc.SERVER_UNAVAILABLE, text)
+        self._queue.clear()
+        waiting, self._waiting_init = self._waiting_init, []
+        for session, message in waiting:
+            session.deliver(
+                jsonrpc.error(message["id"], jsonrpc.SERVER_UNAVAILABLE, text),
+                message["id"],
+            )
+
+    def _unavailable_text(self) -> str:
+        why = self.supervisor.last_exit
+        text = f"MCP server '{self.label}' is {self.state.value}"
+        if why:
+            text += f" (its child {why})"
+        if self.supervisor.stderr:
+            text += f"; last stderr: {self.supervisor.stderr[-1]}"
+        return text
+
+    def _unavailable(self, id: RequestId) -> Message:
+        return jsonrpc.error(
+            id,
+            jsonrpc.SERVER_UNAVAILABLE,
+            self._unavailable_text(),
+            {
+                "server": self.server.name,
+                "state": self.state.value,
+                "stderr": list(self.supervisor.stderr)[-STDERR_IN_ERRORS:],
+            },
+        )
+
+    def _child_supports(self, capability: str) -> bool:
+        return bool(self.init_result) and capability in (self.init_result or {}).get(
+            "capabilities", {}
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for p in self._pending.values() if p.session is not None)
+
+    def status(self) -> dict[str, Any]:
+        info = self.init_result.get("serverInfo") if self.init_result else None
+        return {
+            **self.supervisor.status(),
+            "sessions": len(self.sessions),
+            "in_flight": self.in_flight,
+            "server_info": info,
+        }
+
+
+class Backend(MultiService):
+    """How one configured server is served: the interface transports use."""
+
+    def __init__(self, server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> None:
+        super().__init__()
+        self.server = server
+        self.reactor = reactor
+        self.environ = environ
+        self.setName(server.name)
+
+    def open(self, session: Downstream) -> Upstream:
+        """Give a new session the upstream that will serve it."""
+        raise NotImplementedError
+
+    def close(self, session: Downstream, upstream: Upstream) -> None:
+        """The session has ended."""
+        raise NotImplementedError
+
+    def upstreams(self) -> Iterator[Upstream]:
+        for service in self:
+            assert isinstance(service, Upstream)
+            yield service
+
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class SharedBackend(Backend):
+    """One child for every session (the default)."""
+
+    def __init__(self, server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> None:
+        super().__init__(server, reactor, environ)
+        self.upstream = Upstream(server, reactor, environ)
+        self.upstream.setServiceParent(self)
+
+    def open(self, session: Downstream) -> Upstream:
+        self.upstream.attach(session)
+        return self.upstream
+
+    def close(self, session: Downstream, upstream: Upstream) -> None:
+        upstream.detach(session)
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.server.name, "sharing": "shared", **self.upstream.status()}
+
+
+class SessionBackend(Backend):
+    """A child of its own for each session, up to max_children."""
+
+    def open(self, session: Downstream) -> Upstream:
+        count = len(list(self))
+        if count >= self.server.max_children:
+            raise CapacityError(
+                f"MCP server '{self.server.name}' already runs {count} children, its max_children"
+            )
+        upstream = Upstream(
+            self.server,
+            self.reactor,
+            self.environ,
+            label=f"{self.server.name}[{session.id[:8]}]",
+        )
+        upstream.attach(session)
+        upstream.setServiceParent(self)
+        return upstream
+
+    def close(self, session: Downstream, upstream: Upstream) -> None:
+        upstream.detach(session)
+        if upstream.parent is self:
+            upstream.disownServiceParent()
+
+    def status(self) -> dict[str, Any]:
+        children = [u.status() for u in self.upstreams()]
+        running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
+        states = {c["state"] for c in children}
+        state = (
+            ChildState.RUNNING.value
+            if not children
+            else (
+                ChildState.FAILED.value
+                if states == {ChildState.FAILED.value}
+                else ChildState.RUNNING.value
+            )
+        )
+        return {
+            "name": self.server.name,
+            "sharing": "session",
+            "state": state,
+            "children": children,
+            "running_children": running,
+            "max_children": self.server.max_children,
+            "sessions": sum(c["sessions"] for c in children),
+        }
+
+
+def make_backend(server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> Backend:
+    cls = SessionBackend if server.sharing == "session" else SharedBackend
+    return cls(server, reactor, environ)
+
+
+def stop_all(services: list[Service]) -> Deferred[Any]:
+    return DeferredList([succeed(None), *(s.stopService() for s in services)])

@@ -1,0 +1,171 @@
+# -*- test-case-name: tests.test_session -*-
+"""Client sessions: who is connected, through which transport, to what.
+
+A L{ClientSession} is one MCP session of one client on one server. The
+router sees it as a L{Downstream}: it receives what the child sends to this
+client, and hands it to the transport's L{Sink} (a Streamable HTTP session's
+streams, or a legacy SSE connection). The L{SessionRegistry} creates them
+with unguessable ids, finds them, enforces the global limit and reaps idle
+ones.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .jsonrpc import Kind, Message, RequestId
+from .routing import Backend, Upstream
+
+log = Logger(namespace="mcptwist.session")
+
+
+class Sink(Protocol):
+    """Where a transport puts what the child sends to one session."""
+
+    def deliver(self, message: Message, related: RequestId | None) -> None: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether a client connection (a stream) is open right now."""
+
+
+class SessionLimitError(Exception):
+    """The bridge already holds max_sessions sessions."""
+
+
+@attrs.define(eq=False)
+class ClientSession:
+    """One client's MCP session with one server."""
+
+    id: str
+    transport: str
+    backend: Backend
+    sink: Sink
+    created: float
+    last_active: float
+    upstream: Upstream | None = None
+    protocol_version: str | None = None
+    capabilities: dict[str, Any] = attrs.field(factory=dict)
+    client_info: dict[str, Any] = attrs.field(factory=dict)
+    log_level: str | None = None
+    closed: bool = False
+
+    @property
+    def server(self) -> str:
+        return self.backend.server.name
+
+    def deliver(self, message: Message, related: RequestId | None) -> None:
+        if not self.closed:
+            self.sink.deliver(message, related)
+
+    def receive(self, message: Message, kind: Kind, now: float) -> None:
+        """A message from the client, for the child."""
+        self.last_active = now
+        assert self.upstream is not None
+        self.upstream.handle(self, message, kind)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.upstream is not None:
+            self.backend.close(self, self.upstream)
+        self.sink.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id_prefix": self.id[:8],
+            "server": self.server,
+            "transport": self.transport,
+            "protocol_version": self.protocol_version,
+            "client": self.client_info.get("name"),
+        }
+
+
+class SessionRegistry(Service):
+    """Every open session, by id; the global limit and idle reaping."""
+
+    def __init__(self, clock: IReactorTime, max_sessions: int, reap_interval: float = 30.0) -> None:
+        self.clock = clock
+        self.max_sessions = max_sessions
+        self.sessions: dict[str, ClientSession] = {}
+        self._reaper = LoopingCall(self.reap)
+        self._reaper.clock = clock
+        self._reap_interval = reap_interval
+
+    def startService(self) -> None:
+        super().startService()
+        self._reaper.start(self._reap_interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._reaper.running:
+            self._reaper.stop()
+        for session in list(self.sessions.values()):
+            self.close(session)
+
+    def create(
+        self, backend: Backend, transport: str, sink_factory: Callable[[str], Sink]
+    ) -> ClientSession:
+        """Open a session on a server; the backend may refuse (CapacityError)."""
+        if len(self.sessions) >= self.max_sessions:
+            raise SessionLimitError(
+                f"the bridge already holds {len(self.sessions)} sessions (max_sessions)"
+            )
+        session_id = secrets.token_urlsafe(32)
+        now = self.clock.seconds()
+        session = ClientSession(
+            id=session_id,
+            transport=transport,
+            backend=backend,
+            sink=sink_factory(session_id),
+            created=now,
+            last_active=now,
+        )
+        session.upstream = backend.open(session)
+        self.sessions[session_id] = session
+        log.info(
+            "session {prefix} opened on {server} ({transport})",
+            prefix=session_id[:8],
+            server=backend.server.name,
+            transport=transport,
+        )
+        return session
+
+    def get(self, session_id: str | None, server: str) -> ClientSession | None:
+        """The open session with this id on this server, if any."""
+        session = self.sessions.get(session_id) if session_id else None
+        if session is None or session.closed or session.server != server:
+            return None
+        return session
+
+    def close(self, session: ClientSession, why: str = "closed") -> None:
+        if self.sessions.pop(session.id, None) is not None:
+            log.info(
+                "session {prefix} on {server} {why}",
+                prefix=session.id[:8],
+                server=session.server,
+                why=why,
+            )
+        session.close()
+
+    def reap(self) -> None:
+        """Close sessions without an open stream that have been idle too long."""
+        now = self.clock.seconds()
+        for session in list(self.sessions.values()):
+            idle = now - session.last_active
+            if not session.sink.connected and idle > session.backend.server.session_idle_timeout:
+                self.close(session, f"expired after {idle:.0f}s idle")
+
+    def count(self, server: str) -> int:
+        return sum(1 for s in self.sessions.values() if s.server == server)

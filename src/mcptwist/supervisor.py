@@ -1,0 +1,244 @@
+# -*- test-case-name: tests.test_supervisor -*-
+"""Keep one MCP server's child running: spawn, restart with backoff, give up.
+
+The supervisor owns the state machine of a child slot::
+
+    starting -> running -> restarting -> starting ...
+                        \\-> failed      (crash-loop breaker tripped)
+    any -> stopped                       (stopService)
+
+It knows nothing of JSON-RPC: messages and exits go to its owner (the router),
+which also decides when a freshly spawned child is ready (its handshake done).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import jsonrpc
+from .config import ServerConfig
+from .process import Child, describe_exit, stderr_buffer
+
+log = Logger(namespace="mcptwist.supervisor")
+
+
+class ChildState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class SupervisorOwner(Protocol):
+    def child_spawned(self, child: Child) -> None: ...
+
+    def child_message(self, child: Child, message: jsonrpc.Message) -> None: ...
+
+    def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None: ...
+
+    def child_lost(self, child: Child, why: str) -> None: ...
+
+
+class Supervisor(Service):
+    """Runs, restarts and stops the child of one server (or one session)."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        owner: SupervisorOwner,
+        reactor: Any,
+        environ: Mapping[str, str],
+        label: str | None = None,
+    ) -> None:
+        self.server = server
+        self.owner = owner
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.environ = environ
+        self.label = label or server.name
+        self.state = ChildState.STOPPED
+        self.child: Child | None = None
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self.stderr = stderr_buffer(server)
+        self._crashes: deque[float] = deque()
+        self._consecutive = 0
+        self._restart_call: IDelayedCall | None = None
+
+    # Service
+
+    def startService(self) -> None:
+        super().startService()
+        self._spawn()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._set_state(ChildState.STOPPED)
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        if self.child is None:
+            return succeed(None)
+        return self.child.stop()
+
+    # Owner's controls
+
+    def mark_ready(self, child: Child) -> None:
+        """The owner finished the child's handshake: it now serves requests."""
+        if child is self.child and self.state is ChildState.STARTING:
+            self._set_state(ChildState.RUNNING)
+
+    def abandon(self, child: Child, why: str) -> None:
+        """The owner gave up on this child (for example a failed handshake)."""
+        if child is self.child and child.exit_reason is None:
+            log.warn(
+                "{server}: killing child (pid {pid}): {why}",
+                server=self.label,
+                pid=child.pid,
+                why=why,
+            )
+            self.last_exit = why
+            child.kill()
+
+    def restart(self) -> Deferred[None]:
+        """Stop the current child (if any) and start a fresh one now."""
+        self._crashes.clear()
+        self._consecutive = 0
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        old = self.child
+        if old is None or old.ended.called:
+            self._spawn()
+            return succeed(None)
+        self._set_state(ChildState.RESTARTING)
+        d = old.stop()
+        d.addCallback(lambda _: self._spawn() if self.running else None)
+        return d
+
+    @property
+    def pid(self) -> int | None:
+        child = self.child
+        return child.pid if child is not None and child.exit_reason is None else None
+
+    def uptime(self) -> float | None:
+        if self.state is ChildState.RUNNING and self.child is not None:
+            return max(0.0, self.clock.seconds() - self.child.started)
+        return None
+
+    # Internals
+
+    def _set_state(self, state: ChildState) -> None:
+        if state is not self.state:
+            log.info(
+                "{server}: {old} -> {new}",
+                server=self.label,
+                old=self.state.value,
+                new=state.value,
+            )
+            self.state = state
+
+    def _spawn(self) -> None:
+        self._restart_call = None
+        if not self.running:
+            return
+        child = Child(
+            server=self.server,
+            listener=self,
+            reactor=self.reactor,
+            stderr_tail=self.stderr,
+            started=self.clock.seconds(),
+        )
+        self.child = child
+        self._set_state(ChildState.STARTING)
+        try:
+            child.spawn(self.environ)
+        except Exception as e:
+            log.failure(
+                "{server}: cannot spawn {command}",
+                server=self.label,
+                command=self.server.command,
+            )
+            child.exit_reason = Failure(e)
+            self._crashed(child, f"could not be spawned: {e}")
+            return
+        self.owner.child_spawned(child)
+
+    # ChildListener
+
+    def child_message(self, child: Child, message: jsonrpc.Message) -> None:
+        if child is self.child:
+            self.owner.child_message(child, message)
+
+    def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None:
+        if child is self.child:
+            self.owner.child_oversize(child, size, head, tail)
+
+    def child_exited(self, child: Child, reason: Failure) -> None:
+        if child is not self.child:
+            return
+        how = describe_exit(reason)
+        if self.state in (ChildState.STOPPED, ChildState.RESTARTING) and not self.running:
+            self.owner.child_lost(child, f"was stopped ({how})")
+            return
+        if self.state is ChildState.RESTARTING:
+            # An operator restart: not a crash.
+            self.owner.child_lost(child, f"was restarted ({how})")
+            return
+        self._crashed(child, how)
+
+    def _crashed(self, child: Child, how: str) -> None:
+        now = self.clock.seconds()
+        if now - child.started > self.server.restart.crash_window:
+            self._consecutive = 0
+        self._consecutive += 1
+        self._crashes.append(now)
+        window = self.server.restart.crash_window
+        while self._crashes and self._crashes[0] < now - window:
+            self._crashes.popleft()
+        self.last_exit = how
+        policy = self.server.restart
+        if len(self._crashes) >= policy.crash_limit:
+            self._set_state(ChildState.FAILED)
+            log.error(
+                "{server}: child {how}; {count} crashes within {window:g}s, giving up "
+                "(restart it through the admin API or fix the command)",
+                server=self.label,
+                how=how,
+                count=len(self._crashes),
+                window=window,
+            )
+            self.owner.child_lost(
+                child,
+                f"{how} and has failed ({len(self._crashes)} crashes within {window:g}s)",
+            )
+            return
+        delay = min(policy.initial_delay * 2 ** (self._consecutive - 1), policy.max_delay)
+        self.restarts += 1
+        self._set_state(ChildState.RESTARTING)
+        log.warn(
+            "{server}: child {how}; restarting in {delay:g}s",
+            server=self.label,
+            how=how,
+            delay=delay,
+        )
+        self.owner.child_lost(child, how)
+        self._restart_call = self.clock.callLater(delay, self._spawn)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "pid": self.pid,
+            "uptime": self.uptime(),
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "stderr": list(self.stderr),
+        }

@@ -1,0 +1,57 @@
+# -*- test-case-name: tests.test_tap -*-
+"""twistd glue: C{twistd -n --pidfile= mcpbridge [--config FILE] [--listen ENDPOINT]}."""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+from twisted.application.service import IService
+from twisted.python import usage
+
+from .config import ConfigError, check_endpoint, default_config, load_config
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT]..."
+    longdesc = (
+        "Supervise stdio MCP servers and serve each at /servers/NAME/mcp (Streamable HTTP) "
+        "and /servers/NAME/sse (HTTP+SSE). Without --config, serves the built-in example "
+        "server on 127.0.0.1:8080."
+    )
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "Configuration file: TOML, or JSON in the mcpServers format.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this Twisted endpoint (repeatable; replaces the config's listeners)."""
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from .service import BridgeService
+
+    try:
+        config = (
+            load_config(options["config"], os.environ) if options["config"] else default_config()
+        )
+        for i, endpoint in enumerate(options["listen"]):
+            check_endpoint("--listen", f"--listen[{i}]", endpoint)
+    except ConfigError as e:
+        raise SystemExit(f"mcpbridge: {e}") from None
+    if options["listen"]:
+        config = attrs.evolve(config, listen=tuple(options["listen"]))
+    return BridgeService(config, reactor, os.environ)

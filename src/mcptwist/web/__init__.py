@@ -1,0 +1,1 @@
+"""The HTTP surface: the Klein app, one module per transport, event streams."""

@@ -1,0 +1,191 @@
+# -*- test-case-name: tests.test_web -*-
+"""The bridge's HTTP surface: routes, the Origin check, status and health."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from .. import __version__, jsonrpc
+from ..config import BridgeConfig
+from ..routing import Backend
+from ..security import OriginPolicy
+from ..session import SessionRegistry
+from . import legacy_sse, streamable
+from .http import HTTPProblem, header, json_body
+from .sse import EventConnection, Heartbeat
+
+log = Logger(namespace="mcptwist.web")
+
+Handler = Callable[..., Any]
+
+
+def guarded(handler: Handler) -> Handler:
+    """Check the Origin, then turn an L{HTTPProblem} into its JSON-RPC answer."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: BridgeApp, request: Any, *args: Any, **kwargs: Any) -> Any:
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-store")
+        try:
+            origin = header(request, b"origin")
+            if not self.origins.allows(origin):
+                raise HTTPProblem(
+                    403,
+                    jsonrpc.SERVER_UNAVAILABLE,
+                    f"Forbidden: origin {origin!r} is not allowed",
+                )
+            result = handler(self, request, *args, **kwargs)
+            if isinstance(result, Awaitable):
+                result = await result
+            return result
+        except HTTPProblem as problem:
+            if request.startedWriting:
+                return None
+            return problem.render(request)
+
+    return wrapper
+
+
+class BridgeApp:
+    """Serves every configured server under C{/servers/NAME/}."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        backends: Mapping[str, Backend],
+        registry: SessionRegistry,
+        clock: IReactorTime,
+    ) -> None:
+        self.config = config
+        self.backends = backends
+        self.registry = registry
+        self.clock = clock
+        self.origins = OriginPolicy(config.allowed_origins)
+        self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
+
+    def resource(self) -> IResource:
+        resource: IResource = self.app.resource()
+        return resource
+
+    def backend(self, name: str) -> Backend:
+        backend = self.backends.get(name)
+        if backend is None:
+            raise HTTPProblem(
+                404,
+                jsonrpc.INVALID_REQUEST,
+                f"Not Found: no MCP server is named {name!r}",
+            )
+        return backend
+
+    def stream(self, request: Any, label: str) -> EventConnection:
+        """Start an SSE response on this request, kept alive by the heartbeat."""
+        connection = EventConnection(request, self.clock, self.config.stream_buffer, label)
+        self.heartbeat.add(connection)
+        return connection
+
+    # Streamable HTTP
+
+    @app.route("/servers/<name>/mcp", methods=["POST"])
+    @guarded
+    async def mcp_post(self, request: Any, name: str) -> Any:
+        return await streamable.post(self, request, name)
+
+    @app.route("/servers/<name>/mcp", methods=["GET"])
+    @guarded
+    async def mcp_get(self, request: Any, name: str) -> Any:
+        return await streamable.get(self, request, name)
+
+    @app.route("/servers/<name>/mcp", methods=["DELETE"])
+    @guarded
+    def mcp_delete(self, request: Any, name: str) -> Any:
+        return streamable.delete(self, request, name)
+
+    # HTTP+SSE
+
+    @app.route("/servers/<name>/sse", methods=["GET"])
+    @guarded
+    async def sse_get(self, request: Any, name: str) -> Any:
+        return await legacy_sse.stream(self, request, name)
+
+    @app.route("/servers/<name>/messages", methods=["POST"])
+    @guarded
+    def sse_post(self, request: Any, name: str) -> Any:
+        return legacy_sse.post(self, request, name)
+
+    # Status
+
+    @app.route("/", methods=["GET"])
+    @guarded
+    def index(self, request: Any) -> Any:
+        return json_body(
+            request,
+            {
+                "name": "mcptwist",
+                "version": __version__,
+                "servers": {
+                    name: {
+                        "streamable_http": f"/servers/{name}/mcp",
+                        "sse": f"/servers/{name}/sse",
+                    }
+                    for name in self.backends
+                },
+            },
+        )
+
+    @app.route("/servers", methods=["GET"])
+    @guarded
+    def servers(self, request: Any) -> Any:
+        return json_body(request, {"servers": [self._status(b) for b in self.backends.values()]})
+
+    @app.route("/servers/<name>", methods=["GET"])
+    @guarded
+    def server(self, request: Any, name: str) -> Any:
+        return json_body(request, self._status(self.backend(name)))
+
+    @app.route("/health", methods=["GET"])
+    @guarded
+    def health(self, request: Any) -> Any:
+        problems = {}
+        for name, backend in self.backends.items():
+            status = backend.status()
+            if status["state"] != "running":
+                problems[name] = status["state"] + (
+                    f": {status['last_exit']}" if status.get("last_exit") else ""
+                )
+        if problems:
+            request.setResponseCode(503)
+            return json_body(request, {"status": "unhealthy", "servers": problems})
+        return json_body(
+            request,
+            {"status": "ok", "servers": {name: "running" for name in self.backends}},
+        )
+
+    def _status(self, backend: Backend) -> dict[str, Any]:
+        status = backend.status()
+        status["sessions"] = self.registry.count(backend.server.name)
+        return status
+
+    # Errors for what no route matched
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: Any, failure: Failure) -> bytes:
+        return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request: Any, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        headers = {b"allow": ", ".join(allowed).encode()} if allowed else {}
+        return HTTPProblem(
+            405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers=headers
+        ).render(request)

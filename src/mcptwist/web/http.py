@@ -1,0 +1,161 @@
+# -*- test-case-name: tests.test_web -*-
+"""HTTP plumbing shared by the transports: errors, bodies, content negotiation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.server import Request
+
+from .. import jsonrpc
+from ..jsonrpc import RequestId
+
+
+class HTTPProblem(Exception):
+    """A request refused with an HTTP status and a JSON-RPC error body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: int,
+        message: str,
+        id: RequestId | None = None,
+        headers: dict[bytes, bytes] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.id = id
+        self.headers = headers or {}
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.status)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
+        return json_body(request, jsonrpc.error(self.id, self.code, self.message))
+
+
+def header(request: Any, name: bytes) -> str | None:
+    """A request header as text (latin-1, as HTTP defines), or None."""
+    value = request.getHeader(name)
+    if value is None:
+        return None
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
+def json_body(request: Any, value: Any) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    return jsonrpc.dumps(value)
+
+
+class BoundedRequest(Request):
+    """A request whose body is capped: past C{max_body} bytes it is discarded.
+
+    The handler then answers 413; memory never holds more than the cap.
+    """
+
+    max_body = 16 * 1024 * 1024
+    body_size = 0
+    body_too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.body_size > self.max_body and not self.body_too_large:
+            self.body_too_large = True
+            if self.content is not None:
+                self.content.seek(0)
+                self.content.truncate()
+        if not self.body_too_large:
+            super().handleContentChunk(data)
+
+
+def bounded_request_factory(max_body: int) -> type[BoundedRequest]:
+    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
+
+
+def read_body(request: Any, limit: int) -> bytes:
+    if getattr(request, "body_too_large", False):
+        raise HTTPProblem(
+            413,
+            jsonrpc.INVALID_REQUEST,
+            f"Request body too large: the limit is {limit} bytes",
+        )
+    body: bytes = request.content.read()
+    if len(body) > limit:
+        raise HTTPProblem(
+            413,
+            jsonrpc.INVALID_REQUEST,
+            f"Request body too large: the limit is {limit} bytes",
+        )
+    return body
+
+
+def media_types(value: str | None) -> set[str]:
+    """The media types of an Accept or Content-Type header, without parameters."""
+    if not value:
+        return set()
+    types = set()
+    for item in value.split(","):
+        kind = item.split(";", 1)[0].strip().lower()
+        if kind:
+            types.add(kind)
+    return types
+
+
+def negotiate(request: Any) -> tuple[bool, bool]:
+    """Which of JSON and SSE the client accepts, as (json, sse); 406 if neither."""
+    accept = header(request, b"accept")
+    if accept is None:
+        return True, True
+    kinds = media_types(accept)
+    anything = "*/*" in kinds
+    json_ok = anything or "application/json" in kinds or "application/*" in kinds
+    sse_ok = anything or "text/event-stream" in kinds or "text/*" in kinds
+    if not (json_ok or sse_ok):
+        raise HTTPProblem(
+            406,
+            jsonrpc.INVALID_REQUEST,
+            "Not Acceptable: the client must accept application/json or text/event-stream",
+        )
+    return json_ok, sse_ok
+
+
+def require_json(request: Any) -> None:
+    kinds = media_types(header(request, b"content-type"))
+    if "application/json" not in kinds:
+        raise HTTPProblem(
+            415,
+            jsonrpc.INVALID_REQUEST,
+            "Unsupported Media Type: the body must be application/json",
+        )
+
+
+def parse_messages(
+    body: bytes,
+) -> tuple[list[jsonrpc.Message], list[jsonrpc.Kind], bool]:
+    """Parse a POST body into its messages and their kinds (400 on bad input)."""
+    try:
+        parsed = jsonrpc.loads(body)
+    except jsonrpc.ProtocolError as e:
+        raise HTTPProblem(400, e.code, e.message) from None
+    batch = isinstance(parsed, list)
+    messages = parsed if batch else [parsed]
+    if batch and not messages:
+        raise HTTPProblem(400, jsonrpc.INVALID_REQUEST, "Invalid Request: empty batch")
+    kinds = []
+    for message in messages:
+        try:
+            kinds.append(jsonrpc.classify(message))
+        except jsonrpc.ProtocolError as e:
+            id = message.get("id") if isinstance(message, dict) else None
+            raise HTTPProblem(
+                400, e.code, e.message, id if isinstance(id, str | int) else None
+            ) from None
+    return messages, kinds, batch

@@ -1,0 +1,103 @@
+# -*- test-case-name: tests.test_legacy_sse -*-
+"""HTTP+SSE (2024-11-05) at C{/servers/NAME/sse} and C{/servers/NAME/messages}.
+
+A GET opens a session and its one stream; the first event, C{endpoint},
+gives the relative URL to POST messages to. POSTs are answered 202 and
+everything for the session arrives on the stream as C{message} events. The
+session ends when the stream closes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError
+
+from .. import jsonrpc, protocol
+from ..jsonrpc import Message, RequestId
+from ..routing import CapacityError
+from ..session import SessionLimitError
+from .http import HTTPProblem, negotiate, parse_messages, read_body, require_json
+from .sse import EventConnection, encode_event
+
+if TYPE_CHECKING:
+    from .app import BridgeApp
+
+
+class LegacySink:
+    """A legacy session's single stream."""
+
+    def __init__(self) -> None:
+        self.connection: EventConnection | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None and self.connection.open
+
+    def deliver(self, message: Message, related: RequestId | None) -> None:
+        if self.connection is not None:
+            self.connection.send(encode_event(jsonrpc.dumps(message), event=b"message"))
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.finish()
+
+
+async def stream(app: BridgeApp, request: Any, name: str) -> None:
+    backend = app.backend(name)
+    _, sse_ok = negotiate(request)
+    if not sse_ok:
+        raise HTTPProblem(
+            406,
+            jsonrpc.INVALID_REQUEST,
+            "Not Acceptable: the client must accept text/event-stream",
+        )
+    sink = LegacySink()
+    try:
+        session = app.registry.create(backend, "sse", lambda _: sink)
+    except (SessionLimitError, CapacityError) as e:
+        raise HTTPProblem(
+            503,
+            jsonrpc.SERVER_UNAVAILABLE,
+            f"Service Unavailable: {e}",
+            headers={b"retry-after": b"5"},
+        ) from None
+    connection = app.stream(request, f"{name} SSE")
+    sink.connection = connection
+    endpoint = f"/servers/{name}/messages?session_id={session.id}"
+    connection.send(encode_event(endpoint.encode(), event=b"endpoint"))
+    try:
+        await connection.done
+    except CancelledError:
+        pass
+    finally:
+        app.registry.close(session, "stream closed")
+
+
+def post(app: BridgeApp, request: Any, name: str) -> bytes:
+    backend = app.backend(name)
+    args = request.args
+    values = args.get(b"session_id") or args.get(b"sessionId")
+    if not values:
+        raise HTTPProblem(400, jsonrpc.SERVER_UNAVAILABLE, "Bad Request: session_id is required")
+    session = app.registry.get(values[0].decode("latin-1"), name)
+    if session is None or session.transport != "sse":
+        raise HTTPProblem(
+            404,
+            -32001,
+            "Session not found: open a new stream at /servers/" + name + "/sse",
+        )
+    require_json(request)
+    messages, kinds, batch = parse_messages(read_body(request, backend.server.max_message_size))
+    if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
+        raise HTTPProblem(
+            400,
+            jsonrpc.INVALID_REQUEST,
+            f"Invalid Request: batches are not allowed in protocol version {session.protocol_version}",
+        )
+    now = app.clock.seconds()
+    for message, kind in zip(messages, kinds, strict=True):
+        session.receive(message, kind, now)
+    request.setResponseCode(202)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return b"Accepted"

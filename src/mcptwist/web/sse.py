@@ -1,0 +1,251 @@
+# -*- test-case-name: tests.test_sse -*-
+"""Server-sent events: the one encoder, bounded connections, replayable channels.
+
+An L{EventConnection} is one open HTTP response carrying SSE. It is a push
+producer: when the client reads slowly, frames queue up to a byte limit, and
+a client that falls further behind is disconnected (and logged) rather than
+letting memory grow. A L{Heartbeat} writes a comment on quiet connections so
+that proxies and dead peers are noticed. An L{EventChannel} is a logical
+stream with event ids and a bounded log, so a client that reconnects with
+C{Last-Event-ID} gets what it missed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Final
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+log = Logger(namespace="mcptwist.sse")
+
+HEARTBEAT: Final = b": keep-alive\n\n"
+
+
+def encode_event(data: bytes, event: bytes | None = None, id: bytes | None = None) -> bytes:
+    """One SSE event. Each line of C{data} becomes its own C{data:} field."""
+    parts: list[bytes] = []
+    if id is not None:
+        parts += [b"id: ", id, b"\n"]
+    if event is not None:
+        parts += [b"event: ", event, b"\n"]
+    if b"\n" in data or b"\r" in data:
+        for line in data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"):
+            parts += [b"data: ", line, b"\n"]
+    else:
+        parts += [b"data: ", data, b"\n"]
+    parts.append(b"\n")
+    return b"".join(parts)
+
+
+def start_stream(request: IRequest) -> None:
+    """Set the headers of an SSE response."""
+    request.setHeader(b"content-type", b"text/event-stream")
+    request.setHeader(b"cache-control", b"no-cache, no-transform")
+    request.setHeader(b"x-accel-buffering", b"no")
+
+
+@implementer(IPushProducer)
+class EventConnection:
+    """One HTTP response streaming SSE frames, with a bounded send queue.
+
+    @ivar done: fires when the response ends, whoever ended it.
+    """
+
+    def __init__(self, request: Any, clock: IReactorTime, max_queued: int, label: str = "") -> None:
+        self.request = request
+        self.clock = clock
+        self.max_queued = max_queued
+        self.label = label
+        self.last_write = clock.seconds()
+        self.open = True
+        self._paused = False
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._finish_when_drained = False
+        self.done: Deferred[None] = Deferred()
+        request.notifyFinish().addBoth(self._ended)
+        start_stream(request)
+        request.registerProducer(self, True)
+
+    def send(self, frame: bytes) -> None:
+        if not self.open:
+            return
+        if self._paused or self._queue:
+            self._queue.append(frame)
+            self._queued += len(frame)
+            # One frame may exceed the limit on its own; a reader that is more
+            # than the limit behind is dropped.
+            if self._queued > self.max_queued and len(self._queue) > 1:
+                log.warn(
+                    "dropped a slow SSE reader {label}: {queued} bytes waiting (stream_buffer is {limit})",
+                    label=self.label,
+                    queued=self._queued,
+                    limit=self.max_queued,
+                )
+                self.abort()
+            return
+        self._write(frame)
+
+    def send_all(self, frames: Iterable[bytes]) -> None:
+        for frame in frames:
+            self.send(frame)
+
+    def heartbeat(self, now: float, interval: float) -> None:
+        if self.open and not self._paused and not self._queue and now - self.last_write >= interval:
+            self._write(HEARTBEAT)
+
+    def finish(self) -> None:
+        """End the response once everything queued has been written."""
+        if not self.open:
+            return
+        if self._queue:
+            self._finish_when_drained = True
+            return
+        self.open = False
+        self._unregister()
+        self.request.finish()
+
+    def abort(self) -> None:
+        self.open = False
+        self._queue.clear()
+        self._queued = 0
+        transport = getattr(self.request, "transport", None) or getattr(
+            getattr(self.request, "channel", None), "transport", None
+        )
+        if transport is not None:
+            transport.abortConnection()
+        else:
+            self.request.finish()
+
+    def _write(self, frame: bytes) -> None:
+        self.last_write = self.clock.seconds()
+        self.request.write(frame)
+
+    def _unregister(self) -> None:
+        try:
+            self.request.unregisterProducer()
+        except (AttributeError, RuntimeError):
+            pass
+
+    def _ended(self, result: object) -> None:
+        self.open = False
+        self._queue.clear()
+        self._queued = 0
+        self.done.callback(None)
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while self._queue and not self._paused and self.open:
+            frame = self._queue.popleft()
+            self._queued -= len(frame)
+            self._write(frame)
+        if self._finish_when_drained and not self._queue:
+            self.finish()
+
+    def stopProducing(self) -> None:
+        self._queue.clear()
+        self._queued = 0
+
+
+class Heartbeat:
+    """One timer that keeps every quiet SSE connection alive."""
+
+    def __init__(self, clock: IReactorTime, interval: float) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.connections: set[EventConnection] = set()
+        self._loop = LoopingCall(self.beat)
+        self._loop.clock = clock
+
+    def add(self, connection: EventConnection) -> None:
+        self.connections.add(connection)
+        connection.done.addBoth(lambda _: self.connections.discard(connection))
+
+    def start(self) -> None:
+        self._loop.start(self.interval / 2, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def beat(self) -> None:
+        now = self.clock.seconds()
+        for connection in list(self.connections):
+            connection.heartbeat(now, self.interval)
+
+    def close_all(self) -> None:
+        for connection in list(self.connections):
+            connection.finish()
+
+
+class EventChannel:
+    """A logical stream of events with ids, resumable with Last-Event-ID.
+
+    Event ids are C{"<channel>-<seq>"}; a session numbers its channels, so
+    ids are unique within the session and name the stream they belong to.
+    """
+
+    def __init__(self, number: int, keep: int) -> None:
+        self.number = number
+        self.seq = 0
+        self.sent = 0
+        self.complete = False
+        self.connection: EventConnection | None = None
+        self._log: deque[tuple[int, bytes]] = deque(maxlen=keep)
+
+    def emit(self, data: bytes) -> None:
+        self.seq += 1
+        frame = encode_event(data, id=f"{self.number}-{self.seq}".encode())
+        self._log.append((self.seq, frame))
+        if self.connection is not None and self.connection.open:
+            self.connection.send(frame)
+            self.sent = self.seq
+
+    def prime(self) -> None:
+        """An event with an id and no data, so the client can resume at once."""
+        if self.connection is not None:
+            self.connection.send(encode_event(b"", id=f"{self.number}-{self.seq}".encode()))
+
+    def attach(self, connection: EventConnection, after: int | None = None) -> None:
+        """Send events after C{after} (or those never sent) then follow live."""
+        start = self.sent if after is None else after
+        self.connection = connection
+        for seq, frame in self._log:
+            if seq > start:
+                connection.send(frame)
+        self.sent = self.seq
+        connection.done.addBoth(lambda _: self.detach(connection))
+        if self.complete:
+            connection.finish()
+
+    def detach(self, connection: EventConnection) -> None:
+        if self.connection is connection:
+            self.connection = None
+
+    def finish(self) -> None:
+        """No more events will come: end the live connection, keep the log."""
+        self.complete = True
+        if self.connection is not None:
+            self.connection.finish()
+
+
+def parse_event_id(value: str | None) -> tuple[int, int] | None:
+    """Split a C{Last-Event-ID} into (channel, seq), or None if it is not ours."""
+    if not value:
+        return None
+    channel, _, seq = value.strip().partition("-")
+    if not (channel.isdigit() and seq.isdigit()):
+        return None
+    return int(channel), int(seq)

@@ -1,0 +1,293 @@
+# -*- test-case-name: tests.test_streamable -*-
+"""Streamable HTTP (2025-03-26 to 2025-11-25) at C{/servers/NAME/mcp}.
+
+POST carries client messages: notifications and responses get 202, requests
+are answered as C{application/json} or as an SSE stream (which also carries
+the progress notifications and server-to-client requests of that request).
+GET opens the session's own stream for everything else. DELETE ends the
+session. Every stream is a numbered L{EventChannel}, so a client that lost
+one resumes it with a GET carrying C{Last-Event-ID}.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+from twisted.internet.defer import CancelledError, Deferred
+
+from .. import jsonrpc, protocol
+from ..jsonrpc import Kind, Message, RequestId
+from ..routing import CapacityError
+from ..session import ClientSession, SessionLimitError
+from .http import (
+    HTTPProblem,
+    header,
+    negotiate,
+    parse_messages,
+    read_body,
+    require_json,
+)
+from .sse import EventChannel, parse_event_id
+
+if TYPE_CHECKING:
+    from .app import BridgeApp
+
+RETAINED_CHANNELS: Final = 16
+SESSION_HEADER: Final = b"mcp-session-id"
+VERSION_HEADER: Final = b"mcp-protocol-version"
+
+
+class Reply:
+    """The answer to one POST: the responses to its requests, as JSON or SSE."""
+
+    def __init__(self, ids: list[RequestId], batch: bool, channel: EventChannel | None) -> None:
+        self.waiting = set(ids)
+        self.batch = batch
+        self.channel = channel
+        self.responses: list[Message] = []
+        self.result: Deferred[bytes] = Deferred()
+
+    def respond(self, message: Message) -> bool:
+        """Take a response; True once every request of the POST is answered."""
+        self.waiting.discard(message.get("id"))
+        if self.channel is not None:
+            self.channel.emit(jsonrpc.dumps(message))
+        else:
+            self.responses.append(message)
+        if self.waiting:
+            return False
+        if self.channel is not None:
+            self.channel.finish()
+        elif not self.result.called:
+            body = self.responses if self.batch else self.responses[0]
+            self.result.callback(jsonrpc.dumps(body))
+        return True
+
+
+class StreamableSink:
+    """A Streamable HTTP session's streams: POST replies and the GET channel."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.standalone = EventChannel(0, keep)
+        self._numbers = itertools.count(1)
+        self._channels: dict[int, EventChannel] = {0: self.standalone}
+        self._retired: deque[int] = deque()
+        self._replies: dict[RequestId, Reply] = {}
+
+    @property
+    def connected(self) -> bool:
+        return any(c.connection is not None for c in self._channels.values())
+
+    def busy(self, ids: list[RequestId]) -> bool:
+        return any(i in self._replies for i in ids)
+
+    def open_reply(self, ids: list[RequestId], batch: bool, sse: bool) -> Reply:
+        channel = None
+        if sse:
+            channel = EventChannel(next(self._numbers), self.keep)
+            self._channels[channel.number] = channel
+        reply = Reply(ids, batch, channel)
+        for request_id in ids:
+            self._replies[request_id] = reply
+        return reply
+
+    def channel(self, number: int) -> EventChannel | None:
+        return self._channels.get(number)
+
+    def deliver(self, message: Message, related: RequestId | None) -> None:
+        reply = self._replies.get(related) if related is not None else None
+        if reply is None:
+            self.standalone.emit(jsonrpc.dumps(message))
+        elif "method" in message:
+            if reply.channel is not None:
+                reply.channel.emit(jsonrpc.dumps(message))
+            else:
+                self.standalone.emit(jsonrpc.dumps(message))
+        else:
+            self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
+            if reply.respond(message) and reply.channel is not None:
+                self._retire(reply.channel)
+
+    def _retire(self, channel: EventChannel) -> None:
+        """Keep a finished channel a while, for a client that resumes it."""
+        self._retired.append(channel.number)
+        while len(self._retired) > RETAINED_CHANNELS:
+            self._channels.pop(self._retired.popleft(), None)
+
+    def close(self) -> None:
+        for request_id, reply in list(self._replies.items()):
+            reply.respond(
+                jsonrpc.error(request_id, jsonrpc.SERVER_UNAVAILABLE, "Session terminated")
+            )
+        self._replies.clear()
+        for channel in self._channels.values():
+            channel.finish()
+
+
+def _session(app: BridgeApp, request: Any, name: str) -> ClientSession:
+    session_id = header(request, SESSION_HEADER)
+    if not session_id:
+        raise HTTPProblem(
+            400,
+            jsonrpc.SERVER_UNAVAILABLE,
+            "Bad Request: Mcp-Session-Id header is required",
+        )
+    session = app.registry.get(session_id, name)
+    if session is None:
+        raise HTTPProblem(
+            404,
+            -32001,
+            "Session not found: it has ended or expired; send initialize again",
+        )
+    if session.transport != "streamable":
+        raise HTTPProblem(
+            400,
+            jsonrpc.SERVER_UNAVAILABLE,
+            "Bad Request: this session belongs to the HTTP+SSE transport",
+        )
+    _check_version(request)
+    return session
+
+
+def _check_version(request: Any) -> None:
+    version = header(request, VERSION_HEADER)
+    if version is not None and version not in protocol.LEGACY_VERSIONS:
+        raise HTTPProblem(
+            400,
+            jsonrpc.INVALID_REQUEST,
+            f"Bad Request: unsupported MCP-Protocol-Version {version!r}; supported: "
+            + ", ".join(protocol.LEGACY_VERSIONS),
+        )
+
+
+def _sink(session: ClientSession) -> StreamableSink:
+    sink = session.sink
+    assert isinstance(sink, StreamableSink)
+    return sink
+
+
+async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
+    backend = app.backend(name)
+    json_ok, sse_ok = negotiate(request)
+    require_json(request)
+    messages, kinds, batch = parse_messages(read_body(request, backend.server.max_message_size))
+    initialize = any(
+        m.get("method") == "initialize"
+        for m, k in zip(messages, kinds, strict=True)
+        if k is Kind.REQUEST
+    )
+    if initialize:
+        if batch:
+            raise HTTPProblem(
+                400,
+                jsonrpc.INVALID_REQUEST,
+                "Invalid Request: initialize must not be part of a batch",
+            )
+        _check_version(request)
+        try:
+            session = app.registry.create(
+                backend,
+                "streamable",
+                lambda _: StreamableSink(app.config.replay_events),
+            )
+        except (SessionLimitError, CapacityError) as e:
+            raise HTTPProblem(
+                503,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Service Unavailable: {e}",
+                messages[0].get("id"),
+                {b"retry-after": b"5"},
+            ) from None
+        request.setHeader(SESSION_HEADER, session.id.encode())
+    else:
+        session = _session(app, request, name)
+        if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
+            raise HTTPProblem(
+                400,
+                jsonrpc.INVALID_REQUEST,
+                f"Invalid Request: batches are not allowed in protocol version {session.protocol_version}",
+            )
+    sink = _sink(session)
+    ids = [m["id"] for m, k in zip(messages, kinds, strict=True) if k is Kind.REQUEST]
+    now = app.clock.seconds()
+    if not ids:
+        for message, kind in zip(messages, kinds, strict=True):
+            session.receive(message, kind, now)
+        request.setResponseCode(202)
+        return b""
+    if sink.busy(ids) or len(set(ids)) != len(ids):
+        raise HTTPProblem(
+            400,
+            jsonrpc.INVALID_REQUEST,
+            "Invalid Request: a request id is already in use in this session",
+        )
+    use_sse = sse_ok and not (json_ok and backend.server.json_response)
+    reply = sink.open_reply(ids, batch, use_sse)
+    connection = None
+    if reply.channel is not None:
+        connection = app.stream(request, f"{name} POST")
+        reply.channel.attach(connection)
+        if session.protocol_version in protocol.PRIMING_VERSIONS:
+            reply.channel.prime()
+    for message, kind in zip(messages, kinds, strict=True):
+        session.receive(message, kind, now)
+    try:
+        if connection is not None:
+            await connection.done
+            return None
+        body = await reply.result
+        request.setHeader(b"content-type", b"application/json")
+        return body
+    except CancelledError:
+        # The client went away. Under these revisions that is not a cancel:
+        # the request goes on, and its stream can be resumed with a GET.
+        return None
+    finally:
+        if initialize and session.protocol_version is None:
+            app.registry.close(session, "failed to initialize")
+
+
+async def get(app: BridgeApp, request: Any, name: str) -> None:
+    app.backend(name)
+    _, sse_ok = negotiate(request)
+    if not sse_ok:
+        raise HTTPProblem(
+            406,
+            jsonrpc.INVALID_REQUEST,
+            "Not Acceptable: the client must accept text/event-stream",
+        )
+    session = _session(app, request, name)
+    sink = _sink(session)
+    resume = parse_event_id(header(request, b"last-event-id"))
+    channel = sink.channel(resume[0]) if resume is not None else sink.standalone
+    if channel is None:
+        channel = sink.standalone
+        resume = None
+    if channel.connection is not None and channel.connection.open:
+        raise HTTPProblem(
+            409,
+            jsonrpc.INVALID_REQUEST,
+            "Conflict: this session's stream is already open",
+        )
+    connection = app.stream(request, f"{name} GET")
+    if resume is None and session.protocol_version in protocol.PRIMING_VERSIONS:
+        channel.connection = connection
+        channel.prime()
+    channel.attach(connection, resume[1] if resume is not None else None)
+    if not connection.request.startedWriting:
+        connection.send(b": stream open\n\n")
+    try:
+        await connection.done
+    except CancelledError:
+        pass
+
+
+def delete(app: BridgeApp, request: Any, name: str) -> bytes:
+    app.backend(name)
+    session = _session(app, request, name)
+    app.registry.close(session, "ended by the client")
+    request.setResponseCode(200)
+    return b""
