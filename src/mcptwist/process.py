@@ -146,6 +146,7 @@ class Child:
     started: float = 0.0
     exit_reason: Failure | None = None
     ended: Deferred[None] = attrs.field(factory=Deferred)
+    killpg: Callable[[int, int], None] = os.killpg
     _stdout: LineFramer = attrs.field(init=False)
     _stderr: LineFramer = attrs.field(init=False)
     _timers: list[IDelayedCall] = attrs.field(factory=list)
@@ -209,7 +210,7 @@ class Child:
         if self.pid is None:
             return
         try:
-            os.killpg(self.pid, sig)
+            self.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 

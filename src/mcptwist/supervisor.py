@@ -14,6 +14,7 @@ which also decides when a freshly spawned child is ready (its handshake done).
 from __future__ import annotations
 
 import enum
+import os
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -74,6 +75,7 @@ class Supervisor(Service):
         self._crashes: deque[float] = deque()
         self._consecutive = 0
         self._restart_call: IDelayedCall | None = None
+        self._abandoned: str | None = None
 
     # Service
 
@@ -106,7 +108,7 @@ class Supervisor(Service):
                 pid=child.pid,
                 why=why,
             )
-            self.last_exit = why
+            self._abandoned = why
             child.kill()
 
     def restart(self) -> Deferred[None]:
@@ -156,16 +158,19 @@ class Supervisor(Service):
             reactor=self.reactor,
             stderr_tail=self.stderr,
             started=self.clock.seconds(),
+            # A test reactor provides killpg so that no real group is signalled.
+            killpg=getattr(self.reactor, "killpg", os.killpg),
         )
         self.child = child
         self._set_state(ChildState.STARTING)
         try:
             child.spawn(self.environ)
         except Exception as e:
-            log.failure(
-                "{server}: cannot spawn {command}",
+            log.error(
+                "{server}: cannot spawn {command}: {error}",
                 server=self.label,
                 command=self.server.command,
+                error=e,
             )
             child.exit_reason = Failure(e)
             self._crashed(child, f"could not be spawned: {e}")
@@ -186,6 +191,8 @@ class Supervisor(Service):
         if child is not self.child:
             return
         how = describe_exit(reason)
+        if self._abandoned is not None:
+            how, self._abandoned = f"{self._abandoned} (so it was killed)", None
         if self.state in (ChildState.STOPPED, ChildState.RESTARTING) and not self.running:
             self.owner.child_lost(child, f"was stopped ({how})")
             return
