@@ -1,0 +1,5 @@
+"""Run the example server: ``python -m mcptwist.example``."""
+
+from mcptwist.example.server import main
+
+raise SystemExit(main())
