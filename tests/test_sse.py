@@ -1,0 +1,170 @@
+"""Server-sent events: encoding, bounded connections, replayable channels."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from mcptwist.web.sse import (
+    HEARTBEAT,
+    EventChannel,
+    EventConnection,
+    Heartbeat,
+    encode_event,
+    parse_event_id,
+)
+
+
+def decode(stream: bytes) -> list[dict[str, str]]:
+    """A minimal SSE parser, as the WHATWG spec describes, for checking the encoder."""
+    events = []
+    for block in stream.decode().split("\n\n"):
+        if not block:
+            continue
+        event: dict[str, str] = {}
+        data: list[str] = []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                continue
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "data":
+                data.append(value)
+            else:
+                event[field] = value
+        if data or event:
+            event["data"] = "\n".join(data)
+            events.append(event)
+    return events
+
+
+class DummyTransportRequest(DummyRequest):
+    def __init__(self) -> None:
+        super().__init__([b""])
+        self.aborted = False
+        outer = self
+
+        class T:
+            def abortConnection(self) -> None:
+                outer.aborted = True
+
+        self.transport = T()
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+text = st.text(
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\r"), max_size=50
+)
+
+
+class EncodeTests(SynchronousTestCase):
+    @given(
+        text,
+        st.sampled_from([None, "message", "endpoint"]),
+        st.one_of(st.none(), st.from_regex(r"\A[0-9]{1,4}-[0-9]{1,4}\Z")),
+    )
+    def test_decodes_back(self, data: str, event: str | None, id: str | None) -> None:
+        frame = encode_event(
+            data.encode(), event.encode() if event else None, id.encode() if id else None
+        )
+        [decoded] = decode(frame)
+        self.assertEqual(decoded["data"], data)
+        self.assertEqual(decoded.get("event"), event)
+        self.assertEqual(decoded.get("id"), id)
+
+    def test_event_ids(self) -> None:
+        self.assertEqual(parse_event_id("3-17"), (3, 17))
+        self.assertIsNone(parse_event_id("nope"))
+        self.assertIsNone(parse_event_id(None))
+
+
+class ConnectionTests(SynchronousTestCase):
+    def test_headers_and_frames(self) -> None:
+        request = DummyTransportRequest()
+        connection = EventConnection(request, Clock(), 1000)
+        connection.send(b"data: a\n\n")
+        self.assertEqual(
+            request.responseHeaders.getRawHeaders(b"content-type"), [b"text/event-stream"]
+        )
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"x-accel-buffering"), [b"no"])
+        self.assertEqual(b"".join(request.written), b"data: a\n\n")
+
+    def test_slow_reader_dropped_when_too_far_behind(self) -> None:
+        request = DummyTransportRequest()
+        connection = EventConnection(request, Clock(), 100)
+        connection.pauseProducing()
+        connection.send(b"x" * 150)  # one frame may exceed the limit on its own
+        self.assertFalse(request.aborted)
+        connection.send(b"y")
+        self.assertTrue(request.aborted)
+        self.assertFalse(connection.open)
+
+    def test_paused_frames_flow_on_resume_and_finish_waits(self) -> None:
+        request = DummyTransportRequest()
+        connection = EventConnection(request, Clock(), 1000)
+        connection.pauseProducing()
+        connection.send(b"1")
+        connection.send(b"2")
+        connection.finish()
+        self.assertEqual(request.written, [])
+        self.assertEqual(request.finished, 0)
+        connection.resumeProducing()
+        self.assertEqual(request.written, [b"1", b"2"])
+        self.assertEqual(request.finished, 1)
+
+    def test_heartbeat_only_on_quiet_connections(self) -> None:
+        clock = Clock()
+        quiet, busy = DummyTransportRequest(), DummyTransportRequest()
+        heartbeat = Heartbeat(clock, 10)
+        cq, cb = EventConnection(quiet, clock, 1000), EventConnection(busy, clock, 1000)
+        heartbeat.add(cq)
+        heartbeat.add(cb)
+        heartbeat.start()
+        for _ in range(4):
+            clock.advance(5)
+            cb.send(b"data: x\n\n")
+        self.assertEqual(quiet.written.count(HEARTBEAT), 2)
+        self.assertNotIn(HEARTBEAT, busy.written)
+        heartbeat.stop()
+
+
+class ChannelTests(SynchronousTestCase):
+    def test_resume_replays_what_was_missed(self) -> None:
+        clock = Clock()
+        channel = EventChannel(2, keep=10)
+        first = DummyTransportRequest()
+        c1 = EventConnection(first, clock, 10_000)
+        channel.attach(c1)
+        channel.emit(b"one")
+        first.processingFailed(Failure(ConnectionDone()))  # the client disconnects
+        channel.emit(b"two")
+        channel.emit(b"three")
+        second = DummyTransportRequest()
+        channel.attach(EventConnection(second, clock, 10_000), after=1)
+        events = decode(b"".join(second.written))
+        self.assertEqual([(e["id"], e["data"]) for e in events], [("2-2", "two"), ("2-3", "three")])
+
+    def test_log_is_bounded(self) -> None:
+        channel = EventChannel(0, keep=3)
+        for i in range(10):
+            channel.emit(str(i).encode())
+        request = DummyTransportRequest()
+        channel.attach(EventConnection(request, Clock(), 10_000), after=0)
+        self.assertEqual([e["data"] for e in decode(b"".join(request.written))], ["7", "8", "9"])
+
+    def test_undelivered_events_go_to_the_first_connection(self) -> None:
+        channel = EventChannel(0, keep=10)
+        channel.emit(b"early")
+        request = DummyTransportRequest()
+        channel.attach(EventConnection(request, Clock(), 10_000))
+        self.assertEqual([e["data"] for e in decode(b"".join(request.written))], ["early"])

@@ -1,0 +1,433 @@
+"""The HTTP surface, in memory: StubTreq in front, fake children behind."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed
+
+from mcptwist import jsonrpc
+from mcptwist.config import BridgeConfig, RestartPolicy, ServerConfig
+from mcptwist.routing import make_backend
+from mcptwist.session import SessionRegistry
+from mcptwist.web.app import BridgeApp
+
+from .fakes import FakeProcessReactor
+from .test_sse import decode
+
+BOTH = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+JSON = {"accept": "application/json", "content-type": "application/json"}
+INIT = jsonrpc.request(
+    1,
+    "initialize",
+    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
+)
+
+
+class Bridge:
+    """An app over fake children, and a client in front of it."""
+
+    def __init__(
+        self, test: SynchronousTestCase, *servers: ServerConfig, hold: bool = False, **settings: Any
+    ) -> None:
+        self.test = test
+        self.reactor = FakeProcessReactor(hold=hold)
+        servers = servers or (ServerConfig(name="s", command="fake"),)
+        self.config = BridgeConfig(servers={s.name: s for s in servers}, **settings)
+        self.backends = {s.name: make_backend(s, self.reactor, {}) for s in servers}
+        for backend in self.backends.values():
+            backend.startService()
+        self.registry = SessionRegistry(self.reactor, self.config.max_sessions)
+        self.app = BridgeApp(self.config, self.backends, self.registry, self.reactor)
+        self.client = StubTreq(self.app.resource())
+        test.addCleanup(self.close)
+
+    def close(self) -> None:
+        """End every session, so that no stream outlives its test."""
+        self.registry.stopService()
+        self.client.flush()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> Any:
+        data = raw if raw is not None else (jsonrpc.dumps(body) if body is not None else None)
+        d = self.client.request(method, "http://127.0.0.1" + path, data=data, headers=headers or {})
+        self.client.flush()
+        return self.test.successResultOf(d)
+
+    def content(self, response: Any) -> bytes:
+        d = self.client.content(response)
+        self.client.flush()
+        return self.test.successResultOf(d)  # type: ignore[no-any-return]
+
+    def json(self, response: Any) -> Any:
+        return jsonrpc.loads(self.content(response))
+
+    def open_session(self, server: str = "s", init: jsonrpc.Message = INIT) -> str:
+        response = self.request("POST", f"/servers/{server}/mcp", init, JSON)
+        self.test.assertEqual(response.code, 200)
+        [session_id] = response.headers.getRawHeaders("mcp-session-id")
+        self.json(response)
+        self.request(
+            "POST",
+            f"/servers/{server}/mcp",
+            jsonrpc.notification("notifications/initialized"),
+            {**JSON, "mcp-session-id": session_id},
+        )
+        return str(session_id)
+
+    def stream(self, response: Any) -> list[bytes]:
+        chunks: list[bytes] = []
+        d = self.client.collect(response, chunks.append)
+        # A stream that the test cuts off ends with ResponseFailed.
+        d.addErrback(lambda f: f.trap(ResponseFailed))
+        self.client.flush()
+        return chunks
+
+
+class StreamableTests(SynchronousTestCase):
+    def test_initialize_json(self) -> None:
+        bridge = Bridge(self)
+        response = bridge.request("POST", "/servers/s/mcp", INIT, JSON)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        [session_id] = response.headers.getRawHeaders("mcp-session-id")
+        self.assertGreaterEqual(len(session_id), 40)
+        self.assertTrue(all(0x21 <= ord(c) <= 0x7E for c in session_id))
+        body = bridge.json(response)
+        self.assertEqual(body["id"], 1)
+        self.assertEqual(body["result"]["protocolVersion"], "2025-06-18")
+
+    def test_request_answered_as_sse_with_event_ids(self) -> None:
+        bridge = Bridge(self)
+        sid = bridge.open_session()
+        response = bridge.request(
+            "POST",
+            "/servers/s/mcp",
+            jsonrpc.request(2, "tools/call", {"name": "e", "arguments": {"a": 1}}),
+            {**BOTH, "mcp-session-id": sid},
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
+        events = decode(b"".join(bridge.stream(response)))
+        self.assertEqual(len(events), 1)
+        self.assertRegex(events[0]["id"], r"^\d+-\d+$")
+        self.assertEqual(jsonrpc.loads(events[0]["data"])["id"], 2)
+
+    def test_json_response_setting(self) -> None:
+        bridge = Bridge(self, ServerConfig(name="s", command="fake", json_response=True))
+        sid = bridge.open_session()
+        response = bridge.request(
+            "POST", "/servers/s/mcp", jsonrpc.request(2, "ping"), {**BOTH, "mcp-session-id": sid}
+        )
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(bridge.json(response)["result"], {})
+
+    def test_notification_gets_202_and_no_body(self) -> None:
+        bridge = Bridge(self)
+        sid = bridge.open_session()
+        response = bridge.request(
+            "POST",
+            "/servers/s/mcp",
+            jsonrpc.notification("notifications/roots/list_changed"),
+            {**JSON, "mcp-session-id": sid},
+        )
+        self.assertEqual(response.code, 202)
+        self.assertEqual(bridge.content(response), b"")
+        self.assertEqual(
+            len(bridge.reactor.child.notifications("notifications/roots/list_changed")), 1
+        )
+
+    def test_session_errors(self) -> None:
+        bridge = Bridge(self)
+        ping = jsonrpc.request(5, "ping")
+        missing = bridge.request("POST", "/servers/s/mcp", ping, JSON)
+        self.assertEqual(missing.code, 400)
+        self.assertIn("Mcp-Session-Id", bridge.json(missing)["error"]["message"])
+        unknown = bridge.request("POST", "/servers/s/mcp", ping, {**JSON, "mcp-session-id": "nope"})
+        self.assertEqual(unknown.code, 404)
+        self.assertEqual(bridge.json(unknown)["error"]["code"], -32001)
+
+    def test_delete_ends_the_session(self) -> None:
+        bridge = Bridge(self)
+        sid = bridge.open_session()
+        self.assertEqual(
+            bridge.request("DELETE", "/servers/s/mcp", headers={"mcp-session-id": sid}).code, 200
+        )
+        after = bridge.request(
+            "POST", "/servers/s/mcp", jsonrpc.request(5, "ping"), {**JSON, "mcp-session-id": sid}
+        )
+        self.assertEqual(after.code, 404)
+        self.assertEqual(bridge.registry.sessions, {})
+
+    def test_session_of_another_server_is_unknown(self) -> None:
+        bridge = Bridge(
+            self, ServerConfig(name="a", command="fake"), ServerConfig(name="b", command="fake")
+        )
+        sid = bridge.open_session("a")
+        response = bridge.request(
+            "POST", "/servers/b/mcp", jsonrpc.request(5, "ping"), {**JSON, "mcp-session-id": sid}
+        )
+        self.assertEqual(response.code, 404)
+
+    def test_bad_requests(self) -> None:
+        bridge = Bridge(self, ServerConfig(name="s", command="fake", max_message_size=2048))
+        sid = bridge.open_session()
+        h = {**JSON, "mcp-session-id": sid}
+        cases = [
+            (
+                dict(
+                    body=jsonrpc.request(5, "ping"),
+                    headers={**h, "mcp-protocol-version": "2099-01-01"},
+                ),
+                400,
+                jsonrpc.INVALID_REQUEST,
+            ),
+            (
+                dict(body=jsonrpc.request(5, "ping"), headers={**h, "accept": "text/html"}),
+                406,
+                jsonrpc.INVALID_REQUEST,
+            ),
+            (
+                dict(body=jsonrpc.request(5, "ping"), headers={**h, "content-type": "text/plain"}),
+                415,
+                jsonrpc.INVALID_REQUEST,
+            ),
+            (dict(raw=b"{not json", headers=h), 400, jsonrpc.PARSE_ERROR),
+            (dict(raw=b'{"jsonrpc": "2.0"}', headers=h), 400, jsonrpc.INVALID_REQUEST),
+            (
+                dict(raw=b'[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]', headers=h),
+                400,
+                jsonrpc.INVALID_REQUEST,
+            ),
+            (
+                dict(body=jsonrpc.request(5, "x", {"blob": "x" * 4000}), headers=h),
+                413,
+                jsonrpc.INVALID_REQUEST,
+            ),
+        ]
+        for kwargs, status, code in cases:
+            response = bridge.request("POST", "/servers/s/mcp", **kwargs)  # type: ignore[arg-type]
+            self.assertEqual(response.code, status, kwargs)
+            self.assertEqual(bridge.json(response)["error"]["code"], code, kwargs)
+
+    def test_batch_allowed_for_2025_03_26(self) -> None:
+        bridge = Bridge(self)
+        init = jsonrpc.request(
+            1, "initialize", {"protocolVersion": "2025-03-26", "capabilities": {}}
+        )
+        sid = bridge.open_session(init=init)
+        batch = [
+            jsonrpc.request(7, "ping"),
+            jsonrpc.request(8, "ping"),
+            jsonrpc.notification("notifications/x"),
+        ]
+        response = bridge.request(
+            "POST",
+            "/servers/s/mcp",
+            raw=jsonrpc.dumps(batch),
+            headers={**JSON, "mcp-session-id": sid},
+        )
+        self.assertEqual(sorted(m["id"] for m in bridge.json(response)), [7, 8])
+
+    def test_origin_checked(self) -> None:
+        bridge = Bridge(self)
+        evil = bridge.request(
+            "POST", "/servers/s/mcp", INIT, {**JSON, "origin": "http://evil.example.com"}
+        )
+        self.assertEqual(evil.code, 403)
+        self.assertEqual(bridge.json(evil)["error"]["code"], jsonrpc.SERVER_UNAVAILABLE)
+        self.assertEqual(bridge.registry.sessions, {})
+        local = bridge.request(
+            "POST", "/servers/s/mcp", INIT, {**JSON, "origin": "http://localhost:6274"}
+        )
+        self.assertEqual(local.code, 200)
+        configured = Bridge(self, allowed_origins=("https://app.example.com",))
+        self.assertEqual(
+            configured.request(
+                "POST", "/servers/s/mcp", INIT, {**JSON, "origin": "https://app.example.com"}
+            ).code,
+            200,
+        )
+        self.assertEqual(
+            configured.request(
+                "POST", "/servers/s/mcp", INIT, {**JSON, "origin": "http://localhost:1"}
+            ).code,
+            403,
+        )
+
+    def test_unknown_server_and_method(self) -> None:
+        bridge = Bridge(self)
+        response = bridge.request("POST", "/servers/nope/mcp", INIT, JSON)
+        self.assertEqual(response.code, 404)
+        self.assertIn("nope", bridge.json(response)["error"]["message"])
+        put = bridge.request("PUT", "/servers/s/mcp")
+        self.assertEqual(put.code, 405)
+        self.assertEqual(bridge.json(put)["error"]["code"], jsonrpc.INVALID_REQUEST)
+
+    def test_get_stream_carries_unrelated_messages_and_is_single(self) -> None:
+        bridge = Bridge(self)
+        sid = bridge.open_session()
+        stream = bridge.request(
+            "GET", "/servers/s/mcp", headers={"accept": "text/event-stream", "mcp-session-id": sid}
+        )
+        self.assertEqual(stream.code, 200)
+        chunks = bridge.stream(stream)
+        bridge.reactor.child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        bridge.client.flush()
+        events = decode(b"".join(chunks))
+        self.assertEqual(
+            [jsonrpc.loads(e["data"])["method"] for e in events if e["data"]],
+            ["notifications/tools/list_changed"],
+        )
+        second = bridge.request(
+            "GET", "/servers/s/mcp", headers={"accept": "text/event-stream", "mcp-session-id": sid}
+        )
+        self.assertEqual(second.code, 409)
+
+    def test_lost_post_stream_resumed_with_last_event_id(self) -> None:
+        """A client that loses a POST stream gets the response on a GET with Last-Event-ID."""
+        bridge = Bridge(self, hold=True)
+        init = jsonrpc.request(
+            1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}}
+        )
+        sid = bridge.open_session(init=init)
+        h = {**BOTH, "mcp-session-id": sid}
+        d = bridge.client.request(
+            "POST",
+            "http://127.0.0.1/servers/s/mcp",
+            data=jsonrpc.dumps(jsonrpc.request(9, "tools/call", {"name": "slow"})),
+            headers=h,
+        )
+        bridge.client.flush()
+        response = self.successResultOf(d)
+        chunks = bridge.stream(response)
+        [priming] = decode(b"".join(chunks))
+        self.assertEqual(priming["data"], "")
+        # The connection drops before the answer.
+        [session] = bridge.registry.sessions.values()
+        [channel] = [c for c in session.sink._channels.values() if c.number]  # type: ignore[attr-defined]
+        channel.connection.request.channel.transport.loseConnection()
+        bridge.client.flush()
+        self.assertIsNone(channel.connection)
+        child = bridge.reactor.child
+        child.answer(child.held[0])
+        resumed = bridge.request(
+            "GET",
+            "/servers/s/mcp",
+            headers={
+                "accept": "text/event-stream",
+                "mcp-session-id": sid,
+                "last-event-id": priming["id"],
+            },
+        )
+        events = decode(b"".join(bridge.stream(resumed)))
+        self.assertEqual([jsonrpc.loads(e["data"])["id"] for e in events], [9])
+
+
+class LegacySSETests(SynchronousTestCase):
+    def open(self, bridge: Bridge) -> tuple[list[bytes], str]:
+        response = bridge.request("GET", "/servers/s/sse", headers={"accept": "text/event-stream"})
+        self.assertEqual(response.code, 200)
+        chunks = bridge.stream(response)
+        [endpoint] = decode(b"".join(chunks))
+        self.assertEqual(endpoint["event"], "endpoint")
+        self.assertTrue(endpoint["data"].startswith("/servers/s/messages?session_id="))
+        return chunks, endpoint["data"]
+
+    def test_round_trip(self) -> None:
+        bridge = Bridge(self)
+        chunks, endpoint = self.open(bridge)
+        response = bridge.request("POST", endpoint, INIT, {"content-type": "application/json"})
+        self.assertEqual(response.code, 202)
+        self.assertEqual(bridge.content(response), b"Accepted")
+        bridge.request(
+            "POST",
+            endpoint,
+            jsonrpc.request(2, "tools/call", {"name": "e", "arguments": {"x": 1}}),
+            {"content-type": "application/json"},
+        )
+        messages = [e for e in decode(b"".join(chunks)) if e.get("event") == "message"]
+        self.assertEqual([jsonrpc.loads(e["data"])["id"] for e in messages], [1, 2])
+
+    def test_unknown_and_missing_session(self) -> None:
+        bridge = Bridge(self)
+        self.assertEqual(
+            bridge.request(
+                "POST",
+                "/servers/s/messages?session_id=zzz",
+                INIT,
+                {"content-type": "application/json"},
+            ).code,
+            404,
+        )
+        self.assertEqual(
+            bridge.request(
+                "POST", "/servers/s/messages", INIT, {"content-type": "application/json"}
+            ).code,
+            400,
+        )
+
+    def test_bad_json_is_400_with_body(self) -> None:
+        bridge = Bridge(self)
+        _, endpoint = self.open(bridge)
+        response = bridge.request(
+            "POST", endpoint, raw=b"{", headers={"content-type": "application/json"}
+        )
+        self.assertEqual(response.code, 400)
+        self.assertEqual(bridge.json(response)["error"]["code"], jsonrpc.PARSE_ERROR)
+
+    def test_both_transports_share_one_child(self) -> None:
+        bridge = Bridge(self)
+        _, endpoint = self.open(bridge)
+        bridge.request("POST", endpoint, INIT, {"content-type": "application/json"})
+        bridge.open_session()
+        self.assertEqual(len(bridge.reactor.children), 1)
+        self.assertEqual(bridge.backends["s"].status()["sessions"], 2)
+
+
+class StatusTests(SynchronousTestCase):
+    def test_servers_and_health(self) -> None:
+        bridge = Bridge(self)
+        bridge.open_session()
+        [status] = bridge.json(bridge.request("GET", "/servers"))["servers"]
+        self.assertEqual(status["name"], "s")
+        self.assertEqual(status["state"], "running")
+        self.assertEqual(status["pid"], bridge.reactor.child.pid)
+        self.assertEqual(status["sessions"], 1)
+        health = bridge.request("GET", "/health")
+        self.assertEqual(health.code, 200)
+        self.assertEqual(bridge.json(health)["status"], "ok")
+
+    def test_health_503_with_reasons(self) -> None:
+        broken = ServerConfig(
+            name="broken", command="fake", restart=RestartPolicy(initial_delay=0.1, crash_limit=1)
+        )
+        bridge = Bridge(self, ServerConfig(name="ok", command="fake"), broken)
+        [child] = [
+            c
+            for c in bridge.reactor.children
+            if c.args[-1] == "fake" and c is bridge.reactor.children[1]
+        ]
+        child.send_raw(b"fatal: no config\n", fd=2)
+        child.exit(3)
+        health = bridge.request("GET", "/health")
+        self.assertEqual(health.code, 503)
+        body = bridge.json(health)
+        self.assertEqual(list(body["servers"]), ["broken"])
+        self.assertIn("failed", body["servers"]["broken"])
+        status = bridge.json(bridge.request("GET", "/servers/broken"))
+        self.assertEqual(status["stderr"], ["fatal: no config"])
+        # A client of the failed server gets a JSON-RPC error naming the problem.
+        response = bridge.request("POST", "/servers/broken/mcp", INIT, JSON)
+        error = bridge.json(response)["error"]
+        self.assertIn("failed", error["message"])
+        self.assertIn("fatal: no config", error["message"])
+        self.assertEqual(bridge.registry.sessions, {})
