@@ -239,3 +239,14 @@ class PropertyTests(SynchronousTestCase):
             return
         error = self.assertRaises(ConfigError, parse_config, server_doc(**extra), "t", {})
         self.assertTrue(error.key.startswith("servers.s."))
+
+
+class ShippedExamplesTests(SynchronousTestCase):
+    def test_examples_in_etc_load(self) -> None:
+        """The example configurations shipped in etc/ stay valid."""
+        etc = Path(__file__).resolve().parent.parent / "etc"
+        examples = sorted([*etc.glob("*.toml"), *etc.glob("*.json")])
+        self.assertTrue(examples)
+        for path in examples:
+            config = load_config(path, {})
+            self.assertTrue(config.servers, path)

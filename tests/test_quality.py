@@ -1,0 +1,40 @@
+"""Lint, format and type checks, so that CI enforces them with the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tool(name: str) -> str:
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.exists(path):
+        return path
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI"):
+            raise AssertionError(f"{name} is not installed (pip install '.[test]')")
+        raise SkipTest(f"{name} is not installed")
+    return found
+
+
+class QualityTests(SynchronousTestCase):
+    def check(self, *argv: str) -> None:
+        result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_ruff_lint(self) -> None:
+        self.check(tool("ruff"), "check", "src", "tests", "twisted")
+
+    def test_ruff_format(self) -> None:
+        self.check(tool("ruff"), "format", "--check", "src", "tests", "twisted")
+
+    def test_mypy(self) -> None:
+        self.check(tool("mypy"))
