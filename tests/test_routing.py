@@ -7,6 +7,7 @@ from typing import Any
 import attrs
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist import jsonrpc
@@ -405,7 +406,10 @@ class ChildFailureTests(SynchronousTestCase):
         upstream.attach(a)
         initialize(upstream, a)
         send(upstream, a, call(1, "x"))
-        reactor.child.send_raw(b"Traceback: boom\n", fd=2)
+        with capturedLogs() as events:
+            reactor.child.send_raw(b"Traceback: boom\n", fd=2)
+        [logged] = [e for e in events if e.get("line") == "Traceback: boom"]
+        self.assertEqual(logged["log_namespace"], "mcptwist.child.fake")
         reactor.child.exit(1)
         error = a.responses()[1]["error"]
         self.assertEqual(error["code"], jsonrpc.SERVER_UNAVAILABLE)
@@ -480,6 +484,20 @@ class BackendTests(SynchronousTestCase):
         backend.open(c)
         self.assertEqual(len(reactor.children), 3)
         self.assertEqual(backend.status()["sessions"], 2)
+
+    def test_shutdown_waits_for_children_of_ended_sessions(self) -> None:
+        reactor = FakeProcessReactor(exit_on_eof=False)
+        reactor.killpg = lambda pid, sig: reactor.signals.append((pid, sig))  # type: ignore[method-assign]
+        backend = SessionBackend(
+            ServerConfig(name="per", command="fake", sharing="session"), reactor, {}
+        )
+        backend.startService()
+        session = FakeSession("aaaaaaaa")
+        backend.close(session, backend.open(session))
+        stopped = backend.stopService()
+        self.assertNoResult(stopped)
+        reactor.child.exit(0, 15)
+        self.successResultOf(stopped)
 
     def test_shared_mode_one_child(self) -> None:
         reactor = FakeProcessReactor()

@@ -149,11 +149,14 @@ class Child:
     killpg: Callable[[int, int], None] = os.killpg
     _stdout: LineFramer = attrs.field(init=False)
     _stderr: LineFramer = attrs.field(init=False)
+    _stderr_log: Logger = attrs.field(init=False)
     _timers: list[IDelayedCall] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self._stdout = LineFramer(self.server.max_message_size, self._line, self._oversize)
         self._stderr = LineFramer(MAX_STDERR_LINE, self._stderr_line, self._stderr_oversize)
+        # Each server's stderr has a log namespace of its own, to filter on.
+        self._stderr_log = Logger(namespace=f"mcptwist.child.{self.server.name}")
 
     def spawn(self, environ: Mapping[str, str]) -> None:
         """Start the process. Raises if the reactor cannot spawn it."""
@@ -247,7 +250,9 @@ class Child:
     def _stderr_line(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace")
         self.stderr_tail.append(text)
-        log.info("{server} stderr: {line}", server=self.server.name, line=text, pid=self.pid)
+        self._stderr_log.info(
+            "{server} stderr: {line}", server=self.server.name, line=text, pid=self.pid
+        )
 
     def _stderr_oversize(self, size: int, head: bytes, tail: bytes) -> None:
         self._stderr_line(head[:MAX_STDERR_LINE] + f" ... ({size} bytes)".encode())

@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol
 
 import attrs
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -766,6 +766,11 @@ class SharedBackend(Backend):
 class SessionBackend(Backend):
     """A child of its own for each session, up to max_children."""
 
+    def __init__(self, server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> None:
+        super().__init__(server, reactor, environ)
+        # Children of ended sessions that are still stopping: shutdown waits for them.
+        self._stopping: set[Deferred[Any]] = set()
+
     def open(self, session: Downstream) -> Upstream:
         count = len(list(self))
         if count >= self.server.max_children:
@@ -785,7 +790,13 @@ class SessionBackend(Backend):
     def close(self, session: Downstream, upstream: Upstream) -> None:
         upstream.detach(session)
         if upstream.parent is self:
-            upstream.disownServiceParent()
+            stopping = upstream.disownServiceParent()
+            if stopping is not None and not stopping.called:
+                self._stopping.add(stopping)
+                stopping.addBoth(lambda _: self._stopping.discard(stopping))
+
+    def stopService(self) -> Deferred[Any]:
+        return DeferredList([super().stopService(), *self._stopping])
 
     def status(self) -> dict[str, Any]:
         children = [u.status() for u in self.upstreams()]
@@ -814,7 +825,3 @@ class SessionBackend(Backend):
 def make_backend(server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> Backend:
     cls = SessionBackend if server.sharing == "session" else SharedBackend
     return cls(server, reactor, environ)
-
-
-def stop_all(services: list[Service]) -> Deferred[Any]:
-    return DeferredList([succeed(None), *(s.stopService() for s in services)])

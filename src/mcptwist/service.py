@@ -92,6 +92,23 @@ class Listener(Service):
         return stopped
 
 
+access_log = Logger(namespace="mcptwist.access")
+
+
+class BridgeSite(Site):
+    """A Site whose access log goes through twisted.logger."""
+
+    def log(self, request: Any) -> None:
+        access_log.info(
+            "{client} {method} {path} {status} {size}",
+            client=getattr(request.getClientAddress(), "host", "-"),
+            method=request.method.decode("latin-1"),
+            path=request.uri.decode("latin-1").split("?", 1)[0],
+            status=request.code,
+            size=request.sentLength,
+        )
+
+
 class BridgeService(MultiService):
     """The root of the bridge's service tree."""
 
@@ -104,7 +121,7 @@ class BridgeService(MultiService):
         }
         self.registry = SessionRegistry(reactor, config.max_sessions)
         self.web = BridgeApp(config, self.backends, self.registry, reactor)
-        self.site = Site(self.web.resource(), reactor=reactor)
+        self.site = BridgeSite(self.web.resource(), reactor=reactor)
         self.site.requestFactory = bounded_request_factory(
             max(s.max_message_size for s in config.servers.values())
         )
