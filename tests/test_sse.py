@@ -141,7 +141,7 @@ class ConnectionTests(SynchronousTestCase):
 class ChannelTests(SynchronousTestCase):
     def test_resume_replays_what_was_missed(self) -> None:
         clock = Clock()
-        channel = EventChannel(2, keep=10)
+        channel = EventChannel(2, keep=10, max_bytes=10_000)
         first = DummyTransportRequest()
         c1 = EventConnection(first, clock, 10_000)
         channel.attach(c1)
@@ -155,15 +155,24 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual([(e["id"], e["data"]) for e in events], [("2-2", "two"), ("2-3", "three")])
 
     def test_log_is_bounded(self) -> None:
-        channel = EventChannel(0, keep=3)
+        channel = EventChannel(0, keep=3, max_bytes=10_000)
         for i in range(10):
             channel.emit(str(i).encode())
         request = DummyTransportRequest()
         channel.attach(EventConnection(request, Clock(), 10_000), after=0)
         self.assertEqual([e["data"] for e in decode(b"".join(request.written))], ["7", "8", "9"])
 
+    def test_log_is_bounded_in_bytes_but_keeps_the_newest(self) -> None:
+        channel = EventChannel(0, keep=100, max_bytes=300)
+        for i in range(10):
+            channel.emit(str(i).encode() * 50)
+        channel.emit(b"z" * 1000)
+        request = DummyTransportRequest()
+        channel.attach(EventConnection(request, Clock(), 10_000), after=0)
+        self.assertEqual([e["data"] for e in decode(b"".join(request.written))], ["z" * 1000])
+
     def test_undelivered_events_go_to_the_first_connection(self) -> None:
-        channel = EventChannel(0, keep=10)
+        channel = EventChannel(0, keep=10, max_bytes=10_000)
         channel.emit(b"early")
         request = DummyTransportRequest()
         channel.attach(EventConnection(request, Clock(), 10_000))

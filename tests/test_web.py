@@ -120,6 +120,9 @@ class StreamableTests(SynchronousTestCase):
         self.assertEqual(len(events), 1)
         self.assertRegex(events[0]["id"], r"^\d+-\d+$")
         self.assertEqual(jsonrpc.loads(events[0]["data"])["id"], 2)
+        # Delivered live: nothing is kept for resumption.
+        [session] = bridge.registry.sessions.values()
+        self.assertEqual(list(session.sink._channels), [0])  # type: ignore[attr-defined]
 
     def test_json_response_setting(self) -> None:
         bridge = Bridge(self, ServerConfig(name="s", command="fake", json_response=True))

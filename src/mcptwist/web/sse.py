@@ -197,18 +197,30 @@ class EventChannel:
     ids are unique within the session and name the stream they belong to.
     """
 
-    def __init__(self, number: int, keep: int) -> None:
+    def __init__(self, number: int, keep: int, max_bytes: int) -> None:
         self.number = number
         self.seq = 0
         self.sent = 0
         self.complete = False
         self.connection: EventConnection | None = None
-        self._log: deque[tuple[int, bytes]] = deque(maxlen=keep)
+        self._keep = keep
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._log: deque[tuple[int, bytes]] = deque()
+
+    @property
+    def delivered(self) -> bool:
+        """Whether every event went out on a connection that is still open."""
+        return self.sent == self.seq and self.connection is not None and self.connection.open
 
     def emit(self, data: bytes) -> None:
         self.seq += 1
         frame = encode_event(data, id=f"{self.number}-{self.seq}".encode())
         self._log.append((self.seq, frame))
+        self._bytes += len(frame)
+        # Bounded in events and bytes; the newest event is always kept.
+        while len(self._log) > 1 and (len(self._log) > self._keep or self._bytes > self._max_bytes):
+            self._bytes -= len(self._log.popleft()[1])
         if self.connection is not None and self.connection.open:
             self.connection.send(frame)
             self.sent = self.seq

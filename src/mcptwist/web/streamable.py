@@ -69,9 +69,10 @@ class Reply:
 class StreamableSink:
     """A Streamable HTTP session's streams: POST replies and the GET channel."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, max_bytes: int) -> None:
         self.keep = keep
-        self.standalone = EventChannel(0, keep)
+        self.max_bytes = max_bytes
+        self.standalone = EventChannel(0, keep, max_bytes)
         self._numbers = itertools.count(1)
         self._channels: dict[int, EventChannel] = {0: self.standalone}
         self._retired: deque[int] = deque()
@@ -87,7 +88,7 @@ class StreamableSink:
     def open_reply(self, ids: list[RequestId], batch: bool, sse: bool) -> Reply:
         channel = None
         if sse:
-            channel = EventChannel(next(self._numbers), self.keep)
+            channel = EventChannel(next(self._numbers), self.keep, self.max_bytes)
             self._channels[channel.number] = channel
         reply = Reply(ids, batch, channel)
         for request_id in ids:
@@ -108,11 +109,15 @@ class StreamableSink:
                 self.standalone.emit(jsonrpc.dumps(message))
         else:
             self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
-            if reply.respond(message) and reply.channel is not None:
-                self._retire(reply.channel)
+            channel = reply.channel
+            if channel is not None and not channel.delivered:
+                if reply.respond(message):
+                    self._retire(channel)
+            elif reply.respond(message) and channel is not None:
+                del self._channels[channel.number]
 
     def _retire(self, channel: EventChannel) -> None:
-        """Keep a finished channel a while, for a client that resumes it."""
+        """Keep a channel that lost its connection a while, for a client that resumes it."""
         self._retired.append(channel.number)
         while len(self._retired) > RETAINED_CHANNELS:
             self._channels.pop(self._retired.popleft(), None)
@@ -191,7 +196,7 @@ async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
             session = app.registry.create(
                 backend,
                 "streamable",
-                lambda _: StreamableSink(app.config.replay_events),
+                lambda _: StreamableSink(app.config.replay_events, app.config.stream_buffer),
             )
         except (SessionLimitError, CapacityError) as e:
             raise HTTPProblem(
