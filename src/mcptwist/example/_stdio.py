@@ -32,6 +32,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeAlias, TypeGuard, TypeVar
 
+from ..jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
+from ..protocol import LATEST_LEGACY as DEFAULT_PROTOCOL_VERSION
+from ..protocol import LEGACY_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
+from ..protocol import LOG_LEVELS
+
 __all__ = [
     "DEFAULT_PROTOCOL_VERSION",
     "INTERNAL_ERROR",
@@ -71,31 +76,6 @@ JSONObject: TypeAlias = dict[str, Any]
 """A decoded JSON object."""
 
 RequestId: TypeAlias = str | int
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-
-SUPPORTED_PROTOCOL_VERSIONS: tuple[str, ...] = (
-    "2024-11-05",
-    "2025-03-26",
-    "2025-06-18",
-    "2025-11-25",
-)
-DEFAULT_PROTOCOL_VERSION = "2025-11-25"
-
-LOG_LEVELS: tuple[str, ...] = (
-    "debug",
-    "info",
-    "notice",
-    "warning",
-    "error",
-    "critical",
-    "alert",
-    "emergency",
-)
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 """Largest accepted input line, in bytes (64 MiB)."""
