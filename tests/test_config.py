@@ -102,6 +102,30 @@ crash_limit = 3
         )
         self.assertEqual((server.term_after, server.kill_after), (2.0, 2.0))
 
+    def test_allowed_hosts_follow_insecure(self) -> None:
+        self.assertEqual(
+            load_config(self.write("a.toml", '[servers.a]\ncommand = "a"\n'), {}).allowed_hosts,
+            ("localhost", "127.0.0.1", "::1"),
+        )
+        insecure = load_config(
+            self.write("b.toml", 'insecure = true\n[servers.a]\ncommand = "a"\n'), {}
+        )
+        self.assertEqual(insecure.allowed_hosts, ("*",))
+        named = load_config(
+            self.write(
+                "c.toml",
+                'allowed_hosts = ["MCP.example.com", "[::1]"]\n[servers.a]\ncommand = "a"\n',
+            ),
+            {},
+        )
+        self.assertEqual(named.allowed_hosts, ("mcp.example.com", "::1"))
+        self.assertEqual(
+            self.load_error(
+                "d.toml", 'allowed_hosts = ["http://x"]\n[servers.a]\ncommand = "a"\n'
+            ).key,
+            "allowed_hosts[0]",
+        )
+
     def test_built_in_default(self) -> None:
         config = default_config()
         self.assertEqual(list(config.servers), ["example"])

@@ -27,9 +27,13 @@ class FakeSession:
     client_info: dict[str, Any] = attrs.field(factory=dict)
     log_level: str | None = None
     got: list[tuple[Message, RequestId | None]] = attrs.field(factory=list)
+    cancelled_ids: list[RequestId] = attrs.field(factory=list)
 
     def deliver(self, message: Message, related: RequestId | None) -> None:
         self.got.append((message, related))
+
+    def cancelled(self, request_id: RequestId) -> None:
+        self.cancelled_ids.append(request_id)
 
     def responses(self) -> dict[RequestId, Message]:
         return {m["id"]: m for m, _ in self.got if "method" not in m}
@@ -265,7 +269,10 @@ class MultiplexTests(SynchronousTestCase):
         self.assertEqual(
             cancelled["params"], {"requestId": reactor.child.held[0]["id"], "reason": "user"}
         )
-        self.assertEqual(a.responses()["abc"]["error"]["code"], jsonrpc.REQUEST_CANCELLED)
+        # A cancelled request gets no response; its wait ends.
+        self.assertEqual(a.cancelled_ids, ["abc"])
+        reactor.child.answer(reactor.child.held[0])
+        self.assertNotIn("abc", a.responses())
 
     def test_session_detach_cancels_its_requests_only(self) -> None:
         reactor = FakeProcessReactor(hold=True)

@@ -33,6 +33,8 @@ def decode(stream: bytes) -> list[dict[str, str]]:
                 continue
             field, _, value = line.partition(":")
             value = value.removeprefix(" ")
+            if field == "retry" and not value.isdigit():
+                continue
             if field == "data":
                 data.append(value)
             else:
@@ -81,6 +83,10 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(decoded["data"], data)
         self.assertEqual(decoded.get("event"), event)
         self.assertEqual(decoded.get("id"), id)
+
+    def test_retry_field(self) -> None:
+        [event] = decode(encode_event(b"", id=b"1-0", retry=1000))
+        self.assertEqual(event, {"id": "1-0", "retry": "1000", "data": ""})
 
     def test_event_ids(self) -> None:
         self.assertEqual(parse_event_id("3-17"), (3, 17))

@@ -124,6 +124,27 @@ class StreamableTests(SynchronousTestCase):
         [session] = bridge.registry.sessions.values()
         self.assertEqual(list(session.sink._channels), [0])  # type: ignore[attr-defined]
 
+    def test_cancelled_request_stream_ends_without_a_response(self) -> None:
+        bridge = Bridge(self, hold=True)
+        sid = bridge.open_session()
+        h = {**BOTH, "mcp-session-id": sid}
+        d = bridge.client.request(
+            "POST",
+            "http://127.0.0.1/servers/s/mcp",
+            data=jsonrpc.dumps(jsonrpc.request(4, "tools/call", {"name": "slow"})),
+            headers=h,
+        )
+        bridge.client.flush()
+        cancel = jsonrpc.notification("notifications/cancelled", {"requestId": 4})
+        self.assertEqual(bridge.request("POST", "/servers/s/mcp", cancel, h).code, 202)
+        response = self.successResultOf(d)
+        self.assertEqual(decode(b"".join(bridge.stream(response))), [])
+        child = bridge.reactor.child
+        self.assertEqual(
+            child.notifications("notifications/cancelled")[0]["params"]["requestId"],
+            child.held[0]["id"],
+        )
+
     def test_json_response_setting(self) -> None:
         bridge = Bridge(self, ServerConfig(name="s", command="fake", json_response=True))
         sid = bridge.open_session()
@@ -265,6 +286,18 @@ class StreamableTests(SynchronousTestCase):
             ).code,
             403,
         )
+
+    def test_host_checked_against_dns_rebinding(self) -> None:
+        """A page that rebinds its name to 127.0.0.1 is refused even without Origin."""
+        bridge = Bridge(self)
+        d = bridge.client.get("http://evil.example.com/servers")
+        bridge.client.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 421)
+        self.assertIn("allowed_hosts", bridge.json(response)["error"]["message"])
+        d = bridge.client.get("http://localhost:8080/servers")
+        bridge.client.flush()
+        self.assertEqual(self.successResultOf(d).code, 200)
 
     def test_unknown_server_and_method(self) -> None:
         bridge = Bridge(self)
@@ -429,7 +462,8 @@ class StatusTests(SynchronousTestCase):
         status = bridge.json(bridge.request("GET", "/servers/broken"))
         self.assertEqual(status["stderr"], ["fatal: no config"])
         # A client of the failed server gets a JSON-RPC error naming the problem.
-        response = bridge.request("POST", "/servers/broken/mcp", INIT, JSON)
+        response = bridge.request("POST", "/servers/broken/mcp", INIT, BOTH)
+        self.assertIsNone(response.headers.getRawHeaders("mcp-session-id"))
         error = bridge.json(response)["error"]
         self.assertIn("failed", error["message"])
         self.assertIn("fatal: no config", error["message"])

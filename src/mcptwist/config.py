@@ -30,6 +30,8 @@ DEFAULT_ORIGINS: Final = (
     "http://[::1]:*",
     "https://[::1]:*",
 )
+# Host names a loopback-only bridge answers to (DNS-rebinding protection).
+LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 MiB: Final = 1024 * 1024
 SHARING_MODES: Final = ("shared", "session")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -104,6 +106,7 @@ class BridgeConfig:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     insecure: bool = False
     allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     heartbeat_interval: float = 15.0
     stream_buffer: int = 8 * MiB
     replay_events: int = 256
@@ -388,8 +391,20 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
                 'or "http://localhost:*"',
             )
     defaults = BridgeConfig(servers={})
+    insecure = top.boolean("insecure", defaults.insecure)
+    hosts = top.strings("allowed_hosts", ("*",) if insecure else LOOPBACK_HOSTS)
+    for i, host in enumerate(hosts):
+        if host != "*" and not re.match(
+            r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*|[A-Za-z0-9.-]+)$", host
+        ):
+            raise top.error(
+                f"allowed_hosts[{i}]",
+                f"{host!r} is not a host name",
+                'write a host name or address without scheme or port, such as "mcp.example.com", or "*" for any',
+            )
     settings = {
-        "insecure": top.boolean("insecure", defaults.insecure),
+        "insecure": insecure,
+        "allowed_hosts": tuple(h.strip("[]").lower() for h in hosts),
         "heartbeat_interval": top.number("heartbeat_interval", defaults.heartbeat_interval),
         "stream_buffer": top.size("stream_buffer", defaults.stream_buffer),
         "replay_events": top.integer("replay_events", defaults.replay_events, minimum=0),

@@ -59,6 +59,9 @@ class Downstream(Protocol):
     def deliver(self, message: Message, related: RequestId | None) -> None:
         """Send a message to the client; C{related} is the request it belongs to."""
 
+    def cancelled(self, request_id: RequestId) -> None:
+        """The client cancelled this request: it will get no response."""
+
 
 class CapacityError(Exception):
     """No child can be started for a new session (the server's limit is reached)."""
@@ -337,10 +340,8 @@ class Upstream(Service):
                 self._cancel_on_child(p, params.get("reason") or "cancelled by the client")
             else:
                 self._queue = deque((q, m) for q, m in self._queue if q is not p)
-            session.deliver(
-                jsonrpc.error(p.client_id, jsonrpc.REQUEST_CANCELLED, "Request cancelled"),
-                p.client_id,
-            )
+            assert p.client_id is not None
+            session.cancelled(p.client_id)
             return
         self._send_or_queue(None, message)
 

@@ -40,6 +40,34 @@ class OriginPolicy:
             return False
 
 
+class HostPolicy:
+    """Host names the bridge answers to; C{*} allows any.
+
+    A web page that rebinds its own name to 127.0.0.1 sends its own name in
+    C{Host}, so checking it stops DNS rebinding even where a browser sends
+    no C{Origin} (same-origin GETs).
+    """
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self._allowed = {h.lower() for h in allowed}
+        self._any = "*" in self._allowed
+
+    def allows(self, host: str | None) -> bool:
+        if self._any or host is None:
+            return True
+        return host_name(host) in self._allowed
+
+
+def host_name(header: str) -> str:
+    """The host of a C{Host} header, without port or IPv6 brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    if header.count(":") == 1:
+        return header.split(":", 1)[0]
+    return header
+
+
 def _normalise(origin: str) -> str:
     origin = origin.strip().lower().rstrip("/")
     for scheme, port in (("http://", ":80"), ("https://", ":443")):

@@ -32,6 +32,9 @@ class Sink(Protocol):
 
     def deliver(self, message: Message, related: RequestId | None) -> None: ...
 
+    def cancelled(self, request_id: RequestId) -> None:
+        """The client cancelled this request: end its wait without a response."""
+
     def close(self) -> None: ...
 
     @property
@@ -67,6 +70,10 @@ class ClientSession:
     def deliver(self, message: Message, related: RequestId | None) -> None:
         if not self.closed:
             self.sink.deliver(message, related)
+
+    def cancelled(self, request_id: RequestId) -> None:
+        if not self.closed:
+            self.sink.cancelled(request_id)
 
     def receive(self, message: Message, kind: Kind, now: float) -> None:
         """A message from the client, for the child."""

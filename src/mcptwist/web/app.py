@@ -17,7 +17,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from .. import __version__, jsonrpc
 from ..config import BridgeConfig
 from ..routing import Backend
-from ..security import OriginPolicy
+from ..security import HostPolicy, OriginPolicy
 from ..session import SessionRegistry
 from . import legacy_sse, streamable
 from .http import HTTPProblem, header, json_body
@@ -36,6 +36,13 @@ def guarded(handler: Handler) -> Handler:
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"cache-control", b"no-store")
         try:
+            host = header(request, b"host")
+            if not self.hosts.allows(host):
+                raise HTTPProblem(
+                    421,
+                    jsonrpc.SERVER_UNAVAILABLE,
+                    f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
+                )
             origin = header(request, b"origin")
             if not self.origins.allows(origin):
                 raise HTTPProblem(
@@ -72,6 +79,7 @@ class BridgeApp:
         self.registry = registry
         self.clock = clock
         self.origins = OriginPolicy(config.allowed_origins)
+        self.hosts = HostPolicy(config.allowed_hosts)
         self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
 
     def resource(self) -> IResource:

@@ -38,6 +38,9 @@ class LegacySink:
         if self.connection is not None:
             self.connection.send(encode_event(jsonrpc.dumps(message), event=b"message"))
 
+    def cancelled(self, request_id: RequestId) -> None:
+        """A cancelled request gets no response."""
+
     def close(self) -> None:
         if self.connection is not None:
             self.connection.finish()

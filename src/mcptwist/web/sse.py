@@ -26,13 +26,19 @@ from zope.interface import implementer
 log = Logger(namespace="mcptwist.sse")
 
 HEARTBEAT: Final = b": keep-alive\n\n"
+# How soon (ms) a client should reconnect a stream it lost.
+RETRY_MS: Final = 1000
 
 
-def encode_event(data: bytes, event: bytes | None = None, id: bytes | None = None) -> bytes:
+def encode_event(
+    data: bytes, event: bytes | None = None, id: bytes | None = None, retry: int | None = None
+) -> bytes:
     """One SSE event. Each line of C{data} becomes its own C{data:} field."""
     parts: list[bytes] = []
     if id is not None:
         parts += [b"id: ", id, b"\n"]
+    if retry is not None:
+        parts += [b"retry: ", str(retry).encode(), b"\n"]
     if event is not None:
         parts += [b"event: ", event, b"\n"]
     if b"\n" in data or b"\r" in data:
@@ -228,7 +234,9 @@ class EventChannel:
     def prime(self) -> None:
         """An event with an id and no data, so the client can resume at once."""
         if self.connection is not None:
-            self.connection.send(encode_event(b"", id=f"{self.number}-{self.seq}".encode()))
+            self.connection.send(
+                encode_event(b"", id=f"{self.number}-{self.seq}".encode(), retry=RETRY_MS)
+            )
 
     def attach(self, connection: EventConnection, after: int | None = None) -> None:
         """Send events after C{after} (or those never sent) then follow live."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -56,6 +57,19 @@ class Reply:
             self.channel.emit(jsonrpc.dumps(message))
         else:
             self.responses.append(message)
+        return self._maybe_done()
+
+    def abandon(self, request_id: RequestId) -> bool:
+        """The client cancelled a request: it gets no response (a JSON reply
+        still needs a body, so there it is a -32800 error the client ignores)."""
+        if self.channel is None:
+            return self.respond(
+                jsonrpc.error(request_id, jsonrpc.REQUEST_CANCELLED, "Request cancelled")
+            )
+        self.waiting.discard(request_id)
+        return self._maybe_done()
+
+    def _maybe_done(self) -> bool:
         if self.waiting:
             return False
         if self.channel is not None:
@@ -109,12 +123,22 @@ class StreamableSink:
                 self.standalone.emit(jsonrpc.dumps(message))
         else:
             self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
-            channel = reply.channel
-            if channel is not None and not channel.delivered:
-                if reply.respond(message):
-                    self._retire(channel)
-            elif reply.respond(message) and channel is not None:
-                del self._channels[channel.number]
+            self._settle(reply, lambda: reply.respond(message))
+
+    def cancelled(self, request_id: RequestId) -> None:
+        reply = self._replies.pop(request_id, None)
+        if reply is not None:
+            self._settle(reply, lambda: reply.abandon(request_id))
+
+    def _settle(self, reply: Reply, step: Callable[[], bool]) -> None:
+        """Apply a response (or cancellation) to a reply; drop or keep its channel when done."""
+        channel = reply.channel
+        lost = channel is not None and not channel.delivered
+        if step() and channel is not None:
+            if lost:
+                self._retire(channel)
+            else:
+                self._channels.pop(channel.number, None)
 
     def _retire(self, channel: EventChannel) -> None:
         """Keep a channel that lost its connection a while, for a client that resumes it."""
@@ -206,7 +230,9 @@ async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
                 messages[0].get("id"),
                 {b"retry-after": b"5"},
             ) from None
-        request.setHeader(SESSION_HEADER, session.id.encode())
+        if not json_ok:
+            # An SSE-only client: the header must go out before the answer is known.
+            request.setHeader(SESSION_HEADER, session.id.encode())
     else:
         session = _session(app, request, name)
         if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
@@ -229,7 +255,9 @@ async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
             jsonrpc.INVALID_REQUEST,
             "Invalid Request: a request id is already in use in this session",
         )
-    use_sse = sse_ok and not (json_ok and backend.server.json_response)
+    # initialize is answered as JSON when the client takes it, so that the
+    # session id is sent only with a successful result.
+    use_sse = sse_ok and not (json_ok and (backend.server.json_response or initialize))
     reply = sink.open_reply(ids, batch, use_sse)
     connection = None
     if reply.channel is not None:
@@ -245,6 +273,8 @@ async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
             return None
         body = await reply.result
         request.setHeader(b"content-type", b"application/json")
+        if initialize and session.protocol_version is not None:
+            request.setHeader(SESSION_HEADER, session.id.encode())
         return body
     except CancelledError:
         # The client went away. Under these revisions that is not a cancel:

@@ -1,0 +1,78 @@
+"""Origin and Host policies, and which addresses count as local."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.trial.unittest import SynchronousTestCase
+
+from mcptwist.config import DEFAULT_ORIGINS, LOOPBACK_HOSTS
+from mcptwist.security import HostPolicy, OriginPolicy, host_name, is_local_address
+
+
+class OriginTests(SynchronousTestCase):
+    def test_default_allows_loopback_origins_only(self) -> None:
+        policy = OriginPolicy(DEFAULT_ORIGINS)
+        for origin in (
+            None,
+            "http://localhost:6274",
+            "http://127.0.0.1",
+            "https://[::1]:8443",
+            "HTTP://LOCALHOST:3000",
+        ):
+            self.assertTrue(policy.allows(origin), origin)
+        for origin in (
+            "http://evil.example.com",
+            "http://localhost.evil.com",
+            "null",
+            "http://127.0.0.2:80",
+            "file://",
+        ):
+            self.assertFalse(policy.allows(origin), origin)
+
+    def test_exact_origins_and_default_ports(self) -> None:
+        policy = OriginPolicy(["https://app.example.com", "http://dev.local:8080"])
+        self.assertTrue(policy.allows("https://app.example.com"))
+        self.assertTrue(policy.allows("https://app.example.com:443"))
+        self.assertTrue(policy.allows("https://app.example.com/"))
+        self.assertFalse(policy.allows("http://app.example.com"))
+        self.assertTrue(policy.allows("http://dev.local:8080"))
+        self.assertFalse(policy.allows("http://dev.local:8081"))
+
+
+class HostTests(SynchronousTestCase):
+    def test_loopback_names_with_any_port(self) -> None:
+        policy = HostPolicy(LOOPBACK_HOSTS)
+        for host in (None, "localhost", "localhost:8080", "127.0.0.1:1", "[::1]:8080", "LOCALHOST"):
+            self.assertTrue(policy.allows(host), host)
+        for host in ("evil.example.com", "evil.example.com:8080", "127.0.0.1.nip.io", "[::2]"):
+            self.assertFalse(policy.allows(host), host)
+
+    def test_star_allows_any(self) -> None:
+        self.assertTrue(HostPolicy(["*"]).allows("anything.example:1"))
+
+    @given(
+        st.from_regex(r"\A[a-z0-9-]{1,20}(\.[a-z0-9-]{1,10}){0,3}\Z"),
+        st.integers(min_value=1, max_value=65535),
+    )
+    def test_port_never_changes_the_name(self, name: str, port: int) -> None:
+        self.assertEqual(host_name(f"{name}:{port}"), name)
+        self.assertEqual(host_name(name), name)
+
+
+class LocalAddressTests(SynchronousTestCase):
+    @given(st.ip_addresses(v=4))
+    def test_ipv4_and_mapped(self, ip: ipaddress.IPv4Address) -> None:
+        expected = ip.is_loopback
+        self.assertEqual(is_local_address(IPv4Address("TCP", str(ip), 1)), expected)
+        self.assertEqual(is_local_address(IPv6Address("TCP", f"::ffff:{ip}", 1)), expected)
+
+    def test_others(self) -> None:
+        self.assertTrue(is_local_address(UNIXAddress("/tmp/s")))
+        self.assertTrue(is_local_address(IPv6Address("TCP", "::1", 1)))
+        self.assertFalse(is_local_address(IPv6Address("TCP", "::", 1)))
+        self.assertFalse(is_local_address(IPv4Address("TCP", "0.0.0.0", 1)))
+        self.assertFalse(is_local_address(object()))
