@@ -11,7 +11,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist import jsonrpc
-from mcptwist.config import ServerConfig
+from mcptwist.config import RestartPolicy, ServerConfig
 from mcptwist.jsonrpc import Message, RequestId
 from mcptwist.routing import SessionBackend, SharedBackend, Upstream
 from mcptwist.supervisor import ChildState
@@ -442,6 +442,34 @@ class ChildFailureTests(SynchronousTestCase):
         self.assertEqual(child.requests("logging/setLevel")[0]["params"], {"level": "warning"})
         self.assertIn(3, a.responses())
         self.assertEqual(upstream.status()["restarts"], 1)
+
+    def test_initialize_answered_when_the_server_cannot_even_spawn(self) -> None:
+        reactor = FakeProcessReactor()
+        reactor.spawn_error = OSError(24, "Too many open files")
+        policy = RestartPolicy(initial_delay=0.1, max_delay=0.1, crash_limit=3, crash_window=60)
+        upstream = make(reactor, restart=policy)
+        a = FakeSession("a")
+        upstream.attach(a)
+        send(upstream, a, jsonrpc.request(1, "initialize", {"protocolVersion": "2025-11-25"}))
+        send(upstream, a, call(2, "queued"))
+        reactor.pump([0.1] * 10)
+        self.assertEqual(upstream.state, ChildState.FAILED)
+        self.assertIn("Too many open files", a.responses()[1]["error"]["message"])
+        self.assertEqual(a.responses()[2]["error"]["code"], jsonrpc.SERVER_UNAVAILABLE)
+
+    def test_waiting_initialize_has_a_deadline(self) -> None:
+        reactor = FakeProcessReactor()
+        reactor.on_message = lambda child, m: None  # type: ignore[method-assign]
+        upstream = make(reactor, request_timeout=30.0, startup_timeout=3600.0)
+        a = FakeSession("a")
+        upstream.attach(a)
+        send(upstream, a, jsonrpc.request(1, "initialize", {"protocolVersion": "2025-11-25"}))
+        reactor.advance(29)
+        self.assertEqual(a.got, [])
+        reactor.advance(1)
+        error = a.responses()[1]["error"]
+        self.assertEqual(error["code"], jsonrpc.REQUEST_TIMEOUT)
+        self.assertIn("did not become ready within 30s", error["message"])
 
     def test_oversize_response_fails_the_waiting_request(self) -> None:
         reactor = FakeProcessReactor(hold=True)

@@ -50,6 +50,33 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(len(reactor.children), 3, "a failed server is not restarted")
         self.assertIn("exited with code 2", upstream.status()["last_exit"])
 
+    def test_breaker_retries_after_the_cooldown(self) -> None:
+        reactor = FakeProcessReactor()
+        policy = RestartPolicy(
+            initial_delay=0.1, max_delay=1, crash_limit=2, crash_window=60, cooldown=300
+        )
+        upstream = make(reactor, restart=policy)
+        for _ in range(2):
+            reactor.child.exit(1)
+            reactor.advance(1)
+        self.assertEqual(upstream.state, ChildState.FAILED)
+        self.assertEqual(upstream.status()["next_attempt_in"], 299)
+        reactor.advance(299)
+        self.assertEqual(upstream.state, ChildState.RUNNING)
+        self.assertEqual(len(reactor.children), 3)
+
+    def test_endless_slow_crashes_never_overflow_the_backoff(self) -> None:
+        """A child that crashes forever, too slowly to trip the breaker, keeps being restarted."""
+        reactor = FakeProcessReactor()
+        policy = RestartPolicy(initial_delay=1, max_delay=30, crash_limit=5, crash_window=10)
+        upstream = make(reactor, restart=policy)
+        for _ in range(1100):
+            reactor.advance(5)
+            reactor.child.exit(1)
+            reactor.advance(30)
+        self.assertEqual(upstream.state, ChildState.RUNNING)
+        self.assertEqual(len(reactor.children), 1101)
+
     def test_crashes_far_apart_do_not_trip_the_breaker(self) -> None:
         reactor = FakeProcessReactor()
         policy = RestartPolicy(initial_delay=1, max_delay=1, crash_limit=2, crash_window=10)

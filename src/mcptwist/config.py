@@ -72,6 +72,7 @@ class RestartPolicy:
     max_delay: float = 30.0
     crash_limit: int = 5
     crash_window: float = 60.0
+    cooldown: float = 300.0
 
 
 @attrs.frozen
@@ -500,6 +501,7 @@ def _parse_server(
         max_delay=rr.number("max_delay", rd.max_delay),
         crash_limit=rr.integer("crash_limit", rd.crash_limit),
         crash_window=rr.number("crash_window", rd.crash_window),
+        cooldown=rr.number("cooldown", rd.cooldown),
     )
     rr.finish()
     server = ServerConfig(

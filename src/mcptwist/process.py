@@ -61,6 +61,9 @@ INHERITED_ENV: Final = (
 )
 DEFAULT_CHILD_ENV: Final = {"PYTHONUNBUFFERED": "1"}
 MAX_STDERR_LINE: Final = 8192
+# Seconds after a child's exit that its pipes may stay open (output still in
+# flight) before the bridge closes them.
+PIPE_DRAIN: Final = 1.0
 
 # Run the configured command in a new session (so in its own process group,
 # pgid == pid) without forking: the pid Twisted knows stays the server's.
@@ -191,6 +194,11 @@ class Child:
         """
         if self.ended.called or self.transport is None:
             return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.ended.addBoth(lambda r: d.callback(None))
+        if self.exit_reason is not None:
+            # Already exited; its pipes are being drained.
+            return d
         try:
             self.transport.closeStdin()
         except Exception:
@@ -201,8 +209,6 @@ class Child:
             clock.callLater(term, self.signal_group, signal.SIGTERM),
             clock.callLater(term + self.server.kill_after, self.signal_group, signal.SIGKILL),
         ]
-        d: Deferred[None] = Deferred()
-        self.ended.addBoth(lambda r: d.callback(None))
         return d
 
     def kill(self) -> None:
@@ -211,6 +217,10 @@ class Child:
 
     def signal_group(self, sig: int) -> None:
         if self.pid is None:
+            return
+        if self.exit_reason is not None and os.path.exists(f"/proc/{self.pid}"):
+            # Our process was reaped, so a process with its pid is a newcomer
+            # leading a group of its own: the number is no longer ours.
             return
         try:
             self.killpg(self.pid, sig)
@@ -264,18 +274,29 @@ class Child:
         self.exit_reason = reason
         self.signal_group(signal.SIGTERM)
         clock: IReactorTime = self.reactor
-        self._timers.append(
-            clock.callLater(self.server.kill_after, self.signal_group, signal.SIGKILL)
-        )
+        self._timers += [
+            clock.callLater(self.server.kill_after, self.signal_group, signal.SIGKILL),
+            # A grandchild that left the group (setsid) can hold the pipes open
+            # forever; after a short drain, close our ends so the exit is seen.
+            clock.callLater(PIPE_DRAIN, self._close_pipes),
+        ]
+
+    def _close_pipes(self) -> None:
+        if self.transport is not None and not self.ended.called:
+            log.warn(
+                "{server}: child (pid {pid}) exited but something still holds its output open; "
+                "closing the pipes",
+                server=self.server.name,
+                pid=self.pid,
+            )
+            self.transport.loseConnection()
 
     def _ended(self, reason: Failure) -> None:
         if self.exit_reason is None:
             self.exit_reason = reason
         self._stdout.flush()
         self._stderr.flush()
-        for timer in self._timers:
-            if timer.active():
-                timer.cancel()
+        self._cancel_timers()
         self.signal_group(signal.SIGKILL)
         log.info(
             "{server}: child (pid {pid}) {how}",
@@ -283,8 +304,19 @@ class Child:
             pid=self.pid,
             how=describe_exit(self.exit_reason),
         )
-        self.listener.child_exited(self, self.exit_reason)
-        self.ended.callback(None)
+        try:
+            self.listener.child_exited(self, self.exit_reason)
+        except Exception:
+            log.failure("{server}: while handling the child's exit", server=self.server.name)
+        finally:
+            self._cancel_timers()
+            self.ended.callback(None)
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
 
 
 def stderr_buffer(server: ServerConfig) -> deque[str]:

@@ -114,7 +114,8 @@ class Upstream(Service):
         self._by_client: dict[tuple[Downstream, RequestId], _Pending] = {}
         self._outbound: dict[int, _Outbound] = {}
         self._queue: deque[tuple[_Pending | None, Message]] = deque()
-        self._waiting_init: list[tuple[Downstream, Message]] = []
+        # initialize requests waiting for the child's handshake, with their deadlines.
+        self._waiting_init: list[tuple[Downstream, Message, IDelayedCall]] = []
         self._subscriptions: dict[str, set[Downstream]] = {}
         self._child_level: str | None = None
 
@@ -158,7 +159,10 @@ class Upstream(Service):
                     out.child,
                     jsonrpc.error(out.child_id, jsonrpc.INTERNAL_ERROR, "client session closed"),
                 )
-        self._waiting_init = [(s, m) for s, m in self._waiting_init if s is not session]
+        for waiting_session, _, timer in self._waiting_init:
+            if waiting_session is session:
+                timer.cancel()
+        self._waiting_init = [w for w in self._waiting_init if w[0] is not session]
         for uri, subscribers in list(self._subscriptions.items()):
             if session in subscribers:
                 subscribers.discard(session)
@@ -188,7 +192,18 @@ class Upstream(Service):
         elif self.state in (ChildState.FAILED, ChildState.STOPPED):
             session.deliver(self._unavailable(message["id"]), message["id"])
         else:
-            self._waiting_init.append((session, message))
+            timer = self.clock.callLater(
+                self.server.request_timeout, self._init_timed_out, session, message
+            )
+            self._waiting_init.append((session, message, timer))
+
+    def _init_timed_out(self, session: Downstream, message: Message) -> None:
+        self._waiting_init = [w for w in self._waiting_init if w[1] is not message]
+        text = (
+            f"MCP server '{self.label}' did not become ready within "
+            f"{self.server.request_timeout:g}s ({self.state.value})"
+        )
+        session.deliver(jsonrpc.error(message["id"], jsonrpc.REQUEST_TIMEOUT, text), message["id"])
 
     def _answer_initialize(self, session: Downstream, message: Message) -> None:
         assert self.init_result is not None
@@ -409,7 +424,8 @@ class Upstream(Service):
         for p, message in queued:
             self._send_or_queue(p, message)
         waiting, self._waiting_init = self._waiting_init, []
-        for session, message in waiting:
+        for session, message, timer in waiting:
+            timer.cancel()
             self._answer_initialize(session, message)
 
     def child_message(self, child: Child, message: Message) -> None:
@@ -547,23 +563,23 @@ class Upstream(Service):
                 return
 
     def child_lost(self, child: Child, why: str) -> None:
-        if child is not self._child:
-            return
-        self._ready = False
+        """A child is gone (or could not be spawned): answer what waited on it."""
         stderr = list(self.supervisor.stderr)[-STDERR_IN_ERRORS:]
         text = f"MCP server '{self.label}' {why}"
         if stderr:
             text += f"; last stderr: {stderr[-1]}"
-        for p in [p for p in self._pending.values() if p.sent_to is child]:
-            self._fail(
-                p,
-                jsonrpc.SERVER_UNAVAILABLE,
-                text,
-                {"server": self.server.name, "exit": why, "stderr": stderr},
-            )
-        for out_id, out in list(self._outbound.items()):
-            if out.child is child:
-                del self._outbound[out_id]
+        if child is self._child:
+            self._ready = False
+            for p in [p for p in self._pending.values() if p.sent_to is child]:
+                self._fail(
+                    p,
+                    jsonrpc.SERVER_UNAVAILABLE,
+                    text,
+                    {"server": self.server.name, "exit": why, "stderr": stderr},
+                )
+            for out_id, out in list(self._outbound.items()):
+                if out.child is child:
+                    del self._outbound[out_id]
         if self.state in (ChildState.FAILED, ChildState.STOPPED):
             self._fail_all(text)
 
@@ -672,7 +688,8 @@ class Upstream(Service):
                 self._fail(queued, jsonrpc.SERVER_UNAVAILABLE, text)
         self._queue.clear()
         waiting, self._waiting_init = self._waiting_init, []
-        for session, message in waiting:
+        for session, message, timer in waiting:
+            timer.cancel()
             session.deliver(
                 jsonrpc.error(message["id"], jsonrpc.SERVER_UNAVAILABLE, text),
                 message["id"],

@@ -216,19 +216,24 @@ class Supervisor(Service):
         if len(self._crashes) >= policy.crash_limit:
             self._set_state(ChildState.FAILED)
             log.error(
-                "{server}: child {how}; {count} crashes within {window:g}s, giving up "
-                "(restart it through the admin API or fix the command)",
+                "{server}: child {how}; {count} crashes within {window:g}s, giving up for "
+                "{cooldown:g}s (see its stderr in GET /servers/{name})",
                 server=self.label,
                 how=how,
                 count=len(self._crashes),
                 window=window,
+                cooldown=policy.cooldown,
+                name=self.server.name,
             )
+            self._restart_call = self.clock.callLater(policy.cooldown, self._retry)
             self.owner.child_lost(
                 child,
                 f"{how} and has failed ({len(self._crashes)} crashes within {window:g}s)",
             )
             return
-        delay = min(policy.initial_delay * 2 ** (self._consecutive - 1), policy.max_delay)
+        # The exponent is capped: a child that crashes forever, slowly enough
+        # never to trip the breaker, must not overflow the float.
+        delay = min(policy.initial_delay * 2 ** min(self._consecutive - 1, 32), policy.max_delay)
         self.restarts += 1
         self._set_state(ChildState.RESTARTING)
         log.warn(
@@ -237,8 +242,23 @@ class Supervisor(Service):
             how=how,
             delay=delay,
         )
-        self.owner.child_lost(child, how)
+        # Scheduled before the owner hears of it: the owner may stop us at once.
         self._restart_call = self.clock.callLater(delay, self._spawn)
+        self.owner.child_lost(child, how)
+
+    def _retry(self) -> None:
+        """The breaker's cool-down has passed: try the server again."""
+        log.info("{server}: cool-down over, trying again", server=self.label)
+        self._crashes.clear()
+        self._consecutive = 0
+        self._spawn()
+
+    def next_attempt(self) -> float | None:
+        """Seconds until the next spawn, when one is scheduled."""
+        call = self._restart_call
+        if call is None or not call.active():
+            return None
+        return max(0.0, call.getTime() - self.clock.seconds())
 
     def status(self) -> dict[str, Any]:
         return {
@@ -246,6 +266,7 @@ class Supervisor(Service):
             "pid": self.pid,
             "uptime": self.uptime(),
             "restarts": self.restarts,
+            "next_attempt_in": self.next_attempt(),
             "last_exit": self.last_exit,
             "stderr": list(self.stderr),
         }
