@@ -244,6 +244,7 @@ class PropertyTests(SynchronousTestCase):
             "term_after",
             "kill_after",
             "stderr_lines",
+            "stderr_in_errors",
             "max_children",
             "session_idle_timeout",
             "startup_timeout",

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist import jsonrpc
 from mcptwist.jsonrpc import Kind, ProtocolError
+from mcptwist.protocol import LATEST_LEGACY, LEGACY_VERSIONS, negotiate
 
 ids = st.one_of(st.text(max_size=10), st.integers(min_value=-(2**53), max_value=2**53))
 json_values = st.recursive(
@@ -68,3 +69,19 @@ class ClassifyTests(SynchronousTestCase):
             jsonrpc.loads(data)
         except ProtocolError as e:
             self.assertEqual(e.code, jsonrpc.PARSE_ERROR)
+
+
+class NegotiateTests(SynchronousTestCase):
+    @given(
+        st.sampled_from([*LEGACY_VERSIONS, "1999-01-01", "2026-07-28", None]),
+        st.sampled_from([*LEGACY_VERSIONS, None]),
+    )
+    def test_never_above_what_the_child_speaks(self, requested: Any, child: Any) -> None:
+        version = negotiate(requested, child) if child else negotiate(requested)
+        top = child or LATEST_LEGACY
+        self.assertIn(version, LEGACY_VERSIONS)
+        self.assertLessEqual(version, top)
+        if requested in LEGACY_VERSIONS and requested <= top:
+            self.assertEqual(version, requested)
+        else:
+            self.assertEqual(version, top)

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist import jsonrpc
 from mcptwist.config import RestartPolicy, ServerConfig
 from mcptwist.jsonrpc import Message, RequestId
-from mcptwist.routing import SessionBackend, SharedBackend, Upstream
+from mcptwist.routing import SessionBackend, SharedBackend, Upstream, oversize_response_id
 from mcptwist.supervisor import ChildState
 
 from .fakes import FakeProcessReactor
@@ -100,6 +100,16 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(ra["result"]["instructions"], "a fake server")
         self.assertEqual(a.protocol_version, "2025-06-18")
         self.assertEqual(upstream.state, ChildState.RUNNING)
+
+    def test_client_never_promised_more_than_the_child_speaks(self) -> None:
+        reactor = FakeProcessReactor()
+        reactor.on_spawn = lambda child: child.init_result.update(protocolVersion="2025-03-26")
+        upstream = make(reactor)
+        a = FakeSession("a")
+        upstream.attach(a)
+        self.assertEqual(
+            initialize(upstream, a, "2025-11-25")["result"]["protocolVersion"], "2025-03-26"
+        )
 
     def test_bridge_declares_routable_client_capabilities(self) -> None:
         reactor = FakeProcessReactor()
@@ -333,6 +343,46 @@ class ServerToClientTests(SynchronousTestCase):
         answer = next(m for m in self.reactor.child.received if m.get("id") == 901)
         self.assertIn("session", answer["error"]["message"])
 
+    def test_request_of_an_abandoned_call_not_sent_to_another_client(self) -> None:
+        """a's call timed out at the bridge, but the child goes on and asks for sampling:
+        b, the only client still waiting, must not be asked on a's behalf."""
+        upstream = make(self.reactor, request_timeout=10.0)
+        a, b = FakeSession("a"), FakeSession("b")
+        for s in (a, b):
+            upstream.attach(s)
+            initialize(upstream, s, caps={"sampling": {}})
+        send(upstream, a, call(1, "a's secret document"))
+        self.reactor.advance(10)
+        send(upstream, b, call(1, "b"))
+        self.reactor.children[-1].send(jsonrpc.request(905, "sampling/createMessage", {}))
+        self.assertEqual([m for m, _ in b.got if m.get("method")], [])
+        answer = next(m for m in self.reactor.children[-1].received if m.get("id") == 905)
+        self.assertIn("cannot tell which", answer["error"]["message"])
+
+    def test_abandoned_call_of_the_same_client_still_routes_to_it(self) -> None:
+        upstream = make(self.reactor, request_timeout=10.0)
+        a = FakeSession("a")
+        upstream.attach(a)
+        initialize(upstream, a, caps={"sampling": {}})
+        send(upstream, a, jsonrpc.notification("notifications/cancelled", {"requestId": 1}))
+        send(upstream, a, call(1, "x"))
+        send(upstream, a, jsonrpc.notification("notifications/cancelled", {"requestId": 1}))
+        send(upstream, a, call(2, "y"))
+        self.reactor.children[-1].send(jsonrpc.request(906, "sampling/createMessage", {}))
+        [(_, related)] = [(m, r) for m, r in a.got if m.get("method") == "sampling/createMessage"]
+        self.assertEqual(related, 2)
+
+    def test_roots_only_asked_of_a_sole_client(self) -> None:
+        self.reactor.child.send(jsonrpc.request(907, "roots/list"))
+        answer = next(m for m in self.reactor.child.received if m.get("id") == 907)
+        self.assertIn("roots belong to each client", answer["error"]["message"])
+        self.upstream.detach(self.b)
+        self.a.capabilities["roots"] = {}
+        self.reactor.child.send(jsonrpc.request(908, "roots/list"))
+        self.assertEqual(
+            [m["method"] for m, _ in self.a.got if m.get("method") == "roots/list"], ["roots/list"]
+        )
+
     def test_client_without_capability_gets_nothing(self) -> None:
         send(self.upstream, self.a, call(1, "a"))
         self.reactor.child.send(jsonrpc.request(902, "elicitation/create", {"message": "?"}))
@@ -385,6 +435,47 @@ class NotificationTests(SynchronousTestCase):
         self.assertEqual(self.reactor.child.requests("resources/unsubscribe"), [])
         send(self.upstream, self.a, jsonrpc.request(4, "resources/unsubscribe", {"uri": "r://1"}))
         self.assertEqual(len(self.reactor.child.requests("resources/unsubscribe")), 1)
+
+    def test_unsubscribe_by_a_non_subscriber_keeps_the_child_subscribed(self) -> None:
+        send(self.upstream, self.a, jsonrpc.request(1, "resources/subscribe", {"uri": "r://1"}))
+        send(self.upstream, self.b, jsonrpc.request(1, "resources/unsubscribe", {"uri": "r://1"}))
+        self.assertEqual(self.reactor.child.requests("resources/unsubscribe"), [])
+        self.assertEqual(self.b.responses()[1]["result"], {})
+        self.reactor.child.send(
+            jsonrpc.notification("notifications/resources/updated", {"uri": "r://1"})
+        )
+        self.assertEqual(len(self.a.notifications("notifications/resources/updated")), 1)
+
+    def test_subscribers_share_the_childs_answer(self) -> None:
+        """A second subscriber waits for the child's answer, and shares a refusal."""
+        reactor = FakeProcessReactor(hold=True)
+        upstream = make(reactor)
+        a, b = FakeSession("a"), FakeSession("b")
+        for s in (a, b):
+            upstream.attach(s)
+            initialize(upstream, s)
+        send(upstream, a, jsonrpc.request(1, "resources/subscribe", {"uri": "r://x"}))
+        send(upstream, b, jsonrpc.request(9, "resources/subscribe", {"uri": "r://x"}))
+        self.assertEqual(b.got[1:], [])
+        [request] = reactor.child.held
+        reactor.child.send(jsonrpc.error(request["id"], jsonrpc.INVALID_PARAMS, "no such resource"))
+        self.assertEqual(a.responses()[1]["error"]["message"], "no such resource")
+        self.assertEqual(b.responses()[9]["error"]["message"], "no such resource")
+        reactor.child.send(
+            jsonrpc.notification("notifications/resources/updated", {"uri": "r://x"})
+        )
+        self.assertEqual(
+            a.notifications("notifications/resources/updated")
+            + b.notifications("notifications/resources/updated"),
+            [],
+        )
+
+    def test_child_quieter_when_the_verbose_client_leaves(self) -> None:
+        send(self.upstream, self.a, jsonrpc.request(1, "logging/setLevel", {"level": "error"}))
+        send(self.upstream, self.b, jsonrpc.request(1, "logging/setLevel", {"level": "debug"}))
+        self.upstream.detach(self.b)
+        levels = [m["params"]["level"] for m in self.reactor.child.requests("logging/setLevel")]
+        self.assertEqual(levels, ["error", "debug", "error"])
 
     def test_log_messages_by_each_client_level(self) -> None:
         send(self.upstream, self.a, jsonrpc.request(1, "logging/setLevel", {"level": "error"}))
@@ -487,6 +578,32 @@ class ChildFailureTests(SynchronousTestCase):
         reactor.child.answer(reactor.child.held[1])
         self.assertIn("result", a.responses()[2])
 
+    def test_oversize_request_from_the_child_fails_no_client(self) -> None:
+        reactor = FakeProcessReactor(hold=True)
+        upstream = make(reactor, max_message_size=4096)
+        a = FakeSession("a", capabilities={"sampling": {}})
+        upstream.attach(a)
+        initialize(upstream, a, caps={"sampling": {}})
+        send(upstream, a, call(7, "x"))
+        child_id = reactor.child.held[0]["id"]
+        reactor.child.send(
+            jsonrpc.request(child_id, "sampling/createMessage", {"blob": "x" * 5000})
+        )
+        self.assertNotIn(7, a.responses())
+
+    def test_stderr_kept_out_of_client_errors_when_asked(self) -> None:
+        reactor = FakeProcessReactor(hold=True)
+        upstream = make(reactor, stderr_in_errors=False)
+        a = FakeSession("a")
+        upstream.attach(a)
+        initialize(upstream, a)
+        send(upstream, a, call(1, "x"))
+        reactor.child.send_raw(b"token=ghp_secret\n", fd=2)
+        reactor.child.exit(1)
+        error = a.responses()[1]["error"]
+        self.assertNotIn("ghp_secret", jsonrpc.dumps(error).decode())
+        self.assertEqual(upstream.status()["stderr"], ["token=ghp_secret"])
+
     def test_garbage_on_stdout_is_skipped(self) -> None:
         reactor = FakeProcessReactor(hold=True)
         upstream = make(reactor)
@@ -542,3 +659,21 @@ class BackendTests(SynchronousTestCase):
         backend.open(FakeSession("b"))
         self.assertEqual(len(reactor.children), 1)
         self.assertEqual(backend.status()["sessions"], 2)
+
+
+class OversizeIdTests(SynchronousTestCase):
+    @given(st.integers(min_value=0, max_value=2**40), st.sampled_from(["result", "error"]))
+    def test_response_shapes_of_both_sdks(self, child_id: int, key: str) -> None:
+        body = '{"a": "' + "x" * 100 + '"}'
+        python = f'{{"jsonrpc":"2.0","id":{child_id},"{key}":{body}}}'.encode()
+        typescript = f'{{"{key}":{body},"jsonrpc":"2.0","id":{child_id}}}'.encode()
+        for line in (python, typescript):
+            self.assertEqual(oversize_response_id(line[:60], line[-60:]), child_id)
+
+    @given(st.integers(min_value=0, max_value=2**40))
+    def test_requests_are_not_responses(self, child_id: int) -> None:
+        for line in (
+            f'{{"jsonrpc":"2.0","id":{child_id},"method":"sampling/createMessage","params":{{}}}}'.encode(),
+            f'{{"method":"x","params":{{"result":1}},"jsonrpc":"2.0","id":{child_id}}}'.encode(),
+        ):
+            self.assertIsNone(oversize_response_id(line[:60], line[-60:]))

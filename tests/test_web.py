@@ -242,6 +242,61 @@ class StreamableTests(SynchronousTestCase):
             self.assertEqual(response.code, status, kwargs)
             self.assertEqual(bridge.json(response)["error"]["code"], code, kwargs)
 
+    def test_array_params_refused_and_the_id_stays_usable(self) -> None:
+        bridge = Bridge(self)
+        sid = bridge.open_session()
+        h = {**BOTH, "mcp-session-id": sid}
+        bad = bridge.request(
+            "POST",
+            "/servers/s/mcp",
+            raw=b'{"jsonrpc":"2.0","id":5,"method":"logging/setLevel","params":["debug"]}',
+            headers=h,
+        )
+        self.assertEqual(bad.code, 400)
+        body = bridge.json(bad)
+        self.assertEqual((body["id"], body["error"]["code"]), (5, jsonrpc.INVALID_PARAMS))
+        good = bridge.request(
+            "POST", "/servers/s/mcp", jsonrpc.request(5, "ping"), {**JSON, "mcp-session-id": sid}
+        )
+        self.assertEqual(bridge.json(good)["result"], {})
+
+    def test_session_with_a_request_in_flight_is_not_reaped(self) -> None:
+        bridge = Bridge(
+            self, ServerConfig(name="s", command="fake", session_idle_timeout=60), hold=True
+        )
+        sid = bridge.open_session()
+        d = bridge.client.request(
+            "POST",
+            "http://127.0.0.1/servers/s/mcp",
+            data=jsonrpc.dumps(jsonrpc.request(2, "tools/call", {"name": "slow"})),
+            headers={**JSON, "mcp-session-id": sid},
+        )
+        bridge.client.flush()
+        bridge.reactor.advance(100)
+        bridge.registry.reap()
+        child = bridge.reactor.child
+        child.answer(child.held[0])
+        bridge.client.flush()
+        response = self.successResultOf(d)
+        self.assertIn("result", bridge.json(response))
+        bridge.reactor.advance(100)
+        bridge.registry.reap()
+        self.assertEqual(bridge.registry.sessions, {}, "idle once answered: reaped")
+
+    def test_priming_id_never_ahead_of_replayed_events(self) -> None:
+        bridge = Bridge(self)
+        init = jsonrpc.request(
+            1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}}
+        )
+        sid = bridge.open_session(init=init)
+        for _ in range(3):
+            bridge.reactor.child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        stream = bridge.request(
+            "GET", "/servers/s/mcp", headers={"accept": "text/event-stream", "mcp-session-id": sid}
+        )
+        ids = [e["id"] for e in decode(b"".join(bridge.stream(stream)))]
+        self.assertEqual(ids, ["0-1", "0-2", "0-3", "0-3"])
+
     def test_batch_allowed_for_2025_03_26(self) -> None:
         bridge = Bridge(self)
         init = jsonrpc.request(

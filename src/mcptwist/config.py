@@ -92,6 +92,7 @@ class ServerConfig:
     term_after: float = 2.0
     kill_after: float = 2.0
     stderr_lines: int = 100
+    stderr_in_errors: bool = True
     max_children: int = 16
     session_idle_timeout: float = 1800.0
     startup_timeout: float = 60.0
@@ -518,6 +519,7 @@ def _parse_server(
         term_after=r.number("term_after", defaults.term_after),
         kill_after=r.number("kill_after", defaults.kill_after),
         stderr_lines=r.integer("stderr_lines", defaults.stderr_lines, minimum=0),
+        stderr_in_errors=r.boolean("stderr_in_errors", defaults.stderr_in_errors),
         max_children=r.integer("max_children", defaults.max_children),
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),

@@ -81,8 +81,9 @@ def classify(message: Any) -> Kind:
                 INVALID_REQUEST, 'Invalid Request: "method" must be a non-empty string'
             )
         params = message.get("params")
-        if params is not None and not isinstance(params, dict | list):
-            raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "params" must be an object')
+        if params is not None and not isinstance(params, dict):
+            # JSON-RPC also allows an array; MCP's params are always objects.
+            raise ProtocolError(INVALID_PARAMS, 'Invalid params: MCP "params" must be an object')
         return Kind.REQUEST if has_id else Kind.NOTIFICATION
     if has_id and (("result" in message) != ("error" in message)):
         if "error" in message and not isinstance(message["error"], dict):

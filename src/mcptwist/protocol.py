@@ -34,8 +34,14 @@ CLIENT_CAPABILITY_FOR: Final = {
 BRIDGE_NAME: Final = "mcptwist"
 
 
-def negotiate(requested: object) -> str:
-    """The version to answer an C{initialize} with, per the lifecycle rules."""
-    if isinstance(requested, str) and requested in LEGACY_VERSIONS:
+def negotiate(requested: object, ceiling: object = LATEST_LEGACY) -> str:
+    """The version to answer an C{initialize} with, per the lifecycle rules.
+
+    The client gets the version it asked for when the bridge serves it and
+    the child speaks at least that (C{ceiling}, the version the child
+    answered); otherwise the newest version both the bridge and child speak.
+    """
+    top = ceiling if isinstance(ceiling, str) and ceiling in LEGACY_VERSIONS else LATEST_LEGACY
+    if isinstance(requested, str) and requested in LEGACY_VERSIONS and requested <= top:
         return requested
-    return LATEST_LEGACY
+    return top

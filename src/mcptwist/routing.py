@@ -43,8 +43,23 @@ BRIDGE_CAPABILITIES: Final = {
     "elicitation": {},
     "roots": {"listChanged": True},
 }
-_ID_HEAD: Final = re.compile(rb'^\s*\{\s*(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?"id"\s*:\s*(-?\d+)\s*,')
+# Telling which request an oversize response answered, from its first and last
+# bytes: SDKs write either {"jsonrpc","id","result"|"error"} or, like the
+# TypeScript SDK, {"result"|"error", ..., "jsonrpc","id"}.
+_JSONRPC: Final = rb'(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?'
+_RESPONSE_HEAD: Final = re.compile(
+    rb"^\s*\{\s*" + _JSONRPC + rb'"id"\s*:\s*(-?\d+)\s*,\s*' + _JSONRPC + rb'"(?:result|error)"\s*:'
+)
+_RESULT_FIRST: Final = re.compile(rb'^\s*\{\s*"(?:result|error)"\s*:')
 _ID_TAIL: Final = re.compile(rb',\s*"id"\s*:\s*(-?\d+)\s*\}\s*$')
+
+
+def oversize_response_id(head: bytes, tail: bytes) -> int | None:
+    """The integer id of the response an oversize line was, or None if it is not one."""
+    match = _RESPONSE_HEAD.search(head)
+    if match is None and _RESULT_FIRST.search(head):
+        match = _ID_TAIL.search(tail)
+    return int(match.group(1)) if match is not None else None
 
 
 class Downstream(Protocol):
@@ -117,6 +132,11 @@ class Upstream(Service):
         # initialize requests waiting for the child's handshake, with their deadlines.
         self._waiting_init: list[tuple[Downstream, Message, IDelayedCall]] = []
         self._subscriptions: dict[str, set[Downstream]] = {}
+        # Subscriptions the child is being asked for, with the sessions that wait on its answer.
+        self._subscribing: dict[str, list[tuple[Downstream, RequestId]]] = {}
+        # Requests the bridge gave up on (timeout, cancellation, session gone) that the
+        # child may still be working on: a server-to-client request may belong to them.
+        self._abandoned: dict[int, tuple[Downstream | None, Child, IDelayedCall]] = {}
         self._child_level: str | None = None
 
     @property
@@ -169,6 +189,16 @@ class Upstream(Service):
                 if not subscribers:
                     del self._subscriptions[uri]
                     self._internal("resources/unsubscribe", {"uri": uri})
+        for waiters in self._subscribing.values():
+            waiters[:] = [w for w in waiters if w[0] is not session]
+        for child_id, (owner, child, timer) in list(self._abandoned.items()):
+            if owner is session:
+                self._abandoned[child_id] = (None, child, timer)
+        # The most verbose client may have left: the child can be quieter.
+        wanted = self._wanted_level()
+        if wanted is not None and wanted != self._child_level and self._child_supports("logging"):
+            self._child_level = wanted
+            self._internal("logging/setLevel", {"level": wanted})
 
     # Messages from a client
 
@@ -208,7 +238,9 @@ class Upstream(Service):
     def _answer_initialize(self, session: Downstream, message: Message) -> None:
         assert self.init_result is not None
         params = message.get("params") or {}
-        version = protocol.negotiate(params.get("protocolVersion"))
+        version = protocol.negotiate(
+            params.get("protocolVersion"), self.init_result.get("protocolVersion")
+        )
         session.protocol_version = version
         caps = params.get("capabilities")
         session.capabilities = caps if isinstance(caps, dict) else {}
@@ -252,40 +284,47 @@ class Upstream(Service):
         return min(levels, key=protocol.LOG_RANK.__getitem__) if levels else None
 
     def _subscribe(self, session: Downstream, message: Message) -> None:
+        """The child is subscribed once per resource; later subscribers share it."""
         uri = (message.get("params") or {}).get("uri")
         if not isinstance(uri, str):
             self._forward(session, message)
             return
-        subscribers = self._subscriptions.setdefault(uri, set())
-        first = not subscribers
-        subscribers.add(session)
-        if not first:
+        waiting = self._subscribing.get(uri)
+        if waiting is not None:
+            # The child is being asked already: answer with its answer.
+            waiting.append((session, message["id"]))
+            return
+        subscribers = self._subscriptions.get(uri)
+        if subscribers:
+            subscribers.add(session)
             session.deliver(jsonrpc.result(message["id"], {}), message["id"])
             return
+        self._subscribing[uri] = []
 
-        def refused(response: Message) -> None:
-            if "error" in response:
-                self._drop_subscription(uri, session)
+        def settled(response: Message) -> None:
+            waiting = self._subscribing.pop(uri, [])
+            if "error" not in response:
+                self._subscriptions.setdefault(uri, set()).update(
+                    [session, *(s for s, _ in waiting)]
+                )
+            for other, request_id in waiting:
+                answer = dict(response, id=request_id)
+                other.deliver(answer, request_id)
 
-        self._forward(session, message, on_response=refused)
+        if not self._forward(session, message, on_response=settled):
+            self._subscribing.pop(uri, None)
 
     def _unsubscribe(self, session: Downstream, message: Message) -> None:
         uri = (message.get("params") or {}).get("uri")
         subscribers = self._subscriptions.get(uri) if isinstance(uri, str) else None
-        if subscribers is not None and session in subscribers and len(subscribers) > 1:
-            subscribers.discard(session)
-            session.deliver(jsonrpc.result(message["id"], {}), message["id"])
-            return
-        if isinstance(uri, str):
-            self._drop_subscription(uri, session)
-        self._forward(session, message)
-
-    def _drop_subscription(self, uri: str, session: Downstream) -> None:
-        subscribers = self._subscriptions.get(uri)
         if subscribers is not None:
-            subscribers.discard(session)
-            if not subscribers:
-                del self._subscriptions[uri]
+            if session not in subscribers or len(subscribers) > 1:
+                # Others still want updates: the child stays subscribed.
+                subscribers.discard(session)
+                session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+                return
+            del self._subscriptions[uri]  # type: ignore[arg-type]
+        self._forward(session, message)
 
     _client_requests: Final[dict[str, Callable[[Upstream, Downstream, Message], None]]] = {
         "initialize": _initialize,
@@ -299,7 +338,8 @@ class Upstream(Service):
         session: Downstream,
         message: Message,
         on_response: Callable[[Message], None] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Send a client's request to the child; False if it was answered at once instead."""
         client_id = message["id"]
         key = (session, client_id)
         if key in self._by_client:
@@ -311,10 +351,10 @@ class Upstream(Service):
                 ),
                 client_id,
             )
-            return
+            return False
         if self.state in (ChildState.FAILED, ChildState.STOPPED):
             session.deliver(self._unavailable(client_id), client_id)
-            return
+            return False
         child_id = next(self._ids)
         p = _Pending(
             child_id=child_id,
@@ -335,6 +375,7 @@ class Upstream(Service):
         self._by_client[key] = p
         p.timer = self.clock.callLater(self.server.request_timeout, self._timed_out, p)
         self._send_or_queue(p, message)
+        return True
 
     def _client_notification(self, session: Downstream, message: Message) -> None:
         method = message["method"]
@@ -432,6 +473,9 @@ class Upstream(Service):
         if "method" not in message:
             p = self._pending.get(message["id"]) if isinstance(message["id"], int) else None
             if p is None or p.sent_to is not child:
+                late = self._abandoned.pop(message["id"], None)
+                if late is not None and late[2].active():
+                    late[2].cancel()
                 log.debug("{server}: dropped a late or unknown response", server=self.label)
                 return
             self._respond(p, message)
@@ -517,21 +561,40 @@ class Upstream(Service):
     def _target_of(self, method: str) -> tuple[Downstream | None, RequestId | None, str]:
         """Which client a server-to-client request is for, and during which request.
 
-        The request belongs to the client whose request is in flight. When
-        several clients have requests in flight it cannot be told apart, so it
-        is refused rather than risk asking the wrong person.
+        It belongs to the client whose request the child is working on: one
+        in flight, or one the bridge gave up on that the child may still be
+        running. When that could be more than one client, the request is
+        refused rather than risk asking the wrong person. Roots belong to
+        each client, so a shared child may only ask for them when it serves
+        a single client.
         """
-        busy: dict[Downstream, list[_Pending]] = {}
+        owners: dict[Downstream | None, list[_Pending]] = {}
         for p in self._pending.values():
             if p.session is not None and p.sent_to is not None:
-                busy.setdefault(p.session, []).append(p)
-        if len(busy) == 1:
-            [(session, requests)] = busy.items()
+                owners.setdefault(p.session, []).append(p)
+        for owner, _, _ in self._abandoned.values():
+            owners.setdefault(owner, [])
+        if method == "roots/list" and len(self.sessions) > 1:
+            return (
+                None,
+                None,
+                f"roots belong to each client and {len(self.sessions)} clients share this child; "
+                'use sharing = "session" for servers that ask for roots',
+            )
+        if len(owners) == 1:
+            [(owner, requests)] = owners.items()
+            if owner is None:
+                return (
+                    None,
+                    None,
+                    f"the request this {method} belongs to was abandoned by its client",
+                )
             calls = [p for p in requests if p.method == "tools/call"] or requests
-            return session, max(calls, key=lambda p: p.started).client_id, ""
-        if not busy and len(self.sessions) == 1:
+            related = max(calls, key=lambda p: p.started).client_id if calls else None
+            return owner, related, ""
+        if not owners and len(self.sessions) == 1:
             return next(iter(self.sessions)), None, ""
-        if not busy:
+        if not owners:
             return (
                 None,
                 None,
@@ -540,31 +603,27 @@ class Upstream(Service):
         return (
             None,
             None,
-            f"cannot tell which of {len(busy)} clients with requests in flight this {method} is for; "
+            f"cannot tell which of {len(owners)} clients with requests in flight this {method} is for; "
             'use sharing = "session" for servers that send requests to clients',
         )
 
     def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None:
-        for pattern, text in ((_ID_HEAD, head), (_ID_TAIL, tail)):
-            match = pattern.search(text)
-            if match is None:
-                continue
-            p = self._pending.get(int(match.group(1)))
-            if p is not None and p.sent_to is child:
-                self._respond(
-                    p,
-                    jsonrpc.error(
-                        p.child_id,
-                        jsonrpc.MESSAGE_TOO_LARGE,
-                        f"The response of MCP server '{self.label}' was {size} bytes, more than its "
-                        f"max_message_size of {self.server.max_message_size} bytes",
-                    ),
-                )
-                return
+        child_id = oversize_response_id(head, tail)
+        p = self._pending.get(child_id) if child_id is not None else None
+        if p is not None and p.sent_to is child:
+            self._respond(
+                p,
+                jsonrpc.error(
+                    p.child_id,
+                    jsonrpc.MESSAGE_TOO_LARGE,
+                    f"The response of MCP server '{self.label}' was {size} bytes, more than its "
+                    f"max_message_size of {self.server.max_message_size} bytes",
+                ),
+            )
 
     def child_lost(self, child: Child, why: str) -> None:
         """A child is gone (or could not be spawned): answer what waited on it."""
-        stderr = list(self.supervisor.stderr)[-STDERR_IN_ERRORS:]
+        stderr = self._stderr_for_clients()
         text = f"MCP server '{self.label}' {why}"
         if stderr:
             text += f"; last stderr: {stderr[-1]}"
@@ -580,6 +639,7 @@ class Upstream(Service):
             for out_id, out in list(self._outbound.items()):
                 if out.child is child:
                     del self._outbound[out_id]
+            self._forget_abandoned(lambda owner, c: c is not child)
         if self.state in (ChildState.FAILED, ChildState.STOPPED):
             self._fail_all(text)
 
@@ -657,14 +717,32 @@ class Upstream(Service):
         p.timer.reset(max(0.0, deadline - now))
 
     def _cancel_on_child(self, p: _Pending, reason: str) -> None:
-        if p.sent_to is not None:
-            self._send(
-                p.sent_to,
-                jsonrpc.notification(
-                    "notifications/cancelled",
-                    {"requestId": p.child_id, "reason": reason},
-                ),
-            )
+        """Tell the child to stop a request the bridge has given up on.
+
+        The child may go on regardless, so the request is remembered (until
+        its late answer or a request_timeout) for routing what it asks.
+        """
+        if p.sent_to is None:
+            return
+        self._send(
+            p.sent_to,
+            jsonrpc.notification(
+                "notifications/cancelled",
+                {"requestId": p.child_id, "reason": reason},
+            ),
+        )
+        owner = p.session if p.session in self.sessions else None
+        timer = self.clock.callLater(
+            self.server.request_timeout, self._abandoned.pop, p.child_id, None
+        )
+        self._abandoned[p.child_id] = (owner, p.sent_to, timer)
+
+    def _forget_abandoned(self, keep: Callable[[Downstream | None, Child], bool]) -> None:
+        for child_id, (owner, child, timer) in list(self._abandoned.items()):
+            if not keep(owner, child):
+                del self._abandoned[child_id]
+                if timer.active():
+                    timer.cancel()
 
     def _fail(self, p: _Pending, code: int, text: str, data: Any = None) -> None:
         self._respond(p, jsonrpc.error(p.child_id, code, text, data))
@@ -678,6 +756,7 @@ class Upstream(Service):
         p.timer = None
 
     def _fail_all(self, text: str) -> None:
+        self._forget_abandoned(lambda owner, child: False)
         for p in list(self._pending.values()):
             if p.session is not None:
                 self._fail(p, jsonrpc.SERVER_UNAVAILABLE, text)
@@ -695,13 +774,20 @@ class Upstream(Service):
                 message["id"],
             )
 
+    def _stderr_for_clients(self) -> list[str]:
+        """The child's last stderr lines, for errors sent to clients (if allowed)."""
+        if not self.server.stderr_in_errors:
+            return []
+        return list(self.supervisor.stderr)[-STDERR_IN_ERRORS:]
+
     def _unavailable_text(self) -> str:
         why = self.supervisor.last_exit
         text = f"MCP server '{self.label}' is {self.state.value}"
         if why:
             text += f" (its child {why})"
-        if self.supervisor.stderr:
-            text += f"; last stderr: {self.supervisor.stderr[-1]}"
+        stderr = self._stderr_for_clients()
+        if stderr:
+            text += f"; last stderr: {stderr[-1]}"
         return text
 
     def _unavailable(self, id: RequestId) -> Message:
@@ -712,7 +798,7 @@ class Upstream(Service):
             {
                 "server": self.server.name,
                 "state": self.state.value,
-                "stderr": list(self.supervisor.stderr)[-STDERR_IN_ERRORS:],
+                "stderr": self._stderr_for_clients(),
             },
         )
 

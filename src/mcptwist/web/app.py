@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,6 +59,17 @@ def guarded(handler: Handler) -> Handler:
             if request.startedWriting:
                 return None
             return problem.render(request)
+        except CancelledError:
+            raise
+        except Exception:
+            log.failure("while handling {method} {path}", method=request.method, path=request.path)
+            if request.startedWriting:
+                request.transport.abortConnection()
+                return None
+            internal = HTTPProblem(
+                500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
+            )
+            return internal.render(request)
 
     return wrapper
 

@@ -94,7 +94,8 @@ class StreamableSink:
 
     @property
     def connected(self) -> bool:
-        return any(c.connection is not None for c in self._channels.values())
+        """A stream is open, or a request is in flight (its POST may still be open)."""
+        return bool(self._replies) or any(c.connection is not None for c in self._channels.values())
 
     def busy(self, ids: list[RequestId]) -> bool:
         return any(i in self._replies for i in ids)
@@ -124,6 +125,13 @@ class StreamableSink:
         else:
             self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
             self._settle(reply, lambda: reply.respond(message))
+
+    def forget(self, ids: list[RequestId]) -> None:
+        """Drop the replies of a POST that failed, so its ids can be used again."""
+        for request_id in ids:
+            reply = self._replies.pop(request_id, None)
+            if reply is not None and reply.channel is not None:
+                self._channels.pop(reply.channel.number, None)
 
     def cancelled(self, request_id: RequestId) -> None:
         reply = self._replies.pop(request_id, None)
@@ -265,8 +273,12 @@ async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
         reply.channel.attach(connection)
         if session.protocol_version in protocol.PRIMING_VERSIONS:
             reply.channel.prime()
-    for message, kind in zip(messages, kinds, strict=True):
-        session.receive(message, kind, now)
+    try:
+        for message, kind in zip(messages, kinds, strict=True):
+            session.receive(message, kind, now)
+    except Exception:
+        sink.forget(ids)
+        raise
     try:
         if connection is not None:
             await connection.done
@@ -308,10 +320,10 @@ async def get(app: BridgeApp, request: Any, name: str) -> None:
             "Conflict: this session's stream is already open",
         )
     connection = app.stream(request, f"{name} GET")
-    if resume is None and session.protocol_version in protocol.PRIMING_VERSIONS:
-        channel.connection = connection
-        channel.prime()
     channel.attach(connection, resume[1] if resume is not None else None)
+    if resume is None and session.protocol_version in protocol.PRIMING_VERSIONS:
+        # After what was owed is replayed, so the priming id is never ahead of it.
+        channel.prime()
     if not connection.request.startedWriting:
         connection.send(b": stream open\n\n")
     try:
