@@ -75,6 +75,18 @@ def make(reactor: FakeProcessReactor, **kwargs: Any) -> Upstream:
     return upstream
 
 
+def one_client(
+    hold: bool = True, **kwargs: Any
+) -> tuple[FakeProcessReactor, Upstream, FakeSession]:
+    """A started upstream over a fake child, with one initialized session."""
+    reactor = FakeProcessReactor(hold=hold)
+    upstream = make(reactor, **kwargs)
+    a = FakeSession("a")
+    upstream.attach(a)
+    initialize(upstream, a)
+    return reactor, upstream, a
+
+
 def call(id: RequestId, text: str, token: Any = None) -> Message:
     params: dict[str, Any] = {"name": "echo", "arguments": {"text": text}}
     if token is not None:
@@ -200,11 +212,7 @@ class MultiplexTests(SynchronousTestCase):
                 )
 
     def test_duplicate_id_in_flight_refused(self) -> None:
-        reactor = FakeProcessReactor(hold=True)
-        upstream = make(reactor)
-        a = FakeSession("a")
-        upstream.attach(a)
-        initialize(upstream, a)
+        reactor, upstream, a = one_client()
         send(upstream, a, call(7, "one"))
         send(upstream, a, call(7, "two"))
         self.assertEqual(a.responses()[7]["error"]["code"], jsonrpc.INVALID_REQUEST)
@@ -245,11 +253,7 @@ class MultiplexTests(SynchronousTestCase):
         self.assertEqual(a.responses()[1]["error"]["code"], jsonrpc.REQUEST_TIMEOUT)
 
     def test_timeout_answers_client_and_cancels_on_child(self) -> None:
-        reactor = FakeProcessReactor(hold=True)
-        upstream = make(reactor, request_timeout=30.0)
-        a = FakeSession("a")
-        upstream.attach(a)
-        initialize(upstream, a)
+        reactor, upstream, a = one_client(request_timeout=30.0)
         send(upstream, a, call(5, "slow"))
         reactor.advance(29)
         self.assertNotIn(5, a.responses())
@@ -264,11 +268,7 @@ class MultiplexTests(SynchronousTestCase):
         self.assertEqual(len([m for m, _ in a.got if m.get("id") == 5]), 1)
 
     def test_client_cancellation_forwarded_with_child_id(self) -> None:
-        reactor = FakeProcessReactor(hold=True)
-        upstream = make(reactor)
-        a = FakeSession("a")
-        upstream.attach(a)
-        initialize(upstream, a)
+        reactor, upstream, a = one_client()
         send(upstream, a, call("abc", "x"))
         send(
             upstream,
@@ -498,11 +498,7 @@ class NotificationTests(SynchronousTestCase):
 
 class ChildFailureTests(SynchronousTestCase):
     def test_in_flight_requests_fail_at_once_with_stderr(self) -> None:
-        reactor = FakeProcessReactor(hold=True)
-        upstream = make(reactor)
-        a = FakeSession("a")
-        upstream.attach(a)
-        initialize(upstream, a)
+        reactor, upstream, a = one_client()
         send(upstream, a, call(1, "x"))
         with capturedLogs() as events:
             reactor.child.send_raw(b"Traceback: boom\n", fd=2)
@@ -517,11 +513,7 @@ class ChildFailureTests(SynchronousTestCase):
         self.assertEqual(upstream.state, ChildState.RESTARTING)
 
     def test_restart_restores_subscriptions_and_serves_again(self) -> None:
-        reactor = FakeProcessReactor()
-        upstream = make(reactor)
-        a = FakeSession("a")
-        upstream.attach(a)
-        initialize(upstream, a)
+        reactor, upstream, a = one_client(hold=False)
         send(upstream, a, jsonrpc.request(1, "resources/subscribe", {"uri": "r://1"}))
         send(upstream, a, jsonrpc.request(2, "logging/setLevel", {"level": "warning"}))
         reactor.child.exit(1)
@@ -563,11 +555,7 @@ class ChildFailureTests(SynchronousTestCase):
         self.assertIn("did not become ready within 30s", error["message"])
 
     def test_oversize_response_fails_the_waiting_request(self) -> None:
-        reactor = FakeProcessReactor(hold=True)
-        upstream = make(reactor, max_message_size=4096)
-        a = FakeSession("a")
-        upstream.attach(a)
-        initialize(upstream, a)
+        reactor, upstream, a = one_client(max_message_size=4096)
         send(upstream, a, call(1, "big"))
         child_id = reactor.child.held[0]["id"]
         reactor.child.send({"result": {"blob": "x" * 10_000}, "jsonrpc": "2.0", "id": child_id})
@@ -592,11 +580,7 @@ class ChildFailureTests(SynchronousTestCase):
         self.assertNotIn(7, a.responses())
 
     def test_stderr_kept_out_of_client_errors_when_asked(self) -> None:
-        reactor = FakeProcessReactor(hold=True)
-        upstream = make(reactor, stderr_in_errors=False)
-        a = FakeSession("a")
-        upstream.attach(a)
-        initialize(upstream, a)
+        reactor, upstream, a = one_client(stderr_in_errors=False)
         send(upstream, a, call(1, "x"))
         reactor.child.send_raw(b"token=ghp_secret\n", fd=2)
         reactor.child.exit(1)
@@ -605,11 +589,7 @@ class ChildFailureTests(SynchronousTestCase):
         self.assertEqual(upstream.status()["stderr"], ["token=ghp_secret"])
 
     def test_garbage_on_stdout_is_skipped(self) -> None:
-        reactor = FakeProcessReactor(hold=True)
-        upstream = make(reactor)
-        a = FakeSession("a")
-        upstream.attach(a)
-        initialize(upstream, a)
+        reactor, upstream, a = one_client()
         send(upstream, a, call(1, "x"))
         reactor.child.send_raw(b"Server ready!\n{not json\n[1,2]\n")
         reactor.child.answer(reactor.child.held[0])

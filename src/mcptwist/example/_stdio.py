@@ -284,6 +284,11 @@ async def _resolve(value: Any) -> Any:
     return value
 
 
+def _entry(**fields: Any) -> JSONObject:
+    """A list entry: the given fields, leaving out those that are None."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 @dataclass
 class Tool:
     """A registered tool."""
@@ -299,18 +304,14 @@ class Tool:
 
     def to_json(self) -> JSONObject:
         """Return the ``tools/list`` entry."""
-        entry: JSONObject = {
-            "name": self.name,
-            "description": self.description,
-            "inputSchema": self.input_schema,
-        }
-        if self.title is not None:
-            entry["title"] = self.title
-        if self.output_schema is not None:
-            entry["outputSchema"] = self.output_schema
-        if self.annotations is not None:
-            entry["annotations"] = self.annotations
-        return entry
+        return _entry(
+            name=self.name,
+            description=self.description,
+            inputSchema=self.input_schema,
+            title=self.title,
+            outputSchema=self.output_schema,
+            annotations=self.annotations,
+        )
 
 
 @dataclass
@@ -326,16 +327,13 @@ class Resource:
 
     def to_json(self) -> JSONObject:
         """Return the ``resources/list`` entry."""
-        entry: JSONObject = {
-            "uri": self.uri,
-            "name": self.name,
-            "description": self.description,
-        }
-        if self.title is not None:
-            entry["title"] = self.title
-        if self.mime_type is not None:
-            entry["mimeType"] = self.mime_type
-        return entry
+        return _entry(
+            uri=self.uri,
+            name=self.name,
+            description=self.description,
+            title=self.title,
+            mimeType=self.mime_type,
+        )
 
 
 @dataclass
@@ -368,16 +366,13 @@ class ResourceTemplate:
 
     def to_json(self) -> JSONObject:
         """Return the ``resources/templates/list`` entry."""
-        entry: JSONObject = {
-            "uriTemplate": self.uri_template,
-            "name": self.name,
-            "description": self.description,
-        }
-        if self.title is not None:
-            entry["title"] = self.title
-        if self.mime_type is not None:
-            entry["mimeType"] = self.mime_type
-        return entry
+        return _entry(
+            uriTemplate=self.uri_template,
+            name=self.name,
+            description=self.description,
+            title=self.title,
+            mimeType=self.mime_type,
+        )
 
 
 @dataclass
@@ -390,10 +385,7 @@ class PromptArgument:
 
     def to_json(self) -> JSONObject:
         """Return the ``arguments`` entry."""
-        entry: JSONObject = {"name": self.name, "required": self.required}
-        if self.description is not None:
-            entry["description"] = self.description
-        return entry
+        return _entry(name=self.name, required=self.required, description=self.description)
 
 
 @dataclass
@@ -408,14 +400,12 @@ class Prompt:
 
     def to_json(self) -> JSONObject:
         """Return the ``prompts/list`` entry."""
-        entry: JSONObject = {
-            "name": self.name,
-            "description": self.description,
-            "arguments": [a.to_json() for a in self.arguments],
-        }
-        if self.title is not None:
-            entry["title"] = self.title
-        return entry
+        return _entry(
+            name=self.name,
+            description=self.description,
+            arguments=[a.to_json() for a in self.arguments],
+            title=self.title,
+        )
 
 
 # --------------------------------------------------------------------------
