@@ -203,6 +203,9 @@ class Child:
             self.transport.closeStdin()
         except Exception:
             log.failure("closing stdin of {server}", server=self.server.name)
+        if self.exit_reason is not None:
+            # It left as soon as its stdin closed: nothing to escalate.
+            return d
         clock: IReactorTime = self.reactor
         term = self.server.term_after
         self._timers += [
