@@ -111,3 +111,22 @@ class InstalledPluginTests(SynchronousTestCase):
         result = self.run_twistd("-n", "--pidfile=", "mcpbridge", "--listen", "tcp:0")
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("refusing to listen on 0.0.0.0", result.stderr + result.stdout)
+
+
+class ReapIntervalTests(SynchronousTestCase):
+    def test_follows_the_shortest_idle_timeout(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from mcptwist.config import BridgeConfig, ServerConfig
+
+        def interval(*timeouts: float) -> float:
+            servers = {
+                f"s{i}": ServerConfig(name=f"s{i}", command="x", session_idle_timeout=t)
+                for i, t in enumerate(timeouts)
+            }
+            service = BridgeService(BridgeConfig(servers=servers), MemoryReactorClock(), {})
+            return service.registry._reap_interval
+
+        self.assertEqual(interval(1800), 30.0)
+        self.assertEqual(interval(1800, 8), 2.0)
+        self.assertEqual(interval(2), 1.0)

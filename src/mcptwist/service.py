@@ -119,7 +119,11 @@ class BridgeService(MultiService):
         self.backends: dict[str, Backend] = {
             name: make_backend(server, reactor, environ) for name, server in config.servers.items()
         }
-        self.registry = SessionRegistry(reactor, config.max_sessions)
+        # Reap often enough that no session outlives its idle timeout by much.
+        shortest = min(s.session_idle_timeout for s in config.servers.values())
+        self.registry = SessionRegistry(
+            reactor, config.max_sessions, max(1.0, min(30.0, shortest / 4))
+        )
         self.web = BridgeApp(config, self.backends, self.registry, reactor)
         self.site = BridgeSite(self.web.resource(), reactor=reactor)
         self.site.requestFactory = bounded_request_factory(
