@@ -29,7 +29,11 @@ class FakeSession:
     got: list[tuple[Message, RequestId | None]] = attrs.field(factory=list)
     cancelled_ids: list[RequestId] = attrs.field(factory=list)
 
-    def deliver(self, message: Message, related: RequestId | None) -> None:
+    def deliver(
+        self, message: Message, related: RequestId | None, encoded: bytes | None = None
+    ) -> None:
+        if encoded is not None:
+            assert jsonrpc.loads(encoded) == message
         self.got.append((message, related))
 
     def cancelled(self, request_id: RequestId) -> None:

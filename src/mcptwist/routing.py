@@ -71,8 +71,13 @@ class Downstream(Protocol):
     client_info: dict[str, Any]
     log_level: str | None
 
-    def deliver(self, message: Message, related: RequestId | None) -> None:
-        """Send a message to the client; C{related} is the request it belongs to."""
+    def deliver(
+        self, message: Message, related: RequestId | None, encoded: bytes | None = None
+    ) -> None:
+        """Send a message to the client; C{related} is the request it belongs to.
+
+        C{encoded}, when given, is the message already serialised (broadcasts).
+        """
 
     def cancelled(self, request_id: RequestId) -> None:
         """The client cancelled this request: it will get no response."""
@@ -508,12 +513,16 @@ class Upstream(Service):
             p.session.deliver(message, p.client_id)
         elif method == "notifications/message":
             rank = protocol.LOG_RANK.get(params.get("level", ""), len(protocol.LOG_LEVELS))
-            for session in list(self.sessions):
-                if session.log_level is None or rank >= protocol.LOG_RANK[session.log_level]:
-                    session.deliver(message, None)
+            self._broadcast(
+                message,
+                [
+                    s
+                    for s in self.sessions
+                    if s.log_level is None or rank >= protocol.LOG_RANK[s.log_level]
+                ],
+            )
         elif method == "notifications/resources/updated":
-            for session in list(self._subscriptions.get(params.get("uri", ""), ())):
-                session.deliver(message, None)
+            self._broadcast(message, list(self._subscriptions.get(params.get("uri", ""), ())))
         elif method == "notifications/cancelled":
             request_id = params.get("requestId")
             for out_id, out in list(self._outbound.items()):
@@ -522,8 +531,13 @@ class Upstream(Service):
                     params["requestId"] = out_id
                     out.session.deliver(message, None)
         else:
-            for session in list(self.sessions):
-                session.deliver(message, None)
+            self._broadcast(message, list(self.sessions))
+
+    def _broadcast(self, message: Message, sessions: list[Downstream]) -> None:
+        """The same notification to several sessions, serialised once."""
+        encoded = jsonrpc.dumps(message) if len(sessions) > 1 else None
+        for session in sessions:
+            session.deliver(message, None, encoded)
 
     def _child_request(self, child: Child, message: Message) -> None:
         method = message["method"]

@@ -30,7 +30,9 @@ log = Logger(namespace="mcptwist.session")
 class Sink(Protocol):
     """Where a transport puts what the child sends to one session."""
 
-    def deliver(self, message: Message, related: RequestId | None) -> None: ...
+    def deliver(
+        self, message: Message, related: RequestId | None, encoded: bytes | None = None
+    ) -> None: ...
 
     def cancelled(self, request_id: RequestId) -> None:
         """The client cancelled this request: end its wait without a response."""
@@ -67,9 +69,11 @@ class ClientSession:
     def server(self) -> str:
         return self.backend.server.name
 
-    def deliver(self, message: Message, related: RequestId | None) -> None:
+    def deliver(
+        self, message: Message, related: RequestId | None, encoded: bytes | None = None
+    ) -> None:
         if not self.closed:
-            self.sink.deliver(message, related)
+            self.sink.deliver(message, related, encoded)
 
     def cancelled(self, request_id: RequestId) -> None:
         if not self.closed:

@@ -34,9 +34,12 @@ class LegacySink:
     def connected(self) -> bool:
         return self.connection is not None and self.connection.open
 
-    def deliver(self, message: Message, related: RequestId | None) -> None:
+    def deliver(
+        self, message: Message, related: RequestId | None, encoded: bytes | None = None
+    ) -> None:
         if self.connection is not None:
-            self.connection.send(encode_event(jsonrpc.dumps(message), event=b"message"))
+            data = encoded if encoded is not None else jsonrpc.dumps(message)
+            self.connection.send(encode_event(data, event=b"message"))
 
     def cancelled(self, request_id: RequestId) -> None:
         """A cancelled request gets no response."""

@@ -113,15 +113,14 @@ class StreamableSink:
     def channel(self, number: int) -> EventChannel | None:
         return self._channels.get(number)
 
-    def deliver(self, message: Message, related: RequestId | None) -> None:
+    def deliver(
+        self, message: Message, related: RequestId | None, encoded: bytes | None = None
+    ) -> None:
         reply = self._replies.get(related) if related is not None else None
-        if reply is None:
-            self.standalone.emit(jsonrpc.dumps(message))
-        elif "method" in message:
-            if reply.channel is not None:
-                reply.channel.emit(jsonrpc.dumps(message))
-            else:
-                self.standalone.emit(jsonrpc.dumps(message))
+        if reply is None or "method" in message:
+            data = encoded if encoded is not None else jsonrpc.dumps(message)
+            channel = reply.channel if reply is not None else None
+            (channel or self.standalone).emit(data)
         else:
             self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
             self._settle(reply, lambda: reply.respond(message))
