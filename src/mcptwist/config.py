@@ -544,15 +544,16 @@ def _parse_server(
 
 def check_endpoint(source: str, key: str, description: str) -> None:
     """Parse an endpoint string without listening, so typos fail at load time."""
+    from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
 
     kind = description.split(":", 1)[0]
     if kind == "systemd":
         # Resolved against the inherited sockets only at start.
         return
     try:
-        serverFromString(MemoryReactor(), description)
+        # Parsing only builds the endpoint object: nothing listens yet.
+        serverFromString(reactor, description)
     except Exception as e:
         raise ConfigError(
             source,
