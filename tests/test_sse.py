@@ -91,6 +91,8 @@ class EncodeTests(SynchronousTestCase):
     def test_event_ids(self) -> None:
         self.assertEqual(parse_event_id("3-17"), (3, 17))
         self.assertIsNone(parse_event_id("nope"))
+        self.assertIsNone(parse_event_id("\u00b2-1"))
+        self.assertIsNone(parse_event_id("1-" + "9" * 40))
         self.assertIsNone(parse_event_id(None))
 
 
@@ -176,6 +178,20 @@ class ChannelTests(SynchronousTestCase):
         request = DummyTransportRequest()
         channel.attach(EventConnection(request, Clock(), 10_000), after=0)
         self.assertEqual([e["data"] for e in decode(b"".join(request.written))], ["z" * 1000])
+
+    def test_small_backlog_until_first_attached(self) -> None:
+        channel = EventChannel(0, keep=100, max_bytes=100_000, until_attached=(3, 100_000))
+        for i in range(10):
+            channel.emit(str(i).encode())
+        request = DummyTransportRequest()
+        channel.attach(EventConnection(request, Clock(), 100_000))
+        self.assertEqual([e["data"] for e in decode(b"".join(request.written))], ["7", "8", "9"])
+        request.processingFailed(Failure(ConnectionDone()))
+        for i in range(10, 20):
+            channel.emit(str(i).encode())
+        again = DummyTransportRequest()
+        channel.attach(EventConnection(again, Clock(), 100_000), after=10)
+        self.assertEqual(len(decode(b"".join(again.written))), 10, "the full log once attached")
 
     def test_undelivered_events_go_to_the_first_connection(self) -> None:
         channel = EventChannel(0, keep=10, max_bytes=10_000)

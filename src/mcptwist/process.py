@@ -249,7 +249,16 @@ class Child:
                 excerpt=line[:200].decode("utf-8", "replace"),
             )
             return
-        self.listener.child_message(self, message)
+        try:
+            self.listener.child_message(self, message)
+        except Exception:
+            # A message the router cannot handle must not stop the reading of
+            # this child's output (Twisted would close the pipe).
+            log.failure(
+                "{server}: failed to route a message from the child: {excerpt}",
+                server=self.server.name,
+                excerpt=line[:200].decode("utf-8", "replace"),
+            )
 
     def _oversize(self, size: int, head: bytes, tail: bytes) -> None:
         log.warn(

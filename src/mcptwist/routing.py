@@ -50,15 +50,24 @@ _JSONRPC: Final = rb'(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?'
 _RESPONSE_HEAD: Final = re.compile(
     rb"^\s*\{\s*" + _JSONRPC + rb'"id"\s*:\s*(-?\d+)\s*,\s*' + _JSONRPC + rb'"(?:result|error)"\s*:'
 )
-_RESULT_FIRST: Final = re.compile(rb'^\s*\{\s*"(?:result|error)"\s*:')
+_RESULT_KEY: Final = re.compile(rb'"(?:result|error)"\s*:')
+_METHOD_KEY: Final = re.compile(rb'"method"\s*:')
 _ID_TAIL: Final = re.compile(rb',\s*"id"\s*:\s*(-?\d+)\s*\}\s*$')
 
 
 def oversize_response_id(head: bytes, tail: bytes) -> int | None:
-    """The integer id of the response an oversize line was, or None if it is not one."""
+    """The integer id of the response an oversize line was, or None if it is not one.
+
+    With the id first, the key after it says whether it is a response; with
+    the id last, the line is a response when a result or error key comes
+    before any method key (a request's params may hold a "result" key).
+    """
     match = _RESPONSE_HEAD.search(head)
-    if match is None and _RESULT_FIRST.search(head):
-        match = _ID_TAIL.search(tail)
+    if match is None:
+        result = _RESULT_KEY.search(head)
+        method = _METHOD_KEY.search(head)
+        if result is not None and (method is None or result.start() < method.start()):
+            match = _ID_TAIL.search(tail)
     return int(match.group(1)) if match is not None else None
 
 
@@ -265,7 +274,7 @@ class Upstream(Service):
     def _set_level(self, session: Downstream, message: Message) -> None:
         params = message.get("params") or {}
         level = params.get("level")
-        if level not in protocol.LOG_RANK:
+        if not isinstance(level, str) or level not in protocol.LOG_RANK:
             session.deliver(
                 jsonrpc.error(
                     message["id"],
@@ -512,7 +521,10 @@ class Upstream(Service):
             self._extend(p)
             p.session.deliver(message, p.client_id)
         elif method == "notifications/message":
-            rank = protocol.LOG_RANK.get(params.get("level", ""), len(protocol.LOG_LEVELS))
+            level = params.get("level")
+            # An unknown or malformed level is shown to every client.
+            top = len(protocol.LOG_LEVELS)
+            rank = protocol.LOG_RANK.get(level, top) if isinstance(level, str) else top
             self._broadcast(
                 message,
                 [
@@ -522,7 +534,9 @@ class Upstream(Service):
                 ],
             )
         elif method == "notifications/resources/updated":
-            self._broadcast(message, list(self._subscriptions.get(params.get("uri", ""), ())))
+            uri = params.get("uri")
+            subscribers = self._subscriptions.get(uri, ()) if isinstance(uri, str) else ()
+            self._broadcast(message, list(subscribers))
         elif method == "notifications/cancelled":
             request_id = params.get("requestId")
             for out_id, out in list(self._outbound.items()):

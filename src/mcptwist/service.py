@@ -125,7 +125,9 @@ class BridgeService(MultiService):
             reactor, config.max_sessions, max(1.0, min(30.0, shortest / 4))
         )
         self.web = BridgeApp(config, self.backends, self.registry, reactor)
-        self.site = BridgeSite(self.web.resource(), reactor=reactor)
+        # The bridge takes JSON bodies only: Twisted's form parsing would read
+        # them twice, and it raises on some malformed Content-Type values.
+        self.site = BridgeSite(self.web.resource(), reactor=reactor, parsePOSTFormSubmission=False)
         self.site.requestFactory = bounded_request_factory(
             max(s.max_message_size for s in config.servers.values())
         )

@@ -12,8 +12,8 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import IResource
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from twisted.web.resource import IResource, Resource
+from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from .. import __version__, jsonrpc
 from ..config import BridgeConfig
@@ -30,27 +30,11 @@ Handler = Callable[..., Any]
 
 
 def guarded(handler: Handler) -> Handler:
-    """Check the Origin, then turn an L{HTTPProblem} into its JSON-RPC answer."""
+    """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer."""
 
     @functools.wraps(handler)
     async def wrapper(self: BridgeApp, request: Any, *args: Any, **kwargs: Any) -> Any:
-        request.setHeader(b"x-content-type-options", b"nosniff")
-        request.setHeader(b"cache-control", b"no-store")
         try:
-            host = header(request, b"host")
-            if not self.hosts.allows(host):
-                raise HTTPProblem(
-                    421,
-                    jsonrpc.SERVER_UNAVAILABLE,
-                    f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
-                )
-            origin = header(request, b"origin")
-            if not self.origins.allows(origin):
-                raise HTTPProblem(
-                    403,
-                    jsonrpc.SERVER_UNAVAILABLE,
-                    f"Forbidden: origin {origin!r} is not allowed",
-                )
             result = handler(self, request, *args, **kwargs)
             if isinstance(result, Awaitable):
                 result = await result
@@ -74,6 +58,45 @@ def guarded(handler: Handler) -> Handler:
     return wrapper
 
 
+class Gate(Resource):
+    """In front of every route: the Host and Origin checks and common headers.
+
+    It runs before Klein binds its URL map to the request's Host (which fails
+    on a name that cannot be encoded), so every request is judged here first.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: BridgeApp, routes: IResource) -> None:
+        super().__init__()
+        self.app = app
+        self.routes = routes
+
+    def render(self, request: Any) -> Any:
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-store")
+        host = header(request, b"host")
+        origin = header(request, b"origin")
+        if not self.app.hosts.allows(host):
+            problem = HTTPProblem(
+                421,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
+            )
+        elif not self.app.origins.allows(origin):
+            problem = HTTPProblem(
+                403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
+            )
+        else:
+            try:
+                return self.routes.render(request)
+            except BadHost:
+                problem = HTTPProblem(
+                    400, jsonrpc.INVALID_REQUEST, f"Bad Request: invalid Host header {host!r}"
+                )
+        return problem.render(request)
+
+
 class BridgeApp:
     """Serves every configured server under C{/servers/NAME/}."""
 
@@ -95,8 +118,7 @@ class BridgeApp:
         self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
 
     def resource(self) -> IResource:
-        resource: IResource = self.app.resource()
-        return resource
+        return Gate(self, self.app.resource())
 
     def backend(self, name: str) -> Backend:
         backend = self.backends.get(name)

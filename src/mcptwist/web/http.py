@@ -127,6 +127,17 @@ def negotiate(request: Any) -> tuple[bool, bool]:
     return json_ok, sse_ok
 
 
+def refuse_head(request: Any) -> None:
+    """A stream cannot be opened by a HEAD request (it would open a session)."""
+    if request.method == b"HEAD":
+        raise HTTPProblem(
+            405,
+            jsonrpc.INVALID_REQUEST,
+            "Method Not Allowed: open the stream with GET",
+            headers={b"allow": b"GET"},
+        )
+
+
 def require_json(request: Any) -> None:
     kinds = media_types(header(request, b"content-type"))
     if "application/json" not in kinds:

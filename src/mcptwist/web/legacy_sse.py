@@ -17,7 +17,7 @@ from .. import jsonrpc, protocol
 from ..jsonrpc import Message, RequestId
 from ..routing import CapacityError
 from ..session import SessionLimitError
-from .http import HTTPProblem, negotiate, parse_messages, read_body, require_json
+from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class LegacySink:
 
 async def stream(app: BridgeApp, request: Any, name: str) -> None:
     backend = app.backend(name)
+    refuse_head(request)
     _, sse_ok = negotiate(request)
     if not sse_ok:
         raise HTTPProblem(

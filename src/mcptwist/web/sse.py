@@ -12,6 +12,7 @@ C{Last-Event-ID} gets what it missed.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final
@@ -203,14 +204,22 @@ class EventChannel:
     ids are unique within the session and name the stream they belong to.
     """
 
-    def __init__(self, number: int, keep: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        number: int,
+        keep: int,
+        max_bytes: int,
+        until_attached: tuple[int, int] | None = None,
+    ) -> None:
+        """C{until_attached}, if given, is a smaller (keep, max_bytes) to use
+        until a client first attaches: a backlog nobody may ever read stays small."""
         self.number = number
         self.seq = 0
         self.sent = 0
         self.complete = False
         self.connection: EventConnection | None = None
-        self._keep = keep
-        self._max_bytes = max_bytes
+        self._limits = (keep, max_bytes)
+        self._keep, self._max_bytes = until_attached or self._limits
         self._bytes = 0
         self._log: deque[tuple[int, bytes]] = deque()
 
@@ -242,6 +251,7 @@ class EventChannel:
         """Send events after C{after} (or those never sent) then follow live."""
         start = self.sent if after is None else after
         self.connection = connection
+        self._keep, self._max_bytes = self._limits
         for seq, frame in self._log:
             if seq > start:
                 connection.send(frame)
@@ -265,7 +275,10 @@ def parse_event_id(value: str | None) -> tuple[int, int] | None:
     """Split a C{Last-Event-ID} into (channel, seq), or None if it is not ours."""
     if not value:
         return None
-    channel, _, seq = value.strip().partition("-")
-    if not (channel.isdigit() and seq.isdigit()):
+    match = _EVENT_ID.fullmatch(value.strip())
+    if match is None:
         return None
-    return int(channel), int(seq)
+    return int(match.group(1)), int(match.group(2))
+
+
+_EVENT_ID: Final = re.compile(r"([0-9]{1,18})-([0-9]{1,18})")

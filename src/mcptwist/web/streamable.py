@@ -28,6 +28,7 @@ from .http import (
     negotiate,
     parse_messages,
     read_body,
+    refuse_head,
     require_json,
 )
 from .sse import EventChannel, parse_event_id
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from .app import BridgeApp
 
 RETAINED_CHANNELS: Final = 16
+# What a session's own stream keeps before its client first opens it: the few
+# notifications sent right after initialize, not a hoard for a client that never will.
+UNATTACHED_BACKLOG: Final = (16, 64 * 1024)
 SESSION_HEADER: Final = b"mcp-session-id"
 VERSION_HEADER: Final = b"mcp-protocol-version"
 
@@ -86,7 +90,7 @@ class StreamableSink:
     def __init__(self, keep: int, max_bytes: int) -> None:
         self.keep = keep
         self.max_bytes = max_bytes
-        self.standalone = EventChannel(0, keep, max_bytes)
+        self.standalone = EventChannel(0, keep, max_bytes, until_attached=UNATTACHED_BACKLOG)
         self._numbers = itertools.count(1)
         self._channels: dict[int, EventChannel] = {0: self.standalone}
         self._retired: deque[int] = deque()
@@ -298,6 +302,7 @@ async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
 
 async def get(app: BridgeApp, request: Any, name: str) -> None:
     app.backend(name)
+    refuse_head(request)
     _, sse_ok = negotiate(request)
     if not sse_ok:
         raise HTTPProblem(
