@@ -130,3 +130,27 @@ class ReapIntervalTests(SynchronousTestCase):
         self.assertEqual(interval(1800), 30.0)
         self.assertEqual(interval(1800, 8), 2.0)
         self.assertEqual(interval(2), 1.0)
+
+
+class AccessLogTests(SynchronousTestCase):
+    def test_off_by_default_and_on_when_asked(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import capturedLogs
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from mcptwist.config import BridgeConfig, ServerConfig
+
+        servers = {"s": ServerConfig(name="s", command="x")}
+        for enabled in (False, True):
+            service = BridgeService(
+                BridgeConfig(servers=servers, access_log=enabled), MemoryReactorClock(), {}
+            )
+            request = DummyRequest([b"servers"])
+            request.uri = b"/servers?x=1"
+            request.code, request.sentLength = 200, 42  # as a finished real request has
+            with capturedLogs() as events:
+                service.site.log(request)
+            lines = [e for e in events if e["log_namespace"] == "mcptwist.access"]
+            self.assertEqual(len(lines), int(enabled))
+            if enabled:
+                self.assertEqual((lines[0]["method"], lines[0]["path"]), ("GET", "/servers"))

@@ -113,6 +113,7 @@ class BridgeConfig:
     stream_buffer: int = 8 * MiB
     replay_events: int = 256
     max_sessions: int = 10_000
+    access_log: bool = False
     source: str = "<built-in>"
 
 
@@ -411,6 +412,7 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         "stream_buffer": top.size("stream_buffer", defaults.stream_buffer),
         "replay_events": top.integer("replay_events", defaults.replay_events, minimum=0),
         "max_sessions": top.integer("max_sessions", defaults.max_sessions),
+        "access_log": top.boolean("access_log", defaults.access_log),
     }
     servers_table = top.table_at("servers")
     top.finish()

@@ -96,9 +96,13 @@ access_log = Logger(namespace="mcptwist.access")
 
 
 class BridgeSite(Site):
-    """A Site whose access log goes through twisted.logger."""
+    """A Site whose access log, when on, goes through twisted.logger."""
+
+    access_log = False
 
     def log(self, request: Any) -> None:
+        if not self.access_log:
+            return
         access_log.info(
             "{client} {method} {path} {status} {size}",
             client=getattr(request.getClientAddress(), "host", "-"),
@@ -132,6 +136,7 @@ class BridgeService(MultiService):
             max(s.max_message_size for s in config.servers.values())
         )
         self.site.noisy = False
+        self.site.access_log = config.access_log
         self.listeners = [Listener(d, self.site, reactor, config.insecure) for d in config.listen]
 
     def privilegedStartService(self) -> None:
