@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from .. import __version__, jsonrpc
@@ -30,32 +32,43 @@ Handler = Callable[..., Any]
 
 
 def guarded(handler: Handler) -> Handler:
-    """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer."""
+    """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer.
+
+    A synchronous handler stays synchronous: most message POSTs are answered
+    at once, and a coroutine per request costs more than the work itself.
+    """
+
+    def problem_answer(request: Any, error: Exception) -> Any:
+        if isinstance(error, HTTPProblem):
+            return None if request.startedWriting else error.render(request)
+        log.failure("while handling {method} {path}", method=request.method, path=request.path)
+        if request.startedWriting:
+            request.transport.abortConnection()
+            return None
+        internal = HTTPProblem(500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)")
+        return internal.render(request)
+
+    if inspect.iscoroutinefunction(handler):
+
+        @functools.wraps(handler)
+        async def wrapper(self: BridgeApp, request: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await handler(self, request, *args, **kwargs)
+            except CancelledError:
+                raise
+            except Exception as error:
+                return problem_answer(request, error)
+
+        return wrapper
 
     @functools.wraps(handler)
-    async def wrapper(self: BridgeApp, request: Any, *args: Any, **kwargs: Any) -> Any:
+    def sync_wrapper(self: BridgeApp, request: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            result = handler(self, request, *args, **kwargs)
-            if isinstance(result, Awaitable):
-                result = await result
-            return result
-        except HTTPProblem as problem:
-            if request.startedWriting:
-                return None
-            return problem.render(request)
-        except CancelledError:
-            raise
-        except Exception:
-            log.failure("while handling {method} {path}", method=request.method, path=request.path)
-            if request.startedWriting:
-                request.transport.abortConnection()
-                return None
-            internal = HTTPProblem(
-                500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
-            )
-            return internal.render(request)
+            return handler(self, request, *args, **kwargs)
+        except Exception as error:
+            return problem_answer(request, error)
 
-    return wrapper
+    return sync_wrapper
 
 
 class Gate(Resource):
@@ -88,6 +101,9 @@ class Gate(Resource):
                 403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
             )
         else:
+            handler, name = self._message_route(request)
+            if handler is not None:
+                return self._run(request, handler, name)
             try:
                 return self.routes.render(request)
             except BadHost:
@@ -95,6 +111,68 @@ class Gate(Resource):
                     400, jsonrpc.INVALID_REQUEST, f"Bad Request: invalid Host header {host!r}"
                 )
         return problem.render(request)
+
+    def _message_route(self, request: Any) -> tuple[Handler | None, str]:
+        """The handler of a message endpoint (POST or DELETE on /servers/NAME/mcp,
+        POST on /servers/NAME/messages), found without the URL map: these carry
+        every message, and werkzeug's matching cost a fifth of the bridge's CPU."""
+        parts = request.path.split(b"/")
+        if len(parts) != 4 or parts[0] or parts[1] != b"servers" or not parts[2]:
+            return None, ""
+        handlers = _MESSAGE_ROUTES.get(parts[3])
+        if handlers is None:
+            return None, ""
+        handler = handlers.get(request.method)
+        if handler is None:
+            if request.method == b"GET" and parts[3] == b"mcp":
+                return None, ""  # the session's stream: a Klein route
+            allowed = b"GET, POST, DELETE" if parts[3] == b"mcp" else b"POST"
+            return _not_allowed(allowed), ""
+        try:
+            return handler, parts[2].decode("utf-8")
+        except UnicodeDecodeError:
+            return None, ""
+
+    def _run(self, request: Any, handler: Handler, name: str) -> Any:
+        """Run a handler as Klein would: an answer at once is returned to
+        twisted.web; a coroutine is cancelled if the client goes away, and what
+        it returns is written before the response is finished."""
+        if not inspect.iscoroutinefunction(handler):
+            return handler(self.app, request, name) or b""
+        # Watched before the handler starts: what it awaits may fire first.
+        gone: list[bool] = []
+        running: list[Deferred[Any]] = []
+
+        def disconnected(reason: Failure) -> None:
+            gone.append(True)
+            for d in running:
+                d.cancel()
+
+        request.notifyFinish().addErrback(disconnected)
+        d = Deferred.fromCoroutine(handler(self.app, request, name))
+        running.append(d)
+
+        def done(body: bytes | None) -> None:
+            if request.finished or gone:
+                return
+            if body:
+                request.write(body)
+            request.finish()
+
+        d.addCallback(done)
+        d.addErrback(lambda f: f.trap(CancelledError))
+        d.addErrback(lambda f: log.failure("while answering {path}", f, path=request.path))
+        return NOT_DONE_YET
+
+
+def _not_allowed(allowed: bytes) -> Handler:
+    def refuse(app: BridgeApp, request: Any, name: str) -> bytes:
+        problem = HTTPProblem(
+            405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers={b"allow": allowed}
+        )
+        return problem.render(request)
+
+    return refuse
 
 
 class BridgeApp:
@@ -138,20 +216,10 @@ class BridgeApp:
 
     # Streamable HTTP
 
-    @app.route("/servers/<name>/mcp", methods=["POST"])
-    @guarded
-    async def mcp_post(self, request: Any, name: str) -> Any:
-        return await streamable.post(self, request, name)
-
     @app.route("/servers/<name>/mcp", methods=["GET"])
     @guarded
     async def mcp_get(self, request: Any, name: str) -> Any:
         return await streamable.get(self, request, name)
-
-    @app.route("/servers/<name>/mcp", methods=["DELETE"])
-    @guarded
-    def mcp_delete(self, request: Any, name: str) -> Any:
-        return streamable.delete(self, request, name)
 
     # HTTP+SSE
 
@@ -159,11 +227,6 @@ class BridgeApp:
     @guarded
     async def sse_get(self, request: Any, name: str) -> Any:
         return await legacy_sse.stream(self, request, name)
-
-    @app.route("/servers/<name>/messages", methods=["POST"])
-    @guarded
-    def sse_post(self, request: Any, name: str) -> Any:
-        return legacy_sse.post(self, request, name)
 
     # Status
 
@@ -231,3 +294,10 @@ class BridgeApp:
         return HTTPProblem(
             405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers=headers
         ).render(request)
+
+
+# The message endpoints, dispatched by Gate: path segment -> method -> handler.
+_MESSAGE_ROUTES: Final[dict[bytes, dict[bytes, Handler]]] = {
+    b"mcp": {b"POST": guarded(streamable.post), b"DELETE": guarded(streamable.delete)},
+    b"messages": {b"POST": guarded(legacy_sse.post)},
+}
