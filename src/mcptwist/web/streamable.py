@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.web.server import NOT_DONE_YET
 
 from .. import jsonrpc, protocol
 from ..jsonrpc import Kind, Message, RequestId
@@ -209,7 +210,7 @@ def _sink(session: ClientSession) -> StreamableSink:
     return sink
 
 
-async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
+def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     backend = app.backend(name)
     json_ok, sse_ok = negotiate(request)
     require_json(request)
@@ -282,22 +283,47 @@ async def post(app: BridgeApp, request: Any, name: str) -> bytes | None:
     except Exception:
         sink.forget(ids)
         raise
-    try:
-        if connection is not None:
-            await connection.done
-            return None
-        body = await reply.result
+    # No coroutine here: most answers come back at once, and one per request
+    # cost more than the rest of the handler. A client that goes away does not
+    # cancel (under these revisions), so the request simply goes on.
+
+    def settled(_: object = None) -> None:
+        if initialize and session.protocol_version is None:
+            app.registry.close(session, "failed to initialize")
+
+    if connection is not None:
+        connection.done.addBoth(settled)
+        return NOT_DONE_YET
+
+    def json_answer(body: bytes) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         if initialize and session.protocol_version is not None:
             request.setHeader(SESSION_HEADER, session.id.encode())
+        settled()
         return body
-    except CancelledError:
-        # The client went away. Under these revisions that is not a cancel:
-        # the request goes on, and its stream can be resumed with a GET.
-        return None
-    finally:
-        if initialize and session.protocol_version is None:
-            app.registry.close(session, "failed to initialize")
+
+    if reply.result.called:
+        answered: list[bytes] = []
+        reply.result.addCallback(answered.append)
+        return json_answer(answered[0])
+    gone: list[bool] = []
+
+    def vanished(_: object) -> None:
+        gone.append(True)
+        if initialize and not reply.result.called:
+            # Nobody can ever learn this session's id: end it (and its child).
+            app.registry.close(session, "failed to initialize: the client left before the answer")
+
+    request.notifyFinish().addErrback(vanished)
+
+    def answer_later(body: bytes) -> None:
+        body = json_answer(body)
+        if not gone:
+            request.write(body)
+            request.finish()
+
+    reply.result.addCallback(answer_later)
+    return NOT_DONE_YET
 
 
 async def get(app: BridgeApp, request: Any, name: str) -> None:
