@@ -1054,6 +1054,9 @@ class SigtermUnderLoadTests(SynchronousTestCase):
         daemons conventionally do: systemd counts SIGTERM as a clean exit, and a
         shell or container sees 143 (128 + 15)."""
         bridge = h.start_bridge(self, fs.fixture_server("fx"))
+        # "listening on" comes before twistd starts the reactor (and installs its
+        # signal handlers); a running child means the reactor runs.
+        bridge.wait_state("fx", "running")
         code, _, leftovers = fs.terminate(bridge, 10)
         self.assertEqual(leftovers, {})
         self.assertIn("Server Shut Down.", bridge.log)
