@@ -347,6 +347,19 @@ class Bridge:
             raise
         self.port = int(match.group(1))
         self.base = f"http://127.0.0.1:{self.port}"
+        # 'listening on' comes before twistd runs its reactor (and installs its
+        # signal handlers); an HTTP answer, of any status, means it runs.
+        try:
+            wait_for(self._answers, STARTUP_TIMEOUT, "the bridge to answer HTTP")
+        except BaseException:
+            self._abort()
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            return http("GET", f"{self.base}/health", timeout=2.0)[0] > 0
+        except OSError:
+            return False
 
     def _listening(self) -> Any:
         if self.proc.poll() is not None:
