@@ -109,7 +109,7 @@ class HandshakeTests(SynchronousTestCase):
         ra = initialize(upstream, a, "2025-06-18")
         rb = initialize(upstream, b, "1999-01-01")
         self.assertEqual(len(reactor.child.requests("initialize")), 1)
-        self.assertEqual(reactor.child.notifications("notifications/initialized") != [], True)
+        self.assertEqual(len(reactor.child.notifications("notifications/initialized")), 1)
         self.assertEqual(ra["result"]["protocolVersion"], "2025-06-18")
         self.assertEqual(rb["result"]["protocolVersion"], "2025-11-25")
         self.assertEqual(ra["result"]["serverInfo"], {"name": "fake", "version": "1.0"})

@@ -44,9 +44,6 @@ class ProtocolError(Exception):
         self.message = message
         self.data = data
 
-    def to_message(self, id: RequestId | None = None) -> Message:
-        return error(id, self.code, self.message, self.data)
-
 
 def loads(raw: bytes | str) -> Any:
     """Parse JSON text, raising a -32700 L{ProtocolError} on bad input."""

@@ -333,6 +333,3 @@ class Child:
 
 def stderr_buffer(server: ServerConfig) -> deque[str]:
     return deque(maxlen=server.stderr_lines)
-
-
-ChildFactory = Callable[[ServerConfig, ChildListener], Child]

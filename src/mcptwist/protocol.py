@@ -7,8 +7,6 @@ from typing import Final
 # Session-era ("legacy") revisions the bridge serves, oldest first.
 LEGACY_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 LATEST_LEGACY: Final = LEGACY_VERSIONS[-1]
-# A request without MCP-Protocol-Version is taken as this (transports spec).
-DEFAULT_HEADER_VERSION: Final = "2025-03-26"
 BATCH_VERSIONS: Final = frozenset({"2025-03-26"})
 PRIMING_VERSIONS: Final = frozenset({"2025-11-25"})
 

@@ -56,7 +56,6 @@ class ClientSession:
     transport: str
     backend: Backend
     sink: Sink
-    created: float
     last_active: float
     upstream: Upstream | None = None
     protocol_version: str | None = None
@@ -92,15 +91,6 @@ class ClientSession:
         if self.upstream is not None:
             self.backend.close(self, self.upstream)
         self.sink.close()
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "id_prefix": self.id[:8],
-            "server": self.server,
-            "transport": self.transport,
-            "protocol_version": self.protocol_version,
-            "client": self.client_info.get("name"),
-        }
 
 
 class SessionRegistry(Service):
@@ -140,7 +130,6 @@ class SessionRegistry(Service):
             transport=transport,
             backend=backend,
             sink=sink_factory(session_id),
-            created=now,
             last_active=now,
         )
         session.upstream = backend.open(session)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
@@ -99,10 +98,6 @@ class EventConnection:
                 self.abort()
             return
         self._write(frame)
-
-    def send_all(self, frames: Iterable[bytes]) -> None:
-        for frame in frames:
-            self.send(frame)
 
     def heartbeat(self, now: float, interval: float) -> None:
         if self.open and not self._paused and not self._queue and now - self.last_write >= interval:

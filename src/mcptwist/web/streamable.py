@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.web.server import NOT_DONE_YET
 
 from .. import jsonrpc, protocol
@@ -53,7 +53,9 @@ class Reply:
         self.batch = batch
         self.channel = channel
         self.responses: list[Message] = []
-        self.result: Deferred[bytes] = Deferred()
+        # A JSON reply's body once every response is in, and who waits for it.
+        self.body: bytes | None = None
+        self.on_body: Callable[[bytes], None] | None = None
 
     def respond(self, message: Message) -> bool:
         """Take a response; True once every request of the POST is answered."""
@@ -79,9 +81,10 @@ class Reply:
             return False
         if self.channel is not None:
             self.channel.finish()
-        elif not self.result.called:
-            body = self.responses if self.batch else self.responses[0]
-            self.result.callback(jsonrpc.dumps(body))
+        elif self.body is None:
+            self.body = jsonrpc.dumps(self.responses if self.batch else self.responses[0])
+            if self.on_body is not None:
+                self.on_body(self.body)
         return True
 
 
@@ -302,15 +305,13 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
         settled()
         return body
 
-    if reply.result.called:
-        answered: list[bytes] = []
-        reply.result.addCallback(answered.append)
-        return json_answer(answered[0])
+    if reply.body is not None:
+        return json_answer(reply.body)
     gone: list[bool] = []
 
     def vanished(_: object) -> None:
         gone.append(True)
-        if initialize and not reply.result.called:
+        if initialize and reply.body is None:
             # Nobody can ever learn this session's id: end it (and its child).
             app.registry.close(session, "failed to initialize: the client left before the answer")
 
@@ -322,7 +323,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
             request.write(body)
             request.finish()
 
-    reply.result.addCallback(answer_later)
+    reply.on_body = answer_later
     return NOT_DONE_YET
 
 
