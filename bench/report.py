@@ -75,8 +75,8 @@ limit must exceed 10 000 for the 10 000-stream test (it is 20 000 here).
 Peer flags were read from each installed package's `--help` and source. Per-message logging
 is turned down where a peer has a flag for it (supergateway `--logLevel none`: otherwise it
 logs every message as JSON; sparfenyuk `--log-level WARNING`: otherwise uvicorn logs every
-request); mcptwist runs with its defaults, including its access log (one line per HTTP
-request) written to a file. Node peers get `--require bench/loopback.cjs`, which makes a
+request); mcptwist runs with its defaults (its HTTP access log is off unless `access_log`
+is set; its own log goes to a file). Node peers get `--require bench/loopback.cjs`, which makes a
 `listen(port)` without a host bind 127.0.0.1 (supergateway has no host option).
 mcptwist's config differs from the defaults only in `max_sessions = 20000` (the default,
 10 000, is exactly the stream test's size) and, in session mode, `max_children = 64` (32
