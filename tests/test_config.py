@@ -98,7 +98,7 @@ crash_limit = 3
         server = config.servers["a"]
         self.assertEqual(
             (server.sharing, server.max_message_size, server.request_timeout),
-            ("shared", 16 * MiB, 300.0),
+            ("shared", 32 * MiB, 300.0),
         )
         self.assertEqual((server.term_after, server.kill_after), (2.0, 2.0))
 

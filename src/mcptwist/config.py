@@ -86,7 +86,7 @@ class ServerConfig:
     env_passthrough: tuple[str, ...] = ()
     cwd: str | None = None
     sharing: str = "shared"
-    max_message_size: int = 16 * MiB
+    max_message_size: int = 32 * MiB
     request_timeout: float = 300.0
     max_request_timeout: float = 3600.0
     term_after: float = 2.0

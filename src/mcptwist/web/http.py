@@ -55,7 +55,7 @@ class BoundedRequest(Request):
     The handler then answers 413; memory never holds more than the cap.
     """
 
-    max_body = 16 * 1024 * 1024
+    max_body = 32 * 1024 * 1024
     body_size = 0
     body_too_large = False
 
