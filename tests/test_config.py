@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
 import string
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.config import (
     DEFAULT_LISTEN,
+    BridgeConfig,
+    Bucket,
     ConfigError,
     MiB,
     default_config,
     load_config,
     parse_config,
 )
+
+from .certs import make_ca, make_server_cert
+
+
+def endpoints(config: BridgeConfig) -> tuple[str, ...]:
+    return tuple(listener.endpoint for listener in config.listeners)
 
 
 class ConfigFileTests(SynchronousTestCase):
@@ -56,7 +66,7 @@ crash_limit = 3
 """,
         )
         config = load_config(path, {"KEY": "s3cret"})
-        self.assertEqual(config.listen, ("tcp:9000:interface=127.0.0.1", "unix:/tmp/mcp.sock"))
+        self.assertEqual(endpoints(config), ("tcp:9000:interface=127.0.0.1", "unix:/tmp/mcp.sock"))
         self.assertEqual(config.heartbeat_interval, 5.0)
         server = config.servers["time"]
         self.assertEqual(server.command, "uvx")
@@ -89,11 +99,11 @@ crash_limit = 3
         config = load_config(self.write("claude_desktop_config.json", json.dumps(doc)), {})
         self.assertEqual(sorted(config.servers), ["fs", "git"])
         self.assertEqual(config.servers["fs"].args[0], "-y")
-        self.assertEqual(config.listen, ("tcp:8123:interface=127.0.0.1",))
+        self.assertEqual(endpoints(config), ("tcp:8123:interface=127.0.0.1",))
 
     def test_defaults(self) -> None:
         config = load_config(self.write("c.toml", '[servers.a]\ncommand = "a"\n'), {})
-        self.assertEqual(config.listen, (DEFAULT_LISTEN,))
+        self.assertEqual(endpoints(config), (DEFAULT_LISTEN,))
         self.assertFalse(config.insecure)
         server = config.servers["a"]
         self.assertEqual(
@@ -130,7 +140,7 @@ crash_limit = 3
         config = default_config()
         self.assertEqual(list(config.servers), ["example"])
         self.assertEqual(config.servers["example"].args, ("-m", "mcptwist.example"))
-        self.assertEqual(config.listen, ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(endpoints(config), ("tcp:8080:interface=127.0.0.1",))
 
     def test_unknown_key_names_it_and_suggests(self) -> None:
         error = self.load_error("c.toml", '[servers.a]\ncommand = "a"\nargz = ["x"]\n')
@@ -199,6 +209,105 @@ names = st.text(alphabet=string.ascii_uppercase + "_", min_size=1, max_size=8)
 values = st.text(
     alphabet=st.characters(blacklist_characters="$", blacklist_categories=["Cs"]), max_size=20
 )
+
+
+class SecuritySettingsTests(SynchronousTestCase):
+    """[[listeners]], [auth], [limits], [audit] and the per-server rules."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        ca = make_ca(self.dir)
+        self.cert, self.key = make_server_cert(self.dir, ca)
+        self.digest = "sha256:" + "ab" * 32
+
+    def parse(self, text: str) -> BridgeConfig:
+        path = Path(self.dir, "c.toml")
+        path.write_text(text + '\n[servers.a]\ncommand = "a"\n')
+        return load_config(path, {"D": self.dir})
+
+    def error(self, text: str) -> ConfigError:
+        return self.assertRaises(ConfigError, self.parse, text)
+
+    def test_everything_on(self) -> None:
+        config = self.parse(
+            f"""
+listen = ["ssl:8443:privateKey={self.key}:certKey={self.cert}:interface=127.0.0.1"]
+[[listeners]]
+endpoint = "tcp:8444:interface=127.0.0.1"
+tls = {{ certificate = "{self.cert}", key = "{self.key}", min_version = "1.3" }}
+allow = ["10.0.0.0/8", "::1"]
+deny = ["10.1.0.0/16"]
+trusted_proxies = ["127.0.0.1"]
+[auth]
+authorization_servers = ["https://auth.example.com"]
+resource_url = "https://mcp.example.com/"
+[[auth.tokens]]
+name = "ci"
+hash = "{self.digest}"
+servers = ["a"]
+[auth.jwt]
+audience = ["https://mcp.example.com"]
+key_file = "{self.cert}"
+[limits]
+per_ip = false
+per_principal = {{ rate = 5, burst = 10 }}
+[audit]
+path = "${{D}}/audit.jsonl"
+"""
+        )
+        ssl, table = config.listeners
+        self.assertEqual(ssl.endpoint, "tcp:8443:interface=127.0.0.1")
+        assert ssl.tls is not None and table.tls is not None
+        self.assertEqual((ssl.tls.certificate, ssl.tls.key), (self.cert, self.key))
+        self.assertEqual(table.tls.min_version, "1.3")
+        self.assertEqual([str(n) for n in table.allow], ["10.0.0.0/8", "::1/128"])
+        self.assertEqual(config.auth.resource_url, "https://mcp.example.com")
+        self.assertEqual(config.auth.tokens[0].servers, frozenset({"a"}))
+        self.assertEqual(config.limits.per_ip, None)
+        self.assertEqual(config.limits.per_principal, Bucket(5.0, 10))
+        self.assertEqual(config.audit.path, f"{self.dir}/audit.jsonl")
+        # With authentication, any Host may be used (tokens defeat DNS rebinding).
+        self.assertEqual(config.allowed_hosts, ("*",))
+
+    def test_errors_name_the_key(self) -> None:
+        cases = {
+            'listen = ["ssl:8443:privateKey=/nonexistent.pem"]': "listen[0]",
+            'listen = ["ssl:8443:privateKey=k.pem:dhParameters=dh.pem"]': "listen[0]",
+            '[[listeners]]\nendpoint = "tcp:1"\nallow = ["10.0.0.0/33"]': "listeners[0].allow",
+            '[[listeners]]\nendpoint = "tcp:1"\ntls = { key = "k" }': "listeners[0].tls.certificate",
+            '[[listeners]]\nendpoint = "tcp:1"\nproxy_protocol = true': "listeners[0].proxy_protocol",
+            '[[listeners]]\nendpoint = "tcp:1"\nunix_peers = "maybe"': "listeners[0].unix_peers",
+            '[[listeners]]\nendpoint = "tcp:1"\nport = 1': "listeners[0].port",
+            '[[auth.tokens]]\nname = "x"\nhash = "md5:abc"': "auth.tokens[0].hash",
+            f'[[auth.tokens]]\nname = "x"\nhash = "{self.digest}"\nservers = ["zz"]': "auth.tokens[x].servers",
+            '[auth.jwt]\naudience = ["x"]': "auth.jwt.key_file",
+            f'[auth.jwt]\nkey_file = "{self.cert}"': "auth.jwt.audience",
+            f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\nalgorithms = ["none"]': "auth.jwt.algorithms[0]",
+            "[limits]\nper_ip = { rate = 0 }": "limits.per_ip.rate",
+            '[audit]\npath = "/nonexistent/dir/audit.jsonl"': "audit.path",
+        }
+        for text, key in cases.items():
+            error = self.error(text)
+            self.assertEqual(error.key, key, text)
+            self.assertTrue(error.fix, text)
+            self.assertIn("c.toml", str(error), text)
+
+    def test_jwt_needs_authorization_servers(self) -> None:
+        error = self.error(f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"')
+        self.assertEqual(error.key, "auth.authorization_servers")
+
+    def test_per_server_rules(self) -> None:
+        path = Path(self.dir, "c.toml")
+        path.write_text(
+            '[servers.a]\ncommand = "a"\nallow = ["192.0.2.0/24"]\naudit_arguments = true\n'
+            "limits = { total = { rate = 1, burst = 2 } }\n"
+        )
+        server = load_config(path, {}).servers["a"]
+        self.assertEqual([str(n) for n in server.allow], ["192.0.2.0/24"])
+        self.assertTrue(server.audit_arguments)
+        self.assertEqual(server.limits.total, Bucket(1.0, 2))
+        self.assertIsNone(server.limits.per_ip)
 
 
 def server_doc(**server: Any) -> dict[str, Any]:
@@ -272,6 +381,16 @@ class ShippedExamplesTests(SynchronousTestCase):
         etc = Path(__file__).resolve().parent.parent / "etc"
         examples = sorted([*etc.glob("*.toml"), *etc.glob("*.json")])
         self.assertTrue(examples)
+        # The secure example refers to files an operator provides.
+        files = self.mktemp()
+        os.makedirs(os.path.join(files, "tls"))
+        ca = make_ca(files)
+        cert, key = make_server_cert(files, ca)
+        os.rename(cert, os.path.join(files, "tls", "cert.pem"))
+        os.rename(key, os.path.join(files, "tls", "key.pem"))
+        public = ca.key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        Path(files, "jwt-public.pem").write_bytes(public)
+        environ = {"MCPTWIST_ETC": files, "MCPTWIST_LOG": files}
         for path in examples:
-            config = load_config(path, {})
+            config = load_config(path, environ)
             self.assertTrue(config.servers, path)

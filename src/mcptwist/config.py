@@ -10,6 +10,7 @@ file, the key, what is wrong and how to fix it. Unknown keys are errors.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -75,6 +76,112 @@ class RestartPolicy:
     cooldown: float = 300.0
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attrs.frozen
+class Bucket:
+    """A token bucket: C{rate} requests per second on average, C{burst} at once."""
+
+    rate: float
+    burst: int
+
+
+@attrs.frozen
+class ServerLimits:
+    """Rate limits of one server, on top of the bridge-wide ones (None: no limit)."""
+
+    per_principal: Bucket | None = None
+    per_ip: Bucket | None = None
+    total: Bucket | None = None
+
+
+@attrs.frozen
+class LimitsConfig:
+    """Bridge-wide rate limits and caps (a None bucket: no limit)."""
+
+    per_principal: Bucket | None = Bucket(100.0, 1000)
+    per_ip: Bucket | None = Bucket(100.0, 1000)
+    max_streams_per_principal: int = 256
+    max_sessions_per_principal: int = 1000
+
+
+@attrs.frozen
+class TLSConfig:
+    """Certificate and key of a TLS listener, re-read on SIGHUP."""
+
+    certificate: str
+    key: str
+    chain: str | None = None
+    min_version: str = "1.2"
+    hsts_max_age: int = 31_536_000
+
+
+@attrs.frozen
+class ListenerConfig:
+    """One listening endpoint and its connection-level policy."""
+
+    endpoint: str
+    tls: TLSConfig | None = None
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
+    proxy_protocol: bool = False
+    unix_peers: str = "allow"
+
+
+@attrs.frozen
+class TokenConfig:
+    """A static bearer token, known to the bridge only by its SHA-256 digest."""
+
+    name: str
+    digest: bytes
+    servers: frozenset[str] = frozenset({"*"})
+    admin: bool = False
+
+
+@attrs.frozen
+class JWTConfig:
+    """How JWT bearer tokens are verified and mapped to servers and scopes."""
+
+    algorithms: tuple[str, ...]
+    audience: tuple[str, ...]
+    issuer: str | None = None
+    key_file: str | None = None
+    jwks_url: str | None = None
+    jwks_refresh: float = 300.0
+    leeway: float = 30.0
+    name_claim: str = "sub"
+    servers_claim: str = "mcp_servers"
+    scope_claim: str = "scope"
+    server_scope_prefix: str = "mcp:server:"
+    admin_scope: str = "mcp:admin"
+    default_servers: frozenset[str] = frozenset()
+
+
+@attrs.frozen
+class AuthConfig:
+    """Who may use the bridge; without tokens or JWT, nobody is asked."""
+
+    tokens: tuple[TokenConfig, ...] = ()
+    jwt: JWTConfig | None = None
+    resource_url: str | None = None
+    authorization_servers: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens) or self.jwt is not None
+
+
+@attrs.frozen
+class AuditConfig:
+    """The audit trail: JSON Lines in its own file, rotated by size."""
+
+    path: str | None = None
+    max_size: int = 100 * MiB
+    keep: int = 10
+
+
 @attrs.frozen
 class ServerConfig:
     """One stdio MCP server and how the bridge runs and shares it."""
@@ -98,6 +205,10 @@ class ServerConfig:
     startup_timeout: float = 60.0
     json_response: bool = False
     restart: RestartPolicy = RestartPolicy()
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    limits: ServerLimits = ServerLimits()
+    audit_arguments: bool = False
 
 
 @attrs.frozen
@@ -105,7 +216,7 @@ class BridgeConfig:
     """Everything the bridge needs to start; built once, never mutated."""
 
     servers: Mapping[str, ServerConfig]
-    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(DEFAULT_LISTEN),)
     insecure: bool = False
     allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
@@ -114,6 +225,9 @@ class BridgeConfig:
     replay_events: int = 256
     max_sessions: int = 10_000
     access_log: bool = False
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    audit: AuditConfig = AuditConfig()
     source: str = "<built-in>"
 
 
@@ -375,15 +489,16 @@ def _size(value: Any) -> int:
 def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> BridgeConfig:
     """Validate a parsed document (TOML shape) into a L{BridgeConfig}."""
     top = _Reader(source, "", doc, environ)
-    listen = top.strings("listen", (DEFAULT_LISTEN,))
-    if not listen:
+    listen = top.strings("listen", () if "listeners" in doc else (DEFAULT_LISTEN,))
+    listeners = [listener_from_string(source, f"listen[{i}]", d) for i, d in enumerate(listen)]
+    listeners += _parse_listeners(top)
+    if not listeners:
         raise top.error(
             "listen",
             "is empty",
             f'give at least one endpoint, such as "{DEFAULT_LISTEN}"',
         )
-    for i, endpoint in enumerate(listen):
-        check_endpoint(source, f"listen[{i}]", endpoint)
+    auth = _parse_auth(top)
     origins = top.strings("allowed_origins", DEFAULT_ORIGINS)
     for i, origin in enumerate(origins):
         if not re.match(r"^https?://[^/\s]+$", origin):
@@ -395,7 +510,9 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
             )
     defaults = BridgeConfig(servers={})
     insecure = top.boolean("insecure", defaults.insecure)
-    hosts = top.strings("allowed_hosts", ("*",) if insecure else LOOPBACK_HOSTS)
+    # With authentication, DNS rebinding gains an attacker nothing: a browser
+    # does not send bearer tokens on its own.
+    hosts = top.strings("allowed_hosts", ("*",) if insecure or auth.enabled else LOOPBACK_HOSTS)
     for i, host in enumerate(hosts):
         if host != "*" and not re.match(
             r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*|[A-Za-z0-9.-]+)$", host
@@ -413,6 +530,8 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         "replay_events": top.integer("replay_events", defaults.replay_events, minimum=0),
         "max_sessions": top.integer("max_sessions", defaults.max_sessions),
         "access_log": top.boolean("access_log", defaults.access_log),
+        "limits": _parse_limits(top),
+        "audit": _parse_audit(top),
     }
     servers_table = top.table_at("servers")
     top.finish()
@@ -446,9 +565,19 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         raise ConfigError(
             source, "servers", "every server is disabled", "enable at least one server"
         )
+    for token in auth.tokens:
+        unknown_servers = sorted(token.servers - {"*"} - set(servers_table))
+        if unknown_servers:
+            raise ConfigError(
+                source,
+                f"auth.tokens[{token.name}].servers",
+                f"names {unknown_servers[0]!r}, which is not a configured server",
+                'name configured servers, or write servers = ["*"] for all',
+            )
     return BridgeConfig(
         servers=servers,
-        listen=listen,
+        listeners=tuple(listeners),
+        auth=auth,
         allowed_origins=origins,
         source=source,
         **settings,  # type: ignore[arg-type]
@@ -527,6 +656,10 @@ def _parse_server(
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
         json_response=r.boolean("json_response", defaults.json_response),
         restart=restart,
+        allow=_networks(r, "allow"),
+        deny=_networks(r, "deny"),
+        limits=_parse_server_limits(r),
+        audit_arguments=r.boolean("audit_arguments", defaults.audit_arguments),
     )
     r.finish(ignored=CLIENT_ONLY_KEYS)
     if server.max_request_timeout < server.request_timeout:
@@ -542,6 +675,330 @@ def _parse_server(
             "give an existing directory, or remove cwd",
         )
     return server
+
+
+def listener_from_string(source: str, key: str, description: str) -> ListenerConfig:
+    """A listener from an endpoint string; C{ssl:} becomes TCP plus a reloadable TLS setup."""
+    from .tls import parse_ssl_endpoint
+
+    try:
+        parsed = parse_ssl_endpoint(description)
+    except ValueError as e:
+        raise ConfigError(
+            source,
+            key,
+            f"{description!r} is not a usable TLS endpoint ({e})",
+            'write "ssl:8443:privateKey=key.pem:certKey=cert.pem[:extraCertChain=chain.pem]", '
+            "or use a [[listeners]] table with tls = {...}",
+        ) from None
+    if parsed is None:
+        check_endpoint(source, key, description)
+        return ListenerConfig(description)
+    endpoint, tls = parsed
+    check_endpoint(source, key, endpoint)
+    _check_tls_files(source, key, tls)
+    return ListenerConfig(endpoint, tls=tls)
+
+
+def _check_tls_files(source: str, key: str, tls: TLSConfig) -> None:
+    for what, path in (("certificate", tls.certificate), ("key", tls.key), ("chain", tls.chain)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(
+                source,
+                key,
+                f"the TLS {what} file {path!r} does not exist",
+                "give the path of a PEM file readable by the bridge",
+            )
+
+
+def _networks(r: _Reader, name: str) -> tuple[Network, ...]:
+    from .ipfilter import parse_networks
+
+    values = r.strings(name)
+    try:
+        return parse_networks(values)
+    except ValueError as e:
+        raise r.error(
+            name,
+            f"is not a list of addresses or networks ({e})",
+            f'write {name} = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]',
+        ) from None
+
+
+_LISTENER_TLS_FIX: Final = (
+    'write tls = { certificate = "cert.pem", key = "key.pem" } '
+    '(optional: chain = "chain.pem", min_version = "1.3", hsts_max_age = 0)'
+)
+
+
+def _parse_listeners(top: _Reader) -> list[ListenerConfig]:
+    top.used.add("listeners")
+    tables = top.table.get("listeners", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise top.error(
+            "listeners",
+            "must be a list of tables",
+            'write [[listeners]] tables, each with endpoint = "..."',
+        )
+    listeners = []
+    for i, table in enumerate(tables):
+        r = _Reader(top.source, f"listeners[{i}].", table, top.environ)
+        endpoint = r.string("endpoint", required=True)
+        assert endpoint is not None
+        if endpoint.startswith("ssl:"):
+            raise r.error(
+                "endpoint",
+                "an ssl: endpoint inside [[listeners]]",
+                "give a plain endpoint (tcp:, tcp6:, unix:, systemd:) and tls = {...}",
+            )
+        check_endpoint(top.source, r.key("endpoint"), endpoint)
+        tls = None
+        tls_table = r.table_at("tls")
+        if tls_table:
+            t = _Reader(top.source, f"listeners[{i}].tls.", tls_table, top.environ)
+            certificate = t.string("certificate", required=True)
+            assert certificate is not None
+            min_version = t.string("min_version", "1.2")
+            if min_version not in ("1.2", "1.3"):
+                raise t.error(
+                    "min_version", f"{min_version!r} is not offered", 'write "1.2" or "1.3"'
+                )
+            tls = TLSConfig(
+                certificate=certificate,
+                key=t.string("key", certificate) or certificate,
+                chain=t.string("chain"),
+                min_version=min_version or "1.2",
+                hsts_max_age=t.integer("hsts_max_age", 31_536_000, minimum=0),
+            )
+            t.finish()
+            _check_tls_files(top.source, r.key("tls"), tls)
+        unix_peers = r.string("unix_peers", "allow")
+        if unix_peers not in ("allow", "deny"):
+            raise r.error(
+                "unix_peers",
+                f"{unix_peers!r} is not a policy",
+                'write unix_peers = "allow" (file permissions decide) or "deny"',
+            )
+        listener = ListenerConfig(
+            endpoint=endpoint,
+            tls=tls,
+            allow=_networks(r, "allow"),
+            deny=_networks(r, "deny"),
+            trusted_proxies=_networks(r, "trusted_proxies"),
+            proxy_protocol=r.boolean("proxy_protocol", False),
+            unix_peers=unix_peers or "allow",
+        )
+        r.finish()
+        if listener.proxy_protocol and not listener.trusted_proxies:
+            raise r.error(
+                "proxy_protocol",
+                "is on, but no trusted_proxies are given (anyone could claim any address)",
+                'list the proxies\' addresses in trusted_proxies = ["10.0.0.2"]',
+            )
+        listeners.append(listener)
+    return listeners
+
+
+def _parse_auth(top: _Reader) -> AuthConfig:
+    from .auth import parse_digest
+
+    table = top.table_at("auth")
+    r = _Reader(top.source, "auth.", table, top.environ)
+    r.used.add("tokens")
+    token_tables = table.get("tokens", [])
+    if not isinstance(token_tables, list) or not all(isinstance(t, dict) for t in token_tables):
+        raise r.error(
+            "tokens",
+            "must be a list of tables",
+            "write [[auth.tokens]] tables; generate each with python -m mcptwist token",
+        )
+    tokens: list[TokenConfig] = []
+    for i, t in enumerate(token_tables):
+        tr = _Reader(top.source, f"auth.tokens[{i}].", t, top.environ)
+        name = tr.string("name", required=True)
+        assert name is not None
+        if any(token.name == name for token in tokens):
+            raise tr.error("name", f"{name!r} is used twice", "give every token its own name")
+        digest_text = tr.string("hash", required=True)
+        assert digest_text is not None
+        try:
+            digest = parse_digest(digest_text)
+        except ValueError as e:
+            raise tr.error(
+                "hash", str(e), "generate a token with: python -m mcptwist token"
+            ) from None
+        if any(token.digest == digest for token in tokens):
+            raise tr.error("hash", "is the same as another token's", "generate a new token")
+        token_servers = tr.strings("servers", ("*",))
+        tokens.append(
+            TokenConfig(
+                name=name,
+                digest=digest,
+                servers=frozenset(token_servers),
+                admin=tr.boolean("admin", False),
+            )
+        )
+        tr.finish()
+    jwt = None
+    jwt_table = r.table_at("jwt")
+    if jwt_table:
+        jwt = _parse_jwt(_Reader(top.source, "auth.jwt.", jwt_table, top.environ))
+    resource_url = r.string("resource_url")
+    if resource_url is not None and not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", resource_url):
+        raise r.error(
+            "resource_url",
+            f"{resource_url!r} is not an http(s) URL without query or fragment",
+            'write the URL clients use to reach the bridge, such as "https://mcp.example.com"',
+        )
+    auth = AuthConfig(
+        tokens=tuple(tokens),
+        jwt=jwt,
+        resource_url=resource_url.rstrip("/") if resource_url else None,
+        authorization_servers=r.strings("authorization_servers"),
+    )
+    r.finish()
+    if auth.jwt is not None and not auth.authorization_servers:
+        raise r.error(
+            "authorization_servers",
+            "is missing: OAuth clients must learn where to get tokens for this bridge",
+            'write authorization_servers = ["https://auth.example.com"] (the JWT issuer)',
+        )
+    return auth
+
+
+JWT_ALGORITHMS: Final = (
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
+    "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+
+
+def _parse_jwt(r: _Reader) -> JWTConfig:
+    algorithms = r.strings("algorithms", ("RS256", "ES256", "EdDSA"))
+    for i, algorithm in enumerate(algorithms):
+        if algorithm not in JWT_ALGORITHMS:
+            raise r.error(
+                f"algorithms[{i}]",
+                f"{algorithm!r} is not a supported JWT algorithm",
+                "use some of " + ", ".join(JWT_ALGORITHMS),
+            )
+    audience = r.strings("audience")
+    if not audience:
+        raise r.error(
+            "audience",
+            "is missing: tokens issued for other services would be accepted",
+            'write audience = ["https://mcp.example.com"] (what your IdP puts in aud)',
+        )
+    key_file = r.string("key_file")
+    jwks_url = r.string("jwks_url")
+    if (key_file is None) == (jwks_url is None):
+        raise r.error(
+            "key_file",
+            "give exactly one of key_file and jwks_url",
+            'write key_file = "/etc/mcptwist/jwt-public.pem" or jwks_url = "https://idp/.well-known/jwks.json"',
+        )
+    if key_file is not None and not os.path.isfile(key_file):
+        raise r.error(
+            "key_file", f"{key_file!r} does not exist", "give a PEM file (or the HS* secret file)"
+        )
+    if jwks_url is not None and not jwks_url.startswith(
+        ("https://", "http://127.0.0.1", "http://localhost")
+    ):
+        raise r.error(
+            "jwks_url",
+            f"{jwks_url!r} is not an https URL",
+            "fetch keys over https (plain http is accepted only from loopback)",
+        )
+    d = JWTConfig(algorithms=algorithms, audience=audience)
+    config = JWTConfig(
+        algorithms=algorithms,
+        audience=audience,
+        issuer=r.string("issuer"),
+        key_file=key_file,
+        jwks_url=jwks_url,
+        jwks_refresh=r.number("jwks_refresh", d.jwks_refresh),
+        leeway=r.get("leeway", "a number of seconds", _non_negative, d.leeway, "write leeway = 30"),
+        name_claim=r.string("name_claim", d.name_claim) or d.name_claim,
+        servers_claim=r.string("servers_claim", d.servers_claim) or d.servers_claim,
+        scope_claim=r.string("scope_claim", d.scope_claim) or d.scope_claim,
+        server_scope_prefix=r.string("server_scope_prefix", d.server_scope_prefix)
+        or d.server_scope_prefix,
+        admin_scope=r.string("admin_scope", d.admin_scope) or d.admin_scope,
+        default_servers=frozenset(r.strings("default_servers")),
+    )
+    r.finish()
+    return config
+
+
+def _non_negative(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError()
+    if not 0 <= value < float("inf"):
+        raise ValueError()
+    return float(value)
+
+
+def _bucket(r: _Reader, name: str, default: Bucket | None) -> Bucket | None:
+    r.used.add(name)
+    if name not in r.table:
+        return default
+    value = r.table[name]
+    fix = f"write {name} = {{ rate = 100, burst = 1000 }} (requests per second, at once), or {name} = false"
+    if value is False:
+        return None
+    if not isinstance(value, dict):
+        raise r.error(name, f"must be a table or false, not {value!r}", fix)
+    b = _Reader(r.source, r.key(name) + ".", value, r.environ)
+    rate = b.number("rate", default.rate if default else 100.0)
+    burst = b.integer("burst", default.burst if default else max(1, int(rate * 10)))
+    b.finish()
+    return Bucket(rate, burst)
+
+
+def _parse_limits(top: _Reader) -> LimitsConfig:
+    r = _Reader(top.source, "limits.", top.table_at("limits"), top.environ)
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        per_principal=_bucket(r, "per_principal", d.per_principal),
+        per_ip=_bucket(r, "per_ip", d.per_ip),
+        max_streams_per_principal=r.integer(
+            "max_streams_per_principal", d.max_streams_per_principal
+        ),
+        max_sessions_per_principal=r.integer(
+            "max_sessions_per_principal", d.max_sessions_per_principal
+        ),
+    )
+    r.finish()
+    return limits
+
+
+def _parse_server_limits(server: _Reader) -> ServerLimits:
+    r = _Reader(server.source, server.key("limits."), server.table_at("limits"), server.environ)
+    limits = ServerLimits(
+        per_principal=_bucket(r, "per_principal", None),
+        per_ip=_bucket(r, "per_ip", None),
+        total=_bucket(r, "total", None),
+    )
+    r.finish()
+    return limits
+
+
+def _parse_audit(top: _Reader) -> AuditConfig:
+    r = _Reader(top.source, "audit.", top.table_at("audit"), top.environ)
+    d = AuditConfig()
+    path = r.string("path")
+    audit = AuditConfig(
+        path=path,
+        max_size=r.size("max_size", d.max_size),
+        keep=r.integer("keep", d.keep, minimum=0),
+    )
+    r.finish()
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise r.error(
+            "path",
+            f"the directory of {path!r} does not exist",
+            "create it (writable by the bridge's user), or give another path",
+        )
+    return audit
 
 
 def check_endpoint(source: str, key: str, description: str) -> None:

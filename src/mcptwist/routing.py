@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from . import __version__, jsonrpc, protocol
+from .audit import AuditTrail, argument_digest, request_name
 from .config import ServerConfig
 from .jsonrpc import Kind, Message, RequestId
 from .process import Child
@@ -109,6 +110,8 @@ class _Pending:
     on_response: Callable[[Message], None] | None = None
     timer: IDelayedCall | None = None
     sent_to: Child | None = None
+    # For the audit trail: (tool/resource name, argument size, argument sha256, arguments).
+    audit: tuple[str | None, int, str, Any] | None = None
 
 
 @attrs.define(eq=False)
@@ -130,10 +133,12 @@ class Upstream(Service):
         reactor: Any,
         environ: Mapping[str, str],
         label: str | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.server = server
         self.clock: IReactorTime = reactor
-        self.supervisor = Supervisor(server, self, reactor, environ, label)
+        self.audit = audit if audit is not None and audit.enabled else None
+        self.supervisor = Supervisor(server, self, reactor, environ, label, self.audit)
         self.sessions: set[Downstream] = set()
         self.init_result: dict[str, Any] | None = None
         self._child: Child | None = None
@@ -367,7 +372,12 @@ class Upstream(Service):
             )
             return False
         if self.state in (ChildState.FAILED, ChildState.STOPPED):
-            session.deliver(self._unavailable(client_id), client_id)
+            answer = self._unavailable(client_id)
+            if self.audit is not None:
+                p = _Pending(0, message["method"], self.clock.seconds(), session, client_id)
+                self._audit_start(p, message)
+                self._audit_end(p, answer)
+            session.deliver(answer, client_id)
             return False
         child_id = next(self._ids)
         p = _Pending(
@@ -378,6 +388,8 @@ class Upstream(Service):
             client_id=client_id,
             on_response=on_response,
         )
+        if self.audit is not None:
+            self._audit_start(p, message)
         message["id"] = child_id
         params = message.get("params")
         if isinstance(params, dict):
@@ -411,6 +423,8 @@ class Upstream(Service):
             else:
                 self._queue = deque((q, m) for q, m in self._queue if q is not p)
             assert p.client_id is not None
+            if p.audit is not None:
+                self._audit_end(p, None)
             session.cancelled(p.client_id)
             return
         self._send_or_queue(None, message)
@@ -500,6 +514,8 @@ class Upstream(Service):
 
     def _respond(self, p: _Pending, message: Message) -> None:
         self._forget(p)
+        if p.audit is not None:
+            self._audit_end(p, message)
         if p.on_response is not None:
             p.on_response(message)
         if p.session is not None:
@@ -772,6 +788,46 @@ class Upstream(Service):
                 if timer.active():
                     timer.cancel()
 
+    def _audit_start(self, p: _Pending, message: Message) -> None:
+        params = message.get("params")
+        size, digest = argument_digest(params)
+        arguments = None
+        if self.server.audit_arguments and isinstance(params, dict):
+            arguments = params.get("arguments", params)
+        p.audit = (request_name(p.method, params), size, digest, arguments)
+
+    def _audit_end(self, p: _Pending, answer: Message | None) -> None:
+        """One audit event per client request: how it ended and how long it took."""
+        assert self.audit is not None and p.audit is not None
+        name, size, digest, arguments = p.audit
+        p.audit = None
+        code = None
+        if answer is None:
+            status = "cancelled"
+        elif "error" in answer:
+            error = answer["error"]
+            code = error.get("code") if isinstance(error, dict) else None
+            status = "timeout" if code == jsonrpc.REQUEST_TIMEOUT else "error"
+        else:
+            status = "ok"
+        session = p.session
+        child = p.sent_to or self._child
+        self.audit.request(
+            session=getattr(session, "id", None),
+            server=self.server.name,
+            principal=getattr(session, "principal", None),
+            peer=getattr(session, "peer", None),
+            method=p.method,
+            name=name,
+            arg_size=size,
+            arg_sha256=digest,
+            status=status,
+            error_code=code,
+            latency_ms=(self.clock.seconds() - p.started) * 1000.0,
+            child_pid=child.pid if child is not None else None,
+            arguments=arguments,
+        )
+
     def _fail(self, p: _Pending, code: int, text: str, data: Any = None) -> None:
         self._respond(p, jsonrpc.error(p.child_id, code, text, data))
 
@@ -852,11 +908,18 @@ class Upstream(Service):
 class Backend(MultiService):
     """How one configured server is served: the interface transports use."""
 
-    def __init__(self, server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        server: ServerConfig,
+        reactor: Any,
+        environ: Mapping[str, str],
+        audit: AuditTrail | None = None,
+    ) -> None:
         super().__init__()
         self.server = server
         self.reactor = reactor
         self.environ = environ
+        self.audit = audit
         self.setName(server.name)
 
     def open(self, session: Downstream) -> Upstream:
@@ -879,9 +942,15 @@ class Backend(MultiService):
 class SharedBackend(Backend):
     """One child for every session (the default)."""
 
-    def __init__(self, server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> None:
-        super().__init__(server, reactor, environ)
-        self.upstream = Upstream(server, reactor, environ)
+    def __init__(
+        self,
+        server: ServerConfig,
+        reactor: Any,
+        environ: Mapping[str, str],
+        audit: AuditTrail | None = None,
+    ) -> None:
+        super().__init__(server, reactor, environ, audit)
+        self.upstream = Upstream(server, reactor, environ, audit=audit)
         self.upstream.setServiceParent(self)
 
     def open(self, session: Downstream) -> Upstream:
@@ -898,8 +967,14 @@ class SharedBackend(Backend):
 class SessionBackend(Backend):
     """A child of its own for each session, up to max_children."""
 
-    def __init__(self, server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> None:
-        super().__init__(server, reactor, environ)
+    def __init__(
+        self,
+        server: ServerConfig,
+        reactor: Any,
+        environ: Mapping[str, str],
+        audit: AuditTrail | None = None,
+    ) -> None:
+        super().__init__(server, reactor, environ, audit)
         # Children of ended sessions that are still stopping: shutdown waits for them.
         self._stopping: set[Deferred[Any]] = set()
 
@@ -914,6 +989,7 @@ class SessionBackend(Backend):
             self.reactor,
             self.environ,
             label=f"{self.server.name}[{session.id[:8]}]",
+            audit=self.audit,
         )
         upstream.attach(session)
         upstream.setServiceParent(self)
@@ -954,6 +1030,11 @@ class SessionBackend(Backend):
         }
 
 
-def make_backend(server: ServerConfig, reactor: Any, environ: Mapping[str, str]) -> Backend:
+def make_backend(
+    server: ServerConfig,
+    reactor: Any,
+    environ: Mapping[str, str],
+    audit: AuditTrail | None = None,
+) -> Backend:
     cls = SessionBackend if server.sharing == "session" else SharedBackend
-    return cls(server, reactor, environ)
+    return cls(server, reactor, environ, audit)

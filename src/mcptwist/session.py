@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.application.service import Service
@@ -23,6 +23,10 @@ from twisted.logger import Logger
 
 from .jsonrpc import Kind, Message, RequestId
 from .routing import Backend, Upstream
+
+if TYPE_CHECKING:
+    from .audit import AuditTrail
+    from .ratelimit import Caps
 
 log = Logger(namespace="mcptwist.session")
 
@@ -48,6 +52,10 @@ class SessionLimitError(Exception):
     """The bridge already holds max_sessions sessions."""
 
 
+class PrincipalLimitError(SessionLimitError):
+    """This principal already holds its share of sessions."""
+
+
 @attrs.define(eq=False)
 class ClientSession:
     """One client's MCP session with one server."""
@@ -63,6 +71,9 @@ class ClientSession:
     client_info: dict[str, Any] = attrs.field(factory=dict)
     log_level: str | None = None
     closed: bool = False
+    principal: str = "anonymous"
+    peer: str | None = None
+    opened: float = 0.0
 
     @property
     def server(self) -> str:
@@ -96,9 +107,18 @@ class ClientSession:
 class SessionRegistry(Service):
     """Every open session, by id; the global limit and idle reaping."""
 
-    def __init__(self, clock: IReactorTime, max_sessions: int, reap_interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_sessions: int,
+        reap_interval: float = 30.0,
+        caps: Caps | None = None,
+        audit: AuditTrail | None = None,
+    ) -> None:
         self.clock = clock
         self.max_sessions = max_sessions
+        self.caps = caps
+        self.audit = audit
         self.sessions: dict[str, ClientSession] = {}
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
@@ -116,12 +136,24 @@ class SessionRegistry(Service):
             self.close(session)
 
     def create(
-        self, backend: Backend, transport: str, sink_factory: Callable[[str], Sink]
+        self,
+        backend: Backend,
+        transport: str,
+        sink_factory: Callable[[str], Sink],
+        principal: str = "anonymous",
+        peer: str | None = None,
     ) -> ClientSession:
-        """Open a session on a server; the backend may refuse (CapacityError)."""
+        """Open a session on a server for a principal; the backend may refuse (CapacityError)."""
         if len(self.sessions) >= self.max_sessions:
             raise SessionLimitError(
                 f"the bridge already holds {len(self.sessions)} sessions (max_sessions)"
+            )
+        # Without authentication there is no principal to hold to a share.
+        caps = self.caps if principal != "anonymous" else None
+        if caps is not None and not caps.open_session(principal):
+            raise PrincipalLimitError(
+                "this client already holds its share of sessions "
+                "(limits.max_sessions_per_principal)"
             )
         session_id = secrets.token_urlsafe(32)
         now = self.clock.seconds()
@@ -131,9 +163,26 @@ class SessionRegistry(Service):
             backend=backend,
             sink=sink_factory(session_id),
             last_active=now,
+            principal=principal,
+            peer=peer,
+            opened=now,
         )
-        session.upstream = backend.open(session)
+        try:
+            session.upstream = backend.open(session)
+        except BaseException:
+            if caps is not None:
+                caps.close_session(principal)
+            raise
         self.sessions[session_id] = session
+        if self.audit is not None:
+            self.audit.session_opened(
+                session=session_id,
+                server=backend.server.name,
+                principal=principal,
+                peer=peer,
+                transport=transport,
+                protocol_version=None,
+            )
         log.info(
             "session {prefix} opened on {server} ({transport})",
             prefix=session_id[:8],
@@ -142,10 +191,20 @@ class SessionRegistry(Service):
         )
         return session
 
-    def get(self, session_id: str | None, server: str) -> ClientSession | None:
-        """The open session with this id on this server, if any."""
+    def get(
+        self, session_id: str | None, server: str, principal: str = "anonymous"
+    ) -> ClientSession | None:
+        """The open session with this id on this server, if this principal opened it.
+
+        Another principal's session is not found, exactly as if it did not exist.
+        """
         session = self.sessions.get(session_id) if session_id else None
-        if session is None or session.closed or session.server != server:
+        if (
+            session is None
+            or session.closed
+            or session.server != server
+            or session.principal != principal
+        ):
             return None
         return session
 
@@ -157,6 +216,16 @@ class SessionRegistry(Service):
                 server=session.server,
                 why=why,
             )
+            if self.caps is not None and session.principal != "anonymous":
+                self.caps.close_session(session.principal)
+            if self.audit is not None:
+                self.audit.session_closed(
+                    session=session.id,
+                    server=session.server,
+                    principal=session.principal,
+                    reason=why,
+                    duration=self.clock.seconds() - session.opened,
+                )
         session.close()
 
     def reap(self) -> None:

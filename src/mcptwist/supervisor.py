@@ -17,7 +17,7 @@ import enum
 import os
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -28,6 +28,9 @@ from twisted.python.failure import Failure
 from . import jsonrpc
 from .config import ServerConfig
 from .process import Child, describe_exit, stderr_buffer
+
+if TYPE_CHECKING:
+    from .audit import AuditTrail
 
 log = Logger(namespace="mcptwist.supervisor")
 
@@ -60,9 +63,11 @@ class Supervisor(Service):
         reactor: Any,
         environ: Mapping[str, str],
         label: str | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.server = server
         self.owner = owner
+        self.audit = audit
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.environ = environ
@@ -175,6 +180,10 @@ class Supervisor(Service):
             child.exit_reason = Failure(e)
             self._crashed(child, f"could not be spawned: {e}")
             return
+        if self.audit is not None:
+            self.audit.child_spawned(
+                server=self.label, pid=child.pid, command=os.path.basename(self.server.command)
+            )
         self.owner.child_spawned(child)
 
     # ChildListener
@@ -188,6 +197,15 @@ class Supervisor(Service):
             self.owner.child_oversize(child, size, head, tail)
 
     def child_exited(self, child: Child, reason: Failure) -> None:
+        if self.audit is not None:
+            value = reason.value
+            self.audit.child_exited(
+                server=self.label,
+                pid=child.pid,
+                exit_code=getattr(value, "exitCode", None),
+                signal=getattr(value, "signal", None),
+                reason=describe_exit(reason),
+            )
         if child is not self.child:
             return
         how = describe_exit(reason)

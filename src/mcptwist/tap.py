@@ -9,7 +9,7 @@ import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import ConfigError, check_endpoint, default_config, load_config
+from .config import ConfigError, default_config, listener_from_string, load_config
 
 
 class Options(usage.Options):
@@ -48,10 +48,12 @@ def makeService(options: Options) -> IService:
         config = (
             load_config(options["config"], os.environ) if options["config"] else default_config()
         )
-        for i, endpoint in enumerate(options["listen"]):
-            check_endpoint("--listen", f"--listen[{i}]", endpoint)
+        listeners = tuple(
+            listener_from_string("--listen", f"--listen[{i}]", endpoint)
+            for i, endpoint in enumerate(options["listen"])
+        )
     except ConfigError as e:
         raise SystemExit(f"mcpbridge: {e}") from None
-    if options["listen"]:
-        config = attrs.evolve(config, listen=tuple(options["listen"]))
-    return BridgeService(config, reactor, os.environ)
+    if listeners:
+        config = attrs.evolve(config, listeners=listeners)
+    return BridgeService(config, reactor, os.environ, handle_sighup=True)

@@ -12,11 +12,13 @@ L{twisted.trial.unittest.SynchronousTestCase}. Every wait has a deadline.
 
 from __future__ import annotations
 
+import http.client as http_client
 import json
 import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -271,8 +273,9 @@ def http(
     body: Any = None,
     headers: Mapping[str, str] | None = None,
     timeout: float = 10.0,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP request; returns (status, headers, body) even for 4xx/5xx."""
+    """One HTTP(S) request; returns (status, headers, body) even for 4xx/5xx."""
     data = None
     all_headers = dict(headers or {})
     if body is not None:
@@ -280,7 +283,7 @@ def http(
         all_headers.setdefault("Content-Type", "application/json")
     request = urllib.request.Request(url, data=data, headers=all_headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return (
                 response.status,
                 {k.lower(): v for k, v in response.headers.items()},
@@ -318,15 +321,32 @@ def jsonrpc_body(headers: Mapping[str, str], body: bytes) -> list[dict[str, Any]
 class Bridge:
     """One mcpbridge process, started from a TOML config (or the built-in one)."""
 
-    def __init__(self, config: str | None = None, args: Sequence[str] = ()) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="mcptwist-it-"))
+    def __init__(
+        self,
+        config: str | None = None,
+        args: Sequence[str] = (),
+        listen: str | None = "tcp:0:interface=127.0.0.1",
+        cafile: str | None = None,
+        directory: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start a bridge; C{listen} replaces the config's listeners unless None.
+
+        With C{cafile}, the (first) listener speaks TLS and is trusted through it.
+        """
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="mcptwist-it-"))
+        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
+        # Sent with the harness's own status requests (an admin token, if any).
+        self.headers: dict[str, str] = {}
         self.log_path = self.dir / "bridge.log"
         argv = [TWISTD, "-n", "--pidfile=", "mcpbridge"]
         if config is not None:
             config_path = self.dir / "mcpbridge.toml"
             config_path.write_text(config)
             argv += ["--config", str(config_path)]
-        argv += ["--listen", "tcp:0:interface=127.0.0.1", *args]
+        if listen is not None:
+            argv += ["--listen", listen]
+        argv += [*args]
         self.argv = argv
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -335,7 +355,7 @@ class Bridge:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             cwd=str(self.dir),
-            env=python_env(),
+            env=python_env(env),
             start_new_session=True,
         )
         self.stopped = False
@@ -346,7 +366,7 @@ class Bridge:
             self._abort()
             raise
         self.port = int(match.group(1))
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if cafile else 'http'}://127.0.0.1:{self.port}"
         # 'listening on' comes before twistd runs its reactor (and installs its
         # signal handlers); an HTTP answer, of any status, means it runs.
         try:
@@ -357,8 +377,8 @@ class Bridge:
 
     def _answers(self) -> bool:
         try:
-            return http("GET", f"{self.base}/health", timeout=2.0)[0] > 0
-        except OSError:
+            return http("GET", f"{self.base}/health", timeout=2.0, context=self.context)[0] > 0
+        except (OSError, http_client.HTTPException):
             return False
 
     def _listening(self) -> Any:
@@ -388,7 +408,7 @@ class Bridge:
     # Status
 
     def get_json(self, path: str) -> tuple[int, Any]:
-        status, _, body = http("GET", self.url(path))
+        status, _, body = http("GET", self.url(path), headers=self.headers, context=self.context)
         return status, json.loads(body)
 
     def status(self, name: str) -> dict[str, Any]:
@@ -489,8 +509,10 @@ class Bridge:
         self._log_file.close()
 
 
-def start_bridge(test: Any, config: str | None = None, args: Sequence[str] = ()) -> Bridge:
+def start_bridge(
+    test: Any, config: str | None = None, args: Sequence[str] = (), **options: Any
+) -> Bridge:
     """Start a bridge and register its (checked) stop as a cleanup of C{test}."""
-    bridge = Bridge(config, args)
+    bridge = Bridge(config, args, **options)
     test.addCleanup(bridge.stop)
     return bridge

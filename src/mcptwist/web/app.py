@@ -18,11 +18,13 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from .. import __version__, jsonrpc
+from ..auth import ANONYMOUS, AuthFailure, Principal
 from ..config import BridgeConfig
 from ..routing import Backend
 from ..security import HostPolicy, OriginPolicy
 from ..session import SessionRegistry
 from . import legacy_sse, streamable
+from .access import PRM_PATH, AccessControl, principal_id, principal_of
 from .http import HTTPProblem, header, json_body
 from .sse import EventConnection, Heartbeat
 
@@ -86,31 +88,107 @@ class Gate(Resource):
         self.routes = routes
 
     def render(self, request: Any) -> Any:
-        request.setHeader(b"x-content-type-options", b"nosniff")
-        request.setHeader(b"cache-control", b"no-store")
+        access = self.app.access
+        access.common_headers(request)
         host = header(request, b"host")
         origin = header(request, b"origin")
         if not self.app.hosts.allows(host):
-            problem = HTTPProblem(
+            return HTTPProblem(
                 421,
                 jsonrpc.SERVER_UNAVAILABLE,
                 f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
-            )
-        elif not self.app.origins.allows(origin):
-            problem = HTTPProblem(
+            ).render(request)
+        if not self.app.origins.allows(origin):
+            return HTTPProblem(
                 403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
-            )
-        else:
-            handler, name = self._message_route(request)
-            if handler is not None:
-                return self._run(request, handler, name)
-            try:
-                return self.routes.render(request)
-            except BadHost:
-                problem = HTTPProblem(
-                    400, jsonrpc.INVALID_REQUEST, f"Bad Request: invalid Host header {host!r}"
-                )
-        return problem.render(request)
+            ).render(request)
+        preflight = access.cors(request, origin)
+        if preflight is not None:
+            return preflight
+        path = request.path
+        if path == b"/health":
+            return self._route(request)
+        if path.startswith(PRM_PATH):
+            return self._metadata(request, path)
+        try:
+            ip = access.client_ip(request)
+        except HTTPProblem as problem:
+            return problem.render(request)
+        if not access.auth.enabled:
+            return self._admitted(request, ip, ANONYMOUS)
+        d = access.authenticator.authenticate(
+            request.getHeader(b"authorization"), b"access_token" in request.args
+        )
+        settled: list[Any] = []
+        waiting: list[bool] = []
+
+        def outcome(result: Any) -> None:
+            if not waiting:
+                settled.append(result)
+                return
+            # Authentication had to wait (a JWKS fetch): answer from here.
+            if request.finished or request.channel is None:
+                return
+            body = self._admitted(request, ip, result)
+            if body is not NOT_DONE_YET:
+                request.write(body)
+                request.finish()
+
+        d.addBoth(outcome)
+        if settled:
+            return self._admitted(request, ip, settled[0])
+        waiting.append(True)
+        return NOT_DONE_YET
+
+    def _admitted(self, request: Any, ip: str | None, who: Principal | Failure) -> Any:
+        """Authorise an authenticated (or refused) request, then route it."""
+        access = self.app.access
+        route = request.path.decode("utf-8", "replace")
+        if isinstance(who, Failure):
+            if isinstance(who.value, AuthFailure):
+                return access.failure_problem(request, who.value, ip, route).render(request)
+            log.failure("while authenticating {path}", who, path=route)
+            return HTTPProblem(
+                500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
+            ).render(request)
+        request.principal = who
+        request.client_ip = ip
+        parts = request.path.split(b"/")
+        server = None
+        if len(parts) >= 3 and parts[1] == b"servers" and parts[2]:
+            server = parts[2].decode("utf-8", "replace")
+        try:
+            if parts[1:] == [b"servers"] or (server is not None and len(parts) == 3):
+                access.require_admin(who, ip, route)
+            access.authorise(request, who, ip, server, route)
+        except HTTPProblem as problem:
+            return problem.render(request)
+        handler, name = self._message_route(request)
+        if handler is not None:
+            return self._run(request, handler, name)
+        return self._route(request)
+
+    def _route(self, request: Any) -> Any:
+        try:
+            return self.routes.render(request)
+        except BadHost:
+            return HTTPProblem(
+                400,
+                jsonrpc.INVALID_REQUEST,
+                f"Bad Request: invalid Host header {header(request, b'host')!r}",
+            ).render(request)
+
+    def _metadata(self, request: Any, path: bytes) -> bytes:
+        """OAuth protected-resource metadata (RFC 9728), public by design."""
+        if request.method not in (b"GET", b"HEAD"):
+            return HTTPProblem(
+                405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers={b"allow": b"GET"}
+            ).render(request)
+        document = self.app.access.protected_resource(request, path)
+        if document is None:
+            return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
+        request.setHeader(b"cache-control", b"max-age=300")
+        return json_body(request, document)
 
     def _message_route(self, request: Any) -> tuple[Handler | None, str]:
         """The handler of a message endpoint (POST or DELETE on /servers/NAME/mcp,
@@ -186,11 +264,13 @@ class BridgeApp:
         backends: Mapping[str, Backend],
         registry: SessionRegistry,
         clock: IReactorTime,
+        access: AccessControl | None = None,
     ) -> None:
         self.config = config
         self.backends = backends
         self.registry = registry
         self.clock = clock
+        self.access = access if access is not None else AccessControl.from_config(config, clock)
         self.origins = OriginPolicy(config.allowed_origins)
         self.hosts = HostPolicy(config.allowed_hosts)
         self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
@@ -210,8 +290,23 @@ class BridgeApp:
 
     def stream(self, request: Any, label: str) -> EventConnection:
         """Start an SSE response on this request, kept alive by the heartbeat."""
+        principal = principal_id(request)
+        caps = self.access.caps
+        # Without authentication, max_sessions and the heartbeat bound streams.
+        counted = principal != "anonymous"
+        if counted and not caps.open_stream(principal):
+            raise HTTPProblem(
+                429,
+                jsonrpc.SERVER_UNAVAILABLE,
+                "Too Many Requests: this client already holds "
+                f"{self.config.limits.max_streams_per_principal} streams "
+                "(limits.max_streams_per_principal)",
+                headers={b"retry-after": b"5"},
+            )
         connection = EventConnection(request, self.clock, self.config.stream_buffer, label)
         self.heartbeat.add(connection)
+        if counted:
+            connection.done.addBoth(lambda _: caps.close_stream(principal))
         return connection
 
     # Streamable HTTP
@@ -244,6 +339,7 @@ class BridgeApp:
                         "sse": f"/servers/{name}/sse",
                     }
                     for name in self.backends
+                    if principal_of(request).may_use(name)
                 },
             },
         )
@@ -270,6 +366,11 @@ class BridgeApp:
                 )
         if problems:
             request.setResponseCode(503)
+        # Anyone may ask (load balancers have no token); with authentication on,
+        # the answer names no server.
+        if self.config.auth.enabled:
+            return json_body(request, {"status": "unhealthy" if problems else "ok"})
+        if problems:
             return json_body(request, {"status": "unhealthy", "servers": problems})
         return json_body(
             request,

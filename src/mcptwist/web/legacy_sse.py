@@ -16,7 +16,8 @@ from twisted.internet.defer import CancelledError
 from .. import jsonrpc, protocol
 from ..jsonrpc import Message, RequestId
 from ..routing import CapacityError
-from ..session import SessionLimitError
+from ..session import PrincipalLimitError, SessionLimitError
+from .access import principal_id
 from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event
 
@@ -61,7 +62,20 @@ async def stream(app: BridgeApp, request: Any, name: str) -> None:
         )
     sink = LegacySink()
     try:
-        session = app.registry.create(backend, "sse", lambda _: sink)
+        session = app.registry.create(
+            backend,
+            "sse",
+            lambda _: sink,
+            principal_id(request),
+            getattr(request, "client_ip", None),
+        )
+    except PrincipalLimitError as e:
+        raise HTTPProblem(
+            429,
+            jsonrpc.SERVER_UNAVAILABLE,
+            f"Too Many Requests: {e}",
+            headers={b"retry-after": b"60"},
+        ) from None
     except (SessionLimitError, CapacityError) as e:
         raise HTTPProblem(
             503,
@@ -87,7 +101,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes:
     values = args.get(b"session_id") or args.get(b"sessionId")
     if not values:
         raise HTTPProblem(400, jsonrpc.SERVER_UNAVAILABLE, "Bad Request: session_id is required")
-    session = app.registry.get(values[0].decode("latin-1"), name)
+    session = app.registry.get(values[0].decode("latin-1"), name, principal_id(request))
     if session is None or session.transport != "sse":
         raise HTTPProblem(
             404,

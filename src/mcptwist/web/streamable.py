@@ -22,7 +22,8 @@ from twisted.web.server import NOT_DONE_YET
 from .. import jsonrpc, protocol
 from ..jsonrpc import Kind, Message, RequestId
 from ..routing import CapacityError
-from ..session import ClientSession, SessionLimitError
+from ..session import ClientSession, PrincipalLimitError, SessionLimitError
+from .access import principal_id
 from .http import (
     HTTPProblem,
     header,
@@ -179,7 +180,7 @@ def _session(app: BridgeApp, request: Any, name: str) -> ClientSession:
             jsonrpc.SERVER_UNAVAILABLE,
             "Bad Request: Mcp-Session-Id header is required",
         )
-    session = app.registry.get(session_id, name)
+    session = app.registry.get(session_id, name, principal_id(request))
     if session is None:
         raise HTTPProblem(
             404,
@@ -236,7 +237,17 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
                 backend,
                 "streamable",
                 lambda _: StreamableSink(app.config.replay_events, app.config.stream_buffer),
+                principal_id(request),
+                getattr(request, "client_ip", None),
             )
+        except PrincipalLimitError as e:
+            raise HTTPProblem(
+                429,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Too Many Requests: {e}",
+                messages[0].get("id"),
+                {b"retry-after": b"60"},
+            ) from None
         except (SessionLimitError, CapacityError) as e:
             raise HTTPProblem(
                 503,

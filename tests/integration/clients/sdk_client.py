@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import ssl
 import sys
 import time
 import traceback
@@ -267,13 +268,34 @@ async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": False}
     with anyio.fail_after(opts.timeout):
         try:
+            headers = {"Authorization": f"Bearer {opts.bearer}"} if opts.bearer else None
+            verify: Any = ssl.create_default_context(cafile=opts.cafile) if opts.cafile else True
+
+            def client_factory(
+                headers: dict[str, str] | None = None,
+                timeout: httpx2.Timeout | None = None,
+                auth: httpx2.Auth | None = None,
+            ) -> httpx2.AsyncClient:
+                return httpx2.AsyncClient(
+                    headers=headers,
+                    timeout=timeout or httpx2.Timeout(30.0, read=300.0),
+                    auth=auth,
+                    verify=verify,
+                )
+
             if opts.transport == "http":
-                async with httpx2.AsyncClient(timeout=httpx2.Timeout(30.0, read=300.0)) as h:
+                async with client_factory(headers) as h:
                     transport = streamable_http_client(opts.url, http_client=h)
                     async with Client(transport, **kwargs) as c:
                         result = await run_scenario(c, opts)
             else:
-                transport = sse_client(opts.url, timeout=5.0, sse_read_timeout=300.0)
+                transport = sse_client(
+                    opts.url,
+                    headers=headers,
+                    timeout=5.0,
+                    sse_read_timeout=300.0,
+                    httpx_client_factory=client_factory,
+                )
                 async with Client(transport, **kwargs) as c:
                     result = await run_scenario(c, opts)
         except Exception as e:
@@ -307,6 +329,8 @@ def main() -> int:
     parser.add_argument("--mode", default="legacy")
     parser.add_argument("--timeout", type=float, default=45.0)
     parser.add_argument("--read-timeout", type=float, default=30.0)
+    parser.add_argument("--bearer", help="send Authorization: Bearer with every request")
+    parser.add_argument("--cafile", help="trust this CA (PEM) for https URLs")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("args", nargs="*")
     opts = parser.parse_args()

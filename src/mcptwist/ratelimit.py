@@ -1,0 +1,283 @@
+# -*- test-case-name: tests.test_ratelimit -*-
+"""Rate limits (token buckets) and concurrency caps per principal and IP.
+
+A request is checked against the bridge-wide buckets of its principal and
+its IP, then the buckets of the server it addresses (per principal, per IP,
+total). It spends one token from each only if every one of them allows it,
+so a refused request costs the client nothing.
+
+Buckets exist only for keys that were seen recently: a bucket that has
+refilled to its burst is indistinguishable from a new one, so it is dropped
+by L{RateLimiter.prune}, which runs every minute and whenever the table is
+full.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+
+from mcptwist.config import Bucket, LimitsConfig, ServerLimits
+
+MAX_KEYS: Final = 100_000
+PRUNE_INTERVAL: Final = 60.0
+# When the table is full, prune again on demand at most this often, and tell
+# refused new clients to retry after this long.
+CAPACITY_RETRY: Final = 1.0
+# Slack for float rounding: waiting exactly the advertised Retry-After
+# must be enough.
+_EPSILON: Final = 1e-9
+_MAX_RETRY_AFTER: Final = 86_400
+
+
+class TokenBucket:
+    """C{burst} tokens at most, refilled continuously at C{rate} per second."""
+
+    __slots__ = ("burst", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if not rate > 0 or not burst >= 1:
+            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1, not {rate}, {burst}")
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.updated = now
+
+    def _refill(self, now: float) -> None:
+        # A clock that went back refills nothing, and counts from the new time.
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        self.updated = now
+
+    def peek(self, now: float, cost: float = 1.0) -> float:
+        """Like L{take}, but spends nothing."""
+        self._refill(now)
+        missing = cost - self.tokens
+        return 0.0 if missing <= _EPSILON else missing / self.rate
+
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Spend C{cost} tokens if there are enough.
+
+        @return: 0.0 if they were spent, else the seconds until there are
+            enough (for C{Retry-After}); nothing is spent then.
+        """
+        wait = self.peek(now, cost)
+        if wait == 0.0:
+            self.tokens = max(0.0, self.tokens - cost)
+        return wait
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket is back at C{burst}, like a new one."""
+        self._refill(now)
+        return self.tokens >= self.burst
+
+
+@attrs.frozen
+class Refusal:
+    """Why a request was refused, and when to retry.
+
+    C{scope} is the first limit that refused, in check order:
+    C{"principal"}, C{"ip"}, C{"server-principal"}, C{"server-ip"},
+    C{"server-total"}, or C{"capacity"} (the bucket table is full).
+    C{retry_after} is the longest wait among all refusing limits, so that a
+    retry after it passes unless others spent the tokens meanwhile.
+    """
+
+    scope: str
+    retry_after: float
+
+
+_Key = tuple[str, str, str]  # (scope, server or "", principal or IP or "")
+
+
+class RateLimiter:
+    """The bridge's token buckets, created on demand and pruned when full.
+
+    The table holds at most C{max_keys} buckets. When a request needs new
+    buckets and the table is full, full buckets are pruned (at most once
+    per L{CAPACITY_RETRY} seconds); if that frees too little, the request is
+    refused with scope C{"capacity"}. That only refuses keys not seen
+    recently: a client whose buckets all exist is never refused for
+    capacity, and no limit is ever skipped, so flooding the table with new
+    IPs or principals can neither lift nor reset anyone's limits.
+    """
+
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        server_limits: Mapping[str, ServerLimits],
+        clock: IReactorTime,
+        *,
+        max_keys: int = MAX_KEYS,
+        prune_interval: float = PRUNE_INTERVAL,
+    ) -> None:
+        specs = [limits.per_principal, limits.per_ip]
+        for s in server_limits.values():
+            specs += [s.per_principal, s.per_ip, s.total]
+        for spec in specs:
+            if spec is not None and not (spec.rate > 0 and spec.burst >= 1):
+                raise ValueError(f"rate limit {spec} needs rate > 0 and burst >= 1")
+        self.limits = limits
+        self.server_limits = dict(server_limits)
+        self.max_keys = max_keys
+        self._clock = clock
+        self._buckets: dict[_Key, TokenBucket] = {}
+        self._next_forced_prune = float("-inf")
+        self._loop = LoopingCall(self.prune)
+        self._loop.clock = clock
+        self._interval = prune_interval
+
+    def __len__(self) -> int:
+        """How many buckets exist now."""
+        return len(self._buckets)
+
+    def start(self) -> None:
+        """Prune full buckets every C{prune_interval} seconds."""
+        if not self._loop.running:
+            self._loop.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def prune(self) -> int:
+        """Drop the buckets that are full (as good as new); return how many."""
+        now = self._clock.seconds()
+        full = [key for key, bucket in self._buckets.items() if bucket.full(now)]
+        for key in full:
+            del self._buckets[key]
+        return len(full)
+
+    def _applicable(
+        self, principal: str | None, ip: str | None, server: str | None
+    ) -> list[tuple[_Key, Bucket]]:
+        found: list[tuple[_Key, Bucket]] = []
+        if self.limits.per_principal is not None and principal is not None:
+            found.append((("principal", "", principal), self.limits.per_principal))
+        if self.limits.per_ip is not None and ip is not None:
+            found.append((("ip", "", ip), self.limits.per_ip))
+        limits = self.server_limits.get(server) if server is not None else None
+        if server is not None and limits is not None:
+            if limits.per_principal is not None and principal is not None:
+                found.append((("server-principal", server, principal), limits.per_principal))
+            if limits.per_ip is not None and ip is not None:
+                found.append((("server-ip", server, ip), limits.per_ip))
+            if limits.total is not None:
+                found.append((("server-total", server, ""), limits.total))
+        return found
+
+    def check(self, principal: str | None, ip: str | None, server: str | None) -> Refusal | None:
+        """Spend a token of every applicable bucket, or refuse and spend none.
+
+        C{principal} None (no authentication) skips the per-principal buckets,
+        C{ip} None (a local peer) the per-IP ones.
+        """
+        now = self._clock.seconds()
+        applicable = self._applicable(principal, ip, server)
+        scope: str | None = None
+        wait = 0.0
+        missing = 0
+        for key, _ in applicable:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                missing += 1  # a new bucket is full, so it allows
+                continue
+            needed = bucket.peek(now)
+            if needed > 0.0:
+                scope = scope or key[0]
+                wait = max(wait, needed)
+        if scope is not None:
+            return Refusal(scope, wait)
+        if missing and len(self._buckets) + missing > self.max_keys:
+            if now >= self._next_forced_prune:
+                self._next_forced_prune = now + CAPACITY_RETRY
+                self.prune()
+                # The prune may have dropped some of this request's own buckets.
+                missing = sum(key not in self._buckets for key, _ in applicable)
+            if len(self._buckets) + missing > self.max_keys:
+                return Refusal("capacity", CAPACITY_RETRY)
+        for key, spec in applicable:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(spec.rate, spec.burst, now)
+            bucket.take(now)
+        return None
+
+
+class _Counter:
+    """Open things per principal; a principal at zero has no entry."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def open(self, principal: str) -> bool:
+        count = self.counts.get(principal, 0)
+        if count >= self.limit:
+            return False
+        self.counts[principal] = count + 1
+        return True
+
+    def close(self, principal: str) -> None:
+        count = self.counts.get(principal, 0)
+        if count <= 1:
+            self.counts.pop(principal, None)
+        else:
+            self.counts[principal] = count - 1
+
+
+class Caps:
+    """How many SSE streams and sessions each principal may hold at once.
+
+    Every successful C{open_*} must be paired with one C{close_*}; closing
+    more than was opened is harmless.
+    """
+
+    def __init__(self, max_streams: int, max_sessions: int) -> None:
+        self._streams = _Counter(max_streams)
+        self._sessions = _Counter(max_sessions)
+
+    @classmethod
+    def from_limits(cls, limits: LimitsConfig) -> Caps:
+        return cls(limits.max_streams_per_principal, limits.max_sessions_per_principal)
+
+    def open_stream(self, principal: str) -> bool:
+        """Count a new stream, or return False if the principal is at its cap."""
+        return self._streams.open(principal)
+
+    def close_stream(self, principal: str) -> None:
+        self._streams.close(principal)
+
+    def open_session(self, principal: str) -> bool:
+        """Count a new session, or return False if the principal is at its cap."""
+        return self._sessions.open(principal)
+
+    def close_session(self, principal: str) -> None:
+        self._sessions.close(principal)
+
+    def streams(self, principal: str) -> int:
+        return self._streams.counts.get(principal, 0)
+
+    def sessions(self, principal: str) -> int:
+        return self._sessions.counts.get(principal, 0)
+
+    def __len__(self) -> int:
+        """How many counters exist (principals with anything open)."""
+        return len(self._streams.counts) + len(self._sessions.counts)
+
+
+def retry_after_header(seconds: float) -> bytes:
+    """A C{Retry-After} value: whole seconds, rounded up, at least 1.
+
+    Float noise just above a whole number is not rounded up; absurd values
+    (NaN, infinite, beyond a day) become 1 or a day.
+    """
+    if math.isnan(seconds):
+        return b"1"
+    whole = math.ceil(min(seconds, _MAX_RETRY_AFTER) - _EPSILON)
+    return str(max(1, whole)).encode("ascii")

@@ -1,0 +1,321 @@
+# -*- test-case-name: tests.test_access -*-
+"""Every request's admission: headers, CORS, client address, who, may they, how often.
+
+The L{Gate} asks, in this order: is the Host and Origin acceptable (DNS
+rebinding), is this a CORS preflight (answered here, before credentials,
+as browsers send none), which client is this (the peer, or what a trusted
+proxy says), is that client allowed on this listener and server, who is it
+(bearer token or JWT, through twisted.cred), may it use this server, and is
+it within its rate limits. Refusals are JSON-RPC error bodies with the
+status a client can act on, and each is written to the audit trail.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any, Final
+
+from .. import jsonrpc
+from ..audit import AuditTrail
+from ..auth import ANONYMOUS, Authenticator, AuthFailure, Principal
+from ..config import AuditConfig, BridgeConfig, ListenerConfig
+from ..ipfilter import AddressPolicy, forwarded_client
+from ..ratelimit import Caps, RateLimiter, retry_after_header
+from .http import HTTPProblem, header
+
+PRM_PATH: Final = b"/.well-known/oauth-protected-resource"
+# Headers a browser client may send, and may read, across origins.
+CORS_ALLOW_HEADERS: Final = (
+    b"authorization, content-type, accept, last-event-id, mcp-session-id, "
+    b"mcp-protocol-version, mcp-method, mcp-name"
+)
+CORS_EXPOSE_HEADERS: Final = b"mcp-session-id, mcp-protocol-version, www-authenticate, retry-after"
+CORS_METHODS: Final = b"GET, POST, DELETE, OPTIONS"
+CSP: Final = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+UNAUTHORIZED: Final = -32001
+
+
+class AccessControl:
+    """The admission rules of one configuration, shared by every listener."""
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        authenticator: Authenticator,
+        limiter: RateLimiter,
+        caps: Caps,
+        audit: AuditTrail,
+    ) -> None:
+        self.config = config
+        self.auth = config.auth
+        self.authenticator = authenticator
+        self.limiter = limiter
+        self.caps = caps
+        self.audit = audit
+        self.server_policies: Mapping[str, AddressPolicy] = {
+            name: AddressPolicy(allow=s.allow, deny=s.deny, unix_peers="allow")
+            for name, s in config.servers.items()
+            if s.allow or s.deny
+        }
+        self._listener_policies: dict[int, AddressPolicy] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: BridgeConfig,
+        clock: Any,
+        audit: AuditTrail | None = None,
+        fetch: Any = None,
+    ) -> AccessControl:
+        limits = config.limits
+        return cls(
+            config,
+            Authenticator(config.auth, clock, fetch),
+            RateLimiter(limits, {n: s.limits for n, s in config.servers.items()}, clock),
+            Caps(limits.max_streams_per_principal, limits.max_sessions_per_principal),
+            audit if audit is not None else AuditTrail(AuditConfig(), clock),
+        )
+
+    def start(self) -> None:
+        self.authenticator.start()
+        self.limiter.start()
+
+    def stop(self) -> None:
+        self.authenticator.stop()
+        self.limiter.stop()
+
+    # Headers every answer carries
+
+    def common_headers(self, request: Any) -> None:
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-security-policy", CSP)
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        listener = listener_of(request)
+        if listener is not None and listener.tls is not None and listener.tls.hsts_max_age:
+            request.setHeader(
+                b"strict-transport-security",
+                b"max-age=%d" % listener.tls.hsts_max_age,
+            )
+
+    # CORS
+
+    def cors(self, request: Any, origin: str | None) -> bytes | None:
+        """Add CORS headers for an allowed Origin; the answer to a preflight, if it is one."""
+        if origin is None:
+            return None
+        request.setHeader(b"access-control-allow-origin", origin.encode("latin-1"))
+        request.setHeader(b"vary", b"origin")
+        if request.method == b"OPTIONS" and request.getHeader(b"access-control-request-method"):
+            request.setResponseCode(204)
+            request.setHeader(b"access-control-allow-methods", CORS_METHODS)
+            request.setHeader(b"access-control-allow-headers", CORS_ALLOW_HEADERS)
+            request.setHeader(b"access-control-max-age", b"600")
+            return b""
+        request.setHeader(b"access-control-expose-headers", CORS_EXPOSE_HEADERS)
+        return None
+
+    # The client's address
+
+    def client_ip(self, request: Any) -> str | None:
+        """The client's IP: the peer, or, from a trusted proxy, what it forwarded.
+
+        None for a Unix-socket peer. Refuses (403) a forwarded client that the
+        listener's allow/deny lists exclude.
+        """
+        peer = getattr(request.getClientAddress(), "host", None)
+        listener = listener_of(request)
+        if peer is None or listener is None or not listener.trusted_proxies:
+            return peer
+        forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+        values = [v.decode("latin-1") for v in forwarded] if forwarded else []
+        client = forwarded_client(peer, values, listener.trusted_proxies)
+        if client is not None and client != peer:
+            policy = self._listener_policy(listener)
+            if not _allows(policy, client):
+                self.audit.ip_refused(peer=client, listener=listener.endpoint, scope="listener")
+                raise HTTPProblem(
+                    403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: your address is not allowed here"
+                )
+        return client
+
+    def _listener_policy(self, listener: ListenerConfig) -> AddressPolicy:
+        policy = self._listener_policies.get(id(listener))
+        if policy is None:
+            policy = AddressPolicy.from_listener(listener)
+            self._listener_policies[id(listener)] = policy
+        return policy
+
+    # Authentication
+
+    def failure_problem(
+        self, request: Any, failure: AuthFailure, ip: str | None, route: str
+    ) -> HTTPProblem:
+        """The 401 for missing or bad credentials (503 while keys cannot be had), audited."""
+        self.audit.auth_failure(peer=ip, reason=failure.reason, route=route)
+        if failure.status != 401:
+            return HTTPProblem(
+                failure.status,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Service Unavailable: cannot check credentials now ({failure.reason})",
+                headers={b"retry-after": b"30"},
+            )
+        challenge = self.authenticator.www_authenticate(self.metadata_url(request, route), failure)
+        return HTTPProblem(
+            401,
+            UNAUTHORIZED,
+            f"Unauthorized: {failure.reason}",
+            headers={b"www-authenticate": challenge},
+        )
+
+    def metadata_url(self, request: Any, route: str) -> str | None:
+        """The RFC 9728 metadata URL for a route, when OAuth discovery is configured."""
+        if not self.auth.authorization_servers:
+            return None
+        suffix = route if route.startswith("/servers/") else ""
+        return self.base_url(request) + PRM_PATH.decode() + suffix
+
+    def base_url(self, request: Any) -> str:
+        if self.auth.resource_url:
+            return self.auth.resource_url
+        scheme = "https" if request.isSecure() else "http"
+        host = header(request, b"host") or "localhost"
+        return f"{scheme}://{host}"
+
+    def protected_resource(self, request: Any, path: bytes) -> dict[str, Any] | None:
+        """The RFC 9728 document for C{/.well-known/oauth-protected-resource[/PATH]}."""
+        if not self.auth.authorization_servers:
+            return None
+        suffix = path[len(PRM_PATH) :].decode("utf-8", "replace")
+        if suffix and not _is_server_route(suffix, self.config.servers):
+            return None
+        document: dict[str, Any] = {
+            "resource": self.base_url(request) + suffix,
+            "authorization_servers": list(self.auth.authorization_servers),
+            "bearer_methods_supported": ["header"],
+            "resource_name": "mcptwist",
+        }
+        jwt = self.auth.jwt
+        if jwt is not None:
+            scopes = [jwt.admin_scope, jwt.server_scope_prefix + "*"]
+            scopes += [jwt.server_scope_prefix + name for name in self.config.servers]
+            document["scopes_supported"] = scopes
+        return document
+
+    # Authorisation and limits
+
+    def authorise(
+        self, request: Any, principal: Principal, ip: str | None, server: str | None, route: str
+    ) -> None:
+        """Raise the HTTPProblem that refuses this principal this route, if any."""
+        if server is not None and not principal.may_use(server):
+            self.audit.access_refused(
+                principal=identity(principal), peer=ip, server=server, route=route
+            )
+            # The same answer whether or not the server exists.
+            raise HTTPProblem(
+                403,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Forbidden: {principal.name!r} may not use this server",
+            )
+        if server is not None and ip is not None:
+            policy = self.server_policies.get(server)
+            if policy is not None and not _allows(policy, ip):
+                self.audit.ip_refused(peer=ip, listener=server, scope="server")
+                raise HTTPProblem(
+                    403,
+                    jsonrpc.SERVER_UNAVAILABLE,
+                    "Forbidden: your address may not use this server",
+                )
+        # Without authentication every client is "anonymous": only per-IP limits
+        # can tell them apart.
+        # A loopback or Unix peer is a local user or a proxy: limiting its
+        # address would throttle everyone behind it at once.
+        who = identity(principal) if principal is not ANONYMOUS else None
+        refusal = self.limiter.check(who, None if _is_local(ip) else ip, server)
+        if refusal is not None:
+            self.audit.rate_limited(
+                principal=identity(principal),
+                peer=ip,
+                server=server,
+                scope=refusal.scope,
+                retry_after=refusal.retry_after,
+            )
+            raise HTTPProblem(
+                429,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Too Many Requests: the {refusal.scope} rate limit is reached; retry later",
+                headers={b"retry-after": retry_after_header(refusal.retry_after)},
+            )
+
+    def require_admin(self, principal: Principal, ip: str | None, route: str) -> None:
+        if not principal.admin:
+            self.audit.access_refused(
+                principal=identity(principal), peer=ip, server=None, route=route
+            )
+            raise HTTPProblem(
+                403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: this needs the admin scope"
+            )
+
+
+def listener_of(request: Any) -> ListenerConfig | None:
+    """The listener a request came in on (each listener has its own Site)."""
+    site = getattr(request, "site", None)
+    return getattr(site, "listener", None)
+
+
+def principal_of(request: Any) -> Principal:
+    """Who made this request (set by the Gate before any handler runs)."""
+    principal: Principal = getattr(request, "principal", ANONYMOUS)
+    return principal
+
+
+def identity(principal: Principal) -> str:
+    """A principal's key for sessions and limits: a token and a JWT subject of
+    the same name are different clients."""
+    if principal.kind == "anonymous":
+        return "anonymous"
+    return f"{principal.kind}:{principal.name}"
+
+
+def principal_id(request: Any) -> str:
+    return identity(principal_of(request))
+
+
+def _is_local(ip: str | None) -> bool:
+    if ip is None:
+        return True
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
+
+
+def _allows(policy: AddressPolicy, ip: str) -> bool:
+    try:
+        return policy.allows_ip(ipaddress.ip_address(ip.split("%", 1)[0]))
+    except ValueError:
+        return False
+
+
+def _is_server_route(path: str, servers: Mapping[str, object]) -> bool:
+    parts = path.split("/")
+    return (
+        len(parts) == 4
+        and parts[1] == "servers"
+        and parts[2] in servers
+        and parts[3] in ("mcp", "sse", "messages")
+    )
+
+
+__all__ = [
+    "AccessControl",
+    "AuthFailure",
+    "identity",
+    "listener_of",
+    "principal_id",
+    "principal_of",
+]

@@ -1,0 +1,451 @@
+"""Admission over the live HTTP surface, in memory: every route, both transports,
+every kind of credential, with the audit trail read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import jwt
+from treq.testing import StubTreq
+from twisted.trial.unittest import SynchronousTestCase
+
+from mcptwist import jsonrpc
+from mcptwist.audit import AuditTrail
+from mcptwist.auth import hash_token
+from mcptwist.config import (
+    AuditConfig,
+    AuthConfig,
+    BridgeConfig,
+    Bucket,
+    JWTConfig,
+    LimitsConfig,
+    ServerConfig,
+    ServerLimits,
+    TokenConfig,
+)
+from mcptwist.ipfilter import parse_networks
+from mcptwist.routing import make_backend
+from mcptwist.session import SessionRegistry
+from mcptwist.web.access import AccessControl
+from mcptwist.web.app import BridgeApp
+
+from .fakes import FakeProcessReactor
+
+SECRET = b"a shared secret of at least thirty-two bytes"
+AUDIENCE = "https://mcp.example.com"
+ISSUER = "https://auth.example.com"
+TOKENS = {"alice": "mcpt_alice_token", "ops": "mcpt_ops_token", "bob": "mcpt_bob_token"}
+JSON = {"accept": "application/json", "content-type": "application/json"}
+INIT = jsonrpc.request(
+    1,
+    "initialize",
+    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
+)
+
+
+class Bridge:
+    """Two servers, s and t, behind the gate, with static tokens and JWT."""
+
+    def __init__(self, test: SynchronousTestCase, **settings: Any) -> None:
+        self.test = test
+        self.reactor = FakeProcessReactor()
+        directory = test.mktemp()
+        os.makedirs(directory)
+        key_file = os.path.join(directory, "jwt.secret")
+        with open(key_file, "wb") as f:
+            f.write(SECRET)
+        self.audit_path = os.path.join(directory, "audit.jsonl")
+        servers = {
+            name: ServerConfig(name=name, command="fake", **settings.pop(f"server_{name}", {}))
+            for name in ("s", "t")
+        }
+        auth = AuthConfig(
+            tokens=(
+                TokenConfig("alice", hash_token(TOKENS["alice"]), frozenset({"s"})),
+                TokenConfig("ops", hash_token(TOKENS["ops"]), frozenset({"*"}), admin=True),
+                TokenConfig("bob", hash_token(TOKENS["bob"]), frozenset({"t"})),
+            ),
+            jwt=JWTConfig(
+                algorithms=("HS256",),
+                audience=(AUDIENCE,),
+                issuer=ISSUER,
+                key_file=key_file,
+            ),
+            resource_url=AUDIENCE,
+            authorization_servers=(ISSUER,),
+        )
+        self.config = BridgeConfig(servers=servers, auth=auth, **settings)
+        self.audit = AuditTrail(AuditConfig(path=self.audit_path), self.reactor)
+        self.audit.start()
+        self.backends = {
+            n: make_backend(s, self.reactor, {}, self.audit) for n, s in servers.items()
+        }
+        for backend in self.backends.values():
+            backend.startService()
+        self.access = AccessControl.from_config(self.config, self.reactor, self.audit)
+        self.registry = SessionRegistry(self.reactor, 100, caps=self.access.caps, audit=self.audit)
+        self.app = BridgeApp(self.config, self.backends, self.registry, self.reactor, self.access)
+        self.client = StubTreq(self.app.resource())
+        test.addCleanup(self.close)
+
+    def close(self) -> None:
+        self.registry.stopService()
+        self.client.flush()
+        self.audit.stop()
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, Any]:
+        """(status, headers, JSON body or None) of one request."""
+        data = jsonrpc.dumps(body) if body is not None else None
+        d = self.client.request(method, "http://127.0.0.1" + path, data=data, headers=headers or {})
+        self.client.flush()
+        response = self.test.successResultOf(d)
+        if response.headers.getRawHeaders("content-type") == ["text/event-stream"]:
+            return response.code, response.headers, None
+        d = self.client.content(response)
+        self.client.flush()
+        content = self.test.successResultOf(d)
+        return response.code, response.headers, json.loads(content) if content else None
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        with open(self.audit_path, "rb") as f:
+            lines = [json.loads(line) for line in f]
+        return [e for e in lines if kind is None or e["event"] == kind]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def make_jwt(**claims: Any) -> str:
+    # PyJWT checks times against the real clock.
+    now = int(time.time())
+    base = {"sub": "carol", "aud": AUDIENCE, "iss": ISSUER, "exp": now + 3600, "iat": now}
+    base.update(claims)
+    return jwt.encode({k: v for k, v in base.items() if v is not None}, SECRET, "HS256")
+
+
+# Every route, with the method that reaches it.
+ROUTES = [
+    ("POST", "/servers/s/mcp", INIT, JSON),
+    ("GET", "/servers/s/mcp", None, {"accept": "text/event-stream", "mcp-session-id": "x"}),
+    ("DELETE", "/servers/s/mcp", None, {"mcp-session-id": "x"}),
+    ("GET", "/servers/s/sse", None, {"accept": "text/event-stream"}),
+    ("POST", "/servers/s/messages?session_id=x", jsonrpc.notification("n"), JSON),
+    ("GET", "/servers/s", None, {}),
+    ("GET", "/servers", None, {}),
+    ("GET", "/", None, {}),
+    ("GET", "/servers/nonexistent/mcp", None, {"accept": "text/event-stream"}),
+]
+
+
+class AuthenticationMatrixTests(SynchronousTestCase):
+    """Missing or bad credentials: 401 with a challenge and a JSON-RPC body, on every route."""
+
+    def setUp(self) -> None:
+        self.bridge = Bridge(self)
+
+    def check_401(self, headers: dict[str, str], reason: str | None) -> None:
+        for method, path, body, extra in ROUTES:
+            status, response_headers, answer = self.bridge.request(
+                method, path, body, {**extra, **headers}
+            )
+            self.assertEqual(status, 401, (method, path, headers))
+            self.assertEqual(answer["error"]["code"], -32001)
+            self.assertEqual(answer["jsonrpc"], "2.0")
+            [challenge] = response_headers.getRawHeaders("www-authenticate")
+            self.assertTrue(challenge.startswith("Bearer "), challenge)
+            self.assertIn('resource_metadata="https://mcp.example.com/.well-known/', challenge)
+            if path.startswith("/servers/s/mcp"):
+                self.assertIn("oauth-protected-resource/servers/s/mcp", challenge)
+            if reason is not None:
+                self.assertIn(reason, answer["error"]["message"])
+            for token in TOKENS.values():
+                self.assertNotIn(token, json.dumps(answer))
+        failures = self.bridge.events("auth_failure")
+        self.assertEqual(len(failures), len(ROUTES))
+        self.assertEqual({e["route"] for e in failures}, {r[1].split("?")[0] for r in ROUTES})
+        self.assertEqual({e["peer"] for e in failures}, {"127.0.0.1"})
+        text = Path(self.bridge.audit_path).read_text()
+        for token in TOKENS.values():
+            self.assertNotIn(token, text)
+
+    def test_no_credentials(self) -> None:
+        self.check_401({}, None)
+
+    def test_malformed_header(self) -> None:
+        self.check_401({"authorization": "Basic YWxpY2U6cHc="}, None)
+
+    def test_wrong_token(self) -> None:
+        self.check_401(bearer("mcpt_not_a_token"), None)
+
+    def test_expired_jwt(self) -> None:
+        self.check_401(bearer(make_jwt(exp=int(time.time()) - 3600)), "expired")
+
+    def test_wrong_audience(self) -> None:
+        self.check_401(bearer(make_jwt(aud="https://other.example.com")), "audience")
+
+    def test_wrong_issuer(self) -> None:
+        self.check_401(bearer(make_jwt(iss="https://evil.example.com")), "issuer")
+
+    def test_token_in_query_string_refused(self) -> None:
+        status, _, answer = self.bridge.request(
+            "POST", f"/servers/s/mcp?access_token={TOKENS['alice']}", INIT, JSON
+        )
+        self.assertEqual(status, 401)
+        self.assertNotIn(TOKENS["alice"], json.dumps(answer))
+
+
+class AuthorisationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.bridge = Bridge(self)
+
+    def test_token_for_another_server_gets_403_whether_or_not_it_exists(self) -> None:
+        for path in ("/servers/t/mcp", "/servers/nonexistent/mcp", "/servers/t/sse"):
+            status, _, answer = self.bridge.request(
+                "POST" if path.endswith("mcp") else "GET",
+                path,
+                INIT,
+                {
+                    **JSON,
+                    "accept": "application/json, text/event-stream",
+                    **bearer(TOKENS["alice"]),
+                },
+            )
+            self.assertEqual(status, 403, path)
+            self.assertNotIn("exist", answer["error"]["message"])
+        refused = self.bridge.events("access_refused")
+        self.assertEqual([e["server"] for e in refused], ["t", "nonexistent", "t"])
+        self.assertEqual({e["principal"] for e in refused}, {"token:alice"})
+
+    def test_allowed_server_works_on_both_transports(self) -> None:
+        status, _, answer = self.bridge.request(
+            "POST", "/servers/s/mcp", INIT, {**JSON, **bearer(TOKENS["alice"])}
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(answer["result"]["protocolVersion"], "2025-06-18")
+        status, _, _ = self.bridge.request(
+            "GET",
+            "/servers/s/sse",
+            None,
+            {"accept": "text/event-stream", **bearer(TOKENS["alice"])},
+        )
+        self.assertEqual(status, 200)
+        [opened, *_] = self.bridge.events("session_opened")
+        self.assertEqual((opened["principal"], opened["server"]), ("token:alice", "s"))
+
+    def test_jwt_grants_by_scope(self) -> None:
+        token = make_jwt(scope="mcp:server:t")
+        status, _, _ = self.bridge.request(
+            "POST", "/servers/t/mcp", INIT, {**JSON, **bearer(token)}
+        )
+        self.assertEqual(status, 200)
+        status, _, _ = self.bridge.request(
+            "POST", "/servers/s/mcp", INIT, {**JSON, **bearer(token)}
+        )
+        self.assertEqual(status, 403)
+
+    def test_status_routes_need_admin(self) -> None:
+        for path in ("/servers", "/servers/s"):
+            status, _, _ = self.bridge.request("GET", path, None, bearer(TOKENS["alice"]))
+            self.assertEqual(status, 403, path)
+            status, _, _ = self.bridge.request("GET", path, None, bearer(TOKENS["ops"]))
+            self.assertEqual(status, 200, path)
+        status, _, _ = self.bridge.request(
+            "GET", "/servers", None, bearer(make_jwt(scope="mcp:admin"))
+        )
+        self.assertEqual(status, 200)
+
+    def test_index_lists_only_usable_servers(self) -> None:
+        _, _, index = self.bridge.request("GET", "/", None, bearer(TOKENS["alice"]))
+        self.assertEqual(list(index["servers"]), ["s"])
+        _, _, index = self.bridge.request("GET", "/", None, bearer(TOKENS["ops"]))
+        self.assertEqual(sorted(index["servers"]), ["s", "t"])
+
+    def test_health_is_public_and_names_nothing(self) -> None:
+        status, _, body = self.bridge.request("GET", "/health", None, {})
+        self.assertEqual(status, 200)
+        self.assertEqual(body, {"status": "ok"})
+
+    def test_session_bound_to_its_principal(self) -> None:
+        status, headers, _ = self.bridge.request(
+            "POST", "/servers/s/mcp", INIT, {**JSON, **bearer(TOKENS["alice"])}
+        )
+        [session] = headers.getRawHeaders("mcp-session-id")
+        ping = jsonrpc.request(2, "ping")
+        for token in (TOKENS["ops"], make_jwt(sub="alice", scope="mcp:server:*")):
+            status, _, answer = self.bridge.request(
+                "POST", "/servers/s/mcp", ping, {**JSON, "mcp-session-id": session, **bearer(token)}
+            )
+            self.assertEqual(status, 404)
+            self.assertEqual(answer["error"]["code"], -32001)
+        status, _, answer = self.bridge.request(
+            "POST",
+            "/servers/s/mcp",
+            ping,
+            {**JSON, "mcp-session-id": session, **bearer(TOKENS["alice"])},
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(answer["id"], 2)
+
+    def test_protected_resource_metadata(self) -> None:
+        status, _, document = self.bridge.request(
+            "GET", "/.well-known/oauth-protected-resource/servers/s/mcp", None, {}
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(document["resource"], "https://mcp.example.com/servers/s/mcp")
+        self.assertEqual(document["authorization_servers"], [ISSUER])
+        self.assertEqual(document["bearer_methods_supported"], ["header"])
+        self.assertIn("mcp:server:s", document["scopes_supported"])
+        status, _, document = self.bridge.request(
+            "GET", "/.well-known/oauth-protected-resource", None, {}
+        )
+        self.assertEqual((status, document["resource"]), (200, "https://mcp.example.com"))
+        status, _, _ = self.bridge.request(
+            "GET", "/.well-known/oauth-protected-resource/servers/zzz/mcp", None, {}
+        )
+        self.assertEqual(status, 404)
+
+
+class RequestAuditTests(SynchronousTestCase):
+    def test_a_tool_call_is_audited_without_its_arguments(self) -> None:
+        bridge = Bridge(self)
+        headers = {**JSON, **bearer(TOKENS["alice"])}
+        _, response_headers, _ = bridge.request("POST", "/servers/s/mcp", INIT, headers)
+        [session] = response_headers.getRawHeaders("mcp-session-id")
+        headers["mcp-session-id"] = session
+        bridge.request(
+            "POST", "/servers/s/mcp", jsonrpc.notification("notifications/initialized"), headers
+        )
+        call = jsonrpc.request(
+            7, "tools/call", {"name": "echo", "arguments": {"text": "top secret value"}}
+        )
+        status, _, answer = bridge.request("POST", "/servers/s/mcp", call, headers)
+        self.assertEqual(status, 200, answer)
+        [event] = [e for e in bridge.events("request") if e["method"] == "tools/call"]
+        self.assertEqual(event["name"], "echo")
+        self.assertEqual(event["principal"], "token:alice")
+        self.assertEqual(event["peer"], "127.0.0.1")
+        self.assertEqual(event["server"], "s")
+        self.assertEqual(event["session"], session)
+        self.assertEqual(event["status"], "ok")
+        self.assertEqual(event["arg_size"], len(b'{"text":"top secret value"}'))
+        self.assertEqual(len(event["arg_sha256"]), 64)
+        self.assertIsInstance(event["child_pid"], int)
+        self.assertNotIn("top secret value", Path(bridge.audit_path).read_text())
+
+    def test_arguments_written_when_the_server_asks(self) -> None:
+        bridge = Bridge(self, server_s={"audit_arguments": True})
+        headers = {**JSON, **bearer(TOKENS["alice"])}
+        _, response_headers, _ = bridge.request("POST", "/servers/s/mcp", INIT, headers)
+        headers["mcp-session-id"] = response_headers.getRawHeaders("mcp-session-id")[0]
+        call = jsonrpc.request(7, "tools/call", {"name": "echo", "arguments": {"text": "hi"}})
+        bridge.request("POST", "/servers/s/mcp", call, headers)
+        [event] = [e for e in bridge.events("request") if e["method"] == "tools/call"]
+        self.assertEqual(event["arguments"], {"text": "hi"})
+
+
+class RateLimitTests(SynchronousTestCase):
+    def test_burst_then_429_with_retry_after_and_other_clients_unaffected(self) -> None:
+        limits = LimitsConfig(per_principal=Bucket(1.0, 5), per_ip=None)
+        bridge = Bridge(self, limits=limits)
+        alice = bearer(TOKENS["alice"])
+        answers = [bridge.request("GET", "/", None, alice) for _ in range(8)]
+        self.assertEqual([a[0] for a in answers], [200] * 5 + [429] * 3)
+        _, headers, body = answers[5]
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["1"])
+        self.assertIn("rate limit", body["error"]["message"])
+        self.assertEqual(bridge.request("GET", "/", None, bearer(TOKENS["ops"]))[0], 200)
+        bridge.reactor.advance(1.0)
+        self.assertEqual(bridge.request("GET", "/", None, alice)[0], 200)
+        limited = bridge.events("rate_limited")
+        self.assertEqual(len(limited), 3)
+        self.assertEqual({e["principal"] for e in limited}, {"token:alice"})
+
+    def test_per_server_limit(self) -> None:
+        bridge = Bridge(
+            self,
+            server_s={"limits": ServerLimits(per_principal=Bucket(1.0, 2))},
+            limits=LimitsConfig(per_principal=None, per_ip=None),
+        )
+        ops = {**JSON, **bearer(TOKENS["ops"])}
+        codes = [bridge.request("POST", "/servers/s/mcp", INIT, ops)[0] for _ in range(3)]
+        self.assertEqual(codes, [200, 200, 429])
+        self.assertEqual(bridge.request("POST", "/servers/t/mcp", INIT, ops)[0], 200)
+
+
+class ServerAddressRuleTests(SynchronousTestCase):
+    def test_server_allow_list(self) -> None:
+        bridge = Bridge(self, server_s={"allow": parse_networks(["10.0.0.0/8"])})
+        ops = {**JSON, **bearer(TOKENS["ops"])}
+        self.assertEqual(bridge.request("POST", "/servers/s/mcp", INIT, ops)[0], 403)
+        self.assertEqual(bridge.request("POST", "/servers/t/mcp", INIT, ops)[0], 200)
+        [event] = bridge.events("ip_refused")
+        self.assertEqual((event["peer"], event["scope"]), ("127.0.0.1", "server"))
+
+
+class CORSTests(SynchronousTestCase):
+    def test_preflight_answered_without_credentials(self) -> None:
+        bridge = Bridge(self, allowed_origins=("https://app.example.com",))
+        status, headers, _ = bridge.request(
+            "OPTIONS",
+            "/servers/s/mcp",
+            None,
+            {
+                "origin": "https://app.example.com",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization, content-type, mcp-session-id",
+            },
+        )
+        self.assertEqual(status, 204)
+        self.assertEqual(
+            headers.getRawHeaders("access-control-allow-origin"), ["https://app.example.com"]
+        )
+        allowed = headers.getRawHeaders("access-control-allow-headers")[0]
+        for name in ("authorization", "content-type", "mcp-session-id", "mcp-protocol-version"):
+            self.assertIn(name, allowed)
+        self.assertIn("POST", headers.getRawHeaders("access-control-allow-methods")[0])
+
+    def test_session_id_exposed_and_security_headers(self) -> None:
+        bridge = Bridge(self, allowed_origins=("https://app.example.com",))
+        status, headers, _ = bridge.request(
+            "POST",
+            "/servers/s/mcp",
+            INIT,
+            {**JSON, **bearer(TOKENS["alice"]), "origin": "https://app.example.com"},
+        )
+        self.assertEqual(status, 200)
+        self.assertIn("mcp-session-id", headers.getRawHeaders("access-control-expose-headers")[0])
+        self.assertEqual(headers.getRawHeaders("x-content-type-options"), ["nosniff"])
+        self.assertEqual(headers.getRawHeaders("cache-control"), ["no-store"])
+        self.assertIn("default-src 'none'", headers.getRawHeaders("content-security-policy")[0])
+        # Plain HTTP: no HSTS.
+        self.assertIsNone(headers.getRawHeaders("strict-transport-security"))
+
+    def test_other_origin_refused(self) -> None:
+        bridge = Bridge(self, allowed_origins=("https://app.example.com",))
+        status, headers, _ = bridge.request(
+            "OPTIONS",
+            "/servers/s/mcp",
+            None,
+            {"origin": "https://evil.example.com", "access-control-request-method": "POST"},
+        )
+        self.assertEqual(status, 403)
+        self.assertIsNone(headers.getRawHeaders("access-control-allow-origin"))
+
+
+class AnonymousTests(SynchronousTestCase):
+    def test_without_auth_everything_is_open_on_loopback(self) -> None:
+        bridge = Bridge(self)
+        config = attrs.evolve(bridge.config, auth=AuthConfig())
+        app = BridgeApp(config, bridge.backends, bridge.registry, bridge.reactor)
+        client = StubTreq(app.resource())
+        d = client.get("http://127.0.0.1/servers")
+        client.flush()
+        self.assertEqual(self.successResultOf(d).code, 200)
