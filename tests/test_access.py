@@ -302,15 +302,47 @@ class AuthorisationTests(SynchronousTestCase):
         self.assertEqual(document["resource"], "https://mcp.example.com/servers/s/mcp")
         self.assertEqual(document["authorization_servers"], [ISSUER])
         self.assertEqual(document["bearer_methods_supported"], ["header"])
-        self.assertIn("mcp:server:s", document["scopes_supported"])
+        self.assertEqual(document["scopes_supported"], ["mcp:server:*", "mcp:admin"])
         status, _, document = self.bridge.request(
             "GET", "/.well-known/oauth-protected-resource", None, {}
         )
         self.assertEqual((status, document["resource"]), (200, "https://mcp.example.com"))
-        status, _, _ = self.bridge.request(
+        # An unknown server gets the same kind of answer: the document reveals nothing.
+        status, _, document = self.bridge.request(
             "GET", "/.well-known/oauth-protected-resource/servers/zzz/mcp", None, {}
         )
+        self.assertEqual(
+            (status, document["resource"]), (200, "https://mcp.example.com/servers/zzz/mcp")
+        )
+        status, _, _ = self.bridge.request(
+            "GET", "/.well-known/oauth-protected-resource/elsewhere", None, {}
+        )
         self.assertEqual(status, 404)
+
+
+class PathTests(SynchronousTestCase):
+    def test_escaped_and_odd_paths_never_reach_a_route(self) -> None:
+        """The gate authorises on the raw path and Klein routes on decoded
+        segments: any path where the two could differ is refused."""
+        bridge = Bridge(self)
+        alice = {"accept": "text/event-stream", **bearer(TOKENS["alice"])}
+        for path in (
+            "//servers",
+            "/%73ervers",
+            "//servers/t",
+            "/%73ervers/t",
+            "//servers/t/sse",
+            "/%2Fservers/t/sse",
+            "/servers%2Ft%2Fsse",
+            "/servers/%73/sse",
+            "/servers/t/sse/",
+            "/servers/",
+            "/servers/s/../t/sse",
+            "/servers/./t/sse",
+        ):
+            status, _, _ = bridge.request("GET", path, None, alice)
+            self.assertEqual(status, 404, path)
+        self.assertEqual(bridge.events("session_opened"), [])
 
 
 class RequestAuditTests(SynchronousTestCase):
@@ -449,3 +481,21 @@ class AnonymousTests(SynchronousTestCase):
         d = client.get("http://127.0.0.1/servers")
         client.flush()
         self.assertEqual(self.successResultOf(d).code, 200)
+
+
+class StreamCapTests(SynchronousTestCase):
+    def test_refused_stream_leaves_no_session_behind(self) -> None:
+        limits = LimitsConfig(max_streams_per_principal=1)
+        bridge = Bridge(self, limits=limits)
+        alice = {"accept": "text/event-stream", **bearer(TOKENS["alice"])}
+        self.assertEqual(bridge.request("GET", "/servers/s/sse", None, alice)[0], 200)
+        status, headers, body = bridge.request("GET", "/servers/s/sse", None, alice)
+        self.assertEqual(status, 429)
+        self.assertIn("max_streams_per_principal", body["error"]["message"])
+        self.assertEqual(len(bridge.registry.sessions), 1)
+        # An SSE-only initialize refused for its stream leaves no session either.
+        sse_only = {**alice, "content-type": "application/json"}
+        status, headers, _ = bridge.request("POST", "/servers/s/mcp", INIT, sse_only)
+        self.assertEqual(status, 429)
+        self.assertIsNone(headers.getRawHeaders("mcp-session-id"))
+        self.assertEqual(len(bridge.registry.sessions), 1)

@@ -286,6 +286,11 @@ path = "${{D}}/audit.jsonl"
             f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\nalgorithms = ["none"]': "auth.jwt.algorithms[0]",
             "[limits]\nper_ip = { rate = 0 }": "limits.per_ip.rate",
             '[audit]\npath = "/nonexistent/dir/audit.jsonl"': "audit.path",
+            f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\nalgorithms = ["ES256"]': "auth.jwt.key_file",
+            '[auth.jwt]\naudience = ["x"]\njwks_url = "http://localhost@evil.example/j"': "auth.jwt.jwks_url",
+            '[[listeners]]\nendpoint = "tcp:1"\ntls = {}': "listeners[0].tls.certificate",
+            'listen = ["haproxy:tcp:1"]': "listen[0]",
+            '[auth]\nauthorization_servers = ["https://a"]': "auth.resource_url",
         }
         for text, key in cases.items():
             error = self.error(text)
@@ -391,6 +396,12 @@ class ShippedExamplesTests(SynchronousTestCase):
         public = ca.key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         Path(files, "jwt-public.pem").write_bytes(public)
         environ = {"MCPTWIST_ETC": files, "MCPTWIST_LOG": files}
+        from twisted.internet.testing import MemoryReactorClock
+
+        from mcptwist.service import BridgeService
+
         for path in examples:
             config = load_config(path, environ)
             self.assertTrue(config.servers, path)
+            # What twistd builds from it, short of listening.
+            BridgeService(config, MemoryReactorClock(), {})

@@ -297,6 +297,36 @@ def _load_key_file(path: str, algorithms: tuple[str, ...]) -> bytes | PublicKey:
     raise ValueError(f"{path}: unsupported key type {type(key).__name__}")
 
 
+def check_key_file(path: str, algorithms: tuple[str, ...]) -> None:
+    """Raise ValueError (naming the problem and its fix) if the key file cannot
+    verify these algorithms: called while the configuration is read."""
+    _load_key_file(path, algorithms)
+
+
+def key_file_algorithms(path: str) -> tuple[str, ...]:
+    """The algorithm a key file's key type signs with, when none are configured."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return ("RS256",)
+    if b"-----BEGIN" not in data:
+        return ("HS256",)
+    key: Any
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        try:
+            key = x509.load_pem_x509_certificate(data).public_key()
+        except ValueError:
+            return ("RS256",)
+    if isinstance(key, EllipticCurvePublicKey):
+        return ({"secp384r1": "ES384", "secp521r1": "ES512"}.get(key.curve.name, "ES256"),)
+    if isinstance(key, Ed25519PublicKey | Ed448PublicKey):
+        return ("EdDSA",)
+    return ("RS256",)
+
+
 @implementer(ICredentialsChecker)
 class JWTChecker:
     """Verifies JWTs with PyJWT and maps their claims to a L{Principal}.

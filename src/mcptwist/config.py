@@ -754,7 +754,7 @@ def _parse_listeners(top: _Reader) -> list[ListenerConfig]:
         check_endpoint(top.source, r.key("endpoint"), endpoint)
         tls = None
         tls_table = r.table_at("tls")
-        if tls_table:
+        if "tls" in table:
             t = _Reader(top.source, f"listeners[{i}].tls.", tls_table, top.environ)
             certificate = t.string("certificate", required=True)
             assert certificate is not None
@@ -857,6 +857,13 @@ def _parse_auth(top: _Reader) -> AuthConfig:
         authorization_servers=r.strings("authorization_servers"),
     )
     r.finish()
+    if auth.authorization_servers and auth.resource_url is None:
+        raise r.error(
+            "resource_url",
+            "is missing: OAuth metadata must name the bridge's public URL "
+            "(it is not taken from the request's Host header)",
+            'write resource_url = "https://mcp.example.com" (the URL clients use)',
+        )
     if auth.jwt is not None and not auth.authorization_servers:
         raise r.error(
             "authorization_servers",
@@ -873,7 +880,14 @@ JWT_ALGORITHMS: Final = (
 
 
 def _parse_jwt(r: _Reader) -> JWTConfig:
-    algorithms = r.strings("algorithms", ("RS256", "ES256", "EdDSA"))
+    from .auth import check_key_file, key_file_algorithms
+
+    key_path = r.table.get("key_file")
+    default: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    if isinstance(key_path, str) and "algorithms" not in r.table:
+        # One public key verifies one family: take the one its type signs with.
+        default = key_file_algorithms(r.expand("key_file", key_path))
+    algorithms = r.strings("algorithms", default)
     for i, algorithm in enumerate(algorithms):
         if algorithm not in JWT_ALGORITHMS:
             raise r.error(
@@ -900,9 +914,17 @@ def _parse_jwt(r: _Reader) -> JWTConfig:
         raise r.error(
             "key_file", f"{key_file!r} does not exist", "give a PEM file (or the HS* secret file)"
         )
-    if jwks_url is not None and not jwks_url.startswith(
-        ("https://", "http://127.0.0.1", "http://localhost")
-    ):
+    if key_file is not None:
+        try:
+            check_key_file(key_file, algorithms)
+        except (OSError, ValueError) as e:
+            raise r.error(
+                "key_file",
+                f"cannot verify {', '.join(algorithms)} ({e})",
+                "give the identity provider's public key (PEM) and the algorithms it signs "
+                "with, or leave algorithms out to use the key's own",
+            ) from None
+    if jwks_url is not None and not _safe_jwks_url(jwks_url):
         raise r.error(
             "jwks_url",
             f"{jwks_url!r} is not an https URL",
@@ -927,6 +949,19 @@ def _parse_jwt(r: _Reader) -> JWTConfig:
     )
     r.finish()
     return config
+
+
+def _safe_jwks_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return False
+    if parts.scheme == "https":
+        return bool(host)
+    return parts.scheme == "http" and host in ("127.0.0.1", "localhost", "::1")
 
 
 def _non_negative(value: Any) -> float:
@@ -1007,6 +1042,13 @@ def check_endpoint(source: str, key: str, description: str) -> None:
     from twisted.internet.endpoints import serverFromString
 
     kind = description.split(":", 1)[0]
+    if kind == "haproxy":
+        raise ConfigError(
+            source,
+            key,
+            "haproxy: endpoints would let any peer claim any client address",
+            "use a [[listeners]] table with proxy_protocol = true and trusted_proxies",
+        )
     if kind == "systemd":
         # Resolved against the inherited sockets only at start.
         return

@@ -188,6 +188,8 @@ class Upstream(Service):
         self.sessions.discard(session)
         for p in [p for p in self._pending.values() if p.session is session]:
             self._forget(p)
+            if p.audit is not None:
+                self._audit_end(p, None)
             if p.sent_to is not None:
                 self._cancel_on_child(p, "client session closed")
         self._queue = deque((p, m) for p, m in self._queue if p is None or p.session is not session)

@@ -110,6 +110,13 @@ class Listener(Service):
             address=describe_address(address),
             description=self.description,
         )
+        plaintext = self.config.tls is None and not self.config.trusted_proxies
+        if plaintext and not is_local_address(address):
+            log.warn(
+                "{address}: bearer tokens would cross the network in clear text on this "
+                "listener; give it tls = {{...}}, or put a TLS proxy in front (trusted_proxies)",
+                address=describe_address(address),
+            )
 
     def reload_tls(self) -> None:
         """Re-read the certificate and key; on any problem keep serving the old ones."""

@@ -13,6 +13,7 @@ status a client can act on, and each is written to the audit trail.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -34,6 +35,7 @@ CORS_EXPOSE_HEADERS: Final = b"mcp-session-id, mcp-protocol-version, www-authent
 CORS_METHODS: Final = b"GET, POST, DELETE, OPTIONS"
 CSP: Final = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 UNAUTHORIZED: Final = -32001
+_SERVER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class AccessControl:
@@ -188,7 +190,9 @@ class AccessControl:
         if not self.auth.authorization_servers:
             return None
         suffix = path[len(PRM_PATH) :].decode("utf-8", "replace")
-        if suffix and not _is_server_route(suffix, self.config.servers):
+        # Any well-formed endpoint gets an answer, so that this public document
+        # does not tell which servers exist.
+        if suffix and not _is_server_route(suffix):
             return None
         document: dict[str, Any] = {
             "resource": self.base_url(request) + suffix,
@@ -198,9 +202,7 @@ class AccessControl:
         }
         jwt = self.auth.jwt
         if jwt is not None:
-            scopes = [jwt.admin_scope, jwt.server_scope_prefix + "*"]
-            scopes += [jwt.server_scope_prefix + name for name in self.config.servers]
-            document["scopes_supported"] = scopes
+            document["scopes_supported"] = [jwt.server_scope_prefix + "*", jwt.admin_scope]
         return document
 
     # Authorisation and limits
@@ -301,12 +303,12 @@ def _allows(policy: AddressPolicy, ip: str) -> bool:
         return False
 
 
-def _is_server_route(path: str, servers: Mapping[str, object]) -> bool:
+def _is_server_route(path: str) -> bool:
     parts = path.split("/")
     return (
         len(parts) == 4
         and parts[1] == "servers"
-        and parts[2] in servers
+        and _SERVER_NAME.match(parts[2]) is not None
         and parts[3] in ("mcp", "sse", "messages")
     )
 

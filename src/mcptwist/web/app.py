@@ -106,6 +106,11 @@ class Gate(Resource):
         if preflight is not None:
             return preflight
         path = request.path
+        if not _canonical(path):
+            # Klein routes on the percent-decoded segments; the gate decides on
+            # the raw path. No bridge URL needs escapes or empty or dot
+            # segments, so a path with them is refused before the two could differ.
+            return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
         if path == b"/health":
             return self._route(request)
         if path.startswith(PRM_PATH):
@@ -241,6 +246,16 @@ class Gate(Resource):
         d.addErrback(lambda f: f.trap(CancelledError))
         d.addErrback(lambda f: log.failure("while answering {path}", f, path=request.path))
         return NOT_DONE_YET
+
+
+def _canonical(path: bytes) -> bool:
+    """A path without percent-escapes, empty segments (no trailing slash) or dot segments."""
+    if path == b"/":
+        return True
+    if not path.startswith(b"/") or b"%" in path or b"\\" in path:
+        return False
+    segments = path[1:].split(b"/")
+    return all(s and s not in (b".", b"..") for s in segments)
 
 
 def _not_allowed(allowed: bytes) -> Handler:

@@ -83,7 +83,11 @@ async def stream(app: BridgeApp, request: Any, name: str) -> None:
             f"Service Unavailable: {e}",
             headers={b"retry-after": b"5"},
         ) from None
-    connection = app.stream(request, f"{name} SSE")
+    try:
+        connection = app.stream(request, f"{name} SSE")
+    except HTTPProblem:
+        app.registry.close(session, "refused: too many streams")
+        raise
     sink.connection = connection
     endpoint = f"/servers/{name}/messages?session_id={session.id}"
     connection.send(encode_event(endpoint.encode(), event=b"endpoint"))

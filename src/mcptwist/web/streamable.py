@@ -287,7 +287,15 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     reply = sink.open_reply(ids, batch, use_sse)
     connection = None
     if reply.channel is not None:
-        connection = app.stream(request, f"{name} POST")
+        try:
+            connection = app.stream(request, f"{name} POST")
+        except HTTPProblem:
+            # Refused (too many streams): nothing of this POST may linger.
+            sink.forget(ids)
+            if initialize:
+                request.responseHeaders.removeHeader(SESSION_HEADER)
+                app.registry.close(session, "refused: too many streams")
+            raise
         reply.channel.attach(connection)
         if session.protocol_version in protocol.PRIMING_VERSIONS:
             reply.channel.prime()
