@@ -31,7 +31,7 @@ from mcptwist.config import (
 from mcptwist.ipfilter import parse_networks
 from mcptwist.routing import make_backend
 from mcptwist.session import SessionRegistry
-from mcptwist.web.access import AccessControl
+from mcptwist.web.access import AccessControl, rate_key
 from mcptwist.web.app import BridgeApp
 
 from .fakes import FakeProcessReactor
@@ -51,9 +51,9 @@ INIT = jsonrpc.request(
 class Bridge:
     """Two servers, s and t, behind the gate, with static tokens and JWT."""
 
-    def __init__(self, test: SynchronousTestCase, **settings: Any) -> None:
+    def __init__(self, test: SynchronousTestCase, hold: bool = False, **settings: Any) -> None:
         self.test = test
-        self.reactor = FakeProcessReactor()
+        self.reactor = FakeProcessReactor(hold=hold)
         directory = test.mktemp()
         os.makedirs(directory)
         key_file = os.path.join(directory, "jwt.secret")
@@ -114,6 +114,7 @@ class Bridge:
         return response.code, response.headers, json.loads(content) if content else None
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        self.audit.flush_refusals(everything=True)
         with open(self.audit_path, "rb") as f:
             lines = [json.loads(line) for line in f]
         return [e for e in lines if kind is None or e["event"] == kind]
@@ -168,10 +169,12 @@ class AuthenticationMatrixTests(SynchronousTestCase):
                 self.assertIn(reason, answer["error"]["message"])
             for token in TOKENS.values():
                 self.assertNotIn(token, json.dumps(answer))
-        failures = self.bridge.events("auth_failure")
-        self.assertEqual(len(failures), len(ROUTES))
-        self.assertEqual({e["route"] for e in failures}, {r[1].split("?")[0] for r in ROUTES})
-        self.assertEqual({e["peer"] for e in failures}, {"127.0.0.1"})
+        # The first refusal is written, then one line counts the repeats.
+        first, rest = self.bridge.events("auth_failure")
+        self.assertEqual(first["route"], ROUTES[0][1])
+        self.assertEqual(rest["route"], ROUTES[-1][1])
+        self.assertEqual(rest["repeated"], len(ROUTES) - 1)
+        self.assertEqual({first["peer"], rest["peer"]}, {"127.0.0.1"})
         text = Path(self.bridge.audit_path).read_text()
         for token in TOKENS.values():
             self.assertNotIn(token, text)
@@ -221,7 +224,8 @@ class AuthorisationTests(SynchronousTestCase):
             self.assertEqual(status, 403, path)
             self.assertNotIn("exist", answer["error"]["message"])
         refused = self.bridge.events("access_refused")
-        self.assertEqual([e["server"] for e in refused], ["t", "nonexistent", "t"])
+        self.assertEqual([e["server"] for e in refused], ["t", "t"])
+        self.assertEqual(refused[1]["repeated"], 2)
         self.assertEqual({e["principal"] for e in refused}, {"token:alice"})
 
     def test_allowed_server_works_on_both_transports(self) -> None:
@@ -372,6 +376,31 @@ class RequestAuditTests(SynchronousTestCase):
         self.assertIsInstance(event["child_pid"], int)
         self.assertNotIn("top secret value", Path(bridge.audit_path).read_text())
 
+    def test_initialize_and_a_call_cut_by_the_session_end(self) -> None:
+        bridge = Bridge(self, hold=True)
+        headers = {**JSON, **bearer(TOKENS["alice"])}
+        _, response_headers, _ = bridge.request("POST", "/servers/s/mcp", INIT, headers)
+        session = response_headers.getRawHeaders("mcp-session-id")[0]
+        headers["mcp-session-id"] = session
+        [opened] = bridge.events("session_opened")
+        self.assertEqual(opened["protocol_version"], "2025-06-18")
+        [init] = bridge.events("request")
+        self.assertEqual((init["method"], init["status"]), ("initialize", "ok"))
+        call = jsonrpc.request(7, "tools/call", {"name": "slow", "arguments": {}})
+        d = bridge.client.request(
+            "POST", "http://127.0.0.1/servers/s/mcp", data=jsonrpc.dumps(call), headers=headers
+        )
+        bridge.client.flush()
+        self.assertEqual(bridge.request("DELETE", "/servers/s/mcp", None, headers)[0], 200)
+        bridge.client.flush()
+        self.successResultOf(d)
+        [_, cut] = bridge.events("request")
+        self.assertEqual(
+            (cut["method"], cut["name"], cut["status"]), ("tools/call", "slow", "cancelled")
+        )
+        [closed] = bridge.events("session_closed")
+        self.assertEqual(closed["session"], session)
+
     def test_arguments_written_when_the_server_asks(self) -> None:
         bridge = Bridge(self, server_s={"audit_arguments": True})
         headers = {**JSON, **bearer(TOKENS["alice"])}
@@ -397,7 +426,7 @@ class RateLimitTests(SynchronousTestCase):
         bridge.reactor.advance(1.0)
         self.assertEqual(bridge.request("GET", "/", None, alice)[0], 200)
         limited = bridge.events("rate_limited")
-        self.assertEqual(len(limited), 3)
+        self.assertEqual(sum(e.get("repeated", 1) for e in limited), 3)
         self.assertEqual({e["principal"] for e in limited}, {"token:alice"})
 
     def test_per_server_limit(self) -> None:
@@ -420,6 +449,19 @@ class ServerAddressRuleTests(SynchronousTestCase):
         self.assertEqual(bridge.request("POST", "/servers/t/mcp", INIT, ops)[0], 200)
         [event] = bridge.events("ip_refused")
         self.assertEqual((event["peer"], event["scope"]), ("127.0.0.1", "server"))
+
+
+class RateKeyTests(SynchronousTestCase):
+    def test_keys(self) -> None:
+        self.assertIsNone(rate_key(None))
+        self.assertIsNone(rate_key("127.0.0.1"))
+        self.assertIsNone(rate_key("::1"))
+        self.assertIsNone(rate_key("::ffff:127.0.0.1"))
+        self.assertEqual(rate_key("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(rate_key("192.0.2.1"), "192.0.2.1")
+        # One host usually holds a whole /64: rotating inside it changes nothing.
+        self.assertEqual(rate_key("2001:db8:1:2::5"), "2001:db8:1:2::/64")
+        self.assertEqual(rate_key("2001:db8:1:2:ffff::9"), "2001:db8:1:2::/64")
 
 
 class CORSTests(SynchronousTestCase):

@@ -734,3 +734,25 @@ class DigestTests(SynchronousTestCase):
         self.assertIsNone(request_name("tools/call", {"name": 7}))
         self.assertIsNone(request_name("resources/read", {"name": "x"}))
         self.assertIsNone(request_name(None, {"name": "x"}))
+
+
+class RefusalBurstTests(TrailMixin, SynchronousTestCase):
+    def test_repeated_refusals_are_counted_not_written(self) -> None:
+        """A client retrying a bad token cannot flood (and rotate away) the trail."""
+        trail, path, clock = self.make()
+        for i in range(1000):
+            trail.auth_failure(peer="192.0.2.1", reason="unknown token", route=f"/r{i}")
+        trail.auth_failure(peer="192.0.2.2", reason="expired", route="/x")
+        lines = read_lines(path)
+        self.assertEqual(
+            [(e["peer"], e["route"]) for e in lines], [("192.0.2.1", "/r0"), ("192.0.2.2", "/x")]
+        )
+        # When the window ends, one line says how many more there were.
+        clock.advance(audit.REFUSAL_WINDOW)
+        summary = read_lines(path)[2:]
+        self.assertEqual(len(summary), 1)
+        self.assertEqual((summary[0]["route"], summary[0]["repeated"]), ("/r999", 999))
+        # A new window writes the next refusal again.
+        trail.auth_failure(peer="192.0.2.1", reason="unknown token", route="/again")
+        self.assertEqual(read_lines(path)[-1]["route"], "/again")
+        self.assertNotIn("repeated", read_lines(path)[-1])

@@ -290,6 +290,9 @@ path = "${{D}}/audit.jsonl"
             '[auth.jwt]\naudience = ["x"]\njwks_url = "http://localhost@evil.example/j"': "auth.jwt.jwks_url",
             '[[listeners]]\nendpoint = "tcp:1"\ntls = {}': "listeners[0].tls.certificate",
             'listen = ["haproxy:tcp:1"]': "listen[0]",
+            '[auth]\nauthorization_servers = ["http://idp"]\nresource_url = "https://m"': "auth.authorization_servers[0]",
+            f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\njwks_refresh = 1': "auth.jwt.jwks_refresh",
+            f'[auth]\nauthorization_servers = ["https://a"]\nresource_url = "https://m"\n[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\ndefault_servers = ["zz"]': "auth.jwt.default_servers",
             '[auth]\nauthorization_servers = ["https://a"]': "auth.resource_url",
         }
         for text, key in cases.items():

@@ -112,6 +112,21 @@ class RateLimiterTests(SynchronousTestCase):
         self.assertEqual(refusal, Refusal("ip", 1.0))
         self.assertIsNone(rl.check("alice", "192.0.2.2", None))
 
+    def test_ip_charged_before_authentication_is_not_charged_again(self) -> None:
+        """Charged once before authentication, the address is not charged
+        twice; a per-server per-IP bucket still applies after."""
+        rl, _ = limiter(
+            LimitsConfig(per_principal=None, per_ip=Bucket(1.0, 2)),
+            {"s": ServerLimits(per_ip=Bucket(1.0, 1))},
+        )
+        self.assertIsNone(rl.check(None, "192.0.2.1", None))
+        self.assertIsNone(rl.check("alice", "192.0.2.1", "s", ip_charged=True))
+        self.assertIsNone(rl.check(None, "192.0.2.1", None))
+        self.assertEqual(
+            rl.check("alice", "192.0.2.1", "s", ip_charged=True), Refusal("server-ip", 1.0)
+        )
+        self.assertEqual(rl.check(None, "192.0.2.1", None), Refusal("ip", 1.0))
+
     def test_no_token_spent_when_a_later_bucket_refuses(self) -> None:
         """A refusal by the IP bucket leaves the principal's tokens alone."""
         rl, _ = limiter(LimitsConfig(per_principal=Bucket(1.0, 5), per_ip=Bucket(1.0, 1)))

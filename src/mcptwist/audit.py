@@ -35,8 +35,10 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Final, Literal
 
+import attrs
 import orjson
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, LogPublisher
 from zope.interface import implementer
 
@@ -407,6 +409,19 @@ class AuditFileObserver:
             )
 
 
+REFUSAL_WINDOW: Final = 10.0
+REFUSAL_KEYS: Final = 10_000
+
+
+@attrs.define
+class _Burst:
+    """Refusals of one kind from one peer within a window."""
+
+    until: float
+    repeated: int = 0
+    fields: Mapping[str, object] = attrs.field(factory=dict)
+
+
 class AuditTrail:
     """The bridge's audit trail; every method is a no-op without C{path}.
 
@@ -430,6 +445,11 @@ class AuditTrail:
         # An instance attribute: as a class attribute the namespace would be lost.
         self._log = Logger(namespace=NAMESPACE, observer=self.publisher)
         self._writer: AuditFileObserver | None = None
+        # Refusals repeat without limit (a client retrying a bad token): the
+        # first of each kind and peer in a window is written, the rest counted.
+        self._refusals: dict[tuple[str, str | None], _Burst] = {}
+        self._flusher = LoopingCall(self.flush_refusals)
+        self._flusher.clock = clock
         if config.path is not None:
             self._writer = AuditFileObserver(config.path, config.max_size, config.keep)
             self.publisher.addObserver(self._writer)
@@ -460,11 +480,40 @@ class AuditTrail:
                 f"audit.path {path!r} cannot be opened for appending ({e.strerror}); "
                 "check that it is a regular file the bridge's user may write"
             ) from None
+        self._flusher.start(REFUSAL_WINDOW, now=False)
 
     def stop(self) -> None:
         """Write what is pending, sync and close the file."""
+        if self._flusher.running:
+            self._flusher.stop()
+        self.flush_refusals(everything=True)
         if self._writer is not None:
             self._writer.close()
+
+    def _refusal(self, event: str, fields: Mapping[str, object]) -> None:
+        """Write a refusal, unless one of its kind from its peer was written
+        within L{REFUSAL_WINDOW}: then count it, for one line that says how many."""
+        peer = fields.get("peer")
+        key = (event, peer if isinstance(peer, str) else None)
+        burst = self._refusals.get(key)
+        if burst is not None:
+            burst.repeated += 1
+            burst.fields = fields
+            return
+        if len(self._refusals) >= REFUSAL_KEYS:
+            self.flush_refusals(everything=True)
+        self._refusals[key] = _Burst(self._clock.seconds() + REFUSAL_WINDOW)
+        self._emit(event, fields)
+
+    def flush_refusals(self, everything: bool = False) -> None:
+        """Write one line per burst whose window has ended: the last refusal, and
+        C{repeated}: how many like it were not written."""
+        now = self._clock.seconds()
+        for key, burst in list(self._refusals.items()):
+            if everything or now >= burst.until:
+                del self._refusals[key]
+                if burst.repeated:
+                    self._emit(key[0], {**burst.fields, "repeated": burst.repeated})
 
     def reopen(self) -> None:
         """Reopen the same path (on SIGHUP, after logrotate moved the file)."""
@@ -573,7 +622,7 @@ class AuditTrail:
         """Authentication failed (no, malformed, unknown or expired credential)."""
         if not self.enabled:
             return
-        self._emit("auth_failure", {"peer": peer, "reason": reason, "route": route})
+        self._refusal("auth_failure", {"peer": peer, "reason": reason, "route": route})
 
     def access_refused(
         self, *, principal: str | None, peer: str | None, server: str | None, route: str | None
@@ -581,7 +630,7 @@ class AuditTrail:
         """An authenticated principal asked for what it may not use."""
         if not self.enabled:
             return
-        self._emit(
+        self._refusal(
             "access_refused",
             {"principal": principal, "peer": peer, "server": server, "route": route},
         )
@@ -598,7 +647,7 @@ class AuditTrail:
         """A request was refused by a rate limit or cap (C{scope} says which)."""
         if not self.enabled:
             return
-        self._emit(
+        self._refusal(
             "rate_limited",
             {
                 "principal": principal,
@@ -615,7 +664,7 @@ class AuditTrail:
         """A connection or request was refused by an IP allow/deny list."""
         if not self.enabled:
             return
-        self._emit("ip_refused", {"peer": peer, "listener": listener, "scope": scope})
+        self._refusal("ip_refused", {"peer": peer, "listener": listener, "scope": scope})
 
     def admin_action(
         self,

@@ -565,6 +565,15 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         raise ConfigError(
             source, "servers", "every server is disabled", "enable at least one server"
         )
+    if auth.jwt is not None:
+        unknown_servers = sorted(auth.jwt.default_servers - {"*"} - set(servers_table))
+        if unknown_servers:
+            raise ConfigError(
+                source,
+                "auth.jwt.default_servers",
+                f"names {unknown_servers[0]!r}, which is not a configured server",
+                'name configured servers, or write default_servers = ["*"] for all',
+            )
     for token in auth.tokens:
         unknown_servers = sorted(token.servers - {"*"} - set(servers_table))
         if unknown_servers:
@@ -850,6 +859,13 @@ def _parse_auth(top: _Reader) -> AuthConfig:
             f"{resource_url!r} is not an http(s) URL without query or fragment",
             'write the URL clients use to reach the bridge, such as "https://mcp.example.com"',
         )
+    for i, server in enumerate(r.strings("authorization_servers")):
+        if not _safe_jwks_url(server) or not server.startswith("https://"):
+            raise r.error(
+                f"authorization_servers[{i}]",
+                f"{server!r} is not an https URL",
+                'write the issuer URL of your identity provider, such as "https://auth.example.com"',
+            )
     auth = AuthConfig(
         tokens=tuple(tokens),
         jwt=jwt,
@@ -937,7 +953,13 @@ def _parse_jwt(r: _Reader) -> JWTConfig:
         issuer=r.string("issuer"),
         key_file=key_file,
         jwks_url=jwks_url,
-        jwks_refresh=r.number("jwks_refresh", d.jwks_refresh),
+        jwks_refresh=r.get(
+            "jwks_refresh",
+            "a number of seconds, at least 10",
+            lambda v: _at_least(v, 10.0),
+            d.jwks_refresh,
+            "write jwks_refresh = 300",
+        ),
         leeway=r.get("leeway", "a number of seconds", _non_negative, d.leeway, "write leeway = 30"),
         name_claim=r.string("name_claim", d.name_claim) or d.name_claim,
         servers_claim=r.string("servers_claim", d.servers_claim) or d.servers_claim,
@@ -962,6 +984,13 @@ def _safe_jwks_url(url: str) -> bool:
     if parts.scheme == "https":
         return bool(host)
     return parts.scheme == "http" and host in ("127.0.0.1", "localhost", "::1")
+
+
+def _at_least(value: Any, minimum: float) -> float:
+    seconds = _seconds(value)
+    if seconds < minimum:
+        raise ValueError()
+    return seconds
 
 
 def _non_negative(value: Any) -> float:

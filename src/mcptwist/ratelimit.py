@@ -154,12 +154,12 @@ class RateLimiter:
         return len(full)
 
     def _applicable(
-        self, principal: str | None, ip: str | None, server: str | None
+        self, principal: str | None, ip: str | None, server: str | None, ip_charged: bool = False
     ) -> list[tuple[_Key, Bucket]]:
         found: list[tuple[_Key, Bucket]] = []
         if self.limits.per_principal is not None and principal is not None:
             found.append((("principal", "", principal), self.limits.per_principal))
-        if self.limits.per_ip is not None and ip is not None:
+        if self.limits.per_ip is not None and ip is not None and not ip_charged:
             found.append((("ip", "", ip), self.limits.per_ip))
         limits = self.server_limits.get(server) if server is not None else None
         if server is not None and limits is not None:
@@ -171,14 +171,21 @@ class RateLimiter:
                 found.append((("server-total", server, ""), limits.total))
         return found
 
-    def check(self, principal: str | None, ip: str | None, server: str | None) -> Refusal | None:
+    def check(
+        self,
+        principal: str | None,
+        ip: str | None,
+        server: str | None,
+        ip_charged: bool = False,
+    ) -> Refusal | None:
         """Spend a token of every applicable bucket, or refuse and spend none.
 
         C{principal} None (no authentication) skips the per-principal buckets,
-        C{ip} None (a local peer) the per-IP ones.
+        C{ip} None (a local peer) the per-IP ones; C{ip_charged} skips the
+        bridge-wide per-IP bucket (already charged before authentication).
         """
         now = self._clock.seconds()
-        applicable = self._applicable(principal, ip, server)
+        applicable = self._applicable(principal, ip, server, ip_charged)
         scope: str | None = None
         wait = 0.0
         missing = 0

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from . import __version__, jsonrpc, protocol
-from .audit import AuditTrail, argument_digest, request_name
+from .audit import AuditTrail
 from .config import ServerConfig
 from .jsonrpc import Kind, Message, RequestId
 from .process import Child
@@ -110,8 +110,6 @@ class _Pending:
     on_response: Callable[[Message], None] | None = None
     timer: IDelayedCall | None = None
     sent_to: Child | None = None
-    # For the audit trail: (tool/resource name, argument size, argument sha256, arguments).
-    audit: tuple[str | None, int, str, Any] | None = None
 
 
 @attrs.define(eq=False)
@@ -188,8 +186,6 @@ class Upstream(Service):
         self.sessions.discard(session)
         for p in [p for p in self._pending.values() if p.session is session]:
             self._forget(p)
-            if p.audit is not None:
-                self._audit_end(p, None)
             if p.sent_to is not None:
                 self._cancel_on_child(p, "client session closed")
         self._queue = deque((p, m) for p, m in self._queue if p is None or p.session is not session)
@@ -374,12 +370,7 @@ class Upstream(Service):
             )
             return False
         if self.state in (ChildState.FAILED, ChildState.STOPPED):
-            answer = self._unavailable(client_id)
-            if self.audit is not None:
-                p = _Pending(0, message["method"], self.clock.seconds(), session, client_id)
-                self._audit_start(p, message)
-                self._audit_end(p, answer)
-            session.deliver(answer, client_id)
+            session.deliver(self._unavailable(client_id), client_id)
             return False
         child_id = next(self._ids)
         p = _Pending(
@@ -390,8 +381,6 @@ class Upstream(Service):
             client_id=client_id,
             on_response=on_response,
         )
-        if self.audit is not None:
-            self._audit_start(p, message)
         message["id"] = child_id
         params = message.get("params")
         if isinstance(params, dict):
@@ -425,8 +414,6 @@ class Upstream(Service):
             else:
                 self._queue = deque((q, m) for q, m in self._queue if q is not p)
             assert p.client_id is not None
-            if p.audit is not None:
-                self._audit_end(p, None)
             session.cancelled(p.client_id)
             return
         self._send_or_queue(None, message)
@@ -516,8 +503,6 @@ class Upstream(Service):
 
     def _respond(self, p: _Pending, message: Message) -> None:
         self._forget(p)
-        if p.audit is not None:
-            self._audit_end(p, message)
         if p.on_response is not None:
             p.on_response(message)
         if p.session is not None:
@@ -789,46 +774,6 @@ class Upstream(Service):
                 del self._abandoned[child_id]
                 if timer.active():
                     timer.cancel()
-
-    def _audit_start(self, p: _Pending, message: Message) -> None:
-        params = message.get("params")
-        size, digest = argument_digest(params)
-        arguments = None
-        if self.server.audit_arguments and isinstance(params, dict):
-            arguments = params.get("arguments", params)
-        p.audit = (request_name(p.method, params), size, digest, arguments)
-
-    def _audit_end(self, p: _Pending, answer: Message | None) -> None:
-        """One audit event per client request: how it ended and how long it took."""
-        assert self.audit is not None and p.audit is not None
-        name, size, digest, arguments = p.audit
-        p.audit = None
-        code = None
-        if answer is None:
-            status = "cancelled"
-        elif "error" in answer:
-            error = answer["error"]
-            code = error.get("code") if isinstance(error, dict) else None
-            status = "timeout" if code == jsonrpc.REQUEST_TIMEOUT else "error"
-        else:
-            status = "ok"
-        session = p.session
-        child = p.sent_to or self._child
-        self.audit.request(
-            session=getattr(session, "id", None),
-            server=self.server.name,
-            principal=getattr(session, "principal", None),
-            peer=getattr(session, "peer", None),
-            method=p.method,
-            name=name,
-            arg_size=size,
-            arg_sha256=digest,
-            status=status,
-            error_code=code,
-            latency_ms=(self.clock.seconds() - p.started) * 1000.0,
-            child_pid=child.pid if child is not None else None,
-            arguments=arguments,
-        )
 
     def _fail(self, p: _Pending, code: int, text: str, data: Any = None) -> None:
         self._respond(p, jsonrpc.error(p.child_id, code, text, data))

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from .audit import AuditTrail
+from .audit import AuditError, AuditTrail
 from .config import BridgeConfig, ListenerConfig
 from .ipfilter import listening_factory
 from .routing import Backend, make_backend
@@ -68,6 +68,9 @@ class Listener(Service):
         self.audit = audit
         self.creator: ReloadableTLS | None = None
         self.port: IListeningPort | None = None
+        # A certificate that nobody renews should be noticed before it ends.
+        self._expiry_check = LoopingCall(self._warn_expiry)
+        self._expiry_check.clock = reactor
 
     def _refused(self, address: Any) -> None:
         self.audit.ip_refused(
@@ -137,17 +140,19 @@ class Listener(Service):
         self._warn_expiry()
 
     def _warn_expiry(self) -> None:
-        assert self.creator is not None
-        left = (self.creator.expires_at - datetime.now(UTC)).total_seconds()
-        if left < 14 * 86400:
-            log.warn(
-                "{listener}: the TLS certificate expires in {days:.1f} days",
-                listener=self.config.endpoint,
-                days=left / 86400,
-            )
+        warning = self.creator.expiry_warning() if self.creator is not None else None
+        if warning is not None:
+            log.warn("{listener}: {warning}", listener=self.config.endpoint, warning=warning)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.creator is not None:
+            self._expiry_check.start(86400, now=False)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self._expiry_check.running:
+            self._expiry_check.stop()
         if self.port is None:
             return None
         port, self.port = self.port, None
@@ -240,20 +245,24 @@ class BridgeService(MultiService):
         self.audit.reopen()
 
     def privilegedStartService(self) -> None:
+        # Opened before privileges are dropped, as log files are.
+        try:
+            self.audit.start()
+        except AuditError as e:
+            raise ListenerError(f"mcpbridge: {e}") from None
         for listener in self.listeners:
             listener.privilegedStartService()
         super().privilegedStartService()
 
     def startService(self) -> None:
         Service.startService(self)
-        self.audit.start()
         self.access.start()
         if self.handle_sighup:
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
         for listener in self.listeners:
-            listener.running = 1
+            listener.startService()
         self.registry.startService()
         self.web.heartbeat.start()
         for backend in self.backends.values():

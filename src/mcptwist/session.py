@@ -21,6 +21,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from . import jsonrpc
+from .audit import argument_digest, request_name
 from .jsonrpc import Kind, Message, RequestId
 from .routing import Backend, Upstream
 
@@ -74,6 +76,10 @@ class ClientSession:
     principal: str = "anonymous"
     peer: str | None = None
     opened: float = 0.0
+    # With an audit trail: the clock, and each request in flight by its id.
+    audit: AuditTrail | None = None
+    clock: IReactorTime | None = None
+    _audited: dict[RequestId, _Audited] = attrs.field(factory=dict)
 
     @property
     def server(self) -> str:
@@ -82,16 +88,22 @@ class ClientSession:
     def deliver(
         self, message: Message, related: RequestId | None, encoded: bytes | None = None
     ) -> None:
+        if self.audit is not None and related in self._audited and "method" not in message:
+            self._audit_end(related, message)
         if not self.closed:
             self.sink.deliver(message, related, encoded)
 
     def cancelled(self, request_id: RequestId) -> None:
+        if self.audit is not None and request_id in self._audited:
+            self._audit_end(request_id, None)
         if not self.closed:
             self.sink.cancelled(request_id)
 
     def receive(self, message: Message, kind: Kind, now: float) -> None:
         """A message from the client, for the child."""
         self.last_active = now
+        if self.audit is not None and kind is Kind.REQUEST:
+            self._audit_start(message, now)
         assert self.upstream is not None
         self.upstream.handle(self, message, kind)
 
@@ -101,7 +113,76 @@ class ClientSession:
         self.closed = True
         if self.upstream is not None:
             self.backend.close(self, self.upstream)
+        for request_id in list(self._audited):
+            self._audit_end(request_id, None)
         self.sink.close()
+
+    # The audit trail: one event per request, however it ends (answered by the
+    # child or by the bridge, failed, timed out, cancelled, or cut by the session's end).
+
+    def _audit_start(self, message: Message, now: float) -> None:
+        params = message.get("params")
+        size, digest = argument_digest(params)
+        arguments = None
+        if self.backend.server.audit_arguments and isinstance(params, dict):
+            arguments = params.get("arguments", params)
+        method = message["method"]
+        if message["id"] in self._audited:
+            return  # a reused id: the router refuses it, the first request stays audited
+        self._audited[message["id"]] = _Audited(
+            method, now, request_name(method, params), size, digest, arguments
+        )
+
+    def _audit_end(self, request_id: RequestId | None, answer: Message | None) -> None:
+        assert self.audit is not None and self.clock is not None
+        started = self._audited.pop(request_id, None)  # type: ignore[arg-type]
+        if started is None:
+            return
+        code = None
+        if answer is None:
+            status = "cancelled"
+        elif "error" in answer:
+            error = answer["error"]
+            code = error.get("code") if isinstance(error, dict) else None
+            status = "timeout" if code == jsonrpc.REQUEST_TIMEOUT else "error"
+        else:
+            status = "ok"
+        if started.method == "initialize" and status == "ok":
+            self.audit.session_opened(
+                session=self.id,
+                server=self.server,
+                principal=self.principal,
+                peer=self.peer,
+                transport=self.transport,
+                protocol_version=self.protocol_version,
+            )
+        self.audit.request(
+            session=self.id,
+            server=self.server,
+            principal=self.principal,
+            peer=self.peer,
+            method=started.method,
+            name=started.name,
+            arg_size=started.size,
+            arg_sha256=started.digest,
+            status=status,
+            error_code=code,
+            latency_ms=(self.clock.seconds() - started.at) * 1000.0,
+            child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
+            arguments=started.arguments,
+        )
+
+
+@attrs.frozen
+class _Audited:
+    """What the audit trail needs of a request until it ends."""
+
+    method: str
+    at: float
+    name: str | None
+    size: int
+    digest: str
+    arguments: Any
 
 
 class SessionRegistry(Service):
@@ -167,6 +248,8 @@ class SessionRegistry(Service):
             peer=peer,
             opened=now,
         )
+        if self.audit is not None and self.audit.enabled:
+            session.audit, session.clock = self.audit, self.clock
         try:
             session.upstream = backend.open(session)
         except BaseException:
@@ -174,15 +257,6 @@ class SessionRegistry(Service):
                 caps.close_session(principal)
             raise
         self.sessions[session_id] = session
-        if self.audit is not None:
-            self.audit.session_opened(
-                session=session_id,
-                server=backend.server.name,
-                principal=principal,
-                peer=peer,
-                transport=transport,
-                protocol_version=None,
-            )
         log.info(
             "session {prefix} opened on {server} ({transport})",
             prefix=session_id[:8],
@@ -218,8 +292,8 @@ class SessionRegistry(Service):
             )
             if self.caps is not None and session.principal != "anonymous":
                 self.caps.close_session(session.principal)
-            if self.audit is not None:
-                self.audit.session_closed(
+            if session.audit is not None:
+                session.audit.session_closed(
                     session=session.id,
                     server=session.server,
                     principal=session.principal,

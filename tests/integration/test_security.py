@@ -290,3 +290,18 @@ class BurstTests(SynchronousTestCase):
 
         self.assertEqual(codes("10.0.0.1"), [200, 200, 200, 429])
         self.assertEqual(codes("10.0.0.2"), [200, 200, 200, 429])
+
+    def test_bad_credentials_are_limited_by_address_too(self) -> None:
+        """Before authentication the client's address is charged: a flood of bad
+        tokens ends in 429 like anything else."""
+        config = auth_toml(
+            "[limits]\nper_ip = { rate = 0.5, burst = 3 }\n"
+            "[[listeners]]\n"
+            'endpoint = "tcp:0:interface=127.0.0.1"\n'
+            'trusted_proxies = ["127.0.0.1"]\n'
+        )
+        bridge = h.start_bridge(self, config + example_toml(), listen=None)
+        bridge.headers = bearer(ADMIN)
+        headers = {**bearer("mcpt_wrong"), "X-Forwarded-For": "10.0.0.3"}
+        codes = [h.http("GET", bridge.url("/"), headers=headers)[0] for _ in range(4)]
+        self.assertEqual(codes, [401, 401, 401, 429])

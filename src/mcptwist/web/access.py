@@ -21,8 +21,8 @@ from .. import jsonrpc
 from ..audit import AuditTrail
 from ..auth import ANONYMOUS, Authenticator, AuthFailure, Principal
 from ..config import AuditConfig, BridgeConfig, ListenerConfig
-from ..ipfilter import AddressPolicy, forwarded_client
-from ..ratelimit import Caps, RateLimiter, retry_after_header
+from ..ipfilter import AddressPolicy, forwarded_client, normalise
+from ..ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 from .http import HTTPProblem, header
 
 PRM_PATH: Final = b"/.well-known/oauth-protected-resource"
@@ -232,24 +232,36 @@ class AccessControl:
                 )
         # Without authentication every client is "anonymous": only per-IP limits
         # can tell them apart.
-        # A loopback or Unix peer is a local user or a proxy: limiting its
-        # address would throttle everyone behind it at once.
         who = identity(principal) if principal is not ANONYMOUS else None
-        refusal = self.limiter.check(who, None if _is_local(ip) else ip, server)
+        refusal = self.limiter.check(who, rate_key(ip), server, ip_charged=self.auth.enabled)
         if refusal is not None:
-            self.audit.rate_limited(
-                principal=identity(principal),
-                peer=ip,
-                server=server,
-                scope=refusal.scope,
-                retry_after=refusal.retry_after,
-            )
-            raise HTTPProblem(
-                429,
-                jsonrpc.SERVER_UNAVAILABLE,
-                f"Too Many Requests: the {refusal.scope} rate limit is reached; retry later",
-                headers={b"retry-after": retry_after_header(refusal.retry_after)},
-            )
+            raise self._limited(refusal, identity(principal), ip, server)
+
+    def limit_address(self, ip: str | None) -> None:
+        """Before authentication, charge the client's address: floods of bad
+        credentials are throttled (and cost one audit line) like anything else."""
+        if not self.auth.enabled:
+            return
+        refusal = self.limiter.check(None, rate_key(ip), None)
+        if refusal is not None:
+            raise self._limited(refusal, None, ip, None)
+
+    def _limited(
+        self, refusal: Refusal, principal: str | None, ip: str | None, server: str | None
+    ) -> HTTPProblem:
+        self.audit.rate_limited(
+            principal=principal,
+            peer=ip,
+            server=server,
+            scope=refusal.scope,
+            retry_after=refusal.retry_after,
+        )
+        return HTTPProblem(
+            429,
+            jsonrpc.SERVER_UNAVAILABLE,
+            f"Too Many Requests: the {refusal.scope} rate limit is reached; retry later",
+            headers={b"retry-after": retry_after_header(refusal.retry_after)},
+        )
 
     def require_admin(self, principal: Principal, ip: str | None, route: str) -> None:
         if not principal.admin:
@@ -285,15 +297,21 @@ def principal_id(request: Any) -> str:
     return identity(principal_of(request))
 
 
-def _is_local(ip: str | None) -> bool:
+def rate_key(ip: str | None) -> str | None:
+    """The key of a client address for per-IP limits: None for a loopback or
+    Unix peer (a local user or a proxy: limiting it would throttle everyone
+    behind it), the /64 for IPv6 (one host usually holds a whole /64)."""
     if ip is None:
-        return True
+        return None
     try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
+        address = normalise(ipaddress.ip_address(ip.split("%", 1)[0]))
     except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return bool((mapped or address).is_loopback)
+        return ip
+    if address.is_loopback:
+        return None
+    if address.version == 6:
+        return str(ipaddress.ip_network((address, 64), strict=False))
+    return str(address)
 
 
 def _allows(policy: AddressPolicy, ip: str) -> bool:

@@ -20,9 +20,10 @@ from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 from .. import __version__, jsonrpc
 from ..auth import ANONYMOUS, AuthFailure, Principal
 from ..config import BridgeConfig
-from ..routing import Backend
+from ..jsonrpc import RequestId
+from ..routing import Backend, CapacityError
 from ..security import HostPolicy, OriginPolicy
-from ..session import SessionRegistry
+from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
 from . import legacy_sse, streamable
 from .access import PRM_PATH, AccessControl, principal_id, principal_of
 from .http import HTTPProblem, header, json_body
@@ -111,12 +112,13 @@ class Gate(Resource):
             # the raw path. No bridge URL needs escapes or empty or dot
             # segments, so a path with them is refused before the two could differ.
             return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
-        if path == b"/health":
-            return self._route(request)
-        if path.startswith(PRM_PATH):
-            return self._metadata(request, path)
         try:
             ip = access.client_ip(request)
+            if path == b"/health":
+                return self._route(request)
+            if path.startswith(PRM_PATH):
+                return self._metadata(request, path)
+            access.limit_address(ip)
         except HTTPProblem as problem:
             return problem.render(request)
         if not access.auth.enabled:
@@ -134,7 +136,13 @@ class Gate(Resource):
             # Authentication had to wait (a JWKS fetch): answer from here.
             if request.finished or request.channel is None:
                 return
-            body = self._admitted(request, ip, result)
+            try:
+                body = self._admitted(request, ip, result)
+            except Exception:
+                log.failure("while answering {path}", path=request.path)
+                body = HTTPProblem(
+                    500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
+                ).render(request)
             if body is not NOT_DONE_YET:
                 request.write(body)
                 request.finish()
@@ -302,6 +310,41 @@ class BridgeApp:
                 f"Not Found: no MCP server is named {name!r}",
             )
         return backend
+
+    def open_session(
+        self,
+        request: Any,
+        backend: Backend,
+        transport: str,
+        sink_factory: Callable[[str], Sink],
+        request_id: RequestId | None = None,
+    ) -> ClientSession:
+        """A new session for this request's principal, or the HTTP refusal
+        (429 past the principal's share, 503 when the bridge or server is full)."""
+        try:
+            return self.registry.create(
+                backend,
+                transport,
+                sink_factory,
+                principal_id(request),
+                getattr(request, "client_ip", None),
+            )
+        except PrincipalLimitError as e:
+            raise HTTPProblem(
+                429,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Too Many Requests: {e}",
+                request_id,
+                {b"retry-after": b"60"},
+            ) from None
+        except (SessionLimitError, CapacityError) as e:
+            raise HTTPProblem(
+                503,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Service Unavailable: {e}",
+                request_id,
+                {b"retry-after": b"5"},
+            ) from None
 
     def stream(self, request: Any, label: str) -> EventConnection:
         """Start an SSE response on this request, kept alive by the heartbeat."""

@@ -15,8 +15,6 @@ from twisted.internet.defer import CancelledError
 
 from .. import jsonrpc, protocol
 from ..jsonrpc import Message, RequestId
-from ..routing import CapacityError
-from ..session import PrincipalLimitError, SessionLimitError
 from .access import principal_id
 from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event
@@ -61,28 +59,7 @@ async def stream(app: BridgeApp, request: Any, name: str) -> None:
             "Not Acceptable: the client must accept text/event-stream",
         )
     sink = LegacySink()
-    try:
-        session = app.registry.create(
-            backend,
-            "sse",
-            lambda _: sink,
-            principal_id(request),
-            getattr(request, "client_ip", None),
-        )
-    except PrincipalLimitError as e:
-        raise HTTPProblem(
-            429,
-            jsonrpc.SERVER_UNAVAILABLE,
-            f"Too Many Requests: {e}",
-            headers={b"retry-after": b"60"},
-        ) from None
-    except (SessionLimitError, CapacityError) as e:
-        raise HTTPProblem(
-            503,
-            jsonrpc.SERVER_UNAVAILABLE,
-            f"Service Unavailable: {e}",
-            headers={b"retry-after": b"5"},
-        ) from None
+    session = app.open_session(request, backend, "sse", lambda _: sink)
     try:
         connection = app.stream(request, f"{name} SSE")
     except HTTPProblem:

@@ -21,8 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from .. import jsonrpc, protocol
 from ..jsonrpc import Kind, Message, RequestId
-from ..routing import CapacityError
-from ..session import ClientSession, PrincipalLimitError, SessionLimitError
+from ..session import ClientSession
 from .access import principal_id
 from .http import (
     HTTPProblem,
@@ -232,30 +231,13 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
                 "Invalid Request: initialize must not be part of a batch",
             )
         _check_version(request)
-        try:
-            session = app.registry.create(
-                backend,
-                "streamable",
-                lambda _: StreamableSink(app.config.replay_events, app.config.stream_buffer),
-                principal_id(request),
-                getattr(request, "client_ip", None),
-            )
-        except PrincipalLimitError as e:
-            raise HTTPProblem(
-                429,
-                jsonrpc.SERVER_UNAVAILABLE,
-                f"Too Many Requests: {e}",
-                messages[0].get("id"),
-                {b"retry-after": b"60"},
-            ) from None
-        except (SessionLimitError, CapacityError) as e:
-            raise HTTPProblem(
-                503,
-                jsonrpc.SERVER_UNAVAILABLE,
-                f"Service Unavailable: {e}",
-                messages[0].get("id"),
-                {b"retry-after": b"5"},
-            ) from None
+        session = app.open_session(
+            request,
+            backend,
+            "streamable",
+            lambda _: StreamableSink(app.config.replay_events, app.config.stream_buffer),
+            messages[0].get("id"),
+        )
         if not json_ok:
             # An SSE-only client: the header must go out before the answer is known.
             request.setHeader(SESSION_HEADER, session.id.encode())
