@@ -147,6 +147,7 @@ class AccessLogTests(SynchronousTestCase):
             )
             request = DummyRequest([b"servers"])
             request.uri = b"/servers?x=1"
+            request.path = b"/servers"
             request.code, request.sentLength = 200, 42  # as a finished real request has
             with capturedLogs() as events:
                 service.site.log(request)

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import attrs
 import orjson
@@ -43,6 +43,9 @@ from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, LogPublishe
 from zope.interface import implementer
 
 from mcptwist.config import AuditConfig
+
+if TYPE_CHECKING:
+    from mcptwist.metrics import Metrics
 
 NAMESPACE: Final = "mcptwist.audit"
 FILE_MODE: Final = 0o640
@@ -445,6 +448,8 @@ class AuditTrail:
         # An instance attribute: as a class attribute the namespace would be lost.
         self._log = Logger(namespace=NAMESPACE, observer=self.publisher)
         self._writer: AuditFileObserver | None = None
+        # Fed the same events, whether or not a file is written.
+        self.metrics: Metrics | None = None
         # Refusals repeat without limit (a client retrying a bad token): the
         # first of each kind and peer in a window is written, the rest counted.
         self._refusals: dict[tuple[str, str | None], _Burst] = {}
@@ -515,6 +520,38 @@ class AuditTrail:
                 if burst.repeated:
                     self._emit(key[0], {**burst.fields, "repeated": burst.repeated})
 
+    def reconfigure(self, config: AuditConfig) -> None:
+        """Take a reloaded [audit]: another path, size or count, or none.
+
+        @raise AuditError: if the new file cannot be opened; the old one is
+            then kept.
+        """
+        if config == self.config:
+            self.reopen()
+            return
+        writer = None
+        if config.path is not None:
+            writer = AuditFileObserver(config.path, config.max_size, config.keep)
+            try:
+                writer.open()
+            except OSError as e:
+                raise AuditError(
+                    f"audit.path {config.path!r} cannot be opened for appending ({e.strerror})"
+                ) from None
+        self.flush_refusals(everything=True)
+        if self._writer is not None:
+            self.publisher.removeObserver(self._writer)
+            self._writer.close()
+        self.config = config
+        self._writer = writer
+        self.enabled = writer is not None
+        if writer is not None:
+            self.publisher.addObserver(writer)
+            if not self._flusher.running:
+                self._flusher.start(REFUSAL_WINDOW, now=False)
+        elif self._flusher.running:
+            self._flusher.stop()
+
     def reopen(self) -> None:
         """Reopen the same path (on SIGHUP, after logrotate moved the file)."""
         if self._writer is not None:
@@ -538,6 +575,8 @@ class AuditTrail:
         protocol_version: str | None,
     ) -> None:
         """A client opened an MCP session (C{initialize} answered)."""
+        if self.metrics is not None:
+            self.metrics.session_opened(server, transport or "")
         if not self.enabled:
             return
         self._emit(
@@ -560,8 +599,11 @@ class AuditTrail:
         principal: str | None,
         reason: str,
         duration: float,
+        transport: str | None = None,
     ) -> None:
         """A session ended (C{DELETE}, idle timeout, child exit, shutdown)."""
+        if self.metrics is not None:
+            self.metrics.session_closed(server, transport or "", reason)
         if not self.enabled:
             return
         self._emit(
@@ -597,6 +639,14 @@ class AuditTrail:
         C{status} is one of L{REQUEST_STATUSES}; C{error_code} is the JSON-RPC
         error code of an error answer.
         """
+        if self.metrics is not None:
+            self.metrics.request_done(
+                server,
+                method,
+                status,
+                latency_ms / 1000.0,
+                name if method == "tools/call" else None,
+            )
         if not self.enabled:
             return
         self._emit(
@@ -620,6 +670,8 @@ class AuditTrail:
 
     def auth_failure(self, *, peer: str | None, reason: str, route: str | None) -> None:
         """Authentication failed (no, malformed, unknown or expired credential)."""
+        if self.metrics is not None:
+            self.metrics.auth_failure(reason)
         if not self.enabled:
             return
         self._refusal("auth_failure", {"peer": peer, "reason": reason, "route": route})
@@ -628,6 +680,8 @@ class AuditTrail:
         self, *, principal: str | None, peer: str | None, server: str | None, route: str | None
     ) -> None:
         """An authenticated principal asked for what it may not use."""
+        if self.metrics is not None:
+            self.metrics.access_refused()
         if not self.enabled:
             return
         self._refusal(
@@ -645,6 +699,8 @@ class AuditTrail:
         retry_after: float,
     ) -> None:
         """A request was refused by a rate limit or cap (C{scope} says which)."""
+        if self.metrics is not None:
+            self.metrics.rate_limited(scope)
         if not self.enabled:
             return
         self._refusal(
@@ -662,6 +718,8 @@ class AuditTrail:
         self, *, peer: str | None, listener: str | None, scope: Literal["listener", "server"]
     ) -> None:
         """A connection or request was refused by an IP allow/deny list."""
+        if self.metrics is not None:
+            self.metrics.ip_refused(scope)
         if not self.enabled:
             return
         self._refusal("ip_refused", {"peer": peer, "listener": listener, "scope": scope})
@@ -691,6 +749,8 @@ class AuditTrail:
 
     def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
         """A child started. C{command} is the program only: never args or env."""
+        if self.metrics is not None:
+            self.metrics.child_spawned(server)
         if not self.enabled:
             return
         self._emit("child_spawned", {"server": server, "pid": pid, "command": command})
@@ -703,8 +763,14 @@ class AuditTrail:
         exit_code: int | None,
         signal: int | None,
         reason: str,
+        stopping: bool = False,
     ) -> None:
-        """A child ended, with its exit status or the signal that ended it."""
+        """A child ended, with its exit status or the signal that ended it
+        (C{stopping}: the bridge ended it)."""
+        if self.metrics is not None:
+            from mcptwist.metrics import exit_reason
+
+            self.metrics.child_exited(server, exit_reason(exit_code, signal, stopping))
         if not self.enabled:
             return
         self._emit(

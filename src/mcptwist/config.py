@@ -183,6 +183,15 @@ class AuditConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    """Prometheus metrics: at /metrics on every listener (admin scope when
+    authentication is on), and on listeners of their own that serve nothing else."""
+
+    enabled: bool = True
+    listeners: tuple[ListenerConfig, ...] = ()
+
+
+@attrs.frozen
 class ServerConfig:
     """One stdio MCP server and how the bridge runs and shares it."""
 
@@ -228,6 +237,8 @@ class BridgeConfig:
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     audit: AuditConfig = AuditConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    drain_timeout: float = 60.0
     source: str = "<built-in>"
 
 
@@ -532,6 +543,8 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         "access_log": top.boolean("access_log", defaults.access_log),
         "limits": _parse_limits(top),
         "audit": _parse_audit(top),
+        "metrics": _parse_metrics(top),
+        "drain_timeout": top.number("drain_timeout", defaults.drain_timeout),
     }
     servers_table = top.table_at("servers")
     top.finish()
@@ -591,6 +604,20 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         source=source,
         **settings,  # type: ignore[arg-type]
     )
+
+
+def parse_server(
+    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str]
+) -> ServerConfig | None:
+    """One C{[servers.NAME]} table (None when disabled), for a file or the admin API."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            source,
+            f"servers.{name}",
+            "is not a usable server name (it becomes part of the URL)",
+            "use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64",
+        )
+    return _parse_server(source, name, table, environ)
 
 
 def _parse_server(
@@ -1044,6 +1071,19 @@ def _parse_server_limits(server: _Reader) -> ServerLimits:
     )
     r.finish()
     return limits
+
+
+def _parse_metrics(top: _Reader) -> MetricsConfig:
+    r = _Reader(top.source, "metrics.", top.table_at("metrics"), top.environ)
+    listen = r.strings("listen")
+    metrics = MetricsConfig(
+        enabled=r.boolean("enabled", True),
+        listeners=tuple(
+            listener_from_string(top.source, r.key(f"listen[{i}]"), d) for i, d in enumerate(listen)
+        ),
+    )
+    r.finish()
+    return metrics
 
 
 def _parse_audit(top: _Reader) -> AuditConfig:

@@ -253,6 +253,11 @@ class Caps:
     def from_limits(cls, limits: LimitsConfig) -> Caps:
         return cls(limits.max_streams_per_principal, limits.max_sessions_per_principal)
 
+    def set_limits(self, max_streams: int, max_sessions: int) -> None:
+        """New caps (a reload); what is open stays counted."""
+        self._streams.limit = max_streams
+        self._sessions.limit = max_sessions
+
     def open_stream(self, principal: str) -> bool:
         """Count a new stream, or return False if the principal is at its cap."""
         return self._streams.open(principal)

@@ -135,7 +135,7 @@ class Upstream(Service):
     ) -> None:
         self.server = server
         self.clock: IReactorTime = reactor
-        self.audit = audit if audit is not None and audit.enabled else None
+        self.audit = audit
         self.supervisor = Supervisor(server, self, reactor, environ, label, self.audit)
         self.sessions: set[Downstream] = set()
         self.init_result: dict[str, Any] | None = None
@@ -842,6 +842,11 @@ class Upstream(Service):
     def in_flight(self) -> int:
         return sum(1 for p in self._pending.values() if p.session is not None)
 
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the child to be ready."""
+        return len(self._queue)
+
     def status(self) -> dict[str, Any]:
         info = self.init_result.get("serverInfo") if self.init_result else None
         return {
@@ -867,6 +872,8 @@ class Backend(MultiService):
         self.reactor = reactor
         self.environ = environ
         self.audit = audit
+        # Stopped by an operator (admin API): stays stopped until started.
+        self.held = False
         self.setName(server.name)
 
     def open(self, session: Downstream) -> Upstream:
@@ -926,6 +933,8 @@ class SessionBackend(Backend):
         self._stopping: set[Deferred[Any]] = set()
 
     def open(self, session: Downstream) -> Upstream:
+        if self.held:
+            raise CapacityError(f"MCP server '{self.server.name}' was stopped by an operator")
         count = len(list(self))
         if count >= self.server.max_children:
             raise CapacityError(

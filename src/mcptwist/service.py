@@ -9,27 +9,35 @@ stop the children and wait for them to exit.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from .audit import AuditError, AuditTrail
-from .config import BridgeConfig, ListenerConfig
+from .config import BridgeConfig, ConfigError, ListenerConfig, ServerConfig, load_config
+from .control import BridgeControl
 from .ipfilter import listening_factory
+from .metrics import Metrics, ServerSnapshot, Snapshot
+from .notify import SystemdNotifier, status_line
 from .routing import Backend, make_backend
 from .security import is_local_address
-from .session import SessionRegistry
+from .session import ClientSession, SessionRegistry
 from .tls import ReloadableTLS, TLSLoadError
 from .web.access import AccessControl
+from .web.admin import AdminAPI
 from .web.app import BridgeApp
 from .web.http import bounded_request_factory
 
@@ -67,6 +75,7 @@ class Listener(Service):
         self.open_to_network = open_to_network
         self.audit = audit
         self.creator: ReloadableTLS | None = None
+        self.factory: SwappableFactory | None = None
         self.port: IListeningPort | None = None
         # A certificate that nobody renews should be noticed before it ends.
         self._expiry_check = LoopingCall(self._warn_expiry)
@@ -87,9 +96,19 @@ class Listener(Service):
             except TLSLoadError as e:
                 raise ListenerError(f"mcpbridge: {self.config.endpoint}: {e}") from None
             self._warn_expiry()
-        factory = listening_factory(self.config, self.site, self.creator, self._refused)
+        self.factory = SwappableFactory(
+            self.site, listening_factory(self.config, self.site, self.creator, self._refused)
+        )
         outcome: list[Any] = []
-        serverFromString(self.reactor, self.config.endpoint).listen(factory).addBoth(outcome.append)
+        try:
+            listening = serverFromString(self.reactor, self.config.endpoint).listen(self.factory)
+        except Exception as e:
+            # A systemd: endpoint naming a socket systemd did not pass raises here.
+            raise ListenerError(
+                f"mcpbridge: cannot listen on {self.config.endpoint}: {e!r}"
+                + _inherited_hint(self.config.endpoint)
+            ) from None
+        listening.addBoth(outcome.append)
         if not outcome:
             raise ListenerError(
                 f"mcpbridge: {self.config.endpoint}: this endpoint does not listen at once"
@@ -120,6 +139,33 @@ class Listener(Service):
                 "listener; give it tls = {{...}}, or put a TLS proxy in front (trusted_proxies)",
                 address=describe_address(address),
             )
+
+    def update(self, config: ListenerConfig) -> bool:
+        """Take new rules (addresses, proxies, TLS files) without closing the
+        port or any connection; False when only a restart can do it (another
+        endpoint, TLS turned on or off, the PROXY protocol switched)."""
+        old = self.config
+        if (
+            self.factory is None
+            or config.endpoint != old.endpoint
+            or (config.tls is None) != (old.tls is None)
+            or config.proxy_protocol != old.proxy_protocol
+        ):
+            return False
+        if config.tls is not None and self.creator is not None:
+            try:
+                self.creator.reload(config.tls)
+            except TLSLoadError as e:
+                log.error(
+                    "{listener}: kept the old TLS certificate: {error}",
+                    listener=config.endpoint,
+                    error=str(e),
+                )
+                self.audit.tls_reloaded(listener=config.endpoint, outcome="refused", detail=str(e))
+        self.config = config
+        self.site.listener = config  # type: ignore[attr-defined]
+        self.factory.current = listening_factory(config, self.site, self.creator, self._refused)
+        return True
 
     def reload_tls(self) -> None:
         """Re-read the certificate and key; on any problem keep serving the old ones."""
@@ -160,17 +206,47 @@ class Listener(Service):
         return stopped
 
 
+class SwappableFactory(Factory):
+    """Builds each connection's protocol with the current filter and TLS stack,
+    which a reload may replace; connections already open keep theirs."""
+
+    def __init__(self, site: Site, current: IProtocolFactory) -> None:
+        self.site = site
+        self.current = current
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.current.buildProtocol(addr)
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+
 access_log = Logger(namespace="mcptwist.access")
 
 
 class BridgeSite(Site):
     """A listener's Site (its L{ListenerConfig} tells the gate about TLS and
-    proxies); its access log, when on, goes through twisted.logger."""
+    proxies); it counts every request for the metrics, and its access log,
+    when on, goes through twisted.logger."""
 
     access_log = False
     listener: ListenerConfig | None = None
+    metrics: Metrics | None = None
 
     def log(self, request: Any) -> None:
+        if self.metrics is not None:
+            server, route = _route_of(request.path)
+            self.metrics.http_request(
+                server,
+                route,
+                request.method.decode("latin-1"),
+                request.code,
+                getattr(request, "body_size", 0),
+                request.sentLength,
+            )
         if not self.access_log:
             return
         access_log.info(
@@ -183,8 +259,54 @@ class BridgeSite(Site):
         )
 
 
+def _inherited_hint(endpoint: str) -> str:
+    if not endpoint.startswith("systemd:"):
+        return ""
+    names = os.environ.get("LISTEN_FDNAMES")
+    return (
+        f"; systemd passed the sockets named {names!r} (FileDescriptorName= in the .socket units)"
+        if names
+        else "; systemd passed no sockets: start the bridge through its .socket units"
+    )
+
+
+def _route_of(path: bytes) -> tuple[str | None, str]:
+    """(server, route) of a request path, for the metrics' bounded labels."""
+    parts = path.split(b"/")
+    first = parts[1] if len(parts) > 1 else b""
+    if first == b"servers":
+        if len(parts) == 2:
+            return None, "status"
+        server = parts[2].decode("utf-8", "replace")
+        if len(parts) == 3:
+            return server, "status"
+        kind = parts[3].decode("utf-8", "replace")
+        return server, kind if kind in ("mcp", "sse", "messages") else "other"
+    if first == b".well-known":
+        return None, "metadata"
+    name = first.decode("utf-8", "replace")
+    return None, name if name in ("health", "metrics", "admin") else "other"
+
+
+class MetricsOnly(Resource):
+    """The root of a metrics listener: /metrics and nothing else."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: IResource) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render(self, request: Any) -> Any:
+        if request.path == b"/metrics":
+            return self.metrics.render(request)
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Not Found: this listener serves /metrics only\n"
+
+
 class BridgeService(MultiService):
-    """The root of the bridge's service tree."""
+    """The root of the bridge's service tree; SIGHUP reloads its configuration."""
 
     def __init__(
         self,
@@ -192,17 +314,30 @@ class BridgeService(MultiService):
         reactor: Any,
         environ: Mapping[str, str],
         handle_sighup: bool = False,
+        config_path: str | None = None,
+        notifier: SystemdNotifier | None = None,
+        listen_override: tuple[ListenerConfig, ...] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.environ = environ
         self.handle_sighup = handle_sighup
+        self.config_path = config_path
+        self.notifier = notifier if notifier is not None else SystemdNotifier({}, reactor)
+        self.listen_override = listen_override
         self._previous_sighup: Any = None
         self.audit = AuditTrail(config.audit, reactor)
         self.backends: dict[str, Backend] = {
             name: make_backend(server, reactor, environ, self.audit)
             for name, server in config.servers.items()
         }
+        # Servers added through the admin API: kept until the next reload.
+        self.runtime_added: set[str] = set()
+        # Backends of removed or changed servers, finishing their sessions.
+        self.draining: dict[Backend, IDelayedCall] = {}
+        self._stopping: set[Deferred[Any]] = set()
+        self._reloading: Deferred[dict[str, Any]] | None = None
         self.access = AccessControl.from_config(config, reactor, self.audit)
         # Reap often enough that no session outlives its idle timeout by much.
         shortest = min(s.session_idle_timeout for s in config.servers.values())
@@ -213,22 +348,42 @@ class BridgeService(MultiService):
             caps=self.access.caps,
             audit=self.audit,
         )
+        self.registry.on_closed = self._session_closed
         self.web = BridgeApp(config, self.backends, self.registry, reactor, self.access)
-        resource = self.web.resource()
-        request_factory = bounded_request_factory(
-            max(s.max_message_size for s in config.servers.values())
+        self.control = BridgeControl(self)
+        self.web.admin = AdminAPI(self.control, self.audit).resource()
+        self.metrics: Metrics | None = None
+        if config.metrics.enabled:
+            self.metrics = Metrics(start_time=reactor.seconds())
+            self.metrics.set_source(self._snapshot)
+            self.audit.metrics = self.metrics
+            self.web.metrics = self.metrics.resource()
+        self.resource = self.web.resource()
+        self.listeners = [self._listener(listener) for listener in config.listeners]
+        if self.metrics is not None:
+            self.listeners += [
+                self._listener(listener, MetricsOnly(self.metrics.resource()))
+                for listener in config.metrics.listeners
+            ]
+        self._status_loop = LoopingCall(self._report_status)
+        self._status_loop.clock = reactor
+
+    def _listener(self, config: ListenerConfig, resource: IResource | None = None) -> Listener:
+        # The bridge takes JSON bodies only: Twisted's form parsing would read
+        # them twice, and it raises on some malformed Content-Type values.
+        site = BridgeSite(
+            resource or self.resource, reactor=self.reactor, parsePOSTFormSubmission=False
         )
-        open_to_network = config.insecure or config.auth.enabled
-        self.listeners = []
-        for listener in config.listeners:
-            # The bridge takes JSON bodies only: Twisted's form parsing would read
-            # them twice, and it raises on some malformed Content-Type values.
-            site = BridgeSite(resource, reactor=reactor, parsePOSTFormSubmission=False)
-            site.requestFactory = request_factory
-            site.noisy = False
-            site.access_log = config.access_log
-            site.listener = listener
-            self.listeners.append(Listener(listener, site, reactor, open_to_network, self.audit))
+        site.metrics = self.metrics
+        site.requestFactory = bounded_request_factory(self._max_body())
+        site.noisy = False
+        site.access_log = self.config.access_log
+        site.listener = config
+        open_to_network = self.config.insecure or self.config.auth.enabled
+        return Listener(config, site, self.reactor, open_to_network, self.audit)
+
+    def _max_body(self) -> int:
+        return max(b.server.max_message_size for b in [*self.backends.values(), *self.draining])
 
     @property
     def site(self) -> BridgeSite:
@@ -237,12 +392,7 @@ class BridgeService(MultiService):
         assert isinstance(site, BridgeSite)
         return site
 
-    def reload(self) -> None:
-        """SIGHUP: re-read TLS certificates and reopen the audit file."""
-        log.info("SIGHUP: reloading TLS certificates and reopening the audit trail")
-        for listener in self.listeners:
-            listener.reload_tls()
-        self.audit.reopen()
+    # Starting and stopping
 
     def privilegedStartService(self) -> None:
         # Opened before privileges are dropped, as log files are.
@@ -268,24 +418,87 @@ class BridgeService(MultiService):
         for backend in self.backends.values():
             backend.startService()
         for name in self.backends:
-            for listener in self.listeners:
-                if listener.port is not None:
-                    address = listener.port.getHost()
-                    if getattr(address, "host", None) is not None:
-                        scheme = "https" if listener.config.tls is not None else "http"
-                        log.info(
-                            "serving {server}: {scheme}://{address}/servers/{server}/mcp (Streamable HTTP), "
-                            "/servers/{server}/sse (HTTP+SSE)",
-                            server=name,
-                            scheme=scheme,
-                            address=describe_address(address),
-                        )
+            self._log_urls(name)
+        Deferred.fromCoroutine(self._announce_ready())
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once every listener is up and every server's child has
+        started serving or failed (for systemd's Type=notify)."""
+        await DeferredList([d for d in self._settled()], consumeErrors=True)
+        if not self.running:
+            return
+        status = self.status_line()
+        log.info("ready: {status}", status=status)
+        self.notifier.ready(status)
+        self.notifier.start_watchdog()
+        self._status_loop.start(30.0, now=False)
+
+    def _settled(self) -> list[Deferred[None]]:
+        settled = []
+        for backend in self.backends.values():
+            for upstream in backend.upstreams():
+                settled.append(upstream.supervisor.settled())
+        return settled
+
+    def _snapshot(self) -> Snapshot:
+        """The live state the metrics read at each scrape."""
+        servers = []
+        for name, backend in self.backends.items():
+            upstreams = list(backend.upstreams())
+            states = [u.supervisor.state.value for u in upstreams]
+            state = backend.status()["state"]
+            uptimes = [u.supervisor.uptime() for u in upstreams]
+            servers.append(
+                ServerSnapshot(
+                    name=name,
+                    sharing=backend.server.sharing,
+                    state=state,
+                    children=len(upstreams),
+                    running_children=states.count("running"),
+                    restarts=sum(u.supervisor.restarts for u in upstreams),
+                    uptime=max((t for t in uptimes if t is not None), default=None),
+                    in_flight=sum(u.in_flight for u in upstreams),
+                    stdin_queue=sum(u.queued for u in upstreams),
+                    sessions=self.registry.count(name),
+                )
+            )
+        return Snapshot(
+            servers=tuple(servers),
+            streams=len(self.web.heartbeat.connections),
+            sessions_total=len(self.registry.sessions),
+        )
+
+    def status_line(self) -> str:
+        states = {name: b.status()["state"] for name, b in self.backends.items()}
+        return status_line(states, len(self.registry.sessions))
+
+    def _report_status(self) -> None:
+        self.notifier.status(self.status_line())
+
+    def _log_urls(self, name: str) -> None:
+        for listener in self.listeners:
+            if listener.port is None:
+                continue
+            address = listener.port.getHost()
+            if getattr(address, "host", None) is not None:
+                scheme = "https" if listener.config.tls is not None else "http"
+                log.info(
+                    "serving {server}: {scheme}://{address}/servers/{server}/mcp (Streamable HTTP), "
+                    "/servers/{server}/sse (HTTP+SSE)",
+                    server=name,
+                    scheme=scheme,
+                    address=describe_address(address),
+                )
 
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self.notifier.stopping(f"stopping: {len(self.registry.sessions)} sessions to end")
+        self.notifier.stop_watchdog()
+        if self._status_loop.running:
+            self._status_loop.stop()
         if self.handle_sighup and self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
@@ -295,7 +508,219 @@ class BridgeService(MultiService):
         self.registry.stopService()
         self.web.heartbeat.close_all()
         self.web.heartbeat.stop()
-        await DeferredList([b.stopService() for b in self.backends.values()])
+        for backend, timer in list(self.draining.items()):
+            if timer.active():
+                timer.cancel()
+            self._stop_backend(backend)
+        self.draining.clear()
+        await DeferredList([*(b.stopService() for b in self.backends.values()), *self._stopping])
         log.info("every child has stopped")
         self.access.stop()
         self.audit.stop()
+
+    # Reload (SIGHUP, or the admin API)
+
+    def reload(self) -> Deferred[dict[str, Any]]:
+        """Re-read the configuration file and apply it; a bad file changes nothing.
+
+        Returns what changed: C{{"ok": bool, "error": str | None, "changes": {...}}}.
+        """
+        if self._reloading is not None:
+            return self._reloading  # one at a time; a second SIGHUP joins the first
+        d = Deferred.fromCoroutine(self._reload())
+
+        def done(result: dict[str, Any]) -> dict[str, Any]:
+            self._reloading = None
+            return result
+
+        d.addBoth(done)
+        if not d.called:
+            self._reloading = d
+        return d
+
+    async def _reload(self) -> dict[str, Any]:
+        self.notifier.reloading("reloading the configuration")
+        if self.config_path is None:
+            log.info("reload: no configuration file; re-reading certificates only")
+            new = self.config
+        else:
+            try:
+                new = load_config(self.config_path, self.environ)
+            except ConfigError as e:
+                log.error("reload refused, the running configuration stays: {error}", error=str(e))
+                self.notifier.ready(f"reload failed: {e.key}: {e.problem}")
+                return {"ok": False, "error": str(e), "changes": {}}
+        if self.listen_override is not None:
+            new = attrs.evolve(new, listeners=self.listen_override)
+        changes = await self.apply(new)
+        log.info("reload done: {changes}", changes=changes)
+        self.notifier.ready(self.status_line())
+        return {"ok": True, "error": None, "changes": changes}
+
+    async def apply(self, new: BridgeConfig) -> dict[str, Any]:
+        """Move the running bridge to C{new}: unchanged servers keep their
+        children and sessions; changed ones restart, their sessions drain."""
+        old = self.config
+        self.config = new
+        changes: dict[str, Any] = {
+            "servers": self._apply_servers(new),
+            "listeners": {},
+        }
+        try:
+            self.audit.reconfigure(new.audit)
+        except AuditError as e:
+            log.error("reload: kept the old audit trail: {error}", error=str(e))
+            changes["audit"] = f"kept the old one: {e}"
+        self.access.reconfigure(new, self.reactor)
+        self.web.reconfigure(new)
+        self.registry.max_sessions = new.max_sessions
+        for listener in self.listeners:
+            site = listener.site
+            if isinstance(site, BridgeSite):
+                site.access_log = new.access_log
+            site.requestFactory = bounded_request_factory(self._max_body())
+            listener.open_to_network = new.insecure or new.auth.enabled
+        changes["listeners"] = await self._apply_listeners(new)
+        changes["settings"] = _changed_settings(old, new)
+        return changes
+
+    def _apply_servers(self, new: BridgeConfig) -> dict[str, list[str]]:
+        result: dict[str, list[str]] = {
+            "added": [],
+            "removed": [],
+            "restarted": [],
+            "unchanged": [],
+        }
+        for name in list(self.backends):
+            if name not in new.servers:
+                self.retire(name, "removed from the configuration")
+                result["removed"].append(name)
+        for name, server in new.servers.items():
+            backend = self.backends.get(name)
+            if backend is None:
+                self.add_backend(server)
+                result["added"].append(name)
+            elif backend.server == server and name not in self.runtime_added:
+                result["unchanged"].append(name)
+            else:
+                self.retire(name, "reconfigured")
+                self.add_backend(server)
+                result["restarted"].append(name)
+        self.runtime_added.clear()
+        return result
+
+    def add_backend(self, server: ServerConfig) -> Backend:
+        """Serve a server from now on (a reload, or the admin API)."""
+        backend = make_backend(server, self.reactor, self.environ, self.audit)
+        self.backends[server.name] = backend
+        if self.running:
+            backend.startService()
+            self._log_urls(server.name)
+        for listener in self.listeners:
+            listener.site.requestFactory = bounded_request_factory(self._max_body())
+        return backend
+
+    def retire(self, name: str, why: str) -> None:
+        """Stop serving a server: new sessions cannot reach it; its sessions
+        finish what they do, and are closed after C{drain_timeout}."""
+        backend = self.backends.pop(name)
+        if not self.registry.of_backend(backend):
+            self._stop_backend(backend)
+            return
+        log.info(
+            "{server}: {why}; its sessions may finish within {grace:g}s",
+            server=name,
+            why=why,
+            grace=self.config.drain_timeout,
+        )
+        self.draining[backend] = self.reactor.callLater(
+            self.config.drain_timeout, self._drained, backend, why
+        )
+
+    def _session_closed(self, session: ClientSession) -> None:
+        backend = session.backend
+        if backend in self.draining and not self.registry.of_backend(backend):
+            self._drained(backend, "its last session ended")
+
+    def _drained(self, backend: Backend, why: str) -> None:
+        timer = self.draining.pop(backend, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        for session in self.registry.of_backend(backend):
+            self.registry.close(session, f"closed: the server was {why}")
+        self._stop_backend(backend)
+
+    def _stop_backend(self, backend: Backend) -> None:
+        if not backend.running:
+            return
+        d = backend.stopService()
+        self._stopping.add(d)
+        d.addBoth(lambda _: self._stopping.discard(d))
+
+    async def _apply_listeners(self, new: BridgeConfig) -> dict[str, list[str]]:
+        result: dict[str, list[str]] = {
+            "added": [],
+            "removed": [],
+            "updated": [],
+            "restarted": [],
+            "unchanged": [],
+            "failed": [],
+        }
+        current = {listener.config.endpoint: listener for listener in self.listeners}
+        wanted = {listener.endpoint: listener for listener in new.listeners}
+        kept: list[Listener] = []
+        stopping: list[Deferred[None]] = []
+        for endpoint, listener in current.items():
+            config = wanted.get(endpoint)
+            if config is None:
+                d = listener.stopService()
+                if d is not None:
+                    stopping.append(d)
+                result["removed"].append(endpoint)
+            elif config == listener.config:
+                listener.reload_tls()
+                kept.append(listener)
+                result["unchanged"].append(endpoint)
+            elif listener.update(config):
+                kept.append(listener)
+                result["updated"].append(endpoint)
+            else:
+                d = listener.stopService()
+                if d is not None:
+                    await d
+                result["restarted"].append(endpoint)
+                restarted = self._start_listener(config, result)
+                if restarted is not None:
+                    kept.append(restarted)
+        for endpoint, config in wanted.items():
+            if endpoint not in current:
+                started = self._start_listener(config, result)
+                if started is not None:
+                    kept.append(started)
+                    result["added"].append(endpoint)
+        await DeferredList(stopping)
+        self.listeners = kept
+        return result
+
+    def _start_listener(
+        self, config: ListenerConfig, result: dict[str, list[str]]
+    ) -> Listener | None:
+        listener = self._listener(config)
+        try:
+            listener.privilegedStartService()
+        except ListenerError as e:
+            log.error("reload: {error}", error=str(e))
+            result["failed"].append(f"{config.endpoint}: {e}")
+            return None
+        listener.startService()
+        return listener
+
+
+def _changed_settings(old: BridgeConfig, new: BridgeConfig) -> list[str]:
+    """The bridge-wide settings a reload changed, by name."""
+    skip = {"servers", "listeners", "source"}
+    return [
+        field.name
+        for field in attrs.fields(BridgeConfig)
+        if field.name not in skip and getattr(old, field.name) != getattr(new, field.name)
+    ]

@@ -121,11 +121,13 @@ class ClientSession:
     # child or by the bridge, failed, timed out, cancelled, or cut by the session's end).
 
     def _audit_start(self, message: Message, now: float) -> None:
+        assert self.audit is not None
         params = message.get("params")
-        size, digest = argument_digest(params)
-        arguments = None
-        if self.backend.server.audit_arguments and isinstance(params, dict):
-            arguments = params.get("arguments", params)
+        size, digest, arguments = 0, "", None
+        if self.audit.enabled:  # metrics alone need none of this
+            size, digest = argument_digest(params)
+            if self.backend.server.audit_arguments and isinstance(params, dict):
+                arguments = params.get("arguments", params)
         method = message["method"]
         if message["id"] in self._audited:
             return  # a reused id: the router refuses it, the first request stays audited
@@ -200,6 +202,8 @@ class SessionRegistry(Service):
         self.max_sessions = max_sessions
         self.caps = caps
         self.audit = audit
+        # Told of every session that ends (the service finishes draining with it).
+        self.on_closed: Callable[[ClientSession], None] | None = None
         self.sessions: dict[str, ClientSession] = {}
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
@@ -248,7 +252,7 @@ class SessionRegistry(Service):
             peer=peer,
             opened=now,
         )
-        if self.audit is not None and self.audit.enabled:
+        if self.audit is not None and (self.audit.enabled or self.audit.metrics is not None):
             session.audit, session.clock = self.audit, self.clock
         try:
             session.upstream = backend.open(session)
@@ -299,7 +303,12 @@ class SessionRegistry(Service):
                     principal=session.principal,
                     reason=why,
                     duration=self.clock.seconds() - session.opened,
+                    transport=session.transport,
                 )
+            session.close()
+            if self.on_closed is not None:
+                self.on_closed(session)
+            return
         session.close()
 
     def reap(self) -> None:
@@ -309,6 +318,10 @@ class SessionRegistry(Service):
             idle = now - session.last_active
             if not session.sink.connected and idle > session.backend.server.session_idle_timeout:
                 self.close(session, f"expired after {idle:.0f}s idle")
+
+    def of_backend(self, backend: Backend) -> list[ClientSession]:
+        """The open sessions a backend serves."""
+        return [s for s in self.sessions.values() if s.backend is backend]
 
     def count(self, server: str) -> int:
         return sum(1 for s in self.sessions.values() if s.server == server)

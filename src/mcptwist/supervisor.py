@@ -81,6 +81,7 @@ class Supervisor(Service):
         self._consecutive = 0
         self._restart_call: IDelayedCall | None = None
         self._abandoned: str | None = None
+        self._settled: list[Deferred[None]] = []
 
     # Service
 
@@ -131,6 +132,15 @@ class Supervisor(Service):
         d.addCallback(lambda _: self._spawn() if self.running else None)
         return d
 
+    def settled(self) -> Deferred[None]:
+        """Fires once the child has left C{starting}: it serves, or it failed
+        (crashed, or will be retried): what readiness waits for."""
+        if self.state is not ChildState.STARTING:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._settled.append(d)
+        return d
+
     @property
     def pid(self) -> int | None:
         child = self.child
@@ -152,6 +162,10 @@ class Supervisor(Service):
                 new=state.value,
             )
             self.state = state
+        if state is not ChildState.STARTING and self._settled:
+            waiting, self._settled = self._settled, []
+            for d in waiting:
+                d.callback(None)
 
     def _spawn(self) -> None:
         self._restart_call = None
@@ -205,6 +219,8 @@ class Supervisor(Service):
                 exit_code=getattr(value, "exitCode", None),
                 signal=getattr(value, "signal", None),
                 reason=describe_exit(reason),
+                stopping=self._abandoned is not None
+                or self.state in (ChildState.STOPPED, ChildState.RESTARTING),
             )
         if child is not self.child:
             return

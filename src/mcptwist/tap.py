@@ -42,6 +42,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from .notify import SystemdNotifier
     from .service import BridgeService
 
     try:
@@ -56,4 +57,12 @@ def makeService(options: Options) -> IService:
         raise SystemExit(f"mcpbridge: {e}") from None
     if listeners:
         config = attrs.evolve(config, listeners=listeners)
-    return BridgeService(config, reactor, os.environ, handle_sighup=True)
+    return BridgeService(
+        config,
+        reactor,
+        os.environ,
+        handle_sighup=True,
+        config_path=options["config"],
+        notifier=SystemdNotifier(os.environ, reactor),
+        listen_override=listeners or None,
+    )

@@ -79,6 +79,33 @@ class AccessControl:
             audit if audit is not None else AuditTrail(AuditConfig(), clock),
         )
 
+    def reconfigure(self, config: BridgeConfig, clock: Any, fetch: Any = None) -> None:
+        """Take a reloaded configuration: tokens, JWT, limits and address rules
+        change in place; counts of open streams and sessions carry over."""
+        old = self.config
+        self.config = config
+        self.auth = config.auth
+        if config.auth != old.auth:
+            self.authenticator.stop()
+            self.authenticator = Authenticator(config.auth, clock, fetch)
+            self.authenticator.start()
+        server_limits = {n: s.limits for n, s in config.servers.items()}
+        if config.limits != old.limits or server_limits != {
+            n: s.limits for n, s in old.servers.items()
+        }:
+            self.limiter.stop()
+            self.limiter = RateLimiter(config.limits, server_limits, clock)
+            self.limiter.start()
+        self.caps.set_limits(
+            config.limits.max_streams_per_principal, config.limits.max_sessions_per_principal
+        )
+        self.server_policies = {
+            name: AddressPolicy(allow=s.allow, deny=s.deny, unix_peers="allow")
+            for name, s in config.servers.items()
+            if s.allow or s.deny
+        }
+        self._listener_policies.clear()
+
     def start(self) -> None:
         self.authenticator.start()
         self.limiter.start()

@@ -170,12 +170,17 @@ class Gate(Resource):
         server = None
         if len(parts) >= 3 and parts[1] == b"servers" and parts[2]:
             server = parts[2].decode("utf-8", "replace")
+        operator = parts[1] in (b"admin", b"metrics")
         try:
-            if parts[1:] == [b"servers"] or (server is not None and len(parts) == 3):
+            if operator or parts[1:] == [b"servers"] or (server is not None and len(parts) == 3):
                 access.require_admin(who, ip, route)
             access.authorise(request, who, ip, server, route)
         except HTTPProblem as problem:
             return problem.render(request)
+        if parts[1] == b"admin" and self.app.admin is not None:
+            return self.app.admin.render(request)
+        if parts[1:] == [b"metrics"] and self.app.metrics is not None:
+            return self.app.metrics.render(request)
         handler, name = self._message_route(request)
         if handler is not None:
             return self._run(request, handler, name)
@@ -294,9 +299,23 @@ class BridgeApp:
         self.registry = registry
         self.clock = clock
         self.access = access if access is not None else AccessControl.from_config(config, clock)
+        # Mounted by the service: the admin API at /admin/, metrics at /metrics.
+        self.admin: IResource | None = None
+        self.metrics: IResource | None = None
         self.origins = OriginPolicy(config.allowed_origins)
         self.hosts = HostPolicy(config.allowed_hosts)
         self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
+
+    def reconfigure(self, config: BridgeConfig) -> None:
+        """A reload's bridge-wide settings (the backends dict is updated in place)."""
+        self.config = config
+        self.origins = OriginPolicy(config.allowed_origins)
+        self.hosts = HostPolicy(config.allowed_hosts)
+        if config.heartbeat_interval != self.heartbeat.interval:
+            self.heartbeat.interval = config.heartbeat_interval
+            if self.heartbeat.running:
+                self.heartbeat.stop()
+                self.heartbeat.start()
 
     def resource(self) -> IResource:
         return Gate(self, self.app.resource())

@@ -178,6 +178,10 @@ class Heartbeat:
     def start(self) -> None:
         self._loop.start(self.interval / 2, now=False)
 
+    @property
+    def running(self) -> bool:
+        return bool(self._loop.running)
+
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()

@@ -1,0 +1,160 @@
+# -*- test-case-name: tests.test_control -*-
+"""What an operator can do to a running bridge: the admin API's actions.
+
+L{BridgeControl} implements L{mcptwist.web.admin.AdminControl} on a
+L{BridgeService}: status, start, stop and restart a server, read its stderr,
+list and close sessions, add or remove a server until the next reload, and
+reload the configuration file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+
+from .config import ConfigError, parse_server
+from .routing import Backend, SessionBackend
+from .session import ClientSession
+from .supervisor import ChildState
+
+if TYPE_CHECKING:
+    from .service import BridgeService
+
+
+class BridgeControl:
+    """The admin API's view of the bridge."""
+
+    def __init__(self, service: BridgeService) -> None:
+        self.service = service
+
+    def _backend(self, name: str) -> Backend:
+        backend = self.service.backends.get(name)
+        if backend is None:
+            raise KeyError(name)
+        return backend
+
+    # Servers
+
+    def servers(self) -> list[dict[str, Any]]:
+        return [self._status(b) for b in self.service.backends.values()]
+
+    def server(self, name: str) -> dict[str, Any] | None:
+        backend = self.service.backends.get(name)
+        return None if backend is None else self._status(backend)
+
+    def _status(self, backend: Backend) -> dict[str, Any]:
+        server = backend.server
+        status = backend.status()
+        status["sessions"] = self.service.registry.count(server.name)
+        status["stopped_by_operator"] = backend.held
+        status["added_at_runtime"] = server.name in self.service.runtime_added
+        # What runs, never the environment's values (they may be secrets).
+        status["config"] = {
+            "command": server.command,
+            "args": list(server.args),
+            "env": sorted(server.env),
+            "env_passthrough": list(server.env_passthrough),
+            "sharing": server.sharing,
+            "cwd": server.cwd,
+        }
+        return status
+
+    def start(self, name: str) -> Deferred[dict[str, Any]]:
+        backend = self._backend(name)
+        backend.held = False
+        for upstream in backend.upstreams():
+            if upstream.supervisor.state is ChildState.STOPPED:
+                upstream.supervisor.startService()
+        return succeed(self._status(backend))
+
+    def stop(self, name: str) -> Deferred[dict[str, Any]]:
+        """Stop a server's children and keep them stopped until started again:
+        requests get an error naming the operator's stop."""
+        backend = self._backend(name)
+        backend.held = True
+        if isinstance(backend, SessionBackend):
+            for session in self.service.registry.of_backend(backend):
+                self.service.registry.close(session, "closed: the server was stopped")
+        stops = [u.supervisor.stopService() for u in backend.upstreams() if u.supervisor.running]
+        d = DeferredList(stops)
+        return d.addCallback(lambda _: self._status(backend))
+
+    def restart(self, name: str) -> Deferred[dict[str, Any]]:
+        backend = self._backend(name)
+        backend.held = False
+        restarts = []
+        for upstream in backend.upstreams():
+            supervisor = upstream.supervisor
+            if supervisor.running:
+                restarts.append(supervisor.restart())
+            else:
+                supervisor.startService()
+        d = DeferredList(restarts)
+        return d.addCallback(lambda _: self._status(backend))
+
+    def stderr(self, name: str, lines: int) -> list[str]:
+        backend = self._backend(name)
+        out: list[str] = []
+        upstreams = list(backend.upstreams())
+        for upstream in upstreams:
+            tail = list(upstream.supervisor.stderr)
+            if len(upstreams) > 1:
+                tail = [f"{upstream.label}: {line}" for line in tail]
+            out.extend(tail)
+        return out[-lines:] if lines > 0 else []
+
+    # Sessions
+
+    def sessions(self, server: str | None) -> list[dict[str, Any]]:
+        now = self.service.reactor.seconds()
+        return [
+            _session_info(s, now)
+            for s in self.service.registry.sessions.values()
+            if server is None or s.server == server
+        ]
+
+    def close_session(self, session_id: str) -> bool:
+        session = self.service.registry.sessions.get(session_id)
+        if session is None:
+            return False
+        self.service.registry.close(session, "closed by an operator")
+        return True
+
+    # Configuration
+
+    def add_server(self, name: str, table: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        if name in self.service.backends:
+            raise ValueError(f"a server named {name!r} exists")
+        server = parse_server("admin API", name, table, self.service.environ)
+        if server is None:
+            raise ConfigError("admin API", f"servers.{name}.disabled", "is true", "remove it")
+        backend = self.service.add_backend(server)
+        self.service.runtime_added.add(name)
+        return succeed(self._status(backend))
+
+    def remove_server(self, name: str) -> Deferred[dict[str, Any]]:
+        backend = self._backend(name)
+        status = self._status(backend)
+        self.service.retire(name, "removed by an operator")
+        self.service.runtime_added.discard(name)
+        return succeed(status)
+
+    def reload(self) -> Deferred[dict[str, Any]]:
+        return self.service.reload()
+
+
+def _session_info(session: ClientSession, now: float) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "server": session.server,
+        "transport": session.transport,
+        "principal": session.principal,
+        "peer": session.peer,
+        "protocol_version": session.protocol_version,
+        "client": session.client_info.get("name"),
+        "opened": session.opened,
+        "age": round(now - session.opened, 3),
+        "idle": round(now - session.last_active, 3),
+        "stream_open": session.sink.connected,
+    }

@@ -1,0 +1,589 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""Prometheus metrics: counters fed as things happen, live state read at scrape.
+
+L{Metrics} owns a registry of its own (never the process-wide one, so that
+tests and embedders never share series). Events are counted by explicit
+calls (L{Metrics.http_request}, L{Metrics.request_done}, ...) that cost a
+couple of dictionary lookups once a label set has been seen. What the bridge
+already knows at any moment (child states, queue depths, open sessions) is
+not mirrored on the hot path: a L{Snapshot} callable given to
+L{Metrics.set_source} is read when Prometheus scrapes.
+
+Every label is bounded, whatever clients send: methods outside the MCP
+vocabulary, unknown routes, reasons and scopes become C{"other"}, and each
+server counts at most L{MAX_TOOLS} tool names, admitted only once a call to
+them succeeded, so that calls to made-up tools cannot fill the table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Final
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+
+from . import __version__
+
+log = Logger(namespace="mcptwist.metrics")
+
+OTHER: Final = "other"
+
+# Where an HTTP request went: the bridge's endpoints, by what they are for.
+ROUTES: Final = frozenset(
+    {"mcp", "sse", "messages", "status", "health", "metrics", "admin", "metadata", OTHER}
+)
+
+HTTP_METHODS: Final = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS", "PUT", "PATCH"})
+
+# JSON-RPC methods of the MCP specification (2024-11-05 to 2025-11-25), both directions.
+MCP_METHODS: Final = frozenset(
+    {
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "tasks/get",
+        "tasks/result",
+        "tasks/list",
+        "tasks/cancel",
+        "sampling/createMessage",
+        "elicitation/create",
+        "roots/list",
+    }
+)
+
+# The phrases the authenticator gives for a refusal (see L{mcptwist.auth}).
+AUTH_REASONS: Final = frozenset(
+    {
+        "no credentials",
+        "malformed",
+        "malformed Authorization header",
+        "Authorization is not Bearer",
+        "token too long",
+        "token in query string",
+        "unknown token",
+        "invalid token",
+        "expired",
+        "not yet valid",
+        "wrong audience",
+        "wrong issuer",
+        "bad signature",
+        "algorithm not allowed",
+        "unknown key",
+        "unusable key",
+        "keys unavailable",
+        "missing claim",
+        "missing claim exp",
+        "missing claim iss",
+        "missing claim aud",
+        "bad claim",
+    }
+)
+
+# Rate-limit scopes (L{mcptwist.ratelimit.Refusal}) and IP filter scopes.
+RATE_LIMIT_SCOPES: Final = frozenset(
+    {"principal", "ip", "server-principal", "server-ip", "server-total", "capacity"}
+)
+IP_SCOPES: Final = frozenset({"listener", "server"})
+
+TRANSPORTS: Final = frozenset({"streamable", "sse"})
+
+EXIT_REASONS: Final = ("exit0", "exit_nonzero", "signal", "spawn_failed", "killed_by_bridge")
+
+# Copies of audit.REQUEST_STATUSES and of supervisor.ChildState's values (the
+# tests keep them equal): this module imports no other of the bridge's, so that
+# any of them can import it without a cycle.
+STATUSES: Final = frozenset({"ok", "error", "cancelled", "timeout"})
+CHILD_STATES: Final = ("starting", "running", "restarting", "failed", "stopped")
+
+# From a ping to a long tool call.
+DURATION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+MAX_TOOLS: Final = 100
+MAX_TOOL_NAME: Final = 128
+MAX_SERVERS: Final = 256
+MAX_SERVER_NAME: Final = 64
+
+
+def exit_reason(exit_code: int | None, signal: int | None, stopping: bool) -> str:
+    """How a child ended, as one of L{EXIT_REASONS}.
+
+    C{stopping} is whether the bridge itself ended it (shutdown, restart,
+    a failed handshake): then the signal it sent says nothing about the
+    server. Neither a code nor a signal means the process never started.
+    """
+    if stopping:
+        return "killed_by_bridge"
+    if signal is not None:
+        return "signal"
+    if exit_code is None:
+        return "spawn_failed"
+    return "exit0" if exit_code == 0 else "exit_nonzero"
+
+
+def auth_reason(reason: str) -> str:
+    """An authentication failure's reason as a label: one of L{AUTH_REASONS} or C{"other"}."""
+    if reason in AUTH_REASONS:
+        return reason
+    for prefix in ("missing claim", "bad claim"):
+        if reason.startswith(prefix + " "):
+            return prefix
+    return OTHER
+
+
+@attrs.frozen
+class ServerSnapshot:
+    """One configured server at scrape time; a per-session server sums its children."""
+
+    name: str
+    sharing: str
+    state: str
+    children: int
+    running_children: int
+    restarts: int
+    uptime: float | None
+    in_flight: int
+    stdin_queue: int
+    sessions: int
+
+
+@attrs.frozen
+class Snapshot:
+    """The bridge at scrape time: its servers, open SSE streams and registered sessions."""
+
+    servers: tuple[ServerSnapshot, ...]
+    streams: int
+    sessions_total: int
+
+
+class _Bounded:
+    """Admits at most C{cap} distinct label values; later newcomers are C{"other"}."""
+
+    def __init__(self, cap: int, max_length: int) -> None:
+        self.cap = cap
+        self.max_length = max_length
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.cap or len(value) > self.max_length:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
+class _LiveState:
+    """A collector that turns the source's L{Snapshot} into gauges at each scrape."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Snapshot] | None = None
+
+    def describe(self) -> list[Metric]:
+        # The names, so that the registry refuses any clash when registering.
+        return self._families(Snapshot((), 0, 0))
+
+    def collect(self) -> Iterator[Metric]:
+        source = self.source
+        if source is None:
+            return
+        try:
+            families = self._families(source())
+        except Exception:
+            log.failure("Cannot read the bridge's state for metrics; this scrape lacks it")
+            return
+        yield from families
+
+    def _families(self, snapshot: Snapshot) -> list[Metric]:
+        def gauge(name: str, documentation: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, documentation, labels=["server"])
+
+        info = GaugeMetricFamily(
+            "mcptwist_server_info",
+            "A configured MCP server and how its children are shared (always 1).",
+            labels=["server", "sharing"],
+        )
+        state = GaugeMetricFamily(
+            "mcptwist_child_state",
+            "1 for the server's current child state, 0 for the others.",
+            labels=["server", "state"],
+        )
+        restarts = CounterMetricFamily(
+            "mcptwist_child_restarts",
+            "Restarts of the server's children after a crash.",
+            labels=["server"],
+        )
+        uptime = gauge(
+            "mcptwist_child_uptime_seconds", "Seconds since the running child was spawned."
+        )
+        children = gauge("mcptwist_children", "Children of the server.")
+        running = gauge("mcptwist_running_children", "Children of the server that are running.")
+        in_flight = gauge(
+            "mcptwist_in_flight_requests", "Client requests the server's children are answering."
+        )
+        queue = gauge(
+            "mcptwist_stdin_queue_depth", "Messages waiting to be written to a child's stdin."
+        )
+        sessions = gauge("mcptwist_sessions", "Client sessions attached to the server.")
+        for s in snapshot.servers:
+            labels = [s.name]
+            info.add_metric([s.name, s.sharing], 1.0)
+            for value in CHILD_STATES:
+                state.add_metric([s.name, value], 1.0 if value == s.state else 0.0)
+            restarts.add_metric(labels, float(s.restarts))
+            if s.uptime is not None:
+                uptime.add_metric(labels, float(s.uptime))
+            children.add_metric(labels, float(s.children))
+            running.add_metric(labels, float(s.running_children))
+            in_flight.add_metric(labels, float(s.in_flight))
+            queue.add_metric(labels, float(s.stdin_queue))
+            sessions.add_metric(labels, float(s.sessions))
+        streams = GaugeMetricFamily(
+            "mcptwist_sse_streams",
+            "Open server-sent event streams, both transports.",
+            value=float(snapshot.streams),
+        )
+        registered = GaugeMetricFamily(
+            "mcptwist_open_sessions",
+            "Sessions in the session registry, all servers (what max_sessions limits).",
+            value=float(snapshot.sessions_total),
+        )
+        return [
+            info,
+            state,
+            restarts,
+            uptime,
+            children,
+            running,
+            in_flight,
+            queue,
+            sessions,
+            streams,
+            registered,
+        ]
+
+
+class MetricsResource(Resource):
+    """The registry in the exposition format the scraper asks for.
+
+    Rendered synchronously on the reactor thread, where the counters are
+    updated: no locking against a thread pool, and a scrape costs a few
+    milliseconds (about 3 ms for 3 servers answering 6 methods each, 14 ms
+    for 20 servers with 4), once per scrape interval.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render(self, request: IRequest) -> bytes:
+        # HEAD is rendered as GET: twisted.web sends the headers and drops the body.
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Method Not Allowed\n"
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        body = encoder(self.registry)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"vary", b"Accept")
+        return body
+
+
+class Metrics:
+    """The bridge's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, *, start_time: float | None = None, max_tools: int = MAX_TOOLS) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._http = Counter(
+            "mcptwist_http_requests",
+            "HTTP requests answered, by server, route, method and status code.",
+            ["server", "route", "method", "code"],
+            registry=r,
+        )
+        self._received = Counter(
+            "mcptwist_received_bytes",
+            "HTTP request body bytes received, by server.",
+            ["server"],
+            registry=r,
+        )
+        self._sent = Counter(
+            "mcptwist_sent_bytes",
+            "HTTP response body bytes sent, by server.",
+            ["server"],
+            registry=r,
+        )
+        self._requests = Counter(
+            "mcptwist_requests",
+            "MCP requests answered, by server, method and status.",
+            ["server", "method", "status"],
+            registry=r,
+        )
+        self._duration = Histogram(
+            "mcptwist_request_duration_seconds",
+            "Time from an MCP request to its answer, by server and method.",
+            ["server", "method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self._tool_calls = Counter(
+            "mcptwist_tool_calls",
+            "tools/call requests answered, by server, tool and status.",
+            ["server", "tool", "status"],
+            registry=r,
+        )
+        self._auth_failures = Counter(
+            "mcptwist_auth_failures",
+            "Requests refused by authentication, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._access_refused = Counter(
+            "mcptwist_access_refused",
+            "Authenticated requests refused for want of access to the server or admin scope.",
+            registry=r,
+        )
+        self._rate_limited = Counter(
+            "mcptwist_rate_limited",
+            "Requests refused by a rate limit, by the limit that refused.",
+            ["scope"],
+            registry=r,
+        )
+        self._ip_refused = Counter(
+            "mcptwist_ip_refused",
+            "Connections or requests refused by an IP filter, by where it applies.",
+            ["scope"],
+            registry=r,
+        )
+        self._spawns = Counter(
+            "mcptwist_child_spawns",
+            "Children spawned, by server.",
+            ["server"],
+            registry=r,
+        )
+        self._exits = Counter(
+            "mcptwist_child_exits",
+            "Children ended, by server and how.",
+            ["server", "reason"],
+            registry=r,
+        )
+        self._opened = Counter(
+            "mcptwist_sessions_opened",
+            "Client sessions opened, by server and transport.",
+            ["server", "transport"],
+            registry=r,
+        )
+        self._closed = Counter(
+            "mcptwist_sessions_closed",
+            "Client sessions closed, by server and transport.",
+            ["server", "transport"],
+            registry=r,
+        )
+        Gauge(
+            "mcptwist_build_info",
+            "The running bridge's version (always 1).",
+            ["version"],
+            registry=r,
+        ).labels(__version__).set(1)
+        Gauge(
+            "mcptwist_start_time_seconds",
+            "When the bridge started, in seconds since the Unix epoch.",
+            registry=r,
+        ).set(time.time() if start_time is None else start_time)
+        self._live = _LiveState()
+        r.register(self._live)
+
+        self._server = _Bounded(MAX_SERVERS, MAX_SERVER_NAME)
+        self._max_tools = max_tools
+        self._tools_seen: dict[str, set[str]] = {}
+        # Label children by their (normalised) label values: a raw call whose
+        # values are all valid finds its children in one lookup.
+        self._http_series: dict[tuple[str, str, str, int], tuple[Counter, Counter, Counter]] = {}
+        self._request_series: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._tool_series: dict[tuple[str, str, str], Counter] = {}
+
+    def set_source(self, source: Callable[[], Snapshot] | None) -> None:
+        """Read the live state from C{source} at each scrape (C{None}: leave it out)."""
+        self._live.source = source
+
+    def resource(self) -> IResource:
+        """A twisted.web resource serving these metrics (GET and HEAD)."""
+        return MetricsResource(self.registry)
+
+    # HTTP
+
+    def http_request(
+        self, server: str | None, route: str, method: str, code: int, received: int, sent: int
+    ) -> None:
+        """One HTTP request answered: C{route} one of L{ROUTES}, byte counts of the bodies."""
+        if server is None:
+            server = ""
+        series = self._http_series.get((server, route, method, code))
+        if series is None:
+            series = self._new_http_series(server, route, method, code)
+        requests, received_bytes, sent_bytes = series
+        requests.inc()
+        if received > 0:
+            received_bytes.inc(received)
+        if sent > 0:
+            sent_bytes.inc(sent)
+
+    def _new_http_series(
+        self, server: str, route: str, method: str, code: int
+    ) -> tuple[Counter, Counter, Counter]:
+        key = (
+            self._server(server),
+            route if route in ROUTES else OTHER,
+            method if method in HTTP_METHODS else OTHER,
+            code if 100 <= code <= 599 else 0,
+        )
+        series = self._http_series.get(key)
+        if series is None:
+            label = key[0]
+            series = (
+                self._http.labels(label, key[1], key[2], str(key[3]) if key[3] else OTHER),
+                self._received.labels(label),
+                self._sent.labels(label),
+            )
+            self._http_series[key] = series
+        return series
+
+    # MCP requests
+
+    def request_done(
+        self, server: str, method: str, status: str, seconds: float, tool: str | None = None
+    ) -> None:
+        """An MCP request answered (C{status} one of L{STATUSES}) after C{seconds}.
+
+        C{tool} is the name a C{tools/call} asked for: counted per tool.
+        """
+        series = self._request_series.get((server, method, status))
+        if series is None:
+            series = self._new_request_series(server, method, status)
+        requests, duration = series
+        requests.inc()
+        duration.observe(seconds if seconds > 0.0 else 0.0)
+        if tool is not None and method == "tools/call":
+            calls = self._tool_series.get((server, tool, status))
+            if calls is None:
+                calls = self._new_tool_series(server, tool, status)
+            calls.inc()
+
+    def _new_request_series(
+        self, server: str, method: str, status: str
+    ) -> tuple[Counter, Histogram]:
+        key = (
+            self._server(server),
+            method if method in MCP_METHODS else OTHER,
+            status if status in STATUSES else OTHER,
+        )
+        series = self._request_series.get(key)
+        if series is None:
+            series = (self._requests.labels(*key), self._duration.labels(key[0], key[1]))
+            self._request_series[key] = series
+        return series
+
+    def _new_tool_series(self, server: str, tool: str, status: str) -> Counter:
+        server = self._server(server)
+        seen = self._tools_seen.setdefault(server, set())
+        if tool not in seen:
+            # Only a call that succeeded shows the tool exists: made-up names stay "other".
+            if status == "ok" and len(seen) < self._max_tools and 0 < len(tool) <= MAX_TOOL_NAME:
+                seen.add(tool)
+            else:
+                tool = OTHER
+        key = (server, tool, status if status in STATUSES else OTHER)
+        calls = self._tool_series.get(key)
+        if calls is None:
+            calls = self._tool_calls.labels(*key)
+            self._tool_series[key] = calls
+        return calls
+
+    # Refusals
+
+    def auth_failure(self, reason: str) -> None:
+        """A request refused by authentication, for this reason (see L{auth_reason})."""
+        self._auth_failures.labels(auth_reason(reason)).inc()
+
+    def access_refused(self) -> None:
+        """An authenticated principal asked for a server or admin call it may not use."""
+        self._access_refused.inc()
+
+    def rate_limited(self, scope: str) -> None:
+        """A request refused by the rate limit of this scope (L{RATE_LIMIT_SCOPES})."""
+        self._rate_limited.labels(scope if scope in RATE_LIMIT_SCOPES else OTHER).inc()
+
+    def ip_refused(self, scope: str) -> None:
+        """A peer refused by the IP filter of a listener or a server (L{IP_SCOPES})."""
+        self._ip_refused.labels(scope if scope in IP_SCOPES else OTHER).inc()
+
+    # Children
+
+    def child_spawned(self, server: str) -> None:
+        """A child of this server was spawned."""
+        self._spawns.labels(self._child_server(server)).inc()
+
+    def child_exited(self, server: str, reason: str) -> None:
+        """A child of this server ended; C{reason} from L{exit_reason}."""
+        self._exits.labels(
+            self._child_server(server), reason if reason in EXIT_REASONS else OTHER
+        ).inc()
+
+    def _child_server(self, server: str) -> str:
+        # A per-session child's label is "name[session]": count it under its server.
+        return self._server(server.partition("[")[0])
+
+    # Sessions
+
+    def session_opened(self, server: str, transport: str) -> None:
+        """A client session opened on this server, through C{"streamable"} or C{"sse"}."""
+        self._opened.labels(
+            self._server(server), transport if transport in TRANSPORTS else OTHER
+        ).inc()
+
+    def session_closed(self, server: str, transport: str, reason: str) -> None:
+        """A client session closed.
+
+        C{reason} is free text (the session registry's) and so is not a label:
+        the audit trail and the log keep it.
+        """
+        self._closed.labels(
+            self._server(server), transport if transport in TRANSPORTS else OTHER
+        ).inc()

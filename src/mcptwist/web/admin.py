@@ -1,0 +1,514 @@
+# -*- test-case-name: tests.test_admin -*-
+"""The admin API: servers' status and lifecycle, sessions and reload, over HTTP.
+
+Every route is under C{/admin}. The L{Gate} admits only principals with the
+admin scope there; this resource checks that again before any route, so it
+is safe wherever it is mounted. Every call that changes something is written
+to the audit trail with its outcome, failures included, and runs to its end
+even if the client goes away (the outcome is audited then too).
+
+The work is done by an L{AdminControl}, which the service implements; this
+module is only its HTTP face. Errors are JSON-RPC error bodies, as everywhere
+in the bridge, with the status a client can act on: 400 bad body or query,
+403 not an admin, 404 unknown server or session, 405 wrong method, 409 the
+name exists, 415 not JSON, 422 a configuration error (naming key and fix).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from .. import jsonrpc
+from ..audit import AuditTrail
+from ..config import ConfigError
+from .access import identity, principal_of
+from .http import HTTPProblem, json_body, read_body, require_json
+
+log = Logger(namespace="mcptwist.web.admin")
+
+T = TypeVar("T")
+Handler = Callable[..., Any]
+
+MAX_BODY: Final = 1024 * 1024
+DEFAULT_STDERR_LINES: Final = 100
+MAX_STDERR_LINES: Final = 10_000
+# As config.py checks it: the name becomes part of the URL.
+_SERVER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ADD_FORM: Final = 'send {"name": "NAME", "config": {...the [servers.NAME] table...}}'
+
+
+class AdminControl(Protocol):
+    """What the admin API drives; the service implements it."""
+
+    def servers(self) -> list[dict[str, Any]]:
+        """The full status of every server."""
+
+    def server(self, name: str) -> dict[str, Any] | None:
+        """The full status of one server; None if there is none of that name."""
+
+    def start(self, name: str) -> Deferred[dict[str, Any]]:
+        """Start a stopped server; its status then. KeyError if unknown."""
+
+    def stop(self, name: str) -> Deferred[dict[str, Any]]:
+        """Stop a server (its sessions end); its status then. KeyError if unknown."""
+
+    def restart(self, name: str) -> Deferred[dict[str, Any]]:
+        """Stop and start a server; its status then. KeyError if unknown."""
+
+    def stderr(self, name: str, lines: int) -> list[str]:
+        """The last C{lines} lines a server wrote to stderr. KeyError if unknown."""
+
+    def sessions(self, server: str | None) -> list[dict[str, Any]]:
+        """The open sessions, of every server or of one."""
+
+    def close_session(self, session_id: str) -> bool:
+        """Close a session; False if there is none with this id."""
+
+    def add_server(self, name: str, table: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """Add and start a server until the next reload; its status.
+
+        ConfigError if the table is not a valid server, ValueError if the
+        name is taken.
+        """
+
+    def remove_server(self, name: str) -> Deferred[dict[str, Any]]:
+        """Stop and forget a server until the next reload. KeyError if unknown."""
+
+    def reload(self) -> Deferred[dict[str, Any]]:
+        """Re-read the configuration: C{{"ok": bool, "error": str | None, "changes": {...}}}."""
+
+
+class Problem(HTTPProblem):
+    """An L{HTTPProblem} whose error carries C{data} for programs to read."""
+
+    def __init__(self, status: int, code: int, message: str, data: Any) -> None:
+        super().__init__(status, code, message)
+        self.data = data
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.status)
+        return json_body(request, jsonrpc.error(None, self.code, self.message, self.data))
+
+
+def config_problem(error: ConfigError) -> Problem:
+    """The 422 for a configuration error: which key, what is wrong, how to fix it."""
+    return Problem(
+        422,
+        jsonrpc.INVALID_PARAMS,
+        f"Unprocessable Content: {error.key}: {error.problem}. Fix: {error.fix}",
+        {"key": error.key, "problem": error.problem, "fix": error.fix},
+    )
+
+
+def bad_request(message: str) -> HTTPProblem:
+    return HTTPProblem(400, jsonrpc.INVALID_REQUEST, f"Bad Request: {message}")
+
+
+def no_server(name: str) -> HTTPProblem:
+    return HTTPProblem(404, jsonrpc.INVALID_REQUEST, f"Not Found: no MCP server is named {name!r}")
+
+
+def answered(handler: Handler) -> Handler:
+    """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer."""
+
+    def problem_answer(request: Any, error: Exception) -> Any:
+        if not isinstance(error, HTTPProblem):
+            log.failure(
+                "while handling {method} {path}",
+                Failure(error),
+                method=request.method,
+                path=request.path,
+            )
+            error = HTTPProblem(
+                500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
+            )
+        if getattr(request, "startedWriting", False):
+            return None
+        return error.render(request)
+
+    if inspect.iscoroutinefunction(handler):
+
+        @functools.wraps(handler)
+        async def wrapper(self: AdminAPI, request: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await handler(self, request, *args, **kwargs)
+            except CancelledError:
+                raise
+            except Exception as error:
+                return problem_answer(request, error)
+
+        return wrapper
+
+    @functools.wraps(handler)
+    def sync_wrapper(self: AdminAPI, request: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(self, request, *args, **kwargs)
+        except Exception as error:
+            return problem_answer(request, error)
+
+    return sync_wrapper
+
+
+class _AdminOnly(Resource):
+    """Refuses (403) any request whose principal is not an admin, then routes."""
+
+    isLeaf = True
+
+    def __init__(self, api: AdminAPI, routes: IResource) -> None:
+        super().__init__()
+        self.api = api
+        self.routes = routes
+
+    def render(self, request: Any) -> Any:
+        principal = getattr(request, "principal", None)
+        # Without the Gate in front no principal is set: nobody is admitted.
+        if principal is None or not principal_of(request).admin:
+            self.api.audit.access_refused(
+                principal=identity(principal) if principal is not None else None,
+                peer=getattr(request, "client_ip", None),
+                server=None,
+                route=request.path.decode("utf-8", "replace"),
+            )
+            return HTTPProblem(
+                403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: this needs the admin scope"
+            ).render(request)
+        return self.routes.render(request)
+
+
+class AdminAPI:
+    """The routes under C{/admin} (full paths: the resource is a leaf at the root)."""
+
+    app = Klein()
+
+    def __init__(self, control: AdminControl, audit: AuditTrail) -> None:
+        self.control = control
+        self.audit = audit
+
+    def resource(self) -> IResource:
+        return _AdminOnly(self, self.app.resource())
+
+    # Servers
+
+    @app.route("/admin/servers", methods=["GET"])
+    @answered
+    def list_servers(self, request: Any) -> bytes:
+        return json_body(request, {"servers": self.control.servers()})
+
+    @app.route("/admin/servers/<name>", methods=["GET"])
+    @answered
+    def get_server(self, request: Any, name: str) -> bytes:
+        status = self.control.server(name)
+        if status is None:
+            raise no_server(name)
+        return json_body(request, status)
+
+    @app.route("/admin/servers/<name>/start", methods=["POST"])
+    @answered
+    async def start(self, request: Any, name: str) -> bytes:
+        return await self._lifecycle(request, "start", name, self.control.start)
+
+    @app.route("/admin/servers/<name>/stop", methods=["POST"])
+    @answered
+    async def stop(self, request: Any, name: str) -> bytes:
+        return await self._lifecycle(request, "stop", name, self.control.stop)
+
+    @app.route("/admin/servers/<name>/restart", methods=["POST"])
+    @answered
+    async def restart(self, request: Any, name: str) -> bytes:
+        return await self._lifecycle(request, "restart", name, self.control.restart)
+
+    async def _lifecycle(
+        self,
+        request: Any,
+        action: str,
+        name: str,
+        call: Callable[[str], Deferred[dict[str, Any]]],
+    ) -> bytes:
+        self._require_json(request, action, name)
+        status = await self._perform(
+            request, action, name, lambda: call(name), lambda e: _server_error(e, name)
+        )
+        return json_body(request, status)
+
+    @app.route("/admin/servers/<name>/stderr", methods=["GET"])
+    @answered
+    def stderr(self, request: Any, name: str) -> bytes:
+        lines = _lines(request)
+        try:
+            text = self.control.stderr(name, lines)
+        except KeyError:
+            raise no_server(name) from None
+        return json_body(request, {"server": name, "lines": text})
+
+    @app.route("/admin/servers", methods=["POST"])
+    @answered
+    async def add_server(self, request: Any) -> bytes:
+        try:
+            require_json(request)
+            name, table = _add_body(read_body(request, MAX_BODY))
+        except HTTPProblem as problem:
+            self._record(request, "add_server", None, _failed(problem))
+            raise
+
+        def add() -> Deferred[dict[str, Any]]:
+            if not _SERVER_NAME.match(name):
+                raise ConfigError(
+                    "admin API",
+                    f"servers.{name}",
+                    "is not a usable server name (it becomes part of the URL)",
+                    "use letters, digits, '.', '_' and '-', starting with a letter or digit, "
+                    "at most 64",
+                )
+            return self.control.add_server(name, table)
+
+        status = await self._perform(
+            request, "add_server", name, add, lambda e: _add_error(e, name)
+        )
+        request.setResponseCode(201)
+        return json_body(request, status)
+
+    @app.route("/admin/servers/<name>", methods=["DELETE"])
+    @answered
+    async def remove_server(self, request: Any, name: str) -> bytes:
+        status = await self._perform(
+            request,
+            "remove_server",
+            name,
+            lambda: self.control.remove_server(name),
+            lambda e: _server_error(e, name),
+        )
+        return json_body(request, status)
+
+    # Sessions
+
+    @app.route("/admin/sessions", methods=["GET"])
+    @answered
+    def list_sessions(self, request: Any) -> bytes:
+        server = _query(request, b"server")
+        if server is not None and self.control.server(server) is None:
+            raise no_server(server)
+        return json_body(request, {"sessions": self.control.sessions(server)})
+
+    @app.route("/admin/sessions/<session_id>", methods=["DELETE"])
+    @answered
+    def close_session(self, request: Any, session_id: str) -> bytes:
+        try:
+            closed = self.control.close_session(session_id)
+        except Exception as error:
+            self._record(request, "close_session", session_id, f"error: {error!r}")
+            raise
+        if not closed:
+            problem = HTTPProblem(
+                404, jsonrpc.INVALID_REQUEST, "Not Found: no open session has this id"
+            )
+            self._record(request, "close_session", session_id, _failed(problem))
+            raise problem
+        self._record(request, "close_session", session_id, "ok")
+        return json_body(request, {"closed": session_id})
+
+    # Configuration
+
+    @app.route("/admin/reload", methods=["POST"])
+    @answered
+    async def reload(self, request: Any) -> bytes:
+        self._require_json(request, "reload", None)
+        result = await self._perform(
+            request, "reload", None, self.control.reload, _reload_error, _reload_refusal
+        )
+        return json_body(request, result)
+
+    # Errors for what no route matched
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: Any, failure: Failure) -> bytes:
+        return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request: Any, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        headers = {b"allow": ", ".join(allowed).encode()} if allowed else {}
+        return HTTPProblem(
+            405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers=headers
+        ).render(request)
+
+    # Auditing
+
+    def _record(self, request: Any, action: str, target: str | None, outcome: str) -> None:
+        self.audit.admin_action(
+            principal=identity(principal_of(request)),
+            peer=getattr(request, "client_ip", None),
+            action=action,
+            target=target,
+            outcome=outcome,
+        )
+
+    def _require_json(self, request: Any, action: str, target: str | None) -> None:
+        """A POST must say it is JSON: browsers cannot send that cross-site unasked."""
+        try:
+            require_json(request)
+        except HTTPProblem as problem:
+            self._record(request, action, target, _failed(problem))
+            raise
+
+    async def _perform(
+        self,
+        request: Any,
+        action: str,
+        target: str | None,
+        call: Callable[[], Deferred[T]],
+        errors: Callable[[BaseException], HTTPProblem | None],
+        refusal: Callable[[T], HTTPProblem | None] = lambda result: None,
+    ) -> T:
+        """Run a change, audit its outcome, and give its result or its HTTPProblem.
+
+        The change runs to its end even if the client goes away (cancelling
+        the request cancels only the wait), and is audited when it ends.
+        """
+
+        def problem_of(error: BaseException, failure: Failure | None) -> HTTPProblem:
+            problem = errors(error)
+            if problem is None:
+                log.failure(
+                    "admin {action} of {target} failed",
+                    failure or Failure(error),
+                    action=action,
+                    target=target,
+                )
+                problem = HTTPProblem(
+                    500,
+                    jsonrpc.INTERNAL_ERROR,
+                    f"Internal error in the bridge: {action} failed ({_describe(error)}); "
+                    "see the bridge's log",
+                )
+            return problem
+
+        try:
+            d = call()
+        except Exception as error:
+            problem = problem_of(error, None)
+            self._record(request, action, target, _failed(problem))
+            raise problem from None
+        waiting: Deferred[T] = Deferred()
+
+        def failed(failure: Failure) -> None:
+            error = failure.value if failure.value is not None else Exception(repr(failure))
+            problem = problem_of(error, failure)
+            self._record(request, action, target, _failed(problem))
+            if not waiting.called:  # else the client went away
+                waiting.errback(problem)
+
+        def succeeded(result: T) -> None:
+            try:
+                problem = refusal(result)
+            except Exception:
+                failed(Failure())
+                return
+            self._record(request, action, target, "ok" if problem is None else _failed(problem))
+            if waiting.called:
+                return
+            if problem is None:
+                waiting.callback(result)
+            else:
+                waiting.errback(problem)
+
+        d.addCallbacks(succeeded, failed)
+        return await waiting
+
+
+def _failed(problem: HTTPProblem) -> str:
+    return f"error: {problem.message}"
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _server_error(error: BaseException, name: str) -> HTTPProblem | None:
+    if isinstance(error, KeyError):
+        return no_server(name)
+    if isinstance(error, ConfigError):
+        return config_problem(error)
+    return None
+
+
+def _add_error(error: BaseException, name: str) -> HTTPProblem | None:
+    if isinstance(error, ConfigError):
+        return config_problem(error)
+    if isinstance(error, ValueError):
+        return HTTPProblem(
+            409,
+            jsonrpc.INVALID_PARAMS,
+            f"Conflict: a server named {name!r} already exists; "
+            "remove it first, or choose another name",
+        )
+    return None
+
+
+def _reload_error(error: BaseException) -> HTTPProblem | None:
+    if isinstance(error, ConfigError):
+        return config_problem(error)
+    return None
+
+
+def _reload_refusal(result: dict[str, Any]) -> HTTPProblem | None:
+    """A reload that reports failure: 422, with the service's answer as data."""
+    if result.get("ok"):
+        return None
+    reason = result.get("error") or "the configuration was not applied"
+    return Problem(422, jsonrpc.INVALID_PARAMS, f"Reload failed: {reason}", result)
+
+
+def _add_body(body: bytes) -> tuple[str, dict[str, Any]]:
+    """The name and table of a server to add, from a POST body."""
+    try:
+        doc = jsonrpc.loads(body)
+    except jsonrpc.ProtocolError as e:
+        raise bad_request(f"the body is not JSON ({e.message}); {_ADD_FORM}") from None
+    if not isinstance(doc, dict):
+        raise bad_request(f"the body must be a JSON object; {_ADD_FORM}")
+    unknown = sorted(set(doc) - {"name", "config"})
+    if unknown:
+        raise bad_request(f"unknown key {unknown[0]!r}; {_ADD_FORM}")
+    name, table = doc.get("name"), doc.get("config")
+    if not isinstance(name, str) or not name:
+        raise bad_request(f'"name" must be a non-empty string; {_ADD_FORM}')
+    if not isinstance(table, dict):
+        raise bad_request(f'"config" must be a JSON object; {_ADD_FORM}')
+    return name, table
+
+
+def _query(request: Any, key: bytes) -> str | None:
+    values = request.args.get(key)
+    if not values:
+        return None
+    try:
+        value: str = values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request(f"{key.decode()} is not UTF-8") from None
+    return value
+
+
+def _lines(request: Any) -> int:
+    text = _query(request, b"lines")
+    if text is None:
+        return DEFAULT_STDERR_LINES
+    if not (text.isascii() and text.isdigit() and len(text) <= 6) or not (
+        1 <= int(text) <= MAX_STDERR_LINES
+    ):
+        raise bad_request(f"lines must be a whole number from 1 to {MAX_STDERR_LINES}")
+    return int(text)
+
+
+__all__ = ["AdminAPI", "AdminControl", "Problem", "config_problem"]

@@ -1,0 +1,155 @@
+"""SIGHUP reloads the configuration of a live bridge without disturbing what
+did not change: clients mid-stream on unchanged servers never notice."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from . import harness as h
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
+}
+JSON = {"Accept": "application/json", "Content-Type": "application/json"}
+
+
+def example(name: str, extra: str = "") -> str:
+    return h.python_server_toml(name, ["-m", "mcptwist.example"], extra)
+
+
+class Client:
+    """One Streamable HTTP session, with its GET stream read in a thread."""
+
+    def __init__(self, bridge: h.Bridge, server: str) -> None:
+        self.url = bridge.mcp_url(server)
+        status, headers, _ = h.http("POST", self.url, INIT, JSON)
+        assert status == 200, status
+        self.session = headers["mcp-session-id"]
+        self.headers = {**JSON, "Mcp-Session-Id": self.session}
+        h.http(
+            "POST",
+            self.url,
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            self.headers,
+        )
+        self.ids = iter(range(2, 10_000))
+        self.stream_ended = threading.Event()
+        self.stream_error: list[str] = []
+        request = urllib.request.Request(
+            self.url, headers={"Accept": "text/event-stream", "Mcp-Session-Id": self.session}
+        )
+        self.stream = urllib.request.urlopen(request, timeout=60)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            while self.stream.readline():
+                pass
+        except Exception as e:  # the test closes it at the end
+            self.stream_error.append(repr(e))
+        self.stream_ended.set()
+
+    def call(self) -> dict[str, Any]:
+        body = {
+            "jsonrpc": "2.0",
+            "id": next(self.ids),
+            "method": "tools/call",
+            "params": {"name": "current_time", "arguments": {"timezone": "UTC"}},
+        }
+        status, headers, raw = h.http("POST", self.url, body, self.headers)
+        assert status == 200, (status, raw)
+        [answer] = h.jsonrpc_body(headers, raw)
+        return answer
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class ReloadTests(SynchronousTestCase):
+    def write(self, text: str) -> None:
+        self.config.write_text(text)
+
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
+        self.config = self.dir / "bridge.toml"
+        base = "drain_timeout = 3\n" + example("a") + example("b") + example("c")
+        self.write(base)
+        self.bridge = h.Bridge(args=["--config", str(self.config)], directory=self.dir)
+        self.addCleanup(self.bridge.stop)
+        for name in "abc":
+            self.bridge.wait_state(name, "running")
+
+    def sighup(self, marker: str = "reload done") -> None:
+        before = self.bridge.log.count(marker)
+        self.bridge.proc.send_signal(signal.SIGHUP)
+        h.wait_for(lambda: self.bridge.log.count(marker) > before, 15, f"'{marker}' in the log")
+
+    def test_unchanged_servers_never_notice(self) -> None:
+        a = Client(self.bridge, "a")
+        b = Client(self.bridge, "b")
+        a_pid = self.bridge.status("a")["pid"]
+        b_pid = self.bridge.status("b")["pid"]
+        self.assertIn("result", a.call())
+        # b changes (its restart policy), c goes, d comes.
+        self.write(
+            "drain_timeout = 3\n"
+            + example("a")
+            + example("b", "[servers.b.restart]\ncrash_limit = 9\n")
+            + example("d")
+        )
+        self.sighup()
+        # a: the same child, the same session, its stream still open.
+        self.assertEqual(self.bridge.status("a")["pid"], a_pid)
+        self.assertIn("result", a.call())
+        self.assertFalse(a.stream_ended.is_set())
+        # b: a new child for new sessions; the old session works until the drain ends.
+        new_b = self.bridge.wait_state("b", "running")
+        self.assertNotEqual(new_b["pid"], b_pid)
+        self.assertIn("result", b.call())
+        self.assertIn("result", Client(self.bridge, "b").call())
+        # c is gone for new sessions; d is there.
+        self.assertEqual(h.http("POST", self.bridge.mcp_url("c"), INIT, JSON)[0], 404)
+        self.bridge.wait_state("d", "running")
+        self.assertIn("result", Client(self.bridge, "d").call())
+        # After drain_timeout the old b session is closed, a's is not.
+        self.assertTrue(b.stream_ended.wait(10))
+        status, _, _ = h.http(
+            "POST",
+            b.url,
+            {"jsonrpc": "2.0", "id": 99, "method": "ping"},
+            b.headers,
+        )
+        self.assertEqual(status, 404)
+        self.assertFalse(a.stream_ended.is_set())
+        self.assertIn("result", a.call())
+        self.assertEqual(self.bridge.status("a")["pid"], a_pid)
+        # The old children of b and c are gone.
+        h.wait_for(lambda: b_pid not in self.bridge.children(), 10, "the old child of b to exit")
+        a.close()
+
+    def test_a_bad_file_changes_nothing(self) -> None:
+        a = Client(self.bridge, "a")
+        pid = self.bridge.status("a")["pid"]
+        self.write('[servers.a]\ncommand = "x"\nbogus = 1\n')
+        self.sighup("reload refused")
+        self.assertIn("servers.a.bogus", self.bridge.log)
+        self.assertEqual(self.bridge.status("a")["pid"], pid)
+        self.assertIn("result", a.call())
+        self.assertEqual(self.bridge.status("c")["state"], "running")
+        a.close()
+
+    def test_an_unchanged_file_keeps_every_child(self) -> None:
+        pids = {name: self.bridge.status(name)["pid"] for name in "abc"}
+        self.sighup()
+        self.assertEqual({name: self.bridge.status(name)["pid"] for name in "abc"}, pids)
