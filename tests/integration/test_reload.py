@@ -153,3 +153,46 @@ class ReloadTests(SynchronousTestCase):
         pids = {name: self.bridge.status(name)["pid"] for name in "abc"}
         self.sighup()
         self.assertEqual({name: self.bridge.status(name)["pid"] for name in "abc"}, pids)
+
+
+class ReloadSecurityTests(SynchronousTestCase):
+    """Tokens and address rules change in place: no listener is closed."""
+
+    def test_tokens_and_rules_swapped(self) -> None:
+        from mcptwist.auth import digest_text, hash_token
+
+        directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
+        path = directory / "bridge.toml"
+
+        def write(token: str, allow: str) -> None:
+            path.write_text(
+                "[[listeners]]\n"
+                'endpoint = "tcp:0:interface=127.0.0.1"\n'
+                'trusted_proxies = ["127.0.0.1"]\n'
+                f"allow = {h.toml_list([allow])}\n"
+                "[[auth.tokens]]\n"
+                'name = "t"\n'
+                f'hash = "{digest_text(hash_token(token))}"\n'
+                "admin = true\n" + example("a")
+            )
+
+        write("mcpt_first", "10.0.0.0/8")
+        bridge = h.Bridge(args=["--config", str(path)], listen=None, directory=directory)
+        self.addCleanup(bridge.stop)
+        bridge.headers = {"Authorization": "Bearer mcpt_first"}
+
+        def status(token: str, client: str) -> int:
+            headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": client}
+            return h.http("GET", bridge.url("/"), headers=headers)[0]
+
+        self.assertEqual(status("mcpt_first", "10.1.1.1"), 200)
+        self.assertEqual(status("mcpt_first", "192.0.2.1"), 403)
+        write("mcpt_second", "192.0.2.0/24")
+        before = bridge.log.count("reload done")
+        bridge.proc.send_signal(signal.SIGHUP)
+        h.wait_for(lambda: bridge.log.count("reload done") > before, 15, "the reload")
+        bridge.headers = {"Authorization": "Bearer mcpt_second"}
+        self.assertEqual(status("mcpt_first", "192.0.2.1"), 401)
+        self.assertEqual(status("mcpt_second", "192.0.2.1"), 200)
+        self.assertEqual(status("mcpt_second", "10.1.1.1"), 403)
+        self.assertIn("'updated': ['tcp:0:interface=127.0.0.1']", bridge.log)
