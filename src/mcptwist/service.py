@@ -350,6 +350,7 @@ class BridgeService(MultiService):
         )
         self.registry.on_closed = self._session_closed
         self.web = BridgeApp(config, self.backends, self.registry, reactor, self.access)
+        self.web.draining = self.draining
         self.control = BridgeControl(self)
         self.web.admin = AdminAPI(self.control, self.audit).resource()
         self.metrics: Metrics | None = None

@@ -98,6 +98,7 @@ class ReloadTests(SynchronousTestCase):
     def test_unchanged_servers_never_notice(self) -> None:
         a = Client(self.bridge, "a")
         b = Client(self.bridge, "b")
+        c = Client(self.bridge, "c")
         a_pid = self.bridge.status("a")["pid"]
         b_pid = self.bridge.status("b")["pid"]
         self.assertIn("result", a.call())
@@ -118,12 +119,14 @@ class ReloadTests(SynchronousTestCase):
         self.assertNotEqual(new_b["pid"], b_pid)
         self.assertIn("result", b.call())
         self.assertIn("result", Client(self.bridge, "b").call())
-        # c is gone for new sessions; d is there.
+        # c is gone for new sessions (its open one drains); d is there.
         self.assertEqual(h.http("POST", self.bridge.mcp_url("c"), INIT, JSON)[0], 404)
+        self.assertIn("result", c.call())
         self.bridge.wait_state("d", "running")
         self.assertIn("result", Client(self.bridge, "d").call())
-        # After drain_timeout the old b session is closed, a's is not.
+        # After drain_timeout the old b and c sessions are closed, a's is not.
         self.assertTrue(b.stream_ended.wait(10))
+        self.assertTrue(c.stream_ended.wait(10))
         status, _, _ = h.http(
             "POST",
             b.url,

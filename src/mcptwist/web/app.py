@@ -299,6 +299,8 @@ class BridgeApp:
         self.registry = registry
         self.clock = clock
         self.access = access if access is not None else AccessControl.from_config(config, clock)
+        # Backends of removed or changed servers whose sessions are draining.
+        self.draining: Mapping[Backend, object] = {}
         # Mounted by the service: the admin API at /admin/, metrics at /metrics.
         self.admin: IResource | None = None
         self.metrics: IResource | None = None
@@ -320,8 +322,12 @@ class BridgeApp:
     def resource(self) -> IResource:
         return Gate(self, self.app.resource())
 
-    def backend(self, name: str) -> Backend:
+    def backend(self, name: str, draining: bool = False) -> Backend:
+        """The server's backend; with C{draining}, also one a reload retired
+        (its existing sessions go on until they end or are closed)."""
         backend = self.backends.get(name)
+        if backend is None and draining:
+            backend = next((b for b in self.draining if b.server.name == name), None)
         if backend is None:
             raise HTTPProblem(
                 404,

@@ -77,7 +77,7 @@ async def stream(app: BridgeApp, request: Any, name: str) -> None:
 
 
 def post(app: BridgeApp, request: Any, name: str) -> bytes:
-    backend = app.backend(name)
+    backend = app.backend(name, draining=True)
     args = request.args
     values = args.get(b"session_id") or args.get(b"sessionId")
     if not values:

@@ -214,7 +214,7 @@ def _sink(session: ClientSession) -> StreamableSink:
 
 
 def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
-    backend = app.backend(name)
+    backend = app.backend(name, draining=True)
     json_ok, sse_ok = negotiate(request)
     require_json(request)
     messages, kinds, batch = parse_messages(read_body(request, backend.server.max_message_size))
@@ -224,6 +224,10 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
         if k is Kind.REQUEST
     )
     if initialize:
+        if app.backends.get(name) is not backend:
+            raise HTTPProblem(
+                404, jsonrpc.INVALID_REQUEST, f"Not Found: no MCP server is named {name!r}"
+            )
         if batch:
             raise HTTPProblem(
                 400,
@@ -329,7 +333,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
 
 
 async def get(app: BridgeApp, request: Any, name: str) -> None:
-    app.backend(name)
+    app.backend(name, draining=True)
     refuse_head(request)
     _, sse_ok = negotiate(request)
     if not sse_ok:
@@ -365,7 +369,7 @@ async def get(app: BridgeApp, request: Any, name: str) -> None:
 
 
 def delete(app: BridgeApp, request: Any, name: str) -> bytes:
-    app.backend(name)
+    app.backend(name, draining=True)
     session = _session(app, request, name)
     app.registry.close(session, "ended by the client")
     request.setResponseCode(200)
