@@ -451,6 +451,36 @@ class ServerAddressRuleTests(SynchronousTestCase):
         self.assertEqual((event["peer"], event["scope"]), ("127.0.0.1", "server"))
 
 
+class OperatorRouteTests(SynchronousTestCase):
+    def test_admin_and_metrics_refuse_browsers(self) -> None:
+        """A web page that can reach the bridge must not drive the admin API,
+        even when the bridge trusts its origin for MCP."""
+        bridge = Bridge(self, allowed_origins=("http://localhost:*",))
+        origin = {"origin": "http://localhost:3000"}
+        for method, path in (
+            ("POST", "/admin/reload"),
+            ("OPTIONS", "/admin/servers"),
+            ("GET", "/metrics"),
+        ):
+            status, headers, _ = bridge.request(
+                method,
+                path,
+                None,
+                {**origin, "access-control-request-method": "POST", **bearer(TOKENS["ops"])},
+            )
+            self.assertEqual(status, 403, path)
+            self.assertIsNone(headers.getRawHeaders("access-control-allow-origin"))
+
+    def test_content_type_is_one_media_type(self) -> None:
+        bridge = Bridge(self)
+        headers = {**bearer(TOKENS["alice"]), "accept": "application/json"}
+        for kind in ("text/plain;,application/json", "text/plain, application/json"):
+            status, _, _ = bridge.request(
+                "POST", "/servers/s/mcp", INIT, {**headers, "content-type": kind}
+            )
+            self.assertEqual(status, 415, kind)
+
+
 class RateKeyTests(SynchronousTestCase):
     def test_keys(self) -> None:
         self.assertIsNone(rate_key(None))

@@ -9,14 +9,15 @@ stop the children and wait for them to exit.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
@@ -140,21 +141,23 @@ class Listener(Service):
                 address=describe_address(address),
             )
 
-    def update(self, config: ListenerConfig) -> bool:
-        """Take new rules (addresses, proxies, TLS files) without closing the
-        port or any connection; False when only a restart can do it (another
-        endpoint, TLS turned on or off, the PROXY protocol switched)."""
-        old = self.config
-        if (
-            self.factory is None
-            or config.endpoint != old.endpoint
-            or (config.tls is None) != (old.tls is None)
-            or config.proxy_protocol != old.proxy_protocol
-        ):
-            return False
-        if config.tls is not None and self.creator is not None:
+    def update(self, config: ListenerConfig) -> None:
+        """Take new rules (addresses, proxies, TLS on or off or other files)
+        without closing the port or any connection: the next connections are
+        built with the new stack. A certificate that does not load is refused
+        and the old TLS setup stays.
+
+        @raise TLSLoadError: when TLS is turned on with files that do not load.
+        """
+        assert self.factory is not None and config.endpoint == self.config.endpoint
+        creator = self.creator
+        if config.tls is None:
+            creator = None
+        elif creator is None:
+            creator = ReloadableTLS(config.tls)
+        elif config.tls != self.config.tls:
             try:
-                self.creator.reload(config.tls)
+                creator.reload(config.tls)
             except TLSLoadError as e:
                 log.error(
                     "{listener}: kept the old TLS certificate: {error}",
@@ -162,10 +165,15 @@ class Listener(Service):
                     error=str(e),
                 )
                 self.audit.tls_reloaded(listener=config.endpoint, outcome="refused", detail=str(e))
+                # Keep describing what is served, so that the next reload tries again.
+                config = attrs.evolve(config, tls=self.config.tls)
+        self.creator = creator
         self.config = config
+        self.description = config.endpoint + (" (TLS)" if config.tls is not None else "")
         self.site.listener = config  # type: ignore[attr-defined]
-        self.factory.current = listening_factory(config, self.site, self.creator, self._refused)
-        return True
+        self.factory.current = listening_factory(config, self.site, creator, self._refused)
+        if creator is not None and not self._expiry_check.running and self.running:
+            self._expiry_check.start(86400, now=False)
 
     def reload_tls(self) -> None:
         """Re-read the certificate and key; on any problem keep serving the old ones."""
@@ -235,10 +243,14 @@ class BridgeSite(Site):
     access_log = False
     listener: ListenerConfig | None = None
     metrics: Metrics | None = None
+    # Which names are servers (metrics label only those: a URL names anything).
+    is_server: Callable[[str], bool] = staticmethod(lambda name: False)
 
     def log(self, request: Any) -> None:
         if self.metrics is not None:
             server, route = _route_of(request.path)
+            if server is not None and not self.is_server(server):
+                server = None
             self.metrics.http_request(
                 server,
                 route,
@@ -305,6 +317,10 @@ class MetricsOnly(Resource):
         return b"Not Found: this listener serves /metrics only\n"
 
 
+class ReloadRefused(Exception):
+    """A new configuration that must not be applied to the running bridge."""
+
+
 class BridgeService(MultiService):
     """The root of the bridge's service tree; SIGHUP reloads its configuration."""
 
@@ -361,11 +377,21 @@ class BridgeService(MultiService):
             self.web.metrics = self.metrics.resource()
         self.resource = self.web.resource()
         self.listeners = [self._listener(listener) for listener in config.listeners]
+        self._metrics_root: IResource | None = None
+        self.metrics_listeners: list[Listener] = []
         if self.metrics is not None:
-            self.listeners += [
-                self._listener(listener, MetricsOnly(self.metrics.resource()))
+            self._metrics_root = MetricsOnly(self.metrics.resource())
+            self.metrics_listeners = [
+                self._listener(listener, self._metrics_root)
                 for listener in config.metrics.listeners
             ]
+        # systemd: endpoints adopted so far (each inherited socket can be adopted once).
+        self._adopted = {
+            listener.config.endpoint
+            for listener in [*self.listeners, *self.metrics_listeners]
+            if listener.config.endpoint.startswith("systemd:")
+        }
+        self._reload_again = False
         self._status_loop = LoopingCall(self._report_status)
         self._status_loop.clock = reactor
 
@@ -376,12 +402,18 @@ class BridgeService(MultiService):
             resource or self.resource, reactor=self.reactor, parsePOSTFormSubmission=False
         )
         site.metrics = self.metrics
+        site.is_server = self._is_server
         site.requestFactory = bounded_request_factory(self._max_body())
         site.noisy = False
         site.access_log = self.config.access_log
         site.listener = config
-        open_to_network = self.config.insecure or self.config.auth.enabled
+        # A metrics listener asks for no credentials: authentication elsewhere
+        # does not open it to the network.
+        open_to_network = self.config.insecure or (self.config.auth.enabled and resource is None)
         return Listener(config, site, self.reactor, open_to_network, self.audit)
+
+    def _is_server(self, name: str) -> bool:
+        return name in self.backends or any(b.server.name == name for b in self.draining)
 
     def _max_body(self) -> int:
         return max(b.server.max_message_size for b in [*self.backends.values(), *self.draining])
@@ -401,7 +433,7 @@ class BridgeService(MultiService):
             self.audit.start()
         except AuditError as e:
             raise ListenerError(f"mcpbridge: {e}") from None
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self.metrics_listeners]:
             listener.privilegedStartService()
         super().privilegedStartService()
 
@@ -412,7 +444,7 @@ class BridgeService(MultiService):
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self.metrics_listeners]:
             listener.startService()
         self.registry.startService()
         self.web.heartbeat.start()
@@ -432,6 +464,9 @@ class BridgeService(MultiService):
         log.info("ready: {status}", status=status)
         self.notifier.ready(status)
         self.notifier.start_watchdog()
+        # What startup built lives as long as the bridge: out of the collector's
+        # way, so that its full collections stop rescanning it.
+        gc.freeze()
         self._status_loop.start(30.0, now=False)
 
     def _settled(self) -> list[Deferred[None]]:
@@ -500,11 +535,20 @@ class BridgeService(MultiService):
         self.notifier.stop_watchdog()
         if self._status_loop.running:
             self._status_loop.stop()
-        if self.handle_sighup and self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        if self.handle_sighup:
+            # Not the default action (which kills): a HUP from logrotate may come now.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if self._reloading is not None:
+            await self._reloading
         await DeferredList(
-            [d for d in (listener.stopService() for listener in self.listeners) if d is not None]
+            [
+                d
+                for d in (
+                    listener.stopService()
+                    for listener in [*self.listeners, *self.metrics_listeners]
+                )
+                if d is not None
+            ]
         )
         self.registry.stopService()
         self.web.heartbeat.close_all()
@@ -526,12 +570,19 @@ class BridgeService(MultiService):
 
         Returns what changed: C{{"ok": bool, "error": str | None, "changes": {...}}}.
         """
+        if not self.running:
+            return succeed({"ok": False, "error": "the bridge is stopping", "changes": {}})
         if self._reloading is not None:
-            return self._reloading  # one at a time; a second SIGHUP joins the first
+            # One at a time; the file may have changed again meanwhile: read it once more.
+            self._reload_again = True
+            return self._reloading
         d = Deferred.fromCoroutine(self._reload())
 
         def done(result: dict[str, Any]) -> dict[str, Any]:
             self._reloading = None
+            if self._reload_again and self.running:
+                self._reload_again = False
+                self.reload()
             return result
 
         d.addBoth(done)
@@ -553,35 +604,64 @@ class BridgeService(MultiService):
                 return {"ok": False, "error": str(e), "changes": {}}
         if self.listen_override is not None:
             new = attrs.evolve(new, listeners=self.listen_override)
-        changes = await self.apply(new)
+        try:
+            changes = await self.apply(new)
+        except ReloadRefused as e:
+            log.error("reload refused, the running configuration stays: {error}", error=str(e))
+            self.notifier.ready(f"reload refused: {e}")
+            return {"ok": False, "error": str(e), "changes": {}}
+        except Exception as e:
+            log.failure("reload failed part way")
+            self.notifier.ready(f"reload failed: {e}")
+            return {"ok": False, "error": f"reload failed: {e!r}", "changes": {}}
+        failed = [f for kind in ("listeners", "metrics_listeners") for f in changes[kind]["failed"]]
         log.info("reload done: {changes}", changes=changes)
         self.notifier.ready(self.status_line())
+        if failed:
+            return {"ok": False, "error": "; ".join(failed), "changes": changes}
         return {"ok": True, "error": None, "changes": changes}
 
     async def apply(self, new: BridgeConfig) -> dict[str, Any]:
         """Move the running bridge to C{new}: unchanged servers keep their
-        children and sessions; changed ones restart, their sessions drain."""
+        children and sessions; changed ones restart, their sessions drain.
+
+        @raise ReloadRefused: when C{new} must not be applied (nothing changed).
+        """
+        if not (new.insecure or new.auth.enabled):
+            for listener in self.listeners:
+                port = listener.port
+                if port is not None and not is_local_address(port.getHost()):
+                    raise ReloadRefused(
+                        f"{listener.config.endpoint} listens beyond loopback, and the new "
+                        "configuration has no authentication (and no insecure = true); "
+                        "keep [auth], or move the listener to loopback and restart"
+                    )
         old = self.config
+        # What can fail (new authenticators, keys) is built before anything changes.
+        self.access.reconfigure(new, self.reactor)
         self.config = new
-        changes: dict[str, Any] = {
-            "servers": self._apply_servers(new),
-            "listeners": {},
-        }
+        changes: dict[str, Any] = {"servers": self._apply_servers(new)}
         try:
             self.audit.reconfigure(new.audit)
         except AuditError as e:
             log.error("reload: kept the old audit trail: {error}", error=str(e))
             changes["audit"] = f"kept the old one: {e}"
-        self.access.reconfigure(new, self.reactor)
         self.web.reconfigure(new)
         self.registry.max_sessions = new.max_sessions
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self.metrics_listeners]:
             site = listener.site
             if isinstance(site, BridgeSite):
                 site.access_log = new.access_log
             site.requestFactory = bounded_request_factory(self._max_body())
+        for listener in self.listeners:
             listener.open_to_network = new.insecure or new.auth.enabled
-        changes["listeners"] = await self._apply_listeners(new)
+        self.listeners, changes["listeners"] = await self._apply_listeners(
+            self.listeners, new.listeners, None
+        )
+        metrics_wanted = new.metrics.listeners if self.metrics is not None else ()
+        self.metrics_listeners, changes["metrics_listeners"] = await self._apply_listeners(
+            self.metrics_listeners, metrics_wanted, self._metrics_root
+        )
         changes["settings"] = _changed_settings(old, new)
         return changes
 
@@ -614,6 +694,7 @@ class BridgeService(MultiService):
         """Serve a server from now on (a reload, or the admin API)."""
         backend = make_backend(server, self.reactor, self.environ, self.audit)
         self.backends[server.name] = backend
+        self.access.server_added(server)
         if self.running:
             backend.startService()
             self._log_urls(server.name)
@@ -658,63 +739,70 @@ class BridgeService(MultiService):
         self._stopping.add(d)
         d.addBoth(lambda _: self._stopping.discard(d))
 
-    async def _apply_listeners(self, new: BridgeConfig) -> dict[str, list[str]]:
+    async def _apply_listeners(
+        self,
+        current: list[Listener],
+        wanted: tuple[ListenerConfig, ...],
+        resource: IResource | None,
+    ) -> tuple[list[Listener], dict[str, list[str]]]:
+        """Diff listeners by endpoint: keep and update in place, close the
+        removed ones (and wait for their ports), then open the new ones."""
         result: dict[str, list[str]] = {
             "added": [],
             "removed": [],
             "updated": [],
-            "restarted": [],
             "unchanged": [],
             "failed": [],
         }
-        current = {listener.config.endpoint: listener for listener in self.listeners}
-        wanted = {listener.endpoint: listener for listener in new.listeners}
+        by_endpoint = {listener.config.endpoint: listener for listener in current}
+        configs = {config.endpoint: config for config in wanted}
         kept: list[Listener] = []
         stopping: list[Deferred[None]] = []
-        for endpoint, listener in current.items():
-            config = wanted.get(endpoint)
+        for endpoint, listener in by_endpoint.items():
+            config = configs.get(endpoint)
             if config is None:
                 d = listener.stopService()
                 if d is not None:
                     stopping.append(d)
                 result["removed"].append(endpoint)
-            elif config == listener.config:
+                continue
+            kept.append(listener)
+            if config == listener.config:
                 listener.reload_tls()
-                kept.append(listener)
                 result["unchanged"].append(endpoint)
-            elif listener.update(config):
-                kept.append(listener)
-                result["updated"].append(endpoint)
+                continue
+            try:
+                listener.update(config)
+            except TLSLoadError as e:
+                log.error("reload: {listener}: {error}", listener=endpoint, error=str(e))
+                result["failed"].append(f"{endpoint}: {e}")
             else:
-                d = listener.stopService()
-                if d is not None:
-                    await d
-                result["restarted"].append(endpoint)
-                restarted = self._start_listener(config, result)
-                if restarted is not None:
-                    kept.append(restarted)
-        for endpoint, config in wanted.items():
-            if endpoint not in current:
-                started = self._start_listener(config, result)
-                if started is not None:
-                    kept.append(started)
-                    result["added"].append(endpoint)
+                result["updated"].append(endpoint)
         await DeferredList(stopping)
-        self.listeners = kept
-        return result
-
-    def _start_listener(
-        self, config: ListenerConfig, result: dict[str, list[str]]
-    ) -> Listener | None:
-        listener = self._listener(config)
-        try:
-            listener.privilegedStartService()
-        except ListenerError as e:
-            log.error("reload: {error}", error=str(e))
-            result["failed"].append(f"{config.endpoint}: {e}")
-            return None
-        listener.startService()
-        return listener
+        for endpoint, config in configs.items():
+            if endpoint in by_endpoint:
+                continue
+            if endpoint.startswith("systemd:") and endpoint in self._adopted:
+                # Twisted closes an inherited socket's descriptor once adopted.
+                message = (
+                    "an inherited socket is adopted once: restart the service to adopt it again"
+                )
+                log.error("reload: {listener}: {error}", listener=endpoint, error=message)
+                result["failed"].append(f"{endpoint}: {message}")
+                continue
+            listener = self._listener(config, resource)
+            try:
+                listener.privilegedStartService()
+            except ListenerError as e:
+                log.error("reload: {error}", error=str(e))
+                result["failed"].append(f"{endpoint}: {e}")
+                continue
+            listener.startService()
+            kept.append(listener)
+            result["added"].append(endpoint)
+            if endpoint.startswith("systemd:"):
+                self._adopted.add(endpoint)
+        return kept, result
 
 
 def _changed_settings(old: BridgeConfig, new: BridgeConfig) -> list[str]:

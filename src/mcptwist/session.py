@@ -76,6 +76,8 @@ class ClientSession:
     principal: str = "anonymous"
     peer: str | None = None
     opened: float = 0.0
+    # session_opened was written (once; session_closed only follows it).
+    announced: bool = False
     # With an audit trail: the clock, and each request in flight by its id.
     audit: AuditTrail | None = None
     clock: IReactorTime | None = None
@@ -149,7 +151,8 @@ class ClientSession:
             status = "timeout" if code == jsonrpc.REQUEST_TIMEOUT else "error"
         else:
             status = "ok"
-        if started.method == "initialize" and status == "ok":
+        if started.method == "initialize" and status == "ok" and not self.announced:
+            self.announced = True
             self.audit.session_opened(
                 session=self.id,
                 server=self.server,
@@ -296,7 +299,7 @@ class SessionRegistry(Service):
             )
             if self.caps is not None and session.principal != "anonymous":
                 self.caps.close_session(session.principal)
-            if session.audit is not None:
+            if session.audit is not None and session.announced:
                 session.audit.session_closed(
                     session=session.id,
                     server=session.server,

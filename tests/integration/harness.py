@@ -50,7 +50,7 @@ STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 ORPHAN_REAP_GRACE = 5.0
 
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) ")
+_LISTENING = re.compile(r"listening on (?:127\.0\.0\.1|0\.0\.0\.0):(\d+) ")
 
 
 def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

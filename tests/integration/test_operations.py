@@ -138,6 +138,15 @@ class OperationsTests(SynchronousTestCase):
         code, _, err = self.admin("add", "example", "--config", str(table))
         self.assertEqual(code, 1)
         self.assertIn("exists", err)
+        # A server added at run time brings its own address rules.
+        table.write_text(
+            h.python_server_toml("fenced", ["-m", "mcptwist.example"], 'allow = ["10.0.0.0/8"]\n')
+        )
+        self.admin_json("add", "fenced", "--config", str(table))
+        status, _, _ = h.http(
+            "POST", self.bridge.mcp_url("fenced"), INIT, {**JSON, "Authorization": f"Bearer {USER}"}
+        )
+        self.assertEqual(status, 403)
 
     def test_stderr_and_reload(self) -> None:
         lines = self.admin_json("stderr", "example", "-n", "5")

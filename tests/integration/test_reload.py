@@ -3,6 +3,7 @@ did not change: clients mid-stream on unchanged servers never notice."""
 
 from __future__ import annotations
 
+import re
 import signal
 import tempfile
 import threading
@@ -199,3 +200,55 @@ class ReloadSecurityTests(SynchronousTestCase):
         self.assertEqual(status("mcpt_second", "192.0.2.1"), 200)
         self.assertEqual(status("mcpt_second", "10.1.1.1"), 403)
         self.assertIn("'updated': ['tcp:0:interface=127.0.0.1']", bridge.log)
+
+    def test_tls_turned_on_in_place_and_metrics_listener_kept(self) -> None:
+        import ssl
+
+        from .. import certs
+
+        directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
+        ca = certs.make_ca(str(directory))
+        cert, key = certs.make_server_cert(str(directory), ca)
+        path = directory / "bridge.toml"
+        metrics = "tcp:0:interface=127.0.0.1:backlog=7"
+
+        def write(tls: str) -> None:
+            path.write_text(
+                f"[metrics]\nlisten = {h.toml_list([metrics])}\n"
+                "[[listeners]]\n"
+                'endpoint = "tcp:0:interface=127.0.0.1"\n' + tls + example("a")
+            )
+
+        write("")
+        bridge = h.Bridge(args=["--config", str(path)], listen=None, directory=directory)
+        self.addCleanup(bridge.stop)
+        found = re.search(rf"listening on 127\.0\.0\.1:(\d+) \({re.escape(metrics)}\)", bridge.log)
+        assert found is not None, bridge.log
+        metrics_url = f"http://127.0.0.1:{found.group(1)}/metrics"
+        self.assertEqual(h.http("GET", metrics_url)[0], 200)
+        write(f"tls = {{ certificate = {h.toml_str(cert)}, key = {h.toml_str(key)} }}\n")
+        bridge.proc.send_signal(signal.SIGHUP)
+        h.wait_for(lambda: "reload done" in bridge.log, 15, "the reload")
+        # The same port now speaks TLS; the metrics listener is still there.
+        context = ssl.create_default_context(cafile=ca.path)
+        status, _, _ = h.http("GET", f"https://127.0.0.1:{bridge.port}/health", context=context)
+        self.assertEqual(status, 200)
+        self.assertEqual(h.http("GET", metrics_url)[0], 200)
+
+    def test_dropping_authentication_with_a_network_listener_is_refused(self) -> None:
+        from mcptwist.auth import digest_text, hash_token
+
+        directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
+        path = directory / "bridge.toml"
+        listener = '[[listeners]]\nendpoint = "tcp:0:interface=0.0.0.0"\n'
+        token = f'[[auth.tokens]]\nname = "t"\nhash = "{digest_text(hash_token("mcpt_x"))}"\nadmin = true\n'
+        path.write_text(listener + token + example("a"))
+        bridge = h.Bridge(args=["--config", str(path)], listen=None, directory=directory)
+        self.addCleanup(bridge.stop)
+        bridge.headers = {"Authorization": "Bearer mcpt_x"}
+        path.write_text(listener + example("a"))
+        bridge.proc.send_signal(signal.SIGHUP)
+        h.wait_for(lambda: "reload refused" in bridge.log, 15, "the refusal")
+        self.assertIn("no authentication", bridge.log)
+        self.assertEqual(h.http("GET", bridge.url("/"))[0], 401)
+        self.assertEqual(h.http("GET", bridge.url("/"), headers=bridge.headers)[0], 200)

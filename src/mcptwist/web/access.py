@@ -12,6 +12,7 @@ status a client can act on, and each is written to the audit trail.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any, Final
 from .. import jsonrpc
 from ..audit import AuditTrail
 from ..auth import ANONYMOUS, Authenticator, AuthFailure, Principal
-from ..config import AuditConfig, BridgeConfig, ListenerConfig
+from ..config import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
 from ..ipfilter import AddressPolicy, forwarded_client, normalise
 from ..ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 from .http import HTTPProblem, header
@@ -81,21 +82,30 @@ class AccessControl:
 
     def reconfigure(self, config: BridgeConfig, clock: Any, fetch: Any = None) -> None:
         """Take a reloaded configuration: tokens, JWT, limits and address rules
-        change in place; counts of open streams and sessions carry over."""
+        change in place; counts of open streams and sessions carry over.
+
+        What can fail is built first: if it raises, nothing has changed.
+        """
         old = self.config
-        self.config = config
-        self.auth = config.auth
+        authenticator = self.authenticator
         if config.auth != old.auth:
-            self.authenticator.stop()
-            self.authenticator = Authenticator(config.auth, clock, fetch)
-            self.authenticator.start()
+            authenticator = Authenticator(config.auth, clock, fetch)
         server_limits = {n: s.limits for n, s in config.servers.items()}
+        limiter = self.limiter
         if config.limits != old.limits or server_limits != {
             n: s.limits for n, s in old.servers.items()
         }:
+            limiter = RateLimiter(config.limits, server_limits, clock)
+        if authenticator is not self.authenticator:
+            self.authenticator.stop()
+            self.authenticator = authenticator
+            authenticator.start()
+        if limiter is not self.limiter:
             self.limiter.stop()
-            self.limiter = RateLimiter(config.limits, server_limits, clock)
-            self.limiter.start()
+            self.limiter = limiter
+            limiter.start()
+        self.config = config
+        self.auth = config.auth
         self.caps.set_limits(
             config.limits.max_streams_per_principal, config.limits.max_sessions_per_principal
         )
@@ -105,6 +115,17 @@ class AccessControl:
             if s.allow or s.deny
         }
         self._listener_policies.clear()
+
+    def server_added(self, server: ServerConfig) -> None:
+        """A server added at run time (admin API) brings its address rules and limits."""
+        policies = dict(self.server_policies)
+        policies.pop(server.name, None)
+        if server.allow or server.deny:
+            policies[server.name] = AddressPolicy(
+                allow=server.allow, deny=server.deny, unix_peers="allow"
+            )
+        self.server_policies = policies
+        self.limiter.server_limits[server.name] = server.limits
 
     def start(self) -> None:
         self.authenticator.start()
@@ -324,6 +345,7 @@ def principal_id(request: Any) -> str:
     return identity(principal_of(request))
 
 
+@functools.lru_cache(maxsize=4096)
 def rate_key(ip: str | None) -> str | None:
     """The key of a client address for per-IP limits: None for a loopback or
     Unix peer (a local user or a proxy: limiting it would throttle everyone

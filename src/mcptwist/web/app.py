@@ -103,10 +103,18 @@ class Gate(Resource):
             return HTTPProblem(
                 403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
             ).render(request)
+        path = request.path
+        if origin is not None and (path.startswith(b"/admin/") or path == b"/metrics"):
+            # Operators use the command line or Prometheus, never a web page: a
+            # page that can reach loopback must not drive the admin API.
+            return HTTPProblem(
+                403,
+                jsonrpc.SERVER_UNAVAILABLE,
+                "Forbidden: the admin API and metrics are not for browsers",
+            ).render(request)
         preflight = access.cors(request, origin)
         if preflight is not None:
             return preflight
-        path = request.path
         if not _canonical(path):
             # Klein routes on the percent-decoded segments; the gate decides on
             # the raw path. No bridge URL needs escapes or empty or dot

@@ -139,8 +139,10 @@ def refuse_head(request: Any) -> None:
 
 
 def require_json(request: Any) -> None:
-    kinds = media_types(header(request, b"content-type"))
-    if "application/json" not in kinds:
+    # One media type (not a list): "text/plain;,application/json" is text/plain
+    # to a browser, which may then send it cross-site without a preflight.
+    value = header(request, b"content-type") or ""
+    if value.split(";", 1)[0].strip().lower() != "application/json":
         raise HTTPProblem(
             415,
             jsonrpc.INVALID_REQUEST,
