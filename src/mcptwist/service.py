@@ -442,7 +442,7 @@ class BridgeService(MultiService):
         self.access.start()
         if self.handle_sighup:
             self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._sighup)
             )
         for listener in [*self.listeners, *self.metrics_listeners]:
             listener.startService()
@@ -564,6 +564,21 @@ class BridgeService(MultiService):
         self.audit.stop()
 
     # Reload (SIGHUP, or the admin API)
+
+    def _sighup(self) -> None:
+        """SIGHUP: reload, and put the outcome in the audit trail (the admin
+        API writes its own reloads there)."""
+
+        def audit(result: dict[str, Any]) -> None:
+            self.audit.admin_action(
+                principal="signal",
+                peer=None,
+                action="reload",
+                target=self.config_path,
+                outcome="ok" if result["ok"] else f"error: {result['error']}",
+            )
+
+        self.reload().addCallback(audit)
 
     def reload(self) -> Deferred[dict[str, Any]]:
         """Re-read the configuration file and apply it; a bad file changes nothing.

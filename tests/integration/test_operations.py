@@ -94,6 +94,8 @@ class OperationsTests(SynchronousTestCase):
         self.assertEqual(stopped["state"], "stopped")
         answer = self.call(user)
         self.assertIn("error", answer)
+        # A server stopped on purpose does not make the bridge unhealthy.
+        self.assertEqual(h.http("GET", self.bridge.url("/health"))[0], 200)
         h.wait_for(lambda: pid not in self.bridge.children(), 10, "the stopped child to exit")
         self.admin_json("start", "example")
         running = self.bridge.wait_state("example", "running")
@@ -154,6 +156,21 @@ class OperationsTests(SynchronousTestCase):
         result = self.admin_json("reload")
         self.assertTrue(result["ok"], result)
         self.assertIn("example", result["changes"]["servers"]["unchanged"])
+
+    def test_sighup_reload_is_audited(self) -> None:
+        import signal
+
+        self.bridge.proc.send_signal(signal.SIGHUP)
+        h.wait_for(lambda: "reload done" in self.bridge.log, 15, "the reload")
+
+        def audited() -> list[dict[str, Any]]:
+            events = map(json.loads, self.audit.read_text().splitlines())
+            return [e for e in events if e["event"] == "admin_action"]
+
+        [event] = h.wait_for(audited, 10, "the audit line")
+        self.assertEqual(
+            (event["principal"], event["action"], event["outcome"]), ("signal", "reload", "ok")
+        )
 
     def test_not_for_a_user_token(self) -> None:
         self.token_file.write_text(USER)

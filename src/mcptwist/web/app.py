@@ -449,9 +449,13 @@ class BridgeApp:
     @guarded
     def health(self, request: Any) -> Any:
         problems = {}
+        held = {}
         for name, backend in self.backends.items():
             status = backend.status()
-            if status["state"] != "running":
+            if backend.held:
+                # Stopped on purpose by an operator: not a fault of the bridge.
+                held[name] = "stopped by an operator"
+            elif status["state"] != "running":
                 problems[name] = status["state"] + (
                     f": {status['last_exit']}" if status.get("last_exit") else ""
                 )
@@ -465,7 +469,10 @@ class BridgeApp:
             return json_body(request, {"status": "unhealthy", "servers": problems})
         return json_body(
             request,
-            {"status": "ok", "servers": {name: "running" for name in self.backends}},
+            {
+                "status": "ok",
+                "servers": {name: held.get(name, "running") for name in self.backends},
+            },
         )
 
     def _status(self, backend: Backend) -> dict[str, Any]:
