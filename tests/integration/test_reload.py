@@ -226,6 +226,7 @@ class ReloadSecurityTests(SynchronousTestCase):
         assert found is not None, bridge.log
         metrics_url = f"http://127.0.0.1:{found.group(1)}/metrics"
         self.assertEqual(h.http("GET", metrics_url)[0], 200)
+        bridge.wait_state("a", "running")  # while the port still speaks plain HTTP
         write(f"tls = {{ certificate = {h.toml_str(cert)}, key = {h.toml_str(key)} }}\n")
         bridge.proc.send_signal(signal.SIGHUP)
         h.wait_for(lambda: "reload done" in bridge.log, 15, "the reload")
