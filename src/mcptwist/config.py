@@ -557,21 +557,7 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         )
     servers: dict[str, ServerConfig] = {}
     for name, table in servers_table.items():
-        if not _NAME_RE.match(name):
-            raise ConfigError(
-                source,
-                f"servers.{name}",
-                "is not a usable server name (it becomes part of the URL)",
-                "use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64",
-            )
-        if not isinstance(table, dict):
-            raise ConfigError(
-                source,
-                f"servers.{name}",
-                "must be a table",
-                f'write [servers.{name}] with command = "..."',
-            )
-        server = _parse_server(source, name, table, environ)
+        server = parse_server(source, name, table, environ)
         if server is not None:
             servers[name] = server
     if not servers:
@@ -616,6 +602,13 @@ def parse_server(
             f"servers.{name}",
             "is not a usable server name (it becomes part of the URL)",
             "use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64",
+        )
+    if not isinstance(table, dict):
+        raise ConfigError(
+            source,
+            f"servers.{name}",
+            "must be a table",
+            f'write [servers.{name}] with command = "..."',
         )
     return _parse_server(source, name, table, environ)
 

@@ -16,14 +16,12 @@ name exists, 415 not JSON, 422 a configuration error (naming key and fix).
 
 from __future__ import annotations
 
-import functools
-import inspect
 import re
 from collections.abc import Callable
 from typing import Any, Final, Protocol, TypeVar
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
@@ -33,12 +31,11 @@ from .. import jsonrpc
 from ..audit import AuditTrail
 from ..config import ConfigError
 from .access import identity, principal_of
-from .http import HTTPProblem, json_body, read_body, require_json
+from .http import Handler, HTTPProblem, catching, json_body, read_body, require_json
 
 log = Logger(namespace="mcptwist.web.admin")
 
 T = TypeVar("T")
-Handler = Callable[..., Any]
 
 MAX_BODY: Final = 1024 * 1024
 DEFAULT_STDERR_LINES: Final = 100
@@ -137,27 +134,7 @@ def answered(handler: Handler) -> Handler:
             return None
         return error.render(request)
 
-    if inspect.iscoroutinefunction(handler):
-
-        @functools.wraps(handler)
-        async def wrapper(self: AdminAPI, request: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return await handler(self, request, *args, **kwargs)
-            except CancelledError:
-                raise
-            except Exception as error:
-                return problem_answer(request, error)
-
-        return wrapper
-
-    @functools.wraps(handler)
-    def sync_wrapper(self: AdminAPI, request: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(self, request, *args, **kwargs)
-        except Exception as error:
-            return problem_answer(request, error)
-
-    return sync_wrapper
+    return catching(handler, problem_answer)
 
 
 class _AdminOnly(Resource):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -26,12 +25,10 @@ from ..security import HostPolicy, OriginPolicy
 from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
 from . import legacy_sse, streamable
 from .access import PRM_PATH, AccessControl, principal_id, principal_of
-from .http import HTTPProblem, header, json_body
+from .http import Handler, HTTPProblem, catching, header, json_body
 from .sse import EventConnection, Heartbeat
 
 log = Logger(namespace="mcptwist.web")
-
-Handler = Callable[..., Any]
 
 
 def guarded(handler: Handler) -> Handler:
@@ -51,27 +48,7 @@ def guarded(handler: Handler) -> Handler:
         internal = HTTPProblem(500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)")
         return internal.render(request)
 
-    if inspect.iscoroutinefunction(handler):
-
-        @functools.wraps(handler)
-        async def wrapper(self: BridgeApp, request: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return await handler(self, request, *args, **kwargs)
-            except CancelledError:
-                raise
-            except Exception as error:
-                return problem_answer(request, error)
-
-        return wrapper
-
-    @functools.wraps(handler)
-    def sync_wrapper(self: BridgeApp, request: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(self, request, *args, **kwargs)
-        except Exception as error:
-            return problem_answer(request, error)
-
-    return sync_wrapper
+    return catching(handler, problem_answer)
 
 
 class Gate(Resource):
