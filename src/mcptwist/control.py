@@ -28,6 +28,12 @@ class BridgeControl:
     def __init__(self, service: BridgeService) -> None:
         self.service = service
 
+    def _running(self) -> None:
+        # A keep-alive connection can still carry a request while the bridge
+        # stops: nothing may start then, or it would outlive the shutdown.
+        if not self.service.running:
+            raise RuntimeError("the bridge is stopping")
+
     def _backend(self, name: str) -> Backend:
         backend = self.service.backends.get(name)
         if backend is None:
@@ -61,6 +67,7 @@ class BridgeControl:
         return status
 
     def start(self, name: str) -> Deferred[dict[str, Any]]:
+        self._running()
         backend = self._backend(name)
         backend.held = False
         for upstream in backend.upstreams():
@@ -81,6 +88,7 @@ class BridgeControl:
         return d.addCallback(lambda _: self._status(backend))
 
     def restart(self, name: str) -> Deferred[dict[str, Any]]:
+        self._running()
         backend = self._backend(name)
         backend.held = False
         restarts = []
@@ -124,6 +132,7 @@ class BridgeControl:
     # Configuration
 
     def add_server(self, name: str, table: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        self._running()
         if name in self.service.backends:
             raise ValueError(f"a server named {name!r} exists")
         server = parse_server("admin API", name, table, self.service.environ)

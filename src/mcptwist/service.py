@@ -333,8 +333,10 @@ class BridgeService(MultiService):
         config_path: str | None = None,
         notifier: SystemdNotifier | None = None,
         listen_override: tuple[ListenerConfig, ...] | None = None,
+        freeze_gc: bool = False,
     ) -> None:
         super().__init__()
+        self.freeze_gc = freeze_gc
         self.config = config
         self.reactor = reactor
         self.environ = environ
@@ -464,9 +466,10 @@ class BridgeService(MultiService):
         log.info("ready: {status}", status=status)
         self.notifier.ready(status)
         self.notifier.start_watchdog()
-        # What startup built lives as long as the bridge: out of the collector's
-        # way, so that its full collections stop rescanning it.
-        gc.freeze()
+        if self.freeze_gc:
+            # What startup built lives as long as the bridge: out of the collector's
+            # way, so that its full collections stop rescanning it.
+            gc.freeze()
         self._status_loop.start(30.0, now=False)
 
     def _settled(self) -> list[Deferred[None]]:

@@ -65,4 +65,5 @@ def makeService(options: Options) -> IService:
         config_path=options["config"],
         notifier=SystemdNotifier(os.environ, reactor),
         listen_override=listeners or None,
+        freeze_gc=True,
     )
