@@ -400,6 +400,9 @@ class RequestAuditTests(SynchronousTestCase):
         )
         [closed] = bridge.events("session_closed")
         self.assertEqual(closed["session"], session)
+        # The cut request is written before the session's end.
+        order = [e["event"] for e in bridge.events() if e["event"] in ("request", "session_closed")]
+        self.assertEqual(order, ["request", "request", "session_closed"])
 
     def test_arguments_written_when_the_server_asks(self) -> None:
         bridge = Bridge(self, server_s={"audit_arguments": True})

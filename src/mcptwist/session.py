@@ -299,6 +299,8 @@ class SessionRegistry(Service):
             )
             if self.caps is not None and session.principal != "anonymous":
                 self.caps.close_session(session.principal)
+            # First its requests end (audited as cancelled), then the session.
+            session.close()
             if session.audit is not None and session.announced:
                 session.audit.session_closed(
                     session=session.id,
@@ -308,7 +310,6 @@ class SessionRegistry(Service):
                     duration=self.clock.seconds() - session.opened,
                     transport=session.transport,
                 )
-            session.close()
             if self.on_closed is not None:
                 self.on_closed(session)
             return
