@@ -31,6 +31,12 @@ CALL = {
     "params": {"name": "current_time", "arguments": {"timezone": "UTC"}},
 }
 JSON = {"Accept": "application/json", "Content-Type": "application/json"}
+# The example server, after seven lines on stderr.
+NOISY = (
+    "import runpy, sys\n"
+    "for i in range(7): print(f'noisy line {i}', file=sys.stderr, flush=True)\n"
+    "runpy.run_module('mcptwist.example', run_name='__main__')"
+)
 
 
 def config(audit: Path) -> str:
@@ -45,6 +51,7 @@ def config(audit: Path) -> str:
         f'hash = "{digest_text(hash_token(USER))}"\n'
         + h.python_server_toml("example", ["-m", "mcptwist.example"])
         + h.python_server_toml("perclient", ["-m", "mcptwist.example"], 'sharing = "session"\n')
+        + h.python_server_toml("noisy", ["-c", NOISY])
     )
 
 
@@ -151,8 +158,11 @@ class OperationsTests(SynchronousTestCase):
         self.assertEqual(status, 403)
 
     def test_stderr_and_reload(self) -> None:
-        lines = self.admin_json("stderr", "example", "-n", "5")
-        self.assertIsInstance(lines["lines"], list)
+        self.bridge.wait_state("noisy", "running")
+        lines = self.admin_json("stderr", "noisy", "-n", "5")
+        self.assertEqual(lines["lines"], [f"noisy line {i}" for i in range(2, 7)])
+        code, out, _ = self.admin("stderr", "noisy", "-n", "2")
+        self.assertEqual((code, out.split()), (0, ["noisy", "line", "5", "noisy", "line", "6"]))
         result = self.admin_json("reload")
         self.assertTrue(result["ok"], result)
         self.assertIn("example", result["changes"]["servers"]["unchanged"])

@@ -31,7 +31,16 @@ from .. import jsonrpc
 from ..audit import AuditTrail
 from ..config import ConfigError
 from .access import identity, principal_of
-from .http import Handler, HTTPProblem, catching, json_body, read_body, require_json
+from .http import (
+    Handler,
+    HTTPProblem,
+    catching,
+    json_body,
+    read_body,
+    require_json,
+    route_not_allowed,
+    route_not_found,
+)
 
 log = Logger(namespace="mcptwist.web.admin")
 
@@ -307,17 +316,8 @@ class AdminAPI:
 
     # Errors for what no route matched
 
-    @app.handle_errors(NotFound)
-    def not_found(self, request: Any, failure: Failure) -> bytes:
-        return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
-
-    @app.handle_errors(MethodNotAllowed)
-    def not_allowed(self, request: Any, failure: Failure) -> bytes:
-        allowed = getattr(failure.value, "valid_methods", None) or []
-        headers = {b"allow": ", ".join(allowed).encode()} if allowed else {}
-        return HTTPProblem(
-            405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers=headers
-        ).render(request)
+    not_found = app.handle_errors(NotFound)(route_not_found)
+    not_allowed = app.handle_errors(MethodNotAllowed)(route_not_allowed)
 
     # Auditing
 

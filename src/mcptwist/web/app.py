@@ -25,7 +25,15 @@ from ..security import HostPolicy, OriginPolicy
 from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
 from . import legacy_sse, streamable
 from .access import PRM_PATH, AccessControl, principal_id, principal_of
-from .http import Handler, HTTPProblem, catching, header, json_body
+from .http import (
+    Handler,
+    HTTPProblem,
+    catching,
+    header,
+    json_body,
+    route_not_allowed,
+    route_not_found,
+)
 from .sse import EventConnection, Heartbeat
 
 log = Logger(namespace="mcptwist.web")
@@ -92,7 +100,8 @@ class Gate(Resource):
         preflight = access.cors(request, origin)
         if preflight is not None:
             return preflight
-        if not _canonical(path):
+        parts = _segments(path)
+        if parts is None:
             # Klein routes on the percent-decoded segments; the gate decides on
             # the raw path. No bridge URL needs escapes or empty or dot
             # segments, so a path with them is refused before the two could differ.
@@ -107,7 +116,7 @@ class Gate(Resource):
         except HTTPProblem as problem:
             return problem.render(request)
         if not access.auth.enabled:
-            return self._admitted(request, ip, ANONYMOUS)
+            return self._admitted(request, ip, ANONYMOUS, parts)
         d = access.authenticator.authenticate(
             request.getHeader(b"authorization"), b"access_token" in request.args
         )
@@ -122,7 +131,7 @@ class Gate(Resource):
             if request.finished or request.channel is None:
                 return
             try:
-                body = self._admitted(request, ip, result)
+                body = self._admitted(request, ip, result, parts)
             except Exception:
                 log.failure("while answering {path}", path=request.path)
                 body = HTTPProblem(
@@ -134,11 +143,13 @@ class Gate(Resource):
 
         d.addBoth(outcome)
         if settled:
-            return self._admitted(request, ip, settled[0])
+            return self._admitted(request, ip, settled[0], parts)
         waiting.append(True)
         return NOT_DONE_YET
 
-    def _admitted(self, request: Any, ip: str | None, who: Principal | Failure) -> Any:
+    def _admitted(
+        self, request: Any, ip: str | None, who: Principal | Failure, parts: list[bytes]
+    ) -> Any:
         """Authorise an authenticated (or refused) request, then route it."""
         access = self.app.access
         route = request.path.decode("utf-8", "replace")
@@ -151,9 +162,8 @@ class Gate(Resource):
             ).render(request)
         request.principal = who
         request.client_ip = ip
-        parts = request.path.split(b"/")
         server = None
-        if len(parts) >= 3 and parts[1] == b"servers" and parts[2]:
+        if len(parts) >= 3 and parts[1] == b"servers":
             server = parts[2].decode("utf-8", "replace")
         operator = parts[1] in (b"admin", b"metrics")
         try:
@@ -166,7 +176,7 @@ class Gate(Resource):
             return self.app.admin.render(request)
         if parts[1:] == [b"metrics"] and self.app.metrics is not None:
             return self.app.metrics.render(request)
-        handler, name = self._message_route(request)
+        handler, name = self._message_route(request, parts)
         if handler is not None:
             return self._run(request, handler, name)
         return self._route(request)
@@ -193,12 +203,11 @@ class Gate(Resource):
         request.setHeader(b"cache-control", b"max-age=300")
         return json_body(request, document)
 
-    def _message_route(self, request: Any) -> tuple[Handler | None, str]:
+    def _message_route(self, request: Any, parts: list[bytes]) -> tuple[Handler | None, str]:
         """The handler of a message endpoint (POST or DELETE on /servers/NAME/mcp,
         POST on /servers/NAME/messages), found without the URL map: these carry
         every message, and werkzeug's matching cost a fifth of the bridge's CPU."""
-        parts = request.path.split(b"/")
-        if len(parts) != 4 or parts[0] or parts[1] != b"servers" or not parts[2]:
+        if len(parts) != 4 or parts[1] != b"servers":
             return None, ""
         handlers = _MESSAGE_ROUTES.get(parts[3])
         if handlers is None:
@@ -246,14 +255,18 @@ class Gate(Resource):
         return NOT_DONE_YET
 
 
-def _canonical(path: bytes) -> bool:
-    """A path without percent-escapes, empty segments (no trailing slash) or dot segments."""
+def _segments(path: bytes) -> list[bytes] | None:
+    """The path split on C{/} (C{b""} first), or None unless it is canonical:
+    no percent-escapes, empty segments (no trailing slash) or dot segments.
+    Split once here, it serves every later decision about the request."""
     if path == b"/":
-        return True
+        return [b"", b""]
     if not path.startswith(b"/") or b"%" in path or b"\\" in path:
-        return False
-    segments = path[1:].split(b"/")
-    return all(s and s not in (b".", b"..") for s in segments)
+        return None
+    parts = path.split(b"/")
+    if not all(s and s not in (b".", b"..") for s in parts[1:]):
+        return None
+    return parts
 
 
 def _not_allowed(allowed: bytes) -> Handler:
@@ -459,17 +472,8 @@ class BridgeApp:
 
     # Errors for what no route matched
 
-    @app.handle_errors(NotFound)
-    def not_found(self, request: Any, failure: Failure) -> bytes:
-        return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
-
-    @app.handle_errors(MethodNotAllowed)
-    def not_allowed(self, request: Any, failure: Failure) -> bytes:
-        allowed = getattr(failure.value, "valid_methods", None) or []
-        headers = {b"allow": ", ".join(allowed).encode()} if allowed else {}
-        return HTTPProblem(
-            405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers=headers
-        ).render(request)
+    not_found = app.handle_errors(NotFound)(route_not_found)
+    not_allowed = app.handle_errors(MethodNotAllowed)(route_not_allowed)
 
 
 # The message endpoints, dispatched by Gate: path segment -> method -> handler.

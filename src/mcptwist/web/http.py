@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from .. import jsonrpc
@@ -209,3 +210,17 @@ def catching(handler: Handler, on_error: Callable[[Any, Exception], Any]) -> Han
             return on_error(request, error)
 
     return sync_wrapper
+
+
+def route_not_found(self: Any, request: Any, failure: Failure) -> bytes:
+    """A Klein error handler: no route matched the path."""
+    return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
+
+
+def route_not_allowed(self: Any, request: Any, failure: Failure) -> bytes:
+    """A Klein error handler: the path matched, the method did not."""
+    allowed = getattr(failure.value, "valid_methods", None) or []
+    headers = {b"allow": ", ".join(allowed).encode()} if allowed else {}
+    return HTTPProblem(405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers=headers).render(
+        request
+    )
