@@ -797,6 +797,7 @@ class ConformanceFixtureTests(ServerTestMixin, SynchronousTestCase):
                 "test_prompt_with_arguments",
                 "test_prompt_with_embedded_resource",
                 "test_prompt_with_image",
+                "test_input_required_result_prompt",
             ],
         )
         self.assertTrue(all(p["description"] for p in prompts))

@@ -26,6 +26,7 @@ class FakeSession:
     capabilities: dict[str, Any] = attrs.field(factory=dict)
     client_info: dict[str, Any] = attrs.field(factory=dict)
     log_level: str | None = None
+    stateless: bool = False
     got: list[tuple[Message, RequestId | None]] = attrs.field(factory=list)
     cancelled_ids: list[RequestId] = attrs.field(factory=list)
 

@@ -213,6 +213,8 @@ class ServerConfig:
     session_idle_timeout: float = 1800.0
     startup_timeout: float = 60.0
     json_response: bool = False
+    # How long a stateless call waits for its client to answer the child's questions.
+    input_timeout: float = 300.0
     restart: RestartPolicy = RestartPolicy()
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
@@ -684,6 +686,7 @@ def _parse_server(
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
         json_response=r.boolean("json_response", defaults.json_response),
+        input_timeout=r.number("input_timeout", defaults.input_timeout),
         restart=restart,
         allow=_networks(r, "allow"),
         deny=_networks(r, "deny"),

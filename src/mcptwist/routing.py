@@ -39,6 +39,8 @@ log = Logger(namespace="mcptwist.routing")
 
 MAX_QUEUED: Final = 10_000
 STDERR_IN_ERRORS: Final = 20
+# How long after a cancellation a child's request to a client may still be its.
+ABANDONED_GRACE: Final = 5.0
 BRIDGE_CAPABILITIES: Final = {
     "sampling": {},
     "elicitation": {},
@@ -80,6 +82,11 @@ class Downstream(Protocol):
     capabilities: dict[str, Any]
     client_info: dict[str, Any]
     log_level: str | None
+
+    @property
+    def stateless(self) -> bool:
+        """A stateless (2026-07-28) client: it gets log lines only when it asked
+        for them, and holds no session-wide state (roots) in the child."""
 
     def deliver(
         self, message: Message, related: RequestId | None, encoded: bytes | None = None
@@ -180,6 +187,9 @@ class Upstream(Service):
 
     def attach(self, session: Downstream) -> None:
         self.sessions.add(session)
+        if session.log_level is not None:
+            # A stateless call's own log level: the child must log at least that much.
+            self._update_level()
 
     def detach(self, session: Downstream) -> None:
         """Forget a session: cancel its requests and release what it held."""
@@ -212,10 +222,33 @@ class Upstream(Service):
             if owner is session:
                 self._abandoned[child_id] = (None, child, timer)
         # The most verbose client may have left: the child can be quieter.
+        self._update_level()
+
+    def _update_level(self) -> None:
         wanted = self._wanted_level()
         if wanted is not None and wanted != self._child_level and self._child_supports("logging"):
             self._child_level = wanted
             self._internal("logging/setLevel", {"level": wanted})
+
+    def question_origin(self, bridge_id: int) -> RequestId | None:
+        """The child's own id of a request it sent a client (the bridge renumbered it)."""
+        out = self._outbound.get(bridge_id)
+        return out.child_id if out is not None else None
+
+    def pause_timer(self, session: Downstream, client_id: RequestId) -> None:
+        """A request waits on its client (for input), not on the child: no timeout."""
+        p = self._by_client.get((session, client_id))
+        if p is not None and p.timer is not None:
+            if p.timer.active():
+                p.timer.cancel()
+            p.timer = None
+
+    def resume_timer(self, session: Downstream, client_id: RequestId) -> None:
+        """The client answered: the child has request_timeout again to finish."""
+        p = self._by_client.get((session, client_id))
+        if p is not None and p.timer is None:
+            p.started = self.clock.seconds()
+            p.timer = self.clock.callLater(self.server.request_timeout, self._timed_out, p)
 
     # Messages from a client
 
@@ -533,7 +566,8 @@ class Upstream(Service):
                 [
                     s
                     for s in self.sessions
-                    if s.log_level is None or rank >= protocol.LOG_RANK[s.log_level]
+                    if (s.log_level is None and not s.stateless)
+                    or (s.log_level is not None and rank >= protocol.LOG_RANK[s.log_level])
                 ],
             )
         elif method == "notifications/resources/updated":
@@ -600,16 +634,23 @@ class Upstream(Service):
         a single client.
         """
         owners: dict[Downstream | None, list[_Pending]] = {}
-        for p in self._pending.values():
-            if p.session is not None and p.sent_to is not None:
-                owners.setdefault(p.session, []).append(p)
-        for owner, _, _ in self._abandoned.values():
-            owners.setdefault(owner, [])
-        if method == "roots/list" and len(self.sessions) > 1:
+        # A request paused for its client's input (a stateless call between
+        # rounds) is blocked in the child: a new question comes from another.
+        running = [p for p in self._pending.values() if p.session is not None and p.sent_to]
+        for p in [p for p in running if p.timer is not None] or running:
+            owners.setdefault(p.session, []).append(p)
+        # A request the bridge gave up on may still ask, but a child told to
+        # cancel stops soon: after a grace period it no longer blurs the picture.
+        recent = self.clock.seconds() + self.server.request_timeout - ABANDONED_GRACE
+        for owner, _, timer in self._abandoned.values():
+            if timer.getTime() > recent:
+                owners.setdefault(owner, [])
+        sessions = sum(1 for s in self.sessions if not s.stateless)
+        if method == "roots/list" and sessions > 1:
             return (
                 None,
                 None,
-                f"roots belong to each client and {len(self.sessions)} clients share this child; "
+                f"roots belong to each client and {sessions} clients share this child; "
                 'use sharing = "session" for servers that ask for roots',
             )
         if len(owners) == 1:

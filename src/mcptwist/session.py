@@ -87,6 +87,12 @@ class ClientSession:
     def server(self) -> str:
         return self.backend.server.name
 
+    @property
+    def stateless(self) -> bool:
+        """A stateless hub: the session the bridge keeps for one principal's
+        2026-07-28 requests to one server."""
+        return self.transport == "stateless"
+
     def deliver(
         self, message: Message, related: RequestId | None, encoded: bytes | None = None
     ) -> None:
@@ -208,6 +214,8 @@ class SessionRegistry(Service):
         # Told of every session that ends (the service finishes draining with it).
         self.on_closed: Callable[[ClientSession], None] | None = None
         self.sessions: dict[str, ClientSession] = {}
+        # Each principal's stateless hub on each backend.
+        self._hubs: dict[tuple[Backend, str], ClientSession] = {}
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
         self._reap_interval = reap_interval
@@ -272,6 +280,35 @@ class SessionRegistry(Service):
         )
         return session
 
+    def hub(
+        self,
+        backend: Backend,
+        sink_factory: Callable[[str], Sink],
+        principal: str = "anonymous",
+        peer: str | None = None,
+    ) -> ClientSession:
+        """The principal's stateless hub on a backend, opened on first use.
+
+        Stateless clients have no session; the bridge keeps one for them per
+        principal, so that a server with a child per session gives each
+        principal a child of its own, and idle hubs are reaped like sessions.
+        """
+        hub = self._hubs.get((backend, principal))
+        if hub is not None and not hub.closed:
+            hub.last_active = self.clock.seconds()
+            return hub
+        hub = self.create(backend, "stateless", sink_factory, principal, peer)
+        self._hubs[(backend, principal)] = hub
+        return hub
+
+    def hubs(self, server: str, principal: str) -> list[ClientSession]:
+        """A principal's open stateless hubs on a server (a reload may leave two)."""
+        return [
+            hub
+            for (backend, who), hub in self._hubs.items()
+            if who == principal and backend.server.name == server and not hub.closed
+        ]
+
     def get(
         self, session_id: str | None, server: str, principal: str = "anonymous"
     ) -> ClientSession | None:
@@ -290,6 +327,8 @@ class SessionRegistry(Service):
         return session
 
     def close(self, session: ClientSession, why: str = "closed") -> None:
+        if session.stateless and self._hubs.get((session.backend, session.principal)) is session:
+            del self._hubs[(session.backend, session.principal)]
         if self.sessions.pop(session.id, None) is not None:
             log.info(
                 "session {prefix} on {server} {why}",

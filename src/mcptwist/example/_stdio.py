@@ -463,9 +463,14 @@ class RequestContext:
         method: str,
         params: JSONObject | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> JSONObject:
-        """Send a request to the client and return its result."""
-        return await self.server.send_request(method, params, timeout)
+        """Send a request to the client and return its result.
+
+        ``request_id`` names the request (a bridge serving a stateless client
+        uses it as the key of the input it asks for); it must not be in use.
+        """
+        return await self.server.send_request(method, params, timeout, request_id)
 
     async def sample(
         self,
@@ -473,6 +478,7 @@ class RequestContext:
         max_tokens: int,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **extra: Any,
     ) -> JSONObject:
         """Ask the client for an LLM completion (``sampling/createMessage``)."""
@@ -482,7 +488,7 @@ class RequestContext:
             "maxTokens": max_tokens,
             **extra,
         }
-        return await self.send_request("sampling/createMessage", params, timeout)
+        return await self.send_request("sampling/createMessage", params, timeout, request_id)
 
     async def elicit(
         self,
@@ -490,16 +496,19 @@ class RequestContext:
         requested_schema: JSONObject,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> JSONObject:
         """Ask the user for input (``elicitation/create``, form mode)."""
         self._require("elicitation")
         params: JSONObject = {"message": message, "requestedSchema": requested_schema}
-        return await self.send_request("elicitation/create", params, timeout)
+        return await self.send_request("elicitation/create", params, timeout, request_id)
 
-    async def list_roots(self, *, timeout: float | None = None) -> list[JSONObject]:
+    async def list_roots(
+        self, *, timeout: float | None = None, request_id: str | None = None
+    ) -> list[JSONObject]:
         """Ask the client for its roots (``roots/list``)."""
         self._require("roots")
-        result = await self.send_request("roots/list", None, timeout)
+        result = await self.send_request("roots/list", None, timeout, request_id)
         roots = result.get("roots")
         return [r for r in roots if isinstance(r, dict)] if isinstance(roots, list) else []
 
@@ -694,8 +703,12 @@ class StdioServer:
         instructions: str | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         shutdown_grace: float = 2.0,
+        list_changed: bool = False,
     ) -> None:
         self.name = name
+        # Whether the lists of tools, prompts and resources may change (and
+        # the server says so with notify_list_changed).
+        self.list_changed = list_changed
         self.version = version
         self.title = title
         self.instructions = instructions
@@ -840,12 +853,13 @@ class StdioServer:
         caps: JSONObject = {"logging": {}}
         if self.completion_handler is not None:
             caps["completions"] = {}
+        changes = self.list_changed
         if self.prompts:
-            caps["prompts"] = {"listChanged": False}
+            caps["prompts"] = {"listChanged": changes}
         if self.resources or self.templates:
-            caps["resources"] = {"subscribe": True, "listChanged": False}
+            caps["resources"] = {"subscribe": True, "listChanged": changes}
         if self.tools:
-            caps["tools"] = {"listChanged": False}
+            caps["tools"] = {"listChanged": changes}
         return caps
 
     # -- outgoing messages --------------------------------------------------
@@ -873,16 +887,21 @@ class StdioServer:
         method: str,
         params: JSONObject | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> JSONObject:
         """Send a request to the client and wait for its result.
 
         Raises :class:`ClientError` on an error reply or when stdin closes; on
         timeout or cancellation the client is sent ``notifications/cancelled``.
+        A ``request_id`` already in use gets a numbered suffix.
         """
         if self._closing:
             raise ClientError(INTERNAL_ERROR, "Connection closed")
         self._next_id += 1
-        request_id = f"srv-{self._next_id}"
+        if request_id is None:
+            request_id = f"srv-{self._next_id}"
+        elif request_id in self._outgoing:
+            request_id = f"{request_id}-{self._next_id}"
         future: asyncio.Future[JSONObject] = asyncio.get_running_loop().create_future()
         self._outgoing[request_id] = future
         message: JSONObject = {"jsonrpc": "2.0", "id": request_id, "method": method}
@@ -917,6 +936,10 @@ class StdioServer:
         if logger is not None:
             params["logger"] = logger
         await self.send_notification("notifications/message", params)
+
+    async def notify_list_changed(self, kind: str) -> None:
+        """Send ``notifications/<kind>/list_changed`` (kind: tools, prompts or resources)."""
+        await self.send_notification(f"notifications/{kind}/list_changed")
 
     async def notify_resource_updated(self, uri: str) -> None:
         """Send ``notifications/resources/updated`` if ``uri`` is subscribed."""

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 from klein import Klein
@@ -23,6 +24,7 @@ from ..jsonrpc import RequestId
 from ..routing import Backend, CapacityError
 from ..security import HostPolicy, OriginPolicy
 from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
+from ..stateless import StateSigner
 from . import legacy_sse, streamable
 from .access import PRM_PATH, AccessControl, principal_id, principal_of
 from .http import (
@@ -305,6 +307,8 @@ class BridgeApp:
         self.origins = OriginPolicy(config.allowed_origins)
         self.hosts = HostPolicy(config.allowed_hosts)
         self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
+        # Signs the requestState of stateless calls waiting for their client's input.
+        self.signer = StateSigner()
 
     def reconfigure(self, config: BridgeConfig) -> None:
         """A reload's bridge-wide settings (the backends dict is updated in place)."""
@@ -344,7 +348,7 @@ class BridgeApp:
     ) -> ClientSession:
         """A new session for this request's principal, or the HTTP refusal
         (429 past the principal's share, 503 when the bridge or server is full)."""
-        try:
+        with self.refusing_sessions(request_id):
             return self.registry.create(
                 backend,
                 transport,
@@ -352,6 +356,12 @@ class BridgeApp:
                 principal_id(request),
                 getattr(request, "client_ip", None),
             )
+
+    @contextlib.contextmanager
+    def refusing_sessions(self, request_id: RequestId | None) -> Iterator[None]:
+        """Turn a session that cannot be opened into its HTTP refusal."""
+        try:
+            yield
         except PrincipalLimitError as e:
             raise HTTPProblem(
                 429,

@@ -26,6 +26,7 @@ class HTTPProblem(Exception):
         message: str,
         id: RequestId | None = None,
         headers: dict[bytes, bytes] | None = None,
+        data: Any = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -33,12 +34,13 @@ class HTTPProblem(Exception):
         self.message = message
         self.id = id
         self.headers = headers or {}
+        self.data = data
 
     def render(self, request: Any) -> bytes:
         request.setResponseCode(self.status)
         for name, value in self.headers.items():
             request.setHeader(name, value)
-        return json_body(request, jsonrpc.error(self.id, self.code, self.message))
+        return json_body(request, jsonrpc.error(self.id, self.code, self.message, self.data))
 
 
 def header(request: Any, name: bytes) -> str | None:

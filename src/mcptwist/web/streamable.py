@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Final
 from twisted.internet.defer import CancelledError
 from twisted.web.server import NOT_DONE_YET
 
-from .. import jsonrpc, protocol
+from .. import era, jsonrpc, protocol
 from ..jsonrpc import Kind, Message, RequestId
 from ..session import ClientSession
+from . import modern
 from .access import principal_id
 from .http import (
     HTTPProblem,
@@ -207,6 +208,12 @@ def _check_version(request: Any) -> None:
         )
 
 
+def _modern(request: Any) -> bool:
+    """A request of a 2026-07-28 client (by its version header)."""
+    version = header(request, VERSION_HEADER)
+    return version is not None and era.is_modern(version, header(request, SESSION_HEADER), None)
+
+
 def _sink(session: ClientSession) -> StreamableSink:
     sink = session.sink
     assert isinstance(sink, StreamableSink)
@@ -218,6 +225,12 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     json_ok, sse_ok = negotiate(request)
     require_json(request)
     messages, kinds, batch = parse_messages(read_body(request, backend.server.max_message_size))
+    if era.is_modern(
+        header(request, VERSION_HEADER),
+        header(request, SESSION_HEADER),
+        None if batch else messages[0],
+    ):
+        return modern.post(app, request, name, messages, kinds, batch, json_ok, sse_ok)
     initialize = any(
         m.get("method") == "initialize"
         for m, k in zip(messages, kinds, strict=True)
@@ -332,8 +345,10 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     return NOT_DONE_YET
 
 
-async def get(app: BridgeApp, request: Any, name: str) -> None:
+async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
     app.backend(name, draining=True)
+    if _modern(request):
+        return modern.not_allowed(request)
     refuse_head(request)
     _, sse_ok = negotiate(request)
     if not sse_ok:
@@ -366,10 +381,13 @@ async def get(app: BridgeApp, request: Any, name: str) -> None:
         await connection.done
     except CancelledError:
         pass
+    return None
 
 
 def delete(app: BridgeApp, request: Any, name: str) -> bytes:
     app.backend(name, draining=True)
+    if _modern(request):
+        return modern.not_allowed(request)
     session = _session(app, request, name)
     app.registry.close(session, "ended by the client")
     request.setResponseCode(200)

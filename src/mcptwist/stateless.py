@@ -1,0 +1,567 @@
+# -*- test-case-name: tests.test_stateless -*-
+"""Stateless (2026-07-28) requests carried onto session-era children.
+
+A modern client sends every request on its own, with no session. The bridge
+keeps the child's session itself: each principal gets one stateless I{hub}
+per server (a L{ClientSession} whose sink is a L{StatelessSink}), and each
+request becomes a L{ModernCall}, a downstream of its own that the router
+serves like any session (ids rewritten, progress and cancellation mapped).
+
+When the child asks the client something while serving a call (elicitation,
+sampling, roots), the call answers the HTTP request with an C{input_required}
+result and I{parks}: the child keeps waiting while the client gathers the
+input, and the retry, which carries the answers and the signed
+C{requestState}, resumes the very same call. A client that never retries
+does not leave the child hanging: after C{input_timeout} the child's
+questions are answered with an error and its request is cancelled.
+
+C{subscriptions/listen} streams (L{Listen}) live in the hub too: they get
+the child's list-changed and resource-updated notifications that their
+filter asked for, tagged with their subscription id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from . import era, jsonrpc, protocol
+from .audit import argument_digest, request_name
+from .jsonrpc import Kind, Message, RequestId
+
+if TYPE_CHECKING:
+    from .routing import Upstream
+    from .session import ClientSession
+
+log = Logger(namespace="mcptwist.stateless")
+
+# The id of a call's request inside its own downstream: each call is alone there.
+CALL_ID: Final = 1
+# How long to wait for more questions from the child before answering
+# input_required: a child may ask several at once, written one after another.
+INPUT_GATHER: Final = 0.05
+STATE_TTL: Final = 3600.0
+# Calls one hub keeps parked (waiting for a client's retry); the oldest gives way.
+MAX_PARKED: Final = 64
+LIST_CHANGED: Final = {
+    "notifications/tools/list_changed": ("toolsListChanged", "tools"),
+    "notifications/prompts/list_changed": ("promptsListChanged", "prompts"),
+    "notifications/resources/list_changed": ("resourcesListChanged", "resources"),
+}
+
+
+class Responder(Protocol):
+    """The HTTP side of one round of a call: where its messages go."""
+
+    def notify(self, message: Message) -> None:
+        """A notification that belongs to the request (progress, a log line)."""
+
+    def answer(self, message: Message, status: int = 200) -> None:
+        """The final message of this HTTP request; it ends the response."""
+
+
+class StateSigner:
+    """Signs and checks C{requestState}: the client may not forge or replay it.
+
+    The state names a parked call and its round, and is bound to the
+    principal, the server, the method and the request's parameters; it
+    expires. The key lives only in this process: parked calls do too.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or secrets.token_bytes(32)
+
+    def sign(self, payload: str) -> str:
+        mac = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
+        return (
+            base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+            + "."
+            + base64.urlsafe_b64encode(mac).decode().rstrip("=")
+        )
+
+    def verify(self, token: object) -> str | None:
+        """The payload of a state this signer made, or None."""
+        if not isinstance(token, str) or token.count(".") != 1 or len(token) > 4096:
+            return None
+        body, mac = token.split(".")
+        try:
+            payload = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+            given = base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        expected = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
+        return payload if hmac.compare_digest(given, expected) else None
+
+
+def request_digest(server: str, principal: str, message: Message) -> str:
+    """What a retry must repeat of its original: server, principal, method, parameters."""
+    params = message.get("params")
+    salient = (
+        {k: v for k, v in params.items() if k not in ("_meta", "inputResponses", "requestState")}
+        if isinstance(params, dict)
+        else {}
+    )
+    blob = jsonrpc.dumps([server, principal, message.get("method"), salient])
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+class ModernCall:
+    """One modern request, through all its rounds, as the router sees it."""
+
+    stateless = True
+
+    def __init__(
+        self,
+        hub: ClientSession,
+        request: era.ModernRequest,
+        responder: Responder,
+        clock: IReactorTime,
+        signer: StateSigner,
+        input_timeout: float,
+    ) -> None:
+        assert hub.upstream is not None
+        self.hub = hub
+        self.upstream: Upstream = hub.upstream
+        self.request = request
+        self.responder: Responder | None = responder
+        self.clock = clock
+        self.signer = signer
+        self.input_timeout = input_timeout
+        self.id = f"{hub.id[:8]}-{secrets.token_hex(4)}"
+        self.method = request.method
+        self.protocol_version: str | None = era.MODERN
+        self.log_level = request.log_level
+        self.client_info = request.client_info
+        # The router checks capabilities before it asks a client: a call takes
+        # every question, and answers those its client did not declare itself.
+        self.capabilities: dict[str, Any] = {c: {} for c in protocol.CLIENT_CAPABILITY_FOR.values()}
+        self.declared = request.capabilities
+        self.digest = request_digest(hub.server, hub.principal, request.message)
+        self.park_id = secrets.token_urlsafe(12)
+        self.round = 0
+        self.started = clock.seconds()
+        self.ended = False
+        # Questions of the child not yet answered: key -> (bridge id, method, params).
+        self._asked: dict[str, tuple[int, str, Any]] = {}
+        # Answers the client gave before they were asked (a first request's inputResponses).
+        self._preanswered: dict[str, Any] = {}
+        self._final: Message | None = None
+        # Answered already (a capability the client lacks): waiting for the child to finish.
+        self._lingering = False
+        self._gather: IDelayedCall | None = None
+        self._expiry: IDelayedCall | None = None
+        params = request.message.get("params")
+        self._size, self._sha = argument_digest(params)
+        self._name = request_name(self.method, params)
+
+    @property
+    def sink(self) -> StatelessSink:
+        sink = self.hub.sink
+        assert isinstance(sink, StatelessSink)
+        return sink
+
+    def start(self, preanswered: dict[str, Any] | None = None) -> None:
+        """Send the request to the child."""
+        self._preanswered = dict(preanswered or {})
+        self.sink.calls.add(self)
+        self.upstream.attach(self)
+        if self.method == "server/discover":
+            # Answered from the child's handshake, once it is ready.
+            message = jsonrpc.request(
+                CALL_ID, "initialize", {"protocolVersion": protocol.LATEST_LEGACY}
+            )
+        else:
+            message = era.for_child(self.request.message)
+            message["id"] = CALL_ID
+        self.upstream.handle(self, message, Kind.REQUEST)
+
+    def resume(
+        self, responder: Responder, request: era.ModernRequest, answers: dict[str, Any]
+    ) -> None:
+        """A retry: take the client's answers, then go on where the child waits."""
+        self._cancel(self._expiry)
+        self.sink.parked.pop(self.park_id, None)
+        self.sink.calls.add(self)
+        self.responder = responder
+        self.request = request
+        self.declared = request.capabilities
+        self.log_level = request.log_level
+        for key in list(self._asked):
+            if key in answers:
+                bridge_id, _, _ = self._asked.pop(key)
+                self.upstream.handle(self, jsonrpc.result(bridge_id, answers[key]), Kind.RESPONSE)
+        if self._final is not None:
+            self._respond(self._final)
+        elif self._asked:
+            # The client left some questions unanswered: ask them again.
+            self._ask()
+        else:
+            self.upstream.resume_timer(self, CALL_ID)
+
+    def abandon(self, why: str) -> None:
+        """The client went away (its HTTP response closed): cancel on the child."""
+        if self.ended:
+            return
+        self.responder = None
+        self.upstream.handle(
+            self,
+            jsonrpc.notification("notifications/cancelled", {"requestId": CALL_ID, "reason": why}),
+            Kind.NOTIFICATION,
+        )
+        self._end("cancelled", None)
+
+    # Downstream
+
+    def deliver(
+        self, message: Message, related: RequestId | None, encoded: bytes | None = None
+    ) -> None:
+        if self.ended:
+            return
+        if "method" not in message:
+            self._respond(message)
+        elif "id" in message:
+            self._question(message)
+        elif self.responder is not None and (
+            related == CALL_ID or message["method"] == "notifications/message"
+        ):
+            self.responder.notify(message)
+
+    def cancelled(self, request_id: RequestId) -> None:
+        self._end("cancelled", None)
+
+    # The child's answer
+
+    def _respond(self, message: Message) -> None:
+        if self._lingering:
+            self._end("ok", None, audit=False)
+            return
+        if self.responder is None:
+            self._final = message  # parked: the retry gets it
+            return
+        error = message.get("error")
+        status = 200
+        if isinstance(error, dict):
+            answer = jsonrpc.error(self.request.id, *modern_error(error, self.request))
+            if answer["error"]["code"] == jsonrpc.METHOD_NOT_FOUND:
+                status = 404
+        elif self.method == "server/discover":
+            answer = jsonrpc.result(
+                self.request.id, era.discover(message.get("result") or {}, self.server_info())
+            )
+        else:
+            answer = jsonrpc.result(
+                self.request.id,
+                era.complete(self.method, message.get("result"), self.server_info()),
+            )
+        self.responder.answer(answer, status)
+        self.responder = None
+        self._end("error" if error is not None else "ok", error)
+
+    def server_info(self) -> dict[str, Any]:
+        init = self.upstream.init_result or {}
+        info = init.get("serverInfo")
+        return info if isinstance(info, dict) else {"name": self.hub.server, "version": "unknown"}
+
+    # The child's questions: multi round-trip requests
+
+    def _question(self, message: Message) -> None:
+        bridge_id = message["id"]
+        method = message["method"]
+        refusal: str | None = None
+        capability = protocol.CLIENT_CAPABILITY_FOR.get(method)
+        if self.method not in era.INPUT_METHODS:
+            refusal = f"{self.method} cannot ask the client for input ({method})"
+        elif capability is None:
+            refusal = f"a {self.method} request cannot carry {method} to a client"
+        if refusal is not None:
+            self._answer_child(bridge_id, jsonrpc.METHOD_NOT_FOUND, refusal)
+            return
+        assert capability is not None
+        if capability not in self.declared:
+            # The revision's answer: the request needs a capability its client lacks.
+            self._answer_child(
+                bridge_id, jsonrpc.METHOD_NOT_FOUND, f"the client does not support {method}"
+            )
+            if self.responder is not None:
+                self.responder.answer(
+                    jsonrpc.error(
+                        self.request.id,
+                        era.MISSING_CAPABILITY,
+                        f"Missing required client capability: {capability} "
+                        f"(the server asked for {method})",
+                        {"requiredCapabilities": {capability: {}}},
+                    ),
+                    400,
+                )
+                self.responder = None
+                self._audit("error", {"code": era.MISSING_CAPABILITY})
+            # The child goes on with an error in hand: its answer ends the call.
+            self._lingering = True
+            return
+        if self._lingering:
+            self._answer_child(
+                bridge_id, jsonrpc.INTERNAL_ERROR, "the client's request was already answered"
+            )
+            return
+        origin = self.upstream.question_origin(bridge_id)
+        key = origin if isinstance(origin, str) and origin else f"{capability}-{bridge_id}"
+        while key in self._asked:
+            key += "'"
+        if key in self._preanswered:
+            self.upstream.handle(
+                self, jsonrpc.result(bridge_id, self._preanswered.pop(key)), Kind.RESPONSE
+            )
+            return
+        params = message.get("params")
+        self._asked[key] = (bridge_id, method, params if isinstance(params, dict) else {})
+        if self.responder is not None and self._gather is None:
+            self._gather = self.clock.callLater(INPUT_GATHER, self._ask)
+
+    def _ask(self) -> None:
+        """Answer this round with input_required, and park until the retry."""
+        self._gather = None
+        if self.responder is None or self.ended or not self._asked:
+            return
+        self.round += 1
+        state = self.signer.sign(
+            jsonrpc.dumps(
+                {
+                    "p": self.park_id,
+                    "r": self.round,
+                    "d": self.digest,
+                    "x": int(self.clock.seconds() + STATE_TTL),
+                }
+            ).decode()
+        )
+        result = {
+            "resultType": "input_required",
+            "inputRequests": {
+                key: {"method": method, "params": params}
+                for key, (_, method, params) in self._asked.items()
+            },
+            "requestState": state,
+            "_meta": {era.META_SERVER: self.server_info()},
+        }
+        self.responder.answer(jsonrpc.result(self.request.id, result))
+        self.responder = None
+        self._audit("input_required", None)
+        self.sink.calls.discard(self)
+        self.sink.park(self)
+        self.upstream.pause_timer(self, CALL_ID)
+        self._expiry = self.clock.callLater(self.input_timeout, self._expired)
+
+    def matches(self, payload: dict[str, Any], digest: str, now: float) -> bool:
+        """Whether a verified state names this call's current round."""
+        return (
+            payload.get("r") == self.round
+            and payload.get("d") == digest == self.digest
+            and isinstance(payload.get("x"), int)
+            and payload["x"] >= now
+        )
+
+    def _expired(self) -> None:
+        self._expiry = None
+        text = f"the client did not answer within {self.input_timeout:g}s (input_timeout)"
+        for bridge_id, _, _ in self._asked.values():
+            self._answer_child(bridge_id, jsonrpc.INTERNAL_ERROR, text)
+        self._asked.clear()
+        log.info("call {call} on {server}: {text}", call=self.id, server=self.hub.server, text=text)
+        self._end("timeout", None, audit=False)
+
+    def _answer_child(self, bridge_id: int, code: int, text: str) -> None:
+        self.upstream.handle(self, jsonrpc.error(bridge_id, code, text), Kind.RESPONSE)
+
+    def _fail(self, code: int, text: str, data: Any = None, status: int = 200) -> None:
+        if self.responder is not None:
+            self.responder.answer(jsonrpc.error(self.request.id, code, text, data), status)
+            self.responder = None
+        self._end("error", {"code": code})
+
+    def _end(self, status: str, error: Any, audit: bool = True) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._cancel(self._gather)
+        self._cancel(self._expiry)
+        self.sink.calls.discard(self)
+        self.sink.parked.pop(self.park_id, None)
+        # Detaching cancels on the child whatever it still works on for this call.
+        self.upstream.detach(self)
+        if audit:
+            self._audit(status, error)
+
+    def _audit(self, status: str, error: Any) -> None:
+        audit = self.hub.audit
+        if audit is None:
+            return
+        code = error.get("code") if isinstance(error, dict) else None
+        if code == jsonrpc.REQUEST_TIMEOUT:
+            status = "timeout"
+        audit.request(
+            session=self.hub.id,
+            server=self.hub.server,
+            principal=self.hub.principal,
+            peer=self.hub.peer,
+            method=self.method,
+            name=self._name,
+            arg_size=self._size,
+            arg_sha256=self._sha,
+            status="ok" if status == "input_required" else status,
+            error_code=code,
+            latency_ms=(self.clock.seconds() - self.started) * 1000.0,
+            child_pid=self.upstream.supervisor.pid,
+        )
+        self.started = self.clock.seconds()
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+
+def modern_error(error: dict[str, Any], request: era.ModernRequest) -> tuple[int, str, Any]:
+    """A child's (session-era) error as this revision defines it.
+
+    Session-era codes that the revision gave another meaning to are mapped:
+    a resource that does not exist is -32602 with its uri (it was -32002).
+    """
+    code = error.get("code")
+    text = error.get("message")
+    data = error.get("data")
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = jsonrpc.INTERNAL_ERROR
+    if not isinstance(text, str):
+        text = "Error"
+    if code == -32002 and request.method == "resources/read":
+        params = request.message.get("params") or {}
+        code = jsonrpc.INVALID_PARAMS
+        data = {**(data if isinstance(data, dict) else {}), "uri": params.get("uri")}
+    elif code in (-32002, -32042):
+        # -32002 is also the bridge's "message too large"; -32042 asked for a
+        # URL elicitation, which this revision does by input_required.
+        code = jsonrpc.INTERNAL_ERROR
+    return code, text, data
+
+
+class Listen:
+    """One C{subscriptions/listen} stream: the notifications its filter asked for."""
+
+    def __init__(
+        self,
+        request_id: RequestId,
+        agreed: dict[str, Any],
+        send: Callable[[Message], None],
+        finish: Callable[[Message | None], None],
+    ) -> None:
+        self.request_id = request_id
+        self.agreed = agreed
+        self.send = send
+        self.finish = finish
+        self.uris = frozenset(agreed.get("resourceSubscriptions", ()))
+
+    def wants(self, message: Message) -> bool:
+        method = message.get("method")
+        if method in LIST_CHANGED:
+            return bool(self.agreed.get(LIST_CHANGED[method][0]))
+        if method == "notifications/resources/updated":
+            params = message.get("params")
+            return isinstance(params, dict) and params.get("uri") in self.uris
+        return False
+
+    def tagged(self, message: Message) -> Message:
+        params = message.get("params")
+        params = dict(params) if isinstance(params, dict) else {}
+        meta = params.get("_meta")
+        params["_meta"] = {
+            **(meta if isinstance(meta, dict) else {}),
+            era.META_SUBSCRIPTION: self.request_id,
+        }
+        return {"jsonrpc": "2.0", "method": message["method"], "params": params}
+
+
+class StatelessSink:
+    """A stateless hub's sink: its calls, parked calls and listen streams."""
+
+    def __init__(self) -> None:
+        self.session: ClientSession | None = None
+        self.calls: set[ModernCall] = set()
+        self.parked: dict[str, ModernCall] = {}
+        self.listens: set[Listen] = set()
+        self._ids = itertools.count(1)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.calls or self.parked or self.listens)
+
+    def park(self, call: ModernCall) -> None:
+        self.parked[call.park_id] = call
+        while len(self.parked) > MAX_PARKED:
+            oldest = next(iter(self.parked.values()))
+            oldest._expired()
+
+    def deliver(
+        self, message: Message, related: RequestId | None, encoded: bytes | None = None
+    ) -> None:
+        if "method" not in message:
+            # The child's answer to the hub's own resources/subscribe.
+            error = message.get("error")
+            if error is not None:
+                log.warn("resources/subscribe for a listen stream failed: {error}", error=error)
+            return
+        if "id" in message:
+            # A question with no call to ask it of: the child gets an error.
+            assert self.session is not None and self.session.upstream is not None
+            self.session.upstream.handle(
+                self.session,
+                jsonrpc.error(
+                    message["id"],
+                    jsonrpc.METHOD_NOT_FOUND,
+                    f"{message['method']}: no request of a stateless client is waiting for it",
+                ),
+                Kind.RESPONSE,
+            )
+            return
+        for listen in list(self.listens):
+            if listen.wants(message):
+                listen.send(listen.tagged(message))
+
+    def cancelled(self, request_id: RequestId) -> None:
+        pass
+
+    def subscribe(self, uris: frozenset[str], add: bool) -> None:
+        """Subscribe the hub (and so the child, once) to resources, or give them up."""
+        if not uris:
+            return
+        assert self.session is not None and self.session.upstream is not None
+        still = {u for listen in self.listens for u in listen.uris}
+        for uri in sorted(uris):
+            if not add and uri in still:
+                continue
+            method = "resources/subscribe" if add else "resources/unsubscribe"
+            self.session.upstream.handle(
+                self.session,
+                jsonrpc.request(f"listen-{next(self._ids)}", method, {"uri": uri}),
+                Kind.REQUEST,
+            )
+
+    def close(self) -> None:
+        for call in list(self.calls):
+            call._fail(jsonrpc.SERVER_UNAVAILABLE, "the server is going away", status=503)
+        for call in list(self.parked.values()):
+            call._expired()
+        for listen in list(self.listens):
+            listen.finish(
+                jsonrpc.result(
+                    listen.request_id,
+                    {"resultType": "complete", "_meta": {era.META_SUBSCRIPTION: listen.request_id}},
+                )
+            )
+        self.listens.clear()

@@ -1,0 +1,301 @@
+# -*- test-case-name: tests.test_modern -*-
+"""The stateless revision (2026-07-28) on C{/servers/NAME/mcp}.
+
+Each POST carries one request that stands on its own. It is checked
+(C{era.check}), then served by a L{ModernCall} on the principal's stateless
+hub: its answer goes back as C{application/json}, or as an SSE stream once
+the request has something to say before its answer (progress, log lines) and
+the client accepts one. Closing the response cancels the request in the
+child. C{subscriptions/listen} opens a stream of the child's change
+notifications. GET and DELETE do not exist in this revision (405).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET
+
+from .. import era, jsonrpc
+from ..jsonrpc import Kind, Message
+from ..session import ClientSession
+from ..stateless import LIST_CHANGED, Listen, ModernCall, StatelessSink, request_digest
+from .access import principal_id
+from .http import HTTPProblem
+from .sse import EventConnection, encode_event
+
+if TYPE_CHECKING:
+    from ..routing import Backend
+    from .app import BridgeApp
+
+log = Logger(namespace="mcptwist.web.modern")
+
+ALLOW: Final = {b"allow": b"POST"}
+
+
+class HTTPResponder:
+    """One HTTP request of a call: JSON, or SSE from its first notification."""
+
+    def __init__(
+        self, app: BridgeApp, request: Any, json_ok: bool, sse_ok: bool, label: str
+    ) -> None:
+        self.app = app
+        self.request = request
+        self.json_ok = json_ok
+        self.sse_ok = sse_ok
+        self.label = label
+        self.connection: EventConnection | None = None
+        self.gone = False
+        self.done = False
+
+    def notify(self, message: Message) -> None:
+        if self.done or self.gone or not self.sse_ok:
+            return
+        connection = self._stream()
+        if connection is not None:
+            connection.send(encode_event(jsonrpc.dumps(message)))
+
+    def answer(self, message: Message, status: int = 200) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.gone:
+            return
+        if self.connection is None and not self.json_ok:
+            self._stream()
+        if self.connection is not None:
+            self.connection.send(encode_event(jsonrpc.dumps(message)))
+            self.connection.finish()
+            return
+        request = self.request
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(jsonrpc.dumps(message))
+        request.finish()
+
+    def _stream(self) -> EventConnection | None:
+        if self.connection is None:
+            try:
+                self.connection = self.app.stream(self.request, self.label)
+            except HTTPProblem:
+                # No stream for this principal now: the answer comes as JSON.
+                self.sse_ok = False
+                return None
+        return self.connection
+
+
+def post(
+    app: BridgeApp,
+    request: Any,
+    name: str,
+    messages: list[Message],
+    kinds: list[Kind],
+    batch: bool,
+    json_ok: bool,
+    sse_ok: bool,
+) -> bytes | int:
+    if batch:
+        raise HTTPProblem(
+            400, jsonrpc.INVALID_REQUEST, "Invalid Request: a batch is not allowed in 2026-07-28"
+        )
+    message, kind = messages[0], kinds[0]
+    if kind is Kind.RESPONSE:
+        raise HTTPProblem(
+            400,
+            jsonrpc.INVALID_REQUEST,
+            "Invalid Request: a client sends no responses in 2026-07-28",
+            message.get("id"),
+        )
+    if kind is Kind.NOTIFICATION:
+        # The revision defines no client notifications over HTTP: closing a
+        # response is how a request is cancelled.
+        request.setResponseCode(202)
+        return b""
+    try:
+        checked = era.check(message, lambda header: _headers(request, header))
+    except era.Refusal as refusal:
+        raise HTTPProblem(
+            refusal.status, refusal.code, refusal.message, refusal.id, data=refusal.data
+        ) from None
+    params = message.get("params") or {}
+    principal = principal_id(request)
+    if checked.method == "subscriptions/listen":
+        return _listen(app, request, name, checked, sse_ok)
+    answers = params.get("inputResponses")
+    if answers is not None and not (
+        isinstance(answers, dict) and all(isinstance(v, dict) for v in answers.values())
+    ):
+        raise HTTPProblem(
+            400,
+            jsonrpc.INVALID_PARAMS,
+            "Invalid params: inputResponses must map each input request's key to its result object",
+            checked.id,
+        )
+    state = params.get("requestState")
+    if state is not None:
+        call = _parked_call(app, name, principal, checked, state)
+        hub = call.hub
+    else:
+        hub = open_hub(app, request, name, checked)
+    # A server set to json_response answers JSON to clients that take it.
+    prefer_json = json_ok and hub.backend.server.json_response
+    responder = HTTPResponder(app, request, json_ok, sse_ok and not prefer_json, f"{name} POST")
+    if state is not None:
+        call.resume(responder, checked, answers or {})
+    else:
+        call = ModernCall(
+            hub,
+            checked,
+            responder,
+            app.clock,
+            app.signer,
+            hub.backend.server.input_timeout,
+        )
+        call.start(answers)
+
+    def vanished(_: object) -> None:
+        responder.gone = True
+        if not responder.done and call.responder is responder:
+            call.abandon("the client closed the HTTP response")
+
+    if not responder.done:
+        request.notifyFinish().addErrback(vanished)
+    return NOT_DONE_YET
+
+
+def _headers(request: Any, name: str) -> list[str]:
+    values = request.requestHeaders.getRawHeaders(name.encode()) or []
+    return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def open_hub(app: BridgeApp, request: Any, name: str, checked: era.ModernRequest) -> ClientSession:
+    """The principal's stateless hub on this server (opened on first use), or
+    the HTTP refusal when no session can be opened for it."""
+    backend: Backend = app.backend(name)
+    sinks: list[StatelessSink] = []
+
+    def factory(_: str) -> StatelessSink:
+        sinks.append(StatelessSink())
+        return sinks[-1]
+
+    with app.refusing_sessions(checked.id):
+        hub = app.registry.hub(
+            backend, factory, principal_id(request), getattr(request, "client_ip", None)
+        )
+    if sinks:
+        sinks[0].session = hub
+    return hub
+
+
+def _parked_call(
+    app: BridgeApp, name: str, principal: str, checked: era.ModernRequest, state: object
+) -> ModernCall:
+    """The call a retry's requestState names, if the state is genuine and current."""
+    invalid = HTTPProblem(
+        400,
+        jsonrpc.INVALID_PARAMS,
+        "Invalid params: requestState is not valid for this request "
+        "(altered, expired, already used, or for another request); send the request again without it",
+        checked.id,
+    )
+    payload_text = app.signer.verify(state)
+    if payload_text is None:
+        raise invalid
+    try:
+        payload = jsonrpc.loads(payload_text)
+    except jsonrpc.ProtocolError:
+        raise invalid from None
+    if not isinstance(payload, dict):
+        raise invalid
+    digest = request_digest(name, principal, checked.message)
+    now = app.clock.seconds()
+    for hub in app.registry.hubs(name, principal):
+        sink = hub.sink
+        assert isinstance(sink, StatelessSink)
+        call = sink.parked.get(payload.get("p"))  # type: ignore[arg-type]
+        if call is not None and call.matches(payload, digest, now):
+            hub.last_active = now
+            return call
+    raise invalid
+
+
+def _listen(
+    app: BridgeApp, request: Any, name: str, checked: era.ModernRequest, sse_ok: bool
+) -> int:
+    """C{subscriptions/listen}: acknowledge, then stream what the filter asked for."""
+    if not sse_ok:
+        raise HTTPProblem(
+            406,
+            jsonrpc.INVALID_REQUEST,
+            "Not Acceptable: subscriptions/listen answers with a text/event-stream",
+            checked.id,
+        )
+    hub = open_hub(app, request, name, checked)
+    sink = hub.sink
+    assert isinstance(sink, StatelessSink) and hub.upstream is not None
+    params = checked.message.get("params") or {}
+    wanted = params.get("notifications")
+    wanted = wanted if isinstance(wanted, dict) else {}
+    agreed = agreed_filter(wanted, (hub.upstream.init_result or {}).get("capabilities"))
+    connection = app.stream(request, f"{name} listen")
+    listen = Listen(
+        checked.id,
+        agreed,
+        lambda m: connection.send(encode_event(jsonrpc.dumps(m))),
+        lambda m: _finish(connection, m),
+    )
+    connection.send(
+        encode_event(
+            jsonrpc.dumps(
+                jsonrpc.notification(
+                    "notifications/subscriptions/acknowledged",
+                    {"_meta": {era.META_SUBSCRIPTION: checked.id}, "notifications": agreed},
+                )
+            )
+        )
+    )
+    sink.listens.add(listen)
+    sink.subscribe(listen.uris, add=True)
+
+    def ended(_: object) -> None:
+        if listen in sink.listens:
+            sink.listens.discard(listen)
+            if not hub.closed:
+                sink.subscribe(listen.uris, add=False)
+        hub.last_active = app.clock.seconds()
+
+    connection.done.addBoth(ended)
+    return NOT_DONE_YET
+
+
+def _finish(connection: EventConnection, message: Message | None) -> None:
+    if message is not None:
+        connection.send(encode_event(jsonrpc.dumps(message)))
+    connection.finish()
+
+
+def agreed_filter(wanted: dict[str, Any], capabilities: Any) -> dict[str, Any]:
+    """The part of a listen filter the child can honour, by its capabilities."""
+    caps = capabilities if isinstance(capabilities, dict) else {}
+    agreed: dict[str, Any] = {}
+    for field, capability in LIST_CHANGED.values():
+        declared = caps.get(capability)
+        if wanted.get(field) is True and isinstance(declared, dict) and declared.get("listChanged"):
+            agreed[field] = True
+    uris = wanted.get("resourceSubscriptions")
+    resources = caps.get("resources")
+    if isinstance(uris, list) and isinstance(resources, dict) and resources.get("subscribe"):
+        agreed["resourceSubscriptions"] = [u for u in uris if isinstance(u, str)]
+    return agreed
+
+
+def not_allowed(request: Any) -> bytes:
+    """GET or DELETE from a 2026-07-28 client: there are no sessions or GET stream."""
+    return HTTPProblem(
+        405,
+        jsonrpc.INVALID_REQUEST,
+        "Method Not Allowed: protocol version 2026-07-28 has no sessions and no GET stream; "
+        "send each request as a POST",
+        headers=ALLOW,
+    ).render(request)
