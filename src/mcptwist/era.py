@@ -111,9 +111,7 @@ def is_modern(version_header: str | None, session_header: str | None, message: A
         version = version_header.strip()
         if version in MODERN_VERSIONS:
             return True
-        if version in protocol.LEGACY_VERSIONS or session_header:
-            return False
-        return True
+        return version not in protocol.LEGACY_VERSIONS and not session_header
     if session_header:
         return False
     return isinstance(message, dict) and META_VERSION in _meta_of(message)
