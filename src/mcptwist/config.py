@@ -35,6 +35,8 @@ DEFAULT_ORIGINS: Final = (
 LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 MiB: Final = 1024 * 1024
 SHARING_MODES: Final = ("shared", "session")
+# What a child speaks: the session era only, or that and 2026-07-28 (mcp 2.x servers).
+CHILD_ERAS: Final = ("legacy", "dual")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VAR_RE: Final = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)
@@ -215,6 +217,8 @@ class ServerConfig:
     json_response: bool = False
     # How long a stateless call waits for its client to answer the child's questions.
     input_timeout: float = 300.0
+    # "dual": the child also speaks 2026-07-28, and gets those requests as they are.
+    era: str = "legacy"
     restart: RestartPolicy = RestartPolicy()
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
@@ -655,6 +659,14 @@ def _parse_server(
             f"{sharing!r} is not a sharing mode",
             'write sharing = "shared" (one child for all) or "session"',
         )
+    era = r.string("era", "legacy")
+    if era not in CHILD_ERAS:
+        raise r.error(
+            "era",
+            f"{era!r} is not what a server can speak",
+            'write era = "legacy" (the session era only; the bridge translates for '
+            '2026-07-28 clients) or "dual" (the server speaks 2026-07-28 too)',
+        )
     defaults = ServerConfig(name=name, command=command)
     restart_table = r.table_at("restart")
     rr = _Reader(source, f"servers.{name}.restart.", restart_table, environ)
@@ -687,6 +699,7 @@ def _parse_server(
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
         json_response=r.boolean("json_response", defaults.json_response),
         input_timeout=r.number("input_timeout", defaults.input_timeout),
+        era=era or "legacy",
         restart=restart,
         allow=_networks(r, "allow"),
         deny=_networks(r, "deny"),

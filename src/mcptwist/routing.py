@@ -39,6 +39,7 @@ log = Logger(namespace="mcptwist.routing")
 
 MAX_QUEUED: Final = 10_000
 STDERR_IN_ERRORS: Final = 20
+SUBSCRIPTION_ID: Final = "io.modelcontextprotocol/subscriptionId"
 # How long after a cancellation a child's request to a client may still be its.
 ABANDONED_GRACE: Final = 5.0
 BRIDGE_CAPABILITIES: Final = {
@@ -139,8 +140,11 @@ class Upstream(Service):
         environ: Mapping[str, str],
         label: str | None = None,
         audit: AuditTrail | None = None,
+        modern: bool = False,
     ) -> None:
         self.server = server
+        # A child spoken to in 2026-07-28 (no handshake; requests pass as they are).
+        self.modern = modern
         self.clock: IReactorTime = reactor
         self.audit = audit
         self.supervisor = Supervisor(server, self, reactor, environ, label, self.audit)
@@ -225,6 +229,8 @@ class Upstream(Service):
         self._update_level()
 
     def _update_level(self) -> None:
+        if self.modern:
+            return  # each request carries its own level
         wanted = self._wanted_level()
         if wanted is not None and wanted != self._child_level and self._child_supports("logging"):
             self._child_level = wanted
@@ -465,6 +471,13 @@ class Upstream(Service):
     def child_spawned(self, child: Child) -> None:
         self._child = child
         self._ready = False
+        if self.modern:
+            self._ready = True
+            self.supervisor.mark_ready(child)
+            queued, self._queue = self._queue, deque()
+            for p, message in queued:
+                self._send_or_queue(p, message)
+            return
         child_id = next(self._ids)
         p = _Pending(
             child_id=child_id,
@@ -548,6 +561,14 @@ class Upstream(Service):
         params = message.get("params")
         if not isinstance(params, dict):
             params = {}
+        meta = params.get("_meta")
+        if isinstance(meta, dict) and isinstance(meta.get(SUBSCRIPTION_ID), int):
+            # A modern child's notification on a subscriptions/listen stream.
+            listen = self._pending.get(meta[SUBSCRIPTION_ID])
+            if listen is not None and listen.session is not None:
+                meta[SUBSCRIPTION_ID] = listen.client_id
+                listen.session.deliver(message, listen.client_id)
+                return
         if method == "notifications/progress":
             token = params.get("progressToken")
             p = self._pending.get(token) if isinstance(token, int) else None
@@ -947,16 +968,27 @@ class SharedBackend(Backend):
         super().__init__(server, reactor, environ, audit)
         self.upstream = Upstream(server, reactor, environ, audit=audit)
         self.upstream.setServiceParent(self)
+        # A child of a dual-era server for stateless clients, spoken to in their revision.
+        self.modern: Upstream | None = None
+        if server.era == "dual":
+            self.modern = Upstream(
+                server, reactor, environ, f"{server.name}[2026]", audit, modern=True
+            )
+            self.modern.setServiceParent(self)
 
     def open(self, session: Downstream) -> Upstream:
-        self.upstream.attach(session)
-        return self.upstream
+        upstream = self.modern if session.stateless and self.modern else self.upstream
+        upstream.attach(session)
+        return upstream
 
     def close(self, session: Downstream, upstream: Upstream) -> None:
         upstream.detach(session)
 
     def status(self) -> dict[str, Any]:
-        return {"name": self.server.name, "sharing": "shared", **self.upstream.status()}
+        status = {"name": self.server.name, "sharing": "shared", **self.upstream.status()}
+        if self.modern is not None:
+            status["modern_child"] = self.modern.status()
+        return status
 
 
 class SessionBackend(Backend):
@@ -987,6 +1019,7 @@ class SessionBackend(Backend):
             self.environ,
             label=f"{self.server.name}[{session.id[:8]}]",
             audit=self.audit,
+            modern=session.stateless and self.server.era == "dual",
         )
         upstream.attach(session)
         upstream.setServiceParent(self)

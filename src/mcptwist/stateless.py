@@ -173,7 +173,14 @@ class ModernCall:
         self._preanswered = dict(preanswered or {})
         self.sink.calls.add(self)
         self.upstream.attach(self)
-        if self.method == "server/discover":
+        if self.upstream.modern:
+            # The child speaks this revision: the request goes as the client sent it.
+            message = dict(self.request.message, id=CALL_ID)
+            if self.method == "subscriptions/listen":
+                self.upstream.handle(self, message, Kind.REQUEST)
+                self.upstream.pause_timer(self, CALL_ID)  # it lasts until the client leaves
+                return
+        elif self.method == "server/discover":
             # Answered from the child's handshake, once it is ready.
             message = jsonrpc.request(
                 CALL_ID, "initialize", {"protocolVersion": protocol.LATEST_LEGACY}
@@ -225,6 +232,8 @@ class ModernCall:
     ) -> None:
         if self.ended:
             return
+        if self.upstream.modern:
+            _restore_subscription(message, self.request.id)
         if "method" not in message:
             self._respond(message)
         elif "id" in message:
@@ -252,6 +261,8 @@ class ModernCall:
             answer = jsonrpc.error(self.request.id, *modern_error(error, self.request))
             if answer["error"]["code"] == jsonrpc.METHOD_NOT_FOUND:
                 status = 404
+        elif self.upstream.modern:
+            answer = jsonrpc.result(self.request.id, message.get("result"))
         elif self.method == "server/discover":
             answer = jsonrpc.result(
                 self.request.id, era.discover(message.get("result") or {}, self.server_info())
@@ -425,6 +436,14 @@ class ModernCall:
     def _cancel(call: IDelayedCall | None) -> None:
         if call is not None and call.active():
             call.cancel()
+
+
+def _restore_subscription(message: Message, request_id: RequestId) -> None:
+    """A modern child's listen stream names the bridge's id: the client's, please."""
+    container = message.get("params") if "method" in message else message.get("result")
+    meta = container.get("_meta") if isinstance(container, dict) else None
+    if isinstance(meta, dict) and era.META_SUBSCRIPTION in meta:
+        meta[era.META_SUBSCRIPTION] = request_id
 
 
 def modern_error(error: dict[str, Any], request: era.ModernRequest) -> tuple[int, str, Any]:

@@ -120,8 +120,21 @@ def post(
         ) from None
     params = message.get("params") or {}
     principal = principal_id(request)
+    hub = open_hub(app, request, name, checked)
+    assert hub.upstream is not None
+    # A dual-era child gets this revision's requests as they are: its own
+    # input_required, requestState and listen streams included.
+    translated = not hub.upstream.modern
     if checked.method == "subscriptions/listen":
-        return _listen(app, request, name, checked, sse_ok)
+        if not sse_ok:
+            raise HTTPProblem(
+                406,
+                jsonrpc.INVALID_REQUEST,
+                "Not Acceptable: subscriptions/listen answers with a text/event-stream",
+                checked.id,
+            )
+        if translated:
+            return _listen(app, request, name, checked, hub)
     answers = params.get("inputResponses")
     if answers is not None and not (
         isinstance(answers, dict) and all(isinstance(v, dict) for v in answers.values())
@@ -132,12 +145,10 @@ def post(
             "Invalid params: inputResponses must map each input request's key to its result object",
             checked.id,
         )
-    state = params.get("requestState")
+    state = params.get("requestState") if translated else None
     if state is not None:
         call = _parked_call(app, name, principal, checked, state)
         hub = call.hub
-    else:
-        hub = open_hub(app, request, name, checked)
     # A server set to json_response answers JSON to clients that take it.
     prefer_json = json_ok and hub.backend.server.json_response
     responder = HTTPResponder(app, request, json_ok, sse_ok and not prefer_json, f"{name} POST")
@@ -152,7 +163,7 @@ def post(
             app.signer,
             hub.backend.server.input_timeout,
         )
-        call.start(answers)
+        call.start(answers if translated else None)
 
     def vanished(_: object) -> None:
         responder.gone = True
@@ -221,17 +232,10 @@ def _parked_call(
 
 
 def _listen(
-    app: BridgeApp, request: Any, name: str, checked: era.ModernRequest, sse_ok: bool
+    app: BridgeApp, request: Any, name: str, checked: era.ModernRequest, hub: ClientSession
 ) -> int:
-    """C{subscriptions/listen}: acknowledge, then stream what the filter asked for."""
-    if not sse_ok:
-        raise HTTPProblem(
-            406,
-            jsonrpc.INVALID_REQUEST,
-            "Not Acceptable: subscriptions/listen answers with a text/event-stream",
-            checked.id,
-        )
-    hub = open_hub(app, request, name, checked)
+    """C{subscriptions/listen} for a session-era child: acknowledge, then
+    stream the child's notifications that the filter asked for."""
     sink = hub.sink
     assert isinstance(sink, StatelessSink) and hub.upstream is not None
     params = checked.message.get("params") or {}
