@@ -102,7 +102,7 @@ RATE_LIMIT_SCOPES: Final = frozenset(
 )
 IP_SCOPES: Final = frozenset({"listener", "server"})
 
-TRANSPORTS: Final = frozenset({"streamable", "sse"})
+TRANSPORTS: Final = frozenset({"streamable", "sse", "stateless"})
 
 EXIT_REASONS: Final = ("exit0", "exit_nonzero", "signal", "spawn_failed", "killed_by_bridge")
 
@@ -573,7 +573,8 @@ class Metrics:
     # Sessions
 
     def session_opened(self, server: str, transport: str) -> None:
-        """A client session opened on this server, through C{"streamable"} or C{"sse"}."""
+        """A client session opened on this server, through C{"streamable"} or C{"sse"}
+        (or a principal's C{"stateless"} hub)."""
         self._opened.labels(
             self._server(server), transport if transport in TRANSPORTS else OTHER
         ).inc()

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from . import jsonrpc
 from .audit import argument_digest, request_name
+from .era import MODERN
 from .jsonrpc import Kind, Message, RequestId
 from .routing import Backend, Upstream
 
@@ -299,6 +300,16 @@ class SessionRegistry(Service):
             return hub
         hub = self.create(backend, "stateless", sink_factory, principal, peer)
         self._hubs[(backend, principal)] = hub
+        if hub.audit is not None:
+            hub.announced = True
+            hub.audit.session_opened(
+                session=hub.id,
+                server=hub.server,
+                principal=principal,
+                peer=peer,
+                transport="stateless",
+                protocol_version=MODERN,
+            )
         return hub
 
     def hubs(self, server: str, principal: str) -> list[ClientSession]:
