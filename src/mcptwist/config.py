@@ -35,8 +35,8 @@ DEFAULT_ORIGINS: Final = (
 LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 MiB: Final = 1024 * 1024
 SHARING_MODES: Final = ("shared", "session")
-# What a child speaks: the session era only, or that and 2026-07-28 (mcp 2.x servers).
-CHILD_ERAS: Final = ("legacy", "dual")
+# What a child speaks: the session era only, both (mcp 2.x servers), or 2026-07-28 only.
+CHILD_ERAS: Final = ("legacy", "dual", "modern")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VAR_RE: Final = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)
@@ -217,7 +217,7 @@ class ServerConfig:
     json_response: bool = False
     # How long a stateless call waits for its client to answer the child's questions.
     input_timeout: float = 300.0
-    # "dual": the child also speaks 2026-07-28, and gets those requests as they are.
+    # "dual" or "modern": the child speaks 2026-07-28 (too), and gets those requests as they are.
     era: str = "legacy"
     restart: RestartPolicy = RestartPolicy()
     allow: tuple[Network, ...] = ()
@@ -665,7 +665,8 @@ def _parse_server(
             "era",
             f"{era!r} is not what a server can speak",
             'write era = "legacy" (the session era only; the bridge translates for '
-            '2026-07-28 clients) or "dual" (the server speaks 2026-07-28 too)',
+            '2026-07-28 clients), "dual" (the server speaks both) or "modern" '
+            "(only 2026-07-28; the bridge translates for session-era clients)",
         )
     defaults = ServerConfig(name=name, command=command)
     restart_table = r.table_at("restart")

@@ -39,7 +39,6 @@ log = Logger(namespace="mcptwist.routing")
 
 MAX_QUEUED: Final = 10_000
 STDERR_IN_ERRORS: Final = 20
-SUBSCRIPTION_ID: Final = "io.modelcontextprotocol/subscriptionId"
 # How long after a cancellation a child's request to a client may still be its.
 ABANDONED_GRACE: Final = 5.0
 BRIDGE_CAPABILITIES: Final = {
@@ -118,6 +117,8 @@ class _Pending:
     on_response: Callable[[Message], None] | None = None
     timer: IDelayedCall | None = None
     sent_to: Child | None = None
+    # The request as sent (a child of 2026-07-28 may need it again, with input).
+    request: Message | None = None
 
 
 @attrs.define(eq=False)
@@ -133,6 +134,9 @@ class _Outbound:
 class Upstream(Service):
     """One child and the sessions that share it."""
 
+    # Whether the child speaks 2026-07-28 (a ModernUpstream).
+    modern = False
+
     def __init__(
         self,
         server: ServerConfig,
@@ -140,11 +144,8 @@ class Upstream(Service):
         environ: Mapping[str, str],
         label: str | None = None,
         audit: AuditTrail | None = None,
-        modern: bool = False,
     ) -> None:
         self.server = server
-        # A child spoken to in 2026-07-28 (no handshake; requests pass as they are).
-        self.modern = modern
         self.clock: IReactorTime = reactor
         self.audit = audit
         self.supervisor = Supervisor(server, self, reactor, environ, label, self.audit)
@@ -229,8 +230,6 @@ class Upstream(Service):
         self._update_level()
 
     def _update_level(self) -> None:
-        if self.modern:
-            return  # each request carries its own level
         wanted = self._wanted_level()
         if wanted is not None and wanted != self._child_level and self._child_supports("logging"):
             self._child_level = wanted
@@ -264,7 +263,7 @@ class Upstream(Service):
             method = message["method"]
             handler = self._client_requests.get(method)
             if handler is not None:
-                handler(self, session, message)
+                getattr(self, handler)(session, message)
             else:
                 self._forward(session, message)
         elif kind is Kind.NOTIFICATION:
@@ -382,11 +381,12 @@ class Upstream(Service):
             del self._subscriptions[uri]  # type: ignore[arg-type]
         self._forward(session, message)
 
-    _client_requests: Final[dict[str, Callable[[Upstream, Downstream, Message], None]]] = {
-        "initialize": _initialize,
-        "logging/setLevel": _set_level,
-        "resources/subscribe": _subscribe,
-        "resources/unsubscribe": _unsubscribe,
+    # The requests the bridge handles itself, by the name of their handler.
+    _client_requests: Final[dict[str, str]] = {
+        "initialize": "_initialize",
+        "logging/setLevel": "_set_level",
+        "resources/subscribe": "_subscribe",
+        "resources/unsubscribe": "_unsubscribe",
     }
 
     def _forward(
@@ -419,6 +419,7 @@ class Upstream(Service):
             session=session,
             client_id=client_id,
             on_response=on_response,
+            request=message,
         )
         message["id"] = child_id
         params = message.get("params")
@@ -471,13 +472,6 @@ class Upstream(Service):
     def child_spawned(self, child: Child) -> None:
         self._child = child
         self._ready = False
-        if self.modern:
-            self._ready = True
-            self.supervisor.mark_ready(child)
-            queued, self._queue = self._queue, deque()
-            for p, message in queued:
-                self._send_or_queue(p, message)
-            return
         child_id = next(self._ids)
         p = _Pending(
             child_id=child_id,
@@ -524,6 +518,10 @@ class Upstream(Service):
             self._internal("logging/setLevel", {"level": self._child_level})
         for uri in self._subscriptions:
             self._internal("resources/subscribe", {"uri": uri})
+        self._became_ready()
+
+    def _became_ready(self) -> None:
+        """The child answered its handshake: send what waited for it."""
         queued, self._queue = self._queue, deque()
         for p, message in queued:
             self._send_or_queue(p, message)
@@ -561,14 +559,6 @@ class Upstream(Service):
         params = message.get("params")
         if not isinstance(params, dict):
             params = {}
-        meta = params.get("_meta")
-        if isinstance(meta, dict) and isinstance(meta.get(SUBSCRIPTION_ID), int):
-            # A modern child's notification on a subscriptions/listen stream.
-            listen = self._pending.get(meta[SUBSCRIPTION_ID])
-            if listen is not None and listen.session is not None:
-                meta[SUBSCRIPTION_ID] = listen.client_id
-                listen.session.deliver(message, listen.client_id)
-                return
         if method == "notifications/progress":
             token = params.get("progressToken")
             p = self._pending.get(token) if isinstance(token, int) else None
@@ -966,13 +956,15 @@ class SharedBackend(Backend):
         audit: AuditTrail | None = None,
     ) -> None:
         super().__init__(server, reactor, environ, audit)
-        self.upstream = Upstream(server, reactor, environ, audit=audit)
+        self.upstream = _upstream_class(server.era == "modern")(
+            server, reactor, environ, audit=audit
+        )
         self.upstream.setServiceParent(self)
         # A child of a dual-era server for stateless clients, spoken to in their revision.
         self.modern: Upstream | None = None
         if server.era == "dual":
-            self.modern = Upstream(
-                server, reactor, environ, f"{server.name}[2026]", audit, modern=True
+            self.modern = _upstream_class(True)(
+                server, reactor, environ, f"{server.name}[2026]", audit
             )
             self.modern.setServiceParent(self)
 
@@ -1013,13 +1005,13 @@ class SessionBackend(Backend):
             raise CapacityError(
                 f"MCP server '{self.server.name}' already runs {count} children, its max_children"
             )
-        upstream = Upstream(
+        era = self.server.era
+        upstream = _upstream_class(era == "modern" or (era == "dual" and session.stateless))(
             self.server,
             self.reactor,
             self.environ,
             label=f"{self.server.name}[{session.id[:8]}]",
             audit=self.audit,
-            modern=session.stateless and self.server.era == "dual",
         )
         upstream.attach(session)
         upstream.setServiceParent(self)
@@ -1058,6 +1050,15 @@ class SessionBackend(Backend):
             "max_children": self.server.max_children,
             "sessions": sum(c["sessions"] for c in children),
         }
+
+
+def _upstream_class(modern: bool) -> type[Upstream]:
+    """The upstream for a child that speaks 2026-07-28, or the session era."""
+    if not modern:
+        return Upstream
+    from .modern_child import ModernUpstream  # it builds on Upstream, defined here
+
+    return ModernUpstream
 
 
 def make_backend(

@@ -1,0 +1,330 @@
+# -*- test-case-name: tests.test_modern_child -*-
+"""A child that speaks 2026-07-28: its requests pass through, session-era clients are translated.
+
+A L{ModernUpstream} is an L{Upstream} whose child has no handshake. Its
+I{handshake} is a C{server/discover}, whose answer stands in for an
+C{initialize} result, so session-era clients are answered as usual.
+
+Requests of stateless clients go to the child as they came, with their own
+C{_meta}; their results, C{input_required} rounds and listen streams come
+back as they are.
+
+Requests of session-era clients get the revision's C{_meta}, built from the
+session's C{initialize} and log level. When the child answers one with
+C{input_required}, the bridge asks the session each question as a
+server-to-client request, then retries the request with the answers and the
+child's C{requestState}. The bridge keeps one C{subscriptions/listen} stream
+open on the child for the list changes and resource updates that its
+session-era clients subscribed to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+from . import __version__, era, jsonrpc, protocol
+from .jsonrpc import Message
+from .process import Child
+from .routing import BRIDGE_CAPABILITIES, Downstream, Upstream, _Pending
+
+log = Logger(namespace="mcptwist.routing")
+
+_BRIDGE_INFO = {"name": protocol.BRIDGE_NAME, "version": __version__}
+
+
+@attrs.define(eq=False)
+class _Round:
+    """A session-era client's request that the child answered with input_required."""
+
+    pending: _Pending
+    state: Any
+    # The bridge's ids of the questions still unanswered, and their keys.
+    waiting: dict[int, str] = attrs.field(factory=dict)
+    answers: dict[str, Any] = attrs.field(factory=dict)
+
+
+class ModernUpstream(Upstream):
+    """One child that speaks 2026-07-28, and the sessions (of either era) it serves."""
+
+    modern = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rounds: dict[int, _Round] = {}
+        self._listen_id: int | None = None
+
+    # The handshake: server/discover
+
+    def child_spawned(self, child: Child) -> None:
+        self._child = child
+        self._ready = False
+        self._listen_id = None
+        child_id = next(self._ids)
+        p = _Pending(
+            child_id=child_id,
+            method="server/discover",
+            started=self.clock.seconds(),
+            on_response=lambda response: self._discovered(child, response),
+        )
+        p.timer = self.clock.callLater(
+            self.server.startup_timeout,
+            self.supervisor.abandon,
+            child,
+            f"did not answer server/discover within {self.server.startup_timeout:g}s "
+            "(startup_timeout)",
+        )
+        self._pending[child_id] = p
+        p.sent_to = child
+        meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
+        self._send(child, jsonrpc.request(child_id, "server/discover", {"_meta": meta}))
+
+    def _discovered(self, child: Child, response: Message) -> None:
+        result = response.get("result")
+        if not isinstance(result, dict) or child is not self._child:
+            error = response.get("error") or {}
+            self.supervisor.abandon(
+                child, f"refused server/discover: {error.get('message', response)}"
+            )
+            return
+        meta = result.get("_meta")
+        info = meta.get(era.META_SERVER) if isinstance(meta, dict) else None
+        capabilities = result.get("capabilities")
+        self.init_result = {
+            "protocolVersion": protocol.LATEST_LEGACY,
+            "capabilities": capabilities if isinstance(capabilities, dict) else {},
+            "serverInfo": info if isinstance(info, dict) else {"name": self.server.name},
+        }
+        if isinstance(result.get("instructions"), str):
+            self.init_result["instructions"] = result["instructions"]
+        self._ready = True
+        self.supervisor.mark_ready(child)
+        self._listen()
+        self._became_ready()
+
+    # Session-era clients: what the bridge answers itself
+
+    def _set_level(self, session: Downstream, message: Message) -> None:
+        """The level travels with each request: remember it for the session."""
+        level = (message.get("params") or {}).get("level")
+        if not isinstance(level, str) or level not in protocol.LOG_RANK:
+            session.deliver(
+                jsonrpc.error(
+                    message["id"],
+                    jsonrpc.INVALID_PARAMS,
+                    f"Invalid params: level must be one of {', '.join(protocol.LOG_LEVELS)}",
+                ),
+                message["id"],
+            )
+            return
+        session.log_level = level
+        session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+
+    def _subscribe(self, session: Downstream, message: Message) -> None:
+        self._subscription(session, message, add=True)
+
+    def _unsubscribe(self, session: Downstream, message: Message) -> None:
+        self._subscription(session, message, add=False)
+
+    def _subscription(self, session: Downstream, message: Message, add: bool) -> None:
+        """Resource subscriptions become the bridge's listen stream on the child."""
+        uri = (message.get("params") or {}).get("uri")
+        if not isinstance(uri, str):
+            session.deliver(
+                jsonrpc.error(message["id"], jsonrpc.INVALID_PARAMS, "Invalid params: uri"),
+                message["id"],
+            )
+            return
+        before = set(self._subscriptions)
+        if add:
+            self._subscriptions.setdefault(uri, set()).add(session)
+        else:
+            subscribers = self._subscriptions.get(uri)
+            if subscribers is not None:
+                subscribers.discard(session)
+                if not subscribers:
+                    del self._subscriptions[uri]
+        session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+        if set(self._subscriptions) != before:
+            self._listen()
+
+    def _update_level(self) -> None:
+        """Each request carries its own level: the child has none to set."""
+
+    def detach(self, session: Downstream) -> None:
+        before = set(self._subscriptions)
+        for out_id, round_ in list(self._rounds.items()):
+            if round_.pending.session is session:
+                del self._rounds[out_id]
+        super().detach(session)
+        if set(self._subscriptions) != before:
+            self._listen()
+
+    # Session-era requests carried to the child
+
+    def _forward(self, session: Downstream, message: Message, on_response: Any = None) -> bool:
+        if not session.stateless:
+            params = message.get("params")
+            params = dict(params) if isinstance(params, dict) else {}
+            meta = params.get("_meta")
+            meta = dict(meta) if isinstance(meta, dict) else {}
+            meta.update(
+                self._envelope(session.capabilities, session.client_info, session.log_level)
+            )
+            params["_meta"] = meta
+            message["params"] = params
+        return super()._forward(session, message, on_response)
+
+    @staticmethod
+    def _envelope(
+        capabilities: dict[str, Any], client_info: dict[str, Any], level: str | None
+    ) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            era.META_VERSION: era.MODERN,
+            era.META_CAPABILITIES: capabilities,
+            era.META_CLIENT: client_info or _BRIDGE_INFO,
+        }
+        if level is not None:
+            meta[era.META_LOG_LEVEL] = level
+        return meta
+
+    def _respond(self, p: _Pending, message: Message) -> None:
+        result = message.get("result")
+        if (
+            p.session is not None
+            and not p.session.stateless
+            and isinstance(result, dict)
+            and result.get("resultType") == "input_required"
+        ):
+            self._ask(p, result)
+            return
+        super()._respond(p, message)
+
+    def _ask(self, p: _Pending, result: dict[str, Any]) -> None:
+        """Ask a session-era client the child's questions, as requests of the server."""
+        session = p.session
+        assert session is not None and p.client_id is not None
+        requests = result.get("inputRequests")
+        requests = requests if isinstance(requests, dict) else {}
+        round_ = _Round(p, result.get("requestState"))
+        questions: list[Message] = []
+        for key, request in requests.items():
+            method = request.get("method") if isinstance(request, dict) else None
+            capability = protocol.CLIENT_CAPABILITY_FOR.get(method)  # type: ignore[arg-type]
+            if capability is None or capability not in session.capabilities:
+                self._fail(
+                    p,
+                    jsonrpc.INTERNAL_ERROR,
+                    f"MCP server '{self.label}' needs {method} from the client, "
+                    "which this client did not declare",
+                )
+                return
+            out_id = next(self._ids)
+            round_.waiting[out_id] = key
+            params = request.get("params")
+            questions.append(
+                jsonrpc.request(out_id, method, params if isinstance(params, dict) else None)  # type: ignore[arg-type]
+            )
+        if not questions:
+            self._retry(round_)
+            return
+        for question in questions:
+            self._rounds[question["id"]] = round_
+            session.deliver(question, p.client_id)
+
+    def _client_response(self, session: Downstream, message: Message) -> None:
+        round_ = self._rounds.get(message["id"]) if isinstance(message["id"], int) else None
+        if round_ is None:
+            super()._client_response(session, message)
+            return
+        del self._rounds[message["id"]]
+        p = round_.pending
+        key = round_.waiting.pop(message["id"])
+        if p.session is not session or self._pending.get(p.child_id) is not p:
+            return  # the request ended meanwhile (timeout, cancellation)
+        if "error" in message:
+            for out_id in round_.waiting:
+                self._rounds.pop(out_id, None)
+            error = message["error"]
+            self._fail(
+                p,
+                error.get("code", jsonrpc.INTERNAL_ERROR),
+                f"the client could not answer {key}: {error.get('message', '')}",
+            )
+            return
+        round_.answers[key] = message.get("result")
+        if not round_.waiting:
+            self._retry(round_)
+
+    def _retry(self, round_: _Round) -> None:
+        """Send the request again, with the answers and the child's state."""
+        p = round_.pending
+        original = p.request or {}
+        params = dict(original.get("params") or {})
+        params["inputResponses"] = round_.answers
+        if round_.state is not None:
+            params["requestState"] = round_.state
+        del self._pending[p.child_id]
+        p.child_id = next(self._ids)
+        p.sent_to = None
+        meta = params.get("_meta")
+        if isinstance(meta, dict) and "progressToken" in meta:
+            params["_meta"] = dict(meta, progressToken=p.child_id)
+        self._pending[p.child_id] = p
+        self._send_or_queue(p, {**original, "id": p.child_id, "params": params})
+
+    # The child's notifications
+
+    def _listen(self) -> None:
+        """(Re)open the bridge's listen stream for what its session-era clients follow."""
+        if not self._ready or self._child is None:
+            return
+        if self._listen_id is not None:
+            self._send(
+                self._child,
+                jsonrpc.notification("notifications/cancelled", {"requestId": self._listen_id}),
+            )
+            self._listen_id = None
+        capabilities = (self.init_result or {}).get("capabilities") or {}
+        wanted: dict[str, Any] = {}
+        for kind in ("tools", "prompts", "resources"):
+            declared = capabilities.get(kind)
+            if isinstance(declared, dict) and declared.get("listChanged"):
+                wanted[f"{kind}ListChanged"] = True
+        resources = capabilities.get("resources")
+        if self._subscriptions and isinstance(resources, dict) and resources.get("subscribe"):
+            wanted["resourceSubscriptions"] = sorted(self._subscriptions)
+        if not wanted:
+            return
+        self._listen_id = next(self._ids)
+        meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
+        self._send(
+            self._child,
+            jsonrpc.request(
+                self._listen_id, "subscriptions/listen", {"notifications": wanted, "_meta": meta}
+            ),
+        )
+
+    def _child_notification(self, message: Message) -> None:
+        params = message.get("params")
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        subscription = meta.get(era.META_SUBSCRIPTION) if isinstance(meta, dict) else None
+        if subscription is not None and subscription == self._listen_id:
+            # The bridge's own stream: its news goes to every session, as the session era has it.
+            assert isinstance(params, dict) and isinstance(meta, dict)
+            if message["method"] == "notifications/subscriptions/acknowledged":
+                return
+            del meta[era.META_SUBSCRIPTION]
+            if not meta:
+                del params["_meta"]
+        elif isinstance(subscription, int) and subscription in self._pending:
+            # A stateless client's listen stream: its notifications go to it alone.
+            listen = self._pending[subscription]
+            if listen.session is not None:
+                assert isinstance(meta, dict)
+                meta[era.META_SUBSCRIPTION] = listen.client_id
+                listen.session.deliver(message, listen.client_id)
+            return
+        super()._child_notification(message)
