@@ -106,6 +106,15 @@ class ModernUpstream(Upstream):
 
     # Session-era clients: what the bridge answers itself
 
+    _client_requests = {**Upstream._client_requests, "ping": "_ping"}
+
+    def _ping(self, session: Downstream, message: Message) -> None:
+        """The revision has no ping: the bridge answers for a child that is up."""
+        if self._ready:
+            session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+        else:
+            session.deliver(self._unavailable(message["id"]), message["id"])
+
     def _set_level(self, session: Downstream, message: Message) -> None:
         """The level travels with each request: remember it for the session."""
         level = (message.get("params") or {}).get("level")

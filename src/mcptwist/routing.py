@@ -382,7 +382,7 @@ class Upstream(Service):
         self._forward(session, message)
 
     # The requests the bridge handles itself, by the name of their handler.
-    _client_requests: Final[dict[str, str]] = {
+    _client_requests: dict[str, str] = {
         "initialize": "_initialize",
         "logging/setLevel": "_set_level",
         "resources/subscribe": "_subscribe",
