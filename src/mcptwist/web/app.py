@@ -455,10 +455,13 @@ class BridgeApp:
             if backend.held:
                 # Stopped on purpose by an operator: not a fault of the bridge.
                 held[name] = "stopped by an operator"
-            elif status["state"] != "running":
-                problems[name] = status["state"] + (
-                    f": {status['last_exit']}" if status.get("last_exit") else ""
-                )
+            else:
+                # A dual-era server's second child counts as much as its first.
+                for child in (status, status.get("modern_child") or {"state": "running"}):
+                    if child["state"] != "running":
+                        problems[name] = child["state"] + (
+                            f": {child['last_exit']}" if child.get("last_exit") else ""
+                        )
         if problems:
             request.setResponseCode(503)
         # Anyone may ask (load balancers have no token); with authentication on,
