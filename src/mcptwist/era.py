@@ -149,7 +149,10 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
         found = headers(name)
         if len(found) > 1:
             raise refuse(400, HEADER_MISMATCH, f"Header mismatch: {name} is sent more than once")
-        values[name] = decode_header(found[0]) if found else None
+        try:
+            values[name] = decode_header(found[0]) if found else None
+        except Refusal as refusal:
+            raise refuse(refusal.status, refusal.code, refusal.message) from None
     params = message.get("params")
     meta = params.get("_meta") if isinstance(params, dict) else None
     if not isinstance(meta, dict):
@@ -208,7 +211,7 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
             {"supported": list(SUPPORTED_VERSIONS), "requested": version},
         )
     level = meta.get(META_LOG_LEVEL)
-    if level is not None and level not in protocol.LOG_RANK:
+    if level is not None and (not isinstance(level, str) or level not in protocol.LOG_RANK):
         raise refuse(
             400,
             jsonrpc.INVALID_PARAMS,

@@ -39,6 +39,10 @@ log = Logger(namespace="mcptwist.routing")
 
 MAX_QUEUED: Final = 10_000
 STDERR_IN_ERRORS: Final = 20
+# Requests during which a child has no reason to ask its client anything.
+CANNOT_ASK: Final = frozenset(
+    {"resources/subscribe", "resources/unsubscribe", "logging/setLevel", "ping"}
+)
 # How long after a cancellation a child's request to a client may still be its.
 ABANDONED_GRACE: Final = 5.0
 BRIDGE_CAPABILITIES: Final = {
@@ -647,9 +651,23 @@ class Upstream(Service):
         owners: dict[Downstream | None, list[_Pending]] = {}
         # A request paused for its client's input (a stateless call between
         # rounds) is blocked in the child: a new question comes from another.
-        running = [p for p in self._pending.values() if p.session is not None and p.sent_to]
-        for p in [p for p in running if p.timer is not None] or running:
+        running = [
+            p
+            for p in self._pending.values()
+            if p.session is not None and p.sent_to and p.method not in CANNOT_ASK
+        ]
+        active = [p for p in running if p.timer is not None]
+        for p in active or running:
             owners.setdefault(p.session, []).append(p)
+        if active and any(
+            getattr(p.session, "principal", None) != getattr(active[0].session, "principal", None)
+            for p in running
+        ):
+            # A paused request is blocked in the child, but were it to ask, the
+            # question must not reach another principal: nobody is asked.
+            for p in running:
+                if p.timer is None:
+                    owners.setdefault(p.session, []).append(p)
         # A request the bridge gave up on may still ask, but a child told to
         # cancel stops soon: after a grace period it no longer blurs the picture.
         recent = self.clock.seconds() + self.server.request_timeout - ABANDONED_GRACE

@@ -98,7 +98,10 @@ class StateSigner:
         except (ValueError, UnicodeDecodeError):
             return None
         expected = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
-        return payload if hmac.compare_digest(given, expected) else None
+        if not hmac.compare_digest(given, expected):
+            return None
+        # One spelling only: base64 would also take stray padding or low bits.
+        return payload if hmac.compare_digest(token, self.sign(payload)) else None
 
 
 def request_digest(server: str, principal: str, message: Message) -> str:
@@ -136,6 +139,7 @@ class ModernCall:
         self.signer = signer
         self.input_timeout = input_timeout
         self.id = f"{hub.id[:8]}-{secrets.token_hex(4)}"
+        self.principal = hub.principal
         self.method = request.method
         self.protocol_version: str | None = era.MODERN
         self.log_level = request.log_level
@@ -154,8 +158,10 @@ class ModernCall:
         # Answers the client gave before they were asked (a first request's inputResponses).
         self._preanswered: dict[str, Any] = {}
         self._final: Message | None = None
-        # Answered already (a capability the client lacks): waiting for the child to finish.
+        # Refused (a capability the client lacks): the child finishes, its answer is dropped.
         self._lingering = False
+        # That refusal, for a retry that arrives after it (the call was parked).
+        self._refusal: Message | None = None
         self._gather: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
         params = request.message.get("params")
@@ -201,6 +207,11 @@ class ModernCall:
         self.request = request
         self.declared = request.capabilities
         self.log_level = request.log_level
+        if self._refusal is not None:
+            responder.answer(dict(self._refusal, id=request.id), 400)
+            self.responder = None
+            self._refusal = None
+            return
         for key in list(self._asked):
             if key in answers:
                 bridge_id, _, _ = self._asked.pop(key)
@@ -238,6 +249,12 @@ class ModernCall:
             self._respond(message)
         elif "id" in message:
             self._question(message)
+        elif message["method"] == "notifications/cancelled":
+            # The child withdrew a question: it is no longer asked.
+            withdrawn = (message.get("params") or {}).get("requestId")
+            for key, (bridge_id, _, _) in list(self._asked.items()):
+                if bridge_id == withdrawn:
+                    del self._asked[key]
         elif self.responder is not None and (
             related == CALL_ID or message["method"] == "notifications/message"
         ):
@@ -301,19 +318,18 @@ class ModernCall:
             self._answer_child(
                 bridge_id, jsonrpc.METHOD_NOT_FOUND, f"the client does not support {method}"
             )
+            missing = jsonrpc.error(
+                self.request.id,
+                era.MISSING_CAPABILITY,
+                f"Missing required client capability: {capability} (the server asked for {method})",
+                {"requiredCapabilities": {capability: {}}},
+            )
             if self.responder is not None:
-                self.responder.answer(
-                    jsonrpc.error(
-                        self.request.id,
-                        era.MISSING_CAPABILITY,
-                        f"Missing required client capability: {capability} "
-                        f"(the server asked for {method})",
-                        {"requiredCapabilities": {capability: {}}},
-                    ),
-                    400,
-                )
+                self.responder.answer(missing, 400)
                 self.responder = None
-                self._audit("error", {"code": era.MISSING_CAPABILITY})
+            else:
+                self._refusal = missing  # parked: the retry gets it
+            self._audit("error", {"code": era.MISSING_CAPABILITY})
             # The child goes on with an error in hand: its answer ends the call.
             self._lingering = True
             return

@@ -121,21 +121,13 @@ def post(
         ) from None
     params = message.get("params") or {}
     principal = principal_id(request)
-    hub = open_hub(app, request, name, checked)
-    assert hub.upstream is not None
-    # A dual-era child gets this revision's requests as they are: its own
-    # input_required, requestState and listen streams included.
-    translated = not hub.upstream.modern
-    if checked.method == "subscriptions/listen":
-        if not sse_ok:
-            raise HTTPProblem(
-                406,
-                jsonrpc.INVALID_REQUEST,
-                "Not Acceptable: subscriptions/listen answers with a text/event-stream",
-                checked.id,
-            )
-        if translated:
-            return _listen(app, request, name, checked, hub)
+    if checked.method == "subscriptions/listen" and not sse_ok:
+        raise HTTPProblem(
+            406,
+            jsonrpc.INVALID_REQUEST,
+            "Not Acceptable: subscriptions/listen answers with a text/event-stream",
+            checked.id,
+        )
     answers = params.get("inputResponses")
     if answers is not None and not (
         isinstance(answers, dict) and all(isinstance(v, dict) for v in answers.values())
@@ -146,6 +138,13 @@ def post(
             "Invalid params: inputResponses must map each input request's key to its result object",
             checked.id,
         )
+    hub = open_hub(app, request, name, checked)
+    assert hub.upstream is not None
+    # A child that speaks this revision gets its requests as they are: its own
+    # input_required, requestState and listen streams included.
+    translated = not hub.upstream.modern
+    if checked.method == "subscriptions/listen" and translated:
+        return _listen(app, request, name, checked, hub)
     state = params.get("requestState") if translated else None
     if state is not None:
         call = _parked_call(app, name, principal, checked, state)

@@ -1,0 +1,386 @@
+"""Stateless calls on session-era children: signed state, error mapping, listen
+filters, and multi round-trip requests (input_required, then the retry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ResponseNeverReceived
+
+from mcptwist import era, jsonrpc
+from mcptwist.auth import hash_token
+from mcptwist.config import AuthConfig, ServerConfig, TokenConfig
+from mcptwist.era import ModernRequest
+from mcptwist.jsonrpc import Message, RequestId
+from mcptwist.routing import ABANDONED_GRACE
+from mcptwist.stateless import INPUT_GATHER, Listen, StateSigner, modern_error, request_digest
+
+from .fakes import FakeChild
+from .test_modern import Client, call, events, modern, send
+from .test_web import BOTH, Bridge
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+NAME = {"action": "accept", "content": {"name": "Ada"}}
+
+
+def elicit(id: RequestId, text: str = "Your name?") -> Message:
+    return jsonrpc.request(id, "elicitation/create", {"message": text, "requestedSchema": {}})
+
+
+def answers_to(child: FakeChild, id: RequestId) -> list[Message]:
+    """What the bridge answered to the child's own request with this id."""
+    return [m for m in child.received if "method" not in m and m.get("id") == id]
+
+
+def retry(id: RequestId, state: Any, responses: Any = None, **params: Any) -> Message:
+    extra: dict[str, Any] = {"requestState": state}
+    if responses is not None:
+        extra["inputResponses"] = responses
+    return call(id, **extra, **params)
+
+
+class StateSignerTests(SynchronousTestCase):
+    signer = StateSigner(b"k" * 32)
+
+    @given(st.text())
+    def test_round_trip(self, payload: str) -> None:
+        self.assertEqual(self.signer.verify(self.signer.sign(payload)), payload)
+
+    @given(st.one_of(st.text(), st.text(alphabet=B64URL + ".="), st.integers(), st.none()))
+    def test_never_raises(self, token: object) -> None:
+        self.assertIsNone(self.signer.verify(token))
+
+    @given(st.text(), st.data())
+    def test_alteration_never_yields_another_payload(self, payload: str, data: Any) -> None:
+        token = self.signer.sign(payload)
+        index = data.draw(st.integers(0, len(token) - 1))
+        altered = token[:index] + data.draw(st.sampled_from(B64URL + ".=")) + token[index + 1 :]
+        if altered != token:
+            self.assertIn(self.signer.verify(altered), (None, payload))
+
+    @given(st.text(), st.data())
+    def test_rejects_any_altered_token(self, payload: str, data: Any) -> None:
+        token = self.signer.sign(payload)
+        index = data.draw(st.integers(0, len(token) - 1))
+        altered = token[:index] + data.draw(st.sampled_from(B64URL + ".=")) + token[index + 1 :]
+        if altered != token:
+            self.assertIsNone(self.signer.verify(altered), (token, altered))
+
+    def test_other_key_and_oversize_rejected(self) -> None:
+        token = self.signer.sign("p")
+        self.assertIsNone(StateSigner(b"j" * 32).verify(token))
+        self.assertIsNone(self.signer.verify(self.signer.sign("x" * 4000)))
+        self.assertEqual(StateSigner().verify(StateSigner().sign("p")), None)
+
+
+class DigestAndErrorTests(SynchronousTestCase):
+    def test_request_digest(self) -> None:
+        base = call(1)
+        same = call(2, requestState="s", inputResponses={"k": {}}, _meta={"progressToken": 1})
+        digest = request_digest("s", "token:alice", base)
+        self.assertEqual(request_digest("s", "token:alice", same), digest)
+        for server, principal, message in [
+            ("t", "token:alice", base),
+            ("s", "token:bob", base),
+            ("s", "token:alice", call(1, arguments={"x": 2})),
+            ("s", "token:alice", call(1, name="other")),
+            ("s", "token:alice", modern(1, "prompts/get", {"name": "echo", "arguments": {"x": 1}})),
+        ]:
+            self.assertNotEqual(request_digest(server, principal, message), digest)
+
+    def test_modern_error(self) -> None:
+        def checked(method: str, params: dict[str, Any]) -> ModernRequest:
+            message = modern(1, method, params)
+            return era.check(message, lambda h: [era.MODERN] if h == "mcp-protocol-version" else [])
+
+        read = checked("resources/read", {"uri": "file:///x"})
+        tool = checked("tools/call", {"name": "t"})
+        cases: list[tuple[dict[str, Any], ModernRequest, tuple[int, str, Any]]] = [
+            ({"code": -32002, "message": "gone"}, read, (-32602, "gone", {"uri": "file:///x"})),
+            ({"code": -32002, "message": "big", "data": 1}, tool, (-32603, "big", 1)),
+            ({"code": -32042, "message": "url"}, tool, (-32603, "url", None)),
+            ({"code": True, "message": 5}, tool, (-32603, "Error", None)),
+            ({"code": -32601, "message": "no"}, tool, (-32601, "no", None)),
+            ({"code": 7, "message": "app", "data": [1]}, tool, (7, "app", [1])),
+        ]
+        for error, request, expected in cases:
+            self.assertEqual(modern_error(error, request), expected, error)
+
+    def test_listen_wants_and_tags(self) -> None:
+        sent: list[Message] = []
+        listen = Listen(
+            "L", {"toolsListChanged": True, "resourceSubscriptions": ["a"]}, sent.append, print
+        )
+        wanted = {
+            "notifications/tools/list_changed": True,
+            "notifications/prompts/list_changed": False,
+            "notifications/message": False,
+        }
+        for method, expected in wanted.items():
+            self.assertIs(listen.wants(jsonrpc.notification(method)), expected, method)
+        updated = "notifications/resources/updated"
+        self.assertTrue(listen.wants(jsonrpc.notification(updated, {"uri": "a"})))
+        self.assertFalse(listen.wants(jsonrpc.notification(updated, {"uri": "b"})))
+        self.assertFalse(listen.wants(jsonrpc.notification(updated)))
+        tagged = listen.tagged(jsonrpc.notification(updated, {"uri": "a", "_meta": {"k": 1}}))
+        self.assertEqual(
+            tagged["params"], {"uri": "a", "_meta": {"k": 1, era.META_SUBSCRIPTION: "L"}}
+        )
+
+
+class InputRequiredTests(SynchronousTestCase):
+    """A child's questions while serving a modern request: multi round-trip requests."""
+
+    def setUp(self) -> None:
+        self.client = Client(Bridge(self, hold=True))
+
+    @property
+    def child(self) -> FakeChild:
+        return self.client.child
+
+    def ask(
+        self, message: Message, *questions: Message, **extra: str
+    ) -> tuple[Message, dict[str, Any]]:
+        """Send a request; the child asks these questions: (the child's request, result)."""
+        d = self.client.start(message, accept="application/json", **extra)
+        held = [m for m in self.child.held if m["method"] == message["method"]][-1]
+        return held, self.questions(d, *questions)
+
+    def questions(self, d: Deferred[Any], *questions: Message) -> dict[str, Any]:
+        for question in questions:
+            self.child.send(question)
+        self.assertNoResult(d)
+        self.client.bridge.reactor.advance(INPUT_GATHER)
+        status, body = self.client.finish(d)
+        self.assertEqual(status, 200, body)
+        return body["result"]  # type: ignore[no-any-return]
+
+    def refused(self, message: Message, **extra: str) -> None:
+        status, body = self.client.post(message, accept="application/json", **extra)
+        self.assertEqual((status, body["id"]), (400, message["id"]), body)
+        self.assertEqual(body["error"]["code"], jsonrpc.INVALID_PARAMS)
+
+    def test_question_then_retry(self) -> None:
+        held, result = self.ask(call(1), elicit("user_name"))
+        self.assertEqual(result["resultType"], "input_required")
+        self.assertEqual(
+            result["inputRequests"],
+            {"user_name": {"method": "elicitation/create", "params": elicit(0)["params"]}},
+        )
+        self.assertEqual(result["_meta"][era.META_SERVER], {"name": "fake", "version": "1.0"})
+        self.assertEqual(answers_to(self.child, "user_name"), [])
+        d = self.client.start(retry(2, result["requestState"], {"user_name": NAME}))
+        [answer] = answers_to(self.child, "user_name")
+        self.assertEqual(answer["result"], NAME)
+        self.assertNoResult(d)
+        self.child.answer(held)
+        status, body = self.client.finish(d)
+        self.assertEqual((status, body["id"], body["result"]["resultType"]), (200, 2, "complete"))
+
+    def test_questions_sent_together_are_gathered(self) -> None:
+        _, result = self.ask(call(1), elicit("a"), elicit("b", "Your age?"))
+        self.assertEqual(sorted(result["inputRequests"]), ["a", "b"])
+        self.assertEqual(result["inputRequests"]["b"]["params"]["message"], "Your age?")
+
+    def test_missing_answer_asked_again(self) -> None:
+        held, first = self.ask(call(1), elicit("a"), elicit("b"))
+        status, body = self.client.post(retry(2, first["requestState"], {"a": NAME}))
+        again = body["result"]
+        self.assertEqual((status, body["id"], again["resultType"]), (200, 2, "input_required"))
+        self.assertEqual(list(again["inputRequests"]), ["b"])
+        self.assertNotEqual(again["requestState"], first["requestState"])
+        self.assertEqual(len(answers_to(self.child, "a")), 1)
+        d = self.client.start(retry(3, again["requestState"], {"b": NAME}))
+        self.assertEqual(len(answers_to(self.child, "b")), 1)
+        self.child.answer(held)
+        self.assertEqual(self.client.finish(d)[1]["result"]["resultType"], "complete")
+
+    def test_second_round_and_replayed_state(self) -> None:
+        held, first = self.ask(call(1), elicit("name"))
+        d = self.client.start(retry(2, first["requestState"], {"name": NAME}))
+        second = self.questions(d, elicit("age"))
+        self.assertEqual(list(second["inputRequests"]), ["age"])
+        self.assertNotEqual(second["requestState"], first["requestState"])
+        self.refused(retry(3, first["requestState"], {"name": NAME}))
+        d = self.client.start(retry(4, second["requestState"], {"age": {"action": "decline"}}))
+        self.child.answer(held)
+        _, body = self.client.finish(d)
+        self.assertEqual((body["id"], body["result"]["resultType"]), (4, "complete"))
+        self.assertEqual(len(answers_to(self.child, "name")), 1, "the replay reached nobody")
+
+    def test_altered_or_foreign_state_refused(self) -> None:
+        held, result = self.ask(call(1), elicit("q"))
+        state = result["requestState"]
+        altered = state[:2] + ("A" if state[2] != "A" else "B") + state[3:]
+        self.refused(retry(2, altered, {"q": NAME}))
+        self.refused(retry(3, "not-a-state", {"q": NAME}))
+        self.refused(retry(4, 12, {"q": NAME}))
+        self.refused(retry(5, state, {"q": NAME}, arguments={"x": 2}))
+        self.refused(retry(6, state, {"q": NAME}, name="other"))
+        self.assertEqual(answers_to(self.child, "q"), [])
+        # The genuine retry still finds its call.
+        d = self.client.start(retry(7, state, {"q": NAME}))
+        self.child.answer(held)
+        self.assertEqual(self.client.finish(d)[1]["result"]["resultType"], "complete")
+
+    def test_state_of_another_principal_refused(self) -> None:
+        tokens = tuple(
+            TokenConfig(name, hash_token(f"mcpt_{name}"), frozenset({"*"}))
+            for name in ("alice", "bob")
+        )
+        self.client = Client(Bridge(self, hold=True, auth=AuthConfig(tokens=tokens)))
+        alice, bob = "Bearer mcpt_alice", "Bearer mcpt_bob"
+        _, result = self.ask(call(1), elicit("q"), authorization=alice)
+        self.refused(retry(2, result["requestState"], {"q": NAME}), authorization=bob)
+        self.assertEqual(answers_to(self.child, "q"), [])
+
+    def test_input_responses_must_be_objects(self) -> None:
+        for responses in [[], "x", {"q": "yes"}, {"q": [1]}]:
+            self.refused(call(1, inputResponses=responses))
+        self.assertEqual(self.child.requests("tools/call"), [])
+
+    def test_preanswered_question_answered_at_once(self) -> None:
+        d = self.client.start(call(1, inputResponses={"user_name": NAME}))
+        held = self.client.held("tools/call")
+        self.child.send(elicit("user_name"))
+        [answer] = answers_to(self.child, "user_name")
+        self.assertEqual(answer["result"], NAME)
+        self.client.bridge.reactor.advance(INPUT_GATHER)
+        self.assertNoResult(d)
+        self.child.answer(held)
+        self.assertEqual(self.client.finish(d)[1]["result"]["resultType"], "complete")
+
+    def test_undeclared_capability(self) -> None:
+        d = self.client.start(call(1, caps={}))
+        held = self.client.held("tools/call")
+        self.child.send(elicit("q"))
+        status, body = self.client.finish(d)
+        self.assertEqual((status, body["id"], body["error"]["code"]), (400, 1, -32021))
+        self.assertEqual(body["error"]["data"], {"requiredCapabilities": {"elicitation": {}}})
+        [answer] = answers_to(self.child, "q")
+        self.assertEqual(answer["error"]["code"], jsonrpc.METHOD_NOT_FOUND)
+        self.child.answer(held)
+        self.assertEqual(self.client.calls(), [])
+
+    def test_no_input_during_tools_list(self) -> None:
+        d = self.client.start(modern(1, "tools/list", caps={"elicitation": {}}))
+        held = self.client.held("tools/list")
+        self.child.send(elicit("q"))
+        [answer] = answers_to(self.child, "q")
+        self.assertEqual(answer["error"]["code"], jsonrpc.METHOD_NOT_FOUND)
+        self.client.bridge.reactor.advance(INPUT_GATHER)
+        self.assertNoResult(d)
+        self.child.answer(held)
+        self.assertEqual(self.client.finish(d)[1]["result"]["resultType"], "complete")
+
+    def test_input_timeout(self) -> None:
+        server = ServerConfig(name="s", command="fake", input_timeout=30)
+        self.client = Client(Bridge(self, server, hold=True))
+        held, result = self.ask(call(1), elicit("a"), elicit("b"))
+        self.client.bridge.reactor.advance(29)
+        self.assertEqual(self.child.notifications("notifications/cancelled"), [])
+        self.client.bridge.reactor.advance(1)
+        for key in ("a", "b"):
+            [answer] = answers_to(self.child, key)
+            self.assertEqual(answer["error"]["code"], jsonrpc.INTERNAL_ERROR)
+            self.assertIn("input_timeout", answer["error"]["message"])
+        [cancel] = self.child.notifications("notifications/cancelled")
+        self.assertEqual(cancel["params"]["requestId"], held["id"])
+        self.refused(retry(2, result["requestState"], {"a": NAME, "b": NAME}))
+
+    def test_parked_call_does_not_time_out(self) -> None:
+        server = ServerConfig(name="s", command="fake", request_timeout=10, input_timeout=100)
+        self.client = Client(Bridge(self, server, hold=True))
+        _, result = self.ask(call(1), elicit("q"))
+        self.client.bridge.reactor.advance(60)
+        self.assertEqual(self.child.notifications("notifications/cancelled"), [])
+        d = self.client.start(retry(2, result["requestState"], {"q": NAME}))
+        self.assertEqual(len(answers_to(self.child, "q")), 1)
+        # Answered, the child has request_timeout again to finish.
+        self.client.bridge.reactor.advance(10)
+        _, body = self.client.finish(d)
+        self.assertEqual((body["id"], body["error"]["code"]), (2, jsonrpc.REQUEST_TIMEOUT))
+        self.assertEqual(len(self.child.notifications("notifications/cancelled")), 1)
+
+    def test_undeclared_capability_while_parked(self) -> None:
+        """A question the client cannot answer, asked between rounds: the retry
+        is still answered."""
+        held, result = self.ask(call(1), elicit("q"))
+        self.child.send(jsonrpc.request("s", "sampling/createMessage", {"messages": []}))
+        [refusal] = answers_to(self.child, "s")
+        self.assertEqual(refusal["error"]["code"], jsonrpc.METHOD_NOT_FOUND)
+        d = self.client.start(retry(2, result["requestState"], {"q": NAME}))
+        self.child.answer(held)
+        status, body = self.client.finish(d)
+        self.assertEqual((status, body["id"]), (400, 2) if "error" in body else (200, 2))
+        outcome = body["error"]["code"] if "error" in body else body["result"]["resultType"]
+        self.assertIn(outcome, (era.MISSING_CAPABILITY, "complete"))
+
+
+class QuestionRoutingTests(SynchronousTestCase):
+    """Which client a shared child's question goes to, with modern calls about."""
+
+    def legacy(self, bridge: Bridge, id: int, capability: str = "elicitation") -> list[bytes]:
+        """A session-era client with a tools/call in flight: its POST's stream."""
+        caps: dict[str, Any] = {capability: {}}
+        init = jsonrpc.request(
+            1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": caps}
+        )
+        sid = bridge.open_session(init=init)
+        message = jsonrpc.request(id, "tools/call", {"name": "legacy"})
+        d = send(bridge, message, {**BOTH, "mcp-session-id": sid})
+        return bridge.stream(self.successResultOf(d))
+
+    def asked(self, chunks: list[bytes]) -> list[RequestId]:
+        return [
+            m["params"]["message"]
+            for m in events(chunks)
+            if m.get("method") == "elicitation/create"
+        ]
+
+    def test_question_goes_to_the_running_request_not_the_parked_one(self) -> None:
+        bridge = Bridge(self, hold=True)
+        client = Client(bridge)
+        d = client.start(call(1), accept="application/json")
+        client.child.send(elicit("m", "for modern"))
+        bridge.reactor.advance(INPUT_GATHER)
+        self.assertEqual(client.finish(d)[1]["result"]["resultType"], "input_required")
+        chunks = self.legacy(bridge, 5)
+        client.child.send(elicit("l", "for legacy"))
+        bridge.client.flush()
+        self.assertEqual(self.asked(chunks), ["for legacy"])
+        self.assertEqual(answers_to(client.child, "l"), [])
+
+    def test_abandoned_call_blurs_the_picture_for_a_grace_period(self) -> None:
+        bridge = Bridge(self, hold=True)
+        client = Client(bridge)
+        d = client.start(call(1), accept="application/json")
+        client.hang_up()
+        self.failureResultOf(d, ResponseNeverReceived)
+        chunks = self.legacy(bridge, 5)
+        client.child.send(elicit("early"))
+        [refused] = answers_to(client.child, "early")
+        self.assertEqual(refused["error"]["code"], jsonrpc.INTERNAL_ERROR)
+        bridge.reactor.advance(ABANDONED_GRACE + 1)
+        client.child.send(elicit("late", "after the grace"))
+        bridge.client.flush()
+        self.assertEqual(self.asked(chunks), ["after the grace"])
+
+    def test_stateless_clients_hold_no_roots(self) -> None:
+        """A shared child with one session-era client may ask it for roots,
+        whatever stateless clients use the child too."""
+        bridge = Bridge(self, hold=True)
+        client = Client(bridge)
+        d = client.start(modern(1, "tools/list"))
+        client.child.answer(client.held("tools/list"))
+        self.assertEqual(client.finish(d)[0], 200)
+        chunks = self.legacy(bridge, 5, "roots")
+        client.child.send(jsonrpc.request("r", "roots/list"))
+        bridge.client.flush()
+        asked = [m for m in events(chunks) if m.get("method") == "roots/list"]
+        self.assertEqual(len(asked), 1)
+        self.assertEqual(answers_to(client.child, "r"), [])
