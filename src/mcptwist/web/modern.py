@@ -149,8 +149,11 @@ def post(
     if state is not None:
         call = _parked_call(app, name, principal, checked, state)
         hub = call.hub
-    # A server set to json_response answers JSON to clients that take it.
-    prefer_json = json_ok and hub.backend.server.json_response
+    # A server set to json_response answers JSON to clients that take it
+    # (a listen stream is a stream or nothing).
+    prefer_json = (
+        json_ok and hub.backend.server.json_response and checked.method != "subscriptions/listen"
+    )
     responder = HTTPResponder(app, request, json_ok, sse_ok and not prefer_json, f"{name} POST")
     if state is not None:
         call.resume(responder, checked, answers or {})
