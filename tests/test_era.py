@@ -127,6 +127,7 @@ class CheckTests(SynchronousTestCase):
     def test_method_header_must_match(self) -> None:
         message = request("tools/list")
         self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_method="prompts/list")
+        self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_method=None)
         check(message, mcp_method=" tools/list ")
 
     def test_name_header_must_match(self) -> None:
@@ -136,6 +137,8 @@ class CheckTests(SynchronousTestCase):
             self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_name=b64("other"))
             check(message, mcp_name=b64(value))
             check(message, mcp_name=f"\t{b64(value)} ")
+            # Required where the body names something.
+            self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_name=None)
         # Only the named methods have a name to match.
         check(request("tools/list"), mcp_name="anything")
 

@@ -95,7 +95,12 @@ class DigestAndErrorTests(SynchronousTestCase):
     def test_modern_error(self) -> None:
         def checked(method: str, params: dict[str, Any]) -> ModernRequest:
             message = modern(1, method, params)
-            return era.check(message, lambda h: [era.MODERN] if h == "mcp-protocol-version" else [])
+            headers = {
+                "mcp-protocol-version": era.MODERN,
+                "mcp-method": method,
+                "mcp-name": params.get("uri") or params.get("name"),
+            }
+            return era.check(message, lambda h: [headers[h]] if headers.get(h) else [])
 
         read = checked("resources/read", {"uri": "file:///x"})
         tool = checked("tools/call", {"name": "t"})

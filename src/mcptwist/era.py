@@ -186,7 +186,7 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
             f"Header mismatch: MCP-Protocol-Version is {header_version!r} but _meta says {version!r}",
         )
     header_method = values["mcp-method"]
-    if header_method is not None and header_method != method:
+    if header_method != method:
         raise refuse(
             400,
             HEADER_MISMATCH,
@@ -196,7 +196,7 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
     if named is not None:
         expected = params.get(named) if isinstance(params, dict) else None
         header_name = values["mcp-name"]
-        if header_name is not None and header_name != expected:
+        if header_name != expected:
             raise refuse(
                 400,
                 HEADER_MISMATCH,

@@ -701,6 +701,13 @@ class Upstream(Service):
                 None,
                 f"no single client to send {method} to ({len(self.sessions)} connected, none waiting)",
             )
+        if all(owner is not None and owner.stateless for owner in owners):
+            return (
+                None,
+                None,
+                f"cannot tell which of {len(owners)} 2026-07-28 requests in flight this {method} "
+                "is for; such requests that ask the client something must not overlap on one child",
+            )
         return (
             None,
             None,

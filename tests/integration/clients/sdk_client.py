@@ -1,6 +1,7 @@
 """Drive the bridge with the official MCP Python SDK (mcp 2.x); print one JSON line.
 
-    python sdk_client.py --url URL --transport http|sse [--mode legacy|auto] SCENARIO [ARGS]
+    python sdk_client.py --url URL --transport http|sse [--mode legacy|auto|2026-07-28]
+                         [--barrier DIR --parties N] SCENARIO [ARGS]
 
 Scenarios:
   example                     the built-in example server's tools
@@ -12,8 +13,22 @@ Scenarios:
                               then echo on the same session
   roots                       server-everything's get-roots-list (asks for roots)
   info                        just connect: protocol version and server info
+  list_and_call [TOOL JSON_ARGS]...
+                              tools/list, then each call in turn, each with its
+                              result or error and when it started and ended
+
+--mode is the SDK Client's mode: "legacy" (initialize), "auto" (server/discover,
+falling back to initialize) or a modern protocol version such as "2026-07-28".
+With --barrier DIR --parties N, the client connects, then waits until N
+clients have connected (each writes a file in DIR) before its scenario, so
+that the requests of clients started together overlap.
 
 The environment variable SAMPLING_DELAY (seconds) slows the sampling callback.
+Elicitation answers fill the requested schema's properties from ANSWERS.
+seen["posts"] has one line per JSON-RPC POST the client sent:
+its JSON-RPC method and params.name, its MCP-Protocol-Version header, whether
+it carried Mcp-Session-Id, the keys of its inputResponses and whether it
+carried a requestState (a 2026-07-28 client's input_required rounds).
 
 The JSON printed on stdout has C{ok: true} and what was seen, or C{ok: false}
 and the error (JSON-RPC code and message when there is one). The whole run is
@@ -47,6 +62,20 @@ seen: dict[str, list[Any]] = {
     "logs": [],
     "notifications": [],
     "progress": [],
+    # [method, request id] of every question the server asked this client: the
+    # JSON-RPC id (legacy) or the input request's key (2026-07-28 input_required).
+    "asked": [],
+    "posts": [],
+}
+
+# What the "user" answers to an elicitation, by property name.
+ANSWERS: dict[str, Any] = {
+    "name": "Ada",
+    "check": True,
+    "email": "ada@example.com",
+    "color": "teal",
+    "ok": True,
+    "context": "bridged context",
 }
 
 # server-everything's simulated log lines, e.g. "Info-level message".
@@ -56,6 +85,7 @@ SIMULATED_LOG = re.compile(r"-level message|level-message")
 async def on_sampling(ctx: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
     content = params.messages[0].content
     seen["sampling"].append(getattr(content, "text", repr(content)))
+    seen["asked"].append(["sampling/createMessage", ctx.request_id])
     # A slow "LLM", so that requests of concurrent clients overlap.
     await anyio.sleep(float(os.environ.get("SAMPLING_DELAY", "0")))
     return types.CreateMessageResult(
@@ -68,13 +98,17 @@ async def on_sampling(ctx: ClientRequestContext, params: types.CreateMessageRequ
 
 async def on_elicitation(ctx: ClientRequestContext, params: types.ElicitRequestParams) -> Any:
     seen["elicitation"].append(params.message)
-    return types.ElicitResult(
-        action="accept", content={"name": "Ada", "check": True, "email": "ada@example.com"}
-    )
+    seen["asked"].append(["elicitation/create", ctx.request_id])
+    schema = getattr(params, "requested_schema", None)
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    wanted = ANSWERS if not isinstance(properties, dict) else properties
+    content = {k: v for k, v in ANSWERS.items() if k in wanted}
+    return types.ElicitResult(action="accept", content=content)
 
 
 async def on_list_roots(ctx: ClientRequestContext) -> Any:
     seen.setdefault("roots", []).append("roots/list")
+    seen["asked"].append(["roots/list", ctx.request_id])
     return types.ListRootsResult(
         roots=[types.Root(uri="file:///tmp/mcptwist-root", name="test root")]
     )
@@ -244,6 +278,56 @@ async def scenario_info(c: Client, args: list[str]) -> dict[str, Any]:
     return {}
 
 
+async def scenario_list_and_call(c: Client, args: list[str]) -> dict[str, Any]:
+    """tools/list, then each TOOL JSON_ARGS pair in turn."""
+    out: dict[str, Any] = {"tools": sorted(t.name for t in (await c.list_tools()).tools)}
+    calls = []
+    for name, arguments in zip(args[::2], args[1::2], strict=True):
+        started = time.time()
+        try:
+            call: dict[str, Any] = call_summary(await c.call_tool(name, json.loads(arguments)))
+        except MCPError as e:
+            call = {"error": {"code": e.code, "message": e.message, "data": _jsonable(e.data)}}
+        calls.append({"tool": name, **call, "started": started, "ended": time.time()})
+    out["calls"] = calls
+    return out
+
+
+async def barrier(directory: str, parties: int) -> float:
+    """Say this client is here, then wait (bounded by --timeout) for all parties."""
+    started = time.monotonic()
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, str(os.getpid())), "w"):
+        pass
+    while len(os.listdir(directory)) < parties:
+        await anyio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def record_post(request: httpx2.Request) -> None:
+    """One line of seen["posts"] for a JSON-RPC POST (what the client put on the wire)."""
+    if request.method != "POST":
+        return
+    try:
+        body = json.loads(request.content)
+    except (httpx2.RequestNotRead, ValueError):
+        return
+    if not isinstance(body, dict):
+        return
+    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    responses = params.get("inputResponses")
+    seen["posts"].append(
+        {
+            "method": body.get("method"),
+            "name": params.get("name"),
+            "version": request.headers.get("mcp-protocol-version"),
+            "session": "mcp-session-id" in request.headers,
+            "input_responses": sorted(responses) if isinstance(responses, dict) else None,
+            "request_state": "requestState" in params,
+        }
+    )
+
+
 SCENARIOS = {
     "example": scenario_example,
     "time": scenario_time,
@@ -252,6 +336,7 @@ SCENARIOS = {
     "timeout_then_echo": scenario_timeout_then_echo,
     "roots": scenario_roots,
     "info": scenario_info,
+    "list_and_call": scenario_list_and_call,
 }
 
 
@@ -281,6 +366,7 @@ async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
                     timeout=timeout or httpx2.Timeout(30.0, read=300.0),
                     auth=auth,
                     verify=verify,
+                    event_hooks={"request": [record_post]},
                 )
 
             if opts.transport == "http":
@@ -318,6 +404,8 @@ async def run_scenario(c: Client, opts: argparse.Namespace) -> dict[str, Any]:
         "discover_result": c.session.discover_result is not None,
         "initialize_result": c.session.initialize_result is not None,
     }
+    if opts.barrier:
+        out["barrier_wait"] = await barrier(opts.barrier, opts.parties)
     out.update(await SCENARIOS[opts.scenario](c, opts.args))
     return out
 
@@ -326,7 +414,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--transport", choices=["http", "sse"], required=True)
-    parser.add_argument("--mode", default="legacy")
+    parser.add_argument("--mode", default="legacy", help='"legacy", "auto" or "2026-07-28"')
+    parser.add_argument(
+        "--barrier", help="a directory: wait for --parties clients before the scenario"
+    )
+    parser.add_argument("--parties", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=45.0)
     parser.add_argument("--read-timeout", type=float, default=30.0)
     parser.add_argument("--bearer", help="send Authorization: Bearer with every request")
