@@ -54,7 +54,9 @@ class ModernUpstream(Upstream):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rounds: dict[int, _Round] = {}
+        # The bridge's listen stream on the child, and every one it opened there.
         self._listen_id: int | None = None
+        self._listen_ids: set[int] = set()
 
     # The handshake: server/discover
 
@@ -62,6 +64,7 @@ class ModernUpstream(Upstream):
         self._child = child
         self._ready = False
         self._listen_id = None
+        self._listen_ids.clear()
         child_id = next(self._ids)
         p = _Pending(
             child_id=child_id,
@@ -162,14 +165,37 @@ class ModernUpstream(Upstream):
     def _update_level(self) -> None:
         """Each request carries its own level: the child has none to set."""
 
+    def attach(self, session: Downstream) -> None:
+        super().attach(session)
+        if not session.stateless and self._listen_id is None:
+            self._listen()
+
     def detach(self, session: Downstream) -> None:
-        before = set(self._subscriptions)
         for out_id, round_ in list(self._rounds.items()):
             if round_.pending.session is session:
                 del self._rounds[out_id]
+        # Its subscriptions are the listen stream's business, not the child's.
+        for uri, subscribers in list(self._subscriptions.items()):
+            subscribers.discard(session)
+            if not subscribers:
+                del self._subscriptions[uri]
         super().detach(session)
-        if set(self._subscriptions) != before:
-            self._listen()
+        self._listen()
+
+    def _forget(self, p: _Pending) -> None:
+        super()._forget(p)
+        for out_id, round_ in list(self._rounds.items()):
+            if round_.pending is p:
+                # The call ended: its client's open questions are withdrawn.
+                del self._rounds[out_id]
+                if p.session is not None and p.session in self.sessions:
+                    p.session.deliver(
+                        jsonrpc.notification(
+                            "notifications/cancelled",
+                            {"requestId": out_id, "reason": "the request ended"},
+                        ),
+                        None,
+                    )
 
     # Session-era requests carried to the child
 
@@ -248,10 +274,12 @@ class ModernUpstream(Upstream):
         if round_ is None:
             super()._client_response(session, message)
             return
-        del self._rounds[message["id"]]
         p = round_.pending
+        if p.session is not session:
+            return  # not this client's question
+        del self._rounds[message["id"]]
         key = round_.waiting.pop(message["id"])
-        if p.session is not session or self._pending.get(p.child_id) is not p:
+        if self._pending.get(p.child_id) is not p:
             return  # the request ended meanwhile (timeout, cancellation)
         if "error" in message:
             for out_id in round_.waiting:
@@ -298,6 +326,9 @@ class ModernUpstream(Upstream):
             self._listen_id = None
         capabilities = (self.init_result or {}).get("capabilities") or {}
         wanted: dict[str, Any] = {}
+        # Only session-era clients need it (stateless ones listen for themselves).
+        if not any(not s.stateless for s in self.sessions):
+            capabilities = {}
         for kind in ("tools", "prompts", "resources"):
             declared = capabilities.get(kind)
             if isinstance(declared, dict) and declared.get("listChanged"):
@@ -308,6 +339,7 @@ class ModernUpstream(Upstream):
         if not wanted:
             return
         self._listen_id = next(self._ids)
+        self._listen_ids.add(self._listen_id)
         meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
         self._send(
             self._child,
@@ -328,12 +360,13 @@ class ModernUpstream(Upstream):
             del meta[era.META_SUBSCRIPTION]
             if not meta:
                 del params["_meta"]
-        elif isinstance(subscription, int) and subscription in self._pending:
-            # A stateless client's listen stream: its notifications go to it alone.
-            listen = self._pending[subscription]
-            if listen.session is not None:
+        elif subscription is not None:
+            listen = self._pending.get(subscription) if isinstance(subscription, int) else None
+            if listen is not None and listen.session is not None:
+                # A stateless client's listen stream: its notifications go to it alone.
                 assert isinstance(meta, dict)
                 meta[era.META_SUBSCRIPTION] = listen.client_id
                 listen.session.deliver(message, listen.client_id)
+            # Otherwise a stream that has closed (the bridge's or a client's): nobody's.
             return
         super()._child_notification(message)
