@@ -61,28 +61,10 @@ class ModernUpstream(Upstream):
     # The handshake: server/discover
 
     def child_spawned(self, child: Child) -> None:
-        self._child = child
-        self._ready = False
         self._listen_id = None
         self._listen_ids.clear()
-        child_id = next(self._ids)
-        p = _Pending(
-            child_id=child_id,
-            method="server/discover",
-            started=self.clock.seconds(),
-            on_response=lambda response: self._discovered(child, response),
-        )
-        p.timer = self.clock.callLater(
-            self.server.startup_timeout,
-            self.supervisor.abandon,
-            child,
-            f"did not answer server/discover within {self.server.startup_timeout:g}s "
-            "(startup_timeout)",
-        )
-        self._pending[child_id] = p
-        p.sent_to = child
         meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
-        self._send(child, jsonrpc.request(child_id, "server/discover", {"_meta": meta}))
+        self._handshake(child, "server/discover", {"_meta": meta}, self._discovered)
 
     def _discovered(self, child: Child, response: Message) -> None:
         result = response.get("result")

@@ -474,38 +474,43 @@ class Upstream(Service):
     # Messages from the child
 
     def child_spawned(self, child: Child) -> None:
+        self._handshake(
+            child,
+            "initialize",
+            {
+                "protocolVersion": protocol.LATEST_LEGACY,
+                "capabilities": BRIDGE_CAPABILITIES,
+                "clientInfo": {"name": protocol.BRIDGE_NAME, "version": __version__},
+            },
+            self._handshake_done,
+        )
+
+    def _handshake(
+        self,
+        child: Child,
+        method: str,
+        params: dict[str, Any],
+        done: Callable[[Child, Message], None],
+    ) -> None:
+        """Send a new child its first request; it must answer within startup_timeout."""
         self._child = child
         self._ready = False
         child_id = next(self._ids)
         p = _Pending(
             child_id=child_id,
-            method="initialize",
+            method=method,
             started=self.clock.seconds(),
-            on_response=lambda response: self._handshake_done(child, response),
+            on_response=lambda response: done(child, response),
         )
         p.timer = self.clock.callLater(
             self.server.startup_timeout,
             self.supervisor.abandon,
             child,
-            f"did not answer initialize within {self.server.startup_timeout:g}s (startup_timeout)",
+            f"did not answer {method} within {self.server.startup_timeout:g}s (startup_timeout)",
         )
         self._pending[child_id] = p
         p.sent_to = child
-        self._send(
-            child,
-            jsonrpc.request(
-                child_id,
-                "initialize",
-                {
-                    "protocolVersion": protocol.LATEST_LEGACY,
-                    "capabilities": BRIDGE_CAPABILITIES,
-                    "clientInfo": {
-                        "name": protocol.BRIDGE_NAME,
-                        "version": __version__,
-                    },
-                },
-            ),
-        )
+        self._send(child, jsonrpc.request(child_id, method, params))
 
     def _handshake_done(self, child: Child, response: Message) -> None:
         result = response.get("result")

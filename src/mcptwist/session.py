@@ -126,6 +126,28 @@ class ClientSession:
             self._audit_end(request_id, None)
         self.sink.close()
 
+    def audit_call(
+        self, method: str, params: Any, status: str, error_code: int | None, started: float
+    ) -> None:
+        """Audit a request that did not pass through L{receive} (a hub's calls and streams)."""
+        if self.audit is None or self.clock is None:
+            return
+        size, digest = argument_digest(params) if self.audit.enabled else (0, "")
+        self.audit.request(
+            session=self.id,
+            server=self.server,
+            principal=self.principal,
+            peer=self.peer,
+            method=method,
+            name=request_name(method, params),
+            arg_size=size,
+            arg_sha256=digest,
+            status=status,
+            error_code=error_code,
+            latency_ms=(self.clock.seconds() - started) * 1000.0,
+            child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
+        )
+
     # The audit trail: one event per request, however it ends (answered by the
     # child or by the bridge, failed, timed out, cancelled, or cut by the session's end).
 

@@ -34,7 +34,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from . import era, jsonrpc, protocol
-from .audit import argument_digest, request_name
 from .jsonrpc import Kind, Message, RequestId
 
 if TYPE_CHECKING:
@@ -164,9 +163,7 @@ class ModernCall:
         self._refusal: Message | None = None
         self._gather: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
-        params = request.message.get("params")
-        self._size, self._sha = argument_digest(params)
-        self._name = request_name(self.method, params)
+        self._params = request.message.get("params")
 
     @property
     def sink(self) -> StatelessSink:
@@ -426,26 +423,12 @@ class ModernCall:
             self._audit(status, error)
 
     def _audit(self, status: str, error: Any) -> None:
-        audit = self.hub.audit
-        if audit is None:
-            return
+        """One audit event per round (an input_required answer is a success)."""
         code = error.get("code") if isinstance(error, dict) else None
         if code == jsonrpc.REQUEST_TIMEOUT:
             status = "timeout"
-        audit.request(
-            session=self.hub.id,
-            server=self.hub.server,
-            principal=self.hub.principal,
-            peer=self.hub.peer,
-            method=self.method,
-            name=self._name,
-            arg_size=self._size,
-            arg_sha256=self._sha,
-            status="ok" if status == "input_required" else status,
-            error_code=code,
-            latency_ms=(self.clock.seconds() - self.started) * 1000.0,
-            child_pid=self.upstream.supervisor.pid,
-        )
+        status = "ok" if status == "input_required" else status
+        self.hub.audit_call(self.method, self._params, status, code, self.started)
         self.started = self.clock.seconds()
 
     @staticmethod

@@ -18,7 +18,6 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
 from .. import era, jsonrpc
-from ..audit import argument_digest
 from ..jsonrpc import Kind, Message
 from ..session import ClientSession
 from ..stateless import LIST_CHANGED, Listen, ModernCall, StatelessSink, request_digest
@@ -271,23 +270,8 @@ def _listen(
             sink.listens.discard(listen)
             if not hub.closed:
                 sink.subscribe(listen.uris, add=False)
-        now = hub.last_active = app.clock.seconds()
-        if hub.audit is not None:
-            size, digest = argument_digest(params)
-            hub.audit.request(
-                session=hub.id,
-                server=hub.server,
-                principal=hub.principal,
-                peer=hub.peer,
-                method=checked.method,
-                name=None,
-                arg_size=size,
-                arg_sha256=digest,
-                status="ok",
-                error_code=None,
-                latency_ms=(now - opened) * 1000.0,
-                child_pid=hub.upstream.supervisor.pid if hub.upstream is not None else None,
-            )
+        hub.last_active = app.clock.seconds()
+        hub.audit_call(checked.method, params, "ok", None, opened)
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET
