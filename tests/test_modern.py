@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import orjson
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
 from mcptwist import era, jsonrpc
-from mcptwist.config import ServerConfig
+from mcptwist.audit import AuditTrail
+from mcptwist.config import AuditConfig, ServerConfig
 from mcptwist.era import MODERN
 from mcptwist.jsonrpc import Message, RequestId
 from mcptwist.stateless import ModernCall, StatelessSink
@@ -417,3 +420,37 @@ class ListenTests(SynchronousTestCase):
         self.assertEqual(
             agreed_filter({"toolsListChanged": 1}, {"tools": {"listChanged": True}}), {}
         )
+
+
+class AuditTests(SynchronousTestCase):
+    def test_hub_and_each_request_audited(self) -> None:
+        """A principal's first request opens its hub (session_opened, transport
+        stateless); each request is one event, an input_required round too."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "audit.log"
+        bridge = Bridge(self)
+        trail = AuditTrail(AuditConfig(path=str(path)), bridge.reactor)
+        trail.start()
+        self.addCleanup(trail.stop)
+        bridge.registry.audit = trail
+        client = Client(bridge)
+        status, _ = client.post(call(1, arguments={"text": "hi"}), accept="application/json")
+        self.assertEqual(status, 200)
+        status, _ = client.post(modern(2, "tools/list"), accept="application/json")
+        self.assertEqual(status, 200)
+        trail.stop()
+        lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        [opened] = [e for e in lines if e["event"] == "session_opened"]
+        self.assertEqual((opened["transport"], opened["protocol_version"]), ("stateless", MODERN))
+        requests = [e for e in lines if e["event"] == "request"]
+        self.assertEqual(
+            [(e["method"], e["status"]) for e in requests],
+            [
+                ("tools/call", "ok"),
+                ("tools/list", "ok"),
+            ],
+        )
+        self.assertEqual({e["session"] for e in requests}, {opened["session"]})
+        self.assertEqual(requests[0]["name"], "echo")
+        self.assertEqual(requests[0]["principal"], "anonymous")
