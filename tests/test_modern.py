@@ -16,7 +16,7 @@ from mcptwist.config import AuditConfig, ServerConfig
 from mcptwist.era import MODERN
 from mcptwist.jsonrpc import Message, RequestId
 from mcptwist.stateless import ModernCall, StatelessSink
-from mcptwist.web.modern import HTTPResponder, agreed_filter
+from mcptwist.web.modern import MAX_LISTEN_URIS, HTTPResponder, agreed_filter
 
 from .fakes import FakeChild
 from .test_sse import decode
@@ -454,3 +454,43 @@ class AuditTests(SynchronousTestCase):
         self.assertEqual({e["session"] for e in requests}, {opened["session"]})
         self.assertEqual(requests[0]["name"], "echo")
         self.assertEqual(requests[0]["principal"], "anonymous")
+
+
+class ListenBoundsTests(SynchronousTestCase):
+    def test_listen_before_the_child_is_ready_waits_for_its_capabilities(self) -> None:
+        bridge = Bridge(self, ServerConfig(name="s", command="fake", sharing="session"), hold=True)
+        caps = {"tools": {"listChanged": True}}
+        slow: list[tuple[FakeChild, Message]] = []
+        forward = bridge.reactor.on_message
+
+        def on_message(child: FakeChild, message: Message) -> None:
+            if message.get("method") == "initialize":
+                child.init_result.update(capabilities=caps)
+                slow.append((child, message))
+                return
+            forward(child, message)
+
+        bridge.reactor.on_message = on_message
+        client = Client(bridge)
+        listen = modern("L", "subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+        d = client.start(listen)
+        self.assertNoResult(d)
+        child, init = slow[0]
+        child.answer(init)
+        bridge.client.flush()
+        chunks = bridge.stream(self.successResultOf(d))
+        child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        bridge.client.flush()
+        ack, changed = events(chunks)
+        self.assertEqual(ack["params"]["notifications"], {"toolsListChanged": True})
+        self.assertEqual(changed["method"], "notifications/tools/list_changed")
+
+    def test_resource_subscriptions_per_stream_are_bounded(self) -> None:
+        bridge = Bridge(self, hold=True)
+        client = Client(bridge)
+        uris = [f"file:///x{i}" for i in range(MAX_LISTEN_URIS + 1)]
+        params = {"notifications": {"resourceSubscriptions": uris}}
+        status, body = client.post(modern("L", "subscriptions/listen", params))
+        self.assertEqual((status, body["id"]), (400, "L"))
+        self.assertEqual(body["error"]["code"], jsonrpc.INVALID_PARAMS)
+        self.assertEqual(bridge.reactor.child.requests("resources/subscribe"), [])

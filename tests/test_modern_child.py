@@ -960,3 +960,31 @@ class BackendTests(SynchronousTestCase):
         self.assertIsInstance(dual.open(FakeSession("ssssssss", stateless=True)), ModernUpstream)
         self.assertIsInstance(modern.open(FakeSession("bbbbbbbb")), ModernUpstream)
         self.assertIsInstance(modern.open(FakeSession("tttttttt", stateless=True)), ModernUpstream)
+
+
+class ReviewRegressionTests(SynchronousTestCase):
+    def test_log_lines_only_for_clients_that_asked(self) -> None:
+        """The child logs only for requests that carried a level: a session-era
+        client that set none sees none of another client's lines."""
+        reactor, upstream, a = one_client()
+        s = FakeSession("bob", stateless=True, log_level="debug")
+        upstream.attach(s)
+        send(upstream, s, modern_request(1, "tools/call", {"name": "secret", "arguments": {}}))
+        line = {"level": "debug", "data": "bob's line"}
+        reactor.child.send(jsonrpc.notification("notifications/message", line))
+        self.assertEqual(a.notifications("notifications/message"), [])
+        self.assertEqual(len(s.notifications("notifications/message")), 1)
+
+    def test_stateless_requests_do_not_reopen_the_listen(self) -> None:
+        reactor, upstream, _ = one_client()
+        before = reactor.child.requests("subscriptions/listen")
+        for i in range(5):
+            s = FakeSession(f"s{i}", stateless=True)
+            upstream.attach(s)
+            send(upstream, s, modern_request(i, "tools/list"))
+            [req] = held(reactor.child, "tools/list")
+            reactor.child.held.remove(req)
+            reactor.child.send(jsonrpc.result(req["id"], {"tools": []}))
+            upstream.detach(s)
+        self.assertEqual(reactor.child.requests("subscriptions/listen"), before)
+        self.assertEqual(reactor.child.notifications("notifications/cancelled"), [])

@@ -662,3 +662,24 @@ class OversizeIdTests(SynchronousTestCase):
             f'{{"method":"x","params":{{"result":1}},"jsonrpc":"2.0","id":{child_id}}}'.encode(),
         ):
             self.assertIsNone(oversize_response_id(line[:60], line[-60:]))
+
+
+class AbandonedQuestionTests(SynchronousTestCase):
+    def test_a_question_of_an_abandoned_request_reaches_nobody_else(self) -> None:
+        """A child may ignore a cancellation: while the abandoned request may
+        still be what it asks about, another client is not asked."""
+        reactor = FakeProcessReactor(hold=True)
+        upstream = make(reactor, request_timeout=30)
+        alice, bob = FakeSession("alice"), FakeSession("bob")
+        for s in (alice, bob):
+            upstream.attach(s)
+            initialize(upstream, s, caps={"elicitation": {}})
+        send(upstream, alice, call(1, "alice's task"))
+        reactor.advance(30)  # alice's request times out; the child goes on
+        send(upstream, bob, call(2, "bob's task"))
+        reactor.advance(6)
+        question = {"message": "Alice: confirm the transfer", "requestedSchema": {}}
+        reactor.child.send(jsonrpc.request("q", "elicitation/create", question))
+        self.assertEqual([m for m, _ in bob.got if m.get("method") == "elicitation/create"], [])
+        [refused] = [m for m in reactor.child.received if m.get("id") == "q"]
+        self.assertIn("error", refused)

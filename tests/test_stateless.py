@@ -360,10 +360,14 @@ class QuestionRoutingTests(SynchronousTestCase):
         self.assertEqual(self.asked(chunks), ["for legacy"])
         self.assertEqual(answers_to(client.child, "l"), [])
 
-    def test_abandoned_call_blurs_the_picture_for_a_grace_period(self) -> None:
+    def test_abandoned_call_of_anonymous_clients_blurs_the_picture(self) -> None:
+        """A child may ignore a cancellation: its question may belong to the
+        abandoned call, and anonymous clients may be anyone, so nobody is asked
+        until the child answers the abandoned request (or request_timeout)."""
         bridge = Bridge(self, hold=True)
         client = Client(bridge)
         d = client.start(call(1), accept="application/json")
+        abandoned = client.held("tools/call")
         client.hang_up()
         self.failureResultOf(d, ResponseNeverReceived)
         chunks = self.legacy(bridge, 5)
@@ -371,13 +375,17 @@ class QuestionRoutingTests(SynchronousTestCase):
         [refused] = answers_to(client.child, "early")
         self.assertEqual(refused["error"]["code"], jsonrpc.INTERNAL_ERROR)
         bridge.reactor.advance(ABANDONED_GRACE + 1)
-        client.child.send(elicit("late", "after the grace"))
+        client.child.send(elicit("later"))
+        [refused] = answers_to(client.child, "later")
+        self.assertEqual(refused["error"]["code"], jsonrpc.INTERNAL_ERROR)
+        client.child.answer(abandoned)  # its late answer: the child has let it go
+        client.child.send(elicit("last", "after the late answer"))
         bridge.client.flush()
-        self.assertEqual(self.asked(chunks), ["after the grace"])
+        self.assertEqual(self.asked(chunks), ["after the late answer"])
 
-    def test_stateless_clients_hold_no_roots(self) -> None:
-        """A shared child with one session-era client may ask it for roots,
-        whatever stateless clients use the child too."""
+    def test_roots_of_whom(self) -> None:
+        """A shared child used by a stateless principal and a session-era client
+        may not ask for roots: whose would they be?"""
         bridge = Bridge(self, hold=True)
         client = Client(bridge)
         d = client.start(modern(1, "tools/list"))
@@ -387,5 +395,32 @@ class QuestionRoutingTests(SynchronousTestCase):
         client.child.send(jsonrpc.request("r", "roots/list"))
         bridge.client.flush()
         asked = [m for m in events(chunks) if m.get("method") == "roots/list"]
-        self.assertEqual(len(asked), 1)
-        self.assertEqual(answers_to(client.child, "r"), [])
+        self.assertEqual(asked, [])
+        [refused] = answers_to(client.child, "r")
+        self.assertIn("roots belong to each client", refused["error"]["message"])
+
+
+class RefusalWhileParkedTests(SynchronousTestCase):
+    def test_the_retry_hears_of_it_and_the_child_is_not_left_waiting(self) -> None:
+        server = ServerConfig(
+            name="s", command="fake", request_timeout=10, input_timeout=30, session_idle_timeout=60
+        )
+        bridge = Bridge(self, server, hold=True)
+        client = Client(bridge)
+        d = client.start(call(1), accept="application/json")
+        client.child.send(elicit("q"))
+        bridge.reactor.advance(INPUT_GATHER)
+        state = client.finish(d)[1]["result"]["requestState"]
+        # While parked, the child asks for something the client did not declare.
+        client.child.send(jsonrpc.request("s", "sampling/createMessage", {"messages": []}))
+        [q] = answers_to(client.child, "q")
+        self.assertIn("error", q, "its other questions are answered: it can finish")
+        status, body = client.finish(
+            client.start(retry(2, state, {"q": NAME}), accept="application/json")
+        )
+        self.assertEqual((status, body["id"]), (400, 2))
+        self.assertEqual(body["error"]["code"], era.MISSING_CAPABILITY)
+        self.assertEqual(body["error"]["data"], {"requiredCapabilities": {"sampling": {}}})
+        bridge.reactor.advance(server.request_timeout + 1)
+        self.assertEqual(client.calls(), [])
+        self.assertTrue(client.child.notifications("notifications/cancelled"))

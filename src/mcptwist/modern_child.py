@@ -54,15 +54,15 @@ class ModernUpstream(Upstream):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rounds: dict[int, _Round] = {}
-        # The bridge's listen stream on the child, and every one it opened there.
+        # The bridge's listen stream on the child, and what it asked for.
         self._listen_id: int | None = None
-        self._listen_ids: set[int] = set()
+        self._listen_filter: dict[str, Any] = {}
 
     # The handshake: server/discover
 
     def child_spawned(self, child: Child) -> None:
         self._listen_id = None
-        self._listen_ids.clear()
+        self._listen_filter = {}
         meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
         self._handshake(child, "server/discover", {"_meta": meta}, self._discovered)
 
@@ -297,8 +297,12 @@ class ModernUpstream(Upstream):
     # The child's notifications
 
     def _listen(self) -> None:
-        """(Re)open the bridge's listen stream for what its session-era clients follow."""
+        """(Re)open the bridge's listen stream for what its session-era clients
+        follow, when that changed."""
         if not self._ready or self._child is None:
+            return
+        wanted = self._wanted()
+        if self._listen_id is not None and wanted == self._listen_filter:
             return
         if self._listen_id is not None:
             self._send(
@@ -306,6 +310,20 @@ class ModernUpstream(Upstream):
                 jsonrpc.notification("notifications/cancelled", {"requestId": self._listen_id}),
             )
             self._listen_id = None
+        self._listen_filter = wanted
+        if not wanted:
+            return
+        self._listen_id = next(self._ids)
+        meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
+        self._send(
+            self._child,
+            jsonrpc.request(
+                self._listen_id, "subscriptions/listen", {"notifications": wanted, "_meta": meta}
+            ),
+        )
+
+    def _wanted(self) -> dict[str, Any]:
+        """What the bridge's listen stream asks for."""
         capabilities = (self.init_result or {}).get("capabilities") or {}
         wanted: dict[str, Any] = {}
         # Only session-era clients need it (stateless ones listen for themselves).
@@ -318,17 +336,7 @@ class ModernUpstream(Upstream):
         resources = capabilities.get("resources")
         if self._subscriptions and isinstance(resources, dict) and resources.get("subscribe"):
             wanted["resourceSubscriptions"] = sorted(self._subscriptions)
-        if not wanted:
-            return
-        self._listen_id = next(self._ids)
-        self._listen_ids.add(self._listen_id)
-        meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
-        self._send(
-            self._child,
-            jsonrpc.request(
-                self._listen_id, "subscriptions/listen", {"notifications": wanted, "_meta": meta}
-            ),
-        )
+        return wanted
 
     def _child_notification(self, message: Message) -> None:
         params = message.get("params")
@@ -350,5 +358,23 @@ class ModernUpstream(Upstream):
                 meta[era.META_SUBSCRIPTION] = listen.client_id
                 listen.session.deliver(message, listen.client_id)
             # Otherwise a stream that has closed (the bridge's or a client's): nobody's.
+            return
+        if message["method"] == "notifications/message":
+            # The child logs only for requests that carried a level: only
+            # clients that asked for one see its lines, at that level or above.
+            level = params.get("level") if isinstance(params, dict) else None
+            rank = (
+                protocol.LOG_RANK.get(level, len(protocol.LOG_LEVELS))
+                if isinstance(level, str)
+                else len(protocol.LOG_LEVELS)
+            )
+            self._broadcast(
+                message,
+                [
+                    s
+                    for s in self.sessions
+                    if s.log_level is not None and rank >= protocol.LOG_RANK[s.log_level]
+                ],
+            )
             return
         super()._child_notification(message)

@@ -169,8 +169,10 @@ class Upstream(Service):
         self._subscribing: dict[str, list[tuple[Downstream, RequestId]]] = {}
         # Requests the bridge gave up on (timeout, cancellation, session gone) that the
         # child may still be working on: a server-to-client request may belong to them.
-        self._abandoned: dict[int, tuple[Downstream | None, Child, IDelayedCall]] = {}
+        # (owner, child, expiry, the owner's principal) by the child's id.
+        self._abandoned: dict[int, tuple[Downstream | None, Child, IDelayedCall, str | None]] = {}
         self._child_level: str | None = None
+        self._ready_waiters: list[Deferred[None]] = []
 
     @property
     def label(self) -> str:
@@ -227,9 +229,9 @@ class Upstream(Service):
                     self._internal("resources/unsubscribe", {"uri": uri})
         for waiters in self._subscribing.values():
             waiters[:] = [w for w in waiters if w[0] is not session]
-        for child_id, (owner, child, timer) in list(self._abandoned.items()):
+        for child_id, (owner, child, timer, principal) in list(self._abandoned.items()):
             if owner is session:
-                self._abandoned[child_id] = (None, child, timer)
+                self._abandoned[child_id] = (None, child, timer, principal)
         # The most verbose client may have left: the child can be quieter.
         self._update_level()
 
@@ -529,8 +531,22 @@ class Upstream(Service):
             self._internal("resources/subscribe", {"uri": uri})
         self._became_ready()
 
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the child has answered its handshake (at once if it has)."""
+        d: Deferred[None] = Deferred()
+        if self._ready:
+            d.callback(None)
+        else:
+            self._ready_waiters = [w for w in self._ready_waiters if not w.called]
+            self._ready_waiters.append(d)
+        return d
+
     def _became_ready(self) -> None:
         """The child answered its handshake: send what waited for it."""
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
         queued, self._queue = self._queue, deque()
         for p, message in queued:
             self._send_or_queue(p, message)
@@ -664,27 +680,28 @@ class Upstream(Service):
         active = [p for p in running if p.timer is not None]
         for p in active or running:
             owners.setdefault(p.session, []).append(p)
-        if active and any(
-            getattr(p.session, "principal", None) != getattr(active[0].session, "principal", None)
-            for p in running
-        ):
+        if active and any(_principal(p.session) != _principal(active[0].session) for p in running):
             # A paused request is blocked in the child, but were it to ask, the
             # question must not reach another principal: nobody is asked.
             for p in running:
                 if p.timer is None:
                     owners.setdefault(p.session, []).append(p)
-        # A request the bridge gave up on may still ask, but a child told to
-        # cancel stops soon: after a grace period it no longer blurs the picture.
+        # A request the bridge gave up on may still ask (a child may ignore a
+        # cancellation). Only among the requests of one authenticated principal
+        # does a child told to cancel stop blurring the picture after a grace period.
         recent = self.clock.seconds() + self.server.request_timeout - ABANDONED_GRACE
-        for owner, _, timer in self._abandoned.values():
-            if timer.getTime() > recent:
+        principals = {_principal(o) for o in owners}
+        for owner, _, timer, principal in self._abandoned.values():
+            alone = principals == {principal} and principal not in (None, "anonymous")
+            if not alone or timer.getTime() > recent:
                 owners.setdefault(owner, [])
-        sessions = sum(1 for s in self.sessions if not s.stateless)
-        if method == "roots/list" and sessions > 1:
+        # Each session-era client, and each principal of stateless ones, has roots of its own.
+        holders = {s if not s.stateless else _principal(s) for s in self.sessions}
+        if method == "roots/list" and len(holders) > 1:
             return (
                 None,
                 None,
-                f"roots belong to each client and {sessions} clients share this child; "
+                f"roots belong to each client and {len(holders)} clients share this child; "
                 'use sharing = "session" for servers that ask for roots',
             )
         if len(owners) == 1:
@@ -848,10 +865,10 @@ class Upstream(Service):
         timer = self.clock.callLater(
             self.server.request_timeout, self._abandoned.pop, p.child_id, None
         )
-        self._abandoned[p.child_id] = (owner, p.sent_to, timer)
+        self._abandoned[p.child_id] = (owner, p.sent_to, timer, _principal(p.session))
 
     def _forget_abandoned(self, keep: Callable[[Downstream | None, Child], bool]) -> None:
-        for child_id, (owner, child, timer) in list(self._abandoned.items()):
+        for child_id, (owner, child, timer, _) in list(self._abandoned.items()):
             if not keep(owner, child):
                 del self._abandoned[child_id]
                 if timer.active():
@@ -1080,6 +1097,12 @@ class SessionBackend(Backend):
             "max_children": self.server.max_children,
             "sessions": sum(c["sessions"] for c in children),
         }
+
+
+def _principal(session: object) -> str | None:
+    """Who is behind a downstream (None when the downstream does not say)."""
+    principal = getattr(session, "principal", None)
+    return principal if isinstance(principal, str) else None
 
 
 def _upstream_class(modern: bool) -> type[Upstream]:

@@ -127,17 +127,28 @@ class ClientSession:
         self.sink.close()
 
     def audit_call(
-        self, method: str, params: Any, status: str, error_code: int | None, started: float
+        self,
+        method: str,
+        params: Any,
+        status: str,
+        error_code: int | None,
+        started: float,
+        peer: str | None,
     ) -> None:
-        """Audit a request that did not pass through L{receive} (a hub's calls and streams)."""
+        """Audit a request that did not pass through L{receive} (a hub's calls and
+        streams, each from its own peer)."""
         if self.audit is None or self.clock is None:
             return
-        size, digest = argument_digest(params) if self.audit.enabled else (0, "")
+        size, digest, arguments = 0, "", None
+        if self.audit.enabled:
+            size, digest = argument_digest(params)
+            if self.backend.server.audit_arguments and isinstance(params, dict):
+                arguments = params.get("arguments", params)
         self.audit.request(
             session=self.id,
             server=self.server,
             principal=self.principal,
-            peer=self.peer,
+            peer=peer,
             method=method,
             name=request_name(method, params),
             arg_size=size,
@@ -146,6 +157,7 @@ class ClientSession:
             error_code=error_code,
             latency_ms=(self.clock.seconds() - started) * 1000.0,
             child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
+            arguments=arguments,
         )
 
     # The audit trail: one event per request, however it ends (answered by the

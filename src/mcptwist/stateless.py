@@ -128,6 +128,7 @@ class ModernCall:
         clock: IReactorTime,
         signer: StateSigner,
         input_timeout: float,
+        peer: str | None = None,
     ) -> None:
         assert hub.upstream is not None
         self.hub = hub
@@ -139,6 +140,7 @@ class ModernCall:
         self.input_timeout = input_timeout
         self.id = f"{hub.id[:8]}-{secrets.token_hex(4)}"
         self.principal = hub.principal
+        self.peer = peer
         self.method = request.method
         self.protocol_version: str | None = era.MODERN
         self.log_level = request.log_level
@@ -150,7 +152,7 @@ class ModernCall:
         self.digest = request_digest(hub.server, hub.principal, request.message)
         self.park_id = secrets.token_urlsafe(12)
         self.round = 0
-        self.started = clock.seconds()
+        self.started = self.first_started = clock.seconds()
         self.ended = False
         # Questions of the child not yet answered: key -> (bridge id, method, params).
         self._asked: dict[str, tuple[int, str, Any]] = {}
@@ -159,6 +161,7 @@ class ModernCall:
         self._final: Message | None = None
         # Refused (a capability the client lacks): the child finishes, its answer is dropped.
         self._lingering = False
+        self._child_done = False
         # That refusal, for a retry that arrives after it (the call was parked).
         self._refusal: Message | None = None
         self._gather: IDelayedCall | None = None
@@ -194,7 +197,11 @@ class ModernCall:
         self.upstream.handle(self, message, Kind.REQUEST)
 
     def resume(
-        self, responder: Responder, request: era.ModernRequest, answers: dict[str, Any]
+        self,
+        responder: Responder,
+        request: era.ModernRequest,
+        answers: dict[str, Any],
+        peer: str | None = None,
     ) -> None:
         """A retry: take the client's answers, then go on where the child waits."""
         self._cancel(self._expiry)
@@ -202,12 +209,19 @@ class ModernCall:
         self.sink.calls.add(self)
         self.responder = responder
         self.request = request
+        self.peer = peer
         self.declared = request.capabilities
         self.log_level = request.log_level
+        self.upstream.attach(self)  # a more verbose level may reach the child
         if self._refusal is not None:
             responder.answer(dict(self._refusal, id=request.id), 400)
             self.responder = None
             self._refusal = None
+            if self._child_done:
+                self._end("error", None, audit=False)
+            else:
+                # The child finishes with the error it was given, within its timeout.
+                self.upstream.resume_timer(self, CALL_ID)
             return
         for key in list(self._asked):
             if key in answers:
@@ -264,7 +278,12 @@ class ModernCall:
 
     def _respond(self, message: Message) -> None:
         if self._lingering:
-            self._end("ok", None, audit=False)
+            if self._refusal is not None:
+                # Parked: the retry still has to hear of the refusal.
+                self._child_done = True
+                self.upstream.detach(self)
+            else:
+                self._end("ok", None, audit=False)
             return
         if self.responder is None:
             self._final = message  # parked: the retry gets it
@@ -272,8 +291,11 @@ class ModernCall:
         error = message.get("error")
         status = 200
         if isinstance(error, dict):
-            answer = jsonrpc.error(self.request.id, *modern_error(error, self.request))
-            if answer["error"]["code"] == jsonrpc.METHOD_NOT_FOUND:
+            if self.upstream.modern:
+                answer = dict(message, id=self.request.id)  # the child's, as it is
+            else:
+                answer = jsonrpc.error(self.request.id, *modern_error(error, self.request))
+            if answer["error"].get("code") == jsonrpc.METHOD_NOT_FOUND:
                 status = 404
         elif self.upstream.modern:
             answer = jsonrpc.result(self.request.id, message.get("result"))
@@ -325,7 +347,12 @@ class ModernCall:
                 self.responder.answer(missing, 400)
                 self.responder = None
             else:
-                self._refusal = missing  # parked: the retry gets it
+                # Parked: the retry gets the refusal; the child's other questions
+                # are answered now, so that it finishes instead of waiting.
+                self._refusal = missing
+                for other, _, _ in self._asked.values():
+                    self._answer_child(other, jsonrpc.INTERNAL_ERROR, "the request was refused")
+                self._asked.clear()
             self._audit("error", {"code": era.MISSING_CAPABILITY})
             # The child goes on with an error in hand: its answer ends the call.
             self._lingering = True
@@ -380,7 +407,11 @@ class ModernCall:
         self.sink.calls.discard(self)
         self.sink.park(self)
         self.upstream.pause_timer(self, CALL_ID)
-        self._expiry = self.clock.callLater(self.input_timeout, self._expired)
+        # However many rounds, the whole call stays within max_request_timeout.
+        left = (
+            self.first_started + self.hub.backend.server.max_request_timeout - self.clock.seconds()
+        )
+        self._expiry = self.clock.callLater(max(0.0, min(self.input_timeout, left)), self._expired)
 
     def matches(self, payload: dict[str, Any], digest: str, now: float) -> bool:
         """Whether a verified state names this call's current round."""
@@ -399,6 +430,16 @@ class ModernCall:
         self._asked.clear()
         log.info("call {call} on {server}: {text}", call=self.id, server=self.hub.server, text=text)
         self._end("timeout", None, audit=False)
+
+    def close_listen(self) -> None:
+        """End a listen stream passed to the child gracefully (the bridge is stopping)."""
+        if self.responder is not None:
+            meta = {era.META_SUBSCRIPTION: self.request.id}
+            self.responder.answer(
+                jsonrpc.result(self.request.id, {"resultType": "complete", "_meta": meta})
+            )
+            self.responder = None
+        self._end("ok", None)
 
     def _answer_child(self, bridge_id: int, code: int, text: str) -> None:
         self.upstream.handle(self, jsonrpc.error(bridge_id, code, text), Kind.RESPONSE)
@@ -428,7 +469,7 @@ class ModernCall:
         if code == jsonrpc.REQUEST_TIMEOUT:
             status = "timeout"
         status = "ok" if status == "input_required" else status
-        self.hub.audit_call(self.method, self._params, status, code, self.started)
+        self.hub.audit_call(self.method, self._params, status, code, self.started, self.peer)
         self.started = self.clock.seconds()
 
     @staticmethod
@@ -572,7 +613,10 @@ class StatelessSink:
 
     def close(self) -> None:
         for call in list(self.calls):
-            call._fail(jsonrpc.SERVER_UNAVAILABLE, "the server is going away", status=503)
+            if call.method == "subscriptions/listen":
+                call.close_listen()
+            else:
+                call._fail(jsonrpc.SERVER_UNAVAILABLE, "the server is going away", status=503)
         for call in list(self.parked.values()):
             call._expired()
         for listen in list(self.listens):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
 from .. import era, jsonrpc
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 log = Logger(namespace="mcptwist.web.modern")
 
 ALLOW: Final = {b"allow": b"POST"}
+# Bounds of a client's subscriptions/listen streams on one server.
+MAX_LISTENS: Final = 32
+MAX_LISTEN_URIS: Final = 256
 
 
 class HTTPResponder:
@@ -154,8 +158,9 @@ def post(
         json_ok and hub.backend.server.json_response and checked.method != "subscriptions/listen"
     )
     responder = HTTPResponder(app, request, json_ok, sse_ok and not prefer_json, f"{name} POST")
+    peer = getattr(request, "client_ip", None)
     if state is not None:
-        call.resume(responder, checked, answers or {})
+        call.resume(responder, checked, answers or {}, peer)
     else:
         call = ModernCall(
             hub,
@@ -164,6 +169,7 @@ def post(
             app.clock,
             app.signer,
             hub.backend.server.input_timeout,
+            peer,
         )
         call.start(answers if translated else None)
 
@@ -236,15 +242,80 @@ def _parked_call(
 def _listen(
     app: BridgeApp, request: Any, name: str, checked: era.ModernRequest, hub: ClientSession
 ) -> int:
-    """C{subscriptions/listen} for a session-era child: acknowledge, then
+    """C{subscriptions/listen} for a session-era child: acknowledge (once the
+    child is ready: the agreed filter depends on what it declared), then
     stream the child's notifications that the filter asked for."""
     sink = hub.sink
     assert isinstance(sink, StatelessSink) and hub.upstream is not None
     params = checked.message.get("params") or {}
     wanted = params.get("notifications")
     wanted = wanted if isinstance(wanted, dict) else {}
+    uris = wanted.get("resourceSubscriptions")
+    if isinstance(uris, list) and len(uris) > MAX_LISTEN_URIS:
+        raise HTTPProblem(
+            400,
+            jsonrpc.INVALID_PARAMS,
+            f"Invalid params: at most {MAX_LISTEN_URIS} resourceSubscriptions per stream",
+            checked.id,
+        )
+    if len(sink.listens) >= MAX_LISTENS:
+        raise HTTPProblem(
+            429,
+            jsonrpc.SERVER_UNAVAILABLE,
+            f"Too Many Requests: this client already holds {MAX_LISTENS} listen streams here",
+            checked.id,
+            {b"retry-after": b"5"},
+        )
+    upstream = hub.upstream
+    if upstream.init_result is not None:
+        return _acknowledge(app, request, name, checked, hub, wanted)
+    ready = upstream.when_ready()
+    ready.addTimeout(hub.backend.server.request_timeout, app.clock)
+    request.notifyFinish().addErrback(lambda _: ready.cancel())
+
+    def go(_: object) -> None:
+        if request.finished or request.channel is None:
+            return
+        try:
+            _acknowledge(app, request, name, checked, hub, wanted)
+        except HTTPProblem as problem:
+            request.write(problem.render(request))
+            request.finish()
+
+    def failed(reason: Failure) -> None:
+        if request.finished or request.channel is None:
+            return
+        problem = HTTPProblem(
+            503,
+            jsonrpc.SERVER_UNAVAILABLE,
+            f"Service Unavailable: MCP server '{name}' is not ready ({upstream.state.value})",
+            checked.id,
+            {b"retry-after": b"5"},
+        )
+        request.write(problem.render(request))
+        request.finish()
+
+    ready.addCallbacks(go, failed)
+    return NOT_DONE_YET
+
+
+def _acknowledge(
+    app: BridgeApp,
+    request: Any,
+    name: str,
+    checked: era.ModernRequest,
+    hub: ClientSession,
+    wanted: dict[str, Any],
+) -> int:
+    sink = hub.sink
+    assert isinstance(sink, StatelessSink) and hub.upstream is not None
+    params = checked.message.get("params") or {}
     agreed = agreed_filter(wanted, (hub.upstream.init_result or {}).get("capabilities"))
-    connection = app.stream(request, f"{name} listen")
+    try:
+        connection = app.stream(request, f"{name} listen")
+    except HTTPProblem as problem:
+        problem.id = checked.id
+        raise
     listen = Listen(
         checked.id,
         agreed,
@@ -271,7 +342,9 @@ def _listen(
             if not hub.closed:
                 sink.subscribe(listen.uris, add=False)
         hub.last_active = app.clock.seconds()
-        hub.audit_call(checked.method, params, "ok", None, opened)
+        hub.audit_call(
+            checked.method, params, "ok", None, opened, getattr(request, "client_ip", None)
+        )
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET
