@@ -102,16 +102,8 @@ class ModernUpstream(Upstream):
 
     def _set_level(self, session: Downstream, message: Message) -> None:
         """The level travels with each request: remember it for the session."""
-        level = (message.get("params") or {}).get("level")
-        if not isinstance(level, str) or level not in protocol.LOG_RANK:
-            session.deliver(
-                jsonrpc.error(
-                    message["id"],
-                    jsonrpc.INVALID_PARAMS,
-                    f"Invalid params: level must be one of {', '.join(protocol.LOG_LEVELS)}",
-                ),
-                message["id"],
-            )
+        level = self._level_of(session, message)
+        if level is None:
             return
         session.log_level = level
         session.deliver(jsonrpc.result(message["id"], {}), message["id"])

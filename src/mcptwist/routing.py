@@ -318,18 +318,25 @@ class Upstream(Service):
             result["instructions"] = self.init_result["instructions"]
         session.deliver(jsonrpc.result(message["id"], result), message["id"])
 
+    def _level_of(self, session: Downstream, message: Message) -> str | None:
+        """The level a logging/setLevel asks for; None (and the client told) if invalid."""
+        level = (message.get("params") or {}).get("level")
+        if isinstance(level, str) and level in protocol.LOG_RANK:
+            return level
+        session.deliver(
+            jsonrpc.error(
+                message["id"],
+                jsonrpc.INVALID_PARAMS,
+                f"Invalid params: level must be one of {', '.join(protocol.LOG_LEVELS)}",
+            ),
+            message["id"],
+        )
+        return None
+
     def _set_level(self, session: Downstream, message: Message) -> None:
         params = message.get("params") or {}
-        level = params.get("level")
-        if not isinstance(level, str) or level not in protocol.LOG_RANK:
-            session.deliver(
-                jsonrpc.error(
-                    message["id"],
-                    jsonrpc.INVALID_PARAMS,
-                    f"Invalid params: level must be one of {', '.join(protocol.LOG_LEVELS)}",
-                ),
-                message["id"],
-            )
+        level = self._level_of(session, message)
+        if level is None:
             return
         session.log_level = level
         wanted = self._wanted_level()
