@@ -180,8 +180,15 @@ class ModernCall:
         self.sink.calls.add(self)
         self.upstream.attach(self)
         if self.upstream.modern:
-            # The child speaks this revision: the request goes as the client sent it.
+            # The child speaks this revision: the request goes as the client sent it
+            # (copied: the router rewrites its id and progress token in place).
             message = dict(self.request.message, id=CALL_ID)
+            params = message.get("params")
+            if isinstance(params, dict):
+                meta = params.get("_meta")
+                message["params"] = dict(params)
+                if isinstance(meta, dict):
+                    message["params"]["_meta"] = dict(meta)
             if self.method == "subscriptions/listen":
                 self.upstream.handle(self, message, Kind.REQUEST)
                 self.upstream.pause_timer(self, CALL_ID)  # it lasts until the client leaves
