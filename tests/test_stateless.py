@@ -186,6 +186,21 @@ class InputRequiredTests(SynchronousTestCase):
         status, body = self.client.finish(d)
         self.assertEqual((status, body["id"], body["result"]["resultType"]), (200, 2, "complete"))
 
+    def test_progress_after_a_retry_carries_the_retrys_token(self) -> None:
+        held, result = self.ask(call(1, _meta={"progressToken": "first"}), elicit("a"))
+        d = self.client.start(
+            retry(2, result["requestState"], {"a": NAME}, _meta={"progressToken": "second"})
+        )
+        progress = {"progressToken": held["params"]["_meta"]["progressToken"], "progress": 1}
+        self.child.send(jsonrpc.notification("notifications/progress", progress))
+        self.client.bridge.client.flush()
+        chunks = self.client.bridge.stream(self.successResultOf(d))
+        self.child.answer(held)
+        self.client.bridge.client.flush()
+        note, answer = events(chunks)
+        self.assertEqual(note["params"]["progressToken"], "second")
+        self.assertEqual(answer["id"], 2)
+
     def test_questions_sent_together_are_gathered(self) -> None:
         _, result = self.ask(call(1), elicit("a"), elicit("b", "Your age?"))
         self.assertEqual(sorted(result["inputRequests"]), ["a", "b"])

@@ -254,6 +254,12 @@ class Upstream(Service):
                 p.timer.cancel()
             p.timer = None
 
+    def retoken(self, session: Downstream, client_id: RequestId, token: Any) -> None:
+        """A retry's progress token (or none) replaces its first request's."""
+        p = self._by_client.get((session, client_id))
+        if p is not None and p.progress_token is not None:
+            p.progress_token = token
+
     def resume_timer(self, session: Downstream, client_id: RequestId) -> None:
         """The client answered: the child has request_timeout again to finish."""
         p = self._by_client.get((session, client_id))

@@ -220,6 +220,9 @@ class ModernCall:
         self.declared = request.capabilities
         self.log_level = request.log_level
         self.upstream.attach(self)  # a more verbose level may reach the child
+        meta = (request.message.get("params") or {}).get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        self.upstream.retoken(self, CALL_ID, token)
         if self._refusal is not None:
             responder.answer(dict(self._refusal, id=request.id), 400)
             self.responder = None
