@@ -17,7 +17,14 @@ from mcptwist.config import AuthConfig, ServerConfig, TokenConfig
 from mcptwist.era import ModernRequest
 from mcptwist.jsonrpc import Message, RequestId
 from mcptwist.routing import ABANDONED_GRACE
-from mcptwist.stateless import INPUT_GATHER, Listen, StateSigner, modern_error, request_digest
+from mcptwist.stateless import (
+    INPUT_GATHER,
+    Listen,
+    StatelessSink,
+    StateSigner,
+    modern_error,
+    request_digest,
+)
 
 from .fakes import FakeChild
 from .test_modern import Client, call, events, modern, send
@@ -439,3 +446,21 @@ class RefusalWhileParkedTests(SynchronousTestCase):
         bridge.reactor.advance(server.request_timeout + 1)
         self.assertEqual(client.calls(), [])
         self.assertTrue(client.child.notifications("notifications/cancelled"))
+
+
+class IdleHubTests(SynchronousTestCase):
+    def test_when_idle_waits_for_the_last_call(self) -> None:
+        """A reload closes a retired server's hubs as soon as nothing is in flight."""
+        client = Client(Bridge(self, hold=True))
+        d = client.start(call(1), accept="application/json")
+        [hub] = client.bridge.registry.sessions.values()
+        sink = hub.sink
+        assert isinstance(sink, StatelessSink)
+        idle: list[bool] = []
+        sink.when_idle(lambda: idle.append(True))
+        self.assertEqual(idle, [])
+        client.child.answer(client.held("tools/call"))
+        self.assertEqual(client.finish(d)[0], 200)
+        self.assertEqual(idle, [True])
+        sink.when_idle(lambda: idle.append(True))
+        self.assertEqual(idle, [True, True], "an idle hub is told at once")

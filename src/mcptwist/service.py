@@ -9,6 +9,7 @@ stop the children and wait for them to exit.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
@@ -36,6 +37,7 @@ from .notify import SystemdNotifier, status_line
 from .routing import Backend, make_backend
 from .security import is_local_address
 from .session import ClientSession, SessionRegistry
+from .stateless import StatelessSink
 from .tls import ReloadableTLS, TLSLoadError
 from .web.access import AccessControl
 from .web.admin import AdminAPI
@@ -724,6 +726,10 @@ class BridgeService(MultiService):
         """Stop serving a server: new sessions cannot reach it; its sessions
         finish what they do, and are closed after C{drain_timeout}."""
         backend = self.backends.pop(name)
+        # A stateless hub serves no one between requests: it closes when idle.
+        for session in self.registry.of_backend(backend):
+            if isinstance(session.sink, StatelessSink):
+                session.sink.when_idle(functools.partial(self._close_hub, session, why))
         if not self.registry.of_backend(backend):
             self._stop_backend(backend)
             return
@@ -736,6 +742,9 @@ class BridgeService(MultiService):
         self.draining[backend] = self.reactor.callLater(
             self.config.drain_timeout, self._drained, backend, why
         )
+
+    def _close_hub(self, hub: ClientSession, why: str) -> None:
+        self.registry.close(hub, f"closed: the server was {why}")
 
     def _session_closed(self, session: ClientSession) -> None:
         backend = session.backend

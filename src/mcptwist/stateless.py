@@ -470,6 +470,7 @@ class ModernCall:
         self.sink.parked.pop(self.park_id, None)
         # Detaching cancels on the child whatever it still works on for this call.
         self.upstream.detach(self)
+        self.sink.settled()
         if audit:
             self._audit(status, error)
 
@@ -565,10 +566,22 @@ class StatelessSink:
         self.parked: dict[str, ModernCall] = {}
         self.listens: set[Listen] = set()
         self._ids = itertools.count(1)
+        self._on_idle: Callable[[], None] | None = None
 
     @property
     def connected(self) -> bool:
         return bool(self.calls or self.parked or self.listens)
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Call C{callback} once nothing is in flight, waiting or listening (now if so)."""
+        self._on_idle = callback
+        self.settled()
+
+    def settled(self) -> None:
+        """Something ended: tell whoever waits for the hub to be idle."""
+        if self._on_idle is not None and not self.connected:
+            callback, self._on_idle = self._on_idle, None
+            callback()
 
     def park(self, call: ModernCall) -> None:
         self.parked[call.park_id] = call

@@ -341,6 +341,7 @@ def _acknowledge(
             sink.listens.discard(listen)
             if not hub.closed:
                 sink.subscribe(listen.uris, add=False)
+            sink.settled()
         hub.last_active = app.clock.seconds()
         hub.audit_call(
             checked.method, params, "ok", None, opened, getattr(request, "client_ip", None)
