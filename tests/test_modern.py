@@ -15,8 +15,8 @@ from mcptwist.audit import AuditTrail
 from mcptwist.config import AuditConfig, ServerConfig
 from mcptwist.era import MODERN
 from mcptwist.jsonrpc import Message, RequestId
-from mcptwist.stateless import ModernCall, StatelessSink
-from mcptwist.web.modern import MAX_LISTEN_URIS, HTTPResponder, agreed_filter
+from mcptwist.stateless import ModernCall, StatelessSink, agreed_filter
+from mcptwist.web.modern import MAX_LISTEN_URIS, HTTPResponder
 
 from .fakes import FakeChild
 from .test_sse import decode

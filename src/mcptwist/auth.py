@@ -220,27 +220,27 @@ def _status_200(body: bytes, code: int) -> bytes:
     return body
 
 
+# Why PyJWT refused a token, most specific first, as fixed loggable phrases.
+_REASONS: Final[tuple[tuple[type[Exception], str], ...]] = (
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not yet valid"),
+    (jwt.InvalidAudienceError, "wrong audience"),
+    (jwt.InvalidIssuerError, "wrong issuer"),
+    (jwt.InvalidSignatureError, "bad signature"),
+    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+    (jwt.InvalidKeyError, "unusable key"),
+)
+
+
 def _reason(error: Exception) -> str:
     """A fixed, loggable phrase for why PyJWT refused a token."""
-    if isinstance(error, jwt.ExpiredSignatureError):
-        return "expired"
-    if isinstance(error, jwt.ImmatureSignatureError):
-        return "not yet valid"
-    if isinstance(error, jwt.InvalidAudienceError):
-        return "wrong audience"
-    if isinstance(error, jwt.InvalidIssuerError):
-        return "wrong issuer"
-    if isinstance(error, jwt.InvalidSignatureError):
-        return "bad signature"
-    if isinstance(error, jwt.InvalidAlgorithmError):
-        return "algorithm not allowed"
     if isinstance(error, jwt.MissingRequiredClaimError):
-        if error.claim in ("exp", "iss", "aud"):
-            return f"missing claim {error.claim}"
-        return "missing claim"
-    if isinstance(error, jwt.InvalidKeyError):
-        return "unusable key"
-    return "malformed"
+        return (
+            f"missing claim {error.claim}"
+            if error.claim in ("exp", "iss", "aud")
+            else "missing claim"
+        )
+    return next((phrase for kind, phrase in _REASONS if isinstance(error, kind)), "malformed")
 
 
 def _load_key_file(path: str, algorithms: tuple[str, ...]) -> bytes | PublicKey:

@@ -153,31 +153,23 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
             values[name] = decode_header(found[0]) if found else None
         except Refusal as refusal:
             raise refuse(refusal.status, refusal.code, refusal.message) from None
+
+    def invalid(text: str) -> Refusal:
+        return refuse(400, jsonrpc.INVALID_PARAMS, f"Invalid params: {text}")
+
     params = message.get("params")
     meta = params.get("_meta") if isinstance(params, dict) else None
     if not isinstance(meta, dict):
-        raise refuse(
-            400,
-            jsonrpc.INVALID_PARAMS,
-            f"Invalid params: params._meta with {META_VERSION} and {META_CAPABILITIES} is required",
-        )
+        raise invalid(f"params._meta with {META_VERSION} and {META_CAPABILITIES} is required")
     version = meta.get(META_VERSION)
     if not isinstance(version, str) or not version:
-        raise refuse(
-            400, jsonrpc.INVALID_PARAMS, f"Invalid params: _meta {META_VERSION} is required"
-        )
+        raise invalid(f"_meta {META_VERSION} is required")
     capabilities = meta.get(META_CAPABILITIES)
     if not isinstance(capabilities, dict):
-        raise refuse(
-            400,
-            jsonrpc.INVALID_PARAMS,
-            f"Invalid params: _meta {META_CAPABILITIES} is required (an object)",
-        )
+        raise invalid(f"_meta {META_CAPABILITIES} is required (an object)")
     client_info = meta.get(META_CLIENT)
     if client_info is not None and not isinstance(client_info, dict):
-        raise refuse(
-            400, jsonrpc.INVALID_PARAMS, f"Invalid params: _meta {META_CLIENT} must be an object"
-        )
+        raise invalid(f"_meta {META_CLIENT} must be an object")
     header_version = values["mcp-protocol-version"]
     if header_version != version:
         raise refuse(
@@ -212,11 +204,7 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
         )
     level = meta.get(META_LOG_LEVEL)
     if level is not None and (not isinstance(level, str) or level not in protocol.LOG_RANK):
-        raise refuse(
-            400,
-            jsonrpc.INVALID_PARAMS,
-            f"Invalid params: _meta {META_LOG_LEVEL} must be one of {', '.join(protocol.LOG_LEVELS)}",
-        )
+        raise invalid(f"_meta {META_LOG_LEVEL} must be one of {', '.join(protocol.LOG_LEVELS)}")
     if method in REMOVED_METHODS:
         raise refuse(
             404,
@@ -252,13 +240,14 @@ def for_child(message: Message) -> Message:
 
 
 def complete(method: str, result: Any, server_info: Mapping[str, Any]) -> dict[str, Any]:
-    """A child's (session-era) result as this revision shapes it."""
-    shaped: dict[str, Any] = dict(result) if isinstance(result, dict) else {}
+    """A child's (session-era) result as this revision shapes it (in place: a
+    result has one recipient)."""
+    shaped: dict[str, Any] = result if isinstance(result, dict) else {}
     shaped.setdefault("resultType", "complete")
     meta = shaped.get("_meta")
-    meta = dict(meta) if isinstance(meta, dict) else {}
-    meta[META_SERVER] = dict(server_info)
-    shaped["_meta"] = meta
+    if not isinstance(meta, dict):
+        meta = shaped["_meta"] = {}
+    meta[META_SERVER] = server_info
     if method in CACHED_METHODS:
         # Answers may differ by client (a shared child, per-principal access):
         # nothing is cached unless the child says so.

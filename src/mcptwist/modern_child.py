@@ -25,14 +25,13 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from . import __version__, era, jsonrpc, protocol
+from . import era, jsonrpc, protocol
 from .jsonrpc import Message
 from .process import Child
-from .routing import BRIDGE_CAPABILITIES, Downstream, Upstream, _Pending
+from .routing import BRIDGE_CAPABILITIES, BRIDGE_INFO, Downstream, Upstream, _Pending
+from .stateless import LIST_CHANGED, agreed_filter
 
 log = Logger(namespace="mcptwist.routing")
-
-_BRIDGE_INFO = {"name": protocol.BRIDGE_NAME, "version": __version__}
 
 
 @attrs.define(eq=False)
@@ -50,6 +49,9 @@ class ModernUpstream(Upstream):
     """One child that speaks 2026-07-28, and the sessions (of either era) it serves."""
 
     modern = True
+    # The child logs only for requests that carried a level: only clients that
+    # asked for one see its lines.
+    unset_level_logs = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -63,7 +65,7 @@ class ModernUpstream(Upstream):
     def child_spawned(self, child: Child) -> None:
         self._listen_id = None
         self._listen_filter = {}
-        meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
+        meta = self._envelope(BRIDGE_CAPABILITIES, BRIDGE_INFO, None)
         self._handshake(child, "server/discover", {"_meta": meta}, self._discovered)
 
     def _discovered(self, child: Child, response: Message) -> None:
@@ -123,7 +125,6 @@ class ModernUpstream(Upstream):
                 message["id"],
             )
             return
-        before = set(self._subscriptions)
         if add:
             self._subscriptions.setdefault(uri, set()).add(session)
         else:
@@ -133,8 +134,7 @@ class ModernUpstream(Upstream):
                 if not subscribers:
                     del self._subscriptions[uri]
         session.deliver(jsonrpc.result(message["id"], {}), message["id"])
-        if set(self._subscriptions) != before:
-            self._listen()
+        self._listen()  # reopened only if what it follows changed
 
     def _update_level(self) -> None:
         """Each request carries its own level: the child has none to set."""
@@ -145,16 +145,12 @@ class ModernUpstream(Upstream):
             self._listen()
 
     def detach(self, session: Downstream) -> None:
-        for out_id, round_ in list(self._rounds.items()):
-            if round_.pending.session is session:
-                del self._rounds[out_id]
-        # Its subscriptions are the listen stream's business, not the child's.
-        for uri, subscribers in list(self._subscriptions.items()):
-            subscribers.discard(session)
-            if not subscribers:
-                del self._subscriptions[uri]
-        super().detach(session)
-        self._listen()
+        super().detach(session)  # its rounds end with its requests (_forget)
+        if not session.stateless:
+            self._listen()
+
+    def _unsubscribed(self, uri: str) -> None:
+        """Subscriptions are the listen stream's business (detach reopens it)."""
 
     def _forget(self, p: _Pending) -> None:
         super()._forget(p)
@@ -174,17 +170,22 @@ class ModernUpstream(Upstream):
     # Session-era requests carried to the child
 
     def _forward(self, session: Downstream, message: Message, on_response: Any = None) -> bool:
-        if not session.stateless:
-            params = message.get("params")
-            params = dict(params) if isinstance(params, dict) else {}
-            meta = params.get("_meta")
-            meta = dict(meta) if isinstance(meta, dict) else {}
-            meta.update(
-                self._envelope(session.capabilities, session.client_info, session.log_level)
-            )
-            params["_meta"] = meta
-            message["params"] = params
-        return super()._forward(session, message, on_response)
+        if session.stateless:
+            return super()._forward(session, message, on_response)
+        # The parsed message is the bridge's own: the envelope goes in place.
+        params = message.get("params")
+        if params is None:
+            params = message["params"] = {}
+        meta = params.get("_meta")
+        if not isinstance(meta, dict):
+            meta = params["_meta"] = {}
+        meta.update(self._envelope(session.capabilities, session.client_info, session.log_level))
+        client_id = message["id"]
+        forwarded = super()._forward(session, message, on_response)
+        if forwarded:
+            # Kept for the retry an input_required answer needs.
+            self._by_client[(session, client_id)].request = message
+        return forwarded
 
     @staticmethod
     def _envelope(
@@ -193,7 +194,7 @@ class ModernUpstream(Upstream):
         meta: dict[str, Any] = {
             era.META_VERSION: era.MODERN,
             era.META_CAPABILITIES: capabilities,
-            era.META_CLIENT: client_info or _BRIDGE_INFO,
+            era.META_CLIENT: client_info or BRIDGE_INFO,
         }
         if level is not None:
             meta[era.META_LOG_LEVEL] = level
@@ -306,7 +307,7 @@ class ModernUpstream(Upstream):
         if not wanted:
             return
         self._listen_id = next(self._ids)
-        meta = self._envelope(BRIDGE_CAPABILITIES, _BRIDGE_INFO, None)
+        meta = self._envelope(BRIDGE_CAPABILITIES, BRIDGE_INFO, None)
         self._send(
             self._child,
             jsonrpc.request(
@@ -316,19 +317,13 @@ class ModernUpstream(Upstream):
 
     def _wanted(self) -> dict[str, Any]:
         """What the bridge's listen stream asks for."""
-        capabilities = (self.init_result or {}).get("capabilities") or {}
-        wanted: dict[str, Any] = {}
         # Only session-era clients need it (stateless ones listen for themselves).
-        if not any(not s.stateless for s in self.sessions):
-            capabilities = {}
-        for kind in ("tools", "prompts", "resources"):
-            declared = capabilities.get(kind)
-            if isinstance(declared, dict) and declared.get("listChanged"):
-                wanted[f"{kind}ListChanged"] = True
-        resources = capabilities.get("resources")
-        if self._subscriptions and isinstance(resources, dict) and resources.get("subscribe"):
-            wanted["resourceSubscriptions"] = sorted(self._subscriptions)
-        return wanted
+        if all(s.stateless for s in self.sessions):
+            return {}
+        everything: dict[str, Any] = {field: True for field, _ in LIST_CHANGED.values()}
+        if self._subscriptions:
+            everything["resourceSubscriptions"] = sorted(self._subscriptions)
+        return agreed_filter(everything, (self.init_result or {}).get("capabilities"))
 
     def _child_notification(self, message: Message) -> None:
         params = message.get("params")
@@ -350,23 +345,5 @@ class ModernUpstream(Upstream):
                 meta[era.META_SUBSCRIPTION] = listen.client_id
                 listen.session.deliver(message, listen.client_id)
             # Otherwise a stream that has closed (the bridge's or a client's): nobody's.
-            return
-        if message["method"] == "notifications/message":
-            # The child logs only for requests that carried a level: only
-            # clients that asked for one see its lines, at that level or above.
-            level = params.get("level") if isinstance(params, dict) else None
-            rank = (
-                protocol.LOG_RANK.get(level, len(protocol.LOG_LEVELS))
-                if isinstance(level, str)
-                else len(protocol.LOG_LEVELS)
-            )
-            self._broadcast(
-                message,
-                [
-                    s
-                    for s in self.sessions
-                    if s.log_level is not None and rank >= protocol.LOG_RANK[s.log_level]
-                ],
-            )
             return
         super()._child_notification(message)

@@ -45,6 +45,7 @@ CANNOT_ASK: Final = frozenset(
 )
 # How long after a cancellation a child's request to a client may still be its.
 ABANDONED_GRACE: Final = 5.0
+BRIDGE_INFO: Final = {"name": protocol.BRIDGE_NAME, "version": __version__}
 BRIDGE_CAPABILITIES: Final = {
     "sampling": {},
     "elicitation": {},
@@ -209,7 +210,10 @@ class Upstream(Service):
             self._forget(p)
             if p.sent_to is not None:
                 self._cancel_on_child(p, "client session closed")
-        self._queue = deque((p, m) for p, m in self._queue if p is None or p.session is not session)
+        if self._queue:
+            self._queue = deque(
+                (p, m) for p, m in self._queue if p is None or p.session is not session
+            )
         for out_id, out in list(self._outbound.items()):
             if out.session is session:
                 del self._outbound[out_id]
@@ -226,14 +230,19 @@ class Upstream(Service):
                 subscribers.discard(session)
                 if not subscribers:
                     del self._subscriptions[uri]
-                    self._internal("resources/unsubscribe", {"uri": uri})
+                    self._unsubscribed(uri)
         for waiters in self._subscribing.values():
             waiters[:] = [w for w in waiters if w[0] is not session]
         for child_id, (owner, child, timer, principal) in list(self._abandoned.items()):
             if owner is session:
                 self._abandoned[child_id] = (None, child, timer, principal)
-        # The most verbose client may have left: the child can be quieter.
-        self._update_level()
+        if session.log_level is not None:
+            # The most verbose client may have left: the child can be quieter.
+            self._update_level()
+
+    def _unsubscribed(self, uri: str) -> None:
+        """The last subscriber of a resource left: the child need not follow it."""
+        self._internal("resources/unsubscribe", {"uri": uri})
 
     def _update_level(self) -> None:
         wanted = self._wanted_level()
@@ -438,7 +447,6 @@ class Upstream(Service):
             session=session,
             client_id=client_id,
             on_response=on_response,
-            request=message,
         )
         message["id"] = child_id
         params = message.get("params")
@@ -495,7 +503,7 @@ class Upstream(Service):
             {
                 "protocolVersion": protocol.LATEST_LEGACY,
                 "capabilities": BRIDGE_CAPABILITIES,
-                "clientInfo": {"name": protocol.BRIDGE_NAME, "version": __version__},
+                "clientInfo": BRIDGE_INFO,
             },
             self._handshake_done,
         )
@@ -606,19 +614,7 @@ class Upstream(Service):
             self._extend(p)
             p.session.deliver(message, p.client_id)
         elif method == "notifications/message":
-            level = params.get("level")
-            # An unknown or malformed level is shown to every client.
-            top = len(protocol.LOG_LEVELS)
-            rank = protocol.LOG_RANK.get(level, top) if isinstance(level, str) else top
-            self._broadcast(
-                message,
-                [
-                    s
-                    for s in self.sessions
-                    if (s.log_level is None and not s.stateless)
-                    or (s.log_level is not None and rank >= protocol.LOG_RANK[s.log_level])
-                ],
-            )
+            self._broadcast(message, self._log_recipients(params.get("level")))
         elif method == "notifications/resources/updated":
             uri = params.get("uri")
             subscribers = self._subscriptions.get(uri, ()) if isinstance(uri, str) else ()
@@ -632,6 +628,24 @@ class Upstream(Service):
                     out.session.deliver(message, None)
         else:
             self._broadcast(message, list(self.sessions))
+
+    # Whether a session-era client that set no level gets every log line (a
+    # child of that era decides itself what to log).
+    unset_level_logs = True
+
+    def _log_recipients(self, level: Any) -> list[Downstream]:
+        """The sessions a log line at this level is for: those at or below it,
+        and those that set no level if the child decides for them. An unknown
+        or malformed level is shown to all of them."""
+        top = len(protocol.LOG_LEVELS)
+        rank = protocol.LOG_RANK.get(level, top) if isinstance(level, str) else top
+        unset = self.unset_level_logs
+        return [
+            s
+            for s in self.sessions
+            if (s.log_level is None and unset and not s.stateless)
+            or (s.log_level is not None and rank >= protocol.LOG_RANK[s.log_level])
+        ]
 
     def _broadcast(self, message: Message, sessions: list[Downstream]) -> None:
         """The same notification to several sessions, serialised once."""
@@ -987,6 +1001,16 @@ class Backend(MultiService):
         # Stopped by an operator (admin API): stays stopped until started.
         self.held = False
         self.setName(server.name)
+        self.build()
+
+    def build(self) -> None:
+        """Set up what this sharing mode needs (called once, by the constructor)."""
+
+    def _upstream(self, stateless: bool, label: str | None = None) -> Upstream:
+        """A new upstream for the sessions of one era (a child speaks it, or is translated for)."""
+        era = self.server.era
+        cls = _upstream_class(era == "modern" or (era == "dual" and stateless))
+        return cls(self.server, self.reactor, self.environ, label, self.audit)
 
     def open(self, session: Downstream) -> Upstream:
         """Give a new session the upstream that will serve it."""
@@ -1008,24 +1032,13 @@ class Backend(MultiService):
 class SharedBackend(Backend):
     """One child for every session (the default)."""
 
-    def __init__(
-        self,
-        server: ServerConfig,
-        reactor: Any,
-        environ: Mapping[str, str],
-        audit: AuditTrail | None = None,
-    ) -> None:
-        super().__init__(server, reactor, environ, audit)
-        self.upstream = _upstream_class(server.era == "modern")(
-            server, reactor, environ, audit=audit
-        )
+    def build(self) -> None:
+        self.upstream = self._upstream(stateless=False)
         self.upstream.setServiceParent(self)
         # A child of a dual-era server for stateless clients, spoken to in their revision.
         self.modern: Upstream | None = None
-        if server.era == "dual":
-            self.modern = _upstream_class(True)(
-                server, reactor, environ, f"{server.name}[2026]", audit
-            )
+        if self.server.era == "dual":
+            self.modern = self._upstream(stateless=True, label=f"{self.server.name}[2026]")
             self.modern.setServiceParent(self)
 
     def open(self, session: Downstream) -> Upstream:
@@ -1046,14 +1059,7 @@ class SharedBackend(Backend):
 class SessionBackend(Backend):
     """A child of its own for each session, up to max_children."""
 
-    def __init__(
-        self,
-        server: ServerConfig,
-        reactor: Any,
-        environ: Mapping[str, str],
-        audit: AuditTrail | None = None,
-    ) -> None:
-        super().__init__(server, reactor, environ, audit)
+    def build(self) -> None:
         # Children of ended sessions that are still stopping: shutdown waits for them.
         self._stopping: set[Deferred[Any]] = set()
 
@@ -1065,14 +1071,7 @@ class SessionBackend(Backend):
             raise CapacityError(
                 f"MCP server '{self.server.name}' already runs {count} children, its max_children"
             )
-        era = self.server.era
-        upstream = _upstream_class(era == "modern" or (era == "dual" and session.stateless))(
-            self.server,
-            self.reactor,
-            self.environ,
-            label=f"{self.server.name}[{session.id[:8]}]",
-            audit=self.audit,
-        )
+        upstream = self._upstream(session.stateless, f"{self.server.name}[{session.id[:8]}]")
         upstream.attach(session)
         upstream.setServiceParent(self)
         return upstream

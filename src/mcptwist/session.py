@@ -83,16 +83,16 @@ class ClientSession:
     audit: AuditTrail | None = None
     clock: IReactorTime | None = None
     _audited: dict[RequestId, _Audited] = attrs.field(factory=dict)
+    # A stateless hub: the session the bridge keeps for one principal's
+    # 2026-07-28 requests to one server (read for every log line and question).
+    stateless: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.stateless = self.transport == "stateless"
 
     @property
     def server(self) -> str:
         return self.backend.server.name
-
-    @property
-    def stateless(self) -> bool:
-        """A stateless hub: the session the bridge keeps for one principal's
-        2026-07-28 requests to one server."""
-        return self.transport == "stateless"
 
     def deliver(
         self, message: Message, related: RequestId | None, encoded: bytes | None = None
@@ -137,49 +137,51 @@ class ClientSession:
     ) -> None:
         """Audit a request that did not pass through L{receive} (a hub's calls and
         streams, each from its own peer)."""
-        if self.audit is None or self.clock is None:
-            return
-        size, digest, arguments = 0, "", None
-        if self.audit.enabled:
-            size, digest = argument_digest(params)
-            if self.backend.server.audit_arguments and isinstance(params, dict):
-                arguments = params.get("arguments", params)
-        self.audit.request(
-            session=self.id,
-            server=self.server,
-            principal=self.principal,
-            peer=peer,
-            method=method,
-            name=request_name(method, params),
-            arg_size=size,
-            arg_sha256=digest,
-            status=status,
-            error_code=error_code,
-            latency_ms=(self.clock.seconds() - started) * 1000.0,
-            child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
-            arguments=arguments,
-        )
+        if self.audit is not None:
+            self._audit_write(self._audit_record(method, params, started), status, error_code, peer)
 
     # The audit trail: one event per request, however it ends (answered by the
     # child or by the bridge, failed, timed out, cancelled, or cut by the session's end).
 
-    def _audit_start(self, message: Message, now: float) -> None:
+    def _audit_record(self, method: str, params: Any, now: float) -> _Audited:
+        """What the trail needs of a request, taken when it starts."""
         assert self.audit is not None
-        params = message.get("params")
         size, digest, arguments = 0, "", None
         if self.audit.enabled:  # metrics alone need none of this
             size, digest = argument_digest(params)
             if self.backend.server.audit_arguments and isinstance(params, dict):
                 arguments = params.get("arguments", params)
-        method = message["method"]
+        return _Audited(method, now, request_name(method, params), size, digest, arguments)
+
+    def _audit_write(
+        self, started: _Audited, status: str, code: int | None, peer: str | None
+    ) -> None:
+        assert self.audit is not None and self.clock is not None
+        self.audit.request(
+            session=self.id,
+            server=self.server,
+            principal=self.principal,
+            peer=peer,
+            method=started.method,
+            name=started.name,
+            arg_size=started.size,
+            arg_sha256=started.digest,
+            status=status,
+            error_code=code,
+            latency_ms=(self.clock.seconds() - started.at) * 1000.0,
+            child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
+            arguments=started.arguments,
+        )
+
+    def _audit_start(self, message: Message, now: float) -> None:
         if message["id"] in self._audited:
             return  # a reused id: the router refuses it, the first request stays audited
-        self._audited[message["id"]] = _Audited(
-            method, now, request_name(method, params), size, digest, arguments
+        self._audited[message["id"]] = self._audit_record(
+            message["method"], message.get("params"), now
         )
 
     def _audit_end(self, request_id: RequestId | None, answer: Message | None) -> None:
-        assert self.audit is not None and self.clock is not None
+        assert self.audit is not None
         started = self._audited.pop(request_id, None)  # type: ignore[arg-type]
         if started is None:
             return
@@ -202,21 +204,7 @@ class ClientSession:
                 transport=self.transport,
                 protocol_version=self.protocol_version,
             )
-        self.audit.request(
-            session=self.id,
-            server=self.server,
-            principal=self.principal,
-            peer=self.peer,
-            method=started.method,
-            name=started.name,
-            arg_size=started.size,
-            arg_sha256=started.digest,
-            status=status,
-            error_code=code,
-            latency_ms=(self.clock.seconds() - started.at) * 1000.0,
-            child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
-            arguments=started.arguments,
-        )
+        self._audit_write(started, status, code, self.peer)
 
 
 @attrs.frozen

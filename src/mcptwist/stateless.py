@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="mcptwist.stateless")
 
+# The router checks capabilities before it asks a client: a call takes every
+# question, and answers those its client did not declare itself.
+EVERY_CAPABILITY: Final[dict[str, Any]] = {c: {} for c in protocol.CLIENT_CAPABILITY_FOR.values()}
 # The id of a call's request inside its own downstream: each call is alone there.
 CALL_ID: Final = 1
 # How long to wait for more questions from the child before answering
@@ -138,19 +141,17 @@ class ModernCall:
         self.clock = clock
         self.signer = signer
         self.input_timeout = input_timeout
-        self.id = f"{hub.id[:8]}-{secrets.token_hex(4)}"
         self.principal = hub.principal
         self.peer = peer
         self.method = request.method
         self.protocol_version: str | None = era.MODERN
         self.log_level = request.log_level
         self.client_info = request.client_info
-        # The router checks capabilities before it asks a client: a call takes
-        # every question, and answers those its client did not declare itself.
-        self.capabilities: dict[str, Any] = {c: {} for c in protocol.CLIENT_CAPABILITY_FOR.values()}
+        self.capabilities = EVERY_CAPABILITY
         self.declared = request.capabilities
-        self.digest = request_digest(hub.server, hub.principal, request.message)
-        self.park_id = secrets.token_urlsafe(12)
+        # What a retry's requestState must match; computed when first parked.
+        self.digest: str | None = None
+        self.park_id = self.id = secrets.token_urlsafe(12)
         self.round = 0
         self.started = self.first_started = clock.seconds()
         self.ended = False
@@ -264,7 +265,7 @@ class ModernCall:
     ) -> None:
         if self.ended:
             return
-        if self.upstream.modern:
+        if self.upstream.modern and self.method == "subscriptions/listen":
             _restore_subscription(message, self.request.id)
         if "method" not in message:
             self._respond(message)
@@ -302,13 +303,15 @@ class ModernCall:
         status = 200
         if isinstance(error, dict):
             if self.upstream.modern:
-                answer = dict(message, id=self.request.id)  # the child's, as it is
+                answer = message  # the child's, as it is
+                answer["id"] = self.request.id
             else:
                 answer = jsonrpc.error(self.request.id, *modern_error(error, self.request))
             if answer["error"].get("code") == jsonrpc.METHOD_NOT_FOUND:
                 status = 404
         elif self.upstream.modern:
-            answer = jsonrpc.result(self.request.id, message.get("result"))
+            answer = message
+            answer["id"] = self.request.id
         elif self.method == "server/discover":
             answer = jsonrpc.result(
                 self.request.id, era.discover(message.get("result") or {}, self.server_info())
@@ -392,6 +395,8 @@ class ModernCall:
         if self.responder is None or self.ended or not self._asked:
             return
         self.round += 1
+        if self.digest is None:
+            self.digest = request_digest(self.hub.server, self.hub.principal, self.request.message)
         state = self.signer.sign(
             jsonrpc.dumps(
                 {
@@ -521,6 +526,21 @@ def modern_error(error: dict[str, Any], request: era.ModernRequest) -> tuple[int
     return code, text, data
 
 
+def agreed_filter(wanted: dict[str, Any], capabilities: Any) -> dict[str, Any]:
+    """The part of a listen filter the child can honour, by its capabilities."""
+    caps = capabilities if isinstance(capabilities, dict) else {}
+    agreed: dict[str, Any] = {}
+    for field, capability in LIST_CHANGED.values():
+        declared = caps.get(capability)
+        if wanted.get(field) is True and isinstance(declared, dict) and declared.get("listChanged"):
+            agreed[field] = True
+    uris = wanted.get("resourceSubscriptions")
+    resources = caps.get("resources")
+    if isinstance(uris, list) and isinstance(resources, dict) and resources.get("subscribe"):
+        agreed["resourceSubscriptions"] = [u for u in uris if isinstance(u, str)]
+    return agreed
+
+
 class Listen:
     """One C{subscriptions/listen} stream: the notifications its filter asked for."""
 
@@ -623,10 +643,9 @@ class StatelessSink:
         if not uris:
             return
         assert self.session is not None and self.session.upstream is not None
-        still = {u for listen in self.listens for u in listen.uris}
-        for uri in sorted(uris):
-            if not add and uri in still:
-                continue
+        # Resources another stream still follows stay subscribed.
+        still = set() if add else {u for listen in self.listens for u in listen.uris}
+        for uri in sorted(uris - still):
             method = "resources/subscribe" if add else "resources/unsubscribe"
             self.session.upstream.handle(
                 self.session,

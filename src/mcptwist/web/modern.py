@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 from .. import era, jsonrpc
 from ..jsonrpc import Kind, Message
 from ..session import ClientSession
-from ..stateless import LIST_CHANGED, Listen, ModernCall, StatelessSink, request_digest
+from ..stateless import Listen, ModernCall, StatelessSink, agreed_filter, request_digest
 from .access import principal_id
 from .http import HTTPProblem
 from .sse import EventConnection, encode_event
@@ -58,7 +58,7 @@ class HTTPResponder:
             return
         connection = self._stream()
         if connection is not None:
-            connection.send(encode_event(jsonrpc.dumps(message)))
+            send(connection, message)
 
     def answer(self, message: Message, status: int = 200) -> None:
         if self.done:
@@ -69,7 +69,7 @@ class HTTPResponder:
         if self.connection is None and not self.json_ok:
             self._stream()
         if self.connection is not None:
-            self.connection.send(encode_event(jsonrpc.dumps(message)))
+            send(self.connection, message)
             self.connection.finish()
             return
         request = self.request
@@ -192,18 +192,17 @@ def open_hub(app: BridgeApp, request: Any, name: str, checked: era.ModernRequest
     """The principal's stateless hub on this server (opened on first use), or
     the HTTP refusal when no session can be opened for it."""
     backend: Backend = app.backend(name)
-    sinks: list[StatelessSink] = []
-
-    def factory(_: str) -> StatelessSink:
-        sinks.append(StatelessSink())
-        return sinks[-1]
-
     with app.refusing_sessions(checked.id):
         hub = app.registry.hub(
-            backend, factory, principal_id(request), getattr(request, "client_ip", None)
+            backend,
+            lambda _: StatelessSink(),
+            principal_id(request),
+            getattr(request, "client_ip", None),
         )
-    if sinks:
-        sinks[0].session = hub
+    sink = hub.sink
+    assert isinstance(sink, StatelessSink)
+    if sink.session is None:  # a new hub
+        sink.session = hub
     return hub
 
 
@@ -319,18 +318,15 @@ def _acknowledge(
     listen = Listen(
         checked.id,
         agreed,
-        lambda m: connection.send(encode_event(jsonrpc.dumps(m))),
+        lambda m: send(connection, m),
         lambda m: _finish(connection, m),
     )
-    connection.send(
-        encode_event(
-            jsonrpc.dumps(
-                jsonrpc.notification(
-                    "notifications/subscriptions/acknowledged",
-                    {"_meta": {era.META_SUBSCRIPTION: checked.id}, "notifications": agreed},
-                )
-            )
-        )
+    send(
+        connection,
+        jsonrpc.notification(
+            "notifications/subscriptions/acknowledged",
+            {"_meta": {era.META_SUBSCRIPTION: checked.id}, "notifications": agreed},
+        ),
     )
     sink.listens.add(listen)
     sink.subscribe(listen.uris, add=True)
@@ -351,25 +347,15 @@ def _acknowledge(
     return NOT_DONE_YET
 
 
+def send(connection: EventConnection, message: Message) -> None:
+    """One JSON-RPC message as one SSE event (no event ids in this revision)."""
+    connection.send(encode_event(jsonrpc.dumps(message)))
+
+
 def _finish(connection: EventConnection, message: Message | None) -> None:
     if message is not None:
-        connection.send(encode_event(jsonrpc.dumps(message)))
+        send(connection, message)
     connection.finish()
-
-
-def agreed_filter(wanted: dict[str, Any], capabilities: Any) -> dict[str, Any]:
-    """The part of a listen filter the child can honour, by its capabilities."""
-    caps = capabilities if isinstance(capabilities, dict) else {}
-    agreed: dict[str, Any] = {}
-    for field, capability in LIST_CHANGED.values():
-        declared = caps.get(capability)
-        if wanted.get(field) is True and isinstance(declared, dict) and declared.get("listChanged"):
-            agreed[field] = True
-    uris = wanted.get("resourceSubscriptions")
-    resources = caps.get("resources")
-    if isinstance(uris, list) and isinstance(resources, dict) and resources.get("subscribe"):
-        agreed["resourceSubscriptions"] = [u for u in uris if isinstance(u, str)]
-    return agreed
 
 
 def not_allowed(request: Any) -> bytes:

@@ -172,8 +172,14 @@ class StreamableSink:
             channel.finish()
 
 
-def _session(app: BridgeApp, request: Any, name: str) -> ClientSession:
-    session_id = header(request, SESSION_HEADER)
+def _versions(request: Any) -> tuple[str | None, str | None]:
+    """The MCP-Protocol-Version and Mcp-Session-Id headers, read once."""
+    return header(request, VERSION_HEADER), header(request, SESSION_HEADER)
+
+
+def _session(
+    app: BridgeApp, request: Any, name: str, version: str | None, session_id: str | None
+) -> ClientSession:
     if not session_id:
         raise HTTPProblem(
             400,
@@ -193,12 +199,11 @@ def _session(app: BridgeApp, request: Any, name: str) -> ClientSession:
             jsonrpc.SERVER_UNAVAILABLE,
             "Bad Request: this session belongs to the HTTP+SSE transport",
         )
-    _check_version(request)
+    _check_version(version)
     return session
 
 
-def _check_version(request: Any) -> None:
-    version = header(request, VERSION_HEADER)
+def _check_version(version: str | None) -> None:
     if version is not None and version not in protocol.LEGACY_VERSIONS:
         raise HTTPProblem(
             400,
@@ -208,10 +213,9 @@ def _check_version(request: Any) -> None:
         )
 
 
-def _modern(request: Any) -> bool:
-    """A request of a 2026-07-28 client (by its version header)."""
-    version = header(request, VERSION_HEADER)
-    return version is not None and era.is_modern(version, header(request, SESSION_HEADER), None)
+def _modern(version: str | None, session_id: str | None) -> bool:
+    """A GET or DELETE of a 2026-07-28 client (by its version header)."""
+    return version is not None and era.is_modern(version, session_id, None)
 
 
 def _sink(session: ClientSession) -> StreamableSink:
@@ -225,11 +229,8 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     json_ok, sse_ok = negotiate(request)
     require_json(request)
     messages, kinds, batch = parse_messages(read_body(request, backend.server.max_message_size))
-    if era.is_modern(
-        header(request, VERSION_HEADER),
-        header(request, SESSION_HEADER),
-        None if batch else messages[0],
-    ):
+    version, session_id = _versions(request)
+    if era.is_modern(version, session_id, None if batch else messages[0]):
         return modern.post(app, request, name, messages, kinds, batch, json_ok, sse_ok)
     initialize = any(
         m.get("method") == "initialize"
@@ -237,17 +238,14 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
         if k is Kind.REQUEST
     )
     if initialize:
-        if app.backends.get(name) is not backend:
-            raise HTTPProblem(
-                404, jsonrpc.INVALID_REQUEST, f"Not Found: no MCP server is named {name!r}"
-            )
+        app.backend(name)  # a new session: not on a server that is draining
         if batch:
             raise HTTPProblem(
                 400,
                 jsonrpc.INVALID_REQUEST,
                 "Invalid Request: initialize must not be part of a batch",
             )
-        _check_version(request)
+        _check_version(version)
         session = app.open_session(
             request,
             backend,
@@ -259,7 +257,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
             # An SSE-only client: the header must go out before the answer is known.
             request.setHeader(SESSION_HEADER, session.id.encode())
     else:
-        session = _session(app, request, name)
+        session = _session(app, request, name, version, session_id)
         if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
             raise HTTPProblem(
                 400,
@@ -347,7 +345,8 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
 
 async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
     app.backend(name, draining=True)
-    if _modern(request):
+    version, session_id = _versions(request)
+    if _modern(version, session_id):
         return modern.not_allowed(request)
     refuse_head(request)
     _, sse_ok = negotiate(request)
@@ -357,7 +356,7 @@ async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
             jsonrpc.INVALID_REQUEST,
             "Not Acceptable: the client must accept text/event-stream",
         )
-    session = _session(app, request, name)
+    session = _session(app, request, name, version, session_id)
     sink = _sink(session)
     resume = parse_event_id(header(request, b"last-event-id"))
     channel = sink.channel(resume[0]) if resume is not None else sink.standalone
@@ -386,9 +385,10 @@ async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
 
 def delete(app: BridgeApp, request: Any, name: str) -> bytes:
     app.backend(name, draining=True)
-    if _modern(request):
+    version, session_id = _versions(request)
+    if _modern(version, session_id):
         return modern.not_allowed(request)
-    session = _session(app, request, name)
+    session = _session(app, request, name, version, session_id)
     app.registry.close(session, "ended by the client")
     request.setResponseCode(200)
     return b""
