@@ -12,7 +12,9 @@ from typing import Any
 import attrs
 import jwt
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from mcptwist import jsonrpc
 from mcptwist.audit import AuditTrail
@@ -210,8 +212,9 @@ class AuthorisationTests(SynchronousTestCase):
         self.bridge = Bridge(self)
 
     def test_token_for_another_server_gets_403_whether_or_not_it_exists(self) -> None:
+        answers = {}
         for path in ("/servers/t/mcp", "/servers/nonexistent/mcp", "/servers/t/sse"):
-            status, _, answer = self.bridge.request(
+            status, headers, answer = self.bridge.request(
                 "POST" if path.endswith("mcp") else "GET",
                 path,
                 INIT,
@@ -222,7 +225,22 @@ class AuthorisationTests(SynchronousTestCase):
                 },
             )
             self.assertEqual(status, 403, path)
-            self.assertNotIn("exist", answer["error"]["message"])
+            self.assertEqual(
+                answer,
+                {
+                    "jsonrpc": "2.0",
+                    "id": None,
+                    "error": {
+                        "code": jsonrpc.SERVER_UNAVAILABLE,
+                        "message": "Forbidden: 'alice' may not use this server",
+                    },
+                },
+                path,
+            )
+            fields = sorted((k, v) for k, v in headers.getAllRawHeaders() if k.lower() != b"date")
+            answers[path] = (status, fields, answer)
+        # Nothing in the answer tells an existing server from a missing one.
+        self.assertEqual(answers["/servers/t/mcp"], answers["/servers/nonexistent/mcp"])
         refused = self.bridge.events("access_refused")
         self.assertEqual([e["server"] for e in refused], ["t", "t"])
         self.assertEqual(refused[1]["repeated"], 2)
@@ -464,15 +482,46 @@ class OperatorRouteTests(SynchronousTestCase):
             ("POST", "/admin/reload"),
             ("OPTIONS", "/admin/servers"),
             ("GET", "/metrics"),
+            # Every path the gate routes to the operators' resources.
+            ("GET", "/admin"),
+            ("OPTIONS", "/admin"),
+            ("GET", "/metrics/x"),
         ):
-            status, headers, _ = bridge.request(
+            status, headers, answer = bridge.request(
                 method,
                 path,
                 None,
                 {**origin, "access-control-request-method": "POST", **bearer(TOKENS["ops"])},
             )
             self.assertEqual(status, 403, path)
+            self.assertEqual(
+                answer["error"]["message"],
+                "Forbidden: the admin API and metrics are not for browsers",
+                path,
+            )
             self.assertIsNone(headers.getRawHeaders("access-control-allow-origin"))
+
+    def test_server_name_not_utf8_is_404(self) -> None:
+        """Such a path cannot come through twisted.web's HTTP/1.1 parser; should
+        one reach the gate, it names no server, whoever asks."""
+        bridge = Bridge(self)
+        for token in (TOKENS["ops"], TOKENS["alice"]):
+            for path in (b"/servers/\xff/mcp", b"/servers/\xff"):
+                request = DummyRequest([])
+                request.method = b"POST"
+                request.path = request.uri = path
+                request.client = IPv4Address("TCP", "127.0.0.1", 1)
+                request.requestHeaders.setRawHeaders(b"host", [b"127.0.0.1"])
+                request.requestHeaders.setRawHeaders(
+                    b"authorization", [b"Bearer " + token.encode()]
+                )
+                body = bridge.app.resource().render(request)
+                self.assertEqual(request.responseCode, 404, path)
+                self.assertEqual(
+                    json.loads(body)["error"],
+                    {"code": jsonrpc.INVALID_REQUEST, "message": "Not Found"},
+                )
+        self.assertEqual(bridge.events("access_refused"), [])
 
     def test_content_type_is_one_media_type(self) -> None:
         bridge = Bridge(self)

@@ -311,6 +311,8 @@ class SchemaTests(TrailMixin, SynchronousTestCase):
         with capturedLogs() as events:
             emit_request(trail, "s")
         self.assertEqual([e["log_namespace"] for e in seen], ["mcptwist.audit"])
+        self.assertEqual([e["log_level"] for e in seen], [LogLevel.info])
+        self.assertEqual([e["audit"]["session"] for e in seen], ["s"])
         self.assertEqual([e for e in events if "audit" in e], [])
         self.assertEqual([e for e in events if "audit" in str(e.get("log_namespace"))], [])
 

@@ -190,6 +190,14 @@ class PrincipalTests(SynchronousTestCase):
         self.assertTrue(Principal("a", "jwt", frozenset({"*"}), False).may_use("anything"))
         self.assertFalse(Principal("a", "jwt", frozenset(), False).may_use("time"))
 
+    def test_id(self) -> None:
+        """The key for sessions and limits: a token and a JWT subject of the
+        same name are different clients; it is derived, not given."""
+        self.assertEqual(Principal("ci", "token", frozenset(), False).id, "token:ci")
+        self.assertEqual(Principal("ci", "jwt", frozenset(), False).id, "jwt:ci")
+        self.assertEqual(ANONYMOUS.id, "anonymous")
+        self.assertRaises(TypeError, Principal, "ci", "token", frozenset(), False, "x")
+
     def test_anonymous_may_do_everything(self) -> None:
         self.assertEqual(ANONYMOUS.kind, "anonymous")
         self.assertTrue(ANONYMOUS.admin)
@@ -242,6 +250,7 @@ class StaticTokenTests(Helpers):
         for i, token in enumerate(self.tokens):
             who = self.successResultOf(self.checker.requestAvatarId(BearerToken(token)))
             self.assertEqual(who, Principal(f"user{i}", "token", frozenset({f"s{i}"}), i == 0))
+            self.assertEqual(who.id, f"token:user{i}")
 
     def test_wrong_off_by_one_and_empty_are_refused(self) -> None:
         last = self.tokens[3][-1]
@@ -268,7 +277,7 @@ class StaticTokenTests(Helpers):
         self.successResultOf(self.checker.requestAvatarId(BearerToken(self.tokens[0])))
         self.assertEqual(compared, [c.digest for c in self.configs])
         compared.clear()
-        self.failureResultOf(self.checker.requestAvatarId(BearerToken("nope")))
+        self.failureResultOf(self.checker.requestAvatarId(BearerToken("nope")), UnauthorizedLogin)
         self.assertEqual(len(compared), 10)
 
 
@@ -440,6 +449,14 @@ class JWTKeyFileTests(Helpers):
         self.assertEqual(self.refused(checker, "e30.e30."), "algorithm not allowed")  # no alg
         for junk in ("a.b.c", "x", f"{header}.{payload}", f"{header}.!.{signature}"):
             self.assertEqual(self.refused(checker, junk), "malformed", junk)
+
+    def test_bad_header_of_a_signed_token_is_malformed(self) -> None:
+        """The header is judged as strictly with a key file (no kid needed)."""
+        checker = self.checker_for("HS256", HS_SECRET)
+        for header in ({"kid": 5}, {"kid": ["a"]}, {"crit": "exp"}, {"crit": ["exp"]}):
+            token = hs256_by_hand(HS_SECRET, claims(), **header)
+            self.assertEqual(self.refused(checker, token), "malformed", header)
+        self.assertEqual(self.accepted(checker, hs256_by_hand(HS_SECRET, claims())).name, "alice")
 
     def test_alg_none_is_refused(self) -> None:
         for algorithm, key_data in (("HS256", HS_SECRET), ("RS256", public_pem(rsa_key()))):
@@ -687,13 +704,17 @@ class JWKSTests(Helpers):
         d = authenticator.authenticate(b"Bearer " + token.encode(), False)
         failure = self.failureResultOf(d, AuthFailure)
         self.assertEqual((failure.value.status, failure.value.reason), (503, "keys unavailable"))
-        # A refetch, once the 30 seconds have passed, lets it in.
+        # A refetch, once the 30 seconds have passed, lets it in; before then
+        # the keys are still missing, and nothing is fetched.
         self.idp.error = None
-        self.failureResultOf(authenticator.authenticate(b"Bearer " + token.encode(), False))
+        fetched = len(self.idp.calls)
+        d = authenticator.authenticate(b"Bearer " + token.encode(), False)
+        failure = self.failureResultOf(d, AuthFailure)
+        self.assertEqual((failure.value.status, failure.value.reason), (503, "keys unavailable"))
+        self.assertEqual(len(self.idp.calls), fetched)
         self.clock.advance(30)
         who = self.successResultOf(authenticator.authenticate(b"Bearer " + token.encode(), False))
         self.assertEqual(who.kind, "jwt")
-        self.assertIsInstance(KeysUnavailable(), UnauthorizedLogin)
 
     def test_stop_abandons_a_fetch_quietly(self) -> None:
         self.idp.hold = True
@@ -808,7 +829,6 @@ class TokenCommandTests(SynchronousTestCase):
             [sys.executable, "-c", code], env=env, capture_output=True, timeout=60, check=False
         )
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIs(auth.hash_token, hash_token)
 
 
 class DefaultFetchTests(SynchronousTestCase):

@@ -39,6 +39,10 @@ class ControlTests(SynchronousTestCase):
         pid = self.control.server("s")["pid"]  # type: ignore[index]
         status = self.result(self.control.stop("s"))
         self.assertEqual((status["state"], status["stopped_by_operator"]), ("stopped", True))
+        self.assertEqual(self.service.backends["s"].state, "stopped")
+        # A per-session server without sessions has no children, and is running.
+        self.assertEqual(self.service.backends["p"].state, "running")
+        self.assertEqual(self.control.server("p")["state"], "running")  # type: ignore[index]
         self.reactor.advance(60)  # no restart on its own
         self.assertEqual(self.control.server("s")["state"], "stopped")  # type: ignore[index]
         status = self.result(self.control.start("s"))
@@ -61,7 +65,12 @@ class ControlTests(SynchronousTestCase):
             ConfigError, self.control.add_server, "x", {"command": "fake", "bogus": 1}
         )
         self.assertEqual(error.key, "servers.x.bogus")
-        self.assertRaises(ConfigError, self.control.add_server, "bad name", {"command": "fake"})
+        # The only check of the name: the admin API leaves it to parse_server.
+        error = self.assertRaises(
+            ConfigError, self.control.add_server, "bad name", {"command": "fake"}
+        )
+        self.assertEqual(error.key, "servers.bad name")
+        self.assertIn("letters, digits", error.fix)
         status = self.result(self.control.add_server("x", {"command": "fake"}))
         self.assertTrue(status["added_at_runtime"])
         self.assertIn("x", self.service.backends)

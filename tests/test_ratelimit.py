@@ -207,6 +207,18 @@ class RateLimiterTests(SynchronousTestCase):
         self.assertIsNone(rl.check("d", "ip", None))
         self.assertEqual(len(rl), 2)
 
+    def test_forced_prune_of_the_requests_own_buckets(self) -> None:
+        """A forced prune may drop a full bucket the request uses: the token
+        is then spent from a new bucket in the table, not a dropped one."""
+        limits = LimitsConfig(per_principal=Bucket(1.0, 2), per_ip=Bucket(1.0, 2))
+        rl, clock = limiter(limits, max_keys=2)
+        self.assertIsNone(rl.check("a", "ip", None))
+        clock.advance(1.5)  # both of a's buckets are full again
+        self.assertIsNone(rl.check("b", "ip", None))
+        self.assertEqual(len(rl), 2)
+        self.assertIsNone(rl.check("b", "ip", None))
+        self.assertEqual(rl.check("b", "ip", None), Refusal("principal", 1.0))
+
     def test_forced_prunes_are_rate_limited(self) -> None:
         rl, clock = limiter(LimitsConfig(per_principal=Bucket(1.0, 1), per_ip=None), max_keys=1)
         self.assertIsNone(rl.check("a", "ip", None))

@@ -39,7 +39,6 @@ from mcptwist.tls import (
     parse_ssl_endpoint,
     quote_argument,
     split_description,
-    wrap_tls,
 )
 from tests.certs import CA, make_ca, make_server_cert
 
@@ -351,9 +350,12 @@ class VersionAndCipherTests(TestCase):
         result = await run(handshake, port, client_context(self.certs.ca))
         self.assertEqual((result.error, result.alpn), (None, None))
 
-    async def test_wrap_tls_endpoint(self) -> None:
+    async def test_wrapped_endpoint(self) -> None:
+        """A ReloadableTLS serves through Twisted's own endpoint wrapper too."""
         raw = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        port = await listen(self, make_site(), wrap_tls(raw, ReloadableTLS(self.certs.config())))
+        port = await listen(
+            self, make_site(), endpoints.wrapServerTLS(ReloadableTLS(self.certs.config()), raw)
+        )
         client = KeepAlive(port, client_context(self.certs.ca))
         self.addCleanup(client.close)
         status, body, _ = await run(client.get)

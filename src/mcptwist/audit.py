@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Final, Literal
 
 import attrs
 import orjson
@@ -43,18 +43,13 @@ from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, LogPublishe
 from zope.interface import implementer
 
 from mcptwist.config import AuditConfig
-
-if TYPE_CHECKING:
-    from mcptwist.metrics import Metrics
+from mcptwist.metrics import Metrics, exit_reason
 
 NAMESPACE: Final = "mcptwist.audit"
 FILE_MODE: Final = 0o640
 # Lines kept in memory while the file cannot be written, retried with the
 # next event; beyond this the oldest are dropped (and counted).
 BACKLOG_BYTES: Final = 8 * 1024 * 1024
-
-# The values of a request event's C{status}.
-REQUEST_STATUSES: Final = ("ok", "error", "cancelled", "timeout")
 
 # Problems with the audit file itself go to the main log. Module level: a
 # Logger bound as a class attribute takes C{module.Class} as its namespace.
@@ -412,6 +407,35 @@ class AuditFileObserver:
             )
 
 
+def _writer_for(config: AuditConfig) -> AuditFileObserver | None:
+    """A writer of C{config}'s file, not yet open (None without a path)."""
+    if config.path is None:
+        return None
+    return AuditFileObserver(config.path, config.max_size, config.keep)
+
+
+def _open_writer(writer: AuditFileObserver) -> None:
+    """Open a writer's file.
+
+    @raise AuditError: if its directory does not exist or it cannot be opened.
+    """
+    path = writer.path
+    directory = os.path.dirname(path)
+    # Checked when the configuration is read, but the directory may have gone since.
+    if not os.path.isdir(directory):
+        raise AuditError(
+            f"audit.path {path!r}: the directory {directory!r} does not exist; "
+            "create it (writable by the bridge's user) or change audit.path"
+        )
+    try:
+        writer.open()
+    except OSError as e:
+        raise AuditError(
+            f"audit.path {path!r} cannot be opened for appending ({e.strerror}); "
+            "check that it is a regular file the bridge's user may write"
+        ) from None
+
+
 REFUSAL_WINDOW: Final = 10.0
 REFUSAL_KEYS: Final = 10_000
 
@@ -440,14 +464,12 @@ class AuditTrail:
     """
 
     def __init__(self, config: AuditConfig, clock: IReactorTime) -> None:
-        self.config = config
-        self.enabled = config.path is not None
         self._clock = clock
         self.publisher = LogPublisher()
         """Audit events only; add observers here to forward them elsewhere."""
-        # An instance attribute: as a class attribute the namespace would be lost.
+        # The log_logger of the events published (they go to the publisher
+        # directly, not through Logger.emit).
         self._log = Logger(namespace=NAMESPACE, observer=self.publisher)
-        self._writer: AuditFileObserver | None = None
         # Fed the same events, whether or not a file is written.
         self.metrics: Metrics | None = None
         # Refusals repeat without limit (a client retrying a bad token): the
@@ -455,9 +477,9 @@ class AuditTrail:
         self._refusals: dict[tuple[str, str | None], _Burst] = {}
         self._flusher = LoopingCall(self.flush_refusals)
         self._flusher.clock = clock
-        if config.path is not None:
-            self._writer = AuditFileObserver(config.path, config.max_size, config.keep)
-            self.publisher.addObserver(self._writer)
+        # Sets config, enabled and the writer, which is not open until start():
+        # events before then are dropped and counted.
+        self._install(config, _writer_for(config))
 
     @property
     def lost(self) -> int:
@@ -471,21 +493,8 @@ class AuditTrail:
         """
         if self._writer is None:
             return
-        path = self._writer.path
-        directory = os.path.dirname(path)
-        if not os.path.isdir(directory):
-            raise AuditError(
-                f"audit.path {path!r}: the directory {directory!r} does not exist; "
-                "create it (writable by the bridge's user) or change audit.path"
-            )
-        try:
-            self._writer.open()
-        except OSError as e:
-            raise AuditError(
-                f"audit.path {path!r} cannot be opened for appending ({e.strerror}); "
-                "check that it is a regular file the bridge's user may write"
-            ) from None
-        self._flusher.start(REFUSAL_WINDOW, now=False)
+        _open_writer(self._writer)
+        self._schedule_flushes()
 
     def stop(self) -> None:
         """Write what is pending, sync and close the file."""
@@ -529,24 +538,27 @@ class AuditTrail:
         if config == self.config:
             self.reopen()
             return
-        writer = None
-        if config.path is not None:
-            writer = AuditFileObserver(config.path, config.max_size, config.keep)
-            try:
-                writer.open()
-            except OSError as e:
-                raise AuditError(
-                    f"audit.path {config.path!r} cannot be opened for appending ({e.strerror})"
-                ) from None
+        writer = _writer_for(config)
+        if writer is not None:
+            _open_writer(writer)
         self.flush_refusals(everything=True)
         if self._writer is not None:
             self.publisher.removeObserver(self._writer)
             self._writer.close()
+        self._install(config, writer)
+        self._schedule_flushes()
+
+    def _install(self, config: AuditConfig, writer: AuditFileObserver | None) -> None:
+        """Write events with C{writer} (None: none are written), for C{config}."""
         self.config = config
         self._writer = writer
         self.enabled = writer is not None
         if writer is not None:
             self.publisher.addObserver(writer)
+
+    def _schedule_flushes(self) -> None:
+        """Flush refusal bursts every L{REFUSAL_WINDOW} while a file is written."""
+        if self._writer is not None:
             if not self._flusher.running:
                 self._flusher.start(REFUSAL_WINDOW, now=False)
         elif self._flusher.running:
@@ -562,7 +574,18 @@ class AuditTrail:
         for key, value in fields.items():
             if value is not None:
                 record[key] = value
-        self._log.emit(LogLevel.info, audit=record)
+        # The event Logger.emit would build, without its validation and copies.
+        self.publisher(
+            {
+                "audit": record,
+                "log_logger": self._log,
+                "log_level": LogLevel.info,
+                "log_namespace": NAMESPACE,
+                "log_source": None,
+                "log_format": None,
+                "log_time": time.time(),
+            }
+        )
 
     def session_opened(
         self,
@@ -603,7 +626,7 @@ class AuditTrail:
     ) -> None:
         """A session ended (C{DELETE}, idle timeout, child exit, shutdown)."""
         if self.metrics is not None:
-            self.metrics.session_closed(server, transport or "", reason)
+            self.metrics.session_closed(server, transport or "")
         if not self.enabled:
             return
         self._emit(
@@ -636,7 +659,7 @@ class AuditTrail:
     ) -> None:
         """A request finished. Pass C{arguments} only if the server audits them.
 
-        C{status} is one of L{REQUEST_STATUSES}; C{error_code} is the JSON-RPC
+        C{status} is one of L{mcptwist.metrics.STATUSES}; C{error_code} is the JSON-RPC
         error code of an error answer.
         """
         if self.metrics is not None:
@@ -768,8 +791,6 @@ class AuditTrail:
         """A child ended, with its exit status or the signal that ended it
         (C{stopping}: the bridge ended it)."""
         if self.metrics is not None:
-            from mcptwist.metrics import exit_reason
-
             self.metrics.child_exited(server, exit_reason(exit_code, signal, stopping))
         if not self.enabled:
             return
@@ -785,7 +806,8 @@ class AuditTrail:
         )
 
     def tls_reloaded(self, *, listener: str, outcome: str, detail: str | None) -> None:
-        """A listener's certificate was re-read (C{outcome} "ok" or "error")."""
+        """A listener's certificate was re-read (C{outcome} "ok"), or did not
+        load and the old one was kept (C{outcome} "refused")."""
         if not self.enabled:
             return
         self._emit("tls_reloaded", {"listener": listener, "outcome": outcome, "detail": detail})

@@ -75,15 +75,28 @@ class IPrincipal(Interface):
     """The avatar interface: an authenticated caller and what it may use."""
 
 
+def _principal_id(principal: Principal) -> str:
+    if principal.kind == "anonymous":
+        return "anonymous"
+    return f"{principal.kind}:{principal.name}"
+
+
 @implementer(IPrincipal)
 @attrs.frozen
 class Principal:
-    """An authenticated caller: its name, how it proved it, and its grants."""
+    """An authenticated caller: its name, how it proved it, and its grants.
+
+    C{id} is its key for sessions and limits, derived once: a token and a JWT
+    subject of the same name are different clients.
+    """
 
     name: str
     kind: str  # "token" | "jwt" | "anonymous"
     servers: frozenset[str]  # "*": every server
     admin: bool
+    id: str = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_principal_id, takes_self=True)
+    )
 
     def may_use(self, server: str) -> bool:
         """Whether this caller may talk to the server named C{server}."""
@@ -171,19 +184,21 @@ class StaticTokenChecker:
     credentialInterfaces = (IBearerToken,)
 
     def __init__(self, tokens: Sequence[TokenConfig]) -> None:
-        self._tokens = tuple(tokens)
+        self._tokens = tuple(
+            (t.digest, Principal(t.name, "token", t.servers, t.admin)) for t in tokens
+        )
 
     # The avatar ID is a Principal, not the bytes the interface names: see Realm.
     def requestAvatarId(self, credentials: IBearerToken) -> Deferred[Principal]:  # type: ignore[override]
         """The L{Principal} of a known token (the identity carries its grants)."""
         digest = hash_token(credentials.token)
-        found: TokenConfig | None = None
-        for candidate in self._tokens:
-            if hmac.compare_digest(digest, candidate.digest) and found is None:
-                found = candidate
+        found: Principal | None = None
+        for candidate, principal in self._tokens:
+            if hmac.compare_digest(digest, candidate) and found is None:
+                found = principal
         if found is None:
             return defer.fail(UnauthorizedLogin("unknown token"))
-        return defer.succeed(Principal(found.name, "token", found.servers, found.admin))
+        return defer.succeed(found)
 
 
 # JWTs
@@ -243,6 +258,18 @@ def _reason(error: Exception) -> str:
     return next((phrase for kind, phrase in _REASONS if isinstance(error, kind)), "malformed")
 
 
+def _pem_public_key(data: bytes) -> Any | None:
+    """The public key of a PEM public key, else of a PEM certificate; None for neither."""
+    try:
+        return serialization.load_pem_public_key(data)
+    except ValueError:
+        pass
+    try:
+        return x509.load_pem_x509_certificate(data).public_key()
+    except ValueError:
+        return None
+
+
 def _load_key_file(path: str, algorithms: tuple[str, ...]) -> bytes | PublicKey:
     """The verification key in C{path}: an HS* secret, or a PEM public key.
 
@@ -274,14 +301,9 @@ def _load_key_file(path: str, algorithms: tuple[str, ...]) -> bytes | PublicKey:
         return secret
     if b"PRIVATE KEY" in data:
         raise ValueError(f"{path}: is a private key; give the bridge the public key only")
-    key: Any
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError:
-        try:
-            key = x509.load_pem_x509_certificate(data).public_key()
-        except ValueError:
-            raise ValueError(f"{path}: is neither a PEM public key nor a PEM certificate") from None
+    key = _pem_public_key(data)
+    if key is None:
+        raise ValueError(f"{path}: is neither a PEM public key nor a PEM certificate")
     for kind, usable in _ASYMMETRIC:
         if isinstance(key, kind):
             wrong = [a for a in algorithms if a not in usable]
@@ -312,14 +334,7 @@ def key_file_algorithms(path: str) -> tuple[str, ...]:
         return ("RS256",)
     if b"-----BEGIN" not in data:
         return ("HS256",)
-    key: Any
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError:
-        try:
-            key = x509.load_pem_x509_certificate(data).public_key()
-        except ValueError:
-            return ("RS256",)
+    key = _pem_public_key(data)
     if isinstance(key, EllipticCurvePublicKey):
         return ({"secp384r1": "ES384", "secp521r1": "ES512"}.get(key.curve.name, "ES256"),)
     if isinstance(key, Ed25519PublicKey | Ed448PublicKey):
@@ -357,6 +372,10 @@ class JWTChecker:
         if config.key_file is not None:
             self._key = _load_key_file(config.key_file, config.algorithms)
         self._keys: jwt.PyJWKSet | None = None
+        # From the JWKS, by _install: its signing keys by kid, and the one key a
+        # token without a kid may use (None when that would be ambiguous).
+        self._by_kid: dict[str, jwt.PyJWK] = {}
+        self._no_kid: jwt.PyJWK | None = None
         self._fetching: Deferred[None] | None = None
         self._waiters: list[Deferred[None]] = []
         self._last_refetch: float | None = None
@@ -366,6 +385,9 @@ class JWTChecker:
         if config.issuer is not None:
             require.append("iss")
         self._options: jwt.types.Options = {"require": require}
+        # What every jwt.decode is given, built once.
+        self._algorithms = list(config.algorithms)
+        self._audience = list(config.audience)
 
     # The refresh loop
 
@@ -374,7 +396,7 @@ class JWTChecker:
         if self.config.jwks_url is None or self._loop is not None:
             return
         self._stopped = False
-        self._loop = LoopingCall(self._refresh)
+        self._loop = LoopingCall(self._fetch_keys)
         self._loop.clock = self._clock
         self._loop.start(self.config.jwks_refresh, now=True).addErrback(
             lambda f: log.failure("JWKS refresh loop stopped", f)
@@ -388,9 +410,6 @@ class JWTChecker:
             loop.stop()
         if self._fetching is not None:
             self._fetching.cancel()
-
-    def _refresh(self) -> Deferred[None]:
-        return self._fetch_keys()
 
     def _fetch_keys(self) -> Deferred[None]:
         """Fetch the JWKS (or join the fetch under way); never fails."""
@@ -412,7 +431,17 @@ class JWTChecker:
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
         keys = jwt.PyJWKSet.from_dict(document)
+        usable = [k for k in keys.keys if k.public_key_use in (None, "sig")]
+        by_kid: dict[str, jwt.PyJWK] = {}
+        for key in usable:
+            # A token's kid is a string (PyJWT refuses others); the first key wins.
+            if isinstance(key.key_id, str):
+                by_kid.setdefault(key.key_id, key)
+        # Without a kid, only an unambiguous key will do.
+        fitting = [k for k in usable if k.algorithm_name in self.config.algorithms]
         self._keys = keys
+        self._by_kid = by_kid
+        self._no_kid = fitting[0] if len(fitting) == 1 else None
         log.debug("Loaded {count} JWT keys from {url}", count=len(keys.keys), url=url)
 
     def _fetch_failed(self, failure: Failure, url: str) -> None:
@@ -443,17 +472,9 @@ class JWTChecker:
         return self._fetch_keys()
 
     def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
-        if self._keys is None:
-            return None
-        usable = [k for k in self._keys.keys if k.public_key_use in (None, "sig")]
         if kid is None:
-            # Without a kid, only an unambiguous key will do.
-            fitting = [k for k in usable if k.algorithm_name in self.config.algorithms]
-            return fitting[0] if len(fitting) == 1 else None
-        for key in usable:
-            if key.key_id == kid:
-                return key
-        return None
+            return self._no_kid
+        return self._by_kid.get(kid)
 
     def _missing_key(self) -> UnauthorizedLogin:
         return KeysUnavailable() if self._keys is None else UnauthorizedLogin("unknown key")
@@ -464,12 +485,14 @@ class JWTChecker:
     def requestAvatarId(self, credentials: IBearerToken) -> Deferred[Principal]:  # type: ignore[override]
         """The L{Principal} a valid JWT describes (the identity carries its grants)."""
         token = credentials.token
+        if self._key is not None:
+            # jwt.decode parses the header itself, and refuses what
+            # get_unverified_header would (as "malformed" too).
+            return self._settle(token, self._key)
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, ValueError, TypeError):
             return defer.fail(UnauthorizedLogin("malformed"))
-        if self._key is not None:
-            return self._settle(token, self._key)
         kid = header.get("kid")
         key = self._lookup(kid)
         if key is not None:
@@ -498,8 +521,8 @@ class JWTChecker:
             claims = jwt.decode(
                 token,
                 key,
-                algorithms=list(c.algorithms),
-                audience=list(c.audience),
+                algorithms=self._algorithms,
+                audience=self._audience,
                 issuer=c.issuer,
                 leeway=c.leeway,
                 options=self._options,

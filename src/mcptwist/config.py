@@ -571,23 +571,13 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
             source, "servers", "every server is disabled", "enable at least one server"
         )
     if auth.jwt is not None:
-        unknown_servers = sorted(auth.jwt.default_servers - {"*"} - set(servers_table))
-        if unknown_servers:
-            raise ConfigError(
-                source,
-                "auth.jwt.default_servers",
-                f"names {unknown_servers[0]!r}, which is not a configured server",
-                'name configured servers, or write default_servers = ["*"] for all',
-            )
+        _check_server_names(
+            source, "auth.jwt.default_servers", auth.jwt.default_servers, servers_table
+        )
     for token in auth.tokens:
-        unknown_servers = sorted(token.servers - {"*"} - set(servers_table))
-        if unknown_servers:
-            raise ConfigError(
-                source,
-                f"auth.tokens[{token.name}].servers",
-                f"names {unknown_servers[0]!r}, which is not a configured server",
-                'name configured servers, or write servers = ["*"] for all',
-            )
+        _check_server_names(
+            source, f"auth.tokens[{token.name}].servers", token.servers, servers_table
+        )
     return BridgeConfig(
         servers=servers,
         listeners=tuple(listeners),
@@ -596,6 +586,22 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         source=source,
         **settings,  # type: ignore[arg-type]
     )
+
+
+def _check_server_names(
+    source: str, key: str, names: frozenset[str], servers: Mapping[str, Any]
+) -> None:
+    """Every name in C{names} (a list of servers, C{"*"} for all) is a server
+    of the file, disabled ones included."""
+    unknown = sorted(names - {"*"} - set(servers))
+    if unknown:
+        last = key.rpartition(".")[2]
+        raise ConfigError(
+            source,
+            key,
+            f"names {unknown[0]!r}, which is not a configured server",
+            f'name configured servers, or write {last} = ["*"] for all',
+        )
 
 
 def parse_server(
@@ -771,12 +777,6 @@ def _networks(r: _Reader, name: str) -> tuple[Network, ...]:
         ) from None
 
 
-_LISTENER_TLS_FIX: Final = (
-    'write tls = { certificate = "cert.pem", key = "key.pem" } '
-    '(optional: chain = "chain.pem", min_version = "1.3", hsts_max_age = 0)'
-)
-
-
 def _parse_listeners(top: _Reader) -> list[ListenerConfig]:
     top.used.add("listeners")
     tables = top.table.get("listeners", [])
@@ -896,7 +896,8 @@ def _parse_auth(top: _Reader) -> AuthConfig:
             f"{resource_url!r} is not an http(s) URL without query or fragment",
             'write the URL clients use to reach the bridge, such as "https://mcp.example.com"',
         )
-    for i, server in enumerate(r.strings("authorization_servers")):
+    authorization_servers = r.strings("authorization_servers")
+    for i, server in enumerate(authorization_servers):
         if not _safe_jwks_url(server) or not server.startswith("https://"):
             raise r.error(
                 f"authorization_servers[{i}]",
@@ -907,7 +908,7 @@ def _parse_auth(top: _Reader) -> AuthConfig:
         tokens=tuple(tokens),
         jwt=jwt,
         resource_url=resource_url.rstrip("/") if resource_url else None,
-        authorization_servers=r.strings("authorization_servers"),
+        authorization_servers=authorization_servers,
     )
     r.finish()
     if auth.authorization_servers and auth.resource_url is None:
@@ -1020,7 +1021,7 @@ def _safe_jwks_url(url: str) -> bool:
         return False
     if parts.scheme == "https":
         return bool(host)
-    return parts.scheme == "http" and host in ("127.0.0.1", "localhost", "::1")
+    return parts.scheme == "http" and host in LOOPBACK_HOSTS
 
 
 def _at_least(value: Any, minimum: float) -> float:

@@ -350,6 +350,8 @@ def forwarded_client(
     checked what lies beyond, so the last good address to its right is the
     answer. Ports (C{1.2.3.4:80}, C{[::1]:80}) and zone ids are dropped and
     empty entries skipped. Never raises. None for no peer IP (Unix socket).
+    C{trusted} is taken as L{parse_networks} gives it (as the configuration
+    holds it): IPv4-mapped networks already made IPv4.
     """
     if peer_ip is None:
         return None
@@ -357,7 +359,6 @@ def forwarded_client(
         peer = parse_ip(peer_ip)
     except ValueError:
         return peer_ip
-    trusted = _networks(trusted)
     current = peer
     if _in_any(current, trusted):
         hops = [hop for value in x_forwarded_for for hop in value.split(",")]

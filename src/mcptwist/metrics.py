@@ -106,10 +106,12 @@ TRANSPORTS: Final = frozenset({"streamable", "sse", "stateless"})
 
 EXIT_REASONS: Final = ("exit0", "exit_nonzero", "signal", "spawn_failed", "killed_by_bridge")
 
-# Copies of audit.REQUEST_STATUSES and of supervisor.ChildState's values (the
-# tests keep them equal): this module imports no other of the bridge's, so that
-# any of them can import it without a cycle.
+# The values of an MCP request's status, in the audit trail's request events
+# and in these metrics' labels.
 STATUSES: Final = frozenset({"ok", "error", "cancelled", "timeout"})
+# A copy of supervisor.ChildState's values (the tests keep them equal): this
+# module imports no other of the bridge's, so that any of them can import it
+# without a cycle.
 CHILD_STATES: Final = ("starting", "running", "restarting", "failed", "stopped")
 
 # From a ping to a long tool call.
@@ -579,11 +581,11 @@ class Metrics:
             self._server(server), transport if transport in TRANSPORTS else OTHER
         ).inc()
 
-    def session_closed(self, server: str, transport: str, reason: str) -> None:
+    def session_closed(self, server: str, transport: str) -> None:
         """A client session closed.
 
-        C{reason} is free text (the session registry's) and so is not a label:
-        the audit trail and the log keep it.
+        Why is free text (the session registry's) and so is not a label: the
+        audit trail and the log keep it.
         """
         self._closed.labels(
             self._server(server), transport if transport in TRANSPORTS else OTHER

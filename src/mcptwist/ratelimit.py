@@ -68,8 +68,12 @@ class TokenBucket:
         """
         wait = self.peek(now, cost)
         if wait == 0.0:
-            self.tokens = max(0.0, self.tokens - cost)
+            self.spend(cost)
         return wait
+
+    def spend(self, cost: float = 1.0) -> None:
+        """Spend C{cost} tokens that a L{peek} at the current time allowed."""
+        self.tokens = max(0.0, self.tokens - cost)
 
     def full(self, now: float) -> bool:
         """Whether the bucket is back at C{burst}, like a new one."""
@@ -186,11 +190,12 @@ class RateLimiter:
         """
         now = self._clock.seconds()
         applicable = self._applicable(principal, ip, server, ip_charged)
+        buckets = self._buckets
+        found = [buckets.get(key) for key, _ in applicable]
         scope: str | None = None
         wait = 0.0
         missing = 0
-        for key, _ in applicable:
-            bucket = self._buckets.get(key)
+        for (key, _), bucket in zip(applicable, found, strict=True):
             if bucket is None:
                 missing += 1  # a new bucket is full, so it allows
                 continue
@@ -200,19 +205,21 @@ class RateLimiter:
                 wait = max(wait, needed)
         if scope is not None:
             return Refusal(scope, wait)
-        if missing and len(self._buckets) + missing > self.max_keys:
+        if missing and len(buckets) + missing > self.max_keys:
             if now >= self._next_forced_prune:
                 self._next_forced_prune = now + CAPACITY_RETRY
                 self.prune()
-                # The prune may have dropped some of this request's own buckets.
-                missing = sum(key not in self._buckets for key, _ in applicable)
-            if len(self._buckets) + missing > self.max_keys:
+                # The prune may have dropped some of this request's own buckets
+                # (full ones: new ones in their place are the same).
+                found = [buckets.get(key) for key, _ in applicable]
+                missing = found.count(None)
+            if len(buckets) + missing > self.max_keys:
                 return Refusal("capacity", CAPACITY_RETRY)
-        for key, spec in applicable:
-            bucket = self._buckets.get(key)
+        # Every bucket was refilled to now and allows: spend from each.
+        for (key, spec), bucket in zip(applicable, found, strict=True):
             if bucket is None:
-                bucket = self._buckets[key] = TokenBucket(spec.rate, spec.burst, now)
-            bucket.take(now)
+                bucket = buckets[key] = TokenBucket(spec.rate, spec.burst, now)
+            bucket.spend()
         return None
 
 

@@ -1025,6 +1025,12 @@ class Backend(MultiService):
             assert isinstance(service, Upstream)
             yield service
 
+    @property
+    def state(self) -> str:
+        """The server's state as a whole (a L{ChildState} value), without building
+        its L{status} (which copies every child's stderr)."""
+        raise NotImplementedError
+
     def status(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -1048,6 +1054,10 @@ class SharedBackend(Backend):
 
     def close(self, session: Downstream, upstream: Upstream) -> None:
         upstream.detach(session)
+
+    @property
+    def state(self) -> str:
+        return self.upstream.supervisor.state.value
 
     def status(self) -> dict[str, Any]:
         status = {"name": self.server.name, "sharing": "shared", **self.upstream.status()}
@@ -1087,23 +1097,22 @@ class SessionBackend(Backend):
     def stopService(self) -> Deferred[Any]:
         return DeferredList([super().stopService(), *self._stopping])
 
+    @property
+    def state(self) -> str:
+        """Failed when every child has failed; otherwise running (no children
+        yet included: the next session spawns one)."""
+        states = {u.supervisor.state for u in self.upstreams()}
+        if states == {ChildState.FAILED}:
+            return ChildState.FAILED.value
+        return ChildState.RUNNING.value
+
     def status(self) -> dict[str, Any]:
         children = [u.status() for u in self.upstreams()]
         running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
-        states = {c["state"] for c in children}
-        state = (
-            ChildState.RUNNING.value
-            if not children
-            else (
-                ChildState.FAILED.value
-                if states == {ChildState.FAILED.value}
-                else ChildState.RUNNING.value
-            )
-        )
         return {
             "name": self.server.name,
             "sharing": "session",
-            "state": state,
+            "state": self.state,
             "children": children,
             "running_children": running,
             "max_children": self.server.max_children,

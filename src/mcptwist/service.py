@@ -9,6 +9,7 @@ stop the children and wait for them to exit.
 
 from __future__ import annotations
 
+import collections
 import functools
 import gc
 import os
@@ -161,12 +162,7 @@ class Listener(Service):
             try:
                 creator.reload(config.tls)
             except TLSLoadError as e:
-                log.error(
-                    "{listener}: kept the old TLS certificate: {error}",
-                    listener=config.endpoint,
-                    error=str(e),
-                )
-                self.audit.tls_reloaded(listener=config.endpoint, outcome="refused", detail=str(e))
+                self._tls_refused(e)
                 # Keep describing what is served, so that the next reload tries again.
                 config = attrs.evolve(config, tls=self.config.tls)
         self.creator = creator
@@ -184,16 +180,20 @@ class Listener(Service):
         try:
             self.creator.reload()
         except TLSLoadError as e:
-            log.error(
-                "{listener}: kept the old TLS certificate: {error}",
-                listener=self.config.endpoint,
-                error=str(e),
-            )
-            self.audit.tls_reloaded(listener=self.config.endpoint, outcome="refused", detail=str(e))
+            self._tls_refused(e)
             return
         log.info("{listener}: TLS certificate re-read", listener=self.config.endpoint)
         self.audit.tls_reloaded(listener=self.config.endpoint, outcome="ok", detail=None)
         self._warn_expiry()
+
+    def _tls_refused(self, error: TLSLoadError) -> None:
+        """A certificate that did not load: the old one is kept; log and audit it."""
+        log.error(
+            "{listener}: kept the old TLS certificate: {error}",
+            listener=self.config.endpoint,
+            error=str(error),
+        )
+        self.audit.tls_reloaded(listener=self.config.endpoint, outcome="refused", detail=str(error))
 
     def _warn_expiry(self) -> None:
         warning = self.creator.expiry_warning() if self.creator is not None else None
@@ -346,7 +346,6 @@ class BridgeService(MultiService):
         self.config_path = config_path
         self.notifier = notifier if notifier is not None else SystemdNotifier({}, reactor)
         self.listen_override = listen_override
-        self._previous_sighup: Any = None
         self.audit = AuditTrail(config.audit, reactor)
         self.backends: dict[str, Backend] = {
             name: make_backend(server, reactor, environ, self.audit)
@@ -374,17 +373,18 @@ class BridgeService(MultiService):
         self.control = BridgeControl(self)
         self.web.admin = AdminAPI(self.control, self.audit).resource()
         self.metrics: Metrics | None = None
+        self._metrics_root: IResource | None = None
         if config.metrics.enabled:
             self.metrics = Metrics(start_time=reactor.seconds())
             self.metrics.set_source(self._snapshot)
             self.audit.metrics = self.metrics
+            # One resource (a leaf that only renders), at /metrics and on metrics listeners.
             self.web.metrics = self.metrics.resource()
+            self._metrics_root = MetricsOnly(self.web.metrics)
         self.resource = self.web.resource()
         self.listeners = [self._listener(listener) for listener in config.listeners]
-        self._metrics_root: IResource | None = None
         self.metrics_listeners: list[Listener] = []
         if self.metrics is not None:
-            self._metrics_root = MetricsOnly(self.metrics.resource())
             self.metrics_listeners = [
                 self._listener(listener, self._metrics_root)
                 for listener in config.metrics.listeners
@@ -422,6 +422,12 @@ class BridgeService(MultiService):
     def _max_body(self) -> int:
         return max(b.server.max_message_size for b in [*self.backends.values(), *self.draining])
 
+    def _refresh_body_limit(self) -> None:
+        """Give every listener the request-body limit of the servers now served."""
+        factory = bounded_request_factory(self._max_body())
+        for listener in [*self.listeners, *self.metrics_listeners]:
+            listener.site.requestFactory = factory
+
     @property
     def site(self) -> BridgeSite:
         """The first listener's site (what tests drive directly)."""
@@ -445,9 +451,7 @@ class BridgeService(MultiService):
         Service.startService(self)
         self.access.start()
         if self.handle_sighup:
-            self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._sighup)
-            )
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._sighup))
         for listener in [*self.listeners, *self.metrics_listeners]:
             listener.startService()
         self.registry.startService()
@@ -484,23 +488,23 @@ class BridgeService(MultiService):
     def _snapshot(self) -> Snapshot:
         """The live state the metrics read at each scrape."""
         servers = []
+        sessions = collections.Counter(s.server for s in self.registry.sessions.values())
         for name, backend in self.backends.items():
             upstreams = list(backend.upstreams())
             states = [u.supervisor.state.value for u in upstreams]
-            state = backend.status()["state"]
             uptimes = [u.supervisor.uptime() for u in upstreams]
             servers.append(
                 ServerSnapshot(
                     name=name,
                     sharing=backend.server.sharing,
-                    state=state,
+                    state=backend.state,
                     children=len(upstreams),
                     running_children=states.count("running"),
                     restarts=sum(u.supervisor.restarts for u in upstreams),
                     uptime=max((t for t in uptimes if t is not None), default=None),
                     in_flight=sum(u.in_flight for u in upstreams),
                     stdin_queue=sum(u.queued for u in upstreams),
-                    sessions=self.registry.count(name),
+                    sessions=sessions[name],
                 )
             )
         return Snapshot(
@@ -510,7 +514,7 @@ class BridgeService(MultiService):
         )
 
     def status_line(self) -> str:
-        states = {name: b.status()["state"] for name, b in self.backends.items()}
+        states = {name: b.state for name, b in self.backends.items()}
         return status_line(states, len(self.registry.sessions))
 
     def _report_status(self) -> None:
@@ -672,7 +676,7 @@ class BridgeService(MultiService):
             site = listener.site
             if isinstance(site, BridgeSite):
                 site.access_log = new.access_log
-            site.requestFactory = bounded_request_factory(self._max_body())
+        self._refresh_body_limit()
         for listener in self.listeners:
             listener.open_to_network = new.insecure or new.auth.enabled
         self.listeners, changes["listeners"] = await self._apply_listeners(
@@ -718,8 +722,7 @@ class BridgeService(MultiService):
         if self.running:
             backend.startService()
             self._log_urls(server.name)
-        for listener in self.listeners:
-            listener.site.requestFactory = bounded_request_factory(self._max_body())
+        self._refresh_body_limit()
         return backend
 
     def retire(self, name: str, why: str) -> None:

@@ -211,6 +211,9 @@ class Supervisor(Service):
             self.owner.child_oversize(child, size, head, tail)
 
     def child_exited(self, child: Child, reason: Failure) -> None:
+        how = describe_exit(reason)
+        # The bridge is stopping or restarting the child: its end is no crash.
+        stopping = self.state in (ChildState.STOPPED, ChildState.RESTARTING)
         if self.audit is not None:
             value = reason.value
             self.audit.child_exited(
@@ -218,16 +221,14 @@ class Supervisor(Service):
                 pid=child.pid,
                 exit_code=getattr(value, "exitCode", None),
                 signal=getattr(value, "signal", None),
-                reason=describe_exit(reason),
-                stopping=self._abandoned is not None
-                or self.state in (ChildState.STOPPED, ChildState.RESTARTING),
+                reason=how,
+                stopping=stopping or self._abandoned is not None,
             )
         if child is not self.child:
             return
-        how = describe_exit(reason)
         if self._abandoned is not None:
             how, self._abandoned = f"{self._abandoned} (so it was killed)", None
-        if self.state in (ChildState.STOPPED, ChildState.RESTARTING) and not self.running:
+        if stopping and not self.running:
             self.owner.child_lost(child, f"was stopped ({how})")
             return
         if self.state is ChildState.RESTARTING:

@@ -10,7 +10,7 @@ certificate in service.
 The IP filter must see a connection before TLS does, so that a refused peer
 costs no handshake: build the stack with L{tls_factory} inside
 L{mcptwist.ipfilter.IPFilterFactory} rather than wrapping the endpoint with
-L{wrap_tls}, which suits listeners without a filter.
+Twisted's C{wrapServerTLS}, which suits listeners without a filter.
 
 L{parse_ssl_endpoint} turns a Twisted C{ssl:} endpoint string into a plain
 C{tcp:} one plus a L{TLSConfig}, so that C{ssl:} listeners get the same
@@ -28,12 +28,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from OpenSSL import SSL
-from twisted.internet.endpoints import wrapServerTLS
-from twisted.internet.interfaces import (
-    IOpenSSLServerConnectionCreator,
-    IProtocolFactory,
-    IStreamServerEndpoint,
-)
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -227,13 +222,6 @@ def tls_factory(
     plus C{http/1.1}, so C{wrapped} must be the factory directly inside.
     """
     return TLSMemoryBIOFactory(creator, False, wrapped)
-
-
-def wrap_tls(
-    endpoint: IStreamServerEndpoint, creator: IOpenSSLServerConnectionCreator
-) -> IStreamServerEndpoint:
-    """An endpoint that listens on C{endpoint} with TLS from C{creator}."""
-    return wrapServerTLS(creator, endpoint)
 
 
 def quote_argument(value: str) -> str:

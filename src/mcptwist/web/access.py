@@ -22,7 +22,7 @@ from .. import jsonrpc
 from ..audit import AuditTrail
 from ..auth import ANONYMOUS, Authenticator, AuthFailure, Principal
 from ..config import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
-from ..ipfilter import AddressPolicy, forwarded_client, normalise
+from ..ipfilter import AddressPolicy, forwarded_client, parse_ip
 from ..ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 from .http import HTTPProblem, header
 
@@ -183,7 +183,7 @@ class AccessControl:
         client = forwarded_client(peer, values, listener.trusted_proxies)
         if client is not None and client != peer:
             policy = self._listener_policy(listener)
-            if not _allows(policy, client):
+            if not policy.allows_ip(client):
                 self.audit.ip_refused(peer=client, listener=listener.endpoint, scope="listener")
                 raise HTTPProblem(
                     403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: your address is not allowed here"
@@ -256,12 +256,12 @@ class AccessControl:
     # Authorisation and limits
 
     def authorise(
-        self, request: Any, principal: Principal, ip: str | None, server: str | None, route: str
+        self, request: Any, principal: Principal, ip: str | None, server: str | None
     ) -> None:
         """Raise the HTTPProblem that refuses this principal this route, if any."""
         if server is not None and not principal.may_use(server):
             self.audit.access_refused(
-                principal=identity(principal), peer=ip, server=server, route=route
+                principal=principal.id, peer=ip, server=server, route=route_of(request)
             )
             # The same answer whether or not the server exists.
             raise HTTPProblem(
@@ -271,7 +271,7 @@ class AccessControl:
             )
         if server is not None and ip is not None:
             policy = self.server_policies.get(server)
-            if policy is not None and not _allows(policy, ip):
+            if policy is not None and not policy.allows_ip(ip):
                 self.audit.ip_refused(peer=ip, listener=server, scope="server")
                 raise HTTPProblem(
                     403,
@@ -280,10 +280,10 @@ class AccessControl:
                 )
         # Without authentication every client is "anonymous": only per-IP limits
         # can tell them apart.
-        who = identity(principal) if principal is not ANONYMOUS else None
+        who = principal.id if principal is not ANONYMOUS else None
         refusal = self.limiter.check(who, rate_key(ip), server, ip_charged=self.auth.enabled)
         if refusal is not None:
-            raise self._limited(refusal, identity(principal), ip, server)
+            raise self._limited(refusal, principal.id, ip, server)
 
     def limit_address(self, ip: str | None) -> None:
         """Before authentication, charge the client's address: floods of bad
@@ -311,10 +311,10 @@ class AccessControl:
             headers={b"retry-after": retry_after_header(refusal.retry_after)},
         )
 
-    def require_admin(self, principal: Principal, ip: str | None, route: str) -> None:
+    def require_admin(self, request: Any, principal: Principal, ip: str | None) -> None:
         if not principal.admin:
             self.audit.access_refused(
-                principal=identity(principal), peer=ip, server=None, route=route
+                principal=principal.id, peer=ip, server=None, route=route_of(request)
             )
             raise HTTPProblem(
                 403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: this needs the admin scope"
@@ -327,6 +327,12 @@ def listener_of(request: Any) -> ListenerConfig | None:
     return getattr(site, "listener", None)
 
 
+def route_of(request: Any) -> str:
+    """The request's path as text, for the audit trail and challenges."""
+    path: bytes = request.path
+    return path.decode("utf-8", "replace")
+
+
 def principal_of(request: Any) -> Principal:
     """Who made this request (set by the Gate before any handler runs)."""
     principal: Principal = getattr(request, "principal", ANONYMOUS)
@@ -335,14 +341,12 @@ def principal_of(request: Any) -> Principal:
 
 def identity(principal: Principal) -> str:
     """A principal's key for sessions and limits: a token and a JWT subject of
-    the same name are different clients."""
-    if principal.kind == "anonymous":
-        return "anonymous"
-    return f"{principal.kind}:{principal.name}"
+    the same name are different clients (L{Principal.id})."""
+    return principal.id
 
 
 def principal_id(request: Any) -> str:
-    return identity(principal_of(request))
+    return principal_of(request).id
 
 
 @functools.lru_cache(maxsize=4096)
@@ -353,7 +357,7 @@ def rate_key(ip: str | None) -> str | None:
     if ip is None:
         return None
     try:
-        address = normalise(ipaddress.ip_address(ip.split("%", 1)[0]))
+        address = parse_ip(ip)
     except ValueError:
         return ip
     if address.is_loopback:
@@ -361,13 +365,6 @@ def rate_key(ip: str | None) -> str | None:
     if address.version == 6:
         return str(ipaddress.ip_network((address, 64), strict=False))
     return str(address)
-
-
-def _allows(policy: AddressPolicy, ip: str) -> bool:
-    try:
-        return policy.allows_ip(ipaddress.ip_address(ip.split("%", 1)[0]))
-    except ValueError:
-        return False
 
 
 def _is_server_route(path: str) -> bool:
@@ -387,4 +384,5 @@ __all__ = [
     "listener_of",
     "principal_id",
     "principal_of",
+    "route_of",
 ]

@@ -16,7 +16,6 @@ name exists, 415 not JSON, 422 a configuration error (naming key and fix).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, Final, Protocol, TypeVar
 
@@ -49,8 +48,6 @@ T = TypeVar("T")
 MAX_BODY: Final = 1024 * 1024
 DEFAULT_STDERR_LINES: Final = 100
 MAX_STDERR_LINES: Final = 10_000
-# As config.py checks it: the name becomes part of the URL.
-_SERVER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ADD_FORM: Final = 'send {"name": "NAME", "config": {...the [servers.NAME] table...}}'
 
 
@@ -84,8 +81,8 @@ class AdminControl(Protocol):
     def add_server(self, name: str, table: dict[str, Any]) -> Deferred[dict[str, Any]]:
         """Add and start a server until the next reload; its status.
 
-        ConfigError if the table is not a valid server, ValueError if the
-        name is taken.
+        ConfigError if the name or the table is not a valid server (as
+        config.parse_server checks them), ValueError if the name is taken.
         """
 
     def remove_server(self, name: str) -> Deferred[dict[str, Any]]:
@@ -247,19 +244,13 @@ class AdminAPI:
             self._record(request, "add_server", None, _failed(problem))
             raise
 
-        def add() -> Deferred[dict[str, Any]]:
-            if not _SERVER_NAME.match(name):
-                raise ConfigError(
-                    "admin API",
-                    f"servers.{name}",
-                    "is not a usable server name (it becomes part of the URL)",
-                    "use letters, digits, '.', '_' and '-', starting with a letter or digit, "
-                    "at most 64",
-                )
-            return self.control.add_server(name, table)
-
+        # The name is checked with the rest of the table, by config.parse_server.
         status = await self._perform(
-            request, "add_server", name, add, lambda e: _add_error(e, name)
+            request,
+            "add_server",
+            name,
+            lambda: self.control.add_server(name, table),
+            lambda e: _add_error(e, name),
         )
         request.setResponseCode(201)
         return json_body(request, status)

@@ -26,7 +26,7 @@ from ..security import HostPolicy, OriginPolicy
 from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
 from ..stateless import StateSigner
 from . import legacy_sse, streamable
-from .access import PRM_PATH, AccessControl, principal_id, principal_of
+from .access import PRM_PATH, AccessControl, principal_id, principal_of, route_of
 from .http import (
     Handler,
     HTTPProblem,
@@ -39,6 +39,15 @@ from .http import (
 from .sse import EventConnection, Heartbeat
 
 log = Logger(namespace="mcptwist.web")
+# Operators use the command line or Prometheus, never a web page.
+_OPERATOR: Final = (b"admin", b"metrics")
+
+
+def _internal_error(request: Any) -> bytes:
+    """The 500 answer to an unexpected error, which the caller has logged."""
+    return HTTPProblem(500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)").render(
+        request
+    )
 
 
 def guarded(handler: Handler) -> Handler:
@@ -55,8 +64,7 @@ def guarded(handler: Handler) -> Handler:
         if request.startedWriting:
             request.transport.abortConnection()
             return None
-        internal = HTTPProblem(500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)")
-        return internal.render(request)
+        return _internal_error(request)
 
     return catching(handler, problem_answer)
 
@@ -91,9 +99,10 @@ class Gate(Resource):
                 403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
             ).render(request)
         path = request.path
-        if origin is not None and (path.startswith(b"/admin/") or path == b"/metrics"):
-            # Operators use the command line or Prometheus, never a web page: a
-            # page that can reach loopback must not drive the admin API.
+        parts = _segments(path)
+        operator = parts is not None and parts[1] in _OPERATOR
+        if origin is not None and operator:
+            # A page that can reach loopback must not drive the admin API.
             return HTTPProblem(
                 403,
                 jsonrpc.SERVER_UNAVAILABLE,
@@ -102,7 +111,6 @@ class Gate(Resource):
         preflight = access.cors(request, origin)
         if preflight is not None:
             return preflight
-        parts = _segments(path)
         if parts is None:
             # Klein routes on the percent-decoded segments; the gate decides on
             # the raw path. No bridge URL needs escapes or empty or dot
@@ -118,7 +126,7 @@ class Gate(Resource):
         except HTTPProblem as problem:
             return problem.render(request)
         if not access.auth.enabled:
-            return self._admitted(request, ip, ANONYMOUS, parts)
+            return self._admitted(request, ip, ANONYMOUS, parts, operator)
         d = access.authenticator.authenticate(
             request.getHeader(b"authorization"), b"access_token" in request.args
         )
@@ -133,54 +141,63 @@ class Gate(Resource):
             if request.finished or request.channel is None:
                 return
             try:
-                body = self._admitted(request, ip, result, parts)
+                body = self._admitted(request, ip, result, parts, operator)
             except Exception:
                 log.failure("while answering {path}", path=request.path)
-                body = HTTPProblem(
-                    500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
-                ).render(request)
+                body = _internal_error(request)
             if body is not NOT_DONE_YET:
                 request.write(body)
                 request.finish()
 
         d.addBoth(outcome)
         if settled:
-            return self._admitted(request, ip, settled[0], parts)
+            return self._admitted(request, ip, settled[0], parts, operator)
         waiting.append(True)
         return NOT_DONE_YET
 
     def _admitted(
-        self, request: Any, ip: str | None, who: Principal | Failure, parts: list[bytes]
+        self,
+        request: Any,
+        ip: str | None,
+        who: Principal | Failure,
+        parts: list[bytes],
+        operator: bool,
     ) -> Any:
         """Authorise an authenticated (or refused) request, then route it."""
         access = self.app.access
-        route = request.path.decode("utf-8", "replace")
         if isinstance(who, Failure):
+            route = route_of(request)
             if isinstance(who.value, AuthFailure):
                 return access.failure_problem(request, who.value, ip, route).render(request)
             log.failure("while authenticating {path}", who, path=route)
-            return HTTPProblem(
-                500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
-            ).render(request)
+            return _internal_error(request)
         request.principal = who
         request.client_ip = ip
+        count = len(parts)
+        first = parts[1]
         server = None
-        if len(parts) >= 3 and parts[1] == b"servers":
-            server = parts[2].decode("utf-8", "replace")
-        operator = parts[1] in (b"admin", b"metrics")
+        if count >= 3 and first == b"servers":
+            try:
+                server = parts[2].decode("utf-8")
+            except UnicodeDecodeError:
+                # A name that is not UTF-8 names no server.
+                return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
         try:
-            if operator or parts[1:] == [b"servers"] or (server is not None and len(parts) == 3):
-                access.require_admin(who, ip, route)
-            access.authorise(request, who, ip, server, route)
+            if operator or (first == b"servers" and count <= 3):
+                access.require_admin(request, who, ip)
+            access.authorise(request, who, ip, server)
         except HTTPProblem as problem:
             return problem.render(request)
-        if parts[1] == b"admin" and self.app.admin is not None:
-            return self.app.admin.render(request)
-        if parts[1:] == [b"metrics"] and self.app.metrics is not None:
-            return self.app.metrics.render(request)
-        handler, name = self._message_route(request, parts)
-        if handler is not None:
-            return self._run(request, handler, name)
+        if first == b"admin":
+            if self.app.admin is not None:
+                return self.app.admin.render(request)
+        elif first == b"metrics":
+            if count == 2 and self.app.metrics is not None:
+                return self.app.metrics.render(request)
+        elif server is not None:
+            handler = self._message_route(request, parts)
+            if handler is not None:
+                return self._run(request, handler, server)
         return self._route(request)
 
     def _route(self, request: Any) -> Any:
@@ -205,25 +222,25 @@ class Gate(Resource):
         request.setHeader(b"cache-control", b"max-age=300")
         return json_body(request, document)
 
-    def _message_route(self, request: Any, parts: list[bytes]) -> tuple[Handler | None, str]:
+    def _message_route(self, request: Any, parts: list[bytes]) -> Handler | None:
         """The handler of a message endpoint (POST or DELETE on /servers/NAME/mcp,
         POST on /servers/NAME/messages), found without the URL map: these carry
-        every message, and werkzeug's matching cost a fifth of the bridge's CPU."""
-        if len(parts) != 4 or parts[1] != b"servers":
-            return None, ""
-        handlers = _MESSAGE_ROUTES.get(parts[3])
+        every message, and werkzeug's matching cost a fifth of the bridge's CPU.
+
+        C{parts} is a path under C{/servers/NAME}, whose name the caller decoded.
+        """
+        if len(parts) != 4:
+            return None
+        endpoint = parts[3]
+        handlers = _MESSAGE_ROUTES.get(endpoint)
         if handlers is None:
-            return None, ""
+            return None
         handler = handlers.get(request.method)
         if handler is None:
-            if request.method == b"GET" and parts[3] == b"mcp":
-                return None, ""  # the session's stream: a Klein route
-            allowed = b"GET, POST, DELETE" if parts[3] == b"mcp" else b"POST"
-            return _not_allowed(allowed), ""
-        try:
-            return handler, parts[2].decode("utf-8")
-        except UnicodeDecodeError:
-            return None, ""
+            if request.method == b"GET" and endpoint == b"mcp":
+                return None  # the session's stream: a Klein route
+            return _not_allowed(b"GET, POST, DELETE" if endpoint == b"mcp" else b"POST")
+        return handler
 
     def _run(self, request: Any, handler: Handler, name: str) -> Any:
         """Run a handler as Klein would: an answer at once is returned to
