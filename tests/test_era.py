@@ -182,13 +182,27 @@ class CheckTests(SynchronousTestCase):
 
     @given(json_values)
     def test_arbitrary_meta_is_checked_or_refused(self, value: Any) -> None:
-        """Whatever a client puts in _meta, the answer is a Refusal, never a crash."""
+        """Whatever a client puts in _meta, the request is either taken with
+        that value or refused with the code the revision gives (never a crash)."""
         for key in (VERSION, CAPS, era.META_CLIENT, era.META_LOG_LEVEL):
             meta = {VERSION: MODERN, CAPS: {}, key: value}
             try:
-                check(request("tools/list", _meta=meta))
+                checked = check(request("tools/list", _meta=meta))
             except Refusal as refusal:
                 self.assertEqual(refusal.id, 7)
+                # A version the header does not repeat is a mismatch; anything else
+                # (a version that is not a string among them), bad params.
+                mismatch = key == VERSION and isinstance(value, str) and value
+                code = era.HEADER_MISMATCH if mismatch else jsonrpc.INVALID_PARAMS
+                self.assertEqual((refusal.status, refusal.code), (400, code), refusal.message)
+                continue
+            taken = {
+                VERSION: checked.version,
+                CAPS: checked.capabilities,
+                era.META_CLIENT: checked.client_info if value is not None else None,
+                era.META_LOG_LEVEL: checked.log_level,
+            }[key]
+            self.assertEqual(taken, value)
 
 
 class IsModernTests(SynchronousTestCase):

@@ -684,8 +684,10 @@ class ListenTests(SynchronousTestCase):
         upstream.attach(a)
         initialize(upstream, a)
         send(upstream, a, jsonrpc.request(1, "resources/subscribe", {"uri": "r://1"}))
-        for listen in self.listens(reactor.child):
-            self.assertNotIn("resourceSubscriptions", listen["params"]["notifications"])
+        self.assertEqual(a.responses()[1]["result"], {})
+        [listen] = self.listens(reactor.child)
+        self.assertEqual(listen["params"]["notifications"], {"toolsListChanged": True})
+        self.assertEqual(self.cancelled(reactor.child), [], "nothing to reopen it for")
 
     def test_the_last_subscriber_leaving_reopens(self) -> None:
         reactor, upstream, a = one_client()

@@ -13,10 +13,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist import jsonrpc
 from mcptwist.config import RestartPolicy, ServerConfig
 from mcptwist.jsonrpc import Message, RequestId
-from mcptwist.routing import SessionBackend, SharedBackend, Upstream, oversize_response_id
+from mcptwist.routing import (
+    ABANDONED_GRACE,
+    SessionBackend,
+    SharedBackend,
+    Upstream,
+    oversize_response_id,
+)
 from mcptwist.supervisor import ChildState
 
-from .fakes import FakeProcessReactor
+from .fakes import INIT_RESULT, FakeProcessReactor
 
 
 @attrs.define(eq=False)
@@ -163,7 +169,7 @@ class HandshakeTests(SynchronousTestCase):
         send(upstream, a, call(2, "early"))
         self.assertEqual(a.got, [])
         child, init = held[0]
-        child.init_result = dict(__import__("tests.fakes", fromlist=["INIT_RESULT"]).INIT_RESULT)
+        child.init_result = dict(INIT_RESULT)
         child.answer(init)
         self.assertIn(1, a.responses())
         self.assertEqual(child.requests("tools/call")[0]["params"]["arguments"], {"text": "early"})
@@ -677,9 +683,11 @@ class AbandonedQuestionTests(SynchronousTestCase):
         send(upstream, alice, call(1, "alice's task"))
         reactor.advance(30)  # alice's request times out; the child goes on
         send(upstream, bob, call(2, "bob's task"))
-        reactor.advance(6)
+        reactor.advance(ABANDONED_GRACE + 1)
         question = {"message": "Alice: confirm the transfer", "requestedSchema": {}}
         reactor.child.send(jsonrpc.request("q", "elicitation/create", question))
-        self.assertEqual([m for m, _ in bob.got if m.get("method") == "elicitation/create"], [])
+        for session in (alice, bob):
+            asked = [m for m, _ in session.got if m.get("method") == "elicitation/create"]
+            self.assertEqual(asked, [], session.id)
         [refused] = [m for m in reactor.child.received if m.get("id") == "q"]
-        self.assertIn("error", refused)
+        self.assertEqual(refused["error"]["code"], jsonrpc.INTERNAL_ERROR)

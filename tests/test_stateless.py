@@ -62,14 +62,6 @@ class StateSignerTests(SynchronousTestCase):
         self.assertIsNone(self.signer.verify(token))
 
     @given(st.text(), st.data())
-    def test_alteration_never_yields_another_payload(self, payload: str, data: Any) -> None:
-        token = self.signer.sign(payload)
-        index = data.draw(st.integers(0, len(token) - 1))
-        altered = token[:index] + data.draw(st.sampled_from(B64URL + ".=")) + token[index + 1 :]
-        if altered != token:
-            self.assertIn(self.signer.verify(altered), (None, payload))
-
-    @given(st.text(), st.data())
     def test_rejects_any_altered_token(self, payload: str, data: Any) -> None:
         token = self.signer.sign(payload)
         index = data.draw(st.integers(0, len(token) - 1))
@@ -340,12 +332,14 @@ class InputRequiredTests(SynchronousTestCase):
         self.child.send(jsonrpc.request("s", "sampling/createMessage", {"messages": []}))
         [refusal] = answers_to(self.child, "s")
         self.assertEqual(refusal["error"]["code"], jsonrpc.METHOD_NOT_FOUND)
-        d = self.client.start(retry(2, result["requestState"], {"q": NAME}))
+        # The child finishes (with the error it was given) before the retry comes.
         self.child.answer(held)
+        d = self.client.start(retry(2, result["requestState"], {"q": NAME}))
         status, body = self.client.finish(d)
-        self.assertEqual((status, body["id"]), (400, 2) if "error" in body else (200, 2))
-        outcome = body["error"]["code"] if "error" in body else body["result"]["resultType"]
-        self.assertIn(outcome, (era.MISSING_CAPABILITY, "complete"))
+        self.assertEqual((status, body["id"]), (400, 2))
+        self.assertEqual(body["error"]["code"], era.MISSING_CAPABILITY)
+        self.assertEqual(body["error"]["data"], {"requiredCapabilities": {"sampling": {}}})
+        self.assertEqual(self.client.calls(), [])
 
 
 class QuestionRoutingTests(SynchronousTestCase):

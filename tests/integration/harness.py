@@ -315,6 +315,17 @@ def jsonrpc_body(headers: Mapping[str, str], body: bytes) -> list[dict[str, Any]
     return parsed if isinstance(parsed, list) else [parsed]
 
 
+def tool_text(answer: Mapping[str, Any]) -> str:
+    """The text a successful tools/call answer shows its user (asserted: a
+    result, not an error result, with some text)."""
+    result = answer.get("result")
+    assert isinstance(result, dict), f"not a result: {answer}"
+    assert result.get("isError") is not True, f"the tool failed: {result}"
+    text = "".join(c.get("text", "") for c in result.get("content", []) if isinstance(c, dict))
+    assert text, f"no text in {result}"
+    return text
+
+
 # The bridge
 
 

@@ -100,14 +100,15 @@ class OperationsTests(SynchronousTestCase):
         stopped = self.admin_json("stop", "example")
         self.assertEqual(stopped["state"], "stopped")
         answer = self.call(user)
-        self.assertIn("error", answer)
+        self.assertEqual(answer["error"]["code"], -32000, answer)
+        self.assertIn("is stopped", answer["error"]["message"])
         # A server stopped on purpose does not make the bridge unhealthy.
         self.assertEqual(h.http("GET", self.bridge.url("/health"))[0], 200)
         h.wait_for(lambda: pid not in self.bridge.children(), 10, "the stopped child to exit")
         self.admin_json("start", "example")
         running = self.bridge.wait_state("example", "running")
         self.assertNotEqual(running["pid"], pid)
-        self.assertIn("result", self.call(self.session()))
+        h.tool_text(self.call(self.session()))
         before = running["pid"]
         self.admin_json("restart", "example")
         after = self.bridge.wait_state("example", "running")
@@ -138,7 +139,7 @@ class OperationsTests(SynchronousTestCase):
         added = self.admin_json("add", "extra", "--config", str(table))
         self.assertEqual(added["name"], "extra")
         self.bridge.wait_state("extra", "running")
-        self.assertIn("result", self.call(self.session("extra"), "extra"))
+        h.tool_text(self.call(self.session("extra"), "extra"))
         self.admin_json("remove", "extra")
         status, _, _ = h.http(
             "POST", self.bridge.mcp_url("extra"), INIT, {**JSON, "Authorization": f"Bearer {ADMIN}"}
@@ -190,7 +191,7 @@ class OperationsTests(SynchronousTestCase):
 
     def test_metrics(self) -> None:
         user = self.session()
-        self.assertIn("result", self.call(user))
+        h.tool_text(self.call(user))
         h.http("GET", self.bridge.url("/"), headers={"Authorization": "Bearer wrong"})
         status, _, _ = h.http(
             "GET", self.bridge.url("/metrics"), headers={"Authorization": f"Bearer {USER}"}

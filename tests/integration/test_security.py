@@ -138,7 +138,11 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(len(calls), 2)
         self.assertEqual({c["principal"] for c in calls}, {"token:user"})
         self.assertEqual({c["name"] for c in calls}, {"current_time"})
-        self.assertTrue(audit_events(self.audit, "auth_failure"))
+        [failure] = audit_events(self.audit, "auth_failure")
+        self.assertEqual(
+            (failure["route"], failure["peer"], failure["reason"]),
+            ("/servers/example/mcp", "127.0.0.1", "no credentials"),
+        )
         self.assertNotIn(USER, self.audit.read_text())
         self.assertNotIn(USER, self.bridge.log)
 
