@@ -112,7 +112,9 @@ crash_limit = 3
         )
         self.assertEqual((server.term_after, server.kill_after), (2.0, 2.0))
 
-    def test_allowed_hosts_follow_insecure(self) -> None:
+    def test_allowed_hosts_are_never_widened_by_insecure(self) -> None:
+        """insecure opens listeners to the network; it leaves DNS-rebinding
+        protection on: the names the bridge answers to stay loopback's."""
         self.assertEqual(
             load_config(self.write("a.toml", '[servers.a]\ncommand = "a"\n'), {}).allowed_hosts,
             ("localhost", "127.0.0.1", "::1"),
@@ -120,7 +122,8 @@ crash_limit = 3
         insecure = load_config(
             self.write("b.toml", 'insecure = true\n[servers.a]\ncommand = "a"\n'), {}
         )
-        self.assertEqual(insecure.allowed_hosts, ("*",))
+        self.assertTrue(insecure.insecure)
+        self.assertEqual(insecure.allowed_hosts, ("localhost", "127.0.0.1", "::1"))
         named = load_config(
             self.write(
                 "c.toml",
@@ -179,6 +182,27 @@ crash_limit = 3
         self.assertEqual(error.key, "servers.a.env.T")
         self.assertIn("GITHUB_TOKEN", error.problem)
         self.assertIn("export GITHUB_TOKEN", error.fix)
+
+    def test_no_error_repeats_a_value_from_the_environment(self) -> None:
+        """A value written as ${VAR} may be a secret: an error names the
+        variable, never its value, wherever the value ends up."""
+        secret = "s3cr3t-value-42"
+        environ = {"SECRET": secret, "PORT": "8080"}
+        cases = {
+            '[servers.a]\ncommand = "a"\ncwd = "${SECRET}"\n': "servers.a.cwd",
+            '[servers.a]\ncommand = "a"\ncwd = "/x/${SECRET}/y"\n': "servers.a.cwd",
+            '[servers.a]\ncommand = "a"\nsharing = "${SECRET}"\n': "servers.a.sharing",
+            '[servers.a]\ncommand = "a"\nera = "${SECRET}"\n': "servers.a.era",
+            'listen = ["tcp:${SECRET}"]\n[servers.a]\ncommand = "a"\n': "listen[0]",
+            'allowed_hosts = ["${SECRET}/"]\n[servers.a]\ncommand = "a"\n': "allowed_hosts[0]",
+            '[audit]\npath = "/nonexistent/${SECRET}/audit.log"\n[servers.a]\ncommand = "a"\n': "audit.path",
+            '[admin.commands.c]\ncommand = "c"\ncwd = "${SECRET}"\n[servers.a]\ncommand = "a"\n': "admin.commands.c.cwd",
+        }
+        for text, key in cases.items():
+            error = self.load_error("c.toml", text, environ)
+            self.assertEqual(error.key, key, text)
+            self.assertNotIn(secret, str(error), text)
+            self.assertIn("${SECRET}", str(error), text)
 
     def test_bad_endpoint(self) -> None:
         error = self.load_error("c.toml", 'listen = ["tcpp:80"]\n[servers.a]\ncommand = "a"\n')
@@ -332,6 +356,23 @@ class PropertyTests(SynchronousTestCase):
             list(config.servers["s"].args),
             [f"{literal}{value}{literal}$" for value in environ.values()],
         )
+
+    @given(
+        st.text(alphabet=string.ascii_letters + string.digits + "-_/:.", min_size=6, max_size=30),
+        st.sampled_from(["sharing", "era", "cwd", "type"]),
+        values,
+    )
+    def test_errors_never_hold_an_expanded_value(self, secret: str, key: str, around: str) -> None:
+        """Whatever the value and wherever it lands in a refused setting, the
+        error shows ${VAR} in its place."""
+        # The leading "~" makes every one of them invalid, whatever the rest.
+        doc = server_doc(**{key: f"~{around}${{SECRET}}{around}"})
+        try:
+            parse_config(doc, "t", {"SECRET": secret})
+        except ConfigError as error:
+            self.assertNotIn(secret, error.key + error.problem + error.fix)
+        else:
+            self.fail(f"{key} = {secret!r} was accepted")
 
     @given(
         st.integers(min_value=1, max_value=4096),

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -185,6 +185,30 @@ class AuditConfig:
 
 
 @attrs.frozen
+class CommandConfig:
+    """A program the admin API may start as a new server: what runs comes from
+    the configuration file only, never from a request."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    env_passthrough: tuple[str, ...] = ()
+    cwd: str | None = None
+
+
+@attrs.frozen
+class AdminConfig:
+    """The admin API: whether it is served, and which commands it may start.
+
+    Without commands, servers cannot be added at run time.
+    """
+
+    enabled: bool = True
+    commands: Mapping[str, CommandConfig] = attrs.field(factory=dict)
+
+
+@attrs.frozen
 class MetricsConfig:
     """Prometheus metrics: at /metrics on every listener (admin scope when
     authentication is on), and on listeners of their own that serve nothing else."""
@@ -244,6 +268,7 @@ class BridgeConfig:
     limits: LimitsConfig = LimitsConfig()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
+    admin: AdminConfig = AdminConfig()
     drain_timeout: float = 60.0
     source: str = "<built-in>"
 
@@ -329,6 +354,45 @@ def _from_mcp_servers_json(source: str, doc: dict[str, Any]) -> dict[str, Any]:
 T = TypeVar("T")
 
 
+class _Environment(Mapping[str, str]):
+    """The bridge's environment as the loader reads it. It remembers each
+    value it gives out, so that no error message repeats one: a value put in
+    the configuration as C{${VAR}} may be a secret."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self.given: dict[str, str] = {}
+
+    def __getitem__(self, key: str) -> str:
+        value = self._environ[key]
+        self.given[key] = value
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._environ
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._environ)
+
+    def __len__(self) -> int:
+        return len(self._environ)
+
+    def redact(self, error: ConfigError) -> ConfigError:
+        """C{error} with every value taken from the environment written back as C{${VAR}}."""
+        if not self.given:
+            return error
+        # Longest first: a value that holds another is replaced whole.
+        given = sorted(self.given.items(), key=lambda item: -len(item[1]))
+
+        def clean(text: str) -> str:
+            for var, value in given:
+                if value:
+                    text = text.replace(value, f"${{{var}}}")
+            return text
+
+        return ConfigError(error.source, clean(error.key), clean(error.problem), clean(error.fix))
+
+
 class _Reader:
     """Reads one table of the document, tracking which keys were used."""
 
@@ -337,7 +401,7 @@ class _Reader:
         source: str,
         prefix: str,
         table: Mapping[str, Any],
-        environ: Mapping[str, str],
+        environ: Mapping[str, str] | None,
     ):
         self.source = source
         self.prefix = prefix
@@ -434,12 +498,18 @@ class _Reader:
         return value
 
     def expand(self, name: str, value: str) -> str:
+        """C{value} with C{${VAR}} taken from the environment; as it is when
+        there is none to take them from (what arrives over HTTP)."""
+        environ = self.environ
+        if environ is None:
+            return value
+
         def replace(match: re.Match[str]) -> str:
             if match.group(1) == "$":
                 return "$"
             var, default = match.group(2), match.group(3)
-            if var in self.environ:
-                return self.environ[var]
+            if var in environ:
+                return environ[var]
             if default is not None:
                 return default
             raise self.error(
@@ -504,7 +574,18 @@ def _size(value: Any) -> int:
 
 
 def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> BridgeConfig:
-    """Validate a parsed document (TOML shape) into a L{BridgeConfig}."""
+    """Validate a parsed document (TOML shape) into a L{BridgeConfig}.
+
+    @raise ConfigError: naming the key; no value taken from C{environ} is in it.
+    """
+    reading = _Environment(environ)
+    try:
+        return _parse_config(doc, source, reading)
+    except ConfigError as e:
+        raise reading.redact(e) from None
+
+
+def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> BridgeConfig:
     top = _Reader(source, "", doc, environ)
     listen = top.strings("listen", () if "listeners" in doc else (DEFAULT_LISTEN,))
     listeners = [listener_from_string(source, f"listen[{i}]", d) for i, d in enumerate(listen)]
@@ -528,8 +609,10 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
     defaults = BridgeConfig(servers={})
     insecure = top.boolean("insecure", defaults.insecure)
     # With authentication, DNS rebinding gains an attacker nothing: a browser
-    # does not send bearer tokens on its own.
-    hosts = top.strings("allowed_hosts", ("*",) if insecure or auth.enabled else LOOPBACK_HOSTS)
+    # does not send bearer tokens on its own. Without it, only the names of
+    # loopback are answered, even where insecure opens the listeners: the
+    # names the bridge is reached by elsewhere are listed in allowed_hosts.
+    hosts = top.strings("allowed_hosts", ("*",) if auth.enabled else LOOPBACK_HOSTS)
     for i, host in enumerate(hosts):
         if host != "*" and not re.match(
             r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*|[A-Za-z0-9.-]+)$", host
@@ -550,6 +633,7 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         "limits": _parse_limits(top),
         "audit": _parse_audit(top),
         "metrics": _parse_metrics(top),
+        "admin": _parse_admin(top),
         "drain_timeout": top.number("drain_timeout", defaults.drain_timeout),
     }
     servers_table = top.table_at("servers")
@@ -563,7 +647,7 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         )
     servers: dict[str, ServerConfig] = {}
     for name, table in servers_table.items():
-        server = parse_server(source, name, table, environ)
+        server = _checked_server(source, name, table, environ)
         if server is not None:
             servers[name] = server
     if not servers:
@@ -605,9 +689,25 @@ def _check_server_names(
 
 
 def parse_server(
-    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str]
+    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str] | None
 ) -> ServerConfig | None:
-    """One C{[servers.NAME]} table (None when disabled), for a file or the admin API."""
+    """One C{[servers.NAME]} table (None when disabled).
+
+    C{${VAR}} is expanded from C{environ}; with None (a table that came over
+    HTTP) nothing is expanded.
+    """
+    if environ is None:
+        return _checked_server(source, name, table, None)
+    reading = _Environment(environ)
+    try:
+        return _checked_server(source, name, table, reading)
+    except ConfigError as e:
+        raise reading.redact(e) from None
+
+
+def _checked_server(
+    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str] | None
+) -> ServerConfig | None:
     if not _NAME_RE.match(name):
         raise ConfigError(
             source,
@@ -626,7 +726,7 @@ def parse_server(
 
 
 def _parse_server(
-    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str]
+    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str] | None
 ) -> ServerConfig | None:
     r = _Reader(source, f"servers.{name}.", table, environ)
     if r.boolean("disabled", False):
@@ -644,20 +744,8 @@ def _parse_server(
             "remote servers are not bridged",
             "give a command to run instead of a url",
         )
-    command = r.string("command", required=True)
-    assert command is not None
-    if not command.strip():
-        raise r.error("command", "is empty", 'name the program to run, such as "npx" or "uvx"')
-    env_table = r.table_at("env")
-    env: dict[str, str] = {}
-    for var, value in env_table.items():
-        if not isinstance(value, str):
-            raise r.error(
-                f"env.{var}",
-                f"must be a string, not {value!r}",
-                f'write {var} = "{value}"',
-            )
-        env[var] = r.expand(f"env.{var}", value)
+    command = _command(r)
+    env = _env(r)
     sharing = r.string("sharing", "shared")
     if sharing not in SHARING_MODES:
         raise r.error(
@@ -720,13 +808,117 @@ def _parse_server(
             f"({server.max_request_timeout:g}) is shorter than request_timeout ({server.request_timeout:g})",
             "make max_request_timeout at least as long as request_timeout",
         )
-    if server.cwd is not None and not os.path.isdir(server.cwd):
-        raise r.error(
-            "cwd",
-            f"{server.cwd!r} is not a directory",
-            "give an existing directory, or remove cwd",
-        )
+    _check_cwd(r, server.cwd)
     return server
+
+
+def _command(r: _Reader) -> str:
+    command = r.string("command", required=True)
+    assert command is not None
+    if not command.strip():
+        raise r.error("command", "is empty", 'name the program to run, such as "npx" or "uvx"')
+    return command
+
+
+def _env(r: _Reader) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for var, value in r.table_at("env").items():
+        if not isinstance(value, str):
+            raise r.error(
+                f"env.{var}",
+                f"must be a string, not {value!r}",
+                f'write {var} = "{value}"',
+            )
+        env[var] = r.expand(f"env.{var}", value)
+    return env
+
+
+def _check_cwd(r: _Reader, cwd: str | None) -> None:
+    if cwd is not None and not os.path.isdir(cwd):
+        raise r.error(
+            "cwd", f"{cwd!r} is not a directory", "give an existing directory, or remove cwd"
+        )
+
+
+# The keys that say what a server runs: only a configuration file may set them.
+RUN_KEYS: Final = ("command", "args", "env", "env_passthrough", "cwd")
+ADMIN_SOURCE: Final = "admin API"
+
+
+def _parse_admin(top: _Reader) -> AdminConfig:
+    r = _Reader(top.source, "admin.", top.table_at("admin"), top.environ)
+    enabled = r.boolean("enabled", True)
+    tables = r.table_at("commands")
+    r.finish()
+    commands: dict[str, CommandConfig] = {}
+    for name, table in tables.items():
+        key = f"admin.commands.{name}"
+        if not _NAME_RE.match(name):
+            raise top.error(
+                key,
+                "is not a usable command name",
+                "use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64",
+            )
+        if not isinstance(table, dict):
+            raise top.error(key, "must be a table", f'write [{key}] with command = "..."')
+        c = _Reader(top.source, key + ".", table, top.environ)
+        command = CommandConfig(
+            name=name,
+            command=_command(c),
+            args=c.strings("args"),
+            env=_env(c),
+            env_passthrough=c.strings("env_passthrough"),
+            cwd=c.string("cwd"),
+        )
+        c.finish()
+        _check_cwd(c, command.cwd)
+        commands[name] = command
+    return AdminConfig(enabled=enabled, commands=commands)
+
+
+def requested_server(
+    name: str, table: Mapping[str, Any], commands: Mapping[str, CommandConfig]
+) -> ServerConfig | None:
+    """A server asked for over HTTP (the admin API), None if disabled.
+
+    Its C{command} names one of the configuration's C{[admin.commands]}, which
+    decides what runs; the request may set how it is run (sharing, timeouts,
+    limits...), nothing else. Nothing in it is expanded.
+    """
+    source = ADMIN_SOURCE
+    if not isinstance(table, dict):
+        return parse_server(source, name, table, None)  # refuses it, naming the key
+    for key in RUN_KEYS[1:]:
+        if key in table:
+            raise ConfigError(
+                source,
+                f"servers.{name}.{key}",
+                "cannot be given over HTTP: what a server runs comes from the configuration file",
+                "write it in an [admin.commands.NAME] table of the configuration file, "
+                'and send "command": "NAME"',
+            )
+    choice = table.get("command")
+    allowed = ", ".join(sorted(commands))
+    if not isinstance(choice, str) or choice not in commands:
+        raise ConfigError(
+            source,
+            f"servers.{name}.command",
+            "does not name a command of the configuration's [admin.commands]"
+            if "command" in table
+            else "missing",
+            f'send "command": one of {allowed}',
+        )
+    chosen = commands[choice]
+    server = parse_server(source, name, {**table, "command": chosen.command}, None)
+    if server is None:
+        return None
+    return attrs.evolve(
+        server,
+        args=chosen.args,
+        env=chosen.env,
+        env_passthrough=chosen.env_passthrough,
+        cwd=chosen.cwd,
+    )
 
 
 def listener_from_string(source: str, key: str, description: str) -> ListenerConfig:
