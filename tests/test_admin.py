@@ -30,7 +30,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from mcptwist.__main__ import AdminClient, main
 from mcptwist.audit import AuditTrail
 from mcptwist.auth import Principal
-from mcptwist.config import AuditConfig, ConfigError, parse_config
+from mcptwist.config import AuditConfig, CommandConfig, ConfigError, requested_server
 from mcptwist.web.admin import AdminAPI
 from mcptwist.web.http import HTTPProblem
 
@@ -112,6 +112,10 @@ class FakeControl:
             "changes": {"added": ["u"], "removed": [], "changed": ["s"]},
         }
         self.reload_error: Exception | None = None
+        self.commands = {
+            "time": CommandConfig("time", "uvx", ("mcp-server-time",)),
+            "x": CommandConfig("x", "x"),
+        }
 
     def servers(self) -> list[dict[str, Any]]:
         return [dict(s) for s in self.status.values()]
@@ -155,9 +159,12 @@ class FakeControl:
         return len(self.session_list) < before
 
     def add_server(self, name: str, table: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        if not self.commands:
+            raise PermissionError("adding servers at run time is off")
         if name in self.status:
             raise ValueError(f"a server named {name!r} exists")
-        server = parse_config({"servers": {name: table}}, "admin API", {}).servers[name]
+        server = requested_server(name, table, self.commands)
+        assert server is not None
         self.calls.append(("add_server", name, server.command))
         self.status[name] = running(name, 5000)
         return succeed(dict(self.status[name]))
@@ -480,7 +487,7 @@ class ServerConfigTests(SynchronousTestCase):
         return status, answer
 
     def test_add(self) -> None:
-        status, body = self.add({"name": "new", "config": {"command": "uvx", "args": ["x"]}})
+        status, body = self.add({"name": "new", "config": {"command": "time"}})
         self.assertEqual(status, 201)
         self.assertEqual(body["name"], "new")
         self.assertEqual(self.admin.control.calls, [("add_server", "new", "uvx")])
@@ -496,18 +503,42 @@ class ServerConfigTests(SynchronousTestCase):
         self.assertEqual((event["target"], event["outcome"][:16]), ("s", "error: Conflict:"))
 
     def test_add_config_error(self) -> None:
-        status, body = self.add({"name": "new", "config": {"args": ["x"]}})
+        status, body = self.add({"name": "new", "config": {"sharing": "session"}})
         self.assertEqual(status, 422)
         error = body["error"]
         self.assertEqual(error["code"], -32602)
         self.assertEqual(error["data"]["key"], "servers.new.command")
-        self.assertIn("servers.new.command: missing. Fix: add command", error["message"])
+        self.assertIn(
+            'servers.new.command: missing. Fix: send "command": one of time, x', error["message"]
+        )
         status, body = self.add({"name": "new", "config": {"command": "x", "sharnig": "shared"}})
         self.assertEqual(status, 422)
         self.assertIn("did you mean sharing?", body["error"]["message"])
         [first, _] = self.admin.events()
         self.assertEqual(first["target"], "new")
         self.assertEqual(first["outcome"], "error: " + error["message"])
+        self.assertEqual(self.admin.control.calls, [])
+
+    def test_add_what_the_configuration_does_not_name(self) -> None:
+        """A program, arguments, environment or directory in the request: 422,
+        and nothing runs."""
+        for config, key in (
+            ({"command": "/bin/sh"}, "servers.new.command"),
+            ({"command": "x", "args": ["-c", "id"]}, "servers.new.args"),
+            ({"command": "x", "env": {"LD_PRELOAD": "/tmp/e.so"}}, "servers.new.env"),
+            ({"command": "x", "cwd": "/"}, "servers.new.cwd"),
+        ):
+            status, body = self.add({"name": "new", "config": config})
+            self.assertEqual((status, body["error"]["data"]["key"]), (422, key), config)
+        self.assertEqual(self.admin.control.calls, [])
+
+    def test_adding_is_off(self) -> None:
+        self.admin.control.commands = {}
+        status, body = self.add({"name": "new", "config": {"command": "x"}})
+        self.assertEqual(status, 403)
+        self.assertIn("off", body["error"]["message"])
+        [event] = self.admin.events()
+        self.assertEqual((event["target"], event["outcome"][:17]), ("new", "error: Forbidden:"))
         self.assertEqual(self.admin.control.calls, [])
 
     def test_add_bad_name(self) -> None:
@@ -925,15 +956,25 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("no open session has this id", err)
 
     def test_add_toml_table(self) -> None:
-        path = self.write("new.toml", 'command = "uvx"\nargs = ["mcp-server-time"]\n')
+        path = self.write("new.toml", 'command = "time"\nsharing = "session"\n')
         status, out, err = self.run_admin("add", "new", "--config", path)
         self.assertEqual((status, out, err), (0, "added new: running (pid 5000)\n", ""))
         self.assertEqual(self.admin.control.calls, [("add_server", "new", "uvx")])
 
+    def test_add_command(self) -> None:
+        status, out, err = self.run_admin("add", "new", "--command", "time")
+        self.assertEqual((status, out, err), (0, "added new: running (pid 5000)\n", ""))
+        self.assertEqual(self.server.seen[-1][:2], ("POST", "/admin/servers"))
+        path = self.write("other.toml", 'command = "x"\nsharing = "session"\n')
+        self.assertEqual(self.run_admin("add", "b", "--command", "time", "--config", path)[0], 0)
+        self.assertEqual(
+            self.admin.control.calls, [("add_server", "new", "uvx"), ("add_server", "b", "uvx")]
+        )
+
     def test_add_wrapped(self) -> None:
-        toml = self.write("a.toml", '[servers.time]\ncommand = "uvx"\n')
+        toml = self.write("a.toml", '[servers.time]\ncommand = "time"\n')
         mcp = self.write(
-            "b.json", '{"mcpServers": {"x": {"command": "npx"}, "y": {"command": "node"}}}'
+            "b.json", '{"mcpServers": {"x": {"command": "time"}, "y": {"command": "x"}}}'
         )
         self.assertEqual(self.run_admin("add", "time", "--config", toml)[0], 0)
         self.assertEqual(self.run_admin("add", "y", "--config", mcp)[0], 0)
@@ -941,14 +982,17 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(status, 2)
         self.assertIn("no mcpServers entry named 'z' (it has: x, y)", err)
         self.assertEqual(
-            self.admin.control.calls, [("add_server", "time", "uvx"), ("add_server", "y", "node")]
+            self.admin.control.calls, [("add_server", "time", "uvx"), ("add_server", "y", "x")]
         )
 
     def test_add_errors(self) -> None:
-        path = self.write("bad.toml", 'args = ["x"]\n')
+        path = self.write("bad.toml", 'command = "x"\nargs = ["x"]\n')
         status, _, err = self.run_admin("add", "new", "--config", path)
         self.assertEqual(status, 1)
-        self.assertIn("servers.new.command: missing. Fix: add command", err)
+        self.assertIn("servers.new.args: cannot be given over HTTP", err)
+        status, _, err = self.run_admin("add", "new")
+        self.assertEqual(status, 1)
+        self.assertIn("servers.new.command: missing", err)
         status, _, err = self.run_admin(
             "add", "s", "--config", self.write("s.json", '{"command": "x"}')
         )
@@ -1115,3 +1159,68 @@ class CommandModuleTests(SynchronousTestCase):
             [sys.executable, "-c", code], env=env, capture_output=True, timeout=60, check=False
         )
         self.assertEqual(result.returncode, 0, result.stderr)
+
+
+SCOPED = Principal("ops-s", "token", frozenset({"s"}), admin=True)
+
+
+class GrantTests(SynchronousTestCase):
+    """An admin whose grants name only server C{s} acts on C{s} alone."""
+
+    def setUp(self) -> None:
+        self.admin = Admin(self, SCOPED)
+
+    def refused(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        status, _, answer = self.admin.request(method, path, body)
+        self.assertEqual(status, 403, path)
+        return dict(answer["error"])
+
+    def test_lists_show_only_granted_servers(self) -> None:
+        _, _, body = self.admin.request("GET", "/admin/servers")
+        self.assertEqual([s["name"] for s in body["servers"]], ["s"])
+        _, _, body = self.admin.request("GET", "/admin/sessions")
+        self.assertEqual([s["id"] for s in body["sessions"]], [SESSION])
+
+    def test_other_servers_are_refused_whether_or_not_they_exist(self) -> None:
+        for name in ("t", "nope"):
+            for method, path in (
+                ("GET", f"/admin/servers/{name}"),
+                ("GET", f"/admin/servers/{name}/stderr"),
+                ("GET", f"/admin/sessions?server={name}"),
+                ("POST", f"/admin/servers/{name}/start"),
+                ("POST", f"/admin/servers/{name}/stop"),
+                ("POST", f"/admin/servers/{name}/restart"),
+                ("DELETE", f"/admin/servers/{name}"),
+            ):
+                error = self.refused(method, path)
+                self.assertIn("may not use this server", error["message"])
+        self.assertEqual(self.admin.control.calls, [])
+        self.assertEqual(self.admin.control.status["t"]["state"], "running")
+        refusals = self.admin.events("access_refused")
+        self.assertEqual({e["server"] for e in refusals}, {"t", "nope"})
+
+    def test_changes_are_audited_as_refused(self) -> None:
+        self.refused("POST", "/admin/servers/t/stop")
+        [event] = self.admin.events()
+        self.assertEqual(
+            (event["action"], event["target"], event["outcome"][:17]),
+            ("stop", "t", "error: Forbidden:"),
+        )
+
+    def test_granted_server_works(self) -> None:
+        status, _, _ = self.admin.request("POST", "/admin/servers/s/restart")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.admin.control.calls, [("restart", "s")])
+
+    def test_sessions_of_other_servers_cannot_be_closed(self) -> None:
+        status, _, _ = self.admin.request("DELETE", "/admin/sessions/other-session")
+        self.assertEqual(status, 404)
+        self.assertIn("other-session", [s["id"] for s in self.admin.control.session_list])
+        status, _, _ = self.admin.request("DELETE", f"/admin/sessions/{SESSION}")
+        self.assertEqual(status, 200)
+
+    def test_reload_and_adding_other_names_need_grants(self) -> None:
+        error = self.refused("POST", "/admin/reload")
+        self.assertIn('servers = ["*"]', error["message"])
+        self.refused("POST", "/admin/servers", {"name": "new", "config": {"command": "x"}})
+        self.assertEqual(self.admin.control.calls, [])

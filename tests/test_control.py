@@ -7,7 +7,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist import jsonrpc
-from mcptwist.config import BridgeConfig, ConfigError, ServerConfig
+from mcptwist.config import AdminConfig, BridgeConfig, CommandConfig, ConfigError, ServerConfig
 from mcptwist.routing import CapacityError
 from mcptwist.service import BridgeService
 
@@ -21,7 +21,11 @@ class ControlTests(SynchronousTestCase):
             "s": ServerConfig(name="s", command="fake"),
             "p": ServerConfig(name="p", command="fake", sharing="session"),
         }
-        self.service = BridgeService(BridgeConfig(servers=servers), self.reactor, {})
+        fake = CommandConfig(
+            name="fake", command="fake", args=("--serve",), env={"API_KEY": "secret-value"}
+        )
+        config = BridgeConfig(servers=servers, admin=AdminConfig(commands={"fake": fake}))
+        self.service = BridgeService(config, self.reactor, {"SECRET": "from-the-environment"})
         self.service.startService()
         self.addCleanup(self.stop)
         self.control = self.service.control
@@ -79,12 +83,61 @@ class ControlTests(SynchronousTestCase):
         self.assertRaises(KeyError, self.control.remove_server, "x")
 
     def test_status_hides_environment_values(self) -> None:
-        self.result(
-            self.control.add_server("e", {"command": "fake", "env": {"API_KEY": "secret-value"}})
-        )
+        self.result(self.control.add_server("e", {"command": "fake"}))
         status = self.control.server("e")
         self.assertEqual(status["config"]["env"], ["API_KEY"])  # type: ignore[index]
         self.assertNotIn("secret-value", jsonrpc.dumps(status).decode())
+
+    def test_a_request_runs_only_what_the_configuration_names(self) -> None:
+        """The request chooses one of [admin.commands]; the child runs that
+        entry's program, arguments and environment, and the request's other
+        settings (here: sharing) apply."""
+        before = len(self.reactor.children)
+        status = self.result(self.control.add_server("x", {"command": "fake", "sharing": "shared"}))
+        self.assertEqual(status["config"]["command"], "fake")
+        self.assertEqual(status["config"]["args"], ["--serve"])
+        [child] = self.reactor.children[before:]
+        self.assertEqual(child.args[-2:], ["fake", "--serve"])
+        self.assertEqual(child.env["API_KEY"], "secret-value")
+
+    def test_a_request_cannot_name_a_program(self) -> None:
+        """No executable, argument, environment or directory comes from HTTP."""
+        for table, key in (
+            ({"command": "/bin/sh"}, "servers.x.command"),
+            ({"command": "sh", "args": ["-c", "id"]}, "servers.x.args"),
+            ({"args": ["x"]}, "servers.x.args"),
+            ({"command": "fake", "args": ["-c", "id"]}, "servers.x.args"),
+            ({"command": "fake", "env": {"LD_PRELOAD": "/tmp/x.so"}}, "servers.x.env"),
+            ({"command": "fake", "env_passthrough": ["HOME"]}, "servers.x.env_passthrough"),
+            ({"command": "fake", "cwd": "/"}, "servers.x.cwd"),
+            ({}, "servers.x.command"),
+        ):
+            error = self.assertRaises(ConfigError, self.control.add_server, "x", table)
+            self.assertEqual(error.key, key, table)
+            self.assertNotIn("/bin/sh", str(error))
+        self.assertNotIn("x", self.service.backends)
+
+    def test_nothing_from_a_request_is_expanded(self) -> None:
+        """${VAR} over HTTP stays as it is: no value of the bridge's
+        environment can come back in an error."""
+        error = self.assertRaises(
+            ConfigError, self.control.add_server, "x", {"command": "fake", "sharing": "${SECRET}"}
+        )
+        self.assertEqual(error.key, "servers.x.sharing")
+        self.assertIn("${SECRET}", str(error))
+        self.assertNotIn("from-the-environment", str(error))
+
+    def test_adding_is_off_without_commands(self) -> None:
+        service = BridgeService(
+            BridgeConfig(servers={"s": ServerConfig(name="s", command="fake")}), self.reactor, {}
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        error = self.assertRaises(
+            PermissionError, service.control.add_server, "x", {"command": "fake"}
+        )
+        self.assertIn("[admin.commands", str(error))
+        self.assertNotIn("x", service.backends)
 
     def test_nothing_starts_while_stopping(self) -> None:
         self.service.stopService()

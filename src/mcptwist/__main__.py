@@ -429,7 +429,10 @@ def _admin_call(
         verb = {"start": "started", "stop": "stopped", "restart": "restarted"}[command]
         return "POST", f"{server}/{command}", None, None, _summary(verb, name)
     if command == "add":
-        body = {"name": name, "config": _server_table(args.config, name)}
+        table = _server_table(args.config, name) if args.config is not None else {}
+        if args.server_command is not None:
+            table["command"] = args.server_command
+        body = {"name": name, "config": table}
         return "POST", "/admin/servers", body, None, _summary("added", name)
     assert command == "remove", command
     return "DELETE", server, None, None, _summary("removed", name, state=False)
@@ -526,13 +529,22 @@ def _add_admin_parser(commands: Any) -> None:
     sessions = command("sessions", "list the open client sessions")
     sessions.add_argument("--server", metavar="NAME", help="only this server's")
     command("close", "close a client session").add_argument("session_id", metavar="SESSION_ID")
-    add = command("add", "add a server until the next reload (write it to the config to keep it)")
+    add = command(
+        "add",
+        "add a server running one of the configuration's [admin.commands] until the next "
+        "reload (write it to the config to keep it)",
+    )
     add.add_argument("name", metavar="NAME")
+    add.add_argument(
+        "--command",
+        dest="server_command",
+        metavar="COMMAND",
+        help="which of the configuration's [admin.commands] it runs",
+    )
     add.add_argument(
         "--config",
         metavar="FILE",
-        required=True,
-        help="a TOML or JSON file holding the server's table (command, args, env, ...)",
+        help="a TOML or JSON file holding the server's other settings (sharing, timeouts, ...)",
     )
     remove = command("remove", "stop and remove a server until the next reload")
     remove.add_argument("name", metavar="NAME")

@@ -3,8 +3,8 @@
 
 L{BridgeControl} implements L{mcptwist.web.admin.AdminControl} on a
 L{BridgeService}: status, start, stop and restart a server, read its stderr,
-list and close sessions, add or remove a server until the next reload, and
-reload the configuration file.
+list and close sessions, add (one of the configuration's [admin.commands])
+or remove a server until the next reload, and reload the configuration file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
-from .config import ConfigError, parse_server
+from .config import ADMIN_SOURCE, ConfigError, requested_server
 from .routing import Backend, SessionBackend
 from .session import ClientSession
 from .supervisor import ChildState
@@ -132,12 +132,20 @@ class BridgeControl:
     # Configuration
 
     def add_server(self, name: str, table: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """Start a server of one of the configuration's [admin.commands]: a
+        request chooses among the programs the file names, and never names one."""
         self._running()
+        commands = self.service.config.admin.commands
+        if not commands:
+            raise PermissionError(
+                "adding servers at run time is off; the configuration file can allow it by "
+                "naming the programs it may start in [admin.commands.NAME] tables"
+            )
         if name in self.service.backends:
             raise ValueError(f"a server named {name!r} exists")
-        server = parse_server("admin API", name, table, self.service.environ)
+        server = requested_server(name, table, commands)
         if server is None:
-            raise ConfigError("admin API", f"servers.{name}.disabled", "is true", "remove it")
+            raise ConfigError(ADMIN_SOURCE, f"servers.{name}.disabled", "is true", "remove it")
         backend = self.service.add_backend(server)
         self.service.runtime_added.add(name)
         return succeed(self._status(backend))

@@ -123,6 +123,7 @@ class Listener(Service):
             )
         self.port = outcome[0]
         address = self.port.getHost()
+        self.site.local = is_local_address(address)  # type: ignore[attr-defined]
         if not self.open_to_network and not is_local_address(address):
             self.port.stopListening()
             raise ListenerError(
@@ -244,6 +245,8 @@ class BridgeSite(Site):
 
     access_log = False
     listener: ListenerConfig | None = None
+    # Whether it listens on loopback or a Unix socket (known once it listens).
+    local: bool | None = None
     metrics: Metrics | None = None
     # Which names are servers (metrics label only those: a URL names anything).
     is_server: Callable[[str], bool] = staticmethod(lambda name: False)

@@ -24,6 +24,7 @@ from ..auth import ANONYMOUS, Authenticator, AuthFailure, Principal
 from ..config import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
 from ..ipfilter import AddressPolicy, forwarded_client, parse_ip
 from ..ratelimit import Caps, RateLimiter, Refusal, retry_after_header
+from ..security import is_local_address
 from .http import HTTPProblem, header
 
 PRM_PATH: Final = b"/.well-known/oauth-protected-resource"
@@ -327,6 +328,16 @@ def listener_of(request: Any) -> ListenerConfig | None:
     return getattr(site, "listener", None)
 
 
+def local_listener(request: Any) -> bool:
+    """Whether the request came in on a listener reachable from this host
+    only (bound to loopback, or a Unix socket): the site says so once it
+    listens; a site that does not know judges by the connection's own address."""
+    local: bool | None = getattr(getattr(request, "site", None), "local", None)
+    if local is None:
+        return is_local_address(request.getHost())
+    return local
+
+
 def route_of(request: Any) -> str:
     """The request's path as text, for the audit trail and challenges."""
     path: bytes = request.path
@@ -382,6 +393,7 @@ __all__ = [
     "AuthFailure",
     "identity",
     "listener_of",
+    "local_listener",
     "principal_id",
     "principal_of",
     "route_of",

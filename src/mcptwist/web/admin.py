@@ -3,15 +3,18 @@
 
 Every route is under C{/admin}. The L{Gate} admits only principals with the
 admin scope there; this resource checks that again before any route, so it
-is safe wherever it is mounted. Every call that changes something is written
+is safe wherever it is mounted. An admin acts only on the servers its grants
+name: it sees, drives and closes sessions of those alone, and lists show no
+other; adding a server needs a grant of its name, a reload a grant of all. Every call that changes something is written
 to the audit trail with its outcome, failures included, and runs to its end
 even if the client goes away (the outcome is audited then too).
 
 The work is done by an L{AdminControl}, which the service implements; this
 module is only its HTTP face. Errors are JSON-RPC error bodies, as everywhere
 in the bridge, with the status a client can act on: 400 bad body or query,
-403 not an admin, 404 unknown server or session, 405 wrong method, 409 the
-name exists, 415 not JSON, 422 a configuration error (naming key and fix).
+403 not an admin, not granted the server, or adding servers is off,
+404 unknown server or session, 405 wrong method, 409 the name exists,
+415 not JSON, 422 a configuration error (naming key and fix).
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ T = TypeVar("T")
 MAX_BODY: Final = 1024 * 1024
 DEFAULT_STDERR_LINES: Final = 100
 MAX_STDERR_LINES: Final = 10_000
-_ADD_FORM: Final = 'send {"name": "NAME", "config": {...the [servers.NAME] table...}}'
+_ADD_FORM: Final = (
+    'send {"name": "NAME", "config": {"command": "ONE OF [admin.commands]", ...other settings}}'
+)
 
 
 class AdminControl(Protocol):
@@ -81,8 +86,11 @@ class AdminControl(Protocol):
     def add_server(self, name: str, table: dict[str, Any]) -> Deferred[dict[str, Any]]:
         """Add and start a server until the next reload; its status.
 
-        ConfigError if the name or the table is not a valid server (as
-        config.parse_server checks them), ValueError if the name is taken.
+        The table's C{command} names one of the configuration's
+        C{[admin.commands]}; nothing in it is expanded. ConfigError if the
+        name or the table is not a valid server (config.requested_server),
+        ValueError if the name is taken, PermissionError if the
+        configuration allows no commands.
         """
 
     def remove_server(self, name: str) -> Deferred[dict[str, Any]]:
@@ -120,6 +128,10 @@ def bad_request(message: str) -> HTTPProblem:
 
 def no_server(name: str) -> HTTPProblem:
     return HTTPProblem(404, jsonrpc.INVALID_REQUEST, f"Not Found: no MCP server is named {name!r}")
+
+
+def not_granted(what: str) -> HTTPProblem:
+    return HTTPProblem(403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: {what}")
 
 
 def answered(handler: Handler) -> Handler:
@@ -186,11 +198,14 @@ class AdminAPI:
     @app.route("/admin/servers", methods=["GET"])
     @answered
     def list_servers(self, request: Any) -> bytes:
-        return json_body(request, {"servers": self.control.servers()})
+        principal = principal_of(request)
+        servers = [s for s in self.control.servers() if principal.may_use(s["name"])]
+        return json_body(request, {"servers": servers})
 
     @app.route("/admin/servers/<name>", methods=["GET"])
     @answered
     def get_server(self, request: Any, name: str) -> bytes:
+        self._granted(request, name)
         status = self.control.server(name)
         if status is None:
             raise no_server(name)
@@ -218,6 +233,7 @@ class AdminAPI:
         name: str,
         call: Callable[[str], Deferred[dict[str, Any]]],
     ) -> bytes:
+        self._granted(request, name, action)
         self._require_json(request, action, name)
         status = await self._perform(
             request, action, name, lambda: call(name), lambda e: _server_error(e, name)
@@ -227,6 +243,7 @@ class AdminAPI:
     @app.route("/admin/servers/<name>/stderr", methods=["GET"])
     @answered
     def stderr(self, request: Any, name: str) -> bytes:
+        self._granted(request, name)
         lines = _lines(request)
         try:
             text = self.control.stderr(name, lines)
@@ -243,6 +260,7 @@ class AdminAPI:
         except HTTPProblem as problem:
             self._record(request, "add_server", None, _failed(problem))
             raise
+        self._granted(request, name, "add_server")
 
         # The name is checked with the rest of the table, by config.parse_server.
         status = await self._perform(
@@ -258,6 +276,7 @@ class AdminAPI:
     @app.route("/admin/servers/<name>", methods=["DELETE"])
     @answered
     async def remove_server(self, request: Any, name: str) -> bytes:
+        self._granted(request, name, "remove_server")
         status = await self._perform(
             request,
             "remove_server",
@@ -273,15 +292,24 @@ class AdminAPI:
     @answered
     def list_sessions(self, request: Any) -> bytes:
         server = _query(request, b"server")
-        if server is not None and self.control.server(server) is None:
-            raise no_server(server)
-        return json_body(request, {"sessions": self.control.sessions(server)})
+        if server is not None:
+            self._granted(request, server)
+            if self.control.server(server) is None:
+                raise no_server(server)
+        principal = principal_of(request)
+        sessions = [s for s in self.control.sessions(server) if principal.may_use(s["server"])]
+        return json_body(request, {"sessions": sessions})
 
     @app.route("/admin/sessions/<session_id>", methods=["DELETE"])
     @answered
     def close_session(self, request: Any, session_id: str) -> bytes:
+        principal = principal_of(request)
         try:
-            closed = self.control.close_session(session_id)
+            # A session of a server the admin may not use is not there for it.
+            closed = any(
+                s["id"] == session_id and principal.may_use(s["server"])
+                for s in self.control.sessions(None)
+            ) and self.control.close_session(session_id)
         except Exception as error:
             self._record(request, "close_session", session_id, f"error: {error!r}")
             raise
@@ -299,6 +327,7 @@ class AdminAPI:
     @app.route("/admin/reload", methods=["POST"])
     @answered
     async def reload(self, request: Any) -> bytes:
+        self._granted(request, "*", "reload")
         self._require_json(request, "reload", None)
         result = await self._perform(
             request, "reload", None, self.control.reload, _reload_error, _reload_refusal
@@ -320,6 +349,29 @@ class AdminAPI:
             target=target,
             outcome=outcome,
         )
+
+    def _granted(self, request: Any, server: str, action: str | None = None) -> None:
+        """Refuse (403, audited) a server the principal's grants do not name;
+        C{"*"}: one that needs a grant of every server. The answer is the same
+        whether or not the server exists."""
+        principal = principal_of(request)
+        granted = "*" in principal.servers if server == "*" else principal.may_use(server)
+        if granted:
+            return
+        self.audit.access_refused(
+            principal=identity(principal),
+            peer=getattr(request, "client_ip", None),
+            server=None if server == "*" else server,
+            route=request.path.decode("utf-8", "replace"),
+        )
+        problem = not_granted(
+            'this needs a grant of every server (servers = ["*"])'
+            if server == "*"
+            else f"{principal.name!r} may not use this server"
+        )
+        if action is not None:
+            self._record(request, action, None if server == "*" else server, _failed(problem))
+        raise problem
 
     def _require_json(self, request: Any, action: str, target: str | None) -> None:
         """A POST must say it is JSON: browsers cannot send that cross-site unasked."""
@@ -414,6 +466,8 @@ def _server_error(error: BaseException, name: str) -> HTTPProblem | None:
 def _add_error(error: BaseException, name: str) -> HTTPProblem | None:
     if isinstance(error, ConfigError):
         return config_problem(error)
+    if isinstance(error, PermissionError):
+        return not_granted(str(error))
     if isinstance(error, ValueError):
         return HTTPProblem(
             409,

@@ -26,7 +26,14 @@ from ..security import HostPolicy, OriginPolicy
 from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
 from ..stateless import StateSigner
 from . import legacy_sse, streamable
-from .access import PRM_PATH, AccessControl, principal_id, principal_of, route_of
+from .access import (
+    PRM_PATH,
+    AccessControl,
+    local_listener,
+    principal_id,
+    principal_of,
+    route_of,
+)
 from .http import (
     Handler,
     HTTPProblem,
@@ -189,7 +196,15 @@ class Gate(Resource):
         except HTTPProblem as problem:
             return problem.render(request)
         if first == b"admin":
-            if self.app.admin is not None:
+            if self.app.admin is not None and self.app.config.admin.enabled:
+                if not access.auth.enabled and not local_listener(request):
+                    # Anyone who reaches an open listener would be an admin.
+                    return HTTPProblem(
+                        404,
+                        jsonrpc.INVALID_REQUEST,
+                        "Not Found: without authentication the admin API is served only "
+                        "on loopback and Unix-socket listeners",
+                    ).render(request)
                 return self.app.admin.render(request)
         elif first == b"metrics":
             if count == 2 and self.app.metrics is not None:
@@ -455,7 +470,15 @@ class BridgeApp:
     @app.route("/servers", methods=["GET"])
     @guarded
     def servers(self, request: Any) -> Any:
-        return json_body(request, {"servers": [self._status(b) for b in self.backends.values()]})
+        principal = principal_of(request)
+        return json_body(
+            request,
+            {
+                "servers": [
+                    self._status(b) for name, b in self.backends.items() if principal.may_use(name)
+                ]
+            },
+        )
 
     @app.route("/servers/<name>", methods=["GET"])
     @guarded
