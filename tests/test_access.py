@@ -284,6 +284,20 @@ class AuthorisationTests(SynchronousTestCase):
         )
         self.assertEqual(status, 200)
 
+    def test_a_scoped_admin_sees_only_its_servers(self) -> None:
+        """An admin scope does not widen a principal's grants: status lists
+        only its servers, and metrics (which count every server) are refused."""
+        token = bearer(make_jwt(scope="mcp:admin mcp:server:s"))
+        status, _, body = self.bridge.request("GET", "/servers", None, token)
+        self.assertEqual((status, [s["name"] for s in body["servers"]]), (200, ["s"]))
+        self.assertEqual(self.bridge.request("GET", "/servers/t", None, token)[0], 403)
+        status, _, body = self.bridge.request("GET", "/metrics", None, token)
+        self.assertEqual(status, 403)
+        self.assertIn("a grant of every server", body["error"]["message"])
+        self.assertNotEqual(
+            self.bridge.request("GET", "/metrics", None, bearer(TOKENS["ops"]))[0], 403
+        )
+
     def test_index_lists_only_usable_servers(self) -> None:
         _, _, index = self.bridge.request("GET", "/", None, bearer(TOKENS["alice"]))
         self.assertEqual(list(index["servers"]), ["s"])

@@ -204,6 +204,38 @@ crash_limit = 3
             self.assertNotIn(secret, str(error), text)
             self.assertIn("${SECRET}", str(error), text)
 
+    def test_admin_table(self) -> None:
+        """[admin]: on by default with no commands (adding servers is off);
+        each command is what runs, checked as a server's would be."""
+        plain = load_config(self.write("a.toml", '[servers.a]\ncommand = "a"\n'), {})
+        self.assertEqual((plain.admin.enabled, dict(plain.admin.commands)), (True, {}))
+        config = load_config(
+            self.write(
+                "b.toml",
+                "[admin]\nenabled = false\n"
+                '[admin.commands.time]\ncommand = "uvx"\nargs = ["mcp-server-time"]\n'
+                'env = { TZ = "${ZONE}" }\n[servers.a]\ncommand = "a"\n',
+            ),
+            {"ZONE": "UTC"},
+        )
+        self.assertFalse(config.admin.enabled)
+        time = config.admin.commands["time"]
+        self.assertEqual(
+            (time.command, time.args, dict(time.env)), ("uvx", ("mcp-server-time",), {"TZ": "UTC"})
+        )
+        for text, key in (
+            ('[admin.commands.t]\nargs = ["x"]\n', "admin.commands.t.command"),
+            (
+                '[admin.commands.t]\ncommand = "x"\nsharing = "session"\n',
+                "admin.commands.t.sharing",
+            ),
+            ('[admin.commands."a b"]\ncommand = "x"\n', "admin.commands.a b"),
+            ("[admin]\nenable = true\n", "admin.enable"),
+        ):
+            self.assertEqual(
+                self.load_error("c.toml", text + '[servers.a]\ncommand = "a"\n').key, key
+            )
+
     def test_bad_endpoint(self) -> None:
         error = self.load_error("c.toml", 'listen = ["tcpp:80"]\n[servers.a]\ncommand = "a"\n')
         self.assertEqual(error.key, "listen[0]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist import jsonrpc
@@ -144,3 +145,26 @@ class ControlTests(SynchronousTestCase):
         self.assertRaises(RuntimeError, self.control.start, "s")
         self.assertRaises(RuntimeError, self.control.restart, "s")
         self.assertRaises(RuntimeError, self.control.add_server, "y", {"command": "fake"})
+
+
+class AdminSwitchTests(SynchronousTestCase):
+    """[admin] enabled = false: nothing under /admin is served, to anyone."""
+
+    def status(self, enabled: bool) -> int:
+        reactor = FakeProcessReactor()
+        config = BridgeConfig(
+            servers={"s": ServerConfig(name="s", command="fake")},
+            admin=AdminConfig(enabled=enabled),
+        )
+        service = BridgeService(config, reactor, {})
+        service.startService()
+        self.addCleanup(service.stopService)
+        client = StubTreq(service.resource)
+        d = client.get("http://127.0.0.1/admin/servers")
+        client.flush()
+        code: int = self.successResultOf(d).code
+        return code
+
+    def test_off(self) -> None:
+        self.assertEqual(self.status(True), 200)
+        self.assertEqual(self.status(False), 404)

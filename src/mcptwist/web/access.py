@@ -312,14 +312,21 @@ class AccessControl:
             headers={b"retry-after": retry_after_header(refusal.retry_after)},
         )
 
-    def require_admin(self, request: Any, principal: Principal, ip: str | None) -> None:
+    def require_admin(
+        self, request: Any, principal: Principal, ip: str | None, every_server: bool = False
+    ) -> None:
+        """Refuse (403, audited) a principal without the admin scope, or, with
+        C{every_server}, one whose grants do not name every server."""
+        missing = None
         if not principal.admin:
+            missing = "the admin scope"
+        elif every_server and "*" not in principal.servers:
+            missing = 'a grant of every server (servers = ["*"])'
+        if missing is not None:
             self.audit.access_refused(
                 principal=principal.id, peer=ip, server=None, route=route_of(request)
             )
-            raise HTTPProblem(
-                403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: this needs the admin scope"
-            )
+            raise HTTPProblem(403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: this needs {missing}")
 
 
 def listener_of(request: Any) -> ListenerConfig | None:

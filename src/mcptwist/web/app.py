@@ -191,7 +191,8 @@ class Gate(Resource):
                 return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
         try:
             if operator or (first == b"servers" and count <= 3):
-                access.require_admin(request, who, ip)
+                # Metrics count every server: they need a grant of them all.
+                access.require_admin(request, who, ip, every_server=first == b"metrics")
             access.authorise(request, who, ip, server)
         except HTTPProblem as problem:
             return problem.render(request)
