@@ -1,6 +1,9 @@
 # mcptwist in a container: the bridge runs as a non-root user under tini, which reaps orphans.
 # Build: docker build -t mcptwist .
-# Run:   docker run --rm -p 127.0.0.1:8080:8080 -v "$PWD/bridge.toml:/etc/mcptwist/bridge.toml:ro" mcptwist
+# Token: docker run --rm --entrypoint python mcptwist -m mcptwist token --name me
+# Run:   docker run --rm -e MCPTWIST_TOKEN_HASH=sha256:... -p 127.0.0.1:8080:8080 mcptwist
+#        (the built-in example server, behind that token; etc/docker/bridge.toml)
+# Own:   docker run --rm -p 127.0.0.1:8080:8080 -v "$PWD/bridge.toml:/etc/mcptwist/bridge.toml:ro" mcptwist
 # MCP servers that need Node (npx) or uv (uvx) need them in the image: add
 #   RUN apt-get update && apt-get install -y --no-install-recommends nodejs npm && rm -rf /var/lib/apt/lists/*
 # or RUN pip install --no-cache-dir uv
@@ -12,12 +15,11 @@ RUN apt-get update \
 
 COPY . /src
 RUN pip install --no-cache-dir /src \
+    && install -D -m 0644 /src/etc/docker/bridge.toml /etc/mcptwist/bridge.toml \
     && rm -rf /src \
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
-RUN useradd --system --home-dir /var/lib/mcptwist --create-home mcptwist \
-    && mkdir -p /etc/mcptwist \
-    && printf 'listen = ["tcp:8080:interface=0.0.0.0"]\n# Inside a container the port is published by Docker; keep it on loopback on the host.\ninsecure = true\n\n[servers.example]\ncommand = "python"\nargs = ["-m", "mcptwist.example"]\n' > /etc/mcptwist/bridge.toml
+RUN useradd --system --home-dir /var/lib/mcptwist --create-home mcptwist
 USER mcptwist
 WORKDIR /var/lib/mcptwist
 EXPOSE 8080

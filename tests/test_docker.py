@@ -18,12 +18,19 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from mcptwist.config import parse_config
+from mcptwist import jsonrpc
+from mcptwist.auth import digest_text, hash_token
+from mcptwist.config import ConfigError, load_config
+from mcptwist.service import BridgeService
+
+from .fakes import FakeProcessReactor
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
+TOKEN = "mcpt_docker_token_for_tests"
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
@@ -45,27 +52,6 @@ def instructions(text: str) -> list[tuple[str, str]]:
         keyword, _, arguments = whole.partition(" ")
         result.append((keyword.upper(), arguments.strip()))
     return result
-
-
-def printf_text(fmt: str) -> str:
-    """What C{printf FORMAT} prints when FORMAT has no conversions but C{%%}."""
-    escapes = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'"}
-    out = []
-    i = 0
-    while i < len(fmt):
-        c = fmt[i]
-        if c == "\\" and i + 1 < len(fmt) and fmt[i + 1] in escapes:
-            out.append(escapes[fmt[i + 1]])
-            i += 2
-        elif c == "%":
-            if fmt[i + 1 : i + 2] != "%":
-                raise ValueError(f"printf conversion in the config: {fmt[i : i + 2]!r}")
-            out.append("%")
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
 
 
 class DockerfileTests(SynchronousTestCase):
@@ -92,14 +78,20 @@ class DockerfileTests(SynchronousTestCase):
     def command_line(self) -> list[str]:
         return self.exec_form("ENTRYPOINT") + self.exec_form("CMD")
 
-    def written_config(self) -> tuple[str, str]:
-        """(path, text) of the configuration file a RUN step writes with printf."""
+    def installed_config(self) -> tuple[str, Path]:
+        """(path in the image, file in this checkout) of the configuration a
+        RUN step installs from the copied source tree."""
+        [source] = [a for k, a in self.steps if k == "COPY" and a.split()[-1] == "/src"]
+        self.assertEqual(source.split()[0], ".")
         for arguments in self.all("RUN"):
             words = shlex.split(arguments)
-            for i, word in enumerate(words[:-3]):
-                if word == "printf" and words[i + 2] == ">":
-                    return words[i + 3], printf_text(words[i + 1])
-        raise AssertionError("no RUN step writes the configuration with printf")
+            for i, word in enumerate(words[:-2]):
+                if word == "install" and words[i + 1 : i + 2] == ["-D"]:
+                    rest = words[i + 1 :]
+                    origin, target = rest[: rest.index("&&") if "&&" in rest else None][-2:]
+                    self.assertTrue(origin.startswith("/src/"), origin)
+                    return target, ROOT / origin.removeprefix("/src/")
+        raise AssertionError("no RUN step installs the configuration")
 
     def test_base_image(self) -> None:
         self.assertEqual(self.all("FROM")[0].split()[0], "python:3.11-slim")
@@ -131,7 +123,7 @@ class DockerfileTests(SynchronousTestCase):
         argv = self.command_line()
         twistd = argv.index("twistd")
         self.assertEqual(argv[twistd + 1 : twistd + 4], ["-n", "--pidfile=", "mcpbridge"])
-        path, _ = self.written_config()
+        path, _ = self.installed_config()
         self.assertEqual(argv[argv.index("--config") + 1], path)
 
     def test_plugin_cache_written_at_build_time(self) -> None:
@@ -150,22 +142,66 @@ class DockerfileTests(SynchronousTestCase):
         assert port is not None
         self.assertIn(port.group(1), self.all("EXPOSE")[0].split())
         # The configured listener is on that port.
-        _, text = self.written_config()
-        listen = tomllib.loads(text)["listen"]
+        _, config = self.installed_config()
+        listen = tomllib.loads(config.read_text())["listen"]
         self.assertTrue(any(e.startswith(f"tcp:{port.group(1)}:") for e in listen), listen)
 
-    def test_written_config_is_valid(self) -> None:
-        path, text = self.written_config()
+    def test_image_config_asks_for_a_token_and_has_no_admin_api(self) -> None:
+        """Read through the real loader: inside a container the bridge listens
+        beyond loopback, so it asks every client for a token (whose hash the
+        operator must give), keeps DNS-rebinding protection, and serves no admin API."""
+        path, file = self.installed_config()
         self.assertEqual(path, "/etc/mcptwist/bridge.toml")
-        config = parse_config(tomllib.loads(text), path, {})
+        error = self.assertRaises(ConfigError, load_config, file, {})
+        self.assertEqual(error.key, "auth.tokens[0].hash")
+        self.assertIn("MCPTWIST_TOKEN_HASH", error.problem)
+        config = load_config(file, {"MCPTWIST_TOKEN_HASH": digest_text(hash_token(TOKEN))})
         self.assertEqual(list(config.servers), ["example"])
         self.assertEqual(config.servers["example"].args, ("-m", "mcptwist.example"))
-        # Inside a container the bridge must listen beyond loopback, which it
-        # refuses without authentication unless told the network is trusted.
         self.assertEqual(
             [listener.endpoint for listener in config.listeners], ["tcp:8080:interface=0.0.0.0"]
         )
-        self.assertTrue(config.insecure)
+        self.assertFalse(config.insecure)
+        self.assertTrue(config.auth.enabled)
+        self.assertFalse(any(token.admin for token in config.auth.tokens))
+        self.assertFalse(config.admin.enabled)
+        self.assertEqual(config.admin.commands, {})
+
+    def test_image_policy_as_a_client_sees_it(self) -> None:
+        """The image's configuration, served: a peer without the token gets
+        nothing but /health, and the token opens the servers, not the admin API."""
+        _, file = self.installed_config()
+        config = load_config(file, {"MCPTWIST_TOKEN_HASH": digest_text(hash_token(TOKEN))})
+        reactor = FakeProcessReactor()
+        service = BridgeService(config, reactor, {})
+        service.startService()
+        self.addCleanup(service.stopService)
+        client = StubTreq(service.resource)
+        token = {"authorization": f"Bearer {TOKEN}"}
+        initialize = jsonrpc.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {}},
+            }
+        )
+        mcp = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+
+        def status(
+            method: str, path: str, headers: dict[str, str], data: bytes | None = None
+        ) -> int:
+            d = client.request(method, "http://mcptwist:8080" + path, headers=headers, data=data)
+            client.flush()
+            code: int = self.successResultOf(d).code
+            return code
+
+        self.assertEqual(status("GET", "/health", {}), 200)
+        for method, path in (("GET", "/admin/servers"), ("GET", "/servers"), ("GET", "/metrics")):
+            self.assertEqual(status(method, path, {}), 401, path)
+            self.assertEqual(status(method, path, token), 403, path)
+        self.assertEqual(status("POST", "/servers/example/mcp", mcp, initialize), 401)
+        self.assertEqual(status("POST", "/servers/example/mcp", {**mcp, **token}, initialize), 200)
 
     def test_entrypoint_program_and_subcommand_are_installed(self) -> None:
         """The installed package provides twistd and its mcpbridge subcommand."""
