@@ -363,6 +363,8 @@ class JWTChecker:
             raise ValueError('JWT algorithms must be given, and "none" is never allowed')
         if not config.audience:
             raise ValueError("a JWT audience is required: without it any IdP token is accepted")
+        if not config.issuer:
+            raise ValueError("a JWT issuer is required: without it any tenant's token is accepted")
         if (config.key_file is None) == (config.jwks_url is None):
             raise ValueError("give exactly one of key_file and jwks_url")
         self.config = config
@@ -381,10 +383,7 @@ class JWTChecker:
         self._last_refetch: float | None = None
         self._loop: LoopingCall | None = None
         self._stopped = False
-        require = ["exp", "aud"]
-        if config.issuer is not None:
-            require.append("iss")
-        self._options: jwt.types.Options = {"require": require}
+        self._options: jwt.types.Options = {"require": ["exp", "aud", "iss"]}
         # What every jwt.decode is given, built once.
         self._algorithms = list(config.algorithms)
         self._audience = list(config.audience)
@@ -531,6 +530,9 @@ class JWTChecker:
             raise UnauthorizedLogin(_reason(e)) from None
         except (ValueError, TypeError, OverflowError):
             raise UnauthorizedLogin("malformed") from None
+        if claims.get("iss") != c.issuer:
+            # Exactly, whatever PyJWT does: 2.10.0 took a part of the issuer (CVE-2024-53861).
+            raise UnauthorizedLogin("wrong issuer")
         return self.principal(claims)
 
     def principal(self, claims: dict[str, Any]) -> Principal:

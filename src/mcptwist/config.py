@@ -148,7 +148,8 @@ class JWTConfig:
 
     algorithms: tuple[str, ...]
     audience: tuple[str, ...]
-    issuer: str | None = None
+    # Required, and matched exactly: one IdP's keys may sign for several tenants.
+    issuer: str
     key_file: str | None = None
     jwks_url: str | None = None
     jwks_refresh: float = 300.0
@@ -956,6 +957,14 @@ def _parse_jwt(r: _Reader) -> JWTConfig:
             "is missing: tokens issued for other services would be accepted",
             'write audience = ["https://mcp.example.com"] (what your IdP puts in aud)',
         )
+    issuer = r.string("issuer")
+    if not issuer:
+        raise r.error(
+            "issuer",
+            "is missing: tokens from any issuer the keys sign for would be accepted "
+            "(one identity provider's keys often serve several tenants)",
+            'write issuer = "https://auth.example.com" (exactly what your IdP puts in iss)',
+        )
     key_file = r.string("key_file")
     jwks_url = r.string("jwks_url")
     if (key_file is None) == (jwks_url is None):
@@ -984,11 +993,11 @@ def _parse_jwt(r: _Reader) -> JWTConfig:
             f"{jwks_url!r} is not an https URL",
             "fetch keys over https (plain http is accepted only from loopback)",
         )
-    d = JWTConfig(algorithms=algorithms, audience=audience)
+    d = JWTConfig(algorithms=algorithms, audience=audience, issuer=issuer)
     config = JWTConfig(
         algorithms=algorithms,
         audience=audience,
-        issuer=r.string("issuer"),
+        issuer=issuer,
         key_file=key_file,
         jwks_url=jwks_url,
         jwks_refresh=r.get(
