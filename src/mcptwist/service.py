@@ -30,7 +30,15 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from .audit import AuditError, AuditTrail
-from .config import BridgeConfig, ConfigError, ListenerConfig, ServerConfig, load_config
+from .auth import revoked
+from .config import (
+    AuthConfig,
+    BridgeConfig,
+    ConfigError,
+    ListenerConfig,
+    ServerConfig,
+    load_config,
+)
 from .control import BridgeControl
 from .ipfilter import listening_factory
 from .metrics import Metrics, ServerSnapshot, Snapshot
@@ -664,7 +672,9 @@ class BridgeService(MultiService):
         # What can fail (new authenticators, keys) is built before anything changes.
         self.access.reconfigure(new, self.reactor)
         self.config = new
-        changes: dict[str, Any] = {"servers": self._apply_servers(new)}
+        # Who lost a credential or a grant loses its sessions and streams now.
+        lost = self._revoke(old.auth, new.auth)
+        changes: dict[str, Any] = {"servers": self._apply_servers(new), "revoked": lost}
         try:
             self.audit.reconfigure(new.audit)
         except AuditError as e:
@@ -688,6 +698,22 @@ class BridgeService(MultiService):
         )
         changes["settings"] = _changed_settings(old, new)
         return changes
+
+    def _revoke(self, old: AuthConfig, new: AuthConfig) -> list[str]:
+        """Close the sessions, and so the streams, that the new credentials no
+        longer allow (L{revoked}); each is audited with its reason.
+
+        Returns who lost what, as C{"PRINCIPAL on SERVER"}.
+        """
+        if old == new:
+            return []
+        lost: set[str] = set()
+        for session in list(self.registry.sessions.values()):
+            why = revoked(old, new, session.principal, session.server)
+            if why is not None:
+                self.registry.close(session, why)
+                lost.add(f"{session.principal} on {session.server}")
+        return sorted(lost)
 
     def _apply_servers(self, new: BridgeConfig) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {
