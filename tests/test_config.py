@@ -111,6 +111,28 @@ crash_limit = 3
             ("shared", 32 * MiB, 300.0),
         )
         self.assertEqual((server.term_after, server.kill_after), (2.0, 2.0))
+        # No web page may drive the bridge unless its origin is listed.
+        self.assertEqual(config.allowed_origins, ())
+
+    def test_stderr_in_errors_off_by_default_with_authentication(self) -> None:
+        """A shared child's stderr may hold another client's data: once clients
+        authenticate (strangers to each other), it is not sent to them unless
+        the server says so; without authentication it helps the one local user."""
+        from mcptwist.auth import digest_text, hash_token
+
+        token = f'[[auth.tokens]]\nname = "t"\nhash = "{digest_text(hash_token("mcpt_t"))}"\n'
+        servers = (
+            '[servers.a]\ncommand = "a"\n[servers.on]\ncommand = "a"\nstderr_in_errors = true\n'
+        )
+        servers += '[servers.off]\ncommand = "a"\nstderr_in_errors = false\n'
+        for name, auth, expected in (
+            ("open.toml", "", {"a": True, "on": True, "off": False}),
+            ("auth.toml", token, {"a": False, "on": True, "off": False}),
+        ):
+            config = load_config(self.write(name, auth + servers), {})
+            self.assertEqual(
+                {n: s.stderr_in_errors for n, s in config.servers.items()}, expected, name
+            )
 
     def test_allowed_hosts_follow_insecure(self) -> None:
         self.assertEqual(

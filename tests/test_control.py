@@ -91,3 +91,22 @@ class ControlTests(SynchronousTestCase):
         self.assertRaises(RuntimeError, self.control.start, "s")
         self.assertRaises(RuntimeError, self.control.restart, "s")
         self.assertRaises(RuntimeError, self.control.add_server, "y", {"command": "fake"})
+
+
+class AddedServerTests(SynchronousTestCase):
+    def test_stderr_in_errors_follows_authentication(self) -> None:
+        """A server added through the admin API of a bridge with authentication
+        keeps its child's stderr from clients, unless its table says otherwise."""
+        from mcptwist.auth import hash_token
+        from mcptwist.config import AuthConfig, TokenConfig
+
+        reactor = FakeProcessReactor()
+        auth = AuthConfig(tokens=(TokenConfig("t", hash_token("mcpt_t")),))
+        servers = {"s": ServerConfig(name="s", command="fake")}
+        service = BridgeService(BridgeConfig(servers=servers, auth=auth), reactor, {})
+        service.startService()
+        self.addCleanup(lambda: (service.stopService(), reactor.advance(10)))
+        service.control.add_server("x", {"command": "fake"})
+        service.control.add_server("y", {"command": "fake", "stderr_in_errors": True})
+        self.assertFalse(service.backends["x"].server.stderr_in_errors)
+        self.assertTrue(service.backends["y"].server.stderr_in_errors)

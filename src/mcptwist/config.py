@@ -23,14 +23,9 @@ from typing import Any, Final, TypeVar
 import attrs
 
 DEFAULT_LISTEN: Final = "tcp:8080:interface=127.0.0.1"
-DEFAULT_ORIGINS: Final = (
-    "http://localhost:*",
-    "https://localhost:*",
-    "http://127.0.0.1:*",
-    "https://127.0.0.1:*",
-    "http://[::1]:*",
-    "https://[::1]:*",
-)
+# No web page may drive the bridge unless its origin is listed: any local page
+# could otherwise reach an unauthenticated loopback bridge.
+DEFAULT_ORIGINS: Final[tuple[str, ...]] = ()
 # Host names a loopback-only bridge answers to (DNS-rebinding protection).
 LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 MiB: Final = 1024 * 1024
@@ -211,6 +206,8 @@ class ServerConfig:
     term_after: float = 2.0
     kill_after: float = 2.0
     stderr_lines: int = 100
+    # Read from a file: off by default once authentication is on (a shared
+    # child's stderr may hold another client's data).
     stderr_in_errors: bool = True
     max_children: int = 16
     session_idle_timeout: float = 1800.0
@@ -564,7 +561,7 @@ def parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]
         )
     servers: dict[str, ServerConfig] = {}
     for name, table in servers_table.items():
-        server = parse_server(source, name, table, environ)
+        server = parse_server(source, name, table, environ, authenticated=auth.enabled)
         if server is not None:
             servers[name] = server
     if not servers:
@@ -606,9 +603,18 @@ def _check_server_names(
 
 
 def parse_server(
-    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str]
+    source: str,
+    name: str,
+    table: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    authenticated: bool = True,
 ) -> ServerConfig | None:
-    """One C{[servers.NAME]} table (None when disabled), for a file or the admin API."""
+    """One C{[servers.NAME]} table (None when disabled), for a file or the admin API.
+
+    C{authenticated}: whether the bridge asks for credentials, which turns
+    C{stderr_in_errors} off unless the table sets it.
+    """
     if not _NAME_RE.match(name):
         raise ConfigError(
             source,
@@ -623,11 +629,15 @@ def parse_server(
             "must be a table",
             f'write [servers.{name}] with command = "..."',
         )
-    return _parse_server(source, name, table, environ)
+    return _parse_server(source, name, table, environ, authenticated)
 
 
 def _parse_server(
-    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str]
+    source: str,
+    name: str,
+    table: Mapping[str, Any],
+    environ: Mapping[str, str],
+    authenticated: bool,
 ) -> ServerConfig | None:
     r = _Reader(source, f"servers.{name}.", table, environ)
     if r.boolean("disabled", False):
@@ -701,7 +711,8 @@ def _parse_server(
         term_after=r.number("term_after", defaults.term_after),
         kill_after=r.number("kill_after", defaults.kill_after),
         stderr_lines=r.integer("stderr_lines", defaults.stderr_lines, minimum=0),
-        stderr_in_errors=r.boolean("stderr_in_errors", defaults.stderr_in_errors),
+        # Its clients may be strangers to each other once they authenticate.
+        stderr_in_errors=r.boolean("stderr_in_errors", not authenticated),
         max_children=r.integer("max_children", defaults.max_children),
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),

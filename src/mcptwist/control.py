@@ -135,7 +135,13 @@ class BridgeControl:
         self._running()
         if name in self.service.backends:
             raise ValueError(f"a server named {name!r} exists")
-        server = parse_server("admin API", name, table, self.service.environ)
+        server = parse_server(
+            "admin API",
+            name,
+            table,
+            self.service.environ,
+            authenticated=self.service.config.auth.enabled,
+        )
         if server is None:
             raise ConfigError("admin API", f"servers.{name}.disabled", "is true", "remove it")
         backend = self.service.add_backend(server)

@@ -51,7 +51,7 @@ from .tls import ReloadableTLS, TLSLoadError
 from .web.access import AccessControl
 from .web.admin import AdminAPI
 from .web.app import BridgeApp
-from .web.http import bounded_request_factory
+from .web.http import bounded_request_factory, header
 
 log = Logger(namespace="mcptwist.service")
 
@@ -311,15 +311,21 @@ def _route_of(path: bytes) -> tuple[str | None, str]:
 
 
 class MetricsOnly(Resource):
-    """The root of a metrics listener: /metrics and nothing else."""
+    """The root of a metrics listener: /metrics and nothing else, behind the
+    same Host and Origin checks as every other listener (it asks for no
+    credentials, so DNS rebinding would otherwise reach it)."""
 
     isLeaf = True
 
-    def __init__(self, metrics: IResource) -> None:
+    def __init__(self, metrics: IResource, app: BridgeApp) -> None:
         super().__init__()
         self.metrics = metrics
+        self.app = app
 
     def render(self, request: Any) -> Any:
+        refusal = self.app.screen(request, header(request, b"origin"), operator=True)
+        if refusal is not None:
+            return refusal.render(request)
         if request.path == b"/metrics":
             return self.metrics.render(request)
         request.setResponseCode(404)
@@ -388,7 +394,7 @@ class BridgeService(MultiService):
             self.audit.metrics = self.metrics
             # One resource (a leaf that only renders), at /metrics and on metrics listeners.
             self.web.metrics = self.metrics.resource()
-            self._metrics_root = MetricsOnly(self.web.metrics)
+            self._metrics_root = MetricsOnly(self.web.metrics, self.web)
         self.resource = self.web.resource()
         self.listeners = [self._listener(listener) for listener in config.listeners]
         self.metrics_listeners: list[Listener] = []
