@@ -234,6 +234,9 @@ class ReloadSecurityTests(SynchronousTestCase):
         assert found is not None, bridge.log
         metrics_url = f"http://127.0.0.1:{found.group(1)}/metrics"
         self.assertEqual(h.http("GET", metrics_url)[0], 200)
+        # It asks for no credentials: a rebound name or a web page gets nothing.
+        self.assertEqual(h.http("GET", metrics_url, headers={"Host": "evil.example.com"})[0], 421)
+        self.assertEqual(h.http("GET", metrics_url, headers={"Origin": "http://localhost"})[0], 403)
         bridge.wait_state("a", "running")  # while the port still speaks plain HTTP
         write(f"tls = {{ certificate = {h.toml_str(cert)}, key = {h.toml_str(key)} }}\n")
         bridge.proc.send_signal(signal.SIGHUP)
