@@ -206,8 +206,8 @@ class ServerConfig:
     term_after: float = 2.0
     kill_after: float = 2.0
     stderr_lines: int = 100
-    # Read from a file: off by default once authentication is on (a shared
-    # child's stderr may hold another client's data).
+    # A file that leaves it unset gets it off once authentication is on (a
+    # shared child's stderr may hold another client's data): see parse_server.
     stderr_in_errors: bool = True
     max_children: int = 16
     session_idle_timeout: float = 1800.0
