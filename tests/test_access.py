@@ -37,6 +37,7 @@ from mcptwist.web.access import AccessControl, rate_key
 from mcptwist.web.app import BridgeApp
 
 from .fakes import FakeProcessReactor
+from .test_auth import validate_iss_2_10_0
 
 SECRET = b"a shared secret of at least thirty-two bytes"
 AUDIENCE = "https://mcp.example.com"
@@ -198,6 +199,20 @@ class AuthenticationMatrixTests(SynchronousTestCase):
 
     def test_wrong_issuer(self) -> None:
         self.check_401(bearer(make_jwt(iss="https://evil.example.com")), "issuer")
+
+    def test_part_of_the_issuer(self) -> None:
+        """A part of the configured iss is refused, even by a PyJWT that
+        matches parts (2.10.0, CVE-2024-53861)."""
+        self.patch(jwt.api_jwt.PyJWT, "_validate_iss", validate_iss_2_10_0)
+        self.check_401(bearer(make_jwt(iss=ISSUER[:-1])), "issuer")
+
+    def test_issuer_within_another(self) -> None:
+        self.patch(jwt.api_jwt.PyJWT, "_validate_iss", validate_iss_2_10_0)
+        self.check_401(bearer(make_jwt(iss="auth.example.com")), "issuer")
+
+    def test_issuer_inside_a_longer_one(self) -> None:
+        self.patch(jwt.api_jwt.PyJWT, "_validate_iss", validate_iss_2_10_0)
+        self.check_401(bearer(make_jwt(iss="_" + ISSUER + "_")), "issuer")
 
     def test_token_in_query_string_refused(self) -> None:
         status, _, answer = self.bridge.request(

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from typing import Any
 
 import jwt
@@ -94,6 +95,20 @@ def claims(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"sub": "alice", "aud": AUD, "iss": ISS, "iat": now, "exp": now + 300}
     base.update(changes)
     return {k: v for k, v in base.items() if v is not None}
+
+
+def validate_iss_2_10_0(self: Any, payload: dict[str, Any], issuer: Any) -> None:
+    """PyJWT 2.10.0's issuer check (CVE-2024-53861): a str issuer is a
+    Sequence, so C{in} took any part of it."""
+    if issuer is None:
+        return
+    if "iss" not in payload:
+        raise jwt.MissingRequiredClaimError("iss")
+    if isinstance(issuer, Sequence):
+        if payload["iss"] not in issuer:
+            raise jwt.InvalidIssuerError("Invalid issuer")
+    elif payload["iss"] != issuer:
+        raise jwt.InvalidIssuerError("Invalid issuer")
 
 
 def segment(value: dict[str, Any]) -> str:
@@ -433,10 +448,28 @@ class JWTKeyFileTests(Helpers):
         token = jwt.encode(claims(exp=now - 5, aud=["x", AUD]), rsa_key(), algorithm="RS256")
         self.assertEqual(self.accepted(checker, token).name, "alice")
 
-    def test_no_issuer_configured_accepts_any(self) -> None:
-        checker = self.checker_for("RS256", public_pem(rsa_key()), issuer=None)
-        token = jwt.encode(claims(iss=None), rsa_key(), algorithm="RS256")
-        self.assertEqual(self.accepted(checker, token).name, "alice")
+    def test_issuer_matched_exactly(self) -> None:
+        """Only the configured iss passes: not a part of it (PyJWT 2.10.0 took
+        any substring, CVE-2024-53861), nor more, nor another case; also
+        under a PyJWT that matches loosely."""
+        checker = self.checker_for("RS256", public_pem(rsa_key()))
+        near = [
+            ISS[:-1],
+            ISS[len("https://") :],
+            "idp",
+            "",
+            ISS + "/",
+            "_" + ISS + "_",
+            ISS.upper(),
+        ]
+        for loose in (False, True):
+            if loose:
+                self.patch(jwt.api_jwt.PyJWT, "_validate_iss", validate_iss_2_10_0)
+            for iss in near:
+                token = jwt.encode(claims(iss=iss), rsa_key(), algorithm="RS256")
+                self.assertEqual(self.refused(checker, token), "wrong issuer", (loose, iss))
+            token = jwt.encode(claims(), rsa_key(), algorithm="RS256")
+            self.assertEqual(self.accepted(checker, token).name, "alice")
 
     def test_signatures(self) -> None:
         checker = self.checker_for("RS256", public_pem(rsa_key()))
@@ -504,9 +537,16 @@ class JWTKeyFileTests(Helpers):
     def test_incomplete_configurations_are_refused(self) -> None:
         pem = self.key_file(public_pem(rsa_key()))
         for config in (
-            JWTConfig(algorithms=("RS256",), audience=(), key_file=pem),
-            JWTConfig(algorithms=("RS256",), audience=(AUD,)),
-            JWTConfig(algorithms=("RS256",), audience=(AUD,), key_file=pem, jwks_url=JWKS_URL),
+            JWTConfig(algorithms=("RS256",), audience=(), issuer=ISS, key_file=pem),
+            JWTConfig(algorithms=("RS256",), audience=(AUD,), issuer="", key_file=pem),
+            JWTConfig(algorithms=("RS256",), audience=(AUD,), issuer=ISS),
+            JWTConfig(
+                algorithms=("RS256",),
+                audience=(AUD,),
+                issuer=ISS,
+                key_file=pem,
+                jwks_url=JWKS_URL,
+            ),
         ):
             self.assertRaises(ValueError, JWTChecker, config, Clock())
 

@@ -111,6 +111,28 @@ crash_limit = 3
             ("shared", 32 * MiB, 300.0),
         )
         self.assertEqual((server.term_after, server.kill_after), (2.0, 2.0))
+        # No web page may drive the bridge unless its origin is listed.
+        self.assertEqual(config.allowed_origins, ())
+
+    def test_stderr_in_errors_off_by_default_with_authentication(self) -> None:
+        """A shared child's stderr may hold another client's data: once clients
+        authenticate (strangers to each other), it is not sent to them unless
+        the server says so; without authentication it helps the one local user."""
+        from mcptwist.auth import digest_text, hash_token
+
+        token = f'[[auth.tokens]]\nname = "t"\nhash = "{digest_text(hash_token("mcpt_t"))}"\n'
+        servers = (
+            '[servers.a]\ncommand = "a"\n[servers.on]\ncommand = "a"\nstderr_in_errors = true\n'
+        )
+        servers += '[servers.off]\ncommand = "a"\nstderr_in_errors = false\n'
+        for name, auth, expected in (
+            ("open.toml", "", {"a": True, "on": True, "off": False}),
+            ("auth.toml", token, {"a": False, "on": True, "off": False}),
+        ):
+            config = load_config(self.write(name, auth + servers), {})
+            self.assertEqual(
+                {n: s.stderr_in_errors for n, s in config.servers.items()}, expected, name
+            )
 
     def test_allowed_hosts_are_never_widened_by_insecure(self) -> None:
         """insecure opens listeners to the network; it leaves DNS-rebinding
@@ -304,6 +326,7 @@ hash = "{self.digest}"
 servers = ["a"]
 [auth.jwt]
 audience = ["https://mcp.example.com"]
+issuer = "https://auth.example.com"
 key_file = "{self.cert}"
 [limits]
 per_ip = false
@@ -337,18 +360,18 @@ path = "${{D}}/audit.jsonl"
             '[[listeners]]\nendpoint = "tcp:1"\nport = 1': "listeners[0].port",
             '[[auth.tokens]]\nname = "x"\nhash = "md5:abc"': "auth.tokens[0].hash",
             f'[[auth.tokens]]\nname = "x"\nhash = "{self.digest}"\nservers = ["zz"]': "auth.tokens[x].servers",
-            '[auth.jwt]\naudience = ["x"]': "auth.jwt.key_file",
+            '[auth.jwt]\naudience = ["x"]\nissuer = "https://i"': "auth.jwt.key_file",
             f'[auth.jwt]\nkey_file = "{self.cert}"': "auth.jwt.audience",
-            f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\nalgorithms = ["none"]': "auth.jwt.algorithms[0]",
+            f'[auth.jwt]\naudience = ["x"]\nissuer = "https://i"\nkey_file = "{self.cert}"\nalgorithms = ["none"]': "auth.jwt.algorithms[0]",
             "[limits]\nper_ip = { rate = 0 }": "limits.per_ip.rate",
             '[audit]\npath = "/nonexistent/dir/audit.jsonl"': "audit.path",
-            f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\nalgorithms = ["ES256"]': "auth.jwt.key_file",
-            '[auth.jwt]\naudience = ["x"]\njwks_url = "http://localhost@evil.example/j"': "auth.jwt.jwks_url",
+            f'[auth.jwt]\naudience = ["x"]\nissuer = "https://i"\nkey_file = "{self.cert}"\nalgorithms = ["ES256"]': "auth.jwt.key_file",
+            '[auth.jwt]\naudience = ["x"]\nissuer = "https://i"\njwks_url = "http://localhost@evil.example/j"': "auth.jwt.jwks_url",
             '[[listeners]]\nendpoint = "tcp:1"\ntls = {}': "listeners[0].tls.certificate",
             'listen = ["haproxy:tcp:1"]': "listen[0]",
             '[auth]\nauthorization_servers = ["http://idp"]\nresource_url = "https://m"': "auth.authorization_servers[0]",
-            f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\njwks_refresh = 1': "auth.jwt.jwks_refresh",
-            f'[auth]\nauthorization_servers = ["https://a"]\nresource_url = "https://m"\n[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"\ndefault_servers = ["zz"]': "auth.jwt.default_servers",
+            f'[auth.jwt]\naudience = ["x"]\nissuer = "https://i"\nkey_file = "{self.cert}"\njwks_refresh = 1': "auth.jwt.jwks_refresh",
+            f'[auth]\nauthorization_servers = ["https://a"]\nresource_url = "https://m"\n[auth.jwt]\naudience = ["x"]\nissuer = "https://i"\nkey_file = "{self.cert}"\ndefault_servers = ["zz"]': "auth.jwt.default_servers",
             '[auth]\nauthorization_servers = ["https://a"]': "auth.resource_url",
         }
         for text, key in cases.items():
@@ -357,8 +380,23 @@ path = "${{D}}/audit.jsonl"
             self.assertTrue(error.fix, text)
             self.assertIn("c.toml", str(error), text)
 
+    def test_jwt_needs_an_issuer(self) -> None:
+        """Without issuer any iss the keys sign for would pass (a shared JWKS
+        serves other tenants too): refused, naming the file, the key and the fix."""
+        for issuer in ("", 'issuer = ""\n'):
+            error = self.error(
+                '[auth]\nauthorization_servers = ["https://a"]\nresource_url = "https://m"\n'
+                f'[auth.jwt]\naudience = ["x"]\n{issuer}key_file = "{self.cert}"'
+            )
+            self.assertEqual(error.key, "auth.jwt.issuer")
+            self.assertIn("any issuer", error.problem)
+            self.assertIn('issuer = "https://', error.fix)
+            self.assertTrue(str(error).startswith(os.path.join(self.dir, "c.toml")), str(error))
+
     def test_jwt_needs_authorization_servers(self) -> None:
-        error = self.error(f'[auth.jwt]\naudience = ["x"]\nkey_file = "{self.cert}"')
+        error = self.error(
+            f'[auth.jwt]\naudience = ["x"]\nissuer = "https://i"\nkey_file = "{self.cert}"'
+        )
         self.assertEqual(error.key, "auth.authorization_servers")
 
     def test_per_server_rules(self) -> None:

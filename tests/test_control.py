@@ -168,3 +168,23 @@ class AdminSwitchTests(SynchronousTestCase):
     def test_off(self) -> None:
         self.assertEqual(self.status(True), 200)
         self.assertEqual(self.status(False), 404)
+
+
+class AddedServerTests(SynchronousTestCase):
+    def test_stderr_in_errors_follows_authentication(self) -> None:
+        """A server added through the admin API of a bridge with authentication
+        keeps its child's stderr from clients, unless its table says otherwise."""
+        from mcptwist.auth import hash_token
+        from mcptwist.config import AuthConfig, TokenConfig
+
+        reactor = FakeProcessReactor()
+        auth = AuthConfig(tokens=(TokenConfig("t", hash_token("mcpt_t")),))
+        servers = {"s": ServerConfig(name="s", command="fake")}
+        admin = AdminConfig(commands={"fake": CommandConfig("fake", "fake")})
+        service = BridgeService(BridgeConfig(servers=servers, auth=auth, admin=admin), reactor, {})
+        service.startService()
+        self.addCleanup(lambda: (service.stopService(), reactor.advance(10)))
+        service.control.add_server("x", {"command": "fake"})
+        service.control.add_server("y", {"command": "fake", "stderr_in_errors": True})
+        self.assertFalse(service.backends["x"].server.stderr_in_errors)
+        self.assertTrue(service.backends["y"].server.stderr_in_errors)

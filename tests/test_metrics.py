@@ -543,3 +543,53 @@ class ResourceTests(SynchronousTestCase):
             self.assertEqual(code, 405)
             [allow] = headers.getRawHeaders("allow")
             self.assertEqual(allow, "GET, HEAD")
+
+
+class MetricsListenerTests(SynchronousTestCase):
+    """A listener that serves only /metrics asks for no credentials: it checks
+    Host and Origin like every other listener (DNS rebinding, web pages)."""
+
+    def request(
+        self, host: str, origins: tuple[str, ...] = (), **headers: str
+    ) -> tuple[int, bytes]:
+        from mcptwist.config import BridgeConfig, ListenerConfig, MetricsConfig, ServerConfig
+        from mcptwist.service import BridgeService
+
+        from .fakes import FakeProcessReactor
+
+        config = BridgeConfig(
+            servers={"s": ServerConfig(name="s", command="fake")},
+            listeners=(),
+            allowed_origins=origins,
+            metrics=MetricsConfig(listeners=(ListenerConfig("tcp:0:interface=127.0.0.1"),)),
+        )
+        service = BridgeService(config, FakeProcessReactor(), {})
+        [listener] = service.metrics_listeners
+        client = StubTreq(listener.site.resource)
+        d = client.get(f"http://{host}/metrics", headers={"host": host, **headers})
+        client.flush()
+        response = self.successResultOf(d)
+        d = client.content(response)
+        client.flush()
+        return response.code, self.successResultOf(d)
+
+    def test_a_foreign_host_gets_421(self) -> None:
+        status, body = self.request("evil.example.com")
+        self.assertEqual(status, 421)
+        self.assertIn(b"allowed_hosts", body)
+        self.assertNotIn(b"mcptwist_", body)
+
+    def test_a_web_page_gets_403(self) -> None:
+        page = "http://127.0.0.1:9100"
+        status, body = self.request("127.0.0.1:9100", origin=page)
+        self.assertEqual(status, 403)
+        self.assertIn(b"is not allowed", body)
+        # Even from an origin allowed to use MCP.
+        status, body = self.request("127.0.0.1:9100", (page,), origin=page)
+        self.assertEqual(status, 403)
+        self.assertIn(b"not for browsers", body)
+
+    def test_a_scraper_gets_the_metrics(self) -> None:
+        status, body = self.request("localhost:9100")
+        self.assertEqual(status, 200)
+        self.assertIn(b"mcptwist_", body)

@@ -14,22 +14,31 @@ from mcptwist.security import HostPolicy, OriginPolicy, host_name, is_local_addr
 
 
 class OriginTests(SynchronousTestCase):
-    def test_default_allows_loopback_origins_only(self) -> None:
+    def test_default_allows_no_origin(self) -> None:
+        """Only clients that send no Origin (not browsers): any local page
+        could otherwise drive an unauthenticated loopback bridge."""
         policy = OriginPolicy(DEFAULT_ORIGINS)
+        self.assertTrue(policy.allows(None))
         for origin in (
-            None,
             "http://localhost:6274",
             "http://127.0.0.1",
             "https://[::1]:8443",
             "HTTP://LOCALHOST:3000",
+            "http://evil.example.com",
+            "null",
+            "file://",
         ):
+            self.assertFalse(policy.allows(origin), origin)
+
+    def test_loopback_any_port(self) -> None:
+        policy = OriginPolicy(["http://localhost:*", "https://[::1]:*"])
+        for origin in ("http://localhost:6274", "HTTP://LOCALHOST:3000", "https://[::1]:8443"):
             self.assertTrue(policy.allows(origin), origin)
         for origin in (
             "http://evil.example.com",
             "http://localhost.evil.com",
-            "null",
-            "http://127.0.0.2:80",
-            "file://",
+            "https://localhost:1",
+            "http://127.0.0.1:80",
         ):
             self.assertFalse(policy.allows(origin), origin)
 

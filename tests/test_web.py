@@ -324,10 +324,20 @@ class StreamableTests(SynchronousTestCase):
         self.assertEqual(evil.code, 403)
         self.assertEqual(bridge.json(evil)["error"]["code"], jsonrpc.SERVER_UNAVAILABLE)
         self.assertEqual(bridge.registry.sessions, {})
+        # By default no web page may, a local one included (any local page could).
         local = bridge.request(
             "POST", "/servers/s/mcp", INIT, {**JSON, "origin": "http://localhost:6274"}
         )
-        self.assertEqual(local.code, 200)
+        self.assertEqual(local.code, 403)
+        self.assertIn("allowed", bridge.json(local)["error"]["message"])
+        self.assertEqual(bridge.registry.sessions, {})
+        inspector = Bridge(self, allowed_origins=("http://localhost:6274",))
+        self.assertEqual(
+            inspector.request(
+                "POST", "/servers/s/mcp", INIT, {**JSON, "origin": "http://localhost:6274"}
+            ).code,
+            200,
+        )
         configured = Bridge(self, allowed_origins=("https://app.example.com",))
         self.assertEqual(
             configured.request(

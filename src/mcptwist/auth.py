@@ -363,6 +363,8 @@ class JWTChecker:
             raise ValueError('JWT algorithms must be given, and "none" is never allowed')
         if not config.audience:
             raise ValueError("a JWT audience is required: without it any IdP token is accepted")
+        if not config.issuer:
+            raise ValueError("a JWT issuer is required: without it any tenant's token is accepted")
         if (config.key_file is None) == (config.jwks_url is None):
             raise ValueError("give exactly one of key_file and jwks_url")
         self.config = config
@@ -381,10 +383,7 @@ class JWTChecker:
         self._last_refetch: float | None = None
         self._loop: LoopingCall | None = None
         self._stopped = False
-        require = ["exp", "aud"]
-        if config.issuer is not None:
-            require.append("iss")
-        self._options: jwt.types.Options = {"require": require}
+        self._options: jwt.types.Options = {"require": ["exp", "aud", "iss"]}
         # What every jwt.decode is given, built once.
         self._algorithms = list(config.algorithms)
         self._audience = list(config.audience)
@@ -531,6 +530,9 @@ class JWTChecker:
             raise UnauthorizedLogin(_reason(e)) from None
         except (ValueError, TypeError, OverflowError):
             raise UnauthorizedLogin("malformed") from None
+        if claims.get("iss") != c.issuer:
+            # Exactly, whatever PyJWT does: 2.10.0 took a part of the issuer (CVE-2024-53861).
+            raise UnauthorizedLogin("wrong issuer")
         return self.principal(claims)
 
     def principal(self, claims: dict[str, Any]) -> Principal:
@@ -562,6 +564,49 @@ class JWTChecker:
         prefix = c.server_scope_prefix
         servers.update(s[len(prefix) :] for s in scopes if s.startswith(prefix) and s != prefix)
         return Principal(name, "jwt", frozenset(servers), admin=c.admin_scope in scopes)
+
+
+# What a reload takes away
+
+
+def revoked(old: AuthConfig, new: AuthConfig, principal: str, server: str) -> str | None:
+    """Why a session that C{principal} (a L{Principal.id}) opened on C{server}
+    under C{old} may not go on under C{new}; None when it may.
+
+    Every request is authenticated again, but a session's streams are not:
+    whatever a reload takes away must end them. A static token is known by
+    name and digest, so its session ends when the token is gone or replaced,
+    or no longer grants the server. A JWT cannot be checked again without
+    the token, which the bridge does not keep: its sessions end when
+    C{[auth.jwt]} changes in anything but C{jwks_refresh} and C{leeway} (the
+    trust, or how claims become grants), and otherwise last as long as their
+    session does.
+    """
+    kind, _, name = principal.partition(":")
+    if kind == "anonymous":
+        return "revoked: authentication turned on by reload" if new.enabled else None
+    if kind == "token":
+        before = next((t for t in old.tokens if t.name == name), None)
+        after = next((t for t in new.tokens if t.name == name), None)
+        if after is None:
+            return "revoked: token removed by reload"
+        if before is None or before.digest != after.digest:
+            return "revoked: token replaced by reload"
+        if "*" not in after.servers and server not in after.servers:
+            return "revoked: server no longer granted by reload"
+        return None
+    if kind == "jwt":
+        if new.jwt is None:
+            return "revoked: JWT authentication removed by reload"
+        if old.jwt is None or _jwt_trust(old.jwt) != _jwt_trust(new.jwt):
+            return "revoked: [auth.jwt] changed by reload"
+        return None
+    return "revoked: unknown principal"
+
+
+def _jwt_trust(config: JWTConfig) -> JWTConfig:
+    """What decides which JWTs are accepted, and what they grant."""
+    return attrs.evolve(config, jwks_refresh=0.0, leeway=0.0)
 
 
 # The realm and the front door

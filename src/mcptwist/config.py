@@ -23,14 +23,9 @@ from typing import Any, Final, TypeVar
 import attrs
 
 DEFAULT_LISTEN: Final = "tcp:8080:interface=127.0.0.1"
-DEFAULT_ORIGINS: Final = (
-    "http://localhost:*",
-    "https://localhost:*",
-    "http://127.0.0.1:*",
-    "https://127.0.0.1:*",
-    "http://[::1]:*",
-    "https://[::1]:*",
-)
+# No web page may drive the bridge unless its origin is listed: any local page
+# could otherwise reach an unauthenticated loopback bridge.
+DEFAULT_ORIGINS: Final[tuple[str, ...]] = ()
 # Host names a loopback-only bridge answers to (DNS-rebinding protection).
 LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 MiB: Final = 1024 * 1024
@@ -148,7 +143,8 @@ class JWTConfig:
 
     algorithms: tuple[str, ...]
     audience: tuple[str, ...]
-    issuer: str | None = None
+    # Required, and matched exactly: one IdP's keys may sign for several tenants.
+    issuer: str
     key_file: str | None = None
     jwks_url: str | None = None
     jwks_refresh: float = 300.0
@@ -234,6 +230,8 @@ class ServerConfig:
     term_after: float = 2.0
     kill_after: float = 2.0
     stderr_lines: int = 100
+    # A file that leaves it unset gets it off once authentication is on (a
+    # shared child's stderr may hold another client's data): see parse_server.
     stderr_in_errors: bool = True
     max_children: int = 16
     session_idle_timeout: float = 1800.0
@@ -647,7 +645,7 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         )
     servers: dict[str, ServerConfig] = {}
     for name, table in servers_table.items():
-        server = _checked_server(source, name, table, environ)
+        server = _checked_server(source, name, table, environ, auth.enabled)
         if server is not None:
             servers[name] = server
     if not servers:
@@ -689,24 +687,34 @@ def _check_server_names(
 
 
 def parse_server(
-    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str] | None
+    source: str,
+    name: str,
+    table: Mapping[str, Any],
+    environ: Mapping[str, str] | None,
+    *,
+    authenticated: bool = True,
 ) -> ServerConfig | None:
     """One C{[servers.NAME]} table (None when disabled).
 
     C{${VAR}} is expanded from C{environ}; with None (a table that came over
-    HTTP) nothing is expanded.
+    HTTP) nothing is expanded. C{authenticated}: whether the bridge asks for
+    credentials, which turns C{stderr_in_errors} off unless the table sets it.
     """
     if environ is None:
-        return _checked_server(source, name, table, None)
+        return _checked_server(source, name, table, None, authenticated)
     reading = _Environment(environ)
     try:
-        return _checked_server(source, name, table, reading)
+        return _checked_server(source, name, table, reading, authenticated)
     except ConfigError as e:
         raise reading.redact(e) from None
 
 
 def _checked_server(
-    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str] | None
+    source: str,
+    name: str,
+    table: Mapping[str, Any],
+    environ: Mapping[str, str] | None,
+    authenticated: bool,
 ) -> ServerConfig | None:
     if not _NAME_RE.match(name):
         raise ConfigError(
@@ -722,11 +730,15 @@ def _checked_server(
             "must be a table",
             f'write [servers.{name}] with command = "..."',
         )
-    return _parse_server(source, name, table, environ)
+    return _parse_server(source, name, table, environ, authenticated)
 
 
 def _parse_server(
-    source: str, name: str, table: Mapping[str, Any], environ: Mapping[str, str] | None
+    source: str,
+    name: str,
+    table: Mapping[str, Any],
+    environ: Mapping[str, str] | None,
+    authenticated: bool,
 ) -> ServerConfig | None:
     r = _Reader(source, f"servers.{name}.", table, environ)
     if r.boolean("disabled", False):
@@ -788,7 +800,8 @@ def _parse_server(
         term_after=r.number("term_after", defaults.term_after),
         kill_after=r.number("kill_after", defaults.kill_after),
         stderr_lines=r.integer("stderr_lines", defaults.stderr_lines, minimum=0),
-        stderr_in_errors=r.boolean("stderr_in_errors", defaults.stderr_in_errors),
+        # Its clients may be strangers to each other once they authenticate.
+        stderr_in_errors=r.boolean("stderr_in_errors", not authenticated),
         max_children=r.integer("max_children", defaults.max_children),
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
@@ -877,7 +890,11 @@ def _parse_admin(top: _Reader) -> AdminConfig:
 
 
 def requested_server(
-    name: str, table: Mapping[str, Any], commands: Mapping[str, CommandConfig]
+    name: str,
+    table: Mapping[str, Any],
+    commands: Mapping[str, CommandConfig],
+    *,
+    authenticated: bool = True,
 ) -> ServerConfig | None:
     """A server asked for over HTTP (the admin API), None if disabled.
 
@@ -909,7 +926,9 @@ def requested_server(
             f'send "command": one of {allowed}',
         )
     chosen = commands[choice]
-    server = parse_server(source, name, {**table, "command": chosen.command}, None)
+    server = parse_server(
+        source, name, {**table, "command": chosen.command}, None, authenticated=authenticated
+    )
     if server is None:
         return None
     return attrs.evolve(
@@ -1148,6 +1167,14 @@ def _parse_jwt(r: _Reader) -> JWTConfig:
             "is missing: tokens issued for other services would be accepted",
             'write audience = ["https://mcp.example.com"] (what your IdP puts in aud)',
         )
+    issuer = r.string("issuer")
+    if not issuer:
+        raise r.error(
+            "issuer",
+            "is missing: tokens from any issuer the keys sign for would be accepted "
+            "(one identity provider's keys often serve several tenants)",
+            'write issuer = "https://auth.example.com" (exactly what your IdP puts in iss)',
+        )
     key_file = r.string("key_file")
     jwks_url = r.string("jwks_url")
     if (key_file is None) == (jwks_url is None):
@@ -1176,11 +1203,11 @@ def _parse_jwt(r: _Reader) -> JWTConfig:
             f"{jwks_url!r} is not an https URL",
             "fetch keys over https (plain http is accepted only from loopback)",
         )
-    d = JWTConfig(algorithms=algorithms, audience=audience)
+    d = JWTConfig(algorithms=algorithms, audience=audience, issuer=issuer)
     config = JWTConfig(
         algorithms=algorithms,
         audience=audience,
-        issuer=r.string("issuer"),
+        issuer=issuer,
         key_file=key_file,
         jwks_url=jwks_url,
         jwks_refresh=r.get(

@@ -143,7 +143,9 @@ class BridgeControl:
             )
         if name in self.service.backends:
             raise ValueError(f"a server named {name!r} exists")
-        server = requested_server(name, table, commands)
+        server = requested_server(
+            name, table, commands, authenticated=self.service.config.auth.enabled
+        )
         if server is None:
             raise ConfigError(ADMIN_SOURCE, f"servers.{name}.disabled", "is true", "remove it")
         backend = self.service.add_backend(server)

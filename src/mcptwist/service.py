@@ -30,7 +30,15 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from .audit import AuditError, AuditTrail
-from .config import BridgeConfig, ConfigError, ListenerConfig, ServerConfig, load_config
+from .auth import revoked
+from .config import (
+    AuthConfig,
+    BridgeConfig,
+    ConfigError,
+    ListenerConfig,
+    ServerConfig,
+    load_config,
+)
 from .control import BridgeControl
 from .ipfilter import listening_factory
 from .metrics import Metrics, ServerSnapshot, Snapshot
@@ -43,7 +51,7 @@ from .tls import ReloadableTLS, TLSLoadError
 from .web.access import AccessControl
 from .web.admin import AdminAPI
 from .web.app import BridgeApp
-from .web.http import bounded_request_factory
+from .web.http import bounded_request_factory, header
 
 log = Logger(namespace="mcptwist.service")
 
@@ -306,15 +314,21 @@ def _route_of(path: bytes) -> tuple[str | None, str]:
 
 
 class MetricsOnly(Resource):
-    """The root of a metrics listener: /metrics and nothing else."""
+    """The root of a metrics listener: /metrics and nothing else, behind the
+    same Host and Origin checks as every other listener (it asks for no
+    credentials, so DNS rebinding would otherwise reach it)."""
 
     isLeaf = True
 
-    def __init__(self, metrics: IResource) -> None:
+    def __init__(self, metrics: IResource, app: BridgeApp) -> None:
         super().__init__()
         self.metrics = metrics
+        self.app = app
 
     def render(self, request: Any) -> Any:
+        refusal = self.app.screen(request, header(request, b"origin"), operator=True)
+        if refusal is not None:
+            return refusal.render(request)
         if request.path == b"/metrics":
             return self.metrics.render(request)
         request.setResponseCode(404)
@@ -383,7 +397,7 @@ class BridgeService(MultiService):
             self.audit.metrics = self.metrics
             # One resource (a leaf that only renders), at /metrics and on metrics listeners.
             self.web.metrics = self.metrics.resource()
-            self._metrics_root = MetricsOnly(self.web.metrics)
+            self._metrics_root = MetricsOnly(self.web.metrics, self.web)
         self.resource = self.web.resource()
         self.listeners = [self._listener(listener) for listener in config.listeners]
         self.metrics_listeners: list[Listener] = []
@@ -667,7 +681,9 @@ class BridgeService(MultiService):
         # What can fail (new authenticators, keys) is built before anything changes.
         self.access.reconfigure(new, self.reactor)
         self.config = new
-        changes: dict[str, Any] = {"servers": self._apply_servers(new)}
+        # Who lost a credential or a grant loses its sessions and streams now.
+        lost = self._revoke(old.auth, new.auth)
+        changes: dict[str, Any] = {"servers": self._apply_servers(new), "revoked": lost}
         try:
             self.audit.reconfigure(new.audit)
         except AuditError as e:
@@ -691,6 +707,22 @@ class BridgeService(MultiService):
         )
         changes["settings"] = _changed_settings(old, new)
         return changes
+
+    def _revoke(self, old: AuthConfig, new: AuthConfig) -> list[str]:
+        """Close the sessions, and so the streams, that the new credentials no
+        longer allow (L{revoked}); each is audited with its reason.
+
+        Returns who lost what, as C{"PRINCIPAL on SERVER"}.
+        """
+        if old == new:
+            return []
+        lost: set[str] = set()
+        for session in list(self.registry.sessions.values()):
+            why = revoked(old, new, session.principal, session.server)
+            if why is not None:
+                self.registry.close(session, why)
+                lost.add(f"{session.principal} on {session.server}")
+        return sorted(lost)
 
     def _apply_servers(self, new: BridgeConfig) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {

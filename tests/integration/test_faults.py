@@ -412,8 +412,12 @@ class HTTPEdgeTests(SynchronousTestCase):
             code, headers, raw = h.http(method, self.bridge.url(path), body, evil)
             self.assertEqual(code, 403, (method, path, raw))
             self.assertNotIn("mcp-session-id", headers)
+        # A local page too, unless allowed_origins lists it.
         local = {**ACCEPT, "Origin": f"http://localhost:{self.bridge.port}"}
         code, headers, _ = h.http("POST", self.bridge.mcp_url("fx"), INITIALIZE, local)
+        self.assertEqual(code, 403)
+        self.assertNotIn("mcp-session-id", headers)
+        code, headers, _ = h.http("POST", self.bridge.mcp_url("fx"), INITIALIZE, ACCEPT)
         self.assertEqual(code, 200)
         self.assertIn("mcp-session-id", headers)
 

@@ -3,6 +3,7 @@ did not change: clients mid-stream on unchanged servers never notice."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import tempfile
@@ -31,12 +32,13 @@ def example(name: str, extra: str = "") -> str:
 class Client:
     """One Streamable HTTP session, with its GET stream read in a thread."""
 
-    def __init__(self, bridge: h.Bridge, server: str) -> None:
+    def __init__(self, bridge: h.Bridge, server: str, auth: dict[str, str] | None = None) -> None:
         self.url = bridge.mcp_url(server)
-        status, headers, _ = h.http("POST", self.url, INIT, JSON)
+        auth = auth or {}
+        status, headers, _ = h.http("POST", self.url, INIT, {**JSON, **auth})
         assert status == 200, status
         self.session = headers["mcp-session-id"]
-        self.headers = {**JSON, "Mcp-Session-Id": self.session}
+        self.headers = {**JSON, "Mcp-Session-Id": self.session, **auth}
         h.http(
             "POST",
             self.url,
@@ -47,7 +49,8 @@ class Client:
         self.stream_ended = threading.Event()
         self.stream_error: list[str] = []
         request = urllib.request.Request(
-            self.url, headers={"Accept": "text/event-stream", "Mcp-Session-Id": self.session}
+            self.url,
+            headers={"Accept": "text/event-stream", "Mcp-Session-Id": self.session, **auth},
         )
         self.stream = urllib.request.urlopen(request, timeout=60)
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -60,6 +63,11 @@ class Client:
         except Exception as e:  # the test closes it at the end
             self.stream_error.append(repr(e))
         self.stream_ended.set()
+
+    def ping(self, auth: dict[str, str] | None = None) -> int:
+        """The status of a ping on this session (with other credentials, if given)."""
+        headers = {**self.headers, **(auth or {})}
+        return h.http("POST", self.url, {"jsonrpc": "2.0", "id": 0, "method": "ping"}, headers)[0]
 
     def call(self) -> dict[str, Any]:
         body = {
@@ -226,6 +234,9 @@ class ReloadSecurityTests(SynchronousTestCase):
         assert found is not None, bridge.log
         metrics_url = f"http://127.0.0.1:{found.group(1)}/metrics"
         self.assertEqual(h.http("GET", metrics_url)[0], 200)
+        # It asks for no credentials: a rebound name or a web page gets nothing.
+        self.assertEqual(h.http("GET", metrics_url, headers={"Host": "evil.example.com"})[0], 421)
+        self.assertEqual(h.http("GET", metrics_url, headers={"Origin": "http://localhost"})[0], 403)
         bridge.wait_state("a", "running")  # while the port still speaks plain HTTP
         write(f"tls = {{ certificate = {h.toml_str(cert)}, key = {h.toml_str(key)} }}\n")
         bridge.proc.send_signal(signal.SIGHUP)
@@ -253,3 +264,88 @@ class ReloadSecurityTests(SynchronousTestCase):
         self.assertIn("no authentication", bridge.log)
         self.assertEqual(h.http("GET", bridge.url("/"))[0], 401)
         self.assertEqual(h.http("GET", bridge.url("/"), headers=bridge.headers)[0], 200)
+
+
+class ReloadRevocationTests(SynchronousTestCase):
+    """A reload that takes a token or a grant away ends the sessions and
+    streams it allowed, and says so in the audit trail; others go on."""
+
+    def test_tokens_replaced_removed_and_narrowed(self) -> None:
+        from mcptwist.auth import digest_text, hash_token
+
+        directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
+        path = directory / "bridge.toml"
+        audit = directory / "audit.jsonl"
+
+        def write(tokens: list[tuple[str, str, list[str]]]) -> None:
+            text = f"[audit]\npath = {h.toml_str(str(audit))}\n"
+            for name, secret, servers in [("ops", "mcpt_ops", ["*"]), *tokens]:
+                text += (
+                    f'[[auth.tokens]]\nname = "{name}"\n'
+                    f'hash = "{digest_text(hash_token(secret))}"\n'
+                    f"servers = {h.toml_list(servers)}\nadmin = {str(name == 'ops').lower()}\n"
+                )
+            path.write_text(text + example("a") + example("b"))
+
+        write(
+            [
+                ("alice", "mcpt_alice", ["a"]),
+                ("bob", "mcpt_bob", ["a", "b"]),
+                ("carol", "mcpt_carol", ["a"]),
+            ]
+        )
+        bridge = h.Bridge(args=["--config", str(path)], directory=directory)
+        self.addCleanup(bridge.stop)
+        bridge.headers = {"Authorization": "Bearer mcpt_ops"}
+        bridge.wait_state("a", "running")
+        bridge.wait_state("b", "running")
+
+        def bearer(secret: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {secret}"}
+
+        alice = Client(bridge, "a", bearer("mcpt_alice"))
+        carol = Client(bridge, "a", bearer("mcpt_carol"))
+        bob_a = Client(bridge, "a", bearer("mcpt_bob"))
+        bob_b = Client(bridge, "b", bearer("mcpt_bob"))
+        # alice gets a new secret, carol's token goes, bob keeps a only.
+        write([("alice", "mcpt_alice_2", ["a"]), ("bob", "mcpt_bob", ["a"])])
+        before = bridge.log.count("reload done")
+        bridge.proc.send_signal(signal.SIGHUP)
+        h.wait_for(lambda: bridge.log.count("reload done") > before, 15, "the reload")
+
+        for ended in (alice, carol, bob_b):
+            self.assertTrue(ended.stream_ended.wait(10), ended.url)
+        self.assertEqual(alice.ping(), 401)
+        self.assertEqual(alice.ping(bearer("mcpt_alice_2")), 404, "the new secret gets none of it")
+        self.assertEqual(carol.ping(), 401)
+        self.assertEqual(bob_b.ping(), 403)
+        # bob's session on a is untouched: its stream is open, it still works.
+        self.assertFalse(bob_a.stream_ended.is_set())
+        h.tool_text(bob_a.call())
+        closed = {
+            (e["principal"], e["server"]): e["reason"]
+            for e in h.wait_for(
+                lambda: (
+                    [
+                        json.loads(line)
+                        for line in audit.read_text().splitlines()
+                        if '"session_closed"' in line
+                    ]
+                    or None
+                ),
+                10,
+                "session_closed events",
+            )
+        }
+        self.assertEqual(
+            closed,
+            {
+                ("token:alice", "a"): "revoked: token replaced by reload",
+                ("token:carol", "a"): "revoked: token removed by reload",
+                ("token:bob", "b"): "revoked: server no longer granted by reload",
+            },
+        )
+        self.assertIn(
+            "'revoked': ['token:alice on a', 'token:bob on b', 'token:carol on a']", bridge.log
+        )
+        bob_a.close()

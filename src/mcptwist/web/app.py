@@ -93,28 +93,13 @@ class Gate(Resource):
     def render(self, request: Any) -> Any:
         access = self.app.access
         access.common_headers(request)
-        host = header(request, b"host")
         origin = header(request, b"origin")
-        if not self.app.hosts.allows(host):
-            return HTTPProblem(
-                421,
-                jsonrpc.SERVER_UNAVAILABLE,
-                f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
-            ).render(request)
-        if not self.app.origins.allows(origin):
-            return HTTPProblem(
-                403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
-            ).render(request)
         path = request.path
         parts = _segments(path)
         operator = parts is not None and parts[1] in _OPERATOR
-        if origin is not None and operator:
-            # A page that can reach loopback must not drive the admin API.
-            return HTTPProblem(
-                403,
-                jsonrpc.SERVER_UNAVAILABLE,
-                "Forbidden: the admin API and metrics are not for browsers",
-            ).render(request)
+        refusal = self.app.screen(request, origin, operator)
+        if refusal is not None:
+            return refusal.render(request)
         preflight = access.cors(request, origin)
         if preflight is not None:
             return preflight
@@ -356,6 +341,30 @@ class BridgeApp:
 
     def resource(self) -> IResource:
         return Gate(self, self.app.resource())
+
+    def screen(self, request: Any, origin: str | None, operator: bool) -> HTTPProblem | None:
+        """The refusal of a request by its Host and Origin, on any listener: a
+        Host not in C{allowed_hosts} (DNS rebinding: 421), an Origin not in
+        C{allowed_origins}, or any Origin on an operator route (the admin API,
+        metrics), since a page that can reach loopback must not drive them (403)."""
+        host = header(request, b"host")
+        if not self.hosts.allows(host):
+            return HTTPProblem(
+                421,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
+            )
+        if not self.origins.allows(origin):
+            return HTTPProblem(
+                403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
+            )
+        if origin is not None and operator:
+            return HTTPProblem(
+                403,
+                jsonrpc.SERVER_UNAVAILABLE,
+                "Forbidden: the admin API and metrics are not for browsers",
+            )
+        return None
 
     def backend(self, name: str, draining: bool = False) -> Backend:
         """The server's backend; with C{draining}, also one a reload retired
