@@ -550,19 +550,20 @@ class MetricsListenerTests(SynchronousTestCase):
     Host and Origin like every other listener (DNS rebinding, web pages)."""
 
     def request(
-        self, host: str, origins: tuple[str, ...] = (), **headers: str
+        self, host: str, origins: tuple[str, ...] = (), config: Any = None, **headers: str
     ) -> tuple[int, bytes]:
         from mcptwist.config import BridgeConfig, ListenerConfig, MetricsConfig, ServerConfig
         from mcptwist.service import BridgeService
 
         from .fakes import FakeProcessReactor
 
-        config = BridgeConfig(
-            servers={"s": ServerConfig(name="s", command="fake")},
-            listeners=(),
-            allowed_origins=origins,
-            metrics=MetricsConfig(listeners=(ListenerConfig("tcp:0:interface=127.0.0.1"),)),
-        )
+        if config is None:
+            config = BridgeConfig(
+                servers={"s": ServerConfig(name="s", command="fake")},
+                listeners=(),
+                allowed_origins=origins,
+                metrics=MetricsConfig(listeners=(ListenerConfig("tcp:0:interface=127.0.0.1"),)),
+            )
         service = BridgeService(config, FakeProcessReactor(), {})
         [listener] = service.metrics_listeners
         client = StubTreq(listener.site.resource)
@@ -578,6 +579,26 @@ class MetricsListenerTests(SynchronousTestCase):
         self.assertEqual(status, 421)
         self.assertIn(b"allowed_hosts", body)
         self.assertNotIn(b"mcptwist_", body)
+
+    def test_authentication_does_not_open_it_to_any_host(self) -> None:
+        """With authentication the bridge answers any Host (a rebound page
+        has no token), but a metrics listener asks for none: it keeps to
+        loopback's names unless allowed_hosts names others."""
+        from mcptwist.config import parse_config
+
+        doc = {
+            "metrics": {"listen": ["tcp:0:interface=127.0.0.1"]},
+            "auth": {"tokens": [{"name": "t", "hash": "sha256:" + "0" * 64}]},
+            "servers": {"s": {"command": "fake"}},
+        }
+        config = parse_config(doc, "t.toml", {})
+        self.assertEqual(config.allowed_hosts, ("*",))
+        self.assertEqual(config.metrics.allowed_hosts, ("localhost", "127.0.0.1", "::1"))
+        status, _ = self.request("rebound.example.com", config=config)
+        self.assertEqual(status, 421)
+        self.assertEqual(self.request("localhost:9100", config=config)[0], 200)
+        named = parse_config({**doc, "allowed_hosts": ["metrics.internal"]}, "t.toml", {})
+        self.assertEqual(named.metrics.allowed_hosts, ("metrics.internal",))
 
     def test_a_web_page_gets_403(self) -> None:
         page = "http://127.0.0.1:9100"

@@ -211,6 +211,8 @@ class MetricsConfig:
 
     enabled: bool = True
     listeners: tuple[ListenerConfig, ...] = ()
+    # What its own listeners answer to; they ask for no credentials.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
 
 
 @attrs.frozen
@@ -610,19 +612,10 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
     # does not send bearer tokens on its own. Without it, only the names of
     # loopback are answered, even where insecure opens the listeners: the
     # names the bridge is reached by elsewhere are listed in allowed_hosts.
-    hosts = top.strings("allowed_hosts", ("*",) if auth.enabled else LOOPBACK_HOSTS)
-    for i, host in enumerate(hosts):
-        if host != "*" and not re.match(
-            r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*|[A-Za-z0-9.-]+)$", host
-        ):
-            raise top.error(
-                f"allowed_hosts[{i}]",
-                f"{host!r} is not a host name",
-                'write a host name or address without scheme or port, such as "mcp.example.com", or "*" for any',
-            )
+    hosts = _hosts(top, ("*",) if auth.enabled else LOOPBACK_HOSTS)
     settings = {
         "insecure": insecure,
-        "allowed_hosts": tuple(h.strip("[]").lower() for h in hosts),
+        "allowed_hosts": hosts,
         "heartbeat_interval": top.number("heartbeat_interval", defaults.heartbeat_interval),
         "stream_buffer": top.size("stream_buffer", defaults.stream_buffer),
         "replay_events": top.integer("replay_events", defaults.replay_events, minimum=0),
@@ -630,7 +623,9 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         "access_log": top.boolean("access_log", defaults.access_log),
         "limits": _parse_limits(top),
         "audit": _parse_audit(top),
-        "metrics": _parse_metrics(top),
+        # A metrics listener asks for no credentials: authentication does not
+        # make DNS rebinding harmless there.
+        "metrics": _parse_metrics(top, hosts if "allowed_hosts" in doc else LOOPBACK_HOSTS),
         "admin": _parse_admin(top),
         "drain_timeout": top.number("drain_timeout", defaults.drain_timeout),
     }
@@ -1303,7 +1298,22 @@ def _parse_server_limits(server: _Reader) -> ServerLimits:
     return limits
 
 
-def _parse_metrics(top: _Reader) -> MetricsConfig:
+def _hosts(r: _Reader, default: tuple[str, ...]) -> tuple[str, ...]:
+    """An C{allowed_hosts} list: host names, or C{"*"} for any."""
+    hosts = r.strings("allowed_hosts", default)
+    for i, host in enumerate(hosts):
+        if host != "*" and not re.match(
+            r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*|[A-Za-z0-9.-]+)$", host
+        ):
+            raise r.error(
+                f"allowed_hosts[{i}]",
+                f"{host!r} is not a host name",
+                'write a host name or address without scheme or port, such as "mcp.example.com", or "*" for any',
+            )
+    return tuple(h.strip("[]").lower() for h in hosts)
+
+
+def _parse_metrics(top: _Reader, hosts: tuple[str, ...]) -> MetricsConfig:
     r = _Reader(top.source, "metrics.", top.table_at("metrics"), top.environ)
     listen = r.strings("listen")
     metrics = MetricsConfig(
@@ -1311,6 +1321,7 @@ def _parse_metrics(top: _Reader) -> MetricsConfig:
         listeners=tuple(
             listener_from_string(top.source, r.key(f"listen[{i}]"), d) for i, d in enumerate(listen)
         ),
+        allowed_hosts=_hosts(r, hosts),
     )
     r.finish()
     return metrics

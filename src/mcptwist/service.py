@@ -326,7 +326,9 @@ class MetricsOnly(Resource):
         self.app = app
 
     def render(self, request: Any) -> Any:
-        refusal = self.app.screen(request, header(request, b"origin"), operator=True)
+        refusal = self.app.screen(
+            request, header(request, b"origin"), operator=True, hosts=self.app.metrics_hosts
+        )
         if refusal is not None:
             return refusal.render(request)
         if request.path == b"/metrics":

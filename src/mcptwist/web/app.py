@@ -324,6 +324,7 @@ class BridgeApp:
         self.metrics: IResource | None = None
         self.origins = OriginPolicy(config.allowed_origins)
         self.hosts = HostPolicy(config.allowed_hosts)
+        self.metrics_hosts = HostPolicy(config.metrics.allowed_hosts)
         self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
         # Signs the requestState of stateless calls waiting for their client's input.
         self.signer = StateSigner()
@@ -333,6 +334,7 @@ class BridgeApp:
         self.config = config
         self.origins = OriginPolicy(config.allowed_origins)
         self.hosts = HostPolicy(config.allowed_hosts)
+        self.metrics_hosts = HostPolicy(config.metrics.allowed_hosts)
         if config.heartbeat_interval != self.heartbeat.interval:
             self.heartbeat.interval = config.heartbeat_interval
             if self.heartbeat.running:
@@ -342,13 +344,20 @@ class BridgeApp:
     def resource(self) -> IResource:
         return Gate(self, self.app.resource())
 
-    def screen(self, request: Any, origin: str | None, operator: bool) -> HTTPProblem | None:
+    def screen(
+        self,
+        request: Any,
+        origin: str | None,
+        operator: bool,
+        hosts: HostPolicy | None = None,
+    ) -> HTTPProblem | None:
         """The refusal of a request by its Host and Origin, on any listener: a
-        Host not in C{allowed_hosts} (DNS rebinding: 421), an Origin not in
-        C{allowed_origins}, or any Origin on an operator route (the admin API,
-        metrics), since a page that can reach loopback must not drive them (403)."""
+        Host not in C{allowed_hosts} (or C{hosts}: DNS rebinding: 421), an
+        Origin not in C{allowed_origins}, or any Origin on an operator route
+        (the admin API, metrics), since a page that can reach loopback must
+        not drive them (403)."""
         host = header(request, b"host")
-        if not self.hosts.allows(host):
+        if not (hosts if hosts is not None else self.hosts).allows(host):
             return HTTPProblem(
                 421,
                 jsonrpc.SERVER_UNAVAILABLE,
