@@ -30,10 +30,10 @@ from mcptwist.config import (
     ServerLimits,
     TokenConfig,
 )
-from mcptwist.ipfilter import parse_networks
+from mcptwist.ipfilter import parse_networks, rate_key
 from mcptwist.routing import make_backend
 from mcptwist.session import SessionRegistry
-from mcptwist.web.access import AccessControl, rate_key
+from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 
 from .fakes import FakeProcessReactor

@@ -12,8 +12,6 @@ status a client can act on, and each is written to the audit trail.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any, Final
@@ -22,7 +20,7 @@ from .. import jsonrpc
 from ..audit import AuditTrail
 from ..auth import ANONYMOUS, Authenticator, AuthFailure, Principal
 from ..config import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
-from ..ipfilter import AddressPolicy, forwarded_client, parse_ip
+from ..ipfilter import AddressPolicy, forwarded_client, rate_key
 from ..ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 from .http import HTTPProblem, header
 
@@ -347,24 +345,6 @@ def identity(principal: Principal) -> str:
 
 def principal_id(request: Any) -> str:
     return principal_of(request).id
-
-
-@functools.lru_cache(maxsize=4096)
-def rate_key(ip: str | None) -> str | None:
-    """The key of a client address for per-IP limits: None for a loopback or
-    Unix peer (a local user or a proxy: limiting it would throttle everyone
-    behind it), the /64 for IPv6 (one host usually holds a whole /64)."""
-    if ip is None:
-        return None
-    try:
-        address = parse_ip(ip)
-    except ValueError:
-        return ip
-    if address.is_loopback:
-        return None
-    if address.version == 6:
-        return str(ipaddress.ip_network((address, 64), strict=False))
-    return str(address)
 
 
 def _is_server_route(path: str) -> bool:
