@@ -623,3 +623,43 @@ class StreamCapTests(SynchronousTestCase):
         self.assertEqual(status, 429)
         self.assertIsNone(headers.getRawHeaders("mcp-session-id"))
         self.assertEqual(len(bridge.registry.sessions), 1)
+
+
+class ChildShareTests(SynchronousTestCase):
+    def test_one_principal_cannot_take_every_child(self) -> None:
+        """With a child per session, alice reaches her share of the children and
+        is refused (429, audited) while ops still gets one; ending one of her
+        sessions gives her room again. The default share is a quarter: 2 of 8."""
+        per_session = {"sharing": "session", "max_children": 8}
+        bridge = Bridge(self, server_s=per_session)
+        alice = {**JSON, **bearer(TOKENS["alice"])}
+        sessions = []
+        for _ in range(2):
+            status, headers, _ = bridge.request("POST", "/servers/s/mcp", INIT, alice)
+            self.assertEqual(status, 200)
+            sessions.append(headers.getRawHeaders("mcp-session-id")[0])
+        status, headers, body = bridge.request("POST", "/servers/s/mcp", INIT, alice)
+        self.assertEqual(status, 429)
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["60"])
+        self.assertEqual((body["id"], body["error"]["code"]), (1, jsonrpc.SERVER_UNAVAILABLE))
+        self.assertIn("max_children_per_principal", body["error"]["message"])
+        self.assertIsNone(headers.getRawHeaders("mcp-session-id"))
+        ops = {**JSON, **bearer(TOKENS["ops"])}
+        self.assertEqual(bridge.request("POST", "/servers/s/mcp", INIT, ops)[0], 200)
+        self.assertEqual(len(list(bridge.backends["s"])), 3)
+        [refusal] = bridge.events("rate_limited")
+        self.assertEqual(
+            (refusal["principal"], refusal["server"], refusal["scope"]),
+            ("token:alice", "s", "children-per-principal"),
+        )
+        ended = {**alice, "mcp-session-id": sessions[0], "mcp-protocol-version": "2025-06-18"}
+        self.assertEqual(bridge.request("DELETE", "/servers/s/mcp", None, ended)[0], 200)
+        self.assertEqual(bridge.request("POST", "/servers/s/mcp", INIT, alice)[0], 200)
+
+    def test_the_default_share_is_a_quarter(self) -> None:
+        server = ServerConfig(name="s", command="c", sharing="session", max_children=16)
+        self.assertEqual(server.children_per_principal, 4)
+        self.assertEqual(attrs.evolve(server, max_children=2).children_per_principal, 1)
+        self.assertEqual(
+            attrs.evolve(server, max_children_per_principal=16).children_per_principal, 16
+        )

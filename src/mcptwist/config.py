@@ -212,6 +212,8 @@ class ServerConfig:
     stderr_lines: int = 100
     stderr_in_errors: bool = True
     max_children: int = 16
+    # Of those, what one authenticated principal may hold (None: a quarter).
+    max_children_per_principal: int | None = None
     session_idle_timeout: float = 1800.0
     startup_timeout: float = 60.0
     json_response: bool = False
@@ -224,6 +226,15 @@ class ServerConfig:
     deny: tuple[Network, ...] = ()
     limits: ServerLimits = ServerLimits()
     audit_arguments: bool = False
+
+    @property
+    def children_per_principal(self) -> int:
+        """The children one principal may hold: C{max_children_per_principal},
+        by default a quarter of C{max_children} (at least one), never more
+        than C{max_children}."""
+        if self.max_children_per_principal is not None:
+            return min(self.max_children_per_principal, self.max_children)
+        return max(1, self.max_children // 4)
 
 
 @attrs.frozen
@@ -702,6 +713,11 @@ def _parse_server(
         stderr_lines=r.integer("stderr_lines", defaults.stderr_lines, minimum=0),
         stderr_in_errors=r.boolean("stderr_in_errors", defaults.stderr_in_errors),
         max_children=r.integer("max_children", defaults.max_children),
+        max_children_per_principal=(
+            r.integer("max_children_per_principal", max(1, defaults.max_children // 4))
+            if "max_children_per_principal" in r.table
+            else None
+        ),
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
         json_response=r.boolean("json_response", defaults.json_response),
@@ -719,6 +735,13 @@ def _parse_server(
             "max_request_timeout",
             f"({server.max_request_timeout:g}) is shorter than request_timeout ({server.request_timeout:g})",
             "make max_request_timeout at least as long as request_timeout",
+        )
+    per_principal = server.max_children_per_principal
+    if per_principal is not None and per_principal > server.max_children:
+        raise r.error(
+            "max_children_per_principal",
+            f"({per_principal}) is more than max_children ({server.max_children})",
+            "lower max_children_per_principal, or raise max_children",
         )
     if server.cwd is not None and not os.path.isdir(server.cwd):
         raise r.error(

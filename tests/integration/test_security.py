@@ -309,3 +309,35 @@ class BurstTests(SynchronousTestCase):
         headers = {**bearer("mcpt_wrong"), "X-Forwarded-For": "10.0.0.3"}
         codes = [h.http("GET", bridge.url("/"), headers=headers)[0] for _ in range(4)]
         self.assertEqual(codes, [401, 401, 401, 429])
+
+
+class ChildShareTests(SynchronousTestCase):
+    def test_one_principal_cannot_take_every_child(self) -> None:
+        """With a child per session, a principal at max_children_per_principal
+        gets 429 (audited) while another still gets a child of its own."""
+        directory = Path(tempfile.mkdtemp(prefix="mcptwist-share-"))
+        audit = directory / "audit.jsonl"
+        # The default share: a quarter of max_children.
+        per_session = 'sharing = "session"\nmax_children = 8\n'
+        config = auth_toml(f'[audit]\npath = "{audit}"\n') + h.python_server_toml(
+            "example", ["-m", "mcptwist.example"], per_session
+        )
+        bridge = h.start_bridge(self, config, directory=directory)
+        bridge.headers = bearer(ADMIN)
+        user = {**JSON, **bearer(USER)}
+        for _ in range(2):
+            status, headers, body = h.http("POST", bridge.mcp_url("example"), INIT, user)
+            self.assertEqual(status, 200, body)
+            self.assertIn("mcp-session-id", headers)
+        status, headers, body = h.http("POST", bridge.mcp_url("example"), INIT, user)
+        self.assertEqual((status, headers.get("retry-after")), (429, "60"), body)
+        error = json.loads(body)["error"]
+        self.assertIn("max_children_per_principal", error["message"])
+        admin = {**JSON, **bearer(ADMIN)}
+        status, _, body = h.http("POST", bridge.mcp_url("example"), INIT, admin)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(len(bridge.status("example")["children"]), 3)
+        [refusal] = audit_events(audit, "rate_limited")
+        self.assertEqual(
+            (refusal["principal"], refusal["scope"]), ("token:user", "children-per-principal")
+        )

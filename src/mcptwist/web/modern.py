@@ -192,7 +192,7 @@ def open_hub(app: BridgeApp, request: Any, name: str, checked: era.ModernRequest
     """The principal's stateless hub on this server (opened on first use), or
     the HTTP refusal when no session can be opened for it."""
     backend: Backend = app.backend(name)
-    with app.refusing_sessions(checked.id):
+    with app.refusing_sessions(request, name, checked.id):
         hub = app.registry.hub(
             backend,
             lambda _: StatelessSink(),
