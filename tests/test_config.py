@@ -430,3 +430,40 @@ class ShareKeyTests(SynchronousTestCase):
             self.assertEqual(error.key, "servers.a.max_children_per_principal")
             self.assertIn(problem, str(error))
             self.assertTrue(error.fix)
+
+    def test_request_limits(self) -> None:
+        limits = self.load('[servers.a]\ncommand = "a"\n').limits
+        self.assertEqual(
+            (
+                limits.max_batch,
+                limits.max_in_flight_per_session,
+                limits.max_in_flight_per_principal,
+            ),
+            (64, 64, 256),
+        )
+        text = (
+            "[limits]\nmax_batch = 4\nmax_in_flight_per_session = 8\n"
+            'max_in_flight_per_principal = 16\n[servers.a]\ncommand = "a"\n'
+        )
+        limits = self.load(text).limits
+        self.assertEqual(
+            (
+                limits.max_batch,
+                limits.max_in_flight_per_session,
+                limits.max_in_flight_per_principal,
+            ),
+            (4, 8, 16),
+        )
+        for key in ("max_batch", "max_in_flight_per_session", "max_in_flight_per_principal"):
+            error = self.assertRaises(
+                ConfigError, self.load, f'[limits]\n{key} = 0\n[servers.a]\ncommand = "a"\n'
+            )
+            self.assertEqual(error.key, f"limits.{key}")
+            self.assertTrue(error.fix)
+        error = self.assertRaises(
+            ConfigError,
+            self.load,
+            '[limits]\nmax_batch = 65\n[servers.a]\ncommand = "a"\n',
+        )
+        self.assertEqual(error.key, "limits.max_batch")
+        self.assertIn("max_in_flight_per_session (64)", str(error))

@@ -106,6 +106,12 @@ class LimitsConfig:
     per_ip: Bucket | None = Bucket(100.0, 1000)
     max_streams_per_principal: int = 256
     max_sessions_per_principal: int = 1000
+    # Messages in one JSON-RPC batch (each costs a token of every bucket); at
+    # most max_in_flight_per_session, as a batch's requests are in flight together.
+    max_batch: int = 64
+    # Requests in flight (sent, not yet answered) per session, and per principal.
+    max_in_flight_per_session: int = 64
+    max_in_flight_per_principal: int = 256
 
 
 @attrs.frozen
@@ -1091,8 +1097,22 @@ def _parse_limits(top: _Reader) -> LimitsConfig:
         max_sessions_per_principal=r.integer(
             "max_sessions_per_principal", d.max_sessions_per_principal
         ),
+        max_batch=r.integer("max_batch", d.max_batch),
+        max_in_flight_per_session=r.integer(
+            "max_in_flight_per_session", d.max_in_flight_per_session
+        ),
+        max_in_flight_per_principal=r.integer(
+            "max_in_flight_per_principal", d.max_in_flight_per_principal
+        ),
     )
     r.finish()
+    if limits.max_batch > limits.max_in_flight_per_session:
+        raise r.error(
+            "max_batch",
+            f"({limits.max_batch}) is more than max_in_flight_per_session "
+            f"({limits.max_in_flight_per_session}): such a batch of requests could never pass",
+            "lower max_batch, or raise max_in_flight_per_session",
+        )
     return limits
 
 

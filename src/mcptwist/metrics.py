@@ -106,6 +106,9 @@ RATE_LIMIT_SCOPES: Final = frozenset(
         "server-total",
         "capacity",
         "children-per-principal",
+        "batch",
+        "in-flight-session",
+        "in-flight-principal",
     }
 )
 IP_SCOPES: Final = frozenset({"listener", "server"})

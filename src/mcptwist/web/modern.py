@@ -152,6 +152,8 @@ def post(
     if state is not None:
         call = _parked_call(app, name, principal, checked, state)
         hub = call.hub
+    elif checked.method != "subscriptions/listen":
+        app.access.admit_requests(request, hub, 1, checked.id)
     # A server set to json_response answers JSON to clients that take it
     # (a listen stream is a stream or nothing).
     prefer_json = (
