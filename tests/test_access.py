@@ -745,6 +745,13 @@ class BatchChargeTests(SynchronousTestCase):
         status, _, answers = bridge.request("POST", "/servers/s/mcp", tool_calls(2, 3), alice)
         self.assertEqual((status, len(answers)), (200, 3))
 
+    def test_a_batch_is_no_longer_than_a_session_may_have_in_flight(self) -> None:
+        bridge = Bridge(self, limits=LimitsConfig(max_in_flight_per_session=2))
+        alice = session_headers(bridge, TOKENS["alice"], INIT_BATCHING)
+        status, _, body = bridge.request("POST", "/servers/s/mcp", tool_calls(2, 3), alice)
+        self.assertEqual(status, 413)
+        self.assertIn("limits.max_in_flight_per_session (2)", body["error"]["message"])
+
     def test_by_default_a_batch_holds_64(self) -> None:
         bridge = Bridge(self)
         alice = session_headers(bridge, TOKENS["alice"], INIT_BATCHING)

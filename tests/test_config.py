@@ -460,10 +460,3 @@ class ShareKeyTests(SynchronousTestCase):
             )
             self.assertEqual(error.key, f"limits.{key}")
             self.assertTrue(error.fix)
-        error = self.assertRaises(
-            ConfigError,
-            self.load,
-            '[limits]\nmax_batch = 65\n[servers.a]\ncommand = "a"\n',
-        )
-        self.assertEqual(error.key, "limits.max_batch")
-        self.assertIn("max_in_flight_per_session (64)", str(error))

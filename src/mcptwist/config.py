@@ -106,8 +106,8 @@ class LimitsConfig:
     per_ip: Bucket | None = Bucket(100.0, 1000)
     max_streams_per_principal: int = 256
     max_sessions_per_principal: int = 1000
-    # Messages in one JSON-RPC batch (each costs a token of every bucket); at
-    # most max_in_flight_per_session, as a batch's requests are in flight together.
+    # Messages in one JSON-RPC batch (each costs a token of every bucket); no
+    # more than max_in_flight_per_session either (its requests are in flight together).
     max_batch: int = 64
     # Requests in flight (sent, not yet answered) per session, and per principal.
     max_in_flight_per_session: int = 64
@@ -1106,13 +1106,6 @@ def _parse_limits(top: _Reader) -> LimitsConfig:
         ),
     )
     r.finish()
-    if limits.max_batch > limits.max_in_flight_per_session:
-        raise r.error(
-            "max_batch",
-            f"({limits.max_batch}) is more than max_in_flight_per_session "
-            f"({limits.max_in_flight_per_session}): such a batch of requests could never pass",
-            "lower max_batch, or raise max_in_flight_per_session",
-        )
     return limits
 
 

@@ -302,14 +302,20 @@ class AccessControl:
 
     def charge_messages(self, request: Any, server: str, count: int) -> None:
         """A POST's body holds C{count} JSON-RPC messages: refuse a batch longer
-        than C{limits.max_batch} (413), and charge each message after the first
+        than C{limits.max_batch} or C{limits.max_in_flight_per_session} (413),
+        and charge each message after the first
         (the request's admission paid for that one) to the same buckets, or
         refuse the whole batch (429) before any of it is delivered."""
         if count <= 1:
             return
         principal = principal_of(request)
         ip: str | None = getattr(request, "client_ip", None)
-        largest = self.config.limits.max_batch
+        limits = self.config.limits
+        # A batch's requests are in flight together: no more than a session may hold.
+        largest, key = min(
+            (limits.max_batch, "max_batch"),
+            (limits.max_in_flight_per_session, "max_in_flight_per_session"),
+        )
         if count > largest:
             self.audit.rate_limited(
                 principal=principal.id, peer=ip, server=server, scope="batch", retry_after=0.0
@@ -318,7 +324,7 @@ class AccessControl:
                 413,
                 jsonrpc.INVALID_REQUEST,
                 f"Content Too Large: this batch holds {count} messages, more than "
-                f"limits.max_batch ({largest}); send smaller batches",
+                f"limits.{key} ({largest}); send smaller batches",
             )
         who = principal.id if principal is not ANONYMOUS else None
         refusal = self.limiter.check(who, rate_key(ip), server, cost=count - 1, paid=1)
