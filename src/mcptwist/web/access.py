@@ -303,9 +303,9 @@ class AccessControl:
     def charge_messages(self, request: Any, server: str, count: int) -> None:
         """A POST's body holds C{count} JSON-RPC messages: refuse a batch longer
         than C{limits.max_batch} or C{limits.max_in_flight_per_session} (413),
-        and charge each message after the first
-        (the request's admission paid for that one) to the same buckets, or
-        refuse the whole batch (429) before any of it is delivered."""
+        and charge each message after the first (the request's admission paid
+        for that one) to the same buckets, or refuse the whole batch (429)
+        before any of it is delivered."""
         if count <= 1:
             return
         principal = principal_of(request)
