@@ -30,10 +30,10 @@ from mcptwist.config import (
     ServerLimits,
     TokenConfig,
 )
-from mcptwist.ipfilter import parse_networks
+from mcptwist.ipfilter import parse_networks, rate_key
 from mcptwist.routing import make_backend
 from mcptwist.session import SessionRegistry
-from mcptwist.web.access import AccessControl, rate_key
+from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 
 from .fakes import FakeProcessReactor
@@ -652,3 +652,235 @@ class StreamCapTests(SynchronousTestCase):
         self.assertEqual(status, 429)
         self.assertIsNone(headers.getRawHeaders("mcp-session-id"))
         self.assertEqual(len(bridge.registry.sessions), 1)
+
+
+class ChildShareTests(SynchronousTestCase):
+    def test_one_principal_cannot_take_every_child(self) -> None:
+        """With a child per session, alice reaches her share of the children and
+        is refused (429, audited) while ops still gets one; ending one of her
+        sessions gives her room again. The default share is a quarter: 2 of 8."""
+        per_session = {"sharing": "session", "max_children": 8}
+        bridge = Bridge(self, server_s=per_session)
+        alice = {**JSON, **bearer(TOKENS["alice"])}
+        sessions = []
+        for _ in range(2):
+            status, headers, _ = bridge.request("POST", "/servers/s/mcp", INIT, alice)
+            self.assertEqual(status, 200)
+            sessions.append(headers.getRawHeaders("mcp-session-id")[0])
+        status, headers, body = bridge.request("POST", "/servers/s/mcp", INIT, alice)
+        self.assertEqual(status, 429)
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["60"])
+        self.assertEqual((body["id"], body["error"]["code"]), (1, jsonrpc.SERVER_UNAVAILABLE))
+        self.assertIn("max_children_per_principal", body["error"]["message"])
+        self.assertIsNone(headers.getRawHeaders("mcp-session-id"))
+        ops = {**JSON, **bearer(TOKENS["ops"])}
+        self.assertEqual(bridge.request("POST", "/servers/s/mcp", INIT, ops)[0], 200)
+        self.assertEqual(len(list(bridge.backends["s"])), 3)
+        [refusal] = bridge.events("rate_limited")
+        self.assertEqual(
+            (refusal["principal"], refusal["server"], refusal["scope"]),
+            ("token:alice", "s", "children-per-principal"),
+        )
+        ended = {**alice, "mcp-session-id": sessions[0], "mcp-protocol-version": "2025-06-18"}
+        self.assertEqual(bridge.request("DELETE", "/servers/s/mcp", None, ended)[0], 200)
+        self.assertEqual(bridge.request("POST", "/servers/s/mcp", INIT, alice)[0], 200)
+
+    def test_the_default_share_is_a_quarter(self) -> None:
+        server = ServerConfig(name="s", command="c", sharing="session", max_children=16)
+        self.assertEqual(server.children_per_principal, 4)
+        self.assertEqual(attrs.evolve(server, max_children=2).children_per_principal, 1)
+        self.assertEqual(
+            attrs.evolve(server, max_children_per_principal=16).children_per_principal, 16
+        )
+
+
+INIT_BATCHING = jsonrpc.request(
+    1,
+    "initialize",
+    {"protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t"}},
+)
+
+
+def tool_calls(first: int, count: int) -> list[jsonrpc.Message]:
+    return [
+        jsonrpc.request(i, "tools/call", {"name": "echo", "arguments": {"i": i}})
+        for i in range(first, first + count)
+    ]
+
+
+def child_of(bridge: Bridge) -> Any:
+    """The child of server s (the first spawned)."""
+    return bridge.reactor.children[0]
+
+
+def session_headers(bridge: Bridge, token: str, init: jsonrpc.Message = INIT) -> dict[str, str]:
+    """The headers of a new initialized session of this token's principal on server s."""
+    headers = {**JSON, **bearer(token)}
+    status, response_headers, _ = bridge.request("POST", "/servers/s/mcp", init, headers)
+    assert status == 200, status
+    [session] = response_headers.getRawHeaders("mcp-session-id")
+    headers["mcp-session-id"] = session
+    bridge.request(
+        "POST", "/servers/s/mcp", jsonrpc.notification("notifications/initialized"), headers
+    )
+    return headers
+
+
+class BatchChargeTests(SynchronousTestCase):
+    def test_a_batch_costs_a_token_per_message(self) -> None:
+        """Each message of a batch is charged; a batch that cannot be paid is
+        refused whole (429, Retry-After), and none of it reaches the child."""
+        limits = LimitsConfig(per_principal=Bucket(1.0, 10), per_ip=None)
+        bridge = Bridge(self, limits=limits)
+        alice = session_headers(bridge, TOKENS["alice"], INIT_BATCHING)  # 2 tokens
+        status, _, answers = bridge.request("POST", "/servers/s/mcp", tool_calls(2, 5), alice)
+        self.assertEqual((status, len(answers)), (200, 5))  # 3 tokens left
+        status, headers, body = bridge.request("POST", "/servers/s/mcp", tool_calls(7, 5), alice)
+        self.assertEqual(status, 429)
+        # The retry pays 5 again, and the bucket holds 2 (this request paid 1).
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["3"])
+        self.assertEqual(body["error"]["code"], jsonrpc.SERVER_UNAVAILABLE)
+        self.assertIn("principal rate limit", body["error"]["message"])
+        self.assertEqual(len(child_of(bridge).requests("tools/call")), 5)
+        [refusal] = bridge.events("rate_limited")
+        self.assertEqual((refusal["principal"], refusal["scope"]), ("token:alice", "principal"))
+        # Once the bucket holds enough, the same batch passes.
+        bridge.reactor.advance(3.0)
+        status, _, answers = bridge.request("POST", "/servers/s/mcp", tool_calls(7, 5), alice)
+        self.assertEqual((status, len(answers)), (200, 5))
+
+    def test_server_buckets_are_charged_too(self) -> None:
+        bridge = Bridge(
+            self,
+            server_s={"limits": ServerLimits(total=Bucket(1.0, 8))},
+            limits=LimitsConfig(per_principal=None, per_ip=None),
+        )
+        alice = session_headers(bridge, TOKENS["alice"], INIT_BATCHING)  # 2 tokens
+        codes = [
+            bridge.request("POST", "/servers/s/mcp", tool_calls(i, 4), alice)[0] for i in (2, 6)
+        ]
+        self.assertEqual(codes, [200, 429])
+
+    def test_batch_length_is_capped(self) -> None:
+        bridge = Bridge(self, limits=LimitsConfig(max_batch=3))
+        alice = session_headers(bridge, TOKENS["alice"], INIT_BATCHING)
+        status, _, body = bridge.request("POST", "/servers/s/mcp", tool_calls(2, 4), alice)
+        self.assertEqual(status, 413)
+        self.assertEqual(body["error"]["code"], jsonrpc.INVALID_REQUEST)
+        self.assertIn("limits.max_batch (3)", body["error"]["message"])
+        self.assertEqual(child_of(bridge).requests("tools/call"), [])
+        [refusal] = bridge.events("rate_limited")
+        self.assertEqual(refusal["scope"], "batch")
+        status, _, answers = bridge.request("POST", "/servers/s/mcp", tool_calls(2, 3), alice)
+        self.assertEqual((status, len(answers)), (200, 3))
+
+    def test_a_batch_is_no_longer_than_a_session_may_have_in_flight(self) -> None:
+        bridge = Bridge(self, limits=LimitsConfig(max_in_flight_per_session=2))
+        alice = session_headers(bridge, TOKENS["alice"], INIT_BATCHING)
+        status, _, body = bridge.request("POST", "/servers/s/mcp", tool_calls(2, 3), alice)
+        self.assertEqual(status, 413)
+        self.assertIn("limits.max_in_flight_per_session (2)", body["error"]["message"])
+
+    def test_by_default_a_batch_holds_64(self) -> None:
+        bridge = Bridge(self)
+        alice = session_headers(bridge, TOKENS["alice"], INIT_BATCHING)
+        status, _, answers = bridge.request("POST", "/servers/s/mcp", tool_calls(1, 64), alice)
+        self.assertEqual((status, len(answers)), (200, 64))
+        status, _, body = bridge.request("POST", "/servers/s/mcp", tool_calls(101, 65), alice)
+        self.assertEqual(status, 413)
+        self.assertIn("limits.max_batch (64)", body["error"]["message"])
+
+    def test_a_batch_no_bucket_can_pay_is_too_large(self) -> None:
+        """A batch of more messages than a bucket's burst could never pass: 413."""
+        limits = LimitsConfig(per_principal=Bucket(1.0, 4), per_ip=None)
+        bridge = Bridge(self, limits=limits)
+        alice = session_headers(bridge, TOKENS["alice"], INIT_BATCHING)
+        bridge.reactor.advance(10)
+        status, _, body = bridge.request("POST", "/servers/s/mcp", tool_calls(2, 5), alice)
+        self.assertEqual(status, 413)
+        self.assertIn("burst is 4", body["error"]["message"])
+        self.assertEqual(child_of(bridge).requests("tools/call"), [])
+
+
+class InFlightTests(SynchronousTestCase):
+    def start(self, bridge: Bridge, path: str, body: Any, headers: dict[str, str]) -> Any:
+        """Send a request the child will hold; its Deferred fires once answered."""
+        d = bridge.client.request(
+            "POST", "http://127.0.0.1" + path, data=jsonrpc.dumps(body), headers=headers
+        )
+        bridge.client.flush()
+        self.assertNoResult(d)
+        return d
+
+    def test_requests_in_flight_per_session_and_per_principal(self) -> None:
+        limits = LimitsConfig(max_in_flight_per_session=2, max_in_flight_per_principal=3)
+        bridge = Bridge(self, hold=True, limits=limits)
+        one = session_headers(bridge, TOKENS["alice"])
+        two = session_headers(bridge, TOKENS["alice"])
+        [call] = tool_calls(1, 1)
+        waiting = [self.start(bridge, "/servers/s/mcp", m, one) for m in tool_calls(2, 2)]
+        status, headers, body = bridge.request("POST", "/servers/s/mcp", tool_calls(4, 1)[0], one)
+        self.assertEqual(status, 429)
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["1"])
+        self.assertEqual(body["id"], 4)
+        self.assertIn("limits.max_in_flight_per_session is 2", body["error"]["message"])
+        # The principal's third request, on another session, is its last.
+        self.start(bridge, "/servers/s/mcp", call, two)
+        status, _, body = bridge.request("POST", "/servers/s/mcp", tool_calls(2, 1)[0], two)
+        self.assertEqual(status, 429)
+        self.assertIn("limits.max_in_flight_per_principal is 3", body["error"]["message"])
+        # Nothing refused reached the child; others are not affected.
+        self.assertEqual(len(child_of(bridge).requests("tools/call")), 3)
+        ops = session_headers(bridge, TOKENS["ops"])
+        self.start(bridge, "/servers/s/mcp", call, ops)
+        scopes = [e["scope"] for e in bridge.events("rate_limited")]
+        self.assertEqual(scopes, ["in-flight-session", "in-flight-principal"])
+        # An answer makes room again.
+        child = child_of(bridge)
+        child.answer(child.held.pop(0))
+        bridge.client.flush()
+        self.assertEqual(self.successResultOf(waiting[0]).code, 200)
+        self.start(bridge, "/servers/s/mcp", tool_calls(5, 1)[0], one)
+
+    def test_by_default_a_session_holds_64(self) -> None:
+        bridge = Bridge(self, hold=True)
+        alice = session_headers(bridge, TOKENS["alice"])
+        for message in tool_calls(1, 64):
+            self.start(bridge, "/servers/s/mcp", message, alice)
+        status, _, body = bridge.request("POST", "/servers/s/mcp", tool_calls(65, 1)[0], alice)
+        self.assertEqual((status, body["id"]), (429, 65))
+        self.assertEqual(len(child_of(bridge).requests("tools/call")), 64)
+
+    def test_legacy_sse_posts_are_counted_too(self) -> None:
+        limits = LimitsConfig(max_in_flight_per_session=1)
+        bridge = Bridge(self, hold=True, limits=limits)
+        alice = bearer(TOKENS["alice"])
+        d = bridge.client.get(
+            "http://127.0.0.1/servers/s/sse", headers={"accept": "text/event-stream", **alice}
+        )
+        bridge.client.flush()
+        self.successResultOf(d)
+        [session] = bridge.registry.sessions
+        path = f"/servers/s/messages?session_id={session}"
+        headers = {"content-type": "application/json", **alice}
+
+        def post(message: jsonrpc.Message) -> tuple[int, bytes]:
+            d = bridge.client.post(
+                "http://127.0.0.1" + path, jsonrpc.dumps(message), headers=headers
+            )
+            bridge.client.flush()
+            response = self.successResultOf(d)
+            content = bridge.client.content(response)
+            bridge.client.flush()
+            return response.code, self.successResultOf(content)
+
+        self.assertEqual(post(INIT)[0], 202)
+        post(jsonrpc.notification("notifications/initialized"))
+        [first, second] = tool_calls(2, 2)
+        self.assertEqual(post(first)[0], 202)
+        status, body = post(second)
+        self.assertEqual(status, 429)
+        self.assertIn(b"max_in_flight_per_session", body)
+        # A reused id is refused without ending the count of the request in flight.
+        self.assertEqual(post(first)[0], 429)
+        self.assertEqual(len(child_of(bridge).requests("tools/call")), 1)

@@ -758,3 +758,83 @@ class RefusalBurstTests(TrailMixin, SynchronousTestCase):
         trail.auth_failure(peer="192.0.2.1", reason="unknown token", route="/again")
         self.assertEqual(read_lines(path)[-1]["route"], "/again")
         self.assertNotIn("repeated", read_lines(path)[-1])
+
+    def test_one_ipv6_64_is_one_client(self) -> None:
+        """300 addresses of one /64 (one host) write at most a couple of lines,
+        which name some of the addresses and count all of them."""
+        trail, path, clock = self.make()
+        for i in range(300):
+            trail.rate_limited(
+                principal=None,
+                peer=f"2001:db8:1:2::{i + 1:x}",
+                server="files",
+                scope="ip",
+                retry_after=1.0,
+            )
+        clock.advance(audit.REFUSAL_WINDOW)
+        lines = read_lines(path)
+        self.assertEqual(len(lines), 2)
+        first, burst = lines
+        self.assertEqual(first["peer"], "2001:db8:1:2::1")
+        self.assertEqual(burst["repeated"], 299)
+        self.assertEqual(len(burst["peers"]), audit.BURST_PEERS)
+        self.assertEqual(burst["peers"][0], "2001:db8:1:2::2")
+        self.assertIs(burst["peers_more"], True)
+        self.assertEqual(burst["since"], first["ts"])
+
+    def test_other_64s_and_kinds_are_other_clients(self) -> None:
+        trail, path, clock = self.make()
+        for peer in ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:1:2::7", "192.0.2.1"):
+            trail.auth_failure(peer=peer, reason="unknown token", route="/")
+            trail.access_refused(principal="token:a", peer=peer, server="s", route="/")
+            trail.ip_refused(peer=peer, listener="tcp:8080", scope="listener")
+        written = [(e["event"], e["peer"]) for e in read_lines(path)]
+        self.assertEqual(len(written), 9)
+        self.assertNotIn("2001:db8:1:2::7", {peer for _, peer in written})
+        clock.advance(audit.REFUSAL_WINDOW)
+        bursts = read_lines(path)[9:]
+        self.assertEqual(
+            sorted((e["event"], e["peers"], e["repeated"]) for e in bursts),
+            [
+                ("access_refused", ["2001:db8:1:2::7"], 1),
+                ("auth_failure", ["2001:db8:1:2::7"], 1),
+                ("ip_refused", ["2001:db8:1:2::7"], 1),
+            ],
+        )
+
+    def test_a_flood_of_429s_is_counted(self) -> None:
+        """2,000 refusals a second for a minute from one host, each from another
+        address of its /64: a few lines, whose counts add up."""
+        trail, path, clock = self.make()
+        for second in range(60):
+            for i in range(2000):
+                trail.rate_limited(
+                    principal="token:a",
+                    peer=f"2001:db8::{second:x}:{i:x}",
+                    server="files",
+                    scope="principal",
+                    retry_after=0.5,
+                )
+                clock.advance(1 / 2000)
+        clock.advance(audit.REFUSAL_WINDOW)
+        lines = read_lines(path)
+        self.assertLessEqual(len(lines), 2 * (60 // audit.REFUSAL_WINDOW + 2))
+        self.assertEqual(sum(e.get("repeated", 1) for e in lines), 120_000)
+
+    def test_the_table_of_clients_is_bounded(self) -> None:
+        """Refusals from more clients than the table holds share one burst."""
+        self.patch(audit, "REFUSAL_KEYS", 10)
+        trail, path, clock = self.make()
+        for i in range(1000):
+            trail.auth_failure(peer=f"198.51.{i // 256}.{i % 256}", reason="bad", route="/")
+        self.assertLessEqual(len(trail._refusals), 11)
+        self.assertEqual(len(read_lines(path)), 11)
+        clock.advance(audit.REFUSAL_WINDOW)
+        lines = read_lines(path)
+        overflow = lines[-1]
+        self.assertIs(overflow["overflow"], True)
+        self.assertEqual(overflow["repeated"], 989)
+        self.assertEqual(sum(e.get("repeated", 1) for e in lines), 1000)
+        # Once the windows have ended, new clients are tracked again.
+        trail.auth_failure(peer="203.0.113.1", reason="bad", route="/")
+        self.assertEqual(read_lines(path)[-1]["peer"], "203.0.113.1")

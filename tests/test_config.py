@@ -519,3 +519,55 @@ class ShippedExamplesTests(SynchronousTestCase):
             self.assertTrue(config.servers, path)
             # What twistd builds from it, short of listening.
             BridgeService(config, MemoryReactorClock(), {})
+
+
+class ShareKeyTests(SynchronousTestCase):
+    """Keys that keep one principal from taking everything."""
+
+    def load(self, text: str) -> BridgeConfig:
+        path = Path(self.mktemp())
+        path.write_text(text)
+        return load_config(str(path), {})
+
+    def test_children_per_principal(self) -> None:
+        text = '[servers.a]\ncommand = "a"\nsharing = "session"\nmax_children = 10\n'
+        self.assertEqual(self.load(text).servers["a"].children_per_principal, 2)
+        server = self.load(text + "max_children_per_principal = 3\n").servers["a"]
+        self.assertEqual(server.children_per_principal, 3)
+        for value, problem in (("11", "more than max_children (10)"), ("0", "at least 1")):
+            error = self.assertRaises(
+                ConfigError, self.load, text + f"max_children_per_principal = {value}\n"
+            )
+            self.assertEqual(error.key, "servers.a.max_children_per_principal")
+            self.assertIn(problem, str(error))
+            self.assertTrue(error.fix)
+
+    def test_request_limits(self) -> None:
+        limits = self.load('[servers.a]\ncommand = "a"\n').limits
+        self.assertEqual(
+            (
+                limits.max_batch,
+                limits.max_in_flight_per_session,
+                limits.max_in_flight_per_principal,
+            ),
+            (64, 64, 256),
+        )
+        text = (
+            "[limits]\nmax_batch = 4\nmax_in_flight_per_session = 8\n"
+            'max_in_flight_per_principal = 16\n[servers.a]\ncommand = "a"\n'
+        )
+        limits = self.load(text).limits
+        self.assertEqual(
+            (
+                limits.max_batch,
+                limits.max_in_flight_per_session,
+                limits.max_in_flight_per_principal,
+            ),
+            (4, 8, 16),
+        )
+        for key in ("max_batch", "max_in_flight_per_session", "max_in_flight_per_principal"):
+            error = self.assertRaises(
+                ConfigError, self.load, f'[limits]\n{key} = 0\n[servers.a]\ncommand = "a"\n'
+            )
+            self.assertEqual(error.key, f"limits.{key}")
+            self.assertTrue(error.fix)

@@ -166,6 +166,28 @@ class RateLimiterTests(SynchronousTestCase):
         self.assertEqual(rl.check("carol", "10.0.0.1", "a"), Refusal("server-ip", 1.0))
         self.assertIsNone(rl.check("carol", "10.0.0.2", "a"))
 
+    def test_a_batch_costs_every_bucket_its_length(self) -> None:
+        """C{cost} tokens from every bucket, or none from any; C{paid} tokens
+        (spent by the request already) count in the wait and the burst."""
+        rl, clock = limiter(
+            LimitsConfig(per_principal=Bucket(1.0, 10), per_ip=Bucket(1.0, 20)),
+            {"a": ServerLimits(total=Bucket(2.0, 8))},
+        )
+        self.assertIsNone(rl.check("alice", "ip", "a", cost=5))
+        self.assertEqual(rl.check("alice", "ip", "a", cost=4, paid=1), Refusal("server-total", 1.0))
+        self.assertIsNone(rl.check("alice", "ip", None, cost=5))  # the principal's last 5
+        self.assertEqual(rl.check("alice", "ip", None), Refusal("principal", 1.0))
+        clock.advance(1.5)
+        self.assertIsNone(rl.check("bob", "ip", "a", cost=6))  # 3 + 3 refilled
+        # The per-IP bucket paid 16 of its 20.
+        self.assertEqual(rl.check("carol", "ip", None, cost=6), Refusal("ip", 0.5))
+
+    def test_a_cost_beyond_a_burst_can_never_pass(self) -> None:
+        rl, _ = limiter(LimitsConfig(per_principal=Bucket(1.0, 10), per_ip=None))
+        refusal = rl.check("alice", None, None, cost=10, paid=1)
+        self.assertEqual((refusal.scope, refusal.burst), ("principal", 10))  # type: ignore[union-attr]
+        self.assertIsNone(rl.check("alice", None, None, cost=9, paid=1))
+
     def test_refusal_names_first_scope_and_longest_wait(self) -> None:
         rl, _ = limiter(
             LimitsConfig(per_principal=Bucket(1.0, 1), per_ip=Bucket(0.1, 1)),
@@ -318,6 +340,20 @@ class RateLimiterTests(SynchronousTestCase):
 
 
 class CapsTests(SynchronousTestCase):
+    def test_requests_in_flight(self) -> None:
+        caps = Caps.from_limits(LimitsConfig(max_in_flight_per_principal=7))
+        self.assertEqual(caps.max_in_flight, 7)
+        for _ in range(3):
+            caps.request_started("alice")
+        caps.request_ended("alice")
+        self.assertEqual((caps.requests("alice"), caps.requests("bob"), len(caps)), (2, 0, 1))
+        caps.request_ended("alice")
+        caps.request_ended("alice")
+        caps.request_ended("alice")  # more ends than starts are harmless
+        self.assertEqual((caps.requests("alice"), len(caps)), (0, 0))
+        caps.set_limits(1, 1, 3)
+        self.assertEqual(caps.max_in_flight, 3)
+
     def test_streams(self) -> None:
         caps = Caps(max_streams=2, max_sessions=1)
         self.assertTrue(caps.open_stream("alice"))

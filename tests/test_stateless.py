@@ -13,7 +13,7 @@ from twisted.web._newclient import ResponseNeverReceived
 
 from mcptwist import era, jsonrpc
 from mcptwist.auth import hash_token
-from mcptwist.config import AuthConfig, ServerConfig, TokenConfig
+from mcptwist.config import AuthConfig, LimitsConfig, ServerConfig, TokenConfig
 from mcptwist.era import ModernRequest
 from mcptwist.jsonrpc import Message, RequestId
 from mcptwist.routing import ABANDONED_GRACE
@@ -458,3 +458,34 @@ class IdleHubTests(SynchronousTestCase):
         self.assertEqual(idle, [True])
         sink.when_idle(lambda: idle.append(True))
         self.assertEqual(idle, [True, True], "an idle hub is told at once")
+
+
+class InFlightTests(SynchronousTestCase):
+    """A principal's stateless calls on a server count as its hub's requests in flight."""
+
+    def test_calls_in_flight_are_capped_parked_ones_included(self) -> None:
+        client = Client(Bridge(self, hold=True, limits=LimitsConfig(max_in_flight_per_session=2)))
+        child = client.child
+        asking = client.start(call(2), accept="application/json")
+        [held] = child.held
+        child.send(elicit("name"))
+        client.bridge.reactor.advance(INPUT_GATHER)
+        result = client.finish(asking)[1]["result"]
+        self.assertEqual(result["resultType"], "input_required")
+        first = client.start(call(1), accept="application/json")
+        # One running, one parked: the hub holds two.
+        status, body = client.post(call(3), accept="application/json")
+        self.assertEqual((status, body["id"]), (429, 3))
+        self.assertIn("limits.max_in_flight_per_session is 2", body["error"]["message"])
+        self.assertEqual(len(child.requests("tools/call")), 2)
+        # The retry of the parked call is the same call: not refused.
+        again = client.start(
+            retry(4, result["requestState"], {"name": NAME}), accept="application/json"
+        )
+        self.assertNoResult(again)
+        child.answer(held)
+        self.assertEqual(client.finish(again)[0], 200)
+        # It ended: there is room for one more.
+        self.assertNoResult(client.start(call(3), accept="application/json"))
+        self.assertEqual(len(child.requests("tools/call")), 3)
+        self.assertNoResult(first)

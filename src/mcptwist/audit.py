@@ -43,6 +43,7 @@ from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, LogPublishe
 from zope.interface import implementer
 
 from mcptwist.config import AuditConfig
+from mcptwist.ipfilter import rate_key
 from mcptwist.metrics import Metrics, exit_reason
 
 NAMESPACE: Final = "mcptwist.audit"
@@ -437,16 +438,38 @@ def _open_writer(writer: AuditFileObserver) -> None:
 
 
 REFUSAL_WINDOW: Final = 10.0
+# Clients whose refusals are being coalesced at once; beyond this, refusals of
+# new clients share one burst per kind (L{OVERFLOW}) until windows end.
 REFUSAL_KEYS: Final = 10_000
+# Distinct peers a burst record names (an IPv6 /64 holds more than any file).
+BURST_PEERS: Final = 8
+OVERFLOW: Final = "*"
 
 
 @attrs.define
 class _Burst:
-    """Refusals of one kind from one peer within a window."""
+    """Refusals of one kind from one client (an address, or an IPv6 /64, as
+    rate limits count them) within a window: the first is written, the rest
+    counted."""
 
+    since: float
     until: float
     repeated: int = 0
+    last: float = 0.0
     fields: Mapping[str, object] = attrs.field(factory=dict)
+    # Distinct peers of the counted refusals, at most BURST_PEERS of them.
+    peers: list[str] = attrs.field(factory=list)
+    more_peers: bool = False
+
+    def count(self, fields: Mapping[str, object], peer: str | None, now: float) -> None:
+        self.repeated += 1
+        self.fields = fields
+        self.last = now
+        if peer is not None and peer not in self.peers:
+            if len(self.peers) < BURST_PEERS:
+                self.peers.append(peer)
+            else:
+                self.more_peers = True
 
 
 class AuditTrail:
@@ -473,7 +496,7 @@ class AuditTrail:
         # Fed the same events, whether or not a file is written.
         self.metrics: Metrics | None = None
         # Refusals repeat without limit (a client retrying a bad token): the
-        # first of each kind and peer in a window is written, the rest counted.
+        # first of each kind and client in a window is written, the rest counted.
         self._refusals: dict[tuple[str, str | None], _Burst] = {}
         self._flusher = LoopingCall(self.flush_refusals)
         self._flusher.clock = clock
@@ -505,29 +528,51 @@ class AuditTrail:
             self._writer.close()
 
     def _refusal(self, event: str, fields: Mapping[str, object]) -> None:
-        """Write a refusal, unless one of its kind from its peer was written
-        within L{REFUSAL_WINDOW}: then count it, for one line that says how many."""
+        """Write a refusal, unless one of its kind from its client was written
+        within L{REFUSAL_WINDOW}: then count it, for one line that says how many.
+
+        The client is what rate limits count (L{rate_key}: an IPv6 /64 is one
+        client), so that a host cycling through its addresses, or retrying as
+        fast as it can, writes a bounded number of lines.
+        """
         peer = fields.get("peer")
-        key = (event, peer if isinstance(peer, str) else None)
+        peer = peer if isinstance(peer, str) else None
+        key = (event, rate_key(peer))
         burst = self._refusals.get(key)
+        now = self._clock.seconds()
+        if burst is None and len(self._refusals) >= REFUSAL_KEYS:
+            # Too many clients at once: new ones share a burst until windows end.
+            key = (event, OVERFLOW)
+            burst = self._refusals.get(key)
         if burst is not None:
-            burst.repeated += 1
-            burst.fields = fields
+            burst.count(fields, peer, now)
             return
-        if len(self._refusals) >= REFUSAL_KEYS:
-            self.flush_refusals(everything=True)
-        self._refusals[key] = _Burst(self._clock.seconds() + REFUSAL_WINDOW)
+        self._refusals[key] = _Burst(now, now + REFUSAL_WINDOW)
         self._emit(event, fields)
 
     def flush_refusals(self, everything: bool = False) -> None:
         """Write one line per burst whose window has ended: the last refusal, and
-        C{repeated}: how many like it were not written."""
+        C{repeated}: how many like it were not written, C{peers}: their distinct
+        addresses (the first L{BURST_PEERS}; C{peers_more} if there were more),
+        C{since} and C{until}: the first and last refusal of the window, and
+        C{overflow} if the burst gathered clients beyond L{REFUSAL_KEYS}."""
         now = self._clock.seconds()
         for key, burst in list(self._refusals.items()):
             if everything or now >= burst.until:
                 del self._refusals[key]
                 if burst.repeated:
-                    self._emit(key[0], {**burst.fields, "repeated": burst.repeated})
+                    self._emit(
+                        key[0],
+                        {
+                            **burst.fields,
+                            "repeated": burst.repeated,
+                            "peers": burst.peers or None,
+                            "peers_more": burst.more_peers or None,
+                            "since": _timestamp(burst.since),
+                            "until": _timestamp(burst.last),
+                            "overflow": True if key[1] == OVERFLOW else None,
+                        },
+                    )
 
     def reconfigure(self, config: AuditConfig) -> None:
         """Take a reloaded [audit]: another path, size or count, or none.

@@ -101,6 +101,12 @@ class LimitsConfig:
     per_ip: Bucket | None = Bucket(100.0, 1000)
     max_streams_per_principal: int = 256
     max_sessions_per_principal: int = 1000
+    # Messages in one JSON-RPC batch (each costs a token of every bucket); no
+    # more than max_in_flight_per_session either (its requests are in flight together).
+    max_batch: int = 64
+    # Requests in flight (sent, not yet answered) per session, and per principal.
+    max_in_flight_per_session: int = 64
+    max_in_flight_per_principal: int = 256
 
 
 @attrs.frozen
@@ -236,6 +242,8 @@ class ServerConfig:
     # shared child's stderr may hold another client's data): see parse_server.
     stderr_in_errors: bool = True
     max_children: int = 16
+    # Of those, what one authenticated principal may hold (None: a quarter).
+    max_children_per_principal: int | None = None
     session_idle_timeout: float = 1800.0
     startup_timeout: float = 60.0
     json_response: bool = False
@@ -248,6 +256,15 @@ class ServerConfig:
     deny: tuple[Network, ...] = ()
     limits: ServerLimits = ServerLimits()
     audit_arguments: bool = False
+
+    @property
+    def children_per_principal(self) -> int:
+        """The children one principal may hold: C{max_children_per_principal},
+        by default a quarter of C{max_children} (at least one), never more
+        than C{max_children}."""
+        if self.max_children_per_principal is not None:
+            return min(self.max_children_per_principal, self.max_children)
+        return max(1, self.max_children // 4)
 
 
 @attrs.frozen
@@ -798,6 +815,11 @@ def _parse_server(
         # Its clients may be strangers to each other once they authenticate.
         stderr_in_errors=r.boolean("stderr_in_errors", not authenticated),
         max_children=r.integer("max_children", defaults.max_children),
+        max_children_per_principal=(
+            r.integer("max_children_per_principal", max(1, defaults.max_children // 4))
+            if "max_children_per_principal" in r.table
+            else None
+        ),
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
         json_response=r.boolean("json_response", defaults.json_response),
@@ -815,6 +837,13 @@ def _parse_server(
             "max_request_timeout",
             f"({server.max_request_timeout:g}) is shorter than request_timeout ({server.request_timeout:g})",
             "make max_request_timeout at least as long as request_timeout",
+        )
+    per_principal = server.max_children_per_principal
+    if per_principal is not None and per_principal > server.max_children:
+        raise r.error(
+            "max_children_per_principal",
+            f"({per_principal}) is more than max_children ({server.max_children})",
+            "lower max_children_per_principal, or raise max_children",
         )
     _check_cwd(r, server.cwd)
     return server
@@ -1281,6 +1310,13 @@ def _parse_limits(top: _Reader) -> LimitsConfig:
         ),
         max_sessions_per_principal=r.integer(
             "max_sessions_per_principal", d.max_sessions_per_principal
+        ),
+        max_batch=r.integer("max_batch", d.max_batch),
+        max_in_flight_per_session=r.integer(
+            "max_in_flight_per_session", d.max_in_flight_per_session
+        ),
+        max_in_flight_per_principal=r.integer(
+            "max_in_flight_per_principal", d.max_in_flight_per_principal
         ),
     )
     r.finish()

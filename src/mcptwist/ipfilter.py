@@ -13,6 +13,7 @@ IPv4 client as C{::ffff:a.b.c.d}, and an IPv4 rule must still match it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -56,6 +57,25 @@ def parse_ip(text: str) -> IPAddress:
     @raise ValueError: if C{text} is not an IP address.
     """
     return normalise(ipaddress.ip_address(text.strip().split("%", 1)[0]))
+
+
+@functools.lru_cache(maxsize=4096)
+def rate_key(ip: str | None) -> str | None:
+    """The client an address stands for, for rate limits and for coalescing
+    refusals in the audit trail: None for a loopback or Unix peer (a local
+    user or a proxy: limiting it would throttle everyone behind it), the /64
+    for IPv6 (one host usually holds a whole /64), else the address."""
+    if ip is None:
+        return None
+    try:
+        address = parse_ip(ip)
+    except ValueError:
+        return ip
+    if address.is_loopback:
+        return None
+    if address.version == 6:
+        return str(ipaddress.ip_network((address, 64), strict=False))
+    return str(address)
 
 
 def _normalise_network(network: Network) -> Network:

@@ -98,7 +98,18 @@ AUTH_REASONS: Final = frozenset(
 
 # Rate-limit scopes (L{mcptwist.ratelimit.Refusal}) and IP filter scopes.
 RATE_LIMIT_SCOPES: Final = frozenset(
-    {"principal", "ip", "server-principal", "server-ip", "server-total", "capacity"}
+    {
+        "principal",
+        "ip",
+        "server-principal",
+        "server-ip",
+        "server-total",
+        "capacity",
+        "children-per-principal",
+        "batch",
+        "in-flight-session",
+        "in-flight-principal",
+    }
 )
 IP_SCOPES: Final = frozenset({"listener", "server"})
 

@@ -4,7 +4,9 @@
 A request is checked against the bridge-wide buckets of its principal and
 its IP, then the buckets of the server it addresses (per principal, per IP,
 total). It spends one token from each only if every one of them allows it,
-so a refused request costs the client nothing.
+so a refused request costs the client nothing. A JSON-RPC batch costs one
+token per message: the request's admission pays for the first, the batch's
+parse for the others.
 
 Buckets exist only for keys that were seen recently: a bucket that has
 refilled to its burst is indistinguishable from a new one, so it is dropped
@@ -90,10 +92,13 @@ class Refusal:
     C{"server-total"}, or C{"capacity"} (the bucket table is full).
     C{retry_after} is the longest wait among all refusing limits, so that a
     retry after it passes unless others spent the tokens meanwhile.
+    C{burst} is set when the cost is more than that limit's bucket can ever
+    hold (a batch larger than its burst): no retry will pass.
     """
 
     scope: str
     retry_after: float
+    burst: int | None = None
 
 
 _Key = tuple[str, str, str]  # (scope, server or "", principal or IP or "")
@@ -181,15 +186,22 @@ class RateLimiter:
         ip: str | None,
         server: str | None,
         ip_charged: bool = False,
+        cost: int = 1,
+        paid: int = 0,
     ) -> Refusal | None:
-        """Spend a token of every applicable bucket, or refuse and spend none.
+        """Spend C{cost} tokens of every applicable bucket, or refuse and spend none.
 
         C{principal} None (no authentication) skips the per-principal buckets,
         C{ip} None (a local peer) the per-IP ones; C{ip_charged} skips the
         bridge-wide per-IP bucket (already charged before authentication).
+        C{paid}: tokens this request already spent, so that a bucket must
+        be able to hold C{cost + paid} (or no retry could ever pass).
         """
         now = self._clock.seconds()
         applicable = self._applicable(principal, ip, server, ip_charged)
+        for key, spec in applicable:
+            if cost + paid > spec.burst:
+                return Refusal(key[0], float(_MAX_RETRY_AFTER), spec.burst)
         buckets = self._buckets
         found = [buckets.get(key) for key, _ in applicable]
         scope: str | None = None
@@ -199,10 +211,10 @@ class RateLimiter:
             if bucket is None:
                 missing += 1  # a new bucket is full, so it allows
                 continue
-            needed = bucket.peek(now)
-            if needed > 0.0:
+            if bucket.peek(now, cost) > 0.0:
                 scope = scope or key[0]
-                wait = max(wait, needed)
+                # A retry pays again what this request already paid.
+                wait = max(wait, bucket.peek(now, cost + paid))
         if scope is not None:
             return Refusal(scope, wait)
         if missing and len(buckets) + missing > self.max_keys:
@@ -219,7 +231,7 @@ class RateLimiter:
         for (key, spec), bucket in zip(applicable, found, strict=True):
             if bucket is None:
                 bucket = buckets[key] = TokenBucket(spec.rate, spec.burst, now)
-            bucket.spend()
+            bucket.spend(cost)
         return None
 
 
@@ -246,24 +258,52 @@ class _Counter:
 
 
 class Caps:
-    """How many SSE streams and sessions each principal may hold at once.
+    """How many SSE streams, sessions and requests in flight each principal
+    holds at once.
 
     Every successful C{open_*} must be paired with one C{close_*}; closing
-    more than was opened is harmless.
+    more than was opened is harmless. Requests are counted as they start and
+    end (L{request_started}, L{request_ended}); the transports check for
+    room (L{requests}) before they deliver any of a POST's messages.
     """
 
-    def __init__(self, max_streams: int, max_sessions: int) -> None:
+    def __init__(self, max_streams: int, max_sessions: int, max_in_flight: int = 2**31 - 1) -> None:
         self._streams = _Counter(max_streams)
         self._sessions = _Counter(max_sessions)
+        self._requests = _Counter(max_in_flight)
 
     @classmethod
     def from_limits(cls, limits: LimitsConfig) -> Caps:
-        return cls(limits.max_streams_per_principal, limits.max_sessions_per_principal)
+        return cls(
+            limits.max_streams_per_principal,
+            limits.max_sessions_per_principal,
+            limits.max_in_flight_per_principal,
+        )
 
-    def set_limits(self, max_streams: int, max_sessions: int) -> None:
+    def set_limits(
+        self, max_streams: int, max_sessions: int, max_in_flight: int | None = None
+    ) -> None:
         """New caps (a reload); what is open stays counted."""
         self._streams.limit = max_streams
         self._sessions.limit = max_sessions
+        if max_in_flight is not None:
+            self._requests.limit = max_in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._requests.limit
+
+    def requests(self, principal: str) -> int:
+        """The principal's requests in flight now."""
+        return self._requests.counts.get(principal, 0)
+
+    def request_started(self, principal: str) -> None:
+        """Count a request sent on (room was checked before)."""
+        counts = self._requests.counts
+        counts[principal] = counts.get(principal, 0) + 1
+
+    def request_ended(self, principal: str) -> None:
+        self._requests.close(principal)
 
     def open_stream(self, principal: str) -> bool:
         """Count a new stream, or return False if the principal is at its cap."""
@@ -287,7 +327,7 @@ class Caps:
 
     def __len__(self) -> int:
         """How many counters exist (principals with anything open)."""
-        return len(self._streams.counts) + len(self._sessions.counts)
+        return len(self._streams.counts) + len(self._sessions.counts) + len(self._requests.counts)
 
 
 def retry_after_header(seconds: float) -> bytes:

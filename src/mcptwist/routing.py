@@ -109,6 +109,10 @@ class CapacityError(Exception):
     """No child can be started for a new session (the server's limit is reached)."""
 
 
+class PrincipalCapacityError(CapacityError):
+    """This principal already holds its share of the server's children."""
+
+
 @attrs.define(eq=False)
 class _Pending:
     """A request sent (or queued) to the child, waiting for its response."""
@@ -1072,6 +1076,8 @@ class SessionBackend(Backend):
     def build(self) -> None:
         # Children of ended sessions that are still stopping: shutdown waits for them.
         self._stopping: set[Deferred[Any]] = set()
+        # How many children each authenticated principal holds.
+        self._held_by: dict[str, int] = {}
 
     def open(self, session: Downstream) -> Upstream:
         if self.held:
@@ -1081,12 +1087,30 @@ class SessionBackend(Backend):
             raise CapacityError(
                 f"MCP server '{self.server.name}' already runs {count} children, its max_children"
             )
+        # Without authentication there is no principal to hold to a share.
+        principal = _principal(session)
+        if principal == "anonymous":
+            principal = None
+        if principal is not None:
+            held = self._held_by.get(principal, 0)
+            if held >= self.server.children_per_principal:
+                raise PrincipalCapacityError(
+                    f"this client already holds {held} children of MCP server "
+                    f"'{self.server.name}', its max_children_per_principal"
+                )
         upstream = self._upstream(session.stateless, f"{self.server.name}[{session.id[:8]}]")
         upstream.attach(session)
         upstream.setServiceParent(self)
+        if principal is not None:
+            self._held_by[principal] = self._held_by.get(principal, 0) + 1
         return upstream
 
     def close(self, session: Downstream, upstream: Upstream) -> None:
+        principal = _principal(session)
+        if principal is not None and principal in self._held_by:
+            self._held_by[principal] -= 1
+            if not self._held_by[principal]:
+                del self._held_by[principal]
         upstream.detach(session)
         if upstream.parent is self:
             stopping = upstream.disownServiceParent()

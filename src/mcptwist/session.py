@@ -79,10 +79,15 @@ class ClientSession:
     opened: float = 0.0
     # session_opened was written (once; session_closed only follows it).
     announced: bool = False
-    # With an audit trail: the clock, and each request in flight by its id.
+    # With an audit trail: the clock.
     audit: AuditTrail | None = None
     clock: IReactorTime | None = None
-    _audited: dict[RequestId, _Audited] = attrs.field(factory=dict)
+    # Where an authenticated principal's requests in flight are counted.
+    caps: Caps | None = None
+    # Each request in flight by its id, with what the audit trail needs of it.
+    _in_flight: dict[RequestId, _Audited | None] = attrs.field(factory=dict)
+    # A stateless hub's calls in flight (each a downstream of its own).
+    _calls: int = 0
     # A stateless hub: the session the bridge keeps for one principal's
     # 2026-07-28 requests to one server (read for every log line and question).
     stateless: bool = attrs.field(init=False)
@@ -94,25 +99,44 @@ class ClientSession:
     def server(self) -> str:
         return self.backend.server.name
 
+    @property
+    def in_flight(self) -> int:
+        """Requests of this session (or calls of this hub) not answered yet."""
+        return len(self._in_flight) + self._calls
+
     def deliver(
         self, message: Message, related: RequestId | None, encoded: bytes | None = None
     ) -> None:
-        if self.audit is not None and related in self._audited and "method" not in message:
-            self._audit_end(related, message)
+        if related in self._in_flight and "method" not in message:
+            self._ended(related, message)
         if not self.closed:
             self.sink.deliver(message, related, encoded)
 
     def cancelled(self, request_id: RequestId) -> None:
-        if self.audit is not None and request_id in self._audited:
-            self._audit_end(request_id, None)
+        if request_id in self._in_flight:
+            self._ended(request_id, None)
         if not self.closed:
             self.sink.cancelled(request_id)
 
     def receive(self, message: Message, kind: Kind, now: float) -> None:
         """A message from the client, for the child."""
         self.last_active = now
-        if self.audit is not None and kind is Kind.REQUEST:
-            self._audit_start(message, now)
+        if kind is Kind.REQUEST:
+            request_id = message["id"]
+            if request_id in self._in_flight:
+                # Refused here, so that the refusal cannot be taken for the
+                # answer of the request in flight (and end its count).
+                self.sink.deliver(
+                    jsonrpc.error(
+                        request_id,
+                        jsonrpc.INVALID_REQUEST,
+                        f"Invalid Request: id {request_id!r} is already in use by a request "
+                        "in progress",
+                    ),
+                    request_id,
+                )
+                return
+            self._started(message, now)
         assert self.upstream is not None
         self.upstream.handle(self, message, kind)
 
@@ -122,9 +146,37 @@ class ClientSession:
         self.closed = True
         if self.upstream is not None:
             self.backend.close(self, self.upstream)
-        for request_id in list(self._audited):
-            self._audit_end(request_id, None)
+        for request_id in list(self._in_flight):
+            self._ended(request_id, None)
         self.sink.close()
+
+    def call_started(self) -> None:
+        """A stateless call on this hub was sent on (room was checked before)."""
+        self._calls += 1
+        if self.caps is not None:
+            self.caps.request_started(self.principal)
+
+    def call_ended(self) -> None:
+        if self._calls > 0:
+            self._calls -= 1
+            if self.caps is not None:
+                self.caps.request_ended(self.principal)
+
+    def _started(self, message: Message, now: float) -> None:
+        self._in_flight[message["id"]] = (
+            self._audit_record(message["method"], message.get("params"), now)
+            if self.audit is not None
+            else None
+        )
+        if self.caps is not None:
+            self.caps.request_started(self.principal)
+
+    def _ended(self, request_id: RequestId | None, answer: Message | None) -> None:
+        started = self._in_flight.pop(request_id, None)  # type: ignore[arg-type]
+        if self.caps is not None:
+            self.caps.request_ended(self.principal)
+        if started is not None:
+            self._audit_end(started, answer)
 
     def audit_call(
         self,
@@ -173,18 +225,8 @@ class ClientSession:
             arguments=started.arguments,
         )
 
-    def _audit_start(self, message: Message, now: float) -> None:
-        if message["id"] in self._audited:
-            return  # a reused id: the router refuses it, the first request stays audited
-        self._audited[message["id"]] = self._audit_record(
-            message["method"], message.get("params"), now
-        )
-
-    def _audit_end(self, request_id: RequestId | None, answer: Message | None) -> None:
+    def _audit_end(self, started: _Audited, answer: Message | None) -> None:
         assert self.audit is not None
-        started = self._audited.pop(request_id, None)  # type: ignore[arg-type]
-        if started is None:
-            return
         code = None
         if answer is None:
             status = "cancelled"
@@ -288,6 +330,7 @@ class SessionRegistry(Service):
         )
         if self.audit is not None and (self.audit.enabled or self.audit.metrics is not None):
             session.audit, session.clock = self.audit, self.clock
+        session.caps = caps
         try:
             session.upstream = backend.open(session)
         except BaseException:

@@ -155,6 +155,7 @@ class ModernCall:
         self.round = 0
         self.started = self.first_started = clock.seconds()
         self.ended = False
+        self._counted = False
         # Questions of the child not yet answered: key -> (bridge id, method, params).
         self._asked: dict[str, tuple[int, str, Any]] = {}
         # Answers the client gave before they were asked (a first request's inputResponses).
@@ -179,6 +180,11 @@ class ModernCall:
         """Send the request to the child."""
         self._preanswered = dict(preanswered or {})
         self.sink.calls.add(self)
+        # In flight, parked included, until it ends; a listen stream is a
+        # stream (capped as one), not a request.
+        self._counted = self.method != "subscriptions/listen"
+        if self._counted:
+            self.hub.call_started()
         self.upstream.attach(self)
         if self.upstream.modern:
             # The child speaks this revision: the request goes as the client sent it
@@ -469,6 +475,8 @@ class ModernCall:
         if self.ended:
             return
         self.ended = True
+        if self._counted:
+            self.hub.call_ended()
         self._cancel(self._gather)
         self._cancel(self._expiry)
         self.sink.calls.discard(self)

@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist.auth import digest_text, hash_token
 
 from .. import certs
+from ..test_modern import headers as modern_headers
+from ..test_modern import modern
 from . import harness as h
 
 ADMIN = "mcpt_admin_secret_for_tests"
@@ -309,3 +312,135 @@ class BurstTests(SynchronousTestCase):
         headers = {**bearer("mcpt_wrong"), "X-Forwarded-For": "10.0.0.3"}
         codes = [h.http("GET", bridge.url("/"), headers=headers)[0] for _ in range(4)]
         self.assertEqual(codes, [401, 401, 401, 429])
+
+
+class ChildShareTests(SynchronousTestCase):
+    def test_one_principal_cannot_take_every_child(self) -> None:
+        """With a child per session, a principal at max_children_per_principal
+        gets 429 (audited) while another still gets a child of its own."""
+        directory = Path(tempfile.mkdtemp(prefix="mcptwist-share-"))
+        audit = directory / "audit.jsonl"
+        # The default share: a quarter of max_children.
+        per_session = 'sharing = "session"\nmax_children = 8\n'
+        config = auth_toml(f'[audit]\npath = "{audit}"\n') + h.python_server_toml(
+            "example", ["-m", "mcptwist.example"], per_session
+        )
+        bridge = h.start_bridge(self, config, directory=directory)
+        bridge.headers = bearer(ADMIN)
+        user = {**JSON, **bearer(USER)}
+        for _ in range(2):
+            status, headers, body = h.http("POST", bridge.mcp_url("example"), INIT, user)
+            self.assertEqual(status, 200, body)
+            self.assertIn("mcp-session-id", headers)
+        status, headers, body = h.http("POST", bridge.mcp_url("example"), INIT, user)
+        self.assertEqual((status, headers.get("retry-after")), (429, "60"), body)
+        error = json.loads(body)["error"]
+        self.assertIn("max_children_per_principal", error["message"])
+        admin = {**JSON, **bearer(ADMIN)}
+        status, _, body = h.http("POST", bridge.mcp_url("example"), INIT, admin)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(len(bridge.status("example")["children"]), 3)
+        [refusal] = audit_events(audit, "rate_limited")
+        self.assertEqual(
+            (refusal["principal"], refusal["scope"]), ("token:user", "children-per-principal")
+        )
+
+
+def fixture_toml() -> str:
+    """Server "example" run by the stdio fixture (its sleep tool keeps calls in flight)."""
+    return h.python_server_toml("example", [str(h.HERE / "stdio_fixture.py")])
+
+
+def session(bridge: h.Bridge, token: str, version: str = "2025-06-18") -> dict[str, str]:
+    """The headers of a new initialized session of this token's principal."""
+    init = {**INIT, "params": {**INIT["params"], "protocolVersion": version}}
+    headers = {**JSON, **bearer(token)}
+    status, answer_headers, body = h.http("POST", bridge.mcp_url("example"), init, headers)
+    assert status == 200, (status, body)
+    headers["Mcp-Session-Id"] = answer_headers["mcp-session-id"]
+    headers["MCP-Protocol-Version"] = version
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    h.http("POST", bridge.mcp_url("example"), initialized, headers)
+    return headers
+
+
+def tool_call(request_id: int, name: str, **arguments: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments},
+    }
+
+
+class MessageLimitTests(SynchronousTestCase):
+    """Rate limits count JSON-RPC messages; requests in flight are capped."""
+
+    def start(self, limits: str) -> tuple[h.Bridge, Path]:
+        directory = Path(tempfile.mkdtemp(prefix="mcptwist-limits-"))
+        audit = directory / "audit.jsonl"
+        config = auth_toml(f'[audit]\npath = "{audit}"\n[limits]\n{limits}') + fixture_toml()
+        bridge = h.start_bridge(self, config, directory=directory)
+        bridge.headers = bearer(ADMIN)
+        return bridge, audit
+
+    def test_a_batch_costs_a_token_per_message(self) -> None:
+        bridge, audit = self.start("per_principal = { rate = 0.2, burst = 12 }\nper_ip = false\n")
+        user = session(bridge, USER, "2025-03-26")  # 2 tokens of 12
+        batch = [tool_call(i, "echo", message=str(i)) for i in range(1, 7)]
+        status, _, body = h.http("POST", bridge.mcp_url("example"), batch, user)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(sorted(m["id"] for m in json.loads(body)), list(range(1, 7)))
+        # 4 tokens left: the same batch again is refused whole.
+        batch = [tool_call(i, "echo", message=str(i)) for i in range(7, 13)]
+        status, headers, body = h.http("POST", bridge.mcp_url("example"), batch, user)
+        self.assertEqual((status, headers.get("retry-after")), (429, "15"), body)
+        error = json.loads(body)["error"]
+        self.assertIn("principal rate limit", error["message"])
+        # Longer than limits.max_batch: 413.
+        batch = [tool_call(i, "echo", message="x") for i in range(100, 165)]
+        status, _, body = h.http("POST", bridge.mcp_url("example"), batch, user)
+        self.assertEqual(status, 413, body)
+        self.assertIn("limits.max_batch (64)", json.loads(body)["error"]["message"])
+        # The first refusal is written; the next (the 413) is counted in the burst
+        # record written when the window ends.
+        [refusal] = audit_events(audit, "rate_limited")
+        self.assertEqual((refusal["principal"], refusal["scope"]), ("token:user", "principal"))
+
+    def test_requests_in_flight_are_capped(self) -> None:
+        bridge, audit = self.start(
+            "max_in_flight_per_session = 2\nmax_in_flight_per_principal = 3\n"
+        )
+        one, two, admin = session(bridge, USER), session(bridge, USER), session(bridge, ADMIN)
+        url = bridge.mcp_url("example")
+        with ThreadPoolExecutor(4) as pool:
+            sleeping = [
+                pool.submit(h.http, "POST", url, tool_call(i, "sleep", seconds=3), headers)
+                for i, headers in ((1, one), (2, one), (3, two))
+            ]
+            h.wait_for(lambda: bridge.status("example")["in_flight"] == 3, 10, "3 in flight")
+            status, headers, body = h.http("POST", url, tool_call(4, "echo", message="x"), one)
+            self.assertEqual((status, headers.get("retry-after")), (429, "1"), body)
+            answer = json.loads(body)
+            self.assertEqual(answer["id"], 4)
+            self.assertIn("max_in_flight_per_session", answer["error"]["message"])
+            status, _, body = h.http("POST", url, tool_call(5, "echo", message="x"), two)
+            self.assertEqual(status, 429, body)
+            self.assertIn("max_in_flight_per_principal", json.loads(body)["error"]["message"])
+            # A 2026-07-28 request of the same principal too.
+            message = modern(8, "tools/call", {"name": "echo", "arguments": {"message": "x"}})
+            stateless = {**modern_headers(message, "application/json"), **bearer(USER)}
+            status, _, body = h.http("POST", url, message, stateless)
+            self.assertEqual(status, 429, body)
+            self.assertIn("max_in_flight_per_principal", json.loads(body)["error"]["message"])
+            # Another principal is not held back.
+            status, _, body = h.http("POST", url, tool_call(6, "echo", message="x"), admin)
+            self.assertEqual(status, 200, body)
+            self.assertEqual([f.result()[0] for f in sleeping], [200, 200, 200])
+        status, _, body = h.http("POST", url, tool_call(7, "echo", message="x"), one)
+        self.assertEqual(status, 200, body)
+        # The first refusal is written (the second is counted in a burst record).
+        [refusal] = audit_events(audit, "rate_limited")
+        self.assertEqual(
+            (refusal["principal"], refusal["scope"]), ("token:user", "in-flight-session")
+        )

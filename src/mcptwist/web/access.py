@@ -12,20 +12,22 @@ status a client can act on, and each is written to the audit trail.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import re
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import jsonrpc
 from ..audit import AuditTrail
 from ..auth import ANONYMOUS, Authenticator, AuthFailure, Principal
 from ..config import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
-from ..ipfilter import AddressPolicy, forwarded_client, parse_ip
+from ..ipfilter import AddressPolicy, forwarded_client, rate_key
 from ..ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 from ..security import is_local_address
 from .http import HTTPProblem, header
+
+if TYPE_CHECKING:
+    from ..jsonrpc import RequestId
+    from ..session import ClientSession
 
 PRM_PATH: Final = b"/.well-known/oauth-protected-resource"
 # Headers a browser client may send, and may read, across origins.
@@ -37,6 +39,8 @@ CORS_EXPOSE_HEADERS: Final = b"mcp-session-id, mcp-protocol-version, www-authent
 CORS_METHODS: Final = b"GET, POST, DELETE, OPTIONS"
 CSP: Final = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 UNAUTHORIZED: Final = -32001
+# Seconds a client with too many requests in flight is told to wait.
+IN_FLIGHT_RETRY: Final = 1.0
 _SERVER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -77,7 +81,7 @@ class AccessControl:
             config,
             Authenticator(config.auth, clock, fetch),
             RateLimiter(limits, {n: s.limits for n, s in config.servers.items()}, clock),
-            Caps(limits.max_streams_per_principal, limits.max_sessions_per_principal),
+            Caps.from_limits(limits),
             audit if audit is not None else AuditTrail(AuditConfig(), clock),
         )
 
@@ -108,7 +112,9 @@ class AccessControl:
         self.config = config
         self.auth = config.auth
         self.caps.set_limits(
-            config.limits.max_streams_per_principal, config.limits.max_sessions_per_principal
+            config.limits.max_streams_per_principal,
+            config.limits.max_sessions_per_principal,
+            config.limits.max_in_flight_per_principal,
         )
         self.server_policies = {
             name: AddressPolicy(allow=s.allow, deny=s.deny, unix_peers="allow")
@@ -295,6 +301,93 @@ class AccessControl:
         if refusal is not None:
             raise self._limited(refusal, None, ip, None)
 
+    def charge_messages(self, request: Any, server: str, count: int) -> None:
+        """A POST's body holds C{count} JSON-RPC messages: refuse a batch longer
+        than C{limits.max_batch} or C{limits.max_in_flight_per_session} (413),
+        and charge each message after the first (the request's admission paid
+        for that one) to the same buckets, or refuse the whole batch (429)
+        before any of it is delivered."""
+        if count <= 1:
+            return
+        principal = principal_of(request)
+        ip: str | None = getattr(request, "client_ip", None)
+        limits = self.config.limits
+        # A batch's requests are in flight together: no more than a session may hold.
+        largest, key = min(
+            (limits.max_batch, "max_batch"),
+            (limits.max_in_flight_per_session, "max_in_flight_per_session"),
+        )
+        if count > largest:
+            self.audit.rate_limited(
+                principal=principal.id, peer=ip, server=server, scope="batch", retry_after=0.0
+            )
+            raise HTTPProblem(
+                413,
+                jsonrpc.INVALID_REQUEST,
+                f"Content Too Large: this batch holds {count} messages, more than "
+                f"limits.{key} ({largest}); send smaller batches",
+            )
+        who = principal.id if principal is not ANONYMOUS else None
+        refusal = self.limiter.check(who, rate_key(ip), server, cost=count - 1, paid=1)
+        if refusal is None:
+            return
+        if refusal.burst is not None:
+            self.audit.rate_limited(
+                principal=principal.id, peer=ip, server=server, scope=refusal.scope, retry_after=0.0
+            )
+            raise HTTPProblem(
+                413,
+                jsonrpc.INVALID_REQUEST,
+                f"Content Too Large: a batch of {count} messages costs {count} requests of "
+                f"the {refusal.scope} rate limit, whose burst is {refusal.burst}; "
+                "send smaller batches",
+            )
+        raise self._limited(refusal, principal.id, ip, server)
+
+    def admit_requests(
+        self,
+        request: Any,
+        session: ClientSession,
+        count: int,
+        request_id: RequestId | None = None,
+    ) -> None:
+        """Refuse (429) C{count} more requests on a session, or on a principal's
+        stateless hub, that would pass C{limits.max_in_flight_per_session} or
+        the principal's C{limits.max_in_flight_per_principal}."""
+        limits = self.config.limits
+        held = session.in_flight
+        if held + count > limits.max_in_flight_per_session:
+            scope = "in-flight-session"
+            text = (
+                f"this session already has {held} requests in flight "
+                f"(limits.max_in_flight_per_session is {limits.max_in_flight_per_session})"
+            )
+        elif session.caps is not None and (
+            session.caps.requests(session.principal) + count > limits.max_in_flight_per_principal
+        ):
+            scope = "in-flight-principal"
+            text = (
+                f"this client already has {session.caps.requests(session.principal)} requests "
+                f"in flight (limits.max_in_flight_per_principal is "
+                f"{limits.max_in_flight_per_principal})"
+            )
+        else:
+            return
+        self.audit.rate_limited(
+            principal=session.principal,
+            peer=getattr(request, "client_ip", None),
+            server=session.server,
+            scope=scope,
+            retry_after=IN_FLIGHT_RETRY,
+        )
+        raise HTTPProblem(
+            429,
+            jsonrpc.SERVER_UNAVAILABLE,
+            f"Too Many Requests: {text}; wait for their answers",
+            request_id,
+            {b"retry-after": retry_after_header(IN_FLIGHT_RETRY)},
+        )
+
     def _limited(
         self, refusal: Refusal, principal: str | None, ip: str | None, server: str | None
     ) -> HTTPProblem:
@@ -365,24 +458,6 @@ def identity(principal: Principal) -> str:
 
 def principal_id(request: Any) -> str:
     return principal_of(request).id
-
-
-@functools.lru_cache(maxsize=4096)
-def rate_key(ip: str | None) -> str | None:
-    """The key of a client address for per-IP limits: None for a loopback or
-    Unix peer (a local user or a proxy: limiting it would throttle everyone
-    behind it), the /64 for IPv6 (one host usually holds a whole /64)."""
-    if ip is None:
-        return None
-    try:
-        address = parse_ip(ip)
-    except ValueError:
-        return ip
-    if address.is_loopback:
-        return None
-    if address.version == 6:
-        return str(ipaddress.ip_network((address, 64), strict=False))
-    return str(address)
 
 
 def _is_server_route(path: str) -> bool:

@@ -21,7 +21,7 @@ from .. import __version__, jsonrpc
 from ..auth import ANONYMOUS, AuthFailure, Principal
 from ..config import BridgeConfig
 from ..jsonrpc import RequestId
-from ..routing import Backend, CapacityError
+from ..routing import Backend, CapacityError, PrincipalCapacityError
 from ..security import HostPolicy, OriginPolicy
 from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
 from ..stateless import StateSigner
@@ -48,6 +48,8 @@ from .sse import EventConnection, Heartbeat
 log = Logger(namespace="mcptwist.web")
 # Operators use the command line or Prometheus, never a web page.
 _OPERATOR: Final = (b"admin", b"metrics")
+# Seconds a principal at its share of a server's children is told to wait.
+CHILD_SHARE_RETRY: Final = 60
 
 
 def _internal_error(request: Any) -> bytes:
@@ -399,7 +401,7 @@ class BridgeApp:
     ) -> ClientSession:
         """A new session for this request's principal, or the HTTP refusal
         (429 past the principal's share, 503 when the bridge or server is full)."""
-        with self.refusing_sessions(request_id):
+        with self.refusing_sessions(request, backend.server.name, request_id):
             return self.registry.create(
                 backend,
                 transport,
@@ -409,10 +411,27 @@ class BridgeApp:
             )
 
     @contextlib.contextmanager
-    def refusing_sessions(self, request_id: RequestId | None) -> Iterator[None]:
+    def refusing_sessions(
+        self, request: Any, server: str, request_id: RequestId | None
+    ) -> Iterator[None]:
         """Turn a session that cannot be opened into its HTTP refusal."""
         try:
             yield
+        except PrincipalCapacityError as e:
+            self.access.audit.rate_limited(
+                principal=principal_id(request),
+                peer=getattr(request, "client_ip", None),
+                server=server,
+                scope="children-per-principal",
+                retry_after=CHILD_SHARE_RETRY,
+            )
+            raise HTTPProblem(
+                429,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Too Many Requests: {e}; end one of its sessions first",
+                request_id,
+                {b"retry-after": b"%d" % CHILD_SHARE_RETRY},
+            ) from None
         except PrincipalLimitError as e:
             raise HTTPProblem(
                 429,

@@ -158,9 +158,13 @@ def require_json(request: Any) -> None:
 
 
 def parse_messages(
-    body: bytes,
+    body: bytes, charge: Callable[[int], None] | None = None
 ) -> tuple[list[jsonrpc.Message], list[jsonrpc.Kind], bool]:
-    """Parse a POST body into its messages and their kinds (400 on bad input)."""
+    """Parse a POST body into its messages and their kinds (400 on bad input).
+
+    C{charge} is told how many messages there are before they are looked at
+    (it refuses a batch that is too long, or that its client cannot pay for).
+    """
     try:
         parsed = jsonrpc.loads(body)
     except jsonrpc.ProtocolError as e:
@@ -169,6 +173,8 @@ def parse_messages(
     messages = parsed if batch else [parsed]
     if batch and not messages:
         raise HTTPProblem(400, jsonrpc.INVALID_REQUEST, "Invalid Request: empty batch")
+    if charge is not None:
+        charge(len(messages))
     kinds = []
     for message in messages:
         try:

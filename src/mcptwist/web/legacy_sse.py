@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import CancelledError
 
 from .. import jsonrpc, protocol
-from ..jsonrpc import Message, RequestId
+from ..jsonrpc import Kind, Message, RequestId
 from .access import principal_id
 from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event
@@ -90,13 +90,19 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes:
             "Session not found: open a new stream at /servers/" + name + "/sse",
         )
     require_json(request)
-    messages, kinds, batch = parse_messages(read_body(request, backend.server.max_message_size))
+    messages, kinds, batch = parse_messages(
+        read_body(request, backend.server.max_message_size),
+        lambda count: app.access.charge_messages(request, name, count),
+    )
     if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
         raise HTTPProblem(
             400,
             jsonrpc.INVALID_REQUEST,
             f"Invalid Request: batches are not allowed in protocol version {session.protocol_version}",
         )
+    requests = [m["id"] for m, k in zip(messages, kinds, strict=True) if k is Kind.REQUEST]
+    if requests:
+        app.access.admit_requests(request, session, len(requests), None if batch else requests[0])
     now = app.clock.seconds()
     for message, kind in zip(messages, kinds, strict=True):
         session.receive(message, kind, now)

@@ -152,6 +152,8 @@ def post(
     if state is not None:
         call = _parked_call(app, name, principal, checked, state)
         hub = call.hub
+    elif checked.method != "subscriptions/listen":
+        app.access.admit_requests(request, hub, 1, checked.id)
     # A server set to json_response answers JSON to clients that take it
     # (a listen stream is a stream or nothing).
     prefer_json = (
@@ -192,7 +194,7 @@ def open_hub(app: BridgeApp, request: Any, name: str, checked: era.ModernRequest
     """The principal's stateless hub on this server (opened on first use), or
     the HTTP refusal when no session can be opened for it."""
     backend: Backend = app.backend(name)
-    with app.refusing_sessions(checked.id):
+    with app.refusing_sessions(request, name, checked.id):
         hub = app.registry.hub(
             backend,
             lambda _: StatelessSink(),

@@ -228,7 +228,10 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     backend = app.backend(name, draining=True)
     json_ok, sse_ok = negotiate(request)
     require_json(request)
-    messages, kinds, batch = parse_messages(read_body(request, backend.server.max_message_size))
+    messages, kinds, batch = parse_messages(
+        read_body(request, backend.server.max_message_size),
+        lambda count: app.access.charge_messages(request, name, count),
+    )
     version, session_id = _versions(request)
     if era.is_modern(version, session_id, None if batch else messages[0]):
         return modern.post(app, request, name, messages, kinds, batch, json_ok, sse_ok)
@@ -278,6 +281,8 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
             jsonrpc.INVALID_REQUEST,
             "Invalid Request: a request id is already in use in this session",
         )
+    if not initialize:
+        app.access.admit_requests(request, session, len(ids), None if batch else ids[0])
     # initialize is answered as JSON when the client takes it, so that the
     # session id is sent only with a successful result.
     use_sse = sse_ok and not (json_ok and (backend.server.json_response or initialize))
