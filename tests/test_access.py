@@ -652,6 +652,25 @@ class StreamCapTests(SynchronousTestCase):
         self.assertEqual(status, 429)
         self.assertIsNone(headers.getRawHeaders("mcp-session-id"))
         self.assertEqual(len(bridge.registry.sessions), 1)
+        scopes = [(e["principal"], e.get("repeated")) for e in bridge.events("rate_limited")]
+        self.assertEqual(scopes, [("token:alice", None), ("token:alice", 1)])
+        self.assertEqual(
+            {e["scope"] for e in bridge.events("rate_limited")}, {"streams-per-principal"}
+        )
+
+    def test_session_caps_are_audited(self) -> None:
+        """Every cap that refuses a session is written, with its scope."""
+        limits = LimitsConfig(max_sessions_per_principal=1)
+        bridge = Bridge(self, limits=limits)
+        alice = {**JSON, **bearer(TOKENS["alice"])}
+        self.assertEqual(bridge.request("POST", "/servers/s/mcp", INIT, alice)[0], 200)
+        status, headers, _ = bridge.request("POST", "/servers/s/mcp", INIT, alice)
+        self.assertEqual((status, headers.getRawHeaders("retry-after")), (429, ["60"]))
+        [refusal] = bridge.events("rate_limited")
+        self.assertEqual(
+            (refusal["principal"], refusal["server"], refusal["scope"]),
+            ("token:alice", "s", "sessions-per-principal"),
+        )
 
 
 class ChildShareTests(SynchronousTestCase):

@@ -414,40 +414,64 @@ class BridgeApp:
     def refusing_sessions(
         self, request: Any, server: str, request_id: RequestId | None
     ) -> Iterator[None]:
-        """Turn a session that cannot be opened into its HTTP refusal."""
+        """Turn a session that cannot be opened into its HTTP refusal, audited."""
         try:
             yield
         except PrincipalCapacityError as e:
-            self.access.audit.rate_limited(
-                principal=principal_id(request),
-                peer=getattr(request, "client_ip", None),
-                server=server,
-                scope="children-per-principal",
-                retry_after=CHILD_SHARE_RETRY,
-            )
-            raise HTTPProblem(
+            raise self.refused(
+                request,
+                server,
+                "children-per-principal",
                 429,
-                jsonrpc.SERVER_UNAVAILABLE,
                 f"Too Many Requests: {e}; end one of its sessions first",
+                CHILD_SHARE_RETRY,
                 request_id,
-                {b"retry-after": b"%d" % CHILD_SHARE_RETRY},
             ) from None
         except PrincipalLimitError as e:
-            raise HTTPProblem(
+            raise self.refused(
+                request,
+                server,
+                "sessions-per-principal",
                 429,
-                jsonrpc.SERVER_UNAVAILABLE,
                 f"Too Many Requests: {e}",
+                60,
                 request_id,
-                {b"retry-after": b"60"},
             ) from None
-        except (SessionLimitError, CapacityError) as e:
-            raise HTTPProblem(
-                503,
-                jsonrpc.SERVER_UNAVAILABLE,
-                f"Service Unavailable: {e}",
-                request_id,
-                {b"retry-after": b"5"},
+        except SessionLimitError as e:
+            raise self.refused(
+                request, server, "sessions", 503, f"Service Unavailable: {e}", 5, request_id
             ) from None
+        except CapacityError as e:
+            raise self.refused(
+                request, server, "children", 503, f"Service Unavailable: {e}", 5, request_id
+            ) from None
+
+    def refused(
+        self,
+        request: Any,
+        server: str | None,
+        scope: str,
+        status: int,
+        message: str,
+        retry_after: int,
+        request_id: RequestId | None = None,
+    ) -> HTTPProblem:
+        """The refusal of a request by a cap (C{scope} says which), written to
+        the audit trail as C{rate_limited}."""
+        self.access.audit.rate_limited(
+            principal=principal_id(request),
+            peer=getattr(request, "client_ip", None),
+            server=server,
+            scope=scope,
+            retry_after=retry_after,
+        )
+        return HTTPProblem(
+            status,
+            jsonrpc.SERVER_UNAVAILABLE,
+            message,
+            request_id,
+            {b"retry-after": b"%d" % retry_after},
+        )
 
     def stream(self, request: Any, label: str) -> EventConnection:
         """Start an SSE response on this request, kept alive by the heartbeat."""
@@ -456,13 +480,15 @@ class BridgeApp:
         # Without authentication, max_sessions and the heartbeat bound streams.
         counted = principal != "anonymous"
         if counted and not caps.open_stream(principal):
-            raise HTTPProblem(
+            raise self.refused(
+                request,
+                None,
+                "streams-per-principal",
                 429,
-                jsonrpc.SERVER_UNAVAILABLE,
                 "Too Many Requests: this client already holds "
                 f"{self.config.limits.max_streams_per_principal} streams "
                 "(limits.max_streams_per_principal)",
-                headers={b"retry-after": b"5"},
+                5,
             )
         connection = EventConnection(request, self.clock, self.config.stream_buffer, label)
         self.heartbeat.add(connection)
