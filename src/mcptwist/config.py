@@ -214,6 +214,11 @@ class ServerConfig:
     max_children: int = 16
     session_idle_timeout: float = 1800.0
     startup_timeout: float = 60.0
+    # Requests in a row that time out, with no message from the child between
+    # them, before it is reported unresponsive (0: never); and whether it is
+    # then restarted.
+    unresponsive_after: int = 3
+    restart_unresponsive: bool = False
     json_response: bool = False
     # How long a stateless call waits for its client to answer the child's questions.
     input_timeout: float = 300.0
@@ -704,6 +709,8 @@ def _parse_server(
         max_children=r.integer("max_children", defaults.max_children),
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
+        unresponsive_after=r.integer("unresponsive_after", defaults.unresponsive_after, minimum=0),
+        restart_unresponsive=r.boolean("restart_unresponsive", defaults.restart_unresponsive),
         json_response=r.boolean("json_response", defaults.json_response),
         input_timeout=r.number("input_timeout", defaults.input_timeout),
         era=era or "legacy",
@@ -719,6 +726,13 @@ def _parse_server(
             "max_request_timeout",
             f"({server.max_request_timeout:g}) is shorter than request_timeout ({server.request_timeout:g})",
             "make max_request_timeout at least as long as request_timeout",
+        )
+    if server.restart_unresponsive and server.unresponsive_after == 0:
+        raise r.error(
+            "restart_unresponsive",
+            "is true, but unresponsive_after = 0 never finds a child unresponsive",
+            "set unresponsive_after to the number of timed-out requests in a row "
+            "that justify a restart (such as 3), or remove restart_unresponsive",
         )
     if server.cwd is not None and not os.path.isdir(server.cwd):
         raise r.error(
