@@ -445,3 +445,14 @@ class RealChildTests(TestCase):
         # The pipe (64 KiB), Twisted's buffer (64 KiB), then at most 1 MiB more.
         self.assertLess(sent * 100_000, (1 << 20) + 3 * 100_000 + 2 * 65536 + 100_000)
         self.assertGreaterEqual(child.unread, 1 << 20)
+
+
+class LastLineTests(SynchronousTestCase):
+    def test_an_answer_without_newline_before_stdout_closes_is_delivered(self) -> None:
+        reactor, upstream, a = started()
+        send(upstream, a, call(1, "x"))
+        child = reactor.child
+        child_id = child.held[0]["id"]
+        child.send_raw(jsonrpc.dumps(jsonrpc.result(child_id, {"content": []})))
+        child.close_pipe(1)
+        self.assertEqual(a.responses()[1]["result"], {"content": []})

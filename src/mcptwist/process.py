@@ -364,6 +364,11 @@ class Child:
         An exiting process closes its pipes just before its exit is seen: only
         a child still running EOF_GRACE later closed one itself.
         """
+        # The stream has ended: a last line without its newline is complete.
+        if fd == 1:
+            self._stdout.flush()
+        elif fd == 2:
+            self._stderr.flush()
         if self.exit_reason is None and not self._stopping:
             clock: IReactorTime = self.reactor
             self._timers.append(clock.callLater(EOF_GRACE, self._pipe_lost, fd))
