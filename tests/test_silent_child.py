@@ -211,8 +211,11 @@ class UnreadStdinTests(SynchronousTestCase):
         child = reactor.child
         child.stop_reading()
         big = "x" * 1000
-        for request_id in range(1, 21):
-            send(upstream, a, call(request_id, big))
+        with capturedLogs() as events:
+            for request_id in range(1, 21):
+                send(upstream, a, call(request_id, big))
+        [warning] = [formatEvent(e) for e in events if e["log_namespace"] == "mcptwist.process"]
+        self.assertIn("is not reading its stdin", warning)
         refused = {i: a.responses()[i]["error"] for i in range(1, 21) if i in a.responses()}
         self.assertTrue(refused, "nothing was refused")
         for error in refused.values():
@@ -223,7 +226,9 @@ class UnreadStdinTests(SynchronousTestCase):
         self.assertLess(waiting, 4096 + 2 * 1200)
         self.assertEqual(upstream.in_flight, 20 - len(refused))
         # Once it reads again, requests go through.
-        child.resume_reading()
+        with capturedLogs() as events:
+            child.resume_reading()
+        self.assertIn("reads its stdin again", formatEvent(events[0]))
         send(upstream, a, call(99, "after"))
         child.answer(child.held[-1])
         self.assertIn("result", a.responses()[99])

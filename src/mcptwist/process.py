@@ -146,12 +146,17 @@ class _StdinBacklog:
     def __init__(self) -> None:
         self.paused = False
         self.unread = 0
+        # Messages were refused since the last pause (the log says so once).
+        self.refusing = False
+        self.server = ""
 
     def pauseProducing(self) -> None:
         self.paused = True
 
     def resumeProducing(self) -> None:
-        self.paused = False
+        if self.refusing:
+            log.info("{server}: the child reads its stdin again", server=self.server)
+        self.paused = self.refusing = False
         self.unread = 0
 
     def stopProducing(self) -> None:
@@ -208,6 +213,7 @@ class Child:
         self._stderr = LineFramer(MAX_STDERR_LINE, self._stderr_line, self._stderr_oversize)
         # Each server's stderr has a log namespace of its own, to filter on.
         self._stderr_log = Logger(namespace=f"mcptwist.child.{self.server.name}")
+        self._backlog.server = self.server.name
 
     def spawn(self, environ: Mapping[str, str]) -> None:
         """Start the process. Raises if the reactor cannot spawn it."""
@@ -247,6 +253,16 @@ class Child:
             return True
         backlog = self._backlog
         if backlog.paused and backlog.unread >= self.server.max_message_size:
+            if not backlog.refusing:
+                backlog.refusing = True
+                log.warn(
+                    "{server}: child (pid {pid}) is not reading its stdin: more than {limit} "
+                    "bytes (max_message_size) wait unread; refusing what the bridge would "
+                    "write to it until it reads again",
+                    server=self.server.name,
+                    pid=self.pid,
+                    limit=self.server.max_message_size,
+                )
             return False
         data = jsonrpc.dumps(message)
         if backlog.paused:
