@@ -126,6 +126,31 @@ class _Pending:
     request: Message | None = None
 
 
+@attrs.define
+class _Silence:
+    """What a child let time out since its last message.
+
+    Requests that time out together (a burst of slow calls) are one round:
+    a timeout starts a new round only for a request sent after the previous
+    round's timeout. So N rounds mean the child said nothing while fresh
+    requests waited request_timeout each, N times over.
+    """
+
+    timeouts: int = 0
+    rounds: int = 0
+    # When the last round's request timed out.
+    last: float | None = None
+
+    def timed_out(self, sent: float, now: float) -> bool:
+        """Count a request (sent at C{sent}) that timed out; True if it made a new round."""
+        self.timeouts += 1
+        if self.last is not None and sent < self.last:
+            return False
+        self.rounds += 1
+        self.last = now
+        return True
+
+
 @attrs.define(eq=False)
 class _Outbound:
     """A server-to-client request, waiting for the client's response."""
@@ -174,8 +199,8 @@ class Upstream(Service):
         self._abandoned: dict[int, tuple[Downstream | None, Child, IDelayedCall, str | None]] = {}
         self._child_level: str | None = None
         self._ready_waiters: list[Deferred[None]] = []
-        # Requests to the current child that timed out since its last message.
-        self._silent_timeouts = 0
+        # The current child's silence while its requests time out.
+        self._silence = _Silence()
 
     @property
     def label(self) -> str:
@@ -520,7 +545,7 @@ class Upstream(Service):
         """Send a new child its first request; it must answer within startup_timeout."""
         self._child = child
         self._ready = False
-        self._silent_timeouts = 0
+        self._silence = _Silence()
         child_id = next(self._ids)
         p = _Pending(
             child_id=child_id,
@@ -580,15 +605,15 @@ class Upstream(Service):
             self._answer_initialize(session, message)
 
     def child_message(self, child: Child, message: Message) -> None:
-        if self._silent_timeouts and child is self._child:
+        if self._silence.timeouts and child is self._child:
             if self.unresponsive:
                 log.info(
                     "{server}: child (pid {pid}) speaks again after {count} timed-out requests",
                     server=self.label,
                     pid=child.pid,
-                    count=self._silent_timeouts,
+                    count=self._silence.timeouts,
                 )
-            self._silent_timeouts = 0
+            self._silence = _Silence()
         if "method" not in message:
             p = self._pending.get(message["id"]) if isinstance(message["id"], int) else None
             if p is None or p.sent_to is not child:
@@ -882,27 +907,28 @@ class Upstream(Service):
         )
         if p.sent_to is not None:
             self._cancel_on_child(p, "timed out")
-            if p.sent_to is self._child:
-                self._silent_timeouts += 1
+            if p.sent_to is self._child and self._silence.timed_out(
+                p.started, self.clock.seconds()
+            ):
                 self._check_silence(p.sent_to)
         else:
             self._queue = deque((q, m) for q, m in self._queue if q is not p)
 
     @property
     def unresponsive(self) -> bool:
-        """The running child let unresponsive_after requests in a row time out,
-        and said nothing since."""
+        """The running child has said nothing through unresponsive_after rounds
+        of timeouts (see L{_Silence})."""
         limit = self.server.unresponsive_after
-        return limit > 0 and self._silent_timeouts >= limit and self.state is ChildState.RUNNING
+        return limit > 0 and self._silence.rounds >= limit and self.state is ChildState.RUNNING
 
     def _check_silence(self, child: Child) -> None:
-        """Another request timed out with no word from the child: is it unresponsive?"""
+        """Another round of silence: is the child unresponsive now?"""
         limit = self.server.unresponsive_after
-        if limit <= 0 or self._silent_timeouts != limit:
+        if limit <= 0 or self._silence.rounds != limit:
             return
         why = (
             f"answered none of {limit} requests in a row (unresponsive_after), "
-            "each timed out with no message from it"
+            "each sent after the last one timed out, and said nothing meanwhile"
         )
         if self.server.restart_unresponsive:
             self.supervisor.child_broken(child, why)
@@ -1033,7 +1059,7 @@ class Upstream(Service):
             "sessions": len(self.sessions),
             "in_flight": self.in_flight,
             "server_info": info,
-            "consecutive_timeouts": self._silent_timeouts,
+            "consecutive_timeouts": self._silence.timeouts,
             "unresponsive": self.unresponsive,
         }
 

@@ -516,8 +516,8 @@ def _unresponsive(status: dict[str, Any]) -> str:
             "its last requests (each timed out)"
         )
     return (
-        f"unresponsive: its child has let {status['consecutive_timeouts']} requests in a row "
-        "time out without a word"
+        f"unresponsive: {status['consecutive_timeouts']} requests timed out since its child "
+        "last said anything"
     )
 
 
