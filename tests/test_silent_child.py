@@ -333,6 +333,23 @@ class UnresponsiveTests(SynchronousTestCase):
         bridge.reactor.child.send(jsonrpc.notification("notifications/message", {"level": "info"}))
         self.assertEqual(bridge.request("GET", "/health").code, 200)
 
+    def test_per_session_children_fail_health_only_all_together(self) -> None:
+        server = ServerConfig(name="p", command="fake", request_timeout=TIMEOUT, sharing="session")
+        bridge = Bridge(self, server, hold=True)
+        backend = bridge.backends["p"]
+        sessions = [FakeSession(f"session{i}") for i in range(2)]
+        upstreams = [backend.open(s) for s in sessions]
+        for upstream, session in zip(upstreams, sessions, strict=True):
+            initialize(upstream, session)
+        self.time_out(bridge.reactor, upstreams[0], sessions[0], 3)
+        status = bridge.json(bridge.request("GET", "/servers/p"))
+        self.assertEqual((status["unresponsive_children"], status["unresponsive"]), (1, False))
+        self.assertEqual(bridge.request("GET", "/health").code, 200)
+        self.time_out(bridge.reactor, upstreams[1], sessions[1], 3)
+        health = bridge.request("GET", "/health")
+        self.assertEqual(health.code, 503)
+        self.assertIn("none of its 2 children", bridge.json(health)["servers"]["p"])
+
     def test_admin_status_reports_it(self) -> None:
         reactor = FakeProcessReactor(hold=True)
         server = ServerConfig(name="s", command="fake", request_timeout=TIMEOUT)

@@ -214,9 +214,9 @@ class ServerConfig:
     max_children: int = 16
     session_idle_timeout: float = 1800.0
     startup_timeout: float = 60.0
-    # Requests in a row that time out, with no message from the child between
-    # them, before it is reported unresponsive (0: never); and whether it is
-    # then restarted.
+    # Requests that time out one after another, with no message from the child
+    # meanwhile, before it is reported unresponsive (0: never); and whether it
+    # is then restarted.
     unresponsive_after: int = 3
     restart_unresponsive: bool = False
     json_response: bool = False
