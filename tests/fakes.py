@@ -39,9 +39,18 @@ class FakeProcessTransport:
         self.child = child
         self.pid: int | None = child.pid
         self.stdin_closed = False
+        self.producer: Any = None
 
     def write(self, data: bytes) -> None:
-        self.child.stdin_data(data)
+        # Like Twisted's, writes to a stdin that is gone are lost.
+        if not self.child.stdin_gone:
+            self.child.stdin_data(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
 
     def writeSequence(self, seq: list[bytes]) -> None:
         self.write(b"".join(seq))
@@ -94,6 +103,11 @@ class FakeChild:
         self.held: list[jsonrpc.Message] = []
         self.exited = False
         self.stdin_is_closed = False
+        # The child closed its end of stdin: what the bridge writes is lost.
+        self.stdin_gone = False
+        # While False, what the bridge writes waits in self.unread (a full pipe).
+        self.reading = True
+        self.unread: list[bytes] = []
         self.init_result = dict(INIT_RESULT)
         # When True, requests other than initialize wait in self.held.
         self.hold = reactor.hold
@@ -103,6 +117,9 @@ class FakeChild:
     # What the bridge writes.
 
     def stdin_data(self, data: bytes) -> None:
+        if not self.reading:
+            self.unread.append(data)
+            return
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
@@ -148,6 +165,27 @@ class FakeChild:
             for m in self.received
             if "method" in m and "id" not in m and (method is None or m["method"] == method)
         ]
+
+    def close_pipe(self, fd: int) -> None:
+        """The child closes its stdin (0), stdout (1) or stderr (2) and runs on."""
+        if fd == 0:
+            self.stdin_gone = True
+            if self.transport.producer is not None:
+                self.transport.producer.stopProducing()
+                self.transport.producer = None
+        self.proto.childConnectionLost(fd)
+
+    def stop_reading(self) -> None:
+        """The child stops reading its stdin: the pipe fills and Twisted pauses the writer."""
+        self.reading = False
+        self.transport.producer.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.reading = True
+        unread, self.unread = self.unread, []
+        for data in unread:
+            self.stdin_data(data)
+        self.transport.producer.resumeProducing()
 
     def exit(self, code: int = 0, signal: int | None = None) -> None:
         if self.exited:

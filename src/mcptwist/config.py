@@ -246,6 +246,11 @@ class ServerConfig:
     max_children_per_principal: int | None = None
     session_idle_timeout: float = 1800.0
     startup_timeout: float = 60.0
+    # Requests that time out one after another, with no message from the child
+    # meanwhile, before it is reported unresponsive (0: never); and whether it
+    # is then restarted.
+    unresponsive_after: int = 3
+    restart_unresponsive: bool = False
     json_response: bool = False
     # How long a stateless call waits for its client to answer the child's questions.
     input_timeout: float = 300.0
@@ -822,6 +827,8 @@ def _parse_server(
         ),
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
+        unresponsive_after=r.integer("unresponsive_after", defaults.unresponsive_after, minimum=0),
+        restart_unresponsive=r.boolean("restart_unresponsive", defaults.restart_unresponsive),
         json_response=r.boolean("json_response", defaults.json_response),
         input_timeout=r.number("input_timeout", defaults.input_timeout),
         era=era or "legacy",
@@ -837,6 +844,13 @@ def _parse_server(
             "max_request_timeout",
             f"({server.max_request_timeout:g}) is shorter than request_timeout ({server.request_timeout:g})",
             "make max_request_timeout at least as long as request_timeout",
+        )
+    if server.restart_unresponsive and server.unresponsive_after == 0:
+        raise r.error(
+            "restart_unresponsive",
+            "is true, but unresponsive_after = 0 never finds a child unresponsive",
+            "set unresponsive_after to the number of timed-out requests in a row "
+            "that justify a restart (such as 3), or remove restart_unresponsive",
         )
     per_principal = server.max_children_per_principal
     if per_principal is not None and per_principal > server.max_children:

@@ -7,6 +7,12 @@ allow-listed environment (never the bridge's own secrets), frames stdout as
 newline-delimited JSON-RPC and stderr as log lines (kept in a ring buffer),
 and stops with the sequence the MCP lifecycle recommends: close stdin, then
 SIGTERM the group, then SIGKILL it.
+
+A child that closes its stdout or its stdin while it keeps running can no
+longer be talked to: it is reported as broken (and the supervisor stops and
+restarts it). What the bridge writes to a child that does not read its stdin
+is bounded (by the server's C{max_message_size}): beyond it, messages are
+refused rather than buffered without end.
 """
 
 from __future__ import annotations
@@ -16,20 +22,23 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import (
+    IConsumer,
     IDelayedCall,
     IProcessTransport,
+    IPushProducer,
     IReactorProcess,
     IReactorTime,
 )
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import jsonrpc
 from .config import ServerConfig
@@ -64,6 +73,12 @@ MAX_STDERR_LINE: Final = 8192
 # Seconds after a child's exit that its pipes may stay open (output still in
 # flight) before the bridge closes them.
 PIPE_DRAIN: Final = 1.0
+# Seconds a child whose stdout or stdin closed has to exit (an exiting process
+# closes its pipes just before the bridge hears of its exit) before it is taken
+# for one that stopped talking while it runs.
+EOF_GRACE: Final = 0.5
+# The names of the pipes a child may close, by file descriptor.
+_PIPES: Final = {0: "stdin", 1: "stdout", 2: "stderr"}
 
 # Run the configured command in a new session (so in its own process group,
 # pgid == pid) without forking: the pid Twisted knows stays the server's.
@@ -115,6 +130,38 @@ class ChildListener(Protocol):
 
     def child_exited(self, child: Child, reason: Failure) -> None: ...
 
+    def child_broken(self, child: Child, why: str) -> None:
+        """The child runs but can no longer be talked to (C{why} says how)."""
+
+
+@implementer(IPushProducer)
+class _StdinBacklog:
+    """What a child has left unread on its stdin, as far as the bridge can tell.
+
+    Registered as the producer of the child's stdin: Twisted pauses it when its
+    buffer for the pipe passes its size (64 KiB) and resumes it once that buffer
+    is empty, so the bytes written while paused wait, unread, on top of that.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.unread = 0
+        # Messages were refused since the last pause (the log says so once).
+        self.refusing = False
+        self.server = ""
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        if self.refusing:
+            log.info("{server}: the child reads its stdin again", server=self.server)
+        self.paused = self.refusing = False
+        self.unread = 0
+
+    def stopProducing(self) -> None:
+        """The pipe is gone (the child closed it, or the bridge did)."""
+
 
 class _ChildProtocol(ProcessProtocol):
     def __init__(self, child: Child) -> None:
@@ -128,6 +175,9 @@ class _ChildProtocol(ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         self.child._stderr.feed(data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        self.child._pipe_closed(childFD)
 
     def processExited(self, reason: Failure) -> None:
         self.child._exited(reason)
@@ -154,12 +204,16 @@ class Child:
     _stderr: LineFramer = attrs.field(init=False)
     _stderr_log: Logger = attrs.field(init=False)
     _timers: list[IDelayedCall] = attrs.field(factory=list)
+    _backlog: _StdinBacklog = attrs.field(factory=_StdinBacklog)
+    # The bridge is stopping the child: the pipes it closes are no news.
+    _stopping: bool = False
 
     def __attrs_post_init__(self) -> None:
         self._stdout = LineFramer(self.server.max_message_size, self._line, self._oversize)
         self._stderr = LineFramer(MAX_STDERR_LINE, self._stderr_line, self._stderr_oversize)
         # Each server's stderr has a log namespace of its own, to filter on.
         self._stderr_log = Logger(namespace=f"mcptwist.child.{self.server.name}")
+        self._backlog.server = self.server.name
 
     def spawn(self, environ: Mapping[str, str]) -> None:
         """Start the process. Raises if the reactor cannot spawn it."""
@@ -181,11 +235,40 @@ class Child:
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         self.pid = self.transport.pid
+        self._stdin().registerProducer(self._backlog, True)
 
-    def send(self, message: jsonrpc.Message) -> None:
-        """Write one message to the child's stdin."""
-        if self.transport is not None and self.exit_reason is None:
-            self.transport.writeSequence([jsonrpc.dumps(message), b"\n"])
+    @property
+    def unread(self) -> int:
+        """Bytes written to the child's stdin that it has not read (beyond 64 KiB)."""
+        return self._backlog.unread if self._backlog.paused else 0
+
+    def send(self, message: jsonrpc.Message) -> bool:
+        """Write one message to the child's stdin.
+
+        Returns False, writing nothing, when the child has left more than
+        max_message_size bytes unread: a child that stops reading must not
+        make the bridge buffer without bound.
+        """
+        if self.transport is None or self.exit_reason is not None:
+            return True
+        backlog = self._backlog
+        if backlog.paused and backlog.unread >= self.server.max_message_size:
+            if not backlog.refusing:
+                backlog.refusing = True
+                log.warn(
+                    "{server}: child (pid {pid}) is not reading its stdin: more than {limit} "
+                    "bytes (max_message_size) wait unread; refusing what the bridge would "
+                    "write to it until it reads again",
+                    server=self.server.name,
+                    pid=self.pid,
+                    limit=self.server.max_message_size,
+                )
+            return False
+        data = jsonrpc.dumps(message)
+        if backlog.paused:
+            backlog.unread += len(data) + 1
+        self.transport.writeSequence([data, b"\n"])
+        return True
 
     def stop(self) -> Deferred[None]:
         """Close stdin, SIGTERM the group after term_after, SIGKILL after kill_after.
@@ -196,11 +279,12 @@ class Child:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self.ended.addBoth(lambda r: d.callback(None))
-        if self.exit_reason is not None:
-            # Already exited; its pipes are being drained.
+        if self.exit_reason is not None or self._stopping:
+            # Already exited (its pipes are being drained), or being stopped.
             return d
+        self._stopping = True
         try:
-            self.transport.closeStdin()
+            self._close_stdin()
         except Exception:
             log.failure("closing stdin of {server}", server=self.server.name)
         if self.exit_reason is not None:
@@ -213,6 +297,17 @@ class Child:
             clock.callLater(term + self.server.kill_after, self.signal_group, signal.SIGKILL),
         ]
         return d
+
+    def _stdin(self) -> IConsumer:
+        """The transport as the consumer of the child's stdin (which Twisted's
+        process transports are, without declaring it)."""
+        return cast(IConsumer, self.transport)
+
+    def _close_stdin(self) -> None:
+        assert self.transport is not None
+        # A paused producer would keep the pipe open until it is unregistered.
+        self._stdin().unregisterProducer()
+        self.transport.closeStdin()
 
     def kill(self) -> None:
         """SIGKILL the child's whole process group now."""
@@ -279,6 +374,40 @@ class Child:
     def _stderr_oversize(self, size: int, head: bytes, tail: bytes) -> None:
         self._stderr_line(head[:MAX_STDERR_LINE] + f" ... ({size} bytes)".encode())
 
+    def _pipe_closed(self, fd: int) -> None:
+        """One of the child's pipes closed (the child closed it, or is exiting).
+
+        An exiting process closes its pipes just before its exit is seen: only
+        a child still running EOF_GRACE later closed one itself.
+        """
+        # The stream has ended: a last line without its newline is complete.
+        if fd == 1:
+            self._stdout.flush()
+        elif fd == 2:
+            self._stderr.flush()
+        if self.exit_reason is None and not self._stopping:
+            clock: IReactorTime = self.reactor
+            self._timers.append(clock.callLater(EOF_GRACE, self._pipe_lost, fd))
+
+    def _pipe_lost(self, fd: int) -> None:
+        """The child closed a pipe and runs on. Without stdin or stdout it can no
+        longer be talked to: it is broken. Stderr is only its log."""
+        if self.exit_reason is not None or self._stopping or self.ended.called:
+            return
+        name = _PIPES.get(fd, f"file descriptor {fd}")
+        if fd not in (0, 1):
+            log.info(
+                "{server}: child (pid {pid}) closed its {name}; it goes on serving",
+                server=self.server.name,
+                pid=self.pid,
+                name=name,
+            )
+            return
+        try:
+            self.listener.child_broken(self, f"closed its {name} while still running")
+        except Exception:
+            log.failure("{server}: while handling the child's broken pipe", server=self.server.name)
+
     def _exited(self, reason: Failure) -> None:
         # The server has exited; stray members of its group (grandchildren)
         # must not outlive it. Output still in the pipes is delivered before
@@ -301,6 +430,7 @@ class Child:
                 server=self.server.name,
                 pid=self.pid,
             )
+            self._stdin().unregisterProducer()
             self.transport.loseConnection()
 
     def _ended(self, reason: Failure) -> None:

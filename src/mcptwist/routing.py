@@ -130,6 +130,31 @@ class _Pending:
     request: Message | None = None
 
 
+@attrs.define
+class _Silence:
+    """What a child let time out since its last message.
+
+    Requests that time out together (a burst of slow calls) are one round:
+    a timeout starts a new round only for a request sent after the previous
+    round's timeout. So N rounds mean the child said nothing while fresh
+    requests waited request_timeout each, N times over.
+    """
+
+    timeouts: int = 0
+    rounds: int = 0
+    # When the last round's request timed out.
+    last: float | None = None
+
+    def timed_out(self, sent: float, now: float) -> bool:
+        """Count a request (sent at C{sent}) that timed out; True if it made a new round."""
+        self.timeouts += 1
+        if self.last is not None and sent < self.last:
+            return False
+        self.rounds += 1
+        self.last = now
+        return True
+
+
 @attrs.define(eq=False)
 class _Outbound:
     """A server-to-client request, waiting for the client's response."""
@@ -178,6 +203,8 @@ class Upstream(Service):
         self._abandoned: dict[int, tuple[Downstream | None, Child, IDelayedCall, str | None]] = {}
         self._child_level: str | None = None
         self._ready_waiters: list[Deferred[None]] = []
+        # The current child's silence while its requests time out.
+        self._silence = _Silence()
 
     @property
     def label(self) -> str:
@@ -522,6 +549,7 @@ class Upstream(Service):
         """Send a new child its first request; it must answer within startup_timeout."""
         self._child = child
         self._ready = False
+        self._silence = _Silence()
         child_id = next(self._ids)
         p = _Pending(
             child_id=child_id,
@@ -581,6 +609,15 @@ class Upstream(Service):
             self._answer_initialize(session, message)
 
     def child_message(self, child: Child, message: Message) -> None:
+        if self._silence.timeouts and child is self._child:
+            if self.unresponsive:
+                log.info(
+                    "{server}: child (pid {pid}) speaks again after {count} timed-out requests",
+                    server=self.label,
+                    pid=child.pid,
+                    count=self._silence.timeouts,
+                )
+            self._silence = _Silence()
         if "method" not in message:
             p = self._pending.get(message["id"]) if isinstance(message["id"], int) else None
             if p is None or p.sent_to is not child:
@@ -783,7 +820,10 @@ class Upstream(Service):
             )
 
     def child_lost(self, child: Child, why: str) -> None:
-        """A child is gone (or could not be spawned): answer what waited on it."""
+        """A child is gone, could not be spawned, or runs but is of no more use
+        (the supervisor stops it): answer what waited on it.
+
+        The one place where a child's end fails the requests sent to it."""
         stderr = self._stderr_for_clients()
         text = f"MCP server '{self.label}' {why}"
         if stderr:
@@ -810,7 +850,14 @@ class Upstream(Service):
         if self._ready and self._child is not None:
             if p is not None:
                 p.sent_to = self._child
-            self._send(self._child, message)
+            if not self._send(self._child, message) and p is not None:
+                self._fail(
+                    p,
+                    jsonrpc.SERVER_UNAVAILABLE,
+                    f"MCP server '{self.label}' is not reading its stdin: more than "
+                    f"{self.server.max_message_size} bytes (its max_message_size) sent to it "
+                    "wait unread, so the request was refused",
+                )
         elif self.state in (ChildState.FAILED, ChildState.STOPPED):
             if p is not None:
                 self._fail(p, jsonrpc.SERVER_UNAVAILABLE, self._unavailable_text())
@@ -824,8 +871,9 @@ class Upstream(Service):
         else:
             self._queue.append((p, message))
 
-    def _send(self, child: Child, message: Message) -> None:
-        child.send(message)
+    def _send(self, child: Child, message: Message) -> bool:
+        """Write to the child; False if refused (it leaves too much unread)."""
+        return child.send(message)
 
     def _internal(self, method: str, params: dict[str, Any]) -> None:
         """A request of the bridge's own; its response only gets logged if it is an error."""
@@ -863,8 +911,39 @@ class Upstream(Service):
         )
         if p.sent_to is not None:
             self._cancel_on_child(p, "timed out")
+            if p.sent_to is self._child and self._silence.timed_out(
+                p.started, self.clock.seconds()
+            ):
+                self._check_silence(p.sent_to)
         else:
             self._queue = deque((q, m) for q, m in self._queue if q is not p)
+
+    @property
+    def unresponsive(self) -> bool:
+        """The running child has said nothing through unresponsive_after rounds
+        of timeouts (see L{_Silence})."""
+        limit = self.server.unresponsive_after
+        return limit > 0 and self._silence.rounds >= limit and self.state is ChildState.RUNNING
+
+    def _check_silence(self, child: Child) -> None:
+        """Another round of silence: is the child unresponsive now?"""
+        limit = self.server.unresponsive_after
+        if limit <= 0 or self._silence.rounds != limit:
+            return
+        why = (
+            f"answered none of {limit} requests in a row (unresponsive_after), "
+            "each sent after the last one timed out, and said nothing meanwhile"
+        )
+        if self.server.restart_unresponsive:
+            self.supervisor.child_broken(child, why)
+        else:
+            log.warn(
+                "{server}: child (pid {pid}) {why}; it is reported unresponsive until it "
+                "speaks again (restart_unresponsive is off)",
+                server=self.label,
+                pid=child.pid,
+                why=why,
+            )
 
     def _extend(self, p: _Pending) -> None:
         """Progress was made: push the request's deadline out, within the maximum."""
@@ -984,6 +1063,8 @@ class Upstream(Service):
             "sessions": len(self.sessions),
             "in_flight": self.in_flight,
             "server_info": info,
+            "consecutive_timeouts": self._silence.timeouts,
+            "unresponsive": self.unresponsive,
         }
 
 
@@ -1133,12 +1214,16 @@ class SessionBackend(Backend):
     def status(self) -> dict[str, Any]:
         children = [u.status() for u in self.upstreams()]
         running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
+        silent = sum(1 for c in children if c["unresponsive"])
         return {
             "name": self.server.name,
             "sharing": "session",
             "state": self.state,
             "children": children,
             "running_children": running,
+            "unresponsive_children": silent,
+            # Like failed: only when it holds for every child.
+            "unresponsive": bool(children) and silent == len(children),
             "max_children": self.server.max_children,
             "sessions": sum(c["sessions"] for c in children),
         }

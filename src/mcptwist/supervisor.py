@@ -7,6 +7,12 @@ The supervisor owns the state machine of a child slot::
                         \\-> failed      (crash-loop breaker tripped)
     any -> stopped                       (stopService)
 
+A child that exits has crashed; so has one that is alive but broken (it
+closed its stdout or stdin, or answers nothing and its owner gives up on it):
+the supervisor then answers what waited on it at once (through its owner),
+stops it, and restarts it like a crashed one, under the same backoff and
+breaker.
+
 It knows nothing of JSON-RPC: messages and exits go to its owner (the router),
 which also decides when a freshly spawned child is ready (its handshake done).
 """
@@ -81,6 +87,8 @@ class Supervisor(Service):
         self._consecutive = 0
         self._restart_call: IDelayedCall | None = None
         self._abandoned: str | None = None
+        # Why the child, alive but of no more use, is being stopped.
+        self._broken: str | None = None
         self._settled: list[Deferred[None]] = []
 
     # Service
@@ -107,7 +115,7 @@ class Supervisor(Service):
 
     def abandon(self, child: Child, why: str) -> None:
         """The owner gave up on this child (for example a failed handshake)."""
-        if child is self.child and child.exit_reason is None:
+        if child is self.child and child.exit_reason is None and self._broken is None:
             log.warn(
                 "{server}: killing child (pid {pid}): {why}",
                 server=self.label,
@@ -117,10 +125,34 @@ class Supervisor(Service):
             self._abandoned = why
             child.kill()
 
+    def child_broken(self, child: Child, why: str) -> None:
+        """The child runs but is of no more use (it closed its stdout or stdin,
+        or its owner gave up on its silence): answer what waited on it now,
+        stop it, and restart it as a crashed child once it has exited."""
+        if (
+            child is not self.child
+            or child.exit_reason is not None
+            or self._broken is not None
+            or self.state not in (ChildState.STARTING, ChildState.RUNNING)
+        ):
+            return
+        log.warn(
+            "{server}: child (pid {pid}) {why}; stopping it",
+            server=self.label,
+            pid=child.pid,
+            why=why,
+        )
+        self._broken = self.last_exit = why
+        self._set_state(ChildState.RESTARTING)
+        self.owner.child_lost(child, why)
+        child.stop()
+
     def restart(self) -> Deferred[None]:
         """Stop the current child (if any) and start a fresh one now."""
         self._crashes.clear()
         self._consecutive = 0
+        # An operator's restart supersedes the stop of a broken child.
+        self._broken = None
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
         old = self.child
@@ -169,6 +201,7 @@ class Supervisor(Service):
 
     def _spawn(self) -> None:
         self._restart_call = None
+        self._broken = None
         if not self.running:
             return
         child = Child(
@@ -212,8 +245,12 @@ class Supervisor(Service):
 
     def child_exited(self, child: Child, reason: Failure) -> None:
         how = describe_exit(reason)
-        # The bridge is stopping or restarting the child: its end is no crash.
+        # The bridge is stopping or restarting the child: its end is no crash
+        # (unless it was stopped for being broken).
         stopping = self.state in (ChildState.STOPPED, ChildState.RESTARTING)
+        broken = self._broken if child is self.child else None
+        if broken is not None:
+            how = f"{broken}, so it was stopped ({how})"
         if self.audit is not None:
             value = reason.value
             self.audit.child_exited(
@@ -226,12 +263,13 @@ class Supervisor(Service):
             )
         if child is not self.child:
             return
+        self._broken = None
         if self._abandoned is not None:
             how, self._abandoned = f"{self._abandoned} (so it was killed)", None
         if stopping and not self.running:
             self.owner.child_lost(child, f"was stopped ({how})")
             return
-        if self.state is ChildState.RESTARTING:
+        if self.state is ChildState.RESTARTING and broken is None:
             # An operator restart: not a crash.
             self.owner.child_lost(child, f"was restarted ({how})")
             return

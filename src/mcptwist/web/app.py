@@ -566,6 +566,8 @@ class BridgeApp:
                         problems[name] = child["state"] + (
                             f": {child['last_exit']}" if child.get("last_exit") else ""
                         )
+                    elif child.get("unresponsive"):
+                        problems[name] = _unresponsive(child)
         if problems:
             request.setResponseCode(503)
         # Anyone may ask (load balancers have no token); with authentication on,
@@ -591,6 +593,19 @@ class BridgeApp:
 
     not_found = app.handle_errors(NotFound)(route_not_found)
     not_allowed = app.handle_errors(MethodNotAllowed)(route_not_allowed)
+
+
+def _unresponsive(status: dict[str, Any]) -> str:
+    """Why /health finds a running server unresponsive."""
+    if "children" in status:
+        return (
+            f"unresponsive: none of its {len(status['children'])} children has answered "
+            "its last requests (each timed out)"
+        )
+    return (
+        f"unresponsive: {status['consecutive_timeouts']} requests timed out since its child "
+        "last said anything"
+    )
 
 
 # The message endpoints, dispatched by Gate: path segment -> method -> handler.
