@@ -10,7 +10,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.config import DEFAULT_ORIGINS, LOOPBACK_HOSTS
-from mcptwist.security import HostPolicy, OriginPolicy, host_name, is_local_address
+from mcptwist.security import HostPolicy, OriginPolicy, host_name, is_local_address, same_origin
 
 
 class OriginTests(SynchronousTestCase):
@@ -29,6 +29,17 @@ class OriginTests(SynchronousTestCase):
             "file://",
         ):
             self.assertFalse(policy.allows(origin), origin)
+
+    def test_same_origin(self) -> None:
+        """The bridge's own origin: the scheme and Host the request was sent to."""
+        self.assertTrue(same_origin("http://localhost:8080", "localhost:8080", False))
+        self.assertTrue(same_origin("HTTP://LocalHost:8080/", "localhost:8080", False))
+        self.assertTrue(same_origin("https://[::1]", "[::1]:443", True))
+        self.assertTrue(same_origin("http://127.0.0.1", "127.0.0.1:80", False))
+        self.assertFalse(same_origin("http://localhost:3000", "localhost:8080", False))
+        self.assertFalse(same_origin("https://localhost:8080", "localhost:8080", False))
+        self.assertFalse(same_origin("http://evil.example:8080", "localhost:8080", False))
+        self.assertFalse(same_origin("http://localhost:8080", None, False))
 
     def test_loopback_any_port(self) -> None:
         policy = OriginPolicy(["http://localhost:*", "https://[::1]:*"])

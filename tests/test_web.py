@@ -331,6 +331,13 @@ class StreamableTests(SynchronousTestCase):
         self.assertEqual(local.code, 403)
         self.assertIn("allowed", bridge.json(local)["error"]["message"])
         self.assertEqual(bridge.registry.sessions, {})
+        # The bridge's own origin (scheme and Host), which no page can have: served.
+        own = bridge.request("POST", "/servers/s/mcp", INIT, {**JSON, "origin": "http://127.0.0.1"})
+        self.assertEqual(own.code, 200)
+        other_port = bridge.request(
+            "POST", "/servers/s/mcp", INIT, {**JSON, "origin": "http://127.0.0.1:3000"}
+        )
+        self.assertEqual(other_port.code, 403)
         inspector = Bridge(self, allowed_origins=("http://localhost:6274",))
         self.assertEqual(
             inspector.request(

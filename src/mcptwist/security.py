@@ -40,6 +40,16 @@ class OriginPolicy:
             return False
 
 
+def same_origin(origin: str, host: str | None, secure: bool) -> bool:
+    """Whether C{origin} is the bridge's own: the scheme and C{Host} the
+    request was sent to. The bridge serves no pages, so no page of its own
+    origin exists to misuse it; the MCP conformance suite requires that such
+    requests, from a loopback name, are served."""
+    if host is None:
+        return False
+    return _normalise(origin) == _normalise(f"{'https' if secure else 'http'}://{host}")
+
+
 class HostPolicy:
     """Host names the bridge answers to; C{*} allows any.
 

@@ -22,7 +22,7 @@ from ..auth import ANONYMOUS, AuthFailure, Principal
 from ..config import BridgeConfig
 from ..jsonrpc import RequestId
 from ..routing import Backend, CapacityError, PrincipalCapacityError
-from ..security import HostPolicy, OriginPolicy
+from ..security import HostPolicy, OriginPolicy, same_origin
 from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
 from ..stateless import StateSigner
 from . import legacy_sse, streamable
@@ -355,7 +355,8 @@ class BridgeApp:
     ) -> HTTPProblem | None:
         """The refusal of a request by its Host and Origin, on any listener: a
         Host not in C{allowed_hosts} (or C{hosts}: DNS rebinding: 421), an
-        Origin not in C{allowed_origins}, or any Origin on an operator route
+        Origin not in C{allowed_origins} (other than the bridge's own), or
+        any Origin on an operator route
         (the admin API, metrics), since a page that can reach loopback must
         not drive them (403)."""
         host = header(request, b"host")
@@ -365,7 +366,11 @@ class BridgeApp:
                 jsonrpc.SERVER_UNAVAILABLE,
                 f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
             )
-        if not self.origins.allows(origin):
+        if (
+            origin is not None
+            and not self.origins.allows(origin)
+            and not same_origin(origin, host, request.isSecure())
+        ):
             return HTTPProblem(
                 403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
             )
