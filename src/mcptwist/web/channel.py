@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString, parse_qs
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString, parse_qs
 
 from .. import jsonrpc
 from ..config import ListenerConfig
@@ -129,6 +129,7 @@ class BridgeChannel(HTTPChannel):
     _idle: float | None = None
     _paused = False
     _first = True
+    _unregistered = False
     _closer: IDelayedCall | None = None
 
     # Connection
@@ -176,6 +177,7 @@ class BridgeChannel(HTTPChannel):
             self._closer.cancel()
         self._closer = None
         self._body_of = None
+        self._paused = False
         super().connectionLost(reason)
 
     # Receiving
@@ -331,7 +333,8 @@ class BridgeChannel(HTTPChannel):
         self.persistent = False
         request.setHeader(b"connection", b"close")
         request.setHeader(b"date", datetimeToString())
-        request.setHeader(b"content-length", b"%d" % len(body))
+        if request.code not in NO_BODY_CODES:
+            request.setHeader(b"content-length", b"%d" % len(body))
         self._closing = True
         request.write(body)
         request.finish()
@@ -380,18 +383,27 @@ class BridgeChannel(HTTPChannel):
         self._phase = None
         self.setTimeout(None)
         self._resume()
+        self._unregister()
         transport = self.transport
         if isinstance(transport, FileDescriptor):
             # Plain TCP or Unix: the client sees the answer end (TLS cannot half-close).
             transport.loseWriteConnection()
-        self._closer = self.callLater(LINGER, self._abort)
+        self._closer = self.callLater(LINGER, self._close)
 
     def _close(self) -> None:
         self._closing = True
         self._phase = None
         self.setTimeout(None)
-        self.loseConnection()
+        self._unregister()
+        assert self.transport is not None
+        self.transport.loseConnection()
         self._closer = self.callLater(CLOSE_GRACE, self._abort)
+
+    def _unregister(self) -> None:
+        """Stop being the transport's producer (as HTTPChannel does before closing)."""
+        if not self._unregistered:
+            self._unregistered = True
+            self._networkProducer.unregisterProducer()
 
     def _abort(self) -> None:
         self._closer = None
