@@ -403,7 +403,9 @@ class BridgeChannel(HTTPChannel):
         """Stop being the transport's producer (as HTTPChannel does before closing)."""
         if not self._unregistered:
             self._unregistered = True
-            self._networkProducer.unregisterProducer()
+            # The transport, as a consumer (HTTPChannel registered with it).
+            network: Any = self._networkProducer
+            network.unregisterProducer()
 
     def _abort(self) -> None:
         self._closer = None
