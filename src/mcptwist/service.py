@@ -269,6 +269,10 @@ class BridgeSite(Site):
     # Which names are servers (metrics label only those: a URL names anything).
     is_server: Callable[[str], bool] = staticmethod(lambda name: False)
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN: its channels speak HTTP/1.1 only (whatever Twisted could add)."""
+        return [b"http/1.1"]
+
     def request_head(self, request: Any) -> bytes | int | Deferred[None]:
         """Judge a request from its head (the gate's rules): an answer to
         send now, the most body to read, or a Deferred to wait for."""
