@@ -43,7 +43,7 @@ from .. import jsonrpc
 from ..config import ListenerConfig
 from ..ipfilter import parse_ip
 from .access import rate_key
-from .http import SERVER, HTTPProblem, json_body, too_large
+from .http import SERVER, too_large
 
 # How long the rest of a refused request is read (and dropped) after its answer.
 LINGER: Final = 2.0
@@ -448,4 +448,4 @@ def _prepare(request: Any, method: bytes, uri: bytes, version: bytes, site: Any)
     request.args = parse_qs(query, 1) if query else {}
 
 
-__all__ = ["BridgeChannel", "ConnectionCounter", "HTTPProblem", "connection_key", "json_body"]
+__all__ = ["BridgeChannel", "ConnectionCounter", "connection_key"]
