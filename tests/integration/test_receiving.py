@@ -4,6 +4,7 @@ per address, oversize heads answered, and no version in the Server header."""
 
 from __future__ import annotations
 
+import json
 import re
 import select
 import socket
@@ -22,6 +23,7 @@ BIG = 20_000_000
 
 def config(limits: str = "", listeners: str = "") -> str:
     return (
+        '[audit]\npath = "audit.jsonl"\n'
         f"[limits]\n{limits}\n"
         f"{listeners}\n"
         "[[auth.tokens]]\n"
@@ -146,6 +148,18 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertEqual(status, 429)
         self.assertEqual(headers["retry-after"], "5")
         self.assertIn(b"limits.max_connections_per_ip", body)
+        audit = bridge.dir / "audit.jsonl"
+        events = h.wait_for(
+            lambda: [
+                e
+                for e in map(json.loads, audit.read_text().splitlines())
+                if e["event"] == "http_refused"
+            ],
+            5,
+            "the refusal in the audit trail",
+        )
+        self.assertEqual(events[0]["peer"], "203.0.113.7")
+        self.assertEqual(events[0]["reason"], "too_many_connections")
         other = connect("203.0.113.8")
         other.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         status, _, _ = fs.parse_response(fs.read_to_end(other, 5)[0])
