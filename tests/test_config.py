@@ -393,6 +393,41 @@ path = "${{D}}/audit.jsonl"
             self.assertIn('issuer = "https://', error.fix)
             self.assertTrue(str(error).startswith(os.path.join(self.dir, "c.toml")), str(error))
 
+    def test_limits_on_receiving_requests(self) -> None:
+        defaults = self.parse("").limits
+        self.assertEqual(
+            (
+                defaults.preauth_body,
+                defaults.max_connections_per_ip,
+                defaults.header_timeout,
+                defaults.body_timeout,
+            ),
+            (64 * 1024, 64, 20.0, 60.0),
+        )
+        limits = self.parse(
+            '[limits]\npreauth_body = "16KiB"\nmax_connections_per_ip = 8\n'
+            "header_timeout = 5\nbody_timeout = 12.5\n"
+        ).limits
+        self.assertEqual(
+            (
+                limits.preauth_body,
+                limits.max_connections_per_ip,
+                limits.header_timeout,
+                limits.body_timeout,
+            ),
+            (16 * 1024, 8, 5.0, 12.5),
+        )
+        for text, key, fix in (
+            ("preauth_body = 10", "limits.preauth_body", '"64KiB"'),
+            ("max_connections_per_ip = 0", "limits.max_connections_per_ip", "64"),
+            ("header_timeout = 0", "limits.header_timeout", "20"),
+            ('body_timeout = "1m"', "limits.body_timeout", "60"),
+        ):
+            error = self.error("[limits]\n" + text)
+            self.assertEqual(error.key, key, text)
+            self.assertIn(fix, error.fix, text)
+            self.assertIn("c.toml", str(error), text)
+
     def test_jwt_needs_authorization_servers(self) -> None:
         error = self.error(
             f'[auth.jwt]\naudience = ["x"]\nissuer = "https://i"\nkey_file = "{self.cert}"'

@@ -602,9 +602,13 @@ class MetricsListenerTests(SynchronousTestCase):
 
     def test_a_web_page_gets_403(self) -> None:
         page = "http://127.0.0.1:9100"
-        status, body = self.request("127.0.0.1:9100", origin=page)
+        status, body = self.request("127.0.0.1:9100", origin="http://127.0.0.1:3000")
         self.assertEqual(status, 403)
         self.assertIn(b"is not allowed", body)
+        # Its own origin too: no page may read it.
+        status, body = self.request("127.0.0.1:9100", origin=page)
+        self.assertEqual(status, 403)
+        self.assertIn(b"not for browsers", body)
         # Even from an origin allowed to use MCP.
         status, body = self.request("127.0.0.1:9100", (page,), origin=page)
         self.assertEqual(status, 403)

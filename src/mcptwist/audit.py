@@ -792,6 +792,15 @@ class AuditTrail:
             return
         self._refusal("ip_refused", {"peer": peer, "listener": listener, "scope": scope})
 
+    def http_refused(self, *, peer: str | None, listener: str | None, reason: str) -> None:
+        """A connection or request refused while it was received: too many
+        connections from its address, too slow, or too large (C{reason})."""
+        if self.metrics is not None:
+            self.metrics.http_refused(reason)
+        if not self.enabled:
+            return
+        self._refusal("http_refused", {"peer": peer, "listener": listener, "reason": reason})
+
     def admin_action(
         self,
         *,

@@ -107,6 +107,13 @@ class LimitsConfig:
     # Requests in flight (sent, not yet answered) per session, and per principal.
     max_in_flight_per_session: int = 64
     max_in_flight_per_principal: int = 256
+    # Receiving requests: the body read before credentials are known good,
+    # open connections per client address, and how long a request may take
+    # to arrive (its head, then its body).
+    preauth_body: int = 64 * 1024
+    max_connections_per_ip: int = 64
+    header_timeout: float = 20.0
+    body_timeout: float = 60.0
 
 
 @attrs.frozen
@@ -505,7 +512,7 @@ class _Reader:
             'a size in bytes (a number, or a string such as "16MiB")',
             _size,
             default,
-            f'write {name} = "{default // MiB}MiB" or a number of bytes',
+            f'write {name} = "{_size_text(default)}" or a number of bytes',
         )
 
     def table_at(self, name: str) -> Mapping[str, Any]:
@@ -579,6 +586,11 @@ def _whole(value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError()
     return value
+
+
+def _size_text(size: int) -> str:
+    """A size as the configuration writes it: C{"16MiB"}, C{"64KiB"}."""
+    return f"{size // MiB}MiB" if size % MiB == 0 else f"{size // 1024}KiB"
 
 
 def _size(value: Any) -> int:
@@ -1332,6 +1344,10 @@ def _parse_limits(top: _Reader) -> LimitsConfig:
         max_in_flight_per_principal=r.integer(
             "max_in_flight_per_principal", d.max_in_flight_per_principal
         ),
+        preauth_body=r.size("preauth_body", d.preauth_body),
+        max_connections_per_ip=r.integer("max_connections_per_ip", d.max_connections_per_ip),
+        header_timeout=r.number("header_timeout", d.header_timeout),
+        body_timeout=r.number("body_timeout", d.body_timeout),
     )
     r.finish()
     return limits

@@ -116,6 +116,16 @@ RATE_LIMIT_SCOPES: Final = frozenset(
     }
 )
 IP_SCOPES: Final = frozenset({"listener", "server"})
+# Why a connection or request was refused while it was being received.
+HTTP_REFUSALS: Final = frozenset(
+    {
+        "too_many_connections",
+        "header_timeout",
+        "body_timeout",
+        "headers_too_large",
+        "body_too_large",
+    }
+)
 
 TRANSPORTS: Final = frozenset({"streamable", "sse", "stateless"})
 
@@ -409,6 +419,12 @@ class Metrics:
             ["scope"],
             registry=r,
         )
+        self._http_refused = Counter(
+            "mcptwist_http_refused",
+            "Connections or requests refused while they were received, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self._spawns = Counter(
             "mcptwist_child_spawns",
             "Children spawned, by server.",
@@ -570,6 +586,10 @@ class Metrics:
     def ip_refused(self, scope: str) -> None:
         """A peer refused by the IP filter of a listener or a server (L{IP_SCOPES})."""
         self._ip_refused.labels(scope if scope in IP_SCOPES else OTHER).inc()
+
+    def http_refused(self, reason: str) -> None:
+        """A connection or request refused while received (L{HTTP_REFUSALS})."""
+        self._http_refused.labels(reason if reason in HTTP_REFUSALS else OTHER).inc()
 
     # Children
 

@@ -35,6 +35,7 @@ from .config import (
     AuthConfig,
     BridgeConfig,
     ConfigError,
+    LimitsConfig,
     ListenerConfig,
     ServerConfig,
     load_config,
@@ -51,7 +52,8 @@ from .tls import ReloadableTLS, TLSLoadError
 from .web.access import AccessControl
 from .web.admin import AdminAPI
 from .web.app import BridgeApp
-from .web.http import bounded_request_factory, header
+from .web.channel import BridgeChannel, ConnectionCounter
+from .web.http import BoundedRequest, header
 
 log = Logger(namespace="mcptwist.service")
 
@@ -244,20 +246,59 @@ class SwappableFactory(Factory):
 
 
 access_log = Logger(namespace="mcptwist.access")
+_LIMITS = LimitsConfig()
 
 
 class BridgeSite(Site):
     """A listener's Site (its L{ListenerConfig} tells the gate about TLS and
     proxies); it counts every request for the metrics, and its access log,
-    when on, goes through twisted.logger."""
+    when on, goes through twisted.logger.
 
+    Its channels (L{BridgeChannel}) ask it, when a request's head has
+    arrived, how much body to read (L{request_head}), and tell it what they
+    refused (L{refused}); it holds their limits, which a reload changes.
+    """
+
+    protocol = BridgeChannel  # type: ignore[assignment]
+    requestFactory = BoundedRequest
     access_log = False
     listener: ListenerConfig | None = None
     # Whether it listens on loopback or a Unix socket (known once it listens).
     local: bool | None = None
     metrics: Metrics | None = None
+    audit: AuditTrail | None = None
+    connections: ConnectionCounter | None = None
+    header_timeout = _LIMITS.header_timeout
+    body_timeout = _LIMITS.body_timeout
+    preauth_body = _LIMITS.preauth_body
     # Which names are servers (metrics label only those: a URL names anything).
     is_server: Callable[[str], bool] = staticmethod(lambda name: False)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN: its channels speak HTTP/1.1 only (whatever Twisted could add)."""
+        return [b"http/1.1"]
+
+    def request_head(self, request: Any) -> bytes | int | Deferred[None]:
+        """Judge a request from its head (the gate's rules): an answer to
+        send now, the most body to read, or a Deferred to wait for."""
+        head = getattr(self.resource, "head", None)
+        if head is None:
+            # A metrics listener: no route takes a body.
+            return self.preauth_body
+        decision: bytes | int | Deferred[None] = head(request)
+        return decision
+
+    def refused(self, peer: str | None, reason: str) -> None:
+        """A connection or request refused while it was received: audited."""
+        if self.audit is not None:
+            listener = self.listener.endpoint if self.listener is not None else None
+            self.audit.http_refused(peer=peer, listener=listener, reason=reason)
+
+    def configure(self, limits: LimitsConfig) -> None:
+        """Take the limits on receiving requests."""
+        self.header_timeout = limits.header_timeout
+        self.body_timeout = limits.body_timeout
+        self.preauth_body = limits.preauth_body
 
     def log(self, request: Any) -> None:
         if self.metrics is not None:
@@ -377,6 +418,8 @@ class BridgeService(MultiService):
         self._stopping: set[Deferred[Any]] = set()
         self._reloading: Deferred[dict[str, Any]] | None = None
         self.access = AccessControl.from_config(config, reactor, self.audit)
+        # Open connections by client address, over every listener.
+        self.connections = ConnectionCounter(config.limits.max_connections_per_ip)
         # Reap often enough that no session outlives its idle timeout by much.
         shortest = min(s.session_idle_timeout for s in config.servers.values())
         self.registry = SessionRegistry(
@@ -426,7 +469,9 @@ class BridgeService(MultiService):
         )
         site.metrics = self.metrics
         site.is_server = self._is_server
-        site.requestFactory = bounded_request_factory(self._max_body())
+        site.audit = self.audit
+        site.connections = self.connections
+        site.configure(self.config.limits)
         site.noisy = False
         site.access_log = self.config.access_log
         site.listener = config
@@ -437,15 +482,6 @@ class BridgeService(MultiService):
 
     def _is_server(self, name: str) -> bool:
         return name in self.backends or any(b.server.name == name for b in self.draining)
-
-    def _max_body(self) -> int:
-        return max(b.server.max_message_size for b in [*self.backends.values(), *self.draining])
-
-    def _refresh_body_limit(self) -> None:
-        """Give every listener the request-body limit of the servers now served."""
-        factory = bounded_request_factory(self._max_body())
-        for listener in [*self.listeners, *self.metrics_listeners]:
-            listener.site.requestFactory = factory
 
     @property
     def site(self) -> BridgeSite:
@@ -693,11 +729,12 @@ class BridgeService(MultiService):
             changes["audit"] = f"kept the old one: {e}"
         self.web.reconfigure(new)
         self.registry.max_sessions = new.max_sessions
+        self.connections.limit = new.limits.max_connections_per_ip
         for listener in [*self.listeners, *self.metrics_listeners]:
             site = listener.site
             if isinstance(site, BridgeSite):
                 site.access_log = new.access_log
-        self._refresh_body_limit()
+                site.configure(new.limits)
         for listener in self.listeners:
             listener.open_to_network = new.insecure or new.auth.enabled
         self.listeners, changes["listeners"] = await self._apply_listeners(
@@ -759,7 +796,6 @@ class BridgeService(MultiService):
         if self.running:
             backend.startService()
             self._log_urls(server.name)
-        self._refresh_body_limit()
         return backend
 
     def retire(self, name: str, why: str) -> None:

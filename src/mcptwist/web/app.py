@@ -8,6 +8,7 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
+import attrs
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -34,6 +35,7 @@ from .access import (
     principal_of,
     route_of,
 )
+from .admin import MAX_BODY as ADMIN_MAX_BODY
 from .http import (
     Handler,
     HTTPProblem,
@@ -78,6 +80,38 @@ def guarded(handler: Handler) -> Handler:
     return catching(handler, problem_answer)
 
 
+@attrs.define(eq=False)
+class Admission:
+    """A request past the gate's checks that come before credentials: what
+    they found, and who it is once authentication has settled."""
+
+    ip: str | None
+    parts: list[bytes]
+    operator: bool
+    # None while authentication runs; a Failure when it refused.
+    who: Principal | Failure | None = None
+    # Authorised (rate limits charged) already: the server its path names.
+    checked: bool = False
+    server: str | None = None
+    _waiting: list[Deferred[None]] = attrs.field(factory=list)
+
+    def settle(self, result: Principal | Failure) -> None:
+        """Authentication's outcome (its Deferred's last callback)."""
+        self.who = result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def settled(self) -> Deferred[None]:
+        """A Deferred that fires once L{who} is known."""
+        d: Deferred[None] = Deferred()
+        if self.who is not None:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
+
+
 class Gate(Resource):
     """In front of every route: the Host and Origin checks and common headers.
 
@@ -93,6 +127,56 @@ class Gate(Resource):
         self.routes = routes
 
     def render(self, request: Any) -> Any:
+        admission = getattr(request, "admission", None)
+        if admission is None:
+            admission = self._judge(request)
+        if not isinstance(admission, Admission):
+            return admission
+        if admission.who is not None:
+            return self._admitted(request, admission)
+        # Authentication has to wait (a JWKS fetch): answer from there.
+        admission.settled().addCallback(lambda _: self._answer_later(request, admission))
+        return NOT_DONE_YET
+
+    def head(self, request: Any) -> bytes | int | Deferred[None]:
+        """Judge a request when its headers have arrived, before any of its
+        body is read: the answer to send now (a refusal), the most body it may
+        send, or, while its credentials are being checked, a Deferred that
+        fires when they have been (ask again then).
+
+        What is decided here is kept on the request: L{render} does not
+        decide (nor charge a rate limit, nor audit) twice.
+        """
+        admission = getattr(request, "admission", None)
+        if admission is None:
+            admission = request.admission = self._judge(request)
+        if not isinstance(admission, Admission):
+            return admission
+        if admission.who is None:
+            return admission.settled()
+        refusal = self._check(request, admission)
+        if refusal is not None:
+            request.admission = refusal
+            return refusal
+        parts = admission.parts
+        server = admission.server
+        if server is not None and len(parts) == 4 and parts[3] in _MESSAGE_ROUTES:
+            if request.method != b"POST":
+                return self.app.config.limits.preauth_body
+            try:
+                backend = self.app.backend(server, draining=True)
+            except HTTPProblem as problem:
+                refusal = request.admission = problem.render(request)
+                return refusal
+            return backend.server.max_message_size
+        if parts[1] == b"admin":
+            return ADMIN_MAX_BODY
+        # No other route reads a body.
+        return self.app.config.limits.preauth_body
+
+    def _judge(self, request: Any) -> Admission | bytes:
+        """Everything decided before credentials: Host, Origin, CORS, path,
+        client address, rate limit; then authentication is started."""
         access = self.app.access
         access.common_headers(request)
         origin = header(request, b"origin")
@@ -113,60 +197,50 @@ class Gate(Resource):
         try:
             ip = access.client_ip(request)
             if path == b"/health":
-                return self._route(request)
+                return Admission(ip, parts, operator, ANONYMOUS, checked=True)
             if path.startswith(PRM_PATH):
                 return self._metadata(request, path)
             access.limit_address(ip)
         except HTTPProblem as problem:
             return problem.render(request)
         if not access.auth.enabled:
-            return self._admitted(request, ip, ANONYMOUS, parts, operator)
+            return Admission(ip, parts, operator, ANONYMOUS)
+        admission = Admission(ip, parts, operator)
         d = access.authenticator.authenticate(
             request.getHeader(b"authorization"), b"access_token" in request.args
         )
-        settled: list[Any] = []
-        waiting: list[bool] = []
+        d.addBoth(admission.settle)
+        return admission
 
-        def outcome(result: Any) -> None:
-            if not waiting:
-                settled.append(result)
-                return
-            # Authentication had to wait (a JWKS fetch): answer from here.
-            if request.finished or request.channel is None:
-                return
-            try:
-                body = self._admitted(request, ip, result, parts, operator)
-            except Exception:
-                log.failure("while answering {path}", path=request.path)
-                body = _internal_error(request)
-            if body is not NOT_DONE_YET:
-                request.write(body)
-                request.finish()
+    def _answer_later(self, request: Any, admission: Admission) -> None:
+        if request.finished or request.channel is None:
+            return
+        try:
+            body = self._admitted(request, admission)
+        except Exception:
+            log.failure("while answering {path}", path=request.path)
+            body = _internal_error(request)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
 
-        d.addBoth(outcome)
-        if settled:
-            return self._admitted(request, ip, settled[0], parts, operator)
-        waiting.append(True)
-        return NOT_DONE_YET
-
-    def _admitted(
-        self,
-        request: Any,
-        ip: str | None,
-        who: Principal | Failure,
-        parts: list[bytes],
-        operator: bool,
-    ) -> Any:
-        """Authorise an authenticated (or refused) request, then route it."""
+    def _check(self, request: Any, admission: Admission) -> bytes | None:
+        """Authorise an authenticated request (once): None, or its refusal."""
+        if admission.checked:
+            return None
         access = self.app.access
+        who = admission.who
+        ip = admission.ip
         if isinstance(who, Failure):
             route = route_of(request)
             if isinstance(who.value, AuthFailure):
                 return access.failure_problem(request, who.value, ip, route).render(request)
             log.failure("while authenticating {path}", who, path=route)
             return _internal_error(request)
+        assert who is not None
         request.principal = who
         request.client_ip = ip
+        parts = admission.parts
         count = len(parts)
         first = parts[1]
         server = None
@@ -177,15 +251,28 @@ class Gate(Resource):
                 # A name that is not UTF-8 names no server.
                 return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
         try:
-            if operator or (first == b"servers" and count <= 3):
+            if admission.operator or (first == b"servers" and count <= 3):
                 # Metrics count every server: they need a grant of them all.
                 access.require_admin(request, who, ip, every_server=first == b"metrics")
             access.authorise(request, who, ip, server)
         except HTTPProblem as problem:
             return problem.render(request)
+        admission.server = server
+        admission.checked = True
+        return None
+
+    def _admitted(self, request: Any, admission: Admission) -> Any:
+        """Authorise an authenticated (or refused) request, then route it."""
+        refusal = self._check(request, admission)
+        if refusal is not None:
+            return refusal
+        parts = admission.parts
+        count = len(parts)
+        first = parts[1]
+        server = admission.server
         if first == b"admin":
             if self.app.admin is not None and self.app.config.admin.enabled:
-                if not access.auth.enabled and not local_listener(request):
+                if not self.app.access.auth.enabled and not local_listener(request):
                     # Anyone who reaches an open listener would be an admin.
                     return HTTPProblem(
                         404,

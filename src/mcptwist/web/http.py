@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
@@ -56,51 +56,59 @@ def json_body(request: Any, value: Any) -> bytes:
     return jsonrpc.dumps(value)
 
 
-class BoundedRequest(Request):
-    """A request whose body is capped: past C{max_body} bytes it is discarded.
+# Every answer's Server header: no version for a scanner to match.
+SERVER: Final = b"mcptwist"
 
-    The handler then answers 413; memory never holds more than the cap.
+
+class BoundedRequest(Request):
+    """A request whose body is capped: past C{body_limit} bytes it is discarded.
+
+    The channel sets each request's limit when its headers have arrived (the
+    limit of the server its path names, or a small one before credentials
+    are known good) and answers 413 as soon as the limit is passed; memory
+    never holds more than the limit.
     """
 
-    max_body = 32 * 1024 * 1024
+    body_limit = 64 * 1024
     body_size = 0
     body_too_large = False
 
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self.body_too_large = True
-            length = 0
-        super().gotLength(length)
-
     def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
         self.body_size += len(data)
-        if self.body_size > self.max_body and not self.body_too_large:
+        if self.body_size > self.body_limit:
             self.body_too_large = True
             if self.content is not None:
                 self.content.seek(0)
                 self.content.truncate()
-        if not self.body_too_large:
-            super().handleContentChunk(data)
+            over = getattr(self.channel, "body_over_limit", None)
+            if over is not None:
+                over(self)
+            return
+        super().handleContentChunk(data)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self.responseHeaders.setRawHeaders(b"server", [SERVER])
+        super().write(data)
 
 
-def bounded_request_factory(max_body: int) -> type[BoundedRequest]:
-    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
+def too_large(limit: int) -> HTTPProblem:
+    """The 413 of a body over C{limit} bytes."""
+    return HTTPProblem(
+        413,
+        jsonrpc.INVALID_REQUEST,
+        f"Request body too large: the limit is {limit} bytes",
+    )
 
 
 def read_body(request: Any, limit: int) -> bytes:
     if getattr(request, "body_too_large", False):
-        raise HTTPProblem(
-            413,
-            jsonrpc.INVALID_REQUEST,
-            f"Request body too large: the limit is {limit} bytes",
-        )
+        raise too_large(limit)
     body: bytes = request.content.read()
     if len(body) > limit:
-        raise HTTPProblem(
-            413,
-            jsonrpc.INVALID_REQUEST,
-            f"Request body too large: the limit is {limit} bytes",
-        )
+        raise too_large(limit)
     return body
 
 

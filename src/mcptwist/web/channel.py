@@ -1,0 +1,450 @@
+# -*- test-case-name: tests.test_channel -*-
+"""Receiving a request: deadlines, size limits and per-address connection caps.
+
+L{BridgeChannel} is twisted.web's L{HTTPChannel} with the bridge's guards
+against clients that hold resources without being admitted:
+
+- Each connection counts against its client address (L{ConnectionCounter}):
+  past C{limits.max_connections_per_ip} the new one is answered 429 and closed.
+- A request must arrive in time: its head within C{limits.header_timeout}
+  of its first byte (of the connection, for the first request), however
+  slowly bytes trickle in, and its body within C{limits.body_timeout} of
+  the head. Twisted's own idle timeout restarts with every byte; these do
+  not. Neither applies once the request is being answered: a response
+  stream (SSE) lasts as long as it needs.
+- When the head has arrived, before any body byte is read, the site judges
+  the request (the L{Gate<mcptwist.web.app.Gate>}'s own rules: Host, Origin,
+  path, address, rate limit, credentials, grants) and gives the most body it
+  may send: a refusal is answered at once, and so is a body over that limit.
+  While credentials cannot be checked at once (a JWT whose keys are being
+  fetched), reading stops until they have been.
+- A head too large, a malformed request, or a late one gets an answer
+  (431, 400, 408) with a JSON-RPC error body rather than a bare close.
+
+An answer given before the request was read whole says C{Connection: close};
+the rest of the request is then read and thrown away for a short while, so
+that a client still sending its body can read the answer rather than a reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString, parse_qs
+
+from .. import jsonrpc
+from ..config import ListenerConfig
+from ..ipfilter import parse_ip, rate_key
+from .http import SERVER, too_large
+
+# How long the rest of a refused request is read (and dropped) after its answer.
+LINGER: Final = 2.0
+# How long a closing connection may take to send its last answer.
+CLOSE_GRACE: Final = 10.0
+
+
+class ConnectionCounter:
+    """Open connections by client address, capped per address.
+
+    Keys are L{rate_key}s (an IPv6 client by its /64); None (a loopback or
+    Unix-socket peer, or a trusted proxy) is never counted or refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def acquire(self, key: str | None) -> bool:
+        """Count a connection from C{key}; False (nothing counted) past the limit."""
+        if key is None:
+            return True
+        count = self.counts.get(key, 0)
+        if count >= self.limit:
+            return False
+        self.counts[key] = count + 1
+        return True
+
+    def release(self, key: str | None) -> None:
+        if key is None:
+            return
+        count = self.counts.get(key, 0) - 1
+        if count > 0:
+            self.counts[key] = count
+        else:
+            self.counts.pop(key, None)
+
+
+def connection_key(address: object, listener: ListenerConfig | None) -> str | None:
+    """Which address a connection counts against: None for a peer that is
+    not limited (loopback, a Unix socket, a trusted proxy: each carries many
+    clients), else its L{rate_key}."""
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None
+    if listener is not None and listener.trusted_proxies:
+        try:
+            ip = parse_ip(host)
+        except ValueError:
+            return host
+        if any(ip in network for network in listener.trusted_proxies):
+            return None
+    return rate_key(host)
+
+
+class RequestSite(Protocol):
+    """What a L{BridgeChannel} asks of its site."""
+
+    listener: ListenerConfig | None
+    connections: ConnectionCounter | None
+    header_timeout: float
+    body_timeout: float
+    preauth_body: int
+
+    def request_head(self, request: Any) -> bytes | int | Deferred[None]: ...
+
+    def refused(self, peer: str | None, reason: str) -> None: ...
+
+
+class BridgeChannel(HTTPChannel):
+    """An HTTP/1.1 channel that bounds what a client may hold before it is admitted."""
+
+    site: RequestSite
+
+    # "head" or "body" while a request is received (and its deadline runs).
+    _phase: str | None = None
+    # The request whose body is being received.
+    _body_of: Any = None
+    # Answered and closing: whatever else arrives is dropped.
+    _closing = False
+    _counted = False
+    _key: str | None = None
+    _idle: float | None = None
+    _paused = False
+    _first = True
+    _unregistered = False
+    _closer: IDelayedCall | None = None
+
+    # Connection
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._idle = self.timeOut
+        # The first request's head is due from the moment the client connects.
+        self._start("head")
+        self._count()
+
+    def _count(self) -> bool:
+        """Count this connection against its client's address (known only
+        after a PROXY header: checked again with the first bytes)."""
+        counter = self.site.connections
+        if counter is None or self._closing:
+            return not self._closing
+        assert self.transport is not None
+        key = connection_key(self.transport.getPeer(), self.site.listener)
+        if self._counted and key == self._key:
+            return True
+        if self._counted:
+            counter.release(self._key)
+            self._counted = False
+        if not counter.acquire(key):
+            self._refuse(key, "too_many_connections")
+            self._answer(
+                429,
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"Too Many Requests: your address already holds {counter.limit} connections "
+                "(limits.max_connections_per_ip)",
+                {b"retry-after": b"5"},
+                linger=False,
+            )
+            return False
+        self._key = key
+        self._counted = True
+        return True
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._counted and self.site.connections is not None:
+            self.site.connections.release(self._key)
+            self._counted = False
+        if self._closer is not None and self._closer.active():
+            self._closer.cancel()
+        self._closer = None
+        self._body_of = None
+        self._paused = False
+        super().connectionLost(reason)
+
+    # Receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._first:
+            # Behind a PROXY header, the client's address is known now.
+            self._first = False
+            if not self._count():
+                return
+        if self._phase is None:
+            if self._handlingRequest:
+                self.resetTimeout()
+            else:
+                self._start("head")
+        LineReceiver.dataReceived(self, data)
+
+    def _start(self, phase: str) -> None:
+        """Start the deadline of a request's head or body (the idle timer stops)."""
+        self._phase = phase
+        self.setTimeout(self.site.header_timeout if phase == "head" else self.site.body_timeout)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._head_too_large()
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._head_too_large()
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._closing:
+            return False
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._head_too_large()
+            return False
+        ok: bool = super().headerReceived(line)
+        return ok
+
+    def _head_too_large(self) -> None:
+        self._refuse(self._key_for_audit(), "headers_too_large")
+        if not self.requests:
+            self._answer(
+                414,
+                jsonrpc.INVALID_REQUEST,
+                f"URI Too Long: the request line is limited to {self.MAX_LENGTH} bytes",
+            )
+            return
+        self._answer(
+            431,
+            jsonrpc.INVALID_REQUEST,
+            "Request Header Fields Too Large: the request head is limited to "
+            f"{self.totalHeadersSize} bytes, {self.MAX_LENGTH} a line and {self.maxHeaders} headers",
+        )
+
+    def allHeadersReceived(self) -> None:
+        if self._closing:
+            return
+        request = self.requests[-1]
+        _prepare(request, self._command, self._path, self._version, self.site)
+        if self.length != 0:
+            self._start("body")
+            self._body_of = request
+            if not self._decide(request):
+                return
+        super().allHeadersReceived()
+
+    def _decide(self, request: Any) -> bool:
+        """Judge a request whose body has not been read: False if it was answered."""
+        head = self.site.request_head(request)
+        if isinstance(head, bytes):
+            self._answer_request(request, head)
+            return False
+        if isinstance(head, Deferred):
+            # Its credentials are being checked: read no more until they have
+            # been (what came with the head is held, up to the small limit).
+            request.body_limit = self.site.preauth_body
+            if not self._paused:
+                self._paused = True
+                self._networkProducer.pauseProducing()
+            head.addCallback(lambda _: self._decided(request))
+            return True
+        request.body_limit = head
+        if self.length is not None and self.length > head:
+            self.body_over_limit(request)
+            return False
+        return True
+
+    def _decided(self, request: Any) -> None:
+        """Credentials checked: judge again the request that waited for them."""
+        if self._body_of is request and not self._closing:
+            request.body_limit = self.site.preauth_body
+            if not self._decide(request) or self._closing:
+                return
+        if self._paused:
+            self._paused = False
+            if not self._closing and not self._waitingForTransport and self.transport is not None:
+                self._networkProducer.resumeProducing()
+
+    def body_over_limit(self, request: Any) -> None:
+        """The body passed its limit (or says it will): 413 now."""
+        if self._closing or request is not self._body_of:
+            return
+        self._refuse(self._key_for_audit(), "body_too_large")
+        self._answer_request(request, too_large(request.body_limit).render(request))
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self._closing:
+            return
+        self._body_of = None
+        self._phase = None
+        # HTTPChannel keeps the timeout in force now, to restore it after the answer.
+        if self.timeOut != self._idle:
+            self.setTimeout(self._idle)
+        super().allContentReceived()
+
+    def timeoutConnection(self) -> None:
+        phase = self._phase
+        if phase is None or self._closing:
+            super().timeoutConnection()
+            return
+        key = "header_timeout" if phase == "head" else "body_timeout"
+        self._refuse(self._key_for_audit(), key)
+        limit = self.site.header_timeout if phase == "head" else self.site.body_timeout
+        self._answer(
+            408,
+            jsonrpc.INVALID_REQUEST,
+            f"Request Timeout: the request {phase} did not arrive within {limit:g} seconds "
+            f"(limits.{key})",
+            linger=False,
+        )
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._closing:
+            return
+        self._answer(400, jsonrpc.INVALID_REQUEST, "Bad Request: malformed HTTP request")
+
+    # Answering before the request was read whole
+
+    def _answer_request(self, request: Any, body: bytes) -> None:
+        """Finish C{request} with C{body} (its status and headers already set), then close."""
+        self._body_of = None
+        self.persistent = False
+        request.setHeader(b"connection", b"close")
+        request.setHeader(b"date", datetimeToString())
+        if request.code not in NO_BODY_CODES:
+            request.setHeader(b"content-length", b"%d" % len(body))
+        self._closing = True
+        request.write(body)
+        request.finish()
+
+    def requestDone(self, request: Any) -> None:
+        if not self._closing:
+            super().requestDone(request)
+            return
+        # A request answered before it was read whole.
+        del self.requests[0]
+        self._linger()
+
+    def _answer(
+        self,
+        status: int,
+        code: int,
+        message: str,
+        headers: dict[bytes, bytes] | None = None,
+        linger: bool = True,
+    ) -> None:
+        """Answer with a JSON-RPC error straight on the connection, then close."""
+        if self._closing:
+            return
+        self._closing = True
+        body = jsonrpc.dumps(jsonrpc.error(None, code, message))
+        lines: list[tuple[bytes, bytes]] = [
+            (b"Server", SERVER),
+            (b"Date", datetimeToString()),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Connection", b"close"),
+            (b"X-Content-Type-Options", b"nosniff"),
+            (b"Cache-Control", b"no-store"),
+            *(headers or {}).items(),
+        ]
+        assert self.transport is not None
+        self.transport.writeSequence([*_head(status, lines), body])
+        if linger:
+            self._linger()
+        else:
+            self._close()
+
+    def _linger(self) -> None:
+        """Send what is written, then read and drop the rest for L{LINGER} seconds."""
+        self._closing = True
+        self._phase = None
+        self.setTimeout(None)
+        self._resume()
+        self._unregister()
+        transport = self.transport
+        if isinstance(transport, FileDescriptor):
+            # Plain TCP or Unix: the client sees the answer end (TLS cannot half-close).
+            transport.loseWriteConnection()
+        self._closer = self.callLater(LINGER, self._close)
+
+    def _close(self) -> None:
+        self._closing = True
+        self._phase = None
+        self.setTimeout(None)
+        self._unregister()
+        assert self.transport is not None
+        self.transport.loseConnection()
+        self._closer = self.callLater(CLOSE_GRACE, self._abort)
+
+    def _unregister(self) -> None:
+        """Stop being the transport's producer (as HTTPChannel does before closing)."""
+        if not self._unregistered:
+            self._unregistered = True
+            # The transport, as a consumer (HTTPChannel registered with it).
+            network: Any = self._networkProducer
+            network.unregisterProducer()
+
+    def _abort(self) -> None:
+        self._closer = None
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._networkProducer.resumeProducing()
+
+    def _key_for_audit(self) -> str | None:
+        if self.transport is None:
+            return None
+        host = getattr(self.transport.getPeer(), "host", None)
+        return host if isinstance(host, str) else None
+
+    def _refuse(self, peer: str | None, reason: str) -> None:
+        self.site.refused(peer, reason)
+
+
+def _head(status: int, headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    reason = RESPONSES.get(status, b"Error")
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    lines += [name + b": " + value + b"\r\n" for name, value in headers]
+    lines.append(b"\r\n")
+    return lines
+
+
+def _prepare(request: Any, method: bytes, uri: bytes, version: bytes, site: Any) -> None:
+    """Give a request what twisted.web sets once its body has arrived
+    (method, path, query), so that it can be judged from its head."""
+    request.method = method
+    request.uri = uri
+    request.clientproto = version
+    request.site = site
+    path, _, query = uri.partition(b"?")
+    request.path = path
+    request.args = parse_qs(query, 1) if query else {}
+
+
+__all__ = ["BridgeChannel", "ConnectionCounter", "connection_key"]

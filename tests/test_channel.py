@@ -1,0 +1,451 @@
+"""Receiving requests: judged from their head, deadlines, caps and protocol edges.
+
+A real L{BridgeSite} and L{BridgeChannel} over a StringTransport, the gate
+and fake children behind, on a Clock: what a client sees byte by byte.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from mcptwist import jsonrpc
+from mcptwist.audit import AuditTrail
+from mcptwist.auth import hash_token
+from mcptwist.config import (
+    AuditConfig,
+    AuthConfig,
+    BridgeConfig,
+    JWTConfig,
+    LimitsConfig,
+    ServerConfig,
+    TokenConfig,
+)
+from mcptwist.metrics import Metrics
+from mcptwist.routing import make_backend
+from mcptwist.service import BridgeSite, MetricsOnly
+from mcptwist.session import SessionRegistry
+from mcptwist.web.access import AccessControl
+from mcptwist.web.app import BridgeApp
+from mcptwist.web.channel import LINGER, ConnectionCounter
+
+from .fakes import FakeProcessReactor
+from .test_auth import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key
+
+TOKEN = "mcpt_channel_test_token"
+MiB = 1024 * 1024
+INIT = jsonrpc.request(
+    1,
+    "initialize",
+    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
+)
+
+
+def parse(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of the one response in C{data}."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def post_head(path: str, length: int, token: str | None = None, **extra: str) -> bytes:
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Content-Type: application/json",
+        "Accept: application/json, text/event-stream",
+        f"Content-Length: {length}",
+    ]
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class Wire:
+    """A site over fake children, and raw connections to it."""
+
+    def __init__(
+        self,
+        test: SynchronousTestCase,
+        auth: AuthConfig | None = None,
+        fetch: Any = None,
+        **limits: Any,
+    ) -> None:
+        self.test = test
+        self.reactor = FakeProcessReactor()
+        servers = (
+            ServerConfig(name="s", command="fake", max_message_size=2 * MiB),
+            ServerConfig(name="t", command="fake", max_message_size=128 * 1024),
+        )
+        if auth is None:
+            auth = AuthConfig(tokens=(TokenConfig("user", hash_token(TOKEN)),))
+        self.config = BridgeConfig(
+            servers={s.name: s for s in servers},
+            auth=auth,
+            insecure=True,
+            limits=LimitsConfig(**limits),
+        )
+        self.metrics = Metrics()
+        self.audit = AuditTrail(AuditConfig(), self.reactor)
+        self.audit.metrics = self.metrics
+        self.access = AccessControl.from_config(self.config, self.reactor, self.audit, fetch)
+        self.backends = {s.name: make_backend(s, self.reactor, {}) for s in servers}
+        for backend in self.backends.values():
+            backend.startService()
+        self.registry = SessionRegistry(self.reactor, self.config.max_sessions)
+        self.app = BridgeApp(self.config, self.backends, self.registry, self.reactor, self.access)
+        self.site = self.make_site(self.app.resource())
+        test.addCleanup(self.registry.stopService)
+
+    def make_site(self, resource: Any) -> BridgeSite:
+        site = BridgeSite(resource, reactor=self.reactor, parsePOSTFormSubmission=False)
+        site.audit = self.audit
+        site.connections = ConnectionCounter(self.config.limits.max_connections_per_ip)
+        site.configure(self.config.limits)
+        return site
+
+    def connect(
+        self, host: str = "192.0.2.1", site: BridgeSite | None = None
+    ) -> tuple[Any, StringTransport]:
+        site = site or self.site
+        kind = IPv6Address if ":" in host else IPv4Address
+        address = kind("TCP", host, 40000)
+        channel = site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def refused(self, reason: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "mcptwist_http_refused_total", {"reason": reason}
+        )
+        return value or 0.0
+
+    def auth_failures(self) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "mcptwist_auth_failures_total", {"reason": "no credentials"}
+        )
+        return value or 0.0
+
+
+def error_message(test: SynchronousTestCase, body: bytes) -> str:
+    answer = jsonrpc.loads(body)
+    test.assertIsNone(answer["id"])
+    message: str = answer["error"]["message"]
+    return message
+
+
+class HeadTests(SynchronousTestCase):
+    """A request is judged once its head has arrived, before its body is read."""
+
+    def test_unauthenticated_20mb_post_answered_401_at_the_head(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        channel.dataReceived(post_head("/servers/s/mcp", 20_000_000))
+        status, headers, body = parse(transport.value())
+        self.assertEqual(status, 401)
+        self.assertTrue(headers["www-authenticate"].startswith("Bearer"))
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(jsonrpc.loads(body)["error"]["code"], -32001)
+        self.assertEqual(wire.auth_failures(), 1)
+        # Nothing of the body is kept: what follows is dropped unread.
+        self.assertEqual(channel.requests, [])
+        answered = transport.value()
+        for _ in range(20):
+            channel.dataReceived(b"x" * 65536)
+        self.assertEqual(transport.value(), answered)
+        self.assertFalse(transport.disconnecting)
+        # The rest is read and dropped for a moment, then the connection ends.
+        wire.reactor.advance(LINGER)
+        self.assertTrue(transport.disconnecting)
+
+    def test_good_token_gets_the_servers_full_limit(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        body = jsonrpc.dumps(INIT) + b" " * (MiB - len(jsonrpc.dumps(INIT)))
+        channel.dataReceived(post_head("/servers/s/mcp", len(body), TOKEN))
+        self.assertEqual(transport.value(), b"")
+        [request] = channel.requests
+        self.assertEqual(request.body_limit, 2 * MiB)
+        for start in range(0, len(body), 65536):
+            channel.dataReceived(body[start : start + 65536])
+        status, _, answer = parse(transport.value())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(jsonrpc.loads(answer)["result"]["protocolVersion"], "2025-06-18")
+
+    def test_the_limit_is_the_named_servers(self) -> None:
+        """Server t takes 128 KiB: a 1 MiB POST to it is refused at the head,
+        though server s would take it."""
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        channel.dataReceived(post_head("/servers/t/mcp", MiB, TOKEN))
+        status, headers, body = parse(transport.value())
+        self.assertEqual(status, 413)
+        self.assertEqual(headers["connection"], "close")
+        self.assertIn(f"the limit is {128 * 1024} bytes", error_message(self, body))
+        self.assertEqual(wire.refused("body_too_large"), 1)
+
+    def test_a_chunked_body_past_the_limit_is_answered_at_once(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        head = post_head("/servers/t/mcp", 0, TOKEN).replace(
+            b"Content-Length: 0", b"Transfer-Encoding: chunked"
+        )
+        channel.dataReceived(head)
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        channel.dataReceived(chunk)
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(chunk + chunk)
+        status, _, _ = parse(transport.value())
+        self.assertEqual(status, 413)
+        self.assertEqual(channel.requests, [])
+
+    def test_routes_without_a_body_get_the_small_limit(self) -> None:
+        wire = Wire(self, preauth_body=4096)
+        channel, transport = wire.connect()
+        channel.dataReceived(post_head("/", 5000, TOKEN))
+        self.assertEqual(parse(transport.value())[0], 413)
+
+    def test_unknown_server_is_404_at_the_head(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        channel.dataReceived(post_head("/servers/nope/mcp", 20_000_000, TOKEN))
+        status, _, body = parse(transport.value())
+        self.assertEqual(status, 404)
+        self.assertIn("no MCP server is named 'nope'", error_message(self, body))
+
+    def test_refused_host_is_421_at_the_head(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        head = post_head("/servers/s/mcp", 20_000_000, TOKEN).replace(
+            b"Host: 127.0.0.1", b"Host: evil.example"
+        )
+        channel.dataReceived(head)
+        self.assertEqual(parse(transport.value())[0], 421)
+
+    def test_the_gate_decides_once(self) -> None:
+        """The rate limit is charged once for a request judged from its head."""
+        wire = Wire(self, per_ip=None, per_principal=None)
+        checks: list[Any] = []
+        limiter = wire.access.limiter
+        original = limiter.check
+
+        def check(*args: Any, **kwargs: Any) -> Any:
+            checks.append(args)
+            return original(*args, **kwargs)
+
+        limiter.check = check  # type: ignore[method-assign]
+        channel, transport = wire.connect()
+        body = jsonrpc.dumps(INIT)
+        channel.dataReceived(post_head("/servers/s/mcp", len(body), TOKEN) + body)
+        self.assertEqual(parse(transport.value())[0], 200)
+        # One check of the address before credentials, one of the principal after.
+        self.assertEqual(len(checks), 2)
+
+    def test_reading_waits_for_a_jwt_whose_keys_are_fetched(self) -> None:
+        idp = FakeIdP(jwk(rsa_key(), "a", "RS256"))
+        idp.hold = True
+        auth = AuthConfig(
+            jwt=JWTConfig(algorithms=("RS256",), audience=(AUD,), issuer=ISS, jwks_url=JWKS_URL),
+        )
+        wire = Wire(self, auth=auth, fetch=idp.fetch)
+        token = jwt.encode(
+            claims(mcp_servers="*"), rsa_key(), algorithm="RS256", headers={"kid": "a"}
+        )
+        channel, transport = wire.connect()
+        body = jsonrpc.dumps(INIT) + b" " * 200_000
+        channel.dataReceived(post_head("/servers/s/mcp", len(body), token))
+        # Nothing more is read until the credentials are checked.
+        self.assertEqual(transport.producerState, "paused")
+        [request] = channel.requests
+        self.assertEqual(request.body_limit, 64 * 1024)
+        idp.release()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(request.body_limit, 2 * MiB)
+        for start in range(0, len(body), 65536):
+            channel.dataReceived(body[start : start + 65536])
+        self.assertEqual(parse(transport.value())[0], 200)
+
+    def test_a_refused_jwt_is_answered_when_checked(self) -> None:
+        idp = FakeIdP(jwk(rsa_key(), "a", "RS256"))
+        idp.hold = True
+        auth = AuthConfig(
+            jwt=JWTConfig(algorithms=("RS256",), audience=(AUD,), issuer=ISS, jwks_url=JWKS_URL),
+        )
+        wire = Wire(self, auth=auth, fetch=idp.fetch)
+        token = jwt.encode(
+            claims(aud="someone-else"), rsa_key(), algorithm="RS256", headers={"kid": "a"}
+        )
+        channel, transport = wire.connect()
+        channel.dataReceived(post_head("/servers/s/mcp", 20_000_000, token))
+        self.assertEqual(transport.value(), b"")
+        idp.release()
+        status, headers, _ = parse(transport.value())
+        self.assertEqual(status, 401)
+        self.assertIn('error="invalid_token"', headers["www-authenticate"])
+        self.assertEqual(transport.producerState, "producing")
+
+
+class DeadlineTests(SynchronousTestCase):
+    """A request must arrive in time, however slowly its bytes trickle."""
+
+    def test_slow_head_is_cut_at_the_deadline(self) -> None:
+        wire = Wire(self, header_timeout=20.0)
+        channel, transport = wire.connect()
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for _ in range(19):
+            wire.reactor.advance(1)
+            channel.dataReceived(b"X")
+        self.assertEqual(transport.value(), b"")
+        wire.reactor.advance(1)
+        status, headers, body = parse(transport.value())
+        self.assertEqual(status, 408)
+        self.assertEqual(headers["connection"], "close")
+        self.assertIn("limits.header_timeout", error_message(self, body))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(wire.refused("header_timeout"), 1)
+
+    def test_the_first_head_is_due_from_the_connection(self) -> None:
+        wire = Wire(self, header_timeout=20.0)
+        _, transport = wire.connect()
+        wire.reactor.advance(20)
+        self.assertEqual(parse(transport.value())[0], 408)
+
+    def test_slow_body_is_cut_at_the_deadline(self) -> None:
+        wire = Wire(self, body_timeout=30.0)
+        channel, transport = wire.connect()
+        channel.dataReceived(post_head("/servers/s/mcp", 1000, TOKEN))
+        for _ in range(29):
+            wire.reactor.advance(1)
+            channel.dataReceived(b" ")
+        self.assertEqual(transport.value(), b"")
+        wire.reactor.advance(1)
+        status, _, body = parse(transport.value())
+        self.assertEqual(status, 408)
+        self.assertIn("limits.body_timeout", error_message(self, body))
+        self.assertEqual(wire.refused("body_timeout"), 1)
+
+    def test_a_kept_alive_connection_idles_then_gets_a_new_deadline(self) -> None:
+        wire = Wire(self, header_timeout=5.0)
+        channel, transport = wire.connect()
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(parse(transport.value())[0], 200)
+        transport.clear()
+        # Between requests the idle timeout (60 s) applies, not the head's.
+        wire.reactor.advance(30)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"GET /health HTTP/1.1\r\n")
+        wire.reactor.advance(5)
+        self.assertEqual(parse(transport.value())[0], 408)
+
+    def test_response_streams_are_not_cut(self) -> None:
+        wire = Wire(self, header_timeout=5.0, body_timeout=5.0)
+        channel, transport = wire.connect()
+        channel.dataReceived(
+            b"GET /servers/s/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+        )
+        status, headers, _ = parse(transport.value())
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/event-stream")
+        wire.reactor.advance(600)
+        self.assertFalse(transport.disconnecting)
+
+
+class ConnectionCapTests(SynchronousTestCase):
+    def test_one_address_past_its_cap_is_refused(self) -> None:
+        wire = Wire(self, max_connections_per_ip=2)
+        first = [wire.connect("192.0.2.1") for _ in range(2)]
+        for _, transport in first:
+            self.assertFalse(transport.disconnecting)
+        _, refused = wire.connect("192.0.2.1")
+        status, headers, body = parse(refused.value())
+        self.assertEqual(status, 429)
+        self.assertEqual(headers["retry-after"], "5")
+        self.assertIn("limits.max_connections_per_ip", error_message(self, body))
+        self.assertTrue(refused.disconnecting)
+        self.assertEqual(wire.refused("too_many_connections"), 1)
+        # Another address is fine.
+        _, other = wire.connect("192.0.2.2")
+        self.assertFalse(other.disconnecting)
+        # A closed connection frees its place.
+        channel, _ = first[0]
+        channel.connectionLost(None)
+        _, again = wire.connect("192.0.2.1")
+        self.assertFalse(again.disconnecting)
+
+    def test_ipv6_counts_by_64_and_loopback_is_not_counted(self) -> None:
+        wire = Wire(self, max_connections_per_ip=1)
+        wire.connect("2001:db8::1")
+        _, refused = wire.connect("2001:db8::2")
+        self.assertEqual(parse(refused.value())[0], 429)
+        for _ in range(3):
+            _, local = wire.connect("127.0.0.1")
+            self.assertFalse(local.disconnecting)
+
+
+class ProtocolEdgeTests(SynchronousTestCase):
+    def test_header_line_over_16k_gets_431(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n")
+        status, headers, body = parse(transport.value())
+        self.assertEqual(status, 431)
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(headers["server"], "mcptwist")
+        self.assertIn("Request Header Fields Too Large", error_message(self, body))
+        self.assertEqual(wire.refused("headers_too_large"), 1)
+
+    def test_headers_over_16k_in_all_get_431(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        lines = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 1000) for i in range(20))
+        channel.dataReceived(b"GET /health HTTP/1.1\r\n" + lines + b"\r\n")
+        self.assertEqual(parse(transport.value())[0], 431)
+
+    def test_request_line_over_16k_gets_414(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        channel.dataReceived(b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n")
+        self.assertEqual(parse(transport.value())[0], 414)
+
+    def test_malformed_request_gets_400_with_a_body(self) -> None:
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n")
+        status, headers, body = parse(transport.value())
+        self.assertEqual(status, 400)
+        self.assertEqual(headers["server"], "mcptwist")
+        self.assertEqual(jsonrpc.loads(body)["error"]["code"], jsonrpc.INVALID_REQUEST)
+
+    def test_no_version_in_the_server_header(self) -> None:
+        wire = Wire(self)
+        answers = []
+        for request in (
+            b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            b"GET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            b"GET /servers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        ):
+            channel, transport = wire.connect()
+            channel.dataReceived(request)
+            answers.append(parse(transport.value()))
+        wire.app.metrics = Metrics().resource()
+        metrics_site = wire.make_site(MetricsOnly(wire.app.metrics, wire.app))
+        for path in (b"/metrics", b"/other"):
+            channel, transport = wire.connect(site=metrics_site)
+            channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answers.append(parse(transport.value()))
+        self.assertEqual([a[0] for a in answers], [200, 401, 401, 200, 404])
+        for _, headers, _ in answers:
+            self.assertEqual(headers["server"], "mcptwist")
