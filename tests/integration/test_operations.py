@@ -49,6 +49,10 @@ def config(audit: Path) -> str:
         "[[auth.tokens]]\n"
         'name = "user"\n'
         f'hash = "{digest_text(hash_token(USER))}"\n'
+        "[admin.commands.example]\n"
+        f"command = {h.toml_str(h.PYTHON)}\n"
+        'args = ["-m", "mcptwist.example"]\n'
+        f'env = {{ PYTHONPATH = {h.toml_str(str(h.SRC))}, PYTHONUNBUFFERED = "1" }}\n'
         + h.python_server_toml("example", ["-m", "mcptwist.example"])
         + h.python_server_toml("perclient", ["-m", "mcptwist.example"], 'sharing = "session"\n')
         + h.python_server_toml("noisy", ["-c", NOISY])
@@ -135,7 +139,7 @@ class OperationsTests(SynchronousTestCase):
 
     def test_add_and_remove_a_server(self) -> None:
         table = self.dir / "extra.toml"
-        table.write_text(h.python_server_toml("extra", ["-m", "mcptwist.example"]))
+        table.write_text('[servers.extra]\ncommand = "example"\n')
         added = self.admin_json("add", "extra", "--config", str(table))
         self.assertEqual(added["name"], "extra")
         self.bridge.wait_state("extra", "running")
@@ -149,10 +153,8 @@ class OperationsTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("exists", err)
         # A server added at run time brings its own address rules.
-        table.write_text(
-            h.python_server_toml("fenced", ["-m", "mcptwist.example"], 'allow = ["10.0.0.0/8"]\n')
-        )
-        self.admin_json("add", "fenced", "--config", str(table))
+        table.write_text('allow = ["10.0.0.0/8"]\n')
+        self.admin_json("add", "fenced", "--command", "example", "--config", str(table))
         status, _, _ = h.http(
             "POST", self.bridge.mcp_url("fenced"), INIT, {**JSON, "Authorization": f"Bearer {USER}"}
         )
