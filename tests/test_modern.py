@@ -16,7 +16,7 @@ from mcptwist.config import AuditConfig, ServerConfig
 from mcptwist.era import MODERN
 from mcptwist.jsonrpc import Message, RequestId
 from mcptwist.stateless import ModernCall, StatelessSink, agreed_filter
-from mcptwist.web.modern import MAX_LISTEN_URIS, HTTPResponder
+from mcptwist.web.modern import MAX_LISTEN_URIS, MAX_LISTENS, HTTPResponder
 
 from .fakes import FakeChild
 from .test_sse import decode
@@ -484,6 +484,24 @@ class ListenBoundsTests(SynchronousTestCase):
         ack, changed = events(chunks)
         self.assertEqual(ack["params"]["notifications"], {"toolsListChanged": True})
         self.assertEqual(changed["method"], "notifications/tools/list_changed")
+
+    def test_listen_streams_per_server_are_bounded_and_audited(self) -> None:
+        """A client's listen streams on one server are bounded: past them, 429
+        with Retry-After, written to the audit trail like every other cap."""
+        bridge = Bridge(self)
+        audit = bridge.app.access.audit
+        seen: list[dict[str, Any]] = []
+        audit.rate_limited = lambda **fields: seen.append(fields)  # type: ignore[method-assign]
+        client = Client(bridge)
+        for i in range(MAX_LISTENS):
+            response = self.successResultOf(client.start(modern(i, "subscriptions/listen", {})))
+            self.assertEqual(response.code, 200, i)
+        status, body = client.post(modern("L", "subscriptions/listen", {}))
+        self.assertEqual((status, body["id"]), (429, "L"))
+        self.assertIn(f"{MAX_LISTENS} listen streams", body["error"]["message"])
+        self.assertEqual(
+            [(f["server"], f["scope"]) for f in seen], [("s", "listens-per-principal")]
+        )
 
     def test_resource_subscriptions_per_stream_are_bounded(self) -> None:
         bridge = Bridge(self, hold=True)

@@ -108,6 +108,7 @@ RATE_LIMIT_SCOPES: Final = frozenset(
         "children-per-principal",
         "sessions-per-principal",
         "streams-per-principal",
+        "listens-per-principal",
         "sessions",
         "children",
         "batch",

@@ -260,12 +260,14 @@ def _listen(
             checked.id,
         )
     if len(sink.listens) >= MAX_LISTENS:
-        raise HTTPProblem(
+        raise app.refused(
+            request,
+            name,
+            "listens-per-principal",
             429,
-            jsonrpc.SERVER_UNAVAILABLE,
             f"Too Many Requests: this client already holds {MAX_LISTENS} listen streams here",
+            5,
             checked.id,
-            {b"retry-after": b"5"},
         )
     upstream = hub.upstream
     if upstream.init_result is not None:
