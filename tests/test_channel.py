@@ -12,6 +12,7 @@ import jwt
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
 from mcptwist import jsonrpc
 from mcptwist.audit import AuditTrail
@@ -169,6 +170,36 @@ class HeadTests(SynchronousTestCase):
         # The rest is read and dropped for a moment, then the connection ends.
         wire.reactor.advance(LINGER)
         self.assertTrue(transport.disconnecting)
+
+    def test_admin_api_not_served_here_is_refused_at_the_head(self) -> None:
+        """Without authentication, on a listener open to the network, the
+        admin API is refused (404, audited) before its body is read."""
+        wire = Wire(self, auth=AuthConfig())
+        served: list[bytes] = []
+
+        class Admin(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                served.append(request.content.read())
+                return b"{}"
+
+        wire.app.admin = Admin()
+        wire.site.local = False
+        channel, transport = wire.connect()
+        channel.dataReceived(post_head("/admin/servers", 500_000))
+        status, _, body = parse(transport.value())
+        self.assertEqual(status, 404)
+        self.assertIn(b"only on loopback", body)
+        self.assertEqual(channel.requests, [])
+        value = wire.metrics.registry.get_sample_value("mcptwist_access_refused_total")
+        self.assertEqual(value, 1.0)
+        # On a loopback listener it is served, body and all.
+        wire.site.local = True
+        channel, transport = wire.connect()
+        channel.dataReceived(post_head("/admin/servers", 2) + b"{}")
+        self.assertEqual(parse(transport.value())[0], 200)
+        self.assertEqual(served, [b"{}"])
 
     def test_good_token_gets_the_servers_full_limit(self) -> None:
         wire = Wire(self)

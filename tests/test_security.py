@@ -31,15 +31,21 @@ class OriginTests(SynchronousTestCase):
             self.assertFalse(policy.allows(origin), origin)
 
     def test_same_origin(self) -> None:
-        """The bridge's own origin: the scheme and Host the request was sent to."""
-        self.assertTrue(same_origin("http://localhost:8080", "localhost:8080", False))
-        self.assertTrue(same_origin("HTTP://LocalHost:8080/", "localhost:8080", False))
-        self.assertTrue(same_origin("https://[::1]", "[::1]:443", True))
-        self.assertTrue(same_origin("http://127.0.0.1", "127.0.0.1:80", False))
-        self.assertFalse(same_origin("http://localhost:3000", "localhost:8080", False))
-        self.assertFalse(same_origin("https://localhost:8080", "localhost:8080", False))
-        self.assertFalse(same_origin("http://evil.example:8080", "localhost:8080", False))
-        self.assertFalse(same_origin("http://localhost:8080", None, False))
+        """The bridge's own origin: the scheme and Host the request was sent
+        to, for a loopback name or one listed by name, never one matched by "*"."""
+        hosts = HostPolicy(["*"])
+        self.assertTrue(same_origin("http://localhost:8080", "localhost:8080", False, hosts))
+        self.assertTrue(same_origin("HTTP://LocalHost:8080/", "localhost:8080", False, hosts))
+        self.assertTrue(same_origin("https://[::1]", "[::1]:443", True, hosts))
+        self.assertTrue(same_origin("http://127.0.0.1", "127.0.0.1:80", False, hosts))
+        self.assertFalse(same_origin("http://localhost:3000", "localhost:8080", False, hosts))
+        self.assertFalse(same_origin("https://localhost:8080", "localhost:8080", False, hosts))
+        self.assertFalse(same_origin("http://evil.example:8080", "localhost:8080", False, hosts))
+        self.assertFalse(same_origin("http://localhost:8080", None, False, hosts))
+        # A DNS-rebound page has its own name in both headers: "*" is not a name.
+        rebound = ("http://evil.example:8080", "evil.example:8080", False)
+        self.assertFalse(same_origin(*rebound, hosts))
+        self.assertTrue(same_origin(*rebound, HostPolicy(["evil.example"])))
 
     def test_loopback_any_port(self) -> None:
         policy = OriginPolicy(["http://localhost:*", "https://[::1]:*"])

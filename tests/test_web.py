@@ -338,6 +338,16 @@ class StreamableTests(SynchronousTestCase):
             "POST", "/servers/s/mcp", INIT, {**JSON, "origin": "http://127.0.0.1:3000"}
         )
         self.assertEqual(other_port.code, 403)
+        # Any Host answered: a rebound page (its name in Host and Origin) is still refused.
+        anyhost = Bridge(self, allowed_hosts=("*",))
+        rebound = anyhost.request(
+            "POST",
+            "/servers/s/mcp",
+            INIT,
+            {**JSON, "host": "evil.example:8080", "origin": "http://evil.example:8080"},
+        )
+        self.assertEqual(rebound.code, 403)
+        self.assertEqual(anyhost.registry.sessions, {})
         inspector = Bridge(self, allowed_origins=("http://localhost:6274",))
         self.assertEqual(
             inspector.request(

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
+from .config import LOOPBACK_HOSTS
+
 
 class OriginPolicy:
     """An allow-list of origins; C{scheme://host:*} allows any port of a host."""
@@ -40,12 +42,14 @@ class OriginPolicy:
             return False
 
 
-def same_origin(origin: str, host: str | None, secure: bool) -> bool:
+def same_origin(origin: str, host: str | None, secure: bool, hosts: HostPolicy) -> bool:
     """Whether C{origin} is the bridge's own: the scheme and C{Host} the
-    request was sent to. The bridge serves no pages, so no page of its own
-    origin exists to misuse it; the MCP conformance suite requires that such
-    requests, from a loopback name, are served."""
-    if host is None:
+    request was sent to, where that host is a loopback name or one that
+    C{hosts} lists by name. The bridge serves no pages, so no page of such an
+    origin exists to misuse it (the MCP conformance suite requires these
+    requests to be served). A name matched only by C{"*"} does not count: a
+    DNS-rebound page has its own name in both headers."""
+    if host is None or not hosts.names(host):
         return False
     return _normalise(origin) == _normalise(f"{'https' if secure else 'http'}://{host}")
 
@@ -66,6 +70,11 @@ class HostPolicy:
         if self._any or host is None:
             return True
         return host_name(host) in self._allowed
+
+    def names(self, host: str) -> bool:
+        """Whether C{host} is a loopback name or one listed (not by C{"*"})."""
+        name = host_name(host)
+        return name in LOOPBACK_HOSTS or name in self._allowed
 
 
 def host_name(header: str) -> str:

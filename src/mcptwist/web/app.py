@@ -250,6 +250,10 @@ class Gate(Resource):
             except UnicodeDecodeError:
                 # A name that is not UTF-8 names no server.
                 return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
+        if first == b"admin":
+            unserved = self._admin_unserved(request, who, ip)
+            if unserved is not None:
+                return unserved.render(request)
         try:
             if admission.operator or (first == b"servers" and count <= 3):
                 # Metrics count every server: they need a grant of them all.
@@ -261,6 +265,24 @@ class Gate(Resource):
         admission.checked = True
         return None
 
+    def _admin_unserved(self, request: Any, who: Principal, ip: str | None) -> HTTPProblem | None:
+        """The 404 of an admin API that is not served here: turned off, or,
+        without authentication, on a listener open to the network (where
+        anyone who can connect would be an admin; that refusal is audited)."""
+        if self.app.admin is None or not self.app.config.admin.enabled:
+            return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found")
+        if self.app.access.auth.enabled or local_listener(request):
+            return None
+        self.app.access.audit.access_refused(
+            principal=who.id, peer=ip, server=None, route=route_of(request)
+        )
+        return HTTPProblem(
+            404,
+            jsonrpc.INVALID_REQUEST,
+            "Not Found: without authentication the admin API is served only "
+            "on loopback and Unix-socket listeners",
+        )
+
     def _admitted(self, request: Any, admission: Admission) -> Any:
         """Authorise an authenticated (or refused) request, then route it."""
         refusal = self._check(request, admission)
@@ -271,16 +293,9 @@ class Gate(Resource):
         first = parts[1]
         server = admission.server
         if first == b"admin":
-            if self.app.admin is not None and self.app.config.admin.enabled:
-                if not self.app.access.auth.enabled and not local_listener(request):
-                    # Anyone who reaches an open listener would be an admin.
-                    return HTTPProblem(
-                        404,
-                        jsonrpc.INVALID_REQUEST,
-                        "Not Found: without authentication the admin API is served only "
-                        "on loopback and Unix-socket listeners",
-                    ).render(request)
-                return self.app.admin.render(request)
+            # _check refused it unless the admin API is served here.
+            assert self.app.admin is not None
+            return self.app.admin.render(request)
         elif first == b"metrics":
             if count == 2 and self.app.metrics is not None:
                 return self.app.metrics.render(request)
@@ -456,7 +471,7 @@ class BridgeApp:
         if (
             origin is not None
             and not self.origins.allows(origin)
-            and not same_origin(origin, host, request.isSecure())
+            and not same_origin(origin, host, request.isSecure(), self.hosts)
         ):
             return HTTPProblem(
                 403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
