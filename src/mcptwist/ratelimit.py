@@ -4,7 +4,8 @@
 A request is checked against the bridge-wide buckets of its principal and
 its IP, then the buckets of the server it addresses (per principal, per IP,
 total). It spends one token from each only if every one of them allows it,
-so a refused request costs the client nothing. A JSON-RPC batch costs one
+so a request refused by a rate limit costs the client nothing (one refused
+later, by anything else, keeps what it paid). A JSON-RPC batch costs one
 token per message: the request's admission pays for the first, the batch's
 parse for the others.
 
