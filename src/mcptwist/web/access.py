@@ -318,29 +318,31 @@ class AccessControl:
             (limits.max_in_flight_per_session, "max_in_flight_per_session"),
         )
         if count > largest:
-            self.audit.rate_limited(
-                principal=principal.id, peer=ip, server=server, scope="batch", retry_after=0.0
-            )
-            raise HTTPProblem(
+            raise self.refusal(
+                principal.id,
+                ip,
+                server,
+                "batch",
                 413,
-                jsonrpc.INVALID_REQUEST,
                 f"Content Too Large: this batch holds {count} messages, more than "
                 f"limits.{key} ({largest}); send smaller batches",
+                None,
             )
         who = principal.id if principal is not ANONYMOUS else None
         refusal = self.limiter.check(who, rate_key(ip), server, cost=count - 1, paid=1)
         if refusal is None:
             return
         if refusal.burst is not None:
-            self.audit.rate_limited(
-                principal=principal.id, peer=ip, server=server, scope=refusal.scope, retry_after=0.0
-            )
-            raise HTTPProblem(
+            raise self.refusal(
+                principal.id,
+                ip,
+                server,
+                refusal.scope,
                 413,
-                jsonrpc.INVALID_REQUEST,
                 f"Content Too Large: a batch of {count} messages costs {count} requests of "
                 f"the {refusal.scope} rate limit, whose burst is {refusal.burst}; "
                 "send smaller batches",
+                None,
             )
         raise self._limited(refusal, principal.id, ip, server)
 
@@ -373,36 +375,60 @@ class AccessControl:
             )
         else:
             return
-        self.audit.rate_limited(
-            principal=session.principal,
-            peer=getattr(request, "client_ip", None),
-            server=session.server,
-            scope=scope,
-            retry_after=IN_FLIGHT_RETRY,
-        )
-        raise HTTPProblem(
+        raise self.refusal(
+            session.principal,
+            getattr(request, "client_ip", None),
+            session.server,
+            scope,
             429,
-            jsonrpc.SERVER_UNAVAILABLE,
             f"Too Many Requests: {text}; wait for their answers",
+            IN_FLIGHT_RETRY,
             request_id,
-            {b"retry-after": retry_after_header(IN_FLIGHT_RETRY)},
         )
 
     def _limited(
         self, refusal: Refusal, principal: str | None, ip: str | None, server: str | None
     ) -> HTTPProblem:
+        return self.refusal(
+            principal,
+            ip,
+            server,
+            refusal.scope,
+            429,
+            f"Too Many Requests: the {refusal.scope} rate limit is reached; retry later",
+            refusal.retry_after,
+        )
+
+    def refusal(
+        self,
+        principal: str | None,
+        ip: str | None,
+        server: str | None,
+        scope: str,
+        status: int,
+        message: str,
+        retry_after: float | None,
+        request_id: RequestId | None = None,
+    ) -> HTTPProblem:
+        """The one answer to a request a rate limit or cap refuses (C{scope}
+        says which), written to the audit trail as C{rate_limited}: 429 or 503
+        with C{Retry-After}, or 413 (C{retry_after} None) for what no retry
+        would change."""
         self.audit.rate_limited(
             principal=principal,
             peer=ip,
             server=server,
-            scope=refusal.scope,
-            retry_after=refusal.retry_after,
+            scope=scope,
+            retry_after=retry_after or 0.0,
         )
+        if retry_after is None:
+            return HTTPProblem(status, jsonrpc.INVALID_REQUEST, message, request_id)
         return HTTPProblem(
-            429,
+            status,
             jsonrpc.SERVER_UNAVAILABLE,
-            f"Too Many Requests: the {refusal.scope} rate limit is reached; retry later",
-            headers={b"retry-after": retry_after_header(refusal.retry_after)},
+            message,
+            request_id,
+            {b"retry-after": retry_after_header(retry_after)},
         )
 
     def require_admin(

@@ -563,21 +563,16 @@ class BridgeApp:
         retry_after: int,
         request_id: RequestId | None = None,
     ) -> HTTPProblem:
-        """The refusal of a request by a cap (C{scope} says which), written to
-        the audit trail as C{rate_limited}."""
-        self.access.audit.rate_limited(
-            principal=principal_id(request),
-            peer=getattr(request, "client_ip", None),
-            server=server,
-            scope=scope,
-            retry_after=retry_after,
-        )
-        return HTTPProblem(
+        """The refusal of this request by a cap (C{scope} says which), audited."""
+        return self.access.refusal(
+            principal_id(request),
+            getattr(request, "client_ip", None),
+            server,
+            scope,
             status,
-            jsonrpc.SERVER_UNAVAILABLE,
             message,
+            retry_after,
             request_id,
-            {b"retry-after": b"%d" % retry_after},
         )
 
     def stream(self, request: Any, label: str) -> EventConnection:
