@@ -480,3 +480,39 @@ class ProtocolEdgeTests(SynchronousTestCase):
         self.assertEqual([a[0] for a in answers], [200, 401, 401, 200, 404])
         for _, headers, _ in answers:
             self.assertEqual(headers["server"], "mcptwist")
+
+
+class UnreadTransport(StringTransport):
+    """A connection whose client reads nothing: past C{size} unsent bytes it
+    tells its producer to pause, as a real transport's full send buffer does."""
+
+    size = 64 * 1024
+    told = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.size and self.producer is not None and not self.told:
+            self.told = True
+            self.producer.pauseProducing()
+
+
+class PipeliningTests(SynchronousTestCase):
+    def test_a_client_that_reads_no_answers_is_read_no_more(self) -> None:
+        """A client pipelining cheap requests without reading the answers is
+        no longer read once the bridge cannot send: memory holds a bounded
+        number of answers, not one per request it sends."""
+        wire = Wire(self)
+        address = IPv4Address("TCP", "192.0.2.1", 40000)
+        channel = wire.site.buildProtocol(address)
+        transport = UnreadTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        refused = b"GET /servers/s/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sent = 0
+        # What a real transport does: it reads only while it is not paused.
+        while transport.producerState != "paused" and sent < 20_000:
+            channel.dataReceived((health + refused) * 50)
+            sent += 100
+        self.assertEqual(transport.producerState, "paused")
+        self.assertLess(len(transport.value()), 1024 * 1024)
+        self.assertLess(sent, 2_000)

@@ -338,6 +338,16 @@ class BridgeChannel(HTTPChannel):
         request.write(body)
         request.finish()
 
+    def pauseProducing(self) -> None:
+        """The client reads none of our answers: read none of its requests.
+
+        Twisted stops reading from the client only between requests, so a
+        client that pipelined cheap requests (C{/health}, refusals) and read
+        no answers had every answer queued in memory, without end."""
+        super().pauseProducing()
+        if self._handlingRequest and self.transport is not None:
+            self._networkProducer.pauseProducing()
+
     def requestDone(self, request: Any) -> None:
         if not self._closing:
             super().requestDone(request)
