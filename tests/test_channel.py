@@ -23,9 +23,11 @@ from mcptwist.config import (
     BridgeConfig,
     JWTConfig,
     LimitsConfig,
+    ListenerConfig,
     ServerConfig,
     TokenConfig,
 )
+from mcptwist.ipfilter import parse_networks
 from mcptwist.metrics import Metrics
 from mcptwist.routing import make_backend
 from mcptwist.service import BridgeSite, MetricsOnly
@@ -196,10 +198,33 @@ class HeadTests(SynchronousTestCase):
         self.assertEqual(value, 1.0)
         # On a loopback listener it is served, body and all.
         wire.site.local = True
-        channel, transport = wire.connect()
+        channel, transport = wire.connect("127.0.0.1")
         channel.dataReceived(post_head("/admin/servers", 2) + b"{}")
         self.assertEqual(parse(transport.value())[0], 200)
         self.assertEqual(served, [b"{}"])
+
+    def test_admin_api_not_served_to_a_client_a_proxy_forwards(self) -> None:
+        """Without authentication, a loopback listener behind a reverse proxy
+        serves the admin API to this host's clients only, not to the ones the
+        proxy forwards from elsewhere."""
+        wire = Wire(self, auth=AuthConfig())
+
+        class Admin(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                return b"{}"
+
+        wire.app.admin = Admin()
+        wire.site.local = True
+        wire.site.listener = ListenerConfig(
+            "tcp:8081:interface=127.0.0.1", trusted_proxies=parse_networks(["127.0.0.1"])
+        )
+        head = b"GET /admin/servers HTTP/1.1\r\nHost: localhost\r\n"
+        for forwarded, status in ((b"X-Forwarded-For: 203.0.113.9\r\n", 404), (b"", 200)):
+            channel, transport = wire.connect("127.0.0.1")
+            channel.dataReceived(head + forwarded + b"\r\n")
+            self.assertEqual(parse(transport.value())[0], status, forwarded)
 
     def test_good_token_gets_the_servers_full_limit(self) -> None:
         wire = Wire(self)

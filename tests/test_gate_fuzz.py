@@ -309,7 +309,9 @@ class Surface:
 
     def send(self, sent: Sent) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) of one request on a connection of its own."""
-        peer = IPv4Address("TCP", "192.0.2.7", 40000)
+        # A listener on loopback is reached from this host; one open to the
+        # network, from elsewhere.
+        peer = IPv4Address("TCP", "127.0.0.1" if self.site.local else "192.0.2.7", 40000)
         protocol = self.site.buildProtocol(peer)
         transport = StringTransport(
             peerAddress=peer, hostAddress=IPv4Address("TCP", "10.0.0.1", 8080)

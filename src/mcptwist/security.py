@@ -95,16 +95,22 @@ def _normalise(origin: str) -> str:
     return origin
 
 
+def is_local_ip(ip: str | None) -> bool:
+    """True for a loopback IP, or None (a Unix-socket peer): a client on this host."""
+    if ip is None:
+        return True
+    try:
+        parsed = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return bool((mapped or parsed).is_loopback)
+
+
 def is_local_address(address: object) -> bool:
     """True for a loopback IP or a Unix socket: reachable from this host only."""
     if isinstance(address, UNIXAddress):
         return True
     if isinstance(address, IPv4Address | IPv6Address):
-        host = address.host.split("%", 1)[0]
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        mapped = getattr(ip, "ipv4_mapped", None)
-        return bool((mapped or ip).is_loopback)
+        return is_local_ip(address.host)
     return False

@@ -23,7 +23,7 @@ from ..auth import ANONYMOUS, AuthFailure, Principal
 from ..config import BridgeConfig
 from ..jsonrpc import RequestId
 from ..routing import Backend, CapacityError, PrincipalCapacityError
-from ..security import HostPolicy, OriginPolicy, same_origin
+from ..security import HostPolicy, OriginPolicy, is_local_ip, same_origin
 from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
 from ..stateless import StateSigner
 from . import legacy_sse, streamable
@@ -267,11 +267,12 @@ class Gate(Resource):
 
     def _admin_unserved(self, request: Any, who: Principal, ip: str | None) -> HTTPProblem | None:
         """The 404 of an admin API that is not served here: turned off, or,
-        without authentication, on a listener open to the network (where
-        anyone who can connect would be an admin; that refusal is audited)."""
+        without authentication, to a client that is not on this host: on a
+        listener open to the network, or forwarded by a proxy (where anyone
+        who can connect would be an admin; that refusal is audited)."""
         if self.app.admin is None or not self.app.config.admin.enabled:
             return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found")
-        if self.app.access.auth.enabled or local_listener(request):
+        if self.app.access.auth.enabled or (local_listener(request) and is_local_ip(ip)):
             return None
         self.app.access.audit.access_refused(
             principal=who.id, peer=ip, server=None, route=route_of(request)
@@ -280,7 +281,7 @@ class Gate(Resource):
             404,
             jsonrpc.INVALID_REQUEST,
             "Not Found: without authentication the admin API is served only "
-            "on loopback and Unix-socket listeners",
+            "on loopback and Unix-socket listeners, to clients on this host",
         )
 
     def _admitted(self, request: Any, admission: Admission) -> Any:
