@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import jwt
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
@@ -225,6 +226,20 @@ class HeadTests(SynchronousTestCase):
             channel, transport = wire.connect("127.0.0.1")
             channel.dataReceived(head + forwarded + b"\r\n")
             self.assertEqual(parse(transport.value())[0], status, forwarded)
+
+    def test_a_reload_while_the_body_arrives_judges_it_again(self) -> None:
+        """A request admitted from its head, whose token a reload then
+        removes, is refused when its body has arrived (it does not run)."""
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        body = jsonrpc.dumps(INIT)
+        channel.dataReceived(post_head("/servers/s/mcp", len(body), TOKEN))
+        self.assertEqual(transport.value(), b"")
+        other = AuthConfig(tokens=(TokenConfig("other", hash_token("mcpt_other_token")),))
+        wire.access.reconfigure(attrs.evolve(wire.config, auth=other), wire.reactor)
+        channel.dataReceived(body)
+        self.assertEqual(parse(transport.value())[0], 401)
+        self.assertEqual(wire.registry.sessions, {})
 
     def test_good_token_gets_the_servers_full_limit(self) -> None:
         wire = Wire(self)

@@ -67,6 +67,8 @@ class AccessControl:
             if s.allow or s.deny
         }
         self._listener_policies: dict[int, AddressPolicy] = {}
+        # Which configuration a request was admitted under (see reconfigure).
+        self.generation = 0
 
     @classmethod
     def from_config(
@@ -90,6 +92,8 @@ class AccessControl:
         change in place; counts of open streams and sessions carry over.
 
         What can fail is built first: if it raises, nothing has changed.
+        Requests admitted from their head under the old configuration are
+        judged again when they are handled.
         """
         old = self.config
         authenticator = self.authenticator
@@ -122,6 +126,7 @@ class AccessControl:
             if s.allow or s.deny
         }
         self._listener_policies.clear()
+        self.generation += 1
 
     def server_added(self, server: ServerConfig) -> None:
         """A server added at run time (admin API) brings its address rules and limits."""

@@ -93,6 +93,8 @@ class Admission:
     # Authorised (rate limits charged) already: the server its path names.
     checked: bool = False
     server: str | None = None
+    # The access rules it was judged under (AccessControl.generation).
+    generation: int = 0
     _waiting: list[Deferred[None]] = attrs.field(factory=list)
 
     def settle(self, result: Principal | Failure) -> None:
@@ -128,6 +130,9 @@ class Gate(Resource):
 
     def render(self, request: Any) -> Any:
         admission = getattr(request, "admission", None)
+        if isinstance(admission, Admission) and admission.generation != self.app.access.generation:
+            # A reload changed the rules while its body arrived: judge it again.
+            admission = None
         if admission is None:
             admission = self._judge(request)
         if not isinstance(admission, Admission):
@@ -197,15 +202,17 @@ class Gate(Resource):
         try:
             ip = access.client_ip(request)
             if path == b"/health":
-                return Admission(ip, parts, operator, ANONYMOUS, checked=True)
+                return Admission(
+                    ip, parts, operator, ANONYMOUS, checked=True, generation=access.generation
+                )
             if path.startswith(PRM_PATH):
                 return self._metadata(request, path)
             access.limit_address(ip)
         except HTTPProblem as problem:
             return problem.render(request)
         if not access.auth.enabled:
-            return Admission(ip, parts, operator, ANONYMOUS)
-        admission = Admission(ip, parts, operator)
+            return Admission(ip, parts, operator, ANONYMOUS, generation=access.generation)
+        admission = Admission(ip, parts, operator, generation=access.generation)
         d = access.authenticator.authenticate(
             request.getHeader(b"authorization"), b"access_token" in request.args
         )
