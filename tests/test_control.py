@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist import jsonrpc
-from mcptwist.config import AdminConfig, BridgeConfig, CommandConfig, ConfigError, ServerConfig
+from mcptwist.config import (
+    AdminConfig,
+    BridgeConfig,
+    CommandConfig,
+    ConfigError,
+    ServerConfig,
+    parse_config,
+)
 from mcptwist.routing import CapacityError
 from mcptwist.service import BridgeService
 
@@ -139,6 +147,33 @@ class ControlTests(SynchronousTestCase):
         )
         self.assertIn("[admin.commands", str(error))
         self.assertNotIn("x", service.backends)
+
+    def test_status_shows_what_runs_as_written(self) -> None:
+        """A program, argument or directory written with ${VAR} is shown so:
+        the value the bridge's environment gave it may be a secret. The child
+        runs with the value."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        doc = {
+            "servers": {"k": {"command": "${BIN}", "args": ["--key=${KEY}"], "cwd": "${DIR}"}},
+            "admin": {"commands": {"gh": {"command": "gh", "args": ["--token", "${KEY}"]}}},
+        }
+        environ = {"BIN": "fake", "KEY": "s3cr3t-key-value", "DIR": directory}
+        config = parse_config(doc, "bridge.toml", environ)
+        service = BridgeService(config, self.reactor, environ)
+        service.startService()
+        self.addCleanup(service.stopService)
+        status = service.control.server("k")
+        assert status is not None
+        self.assertEqual(
+            (status["config"]["command"], status["config"]["args"], status["config"]["cwd"]),
+            ("${BIN}", ["--key=${KEY}"], "${DIR}"),
+        )
+        added = self.result(service.control.add_server("n", {"command": "gh"}))
+        self.assertEqual(added["config"]["args"], ["--token", "${KEY}"])
+        shown = jsonrpc.dumps([service.control.servers(), added]).decode()
+        self.assertNotIn("s3cr3t-key-value", shown)
+        self.assertIn("--key=s3cr3t-key-value", self.reactor.children[-2].args)
 
     def test_nothing_starts_while_stopping(self) -> None:
         self.service.stopService()

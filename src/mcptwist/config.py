@@ -204,6 +204,7 @@ class CommandConfig:
     env: Mapping[str, str] = attrs.field(factory=dict)
     env_passthrough: tuple[str, ...] = ()
     cwd: str | None = None
+    written: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
 
 
 @attrs.frozen
@@ -238,6 +239,9 @@ class ServerConfig:
     env: Mapping[str, str] = attrs.field(factory=dict)
     env_passthrough: tuple[str, ...] = ()
     cwd: str | None = None
+    # command, args and cwd as the file wrote them, before ${VAR} expansion:
+    # what status shows (an expanded value may be a secret).
+    written: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
     sharing: str = "shared"
     max_message_size: int = 32 * MiB
     request_timeout: float = 300.0
@@ -822,6 +826,7 @@ def _parse_server(
         env=env,
         env_passthrough=r.strings("env_passthrough"),
         cwd=r.string("cwd"),
+        written=_written(table),
         sharing=sharing or "shared",
         max_message_size=r.size("max_message_size", defaults.max_message_size),
         request_timeout=r.number("request_timeout", defaults.request_timeout),
@@ -932,6 +937,7 @@ def _parse_admin(top: _Reader) -> AdminConfig:
             env=_env(c),
             env_passthrough=c.strings("env_passthrough"),
             cwd=c.string("cwd"),
+            written=_written(table),
         )
         c.finish()
         _check_cwd(c, command.cwd)
@@ -987,7 +993,20 @@ def requested_server(
         env=chosen.env,
         env_passthrough=chosen.env_passthrough,
         cwd=chosen.cwd,
+        written=chosen.written,
     )
+
+
+def _written(table: Mapping[str, Any]) -> dict[str, Any]:
+    """What a table says runs (command, args, cwd), as written: unexpanded."""
+    written: dict[str, Any] = {}
+    for key in ("command", "cwd"):
+        if isinstance(table.get(key), str):
+            written[key] = table[key]
+    args = table.get("args")
+    if isinstance(args, list) and all(isinstance(a, str) for a in args):
+        written["args"] = list(args)
+    return written
 
 
 def listener_from_string(source: str, key: str, description: str) -> ListenerConfig:

@@ -55,14 +55,16 @@ class BridgeControl:
         status["sessions"] = self.service.registry.count(server.name)
         status["stopped_by_operator"] = backend.held
         status["added_at_runtime"] = server.name in self.service.runtime_added
-        # What runs, never the environment's values (they may be secrets).
+        # What runs as the file wrote it: never a value from the environment
+        # (${VAR} stays as written), nor the environment's values.
+        written = server.written
         status["config"] = {
-            "command": server.command,
-            "args": list(server.args),
+            "command": written.get("command", server.command),
+            "args": list(written.get("args", server.args)),
             "env": sorted(server.env),
             "env_passthrough": list(server.env_passthrough),
             "sharing": server.sharing,
-            "cwd": server.cwd,
+            "cwd": written.get("cwd", server.cwd),
         }
         return status
 
