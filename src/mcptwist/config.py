@@ -387,6 +387,26 @@ def _from_mcp_servers_json(source: str, doc: dict[str, Any]) -> dict[str, Any]:
 T = TypeVar("T")
 
 
+# Long runs of letters and digits: what a parser's message keeps of a value.
+_RUN_RE: Final = re.compile(r"[A-Za-z0-9]{8,}")
+_ESCAPES: Final = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quoted(value: str, quote: str) -> str:
+    """C{value} as C{repr} writes it between C{quote}s (without them)."""
+    out = []
+    for c in value:
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif c == quote:
+            out.append("\\" + c)
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(repr(c)[1:-1])
+    return "".join(out)
+
+
 class _Environment(Mapping[str, str]):
     """The bridge's environment as the loader reads it. It remembers each
     value it gives out, so that no error message repeats one: a value put in
@@ -411,19 +431,33 @@ class _Environment(Mapping[str, str]):
         return len(self._environ)
 
     def redact(self, error: ConfigError) -> ConfigError:
-        """C{error} with every value taken from the environment written back as C{${VAR}}."""
+        """C{error} with every value taken from the environment written back as
+        C{${VAR}}: as it is, and as C{repr} quotes it (escaped), as errors do."""
         if not self.given:
             return error
+        forms = {
+            form: f"${{{var}}}"
+            for var, value in self.given.items()
+            if value
+            for form in (value, quoted(value, "'"), quoted(value, '"'))
+        }
         # Longest first: a value that holds another is replaced whole.
-        given = sorted(self.given.items(), key=lambda item: -len(item[1]))
+        order = sorted(forms, key=len, reverse=True)
 
         def clean(text: str) -> str:
-            for var, value in given:
-                if value:
-                    text = text.replace(value, f"${{{var}}}")
+            for form in order:
+                text = text.replace(form, forms[form])
             return text
 
-        return ConfigError(error.source, clean(error.key), clean(error.problem), clean(error.fix))
+        problem = clean(error.problem)
+        # A parser's own message (an endpoint's, an address's) may quote a
+        # value cut up or escaped its own way: if a run of it still shows,
+        # the problem is not repeated at all.
+        runs = {run for value in self.given.values() for run in _RUN_RE.findall(value)}
+        if any(run in problem for run in runs):
+            problem = "is not valid (it holds a value from the environment, not repeated here)"
+
+        return ConfigError(error.source, clean(error.key), problem, clean(error.fix))
 
 
 class _Reader:
