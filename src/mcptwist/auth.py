@@ -104,8 +104,11 @@ class Principal:
 
 
 # Without authentication the bridge listens on loopback only: whoever can
-# reach it is on this host, and may do everything.
+# reach it there is on this host, and may do everything.
 ANONYMOUS: Final = Principal("anonymous", "anonymous", frozenset({"*"}), admin=True)
+# A client from elsewhere all the same (insecure = true, or forwarded by a
+# proxy to a loopback listener) may use every server, and no operator route.
+ANONYMOUS_REMOTE: Final = Principal("anonymous", "anonymous", frozenset({"*"}), admin=False)
 
 
 class IBearerToken(ICredentials):

@@ -65,7 +65,10 @@ class AdminPowerTests(SynchronousTestCase):
         status, _ = self.add_shell(bridge)
         self.assertEqual(status, 404)
         self.assertEqual(self.call(bridge, "POST", "/admin/servers/example/stop")[0], 404)
-        self.assertEqual(bridge.wait_state("example", "running")["state"], "running")
+        # Nor its status (stderr, command lines) or metrics: those need an operator.
+        for path in ("/servers", "/servers/example", "/metrics"):
+            self.assertEqual(h.http("GET", bridge.url(path))[0], 403, path)
+        h.wait_for(lambda: h.http("GET", bridge.url("/health"))[0] == 200, 20, "a healthy bridge")
         self.assertFalse(self.marker.exists())
 
     def test_loopback_admin_chooses_only_configured_commands(self) -> None:

@@ -292,7 +292,7 @@ class AccessControl:
                 )
         # Without authentication every client is "anonymous": only per-IP limits
         # can tell them apart.
-        who = principal.id if principal is not ANONYMOUS else None
+        who = principal.id if principal.kind != "anonymous" else None
         refusal = self.limiter.check(who, rate_key(ip), server, ip_charged=self.auth.enabled)
         if refusal is not None:
             raise self._limited(refusal, principal.id, ip, server)
@@ -333,7 +333,7 @@ class AccessControl:
                 f"limits.{key} ({largest}); send smaller batches",
                 None,
             )
-        who = principal.id if principal is not ANONYMOUS else None
+        who = principal.id if principal.kind != "anonymous" else None
         refusal = self.limiter.check(who, rate_key(ip), server, cost=count - 1, paid=1)
         if refusal is None:
             return

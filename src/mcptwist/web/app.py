@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from .. import __version__, jsonrpc
-from ..auth import ANONYMOUS, AuthFailure, Principal
+from ..auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
 from ..config import BridgeConfig
 from ..jsonrpc import RequestId
 from ..routing import Backend, CapacityError, PrincipalCapacityError
@@ -211,7 +211,10 @@ class Gate(Resource):
         except HTTPProblem as problem:
             return problem.render(request)
         if not access.auth.enabled:
-            return Admission(ip, parts, operator, ANONYMOUS, generation=access.generation)
+            # Without authentication only a client on this host is an operator.
+            local = local_listener(request) and is_local_ip(ip)
+            who = ANONYMOUS if local else ANONYMOUS_REMOTE
+            return Admission(ip, parts, operator, who, generation=access.generation)
         admission = Admission(ip, parts, operator, generation=access.generation)
         d = access.authenticator.authenticate(
             request.getHeader(b"authorization"), b"access_token" in request.args
@@ -279,7 +282,7 @@ class Gate(Resource):
         who can connect would be an admin; that refusal is audited)."""
         if self.app.admin is None or not self.app.config.admin.enabled:
             return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found")
-        if self.app.access.auth.enabled or (local_listener(request) and is_local_ip(ip)):
+        if self.app.access.auth.enabled or who.admin:
             return None
         self.app.access.audit.access_refused(
             principal=who.id, peer=ip, server=None, route=route_of(request)
