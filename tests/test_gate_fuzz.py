@@ -23,7 +23,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.auth import ANONYMOUS, Principal, hash_token
+from mcptwist.auth import ANONYMOUS, ANONYMOUS_REMOTE, Principal, hash_token
 from mcptwist.config import (
     AdminConfig,
     AuthConfig,
@@ -280,7 +280,8 @@ class Surface:
     def principal(self, token: str | None) -> Principal | None:
         """Who the bridge must take the sender for (None: nobody)."""
         if not self.auth:
-            return ANONYMOUS
+            # Without authentication only a client on this host is an operator.
+            return ANONYMOUS if self.site.local else ANONYMOUS_REMOTE
         if token not in TOKENS:
             return None
         name, grants, admin = TOKENS[token]
@@ -387,6 +388,13 @@ class GateFuzzTests(SynchronousTestCase):
             elif name == "close_session":
                 owner = {sid: server for sid, server in surface.sessions.values()}.get(args[0])
                 self.assertTrue(owner is None or granted(principal, owner), note)
+        # Status and metrics are for operators only.
+        path = sent.path.split("?")[0]
+        if path in ("/servers", "/metrics") or (
+            path.startswith("/servers/") and path.count("/") == 2
+        ):
+            if status == 200 and sent.method in ("GET", "HEAD"):
+                self.assertTrue(principal is not None and principal.admin, note)
         # Lists show only granted servers.
         if status == 200 and sent.method == "GET":
             path = sent.path.split("?")[0]
