@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -95,8 +96,12 @@ def _normalise(origin: str) -> str:
     return origin
 
 
+@functools.lru_cache(maxsize=4096)
 def is_local_ip(ip: str | None) -> bool:
-    """True for a loopback IP, or None (a Unix-socket peer): a client on this host."""
+    """True for a loopback IP, or None (a Unix-socket peer): a client on this host.
+
+    Cached: it is asked for every request, and parsing an address costs more
+    than the rest of the check."""
     if ip is None:
         return True
     try:
