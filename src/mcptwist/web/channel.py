@@ -201,14 +201,6 @@ class BridgeChannel(HTTPChannel):
         self._phase = phase
         self.setTimeout(self.site.header_timeout if phase == "head" else self.site.body_timeout)
 
-    def lineReceived(self, line: bytes) -> None:
-        if self._closing:
-            return
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._head_too_large()
-            return
-        super().lineReceived(line)
-
     def lineLengthExceeded(self, line: bytes) -> None:
         self._head_too_large()
 
@@ -288,11 +280,6 @@ class BridgeChannel(HTTPChannel):
         self._refuse(self._key_for_audit(), "body_too_large")
         self._answer_request(request, too_large(request.body_limit).render(request))
 
-    def rawDataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        super().rawDataReceived(data)
-
     def allContentReceived(self) -> None:
         if self._closing:
             return
@@ -322,6 +309,11 @@ class BridgeChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self._closing:
             return
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            # HTTPChannel.lineReceived counts each line of the head (with no
+            # override of ours per line) and stops at the limit.
+            self._head_too_large()
+            return
         self._answer(400, jsonrpc.INVALID_REQUEST, "Bad Request: malformed HTTP request")
 
     # Answering before the request was read whole
@@ -329,12 +321,12 @@ class BridgeChannel(HTTPChannel):
     def _answer_request(self, request: Any, body: bytes) -> None:
         """Finish C{request} with C{body} (its status and headers already set), then close."""
         self._body_of = None
+        self._stop_parsing()
         self.persistent = False
         request.setHeader(b"connection", b"close")
         request.setHeader(b"date", datetimeToString())
         if request.code not in NO_BODY_CODES:
             request.setHeader(b"content-length", b"%d" % len(body))
-        self._closing = True
         request.write(body)
         request.finish()
 
@@ -367,7 +359,7 @@ class BridgeChannel(HTTPChannel):
         """Answer with a JSON-RPC error straight on the connection, then close."""
         if self._closing:
             return
-        self._closing = True
+        self._stop_parsing()
         body = jsonrpc.dumps(jsonrpc.error(None, code, message))
         lines: list[tuple[bytes, bytes]] = [
             (b"Server", SERVER),
@@ -385,6 +377,12 @@ class BridgeChannel(HTTPChannel):
             self._linger()
         else:
             self._close()
+
+    def _stop_parsing(self) -> None:
+        """Closing: parse nothing more, not even what came in the same read
+        (L{dataReceived} drops what comes later)."""
+        self._closing = True
+        self.clearLineBuffer()
 
     def _linger(self) -> None:
         """Send what is written, then read and drop the rest for L{LINGER} seconds."""
