@@ -103,6 +103,8 @@ class RequestSite(Protocol):
 
     listener: ListenerConfig | None
     connections: ConnectionCounter | None
+    # The idle timeout of its connections (twisted.web's, between requests).
+    timeOut: float | None
     header_timeout: float
     body_timeout: float
     preauth_body: int
@@ -117,25 +119,39 @@ class BridgeChannel(HTTPChannel):
 
     site: RequestSite
 
-    # "head" or "body" while a request is received (and its deadline runs).
-    _phase: str | None = None
-    # The request whose body is being received.
-    _body_of: Any = None
-    # Answered and closing: whatever else arrives is dropped.
-    _closing = False
-    _counted = False
-    _key: str | None = None
-    _idle: float | None = None
-    _paused = False
-    _first = True
-    _unregistered = False
-    _closer: IDelayedCall | None = None
+    # Slots, not the instance's dict: HTTPChannel's own attributes nearly fill
+    # the keys a class's instances share, and one more would give every
+    # connection a dict of its own (about 1.3 KiB more for each idle stream).
+    __slots__ = (
+        "_body_of",
+        "_closer",
+        "_closing",
+        "_first",
+        "_key",
+        "_paused",
+        "_phase",
+        "_unregistered",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        # "head" or "body" while a request is received (and its deadline runs).
+        self._phase: str | None = None
+        # The request whose body is being received.
+        self._body_of: Any = None
+        # Answered and closing: whatever else arrives is dropped.
+        self._closing = False
+        # The address this connection is counted against (None: not counted).
+        self._key: str | None = None
+        self._paused = False
+        self._first = True
+        self._unregistered = False
+        self._closer: IDelayedCall | None = None
 
     # Connection
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._idle = self.timeOut
         # The first request's head is due from the moment the client connects.
         self._start("head")
         self._count()
@@ -148,11 +164,10 @@ class BridgeChannel(HTTPChannel):
             return not self._closing
         assert self.transport is not None
         key = connection_key(self.transport.getPeer(), self.site.listener)
-        if self._counted and key == self._key:
+        if key == self._key:
             return True
-        if self._counted:
-            counter.release(self._key)
-            self._counted = False
+        counter.release(self._key)
+        self._key = None
         if not counter.acquire(key):
             self._refuse(key, "too_many_connections")
             self._answer(
@@ -165,13 +180,12 @@ class BridgeChannel(HTTPChannel):
             )
             return False
         self._key = key
-        self._counted = True
         return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._counted and self.site.connections is not None:
+        if self._key is not None and self.site.connections is not None:
             self.site.connections.release(self._key)
-            self._counted = False
+            self._key = None
         if self._closer is not None and self._closer.active():
             self._closer.cancel()
         self._closer = None
@@ -286,8 +300,9 @@ class BridgeChannel(HTTPChannel):
         self._body_of = None
         self._phase = None
         # HTTPChannel keeps the timeout in force now, to restore it after the answer.
-        if self.timeOut != self._idle:
-            self.setTimeout(self._idle)
+        idle = self.site.timeOut
+        if self.timeOut != idle:
+            self.setTimeout(idle)
         super().allContentReceived()
 
     def timeoutConnection(self) -> None:
