@@ -42,6 +42,7 @@ from .http import (
     catching,
     header,
     json_body,
+    query_names,
     route_not_allowed,
     route_not_found,
 )
@@ -217,7 +218,7 @@ class Gate(Resource):
             return Admission(ip, parts, operator, who, generation=access.generation)
         admission = Admission(ip, parts, operator, generation=access.generation)
         d = access.authenticator.authenticate(
-            request.getHeader(b"authorization"), b"access_token" in request.args
+            request.getHeader(b"authorization"), query_names(request.uri, b"access_token")
         )
         d.addBoth(admission.settle)
         return admission

@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString, parse_qs
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString
 
 from .. import jsonrpc
 from ..config import ListenerConfig
@@ -460,14 +460,15 @@ def _head(status: int, headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
 
 def _prepare(request: Any, method: bytes, uri: bytes, version: bytes, site: Any) -> None:
     """Give a request what twisted.web sets once its body has arrived
-    (method, path, query), so that it can be judged from its head."""
+    (method, URI, path), so that it can be judged from its head.
+
+    Not its C{args}: twisted.web parses the query then, and the gate reads
+    the one parameter it looks for from the URI (L{query_names<mcptwist.web.http.query_names>})."""
     request.method = method
     request.uri = uri
     request.clientproto = version
     request.site = site
-    path, _, query = uri.partition(b"?")
-    request.path = path
-    request.args = parse_qs(query, 1) if query else {}
+    request.path = uri.partition(b"?")[0]
 
 
 __all__ = ["BridgeChannel", "ConnectionCounter", "connection_key"]

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
+from twisted.web.http import parse_qs
 from twisted.web.server import Request
 
 from .. import jsonrpc
@@ -101,6 +102,13 @@ def too_large(limit: int) -> HTTPProblem:
         jsonrpc.INVALID_REQUEST,
         f"Request body too large: the limit is {limit} bytes",
     )
+
+
+def query_names(uri: bytes, name: bytes) -> bool:
+    """Whether the query of C{uri} has a parameter C{name}, as twisted.web
+    parses it into a request's C{args} (read before it has, from the head)."""
+    _, _, query = uri.partition(b"?")
+    return bool(query) and name in parse_qs(query, 1)
 
 
 def read_body(request: Any, limit: int) -> bytes:
