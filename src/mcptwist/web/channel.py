@@ -299,9 +299,13 @@ class BridgeChannel(HTTPChannel):
             return
         self._body_of = None
         self._phase = None
-        # HTTPChannel keeps the timeout in force now, to restore it after the answer.
+        # HTTPChannel stops the timer next, and saves the timeout in force to
+        # restore it after the answer: the idle one, not the deadline's.
         idle = self.site.timeOut
-        if self.timeOut != idle:
+        if idle:
+            # Its timer is stopped at once: no need to move it first.
+            self.timeOut = idle
+        elif self.timeOut != idle:
             self.setTimeout(idle)
         super().allContentReceived()
 
