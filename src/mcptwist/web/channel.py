@@ -104,7 +104,7 @@ class RequestSite(Protocol):
     listener: ListenerConfig | None
     connections: ConnectionCounter | None
     # The idle timeout of its connections (twisted.web's, between requests).
-    timeOut: float | None
+    timeOut: int | None
     header_timeout: float
     body_timeout: float
     preauth_body: int
