@@ -324,16 +324,20 @@ class HeadTests(SynchronousTestCase):
         # One check of the address before credentials, one of the principal after.
         self.assertEqual(len(checks), 2)
 
-    def test_reading_waits_for_a_jwt_whose_keys_are_fetched(self) -> None:
+    def jwt_wire(self, **changes: Any) -> tuple[Wire, FakeIdP, str]:
+        """A site that checks JWTs with keys its identity provider has not
+        given yet, and a token with these claims changed."""
         idp = FakeIdP(jwk(rsa_key(), "a", "RS256"))
         idp.hold = True
         auth = AuthConfig(
             jwt=JWTConfig(algorithms=("RS256",), audience=(AUD,), issuer=ISS, jwks_url=JWKS_URL),
         )
         wire = Wire(self, auth=auth, fetch=idp.fetch)
-        token = jwt.encode(
-            claims(mcp_servers="*"), rsa_key(), algorithm="RS256", headers={"kid": "a"}
-        )
+        token = jwt.encode(claims(**changes), rsa_key(), algorithm="RS256", headers={"kid": "a"})
+        return wire, idp, token
+
+    def test_reading_waits_for_a_jwt_whose_keys_are_fetched(self) -> None:
+        wire, idp, token = self.jwt_wire(mcp_servers="*")
         channel, transport = wire.connect()
         body = jsonrpc.dumps(INIT) + b" " * 200_000
         channel.dataReceived(post_head("/servers/s/mcp", len(body), token))
@@ -349,15 +353,7 @@ class HeadTests(SynchronousTestCase):
         self.assertEqual(parse(transport.value())[0], 200)
 
     def test_a_refused_jwt_is_answered_when_checked(self) -> None:
-        idp = FakeIdP(jwk(rsa_key(), "a", "RS256"))
-        idp.hold = True
-        auth = AuthConfig(
-            jwt=JWTConfig(algorithms=("RS256",), audience=(AUD,), issuer=ISS, jwks_url=JWKS_URL),
-        )
-        wire = Wire(self, auth=auth, fetch=idp.fetch)
-        token = jwt.encode(
-            claims(aud="someone-else"), rsa_key(), algorithm="RS256", headers={"kid": "a"}
-        )
+        wire, idp, token = self.jwt_wire(aud="someone-else")
         channel, transport = wire.connect()
         channel.dataReceived(post_head("/servers/s/mcp", 20_000_000, token))
         self.assertEqual(transport.value(), b"")
