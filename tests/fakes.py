@@ -13,6 +13,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
@@ -253,3 +254,25 @@ class FakeProcessReactor(Clock):
     def child(self) -> FakeChild:
         """The most recently spawned child."""
         return self.children[-1]
+
+
+def stub_request(
+    test: Any,
+    client: Any,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, Any]:
+    """One request through a StubTreq client: (status, headers, JSON body or
+    None), or the response itself for an event stream (it stays open)."""
+    data = jsonrpc.dumps(body) if body is not None else None
+    d = client.request(method, "http://127.0.0.1" + path, data=data, headers=headers or {})
+    client.flush()
+    response = test.successResultOf(d)
+    if response.headers.getRawHeaders("content-type") == ["text/event-stream"]:
+        return response.code, response.headers, response
+    d = client.content(response)
+    client.flush()
+    content = test.successResultOf(d)
+    return response.code, response.headers, orjson.loads(content) if content else None

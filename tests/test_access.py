@@ -36,7 +36,7 @@ from mcptwist.session import SessionRegistry
 from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 
-from .fakes import FakeProcessReactor
+from .fakes import FakeProcessReactor, stub_request
 from .test_auth import validate_iss_2_10_0
 
 SECRET = b"a shared secret of at least thirty-two bytes"
@@ -104,17 +104,8 @@ class Bridge:
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, Any, Any]:
-        """(status, headers, JSON body or None) of one request."""
-        data = jsonrpc.dumps(body) if body is not None else None
-        d = self.client.request(method, "http://127.0.0.1" + path, data=data, headers=headers or {})
-        self.client.flush()
-        response = self.test.successResultOf(d)
-        if response.headers.getRawHeaders("content-type") == ["text/event-stream"]:
-            return response.code, response.headers, None
-        d = self.client.content(response)
-        self.client.flush()
-        content = self.test.successResultOf(d)
-        return response.code, response.headers, json.loads(content) if content else None
+        """(status, headers, JSON body) of one request (see L{stub_request})."""
+        return stub_request(self.test, self.client, method, path, body, headers)
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         self.audit.flush_refusals(everything=True)

@@ -32,8 +32,11 @@ os._exit(3)
 
 
 class Owner:
+    """A child's owner that records what it is told of its end, and when."""
+
     def __init__(self) -> None:
         self.lost: list[str] = []
+        self.lost_at: list[float] = []
         self.lost_once: Deferred[None] = Deferred()
 
     def child_spawned(self, child: Child) -> None:
@@ -47,6 +50,7 @@ class Owner:
 
     def child_lost(self, child: Child, why: str) -> None:
         self.lost.append(why)
+        self.lost_at.append(reactor.seconds())
         if not self.lost_once.called:
             self.lost_once.callback(None)
 

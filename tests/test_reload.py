@@ -28,7 +28,7 @@ from mcptwist.config import (
 )
 from mcptwist.service import BridgeService
 
-from .fakes import FakeProcessReactor
+from .fakes import FakeProcessReactor, stub_request
 
 SECRET = b"a shared secret of at least thirty-two bytes"
 AUDIENCE = "https://mcp.example.com"
@@ -109,16 +109,7 @@ class Bridge:
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, Any, Any]:
-        data = jsonrpc.dumps(body) if body is not None else None
-        d = self.client.request(method, "http://127.0.0.1" + path, data=data, headers=headers or {})
-        self.client.flush()
-        response = self.test.successResultOf(d)
-        if response.headers.getRawHeaders("content-type") == ["text/event-stream"]:
-            return response.code, response.headers, response
-        d = self.client.content(response)
-        self.client.flush()
-        content = self.test.successResultOf(d)
-        return response.code, response.headers, json.loads(content) if content else None
+        return stub_request(self.test, self.client, method, path, body, headers)
 
     def session(self, server: str, credentials: dict[str, str]) -> str:
         """A Streamable HTTP session, initialized."""

@@ -13,7 +13,6 @@ import sys
 from typing import Any, cast
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -27,12 +26,13 @@ from mcptwist.config import (
     ServerConfig,
     parse_server,
 )
-from mcptwist.process import EOF_GRACE, Child
+from mcptwist.process import EOF_GRACE
 from mcptwist.routing import SharedBackend, Upstream
 from mcptwist.service import BridgeService
 from mcptwist.supervisor import ChildState, Supervisor
 
 from .fakes import FakeProcessReactor
+from .test_process import Owner
 from .test_routing import FakeSession, call, initialize, send
 from .test_web import Bridge
 
@@ -395,28 +395,6 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("unresponsive_after", caught.exception.fix)
 
 
-class Owner:
-    """A supervisor's owner that only records what it is told."""
-
-    def __init__(self) -> None:
-        self.lost: list[tuple[float, str]] = []
-        self.lost_once: Deferred[None] = Deferred()
-
-    def child_spawned(self, child: Child) -> None:
-        pass
-
-    def child_message(self, child: Child, message: jsonrpc.Message) -> None:
-        pass
-
-    def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None:
-        pass
-
-    def child_lost(self, child: Child, why: str) -> None:
-        self.lost.append((reactor.seconds(), why))
-        if not self.lost_once.called:
-            self.lost_once.callback(None)
-
-
 class RealChildTests(TestCase):
     """What the kernel does when a real child closes a pipe or stops reading."""
 
@@ -441,7 +419,7 @@ class RealChildTests(TestCase):
         started = reactor.seconds()
         supervisor, owner = self.supervise(script, term_after=0.2, kill_after=0.5)
         await owner.lost_once
-        when, why = owner.lost[0]
+        when, why = owner.lost_at[0], owner.lost[0]
         self.assertEqual(why, f"closed its {name} while still running")
         self.assertLess(when - started, 3)
         child = supervisor.child
@@ -467,7 +445,7 @@ class RealChildTests(TestCase):
         script = "import os, time\nos.close(2)\ntime.sleep(1)\nos._exit(4)\n"
         _, owner = self.supervise(script)
         await owner.lost_once
-        self.assertEqual([why for _, why in owner.lost], ["exited with code 4"])
+        self.assertEqual(owner.lost, ["exited with code 4"])
 
     async def test_unread_stdin_is_bounded(self) -> None:
         """A child that never reads: writes are refused past max_message_size."""
