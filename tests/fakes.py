@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mcptwist import jsonrpc
+from mcptwist.mcp import jsonrpc
 
 # Far above the kernel's pid_max, so that a stray signal could reach nothing.
 _pids = itertools.count(50_000_000)

@@ -16,10 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from mcptwist import jsonrpc
-from mcptwist.audit import AuditTrail
-from mcptwist.auth import hash_token
-from mcptwist.config import (
+from mcptwist.config.model import (
     AuditConfig,
     AuthConfig,
     BridgeConfig,
@@ -30,9 +27,13 @@ from mcptwist.config import (
     ServerLimits,
     TokenConfig,
 )
-from mcptwist.ipfilter import parse_networks, rate_key
-from mcptwist.routing import make_backend
-from mcptwist.session import SessionRegistry
+from mcptwist.config.networks import parse_networks
+from mcptwist.mcp import jsonrpc
+from mcptwist.ops.audit import AuditTrail
+from mcptwist.routing.backends import make_backend
+from mcptwist.routing.sessions import SessionRegistry
+from mcptwist.security.auth import hash_token
+from mcptwist.security.ipfilter import rate_key
 from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 

@@ -28,9 +28,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from mcptwist.__main__ import AdminClient, main
-from mcptwist.audit import AuditTrail
-from mcptwist.auth import Principal
-from mcptwist.config import AuditConfig, CommandConfig, ConfigError, requested_server
+from mcptwist.config.load import requested_server
+from mcptwist.config.model import AuditConfig, CommandConfig, ConfigError
+from mcptwist.ops.audit import AuditTrail
+from mcptwist.security.auth import Principal
 from mcptwist.web.admin import AdminAPI
 from mcptwist.web.http import HTTPProblem
 

@@ -22,9 +22,10 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mcptwist import audit
-from mcptwist.audit import AuditError, AuditTrail, argument_digest, request_name
-from mcptwist.config import AuditConfig
+from mcptwist.config.model import AuditConfig
+from mcptwist.mcp.describe import argument_digest, request_name
+from mcptwist.ops import audit
+from mcptwist.ops.audit import AuditError, AuditTrail
 
 TS = 1795305599.123456
 TS_TEXT = "2026-11-21T23:59:59.123456Z"

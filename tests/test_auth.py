@@ -31,9 +31,11 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist import auth
 from mcptwist.__main__ import main
-from mcptwist.auth import (
+from mcptwist.config.keys import digest_text, parse_digest
+from mcptwist.config.model import AuthConfig, JWTConfig, TokenConfig
+from mcptwist.security import auth
+from mcptwist.security.auth import (
     ANONYMOUS,
     Authenticator,
     AuthFailure,
@@ -44,12 +46,9 @@ from mcptwist.auth import (
     Principal,
     StaticTokenChecker,
     bearer_token,
-    digest_text,
     generate_token,
     hash_token,
-    parse_digest,
 )
-from mcptwist.config import AuthConfig, JWTConfig, TokenConfig
 
 AUD = "https://mcp.example.com"
 ISS = "https://idp.example.com"

@@ -15,10 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from mcptwist import jsonrpc
-from mcptwist.audit import AuditTrail
-from mcptwist.auth import hash_token
-from mcptwist.config import (
+from mcptwist.config.model import (
     AuditConfig,
     AuthConfig,
     BridgeConfig,
@@ -28,11 +25,14 @@ from mcptwist.config import (
     ServerConfig,
     TokenConfig,
 )
-from mcptwist.ipfilter import parse_networks
-from mcptwist.metrics import Metrics
-from mcptwist.routing import make_backend
-from mcptwist.service import BridgeSite, MetricsOnly
-from mcptwist.session import SessionRegistry
+from mcptwist.config.networks import parse_networks
+from mcptwist.mcp import jsonrpc
+from mcptwist.ops.audit import AuditTrail
+from mcptwist.ops.metrics import Metrics
+from mcptwist.routing.backends import make_backend
+from mcptwist.routing.sessions import SessionRegistry
+from mcptwist.security.auth import hash_token
+from mcptwist.service.bridge import BridgeSite, MetricsOnly
 from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 from mcptwist.web.channel import LINGER, ConnectionCounter

@@ -13,16 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.config import (
+from mcptwist.config.load import load_config, parse_config, quoted
+from mcptwist.config.model import (
     DEFAULT_LISTEN,
     BridgeConfig,
     Bucket,
     ConfigError,
     MiB,
     default_config,
-    load_config,
-    parse_config,
-    quoted,
 )
 
 from .certs import make_ca, make_server_cert
@@ -119,7 +117,8 @@ crash_limit = 3
         """A shared child's stderr may hold another client's data: once clients
         authenticate (strangers to each other), it is not sent to them unless
         the server says so; without authentication it helps the one local user."""
-        from mcptwist.auth import digest_text, hash_token
+        from mcptwist.config.keys import digest_text
+        from mcptwist.security.auth import hash_token
 
         token = f'[[auth.tokens]]\nname = "t"\nhash = "{digest_text(hash_token("mcpt_t"))}"\n'
         servers = (
@@ -565,7 +564,7 @@ class ShippedExamplesTests(SynchronousTestCase):
         environ = {"MCPTWIST_ETC": files, "MCPTWIST_LOG": files}
         from twisted.internet.testing import MemoryReactorClock
 
-        from mcptwist.service import BridgeService
+        from mcptwist.service.bridge import BridgeService
 
         for path in examples:
             config = load_config(path, environ)

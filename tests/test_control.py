@@ -8,17 +8,17 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist import jsonrpc
-from mcptwist.config import (
+from mcptwist.config.load import parse_config
+from mcptwist.config.model import (
     AdminConfig,
     BridgeConfig,
     CommandConfig,
     ConfigError,
     ServerConfig,
-    parse_config,
 )
-from mcptwist.routing import CapacityError
-from mcptwist.service import BridgeService
+from mcptwist.mcp import jsonrpc
+from mcptwist.routing.upstream import CapacityError
+from mcptwist.service.bridge import BridgeService
 
 from .fakes import FakeProcessReactor
 
@@ -209,8 +209,8 @@ class AddedServerTests(SynchronousTestCase):
     def test_stderr_in_errors_follows_authentication(self) -> None:
         """A server added through the admin API of a bridge with authentication
         keeps its child's stderr from clients, unless its table says otherwise."""
-        from mcptwist.auth import hash_token
-        from mcptwist.config import AuthConfig, TokenConfig
+        from mcptwist.config.model import AuthConfig, TokenConfig
+        from mcptwist.security.auth import hash_token
 
         reactor = FakeProcessReactor()
         auth = AuthConfig(tokens=(TokenConfig("t", hash_token("mcpt_t")),))

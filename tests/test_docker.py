@@ -21,10 +21,12 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from mcptwist import jsonrpc
-from mcptwist.auth import digest_text, hash_token
-from mcptwist.config import ConfigError, load_config
-from mcptwist.service import BridgeService
+from mcptwist.config.keys import digest_text
+from mcptwist.config.load import load_config
+from mcptwist.config.model import ConfigError
+from mcptwist.mcp import jsonrpc
+from mcptwist.security.auth import hash_token
+from mcptwist.service.bridge import BridgeService
 
 from .fakes import FakeProcessReactor
 

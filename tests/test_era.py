@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist import era, jsonrpc, protocol
-from mcptwist.era import MODERN, Refusal
-from mcptwist.jsonrpc import Message
+from mcptwist.mcp import era, jsonrpc, protocol
+from mcptwist.mcp.era import MODERN, Refusal
+from mcptwist.mcp.jsonrpc import Message
 
 CAPS = era.META_CAPABILITIES
 VERSION = era.META_VERSION

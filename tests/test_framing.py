@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.framing import KEEP, LineFramer
+from mcptwist.child.framing import KEEP, LineFramer
 
 LIMIT = 64
 

@@ -23,8 +23,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.auth import ANONYMOUS, ANONYMOUS_REMOTE, Principal, hash_token
-from mcptwist.config import (
+from mcptwist.config.model import (
     AdminConfig,
     AuthConfig,
     BridgeConfig,
@@ -33,7 +32,8 @@ from mcptwist.config import (
     ServerConfig,
     TokenConfig,
 )
-from mcptwist.service import BridgeService
+from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, Principal, hash_token
+from mcptwist.service.bridge import BridgeService
 
 from .fakes import FakeProcessReactor
 

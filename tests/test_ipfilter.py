@@ -16,18 +16,16 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from mcptwist.config import ListenerConfig, Network
-from mcptwist.ipfilter import (
+from mcptwist.config.model import ListenerConfig, Network
+from mcptwist.config.networks import normalise, parse_ip, parse_networks
+from mcptwist.security.ipfilter import (
     AddressPolicy,
     IPFilterFactory,
     ProxyOrPolicy,
     forwarded_client,
     listening_factory,
-    normalise,
-    parse_ip,
-    parse_networks,
 )
-from mcptwist.tls import ReloadableTLS
+from mcptwist.security.tls import ReloadableTLS
 from tests.test_tls import cert_dir, client_context, listen, make_site, run
 
 

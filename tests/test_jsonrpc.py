@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist import jsonrpc
-from mcptwist.jsonrpc import Kind, ProtocolError
-from mcptwist.protocol import LATEST_LEGACY, LEGACY_VERSIONS, negotiate
+from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.jsonrpc import Kind, ProtocolError
+from mcptwist.mcp.protocol import LATEST_LEGACY, LEGACY_VERSIONS, negotiate
 
 ids = st.one_of(st.text(max_size=10), st.integers(min_value=-(2**53), max_value=2**53))
 json_values = st.recursive(

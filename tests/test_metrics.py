@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from mcptwist import __version__
-from mcptwist.metrics import (
+from mcptwist.child.supervisor import ChildState
+from mcptwist.ops.metrics import (
     AUTH_REASONS,
     CHILD_STATES,
     EXIT_REASONS,
@@ -30,7 +31,6 @@ from mcptwist.metrics import (
     auth_reason,
     exit_reason,
 )
-from mcptwist.supervisor import ChildState
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -552,8 +552,8 @@ class MetricsListenerTests(SynchronousTestCase):
     def request(
         self, host: str, origins: tuple[str, ...] = (), config: Any = None, **headers: str
     ) -> tuple[int, bytes]:
-        from mcptwist.config import BridgeConfig, ListenerConfig, MetricsConfig, ServerConfig
-        from mcptwist.service import BridgeService
+        from mcptwist.config.model import BridgeConfig, ListenerConfig, MetricsConfig, ServerConfig
+        from mcptwist.service.bridge import BridgeService
 
         from .fakes import FakeProcessReactor
 
@@ -584,7 +584,7 @@ class MetricsListenerTests(SynchronousTestCase):
         """With authentication the bridge answers any Host (a rebound page
         has no token), but a metrics listener asks for none: it keeps to
         loopback's names unless allowed_hosts names others."""
-        from mcptwist.config import parse_config
+        from mcptwist.config.load import parse_config
 
         doc = {
             "metrics": {"listen": ["tcp:0:interface=127.0.0.1"]},

@@ -10,12 +10,12 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
-from mcptwist import era, jsonrpc
-from mcptwist.audit import AuditTrail
-from mcptwist.config import AuditConfig, ServerConfig
-from mcptwist.era import MODERN
-from mcptwist.jsonrpc import Message, RequestId
-from mcptwist.stateless import ModernCall, StatelessSink, agreed_filter
+from mcptwist.config.model import AuditConfig, ServerConfig
+from mcptwist.mcp import era, jsonrpc
+from mcptwist.mcp.era import MODERN, agreed_filter
+from mcptwist.mcp.jsonrpc import Message, RequestId
+from mcptwist.ops.audit import AuditTrail
+from mcptwist.routing.stateless import ModernCall, StatelessSink
 from mcptwist.web.modern import MAX_LISTEN_URIS, MAX_LISTENS, HTTPResponder
 
 from .fakes import FakeChild

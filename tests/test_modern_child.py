@@ -12,14 +12,16 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist import __version__, era, jsonrpc
-from mcptwist.config import ServerConfig
-from mcptwist.jsonrpc import Message, RequestId
-from mcptwist.modern_child import ModernUpstream
-from mcptwist.routing import BRIDGE_CAPABILITIES, SessionBackend, SharedBackend, Upstream
-from mcptwist.session import ClientSession
-from mcptwist.stateless import ModernCall, StatelessSink, StateSigner
-from mcptwist.supervisor import ChildState
+from mcptwist import __version__
+from mcptwist.child.supervisor import ChildState
+from mcptwist.config.model import ServerConfig
+from mcptwist.mcp import era, jsonrpc
+from mcptwist.mcp.jsonrpc import Message, RequestId
+from mcptwist.routing.backends import SessionBackend, SharedBackend
+from mcptwist.routing.modern import ModernUpstream
+from mcptwist.routing.sessions import ClientSession
+from mcptwist.routing.stateless import ModernCall, StatelessSink, StateSigner
+from mcptwist.routing.upstream import BRIDGE_CAPABILITIES, Upstream
 
 from .fakes import FakeChild, FakeProcessReactor
 from .test_routing import FakeSession, call, initialize, send

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.notify import SystemdNotifier, monotonic_usec, one_line, status_line
+from mcptwist.ops.notify import SystemdNotifier, monotonic_usec, one_line, status_line
 
 
 class Receiver:

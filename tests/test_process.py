@@ -11,10 +11,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from mcptwist import jsonrpc
-from mcptwist.config import RestartPolicy, ServerConfig
-from mcptwist.process import Child
-from mcptwist.supervisor import ChildState, Supervisor
+from mcptwist.child.process import Child
+from mcptwist.child.supervisor import ChildState, Supervisor
+from mcptwist.config.model import RestartPolicy, ServerConfig
+from mcptwist.mcp import jsonrpc
 
 # Forks a grandchild that leaves the process group (setsid) while holding the
 # child's stdout, reports the grandchild's pid on stderr, then exits with 3.

@@ -26,8 +26,10 @@ def tool(name: str) -> str:
 
 
 class QualityTests(SynchronousTestCase):
-    def check(self, *argv: str) -> None:
-        result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    def check(self, *argv: str, env: dict[str, str] | None = None) -> None:
+        result = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+        )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
     def test_ruff_lint(self) -> None:
@@ -38,3 +40,8 @@ class QualityTests(SynchronousTestCase):
 
     def test_mypy(self) -> None:
         self.check(tool("mypy"))
+
+    def test_import_layers(self) -> None:
+        """The layer contract in setup.cfg: no room imports a room above it."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        self.check(tool("lint-imports"), "--no-cache", env=env)

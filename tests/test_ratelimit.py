@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.config import Bucket, LimitsConfig, ServerLimits
-from mcptwist.ratelimit import (
+from mcptwist.config.model import Bucket, LimitsConfig, ServerLimits
+from mcptwist.security.ratelimit import (
     CAPACITY_RETRY,
     Caps,
     RateLimiter,

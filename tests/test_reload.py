@@ -16,9 +16,7 @@ from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed
 
-from mcptwist import jsonrpc
-from mcptwist.auth import hash_token, revoked
-from mcptwist.config import (
+from mcptwist.config.model import (
     AuditConfig,
     AuthConfig,
     BridgeConfig,
@@ -26,7 +24,9 @@ from mcptwist.config import (
     ServerConfig,
     TokenConfig,
 )
-from mcptwist.service import BridgeService
+from mcptwist.mcp import jsonrpc
+from mcptwist.security.auth import hash_token, revoked
+from mcptwist.service.bridge import BridgeService
 
 from .fakes import FakeProcessReactor, stub_request
 

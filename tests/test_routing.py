@@ -10,17 +10,12 @@ from hypothesis import strategies as st
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist import jsonrpc
-from mcptwist.config import RestartPolicy, ServerConfig
-from mcptwist.jsonrpc import Message, RequestId
-from mcptwist.routing import (
-    ABANDONED_GRACE,
-    SessionBackend,
-    SharedBackend,
-    Upstream,
-    oversize_response_id,
-)
-from mcptwist.supervisor import ChildState
+from mcptwist.child.supervisor import ChildState
+from mcptwist.config.model import RestartPolicy, ServerConfig
+from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.jsonrpc import Message, RequestId
+from mcptwist.routing.backends import SessionBackend, SharedBackend
+from mcptwist.routing.upstream import ABANDONED_GRACE, Upstream, oversize_response_id
 
 from .fakes import INIT_RESULT, FakeProcessReactor
 
@@ -610,7 +605,7 @@ class ChildFailureTests(SynchronousTestCase):
 
 class BackendTests(SynchronousTestCase):
     def test_session_mode_gives_each_session_a_child_up_to_the_limit(self) -> None:
-        from mcptwist.routing import CapacityError
+        from mcptwist.routing.upstream import CapacityError
 
         reactor = FakeProcessReactor()
         server = ServerConfig(name="per", command="fake", sharing="session", max_children=2)

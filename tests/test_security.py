@@ -9,8 +9,14 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.config import DEFAULT_ORIGINS, LOOPBACK_HOSTS
-from mcptwist.security import HostPolicy, OriginPolicy, host_name, is_local_address, same_origin
+from mcptwist.config.model import DEFAULT_ORIGINS, LOOPBACK_HOSTS
+from mcptwist.security.origin import (
+    HostPolicy,
+    OriginPolicy,
+    host_name,
+    is_local_address,
+    same_origin,
+)
 
 
 class OriginTests(SynchronousTestCase):

@@ -17,19 +17,15 @@ from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mcptwist import jsonrpc
-from mcptwist.audit import AuditTrail
-from mcptwist.config import (
-    BridgeConfig,
-    ConfigError,
-    RestartPolicy,
-    ServerConfig,
-    parse_server,
-)
-from mcptwist.process import EOF_GRACE
-from mcptwist.routing import SharedBackend, Upstream
-from mcptwist.service import BridgeService
-from mcptwist.supervisor import ChildState, Supervisor
+from mcptwist.child.process import EOF_GRACE
+from mcptwist.child.supervisor import ChildState, Supervisor
+from mcptwist.config.load import parse_server
+from mcptwist.config.model import BridgeConfig, ConfigError, RestartPolicy, ServerConfig
+from mcptwist.mcp import jsonrpc
+from mcptwist.ops.audit import AuditTrail
+from mcptwist.routing.backends import SharedBackend
+from mcptwist.routing.upstream import Upstream
+from mcptwist.service.bridge import BridgeService
 
 from .fakes import FakeProcessReactor
 from .test_process import Owner

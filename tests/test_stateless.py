@@ -11,13 +11,11 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
-from mcptwist import era, jsonrpc
-from mcptwist.auth import hash_token
-from mcptwist.config import AuthConfig, LimitsConfig, ServerConfig, TokenConfig
-from mcptwist.era import ModernRequest
-from mcptwist.jsonrpc import Message, RequestId
-from mcptwist.routing import ABANDONED_GRACE
-from mcptwist.stateless import (
+from mcptwist.config.model import AuthConfig, LimitsConfig, ServerConfig, TokenConfig
+from mcptwist.mcp import era, jsonrpc
+from mcptwist.mcp.era import ModernRequest
+from mcptwist.mcp.jsonrpc import Message, RequestId
+from mcptwist.routing.stateless import (
     INPUT_GATHER,
     Listen,
     StatelessSink,
@@ -25,6 +23,8 @@ from mcptwist.stateless import (
     modern_error,
     request_digest,
 )
+from mcptwist.routing.upstream import ABANDONED_GRACE
+from mcptwist.security.auth import hash_token
 
 from .fakes import FakeChild
 from .test_modern import Client, call, events, modern, send

@@ -6,9 +6,9 @@ import signal
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.config import RestartPolicy, ServerConfig
-from mcptwist.routing import Upstream
-from mcptwist.supervisor import ChildState
+from mcptwist.child.supervisor import ChildState
+from mcptwist.config.model import RestartPolicy, ServerConfig
+from mcptwist.routing.upstream import Upstream
 
 from .fakes import FakeProcessReactor
 

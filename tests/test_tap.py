@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.application.service import IService
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from mcptwist.service import BridgeService
+from mcptwist.service.bridge import BridgeService
 from mcptwist.tap import Options, makeService
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -117,7 +117,7 @@ class ReapIntervalTests(SynchronousTestCase):
     def test_follows_the_shortest_idle_timeout(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        from mcptwist.config import BridgeConfig, ServerConfig
+        from mcptwist.config.model import BridgeConfig, ServerConfig
 
         def interval(*timeouts: float) -> float:
             servers = {
@@ -138,7 +138,7 @@ class AccessLogTests(SynchronousTestCase):
         from twisted.logger import capturedLogs
         from twisted.web.test.requesthelper import DummyRequest
 
-        from mcptwist.config import BridgeConfig, ServerConfig
+        from mcptwist.config.model import BridgeConfig, ServerConfig
 
         servers = {"s": ServerConfig(name="s", command="x")}
         for enabled in (False, True):

@@ -30,16 +30,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from mcptwist.config import ListenerConfig, TLSConfig
-from mcptwist.ipfilter import listening_factory
-from mcptwist.tls import (
-    ReloadableTLS,
-    TLSLoadError,
+from mcptwist.config.endpoints import (
     join_description,
     parse_ssl_endpoint,
     quote_argument,
     split_description,
 )
+from mcptwist.config.model import ListenerConfig, TLSConfig
+from mcptwist.security.ipfilter import listening_factory
+from mcptwist.security.tls import ReloadableTLS, TLSLoadError
 from tests.certs import CA, make_ca, make_server_cert
 
 # Alerts a client sees when the server, not the client, refused the handshake.

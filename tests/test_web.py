@@ -8,10 +8,10 @@ from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
-from mcptwist import jsonrpc
-from mcptwist.config import BridgeConfig, RestartPolicy, ServerConfig
-from mcptwist.routing import make_backend
-from mcptwist.session import SessionRegistry
+from mcptwist.config.model import BridgeConfig, RestartPolicy, ServerConfig
+from mcptwist.mcp import jsonrpc
+from mcptwist.routing.backends import make_backend
+from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.web.app import BridgeApp
 
 from .fakes import FakeProcessReactor

@@ -35,7 +35,8 @@ TOKEN_HINT: Final = "pass an admin token with --token-file FILE or the MCPTWIST_
 
 def token_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Print a new token once, and the configuration that accepts it."""
-    from .auth import digest_text, generate_token, hash_token
+    from mcptwist.config.keys import digest_text
+    from mcptwist.security.auth import generate_token, hash_token
 
     name = args.name.strip()
     if not name:

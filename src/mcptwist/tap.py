@@ -9,7 +9,9 @@ import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import ConfigError, default_config, listener_from_string, load_config
+from mcptwist.config.endpoints import listener_from_string
+from mcptwist.config.load import load_config
+from mcptwist.config.model import ConfigError, default_config
 
 
 class Options(usage.Options):
@@ -42,8 +44,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from .notify import SystemdNotifier
-    from .service import BridgeService
+    from mcptwist.ops.notify import SystemdNotifier
+    from mcptwist.service.bridge import BridgeService
 
     try:
         config = (

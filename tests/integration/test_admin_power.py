@@ -11,7 +11,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.auth import digest_text, hash_token
+from mcptwist.config.keys import digest_text
+from mcptwist.security.auth import hash_token
 
 from . import harness as h
 

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.__main__ import main
-from mcptwist.auth import digest_text, hash_token
+from mcptwist.config.keys import digest_text
+from mcptwist.security.auth import hash_token
 
 from . import harness as h
 

@@ -12,7 +12,8 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.auth import digest_text, hash_token
+from mcptwist.config.keys import digest_text
+from mcptwist.security.auth import hash_token
 
 from . import fault_support as fs
 from . import harness as h

@@ -171,7 +171,8 @@ class ReloadSecurityTests(SynchronousTestCase):
     """Tokens and address rules change in place: no listener is closed."""
 
     def test_tokens_and_rules_swapped(self) -> None:
-        from mcptwist.auth import digest_text, hash_token
+        from mcptwist.config.keys import digest_text
+        from mcptwist.security.auth import hash_token
 
         directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
         path = directory / "bridge.toml"
@@ -248,7 +249,8 @@ class ReloadSecurityTests(SynchronousTestCase):
         self.assertEqual(h.http("GET", metrics_url)[0], 200)
 
     def test_dropping_authentication_with_a_network_listener_is_refused(self) -> None:
-        from mcptwist.auth import digest_text, hash_token
+        from mcptwist.config.keys import digest_text
+        from mcptwist.security.auth import hash_token
 
         directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
         path = directory / "bridge.toml"
@@ -271,7 +273,8 @@ class ReloadRevocationTests(SynchronousTestCase):
     streams it allowed, and says so in the audit trail; others go on."""
 
     def test_tokens_replaced_removed_and_narrowed(self) -> None:
-        from mcptwist.auth import digest_text, hash_token
+        from mcptwist.config.keys import digest_text
+        from mcptwist.security.auth import hash_token
 
         directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
         path = directory / "bridge.toml"

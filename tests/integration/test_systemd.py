@@ -30,8 +30,9 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from mcptwist.config import ServerConfig, load_config
-from mcptwist.service import BridgeService
+from mcptwist.config.load import load_config
+from mcptwist.config.model import ServerConfig
+from mcptwist.service.bridge import BridgeService
 
 from .. import certs
 from . import harness as h

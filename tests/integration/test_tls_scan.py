@@ -27,9 +27,10 @@ from twisted.internet import endpoints, reactor, ssl
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from mcptwist.config import ListenerConfig
-from mcptwist.ipfilter import listening_factory
-from mcptwist.tls import ReloadableTLS, join_description, parse_ssl_endpoint, tls_factory
+from mcptwist.config.endpoints import join_description, parse_ssl_endpoint
+from mcptwist.config.model import ListenerConfig
+from mcptwist.security.ipfilter import listening_factory
+from mcptwist.security.tls import ReloadableTLS, tls_factory
 from tests.test_tls import cert_dir, listen, make_site
 
 REPO = Path(__file__).resolve().parents[2]

@@ -32,10 +32,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeAlias, TypeGuard, TypeVar
 
-from ..jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
-from ..protocol import LATEST_LEGACY as DEFAULT_PROTOCOL_VERSION
-from ..protocol import LEGACY_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
-from ..protocol import LOG_LEVELS
+from mcptwist.mcp.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+)
+from mcptwist.mcp.protocol import LATEST_LEGACY as DEFAULT_PROTOCOL_VERSION
+from mcptwist.mcp.protocol import LEGACY_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
+from mcptwist.mcp.protocol import LOG_LEVELS
 
 __all__ = [
     "DEFAULT_PROTOCOL_VERSION",

@@ -16,18 +16,19 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from .. import jsonrpc
-from ..audit import AuditTrail
-from ..auth import ANONYMOUS, Authenticator, AuthFailure, Principal
-from ..config import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
-from ..ipfilter import AddressPolicy, forwarded_client, rate_key
-from ..ratelimit import Caps, RateLimiter, Refusal, retry_after_header
-from ..security import is_local_address
+from mcptwist.config.model import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
+from mcptwist.mcp import jsonrpc
+from mcptwist.ops.audit import AuditTrail
+from mcptwist.security.auth import ANONYMOUS, Authenticator, AuthFailure, Principal
+from mcptwist.security.ipfilter import AddressPolicy, forwarded_client, rate_key
+from mcptwist.security.origin import is_local_address
+from mcptwist.security.ratelimit import Caps, RateLimiter, Refusal, retry_after_header
+
 from .http import HTTPProblem, header
 
 if TYPE_CHECKING:
-    from ..jsonrpc import RequestId
-    from ..session import ClientSession
+    from mcptwist.mcp.jsonrpc import RequestId
+    from mcptwist.routing.sessions import ClientSession
 
 PRM_PATH: Final = b"/.well-known/oauth-protected-resource"
 # Headers a browser client may send, and may read, across origins.

@@ -29,9 +29,10 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from .. import jsonrpc
-from ..audit import AuditTrail
-from ..config import ConfigError
+from mcptwist.config.model import ConfigError
+from mcptwist.mcp import jsonrpc
+from mcptwist.ops.audit import AuditTrail
+
 from .access import identity, principal_of
 from .http import (
     Handler,

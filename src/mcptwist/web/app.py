@@ -18,14 +18,23 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
-from .. import __version__, jsonrpc
-from ..auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
-from ..config import BridgeConfig
-from ..jsonrpc import RequestId
-from ..routing import Backend, CapacityError, PrincipalCapacityError
-from ..security import HostPolicy, OriginPolicy, is_local_ip, same_origin
-from ..session import ClientSession, PrincipalLimitError, SessionLimitError, SessionRegistry, Sink
-from ..stateless import StateSigner
+from mcptwist import __version__
+from mcptwist.config.model import BridgeConfig
+from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.jsonrpc import RequestId
+from mcptwist.routing.backends import Backend
+from mcptwist.routing.sessions import (
+    ClientSession,
+    PrincipalLimitError,
+    SessionLimitError,
+    SessionRegistry,
+    Sink,
+)
+from mcptwist.routing.stateless import StateSigner
+from mcptwist.routing.upstream import CapacityError, PrincipalCapacityError
+from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
+from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same_origin
+
 from . import legacy_sse, streamable
 from .access import (
     PRM_PATH,

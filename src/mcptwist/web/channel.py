@@ -39,9 +39,11 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString
 
-from .. import jsonrpc
-from ..config import ListenerConfig
-from ..ipfilter import parse_ip, rate_key
+from mcptwist.config.model import ListenerConfig
+from mcptwist.config.networks import parse_ip
+from mcptwist.mcp import jsonrpc
+from mcptwist.security.ipfilter import rate_key
+
 from .http import SERVER, too_large
 
 # How long the rest of a refused request is read (and dropped) after its answer.

@@ -13,8 +13,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import parse_qs
 from twisted.web.server import Request
 
-from .. import jsonrpc
-from ..jsonrpc import RequestId
+from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.jsonrpc import RequestId
 
 
 class HTTPProblem(Exception):

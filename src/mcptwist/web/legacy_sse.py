@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError
 
-from .. import jsonrpc, protocol
-from ..jsonrpc import Kind, Message, RequestId
+from mcptwist.mcp import jsonrpc, protocol
+from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
+
 from .access import principal_id
 from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event

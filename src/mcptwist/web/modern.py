@@ -18,16 +18,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
-from .. import era, jsonrpc
-from ..jsonrpc import Kind, Message
-from ..session import ClientSession
-from ..stateless import Listen, ModernCall, StatelessSink, agreed_filter, request_digest
+from mcptwist.mcp import era, jsonrpc
+from mcptwist.mcp.era import agreed_filter
+from mcptwist.mcp.jsonrpc import Kind, Message
+from mcptwist.routing.sessions import ClientSession
+from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
+
 from .access import principal_id
 from .http import HTTPProblem
 from .sse import EventConnection, encode_event
 
 if TYPE_CHECKING:
-    from ..routing import Backend
+    from mcptwist.routing.backends import Backend
+
     from .app import BridgeApp
 
 log = Logger(namespace="mcptwist.web.modern")

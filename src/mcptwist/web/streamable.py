@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Final
 from twisted.internet.defer import CancelledError
 from twisted.web.server import NOT_DONE_YET
 
-from .. import era, jsonrpc, protocol
-from ..jsonrpc import Kind, Message, RequestId
-from ..session import ClientSession
+from mcptwist.mcp import era, jsonrpc, protocol
+from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
+from mcptwist.routing.sessions import ClientSession
+
 from . import modern
 from .access import principal_id
 from .http import (

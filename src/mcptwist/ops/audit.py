@@ -24,7 +24,6 @@ ones (C{path.1} the newest). A line is never split across files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,9 +41,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, LogPublisher
 from zope.interface import implementer
 
-from mcptwist.config import AuditConfig
-from mcptwist.ipfilter import rate_key
-from mcptwist.metrics import Metrics, exit_reason
+from mcptwist.config.model import AuditConfig
+from mcptwist.ops.metrics import Metrics, exit_reason
+from mcptwist.security.ipfilter import rate_key
 
 NAMESPACE: Final = "mcptwist.audit"
 FILE_MODE: Final = 0o640
@@ -57,70 +56,10 @@ BACKLOG_BYTES: Final = 8 * 1024 * 1024
 _writerLog = Logger(namespace="mcptwist.audit.writer")
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
-_NAME_KEYS: Final = {
-    "tools/call": "name",
-    "prompts/get": "name",
-    "resources/read": "uri",
-    "resources/subscribe": "uri",
-    "resources/unsubscribe": "uri",
-}
 
 
 class AuditError(Exception):
     """The audit file cannot be opened at start, worded for the operator."""
-
-
-def argument_digest(params: object) -> tuple[int, str]:
-    """The byte size and SHA-256 (hex) of a request's arguments.
-
-    The canonical form is JSON with sorted keys. A mapping with an
-    C{arguments} key (C{tools/call}, C{prompts/get}) is digested by that
-    value, anything else whole; absent params (None) are empty. Never
-    raises, whatever the client sent.
-    """
-    if params is None:
-        data = b""
-    else:
-        try:
-            value = (
-                params["arguments"]
-                if isinstance(params, Mapping) and "arguments" in params
-                else params
-            )
-        except Exception:
-            value = params
-        data = _canonical(value)
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def request_name(method: object, params: object) -> str | None:
-    """The tool, prompt or resource a request names, or None.
-
-    C{tools/call} and C{prompts/get} give C{params["name"]}, the
-    C{resources/read}, C{subscribe} and C{unsubscribe} methods C{params["uri"]}.
-    Never raises: a missing or non-string value is None.
-    """
-    key = _NAME_KEYS.get(method) if isinstance(method, str) else None
-    if key is None or not isinstance(params, Mapping):
-        return None
-    try:
-        value = params.get(key)
-    except Exception:
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _canonical(value: object) -> bytes:
-    """Sorted-key JSON of C{value}, falling back rather than raising."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-    except TypeError:
-        pass
-    try:
-        # Integers beyond 64 bits and lone surrogates, which orjson refuses.
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr).encode()
-    except Exception:
-        return repr(value).encode("utf-8", "backslashreplace")
 
 
 def _timestamp(seconds: float) -> str:

@@ -31,12 +31,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import jsonrpc
-from .config import ServerConfig
-from .process import Child, describe_exit, stderr_buffer
+from mcptwist.child.process import Child, describe_exit, stderr_buffer
+from mcptwist.config.model import ServerConfig
+from mcptwist.mcp import jsonrpc
 
 if TYPE_CHECKING:
-    from .audit import AuditTrail
+    from mcptwist.child.record import ChildRecorder
 
 log = Logger(namespace="mcptwist.supervisor")
 
@@ -69,7 +69,7 @@ class Supervisor(Service):
         reactor: Any,
         environ: Mapping[str, str],
         label: str | None = None,
-        audit: AuditTrail | None = None,
+        audit: ChildRecorder | None = None,
     ) -> None:
         self.server = server
         self.owner = owner

@@ -19,21 +19,22 @@ from __future__ import annotations
 import itertools
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 import attrs
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from . import __version__, jsonrpc, protocol
-from .audit import AuditTrail
-from .config import ServerConfig
-from .jsonrpc import Kind, Message, RequestId
-from .process import Child
-from .supervisor import ChildState, Supervisor
+from mcptwist import __version__
+from mcptwist.child.process import Child
+from mcptwist.child.supervisor import ChildState, Supervisor
+from mcptwist.config.model import ServerConfig
+from mcptwist.mcp import jsonrpc, protocol
+from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
+from mcptwist.routing.record import Recorder
 
 log = Logger(namespace="mcptwist.routing")
 
@@ -114,7 +115,7 @@ class PrincipalCapacityError(CapacityError):
 
 
 @attrs.define(eq=False)
-class _Pending:
+class Pending:
     """A request sent (or queued) to the child, waiting for its response."""
 
     child_id: int
@@ -177,7 +178,7 @@ class Upstream(Service):
         reactor: Any,
         environ: Mapping[str, str],
         label: str | None = None,
-        audit: AuditTrail | None = None,
+        audit: Recorder | None = None,
     ) -> None:
         self.server = server
         self.clock: IReactorTime = reactor
@@ -188,10 +189,10 @@ class Upstream(Service):
         self._child: Child | None = None
         self._ready = False
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
-        self._by_client: dict[tuple[Downstream, RequestId], _Pending] = {}
+        self._pending: dict[int, Pending] = {}
+        self._by_client: dict[tuple[Downstream, RequestId], Pending] = {}
         self._outbound: dict[int, _Outbound] = {}
-        self._queue: deque[tuple[_Pending | None, Message]] = deque()
+        self._queue: deque[tuple[Pending | None, Message]] = deque()
         # initialize requests waiting for the child's handshake, with their deadlines.
         self._waiting_init: list[tuple[Downstream, Message, IDelayedCall]] = []
         self._subscriptions: dict[str, set[Downstream]] = {}
@@ -471,7 +472,7 @@ class Upstream(Service):
             session.deliver(self._unavailable(client_id), client_id)
             return False
         child_id = next(self._ids)
-        p = _Pending(
+        p = Pending(
             child_id=child_id,
             method=message["method"],
             started=self.clock.seconds(),
@@ -551,7 +552,7 @@ class Upstream(Service):
         self._ready = False
         self._silence = _Silence()
         child_id = next(self._ids)
-        p = _Pending(
+        p = Pending(
             child_id=child_id,
             method=method,
             started=self.clock.seconds(),
@@ -632,7 +633,7 @@ class Upstream(Service):
         else:
             self._child_notification(message)
 
-    def _respond(self, p: _Pending, message: Message) -> None:
+    def _respond(self, p: Pending, message: Message) -> None:
         self._forget(p)
         if p.on_response is not None:
             p.on_response(message)
@@ -737,7 +738,7 @@ class Upstream(Service):
         each client, so a shared child may only ask for them when it serves
         a single client.
         """
-        owners: dict[Downstream | None, list[_Pending]] = {}
+        owners: dict[Downstream | None, list[Pending]] = {}
         # A request paused for its client's input (a stateless call between
         # rounds) is blocked in the child: a new question comes from another.
         running = [
@@ -748,7 +749,10 @@ class Upstream(Service):
         active = [p for p in running if p.timer is not None]
         for p in active or running:
             owners.setdefault(p.session, []).append(p)
-        if active and any(_principal(p.session) != _principal(active[0].session) for p in running):
+        if active and any(
+            downstream_principal(p.session) != downstream_principal(active[0].session)
+            for p in running
+        ):
             # A paused request is blocked in the child, but were it to ask, the
             # question must not reach another principal: nobody is asked.
             for p in running:
@@ -758,13 +762,13 @@ class Upstream(Service):
         # cancellation). Only among the requests of one authenticated principal
         # does a child told to cancel stop blurring the picture after a grace period.
         recent = self.clock.seconds() + self.server.request_timeout - ABANDONED_GRACE
-        principals = {_principal(o) for o in owners}
+        principals = {downstream_principal(o) for o in owners}
         for owner, _, timer, principal in self._abandoned.values():
             alone = principals == {principal} and principal not in (None, "anonymous")
             if not alone or timer.getTime() > recent:
                 owners.setdefault(owner, [])
         # Each session-era client, and each principal of stateless ones, has roots of its own.
-        holders = {s if not s.stateless else _principal(s) for s in self.sessions}
+        holders = {s if not s.stateless else downstream_principal(s) for s in self.sessions}
         if method == "roots/list" and len(holders) > 1:
             return (
                 None,
@@ -846,7 +850,7 @@ class Upstream(Service):
 
     # Plumbing
 
-    def _send_or_queue(self, p: _Pending | None, message: Message) -> None:
+    def _send_or_queue(self, p: Pending | None, message: Message) -> None:
         if self._ready and self._child is not None:
             if p is not None:
                 p.sent_to = self._child
@@ -890,7 +894,7 @@ class Upstream(Service):
                     error=response["error"],
                 )
 
-        p = _Pending(
+        p = Pending(
             child_id=child_id,
             method=method,
             started=self.clock.seconds(),
@@ -901,7 +905,7 @@ class Upstream(Service):
         p.sent_to = self._child
         self._send(self._child, jsonrpc.request(child_id, method, params))
 
-    def _timed_out(self, p: _Pending) -> None:
+    def _timed_out(self, p: Pending) -> None:
         p.timer = None
         seconds = self.clock.seconds() - p.started
         self._fail(
@@ -945,7 +949,7 @@ class Upstream(Service):
                 why=why,
             )
 
-    def _extend(self, p: _Pending) -> None:
+    def _extend(self, p: Pending) -> None:
         """Progress was made: push the request's deadline out, within the maximum."""
         if p.timer is None or not p.timer.active():
             return
@@ -956,7 +960,7 @@ class Upstream(Service):
         )
         p.timer.reset(max(0.0, deadline - now))
 
-    def _cancel_on_child(self, p: _Pending, reason: str) -> None:
+    def _cancel_on_child(self, p: Pending, reason: str) -> None:
         """Tell the child to stop a request the bridge has given up on.
 
         The child may go on regardless, so the request is remembered (until
@@ -975,7 +979,7 @@ class Upstream(Service):
         timer = self.clock.callLater(
             self.server.request_timeout, self._abandoned.pop, p.child_id, None
         )
-        self._abandoned[p.child_id] = (owner, p.sent_to, timer, _principal(p.session))
+        self._abandoned[p.child_id] = (owner, p.sent_to, timer, downstream_principal(p.session))
 
     def _forget_abandoned(self, keep: Callable[[Downstream | None, Child], bool]) -> None:
         for child_id, (owner, child, timer, _) in list(self._abandoned.items()):
@@ -984,10 +988,10 @@ class Upstream(Service):
                 if timer.active():
                     timer.cancel()
 
-    def _fail(self, p: _Pending, code: int, text: str, data: Any = None) -> None:
+    def _fail(self, p: Pending, code: int, text: str, data: Any = None) -> None:
         self._respond(p, jsonrpc.error(p.child_id, code, text, data))
 
-    def _forget(self, p: _Pending) -> None:
+    def _forget(self, p: Pending) -> None:
         self._pending.pop(p.child_id, None)
         if p.session is not None:
             self._by_client.pop((p.session, p.client_id), None)  # type: ignore[arg-type]
@@ -1068,187 +1072,7 @@ class Upstream(Service):
         }
 
 
-class Backend(MultiService):
-    """How one configured server is served: the interface transports use."""
-
-    def __init__(
-        self,
-        server: ServerConfig,
-        reactor: Any,
-        environ: Mapping[str, str],
-        audit: AuditTrail | None = None,
-    ) -> None:
-        super().__init__()
-        self.server = server
-        self.reactor = reactor
-        self.environ = environ
-        self.audit = audit
-        # Stopped by an operator (admin API): stays stopped until started.
-        self.held = False
-        self.setName(server.name)
-        self.build()
-
-    def build(self) -> None:
-        """Set up what this sharing mode needs (called once, by the constructor)."""
-
-    def _upstream(self, stateless: bool, label: str | None = None) -> Upstream:
-        """A new upstream for the sessions of one era (a child speaks it, or is translated for)."""
-        era = self.server.era
-        cls = _upstream_class(era == "modern" or (era == "dual" and stateless))
-        return cls(self.server, self.reactor, self.environ, label, self.audit)
-
-    def open(self, session: Downstream) -> Upstream:
-        """Give a new session the upstream that will serve it."""
-        raise NotImplementedError
-
-    def close(self, session: Downstream, upstream: Upstream) -> None:
-        """The session has ended."""
-        raise NotImplementedError
-
-    def upstreams(self) -> Iterator[Upstream]:
-        for service in self:
-            assert isinstance(service, Upstream)
-            yield service
-
-    @property
-    def state(self) -> str:
-        """The server's state as a whole (a L{ChildState} value), without building
-        its L{status} (which copies every child's stderr)."""
-        raise NotImplementedError
-
-    def status(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class SharedBackend(Backend):
-    """One child for every session (the default)."""
-
-    def build(self) -> None:
-        self.upstream = self._upstream(stateless=False)
-        self.upstream.setServiceParent(self)
-        # A child of a dual-era server for stateless clients, spoken to in their revision.
-        self.modern: Upstream | None = None
-        if self.server.era == "dual":
-            self.modern = self._upstream(stateless=True, label=f"{self.server.name}[2026]")
-            self.modern.setServiceParent(self)
-
-    def open(self, session: Downstream) -> Upstream:
-        upstream = self.modern if session.stateless and self.modern else self.upstream
-        upstream.attach(session)
-        return upstream
-
-    def close(self, session: Downstream, upstream: Upstream) -> None:
-        upstream.detach(session)
-
-    @property
-    def state(self) -> str:
-        return self.upstream.supervisor.state.value
-
-    def status(self) -> dict[str, Any]:
-        status = {"name": self.server.name, "sharing": "shared", **self.upstream.status()}
-        if self.modern is not None:
-            status["modern_child"] = self.modern.status()
-        return status
-
-
-class SessionBackend(Backend):
-    """A child of its own for each session, up to max_children."""
-
-    def build(self) -> None:
-        # Children of ended sessions that are still stopping: shutdown waits for them.
-        self._stopping: set[Deferred[Any]] = set()
-        # How many children each authenticated principal holds.
-        self._held_by: dict[str, int] = {}
-
-    def open(self, session: Downstream) -> Upstream:
-        if self.held:
-            raise CapacityError(f"MCP server '{self.server.name}' was stopped by an operator")
-        count = len(list(self))
-        if count >= self.server.max_children:
-            raise CapacityError(
-                f"MCP server '{self.server.name}' already runs {count} children, its max_children"
-            )
-        # Without authentication there is no principal to hold to a share.
-        principal = _principal(session)
-        if principal == "anonymous":
-            principal = None
-        if principal is not None:
-            held = self._held_by.get(principal, 0)
-            if held >= self.server.children_per_principal:
-                raise PrincipalCapacityError(
-                    f"this client already holds {held} children of MCP server "
-                    f"'{self.server.name}', its max_children_per_principal"
-                )
-        upstream = self._upstream(session.stateless, f"{self.server.name}[{session.id[:8]}]")
-        upstream.attach(session)
-        upstream.setServiceParent(self)
-        if principal is not None:
-            self._held_by[principal] = self._held_by.get(principal, 0) + 1
-        return upstream
-
-    def close(self, session: Downstream, upstream: Upstream) -> None:
-        principal = _principal(session)
-        if principal is not None and principal in self._held_by:
-            self._held_by[principal] -= 1
-            if not self._held_by[principal]:
-                del self._held_by[principal]
-        upstream.detach(session)
-        if upstream.parent is self:
-            stopping = upstream.disownServiceParent()
-            if stopping is not None and not stopping.called:
-                self._stopping.add(stopping)
-                stopping.addBoth(lambda _: self._stopping.discard(stopping))
-
-    def stopService(self) -> Deferred[Any]:
-        return DeferredList([super().stopService(), *self._stopping])
-
-    @property
-    def state(self) -> str:
-        """Failed when every child has failed; otherwise running (no children
-        yet included: the next session spawns one)."""
-        states = {u.supervisor.state for u in self.upstreams()}
-        if states == {ChildState.FAILED}:
-            return ChildState.FAILED.value
-        return ChildState.RUNNING.value
-
-    def status(self) -> dict[str, Any]:
-        children = [u.status() for u in self.upstreams()]
-        running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
-        silent = sum(1 for c in children if c["unresponsive"])
-        return {
-            "name": self.server.name,
-            "sharing": "session",
-            "state": self.state,
-            "children": children,
-            "running_children": running,
-            "unresponsive_children": silent,
-            # Like failed: only when it holds for every child.
-            "unresponsive": bool(children) and silent == len(children),
-            "max_children": self.server.max_children,
-            "sessions": sum(c["sessions"] for c in children),
-        }
-
-
-def _principal(session: object) -> str | None:
+def downstream_principal(session: object) -> str | None:
     """Who is behind a downstream (None when the downstream does not say)."""
     principal = getattr(session, "principal", None)
     return principal if isinstance(principal, str) else None
-
-
-def _upstream_class(modern: bool) -> type[Upstream]:
-    """The upstream for a child that speaks 2026-07-28, or the session era."""
-    if not modern:
-        return Upstream
-    from .modern_child import ModernUpstream  # it builds on Upstream, defined here
-
-    return ModernUpstream
-
-
-def make_backend(
-    server: ServerConfig,
-    reactor: Any,
-    environ: Mapping[str, str],
-    audit: AuditTrail | None = None,
-) -> Backend:
-    cls = SessionBackend if server.sharing == "session" else SharedBackend
-    return cls(server, reactor, environ, audit)

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
-from .config import ADMIN_SOURCE, ConfigError, requested_server
-from .routing import Backend, SessionBackend
-from .session import ClientSession
-from .supervisor import ChildState
+from mcptwist.child.supervisor import ChildState
+from mcptwist.config.load import ADMIN_SOURCE, requested_server
+from mcptwist.config.model import ConfigError
+from mcptwist.routing.backends import Backend, SessionBackend
+from mcptwist.routing.sessions import ClientSession
 
 if TYPE_CHECKING:
-    from .service import BridgeService
+    from mcptwist.service.bridge import BridgeService
 
 
 class BridgeControl:

@@ -25,11 +25,17 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from . import era, jsonrpc, protocol
-from .jsonrpc import Message
-from .process import Child
-from .routing import BRIDGE_CAPABILITIES, BRIDGE_INFO, Downstream, Upstream, _Pending
-from .stateless import LIST_CHANGED, agreed_filter
+from mcptwist.child.process import Child
+from mcptwist.mcp import era, jsonrpc, protocol
+from mcptwist.mcp.era import LIST_CHANGED, agreed_filter
+from mcptwist.mcp.jsonrpc import Message
+from mcptwist.routing.upstream import (
+    BRIDGE_CAPABILITIES,
+    BRIDGE_INFO,
+    Downstream,
+    Pending,
+    Upstream,
+)
 
 log = Logger(namespace="mcptwist.routing")
 
@@ -38,7 +44,7 @@ log = Logger(namespace="mcptwist.routing")
 class _Round:
     """A session-era client's request that the child answered with input_required."""
 
-    pending: _Pending
+    pending: Pending
     state: Any
     # The bridge's ids of the questions still unanswered, and their keys.
     waiting: dict[int, str] = attrs.field(factory=dict)
@@ -152,7 +158,7 @@ class ModernUpstream(Upstream):
     def _unsubscribed(self, uri: str) -> None:
         """Subscriptions are the listen stream's business (detach reopens it)."""
 
-    def _forget(self, p: _Pending) -> None:
+    def _forget(self, p: Pending) -> None:
         super()._forget(p)
         for out_id, round_ in list(self._rounds.items()):
             if round_.pending is p:
@@ -200,7 +206,7 @@ class ModernUpstream(Upstream):
             meta[era.META_LOG_LEVEL] = level
         return meta
 
-    def _respond(self, p: _Pending, message: Message) -> None:
+    def _respond(self, p: Pending, message: Message) -> None:
         result = message.get("result")
         if (
             p.session is not None
@@ -212,7 +218,7 @@ class ModernUpstream(Upstream):
             return
         super()._respond(p, message)
 
-    def _ask(self, p: _Pending, result: dict[str, Any]) -> None:
+    def _ask(self, p: Pending, result: dict[str, Any]) -> None:
         """Ask a session-era client the child's questions, as requests of the server."""
         session = p.session
         assert session is not None and p.client_id is not None

@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from . import era, jsonrpc, protocol
-from .jsonrpc import Kind, Message, RequestId
+from mcptwist.mcp import era, jsonrpc, protocol
+from mcptwist.mcp.era import LIST_CHANGED
+from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 
 if TYPE_CHECKING:
-    from .routing import Upstream
-    from .session import ClientSession
+    from mcptwist.routing.sessions import ClientSession
+    from mcptwist.routing.upstream import Upstream
 
 log = Logger(namespace="mcptwist.stateless")
 
@@ -53,11 +54,6 @@ INPUT_GATHER: Final = 0.05
 STATE_TTL: Final = 3600.0
 # Calls one hub keeps parked (waiting for a client's retry); the oldest gives way.
 MAX_PARKED: Final = 64
-LIST_CHANGED: Final = {
-    "notifications/tools/list_changed": ("toolsListChanged", "tools"),
-    "notifications/prompts/list_changed": ("promptsListChanged", "prompts"),
-    "notifications/resources/list_changed": ("resourcesListChanged", "resources"),
-}
 
 
 class Responder(Protocol):
@@ -532,21 +528,6 @@ def modern_error(error: dict[str, Any], request: era.ModernRequest) -> tuple[int
         # URL elicitation, which this revision does by input_required.
         code = jsonrpc.INTERNAL_ERROR
     return code, text, data
-
-
-def agreed_filter(wanted: dict[str, Any], capabilities: Any) -> dict[str, Any]:
-    """The part of a listen filter the child can honour, by its capabilities."""
-    caps = capabilities if isinstance(capabilities, dict) else {}
-    agreed: dict[str, Any] = {}
-    for field, capability in LIST_CHANGED.values():
-        declared = caps.get(capability)
-        if wanted.get(field) is True and isinstance(declared, dict) and declared.get("listChanged"):
-            agreed[field] = True
-    uris = wanted.get("resourceSubscriptions")
-    resources = caps.get("resources")
-    if isinstance(uris, list) and isinstance(resources, dict) and resources.get("subscribe"):
-        agreed["resourceSubscriptions"] = [u for u in uris if isinstance(u, str)]
-    return agreed
 
 
 class Listen:

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from . import __version__
+from mcptwist import __version__
 
 log = Logger(namespace="mcptwist.metrics")
 

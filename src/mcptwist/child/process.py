@@ -40,9 +40,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import jsonrpc
-from .config import ServerConfig
-from .framing import LineFramer
+from mcptwist.child.framing import LineFramer
+from mcptwist.config.model import ServerConfig
+from mcptwist.mcp import jsonrpc
 
 # The variables a child inherits from the bridge's environment when set; the
 # rest (tokens, keys, LISTEN_FDS...) stays with the bridge.

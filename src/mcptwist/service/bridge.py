@@ -29,31 +29,31 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
-from .audit import AuditError, AuditTrail
-from .auth import revoked
-from .config import (
+from mcptwist.config.load import load_config
+from mcptwist.config.model import (
     AuthConfig,
     BridgeConfig,
     ConfigError,
     LimitsConfig,
     ListenerConfig,
     ServerConfig,
-    load_config,
 )
-from .control import BridgeControl
-from .ipfilter import listening_factory
-from .metrics import Metrics, ServerSnapshot, Snapshot
-from .notify import SystemdNotifier, status_line
-from .routing import Backend, make_backend
-from .security import is_local_address
-from .session import ClientSession, SessionRegistry
-from .stateless import StatelessSink
-from .tls import ReloadableTLS, TLSLoadError
-from .web.access import AccessControl
-from .web.admin import AdminAPI
-from .web.app import BridgeApp
-from .web.channel import BridgeChannel, ConnectionCounter
-from .web.http import BoundedRequest, header
+from mcptwist.ops.audit import AuditError, AuditTrail
+from mcptwist.ops.metrics import Metrics, ServerSnapshot, Snapshot
+from mcptwist.ops.notify import SystemdNotifier, status_line
+from mcptwist.routing.backends import Backend, make_backend
+from mcptwist.routing.sessions import ClientSession, SessionRegistry
+from mcptwist.routing.stateless import StatelessSink
+from mcptwist.security.auth import revoked
+from mcptwist.security.ipfilter import listening_factory
+from mcptwist.security.origin import is_local_address
+from mcptwist.security.tls import ReloadableTLS, TLSLoadError
+from mcptwist.service.control import BridgeControl
+from mcptwist.web.access import AccessControl
+from mcptwist.web.admin import AdminAPI
+from mcptwist.web.app import BridgeApp
+from mcptwist.web.channel import BridgeChannel, ConnectionCounter
+from mcptwist.web.http import BoundedRequest, header
 
 log = Logger(namespace="mcptwist.service")
 

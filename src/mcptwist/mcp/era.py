@@ -21,8 +21,8 @@ from typing import Any, Final
 
 import attrs
 
-from . import jsonrpc, protocol
-from .jsonrpc import Message, RequestId
+from mcptwist.mcp import jsonrpc, protocol
+from mcptwist.mcp.jsonrpc import Message, RequestId
 
 MODERN: Final = "2026-07-28"
 MODERN_VERSIONS: Final = (MODERN,)
@@ -278,3 +278,25 @@ def _meta_of(message: Message) -> dict[str, Any]:
     params = message.get("params")
     meta = params.get("_meta") if isinstance(params, dict) else None
     return meta if isinstance(meta, dict) else {}
+
+
+LIST_CHANGED: Final = {
+    "notifications/tools/list_changed": ("toolsListChanged", "tools"),
+    "notifications/prompts/list_changed": ("promptsListChanged", "prompts"),
+    "notifications/resources/list_changed": ("resourcesListChanged", "resources"),
+}
+
+
+def agreed_filter(wanted: dict[str, Any], capabilities: Any) -> dict[str, Any]:
+    """The part of a listen filter the child can honour, by its capabilities."""
+    caps = capabilities if isinstance(capabilities, dict) else {}
+    agreed: dict[str, Any] = {}
+    for field, capability in LIST_CHANGED.values():
+        declared = caps.get(capability)
+        if wanted.get(field) is True and isinstance(declared, dict) and declared.get("listChanged"):
+            agreed[field] = True
+    uris = wanted.get("resourceSubscriptions")
+    resources = caps.get("resources")
+    if isinstance(uris, list) and isinstance(resources, dict) and resources.get("subscribe"):
+        agreed["resourceSubscriptions"] = [u for u in uris if isinstance(u, str)]
+    return agreed

@@ -25,7 +25,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
-from mcptwist.config import Bucket, LimitsConfig, ServerLimits
+from mcptwist.config.model import Bucket, LimitsConfig, ServerLimits
 
 MAX_KEYS: Final = 100_000
 PRUNE_INTERVAL: Final = 60.0

@@ -10,11 +10,9 @@ file, the key, what is wrong and how to fix it. Unknown keys are errors.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
-import sys
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,16 +20,33 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
-DEFAULT_LISTEN: Final = "tcp:8080:interface=127.0.0.1"
-# No web page may drive the bridge unless its origin is listed: any local page
-# could otherwise reach an unauthenticated loopback bridge.
-DEFAULT_ORIGINS: Final[tuple[str, ...]] = ()
-# Host names a loopback-only bridge answers to (DNS-rebinding protection).
-LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
-MiB: Final = 1024 * 1024
-SHARING_MODES: Final = ("shared", "session")
-# What a child speaks: the session era only, both (mcp 2.x servers), or 2026-07-28 only.
-CHILD_ERAS: Final = ("legacy", "dual", "modern")
+from mcptwist.config.endpoints import _check_tls_files, check_endpoint, listener_from_string
+from mcptwist.config.model import (
+    CHILD_ERAS,
+    DEFAULT_LISTEN,
+    DEFAULT_ORIGINS,
+    LOOPBACK_HOSTS,
+    SHARING_MODES,
+    AdminConfig,
+    AuditConfig,
+    AuthConfig,
+    BridgeConfig,
+    Bucket,
+    CommandConfig,
+    ConfigError,
+    JWTConfig,
+    LimitsConfig,
+    ListenerConfig,
+    MetricsConfig,
+    MiB,
+    Network,
+    RestartPolicy,
+    ServerConfig,
+    ServerLimits,
+    TLSConfig,
+    TokenConfig,
+)
+
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VAR_RE: Final = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)
@@ -49,267 +64,6 @@ _SIZE_UNITS: Final = {
 CLIENT_ONLY_KEYS: Final = frozenset(
     {"autoApprove", "alwaysAllow", "description", "disabledTools", "timeout"}
 )
-
-
-class ConfigError(Exception):
-    """A configuration problem, worded for the person who has to fix it."""
-
-    def __init__(self, source: str, key: str, problem: str, fix: str) -> None:
-        self.source = source
-        self.key = key
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{source}: {key}: {problem}. Fix: {fix}")
-
-
-@attrs.frozen
-class RestartPolicy:
-    """How a crashed child is restarted, and when the bridge gives up."""
-
-    initial_delay: float = 1.0
-    max_delay: float = 30.0
-    crash_limit: int = 5
-    crash_window: float = 60.0
-    cooldown: float = 300.0
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@attrs.frozen
-class Bucket:
-    """A token bucket: C{rate} requests per second on average, C{burst} at once."""
-
-    rate: float
-    burst: int
-
-
-@attrs.frozen
-class ServerLimits:
-    """Rate limits of one server, on top of the bridge-wide ones (None: no limit)."""
-
-    per_principal: Bucket | None = None
-    per_ip: Bucket | None = None
-    total: Bucket | None = None
-
-
-@attrs.frozen
-class LimitsConfig:
-    """Bridge-wide rate limits and caps (a None bucket: no limit)."""
-
-    per_principal: Bucket | None = Bucket(100.0, 1000)
-    per_ip: Bucket | None = Bucket(100.0, 1000)
-    max_streams_per_principal: int = 256
-    max_sessions_per_principal: int = 1000
-    # Messages in one JSON-RPC batch (each costs a token of every bucket); no
-    # more than max_in_flight_per_session either (its requests are in flight together).
-    max_batch: int = 64
-    # Requests in flight (sent, not yet answered) per session, and per principal.
-    max_in_flight_per_session: int = 64
-    max_in_flight_per_principal: int = 256
-    # Receiving requests: the body read before credentials are known good,
-    # open connections per client address, and how long a request may take
-    # to arrive (its head, then its body).
-    preauth_body: int = 64 * 1024
-    max_connections_per_ip: int = 64
-    header_timeout: float = 20.0
-    body_timeout: float = 60.0
-
-
-@attrs.frozen
-class TLSConfig:
-    """Certificate and key of a TLS listener, re-read on SIGHUP."""
-
-    certificate: str
-    key: str
-    chain: str | None = None
-    min_version: str = "1.2"
-    hsts_max_age: int = 31_536_000
-
-
-@attrs.frozen
-class ListenerConfig:
-    """One listening endpoint and its connection-level policy."""
-
-    endpoint: str
-    tls: TLSConfig | None = None
-    allow: tuple[Network, ...] = ()
-    deny: tuple[Network, ...] = ()
-    trusted_proxies: tuple[Network, ...] = ()
-    proxy_protocol: bool = False
-    unix_peers: str = "allow"
-
-
-@attrs.frozen
-class TokenConfig:
-    """A static bearer token, known to the bridge only by its SHA-256 digest."""
-
-    name: str
-    digest: bytes
-    servers: frozenset[str] = frozenset({"*"})
-    admin: bool = False
-
-
-@attrs.frozen
-class JWTConfig:
-    """How JWT bearer tokens are verified and mapped to servers and scopes."""
-
-    algorithms: tuple[str, ...]
-    audience: tuple[str, ...]
-    # Required, and matched exactly: one IdP's keys may sign for several tenants.
-    issuer: str
-    key_file: str | None = None
-    jwks_url: str | None = None
-    jwks_refresh: float = 300.0
-    leeway: float = 30.0
-    name_claim: str = "sub"
-    servers_claim: str = "mcp_servers"
-    scope_claim: str = "scope"
-    server_scope_prefix: str = "mcp:server:"
-    admin_scope: str = "mcp:admin"
-    default_servers: frozenset[str] = frozenset()
-
-
-@attrs.frozen
-class AuthConfig:
-    """Who may use the bridge; without tokens or JWT, nobody is asked."""
-
-    tokens: tuple[TokenConfig, ...] = ()
-    jwt: JWTConfig | None = None
-    resource_url: str | None = None
-    authorization_servers: tuple[str, ...] = ()
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.tokens) or self.jwt is not None
-
-
-@attrs.frozen
-class AuditConfig:
-    """The audit trail: JSON Lines in its own file, rotated by size."""
-
-    path: str | None = None
-    max_size: int = 100 * MiB
-    keep: int = 10
-
-
-@attrs.frozen
-class CommandConfig:
-    """A program the admin API may start as a new server: what runs comes from
-    the configuration file only, never from a request."""
-
-    name: str
-    command: str
-    args: tuple[str, ...] = ()
-    env: Mapping[str, str] = attrs.field(factory=dict)
-    env_passthrough: tuple[str, ...] = ()
-    cwd: str | None = None
-    written: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
-
-
-@attrs.frozen
-class AdminConfig:
-    """The admin API: whether it is served, and which commands it may start.
-
-    Without commands, servers cannot be added at run time.
-    """
-
-    enabled: bool = True
-    commands: Mapping[str, CommandConfig] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class MetricsConfig:
-    """Prometheus metrics: at /metrics on every listener (admin scope when
-    authentication is on), and on listeners of their own that serve nothing else."""
-
-    enabled: bool = True
-    listeners: tuple[ListenerConfig, ...] = ()
-    # What its own listeners answer to; they ask for no credentials.
-    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
-
-
-@attrs.frozen
-class ServerConfig:
-    """One stdio MCP server and how the bridge runs and shares it."""
-
-    name: str
-    command: str
-    args: tuple[str, ...] = ()
-    env: Mapping[str, str] = attrs.field(factory=dict)
-    env_passthrough: tuple[str, ...] = ()
-    cwd: str | None = None
-    # command, args and cwd as the file wrote them, before ${VAR} expansion:
-    # what status shows (an expanded value may be a secret).
-    written: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
-    sharing: str = "shared"
-    max_message_size: int = 32 * MiB
-    request_timeout: float = 300.0
-    max_request_timeout: float = 3600.0
-    term_after: float = 2.0
-    kill_after: float = 2.0
-    stderr_lines: int = 100
-    # A file that leaves it unset gets it off once authentication is on (a
-    # shared child's stderr may hold another client's data): see parse_server.
-    stderr_in_errors: bool = True
-    max_children: int = 16
-    # Of those, what one authenticated principal may hold (None: a quarter).
-    max_children_per_principal: int | None = None
-    session_idle_timeout: float = 1800.0
-    startup_timeout: float = 60.0
-    # Requests that time out one after another, with no message from the child
-    # meanwhile, before it is reported unresponsive (0: never); and whether it
-    # is then restarted.
-    unresponsive_after: int = 3
-    restart_unresponsive: bool = False
-    json_response: bool = False
-    # How long a stateless call waits for its client to answer the child's questions.
-    input_timeout: float = 300.0
-    # "dual" or "modern": the child speaks 2026-07-28 (too), and gets those requests as they are.
-    era: str = "legacy"
-    restart: RestartPolicy = RestartPolicy()
-    allow: tuple[Network, ...] = ()
-    deny: tuple[Network, ...] = ()
-    limits: ServerLimits = ServerLimits()
-    audit_arguments: bool = False
-
-    @property
-    def children_per_principal(self) -> int:
-        """The children one principal may hold: C{max_children_per_principal},
-        by default a quarter of C{max_children} (at least one), never more
-        than C{max_children}."""
-        if self.max_children_per_principal is not None:
-            return min(self.max_children_per_principal, self.max_children)
-        return max(1, self.max_children // 4)
-
-
-@attrs.frozen
-class BridgeConfig:
-    """Everything the bridge needs to start; built once, never mutated."""
-
-    servers: Mapping[str, ServerConfig]
-    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(DEFAULT_LISTEN),)
-    insecure: bool = False
-    allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
-    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
-    heartbeat_interval: float = 15.0
-    stream_buffer: int = 8 * MiB
-    replay_events: int = 256
-    max_sessions: int = 10_000
-    access_log: bool = False
-    auth: AuthConfig = AuthConfig()
-    limits: LimitsConfig = LimitsConfig()
-    audit: AuditConfig = AuditConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    admin: AdminConfig = AdminConfig()
-    drain_timeout: float = 60.0
-    source: str = "<built-in>"
-
-
-def default_config() -> BridgeConfig:
-    """The configuration used without C{--config}: the built-in example server."""
-    example = ServerConfig(name="example", command=sys.executable, args=("-m", "mcptwist.example"))
-    return BridgeConfig(servers={"example": example})
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str]) -> BridgeConfig:
@@ -1043,42 +797,8 @@ def _written(table: Mapping[str, Any]) -> dict[str, Any]:
     return written
 
 
-def listener_from_string(source: str, key: str, description: str) -> ListenerConfig:
-    """A listener from an endpoint string; C{ssl:} becomes TCP plus a reloadable TLS setup."""
-    from .tls import parse_ssl_endpoint
-
-    try:
-        parsed = parse_ssl_endpoint(description)
-    except ValueError as e:
-        raise ConfigError(
-            source,
-            key,
-            f"{description!r} is not a usable TLS endpoint ({e})",
-            'write "ssl:8443:privateKey=key.pem:certKey=cert.pem[:extraCertChain=chain.pem]", '
-            "or use a [[listeners]] table with tls = {...}",
-        ) from None
-    if parsed is None:
-        check_endpoint(source, key, description)
-        return ListenerConfig(description)
-    endpoint, tls = parsed
-    check_endpoint(source, key, endpoint)
-    _check_tls_files(source, key, tls)
-    return ListenerConfig(endpoint, tls=tls)
-
-
-def _check_tls_files(source: str, key: str, tls: TLSConfig) -> None:
-    for what, path in (("certificate", tls.certificate), ("key", tls.key), ("chain", tls.chain)):
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(
-                source,
-                key,
-                f"the TLS {what} file {path!r} does not exist",
-                "give the path of a PEM file readable by the bridge",
-            )
-
-
 def _networks(r: _Reader, name: str) -> tuple[Network, ...]:
-    from .ipfilter import parse_networks
+    from mcptwist.config.networks import parse_networks
 
     values = r.strings(name)
     try:
@@ -1160,7 +880,7 @@ def _parse_listeners(top: _Reader) -> list[ListenerConfig]:
 
 
 def _parse_auth(top: _Reader) -> AuthConfig:
-    from .auth import parse_digest
+    from mcptwist.config.keys import parse_digest
 
     table = top.table_at("auth")
     r = _Reader(top.source, "auth.", table, top.environ)
@@ -1248,7 +968,7 @@ JWT_ALGORITHMS: Final = (
 
 
 def _parse_jwt(r: _Reader) -> JWTConfig:
-    from .auth import check_key_file, key_file_algorithms
+    from mcptwist.config.keys import check_key_file, key_file_algorithms
 
     key_path = r.table.get("key_file")
     default: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
@@ -1463,32 +1183,3 @@ def _parse_audit(top: _Reader) -> AuditConfig:
             "create it (writable by the bridge's user), or give another path",
         )
     return audit
-
-
-def check_endpoint(source: str, key: str, description: str) -> None:
-    """Parse an endpoint string without listening, so typos fail at load time."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
-    kind = description.split(":", 1)[0]
-    if kind == "haproxy":
-        raise ConfigError(
-            source,
-            key,
-            "haproxy: endpoints would let any peer claim any client address",
-            "use a [[listeners]] table with proxy_protocol = true and trusted_proxies",
-        )
-    if kind == "systemd":
-        # Resolved against the inherited sockets only at start.
-        return
-    try:
-        # Parsing only builds the endpoint object: nothing listens yet.
-        serverFromString(reactor, description)
-    except Exception as e:
-        raise ConfigError(
-            source,
-            key,
-            f"{description!r} is not a valid endpoint ({e})",
-            f'use a Twisted endpoint string such as "{DEFAULT_LISTEN}" or '
-            '"ssl:8443:privateKey=key.pem:certKey=cert.pem"',
-        ) from None

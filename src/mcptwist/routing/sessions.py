@@ -21,15 +21,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from . import jsonrpc
-from .audit import argument_digest, request_name
-from .era import MODERN
-from .jsonrpc import Kind, Message, RequestId
-from .routing import Backend, Upstream
+from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.describe import argument_digest, request_name
+from mcptwist.mcp.era import MODERN
+from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
+from mcptwist.routing.backends import Backend
+from mcptwist.routing.upstream import Upstream
 
 if TYPE_CHECKING:
-    from .audit import AuditTrail
-    from .ratelimit import Caps
+    from mcptwist.routing.record import Recorder
+    from mcptwist.security.ratelimit import Caps
 
 log = Logger(namespace="mcptwist.session")
 
@@ -80,7 +81,7 @@ class ClientSession:
     # session_opened was written (once; session_closed only follows it).
     announced: bool = False
     # With an audit trail: the clock.
-    audit: AuditTrail | None = None
+    audit: Recorder | None = None
     clock: IReactorTime | None = None
     # Where an authenticated principal's requests in flight are counted.
     caps: Caps | None = None
@@ -270,7 +271,7 @@ class SessionRegistry(Service):
         max_sessions: int,
         reap_interval: float = 30.0,
         caps: Caps | None = None,
-        audit: AuditTrail | None = None,
+        audit: Recorder | None = None,
     ) -> None:
         self.clock = clock
         self.max_sessions = max_sessions

@@ -20,7 +20,7 @@ policy and reload as configured ones.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Final
 
 from cryptography import x509
@@ -33,7 +33,7 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from mcptwist.config import TLSConfig
+from mcptwist.config.model import TLSConfig
 
 # TLS 1.2 suites with forward secrecy and an AEAD cipher only. Twisted's
 # default list also accepts RSA key exchange (AES128-SHA, AES256-GCM-SHA384:
@@ -47,17 +47,6 @@ EXPIRY_WARNING: Final = datetime.timedelta(days=14)
 ALPN_PROTOCOLS: Final = (b"http/1.1",)
 MIN_VERSIONS: Final = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 
-# Parameters of Twisted's ssl: endpoint, in positional order (_parseSSL).
-_SSL_PARAMETERS: Final = (
-    "port",
-    "privateKey",
-    "certKey",
-    "sslmethod",
-    "interface",
-    "backlog",
-    "extraCertChain",
-    "dhParameters",
-)
 
 _ciphers = AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS)
 
@@ -222,113 +211,3 @@ def tls_factory(
     plus C{http/1.1}, so C{wrapped} must be the factory directly inside.
     """
     return TLSMemoryBIOFactory(creator, False, wrapped)
-
-
-def quote_argument(value: str) -> str:
-    """Escape C{value} for one field of a Twisted endpoint string.
-
-    Unlike Twisted's C{quoteStringArgument}, C{=} is escaped too, so that
-    positional values containing it survive.
-    """
-    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-
-
-def split_description(description: str) -> tuple[list[str], dict[str, str]]:
-    """Split an endpoint string into positional and keyword fields.
-
-    Same rules as Twisted's parser: C{:} separates fields, the first C{=} of
-    a field separates key and value, a backslash makes the next character
-    literal. Later keywords override earlier ones.
-
-    @raise ValueError: for a lone backslash at the end or a non-ASCII name.
-    """
-    args: list[str] = []
-    kw: dict[str, str] = {}
-    field: list[str] = []
-    current: list[str] = []
-    chars = iter(description)
-    for c in chars:
-        if c == ":":
-            field.append("".join(current))
-            _add_field(field, args, kw)
-            field, current = [], []
-        elif c == "=" and not field:
-            field.append("".join(current))
-            current = []
-        elif c == "\\":
-            escaped = next(chars, None)
-            if escaped is None:
-                raise ValueError("ends with a lone backslash; write \\\\ for a backslash")
-            current.append(escaped)
-        else:
-            current.append(c)
-    field.append("".join(current))
-    _add_field(field, args, kw)
-    return args, kw
-
-
-def _add_field(field: list[str], args: list[str], kw: dict[str, str]) -> None:
-    if len(field) == 1:
-        args.append(field[0])
-    elif not field[0].isascii():
-        raise ValueError(f"parameter name {field[0]!r} is not ASCII")
-    else:
-        kw[field[0]] = field[1]
-
-
-def join_description(args: Iterable[str], kw: Iterable[tuple[str, str]] = ()) -> str:
-    """The endpoint string for these fields (inverse of L{split_description})."""
-    fields = [quote_argument(a) for a in args]
-    fields += [f"{quote_argument(k)}={quote_argument(v)}" for k, v in kw]
-    return ":".join(fields)
-
-
-def parse_ssl_endpoint(description: str) -> tuple[str, TLSConfig] | None:
-    """Split an C{ssl:} endpoint string into a C{tcp:} one and a L{TLSConfig}.
-
-    Twisted's defaults apply: C{privateKey} is C{server.pem}, C{certKey} is
-    the C{privateKey} file, C{extraCertChain} becomes the chain. Port,
-    interface and backlog are kept. Returns None if C{description} is not
-    an C{ssl:} endpoint.
-
-    @raise ValueError: for C{dhParameters} or C{sslmethod} (replaced by
-        ECDHE-only ciphers and C{min_version}), or a malformed string.
-    """
-    args, kw = split_description(description)
-    if args[:1] != ["ssl"]:
-        return None
-    positional = args[1:]
-    if len(positional) > len(_SSL_PARAMETERS):
-        raise ValueError(f"ssl: takes at most {len(_SSL_PARAMETERS)} parameters")
-    params = dict(zip(_SSL_PARAMETERS, positional, strict=False))
-    for name, value in kw.items():
-        if name not in _SSL_PARAMETERS:
-            raise ValueError(f"ssl: has no parameter {name!r}")
-        if name in params:
-            raise ValueError(f"ssl: parameter {name!r} is given twice")
-        params[name] = value
-    if "sslmethod" in params:
-        raise ValueError(
-            "sslmethod is not supported: the TLS version is chosen by min_version "
-            '("1.2" or "1.3") of the listener\'s tls settings'
-        )
-    if "dhParameters" in params:
-        raise ValueError(
-            "dhParameters is not needed: only ECDHE key exchange is offered, "
-            "which uses no DH parameters; remove it"
-        )
-    if "port" not in params:
-        raise ValueError("ssl: needs a port, such as ssl:8443")
-    for name in ("port", "backlog"):
-        if name in params:
-            try:
-                int(params[name])
-            except ValueError:
-                raise ValueError(f"ssl: {name} {params[name]!r} is not a number") from None
-    tcp_kw = [(name, params[name]) for name in ("interface", "backlog") if name in params]
-    tcp = join_description(["tcp", params["port"]], tcp_kw)
-    key = params.get("privateKey", "server.pem")
-    config = TLSConfig(
-        certificate=params.get("certKey", key), key=key, chain=params.get("extraCertChain")
-    )
-    return tcp, config

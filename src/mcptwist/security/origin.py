@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-from .config import LOOPBACK_HOSTS
+from mcptwist.config.model import LOOPBACK_HOSTS
 
 
 class OriginPolicy:

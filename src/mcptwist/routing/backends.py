@@ -1,0 +1,202 @@
+# -*- test-case-name: tests.test_routing -*-
+"""The sharing modes: one upstream per server, or one per session.
+
+A backend owns a server's upstreams and their children; the sessions and the
+stateless calls of the web side ask it for the upstream to use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+
+from mcptwist.child.supervisor import ChildState
+from mcptwist.config.model import ServerConfig
+from mcptwist.routing.modern import ModernUpstream
+from mcptwist.routing.record import Recorder
+from mcptwist.routing.upstream import (
+    CapacityError,
+    Downstream,
+    PrincipalCapacityError,
+    Upstream,
+    downstream_principal,
+)
+
+
+class Backend(MultiService):
+    """How one configured server is served: the interface transports use."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        reactor: Any,
+        environ: Mapping[str, str],
+        audit: Recorder | None = None,
+    ) -> None:
+        super().__init__()
+        self.server = server
+        self.reactor = reactor
+        self.environ = environ
+        self.audit = audit
+        # Stopped by an operator (admin API): stays stopped until started.
+        self.held = False
+        self.setName(server.name)
+        self.build()
+
+    def build(self) -> None:
+        """Set up what this sharing mode needs (called once, by the constructor)."""
+
+    def _upstream(self, stateless: bool, label: str | None = None) -> Upstream:
+        """A new upstream for the sessions of one era (a child speaks it, or is translated for)."""
+        era = self.server.era
+        cls = _upstream_class(era == "modern" or (era == "dual" and stateless))
+        return cls(self.server, self.reactor, self.environ, label, self.audit)
+
+    def open(self, session: Downstream) -> Upstream:
+        """Give a new session the upstream that will serve it."""
+        raise NotImplementedError
+
+    def close(self, session: Downstream, upstream: Upstream) -> None:
+        """The session has ended."""
+        raise NotImplementedError
+
+    def upstreams(self) -> Iterator[Upstream]:
+        for service in self:
+            assert isinstance(service, Upstream)
+            yield service
+
+    @property
+    def state(self) -> str:
+        """The server's state as a whole (a L{ChildState} value), without building
+        its L{status} (which copies every child's stderr)."""
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class SharedBackend(Backend):
+    """One child for every session (the default)."""
+
+    def build(self) -> None:
+        self.upstream = self._upstream(stateless=False)
+        self.upstream.setServiceParent(self)
+        # A child of a dual-era server for stateless clients, spoken to in their revision.
+        self.modern: Upstream | None = None
+        if self.server.era == "dual":
+            self.modern = self._upstream(stateless=True, label=f"{self.server.name}[2026]")
+            self.modern.setServiceParent(self)
+
+    def open(self, session: Downstream) -> Upstream:
+        upstream = self.modern if session.stateless and self.modern else self.upstream
+        upstream.attach(session)
+        return upstream
+
+    def close(self, session: Downstream, upstream: Upstream) -> None:
+        upstream.detach(session)
+
+    @property
+    def state(self) -> str:
+        return self.upstream.supervisor.state.value
+
+    def status(self) -> dict[str, Any]:
+        status = {"name": self.server.name, "sharing": "shared", **self.upstream.status()}
+        if self.modern is not None:
+            status["modern_child"] = self.modern.status()
+        return status
+
+
+class SessionBackend(Backend):
+    """A child of its own for each session, up to max_children."""
+
+    def build(self) -> None:
+        # Children of ended sessions that are still stopping: shutdown waits for them.
+        self._stopping: set[Deferred[Any]] = set()
+        # How many children each authenticated principal holds.
+        self._held_by: dict[str, int] = {}
+
+    def open(self, session: Downstream) -> Upstream:
+        if self.held:
+            raise CapacityError(f"MCP server '{self.server.name}' was stopped by an operator")
+        count = len(list(self))
+        if count >= self.server.max_children:
+            raise CapacityError(
+                f"MCP server '{self.server.name}' already runs {count} children, its max_children"
+            )
+        # Without authentication there is no principal to hold to a share.
+        principal = downstream_principal(session)
+        if principal == "anonymous":
+            principal = None
+        if principal is not None:
+            held = self._held_by.get(principal, 0)
+            if held >= self.server.children_per_principal:
+                raise PrincipalCapacityError(
+                    f"this client already holds {held} children of MCP server "
+                    f"'{self.server.name}', its max_children_per_principal"
+                )
+        upstream = self._upstream(session.stateless, f"{self.server.name}[{session.id[:8]}]")
+        upstream.attach(session)
+        upstream.setServiceParent(self)
+        if principal is not None:
+            self._held_by[principal] = self._held_by.get(principal, 0) + 1
+        return upstream
+
+    def close(self, session: Downstream, upstream: Upstream) -> None:
+        principal = downstream_principal(session)
+        if principal is not None and principal in self._held_by:
+            self._held_by[principal] -= 1
+            if not self._held_by[principal]:
+                del self._held_by[principal]
+        upstream.detach(session)
+        if upstream.parent is self:
+            stopping = upstream.disownServiceParent()
+            if stopping is not None and not stopping.called:
+                self._stopping.add(stopping)
+                stopping.addBoth(lambda _: self._stopping.discard(stopping))
+
+    def stopService(self) -> Deferred[Any]:
+        return DeferredList([super().stopService(), *self._stopping])
+
+    @property
+    def state(self) -> str:
+        """Failed when every child has failed; otherwise running (no children
+        yet included: the next session spawns one)."""
+        states = {u.supervisor.state for u in self.upstreams()}
+        if states == {ChildState.FAILED}:
+            return ChildState.FAILED.value
+        return ChildState.RUNNING.value
+
+    def status(self) -> dict[str, Any]:
+        children = [u.status() for u in self.upstreams()]
+        running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
+        silent = sum(1 for c in children if c["unresponsive"])
+        return {
+            "name": self.server.name,
+            "sharing": "session",
+            "state": self.state,
+            "children": children,
+            "running_children": running,
+            "unresponsive_children": silent,
+            # Like failed: only when it holds for every child.
+            "unresponsive": bool(children) and silent == len(children),
+            "max_children": self.server.max_children,
+            "sessions": sum(c["sessions"] for c in children),
+        }
+
+
+def _upstream_class(modern: bool) -> type[Upstream]:
+    """The upstream for a child that speaks 2026-07-28, or the session era."""
+    return ModernUpstream if modern else Upstream
+
+
+def make_backend(
+    server: ServerConfig,
+    reactor: Any,
+    environ: Mapping[str, str],
+    audit: Recorder | None = None,
+) -> Backend:
+    cls = SessionBackend if server.sharing == "session" else SharedBackend
+    return cls(server, reactor, environ, audit)
