@@ -12,29 +12,23 @@ from __future__ import annotations
 import collections
 import functools
 import gc
-import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
+from twisted.web.resource import IResource
 
 from mcptwist.config.load import load_config
 from mcptwist.config.model import (
     AuthConfig,
     BridgeConfig,
     ConfigError,
-    LimitsConfig,
     ListenerConfig,
     ServerConfig,
 )
@@ -45,338 +39,17 @@ from mcptwist.routing.backends import Backend, make_backend
 from mcptwist.routing.sessions import ClientSession, SessionRegistry
 from mcptwist.routing.stateless import StatelessSink
 from mcptwist.security.auth import revoked
-from mcptwist.security.ipfilter import listening_factory
 from mcptwist.security.origin import is_local_address
-from mcptwist.security.tls import ReloadableTLS, TLSLoadError
+from mcptwist.security.tls import TLSLoadError
 from mcptwist.service.control import BridgeControl
+from mcptwist.service.listener import Listener, ListenerError, describe_address
+from mcptwist.service.site import BridgeSite, MetricsOnly
 from mcptwist.web.access import AccessControl
 from mcptwist.web.admin import AdminAPI
 from mcptwist.web.app import BridgeApp
-from mcptwist.web.channel import BridgeChannel, ConnectionCounter
-from mcptwist.web.http import BoundedRequest, header
+from mcptwist.web.channel import ConnectionCounter
 
 log = Logger(namespace="mcptwist.service")
-
-
-class ListenerError(SystemExit):
-    """A listener could not (or must not) be opened; twistd exits with it."""
-
-
-def describe_address(address: Any) -> str:
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(getattr(address, "name", address))
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{address.port}"
-
-
-class Listener(Service):
-    """One listening endpoint: its IP filter, TLS (re-read on reload) and site."""
-
-    def __init__(
-        self,
-        config: ListenerConfig,
-        site: Site,
-        reactor: Any,
-        open_to_network: bool,
-        audit: AuditTrail,
-    ) -> None:
-        self.config = config
-        self.description = config.endpoint + (" (TLS)" if config.tls is not None else "")
-        self.site = site
-        self.reactor = reactor
-        self.open_to_network = open_to_network
-        self.audit = audit
-        self.creator: ReloadableTLS | None = None
-        self.factory: SwappableFactory | None = None
-        self.port: IListeningPort | None = None
-        # A certificate that nobody renews should be noticed before it ends.
-        self._expiry_check = LoopingCall(self._warn_expiry)
-        self._expiry_check.clock = reactor
-
-    def _refused(self, address: Any) -> None:
-        self.audit.ip_refused(
-            peer=getattr(address, "host", None) or "unix",
-            listener=self.config.endpoint,
-            scope="listener",
-        )
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self.config.tls is not None:
-            try:
-                self.creator = ReloadableTLS(self.config.tls)
-            except TLSLoadError as e:
-                raise ListenerError(f"mcpbridge: {self.config.endpoint}: {e}") from None
-            self._warn_expiry()
-        self.factory = SwappableFactory(
-            self.site, listening_factory(self.config, self.site, self.creator, self._refused)
-        )
-        outcome: list[Any] = []
-        try:
-            listening = serverFromString(self.reactor, self.config.endpoint).listen(self.factory)
-        except Exception as e:
-            # A systemd: endpoint naming a socket systemd did not pass raises here.
-            raise ListenerError(
-                f"mcpbridge: cannot listen on {self.config.endpoint}: {e!r}"
-                + _inherited_hint(self.config.endpoint)
-            ) from None
-        listening.addBoth(outcome.append)
-        if not outcome:
-            raise ListenerError(
-                f"mcpbridge: {self.config.endpoint}: this endpoint does not listen at once"
-            )
-        if isinstance(outcome[0], Failure):
-            raise ListenerError(
-                f"mcpbridge: cannot listen on {self.config.endpoint}: {outcome[0].getErrorMessage()}"
-            )
-        self.port = outcome[0]
-        address = self.port.getHost()
-        self.site.local = is_local_address(address)  # type: ignore[attr-defined]
-        if not self.open_to_network and not is_local_address(address):
-            self.port.stopListening()
-            raise ListenerError(
-                f"mcpbridge: refusing to listen on {describe_address(address)} ({self.config.endpoint}): "
-                "without authentication the bridge only listens on loopback or a Unix socket. "
-                "Fix: configure [auth] tokens or JWT, listen on 127.0.0.1 "
-                "(tcp:8080:interface=127.0.0.1), or set insecure = true if this network is trusted"
-            )
-        log.info(
-            "listening on {address} ({description})",
-            address=describe_address(address),
-            description=self.description,
-        )
-        plaintext = self.config.tls is None and not self.config.trusted_proxies
-        if plaintext and not is_local_address(address):
-            log.warn(
-                "{address}: bearer tokens would cross the network in clear text on this "
-                "listener; give it tls = {{...}}, or put a TLS proxy in front (trusted_proxies)",
-                address=describe_address(address),
-            )
-
-    def update(self, config: ListenerConfig) -> None:
-        """Take new rules (addresses, proxies, TLS on or off or other files)
-        without closing the port or any connection: the next connections are
-        built with the new stack. A certificate that does not load is refused
-        and the old TLS setup stays.
-
-        @raise TLSLoadError: when TLS is turned on with files that do not load.
-        """
-        assert self.factory is not None and config.endpoint == self.config.endpoint
-        creator = self.creator
-        if config.tls is None:
-            creator = None
-        elif creator is None:
-            creator = ReloadableTLS(config.tls)
-        elif config.tls != self.config.tls:
-            try:
-                creator.reload(config.tls)
-            except TLSLoadError as e:
-                self._tls_refused(e)
-                # Keep describing what is served, so that the next reload tries again.
-                config = attrs.evolve(config, tls=self.config.tls)
-        self.creator = creator
-        self.config = config
-        self.description = config.endpoint + (" (TLS)" if config.tls is not None else "")
-        self.site.listener = config  # type: ignore[attr-defined]
-        self.factory.current = listening_factory(config, self.site, creator, self._refused)
-        if creator is not None and not self._expiry_check.running and self.running:
-            self._expiry_check.start(86400, now=False)
-
-    def reload_tls(self) -> None:
-        """Re-read the certificate and key; on any problem keep serving the old ones."""
-        if self.creator is None:
-            return
-        try:
-            self.creator.reload()
-        except TLSLoadError as e:
-            self._tls_refused(e)
-            return
-        log.info("{listener}: TLS certificate re-read", listener=self.config.endpoint)
-        self.audit.tls_reloaded(listener=self.config.endpoint, outcome="ok", detail=None)
-        self._warn_expiry()
-
-    def _tls_refused(self, error: TLSLoadError) -> None:
-        """A certificate that did not load: the old one is kept; log and audit it."""
-        log.error(
-            "{listener}: kept the old TLS certificate: {error}",
-            listener=self.config.endpoint,
-            error=str(error),
-        )
-        self.audit.tls_reloaded(listener=self.config.endpoint, outcome="refused", detail=str(error))
-
-    def _warn_expiry(self) -> None:
-        warning = self.creator.expiry_warning() if self.creator is not None else None
-        if warning is not None:
-            log.warn("{listener}: {warning}", listener=self.config.endpoint, warning=warning)
-
-    def startService(self) -> None:
-        super().startService()
-        if self.creator is not None:
-            self._expiry_check.start(86400, now=False)
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self._expiry_check.running:
-            self._expiry_check.stop()
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        stopped: Deferred[None] | None = port.stopListening()
-        return stopped
-
-
-class SwappableFactory(Factory):
-    """Builds each connection's protocol with the current filter and TLS stack,
-    which a reload may replace; connections already open keep theirs."""
-
-    def __init__(self, site: Site, current: IProtocolFactory) -> None:
-        self.site = site
-        self.current = current
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return self.current.buildProtocol(addr)
-
-    def doStart(self) -> None:
-        self.site.doStart()
-
-    def doStop(self) -> None:
-        self.site.doStop()
-
-
-access_log = Logger(namespace="mcptwist.access")
-_LIMITS = LimitsConfig()
-
-
-class BridgeSite(Site):
-    """A listener's Site (its L{ListenerConfig} tells the gate about TLS and
-    proxies); it counts every request for the metrics, and its access log,
-    when on, goes through twisted.logger.
-
-    Its channels (L{BridgeChannel}) ask it, when a request's head has
-    arrived, how much body to read (L{request_head}), and tell it what they
-    refused (L{refused}); it holds their limits, which a reload changes.
-    """
-
-    protocol = BridgeChannel  # type: ignore[assignment]
-    requestFactory = BoundedRequest
-    access_log = False
-    listener: ListenerConfig | None = None
-    # Whether it listens on loopback or a Unix socket (known once it listens).
-    local: bool | None = None
-    metrics: Metrics | None = None
-    audit: AuditTrail | None = None
-    connections: ConnectionCounter | None = None
-    header_timeout = _LIMITS.header_timeout
-    body_timeout = _LIMITS.body_timeout
-    preauth_body = _LIMITS.preauth_body
-    # Which names are servers (metrics label only those: a URL names anything).
-    is_server: Callable[[str], bool] = staticmethod(lambda name: False)
-
-    def acceptableProtocols(self) -> list[bytes]:
-        """ALPN: its channels speak HTTP/1.1 only (whatever Twisted could add)."""
-        return [b"http/1.1"]
-
-    def request_head(self, request: Any) -> bytes | int | Deferred[None]:
-        """Judge a request from its head (the gate's rules): an answer to
-        send now, the most body to read, or a Deferred to wait for."""
-        head = getattr(self.resource, "head", None)
-        if head is None:
-            # A metrics listener: no route takes a body.
-            return self.preauth_body
-        decision: bytes | int | Deferred[None] = head(request)
-        return decision
-
-    def refused(self, peer: str | None, reason: str) -> None:
-        """A connection or request refused while it was received: audited."""
-        if self.audit is not None:
-            listener = self.listener.endpoint if self.listener is not None else None
-            self.audit.http_refused(peer=peer, listener=listener, reason=reason)
-
-    def configure(self, limits: LimitsConfig) -> None:
-        """Take the limits on receiving requests."""
-        self.header_timeout = limits.header_timeout
-        self.body_timeout = limits.body_timeout
-        self.preauth_body = limits.preauth_body
-
-    def log(self, request: Any) -> None:
-        if self.metrics is not None:
-            server, route = _route_of(request.path)
-            if server is not None and not self.is_server(server):
-                server = None
-            self.metrics.http_request(
-                server,
-                route,
-                request.method.decode("latin-1"),
-                request.code,
-                getattr(request, "body_size", 0),
-                request.sentLength,
-            )
-        if not self.access_log:
-            return
-        access_log.info(
-            "{client} {method} {path} {status} {size}",
-            client=getattr(request.getClientAddress(), "host", "-"),
-            method=request.method.decode("latin-1"),
-            path=request.uri.decode("latin-1").split("?", 1)[0],
-            status=request.code,
-            size=request.sentLength,
-        )
-
-
-def _inherited_hint(endpoint: str) -> str:
-    if not endpoint.startswith("systemd:"):
-        return ""
-    names = os.environ.get("LISTEN_FDNAMES")
-    return (
-        f"; systemd passed the sockets named {names!r} (FileDescriptorName= in the .socket units)"
-        if names
-        else "; systemd passed no sockets: start the bridge through its .socket units"
-    )
-
-
-def _route_of(path: bytes) -> tuple[str | None, str]:
-    """(server, route) of a request path, for the metrics' bounded labels."""
-    parts = path.split(b"/")
-    first = parts[1] if len(parts) > 1 else b""
-    if first == b"servers":
-        if len(parts) == 2:
-            return None, "status"
-        server = parts[2].decode("utf-8", "replace")
-        if len(parts) == 3:
-            return server, "status"
-        kind = parts[3].decode("utf-8", "replace")
-        return server, kind if kind in ("mcp", "sse", "messages") else "other"
-    if first == b".well-known":
-        return None, "metadata"
-    name = first.decode("utf-8", "replace")
-    return None, name if name in ("health", "metrics", "admin") else "other"
-
-
-class MetricsOnly(Resource):
-    """The root of a metrics listener: /metrics and nothing else, behind the
-    same Host and Origin checks as every other listener (it asks for no
-    credentials, so DNS rebinding would otherwise reach it)."""
-
-    isLeaf = True
-
-    def __init__(self, metrics: IResource, app: BridgeApp) -> None:
-        super().__init__()
-        self.metrics = metrics
-        self.app = app
-
-    def render(self, request: Any) -> Any:
-        refusal = self.app.screen(
-            request, header(request, b"origin"), operator=True, hosts=self.app.metrics_hosts
-        )
-        if refusal is not None:
-            return refusal.render(request)
-        if request.path == b"/metrics":
-            return self.metrics.render(request)
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Not Found: this listener serves /metrics only\n"
 
 
 class ReloadRefused(Exception):
