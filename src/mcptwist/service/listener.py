@@ -1,15 +1,16 @@
 # -*- test-case-name: tests.test_service -*-
 """Listeners: the endpoints the bridge listens on, each with its IP filter,
-TLS and site."""
+TLS and site, and the groups that a reload changes by endpoint."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
@@ -72,7 +73,16 @@ class Listener(Service):
         )
 
     def privilegedStartService(self) -> None:
+        """Listen (before privileges are dropped), unless L{listen} already did."""
         super().privilegedStartService()
+        if self.port is None:
+            self.listen()
+
+    def listen(self) -> None:
+        """Open the port, refusing one beyond loopback unless C{open_to_network}.
+
+        @raise ListenerError: when it cannot, or must not, listen.
+        """
         if self.config.tls is not None:
             try:
                 self.creator = ReloadableTLS(self.config.tls)
@@ -212,6 +222,80 @@ class SwappableFactory(Factory):
 
     def doStop(self) -> None:
         self.site.doStop()
+
+
+class ListenerGroup(MultiService):
+    """The listeners of one kind (the bridge's, or the metrics'), each a child
+    service; a reload changes them by endpoint (L{apply})."""
+
+    def __init__(self, make: Callable[[ListenerConfig], Listener], adopted: set[str]) -> None:
+        super().__init__()
+        # Builds a listener of this kind, with the configuration in force.
+        self.make = make
+        # systemd: endpoints adopted so far, by every group (each inherited
+        # socket can be adopted once).
+        self.adopted = adopted
+
+    def __iter__(self) -> Iterator[Listener]:
+        return iter(self.services)
+
+    async def apply(self, wanted: tuple[ListenerConfig, ...]) -> dict[str, list[str]]:
+        """Diff listeners by endpoint: keep and update in place, close the
+        removed ones (and wait for their ports), then open the new ones."""
+        result: dict[str, list[str]] = {
+            "added": [],
+            "removed": [],
+            "updated": [],
+            "unchanged": [],
+            "failed": [],
+        }
+        by_endpoint = {listener.config.endpoint: listener for listener in self}
+        configs = {config.endpoint: config for config in wanted}
+        stopping: list[Deferred[None]] = []
+        for endpoint, listener in by_endpoint.items():
+            config = configs.get(endpoint)
+            if config is None:
+                d = listener.disownServiceParent()
+                if d is not None:
+                    stopping.append(d)
+                result["removed"].append(endpoint)
+                continue
+            if config == listener.config:
+                listener.reload_tls()
+                result["unchanged"].append(endpoint)
+                continue
+            try:
+                listener.update(config)
+            except TLSLoadError as e:
+                log.error("reload: {listener}: {error}", listener=endpoint, error=str(e))
+                result["failed"].append(f"{endpoint}: {e}")
+            else:
+                result["updated"].append(endpoint)
+        await DeferredList(stopping)
+        for endpoint, config in configs.items():
+            if endpoint in by_endpoint:
+                continue
+            if endpoint.startswith("systemd:") and endpoint in self.adopted:
+                # Twisted closes an inherited socket's descriptor once adopted.
+                message = (
+                    "an inherited socket is adopted once: restart the service to adopt it again"
+                )
+                log.error("reload: {listener}: {error}", listener=endpoint, error=message)
+                result["failed"].append(f"{endpoint}: {message}")
+                continue
+            listener = self.make(config)
+            try:
+                listener.listen()
+            except ListenerError as e:
+                log.error("reload: {error}", error=str(e))
+                result["failed"].append(f"{endpoint}: {e}")
+                continue
+            # Listening already: joining the group starts it.
+            listener.setServiceParent(self)
+            result["added"].append(endpoint)
+            if endpoint.startswith("systemd:"):
+                self.adopted.add(endpoint)
+        return result
 
 
 def _inherited_hint(endpoint: str) -> str:
