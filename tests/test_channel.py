@@ -32,7 +32,7 @@ from mcptwist.ops.metrics import Metrics
 from mcptwist.routing.backends import make_backend
 from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.security.auth import hash_token
-from mcptwist.service.bridge import BridgeSite, MetricsOnly
+from mcptwist.service.site import BridgeSite, MetricsOnly
 from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 from mcptwist.web.channel import LINGER, ConnectionCounter

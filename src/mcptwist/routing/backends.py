@@ -43,7 +43,6 @@ class Backend(MultiService):
         self.audit = audit
         # Stopped by an operator (admin API): stays stopped until started.
         self.held = False
-        self.setName(server.name)
         self.build()
 
     def build(self) -> None:

@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.test_service -*-
-"""The service tree: listeners, the web app, sessions and every server's children.
+"""The service tree: the audit trail, the admission rules, every server's
+children, the sessions, the listeners, the reloader and the report to systemd.
 
 Start order: bind the listeners (refusing a non-loopback one unless the
 config says C{insecure = true}), then spawn the children. Stop order: stop
@@ -9,382 +10,56 @@ stop the children and wait for them to exit.
 
 from __future__ import annotations
 
-import collections
-import functools
 import gc
-import os
-import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import attrs
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
+from twisted.web.resource import IResource
 
-from mcptwist.config.load import load_config
-from mcptwist.config.model import (
-    AuthConfig,
-    BridgeConfig,
-    ConfigError,
-    LimitsConfig,
-    ListenerConfig,
-    ServerConfig,
-)
+from mcptwist.config.model import BridgeConfig, ListenerConfig
 from mcptwist.ops.audit import AuditError, AuditTrail
-from mcptwist.ops.metrics import Metrics, ServerSnapshot, Snapshot
-from mcptwist.ops.notify import SystemdNotifier, status_line
-from mcptwist.routing.backends import Backend, make_backend
-from mcptwist.routing.sessions import ClientSession, SessionRegistry
-from mcptwist.routing.stateless import StatelessSink
-from mcptwist.security.auth import revoked
-from mcptwist.security.ipfilter import listening_factory
-from mcptwist.security.origin import is_local_address
-from mcptwist.security.tls import ReloadableTLS, TLSLoadError
+from mcptwist.ops.metrics import Metrics, Snapshot
+from mcptwist.ops.notify import SystemdNotifier
+from mcptwist.routing.backends import Backend
+from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.service.control import BridgeControl
+from mcptwist.service.fleet import Fleet
+from mcptwist.service.listener import Listener, ListenerError, ListenerGroup, describe_address
+from mcptwist.service.reload import Reloader, changed_settings, refuse_exposure, revoke
+from mcptwist.service.site import BridgeSite, MetricsOnly
 from mcptwist.web.access import AccessControl
 from mcptwist.web.admin import AdminAPI
 from mcptwist.web.app import BridgeApp
-from mcptwist.web.channel import BridgeChannel, ConnectionCounter
-from mcptwist.web.http import BoundedRequest, header
+from mcptwist.web.channel import ConnectionCounter
+from mcptwist.web.sse import Heartbeat
 
 log = Logger(namespace="mcptwist.service")
 
 
-class ListenerError(SystemExit):
-    """A listener could not (or must not) be opened; twistd exits with it."""
-
-
-def describe_address(address: Any) -> str:
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(getattr(address, "name", address))
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{address.port}"
-
-
-class Listener(Service):
-    """One listening endpoint: its IP filter, TLS (re-read on reload) and site."""
-
-    def __init__(
-        self,
-        config: ListenerConfig,
-        site: Site,
-        reactor: Any,
-        open_to_network: bool,
-        audit: AuditTrail,
-    ) -> None:
-        self.config = config
-        self.description = config.endpoint + (" (TLS)" if config.tls is not None else "")
-        self.site = site
-        self.reactor = reactor
-        self.open_to_network = open_to_network
-        self.audit = audit
-        self.creator: ReloadableTLS | None = None
-        self.factory: SwappableFactory | None = None
-        self.port: IListeningPort | None = None
-        # A certificate that nobody renews should be noticed before it ends.
-        self._expiry_check = LoopingCall(self._warn_expiry)
-        self._expiry_check.clock = reactor
-
-    def _refused(self, address: Any) -> None:
-        self.audit.ip_refused(
-            peer=getattr(address, "host", None) or "unix",
-            listener=self.config.endpoint,
-            scope="listener",
-        )
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self.config.tls is not None:
-            try:
-                self.creator = ReloadableTLS(self.config.tls)
-            except TLSLoadError as e:
-                raise ListenerError(f"mcpbridge: {self.config.endpoint}: {e}") from None
-            self._warn_expiry()
-        self.factory = SwappableFactory(
-            self.site, listening_factory(self.config, self.site, self.creator, self._refused)
-        )
-        outcome: list[Any] = []
-        try:
-            listening = serverFromString(self.reactor, self.config.endpoint).listen(self.factory)
-        except Exception as e:
-            # A systemd: endpoint naming a socket systemd did not pass raises here.
-            raise ListenerError(
-                f"mcpbridge: cannot listen on {self.config.endpoint}: {e!r}"
-                + _inherited_hint(self.config.endpoint)
-            ) from None
-        listening.addBoth(outcome.append)
-        if not outcome:
-            raise ListenerError(
-                f"mcpbridge: {self.config.endpoint}: this endpoint does not listen at once"
-            )
-        if isinstance(outcome[0], Failure):
-            raise ListenerError(
-                f"mcpbridge: cannot listen on {self.config.endpoint}: {outcome[0].getErrorMessage()}"
-            )
-        self.port = outcome[0]
-        address = self.port.getHost()
-        self.site.local = is_local_address(address)  # type: ignore[attr-defined]
-        if not self.open_to_network and not is_local_address(address):
-            self.port.stopListening()
-            raise ListenerError(
-                f"mcpbridge: refusing to listen on {describe_address(address)} ({self.config.endpoint}): "
-                "without authentication the bridge only listens on loopback or a Unix socket. "
-                "Fix: configure [auth] tokens or JWT, listen on 127.0.0.1 "
-                "(tcp:8080:interface=127.0.0.1), or set insecure = true if this network is trusted"
-            )
-        log.info(
-            "listening on {address} ({description})",
-            address=describe_address(address),
-            description=self.description,
-        )
-        plaintext = self.config.tls is None and not self.config.trusted_proxies
-        if plaintext and not is_local_address(address):
-            log.warn(
-                "{address}: bearer tokens would cross the network in clear text on this "
-                "listener; give it tls = {{...}}, or put a TLS proxy in front (trusted_proxies)",
-                address=describe_address(address),
-            )
-
-    def update(self, config: ListenerConfig) -> None:
-        """Take new rules (addresses, proxies, TLS on or off or other files)
-        without closing the port or any connection: the next connections are
-        built with the new stack. A certificate that does not load is refused
-        and the old TLS setup stays.
-
-        @raise TLSLoadError: when TLS is turned on with files that do not load.
-        """
-        assert self.factory is not None and config.endpoint == self.config.endpoint
-        creator = self.creator
-        if config.tls is None:
-            creator = None
-        elif creator is None:
-            creator = ReloadableTLS(config.tls)
-        elif config.tls != self.config.tls:
-            try:
-                creator.reload(config.tls)
-            except TLSLoadError as e:
-                self._tls_refused(e)
-                # Keep describing what is served, so that the next reload tries again.
-                config = attrs.evolve(config, tls=self.config.tls)
-        self.creator = creator
-        self.config = config
-        self.description = config.endpoint + (" (TLS)" if config.tls is not None else "")
-        self.site.listener = config  # type: ignore[attr-defined]
-        self.factory.current = listening_factory(config, self.site, creator, self._refused)
-        if creator is not None and not self._expiry_check.running and self.running:
-            self._expiry_check.start(86400, now=False)
-
-    def reload_tls(self) -> None:
-        """Re-read the certificate and key; on any problem keep serving the old ones."""
-        if self.creator is None:
-            return
-        try:
-            self.creator.reload()
-        except TLSLoadError as e:
-            self._tls_refused(e)
-            return
-        log.info("{listener}: TLS certificate re-read", listener=self.config.endpoint)
-        self.audit.tls_reloaded(listener=self.config.endpoint, outcome="ok", detail=None)
-        self._warn_expiry()
-
-    def _tls_refused(self, error: TLSLoadError) -> None:
-        """A certificate that did not load: the old one is kept; log and audit it."""
-        log.error(
-            "{listener}: kept the old TLS certificate: {error}",
-            listener=self.config.endpoint,
-            error=str(error),
-        )
-        self.audit.tls_reloaded(listener=self.config.endpoint, outcome="refused", detail=str(error))
-
-    def _warn_expiry(self) -> None:
-        warning = self.creator.expiry_warning() if self.creator is not None else None
-        if warning is not None:
-            log.warn("{listener}: {warning}", listener=self.config.endpoint, warning=warning)
-
-    def startService(self) -> None:
-        super().startService()
-        if self.creator is not None:
-            self._expiry_check.start(86400, now=False)
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self._expiry_check.running:
-            self._expiry_check.stop()
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        stopped: Deferred[None] | None = port.stopListening()
-        return stopped
-
-
-class SwappableFactory(Factory):
-    """Builds each connection's protocol with the current filter and TLS stack,
-    which a reload may replace; connections already open keep theirs."""
-
-    def __init__(self, site: Site, current: IProtocolFactory) -> None:
-        self.site = site
-        self.current = current
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return self.current.buildProtocol(addr)
-
-    def doStart(self) -> None:
-        self.site.doStart()
-
-    def doStop(self) -> None:
-        self.site.doStop()
-
-
-access_log = Logger(namespace="mcptwist.access")
-_LIMITS = LimitsConfig()
-
-
-class BridgeSite(Site):
-    """A listener's Site (its L{ListenerConfig} tells the gate about TLS and
-    proxies); it counts every request for the metrics, and its access log,
-    when on, goes through twisted.logger.
-
-    Its channels (L{BridgeChannel}) ask it, when a request's head has
-    arrived, how much body to read (L{request_head}), and tell it what they
-    refused (L{refused}); it holds their limits, which a reload changes.
-    """
-
-    protocol = BridgeChannel  # type: ignore[assignment]
-    requestFactory = BoundedRequest
-    access_log = False
-    listener: ListenerConfig | None = None
-    # Whether it listens on loopback or a Unix socket (known once it listens).
-    local: bool | None = None
-    metrics: Metrics | None = None
-    audit: AuditTrail | None = None
-    connections: ConnectionCounter | None = None
-    header_timeout = _LIMITS.header_timeout
-    body_timeout = _LIMITS.body_timeout
-    preauth_body = _LIMITS.preauth_body
-    # Which names are servers (metrics label only those: a URL names anything).
-    is_server: Callable[[str], bool] = staticmethod(lambda name: False)
-
-    def acceptableProtocols(self) -> list[bytes]:
-        """ALPN: its channels speak HTTP/1.1 only (whatever Twisted could add)."""
-        return [b"http/1.1"]
-
-    def request_head(self, request: Any) -> bytes | int | Deferred[None]:
-        """Judge a request from its head (the gate's rules): an answer to
-        send now, the most body to read, or a Deferred to wait for."""
-        head = getattr(self.resource, "head", None)
-        if head is None:
-            # A metrics listener: no route takes a body.
-            return self.preauth_body
-        decision: bytes | int | Deferred[None] = head(request)
-        return decision
-
-    def refused(self, peer: str | None, reason: str) -> None:
-        """A connection or request refused while it was received: audited."""
-        if self.audit is not None:
-            listener = self.listener.endpoint if self.listener is not None else None
-            self.audit.http_refused(peer=peer, listener=listener, reason=reason)
-
-    def configure(self, limits: LimitsConfig) -> None:
-        """Take the limits on receiving requests."""
-        self.header_timeout = limits.header_timeout
-        self.body_timeout = limits.body_timeout
-        self.preauth_body = limits.preauth_body
-
-    def log(self, request: Any) -> None:
-        if self.metrics is not None:
-            server, route = _route_of(request.path)
-            if server is not None and not self.is_server(server):
-                server = None
-            self.metrics.http_request(
-                server,
-                route,
-                request.method.decode("latin-1"),
-                request.code,
-                getattr(request, "body_size", 0),
-                request.sentLength,
-            )
-        if not self.access_log:
-            return
-        access_log.info(
-            "{client} {method} {path} {status} {size}",
-            client=getattr(request.getClientAddress(), "host", "-"),
-            method=request.method.decode("latin-1"),
-            path=request.uri.decode("latin-1").split("?", 1)[0],
-            status=request.code,
-            size=request.sentLength,
-        )
-
-
-def _inherited_hint(endpoint: str) -> str:
-    if not endpoint.startswith("systemd:"):
-        return ""
-    names = os.environ.get("LISTEN_FDNAMES")
-    return (
-        f"; systemd passed the sockets named {names!r} (FileDescriptorName= in the .socket units)"
-        if names
-        else "; systemd passed no sockets: start the bridge through its .socket units"
-    )
-
-
-def _route_of(path: bytes) -> tuple[str | None, str]:
-    """(server, route) of a request path, for the metrics' bounded labels."""
-    parts = path.split(b"/")
-    first = parts[1] if len(parts) > 1 else b""
-    if first == b"servers":
-        if len(parts) == 2:
-            return None, "status"
-        server = parts[2].decode("utf-8", "replace")
-        if len(parts) == 3:
-            return server, "status"
-        kind = parts[3].decode("utf-8", "replace")
-        return server, kind if kind in ("mcp", "sse", "messages") else "other"
-    if first == b".well-known":
-        return None, "metadata"
-    name = first.decode("utf-8", "replace")
-    return None, name if name in ("health", "metrics", "admin") else "other"
-
-
-class MetricsOnly(Resource):
-    """The root of a metrics listener: /metrics and nothing else, behind the
-    same Host and Origin checks as every other listener (it asks for no
-    credentials, so DNS rebinding would otherwise reach it)."""
-
-    isLeaf = True
-
-    def __init__(self, metrics: IResource, app: BridgeApp) -> None:
-        super().__init__()
-        self.metrics = metrics
-        self.app = app
-
-    def render(self, request: Any) -> Any:
-        refusal = self.app.screen(
-            request, header(request, b"origin"), operator=True, hosts=self.app.metrics_hosts
-        )
-        if refusal is not None:
-            return refusal.render(request)
-        if request.path == b"/metrics":
-            return self.metrics.render(request)
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Not Found: this listener serves /metrics only\n"
-
-
-class ReloadRefused(Exception):
-    """A new configuration that must not be applied to the running bridge."""
-
-
 class BridgeService(MultiService):
-    """The root of the bridge's service tree; SIGHUP reloads its configuration."""
+    """The root of the bridge's service tree; SIGHUP reloads its configuration.
+
+    Its children start in this order, and stop in the reverse one:
+
+     1. the audit trail (opened before privileges are dropped);
+     2. the admission rules (their key refresh and rate limit timers);
+     3. the L{Fleet}: every server's backend, which spawns its children;
+     4. the SSE streams' heartbeat (on stop, the streams left end);
+     5. the L{SessionRegistry} (on stop, every session ends, answering
+        what is in flight);
+     6. the listeners, the bridge's and the metrics' (they bind before any
+        child starts, in C{privilegedStartService}; on stop they stop
+        listening, together);
+     7. the L{Reloader} (on stop, a reload under way ends first);
+     8. the report to systemd (L{Readiness}).
+
+    Unlike a plain MultiService it waits for each child to stop before it
+    stops the next (L{stopService}).
+    """
 
     def __init__(
         self,
@@ -398,25 +73,9 @@ class BridgeService(MultiService):
         freeze_gc: bool = False,
     ) -> None:
         super().__init__()
-        self.freeze_gc = freeze_gc
-        self.config = config
         self.reactor = reactor
-        self.environ = environ
-        self.handle_sighup = handle_sighup
-        self.config_path = config_path
         self.notifier = notifier if notifier is not None else SystemdNotifier({}, reactor)
-        self.listen_override = listen_override
         self.audit = AuditTrail(config.audit, reactor)
-        self.backends: dict[str, Backend] = {
-            name: make_backend(server, reactor, environ, self.audit)
-            for name, server in config.servers.items()
-        }
-        # Servers added through the admin API: kept until the next reload.
-        self.runtime_added: set[str] = set()
-        # Backends of removed or changed servers, finishing their sessions.
-        self.draining: dict[Backend, IDelayedCall] = {}
-        self._stopping: set[Deferred[Any]] = set()
-        self._reloading: Deferred[dict[str, Any]] | None = None
         self.access = AccessControl.from_config(config, reactor, self.audit)
         # Open connections by client address, over every listener.
         self.connections = ConnectionCounter(config.limits.max_connections_per_ip)
@@ -429,10 +88,23 @@ class BridgeService(MultiService):
             caps=self.access.caps,
             audit=self.audit,
         )
-        self.registry.on_closed = self._session_closed
-        self.web = BridgeApp(config, self.backends, self.registry, reactor, self.access)
-        self.web.draining = self.draining
-        self.control = BridgeControl(self)
+        self.fleet = Fleet(config, reactor, environ, self.audit, self.registry, self.access)
+        self.fleet.serving = self._log_urls
+        self.web = BridgeApp(config, self.fleet.backends, self.registry, reactor, self.access)
+        self.web.draining = self.fleet.draining
+        self.reloader = Reloader(
+            self,
+            reactor,
+            environ,
+            self.notifier,
+            self.audit,
+            config_path=config_path,
+            listen_override=listen_override,
+            handle_sighup=handle_sighup,
+        )
+        self.control = BridgeControl(
+            self.fleet, self.registry, self.reloader.reload, lambda: bool(self.running)
+        )
         self.web.admin = AdminAPI(self.control, self.audit).resource()
         self.metrics: Metrics | None = None
         self._metrics_root: IResource | None = None
@@ -444,22 +116,36 @@ class BridgeService(MultiService):
             self.web.metrics = self.metrics.resource()
             self._metrics_root = MetricsOnly(self.web.metrics, self.web)
         self.resource = self.web.resource()
-        self.listeners = [self._listener(listener) for listener in config.listeners]
-        self.metrics_listeners: list[Listener] = []
-        if self.metrics is not None:
-            self.metrics_listeners = [
-                self._listener(listener, self._metrics_root)
-                for listener in config.metrics.listeners
-            ]
+        metrics_listeners = config.metrics.listeners if self.metrics is not None else ()
         # systemd: endpoints adopted so far (each inherited socket can be adopted once).
-        self._adopted = {
-            listener.config.endpoint
-            for listener in [*self.listeners, *self.metrics_listeners]
-            if listener.config.endpoint.startswith("systemd:")
+        adopted = {
+            listener.endpoint
+            for listener in [*config.listeners, *metrics_listeners]
+            if listener.endpoint.startswith("systemd:")
         }
-        self._reload_again = False
-        self._status_loop = LoopingCall(self._report_status)
-        self._status_loop.clock = reactor
+        self.listening = ListenerGroup(self._listener, adopted)
+        self.metrics_listening = ListenerGroup(
+            lambda listener: self._listener(listener, self._metrics_root), adopted
+        )
+        for listener in config.listeners:
+            self._listener(listener).setServiceParent(self.listening)
+        for listener in metrics_listeners:
+            self._listener(listener, self._metrics_root).setServiceParent(self.metrics_listening)
+        # Both kinds stop listening at once.
+        listening = MultiService()
+        self.listening.setServiceParent(listening)
+        self.metrics_listening.setServiceParent(listening)
+        for child in (
+            AuditService(self.audit),
+            AccessService(self.access),
+            self.fleet,
+            HeartbeatService(self.web.heartbeat),
+            self.registry,
+            listening,
+            self.reloader,
+            Readiness(self.fleet, self.notifier, reactor, freeze_gc),
+        ):
+            child.setServiceParent(self)
 
     def _listener(self, config: ListenerConfig, resource: IResource | None = None) -> Listener:
         # The bridge takes JSON bodies only: Twisted's form parsing would read
@@ -468,7 +154,7 @@ class BridgeService(MultiService):
             resource or self.resource, reactor=self.reactor, parsePOSTFormSubmission=False
         )
         site.metrics = self.metrics
-        site.is_server = self._is_server
+        site.is_server = self.fleet.is_server
         site.audit = self.audit
         site.connections = self.connections
         site.configure(self.config.limits)
@@ -480,8 +166,23 @@ class BridgeService(MultiService):
         open_to_network = self.config.insecure or (self.config.auth.enabled and resource is None)
         return Listener(config, site, self.reactor, open_to_network, self.audit)
 
-    def _is_server(self, name: str) -> bool:
-        return name in self.backends or any(b.server.name == name for b in self.draining)
+    @property
+    def config(self) -> BridgeConfig:
+        """The configuration in force (a reload replaces it)."""
+        return self.fleet.config
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        """The servers served, by name."""
+        return self.fleet.backends
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self.listening)
+
+    @property
+    def metrics_listeners(self) -> list[Listener]:
+        return list(self.metrics_listening)
 
     @property
     def site(self) -> BridgeSite:
@@ -490,93 +191,26 @@ class BridgeService(MultiService):
         assert isinstance(site, BridgeSite)
         return site
 
-    # Starting and stopping
+    def stopService(self) -> Deferred[None]:
+        """Stop the children one at a time, the last started first, each
+        waited for: MultiService would stop them all at once, but a child
+        must not stop while one started after it still runs (the sessions
+        while a port listens, the audit trail while children exit)."""
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
 
-    def privilegedStartService(self) -> None:
-        # Opened before privileges are dropped, as log files are.
-        try:
-            self.audit.start()
-        except AuditError as e:
-            raise ListenerError(f"mcpbridge: {e}") from None
-        for listener in [*self.listeners, *self.metrics_listeners]:
-            listener.privilegedStartService()
-        super().privilegedStartService()
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self.access.start()
-        if self.handle_sighup:
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._sighup))
-        for listener in [*self.listeners, *self.metrics_listeners]:
-            listener.startService()
-        self.registry.startService()
-        self.web.heartbeat.start()
-        for backend in self.backends.values():
-            backend.startService()
-        for name in self.backends:
-            self._log_urls(name)
-        Deferred.fromCoroutine(self._announce_ready())
-
-    async def _announce_ready(self) -> None:
-        """READY=1 once every listener is up and every server's child has
-        started serving or failed (for systemd's Type=notify)."""
-        await DeferredList([d for d in self._settled()], consumeErrors=True)
-        if not self.running:
-            return
-        status = self.status_line()
-        log.info("ready: {status}", status=status)
-        self.notifier.ready(status)
-        self.notifier.start_watchdog()
-        if self.freeze_gc:
-            # What startup built lives as long as the bridge: out of the collector's
-            # way, so that its full collections stop rescanning it.
-            gc.freeze()
-        self._status_loop.start(30.0, now=False)
-
-    def _settled(self) -> list[Deferred[None]]:
-        settled = []
-        for backend in self.backends.values():
-            for upstream in backend.upstreams():
-                settled.append(upstream.supervisor.settled())
-        return settled
-
-    def _snapshot(self) -> Snapshot:
-        """The live state the metrics read at each scrape."""
-        servers = []
-        sessions = collections.Counter(s.server for s in self.registry.sessions.values())
-        for name, backend in self.backends.items():
-            upstreams = list(backend.upstreams())
-            states = [u.supervisor.state.value for u in upstreams]
-            uptimes = [u.supervisor.uptime() for u in upstreams]
-            servers.append(
-                ServerSnapshot(
-                    name=name,
-                    sharing=backend.server.sharing,
-                    state=backend.state,
-                    children=len(upstreams),
-                    running_children=states.count("running"),
-                    restarts=sum(u.supervisor.restarts for u in upstreams),
-                    uptime=max((t for t in uptimes if t is not None), default=None),
-                    in_flight=sum(u.in_flight for u in upstreams),
-                    stdin_queue=sum(u.queued for u in upstreams),
-                    sessions=sessions[name],
-                )
-            )
-        return Snapshot(
-            servers=tuple(servers),
-            streams=len(self.web.heartbeat.connections),
-            sessions_total=len(self.registry.sessions),
-        )
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            await DeferredList([maybeDeferred(child.stopService)])
 
     def status_line(self) -> str:
-        states = {name: b.state for name, b in self.backends.items()}
-        return status_line(states, len(self.registry.sessions))
+        return self.fleet.status_line()
 
-    def _report_status(self) -> None:
-        self.notifier.status(self.status_line())
+    def _snapshot(self) -> Snapshot:
+        return self.fleet.snapshot(streams=len(self.web.heartbeat.connections))
 
     def _log_urls(self, name: str) -> None:
-        for listener in self.listeners:
+        for listener in self.listening:
             if listener.port is None:
                 continue
             address = listener.port.getHost()
@@ -590,138 +224,19 @@ class BridgeService(MultiService):
                     address=describe_address(address),
                 )
 
-    def stopService(self) -> Deferred[Any]:
-        Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        self.notifier.stopping(f"stopping: {len(self.registry.sessions)} sessions to end")
-        self.notifier.stop_watchdog()
-        if self._status_loop.running:
-            self._status_loop.stop()
-        if self.handle_sighup:
-            # Not the default action (which kills): a HUP from logrotate may come now.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if self._reloading is not None:
-            await self._reloading
-        await DeferredList(
-            [
-                d
-                for d in (
-                    listener.stopService()
-                    for listener in [*self.listeners, *self.metrics_listeners]
-                )
-                if d is not None
-            ]
-        )
-        self.registry.stopService()
-        self.web.heartbeat.close_all()
-        self.web.heartbeat.stop()
-        for backend, timer in list(self.draining.items()):
-            if timer.active():
-                timer.cancel()
-            self._stop_backend(backend)
-        self.draining.clear()
-        await DeferredList([*(b.stopService() for b in self.backends.values()), *self._stopping])
-        log.info("every child has stopped")
-        self.access.stop()
-        self.audit.stop()
-
-    # Reload (SIGHUP, or the admin API)
-
-    def _sighup(self) -> None:
-        """SIGHUP: reload, and put the outcome in the audit trail (the admin
-        API writes its own reloads there)."""
-
-        def audit(result: dict[str, Any]) -> None:
-            self.audit.admin_action(
-                principal="signal",
-                peer=None,
-                action="reload",
-                target=self.config_path,
-                outcome="ok" if result["ok"] else f"error: {result['error']}",
-            )
-
-        self.reload().addCallback(audit)
-
-    def reload(self) -> Deferred[dict[str, Any]]:
-        """Re-read the configuration file and apply it; a bad file changes nothing.
-
-        Returns what changed: C{{"ok": bool, "error": str | None, "changes": {...}}}.
-        """
-        if not self.running:
-            return succeed({"ok": False, "error": "the bridge is stopping", "changes": {}})
-        if self._reloading is not None:
-            # One at a time; the file may have changed again meanwhile: read it once more.
-            self._reload_again = True
-            return self._reloading
-        d = Deferred.fromCoroutine(self._reload())
-
-        def done(result: dict[str, Any]) -> dict[str, Any]:
-            self._reloading = None
-            if self._reload_again and self.running:
-                self._reload_again = False
-                self.reload()
-            return result
-
-        d.addBoth(done)
-        if not d.called:
-            self._reloading = d
-        return d
-
-    async def _reload(self) -> dict[str, Any]:
-        self.notifier.reloading("reloading the configuration")
-        if self.config_path is None:
-            log.info("reload: no configuration file; re-reading certificates only")
-            new = self.config
-        else:
-            try:
-                new = load_config(self.config_path, self.environ)
-            except ConfigError as e:
-                log.error("reload refused, the running configuration stays: {error}", error=str(e))
-                self.notifier.ready(f"reload failed: {e.key}: {e.problem}")
-                return {"ok": False, "error": str(e), "changes": {}}
-        if self.listen_override is not None:
-            new = attrs.evolve(new, listeners=self.listen_override)
-        try:
-            changes = await self.apply(new)
-        except ReloadRefused as e:
-            log.error("reload refused, the running configuration stays: {error}", error=str(e))
-            self.notifier.ready(f"reload refused: {e}")
-            return {"ok": False, "error": str(e), "changes": {}}
-        except Exception as e:
-            log.failure("reload failed part way")
-            self.notifier.ready(f"reload failed: {e}")
-            return {"ok": False, "error": f"reload failed: {e!r}", "changes": {}}
-        failed = [f for kind in ("listeners", "metrics_listeners") for f in changes[kind]["failed"]]
-        log.info("reload done: {changes}", changes=changes)
-        self.notifier.ready(self.status_line())
-        if failed:
-            return {"ok": False, "error": "; ".join(failed), "changes": changes}
-        return {"ok": True, "error": None, "changes": changes}
-
     async def apply(self, new: BridgeConfig) -> dict[str, Any]:
         """Move the running bridge to C{new}: unchanged servers keep their
         children and sessions; changed ones restart, their sessions drain.
 
         @raise ReloadRefused: when C{new} must not be applied (nothing changed).
         """
-        if not (new.insecure or new.auth.enabled):
-            for listener in self.listeners:
-                port = listener.port
-                if port is not None and not is_local_address(port.getHost()):
-                    raise ReloadRefused(
-                        f"{listener.config.endpoint} listens beyond loopback, and the new "
-                        "configuration has no authentication (and no insecure = true); "
-                        "keep [auth], or move the listener to loopback and restart"
-                    )
+        refuse_exposure(self.listening, new)
         old = self.config
         # What can fail (new authenticators, keys) is built before anything changes.
         self.access.reconfigure(new, self.reactor)
-        self.config = new
         # Who lost a credential or a grant loses its sessions and streams now.
-        lost = self._revoke(old.auth, new.auth)
-        changes: dict[str, Any] = {"servers": self._apply_servers(new), "revoked": lost}
+        lost = revoke(self.registry, old.auth, new.auth)
+        changes: dict[str, Any] = {"servers": self.fleet.apply(new), "revoked": lost}
         try:
             self.audit.reconfigure(new.audit)
         except AuditError as e:
@@ -730,189 +245,109 @@ class BridgeService(MultiService):
         self.web.reconfigure(new)
         self.registry.max_sessions = new.max_sessions
         self.connections.limit = new.limits.max_connections_per_ip
-        for listener in [*self.listeners, *self.metrics_listeners]:
+        for listener in [*self.listening, *self.metrics_listening]:
             site = listener.site
             if isinstance(site, BridgeSite):
                 site.access_log = new.access_log
                 site.configure(new.limits)
-        for listener in self.listeners:
+        for listener in self.listening:
             listener.open_to_network = new.insecure or new.auth.enabled
-        self.listeners, changes["listeners"] = await self._apply_listeners(
-            self.listeners, new.listeners, None
-        )
+        changes["listeners"] = await self.listening.apply(new.listeners)
         metrics_wanted = new.metrics.listeners if self.metrics is not None else ()
-        self.metrics_listeners, changes["metrics_listeners"] = await self._apply_listeners(
-            self.metrics_listeners, metrics_wanted, self._metrics_root
-        )
-        changes["settings"] = _changed_settings(old, new)
+        changes["metrics_listeners"] = await self.metrics_listening.apply(metrics_wanted)
+        changes["settings"] = changed_settings(old, new)
         return changes
 
-    def _revoke(self, old: AuthConfig, new: AuthConfig) -> list[str]:
-        """Close the sessions, and so the streams, that the new credentials no
-        longer allow (L{revoked}); each is audited with its reason.
 
-        Returns who lost what, as C{"PRINCIPAL on SERVER"}.
-        """
-        if old == new:
-            return []
-        lost: set[str] = set()
-        for session in list(self.registry.sessions.values()):
-            why = revoked(old, new, session.principal, session.server)
-            if why is not None:
-                self.registry.close(session, why)
-                lost.add(f"{session.principal} on {session.server}")
-        return sorted(lost)
+class AuditService(Service):
+    """The audit trail: opened before privileges are dropped (as log files
+    are), closed once every child has exited."""
 
-    def _apply_servers(self, new: BridgeConfig) -> dict[str, list[str]]:
-        result: dict[str, list[str]] = {
-            "added": [],
-            "removed": [],
-            "restarted": [],
-            "unchanged": [],
-        }
-        for name in list(self.backends):
-            if name not in new.servers:
-                self.retire(name, "removed from the configuration")
-                result["removed"].append(name)
-        for name, server in new.servers.items():
-            backend = self.backends.get(name)
-            if backend is None:
-                self.add_backend(server)
-                result["added"].append(name)
-            elif backend.server == server and name not in self.runtime_added:
-                result["unchanged"].append(name)
-            else:
-                self.retire(name, "reconfigured")
-                self.add_backend(server)
-                result["restarted"].append(name)
-        self.runtime_added.clear()
-        return result
+    def __init__(self, audit: AuditTrail) -> None:
+        self.audit = audit
 
-    def add_backend(self, server: ServerConfig) -> Backend:
-        """Serve a server from now on (a reload, or the admin API)."""
-        backend = make_backend(server, self.reactor, self.environ, self.audit)
-        self.backends[server.name] = backend
-        self.access.server_added(server)
-        if self.running:
-            backend.startService()
-            self._log_urls(server.name)
-        return backend
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            self.audit.start()
+        except AuditError as e:
+            raise ListenerError(f"mcpbridge: {e}") from None
 
-    def retire(self, name: str, why: str) -> None:
-        """Stop serving a server: new sessions cannot reach it; its sessions
-        finish what they do, and are closed after C{drain_timeout}."""
-        backend = self.backends.pop(name)
-        # A stateless hub serves no one between requests: it closes when idle.
-        for session in self.registry.of_backend(backend):
-            if isinstance(session.sink, StatelessSink):
-                session.sink.when_idle(functools.partial(self._close_hub, session, why))
-        if not self.registry.of_backend(backend):
-            self._stop_backend(backend)
+    def stopService(self) -> None:
+        super().stopService()
+        self.audit.stop()
+
+
+class AccessService(Service):
+    """The admission rules' timers: JWT key refresh and rate limit sweeps."""
+
+    def __init__(self, access: AccessControl) -> None:
+        self.access = access
+
+    def startService(self) -> None:
+        super().startService()
+        self.access.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.access.stop()
+
+
+class HeartbeatService(Service):
+    """Keeps quiet SSE streams alive; on stop, ends those still open."""
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+
+    def startService(self) -> None:
+        super().startService()
+        self.heartbeat.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.heartbeat.close_all()
+        self.heartbeat.stop()
+
+
+class Readiness(Service):
+    """Tells systemd how the bridge is: READY=1 once every listener is up
+    and every server's child has started serving or failed (for
+    C{Type=notify}), then its status every 30s; started last, it stops
+    first, saying STOPPING=1."""
+
+    def __init__(
+        self, fleet: Fleet, notifier: SystemdNotifier, clock: Any, freeze_gc: bool
+    ) -> None:
+        self.fleet = fleet
+        self.notifier = notifier
+        self.freeze_gc = freeze_gc
+        self._status_loop = LoopingCall(self._report_status)
+        self._status_loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._announce_ready())
+
+    async def _announce_ready(self) -> None:
+        await DeferredList(self.fleet.settled(), consumeErrors=True)
+        if not self.running:
             return
-        log.info(
-            "{server}: {why}; its sessions may finish within {grace:g}s",
-            server=name,
-            why=why,
-            grace=self.config.drain_timeout,
-        )
-        self.draining[backend] = self.reactor.callLater(
-            self.config.drain_timeout, self._drained, backend, why
-        )
+        status = self.fleet.status_line()
+        log.info("ready: {status}", status=status)
+        self.notifier.ready(status)
+        self.notifier.start_watchdog()
+        if self.freeze_gc:
+            # What startup built lives as long as the bridge: out of the collector's
+            # way, so that its full collections stop rescanning it.
+            gc.freeze()
+        self._status_loop.start(30.0, now=False)
 
-    def _close_hub(self, hub: ClientSession, why: str) -> None:
-        self.registry.close(hub, f"closed: the server was {why}")
+    def _report_status(self) -> None:
+        self.notifier.status(self.fleet.status_line())
 
-    def _session_closed(self, session: ClientSession) -> None:
-        backend = session.backend
-        if backend in self.draining and not self.registry.of_backend(backend):
-            self._drained(backend, "its last session ended")
-
-    def _drained(self, backend: Backend, why: str) -> None:
-        timer = self.draining.pop(backend, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        for session in self.registry.of_backend(backend):
-            self.registry.close(session, f"closed: the server was {why}")
-        self._stop_backend(backend)
-
-    def _stop_backend(self, backend: Backend) -> None:
-        if not backend.running:
-            return
-        d = backend.stopService()
-        self._stopping.add(d)
-        d.addBoth(lambda _: self._stopping.discard(d))
-
-    async def _apply_listeners(
-        self,
-        current: list[Listener],
-        wanted: tuple[ListenerConfig, ...],
-        resource: IResource | None,
-    ) -> tuple[list[Listener], dict[str, list[str]]]:
-        """Diff listeners by endpoint: keep and update in place, close the
-        removed ones (and wait for their ports), then open the new ones."""
-        result: dict[str, list[str]] = {
-            "added": [],
-            "removed": [],
-            "updated": [],
-            "unchanged": [],
-            "failed": [],
-        }
-        by_endpoint = {listener.config.endpoint: listener for listener in current}
-        configs = {config.endpoint: config for config in wanted}
-        kept: list[Listener] = []
-        stopping: list[Deferred[None]] = []
-        for endpoint, listener in by_endpoint.items():
-            config = configs.get(endpoint)
-            if config is None:
-                d = listener.stopService()
-                if d is not None:
-                    stopping.append(d)
-                result["removed"].append(endpoint)
-                continue
-            kept.append(listener)
-            if config == listener.config:
-                listener.reload_tls()
-                result["unchanged"].append(endpoint)
-                continue
-            try:
-                listener.update(config)
-            except TLSLoadError as e:
-                log.error("reload: {listener}: {error}", listener=endpoint, error=str(e))
-                result["failed"].append(f"{endpoint}: {e}")
-            else:
-                result["updated"].append(endpoint)
-        await DeferredList(stopping)
-        for endpoint, config in configs.items():
-            if endpoint in by_endpoint:
-                continue
-            if endpoint.startswith("systemd:") and endpoint in self._adopted:
-                # Twisted closes an inherited socket's descriptor once adopted.
-                message = (
-                    "an inherited socket is adopted once: restart the service to adopt it again"
-                )
-                log.error("reload: {listener}: {error}", listener=endpoint, error=message)
-                result["failed"].append(f"{endpoint}: {message}")
-                continue
-            listener = self._listener(config, resource)
-            try:
-                listener.privilegedStartService()
-            except ListenerError as e:
-                log.error("reload: {error}", error=str(e))
-                result["failed"].append(f"{endpoint}: {e}")
-                continue
-            listener.startService()
-            kept.append(listener)
-            result["added"].append(endpoint)
-            if endpoint.startswith("systemd:"):
-                self._adopted.add(endpoint)
-        return kept, result
-
-
-def _changed_settings(old: BridgeConfig, new: BridgeConfig) -> list[str]:
-    """The bridge-wide settings a reload changed, by name."""
-    skip = {"servers", "listeners", "source"}
-    return [
-        field.name
-        for field in attrs.fields(BridgeConfig)
-        if field.name not in skip and getattr(old, field.name) != getattr(new, field.name)
-    ]
+    def stopService(self) -> None:
+        super().stopService()
+        self.notifier.stopping(f"stopping: {len(self.fleet.registry.sessions)} sessions to end")
+        self.notifier.stop_watchdog()
+        if self._status_loop.running:
+            self._status_loop.stop()

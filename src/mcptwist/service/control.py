@@ -1,15 +1,17 @@
 # -*- test-case-name: tests.test_control -*-
 """What an operator can do to a running bridge: the admin API's actions.
 
-L{BridgeControl} implements L{mcptwist.web.admin.AdminControl} on a
-L{BridgeService}: status, start, stop and restart a server, read its stderr,
-list and close sessions, add (one of the configuration's [admin.commands])
-or remove a server until the next reload, and reload the configuration file.
+L{BridgeControl} implements L{mcptwist.web.admin.AdminControl} on the
+bridge's L{Fleet} and L{SessionRegistry}: status, start, stop and restart a
+server, read its stderr, list and close sessions, add (one of the
+configuration's [admin.commands]) or remove a server until the next reload,
+and reload the configuration file.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
@@ -17,26 +19,35 @@ from mcptwist.child.supervisor import ChildState
 from mcptwist.config.load import ADMIN_SOURCE, requested_server
 from mcptwist.config.model import ConfigError
 from mcptwist.routing.backends import Backend, SessionBackend
-from mcptwist.routing.sessions import ClientSession
-
-if TYPE_CHECKING:
-    from mcptwist.service.bridge import BridgeService
+from mcptwist.routing.sessions import ClientSession, SessionRegistry
+from mcptwist.service.fleet import Fleet
 
 
 class BridgeControl:
     """The admin API's view of the bridge."""
 
-    def __init__(self, service: BridgeService) -> None:
-        self.service = service
+    def __init__(
+        self,
+        fleet: Fleet,
+        registry: SessionRegistry,
+        reload: Callable[[], Deferred[dict[str, Any]]],
+        running: Callable[[], bool],
+    ) -> None:
+        self.fleet = fleet
+        self.registry = registry
+        # Re-reads the configuration file (as SIGHUP does).
+        self._reload = reload
+        # Whether the bridge runs: false from the moment it begins to stop.
+        self._bridge_running = running
 
     def _running(self) -> None:
         # A keep-alive connection can still carry a request while the bridge
         # stops: nothing may start then, or it would outlive the shutdown.
-        if not self.service.running:
+        if not self._bridge_running():
             raise RuntimeError("the bridge is stopping")
 
     def _backend(self, name: str) -> Backend:
-        backend = self.service.backends.get(name)
+        backend = self.fleet.backends.get(name)
         if backend is None:
             raise KeyError(name)
         return backend
@@ -44,18 +55,18 @@ class BridgeControl:
     # Servers
 
     def servers(self) -> list[dict[str, Any]]:
-        return [self._status(b) for b in self.service.backends.values()]
+        return [self._status(b) for b in self.fleet.backends.values()]
 
     def server(self, name: str) -> dict[str, Any] | None:
-        backend = self.service.backends.get(name)
+        backend = self.fleet.backends.get(name)
         return None if backend is None else self._status(backend)
 
     def _status(self, backend: Backend) -> dict[str, Any]:
         server = backend.server
         status = backend.status()
-        status["sessions"] = self.service.registry.count(server.name)
+        status["sessions"] = self.registry.count(server.name)
         status["stopped_by_operator"] = backend.held
-        status["added_at_runtime"] = server.name in self.service.runtime_added
+        status["added_at_runtime"] = server.name in self.fleet.runtime_added
         # What runs as the file wrote it: never a value from the environment
         # (${VAR} stays as written), nor the environment's values.
         written = server.written
@@ -84,8 +95,8 @@ class BridgeControl:
         backend = self._backend(name)
         backend.held = True
         if isinstance(backend, SessionBackend):
-            for session in self.service.registry.of_backend(backend):
-                self.service.registry.close(session, "closed: the server was stopped")
+            for session in self.registry.of_backend(backend):
+                self.registry.close(session, "closed: the server was stopped")
         stops = [u.supervisor.stopService() for u in backend.upstreams() if u.supervisor.running]
         d = DeferredList(stops)
         return d.addCallback(lambda _: self._status(backend))
@@ -118,18 +129,18 @@ class BridgeControl:
     # Sessions
 
     def sessions(self, server: str | None) -> list[dict[str, Any]]:
-        now = self.service.reactor.seconds()
+        now = self.registry.clock.seconds()
         return [
             _session_info(s, now)
-            for s in self.service.registry.sessions.values()
+            for s in self.registry.sessions.values()
             if server is None or s.server == server
         ]
 
     def close_session(self, session_id: str) -> bool:
-        session = self.service.registry.sessions.get(session_id)
+        session = self.registry.sessions.get(session_id)
         if session is None:
             return False
-        self.service.registry.close(session, "closed by an operator")
+        self.registry.close(session, "closed by an operator")
         return True
 
     # Configuration
@@ -138,32 +149,32 @@ class BridgeControl:
         """Start a server of one of the configuration's [admin.commands]: a
         request chooses among the programs the file names, and never names one."""
         self._running()
-        commands = self.service.config.admin.commands
+        commands = self.fleet.config.admin.commands
         if not commands:
             raise PermissionError(
                 "adding servers at run time is off; the configuration file can allow it by "
                 "naming the programs it may start in [admin.commands.NAME] tables"
             )
-        if name in self.service.backends:
+        if name in self.fleet.backends:
             raise ValueError(f"a server named {name!r} exists")
         server = requested_server(
-            name, table, commands, authenticated=self.service.config.auth.enabled
+            name, table, commands, authenticated=self.fleet.config.auth.enabled
         )
         if server is None:
             raise ConfigError(ADMIN_SOURCE, f"servers.{name}.disabled", "is true", "remove it")
-        backend = self.service.add_backend(server)
-        self.service.runtime_added.add(name)
+        backend = self.fleet.add(server)
+        self.fleet.runtime_added.add(name)
         return succeed(self._status(backend))
 
     def remove_server(self, name: str) -> Deferred[dict[str, Any]]:
         backend = self._backend(name)
         status = self._status(backend)
-        self.service.retire(name, "removed by an operator")
-        self.service.runtime_added.discard(name)
+        self.fleet.retire(name, "removed by an operator")
+        self.fleet.runtime_added.discard(name)
         return succeed(status)
 
     def reload(self) -> Deferred[dict[str, Any]]:
-        return self.service.reload()
+        return self._reload()
 
 
 def _session_info(session: ClientSession, now: float) -> dict[str, Any]:
