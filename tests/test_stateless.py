@@ -337,7 +337,7 @@ class InputRequiredTests(SynchronousTestCase):
         d = self.client.start(retry(2, result["requestState"], {"q": NAME}))
         status, body = self.client.finish(d)
         self.assertEqual((status, body["id"]), (400, 2))
-        self.assertEqual(body["error"]["code"], era.MISSING_CAPABILITY)
+        self.assertEqual(body["error"]["code"], jsonrpc.MISSING_CAPABILITY)
         self.assertEqual(body["error"]["data"], {"requiredCapabilities": {"sampling": {}}})
         self.assertEqual(self.client.calls(), [])
 
@@ -435,7 +435,7 @@ class RefusalWhileParkedTests(SynchronousTestCase):
             client.start(retry(2, state, {"q": NAME}), accept="application/json")
         )
         self.assertEqual((status, body["id"]), (400, 2))
-        self.assertEqual(body["error"]["code"], era.MISSING_CAPABILITY)
+        self.assertEqual(body["error"]["code"], jsonrpc.MISSING_CAPABILITY)
         self.assertEqual(body["error"]["data"], {"requiredCapabilities": {"sampling": {}}})
         bridge.reactor.advance(server.request_timeout + 1)
         self.assertEqual(client.calls(), [])

@@ -354,7 +354,7 @@ class ModernCall:
             )
             missing = jsonrpc.error(
                 self.request.id,
-                era.MISSING_CAPABILITY,
+                jsonrpc.MISSING_CAPABILITY,
                 f"Missing required client capability: {capability} (the server asked for {method})",
                 {"requiredCapabilities": {capability: {}}},
             )
@@ -366,15 +366,15 @@ class ModernCall:
                 # are answered now, so that it finishes instead of waiting.
                 self._refusal = missing
                 for other, _, _ in self._asked.values():
-                    self._answer_child(other, jsonrpc.INTERNAL_ERROR, "the request was refused")
+                    self._answer_child(other, jsonrpc.UNANSWERABLE, "the request was refused")
                 self._asked.clear()
-            self._audit("error", {"code": era.MISSING_CAPABILITY})
+            self._audit("error", {"code": jsonrpc.MISSING_CAPABILITY})
             # The child goes on with an error in hand: its answer ends the call.
             self._lingering = True
             return
         if self._lingering:
             self._answer_child(
-                bridge_id, jsonrpc.INTERNAL_ERROR, "the client's request was already answered"
+                bridge_id, jsonrpc.UNANSWERABLE, "the client's request was already answered"
             )
             return
         origin = self.upstream.question_origin(bridge_id)
@@ -443,7 +443,7 @@ class ModernCall:
         self._expiry = None
         text = f"the client did not answer within {self.input_timeout:g}s (input_timeout)"
         for bridge_id, _, _ in self._asked.values():
-            self._answer_child(bridge_id, jsonrpc.INTERNAL_ERROR, text)
+            self._answer_child(bridge_id, jsonrpc.UNANSWERABLE, text)
         self._asked.clear()
         log.info("call {call} on {server}: {text}", call=self.id, server=self.hub.server, text=text)
         self._end("timeout", None, audit=False)
@@ -519,13 +519,13 @@ def modern_error(error: dict[str, Any], request: era.ModernRequest) -> tuple[int
         code = jsonrpc.INTERNAL_ERROR
     if not isinstance(text, str):
         text = "Error"
-    if code == -32002 and request.method == "resources/read":
+    if code == jsonrpc.RESOURCE_NOT_FOUND and request.method == "resources/read":
         params = request.message.get("params") or {}
         code = jsonrpc.INVALID_PARAMS
         data = {**(data if isinstance(data, dict) else {}), "uri": params.get("uri")}
-    elif code in (-32002, -32042):
-        # -32002 is also the bridge's "message too large"; -32042 asked for a
-        # URL elicitation, which this revision does by input_required.
+    elif code in (jsonrpc.RESOURCE_NOT_FOUND, jsonrpc.URL_ELICITATION_REQUIRED):
+        # RESOURCE_NOT_FOUND's number is also the bridge's MESSAGE_TOO_LARGE; a
+        # URL elicitation is what this revision does by input_required.
         code = jsonrpc.INTERNAL_ERROR
     return code, text, data
 

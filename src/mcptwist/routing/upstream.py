@@ -251,7 +251,7 @@ class Upstream(Service):
                 del self._outbound[out_id]
                 self._send(
                     out.child,
-                    jsonrpc.error(out.child_id, jsonrpc.INTERNAL_ERROR, "client session closed"),
+                    jsonrpc.error(out.child_id, jsonrpc.UNANSWERABLE, "client session closed"),
                 )
         for waiting_session, _, timer in self._waiting_init:
             if waiting_session is session:
@@ -708,7 +708,7 @@ class Upstream(Service):
                 method=method,
                 problem=problem,
             )
-            self._send(child, jsonrpc.error(message["id"], jsonrpc.INTERNAL_ERROR, problem))
+            self._send(child, jsonrpc.error(message["id"], jsonrpc.UNANSWERABLE, problem))
             return
         capability = protocol.CLIENT_CAPABILITY_FOR.get(method)
         if capability is not None and capability not in target.capabilities:
