@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from mcptwist.config.model import AuditConfig
 from mcptwist.ops.metrics import Metrics, exit_reason
+from mcptwist.routing.record import RequestEnded
 from mcptwist.security.ipfilter import rate_key
 
 NAMESPACE: Final = "mcptwist.audit"
@@ -444,6 +445,16 @@ class AuditTrail:
         self._install(config, _writer_for(config))
 
     @property
+    def recording(self) -> bool:
+        """Whether sessions and requests are written or counted at all."""
+        return self.enabled or self.metrics is not None
+
+    @property
+    def detailed(self) -> bool:
+        """Whether a request's line holds the digest of its arguments (it is written)."""
+        return self.enabled
+
+    @property
     def lost(self) -> int:
         """Events that could not be written (see L{AuditFileObserver.lost})."""
         return 0 if self._writer is None else self._writer.lost
@@ -624,54 +635,38 @@ class AuditTrail:
             },
         )
 
-    def request(
-        self,
-        *,
-        session: str | None,
-        server: str,
-        principal: str | None,
-        peer: str | None,
-        method: str,
-        name: str | None,
-        arg_size: int,
-        arg_sha256: str,
-        status: str,
-        error_code: int | None,
-        latency_ms: float,
-        child_pid: int | None,
-        arguments: object | None = None,
-    ) -> None:
-        """A request finished. Pass C{arguments} only if the server audits them.
+    def request_ended(self, ended: RequestEnded) -> None:
+        """A request finished. Its C{arguments} are there only if its server audits them.
 
-        C{status} is one of L{mcptwist.metrics.STATUSES}; C{error_code} is the JSON-RPC
-        error code of an error answer.
+        Its C{status} is one of L{mcptwist.ops.metrics.STATUSES}; its
+        C{error_code} is the JSON-RPC error code of an error answer.
         """
         if self.metrics is not None:
             self.metrics.request_done(
-                server,
-                method,
-                status,
-                latency_ms / 1000.0,
-                name if method == "tools/call" else None,
+                ended.server,
+                ended.method,
+                ended.status,
+                ended.latency_ms / 1000.0,
+                ended.name if ended.method == "tools/call" else None,
             )
         if not self.enabled:
             return
         self._emit(
             "request",
             {
-                "session": session,
-                "server": server,
-                "principal": principal,
-                "peer": peer,
-                "method": method,
-                "name": name,
-                "arg_size": arg_size,
-                "arg_sha256": arg_sha256,
-                "status": status,
-                "error_code": error_code,
-                "latency_ms": round(latency_ms, 3),
-                "child_pid": child_pid,
-                "arguments": arguments,
+                "session": ended.session,
+                "server": ended.server,
+                "principal": ended.principal,
+                "peer": ended.peer,
+                "method": ended.method,
+                "name": ended.name,
+                "arg_size": ended.arg_size,
+                "arg_sha256": ended.arg_sha256,
+                "status": ended.status,
+                "error_code": ended.error_code,
+                "latency_ms": round(ended.latency_ms, 3),
+                "child_pid": ended.child_pid,
+                "arguments": ended.arguments,
             },
         )
 
