@@ -27,7 +27,7 @@ from mcptwist.config.model import AuditConfig, ServerConfig
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.describe import argument_digest, request_name
 from mcptwist.mcp.jsonrpc import Message, RequestId
-from mcptwist.ops import audit
+from mcptwist.ops import audit, audit_file
 from mcptwist.ops.audit import AuditError, AuditTrail
 from mcptwist.routing.backends import make_backend
 from mcptwist.routing.record import RequestEnded
@@ -579,7 +579,7 @@ class DiskErrorTests(TrailMixin, SynchronousTestCase):
 
     def test_backlog_is_bounded(self) -> None:
         """While the disk fails, memory is bounded and the oldest events are dropped."""
-        self.patch(audit, "BACKLOG_BYTES", 2000)
+        self.patch(audit_file, "BACKLOG_BYTES", 2000)
         trail, path, _ = self.make()
         writer = trail._writer
         assert writer is not None
