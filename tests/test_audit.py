@@ -1,4 +1,5 @@
-"""The audit trail: the schema of every event, rotation, disk errors, threads."""
+"""The audit trail: the schema of every event, rotation, disk errors, threads, and
+how the requests of a session are recorded."""
 
 from __future__ import annotations
 
@@ -22,10 +23,18 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mcptwist.config.model import AuditConfig
+from mcptwist.config.model import AuditConfig, ServerConfig
+from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.describe import argument_digest, request_name
-from mcptwist.ops import audit
+from mcptwist.mcp.jsonrpc import Message, RequestId
+from mcptwist.ops import audit, audit_file
 from mcptwist.ops.audit import AuditError, AuditTrail
+from mcptwist.routing.backends import make_backend
+from mcptwist.routing.record import RequestEnded
+from mcptwist.routing.sessions import ClientSession, SessionRegistry
+
+from .fakes import FakeProcessReactor
+from .test_modern_child import GREET_QUESTIONS, ModernReactor, greet, held, input_required
 
 TS = 1795305599.123456
 TS_TEXT = "2026-11-21T23:59:59.123456Z"
@@ -71,7 +80,7 @@ def emit_request(trail: AuditTrail, session: str | None, **extra: Any) -> None:
         "child_pid": 4242,
     }
     fields.update(extra)
-    trail.request(**fields)
+    trail.request_ended(RequestEnded(**fields))
 
 
 def writer_events(events: Sequence[LogEvent], level: LogLevel | None = None) -> list[LogEvent]:
@@ -570,7 +579,7 @@ class DiskErrorTests(TrailMixin, SynchronousTestCase):
 
     def test_backlog_is_bounded(self) -> None:
         """While the disk fails, memory is bounded and the oldest events are dropped."""
-        self.patch(audit, "BACKLOG_BYTES", 2000)
+        self.patch(audit_file, "BACKLOG_BYTES", 2000)
         trail, path, _ = self.make()
         writer = trail._writer
         assert writer is not None
@@ -839,3 +848,120 @@ class RefusalBurstTests(TrailMixin, SynchronousTestCase):
         # Once the windows have ended, new clients are tracked again.
         trail.auth_failure(peer="203.0.113.1", reason="bad", route="/")
         self.assertEqual(read_lines(path)[-1]["peer"], "203.0.113.1")
+
+
+class ListSink:
+    """A session's sink that keeps what it is given."""
+
+    connected = False
+
+    def __init__(self) -> None:
+        self.got: list[Message] = []
+        self.cancelled_ids: list[RequestId] = []
+
+    def deliver(self, message: Message, related: RequestId | None, encoded: Any = None) -> None:
+        self.got.append(message)
+
+    def cancelled(self, request_id: RequestId) -> None:
+        self.cancelled_ids.append(request_id)
+
+    def close(self) -> None:
+        pass
+
+
+class OutcomeTests(TrailMixin, SynchronousTestCase):
+    """A request's record says how it ended, whatever the number of its error."""
+
+    def open(
+        self, reactor: FakeProcessReactor | None = None, **server: Any
+    ) -> tuple[FakeProcessReactor, ClientSession, Path]:
+        """A session on a server whose child holds its requests, recorded in a trail."""
+        trail, path, _ = self.make()
+        reactor = reactor or FakeProcessReactor(hold=True)
+        server.setdefault("request_timeout", 10.0)
+        backend = make_backend(ServerConfig(name="s", command="fake", **server), reactor, {}, trail)
+        backend.startService()
+        self.addCleanup(backend.stopService)
+        registry = SessionRegistry(reactor, 10, audit=trail)
+        session = registry.create(backend, "streamable", lambda _: ListSink(), peer="192.0.2.7")
+        self.addCleanup(registry.close, session)
+        return reactor, session, path
+
+    def requests(self, path: Path) -> list[tuple[str, str, int | None]]:
+        return [
+            (e["method"], e["status"], e.get("error_code"))
+            for e in read_lines(path)
+            if e["event"] == "request"
+        ]
+
+    def receive(self, session: ClientSession, message: Message) -> None:
+        session.receive(message, jsonrpc.classify(message), 0.0)
+
+    def test_a_childs_error_numbered_like_a_timeout_is_an_error(self) -> None:
+        """The child's own -32001 is its error, not the bridge's timeout."""
+        reactor, session, path = self.open()
+        self.receive(session, jsonrpc.request(1, "tools/call", {"name": "slow"}))
+        [call] = reactor.child.held
+        reactor.child.send(jsonrpc.error(call["id"], -32001, "the tool gave up"))
+        self.assertEqual(self.requests(path), [("tools/call", "error", -32001)])
+
+    def test_a_request_that_timed_out(self) -> None:
+        reactor, session, path = self.open()
+        self.receive(session, jsonrpc.request(1, "tools/call", {"name": "slow"}))
+        reactor.advance(10)
+        self.assertEqual(self.requests(path), [("tools/call", "timeout", -32001)])
+
+    def test_an_initialize_that_waited_for_the_child_in_vain(self) -> None:
+        reactor = FakeProcessReactor(hold=True)
+        reactor.on_message = lambda child, message: None  # type: ignore[method-assign]
+        _, session, path = self.open(reactor)
+        self.receive(session, jsonrpc.request(0, "initialize", {"protocolVersion": "2025-11-25"}))
+        reactor.advance(10)
+        self.assertEqual(self.requests(path), [("initialize", "timeout", -32001)])
+        self.assertNotIn("session_opened", [e["event"] for e in read_lines(path)])
+
+    def test_cancelled_by_the_client_or_cut_by_the_session_end(self) -> None:
+        _, session, path = self.open()
+        self.receive(session, jsonrpc.request(1, "tools/call", {"name": "a"}))
+        self.receive(session, jsonrpc.request(2, "tools/call", {"name": "b"}))
+        self.receive(session, jsonrpc.notification("notifications/cancelled", {"requestId": 1}))
+        session.close()
+        self.assertEqual(
+            self.requests(path),
+            [("tools/call", "cancelled", None), ("tools/call", "cancelled", None)],
+        )
+
+    def test_a_request_answered_twice_is_recorded_once(self) -> None:
+        """A request queued while the child starts is failed once by the router,
+        though the client may hear of it twice."""
+        reactor = FakeProcessReactor(hold=True)
+        reactor.on_message = lambda child, message: None  # type: ignore[method-assign]
+        _, session, path = self.open(reactor)
+        self.receive(session, jsonrpc.request(1, "tools/call", {"name": "a"}))
+        assert session.upstream is not None
+        session.upstream.stopService()
+        self.assertEqual(self.requests(path), [("tools/call", "error", -32000)])
+
+    def test_a_clients_error_numbered_like_a_timeout_is_an_error(self) -> None:
+        """A 2026-07-28 child's question that the client answers with its own
+        -32001 fails the request as an error."""
+        reactor, session, path = self.open(ModernReactor(), era="modern")
+        self.receive(
+            session,
+            jsonrpc.request(
+                0,
+                "initialize",
+                {"protocolVersion": "2025-11-25", "capabilities": {"elicitation": {}}},
+            ),
+        )
+        self.receive(session, greet(5))
+        [first] = held(reactor.child, "tools/call")
+        questions = {"name": GREET_QUESTIONS["name"]}
+        reactor.child.send(jsonrpc.result(first["id"], input_required(questions)))
+        sink = session.sink
+        assert isinstance(sink, ListSink)
+        [question] = [m for m in sink.got if "method" in m]
+        self.receive(session, jsonrpc.error(question["id"], -32001, "the user walked away"))
+        self.assertEqual(
+            self.requests(path), [("initialize", "ok", None), ("tools/call", "error", -32001)]
+        )

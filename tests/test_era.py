@@ -97,11 +97,11 @@ class CheckTests(SynchronousTestCase):
         for name in ("mcp_protocol_version", "mcp_method", "mcp_name"):
             message = request("tools/call")
             value = headers_of(message)[name.replace("_", "-")][0]
-            self.assertRefused(message, 400, era.HEADER_MISMATCH, **{name: [value, value]})
+            self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, **{name: [value, value]})
 
     def test_duplicate_header_comes_before_a_missing_meta(self) -> None:
         message = jsonrpc.request(7, "tools/list", {})
-        self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_method=["a", "b"])
+        self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_method=["a", "b"])
 
     def test_missing_meta(self) -> None:
         no_params = jsonrpc.request(7, "tools/list")
@@ -119,38 +119,38 @@ class CheckTests(SynchronousTestCase):
 
     def test_version_header_must_match_meta(self) -> None:
         message = request("tools/list")
-        self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_protocol_version="2025-11-25")
-        self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_protocol_version=None)
+        self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_protocol_version="2025-11-25")
+        self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_protocol_version=None)
         check(message, mcp_protocol_version=f" {MODERN}\t")
         check(message, mcp_protocol_version=b64(MODERN))
 
     def test_method_header_must_match(self) -> None:
         message = request("tools/list")
-        self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_method="prompts/list")
-        self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_method=None)
+        self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_method="prompts/list")
+        self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_method=None)
         check(message, mcp_method=" tools/list ")
 
     def test_name_header_must_match(self) -> None:
         for method, value in [("tools/call", "echo"), ("resources/read", "file:///é ü")]:
             message = request(method, **{era.NAMED_PARAM[method]: value})
-            self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_name="other")
-            self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_name=b64("other"))
+            self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_name="other")
+            self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_name=b64("other"))
             check(message, mcp_name=b64(value))
             check(message, mcp_name=f"\t{b64(value)} ")
             # Required where the body names something.
-            self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_name=None)
+            self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_name=None)
         # Only the named methods have a name to match.
         check(request("tools/list"), mcp_name="anything")
 
     def test_invalid_base64_header(self) -> None:
         message = request("tools/call")
-        self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_name="=?base64?!!!?=")
-        self.assertRefused(message, 400, era.HEADER_MISMATCH, mcp_name="=?base64?/w==?=")
+        self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_name="=?base64?!!!?=")
+        self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH, mcp_name="=?base64?/w==?=")
 
     def test_unsupported_version(self) -> None:
         message = request("tools/list", _meta={VERSION: "2099-01-01", CAPS: {}})
         refusal = self.assertRefused(
-            message, 400, era.UNSUPPORTED_VERSION, mcp_protocol_version="2099-01-01"
+            message, 400, jsonrpc.UNSUPPORTED_VERSION, mcp_protocol_version="2099-01-01"
         )
         self.assertEqual(
             refusal.data, {"supported": list(era.SUPPORTED_VERSIONS), "requested": "2099-01-01"}
@@ -160,7 +160,7 @@ class CheckTests(SynchronousTestCase):
 
     def test_header_mismatch_comes_before_an_unsupported_version(self) -> None:
         message = request("tools/list", _meta={VERSION: "2099-01-01", CAPS: {}})
-        self.assertRefused(message, 400, era.HEADER_MISMATCH)
+        self.assertRefused(message, 400, jsonrpc.HEADER_MISMATCH)
 
     def test_bad_log_level(self) -> None:
         for level in ["loud", "", 3, "DEBUG"]:
@@ -193,7 +193,7 @@ class CheckTests(SynchronousTestCase):
                 # A version the header does not repeat is a mismatch; anything else
                 # (a version that is not a string among them), bad params.
                 mismatch = key == VERSION and isinstance(value, str) and value
-                code = era.HEADER_MISMATCH if mismatch else jsonrpc.INVALID_PARAMS
+                code = jsonrpc.HEADER_MISMATCH if mismatch else jsonrpc.INVALID_PARAMS
                 self.assertEqual((refusal.status, refusal.code), (400, code), refusal.message)
                 continue
             taken = {
@@ -248,7 +248,7 @@ class DecodeHeaderTests(SynchronousTestCase):
             try:
                 self.assertIsInstance(era.decode_header(candidate), str)
             except Refusal as refusal:
-                self.assertEqual((refusal.status, refusal.code), (400, era.HEADER_MISMATCH))
+                self.assertEqual((refusal.status, refusal.code), (400, jsonrpc.HEADER_MISMATCH))
 
 
 class ForChildTests(SynchronousTestCase):

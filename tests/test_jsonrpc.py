@@ -71,6 +71,41 @@ class ClassifyTests(SynchronousTestCase):
             self.assertEqual(e.code, jsonrpc.PARSE_ERROR)
 
 
+class ErrorCodeTests(SynchronousTestCase):
+    def test_the_numbers_clients_see(self) -> None:
+        """Each meaning has a name of its own; the number on the wire is fixed,
+        and several meanings share one."""
+        names = [n for n in vars(jsonrpc) if n.isupper() and isinstance(getattr(jsonrpc, n), int)]
+        self.assertEqual(
+            {n: getattr(jsonrpc, n) for n in names},
+            {
+                "PARSE_ERROR": -32700,
+                "INVALID_REQUEST": -32600,
+                "METHOD_NOT_FOUND": -32601,
+                "INVALID_PARAMS": -32602,
+                "INTERNAL_ERROR": -32603,
+                "UNANSWERABLE": -32603,
+                "SERVER_UNAVAILABLE": -32000,
+                "BAD_SESSION": -32000,
+                "SESSION_TERMINATED": -32000,
+                "FORBIDDEN": -32000,
+                "MISDIRECTED": -32000,
+                "RATE_LIMITED": -32000,
+                "AUTH_UNAVAILABLE": -32000,
+                "REQUEST_TIMEOUT": -32001,
+                "UNAUTHORIZED": -32001,
+                "SESSION_NOT_FOUND": -32001,
+                "MESSAGE_TOO_LARGE": -32002,
+                "RESOURCE_NOT_FOUND": -32002,
+                "HEADER_MISMATCH": -32020,
+                "MISSING_CAPABILITY": -32021,
+                "UNSUPPORTED_VERSION": -32022,
+                "URL_ELICITATION_REQUIRED": -32042,
+                "REQUEST_CANCELLED": -32800,
+            },
+        )
+
+
 class NegotiateTests(SynchronousTestCase):
     @given(
         st.sampled_from([*LEGACY_VERSIONS, "1999-01-01", "2026-07-28", None]),

@@ -15,7 +15,8 @@ from mcptwist.config.model import RestartPolicy, ServerConfig
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import Message, RequestId
 from mcptwist.routing.backends import SessionBackend, SharedBackend
-from mcptwist.routing.upstream import ABANDONED_GRACE, Upstream, oversize_response_id
+from mcptwist.routing.record import Status
+from mcptwist.routing.upstream import ABANDONED_GRACE, Pending, Upstream, oversize_response_id
 
 from .fakes import INIT_RESULT, FakeProcessReactor
 
@@ -30,6 +31,9 @@ class FakeSession:
     stateless: bool = False
     got: list[tuple[Message, RequestId | None]] = attrs.field(factory=list)
     cancelled_ids: list[RequestId] = attrs.field(factory=list)
+    # Its requests the router holds, and how each that ended did.
+    in_flight: int = 0
+    ended: list[tuple[RequestId | None, Status, int | None]] = attrs.field(factory=list)
 
     def deliver(
         self, message: Message, related: RequestId | None, encoded: bytes | None = None
@@ -40,6 +44,13 @@ class FakeSession:
 
     def cancelled(self, request_id: RequestId) -> None:
         self.cancelled_ids.append(request_id)
+
+    def request_started(self, request: Pending, message: Message) -> None:
+        self.in_flight += 1
+
+    def request_ended(self, request: Pending, status: Status, error_code: int | None) -> None:
+        self.in_flight -= 1
+        self.ended.append((request.client_id, status, error_code))
 
     def responses(self) -> dict[RequestId, Message]:
         return {m["id"]: m for m, _ in self.got if "method" not in m}
@@ -308,6 +319,59 @@ class MultiplexTests(SynchronousTestCase):
             reactor.child.answer(message)
         self.assertNotIn(1, a.responses())
         self.assertIn(1, b.responses())
+
+
+class OutcomeTests(SynchronousTestCase):
+    def test_each_request_ends_once_and_says_how(self) -> None:
+        """The router tells a session how each of its requests ended, once, whoever
+        answered it and whatever the number of the error."""
+        reactor, upstream, a = one_client(request_timeout=10.0)
+        send(upstream, a, call(1, "answered"))
+        send(upstream, a, call(2, "its own -32001"))
+        send(upstream, a, call(3, "slow"))
+        send(upstream, a, call(4, "cancelled"))
+        send(upstream, a, jsonrpc.request(5, "logging/setLevel", {"level": "nope"}))
+        send(upstream, a, call(2, "refused: its id is in flight"))
+        self.assertEqual(a.in_flight, 4)
+        first, second, _, _ = reactor.child.held
+        reactor.child.answer(first)
+        reactor.child.send(jsonrpc.error(second["id"], jsonrpc.REQUEST_TIMEOUT, "gave up"))
+        send(upstream, a, jsonrpc.notification("notifications/cancelled", {"requestId": 4}))
+        reactor.advance(10)
+        self.assertEqual(
+            a.ended,
+            [
+                (0, "ok", None),
+                (5, "error", jsonrpc.INVALID_PARAMS),
+                (1, "ok", None),
+                (2, "error", -32001),
+                (4, "cancelled", None),
+                (3, "timeout", -32001),
+            ],
+        )
+        self.assertEqual(a.in_flight, 0)
+
+    def test_a_queued_request_ends_once_when_its_child_stops(self) -> None:
+        reactor = FakeProcessReactor()
+        reactor.on_message = lambda child, message: None  # type: ignore[method-assign]
+        upstream = make(reactor)
+        a = FakeSession("a")
+        upstream.attach(a)
+        send(upstream, a, call(1, "queued"))
+        upstream.stopService()
+        self.assertEqual(a.ended, [(1, "error", jsonrpc.SERVER_UNAVAILABLE)])
+
+    def test_a_detached_sessions_requests_end_cancelled(self) -> None:
+        reactor = FakeProcessReactor(hold=True)
+        reactor.on_message = lambda child, message: None  # type: ignore[method-assign]
+        upstream = make(reactor)
+        a = FakeSession("a")
+        upstream.attach(a)
+        send(upstream, a, jsonrpc.request(0, "initialize", {"protocolVersion": "2025-11-25"}))
+        send(upstream, a, call(1, "queued"))
+        upstream.detach(a)
+        self.assertEqual(a.ended, [(0, "cancelled", None), (1, "cancelled", None)])
+        self.assertEqual(a.responses(), {})
 
 
 class ServerToClientTests(SynchronousTestCase):

@@ -59,7 +59,7 @@ def started(
         reactor.killpg = lambda pid, sig: reactor.signals.append((pid, sig))  # type: ignore[method-assign]
     kwargs.setdefault("restart", POLICY)
     server = ServerConfig(name="fake", command="fake-mcp", request_timeout=TIMEOUT, **kwargs)
-    upstream = Upstream(server, reactor, {}, audit=cast(AuditTrail, audit))
+    upstream = Upstream(server, reactor, {}, recorder=cast(AuditTrail, audit))
     upstream.startService()
     a = FakeSession("a")
     upstream.attach(a)

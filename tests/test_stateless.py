@@ -3,18 +3,27 @@ filters, and multi round-trip requests (input_required, then the retry)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
-from mcptwist.config.model import AuthConfig, LimitsConfig, ServerConfig, TokenConfig
+from mcptwist.config.model import (
+    AuditConfig,
+    AuthConfig,
+    LimitsConfig,
+    ServerConfig,
+    TokenConfig,
+)
 from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.era import ModernRequest
 from mcptwist.mcp.jsonrpc import Message, RequestId
+from mcptwist.ops.audit import AuditTrail
 from mcptwist.routing.stateless import (
     INPUT_GATHER,
     Listen,
@@ -337,7 +346,7 @@ class InputRequiredTests(SynchronousTestCase):
         d = self.client.start(retry(2, result["requestState"], {"q": NAME}))
         status, body = self.client.finish(d)
         self.assertEqual((status, body["id"]), (400, 2))
-        self.assertEqual(body["error"]["code"], era.MISSING_CAPABILITY)
+        self.assertEqual(body["error"]["code"], jsonrpc.MISSING_CAPABILITY)
         self.assertEqual(body["error"]["data"], {"requiredCapabilities": {"sampling": {}}})
         self.assertEqual(self.client.calls(), [])
 
@@ -435,7 +444,7 @@ class RefusalWhileParkedTests(SynchronousTestCase):
             client.start(retry(2, state, {"q": NAME}), accept="application/json")
         )
         self.assertEqual((status, body["id"]), (400, 2))
-        self.assertEqual(body["error"]["code"], era.MISSING_CAPABILITY)
+        self.assertEqual(body["error"]["code"], jsonrpc.MISSING_CAPABILITY)
         self.assertEqual(body["error"]["data"], {"requiredCapabilities": {"sampling": {}}})
         bridge.reactor.advance(server.request_timeout + 1)
         self.assertEqual(client.calls(), [])
@@ -489,3 +498,49 @@ class InFlightTests(SynchronousTestCase):
         self.assertNoResult(client.start(call(3), accept="application/json"))
         self.assertEqual(len(child.requests("tools/call")), 3)
         self.assertNoResult(first)
+
+
+class RecordTests(SynchronousTestCase):
+    """Each round of a call is one record, which says how the round ended."""
+
+    def setUp(self) -> None:
+        self.client = Client(Bridge(self, ServerConfig(name="s", command="fake"), hold=True))
+        self.path = Path(self.mktemp())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trail = AuditTrail(AuditConfig(path=str(self.path)), self.client.bridge.reactor)
+        self.trail.start()
+        self.addCleanup(self.trail.stop)
+        self.client.bridge.registry.audit = self.trail
+
+    def requests(self) -> list[tuple[str, str, int | None]]:
+        lines = [orjson.loads(line) for line in self.path.read_bytes().splitlines()]
+        return [
+            (e["method"], e["status"], e.get("error_code"))
+            for e in lines
+            if e["event"] == "request"
+        ]
+
+    def test_a_childs_error_numbered_like_a_timeout_is_an_error(self) -> None:
+        d = self.client.start(call(1), accept="application/json")
+        held = self.client.held("tools/call")
+        self.client.child.send(jsonrpc.error(held["id"], -32001, "the tool gave up"))
+        status, body = self.client.finish(d)
+        self.assertEqual((status, body["error"]["code"]), (200, -32001))
+        self.assertEqual(self.requests(), [("tools/call", "error", -32001)])
+
+    def test_a_call_that_timed_out(self) -> None:
+        d = self.client.start(call(1), accept="application/json")
+        self.client.bridge.reactor.advance(ServerConfig(name="s", command="x").request_timeout)
+        self.assertEqual(self.client.finish(d)[1]["error"]["code"], jsonrpc.REQUEST_TIMEOUT)
+        self.assertEqual(self.requests(), [("tools/call", "timeout", -32001)])
+
+    def test_each_round(self) -> None:
+        d = self.client.start(call(1), accept="application/json")
+        held = self.client.held("tools/call")
+        self.client.child.send(elicit("q"))
+        self.client.bridge.reactor.advance(INPUT_GATHER)
+        result = self.client.finish(d)[1]["result"]
+        d = self.client.start(retry(2, result["requestState"], {"q": NAME}))
+        self.client.child.answer(held)
+        self.client.finish(d)
+        self.assertEqual(self.requests(), [("tools/call", "ok", None), ("tools/call", "ok", None)])

@@ -69,11 +69,11 @@ class Supervisor(Service):
         reactor: Any,
         environ: Mapping[str, str],
         label: str | None = None,
-        audit: ChildRecorder | None = None,
+        recorder: ChildRecorder | None = None,
     ) -> None:
         self.server = server
         self.owner = owner
-        self.audit = audit
+        self.recorder = recorder
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.environ = environ
@@ -227,8 +227,8 @@ class Supervisor(Service):
             child.exit_reason = Failure(e)
             self._crashed(child, f"could not be spawned: {e}")
             return
-        if self.audit is not None:
-            self.audit.child_spawned(
+        if self.recorder is not None:
+            self.recorder.child_spawned(
                 server=self.label, pid=child.pid, command=os.path.basename(self.server.command)
             )
         self.owner.child_spawned(child)
@@ -251,9 +251,9 @@ class Supervisor(Service):
         broken = self._broken if child is self.child else None
         if broken is not None:
             how = f"{broken}, so it was stopped ({how})"
-        if self.audit is not None:
+        if self.recorder is not None:
             value = reason.value
-            self.audit.child_exited(
+            self.recorder.child_exited(
                 server=self.label,
                 pid=child.pid,
                 exit_code=getattr(value, "exitCode", None),

@@ -37,10 +37,6 @@ META_SERVER: Final = "io.modelcontextprotocol/serverInfo"
 META_SUBSCRIPTION: Final = "io.modelcontextprotocol/subscriptionId"
 CLIENT_META: Final = (META_VERSION, META_CAPABILITIES, META_CLIENT, META_LOG_LEVEL)
 
-HEADER_MISMATCH: Final = -32020
-MISSING_CAPABILITY: Final = -32021
-UNSUPPORTED_VERSION: Final = -32022
-
 # Methods of the session era that the stateless revision removed.
 REMOVED_METHODS: Final = frozenset(
     {"initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"}
@@ -127,7 +123,7 @@ def decode_header(value: str) -> str:
         return base64.b64decode(match.group(1), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         raise Refusal(
-            400, HEADER_MISMATCH, "Header mismatch: a base64-encoded header is not valid"
+            400, jsonrpc.HEADER_MISMATCH, "Header mismatch: a base64-encoded header is not valid"
         ) from None
 
 
@@ -148,7 +144,9 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
     for name in ("mcp-protocol-version", "mcp-method", "mcp-name"):
         found = headers(name)
         if len(found) > 1:
-            raise refuse(400, HEADER_MISMATCH, f"Header mismatch: {name} is sent more than once")
+            raise refuse(
+                400, jsonrpc.HEADER_MISMATCH, f"Header mismatch: {name} is sent more than once"
+            )
         try:
             values[name] = decode_header(found[0]) if found else None
         except Refusal as refusal:
@@ -174,14 +172,14 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
     if header_version != version:
         raise refuse(
             400,
-            HEADER_MISMATCH,
+            jsonrpc.HEADER_MISMATCH,
             f"Header mismatch: MCP-Protocol-Version is {header_version!r} but _meta says {version!r}",
         )
     header_method = values["mcp-method"]
     if header_method != method:
         raise refuse(
             400,
-            HEADER_MISMATCH,
+            jsonrpc.HEADER_MISMATCH,
             f"Header mismatch: Mcp-Method is {header_method!r} but the body's method is {method!r}",
         )
     named = NAMED_PARAM.get(method)
@@ -191,13 +189,13 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
         if header_name != expected:
             raise refuse(
                 400,
-                HEADER_MISMATCH,
+                jsonrpc.HEADER_MISMATCH,
                 f"Header mismatch: Mcp-Name is {header_name!r} but params.{named} is {expected!r}",
             )
     if version not in MODERN_VERSIONS:
         raise refuse(
             400,
-            UNSUPPORTED_VERSION,
+            jsonrpc.UNSUPPORTED_VERSION,
             f"Unsupported protocol version {version!r}; this server supports "
             + ", ".join(SUPPORTED_VERSIONS),
             {"supported": list(SUPPORTED_VERSIONS), "requested": version},

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_jsonrpc -*-
-"""The JSON-RPC 2.0 message model: parse once, classify, build errors.
+"""The JSON-RPC 2.0 message model: parse once, classify, build errors; the error codes.
 
 A message is kept as the plain C{dict} that the parser produced, so that id
 rewriting edits the parsed form and serialisation happens once on the way
@@ -17,16 +17,37 @@ import orjson
 Message = dict[str, Any]
 RequestId = str | int
 
-PARSE_ERROR: Final = -32700
-INVALID_REQUEST: Final = -32600
-METHOD_NOT_FOUND: Final = -32601
-INVALID_PARAMS: Final = -32602
-INTERNAL_ERROR: Final = -32603
-# Implementation-defined server errors (-32000 to -32099).
-SERVER_UNAVAILABLE: Final = -32000
-REQUEST_TIMEOUT: Final = -32001
-MESSAGE_TOO_LARGE: Final = -32002
-REQUEST_CANCELLED: Final = -32800
+# Every JSON-RPC error code the bridge sends or reads: one name per meaning.
+# The number is what clients see, and it never changes; several meanings
+# share a number, so the number alone does not say what happened.
+#
+# JSON-RPC 2.0's:
+PARSE_ERROR: Final = -32700  # a body or a message that is not JSON
+INVALID_REQUEST: Final = -32600  # not a request the bridge takes (shape, HTTP method, path, size)
+METHOD_NOT_FOUND: Final = -32601  # no such method, or a question the client cannot take
+INVALID_PARAMS: Final = -32602  # params missing, malformed or not allowed
+INTERNAL_ERROR: Final = -32603  # the bridge or the MCP server failed (no other code says why)
+UNANSWERABLE: Final = -32603  # to an MCP server: its question, which no client will answer
+# The bridge's (JSON-RPC's range for servers, -32000 to -32099):
+SERVER_UNAVAILABLE: Final = -32000  # the MCP server cannot take requests now (down, full, stopping)
+BAD_SESSION: Final = -32000  # HTTP 400: no session id, or that of another transport's session
+SESSION_TERMINATED: Final = -32000  # the session ended before its request was answered
+FORBIDDEN: Final = -32000  # HTTP 403: this client, address or origin may not use this
+MISDIRECTED: Final = -32000  # HTTP 421: the Host header names a host not served here
+RATE_LIMITED: Final = -32000  # HTTP 429 or 503 with Retry-After: a rate limit or a cap
+AUTH_UNAVAILABLE: Final = -32000  # HTTP 503: credentials cannot be checked now (no keys)
+REQUEST_TIMEOUT: Final = -32001  # the MCP server did not answer within request_timeout
+UNAUTHORIZED: Final = -32001  # HTTP 401: credentials missing or not valid
+SESSION_NOT_FOUND: Final = -32001  # HTTP 404: no open session has this id (ended or expired)
+MESSAGE_TOO_LARGE: Final = -32002  # a message or a response over max_message_size
+RESOURCE_NOT_FOUND: Final = -32002  # a session-era MCP server's: no such resource
+# The stateless revision's (2026-07-28):
+HEADER_MISMATCH: Final = -32020  # an Mcp-* header malformed, repeated or unlike the body
+MISSING_CAPABILITY: Final = -32021  # the request needs a capability its client did not declare
+UNSUPPORTED_VERSION: Final = -32022  # a protocol version the bridge does not speak
+URL_ELICITATION_REQUIRED: Final = -32042  # a session-era MCP server's: it needs a URL elicitation
+# MCP's:
+REQUEST_CANCELLED: Final = -32800  # the client cancelled the request
 
 
 class Kind(enum.Enum):

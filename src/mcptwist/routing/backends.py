@@ -34,13 +34,13 @@ class Backend(MultiService):
         server: ServerConfig,
         reactor: Any,
         environ: Mapping[str, str],
-        audit: Recorder | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         super().__init__()
         self.server = server
         self.reactor = reactor
         self.environ = environ
-        self.audit = audit
+        self.recorder = recorder
         # Stopped by an operator (admin API): stays stopped until started.
         self.held = False
         self.build()
@@ -52,7 +52,7 @@ class Backend(MultiService):
         """A new upstream for the sessions of one era (a child speaks it, or is translated for)."""
         era = self.server.era
         cls = _upstream_class(era == "modern" or (era == "dual" and stateless))
-        return cls(self.server, self.reactor, self.environ, label, self.audit)
+        return cls(self.server, self.reactor, self.environ, label, self.recorder)
 
     def open(self, session: Downstream) -> Upstream:
         """Give a new session the upstream that will serve it."""
@@ -195,7 +195,7 @@ def make_backend(
     server: ServerConfig,
     reactor: Any,
     environ: Mapping[str, str],
-    audit: Recorder | None = None,
+    recorder: Recorder | None = None,
 ) -> Backend:
     cls = SessionBackend if server.sharing == "session" else SharedBackend
-    return cls(server, reactor, environ, audit)
+    return cls(server, reactor, environ, recorder)

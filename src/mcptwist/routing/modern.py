@@ -29,6 +29,7 @@ from mcptwist.child.process import Child
 from mcptwist.mcp import era, jsonrpc, protocol
 from mcptwist.mcp.era import LIST_CHANGED, agreed_filter
 from mcptwist.mcp.jsonrpc import Message
+from mcptwist.routing.record import Status
 from mcptwist.routing.upstream import (
     BRIDGE_CAPABILITIES,
     BRIDGE_INFO,
@@ -101,34 +102,36 @@ class ModernUpstream(Upstream):
 
     _client_requests = {**Upstream._client_requests, "ping": "_ping"}
 
-    def _ping(self, session: Downstream, message: Message) -> None:
+    def _ping(self, p: Pending, message: Message) -> None:
         """The revision has no ping: the bridge answers for a child that is up."""
         if self._ready:
-            session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+            self._end(p, jsonrpc.result(message["id"], {}))
         else:
-            session.deliver(self._unavailable(message["id"]), message["id"])
+            self._end(p, self._unavailable(message["id"]))
 
-    def _set_level(self, session: Downstream, message: Message) -> None:
+    def _set_level(self, p: Pending, message: Message) -> None:
         """The level travels with each request: remember it for the session."""
-        level = self._level_of(session, message)
+        assert p.session is not None
+        level = self._level_of(p, message)
         if level is None:
             return
-        session.log_level = level
-        session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+        p.session.log_level = level
+        self._end(p, jsonrpc.result(message["id"], {}))
 
-    def _subscribe(self, session: Downstream, message: Message) -> None:
-        self._subscription(session, message, add=True)
+    def _subscribe(self, p: Pending, message: Message) -> None:
+        self._subscription(p, message, add=True)
 
-    def _unsubscribe(self, session: Downstream, message: Message) -> None:
-        self._subscription(session, message, add=False)
+    def _unsubscribe(self, p: Pending, message: Message) -> None:
+        self._subscription(p, message, add=False)
 
-    def _subscription(self, session: Downstream, message: Message, add: bool) -> None:
+    def _subscription(self, p: Pending, message: Message, add: bool) -> None:
         """Resource subscriptions become the bridge's listen stream on the child."""
+        session = p.session
+        assert session is not None
         uri = (message.get("params") or {}).get("uri")
         if not isinstance(uri, str):
-            session.deliver(
-                jsonrpc.error(message["id"], jsonrpc.INVALID_PARAMS, "Invalid params: uri"),
-                message["id"],
+            self._end(
+                p, jsonrpc.error(message["id"], jsonrpc.INVALID_PARAMS, "Invalid params: uri")
             )
             return
         if add:
@@ -139,7 +142,7 @@ class ModernUpstream(Upstream):
                 subscribers.discard(session)
                 if not subscribers:
                     del self._subscriptions[uri]
-        session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+        self._end(p, jsonrpc.result(message["id"], {}))
         self._listen()  # reopened only if what it follows changed
 
     def _update_level(self) -> None:
@@ -158,8 +161,8 @@ class ModernUpstream(Upstream):
     def _unsubscribed(self, uri: str) -> None:
         """Subscriptions are the listen stream's business (detach reopens it)."""
 
-    def _forget(self, p: Pending) -> None:
-        super()._forget(p)
+    def _forget(self, p: Pending) -> bool:
+        live = super()._forget(p)
         for out_id, round_ in list(self._rounds.items()):
             if round_.pending is p:
                 # The call ended: its client's open questions are withdrawn.
@@ -172,12 +175,15 @@ class ModernUpstream(Upstream):
                         ),
                         None,
                     )
+        return live
 
     # Session-era requests carried to the child
 
-    def _forward(self, session: Downstream, message: Message, on_response: Any = None) -> bool:
+    def _forward(self, p: Pending, message: Message, on_response: Any = None) -> bool:
+        session = p.session
+        assert session is not None
         if session.stateless:
-            return super()._forward(session, message, on_response)
+            return super()._forward(p, message, on_response)
         # The parsed message is the bridge's own: the envelope goes in place.
         params = message.get("params")
         if params is None:
@@ -186,11 +192,10 @@ class ModernUpstream(Upstream):
         if not isinstance(meta, dict):
             meta = params["_meta"] = {}
         meta.update(self._envelope(session.capabilities, session.client_info, session.log_level))
-        client_id = message["id"]
-        forwarded = super()._forward(session, message, on_response)
+        forwarded = super()._forward(p, message, on_response)
         if forwarded:
             # Kept for the retry an input_required answer needs.
-            self._by_client[(session, client_id)].request = message
+            p.request = message
         return forwarded
 
     @staticmethod
@@ -206,7 +211,7 @@ class ModernUpstream(Upstream):
             meta[era.META_LOG_LEVEL] = level
         return meta
 
-    def _respond(self, p: Pending, message: Message) -> None:
+    def _respond(self, p: Pending, message: Message, status: Status | None = None) -> None:
         result = message.get("result")
         if (
             p.session is not None
@@ -216,7 +221,7 @@ class ModernUpstream(Upstream):
         ):
             self._ask(p, result)
             return
-        super()._respond(p, message)
+        super()._respond(p, message, status)
 
     def _ask(self, p: Pending, result: dict[str, Any]) -> None:
         """Ask a session-era client the child's questions, as requests of the server."""

@@ -1,44 +1,75 @@
 # -*- test-case-name: tests.test_audit -*-
-"""What the router reports of sessions and requests, to whoever records it.
+"""What the core reports of sessions and requests, to whoever records it.
 
-The audit trail and the metrics implement it; the router knows neither.
+The audit trail implements it (and counts the same events in the metrics);
+the core knows neither. A request is reported once, when it ends, as a
+L{RequestEnded}: its status is what the code that ended it says (L{Status}),
+never guessed from the number of an error.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Literal, Protocol
+
+import attrs
 
 from mcptwist.child.record import ChildRecorder
+
+# How a request ended: answered, answered with an error, given up on after
+# request_timeout, or cancelled (by its client, or cut by its session's end).
+Status = Literal["ok", "error", "timeout", "cancelled"]
+
+
+# The records are never changed once made. They are not frozen: on the path of
+# every request, a frozen attrs class takes twice as long to make.
+
+
+@attrs.define
+class Described:
+    """What a request asked for, as its record gives it (taken when it starts,
+    before the bridge rewrites anything in it)."""
+
+    name: str | None
+    arg_size: int = 0
+    arg_sha256: str = ""
+    # The request's arguments: only for a server that audits them.
+    arguments: Any = None
+
+
+@attrs.define
+class RequestEnded:
+    """One request, once it has ended."""
+
+    session: str | None
+    server: str
+    principal: str | None
+    peer: str | None
+    method: str
+    name: str | None
+    arg_size: int
+    arg_sha256: str
+    status: Status
+    # The code of its error answer, whoever answered (None: no error).
+    error_code: int | None
+    latency_ms: float
+    child_pid: int | None
+    arguments: Any = None
 
 
 class Recorder(ChildRecorder, Protocol):
     """Told when sessions open and close, and how each request ended."""
 
     @property
-    def enabled(self) -> bool:
-        """Whether a request's record is written anywhere (else only counted)."""
+    def recording(self) -> bool:
+        """Whether sessions and requests are recorded at all (if not, the core
+        spares itself the work)."""
 
     @property
-    def metrics(self) -> object | None:
-        """The metrics it feeds, if any."""
+    def detailed(self) -> bool:
+        """Whether a request's record holds the digest of its arguments (if
+        not, only its name is needed)."""
 
-    def request(
-        self,
-        *,
-        session: str | None,
-        server: str,
-        principal: str | None,
-        peer: str | None,
-        method: str,
-        name: str | None,
-        arg_size: int,
-        arg_sha256: str,
-        status: str,
-        error_code: int | None,
-        latency_ms: float,
-        child_pid: int | None,
-        arguments: object | None = None,
-    ) -> None: ...
+    def request_ended(self, ended: RequestEnded) -> None: ...
 
     def session_opened(
         self,

@@ -21,15 +21,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.describe import argument_digest, request_name
 from mcptwist.mcp.era import MODERN
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.routing.backends import Backend
-from mcptwist.routing.upstream import Upstream
+from mcptwist.routing.record import Described, Recorder, RequestEnded, Status
+from mcptwist.routing.upstream import Pending, Upstream
 
 if TYPE_CHECKING:
-    from mcptwist.routing.record import Recorder
     from mcptwist.security.ratelimit import Caps
 
 log = Logger(namespace="mcptwist.session")
@@ -78,15 +77,15 @@ class ClientSession:
     principal: str = "anonymous"
     peer: str | None = None
     opened: float = 0.0
-    # session_opened was written (once; session_closed only follows it).
+    # session_opened was recorded (once; session_closed only follows it).
     announced: bool = False
-    # With an audit trail: the clock.
-    audit: Recorder | None = None
+    # Where its sessions and requests are recorded, if anywhere, and the clock.
+    recorder: Recorder | None = None
     clock: IReactorTime | None = None
     # Where an authenticated principal's requests in flight are counted.
     caps: Caps | None = None
-    # Each request in flight by its id, with what the audit trail needs of it.
-    _in_flight: dict[RequestId, _Audited | None] = attrs.field(factory=dict)
+    # Its requests in flight (the router holds them).
+    _requests: int = 0
     # A stateless hub's calls in flight (each a downstream of its own).
     _calls: int = 0
     # A stateless hub: the session the bridge keeps for one principal's
@@ -103,53 +102,70 @@ class ClientSession:
     @property
     def in_flight(self) -> int:
         """Requests of this session (or calls of this hub) not answered yet."""
-        return len(self._in_flight) + self._calls
+        return self._requests + self._calls
 
     def deliver(
         self, message: Message, related: RequestId | None, encoded: bytes | None = None
     ) -> None:
-        if related in self._in_flight and "method" not in message:
-            self._ended(related, message)
         if not self.closed:
             self.sink.deliver(message, related, encoded)
 
     def cancelled(self, request_id: RequestId) -> None:
-        if request_id in self._in_flight:
-            self._ended(request_id, None)
         if not self.closed:
             self.sink.cancelled(request_id)
 
     def receive(self, message: Message, kind: Kind, now: float) -> None:
         """A message from the client, for the child."""
         self.last_active = now
-        if kind is Kind.REQUEST:
-            request_id = message["id"]
-            if request_id in self._in_flight:
-                # Refused here, so that the refusal cannot be taken for the
-                # answer of the request in flight (and end its count).
-                self.sink.deliver(
-                    jsonrpc.error(
-                        request_id,
-                        jsonrpc.INVALID_REQUEST,
-                        f"Invalid Request: id {request_id!r} is already in use by a request "
-                        "in progress",
-                    ),
-                    request_id,
-                )
-                return
-            self._started(message, now)
         assert self.upstream is not None
         self.upstream.handle(self, message, kind)
 
     def close(self) -> None:
+        """End the session: its requests in flight end with it (cancelled)."""
         if self.closed:
             return
         self.closed = True
         if self.upstream is not None:
             self.backend.close(self, self.upstream)
-        for request_id in list(self._in_flight):
-            self._ended(request_id, None)
         self.sink.close()
+
+    # The router tells the session of each of its requests: when it takes it,
+    # and how it ends (answered by the child or by the bridge, failed, timed
+    # out, cancelled, or cut by the session's end). A hub's own requests (the
+    # subscriptions of its listen streams) are the bridge's: neither counted
+    # nor recorded.
+
+    def request_started(self, request: Pending, message: Message) -> None:
+        if self.stateless:
+            return
+        self._requests += 1
+        if self.caps is not None:
+            self.caps.request_started(self.principal)
+        if self.recorder is not None:
+            request.described = self._describe(request.method, message.get("params"))
+
+    def request_ended(self, request: Pending, status: Status, error_code: int | None) -> None:
+        if self.stateless:
+            return
+        self._requests -= 1
+        if self.caps is not None:
+            self.caps.request_ended(self.principal)
+        if request.described is None:
+            return
+        if request.method == "initialize" and status == "ok" and not self.announced:
+            self.announced = True
+            assert self.recorder is not None
+            self.recorder.session_opened(
+                session=self.id,
+                server=self.server,
+                principal=self.principal,
+                peer=self.peer,
+                transport=self.transport,
+                protocol_version=self.protocol_version,
+            )
+        self._record(
+            request.method, request.described, status, error_code, request.started, self.peer
+        )
 
     def call_started(self) -> None:
         """A stateless call on this hub was sent on (room was checked before)."""
@@ -163,103 +179,59 @@ class ClientSession:
             if self.caps is not None:
                 self.caps.request_ended(self.principal)
 
-    def _started(self, message: Message, now: float) -> None:
-        self._in_flight[message["id"]] = (
-            self._audit_record(message["method"], message.get("params"), now)
-            if self.audit is not None
-            else None
-        )
-        if self.caps is not None:
-            self.caps.request_started(self.principal)
-
-    def _ended(self, request_id: RequestId | None, answer: Message | None) -> None:
-        started = self._in_flight.pop(request_id, None)  # type: ignore[arg-type]
-        if self.caps is not None:
-            self.caps.request_ended(self.principal)
-        if started is not None:
-            self._audit_end(started, answer)
-
     def audit_call(
         self,
         method: str,
         params: Any,
-        status: str,
+        status: Status,
         error_code: int | None,
         started: float,
         peer: str | None,
     ) -> None:
-        """Audit a request that did not pass through L{receive} (a hub's calls and
-        streams, each from its own peer)."""
-        if self.audit is not None:
-            self._audit_write(self._audit_record(method, params, started), status, error_code, peer)
+        """Record a request that did not pass through L{receive} (one round of a
+        hub's call, or a listen stream, each from its own peer)."""
+        if self.recorder is not None:
+            self._record(method, self._describe(method, params), status, error_code, started, peer)
 
-    # The audit trail: one event per request, however it ends (answered by the
-    # child or by the bridge, failed, timed out, cancelled, or cut by the session's end).
+    def _describe(self, method: str, params: Any) -> Described:
+        """What a request's record says it asked for (from its params as the
+        client sent them, before the bridge rewrites anything in them)."""
+        assert self.recorder is not None
+        if not self.recorder.detailed:  # counting needs only the name
+            return Described(request_name(method, params))
+        size, digest = argument_digest(params)
+        arguments = None
+        if self.backend.server.audit_arguments and isinstance(params, dict):
+            arguments = params.get("arguments", params)
+        return Described(request_name(method, params), size, digest, arguments)
 
-    def _audit_record(self, method: str, params: Any, now: float) -> _Audited:
-        """What the trail needs of a request, taken when it starts."""
-        assert self.audit is not None
-        size, digest, arguments = 0, "", None
-        if self.audit.enabled:  # metrics alone need none of this
-            size, digest = argument_digest(params)
-            if self.backend.server.audit_arguments and isinstance(params, dict):
-                arguments = params.get("arguments", params)
-        return _Audited(method, now, request_name(method, params), size, digest, arguments)
-
-    def _audit_write(
-        self, started: _Audited, status: str, code: int | None, peer: str | None
+    def _record(
+        self,
+        method: str,
+        described: Described,
+        status: Status,
+        error_code: int | None,
+        started: float,
+        peer: str | None,
     ) -> None:
-        assert self.audit is not None and self.clock is not None
-        self.audit.request(
-            session=self.id,
-            server=self.server,
-            principal=self.principal,
-            peer=peer,
-            method=started.method,
-            name=started.name,
-            arg_size=started.size,
-            arg_sha256=started.digest,
-            status=status,
-            error_code=code,
-            latency_ms=(self.clock.seconds() - started.at) * 1000.0,
-            child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
-            arguments=started.arguments,
-        )
-
-    def _audit_end(self, started: _Audited, answer: Message | None) -> None:
-        assert self.audit is not None
-        code = None
-        if answer is None:
-            status = "cancelled"
-        elif "error" in answer:
-            error = answer["error"]
-            code = error.get("code") if isinstance(error, dict) else None
-            status = "timeout" if code == jsonrpc.REQUEST_TIMEOUT else "error"
-        else:
-            status = "ok"
-        if started.method == "initialize" and status == "ok" and not self.announced:
-            self.announced = True
-            self.audit.session_opened(
+        assert self.recorder is not None and self.clock is not None
+        self.recorder.request_ended(
+            RequestEnded(
                 session=self.id,
                 server=self.server,
                 principal=self.principal,
-                peer=self.peer,
-                transport=self.transport,
-                protocol_version=self.protocol_version,
+                peer=peer,
+                method=method,
+                name=described.name,
+                arg_size=described.arg_size,
+                arg_sha256=described.arg_sha256,
+                status=status,
+                error_code=error_code,
+                latency_ms=(self.clock.seconds() - started) * 1000.0,
+                child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
+                arguments=described.arguments,
             )
-        self._audit_write(started, status, code, self.peer)
-
-
-@attrs.frozen
-class _Audited:
-    """What the audit trail needs of a request until it ends."""
-
-    method: str
-    at: float
-    name: str | None
-    size: int
-    digest: str
-    arguments: Any
+        )
 
 
 class SessionRegistry(Service):
@@ -276,6 +248,7 @@ class SessionRegistry(Service):
         self.clock = clock
         self.max_sessions = max_sessions
         self.caps = caps
+        # Where the sessions opened from now on, and their requests, are recorded.
         self.audit = audit
         # Told of every session that ends (the service finishes draining with it).
         self.on_closed: Callable[[ClientSession], None] | None = None
@@ -329,8 +302,8 @@ class SessionRegistry(Service):
             peer=peer,
             opened=now,
         )
-        if self.audit is not None and (self.audit.enabled or self.audit.metrics is not None):
-            session.audit, session.clock = self.audit, self.clock
+        if self.audit is not None and self.audit.recording:
+            session.recorder, session.clock = self.audit, self.clock
         session.caps = caps
         try:
             session.upstream = backend.open(session)
@@ -366,9 +339,9 @@ class SessionRegistry(Service):
             return hub
         hub = self.create(backend, "stateless", sink_factory, principal, peer)
         self._hubs[(backend, principal)] = hub
-        if hub.audit is not None:
+        if hub.recorder is not None:
             hub.announced = True
-            hub.audit.session_opened(
+            hub.recorder.session_opened(
                 session=hub.id,
                 server=hub.server,
                 principal=principal,
@@ -415,10 +388,10 @@ class SessionRegistry(Service):
             )
             if self.caps is not None and session.principal != "anonymous":
                 self.caps.close_session(session.principal)
-            # First its requests end (audited as cancelled), then the session.
+            # First its requests end (recorded as cancelled), then the session.
             session.close()
-            if session.audit is not None and session.announced:
-                session.audit.session_closed(
+            if session.recorder is not None and session.announced:
+                session.recorder.session_closed(
                     session=session.id,
                     server=session.server,
                     principal=session.principal,

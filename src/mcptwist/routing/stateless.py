@@ -38,8 +38,9 @@ from mcptwist.mcp.era import LIST_CHANGED
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 
 if TYPE_CHECKING:
+    from mcptwist.routing.record import Status
     from mcptwist.routing.sessions import ClientSession
-    from mcptwist.routing.upstream import Upstream
+    from mcptwist.routing.upstream import Pending, Upstream
 
 log = Logger(namespace="mcptwist.stateless")
 
@@ -151,6 +152,8 @@ class ModernCall:
         self.round = 0
         self.started = self.first_started = clock.seconds()
         self.ended = False
+        # How the router ended the call's request on the child.
+        self._status: Status = "ok"
         self._counted = False
         # Questions of the child not yet answered: key -> (bridge id, method, params).
         self._asked: dict[str, tuple[int, str, Any]] = {}
@@ -231,7 +234,7 @@ class ModernCall:
             self.responder = None
             self._refusal = None
             if self._child_done:
-                self._end("error", None, audit=False)
+                self._end("error", None, record=False)
             else:
                 # The child finishes with the error it was given, within its timeout.
                 self.upstream.resume_timer(self, CALL_ID)
@@ -287,6 +290,12 @@ class ModernCall:
     def cancelled(self, request_id: RequestId) -> None:
         self._end("cancelled", None)
 
+    def request_started(self, request: Pending, message: Message) -> None:
+        """The call is its own record (one per round)."""
+
+    def request_ended(self, request: Pending, status: Status, error_code: int | None) -> None:
+        self._status = status
+
     # The child's answer
 
     def _respond(self, message: Message) -> None:
@@ -296,7 +305,7 @@ class ModernCall:
                 self._child_done = True
                 self.upstream.detach(self)
             else:
-                self._end("ok", None, audit=False)
+                self._end("ok", None, record=False)
             return
         if self.responder is None:
             self._final = message  # parked: the retry gets it
@@ -325,7 +334,7 @@ class ModernCall:
             )
         self.responder.answer(answer, status)
         self.responder = None
-        self._end("error" if error is not None else "ok", error)
+        self._end(self._status, error)
 
     def server_info(self) -> dict[str, Any]:
         init = self.upstream.init_result or {}
@@ -354,7 +363,7 @@ class ModernCall:
             )
             missing = jsonrpc.error(
                 self.request.id,
-                era.MISSING_CAPABILITY,
+                jsonrpc.MISSING_CAPABILITY,
                 f"Missing required client capability: {capability} (the server asked for {method})",
                 {"requiredCapabilities": {capability: {}}},
             )
@@ -366,15 +375,15 @@ class ModernCall:
                 # are answered now, so that it finishes instead of waiting.
                 self._refusal = missing
                 for other, _, _ in self._asked.values():
-                    self._answer_child(other, jsonrpc.INTERNAL_ERROR, "the request was refused")
+                    self._answer_child(other, jsonrpc.UNANSWERABLE, "the request was refused")
                 self._asked.clear()
-            self._audit("error", {"code": era.MISSING_CAPABILITY})
+            self._record("error", {"code": jsonrpc.MISSING_CAPABILITY})
             # The child goes on with an error in hand: its answer ends the call.
             self._lingering = True
             return
         if self._lingering:
             self._answer_child(
-                bridge_id, jsonrpc.INTERNAL_ERROR, "the client's request was already answered"
+                bridge_id, jsonrpc.UNANSWERABLE, "the client's request was already answered"
             )
             return
         origin = self.upstream.question_origin(bridge_id)
@@ -420,7 +429,7 @@ class ModernCall:
         }
         self.responder.answer(jsonrpc.result(self.request.id, result))
         self.responder = None
-        self._audit("input_required", None)
+        self._record("ok", None)
         self.sink.calls.discard(self)
         self.sink.park(self)
         self.upstream.pause_timer(self, CALL_ID)
@@ -443,10 +452,10 @@ class ModernCall:
         self._expiry = None
         text = f"the client did not answer within {self.input_timeout:g}s (input_timeout)"
         for bridge_id, _, _ in self._asked.values():
-            self._answer_child(bridge_id, jsonrpc.INTERNAL_ERROR, text)
+            self._answer_child(bridge_id, jsonrpc.UNANSWERABLE, text)
         self._asked.clear()
         log.info("call {call} on {server}: {text}", call=self.id, server=self.hub.server, text=text)
-        self._end("timeout", None, audit=False)
+        self._end("timeout", None, record=False)
 
     def close_listen(self) -> None:
         """End a listen stream passed to the child gracefully (the bridge is stopping)."""
@@ -467,7 +476,7 @@ class ModernCall:
             self.responder = None
         self._end("error", {"code": code})
 
-    def _end(self, status: str, error: Any, audit: bool = True) -> None:
+    def _end(self, status: Status, error: Any, record: bool = True) -> None:
         if self.ended:
             return
         self.ended = True
@@ -480,15 +489,12 @@ class ModernCall:
         # Detaching cancels on the child whatever it still works on for this call.
         self.upstream.detach(self)
         self.sink.settled()
-        if audit:
-            self._audit(status, error)
+        if record:
+            self._record(status, error)
 
-    def _audit(self, status: str, error: Any) -> None:
-        """One audit event per round (an input_required answer is a success)."""
+    def _record(self, status: Status, error: Any) -> None:
+        """One record per round (an input_required answer is a success)."""
         code = error.get("code") if isinstance(error, dict) else None
-        if code == jsonrpc.REQUEST_TIMEOUT:
-            status = "timeout"
-        status = "ok" if status == "input_required" else status
         self.hub.audit_call(self.method, self._params, status, code, self.started, self.peer)
         self.started = self.clock.seconds()
 
@@ -519,13 +525,13 @@ def modern_error(error: dict[str, Any], request: era.ModernRequest) -> tuple[int
         code = jsonrpc.INTERNAL_ERROR
     if not isinstance(text, str):
         text = "Error"
-    if code == -32002 and request.method == "resources/read":
+    if code == jsonrpc.RESOURCE_NOT_FOUND and request.method == "resources/read":
         params = request.message.get("params") or {}
         code = jsonrpc.INVALID_PARAMS
         data = {**(data if isinstance(data, dict) else {}), "uri": params.get("uri")}
-    elif code in (-32002, -32042):
-        # -32002 is also the bridge's "message too large"; -32042 asked for a
-        # URL elicitation, which this revision does by input_required.
+    elif code in (jsonrpc.RESOURCE_NOT_FOUND, jsonrpc.URL_ELICITATION_REQUIRED):
+        # RESOURCE_NOT_FOUND's number is also the bridge's MESSAGE_TOO_LARGE; a
+        # URL elicitation is what this revision does by input_required.
         code = jsonrpc.INTERNAL_ERROR
     return code, text, data
 

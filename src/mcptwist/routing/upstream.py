@@ -34,7 +34,7 @@ from mcptwist.child.supervisor import ChildState, Supervisor
 from mcptwist.config.model import ServerConfig
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
-from mcptwist.routing.record import Recorder
+from mcptwist.routing.record import Described, Recorder, Status
 
 log = Logger(namespace="mcptwist.routing")
 
@@ -105,6 +105,14 @@ class Downstream(Protocol):
     def cancelled(self, request_id: RequestId) -> None:
         """The client cancelled this request: it will get no response."""
 
+    def request_started(self, request: Pending, message: Message) -> None:
+        """The router took one of this client's requests (C{message}, as the
+        client sent it): it will end exactly once."""
+
+    def request_ended(self, request: Pending, status: Status, error_code: int | None) -> None:
+        """One of this client's requests ended, and how (before its answer, if
+        it gets one, is delivered)."""
+
 
 class CapacityError(Exception):
     """No child can be started for a new session (the server's limit is reached)."""
@@ -116,19 +124,25 @@ class PrincipalCapacityError(CapacityError):
 
 @attrs.define(eq=False)
 class Pending:
-    """A request sent (or queued) to the child, waiting for its response."""
+    """A request in flight, and the only record of it: a client's, from the
+    moment the router takes it until it ends, or one of the bridge's own."""
 
-    child_id: int
     method: str
     started: float
     session: Downstream | None = None
     client_id: RequestId | None = None
+    # The child's id of it, once forwarded (sent, or queued while the child
+    # starts); 0 while the bridge holds it itself.
+    child_id: int = 0
     progress_token: Any = None
-    on_response: Callable[[Message], None] | None = None
+    # Told of the answer (and how the request ended) before its client is.
+    on_response: Callable[[Message, Status], None] | None = None
     timer: IDelayedCall | None = None
     sent_to: Child | None = None
     # The request as sent (a child of 2026-07-28 may need it again, with input).
     request: Message | None = None
+    # What its client's records say it asked for (None: it is not recorded).
+    described: Described | None = None
 
 
 @attrs.define
@@ -178,26 +192,27 @@ class Upstream(Service):
         reactor: Any,
         environ: Mapping[str, str],
         label: str | None = None,
-        audit: Recorder | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.server = server
         self.clock: IReactorTime = reactor
-        self.audit = audit
-        self.supervisor = Supervisor(server, self, reactor, environ, label, self.audit)
+        self.supervisor = Supervisor(server, self, reactor, environ, label, recorder)
         self.sessions: set[Downstream] = set()
         self.init_result: dict[str, Any] | None = None
         self._child: Child | None = None
         self._ready = False
         self._ids = itertools.count(1)
+        # Requests sent (or queued) to the child, by the child's id.
         self._pending: dict[int, Pending] = {}
+        # Every client request in flight, by its client and the client's id.
         self._by_client: dict[tuple[Downstream, RequestId], Pending] = {}
         self._outbound: dict[int, _Outbound] = {}
         self._queue: deque[tuple[Pending | None, Message]] = deque()
-        # initialize requests waiting for the child's handshake, with their deadlines.
-        self._waiting_init: list[tuple[Downstream, Message, IDelayedCall]] = []
+        # initialize requests waiting for the child's handshake (their timers are their deadlines).
+        self._waiting_init: list[tuple[Pending, Message]] = []
         self._subscriptions: dict[str, set[Downstream]] = {}
-        # Subscriptions the child is being asked for, with the sessions that wait on its answer.
-        self._subscribing: dict[str, list[tuple[Downstream, RequestId]]] = {}
+        # Subscriptions the child is being asked for, with the requests that wait on its answer.
+        self._subscribing: dict[str, list[Pending]] = {}
         # Requests the bridge gave up on (timeout, cancellation, session gone) that the
         # child may still be working on: a server-to-client request may belong to them.
         # (owner, child, expiry, the owner's principal) by the child's id.
@@ -238,6 +253,7 @@ class Upstream(Service):
     def detach(self, session: Downstream) -> None:
         """Forget a session: cancel its requests and release what it held."""
         self.sessions.discard(session)
+        requests = [p for p in self._by_client.values() if p.session is session]
         for p in [p for p in self._pending.values() if p.session is session]:
             self._forget(p)
             if p.sent_to is not None:
@@ -251,12 +267,9 @@ class Upstream(Service):
                 del self._outbound[out_id]
                 self._send(
                     out.child,
-                    jsonrpc.error(out.child_id, jsonrpc.INTERNAL_ERROR, "client session closed"),
+                    jsonrpc.error(out.child_id, jsonrpc.UNANSWERABLE, "client session closed"),
                 )
-        for waiting_session, _, timer in self._waiting_init:
-            if waiting_session is session:
-                timer.cancel()
-        self._waiting_init = [w for w in self._waiting_init if w[0] is not session]
+        self._waiting_init = [w for w in self._waiting_init if w[0].session is not session]
         for uri, subscribers in list(self._subscriptions.items()):
             if session in subscribers:
                 subscribers.discard(session)
@@ -264,13 +277,16 @@ class Upstream(Service):
                     del self._subscriptions[uri]
                     self._unsubscribed(uri)
         for waiters in self._subscribing.values():
-            waiters[:] = [w for w in waiters if w[0] is not session]
+            waiters[:] = [w for w in waiters if w.session is not session]
         for child_id, (owner, child, timer, principal) in list(self._abandoned.items()):
             if owner is session:
                 self._abandoned[child_id] = (None, child, timer, principal)
         if session.log_level is not None:
             # The most verbose client may have left: the child can be quieter.
             self._update_level()
+        for p in requests:
+            self._forget(p)
+            session.request_ended(p, "cancelled", None)
 
     def _unsubscribed(self, uri: str) -> None:
         """The last subscriber of a resource left: the child need not follow it."""
@@ -313,38 +329,65 @@ class Upstream(Service):
     def handle(self, session: Downstream, message: Message, kind: Kind) -> None:
         """Take one message from a client session (already parsed and classified)."""
         if kind is Kind.REQUEST:
-            method = message["method"]
-            handler = self._client_requests.get(method)
+            p = self._take(session, message)
+            if p is None:
+                return
+            handler = self._client_requests.get(p.method)
             if handler is not None:
-                getattr(self, handler)(session, message)
+                getattr(self, handler)(p, message)
             else:
-                self._forward(session, message)
+                self._forward(p, message)
         elif kind is Kind.NOTIFICATION:
             self._client_notification(session, message)
         else:
             self._client_response(session, message)
 
-    def _initialize(self, session: Downstream, message: Message) -> None:
-        if self._ready:
-            self._answer_initialize(session, message)
-        elif self.state in (ChildState.FAILED, ChildState.STOPPED):
-            session.deliver(self._unavailable(message["id"]), message["id"])
-        else:
-            timer = self.clock.callLater(
-                self.server.request_timeout, self._init_timed_out, session, message
+    def _take(self, session: Downstream, message: Message) -> Pending | None:
+        """Put a client's request on the books, or refuse it (None) if a request
+        of that client with that id is in flight already."""
+        client_id = message["id"]
+        key = (session, client_id)
+        if key in self._by_client:
+            session.deliver(
+                jsonrpc.error(
+                    client_id,
+                    jsonrpc.INVALID_REQUEST,
+                    f"Invalid Request: id {client_id!r} is already in use by a request in progress",
+                ),
+                client_id,
             )
-            self._waiting_init.append((session, message, timer))
+            return None
+        p = Pending(
+            method=message["method"],
+            started=self.clock.seconds(),
+            session=session,
+            client_id=client_id,
+        )
+        self._by_client[key] = p
+        session.request_started(p, message)
+        return p
 
-    def _init_timed_out(self, session: Downstream, message: Message) -> None:
-        self._waiting_init = [w for w in self._waiting_init if w[1] is not message]
+    def _initialize(self, p: Pending, message: Message) -> None:
+        if self._ready:
+            self._answer_initialize(p, message)
+        elif self.state in (ChildState.FAILED, ChildState.STOPPED):
+            self._end(p, self._unavailable(message["id"]))
+        else:
+            p.timer = self.clock.callLater(self.server.request_timeout, self._init_timed_out, p)
+            self._waiting_init.append((p, message))
+
+    def _init_timed_out(self, p: Pending) -> None:
+        p.timer = None
+        self._waiting_init = [w for w in self._waiting_init if w[0] is not p]
         text = (
             f"MCP server '{self.label}' did not become ready within "
             f"{self.server.request_timeout:g}s ({self.state.value})"
         )
-        session.deliver(jsonrpc.error(message["id"], jsonrpc.REQUEST_TIMEOUT, text), message["id"])
+        self._end(p, jsonrpc.error(p.client_id, jsonrpc.REQUEST_TIMEOUT, text), "timeout")
 
-    def _answer_initialize(self, session: Downstream, message: Message) -> None:
-        assert self.init_result is not None
+    def _answer_initialize(self, p: Pending, message: Message) -> None:
+        assert self.init_result is not None and p.session is not None
+        session = p.session
         params = message.get("params") or {}
         version = protocol.negotiate(
             params.get("protocolVersion"), self.init_result.get("protocolVersion")
@@ -363,83 +406,87 @@ class Upstream(Service):
         }
         if "instructions" in self.init_result:
             result["instructions"] = self.init_result["instructions"]
-        session.deliver(jsonrpc.result(message["id"], result), message["id"])
+        self._end(p, jsonrpc.result(message["id"], result))
 
-    def _level_of(self, session: Downstream, message: Message) -> str | None:
-        """The level a logging/setLevel asks for; None (and the client told) if invalid."""
+    def _level_of(self, p: Pending, message: Message) -> str | None:
+        """The level a logging/setLevel asks for; None (and the request refused) if invalid."""
         level = (message.get("params") or {}).get("level")
         if isinstance(level, str) and level in protocol.LOG_RANK:
             return level
-        session.deliver(
+        self._end(
+            p,
             jsonrpc.error(
                 message["id"],
                 jsonrpc.INVALID_PARAMS,
                 f"Invalid params: level must be one of {', '.join(protocol.LOG_LEVELS)}",
             ),
-            message["id"],
         )
         return None
 
-    def _set_level(self, session: Downstream, message: Message) -> None:
+    def _set_level(self, p: Pending, message: Message) -> None:
+        assert p.session is not None
         params = message.get("params") or {}
-        level = self._level_of(session, message)
+        level = self._level_of(p, message)
         if level is None:
             return
-        session.log_level = level
+        p.session.log_level = level
         wanted = self._wanted_level()
         if wanted == self._child_level and self._child_supports("logging"):
-            session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+            self._end(p, jsonrpc.result(message["id"], {}))
             return
         self._child_level = wanted
         params["level"] = wanted
-        self._forward(session, message)
+        self._forward(p, message)
 
     def _wanted_level(self) -> str | None:
         levels = [s.log_level for s in self.sessions if s.log_level is not None]
         return min(levels, key=protocol.LOG_RANK.__getitem__) if levels else None
 
-    def _subscribe(self, session: Downstream, message: Message) -> None:
+    def _subscribe(self, p: Pending, message: Message) -> None:
         """The child is subscribed once per resource; later subscribers share it."""
+        session = p.session
+        assert session is not None
         uri = (message.get("params") or {}).get("uri")
         if not isinstance(uri, str):
-            self._forward(session, message)
+            self._forward(p, message)
             return
         waiting = self._subscribing.get(uri)
         if waiting is not None:
             # The child is being asked already: answer with its answer.
-            waiting.append((session, message["id"]))
+            waiting.append(p)
             return
         subscribers = self._subscriptions.get(uri)
         if subscribers:
             subscribers.add(session)
-            session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+            self._end(p, jsonrpc.result(message["id"], {}))
             return
         self._subscribing[uri] = []
 
-        def settled(response: Message) -> None:
+        def settled(response: Message, status: Status) -> None:
             waiting = self._subscribing.pop(uri, [])
             if "error" not in response:
                 self._subscriptions.setdefault(uri, set()).update(
-                    [session, *(s for s, _ in waiting)]
+                    [session, *(w.session for w in waiting if w.session is not None)]
                 )
-            for other, request_id in waiting:
-                answer = dict(response, id=request_id)
-                other.deliver(answer, request_id)
+            for other in waiting:
+                self._end(other, dict(response, id=other.client_id), status)
 
-        if not self._forward(session, message, on_response=settled):
+        if not self._forward(p, message, on_response=settled):
             self._subscribing.pop(uri, None)
 
-    def _unsubscribe(self, session: Downstream, message: Message) -> None:
+    def _unsubscribe(self, p: Pending, message: Message) -> None:
+        session = p.session
+        assert session is not None
         uri = (message.get("params") or {}).get("uri")
         subscribers = self._subscriptions.get(uri) if isinstance(uri, str) else None
         if subscribers is not None:
             if session not in subscribers or len(subscribers) > 1:
                 # Others still want updates: the child stays subscribed.
                 subscribers.discard(session)
-                session.deliver(jsonrpc.result(message["id"], {}), message["id"])
+                self._end(p, jsonrpc.result(message["id"], {}))
                 return
             del self._subscriptions[uri]  # type: ignore[arg-type]
-        self._forward(session, message)
+        self._forward(p, message)
 
     # The requests the bridge handles itself, by the name of their handler.
     _client_requests: dict[str, str] = {
@@ -451,35 +498,16 @@ class Upstream(Service):
 
     def _forward(
         self,
-        session: Downstream,
+        p: Pending,
         message: Message,
-        on_response: Callable[[Message], None] | None = None,
+        on_response: Callable[[Message, Status], None] | None = None,
     ) -> bool:
         """Send a client's request to the child; False if it was answered at once instead."""
-        client_id = message["id"]
-        key = (session, client_id)
-        if key in self._by_client:
-            session.deliver(
-                jsonrpc.error(
-                    client_id,
-                    jsonrpc.INVALID_REQUEST,
-                    f"Invalid Request: id {client_id!r} is already in use by a request in progress",
-                ),
-                client_id,
-            )
-            return False
         if self.state in (ChildState.FAILED, ChildState.STOPPED):
-            session.deliver(self._unavailable(client_id), client_id)
+            self._end(p, self._unavailable(message["id"]))
             return False
-        child_id = next(self._ids)
-        p = Pending(
-            child_id=child_id,
-            method=message["method"],
-            started=self.clock.seconds(),
-            session=session,
-            client_id=client_id,
-            on_response=on_response,
-        )
+        child_id = p.child_id = next(self._ids)
+        p.on_response = on_response
         message["id"] = child_id
         params = message.get("params")
         if isinstance(params, dict):
@@ -488,7 +516,6 @@ class Upstream(Service):
                 p.progress_token = meta["progressToken"]
                 meta["progressToken"] = child_id
         self._pending[child_id] = p
-        self._by_client[key] = p
         p.timer = self.clock.callLater(self.server.request_timeout, self._timed_out, p)
         self._send_or_queue(p, message)
         return True
@@ -505,7 +532,8 @@ class Upstream(Service):
                 if isinstance(request_id, str | int)
                 else None
             )
-            if p is None:
+            if p is None or not p.child_id:
+                # Unknown, or held by the bridge (it answers those itself).
                 return
             self._forget(p)
             if p.sent_to is not None:
@@ -513,6 +541,7 @@ class Upstream(Service):
             else:
                 self._queue = deque((q, m) for q, m in self._queue if q is not p)
             assert p.client_id is not None
+            session.request_ended(p, "cancelled", None)
             session.cancelled(p.client_id)
             return
         self._send_or_queue(None, message)
@@ -553,10 +582,10 @@ class Upstream(Service):
         self._silence = _Silence()
         child_id = next(self._ids)
         p = Pending(
-            child_id=child_id,
             method=method,
             started=self.clock.seconds(),
-            on_response=lambda response: done(child, response),
+            child_id=child_id,
+            on_response=lambda response, _: done(child, response),
         )
         p.timer = self.clock.callLater(
             self.server.startup_timeout,
@@ -605,9 +634,8 @@ class Upstream(Service):
         for p, message in queued:
             self._send_or_queue(p, message)
         waiting, self._waiting_init = self._waiting_init, []
-        for session, message, timer in waiting:
-            timer.cancel()
-            self._answer_initialize(session, message)
+        for p, message in waiting:
+            self._answer_initialize(p, message)
 
     def child_message(self, child: Child, message: Message) -> None:
         if self._silence.timeouts and child is self._child:
@@ -633,14 +661,34 @@ class Upstream(Service):
         else:
             self._child_notification(message)
 
-    def _respond(self, p: Pending, message: Message) -> None:
-        self._forget(p)
+    def _respond(self, p: Pending, message: Message, status: Status | None = None) -> None:
+        """The answer to a request sent to the child: the child's own, or one the
+        bridge gives in its place (C{status} says how it ended, if not as the
+        answer has it)."""
+        self._end(p, message, status)
+
+    def _end(self, p: Pending, answer: Message, status: Status | None = None) -> None:
+        """End a request with its answer: whoever waits on it is told, then its client.
+
+        A request ends once: an answer to one that has already ended (a queued
+        request failed twice when its child fails) reaches its client, but
+        does not end it again.
+        """
+        if status is None:
+            status = "error" if "error" in answer else "ok"
+        live = self._forget(p)
         if p.on_response is not None:
-            p.on_response(message)
-        if p.session is not None:
+            p.on_response(answer, status)
+        session = p.session
+        if session is not None:
             assert p.client_id is not None
-            message["id"] = p.client_id
-            p.session.deliver(message, p.client_id)
+            answer["id"] = p.client_id
+            if live:
+                error = answer.get("error")
+                session.request_ended(
+                    p, status, error.get("code") if isinstance(error, dict) else None
+                )
+            session.deliver(answer, p.client_id)
 
     def _child_notification(self, message: Message) -> None:
         method = message["method"]
@@ -708,7 +756,7 @@ class Upstream(Service):
                 method=method,
                 problem=problem,
             )
-            self._send(child, jsonrpc.error(message["id"], jsonrpc.INTERNAL_ERROR, problem))
+            self._send(child, jsonrpc.error(message["id"], jsonrpc.UNANSWERABLE, problem))
             return
         capability = protocol.CLIENT_CAPABILITY_FOR.get(method)
         if capability is not None and capability not in target.capabilities:
@@ -885,7 +933,7 @@ class Upstream(Service):
             return
         child_id = next(self._ids)
 
-        def check(response: Message) -> None:
+        def check(response: Message, status: Status) -> None:
             if "error" in response:
                 log.warn(
                     "{server}: {method} failed: {error}",
@@ -895,10 +943,7 @@ class Upstream(Service):
                 )
 
         p = Pending(
-            child_id=child_id,
-            method=method,
-            started=self.clock.seconds(),
-            on_response=check,
+            method=method, started=self.clock.seconds(), child_id=child_id, on_response=check
         )
         p.timer = self.clock.callLater(self.server.request_timeout, self._forget, p)
         self._pending[child_id] = p
@@ -912,6 +957,7 @@ class Upstream(Service):
             p,
             jsonrpc.REQUEST_TIMEOUT,
             f"Request timed out: MCP server '{self.label}' did not answer {p.method} within {seconds:g}s",
+            status="timeout",
         )
         if p.sent_to is not None:
             self._cancel_on_child(p, "timed out")
@@ -988,16 +1034,20 @@ class Upstream(Service):
                 if timer.active():
                     timer.cancel()
 
-    def _fail(self, p: Pending, code: int, text: str, data: Any = None) -> None:
-        self._respond(p, jsonrpc.error(p.child_id, code, text, data))
+    def _fail(
+        self, p: Pending, code: int, text: str, data: Any = None, status: Status = "error"
+    ) -> None:
+        self._respond(p, jsonrpc.error(p.child_id, code, text, data), status)
 
-    def _forget(self, p: Pending) -> None:
-        self._pending.pop(p.child_id, None)
+    def _forget(self, p: Pending) -> bool:
+        """Take a request off the books (its timer too); False if it was off already."""
+        live = self._pending.pop(p.child_id, None) is p
         if p.session is not None:
-            self._by_client.pop((p.session, p.client_id), None)  # type: ignore[arg-type]
+            live = self._by_client.pop((p.session, p.client_id), None) is p  # type: ignore[arg-type]
         if p.timer is not None and p.timer.active():
             p.timer.cancel()
         p.timer = None
+        return live
 
     def _fail_all(self, text: str) -> None:
         self._forget_abandoned(lambda owner, child: False)
@@ -1011,12 +1061,8 @@ class Upstream(Service):
                 self._fail(queued, jsonrpc.SERVER_UNAVAILABLE, text)
         self._queue.clear()
         waiting, self._waiting_init = self._waiting_init, []
-        for session, message, timer in waiting:
-            timer.cancel()
-            session.deliver(
-                jsonrpc.error(message["id"], jsonrpc.SERVER_UNAVAILABLE, text),
-                message["id"],
-            )
+        for p, _ in waiting:
+            self._end(p, jsonrpc.error(p.client_id, jsonrpc.SERVER_UNAVAILABLE, text))
 
     def _stderr_for_clients(self) -> list[str]:
         """The child's last stderr lines, for errors sent to clients (if allowed)."""
