@@ -360,6 +360,9 @@ class OutcomeTests(SynchronousTestCase):
         send(upstream, a, call(1, "queued"))
         upstream.stopService()
         self.assertEqual(a.ended, [(1, "error", jsonrpc.SERVER_UNAVAILABLE)])
+        # One answer reaches the client, not one per list the request was on.
+        answers = [m for m, _ in a.got if "method" not in m]
+        self.assertEqual([m["id"] for m in answers], [1])
 
     def test_a_detached_sessions_requests_end_cancelled(self) -> None:
         reactor = FakeProcessReactor(hold=True)

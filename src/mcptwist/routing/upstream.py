@@ -670,9 +670,8 @@ class Upstream(Service):
     def _end(self, p: Pending, answer: Message, status: Status | None = None) -> None:
         """End a request with its answer: whoever waits on it is told, then its client.
 
-        A request ends once: an answer to one that has already ended (a queued
-        request failed twice when its child fails) reaches its client, but
-        does not end it again.
+        A request ends once: an answer to one that has already ended reaches
+        its client, but does not end it again.
         """
         if status is None:
             status = "error" if "error" in answer else "ok"
@@ -1051,13 +1050,16 @@ class Upstream(Service):
 
     def _fail_all(self, text: str) -> None:
         self._forget_abandoned(lambda owner, child: False)
-        for p in list(self._pending.values()):
+        failed = list(self._pending.values())
+        for p in failed:
             if p.session is not None:
                 self._fail(p, jsonrpc.SERVER_UNAVAILABLE, text)
             else:
                 self._forget(p)
+        # A queued request is on both lists: it gets one answer.
+        answered = set(failed)
         for queued, _ in self._queue:
-            if queued is not None:
+            if queued is not None and queued not in answered:
                 self._fail(queued, jsonrpc.SERVER_UNAVAILABLE, text)
         self._queue.clear()
         waiting, self._waiting_init = self._waiting_init, []
