@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from twisted.internet.defer import CancelledError
 from twisted.web.server import NOT_DONE_YET
@@ -25,6 +25,7 @@ from mcptwist.routing.sessions import ClientSession
 
 from . import modern
 from .access import principal_id
+from .context import TransportContext
 from .http import (
     HTTPProblem,
     header,
@@ -35,9 +36,6 @@ from .http import (
     require_json,
 )
 from .sse import EventChannel, parse_event_id
-
-if TYPE_CHECKING:
-    from .app import BridgeApp
 
 RETAINED_CHANNELS: Final = 16
 # What a session's own stream keeps before its client first opens it: the few
@@ -179,7 +177,7 @@ def _versions(request: Any) -> tuple[str | None, str | None]:
 
 
 def _session(
-    app: BridgeApp, request: Any, name: str, version: str | None, session_id: str | None
+    ctx: TransportContext, request: Any, name: str, version: str | None, session_id: str | None
 ) -> ClientSession:
     if not session_id:
         raise HTTPProblem(
@@ -187,7 +185,7 @@ def _session(
             jsonrpc.SERVER_UNAVAILABLE,
             "Bad Request: Mcp-Session-Id header is required",
         )
-    session = app.registry.get(session_id, name, principal_id(request))
+    session = ctx.registry.get(session_id, name, principal_id(request))
     if session is None:
         raise HTTPProblem(
             404,
@@ -225,24 +223,24 @@ def _sink(session: ClientSession) -> StreamableSink:
     return sink
 
 
-def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
-    backend = app.backend(name, draining=True)
+def post(ctx: TransportContext, request: Any, name: str) -> bytes | int:
+    backend = ctx.backend(name, draining=True)
     json_ok, sse_ok = negotiate(request)
     require_json(request)
     messages, kinds, batch = parse_messages(
         read_body(request, backend.server.max_message_size),
-        lambda count: app.access.charge_messages(request, name, count),
+        lambda count: ctx.access.charge_messages(request, name, count),
     )
     version, session_id = _versions(request)
     if era.is_modern(version, session_id, None if batch else messages[0]):
-        return modern.post(app, request, name, messages, kinds, batch, json_ok, sse_ok)
+        return modern.post(ctx, request, name, messages, kinds, batch, json_ok, sse_ok)
     initialize = any(
         m.get("method") == "initialize"
         for m, k in zip(messages, kinds, strict=True)
         if k is Kind.REQUEST
     )
     if initialize:
-        app.backend(name)  # a new session: not on a server that is draining
+        ctx.backend(name)  # a new session: not on a server that is draining
         if batch:
             raise HTTPProblem(
                 400,
@@ -250,18 +248,18 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
                 "Invalid Request: initialize must not be part of a batch",
             )
         _check_version(version)
-        session = app.open_session(
+        session = ctx.open_session(
             request,
             backend,
             "streamable",
-            lambda _: StreamableSink(app.config.replay_events, app.config.stream_buffer),
+            lambda _: StreamableSink(ctx.config.replay_events, ctx.config.stream_buffer),
             messages[0].get("id"),
         )
         if not json_ok:
             # An SSE-only client: the header must go out before the answer is known.
             request.setHeader(SESSION_HEADER, session.id.encode())
     else:
-        session = _session(app, request, name, version, session_id)
+        session = _session(ctx, request, name, version, session_id)
         if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
             raise HTTPProblem(
                 400,
@@ -270,7 +268,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
             )
     sink = _sink(session)
     ids = [m["id"] for m, k in zip(messages, kinds, strict=True) if k is Kind.REQUEST]
-    now = app.clock.seconds()
+    now = ctx.clock.seconds()
     if not ids:
         for message, kind in zip(messages, kinds, strict=True):
             session.receive(message, kind, now)
@@ -283,7 +281,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
             "Invalid Request: a request id is already in use in this session",
         )
     if not initialize:
-        app.access.admit_requests(request, session, len(ids), None if batch else ids[0])
+        ctx.access.admit_requests(request, session, len(ids), None if batch else ids[0])
     # initialize is answered as JSON when the client takes it, so that the
     # session id is sent only with a successful result.
     use_sse = sse_ok and not (json_ok and (backend.server.json_response or initialize))
@@ -291,13 +289,13 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     connection = None
     if reply.channel is not None:
         try:
-            connection = app.stream(request, f"{name} POST")
+            connection = ctx.stream(request, f"{name} POST")
         except HTTPProblem:
             # Refused (too many streams): nothing of this POST may linger.
             sink.forget(ids)
             if initialize:
                 request.responseHeaders.removeHeader(SESSION_HEADER)
-                app.registry.close(session, "refused: too many streams")
+                ctx.registry.close(session, "refused: too many streams")
             raise
         reply.channel.attach(connection)
         if session.protocol_version in protocol.PRIMING_VERSIONS:
@@ -314,7 +312,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
 
     def settled(_: object = None) -> None:
         if initialize and session.protocol_version is None:
-            app.registry.close(session, "failed to initialize")
+            ctx.registry.close(session, "failed to initialize")
 
     if connection is not None:
         connection.done.addBoth(settled)
@@ -335,7 +333,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
         gone.append(True)
         if initialize and reply.body is None:
             # Nobody can ever learn this session's id: end it (and its child).
-            app.registry.close(session, "failed to initialize: the client left before the answer")
+            ctx.registry.close(session, "failed to initialize: the client left before the answer")
 
     request.notifyFinish().addErrback(vanished)
 
@@ -349,8 +347,8 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     return NOT_DONE_YET
 
 
-async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
-    app.backend(name, draining=True)
+async def get(ctx: TransportContext, request: Any, name: str) -> bytes | None:
+    ctx.backend(name, draining=True)
     version, session_id = _versions(request)
     if _modern(version, session_id):
         return modern.not_allowed(request)
@@ -362,7 +360,7 @@ async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
             jsonrpc.INVALID_REQUEST,
             "Not Acceptable: the client must accept text/event-stream",
         )
-    session = _session(app, request, name, version, session_id)
+    session = _session(ctx, request, name, version, session_id)
     sink = _sink(session)
     resume = parse_event_id(header(request, b"last-event-id"))
     channel = sink.channel(resume[0]) if resume is not None else sink.standalone
@@ -375,7 +373,7 @@ async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
             jsonrpc.INVALID_REQUEST,
             "Conflict: this session's stream is already open",
         )
-    connection = app.stream(request, f"{name} GET")
+    connection = ctx.stream(request, f"{name} GET")
     channel.attach(connection, resume[1] if resume is not None else None)
     if resume is None and session.protocol_version in protocol.PRIMING_VERSIONS:
         # After what was owed is replayed, so the priming id is never ahead of it.
@@ -389,12 +387,12 @@ async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
     return None
 
 
-def delete(app: BridgeApp, request: Any, name: str) -> bytes:
-    app.backend(name, draining=True)
+def delete(ctx: TransportContext, request: Any, name: str) -> bytes:
+    ctx.backend(name, draining=True)
     version, session_id = _versions(request)
     if _modern(version, session_id):
         return modern.not_allowed(request)
-    session = _session(app, request, name, version, session_id)
-    app.registry.close(session, "ended by the client")
+    session = _session(ctx, request, name, version, session_id)
+    ctx.registry.close(session, "ended by the client")
     request.setResponseCode(200)
     return b""
