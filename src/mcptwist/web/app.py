@@ -1,16 +1,21 @@
 # -*- test-case-name: tests.test_web -*-
-"""The bridge's HTTP surface: routes, the Origin check, status and health."""
+"""The bridge's HTTP surface: the gate, the status pages and health.
+
+Every request meets the L{Gate} first. Once admitted, it goes to the
+message endpoints' table (L{dispatch<mcptwist.web.dispatch>}), the admin API,
+the metrics, or the pages served by Klein (C{/}, C{/servers},
+C{/servers/NAME}, C{/health}).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,7 +40,6 @@ from mcptwist.routing.upstream import CapacityError, PrincipalCapacityError
 from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
 from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same_origin
 
-from . import legacy_sse, streamable
 from .access import (
     PRM_PATH,
     AccessControl,
@@ -45,10 +49,9 @@ from .access import (
     route_of,
 )
 from .admin import MAX_BODY as ADMIN_MAX_BODY
+from .dispatch import ENDPOINTS, dispatch, guarded, internal_error, takes_body
 from .http import (
-    Handler,
     HTTPProblem,
-    catching,
     header,
     json_body,
     query_names,
@@ -62,32 +65,6 @@ log = Logger(namespace="mcptwist.web")
 _OPERATOR: Final = (b"admin", b"metrics")
 # Seconds a principal at its share of a server's children is told to wait.
 CHILD_SHARE_RETRY: Final = 60
-
-
-def _internal_error(request: Any) -> bytes:
-    """The 500 answer to an unexpected error, which the caller has logged."""
-    return HTTPProblem(500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)").render(
-        request
-    )
-
-
-def guarded(handler: Handler) -> Handler:
-    """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer.
-
-    A synchronous handler stays synchronous: most message POSTs are answered
-    at once, and a coroutine per request costs more than the work itself.
-    """
-
-    def problem_answer(request: Any, error: Exception) -> Any:
-        if isinstance(error, HTTPProblem):
-            return None if request.startedWriting else error.render(request)
-        log.failure("while handling {method} {path}", method=request.method, path=request.path)
-        if request.startedWriting:
-            request.transport.abortConnection()
-            return None
-        return _internal_error(request)
-
-    return catching(handler, problem_answer)
 
 
 @attrs.define(eq=False)
@@ -125,10 +102,12 @@ class Admission:
 
 
 class Gate(Resource):
-    """In front of every route: the Host and Origin checks and common headers.
+    """In front of every route: the Host and Origin checks and common headers,
+    then who the client is and what it may use; then the route.
 
     It runs before Klein binds its URL map to the request's Host (which fails
     on a name that cannot be encoded), so every request is judged here first.
+    The message endpoints are dispatched from their own table, without Klein.
     """
 
     isLeaf = True
@@ -175,9 +154,7 @@ class Gate(Resource):
             return refusal
         parts = admission.parts
         server = admission.server
-        if server is not None and len(parts) == 4 and parts[3] in _MESSAGE_ROUTES:
-            if request.method != b"POST":
-                return self.app.config.limits.preauth_body
+        if server is not None and len(parts) == 4 and takes_body(parts[3], request.method):
             try:
                 backend = self.app.backend(server, draining=True)
             except HTTPProblem as problem:
@@ -239,7 +216,7 @@ class Gate(Resource):
             body = self._admitted(request, admission)
         except Exception:
             log.failure("while answering {path}", path=request.path)
-            body = _internal_error(request)
+            body = internal_error(request)
         if body is not NOT_DONE_YET:
             request.write(body)
             request.finish()
@@ -256,7 +233,7 @@ class Gate(Resource):
             if isinstance(who.value, AuthFailure):
                 return access.failure_problem(request, who.value, ip, route).render(request)
             log.failure("while authenticating {path}", who, path=route)
-            return _internal_error(request)
+            return internal_error(request)
         assert who is not None
         request.principal = who
         request.client_ip = ip
@@ -320,10 +297,10 @@ class Gate(Resource):
         elif first == b"metrics":
             if count == 2 and self.app.metrics is not None:
                 return self.app.metrics.render(request)
-        elif server is not None:
-            handler = self._message_route(request, parts)
-            if handler is not None:
-                return self._run(request, handler, server)
+        elif server is not None and count == 4:
+            endpoint = ENDPOINTS.get(parts[3])
+            if endpoint is not None:
+                return dispatch(self.app, request, endpoint, server)
         return self._route(request)
 
     def _route(self, request: Any) -> Any:
@@ -348,57 +325,6 @@ class Gate(Resource):
         request.setHeader(b"cache-control", b"max-age=300")
         return json_body(request, document)
 
-    def _message_route(self, request: Any, parts: list[bytes]) -> Handler | None:
-        """The handler of a message endpoint (POST or DELETE on /servers/NAME/mcp,
-        POST on /servers/NAME/messages), found without the URL map: these carry
-        every message, and werkzeug's matching cost a fifth of the bridge's CPU.
-
-        C{parts} is a path under C{/servers/NAME}, whose name the caller decoded.
-        """
-        if len(parts) != 4:
-            return None
-        endpoint = parts[3]
-        handlers = _MESSAGE_ROUTES.get(endpoint)
-        if handlers is None:
-            return None
-        handler = handlers.get(request.method)
-        if handler is None:
-            if request.method == b"GET" and endpoint == b"mcp":
-                return None  # the session's stream: a Klein route
-            return _not_allowed(b"GET, POST, DELETE" if endpoint == b"mcp" else b"POST")
-        return handler
-
-    def _run(self, request: Any, handler: Handler, name: str) -> Any:
-        """Run a handler as Klein would: an answer at once is returned to
-        twisted.web; a coroutine is cancelled if the client goes away, and what
-        it returns is written before the response is finished."""
-        if not inspect.iscoroutinefunction(handler):
-            return handler(self.app, request, name) or b""
-        # Watched before the handler starts: what it awaits may fire first.
-        gone: list[bool] = []
-        running: list[Deferred[Any]] = []
-
-        def disconnected(reason: Failure) -> None:
-            gone.append(True)
-            for d in running:
-                d.cancel()
-
-        request.notifyFinish().addErrback(disconnected)
-        d = Deferred.fromCoroutine(handler(self.app, request, name))
-        running.append(d)
-
-        def done(body: bytes | None) -> None:
-            if request.finished or gone:
-                return
-            if body:
-                request.write(body)
-            request.finish()
-
-        d.addCallback(done)
-        d.addErrback(lambda f: f.trap(CancelledError))
-        d.addErrback(lambda f: log.failure("while answering {path}", f, path=request.path))
-        return NOT_DONE_YET
-
 
 def _segments(path: bytes) -> list[bytes] | None:
     """The path split on C{/} (C{b""} first), or None unless it is canonical:
@@ -412,16 +338,6 @@ def _segments(path: bytes) -> list[bytes] | None:
     if not all(s and s not in (b".", b"..") for s in parts[1:]):
         return None
     return parts
-
-
-def _not_allowed(allowed: bytes) -> Handler:
-    def refuse(app: BridgeApp, request: Any, name: str) -> bytes:
-        problem = HTTPProblem(
-            405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers={b"allow": allowed}
-        )
-        return problem.render(request)
-
-    return refuse
 
 
 class BridgeApp:
@@ -619,21 +535,7 @@ class BridgeApp:
             connection.done.addBoth(lambda _: caps.close_stream(principal))
         return connection
 
-    # Streamable HTTP
-
-    @app.route("/servers/<name>/mcp", methods=["GET"])
-    @guarded
-    async def mcp_get(self, request: Any, name: str) -> Any:
-        return await streamable.get(self, request, name)
-
-    # HTTP+SSE
-
-    @app.route("/servers/<name>/sse", methods=["GET"])
-    @guarded
-    async def sse_get(self, request: Any, name: str) -> Any:
-        return await legacy_sse.stream(self, request, name)
-
-    # Status
+    # Status (the message endpoints are dispatched by the Gate)
 
     @app.route("/", methods=["GET"])
     @guarded
@@ -729,10 +631,3 @@ def _unresponsive(status: dict[str, Any]) -> str:
         f"unresponsive: {status['consecutive_timeouts']} requests timed out since its child "
         "last said anything"
     )
-
-
-# The message endpoints, dispatched by Gate: path segment -> method -> handler.
-_MESSAGE_ROUTES: Final[dict[bytes, dict[bytes, Handler]]] = {
-    b"mcp": {b"POST": guarded(streamable.post), b"DELETE": guarded(streamable.delete)},
-    b"messages": {b"POST": guarded(legacy_sse.post)},
-}

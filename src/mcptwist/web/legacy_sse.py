@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_legacy_sse -*-
+# -*- test-case-name: tests.test_web -*-
 """HTTP+SSE (2024-11-05) at C{/servers/NAME/sse} and C{/servers/NAME/messages}.
 
 A GET opens a session and its one stream; the first event, C{endpoint},

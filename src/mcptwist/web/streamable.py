@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_streamable -*-
+# -*- test-case-name: tests.test_web -*-
 """Streamable HTTP (2025-03-26 to 2025-11-25) at C{/servers/NAME/mcp}.
 
 POST carries client messages: notifications and responses get 202, requests
@@ -19,22 +19,14 @@ from typing import Any, Final
 from twisted.internet.defer import CancelledError
 from twisted.web.server import NOT_DONE_YET
 
-from mcptwist.mcp import era, jsonrpc, protocol
+from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
+from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession
 
-from . import modern
 from .access import principal_id
 from .context import TransportContext
-from .http import (
-    HTTPProblem,
-    header,
-    negotiate,
-    parse_messages,
-    read_body,
-    refuse_head,
-    require_json,
-)
+from .http import HTTPProblem, header, negotiate, refuse_head
 from .sse import EventChannel, parse_event_id
 
 RETAINED_CHANNELS: Final = 16
@@ -171,11 +163,6 @@ class StreamableSink:
             channel.finish()
 
 
-def _versions(request: Any) -> tuple[str | None, str | None]:
-    """The MCP-Protocol-Version and Mcp-Session-Id headers, read once."""
-    return header(request, VERSION_HEADER), header(request, SESSION_HEADER)
-
-
 def _session(
     ctx: TransportContext, request: Any, name: str, version: str | None, session_id: str | None
 ) -> ClientSession:
@@ -212,28 +199,27 @@ def _check_version(version: str | None) -> None:
         )
 
 
-def _modern(version: str | None, session_id: str | None) -> bool:
-    """A GET or DELETE of a 2026-07-28 client (by its version header)."""
-    return version is not None and era.is_modern(version, session_id, None)
-
-
 def _sink(session: ClientSession) -> StreamableSink:
     sink = session.sink
     assert isinstance(sink, StreamableSink)
     return sink
 
 
-def post(ctx: TransportContext, request: Any, name: str) -> bytes | int:
-    backend = ctx.backend(name, draining=True)
-    json_ok, sse_ok = negotiate(request)
-    require_json(request)
-    messages, kinds, batch = parse_messages(
-        read_body(request, backend.server.max_message_size),
-        lambda count: ctx.access.charge_messages(request, name, count),
-    )
-    version, session_id = _versions(request)
-    if era.is_modern(version, session_id, None if batch else messages[0]):
-        return modern.post(ctx, request, name, messages, kinds, batch, json_ok, sse_ok)
+def post(
+    ctx: TransportContext,
+    request: Any,
+    name: str,
+    backend: Backend,
+    messages: list[Message],
+    kinds: list[Kind],
+    batch: bool,
+    json_ok: bool,
+    sse_ok: bool,
+    version: str | None,
+    session_id: str | None,
+) -> bytes | int:
+    """The messages of a POST (read and parsed by the dispatch), in a session
+    or opening one (initialize)."""
     initialize = any(
         m.get("method") == "initialize"
         for m, k in zip(messages, kinds, strict=True)
@@ -347,11 +333,10 @@ def post(ctx: TransportContext, request: Any, name: str) -> bytes | int:
     return NOT_DONE_YET
 
 
-async def get(ctx: TransportContext, request: Any, name: str) -> bytes | None:
-    ctx.backend(name, draining=True)
-    version, session_id = _versions(request)
-    if _modern(version, session_id):
-        return modern.not_allowed(request)
+async def get(
+    ctx: TransportContext, request: Any, name: str, version: str | None, session_id: str | None
+) -> bytes | None:
+    """The session's own stream, or the one it lost (C{Last-Event-ID})."""
     refuse_head(request)
     _, sse_ok = negotiate(request)
     if not sse_ok:
@@ -387,11 +372,10 @@ async def get(ctx: TransportContext, request: Any, name: str) -> bytes | None:
     return None
 
 
-def delete(ctx: TransportContext, request: Any, name: str) -> bytes:
-    ctx.backend(name, draining=True)
-    version, session_id = _versions(request)
-    if _modern(version, session_id):
-        return modern.not_allowed(request)
+def delete(
+    ctx: TransportContext, request: Any, name: str, version: str | None, session_id: str | None
+) -> bytes:
+    """The end of a session, asked by its client."""
     session = _session(ctx, request, name, version, session_id)
     ctx.registry.close(session, "ended by the client")
     request.setResponseCode(200)
