@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any, Final
 from mcptwist.config.model import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
 from mcptwist.mcp import jsonrpc
 from mcptwist.ops.audit import AuditTrail
-from mcptwist.security.auth import ANONYMOUS, Authenticator, AuthFailure, Principal
+from mcptwist.security.auth import Authenticator, AuthFailure, Principal
 from mcptwist.security.ipfilter import AddressPolicy, forwarded_client, rate_key
 from mcptwist.security.origin import is_local_address
 from mcptwist.security.ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 
+from .admission import peer_of, principal_of
 from .http import HTTPProblem, header
 
 if TYPE_CHECKING:
@@ -316,7 +317,7 @@ class AccessControl:
         if count <= 1:
             return
         principal = principal_of(request)
-        ip: str | None = getattr(request, "client_ip", None)
+        ip = peer_of(request)
         limits = self.config.limits
         # A batch's requests are in flight together: no more than a session may hold.
         largest, key = min(
@@ -383,7 +384,7 @@ class AccessControl:
             return
         raise self.refusal(
             session.principal,
-            getattr(request, "client_ip", None),
+            peer_of(request),
             session.server,
             scope,
             429,
@@ -476,20 +477,10 @@ def route_of(request: Any) -> str:
     return path.decode("utf-8", "replace")
 
 
-def principal_of(request: Any) -> Principal:
-    """Who made this request (set by the Gate before any handler runs)."""
-    principal: Principal = getattr(request, "principal", ANONYMOUS)
-    return principal
-
-
 def identity(principal: Principal) -> str:
     """A principal's key for sessions and limits: a token and a JWT subject of
     the same name are different clients (L{Principal.id})."""
     return principal.id
-
-
-def principal_id(request: Any) -> str:
-    return principal_of(request).id
 
 
 def _is_server_route(path: str) -> bool:
@@ -508,7 +499,5 @@ __all__ = [
     "identity",
     "listener_of",
     "local_listener",
-    "principal_id",
-    "principal_of",
     "route_of",
 ]

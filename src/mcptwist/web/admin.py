@@ -32,8 +32,10 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from mcptwist.config.model import ConfigError
 from mcptwist.mcp import jsonrpc
 from mcptwist.ops.audit import AuditTrail
+from mcptwist.security.auth import Principal
 
-from .access import identity, principal_of
+from .access import identity
+from .admission import admission_of, peer_of, principal_of
 from .http import (
     Handler,
     HTTPProblem,
@@ -167,12 +169,13 @@ class _AdminOnly(Resource):
         self.routes = routes
 
     def render(self, request: Any) -> Any:
-        principal = getattr(request, "principal", None)
-        # Without the Gate in front no principal is set: nobody is admitted.
-        if principal is None or not principal_of(request).admin:
+        admission = admission_of(request)
+        who = admission.who if admission is not None else None
+        # Without the Gate in front nobody is authenticated: nobody is admitted.
+        if not isinstance(who, Principal) or not who.admin:
             self.api.audit.access_refused(
-                principal=identity(principal) if principal is not None else None,
-                peer=getattr(request, "client_ip", None),
+                principal=identity(who) if isinstance(who, Principal) else None,
+                peer=peer_of(request),
                 server=None,
                 route=request.path.decode("utf-8", "replace"),
             )
@@ -345,7 +348,7 @@ class AdminAPI:
     def _record(self, request: Any, action: str, target: str | None, outcome: str) -> None:
         self.audit.admin_action(
             principal=identity(principal_of(request)),
-            peer=getattr(request, "client_ip", None),
+            peer=peer_of(request),
             action=action,
             target=target,
             outcome=outcome,
@@ -361,7 +364,7 @@ class AdminAPI:
             return
         self.audit.access_refused(
             principal=identity(principal),
-            peer=getattr(request, "client_ip", None),
+            peer=peer_of(request),
             server=None if server == "*" else server,
             route=request.path.decode("utf-8", "replace"),
         )

@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
-import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -40,15 +39,9 @@ from mcptwist.routing.upstream import CapacityError, PrincipalCapacityError
 from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
 from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same_origin
 
-from .access import (
-    PRM_PATH,
-    AccessControl,
-    local_listener,
-    principal_id,
-    principal_of,
-    route_of,
-)
+from .access import PRM_PATH, AccessControl, local_listener, route_of
 from .admin import MAX_BODY as ADMIN_MAX_BODY
+from .admission import Admission, IAdmission, admission_of, peer_of, principal_id, principal_of
 from .dispatch import ENDPOINTS, dispatch, guarded, internal_error, takes_body
 from .http import (
     HTTPProblem,
@@ -65,40 +58,6 @@ log = Logger(namespace="mcptwist.web")
 _OPERATOR: Final = (b"admin", b"metrics")
 # Seconds a principal at its share of a server's children is told to wait.
 CHILD_SHARE_RETRY: Final = 60
-
-
-@attrs.define(eq=False)
-class Admission:
-    """A request past the gate's checks that come before credentials: what
-    they found, and who it is once authentication has settled."""
-
-    ip: str | None
-    parts: list[bytes]
-    operator: bool
-    # None while authentication runs; a Failure when it refused.
-    who: Principal | Failure | None = None
-    # Authorised (rate limits charged) already: the server its path names.
-    checked: bool = False
-    server: str | None = None
-    # The access rules it was judged under (AccessControl.generation).
-    generation: int = 0
-    _waiting: list[Deferred[None]] = attrs.field(factory=list)
-
-    def settle(self, result: Principal | Failure) -> None:
-        """Authentication's outcome (its Deferred's last callback)."""
-        self.who = result
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def settled(self) -> Deferred[None]:
-        """A Deferred that fires once L{who} is known."""
-        d: Deferred[None] = Deferred()
-        if self.who is not None:
-            d.callback(None)
-        else:
-            self._waiting.append(d)
-        return d
 
 
 class Gate(Resource):
@@ -118,14 +77,14 @@ class Gate(Resource):
         self.routes = routes
 
     def render(self, request: Any) -> Any:
-        admission = getattr(request, "admission", None)
-        if isinstance(admission, Admission) and admission.generation != self.app.access.generation:
-            # A reload changed the rules while its body arrived: judge it again.
-            admission = None
-        if admission is None:
-            admission = self._judge(request)
-        if not isinstance(admission, Admission):
-            return admission
+        admission = admission_of(request)
+        if admission is None or admission.generation != self.app.access.generation:
+            # Not judged from its head, or a reload changed the rules while
+            # its body arrived (judge it again).
+            judged = self._judge(request)
+            if not isinstance(judged, Admission):
+                return judged
+            admission = judged
         if admission.who is not None:
             return self._admitted(request, admission)
         # Authentication has to wait (a JWKS fetch): answer from there.
@@ -138,19 +97,20 @@ class Gate(Resource):
         send, or, while its credentials are being checked, a Deferred that
         fires when they have been (ask again then).
 
-        What is decided here is kept on the request: L{render} does not
-        decide (nor charge a rate limit, nor audit) twice.
+        What is decided here is kept on the request (its L{Admission}):
+        L{render} does not decide (nor charge a rate limit, nor audit) twice.
+        A refusal is answered at once, and its connection closed.
         """
-        admission = getattr(request, "admission", None)
+        admission = admission_of(request)
         if admission is None:
-            admission = request.admission = self._judge(request)
-        if not isinstance(admission, Admission):
-            return admission
+            judged = self._judge(request)
+            if not isinstance(judged, Admission):
+                return judged
+            admission = judged
         if admission.who is None:
             return admission.settled()
         refusal = self._check(request, admission)
         if refusal is not None:
-            request.admission = refusal
             return refusal
         parts = admission.parts
         server = admission.server
@@ -158,8 +118,7 @@ class Gate(Resource):
             try:
                 backend = self.app.backend(server, draining=True)
             except HTTPProblem as problem:
-                refusal = request.admission = problem.render(request)
-                return refusal
+                return problem.render(request)
             return backend.server.max_message_size
         if parts[1] == b"admin":
             return ADMIN_MAX_BODY
@@ -189,20 +148,23 @@ class Gate(Resource):
         try:
             ip = access.client_ip(request)
             if path == b"/health":
-                return Admission(
+                admission = Admission(
                     ip, parts, operator, ANONYMOUS, checked=True, generation=access.generation
                 )
+                request.setComponent(IAdmission, admission)
+                return admission
             if path.startswith(PRM_PATH):
                 return self._metadata(request, path)
             access.limit_address(ip)
         except HTTPProblem as problem:
             return problem.render(request)
+        admission = Admission(ip, parts, operator, generation=access.generation)
+        request.setComponent(IAdmission, admission)
         if not access.auth.enabled:
             # Without authentication only a client on this host is an operator.
             local = local_listener(request) and is_local_ip(ip)
-            who = ANONYMOUS if local else ANONYMOUS_REMOTE
-            return Admission(ip, parts, operator, who, generation=access.generation)
-        admission = Admission(ip, parts, operator, generation=access.generation)
+            admission.who = ANONYMOUS if local else ANONYMOUS_REMOTE
+            return admission
         d = access.authenticator.authenticate(
             request.getHeader(b"authorization"), query_names(request.uri, b"access_token")
         )
@@ -235,8 +197,6 @@ class Gate(Resource):
             log.failure("while authenticating {path}", who, path=route)
             return internal_error(request)
         assert who is not None
-        request.principal = who
-        request.client_ip = ip
         parts = admission.parts
         count = len(parts)
         first = parts[1]
@@ -451,7 +411,7 @@ class BridgeApp:
                 transport,
                 sink_factory,
                 principal_id(request),
-                getattr(request, "client_ip", None),
+                peer_of(request),
             )
 
     @contextlib.contextmanager
@@ -503,7 +463,7 @@ class BridgeApp:
         """The refusal of this request by a cap (C{scope} says which), audited."""
         return self.access.refusal(
             principal_id(request),
-            getattr(request, "client_ip", None),
+            peer_of(request),
             server,
             scope,
             status,

@@ -16,7 +16,7 @@ from twisted.internet.defer import CancelledError
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 
-from .access import principal_id
+from .admission import principal_id
 from .context import TransportContext
 from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event

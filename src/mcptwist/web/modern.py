@@ -25,7 +25,7 @@ from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
 
-from .access import principal_id
+from .admission import peer_of, principal_id
 from .context import TransportContext
 from .http import HTTPProblem
 from .sse import EventConnection, encode_event
@@ -160,7 +160,7 @@ def post(
         json_ok and hub.backend.server.json_response and checked.method != "subscriptions/listen"
     )
     responder = HTTPResponder(ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST")
-    peer = getattr(request, "client_ip", None)
+    peer = peer_of(request)
     if state is not None:
         call.resume(responder, checked, answers or {}, peer)
     else:
@@ -201,7 +201,7 @@ def open_hub(
             backend,
             lambda _: StatelessSink(),
             principal_id(request),
-            getattr(request, "client_ip", None),
+            peer_of(request),
         )
     sink = hub.sink
     assert isinstance(sink, StatelessSink)
@@ -345,9 +345,7 @@ def _acknowledge(
                 sink.subscribe(listen.uris, add=False)
             sink.settled()
         hub.last_active = ctx.clock.seconds()
-        hub.audit_call(
-            checked.method, params, "ok", None, opened, getattr(request, "client_ip", None)
-        )
+        hub.audit_call(checked.method, params, "ok", None, opened, peer_of(request))
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET

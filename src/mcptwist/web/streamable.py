@@ -24,7 +24,7 @@ from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession
 
-from .access import principal_id
+from .admission import principal_id
 from .context import TransportContext
 from .http import HTTPProblem, header, negotiate, refuse_head
 from .sse import EventChannel, parse_event_id
