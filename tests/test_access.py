@@ -117,7 +117,10 @@ class Bridge:
 
 
 class ComponentizedRequest(DummyRequest, Componentized):
-    """A DummyRequest that holds components, as twisted.web's requests do."""
+    """A DummyRequest that holds components and names its site (none here),
+    as twisted.web's requests do."""
+
+    site = None
 
     def __init__(self, postpath: list[bytes]) -> None:
         DummyRequest.__init__(self, postpath)

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from mcptwist import __version__
@@ -76,7 +76,7 @@ class Gate(Resource):
         self.app = app
         self.routes = routes
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: Request) -> bytes | int:
         admission = admission_of(request)
         if admission is None or admission.generation != self.app.access.generation:
             # Not judged from its head, or a reload changed the rules while
@@ -91,7 +91,7 @@ class Gate(Resource):
         admission.settled().addCallback(lambda _: self._answer_later(request, admission))
         return NOT_DONE_YET
 
-    def head(self, request: Any) -> bytes | int | Deferred[None]:
+    def head(self, request: Request) -> bytes | int | Deferred[None]:
         """Judge a request when its headers have arrived, before any of its
         body is read: the answer to send now (a refusal), the most body it may
         send, or, while its credentials are being checked, a Deferred that
@@ -125,7 +125,7 @@ class Gate(Resource):
         # No other route reads a body.
         return self.app.config.limits.preauth_body
 
-    def _judge(self, request: Any) -> Admission | bytes:
+    def _judge(self, request: Request) -> Admission | bytes:
         """Everything decided before credentials: Host, Origin, CORS, path,
         client address, rate limit; then authentication is started."""
         access = self.app.access
@@ -171,7 +171,7 @@ class Gate(Resource):
         d.addBoth(admission.settle)
         return admission
 
-    def _answer_later(self, request: Any, admission: Admission) -> None:
+    def _answer_later(self, request: Request, admission: Admission) -> None:
         if request.finished or request.channel is None:
             return
         try:
@@ -183,7 +183,7 @@ class Gate(Resource):
             request.write(body)
             request.finish()
 
-    def _check(self, request: Any, admission: Admission) -> bytes | None:
+    def _check(self, request: Request, admission: Admission) -> bytes | None:
         """Authorise an authenticated request (once): None, or its refusal."""
         if admission.checked:
             return None
@@ -222,7 +222,9 @@ class Gate(Resource):
         admission.checked = True
         return None
 
-    def _admin_unserved(self, request: Any, who: Principal, ip: str | None) -> HTTPProblem | None:
+    def _admin_unserved(
+        self, request: Request, who: Principal, ip: str | None
+    ) -> HTTPProblem | None:
         """The 404 of an admin API that is not served here: turned off, or,
         without authentication, to a client that is not on this host: on a
         listener open to the network, or forwarded by a proxy (where anyone
@@ -241,7 +243,7 @@ class Gate(Resource):
             "on loopback and Unix-socket listeners, to clients on this host",
         )
 
-    def _admitted(self, request: Any, admission: Admission) -> Any:
+    def _admitted(self, request: Request, admission: Admission) -> bytes | int:
         """Authorise an authenticated (or refused) request, then route it."""
         refusal = self._check(request, admission)
         if refusal is not None:
@@ -253,19 +255,22 @@ class Gate(Resource):
         if first == b"admin":
             # _check refused it unless the admin API is served here.
             assert self.app.admin is not None
-            return self.app.admin.render(request)
+            answer: bytes | int = self.app.admin.render(request)
+            return answer
         elif first == b"metrics":
             if count == 2 and self.app.metrics is not None:
-                return self.app.metrics.render(request)
+                metrics: bytes | int = self.app.metrics.render(request)
+                return metrics
         elif server is not None and count == 4:
             endpoint = ENDPOINTS.get(parts[3])
             if endpoint is not None:
                 return dispatch(self.app, request, endpoint, server)
         return self._route(request)
 
-    def _route(self, request: Any) -> Any:
+    def _route(self, request: Request) -> bytes | int:
         try:
-            return self.routes.render(request)
+            page: bytes | int = self.routes.render(request)
+            return page
         except BadHost:
             return HTTPProblem(
                 400,
@@ -273,7 +278,7 @@ class Gate(Resource):
                 f"Bad Request: invalid Host header {header(request, b'host')!r}",
             ).render(request)
 
-    def _metadata(self, request: Any, path: bytes) -> bytes:
+    def _metadata(self, request: Request, path: bytes) -> bytes:
         """OAuth protected-resource metadata (RFC 9728), public by design."""
         if request.method not in (b"GET", b"HEAD"):
             return HTTPProblem(
@@ -347,7 +352,7 @@ class BridgeApp:
 
     def screen(
         self,
-        request: Any,
+        request: Request,
         origin: str | None,
         operator: bool,
         hosts: HostPolicy | None = None,
@@ -397,7 +402,7 @@ class BridgeApp:
 
     def open_session(
         self,
-        request: Any,
+        request: Request,
         backend: Backend,
         transport: str,
         sink_factory: Callable[[str], Sink],
@@ -416,7 +421,7 @@ class BridgeApp:
 
     @contextlib.contextmanager
     def refusing_sessions(
-        self, request: Any, server: str, request_id: RequestId | None
+        self, request: Request, server: str, request_id: RequestId | None
     ) -> Iterator[None]:
         """Turn a session that cannot be opened into its HTTP refusal, audited."""
         try:
@@ -452,7 +457,7 @@ class BridgeApp:
 
     def refused(
         self,
-        request: Any,
+        request: Request,
         server: str | None,
         scope: str,
         status: int,
@@ -472,7 +477,7 @@ class BridgeApp:
             request_id,
         )
 
-    def stream(self, request: Any, label: str) -> EventConnection:
+    def stream(self, request: Request, label: str) -> EventConnection:
         """Start an SSE response on this request, kept alive by the heartbeat."""
         principal = principal_id(request)
         caps = self.access.caps
@@ -499,7 +504,7 @@ class BridgeApp:
 
     @app.route("/", methods=["GET"])
     @guarded
-    def index(self, request: Any) -> Any:
+    def index(self, request: Request) -> bytes:
         return json_body(
             request,
             {
@@ -518,7 +523,7 @@ class BridgeApp:
 
     @app.route("/servers", methods=["GET"])
     @guarded
-    def servers(self, request: Any) -> Any:
+    def servers(self, request: Request) -> bytes:
         principal = principal_of(request)
         return json_body(
             request,
@@ -531,12 +536,12 @@ class BridgeApp:
 
     @app.route("/servers/<name>", methods=["GET"])
     @guarded
-    def server(self, request: Any, name: str) -> Any:
+    def server(self, request: Request, name: str) -> bytes:
         return json_body(request, self._status(self.backend(name)))
 
     @app.route("/health", methods=["GET"])
     @guarded
-    def health(self, request: Any) -> Any:
+    def health(self, request: Request) -> bytes:
         problems = {}
         held = {}
         for name, backend in self.backends.items():

@@ -20,7 +20,8 @@ from typing import Any, Final
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET, Request
 
 from mcptwist.mcp import era, jsonrpc
 
@@ -40,7 +41,7 @@ from .http import (
 log = Logger(namespace="mcptwist.web")
 
 
-def internal_error(request: Any) -> bytes:
+def internal_error(request: IRequest) -> bytes:
     """The 500 answer to an unexpected error, which the caller has logged."""
     return HTTPProblem(500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)").render(
         request
@@ -54,19 +55,21 @@ def guarded(handler: Handler) -> Handler:
     at once, and a coroutine per request costs more than the work itself.
     """
 
-    def problem_answer(request: Any, error: Exception) -> Any:
+    def problem_answer(request: Request, error: Exception) -> bytes | None:
         if isinstance(error, HTTPProblem):
             return None if request.startedWriting else error.render(request)
         log.failure("while handling {method} {path}", method=request.method, path=request.path)
         if request.startedWriting:
-            request.transport.abortConnection()
+            # Every transport twisted.web serves on can abort (ITransport does not say so).
+            transport: Any = request.transport
+            transport.abortConnection()
             return None
         return internal_error(request)
 
     return catching(handler, problem_answer)
 
 
-def _versions(request: Any) -> tuple[str | None, str | None]:
+def _versions(request: IRequest) -> tuple[str | None, str | None]:
     """The MCP-Protocol-Version and Mcp-Session-Id headers, read once."""
     return header(request, streamable.VERSION_HEADER), header(request, streamable.SESSION_HEADER)
 
@@ -79,7 +82,7 @@ def _modern(version: str | None, session_id: str | None) -> bool:
 # /servers/NAME/mcp
 
 
-def mcp_post(ctx: TransportContext, request: Any, name: str) -> bytes | int:
+def mcp_post(ctx: TransportContext, request: Request, name: str) -> bytes | int:
     """Messages for a server: to the era the headers, or the message, name."""
     backend = ctx.backend(name, draining=True)
     json_ok, sse_ok = negotiate(request)
@@ -96,7 +99,7 @@ def mcp_post(ctx: TransportContext, request: Any, name: str) -> bytes | int:
     )
 
 
-async def mcp_get(ctx: TransportContext, request: Any, name: str) -> bytes | None:
+async def mcp_get(ctx: TransportContext, request: Request, name: str) -> bytes | None:
     """A session's own stream; a 2026-07-28 client has none."""
     ctx.backend(name, draining=True)
     version, session_id = _versions(request)
@@ -105,7 +108,7 @@ async def mcp_get(ctx: TransportContext, request: Any, name: str) -> bytes | Non
     return await streamable.get(ctx, request, name, version, session_id)
 
 
-def mcp_delete(ctx: TransportContext, request: Any, name: str) -> bytes:
+def mcp_delete(ctx: TransportContext, request: Request, name: str) -> bytes:
     """The end of a session; a 2026-07-28 client has none."""
     ctx.backend(name, draining=True)
     version, session_id = _versions(request)
@@ -120,7 +123,7 @@ def not_allowed(allowed: bytes) -> Handler:
         405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers={b"allow": allowed}
     )
 
-    def refuse(ctx: TransportContext, request: Any, name: str) -> bytes:
+    def refuse(ctx: TransportContext, request: Request, name: str) -> bytes:
         return problem.render(request)
 
     return refuse
@@ -155,7 +158,7 @@ def takes_body(endpoint: bytes, method: bytes) -> bool:
     return method == b"POST" and found is not None and method in found.methods
 
 
-def dispatch(ctx: TransportContext, request: Any, endpoint: Endpoint, name: str) -> Any:
+def dispatch(ctx: TransportContext, request: Request, endpoint: Endpoint, name: str) -> bytes | int:
     """Run the endpoint's handler for the request's method, on server C{name}.
 
     An answer at once is returned to twisted.web; a coroutine is cancelled

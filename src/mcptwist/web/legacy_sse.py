@@ -9,9 +9,8 @@ session ends when the stream closes.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import CancelledError
+from twisted.web.server import Request
 
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
@@ -47,7 +46,7 @@ class LegacySink:
             self.connection.finish()
 
 
-async def stream(ctx: TransportContext, request: Any, name: str) -> None:
+async def stream(ctx: TransportContext, request: Request, name: str) -> None:
     backend = ctx.backend(name)
     refuse_head(request)
     _, sse_ok = negotiate(request)
@@ -75,7 +74,7 @@ async def stream(ctx: TransportContext, request: Any, name: str) -> None:
         ctx.registry.close(session, "stream closed")
 
 
-def post(ctx: TransportContext, request: Any, name: str) -> bytes:
+def post(ctx: TransportContext, request: Request, name: str) -> bytes:
     backend = ctx.backend(name, draining=True)
     args = request.args
     values = args.get(b"session_id") or args.get(b"sessionId")

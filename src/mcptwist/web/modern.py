@@ -16,7 +16,8 @@ from typing import Any, Final
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET, Request
 
 from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.era import agreed_filter
@@ -42,7 +43,7 @@ class HTTPResponder:
     """One HTTP request of a call: JSON, or SSE from its first notification."""
 
     def __init__(
-        self, ctx: TransportContext, request: Any, json_ok: bool, sse_ok: bool, label: str
+        self, ctx: TransportContext, request: Request, json_ok: bool, sse_ok: bool, label: str
     ) -> None:
         self.ctx = ctx
         self.request = request
@@ -91,7 +92,7 @@ class HTTPResponder:
 
 def post(
     ctx: TransportContext,
-    request: Any,
+    request: Request,
     name: str,
     messages: list[Message],
     kinds: list[Kind],
@@ -185,13 +186,13 @@ def post(
     return NOT_DONE_YET
 
 
-def _headers(request: Any, name: str) -> list[str]:
+def _headers(request: IRequest, name: str) -> list[str]:
     values = request.requestHeaders.getRawHeaders(name.encode()) or []
     return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def open_hub(
-    ctx: TransportContext, request: Any, name: str, checked: era.ModernRequest
+    ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest
 ) -> ClientSession:
     """The principal's stateless hub on this server (opened on first use), or
     the HTTP refusal when no session can be opened for it."""
@@ -243,7 +244,11 @@ def _parked_call(
 
 
 def _listen(
-    ctx: TransportContext, request: Any, name: str, checked: era.ModernRequest, hub: ClientSession
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    checked: era.ModernRequest,
+    hub: ClientSession,
 ) -> int:
     """C{subscriptions/listen} for a session-era child: acknowledge (once the
     child is ready: the agreed filter depends on what it declared), then
@@ -306,7 +311,7 @@ def _listen(
 
 def _acknowledge(
     ctx: TransportContext,
-    request: Any,
+    request: Request,
     name: str,
     checked: era.ModernRequest,
     hub: ClientSession,
@@ -362,7 +367,7 @@ def _finish(connection: EventConnection, message: Message | None) -> None:
     connection.finish()
 
 
-def not_allowed(request: Any) -> bytes:
+def not_allowed(request: IRequest) -> bytes:
     """GET or DELETE from a 2026-07-28 client: there are no sessions or GET stream."""
     return HTTPProblem(
         405,

@@ -14,10 +14,10 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from twisted.internet.defer import CancelledError
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
@@ -164,7 +164,7 @@ class StreamableSink:
 
 
 def _session(
-    ctx: TransportContext, request: Any, name: str, version: str | None, session_id: str | None
+    ctx: TransportContext, request: Request, name: str, version: str | None, session_id: str | None
 ) -> ClientSession:
     if not session_id:
         raise HTTPProblem(
@@ -207,7 +207,7 @@ def _sink(session: ClientSession) -> StreamableSink:
 
 def post(
     ctx: TransportContext,
-    request: Any,
+    request: Request,
     name: str,
     backend: Backend,
     messages: list[Message],
@@ -334,7 +334,7 @@ def post(
 
 
 async def get(
-    ctx: TransportContext, request: Any, name: str, version: str | None, session_id: str | None
+    ctx: TransportContext, request: Request, name: str, version: str | None, session_id: str | None
 ) -> bytes | None:
     """The session's own stream, or the one it lost (C{Last-Event-ID})."""
     refuse_head(request)
@@ -373,7 +373,7 @@ async def get(
 
 
 def delete(
-    ctx: TransportContext, request: Any, name: str, version: str | None, session_id: str | None
+    ctx: TransportContext, request: Request, name: str, version: str | None, session_id: str | None
 ) -> bytes:
     """The end of a session, asked by its client."""
     session = _session(ctx, request, name, version, session_id)
