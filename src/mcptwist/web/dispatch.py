@@ -14,7 +14,7 @@ L{modern<mcptwist.web.modern>}) or the session era (L{streamable
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -117,7 +117,7 @@ def mcp_delete(ctx: TransportContext, request: Request, name: str) -> bytes:
     return streamable.delete(ctx, request, name, version, session_id)
 
 
-def not_allowed(allowed: bytes) -> Handler:
+def not_allowed(allowed: bytes) -> Callable[[TransportContext, Request, str], bytes]:
     """The 405 handler of the methods an endpoint does not take."""
     problem = HTTPProblem(
         405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers={b"allow": allowed}
@@ -131,14 +131,22 @@ def not_allowed(allowed: bytes) -> Handler:
 
 @attrs.frozen
 class Endpoint:
-    """The handlers of a message endpoint by method, and its answer to any other."""
+    """A message endpoint's handlers by method: those that answer at once,
+    those that are coroutines (known here, not asked of each request), and
+    the answer to any other method."""
 
-    methods: Mapping[bytes, Handler]
-    refuse: Handler
+    answers: Mapping[bytes, Handler]
+    coroutines: Mapping[bytes, Handler]
+    refuse: Callable[[TransportContext, Request, str], bytes]
 
     @classmethod
     def of(cls, methods: Mapping[bytes, Handler], allowed: bytes) -> Endpoint:
-        return cls({m: guarded(h) for m, h in methods.items()}, not_allowed(allowed))
+        handlers = {m: guarded(h) for m, h in methods.items()}
+        return cls(
+            {m: h for m, h in handlers.items() if not inspect.iscoroutinefunction(h)},
+            {m: h for m, h in handlers.items() if inspect.iscoroutinefunction(h)},
+            not_allowed(allowed),
+        )
 
 
 # The last segment of /servers/NAME/... -> its endpoint.
@@ -155,7 +163,7 @@ ENDPOINTS: Final[Mapping[bytes, Endpoint]] = {
 def takes_body(endpoint: bytes, method: bytes) -> bool:
     """Whether C{method} on this endpoint reads a body of messages."""
     found = ENDPOINTS.get(endpoint)
-    return method == b"POST" and found is not None and method in found.methods
+    return method == b"POST" and found is not None and method in found.answers
 
 
 def dispatch(ctx: TransportContext, request: Request, endpoint: Endpoint, name: str) -> bytes | int:
@@ -165,9 +173,13 @@ def dispatch(ctx: TransportContext, request: Request, endpoint: Endpoint, name: 
     if the client goes away, and what it returns is written before the
     response is finished.
     """
-    handler = endpoint.methods.get(request.method) or endpoint.refuse
-    if not inspect.iscoroutinefunction(handler):
+    method = request.method
+    handler = endpoint.answers.get(method)
+    if handler is not None:
         return handler(ctx, request, name) or b""
+    handler = endpoint.coroutines.get(method)
+    if handler is None:
+        return endpoint.refuse(ctx, request, name)
     # Watched before the handler starts: a handler that ends because its
     # client left writes nothing. Cancelled after what the handler watches
     # itself (its stream ends, and the handler with it, before any cancellation).
