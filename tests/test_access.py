@@ -13,6 +13,7 @@ import attrs
 import jwt
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
+from twisted.python.components import Componentized
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -113,6 +114,17 @@ class Bridge:
         with open(self.audit_path, "rb") as f:
             lines = [json.loads(line) for line in f]
         return [e for e in lines if kind is None or e["event"] == kind]
+
+
+class ComponentizedRequest(DummyRequest, Componentized):
+    """A DummyRequest that holds components and names its site (none here),
+    as twisted.web's requests do."""
+
+    site = None
+
+    def __init__(self, postpath: list[bytes]) -> None:
+        DummyRequest.__init__(self, postpath)
+        Componentized.__init__(self)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -528,7 +540,7 @@ class OperatorRouteTests(SynchronousTestCase):
         bridge = Bridge(self)
         for token in (TOKENS["ops"], TOKENS["alice"]):
             for path in (b"/servers/\xff/mcp", b"/servers/\xff"):
-                request = DummyRequest([])
+                request = ComponentizedRequest([])
                 request.method = b"POST"
                 request.path = request.uri = path
                 request.client = IPv4Address("TCP", "127.0.0.1", 1)

@@ -33,6 +33,7 @@ from mcptwist.config.model import AuditConfig, CommandConfig, ConfigError
 from mcptwist.ops.audit import AuditTrail
 from mcptwist.security.auth import Principal
 from mcptwist.web.admin import AdminAPI
+from mcptwist.web.admission import Admission, IAdmission
 from mcptwist.web.http import HTTPProblem
 
 from .certs import make_ca, make_server_cert
@@ -203,15 +204,16 @@ class FrontDoor(Resource):
         self.tokens = tokens
 
     def render(self, request: Any) -> Any:
-        request.client_ip = "127.0.0.1"
+        admission = Admission("127.0.0.1", [])
+        request.setComponent(IAdmission, admission)
         if self.tokens is not None:
             value = (request.getHeader(b"authorization") or b"").decode("latin-1")
             principal = self.tokens.get(value.removeprefix("Bearer "))
             if principal is None:
                 return HTTPProblem(401, -32001, "Unauthorized: no valid token").render(request)
-            request.principal = principal
+            admission.who = principal
         elif self.principal is not None:
-            request.principal = self.principal
+            admission.who = self.principal
         return self.inner.render(request)
 
 
@@ -467,8 +469,7 @@ class LifecycleTests(SynchronousTestCase):
         request.args = {}
         request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
         request.content = io.BytesIO(b"{}")
-        request.principal = ADMIN
-        request.client_ip = "127.0.0.1"
+        request.setComponent(IAdmission, Admission("127.0.0.1", [], who=ADMIN))
         self.assertIs(self.admin.api.resource().render(request), NOT_DONE_YET)
         [held] = self.admin.control.held
         request.connectionLost(Failure(ConnectionDone()))

@@ -390,6 +390,34 @@ class StreamableTests(SynchronousTestCase):
         self.assertEqual(put.code, 405)
         self.assertEqual(bridge.json(put)["error"]["code"], jsonrpc.INVALID_REQUEST)
 
+    def test_message_endpoints_name_the_methods_they_take(self) -> None:
+        """Every other method is refused (405) with the endpoint's methods in
+        Allow, on a server that exists or not; a stream is not opened by HEAD."""
+        bridge = Bridge(self)
+        for server in ("s", "nope"):
+            for endpoint, allowed, methods in (
+                ("mcp", {"GET", "POST", "DELETE"}, ("HEAD", "PUT", "PATCH", "OPTIONS")),
+                ("sse", {"GET", "HEAD"}, ("POST", "DELETE", "PUT", "PATCH", "OPTIONS")),
+                ("messages", {"POST"}, ("GET", "HEAD", "DELETE", "PUT", "PATCH", "OPTIONS")),
+            ):
+                for method in methods:
+                    response = bridge.request(method, f"/servers/{server}/{endpoint}")
+                    where = (method, server, endpoint)
+                    self.assertEqual(response.code, 405, where)
+                    [allow] = response.headers.getRawHeaders("allow")
+                    self.assertEqual(set(allow.split(", ")), allowed, where)
+                    if method != "HEAD":
+                        body = bridge.json(response)
+                        self.assertEqual(
+                            body["error"],
+                            {"code": jsonrpc.INVALID_REQUEST, "message": "Method Not Allowed"},
+                        )
+        head = bridge.request("HEAD", "/servers/s/sse", headers={"accept": "text/event-stream"})
+        self.assertEqual(head.code, 405)
+        self.assertEqual(head.headers.getRawHeaders("allow"), ["GET"])
+        self.assertEqual(bridge.request("HEAD", "/servers/nope/sse").code, 404)
+        self.assertEqual(bridge.registry.sessions, {})
+
     def test_get_stream_carries_unrelated_messages_and_is_single(self) -> None:
         bridge = Bridge(self)
         sid = bridge.open_session()

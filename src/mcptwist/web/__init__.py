@@ -1,1 +1,1 @@
-"""The HTTP surface: the Klein app, one module per transport, event streams."""
+"""The HTTP surface: the gate, the message endpoints' table, the transports, event streams."""

@@ -16,14 +16,18 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+
 from mcptwist.config.model import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
 from mcptwist.mcp import jsonrpc
 from mcptwist.ops.audit import AuditTrail
-from mcptwist.security.auth import ANONYMOUS, Authenticator, AuthFailure, Principal
+from mcptwist.security.auth import Authenticator, AuthFailure, Principal
 from mcptwist.security.ipfilter import AddressPolicy, forwarded_client, rate_key
 from mcptwist.security.origin import is_local_address
 from mcptwist.security.ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 
+from .admission import peer_of, principal_of
 from .http import HTTPProblem, header
 
 if TYPE_CHECKING:
@@ -150,7 +154,7 @@ class AccessControl:
 
     # Headers every answer carries
 
-    def common_headers(self, request: Any) -> None:
+    def common_headers(self, request: Request) -> None:
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-security-policy", CSP)
@@ -164,7 +168,7 @@ class AccessControl:
 
     # CORS
 
-    def cors(self, request: Any, origin: str | None) -> bytes | None:
+    def cors(self, request: IRequest, origin: str | None) -> bytes | None:
         """Add CORS headers for an allowed Origin; the answer to a preflight, if it is one."""
         if origin is None:
             return None
@@ -181,7 +185,7 @@ class AccessControl:
 
     # The client's address
 
-    def client_ip(self, request: Any) -> str | None:
+    def client_ip(self, request: Request) -> str | None:
         """The client's IP: the peer, or, from a trusted proxy, what it forwarded.
 
         None for a Unix-socket peer. Refuses (403) a forwarded client that the
@@ -213,7 +217,7 @@ class AccessControl:
     # Authentication
 
     def failure_problem(
-        self, request: Any, failure: AuthFailure, ip: str | None, route: str
+        self, request: IRequest, failure: AuthFailure, ip: str | None, route: str
     ) -> HTTPProblem:
         """The 401 for missing or bad credentials (503 while keys cannot be had), audited."""
         self.audit.auth_failure(peer=ip, reason=failure.reason, route=route)
@@ -232,21 +236,21 @@ class AccessControl:
             headers={b"www-authenticate": challenge},
         )
 
-    def metadata_url(self, request: Any, route: str) -> str | None:
+    def metadata_url(self, request: IRequest, route: str) -> str | None:
         """The RFC 9728 metadata URL for a route, when OAuth discovery is configured."""
         if not self.auth.authorization_servers:
             return None
         suffix = route if route.startswith("/servers/") else ""
         return self.base_url(request) + PRM_PATH.decode() + suffix
 
-    def base_url(self, request: Any) -> str:
+    def base_url(self, request: IRequest) -> str:
         if self.auth.resource_url:
             return self.auth.resource_url
         scheme = "https" if request.isSecure() else "http"
         host = header(request, b"host") or "localhost"
         return f"{scheme}://{host}"
 
-    def protected_resource(self, request: Any, path: bytes) -> dict[str, Any] | None:
+    def protected_resource(self, request: IRequest, path: bytes) -> dict[str, Any] | None:
         """The RFC 9728 document for C{/.well-known/oauth-protected-resource[/PATH]}."""
         if not self.auth.authorization_servers:
             return None
@@ -269,7 +273,7 @@ class AccessControl:
     # Authorisation and limits
 
     def authorise(
-        self, request: Any, principal: Principal, ip: str | None, server: str | None
+        self, request: IRequest, principal: Principal, ip: str | None, server: str | None
     ) -> None:
         """Raise the HTTPProblem that refuses this principal this route, if any."""
         if server is not None and not principal.may_use(server):
@@ -307,7 +311,7 @@ class AccessControl:
         if refusal is not None:
             raise self._limited(refusal, None, ip, None)
 
-    def charge_messages(self, request: Any, server: str, count: int) -> None:
+    def charge_messages(self, request: Request, server: str, count: int) -> None:
         """A POST's body holds C{count} JSON-RPC messages: refuse a batch longer
         than C{limits.max_batch} or C{limits.max_in_flight_per_session} (413),
         and charge each message after the first (the request's admission paid
@@ -316,7 +320,7 @@ class AccessControl:
         if count <= 1:
             return
         principal = principal_of(request)
-        ip: str | None = getattr(request, "client_ip", None)
+        ip = peer_of(request)
         limits = self.config.limits
         # A batch's requests are in flight together: no more than a session may hold.
         largest, key = min(
@@ -354,7 +358,7 @@ class AccessControl:
 
     def admit_requests(
         self,
-        request: Any,
+        request: Request,
         session: ClientSession,
         count: int,
         request_id: RequestId | None = None,
@@ -383,7 +387,7 @@ class AccessControl:
             return
         raise self.refusal(
             session.principal,
-            getattr(request, "client_ip", None),
+            peer_of(request),
             session.server,
             scope,
             429,
@@ -438,7 +442,7 @@ class AccessControl:
         )
 
     def require_admin(
-        self, request: Any, principal: Principal, ip: str | None, every_server: bool = False
+        self, request: IRequest, principal: Principal, ip: str | None, every_server: bool = False
     ) -> None:
         """Refuse (403, audited) a principal without the admin scope, or, with
         C{every_server}, one whose grants do not name every server."""
@@ -454,42 +458,32 @@ class AccessControl:
             raise HTTPProblem(403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: this needs {missing}")
 
 
-def listener_of(request: Any) -> ListenerConfig | None:
+def listener_of(request: Request) -> ListenerConfig | None:
     """The listener a request came in on (each listener has its own Site)."""
-    site = getattr(request, "site", None)
-    return getattr(site, "listener", None)
+    listener: ListenerConfig | None = getattr(request.site, "listener", None)
+    return listener
 
 
-def local_listener(request: Any) -> bool:
+def local_listener(request: Request) -> bool:
     """Whether the request came in on a listener reachable from this host
     only (bound to loopback, or a Unix socket): the site says so once it
     listens; a site that does not know judges by the connection's own address."""
-    local: bool | None = getattr(getattr(request, "site", None), "local", None)
+    local: bool | None = getattr(request.site, "local", None)
     if local is None:
         return is_local_address(request.getHost())
     return local
 
 
-def route_of(request: Any) -> str:
+def route_of(request: IRequest) -> str:
     """The request's path as text, for the audit trail and challenges."""
     path: bytes = request.path
     return path.decode("utf-8", "replace")
-
-
-def principal_of(request: Any) -> Principal:
-    """Who made this request (set by the Gate before any handler runs)."""
-    principal: Principal = getattr(request, "principal", ANONYMOUS)
-    return principal
 
 
 def identity(principal: Principal) -> str:
     """A principal's key for sessions and limits: a token and a JWT subject of
     the same name are different clients (L{Principal.id})."""
     return principal.id
-
-
-def principal_id(request: Any) -> str:
-    return principal_of(request).id
 
 
 def _is_server_route(path: str) -> bool:
@@ -508,7 +502,5 @@ __all__ = [
     "identity",
     "listener_of",
     "local_listener",
-    "principal_id",
-    "principal_of",
     "route_of",
 ]

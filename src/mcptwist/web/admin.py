@@ -26,14 +26,18 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mcptwist.config.model import ConfigError
 from mcptwist.mcp import jsonrpc
 from mcptwist.ops.audit import AuditTrail
+from mcptwist.security.auth import Principal
 
-from .access import identity, principal_of
+from .access import identity
+from .admission import admission_of, peer_of, principal_of
 from .http import (
     Handler,
     HTTPProblem,
@@ -108,7 +112,7 @@ class Problem(HTTPProblem):
         super().__init__(status, code, message)
         self.data = data
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: IRequest) -> bytes:
         request.setResponseCode(self.status)
         return json_body(request, jsonrpc.error(None, self.code, self.message, self.data))
 
@@ -138,7 +142,7 @@ def not_granted(what: str) -> HTTPProblem:
 def answered(handler: Handler) -> Handler:
     """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer."""
 
-    def problem_answer(request: Any, error: Exception) -> Any:
+    def problem_answer(request: Request, error: Exception) -> bytes | None:
         if not isinstance(error, HTTPProblem):
             log.failure(
                 "while handling {method} {path}",
@@ -149,7 +153,7 @@ def answered(handler: Handler) -> Handler:
             error = HTTPProblem(
                 500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
             )
-        if getattr(request, "startedWriting", False):
+        if request.startedWriting:
             return None
         return error.render(request)
 
@@ -166,20 +170,22 @@ class _AdminOnly(Resource):
         self.api = api
         self.routes = routes
 
-    def render(self, request: Any) -> Any:
-        principal = getattr(request, "principal", None)
-        # Without the Gate in front no principal is set: nobody is admitted.
-        if principal is None or not principal_of(request).admin:
+    def render(self, request: Request) -> bytes | int:
+        admission = admission_of(request)
+        who = admission.who if admission is not None else None
+        # Without the Gate in front nobody is authenticated: nobody is admitted.
+        if not isinstance(who, Principal) or not who.admin:
             self.api.audit.access_refused(
-                principal=identity(principal) if principal is not None else None,
-                peer=getattr(request, "client_ip", None),
+                principal=identity(who) if isinstance(who, Principal) else None,
+                peer=peer_of(request),
                 server=None,
                 route=request.path.decode("utf-8", "replace"),
             )
             return HTTPProblem(
                 403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: this needs the admin scope"
             ).render(request)
-        return self.routes.render(request)
+        answer: bytes | int = self.routes.render(request)
+        return answer
 
 
 class AdminAPI:
@@ -198,14 +204,14 @@ class AdminAPI:
 
     @app.route("/admin/servers", methods=["GET"])
     @answered
-    def list_servers(self, request: Any) -> bytes:
+    def list_servers(self, request: Request) -> bytes:
         principal = principal_of(request)
         servers = [s for s in self.control.servers() if principal.may_use(s["name"])]
         return json_body(request, {"servers": servers})
 
     @app.route("/admin/servers/<name>", methods=["GET"])
     @answered
-    def get_server(self, request: Any, name: str) -> bytes:
+    def get_server(self, request: Request, name: str) -> bytes:
         self._granted(request, name)
         status = self.control.server(name)
         if status is None:
@@ -214,22 +220,22 @@ class AdminAPI:
 
     @app.route("/admin/servers/<name>/start", methods=["POST"])
     @answered
-    async def start(self, request: Any, name: str) -> bytes:
+    async def start(self, request: Request, name: str) -> bytes:
         return await self._lifecycle(request, "start", name, self.control.start)
 
     @app.route("/admin/servers/<name>/stop", methods=["POST"])
     @answered
-    async def stop(self, request: Any, name: str) -> bytes:
+    async def stop(self, request: Request, name: str) -> bytes:
         return await self._lifecycle(request, "stop", name, self.control.stop)
 
     @app.route("/admin/servers/<name>/restart", methods=["POST"])
     @answered
-    async def restart(self, request: Any, name: str) -> bytes:
+    async def restart(self, request: Request, name: str) -> bytes:
         return await self._lifecycle(request, "restart", name, self.control.restart)
 
     async def _lifecycle(
         self,
-        request: Any,
+        request: Request,
         action: str,
         name: str,
         call: Callable[[str], Deferred[dict[str, Any]]],
@@ -243,7 +249,7 @@ class AdminAPI:
 
     @app.route("/admin/servers/<name>/stderr", methods=["GET"])
     @answered
-    def stderr(self, request: Any, name: str) -> bytes:
+    def stderr(self, request: Request, name: str) -> bytes:
         self._granted(request, name)
         lines = _lines(request)
         try:
@@ -254,7 +260,7 @@ class AdminAPI:
 
     @app.route("/admin/servers", methods=["POST"])
     @answered
-    async def add_server(self, request: Any) -> bytes:
+    async def add_server(self, request: Request) -> bytes:
         try:
             require_json(request)
             name, table = _add_body(read_body(request, MAX_BODY))
@@ -276,7 +282,7 @@ class AdminAPI:
 
     @app.route("/admin/servers/<name>", methods=["DELETE"])
     @answered
-    async def remove_server(self, request: Any, name: str) -> bytes:
+    async def remove_server(self, request: Request, name: str) -> bytes:
         self._granted(request, name, "remove_server")
         status = await self._perform(
             request,
@@ -291,7 +297,7 @@ class AdminAPI:
 
     @app.route("/admin/sessions", methods=["GET"])
     @answered
-    def list_sessions(self, request: Any) -> bytes:
+    def list_sessions(self, request: Request) -> bytes:
         server = _query(request, b"server")
         if server is not None:
             self._granted(request, server)
@@ -303,7 +309,7 @@ class AdminAPI:
 
     @app.route("/admin/sessions/<session_id>", methods=["DELETE"])
     @answered
-    def close_session(self, request: Any, session_id: str) -> bytes:
+    def close_session(self, request: Request, session_id: str) -> bytes:
         principal = principal_of(request)
         try:
             # A session of a server the admin may not use is not there for it.
@@ -327,7 +333,7 @@ class AdminAPI:
 
     @app.route("/admin/reload", methods=["POST"])
     @answered
-    async def reload(self, request: Any) -> bytes:
+    async def reload(self, request: Request) -> bytes:
         self._granted(request, "*", "reload")
         self._require_json(request, "reload", None)
         result = await self._perform(
@@ -342,16 +348,16 @@ class AdminAPI:
 
     # Auditing
 
-    def _record(self, request: Any, action: str, target: str | None, outcome: str) -> None:
+    def _record(self, request: Request, action: str, target: str | None, outcome: str) -> None:
         self.audit.admin_action(
             principal=identity(principal_of(request)),
-            peer=getattr(request, "client_ip", None),
+            peer=peer_of(request),
             action=action,
             target=target,
             outcome=outcome,
         )
 
-    def _granted(self, request: Any, server: str, action: str | None = None) -> None:
+    def _granted(self, request: Request, server: str, action: str | None = None) -> None:
         """Refuse (403, audited) a server the principal's grants do not name;
         C{"*"}: one that needs a grant of every server. The answer is the same
         whether or not the server exists."""
@@ -361,7 +367,7 @@ class AdminAPI:
             return
         self.audit.access_refused(
             principal=identity(principal),
-            peer=getattr(request, "client_ip", None),
+            peer=peer_of(request),
             server=None if server == "*" else server,
             route=request.path.decode("utf-8", "replace"),
         )
@@ -374,7 +380,7 @@ class AdminAPI:
             self._record(request, action, None if server == "*" else server, _failed(problem))
         raise problem
 
-    def _require_json(self, request: Any, action: str, target: str | None) -> None:
+    def _require_json(self, request: Request, action: str, target: str | None) -> None:
         """A POST must say it is JSON: browsers cannot send that cross-site unasked."""
         try:
             require_json(request)
@@ -384,7 +390,7 @@ class AdminAPI:
 
     async def _perform(
         self,
-        request: Any,
+        request: Request,
         action: str,
         target: str | None,
         call: Callable[[], Deferred[T]],
@@ -512,7 +518,7 @@ def _add_body(body: bytes) -> tuple[str, dict[str, Any]]:
     return name, table
 
 
-def _query(request: Any, key: bytes) -> str | None:
+def _query(request: IRequest, key: bytes) -> str | None:
     values = request.args.get(key)
     if not values:
         return None
@@ -523,7 +529,7 @@ def _query(request: Any, key: bytes) -> str | None:
     return value
 
 
-def _lines(request: Any) -> int:
+def _lines(request: IRequest) -> int:
     text = _query(request, b"lines")
     if text is None:
         return DEFAULT_STDERR_LINES

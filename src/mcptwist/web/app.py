@@ -1,21 +1,25 @@
 # -*- test-case-name: tests.test_web -*-
-"""The bridge's HTTP surface: routes, the Origin check, status and health."""
+"""The bridge's HTTP surface: the gate, the status pages and health.
+
+Every request meets the L{Gate} first. Once admitted, it goes to the
+message endpoints' table (L{dispatch<mcptwist.web.dispatch>}), the admin API,
+the metrics, or the pages served by Klein (C{/}, C{/servers},
+C{/servers/NAME}, C{/health}).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
-import attrs
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from mcptwist import __version__
@@ -35,20 +39,12 @@ from mcptwist.routing.upstream import CapacityError, PrincipalCapacityError
 from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
 from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same_origin
 
-from . import legacy_sse, streamable
-from .access import (
-    PRM_PATH,
-    AccessControl,
-    local_listener,
-    principal_id,
-    principal_of,
-    route_of,
-)
+from .access import PRM_PATH, AccessControl, local_listener, route_of
 from .admin import MAX_BODY as ADMIN_MAX_BODY
+from .admission import Admission, IAdmission, admission_of, peer_of, principal_id, principal_of
+from .dispatch import ENDPOINTS, dispatch, guarded, internal_error, takes_body
 from .http import (
-    Handler,
     HTTPProblem,
-    catching,
     header,
     json_body,
     query_names,
@@ -64,71 +60,13 @@ _OPERATOR: Final = (b"admin", b"metrics")
 CHILD_SHARE_RETRY: Final = 60
 
 
-def _internal_error(request: Any) -> bytes:
-    """The 500 answer to an unexpected error, which the caller has logged."""
-    return HTTPProblem(500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)").render(
-        request
-    )
-
-
-def guarded(handler: Handler) -> Handler:
-    """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer.
-
-    A synchronous handler stays synchronous: most message POSTs are answered
-    at once, and a coroutine per request costs more than the work itself.
-    """
-
-    def problem_answer(request: Any, error: Exception) -> Any:
-        if isinstance(error, HTTPProblem):
-            return None if request.startedWriting else error.render(request)
-        log.failure("while handling {method} {path}", method=request.method, path=request.path)
-        if request.startedWriting:
-            request.transport.abortConnection()
-            return None
-        return _internal_error(request)
-
-    return catching(handler, problem_answer)
-
-
-@attrs.define(eq=False)
-class Admission:
-    """A request past the gate's checks that come before credentials: what
-    they found, and who it is once authentication has settled."""
-
-    ip: str | None
-    parts: list[bytes]
-    operator: bool
-    # None while authentication runs; a Failure when it refused.
-    who: Principal | Failure | None = None
-    # Authorised (rate limits charged) already: the server its path names.
-    checked: bool = False
-    server: str | None = None
-    # The access rules it was judged under (AccessControl.generation).
-    generation: int = 0
-    _waiting: list[Deferred[None]] = attrs.field(factory=list)
-
-    def settle(self, result: Principal | Failure) -> None:
-        """Authentication's outcome (its Deferred's last callback)."""
-        self.who = result
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def settled(self) -> Deferred[None]:
-        """A Deferred that fires once L{who} is known."""
-        d: Deferred[None] = Deferred()
-        if self.who is not None:
-            d.callback(None)
-        else:
-            self._waiting.append(d)
-        return d
-
-
 class Gate(Resource):
-    """In front of every route: the Host and Origin checks and common headers.
+    """In front of every route: the Host and Origin checks and common headers,
+    then who the client is and what it may use; then the route.
 
     It runs before Klein binds its URL map to the request's Host (which fails
     on a name that cannot be encoded), so every request is judged here first.
+    The message endpoints are dispatched from their own table, without Klein.
     """
 
     isLeaf = True
@@ -138,58 +76,56 @@ class Gate(Resource):
         self.app = app
         self.routes = routes
 
-    def render(self, request: Any) -> Any:
-        admission = getattr(request, "admission", None)
-        if isinstance(admission, Admission) and admission.generation != self.app.access.generation:
-            # A reload changed the rules while its body arrived: judge it again.
-            admission = None
-        if admission is None:
-            admission = self._judge(request)
-        if not isinstance(admission, Admission):
-            return admission
+    def render(self, request: Request) -> bytes | int:
+        admission = admission_of(request)
+        if admission is None or admission.generation != self.app.access.generation:
+            # Not judged from its head, or a reload changed the rules while
+            # its body arrived (judge it again).
+            judged = self._judge(request)
+            if not isinstance(judged, Admission):
+                return judged
+            admission = judged
         if admission.who is not None:
             return self._admitted(request, admission)
         # Authentication has to wait (a JWKS fetch): answer from there.
         admission.settled().addCallback(lambda _: self._answer_later(request, admission))
         return NOT_DONE_YET
 
-    def head(self, request: Any) -> bytes | int | Deferred[None]:
+    def head(self, request: Request) -> bytes | int | Deferred[None]:
         """Judge a request when its headers have arrived, before any of its
         body is read: the answer to send now (a refusal), the most body it may
         send, or, while its credentials are being checked, a Deferred that
         fires when they have been (ask again then).
 
-        What is decided here is kept on the request: L{render} does not
-        decide (nor charge a rate limit, nor audit) twice.
+        What is decided here is kept on the request (its L{Admission}):
+        L{render} does not decide (nor charge a rate limit, nor audit) twice.
+        A refusal is answered at once, and its connection closed.
         """
-        admission = getattr(request, "admission", None)
+        admission = admission_of(request)
         if admission is None:
-            admission = request.admission = self._judge(request)
-        if not isinstance(admission, Admission):
-            return admission
+            judged = self._judge(request)
+            if not isinstance(judged, Admission):
+                return judged
+            admission = judged
         if admission.who is None:
             return admission.settled()
         refusal = self._check(request, admission)
         if refusal is not None:
-            request.admission = refusal
             return refusal
         parts = admission.parts
         server = admission.server
-        if server is not None and len(parts) == 4 and parts[3] in _MESSAGE_ROUTES:
-            if request.method != b"POST":
-                return self.app.config.limits.preauth_body
+        if server is not None and len(parts) == 4 and takes_body(parts[3], request.method):
             try:
                 backend = self.app.backend(server, draining=True)
             except HTTPProblem as problem:
-                refusal = request.admission = problem.render(request)
-                return refusal
+                return problem.render(request)
             return backend.server.max_message_size
         if parts[1] == b"admin":
             return ADMIN_MAX_BODY
         # No other route reads a body.
         return self.app.config.limits.preauth_body
 
-    def _judge(self, request: Any) -> Admission | bytes:
+    def _judge(self, request: Request) -> Admission | bytes:
         """Everything decided before credentials: Host, Origin, CORS, path,
         client address, rate limit; then authentication is started."""
         access = self.app.access
@@ -212,39 +148,42 @@ class Gate(Resource):
         try:
             ip = access.client_ip(request)
             if path == b"/health":
-                return Admission(
+                admission = Admission(
                     ip, parts, operator, ANONYMOUS, checked=True, generation=access.generation
                 )
+                request.setComponent(IAdmission, admission)
+                return admission
             if path.startswith(PRM_PATH):
                 return self._metadata(request, path)
             access.limit_address(ip)
         except HTTPProblem as problem:
             return problem.render(request)
+        admission = Admission(ip, parts, operator, generation=access.generation)
+        request.setComponent(IAdmission, admission)
         if not access.auth.enabled:
             # Without authentication only a client on this host is an operator.
             local = local_listener(request) and is_local_ip(ip)
-            who = ANONYMOUS if local else ANONYMOUS_REMOTE
-            return Admission(ip, parts, operator, who, generation=access.generation)
-        admission = Admission(ip, parts, operator, generation=access.generation)
+            admission.who = ANONYMOUS if local else ANONYMOUS_REMOTE
+            return admission
         d = access.authenticator.authenticate(
             request.getHeader(b"authorization"), query_names(request.uri, b"access_token")
         )
         d.addBoth(admission.settle)
         return admission
 
-    def _answer_later(self, request: Any, admission: Admission) -> None:
+    def _answer_later(self, request: Request, admission: Admission) -> None:
         if request.finished or request.channel is None:
             return
         try:
             body = self._admitted(request, admission)
         except Exception:
             log.failure("while answering {path}", path=request.path)
-            body = _internal_error(request)
+            body = internal_error(request)
         if body is not NOT_DONE_YET:
             request.write(body)
             request.finish()
 
-    def _check(self, request: Any, admission: Admission) -> bytes | None:
+    def _check(self, request: Request, admission: Admission) -> bytes | None:
         """Authorise an authenticated request (once): None, or its refusal."""
         if admission.checked:
             return None
@@ -256,10 +195,8 @@ class Gate(Resource):
             if isinstance(who.value, AuthFailure):
                 return access.failure_problem(request, who.value, ip, route).render(request)
             log.failure("while authenticating {path}", who, path=route)
-            return _internal_error(request)
+            return internal_error(request)
         assert who is not None
-        request.principal = who
-        request.client_ip = ip
         parts = admission.parts
         count = len(parts)
         first = parts[1]
@@ -285,7 +222,9 @@ class Gate(Resource):
         admission.checked = True
         return None
 
-    def _admin_unserved(self, request: Any, who: Principal, ip: str | None) -> HTTPProblem | None:
+    def _admin_unserved(
+        self, request: Request, who: Principal, ip: str | None
+    ) -> HTTPProblem | None:
         """The 404 of an admin API that is not served here: turned off, or,
         without authentication, to a client that is not on this host: on a
         listener open to the network, or forwarded by a proxy (where anyone
@@ -304,7 +243,7 @@ class Gate(Resource):
             "on loopback and Unix-socket listeners, to clients on this host",
         )
 
-    def _admitted(self, request: Any, admission: Admission) -> Any:
+    def _admitted(self, request: Request, admission: Admission) -> bytes | int:
         """Authorise an authenticated (or refused) request, then route it."""
         refusal = self._check(request, admission)
         if refusal is not None:
@@ -316,19 +255,22 @@ class Gate(Resource):
         if first == b"admin":
             # _check refused it unless the admin API is served here.
             assert self.app.admin is not None
-            return self.app.admin.render(request)
+            answer: bytes | int = self.app.admin.render(request)
+            return answer
         elif first == b"metrics":
             if count == 2 and self.app.metrics is not None:
-                return self.app.metrics.render(request)
-        elif server is not None:
-            handler = self._message_route(request, parts)
-            if handler is not None:
-                return self._run(request, handler, server)
+                metrics: bytes | int = self.app.metrics.render(request)
+                return metrics
+        elif server is not None and count == 4:
+            endpoint = ENDPOINTS.get(parts[3])
+            if endpoint is not None:
+                return dispatch(self.app, request, endpoint, server)
         return self._route(request)
 
-    def _route(self, request: Any) -> Any:
+    def _route(self, request: Request) -> bytes | int:
         try:
-            return self.routes.render(request)
+            page: bytes | int = self.routes.render(request)
+            return page
         except BadHost:
             return HTTPProblem(
                 400,
@@ -336,7 +278,7 @@ class Gate(Resource):
                 f"Bad Request: invalid Host header {header(request, b'host')!r}",
             ).render(request)
 
-    def _metadata(self, request: Any, path: bytes) -> bytes:
+    def _metadata(self, request: Request, path: bytes) -> bytes:
         """OAuth protected-resource metadata (RFC 9728), public by design."""
         if request.method not in (b"GET", b"HEAD"):
             return HTTPProblem(
@@ -347,57 +289,6 @@ class Gate(Resource):
             return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
         request.setHeader(b"cache-control", b"max-age=300")
         return json_body(request, document)
-
-    def _message_route(self, request: Any, parts: list[bytes]) -> Handler | None:
-        """The handler of a message endpoint (POST or DELETE on /servers/NAME/mcp,
-        POST on /servers/NAME/messages), found without the URL map: these carry
-        every message, and werkzeug's matching cost a fifth of the bridge's CPU.
-
-        C{parts} is a path under C{/servers/NAME}, whose name the caller decoded.
-        """
-        if len(parts) != 4:
-            return None
-        endpoint = parts[3]
-        handlers = _MESSAGE_ROUTES.get(endpoint)
-        if handlers is None:
-            return None
-        handler = handlers.get(request.method)
-        if handler is None:
-            if request.method == b"GET" and endpoint == b"mcp":
-                return None  # the session's stream: a Klein route
-            return _not_allowed(b"GET, POST, DELETE" if endpoint == b"mcp" else b"POST")
-        return handler
-
-    def _run(self, request: Any, handler: Handler, name: str) -> Any:
-        """Run a handler as Klein would: an answer at once is returned to
-        twisted.web; a coroutine is cancelled if the client goes away, and what
-        it returns is written before the response is finished."""
-        if not inspect.iscoroutinefunction(handler):
-            return handler(self.app, request, name) or b""
-        # Watched before the handler starts: what it awaits may fire first.
-        gone: list[bool] = []
-        running: list[Deferred[Any]] = []
-
-        def disconnected(reason: Failure) -> None:
-            gone.append(True)
-            for d in running:
-                d.cancel()
-
-        request.notifyFinish().addErrback(disconnected)
-        d = Deferred.fromCoroutine(handler(self.app, request, name))
-        running.append(d)
-
-        def done(body: bytes | None) -> None:
-            if request.finished or gone:
-                return
-            if body:
-                request.write(body)
-            request.finish()
-
-        d.addCallback(done)
-        d.addErrback(lambda f: f.trap(CancelledError))
-        d.addErrback(lambda f: log.failure("while answering {path}", f, path=request.path))
-        return NOT_DONE_YET
 
 
 def _segments(path: bytes) -> list[bytes] | None:
@@ -412,16 +303,6 @@ def _segments(path: bytes) -> list[bytes] | None:
     if not all(s and s not in (b".", b"..") for s in parts[1:]):
         return None
     return parts
-
-
-def _not_allowed(allowed: bytes) -> Handler:
-    def refuse(app: BridgeApp, request: Any, name: str) -> bytes:
-        problem = HTTPProblem(
-            405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers={b"allow": allowed}
-        )
-        return problem.render(request)
-
-    return refuse
 
 
 class BridgeApp:
@@ -471,7 +352,7 @@ class BridgeApp:
 
     def screen(
         self,
-        request: Any,
+        request: Request,
         origin: str | None,
         operator: bool,
         hosts: HostPolicy | None = None,
@@ -521,7 +402,7 @@ class BridgeApp:
 
     def open_session(
         self,
-        request: Any,
+        request: Request,
         backend: Backend,
         transport: str,
         sink_factory: Callable[[str], Sink],
@@ -535,12 +416,12 @@ class BridgeApp:
                 transport,
                 sink_factory,
                 principal_id(request),
-                getattr(request, "client_ip", None),
+                peer_of(request),
             )
 
     @contextlib.contextmanager
     def refusing_sessions(
-        self, request: Any, server: str, request_id: RequestId | None
+        self, request: Request, server: str, request_id: RequestId | None
     ) -> Iterator[None]:
         """Turn a session that cannot be opened into its HTTP refusal, audited."""
         try:
@@ -576,7 +457,7 @@ class BridgeApp:
 
     def refused(
         self,
-        request: Any,
+        request: Request,
         server: str | None,
         scope: str,
         status: int,
@@ -587,7 +468,7 @@ class BridgeApp:
         """The refusal of this request by a cap (C{scope} says which), audited."""
         return self.access.refusal(
             principal_id(request),
-            getattr(request, "client_ip", None),
+            peer_of(request),
             server,
             scope,
             status,
@@ -596,7 +477,7 @@ class BridgeApp:
             request_id,
         )
 
-    def stream(self, request: Any, label: str) -> EventConnection:
+    def stream(self, request: Request, label: str) -> EventConnection:
         """Start an SSE response on this request, kept alive by the heartbeat."""
         principal = principal_id(request)
         caps = self.access.caps
@@ -619,25 +500,11 @@ class BridgeApp:
             connection.done.addBoth(lambda _: caps.close_stream(principal))
         return connection
 
-    # Streamable HTTP
-
-    @app.route("/servers/<name>/mcp", methods=["GET"])
-    @guarded
-    async def mcp_get(self, request: Any, name: str) -> Any:
-        return await streamable.get(self, request, name)
-
-    # HTTP+SSE
-
-    @app.route("/servers/<name>/sse", methods=["GET"])
-    @guarded
-    async def sse_get(self, request: Any, name: str) -> Any:
-        return await legacy_sse.stream(self, request, name)
-
-    # Status
+    # Status (the message endpoints are dispatched by the Gate)
 
     @app.route("/", methods=["GET"])
     @guarded
-    def index(self, request: Any) -> Any:
+    def index(self, request: Request) -> bytes:
         return json_body(
             request,
             {
@@ -656,7 +523,7 @@ class BridgeApp:
 
     @app.route("/servers", methods=["GET"])
     @guarded
-    def servers(self, request: Any) -> Any:
+    def servers(self, request: Request) -> bytes:
         principal = principal_of(request)
         return json_body(
             request,
@@ -669,12 +536,12 @@ class BridgeApp:
 
     @app.route("/servers/<name>", methods=["GET"])
     @guarded
-    def server(self, request: Any, name: str) -> Any:
+    def server(self, request: Request, name: str) -> bytes:
         return json_body(request, self._status(self.backend(name)))
 
     @app.route("/health", methods=["GET"])
     @guarded
-    def health(self, request: Any) -> Any:
+    def health(self, request: Request) -> bytes:
         problems = {}
         held = {}
         for name, backend in self.backends.items():
@@ -729,10 +596,3 @@ def _unresponsive(status: dict[str, Any]) -> str:
         f"unresponsive: {status['consecutive_timeouts']} requests timed out since its child "
         "last said anything"
     )
-
-
-# The message endpoints, dispatched by Gate: path segment -> method -> handler.
-_MESSAGE_ROUTES: Final[dict[bytes, dict[bytes, Handler]]] = {
-    b"mcp": {b"POST": guarded(streamable.post), b"DELETE": guarded(streamable.delete)},
-    b"messages": {b"POST": guarded(legacy_sse.post)},
-}

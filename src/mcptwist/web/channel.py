@@ -38,13 +38,14 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString
+from twisted.web.server import Request
 
 from mcptwist.config.model import ListenerConfig
 from mcptwist.config.networks import parse_ip
 from mcptwist.mcp import jsonrpc
 from mcptwist.security.ipfilter import rate_key
 
-from .http import SERVER, too_large
+from .http import SERVER, BoundedRequest, too_large
 
 # How long the rest of a refused request is read (and dropped) after its answer.
 LINGER: Final = 2.0
@@ -111,7 +112,7 @@ class RequestSite(Protocol):
     body_timeout: float
     preauth_body: int
 
-    def request_head(self, request: Any) -> bytes | int | Deferred[None]: ...
+    def request_head(self, request: BoundedRequest) -> bytes | int | Deferred[None]: ...
 
     def refused(self, peer: str | None, reason: str) -> None: ...
 
@@ -140,7 +141,7 @@ class BridgeChannel(HTTPChannel):
         # "head" or "body" while a request is received (and its deadline runs).
         self._phase: str | None = None
         # The request whose body is being received.
-        self._body_of: Any = None
+        self._body_of: BoundedRequest | None = None
         # Answered and closing: whatever else arrives is dropped.
         self._closing = False
         # The address this connection is counted against (None: not counted).
@@ -257,7 +258,7 @@ class BridgeChannel(HTTPChannel):
                 return
         super().allHeadersReceived()
 
-    def _decide(self, request: Any) -> bool:
+    def _decide(self, request: BoundedRequest) -> bool:
         """Judge a request whose body has not been read: False if it was answered."""
         head = self.site.request_head(request)
         if isinstance(head, bytes):
@@ -278,7 +279,7 @@ class BridgeChannel(HTTPChannel):
             return False
         return True
 
-    def _decided(self, request: Any) -> None:
+    def _decided(self, request: BoundedRequest) -> None:
         """Credentials checked: judge again the request that waited for them."""
         if self._body_of is request and not self._closing:
             request.body_limit = self.site.preauth_body
@@ -289,7 +290,7 @@ class BridgeChannel(HTTPChannel):
             if not self._closing and not self._waitingForTransport and self.transport is not None:
                 self._networkProducer.resumeProducing()
 
-    def body_over_limit(self, request: Any) -> None:
+    def body_over_limit(self, request: BoundedRequest) -> None:
         """The body passed its limit (or says it will): 413 now."""
         if self._closing or request is not self._body_of:
             return
@@ -339,7 +340,7 @@ class BridgeChannel(HTTPChannel):
 
     # Answering before the request was read whole
 
-    def _answer_request(self, request: Any, body: bytes) -> None:
+    def _answer_request(self, request: Request, body: bytes) -> None:
         """Finish C{request} with C{body} (its status and headers already set), then close."""
         self._body_of = None
         self._stop_parsing()
@@ -361,7 +362,7 @@ class BridgeChannel(HTTPChannel):
         if self._handlingRequest and self.transport is not None:
             self._networkProducer.pauseProducing()
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: Request) -> None:
         if not self._closing:
             super().requestDone(request)
             return
@@ -464,7 +465,7 @@ def _head(status: int, headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
     return lines
 
 
-def _prepare(request: Any, method: bytes, uri: bytes, version: bytes, site: Any) -> None:
+def _prepare(request: BoundedRequest, method: bytes, uri: bytes, version: bytes, site: Any) -> None:
     """Give a request what twisted.web sets once its body has arrived
     (method, URI, path), so that it can be judged from its head.
 

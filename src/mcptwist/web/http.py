@@ -11,6 +11,7 @@ from typing import Any, Final
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from twisted.web.http import parse_qs
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from mcptwist.mcp import jsonrpc
@@ -37,14 +38,14 @@ class HTTPProblem(Exception):
         self.headers = headers or {}
         self.data = data
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: IRequest) -> bytes:
         request.setResponseCode(self.status)
         for name, value in self.headers.items():
             request.setHeader(name, value)
         return json_body(request, jsonrpc.error(self.id, self.code, self.message, self.data))
 
 
-def header(request: Any, name: bytes) -> str | None:
+def header(request: IRequest, name: bytes) -> str | None:
     """A request header as text (latin-1, as HTTP defines), or None."""
     value = request.getHeader(name)
     if value is None:
@@ -52,7 +53,7 @@ def header(request: Any, name: bytes) -> str | None:
     return value.decode("latin-1") if isinstance(value, bytes) else str(value)
 
 
-def json_body(request: Any, value: Any) -> bytes:
+def json_body(request: IRequest, value: Any) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     return jsonrpc.dumps(value)
 
@@ -111,8 +112,8 @@ def query_names(uri: bytes, name: bytes) -> bool:
     return bool(query) and name in parse_qs(query, 1)
 
 
-def read_body(request: Any, limit: int) -> bytes:
-    if getattr(request, "body_too_large", False):
+def read_body(request: IRequest, limit: int) -> bytes:
+    if isinstance(request, BoundedRequest) and request.body_too_large:
         raise too_large(limit)
     body: bytes = request.content.read()
     if len(body) > limit:
@@ -132,7 +133,7 @@ def media_types(value: str | None) -> set[str]:
     return types
 
 
-def negotiate(request: Any) -> tuple[bool, bool]:
+def negotiate(request: IRequest) -> tuple[bool, bool]:
     """Which of JSON and SSE the client accepts, as (json, sse); 406 if neither."""
     accept = header(request, b"accept")
     if accept is None:
@@ -150,7 +151,7 @@ def negotiate(request: Any) -> tuple[bool, bool]:
     return json_ok, sse_ok
 
 
-def refuse_head(request: Any) -> None:
+def refuse_head(request: IRequest) -> None:
     """A stream cannot be opened by a HEAD request (it would open a session)."""
     if request.method == b"HEAD":
         raise HTTPProblem(
@@ -161,7 +162,7 @@ def refuse_head(request: Any) -> None:
         )
 
 
-def require_json(request: Any) -> None:
+def require_json(request: IRequest) -> None:
     # One media type (not a list): "text/plain;,application/json" is text/plain
     # to a browser, which may then send it cross-site without a preflight.
     value = header(request, b"content-type") or ""
@@ -206,7 +207,7 @@ def parse_messages(
 Handler = Callable[..., Any]
 
 
-def catching(handler: Handler, on_error: Callable[[Any, Exception], Any]) -> Handler:
+def catching(handler: Handler, on_error: Callable[[Request, Exception], bytes | None]) -> Handler:
     """C{handler} (a method taking the request first) with any exception but a
     cancellation answered by C{on_error(request, error)}.
 
@@ -216,7 +217,7 @@ def catching(handler: Handler, on_error: Callable[[Any, Exception], Any]) -> Han
     if inspect.iscoroutinefunction(handler):
 
         @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        async def wrapper(self: object, request: Request, *args: Any, **kwargs: Any) -> Any:
             try:
                 return await handler(self, request, *args, **kwargs)
             except CancelledError:
@@ -227,7 +228,7 @@ def catching(handler: Handler, on_error: Callable[[Any, Exception], Any]) -> Han
         return wrapper
 
     @functools.wraps(handler)
-    def sync_wrapper(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+    def sync_wrapper(self: object, request: Request, *args: Any, **kwargs: Any) -> Any:
         try:
             return handler(self, request, *args, **kwargs)
         except Exception as error:
@@ -236,12 +237,12 @@ def catching(handler: Handler, on_error: Callable[[Any, Exception], Any]) -> Han
     return sync_wrapper
 
 
-def route_not_found(self: Any, request: Any, failure: Failure) -> bytes:
+def route_not_found(self: object, request: IRequest, failure: Failure) -> bytes:
     """A Klein error handler: no route matched the path."""
     return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
 
 
-def route_not_allowed(self: Any, request: Any, failure: Failure) -> bytes:
+def route_not_allowed(self: object, request: IRequest, failure: Failure) -> bytes:
     """A Klein error handler: the path matched, the method did not."""
     allowed = getattr(failure.value, "valid_methods", None) or []
     headers = {b"allow": ", ".join(allowed).encode()} if allowed else {}

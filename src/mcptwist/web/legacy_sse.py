@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_legacy_sse -*-
+# -*- test-case-name: tests.test_web -*-
 """HTTP+SSE (2024-11-05) at C{/servers/NAME/sse} and C{/servers/NAME/messages}.
 
 A GET opens a session and its one stream; the first event, C{endpoint},
@@ -9,19 +9,16 @@ session ends when the stream closes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from twisted.internet.defer import CancelledError
+from twisted.web.server import Request
 
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 
-from .access import principal_id
+from .admission import principal_id
+from .context import TransportContext
 from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event
-
-if TYPE_CHECKING:
-    from .app import BridgeApp
 
 
 class LegacySink:
@@ -49,8 +46,8 @@ class LegacySink:
             self.connection.finish()
 
 
-async def stream(app: BridgeApp, request: Any, name: str) -> None:
-    backend = app.backend(name)
+async def stream(ctx: TransportContext, request: Request, name: str) -> None:
+    backend = ctx.backend(name)
     refuse_head(request)
     _, sse_ok = negotiate(request)
     if not sse_ok:
@@ -60,11 +57,11 @@ async def stream(app: BridgeApp, request: Any, name: str) -> None:
             "Not Acceptable: the client must accept text/event-stream",
         )
     sink = LegacySink()
-    session = app.open_session(request, backend, "sse", lambda _: sink)
+    session = ctx.open_session(request, backend, "sse", lambda _: sink)
     try:
-        connection = app.stream(request, f"{name} SSE")
+        connection = ctx.stream(request, f"{name} SSE")
     except HTTPProblem:
-        app.registry.close(session, "refused: too many streams")
+        ctx.registry.close(session, "refused: too many streams")
         raise
     sink.connection = connection
     endpoint = f"/servers/{name}/messages?session_id={session.id}"
@@ -74,16 +71,16 @@ async def stream(app: BridgeApp, request: Any, name: str) -> None:
     except CancelledError:
         pass
     finally:
-        app.registry.close(session, "stream closed")
+        ctx.registry.close(session, "stream closed")
 
 
-def post(app: BridgeApp, request: Any, name: str) -> bytes:
-    backend = app.backend(name, draining=True)
+def post(ctx: TransportContext, request: Request, name: str) -> bytes:
+    backend = ctx.backend(name, draining=True)
     args = request.args
     values = args.get(b"session_id") or args.get(b"sessionId")
     if not values:
         raise HTTPProblem(400, jsonrpc.SERVER_UNAVAILABLE, "Bad Request: session_id is required")
-    session = app.registry.get(values[0].decode("latin-1"), name, principal_id(request))
+    session = ctx.registry.get(values[0].decode("latin-1"), name, principal_id(request))
     if session is None or session.transport != "sse":
         raise HTTPProblem(
             404,
@@ -93,7 +90,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes:
     require_json(request)
     messages, kinds, batch = parse_messages(
         read_body(request, backend.server.max_message_size),
-        lambda count: app.access.charge_messages(request, name, count),
+        lambda count: ctx.access.charge_messages(request, name, count),
     )
     if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
         raise HTTPProblem(
@@ -103,8 +100,8 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes:
         )
     requests = [m["id"] for m, k in zip(messages, kinds, strict=True) if k is Kind.REQUEST]
     if requests:
-        app.access.admit_requests(request, session, len(requests), None if batch else requests[0])
-    now = app.clock.seconds()
+        ctx.access.admit_requests(request, session, len(requests), None if batch else requests[0])
+    now = ctx.clock.seconds()
     for message, kind in zip(messages, kinds, strict=True):
         session.receive(message, kind, now)
     request.setResponseCode(202)

@@ -12,26 +12,24 @@ notifications. GET and DELETE do not exist in this revision (405).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET, Request
 
 from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.era import agreed_filter
 from mcptwist.mcp.jsonrpc import Kind, Message
+from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
 
-from .access import principal_id
+from .admission import peer_of, principal_id
+from .context import TransportContext
 from .http import HTTPProblem
 from .sse import EventConnection, encode_event
-
-if TYPE_CHECKING:
-    from mcptwist.routing.backends import Backend
-
-    from .app import BridgeApp
 
 log = Logger(namespace="mcptwist.web.modern")
 
@@ -45,9 +43,9 @@ class HTTPResponder:
     """One HTTP request of a call: JSON, or SSE from its first notification."""
 
     def __init__(
-        self, app: BridgeApp, request: Any, json_ok: bool, sse_ok: bool, label: str
+        self, ctx: TransportContext, request: Request, json_ok: bool, sse_ok: bool, label: str
     ) -> None:
-        self.app = app
+        self.ctx = ctx
         self.request = request
         self.json_ok = json_ok
         self.sse_ok = sse_ok
@@ -84,7 +82,7 @@ class HTTPResponder:
     def _stream(self) -> EventConnection | None:
         if self.connection is None:
             try:
-                self.connection = self.app.stream(self.request, self.label)
+                self.connection = self.ctx.stream(self.request, self.label)
             except HTTPProblem:
                 # No stream for this principal now: the answer comes as JSON.
                 self.sse_ok = False
@@ -93,8 +91,8 @@ class HTTPResponder:
 
 
 def post(
-    app: BridgeApp,
-    request: Any,
+    ctx: TransportContext,
+    request: Request,
     name: str,
     messages: list[Message],
     kinds: list[Kind],
@@ -144,26 +142,26 @@ def post(
             "Invalid params: inputResponses must map each input request's key to its result object",
             checked.id,
         )
-    hub = open_hub(app, request, name, checked)
+    hub = open_hub(ctx, request, name, checked)
     assert hub.upstream is not None
     # A child that speaks this revision gets its requests as they are: its own
     # input_required, requestState and listen streams included.
     translated = not hub.upstream.modern
     if checked.method == "subscriptions/listen" and translated:
-        return _listen(app, request, name, checked, hub)
+        return _listen(ctx, request, name, checked, hub)
     state = params.get("requestState") if translated else None
     if state is not None:
-        call = _parked_call(app, name, principal, checked, state)
+        call = _parked_call(ctx, name, principal, checked, state)
         hub = call.hub
     elif checked.method != "subscriptions/listen":
-        app.access.admit_requests(request, hub, 1, checked.id)
+        ctx.access.admit_requests(request, hub, 1, checked.id)
     # A server set to json_response answers JSON to clients that take it
     # (a listen stream is a stream or nothing).
     prefer_json = (
         json_ok and hub.backend.server.json_response and checked.method != "subscriptions/listen"
     )
-    responder = HTTPResponder(app, request, json_ok, sse_ok and not prefer_json, f"{name} POST")
-    peer = getattr(request, "client_ip", None)
+    responder = HTTPResponder(ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST")
+    peer = peer_of(request)
     if state is not None:
         call.resume(responder, checked, answers or {}, peer)
     else:
@@ -171,8 +169,8 @@ def post(
             hub,
             checked,
             responder,
-            app.clock,
-            app.signer,
+            ctx.clock,
+            ctx.signer,
             hub.backend.server.input_timeout,
             peer,
         )
@@ -188,21 +186,23 @@ def post(
     return NOT_DONE_YET
 
 
-def _headers(request: Any, name: str) -> list[str]:
+def _headers(request: IRequest, name: str) -> list[str]:
     values = request.requestHeaders.getRawHeaders(name.encode()) or []
     return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values]
 
 
-def open_hub(app: BridgeApp, request: Any, name: str, checked: era.ModernRequest) -> ClientSession:
+def open_hub(
+    ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest
+) -> ClientSession:
     """The principal's stateless hub on this server (opened on first use), or
     the HTTP refusal when no session can be opened for it."""
-    backend: Backend = app.backend(name)
-    with app.refusing_sessions(request, name, checked.id):
-        hub = app.registry.hub(
+    backend: Backend = ctx.backend(name)
+    with ctx.refusing_sessions(request, name, checked.id):
+        hub = ctx.registry.hub(
             backend,
             lambda _: StatelessSink(),
             principal_id(request),
-            getattr(request, "client_ip", None),
+            peer_of(request),
         )
     sink = hub.sink
     assert isinstance(sink, StatelessSink)
@@ -212,7 +212,7 @@ def open_hub(app: BridgeApp, request: Any, name: str, checked: era.ModernRequest
 
 
 def _parked_call(
-    app: BridgeApp, name: str, principal: str, checked: era.ModernRequest, state: object
+    ctx: TransportContext, name: str, principal: str, checked: era.ModernRequest, state: object
 ) -> ModernCall:
     """The call a retry's requestState names, if the state is genuine and current."""
     invalid = HTTPProblem(
@@ -222,7 +222,7 @@ def _parked_call(
         "(altered, expired, already used, or for another request); send the request again without it",
         checked.id,
     )
-    payload_text = app.signer.verify(state)
+    payload_text = ctx.signer.verify(state)
     if payload_text is None:
         raise invalid
     try:
@@ -232,8 +232,8 @@ def _parked_call(
     if not isinstance(payload, dict):
         raise invalid
     digest = request_digest(name, principal, checked.message)
-    now = app.clock.seconds()
-    for hub in app.registry.hubs(name, principal):
+    now = ctx.clock.seconds()
+    for hub in ctx.registry.hubs(name, principal):
         sink = hub.sink
         assert isinstance(sink, StatelessSink)
         call = sink.parked.get(payload.get("p"))  # type: ignore[arg-type]
@@ -244,7 +244,11 @@ def _parked_call(
 
 
 def _listen(
-    app: BridgeApp, request: Any, name: str, checked: era.ModernRequest, hub: ClientSession
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    checked: era.ModernRequest,
+    hub: ClientSession,
 ) -> int:
     """C{subscriptions/listen} for a session-era child: acknowledge (once the
     child is ready: the agreed filter depends on what it declared), then
@@ -263,7 +267,7 @@ def _listen(
             checked.id,
         )
     if len(sink.listens) >= MAX_LISTENS:
-        raise app.refused(
+        raise ctx.refused(
             request,
             name,
             "listens-per-principal",
@@ -274,16 +278,16 @@ def _listen(
         )
     upstream = hub.upstream
     if upstream.init_result is not None:
-        return _acknowledge(app, request, name, checked, hub, wanted)
+        return _acknowledge(ctx, request, name, checked, hub, wanted)
     ready = upstream.when_ready()
-    ready.addTimeout(hub.backend.server.request_timeout, app.clock)
+    ready.addTimeout(hub.backend.server.request_timeout, ctx.clock)
     request.notifyFinish().addErrback(lambda _: ready.cancel())
 
     def go(_: object) -> None:
         if request.finished or request.channel is None:
             return
         try:
-            _acknowledge(app, request, name, checked, hub, wanted)
+            _acknowledge(ctx, request, name, checked, hub, wanted)
         except HTTPProblem as problem:
             request.write(problem.render(request))
             request.finish()
@@ -306,8 +310,8 @@ def _listen(
 
 
 def _acknowledge(
-    app: BridgeApp,
-    request: Any,
+    ctx: TransportContext,
+    request: Request,
     name: str,
     checked: era.ModernRequest,
     hub: ClientSession,
@@ -318,7 +322,7 @@ def _acknowledge(
     params = checked.message.get("params") or {}
     agreed = agreed_filter(wanted, (hub.upstream.init_result or {}).get("capabilities"))
     try:
-        connection = app.stream(request, f"{name} listen")
+        connection = ctx.stream(request, f"{name} listen")
     except HTTPProblem as problem:
         problem.id = checked.id
         raise
@@ -337,7 +341,7 @@ def _acknowledge(
     )
     sink.listens.add(listen)
     sink.subscribe(listen.uris, add=True)
-    opened = app.clock.seconds()
+    opened = ctx.clock.seconds()
 
     def ended(_: object) -> None:
         if listen in sink.listens:
@@ -345,10 +349,8 @@ def _acknowledge(
             if not hub.closed:
                 sink.subscribe(listen.uris, add=False)
             sink.settled()
-        hub.last_active = app.clock.seconds()
-        hub.audit_call(
-            checked.method, params, "ok", None, opened, getattr(request, "client_ip", None)
-        )
+        hub.last_active = ctx.clock.seconds()
+        hub.audit_call(checked.method, params, "ok", None, opened, peer_of(request))
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET
@@ -365,7 +367,7 @@ def _finish(connection: EventConnection, message: Message | None) -> None:
     connection.finish()
 
 
-def not_allowed(request: Any) -> bytes:
+def not_allowed(request: IRequest) -> bytes:
     """GET or DELETE from a 2026-07-28 client: there are no sessions or GET stream."""
     return HTTPProblem(
         405,

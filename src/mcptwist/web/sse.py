@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from zope.interface import implementer
 
 log = Logger(namespace="mcptwist.sse")
@@ -64,7 +65,9 @@ class EventConnection:
     @ivar done: fires when the response ends, whoever ended it.
     """
 
-    def __init__(self, request: Any, clock: IReactorTime, max_queued: int, label: str = "") -> None:
+    def __init__(
+        self, request: Request, clock: IReactorTime, max_queued: int, label: str = ""
+    ) -> None:
         self.request = request
         self.clock = clock
         self.max_queued = max_queued
@@ -118,9 +121,9 @@ class EventConnection:
         self.open = False
         self._queue.clear()
         self._queued = 0
-        transport = getattr(self.request, "transport", None) or getattr(
-            getattr(self.request, "channel", None), "transport", None
-        )
+        request = self.request
+        # Every transport twisted.web serves on can abort (ITransport does not say so).
+        transport: Any = request.transport or (request.channel and request.channel.transport)
         if transport is not None:
             transport.abortConnection()
         else:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_streamable -*-
+# -*- test-case-name: tests.test_web -*-
 """Streamable HTTP (2025-03-26 to 2025-11-25) at C{/servers/NAME/mcp}.
 
 POST carries client messages: notifications and responses get 202, requests
@@ -14,30 +14,20 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final
 
 from twisted.internet.defer import CancelledError
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
-from mcptwist.mcp import era, jsonrpc, protocol
+from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
+from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession
 
-from . import modern
-from .access import principal_id
-from .http import (
-    HTTPProblem,
-    header,
-    negotiate,
-    parse_messages,
-    read_body,
-    refuse_head,
-    require_json,
-)
+from .admission import principal_id
+from .context import TransportContext
+from .http import HTTPProblem, header, negotiate, refuse_head
 from .sse import EventChannel, parse_event_id
-
-if TYPE_CHECKING:
-    from .app import BridgeApp
 
 RETAINED_CHANNELS: Final = 16
 # What a session's own stream keeps before its client first opens it: the few
@@ -173,13 +163,8 @@ class StreamableSink:
             channel.finish()
 
 
-def _versions(request: Any) -> tuple[str | None, str | None]:
-    """The MCP-Protocol-Version and Mcp-Session-Id headers, read once."""
-    return header(request, VERSION_HEADER), header(request, SESSION_HEADER)
-
-
 def _session(
-    app: BridgeApp, request: Any, name: str, version: str | None, session_id: str | None
+    ctx: TransportContext, request: Request, name: str, version: str | None, session_id: str | None
 ) -> ClientSession:
     if not session_id:
         raise HTTPProblem(
@@ -187,7 +172,7 @@ def _session(
             jsonrpc.SERVER_UNAVAILABLE,
             "Bad Request: Mcp-Session-Id header is required",
         )
-    session = app.registry.get(session_id, name, principal_id(request))
+    session = ctx.registry.get(session_id, name, principal_id(request))
     if session is None:
         raise HTTPProblem(
             404,
@@ -214,35 +199,34 @@ def _check_version(version: str | None) -> None:
         )
 
 
-def _modern(version: str | None, session_id: str | None) -> bool:
-    """A GET or DELETE of a 2026-07-28 client (by its version header)."""
-    return version is not None and era.is_modern(version, session_id, None)
-
-
 def _sink(session: ClientSession) -> StreamableSink:
     sink = session.sink
     assert isinstance(sink, StreamableSink)
     return sink
 
 
-def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
-    backend = app.backend(name, draining=True)
-    json_ok, sse_ok = negotiate(request)
-    require_json(request)
-    messages, kinds, batch = parse_messages(
-        read_body(request, backend.server.max_message_size),
-        lambda count: app.access.charge_messages(request, name, count),
-    )
-    version, session_id = _versions(request)
-    if era.is_modern(version, session_id, None if batch else messages[0]):
-        return modern.post(app, request, name, messages, kinds, batch, json_ok, sse_ok)
+def post(
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    backend: Backend,
+    messages: list[Message],
+    kinds: list[Kind],
+    batch: bool,
+    json_ok: bool,
+    sse_ok: bool,
+    version: str | None,
+    session_id: str | None,
+) -> bytes | int:
+    """The messages of a POST (read and parsed by the dispatch), in a session
+    or opening one (initialize)."""
     initialize = any(
         m.get("method") == "initialize"
         for m, k in zip(messages, kinds, strict=True)
         if k is Kind.REQUEST
     )
     if initialize:
-        app.backend(name)  # a new session: not on a server that is draining
+        ctx.backend(name)  # a new session: not on a server that is draining
         if batch:
             raise HTTPProblem(
                 400,
@@ -250,18 +234,18 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
                 "Invalid Request: initialize must not be part of a batch",
             )
         _check_version(version)
-        session = app.open_session(
+        session = ctx.open_session(
             request,
             backend,
             "streamable",
-            lambda _: StreamableSink(app.config.replay_events, app.config.stream_buffer),
+            lambda _: StreamableSink(ctx.config.replay_events, ctx.config.stream_buffer),
             messages[0].get("id"),
         )
         if not json_ok:
             # An SSE-only client: the header must go out before the answer is known.
             request.setHeader(SESSION_HEADER, session.id.encode())
     else:
-        session = _session(app, request, name, version, session_id)
+        session = _session(ctx, request, name, version, session_id)
         if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
             raise HTTPProblem(
                 400,
@@ -270,7 +254,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
             )
     sink = _sink(session)
     ids = [m["id"] for m, k in zip(messages, kinds, strict=True) if k is Kind.REQUEST]
-    now = app.clock.seconds()
+    now = ctx.clock.seconds()
     if not ids:
         for message, kind in zip(messages, kinds, strict=True):
             session.receive(message, kind, now)
@@ -283,7 +267,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
             "Invalid Request: a request id is already in use in this session",
         )
     if not initialize:
-        app.access.admit_requests(request, session, len(ids), None if batch else ids[0])
+        ctx.access.admit_requests(request, session, len(ids), None if batch else ids[0])
     # initialize is answered as JSON when the client takes it, so that the
     # session id is sent only with a successful result.
     use_sse = sse_ok and not (json_ok and (backend.server.json_response or initialize))
@@ -291,13 +275,13 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     connection = None
     if reply.channel is not None:
         try:
-            connection = app.stream(request, f"{name} POST")
+            connection = ctx.stream(request, f"{name} POST")
         except HTTPProblem:
             # Refused (too many streams): nothing of this POST may linger.
             sink.forget(ids)
             if initialize:
                 request.responseHeaders.removeHeader(SESSION_HEADER)
-                app.registry.close(session, "refused: too many streams")
+                ctx.registry.close(session, "refused: too many streams")
             raise
         reply.channel.attach(connection)
         if session.protocol_version in protocol.PRIMING_VERSIONS:
@@ -314,7 +298,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
 
     def settled(_: object = None) -> None:
         if initialize and session.protocol_version is None:
-            app.registry.close(session, "failed to initialize")
+            ctx.registry.close(session, "failed to initialize")
 
     if connection is not None:
         connection.done.addBoth(settled)
@@ -335,7 +319,7 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
         gone.append(True)
         if initialize and reply.body is None:
             # Nobody can ever learn this session's id: end it (and its child).
-            app.registry.close(session, "failed to initialize: the client left before the answer")
+            ctx.registry.close(session, "failed to initialize: the client left before the answer")
 
     request.notifyFinish().addErrback(vanished)
 
@@ -349,11 +333,10 @@ def post(app: BridgeApp, request: Any, name: str) -> bytes | int:
     return NOT_DONE_YET
 
 
-async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
-    app.backend(name, draining=True)
-    version, session_id = _versions(request)
-    if _modern(version, session_id):
-        return modern.not_allowed(request)
+async def get(
+    ctx: TransportContext, request: Request, name: str, version: str | None, session_id: str | None
+) -> bytes | None:
+    """The session's own stream, or the one it lost (C{Last-Event-ID})."""
     refuse_head(request)
     _, sse_ok = negotiate(request)
     if not sse_ok:
@@ -362,7 +345,7 @@ async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
             jsonrpc.INVALID_REQUEST,
             "Not Acceptable: the client must accept text/event-stream",
         )
-    session = _session(app, request, name, version, session_id)
+    session = _session(ctx, request, name, version, session_id)
     sink = _sink(session)
     resume = parse_event_id(header(request, b"last-event-id"))
     channel = sink.channel(resume[0]) if resume is not None else sink.standalone
@@ -375,7 +358,7 @@ async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
             jsonrpc.INVALID_REQUEST,
             "Conflict: this session's stream is already open",
         )
-    connection = app.stream(request, f"{name} GET")
+    connection = ctx.stream(request, f"{name} GET")
     channel.attach(connection, resume[1] if resume is not None else None)
     if resume is None and session.protocol_version in protocol.PRIMING_VERSIONS:
         # After what was owed is replayed, so the priming id is never ahead of it.
@@ -389,12 +372,11 @@ async def get(app: BridgeApp, request: Any, name: str) -> bytes | None:
     return None
 
 
-def delete(app: BridgeApp, request: Any, name: str) -> bytes:
-    app.backend(name, draining=True)
-    version, session_id = _versions(request)
-    if _modern(version, session_id):
-        return modern.not_allowed(request)
-    session = _session(app, request, name, version, session_id)
-    app.registry.close(session, "ended by the client")
+def delete(
+    ctx: TransportContext, request: Request, name: str, version: str | None, session_id: str | None
+) -> bytes:
+    """The end of a session, asked by its client."""
+    session = _session(ctx, request, name, version, session_id)
+    ctx.registry.close(session, "ended by the client")
     request.setResponseCode(200)
     return b""

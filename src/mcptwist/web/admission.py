@@ -1,0 +1,92 @@
+# -*- test-case-name: tests.test_access -*-
+"""What the gate found out about a request, kept on the request itself.
+
+twisted.web's requests are componentized: the L{Gate<mcptwist.web.app.Gate>}
+sets an L{Admission} as the request's L{IAdmission} component when it first
+judges it (from its head, before the body is read), and everything that
+answers the request reads it back with L{admission_of}.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import Interface, implementer
+
+from mcptwist.security.auth import ANONYMOUS, Principal
+
+
+class IAdmission(Interface):
+    """A request's admission by the gate (the component is an L{Admission})."""
+
+
+@implementer(IAdmission)
+@attrs.define(eq=False)
+class Admission:
+    """A request past the gate's checks that come before credentials: what
+    they found, and who it is once authentication has settled."""
+
+    # The client's address (None for a Unix-socket peer).
+    ip: str | None
+    # The path split on "/" (see the gate's _segments).
+    parts: list[bytes]
+    # On an operator's route (the admin API, metrics).
+    operator: bool = False
+    # None while authentication runs; a Failure when it refused.
+    who: Principal | Failure | None = None
+    # Authorised (rate limits charged) already: the server its path names.
+    checked: bool = False
+    server: str | None = None
+    # The access rules it was judged under (AccessControl.generation).
+    generation: int = 0
+    _waiting: list[Deferred[None]] = attrs.field(factory=list)
+
+    @property
+    def principal(self) -> Principal:
+        """Who made the request (anonymous until authenticated)."""
+        who = self.who
+        return who if isinstance(who, Principal) else ANONYMOUS
+
+    def settle(self, result: Principal | Failure) -> None:
+        """Authentication's outcome (its Deferred's last callback)."""
+        self.who = result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def settled(self) -> Deferred[None]:
+        """A Deferred that fires once L{who} is known."""
+        d: Deferred[None] = Deferred()
+        if self.who is not None:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
+
+
+def admission_of(request: Request) -> Admission | None:
+    """The gate's admission of this request; None if no gate judged it."""
+    admission: Admission | None = request.getComponent(IAdmission)
+    return admission
+
+
+def principal_of(request: Request) -> Principal:
+    """Who made this request (anonymous if no gate judged it)."""
+    admission = admission_of(request)
+    return admission.principal if admission is not None else ANONYMOUS
+
+
+def principal_id(request: Request) -> str:
+    return principal_of(request).id
+
+
+def peer_of(request: Request) -> str | None:
+    """The client's address as the gate found it (None for a Unix-socket
+    peer, or if no gate judged the request)."""
+    admission = admission_of(request)
+    return admission.ip if admission is not None else None
+
+
+__all__ = ["Admission", "IAdmission", "admission_of", "peer_of", "principal_id", "principal_of"]

@@ -1,0 +1,82 @@
+# -*- test-case-name: tests.test_web -*-
+"""What a transport may ask of the HTTP surface that serves it.
+
+The transports (L{streamable<mcptwist.web.streamable>},
+L{legacy_sse<mcptwist.web.legacy_sse>}, L{modern<mcptwist.web.modern>})
+depend on this protocol alone, not on the app that implements it
+(L{BridgeApp<mcptwist.web.app.BridgeApp>}), which dispatches to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+
+from mcptwist.config.model import BridgeConfig
+from mcptwist.mcp.jsonrpc import RequestId
+from mcptwist.routing.backends import Backend
+from mcptwist.routing.sessions import ClientSession, SessionRegistry, Sink
+from mcptwist.routing.stateless import StateSigner
+
+from .access import AccessControl
+from .http import HTTPProblem
+from .sse import EventConnection
+
+
+class TransportContext(Protocol):
+    """The servers, sessions, limits and streams a transport works with."""
+
+    @property
+    def config(self) -> BridgeConfig:
+        """The bridge-wide settings in force (a reload replaces them)."""
+
+    @property
+    def registry(self) -> SessionRegistry: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def access(self) -> AccessControl: ...
+
+    @property
+    def signer(self) -> StateSigner:
+        """Signs the requestState of stateless calls waiting for their client's input."""
+
+    def backend(self, name: str, draining: bool = False) -> Backend:
+        """The server's backend (404 if there is none); with C{draining}, also
+        one a reload retired, whose sessions go on."""
+
+    def open_session(
+        self,
+        request: Request,
+        backend: Backend,
+        transport: str,
+        sink_factory: Callable[[str], Sink],
+        request_id: RequestId | None = None,
+    ) -> ClientSession:
+        """A new session for this request's principal, or the HTTP refusal."""
+
+    def refusing_sessions(
+        self, request: Request, server: str, request_id: RequestId | None
+    ) -> AbstractContextManager[None]:
+        """Turn a session that cannot be opened into its HTTP refusal, audited."""
+
+    def refused(
+        self,
+        request: Request,
+        server: str | None,
+        scope: str,
+        status: int,
+        message: str,
+        retry_after: int,
+        request_id: RequestId | None = None,
+    ) -> HTTPProblem:
+        """The refusal of this request by a cap (C{scope} says which), audited."""
+
+    def stream(self, request: Request, label: str) -> EventConnection:
+        """Start an SSE response on this request (or refuse: too many streams)."""
