@@ -43,7 +43,6 @@ CORS_ALLOW_HEADERS: Final = (
 CORS_EXPOSE_HEADERS: Final = b"mcp-session-id, mcp-protocol-version, www-authenticate, retry-after"
 CORS_METHODS: Final = b"GET, POST, DELETE, OPTIONS"
 CSP: Final = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
-UNAUTHORIZED: Final = -32001
 # Seconds a client with too many requests in flight is told to wait.
 IN_FLIGHT_RETRY: Final = 1.0
 _SERVER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -203,7 +202,7 @@ class AccessControl:
             if not policy.allows_ip(client):
                 self.audit.ip_refused(peer=client, listener=listener.endpoint, scope="listener")
                 raise HTTPProblem(
-                    403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: your address is not allowed here"
+                    403, jsonrpc.FORBIDDEN, "Forbidden: your address is not allowed here"
                 )
         return client
 
@@ -224,14 +223,14 @@ class AccessControl:
         if failure.status != 401:
             return HTTPProblem(
                 failure.status,
-                jsonrpc.SERVER_UNAVAILABLE,
+                jsonrpc.AUTH_UNAVAILABLE,
                 f"Service Unavailable: cannot check credentials now ({failure.reason})",
                 headers={b"retry-after": b"30"},
             )
         challenge = self.authenticator.www_authenticate(self.metadata_url(request, route), failure)
         return HTTPProblem(
             401,
-            UNAUTHORIZED,
+            jsonrpc.UNAUTHORIZED,
             f"Unauthorized: {failure.reason}",
             headers={b"www-authenticate": challenge},
         )
@@ -283,7 +282,7 @@ class AccessControl:
             # The same answer whether or not the server exists.
             raise HTTPProblem(
                 403,
-                jsonrpc.SERVER_UNAVAILABLE,
+                jsonrpc.FORBIDDEN,
                 f"Forbidden: {principal.name!r} may not use this server",
             )
         if server is not None and ip is not None:
@@ -292,7 +291,7 @@ class AccessControl:
                 self.audit.ip_refused(peer=ip, listener=server, scope="server")
                 raise HTTPProblem(
                     403,
-                    jsonrpc.SERVER_UNAVAILABLE,
+                    jsonrpc.FORBIDDEN,
                     "Forbidden: your address may not use this server",
                 )
         # Without authentication every client is "anonymous": only per-IP limits
@@ -435,7 +434,7 @@ class AccessControl:
             return HTTPProblem(status, jsonrpc.INVALID_REQUEST, message, request_id)
         return HTTPProblem(
             status,
-            jsonrpc.SERVER_UNAVAILABLE,
+            jsonrpc.RATE_LIMITED,
             message,
             request_id,
             {b"retry-after": retry_after_header(retry_after)},
@@ -455,7 +454,7 @@ class AccessControl:
             self.audit.access_refused(
                 principal=principal.id, peer=ip, server=None, route=route_of(request)
             )
-            raise HTTPProblem(403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: this needs {missing}")
+            raise HTTPProblem(403, jsonrpc.FORBIDDEN, f"Forbidden: this needs {missing}")
 
 
 def listener_of(request: Request) -> ListenerConfig | None:

@@ -136,7 +136,7 @@ def no_server(name: str) -> HTTPProblem:
 
 
 def not_granted(what: str) -> HTTPProblem:
-    return HTTPProblem(403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: {what}")
+    return HTTPProblem(403, jsonrpc.FORBIDDEN, f"Forbidden: {what}")
 
 
 def answered(handler: Handler) -> Handler:
@@ -182,7 +182,7 @@ class _AdminOnly(Resource):
                 route=request.path.decode("utf-8", "replace"),
             )
             return HTTPProblem(
-                403, jsonrpc.SERVER_UNAVAILABLE, "Forbidden: this needs the admin scope"
+                403, jsonrpc.FORBIDDEN, "Forbidden: this needs the admin scope"
             ).render(request)
         answer: bytes | int = self.routes.render(request)
         return answer

@@ -367,7 +367,7 @@ class BridgeApp:
         if not (hosts if hosts is not None else self.hosts).allows(host):
             return HTTPProblem(
                 421,
-                jsonrpc.SERVER_UNAVAILABLE,
+                jsonrpc.MISDIRECTED,
                 f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
             )
         if (
@@ -376,12 +376,12 @@ class BridgeApp:
             and not same_origin(origin, host, request.isSecure(), self.hosts)
         ):
             return HTTPProblem(
-                403, jsonrpc.SERVER_UNAVAILABLE, f"Forbidden: origin {origin!r} is not allowed"
+                403, jsonrpc.FORBIDDEN, f"Forbidden: origin {origin!r} is not allowed"
             )
         if origin is not None and operator:
             return HTTPProblem(
                 403,
-                jsonrpc.SERVER_UNAVAILABLE,
+                jsonrpc.FORBIDDEN,
                 "Forbidden: the admin API and metrics are not for browsers",
             )
         return None

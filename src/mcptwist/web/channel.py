@@ -175,7 +175,7 @@ class BridgeChannel(HTTPChannel):
             self._refuse(key, "too_many_connections")
             self._answer(
                 429,
-                jsonrpc.SERVER_UNAVAILABLE,
+                jsonrpc.RATE_LIMITED,
                 f"Too Many Requests: your address already holds {counter.limit} connections "
                 "(limits.max_connections_per_ip)",
                 {b"retry-after": b"5"},

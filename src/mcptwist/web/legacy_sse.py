@@ -79,12 +79,12 @@ def post(ctx: TransportContext, request: Request, name: str) -> bytes:
     args = request.args
     values = args.get(b"session_id") or args.get(b"sessionId")
     if not values:
-        raise HTTPProblem(400, jsonrpc.SERVER_UNAVAILABLE, "Bad Request: session_id is required")
+        raise HTTPProblem(400, jsonrpc.BAD_SESSION, "Bad Request: session_id is required")
     session = ctx.registry.get(values[0].decode("latin-1"), name, principal_id(request))
     if session is None or session.transport != "sse":
         raise HTTPProblem(
             404,
-            -32001,
+            jsonrpc.SESSION_NOT_FOUND,
             "Session not found: open a new stream at /servers/" + name + "/sse",
         )
     require_json(request)

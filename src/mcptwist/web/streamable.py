@@ -156,7 +156,7 @@ class StreamableSink:
     def close(self) -> None:
         for request_id, reply in list(self._replies.items()):
             reply.respond(
-                jsonrpc.error(request_id, jsonrpc.SERVER_UNAVAILABLE, "Session terminated")
+                jsonrpc.error(request_id, jsonrpc.SESSION_TERMINATED, "Session terminated")
             )
         self._replies.clear()
         for channel in self._channels.values():
@@ -169,20 +169,20 @@ def _session(
     if not session_id:
         raise HTTPProblem(
             400,
-            jsonrpc.SERVER_UNAVAILABLE,
+            jsonrpc.BAD_SESSION,
             "Bad Request: Mcp-Session-Id header is required",
         )
     session = ctx.registry.get(session_id, name, principal_id(request))
     if session is None:
         raise HTTPProblem(
             404,
-            -32001,
+            jsonrpc.SESSION_NOT_FOUND,
             "Session not found: it has ended or expired; send initialize again",
         )
     if session.transport != "streamable":
         raise HTTPProblem(
             400,
-            jsonrpc.SERVER_UNAVAILABLE,
+            jsonrpc.BAD_SESSION,
             "Bad Request: this session belongs to the HTTP+SSE transport",
         )
     _check_version(version)
