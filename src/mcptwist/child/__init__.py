@@ -1,0 +1,2 @@
+"""The stdio side: one child process per MCP server incarnation, its line
+framing, and the supervisor that keeps it running."""
