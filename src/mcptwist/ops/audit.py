@@ -293,7 +293,7 @@ class AuditTrail:
     ) -> None:
         """A client opened an MCP session (C{initialize} answered)."""
         if self.metrics is not None:
-            self.metrics.session_opened(server, transport or "")
+            self.metrics.count_session_opened(server, transport or "")
         if not self.enabled:
             return
         self._emit(
@@ -320,7 +320,7 @@ class AuditTrail:
     ) -> None:
         """A session ended (C{DELETE}, idle timeout, child exit, shutdown)."""
         if self.metrics is not None:
-            self.metrics.session_closed(server, transport or "")
+            self.metrics.count_session_closed(server, transport or "")
         if not self.enabled:
             return
         self._emit(
@@ -460,7 +460,7 @@ class AuditTrail:
     def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
         """A child started. C{command} is the program only: never args or env."""
         if self.metrics is not None:
-            self.metrics.child_spawned(server)
+            self.metrics.count_spawn(server)
         if not self.enabled:
             return
         self._emit("child_spawned", {"server": server, "pid": pid, "command": command})
@@ -478,7 +478,7 @@ class AuditTrail:
         """A child ended, with its exit status or the signal that ended it
         (C{stopping}: the bridge ended it)."""
         if self.metrics is not None:
-            self.metrics.child_exited(server, exit_reason(exit_code, signal, stopping))
+            self.metrics.count_exit(server, exit_reason(exit_code, signal, stopping))
         if not self.enabled:
             return
         self._emit(
