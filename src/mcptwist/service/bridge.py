@@ -99,7 +99,7 @@ class BridgeService(MultiService):
             config.max_sessions,
             max(1.0, min(30.0, shortest / 4)),
             caps=self.access.caps,
-            audit=self.recorder,
+            recorder=self.recorder,
         )
         self.fleet = Fleet(config, reactor, environ, self.recorder, self.registry, self.access)
         self.fleet.serving = self._log_urls
