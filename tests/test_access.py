@@ -93,7 +93,9 @@ class Bridge:
         for backend in self.backends.values():
             backend.startService()
         self.access = AccessControl.from_config(self.config, self.reactor, self.audit)
-        self.registry = SessionRegistry(self.reactor, 100, caps=self.access.caps, audit=self.audit)
+        self.registry = SessionRegistry(
+            self.reactor, 100, caps=self.access.caps, recorder=self.audit
+        )
         self.app = BridgeApp(self.config, self.backends, self.registry, self.reactor, self.access)
         self.client = StubTreq(self.app.resource())
         test.addCleanup(self.close)

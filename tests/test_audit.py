@@ -882,7 +882,7 @@ class OutcomeTests(TrailMixin, SynchronousTestCase):
         backend = make_backend(ServerConfig(name="s", command="fake", **server), reactor, {}, trail)
         backend.startService()
         self.addCleanup(backend.stopService)
-        registry = SessionRegistry(reactor, 10, audit=trail)
+        registry = SessionRegistry(reactor, 10, recorder=trail)
         session = registry.create(backend, "streamable", lambda _: ListSink(), peer="192.0.2.7")
         self.addCleanup(registry.close, session)
         return reactor, session, path

@@ -31,6 +31,7 @@ from mcptwist.ops.metrics import (
     auth_reason,
     exit_reason,
 )
+from mcptwist.routing.record import RequestEnded
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -313,12 +314,12 @@ class ChildTests(SynchronousTestCase):
     def test_spawns_and_exits(self) -> None:
         """Children are counted under their server, per-session ones included."""
         m = Metrics()
-        m.child_spawned("time")
-        m.child_spawned("files[0123abcd]")
-        m.child_spawned("files[4567ef01]")
-        m.child_exited("time", "signal")
-        m.child_exited("files[0123abcd]", "killed_by_bridge")
-        m.child_exited("files[4567ef01]", "bored")
+        m.count_spawn("time")
+        m.count_spawn("files[0123abcd]")
+        m.count_spawn("files[4567ef01]")
+        m.count_exit("time", "signal")
+        m.count_exit("files[0123abcd]", "killed_by_bridge")
+        m.count_exit("files[4567ef01]", "bored")
         self.assertEqual(
             samples(m, "mcptwist_child_spawns_total"),
             {(("server", "time"),): 1.0, (("server", "files"),): 2.0},
@@ -336,11 +337,11 @@ class ChildTests(SynchronousTestCase):
 class SessionTests(SynchronousTestCase):
     def test_sessions(self) -> None:
         m = Metrics()
-        m.session_opened("time", "streamable")
-        m.session_opened("time", "streamable")
-        m.session_opened("time", "sse")
-        m.session_opened("time", "carrier-pigeon")
-        m.session_closed("time", "streamable")
+        m.count_session_opened("time", "streamable")
+        m.count_session_opened("time", "streamable")
+        m.count_session_opened("time", "sse")
+        m.count_session_opened("time", "carrier-pigeon")
+        m.count_session_closed("time", "streamable")
         self.assertEqual(
             samples(m, "mcptwist_sessions_opened_total"),
             {
@@ -353,6 +354,96 @@ class SessionTests(SynchronousTestCase):
             samples(m, "mcptwist_sessions_closed_total"),
             {(("server", "time"), ("transport", "streamable")): 1.0},
         )
+
+
+def ended(**changes: Any) -> RequestEnded:
+    """A tools/call that ended well after 1.5s."""
+    base = RequestEnded(
+        session="abc",
+        server="files",
+        principal="alice",
+        peer="192.0.2.7",
+        method="tools/call",
+        name="read",
+        arg_size=2,
+        arg_sha256="",
+        status="ok",
+        error_code=None,
+        latency_ms=1500.0,
+        child_pid=4242,
+    )
+    return attrs.evolve(base, **changes)
+
+
+class RecorderTests(SynchronousTestCase):
+    """The metrics count what the core reports, by the labels they always had."""
+
+    def test_requests(self) -> None:
+        m = Metrics()
+        m.request_ended(ended())
+        m.request_ended(ended(method="tools/list", name=None, status="error"))
+        self.assertEqual(
+            samples(m, "mcptwist_requests_total"),
+            {
+                (("method", "tools/call"), ("server", "files"), ("status", "ok")): 1.0,
+                (("method", "tools/list"), ("server", "files"), ("status", "error")): 1.0,
+            },
+        )
+        self.assertEqual(
+            samples(m, "mcptwist_tool_calls_total"),
+            {(("server", "files"), ("status", "ok"), ("tool", "read")): 1.0},
+        )
+        total = samples(m, "mcptwist_request_duration_seconds_sum")
+        self.assertEqual(total[(("method", "tools/call"), ("server", "files"))], 1.5)
+
+    def test_sessions(self) -> None:
+        """A session without a transport is counted under "other"."""
+        m = Metrics()
+        for transport in ("sse", None):
+            m.session_opened(
+                session="abc",
+                server="files",
+                principal=None,
+                peer=None,
+                transport=transport,
+                protocol_version=None,
+            )
+        m.session_closed(
+            session="abc", server="files", principal=None, reason="closed", duration=1.0
+        )
+        self.assertEqual(
+            samples(m, "mcptwist_sessions_opened_total"),
+            {
+                (("server", "files"), ("transport", "sse")): 1.0,
+                (("server", "files"), ("transport", OTHER)): 1.0,
+            },
+        )
+        self.assertEqual(
+            samples(m, "mcptwist_sessions_closed_total"),
+            {(("server", "files"), ("transport", OTHER)): 1.0},
+        )
+
+    def test_children(self) -> None:
+        """A child is counted under its server; its end by how it ended."""
+        m = Metrics()
+        m.child_spawned(server="files[0123abcd]", pid=7, command="npx")
+        m.child_exited(server="files[0123abcd]", pid=7, exit_code=None, signal=9, reason="killed")
+        m.child_exited(
+            server="files", pid=8, exit_code=None, signal=15, reason="stopped", stopping=True
+        )
+        self.assertEqual(samples(m, "mcptwist_child_spawns_total"), {(("server", "files"),): 1.0})
+        self.assertEqual(
+            samples(m, "mcptwist_child_exits_total"),
+            {
+                (("reason", "signal"), ("server", "files")): 1.0,
+                (("reason", "killed_by_bridge"), ("server", "files")): 1.0,
+            },
+        )
+
+    def test_counting_needs_no_digest(self) -> None:
+        m = Metrics()
+        self.assertTrue(m.recording)
+        self.assertFalse(m.detailed)
 
 
 class StaticTests(SynchronousTestCase):

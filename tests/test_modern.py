@@ -433,7 +433,7 @@ class AuditTests(SynchronousTestCase):
         trail = AuditTrail(AuditConfig(path=str(path)), bridge.reactor)
         trail.start()
         self.addCleanup(trail.stop)
-        bridge.registry.audit = trail
+        bridge.registry.recorder = trail
         client = Client(bridge)
         status, _ = client.post(call(1, arguments={"text": "hi"}), accept="application/json")
         self.assertEqual(status, 200)

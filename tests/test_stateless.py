@@ -510,7 +510,7 @@ class RecordTests(SynchronousTestCase):
         self.trail = AuditTrail(AuditConfig(path=str(self.path)), self.client.bridge.reactor)
         self.trail.start()
         self.addCleanup(self.trail.stop)
-        self.client.bridge.registry.audit = self.trail
+        self.client.bridge.registry.recorder = self.trail
 
     def requests(self) -> list[tuple[str, str, int | None]]:
         lines = [orjson.loads(line) for line in self.path.read_bytes().splitlines()]

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_supervisor -*-
 """What a supervisor reports of its children, to whoever records it.
 
-The audit trail implements it (and counts the same events in the metrics);
-the supervisor knows neither.
+The audit trail and the metrics each implement it; the supervisor knows
+neither.
 """
 
 from __future__ import annotations

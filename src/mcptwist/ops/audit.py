@@ -36,7 +36,7 @@ from twisted.logger import Logger, LogLevel, LogPublisher
 from mcptwist.config.model import AuditConfig
 from mcptwist.ops.audit_encoding import timestamp
 from mcptwist.ops.audit_file import AuditFileObserver
-from mcptwist.ops.metrics import Metrics, exit_reason
+from mcptwist.ops.metrics import Metrics
 from mcptwist.routing.record import RequestEnded
 from mcptwist.security.ipfilter import rate_key
 
@@ -121,6 +121,12 @@ class AuditTrail:
     Callers must never pass a token, a child's environment or its
     arguments: what reaches these methods reaches the file.
 
+    It is a L{Recorder}: the core reports sessions, requests and children to
+    it, and to the metrics beside it (L{mcptwist.ops.record.Recorders}), never
+    through it. The refusals (C{auth_failure}, C{access_refused},
+    C{rate_limited}, C{ip_refused}, C{http_refused}) come only here: it
+    counts them in its L{metrics}, if any, whether or not a file is written.
+
     The methods belong on the reactor thread (use C{callFromThread} from
     others), but the writer is locked, so a stray call from a thread is safe.
     """
@@ -132,7 +138,7 @@ class AuditTrail:
         # The log_logger of the events published (they go to the publisher
         # directly, not through Logger.emit).
         self._log = Logger(namespace=NAMESPACE, observer=self.publisher)
-        # Fed the same events, whether or not a file is written.
+        # Counts the refusals, whether or not a file is written.
         self.metrics: Metrics | None = None
         # Refusals repeat without limit (a client retrying a bad token): the
         # first of each kind and client in a window is written, the rest counted.
@@ -145,8 +151,8 @@ class AuditTrail:
 
     @property
     def recording(self) -> bool:
-        """Whether sessions and requests are written or counted at all."""
-        return self.enabled or self.metrics is not None
+        """Whether sessions and requests are written (a file is)."""
+        return self.enabled
 
     @property
     def detailed(self) -> bool:
@@ -292,8 +298,6 @@ class AuditTrail:
         protocol_version: str | None,
     ) -> None:
         """A client opened an MCP session (C{initialize} answered)."""
-        if self.metrics is not None:
-            self.metrics.session_opened(server, transport or "")
         if not self.enabled:
             return
         self._emit(
@@ -319,8 +323,6 @@ class AuditTrail:
         transport: str | None = None,
     ) -> None:
         """A session ended (C{DELETE}, idle timeout, child exit, shutdown)."""
-        if self.metrics is not None:
-            self.metrics.session_closed(server, transport or "")
         if not self.enabled:
             return
         self._emit(
@@ -340,14 +342,6 @@ class AuditTrail:
         Its C{status} is one of L{mcptwist.ops.metrics.STATUSES}; its
         C{error_code} is the JSON-RPC error code of an error answer.
         """
-        if self.metrics is not None:
-            self.metrics.request_done(
-                ended.server,
-                ended.method,
-                ended.status,
-                ended.latency_ms / 1000.0,
-                ended.name if ended.method == "tools/call" else None,
-            )
         if not self.enabled:
             return
         self._emit(
@@ -459,8 +453,6 @@ class AuditTrail:
 
     def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
         """A child started. C{command} is the program only: never args or env."""
-        if self.metrics is not None:
-            self.metrics.child_spawned(server)
         if not self.enabled:
             return
         self._emit("child_spawned", {"server": server, "pid": pid, "command": command})
@@ -477,8 +469,6 @@ class AuditTrail:
     ) -> None:
         """A child ended, with its exit status or the signal that ended it
         (C{stopping}: the bridge ended it)."""
-        if self.metrics is not None:
-            self.metrics.child_exited(server, exit_reason(exit_code, signal, stopping))
         if not self.enabled:
             return
         self._emit(

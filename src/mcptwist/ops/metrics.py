@@ -4,7 +4,9 @@
 L{Metrics} owns a registry of its own (never the process-wide one, so that
 tests and embedders never share series). Events are counted by explicit
 calls (L{Metrics.http_request}, L{Metrics.request_done}, ...) that cost a
-couple of dictionary lookups once a label set has been seen. What the bridge
+couple of dictionary lookups once a label set has been seen. L{Metrics} is a
+L{Recorder} too: the core reports its sessions, requests and children to it
+beside the audit trail (L{mcptwist.ops.record.Recorders}). What the bridge
 already knows at any moment (child states, queue depths, open sessions) is
 not mirrored on the hot path: a L{Snapshot} callable given to
 L{Metrics.set_source} is read when Prometheus scrapes.
@@ -30,6 +32,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from mcptwist import __version__
+from mcptwist.routing.record import RequestEnded
 
 log = Logger(namespace="mcptwist.metrics")
 
@@ -136,8 +139,8 @@ EXIT_REASONS: Final = ("exit0", "exit_nonzero", "signal", "spawn_failed", "kille
 # and in these metrics' labels.
 STATUSES: Final = frozenset({"ok", "error", "cancelled", "timeout"})
 # A copy of supervisor.ChildState's values (the tests keep them equal): this
-# module imports no other of the bridge's, so that any of them can import it
-# without a cycle.
+# module imports of the bridge's only the record of a request, so that any
+# module can import it without a cycle.
 CHILD_STATES: Final = ("starting", "running", "restarting", "failed", "stopped")
 
 # From a ping to a long tool call.
@@ -594,11 +597,11 @@ class Metrics:
 
     # Children
 
-    def child_spawned(self, server: str) -> None:
+    def count_spawn(self, server: str) -> None:
         """A child of this server was spawned."""
         self._spawns.labels(self._child_server(server)).inc()
 
-    def child_exited(self, server: str, reason: str) -> None:
+    def count_exit(self, server: str, reason: str) -> None:
         """A child of this server ended; C{reason} from L{exit_reason}."""
         self._exits.labels(
             self._child_server(server), reason if reason in EXIT_REASONS else OTHER
@@ -610,14 +613,14 @@ class Metrics:
 
     # Sessions
 
-    def session_opened(self, server: str, transport: str) -> None:
+    def count_session_opened(self, server: str, transport: str) -> None:
         """A client session opened on this server, through C{"streamable"} or C{"sse"}
         (or a principal's C{"stateless"} hub)."""
         self._opened.labels(
             self._server(server), transport if transport in TRANSPORTS else OTHER
         ).inc()
 
-    def session_closed(self, server: str, transport: str) -> None:
+    def count_session_closed(self, server: str, transport: str) -> None:
         """A client session closed.
 
         Why is free text (the session registry's) and so is not a label: the
@@ -626,3 +629,60 @@ class Metrics:
         self._closed.labels(
             self._server(server), transport if transport in TRANSPORTS else OTHER
         ).inc()
+
+    # What the core reports (a Recorder): counted with the calls above.
+
+    @property
+    def recording(self) -> bool:
+        """Always: every session and request is counted."""
+        return True
+
+    @property
+    def detailed(self) -> bool:
+        """Never: a request is counted by its name, not by its arguments."""
+        return False
+
+    def request_ended(self, ended: RequestEnded) -> None:
+        """A request ended: counted by method and status, its latency observed."""
+        self.request_done(
+            ended.server, ended.method, ended.status, ended.latency_ms / 1000.0, ended.name
+        )
+
+    def session_opened(
+        self,
+        *,
+        session: str,
+        server: str,
+        principal: str | None,
+        peer: str | None,
+        transport: str | None,
+        protocol_version: str | None,
+    ) -> None:
+        self.count_session_opened(server, transport or "")
+
+    def session_closed(
+        self,
+        *,
+        session: str,
+        server: str,
+        principal: str | None,
+        reason: str,
+        duration: float,
+        transport: str | None = None,
+    ) -> None:
+        self.count_session_closed(server, transport or "")
+
+    def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
+        self.count_spawn(server)
+
+    def child_exited(
+        self,
+        *,
+        server: str,
+        pid: int | None,
+        exit_code: int | None,
+        signal: int | None,
+        reason: str,
+        stopping: bool = False,
+    ) -> None:
+        self.count_exit(server, exit_reason(exit_code, signal, stopping))

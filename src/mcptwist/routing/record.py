@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.test_audit -*-
 """What the core reports of sessions and requests, to whoever records it.
 
-The audit trail implements it (and counts the same events in the metrics);
-the core knows neither. A request is reported once, when it ends, as a
-L{RequestEnded}: its status is what the code that ended it says (L{Status}),
-never guessed from the number of an error.
+The core is given one L{Recorder} and knows nothing of what is behind it:
+the audit trail and the metrics each implement it, and the service gives
+the core either one, or several told at once. A request is reported once,
+when it ends, as a L{RequestEnded}: its status is what the code that ended
+it says (L{Status}), never guessed from the number of an error.
 """
 
 from __future__ import annotations

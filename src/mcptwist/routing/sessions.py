@@ -179,7 +179,7 @@ class ClientSession:
             if self.caps is not None:
                 self.caps.request_ended(self.principal)
 
-    def audit_call(
+    def record_call(
         self,
         method: str,
         params: Any,
@@ -243,13 +243,13 @@ class SessionRegistry(Service):
         max_sessions: int,
         reap_interval: float = 30.0,
         caps: Caps | None = None,
-        audit: Recorder | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.clock = clock
         self.max_sessions = max_sessions
         self.caps = caps
         # Where the sessions opened from now on, and their requests, are recorded.
-        self.audit = audit
+        self.recorder = recorder
         # Told of every session that ends (the service finishes draining with it).
         self.on_closed: Callable[[ClientSession], None] | None = None
         self.sessions: dict[str, ClientSession] = {}
@@ -302,8 +302,8 @@ class SessionRegistry(Service):
             peer=peer,
             opened=now,
         )
-        if self.audit is not None and self.audit.recording:
-            session.recorder, session.clock = self.audit, self.clock
+        if self.recorder is not None and self.recorder.recording:
+            session.recorder, session.clock = self.recorder, self.clock
         session.caps = caps
         try:
             session.upstream = backend.open(session)

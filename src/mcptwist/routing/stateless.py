@@ -495,7 +495,7 @@ class ModernCall:
     def _record(self, status: Status, error: Any) -> None:
         """One record per round (an input_required answer is a success)."""
         code = error.get("code") if isinstance(error, dict) else None
-        self.hub.audit_call(self.method, self._params, status, code, self.started, self.peer)
+        self.hub.record_call(self.method, self._params, status, code, self.started, self.peer)
         self.started = self.clock.seconds()
 
     @staticmethod

@@ -24,7 +24,9 @@ from mcptwist.config.model import BridgeConfig, ListenerConfig
 from mcptwist.ops.audit import AuditError, AuditTrail
 from mcptwist.ops.metrics import Metrics, Snapshot
 from mcptwist.ops.notify import SystemdNotifier
+from mcptwist.ops.record import Recorders
 from mcptwist.routing.backends import Backend
+from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.service.control import BridgeControl
 from mcptwist.service.fleet import Fleet
@@ -76,6 +78,17 @@ class BridgeService(MultiService):
         self.reactor = reactor
         self.notifier = notifier if notifier is not None else SystemdNotifier({}, reactor)
         self.audit = AuditTrail(config.audit, reactor)
+        self.metrics: Metrics | None = None
+        # The core's sessions, requests and children: written by the audit
+        # trail (when it has a file, which a reload may give or take) and
+        # counted by the metrics, each told once.
+        self.recorder: Recorder = self.audit
+        if config.metrics.enabled:
+            self.metrics = Metrics(start_time=reactor.seconds())
+            self.metrics.set_source(self._snapshot)
+            # The refusals only reach the audit trail, which counts them.
+            self.audit.metrics = self.metrics
+            self.recorder = Recorders(self.audit, self.metrics)
         self.access = AccessControl.from_config(config, reactor, self.audit)
         # Open connections by client address, over every listener.
         self.connections = ConnectionCounter(config.limits.max_connections_per_ip)
@@ -86,9 +99,9 @@ class BridgeService(MultiService):
             config.max_sessions,
             max(1.0, min(30.0, shortest / 4)),
             caps=self.access.caps,
-            audit=self.audit,
+            recorder=self.recorder,
         )
-        self.fleet = Fleet(config, reactor, environ, self.audit, self.registry, self.access)
+        self.fleet = Fleet(config, reactor, environ, self.recorder, self.registry, self.access)
         self.fleet.serving = self._log_urls
         self.web = BridgeApp(config, self.fleet.backends, self.registry, reactor, self.access)
         self.web.draining = self.fleet.draining
@@ -106,12 +119,8 @@ class BridgeService(MultiService):
             self.fleet, self.registry, self.reloader.reload, lambda: bool(self.running)
         )
         self.web.admin = AdminAPI(self.control, self.audit).resource()
-        self.metrics: Metrics | None = None
         self._metrics_root: IResource | None = None
-        if config.metrics.enabled:
-            self.metrics = Metrics(start_time=reactor.seconds())
-            self.metrics.set_source(self._snapshot)
-            self.audit.metrics = self.metrics
+        if self.metrics is not None:
             # One resource (a leaf that only renders), at /metrics and on metrics listeners.
             self.web.metrics = self.metrics.resource()
             self._metrics_root = MetricsOnly(self.web.metrics, self.web)

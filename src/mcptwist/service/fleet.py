@@ -19,10 +19,10 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from mcptwist.config.model import BridgeConfig, ServerConfig
-from mcptwist.ops.audit import AuditTrail
 from mcptwist.ops.metrics import ServerSnapshot, Snapshot
 from mcptwist.ops.notify import status_line
 from mcptwist.routing.backends import Backend, make_backend
+from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import ClientSession, SessionRegistry
 from mcptwist.routing.stateless import StatelessSink
 from mcptwist.web.access import AccessControl
@@ -44,7 +44,7 @@ class Fleet(MultiService):
         config: BridgeConfig,
         reactor: Any,
         environ: Mapping[str, str],
-        audit: AuditTrail,
+        recorder: Recorder,
         registry: SessionRegistry,
         access: AccessControl,
     ) -> None:
@@ -53,7 +53,8 @@ class Fleet(MultiService):
         self.config = config
         self.reactor = reactor
         self.environ = environ
-        self.audit = audit
+        # Where every backend reports its children and their requests.
+        self.recorder = recorder
         self.registry = registry
         self.access = access
         self.backends: dict[str, Backend] = {}
@@ -69,7 +70,7 @@ class Fleet(MultiService):
             self._serve(server)
 
     def _serve(self, server: ServerConfig) -> Backend:
-        backend = make_backend(server, self.reactor, self.environ, self.audit)
+        backend = make_backend(server, self.reactor, self.environ, self.recorder)
         self.backends[server.name] = backend
         # Started now if the fleet runs.
         backend.setServiceParent(self)

@@ -350,7 +350,7 @@ def _acknowledge(
                 sink.subscribe(listen.uris, add=False)
             sink.settled()
         hub.last_active = ctx.clock.seconds()
-        hub.audit_call(checked.method, params, "ok", None, opened, peer_of(request))
+        hub.record_call(checked.method, params, "ok", None, opened, peer_of(request))
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET
