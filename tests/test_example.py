@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.example._stdio import (
+from mcptwist.example.kit import (
     RequestContext,
     ResourceTemplate,
     check_arguments,
@@ -857,7 +857,7 @@ class ConformanceFixtureTests(ServerTestMixin, SynchronousTestCase):
 
 KIT_SERVER = """
 import math
-from mcptwist.example._stdio import McpError, StdioServer
+from mcptwist.example.kit import McpError, StdioServer
 
 server = StdioServer("kit", "0", max_message_size=1000)
 

@@ -20,7 +20,7 @@ import zoneinfo
 from collections.abc import Callable
 from importlib import metadata
 
-from mcptwist.example._stdio import (
+from mcptwist.example.kit import (
     JSONObject,
     PromptArgument,
     RequestContext,
