@@ -26,12 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.example.kit import (
-    RequestContext,
-    ResourceTemplate,
-    check_arguments,
-)
+from mcptwist.example.kit import check_arguments
 from mcptwist.example.server import MAX_INT_BITS, CalculationError, evaluate
+
+from .fixtures.kit import RequestContext, ResourceTemplate
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
