@@ -36,7 +36,7 @@ from mcptwist.web.admin import AdminAPI
 from mcptwist.web.admission import Admission, IAdmission
 from mcptwist.web.http import HTTPProblem
 
-from .certs import make_ca, make_server_cert
+from .support.certs import make_ca, make_server_cert
 
 ADMIN = Principal("ops", "token", frozenset({"*"}), admin=True)
 USER = Principal("alice", "token", frozenset({"*"}), admin=False)

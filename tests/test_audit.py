@@ -33,7 +33,7 @@ from mcptwist.routing.backends import make_backend
 from mcptwist.routing.record import RequestEnded
 from mcptwist.routing.sessions import ClientSession, SessionRegistry
 
-from .fakes import FakeProcessReactor
+from .support.children import FakeProcessReactor
 from .test_modern_child import GREET_QUESTIONS, ModernReactor, greet, held, input_required
 
 TS = 1795305599.123456

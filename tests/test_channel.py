@@ -37,7 +37,7 @@ from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 from mcptwist.web.channel import LINGER, ConnectionCounter
 
-from .fakes import FakeProcessReactor
+from .support.children import FakeProcessReactor
 from .test_auth import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key
 
 TOKEN = "mcpt_channel_test_token"

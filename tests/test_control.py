@@ -20,7 +20,7 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.routing.upstream import CapacityError
 from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor
+from .support.children import FakeProcessReactor
 
 
 class ControlTests(SynchronousTestCase):

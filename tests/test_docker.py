@@ -28,7 +28,7 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token
 from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor
+from .support.children import FakeProcessReactor
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

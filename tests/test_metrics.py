@@ -646,7 +646,7 @@ class MetricsListenerTests(SynchronousTestCase):
         from mcptwist.config.model import BridgeConfig, ListenerConfig, MetricsConfig, ServerConfig
         from mcptwist.service.bridge import BridgeService
 
-        from .fakes import FakeProcessReactor
+        from .support.children import FakeProcessReactor
 
         if config is None:
             config = BridgeConfig(

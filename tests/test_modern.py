@@ -18,7 +18,7 @@ from mcptwist.ops.audit import AuditTrail
 from mcptwist.routing.stateless import ModernCall, StatelessSink
 from mcptwist.web.modern import MAX_LISTEN_URIS, MAX_LISTENS, HTTPResponder
 
-from .fakes import FakeChild
+from .support.children import FakeChild
 from .test_sse import decode
 from .test_web import JSON, Bridge
 

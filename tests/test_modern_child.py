@@ -23,7 +23,7 @@ from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import ModernCall, StatelessSink, StateSigner
 from mcptwist.routing.upstream import BRIDGE_CAPABILITIES, Upstream
 
-from .fakes import FakeChild, FakeProcessReactor
+from .support.children import FakeChild, FakeProcessReactor
 from .test_routing import FakeSession, call, initialize, send
 
 SERVER_INFO = {"name": "modern-fake", "version": "2.0"}

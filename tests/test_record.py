@@ -20,7 +20,7 @@ from mcptwist.ops.record import Recorders
 from mcptwist.routing.record import RequestEnded
 from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor, stub_request
+from .support.children import FakeProcessReactor, stub_request
 from .test_metrics import ended
 
 JSON = {"accept": "application/json", "content-type": "application/json"}

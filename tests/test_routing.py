@@ -18,7 +18,7 @@ from mcptwist.routing.backends import SessionBackend, SharedBackend
 from mcptwist.routing.record import Status
 from mcptwist.routing.upstream import ABANDONED_GRACE, Pending, Upstream, oversize_response_id
 
-from .fakes import INIT_RESULT, FakeProcessReactor
+from .support.children import INIT_RESULT, FakeProcessReactor
 
 
 @attrs.define(eq=False)

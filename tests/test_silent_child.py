@@ -27,7 +27,7 @@ from mcptwist.routing.backends import SharedBackend
 from mcptwist.routing.upstream import Upstream
 from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor
+from .support.children import FakeProcessReactor
 from .test_process import Owner
 from .test_routing import FakeSession, call, initialize, send
 from .test_web import Bridge

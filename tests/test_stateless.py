@@ -35,7 +35,7 @@ from mcptwist.routing.stateless import (
 from mcptwist.routing.upstream import ABANDONED_GRACE
 from mcptwist.security.auth import hash_token
 
-from .fakes import FakeChild
+from .support.children import FakeChild
 from .test_modern import Client, call, events, modern, send
 from .test_web import BOTH, Bridge
 

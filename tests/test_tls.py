@@ -39,7 +39,7 @@ from mcptwist.config.endpoints import (
 from mcptwist.config.model import ListenerConfig, TLSConfig
 from mcptwist.security.ipfilter import listening_factory
 from mcptwist.security.tls import ReloadableTLS, TLSLoadError
-from tests.certs import CA, make_ca, make_server_cert
+from tests.support.certs import CA, make_ca, make_server_cert
 
 # Alerts a client sees when the server, not the client, refused the handshake.
 REFUSED = {"TLSV1_ALERT_PROTOCOL_VERSION", "SSLV3_ALERT_HANDSHAKE_FAILURE", "reset"}

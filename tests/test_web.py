@@ -14,7 +14,7 @@ from mcptwist.routing.backends import make_backend
 from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.web.app import BridgeApp
 
-from .fakes import FakeProcessReactor
+from .support.children import FakeProcessReactor
 from .test_sse import decode
 
 BOTH = {"accept": "application/json, text/event-stream", "content-type": "application/json"}

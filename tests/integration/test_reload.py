@@ -213,7 +213,7 @@ class ReloadSecurityTests(SynchronousTestCase):
     def test_tls_turned_on_in_place_and_metrics_listener_kept(self) -> None:
         import ssl
 
-        from .. import certs
+        from ..support import certs
 
         directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
         ca = certs.make_ca(str(directory))

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist.config.keys import digest_text
 from mcptwist.security.auth import hash_token
 
-from .. import certs
+from ..support import certs
 from ..test_modern import headers as modern_headers
 from ..test_modern import modern
 from . import harness as h
