@@ -24,7 +24,7 @@ from mcptwist.routing.stateless import ModernCall, StatelessSink, StateSigner
 from mcptwist.routing.upstream import BRIDGE_CAPABILITIES, Upstream
 
 from .support.children import FakeChild, FakeProcessReactor
-from .test_routing import FakeSession, call, initialize, send
+from .support.router import FakeSession, call, initialize, send
 
 SERVER_INFO = {"name": "modern-fake", "version": "2.0"}
 DISCOVER: dict[str, Any] = {

@@ -27,9 +27,8 @@ from mcptwist.routing.backends import SharedBackend
 from mcptwist.routing.upstream import Upstream
 from mcptwist.service.bridge import BridgeService
 
-from .support.children import FakeProcessReactor
-from .test_process import Owner
-from .test_routing import FakeSession, call, initialize, send
+from .support.children import FakeProcessReactor, Owner
+from .support.router import FakeSession, call, initialize, send
 from .test_web import Bridge
 
 TIMEOUT = 30.0

@@ -4,7 +4,8 @@ L{FakeProcessReactor} provides C{spawnProcess} (which the real reactor has
 and C{MemoryReactorClock} lacks), C{killpg} (so that no real process group
 is ever signalled) and the time of a L{Clock}. Each spawned L{FakeChild}
 answers like a small MCP server, and a test can also hold its requests and
-answer them itself, in any order.
+answer them itself, in any order. An L{Owner} stands in for a real child's
+supervisor and records what it is told.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
@@ -21,6 +24,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mcptwist.child.process import Child
 from mcptwist.mcp import jsonrpc
 
 # Far above the kernel's pid_max, so that a stray signal could reach nothing.
@@ -254,6 +258,30 @@ class FakeProcessReactor(Clock):
     def child(self) -> FakeChild:
         """The most recently spawned child."""
         return self.children[-1]
+
+
+class Owner:
+    """A child's owner that records what it is told of its end, and when."""
+
+    def __init__(self) -> None:
+        self.lost: list[str] = []
+        self.lost_at: list[float] = []
+        self.lost_once: Deferred[None] = Deferred()
+
+    def child_spawned(self, child: Child) -> None:
+        pass
+
+    def child_message(self, child: Child, message: jsonrpc.Message) -> None:
+        pass
+
+    def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None:
+        pass
+
+    def child_lost(self, child: Child, why: str) -> None:
+        self.lost.append(why)
+        self.lost_at.append(reactor.seconds())
+        if not self.lost_once.called:
+            self.lost_once.callback(None)
 
 
 def stub_request(
