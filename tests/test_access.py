@@ -38,7 +38,8 @@ from mcptwist.security.ipfilter import rate_key
 from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 
-from .support.children import FakeProcessReactor, stub_request
+from .support.bridge import stub_request
+from .support.children import FakeProcessReactor
 from .test_auth import validate_iss_2_10_0
 
 SECRET = b"a shared secret of at least thirty-two bytes"

@@ -20,7 +20,8 @@ from mcptwist.ops.record import Recorders
 from mcptwist.routing.record import RequestEnded
 from mcptwist.service.bridge import BridgeService
 
-from .support.children import FakeProcessReactor, stub_request
+from .support.bridge import stub_request
+from .support.children import FakeProcessReactor
 from .test_metrics import ended
 
 JSON = {"accept": "application/json", "content-type": "application/json"}

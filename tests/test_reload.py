@@ -28,7 +28,8 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token, revoked
 from mcptwist.service.bridge import BridgeService
 
-from .support.children import FakeProcessReactor, stub_request
+from .support.bridge import stub_request
+from .support.children import FakeProcessReactor
 
 SECRET = b"a shared secret of at least thirty-two bytes"
 AUDIENCE = "https://mcp.example.com"

@@ -22,8 +22,8 @@ from mcptwist.config.keys import digest_text
 from mcptwist.security.auth import hash_token
 
 from ..support import certs
-from ..test_modern import headers as modern_headers
-from ..test_modern import modern
+from ..support.messages import headers as modern_headers
+from ..support.messages import modern
 from . import harness as h
 
 ADMIN = "mcpt_admin_secret_for_tests"

@@ -14,7 +14,6 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -282,25 +281,3 @@ class Owner:
         self.lost_at.append(reactor.seconds())
         if not self.lost_once.called:
             self.lost_once.callback(None)
-
-
-def stub_request(
-    test: Any,
-    client: Any,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any, Any]:
-    """One request through a StubTreq client: (status, headers, JSON body or
-    None), or the response itself for an event stream (it stays open)."""
-    data = jsonrpc.dumps(body) if body is not None else None
-    d = client.request(method, "http://127.0.0.1" + path, data=data, headers=headers or {})
-    client.flush()
-    response = test.successResultOf(d)
-    if response.headers.getRawHeaders("content-type") == ["text/event-stream"]:
-        return response.code, response.headers, response
-    d = client.content(response)
-    client.flush()
-    content = test.successResultOf(d)
-    return response.code, response.headers, orjson.loads(content) if content else None
