@@ -40,7 +40,7 @@ from mcptwist.web.app import BridgeApp
 
 from .support.bridge import stub_request
 from .support.children import FakeProcessReactor
-from .test_auth import validate_iss_2_10_0
+from .support.idp import validate_iss_2_10_0
 
 SECRET = b"a shared secret of at least thirty-two bytes"
 AUDIENCE = "https://mcp.example.com"

@@ -38,7 +38,7 @@ from mcptwist.web.app import BridgeApp
 from mcptwist.web.channel import LINGER, ConnectionCounter
 
 from .support.children import FakeProcessReactor
-from .test_auth import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key
+from .support.idp import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key
 
 TOKEN = "mcpt_channel_test_token"
 MiB = 1024 * 1024
