@@ -18,7 +18,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from treq.testing import StubTreq
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mcptwist.config.keys import digest_text
@@ -26,9 +25,8 @@ from mcptwist.config.load import load_config
 from mcptwist.config.model import ConfigError
 from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token
-from mcptwist.service.bridge import BridgeService
 
-from .support.children import FakeProcessReactor
+from .support.bridge import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -174,11 +172,7 @@ class DockerfileTests(SynchronousTestCase):
         nothing but /health, and the token opens the servers, not the admin API."""
         _, file = self.installed_config()
         config = load_config(file, {"MCPTWIST_TOKEN_HASH": digest_text(hash_token(TOKEN))})
-        reactor = FakeProcessReactor()
-        service = BridgeService(config, reactor, {})
-        service.startService()
-        self.addCleanup(service.stopService)
-        client = StubTreq(service.resource)
+        client = Service(self, config).client
         token = {"authorization": f"Bearer {TOKEN}"}
         initialize = jsonrpc.dumps(
             {

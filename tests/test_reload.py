@@ -12,7 +12,6 @@ import attrs
 import jwt
 from hypothesis import given
 from hypothesis import strategies as st
-from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed
 
@@ -26,10 +25,8 @@ from mcptwist.config.model import (
 )
 from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token, revoked
-from mcptwist.service.bridge import BridgeService
 
-from .support.bridge import stub_request
-from .support.children import FakeProcessReactor
+from .support.bridge import Service
 
 SECRET = b"a shared secret of at least thirty-two bytes"
 AUDIENCE = "https://mcp.example.com"
@@ -69,7 +66,6 @@ class Bridge:
 
     def __init__(self, test: SynchronousTestCase, auth: AuthConfig) -> None:
         self.test = test
-        self.reactor = FakeProcessReactor()
         directory = test.mktemp()
         os.makedirs(directory)
         self.key_file = os.path.join(directory, "jwt.secret")
@@ -83,22 +79,15 @@ class Bridge:
             auth=self.with_key(auth),
             audit=AuditConfig(path=self.audit_path),
         )
-        self.service = BridgeService(self.config, self.reactor, {})
-        self.service.privilegedStartService()
-        self.service.startService()
-        self.client = StubTreq(self.service.resource)
-        test.addCleanup(self.stop)
+        self.harness = Service(test, self.config)
+        self.service = self.harness.service
+        self.client = self.harness.client
 
     def with_key(self, auth: AuthConfig) -> AuthConfig:
         """C{auth} with the test's key file for its JWT settings."""
         if auth.jwt is None:
             return auth
         return attrs.evolve(auth, jwt=attrs.evolve(auth.jwt, key_file=self.key_file))
-
-    def stop(self) -> None:
-        self.service.stopService()
-        self.client.flush()
-        self.reactor.advance(10)
 
     def reload(self, auth: AuthConfig) -> dict[str, Any]:
         d = self.service.apply(attrs.evolve(self.config, auth=self.with_key(auth)))
@@ -110,22 +99,11 @@ class Bridge:
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, Any, Any]:
-        return stub_request(self.test, self.client, method, path, body, headers)
+        return self.harness.exchange(method, path, body, headers)
 
     def session(self, server: str, credentials: dict[str, str]) -> str:
         """A Streamable HTTP session, initialized."""
-        status, headers, _ = self.request(
-            "POST", f"/servers/{server}/mcp", INIT, {**JSON, **credentials}
-        )
-        self.test.assertEqual(status, 200)
-        [session_id] = headers.getRawHeaders("mcp-session-id")
-        self.request(
-            "POST",
-            f"/servers/{server}/mcp",
-            jsonrpc.notification("notifications/initialized"),
-            {**JSON, "mcp-session-id": session_id, **credentials},
-        )
-        return str(session_id)
+        return self.harness.open_session(server, headers=credentials)
 
     def ping(self, server: str, session_id: str, credentials: dict[str, str]) -> int:
         status, _, _ = self.request(
