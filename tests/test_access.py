@@ -34,18 +34,12 @@ from mcptwist.security.ipfilter import rate_key
 from mcptwist.web.app import BridgeApp
 
 from .support import bridge as harness
-from .support.idp import validate_iss_2_10_0
+from .support.idp import AUD as AUDIENCE
+from .support.idp import SECRET, validate_iss_2_10_0
+from .support.idp import SECRET_ISSUER as ISSUER
+from .support.messages import INIT, JSON, bearer
 
-SECRET = b"a shared secret of at least thirty-two bytes"
-AUDIENCE = "https://mcp.example.com"
-ISSUER = "https://auth.example.com"
 TOKENS = {"alice": "mcpt_alice_token", "ops": "mcpt_ops_token", "bob": "mcpt_bob_token"}
-JSON = {"accept": "application/json", "content-type": "application/json"}
-INIT = jsonrpc.request(
-    1,
-    "initialize",
-    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-)
 
 
 class Bridge(harness.Bridge):
@@ -102,10 +96,6 @@ class ComponentizedRequest(DummyRequest, Componentized):
     def __init__(self, postpath: list[bytes]) -> None:
         DummyRequest.__init__(self, postpath)
         Componentized.__init__(self)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
 
 
 def make_jwt(**claims: Any) -> str:

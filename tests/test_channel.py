@@ -32,14 +32,10 @@ from mcptwist.web.channel import LINGER, ConnectionCounter
 
 from .support.bridge import Bridge
 from .support.idp import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key
+from .support.messages import INIT
 
 TOKEN = "mcpt_channel_test_token"
 MiB = 1024 * 1024
-INIT = jsonrpc.request(
-    1,
-    "initialize",
-    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-)
 
 
 def parse(data: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -27,6 +27,7 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token
 
 from .support.bridge import Service
+from .support.messages import BOTH, INIT, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -173,16 +174,9 @@ class DockerfileTests(SynchronousTestCase):
         _, file = self.installed_config()
         config = load_config(file, {"MCPTWIST_TOKEN_HASH": digest_text(hash_token(TOKEN))})
         client = Service(self, config).client
-        token = {"authorization": f"Bearer {TOKEN}"}
-        initialize = jsonrpc.dumps(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {"protocolVersion": "2025-06-18", "capabilities": {}},
-            }
-        )
-        mcp = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+        token = bearer(TOKEN)
+        initialize = jsonrpc.dumps(INIT)
+        mcp = BOTH
 
         def status(
             method: str, path: str, headers: dict[str, str], data: bytes | None = None

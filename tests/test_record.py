@@ -20,9 +20,9 @@ from mcptwist.routing.record import RequestEnded
 from mcptwist.service.bridge import BridgeService
 
 from .support.bridge import Service
+from .support.messages import JSON
 from .test_metrics import ended
 
-JSON = {"accept": "application/json", "content-type": "application/json"}
 INIT = jsonrpc.request(
     0,
     "initialize",

@@ -27,25 +27,14 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token, revoked
 
 from .support.bridge import Service
-
-SECRET = b"a shared secret of at least thirty-two bytes"
-AUDIENCE = "https://mcp.example.com"
-ISSUER = "https://auth.example.com"
-JSON = {"accept": "application/json", "content-type": "application/json"}
-STREAM = {"accept": "text/event-stream"}
-INIT = jsonrpc.request(
-    1,
-    "initialize",
-    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-)
+from .support.idp import AUD as AUDIENCE
+from .support.idp import SECRET
+from .support.idp import SECRET_ISSUER as ISSUER
+from .support.messages import JSON, STREAM, bearer
 
 
 def token(name: str, secret: str, *servers: str) -> TokenConfig:
     return TokenConfig(name, hash_token(secret), frozenset(servers or ("*",)))
-
-
-def bearer(secret: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {secret}"}
 
 
 def make_jwt(**claims: Any) -> str:

@@ -14,15 +14,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from ..support.messages import INIT, JSON
 from . import harness as h
-
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-}
-JSON = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
 def example(name: str, extra: str = "") -> str:

@@ -22,19 +22,12 @@ from mcptwist.config.keys import digest_text
 from mcptwist.security.auth import hash_token
 
 from ..support import certs
+from ..support.messages import INIT, JSON, bearer, modern
 from ..support.messages import headers as modern_headers
-from ..support.messages import modern
 from . import harness as h
 
 ADMIN = "mcpt_admin_secret_for_tests"
 USER = "mcpt_user_secret_for_tests"
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-}
-JSON = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
 def auth_toml(extra: str = "") -> str:
@@ -55,10 +48,6 @@ def example_toml() -> str:
     return h.python_server_toml("example", ["-m", "mcptwist.example"]) + h.python_server_toml(
         "other", ["-m", "mcptwist.example"]
     )
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def audit_events(path: Path, kind: str) -> list[dict[str, Any]]:

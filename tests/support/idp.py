@@ -17,6 +17,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 AUD = "https://mcp.example.com"
 ISS = "https://idp.example.com"
 JWKS_URL = "https://idp.example.com/jwks.json"
+# An issuer that signs with a secret it shares with the bridge (HS256).
+SECRET = b"a shared secret of at least thirty-two bytes"
+SECRET_ISSUER = "https://auth.example.com"
 
 
 @functools.cache

@@ -13,6 +13,9 @@ ACCEPT_BOTH = "application/json, text/event-stream"
 # Headers of a POST whose answer is JSON, or JSON or an event stream.
 JSON = {"accept": "application/json", "content-type": "application/json"}
 BOTH = {"accept": ACCEPT_BOTH, "content-type": "application/json"}
+# Headers of a GET of an event stream, and of a POST of JSON to the admin API.
+STREAM = {"accept": "text/event-stream"}
+JSON_BODY = {"content-type": "application/json"}
 
 # A session-era client's first request.
 INIT = jsonrpc.request(
@@ -20,6 +23,11 @@ INIT = jsonrpc.request(
     "initialize",
     {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
 )
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The header that presents a bearer token."""
+    return {"authorization": f"Bearer {token}"}
 
 
 def decode(stream: bytes) -> list[dict[str, str]]:
