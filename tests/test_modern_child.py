@@ -24,6 +24,7 @@ from mcptwist.routing.stateless import ModernCall, StatelessSink, StateSigner
 from mcptwist.routing.upstream import BRIDGE_CAPABILITIES, Upstream
 
 from .support.children import FakeChild, FakeProcessReactor
+from .support.messages import modern
 from .support.router import FakeSession, call, initialize, send
 
 SERVER_INFO = {"name": "modern-fake", "version": "2.0"}
@@ -131,15 +132,8 @@ def greet(id: RequestId = 5, token: Any = None) -> Message:
 
 
 def modern_request(id: RequestId, method: str, params: dict[str, Any] | None = None) -> Message:
-    """A request as a 2026-07-28 client sends it, with the revision's _meta."""
-    params = dict(params or {})
-    params["_meta"] = {
-        era.META_VERSION: era.MODERN,
-        era.META_CAPABILITIES: {"elicitation": {}},
-        era.META_CLIENT: {"name": "modern-client", "version": "1"},
-        era.META_LOG_LEVEL: "info",
-    }
-    return jsonrpc.request(id, method, params)
+    """A request as a 2026-07-28 client that takes elicitations sends it, at log level info."""
+    return modern(id, method, params, caps={"elicitation": {}}, level="info")
 
 
 class HandshakeTests(SynchronousTestCase):
