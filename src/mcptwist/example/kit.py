@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_example -*-
 """A small standard-library kit for writing stdio MCP servers.
 
 Messages are newline-delimited JSON-RPC 2.0 on stdin/stdout (UTF-8, one

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_example -*-
 """The built-in example MCP server, "mcptwist-example".
 
 A handful of small, dependable utilities: time zones, arithmetic, hashing,
