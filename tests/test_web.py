@@ -179,29 +179,6 @@ class StreamableTests(SynchronousTestCase):
         )
         self.assertEqual(bridge.json(good)["result"], {})
 
-    def test_session_with_a_request_in_flight_is_not_reaped(self) -> None:
-        bridge = Bridge(
-            self, ServerConfig(name="s", command="fake", session_idle_timeout=60), hold=True
-        )
-        sid = bridge.open_session()
-        d = bridge.client.request(
-            "POST",
-            "http://127.0.0.1/servers/s/mcp",
-            data=jsonrpc.dumps(jsonrpc.request(2, "tools/call", {"name": "slow"})),
-            headers={**JSON, "mcp-session-id": sid},
-        )
-        bridge.client.flush()
-        bridge.reactor.advance(100)
-        bridge.registry.reap()
-        child = bridge.reactor.child
-        child.answer(child.held[0])
-        bridge.client.flush()
-        response = self.successResultOf(d)
-        self.assertIn("result", bridge.json(response))
-        bridge.reactor.advance(100)
-        bridge.registry.reap()
-        self.assertEqual(bridge.registry.sessions, {}, "idle once answered: reaped")
-
     def test_priming_id_never_ahead_of_replayed_events(self) -> None:
         bridge = Bridge(self)
         init = jsonrpc.request(
