@@ -31,7 +31,8 @@ from mcptwist.ops.metrics import (
     auth_reason,
     exit_reason,
 )
-from mcptwist.routing.record import RequestEnded
+
+from .support.router import ended
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -354,25 +355,6 @@ class SessionTests(SynchronousTestCase):
             samples(m, "mcptwist_sessions_closed_total"),
             {(("server", "time"), ("transport", "streamable")): 1.0},
         )
-
-
-def ended(**changes: Any) -> RequestEnded:
-    """A tools/call that ended well after 1.5s."""
-    base = RequestEnded(
-        session="abc",
-        server="files",
-        principal="alice",
-        peer="192.0.2.7",
-        method="tools/call",
-        name="read",
-        arg_size=2,
-        arg_sha256="",
-        status="ok",
-        error_code=None,
-        latency_ms=1500.0,
-        child_pid=4242,
-    )
-    return attrs.evolve(base, **changes)
 
 
 class RecorderTests(SynchronousTestCase):

@@ -21,7 +21,7 @@ from mcptwist.service.bridge import BridgeService
 
 from .support.bridge import Service
 from .support.messages import JSON
-from .test_metrics import ended
+from .support.router import ended
 
 INIT = jsonrpc.request(
     0,

@@ -1,5 +1,6 @@
-"""Router doubles: a client session as the multiplexer sees it, and the
-messages a test sends through an L{Upstream} on that session's behalf."""
+"""Router doubles: a client session as the multiplexer sees it, the messages
+a test sends through an L{Upstream} on that session's behalf, and a
+request's record as the core reports it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import attrs
 
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import Message, RequestId
-from mcptwist.routing.record import Status
+from mcptwist.routing.record import RequestEnded, Status
 from mcptwist.routing.upstream import Pending, Upstream
 
 
@@ -88,3 +89,22 @@ def call(id: RequestId, text: str, token: Any = None) -> Message:
     if token is not None:
         params["_meta"] = {"progressToken": token}
     return jsonrpc.request(id, "tools/call", params)
+
+
+def ended(**changes: Any) -> RequestEnded:
+    """A tools/call that ended well after 1.5s."""
+    base = RequestEnded(
+        session="abc",
+        server="files",
+        principal="alice",
+        peer="192.0.2.7",
+        method="tools/call",
+        name="read",
+        arg_size=2,
+        arg_sha256="",
+        status="ok",
+        error_code=None,
+        latency_ms=1500.0,
+        child_pid=4242,
+    )
+    return attrs.evolve(base, **changes)
