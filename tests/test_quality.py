@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_DIRS = ("tests", "tests/support", "tests/fixtures", "tests/integration")
 
 
 def tool(name: str) -> str:
@@ -62,3 +64,34 @@ class QualityTests(SynchronousTestCase):
             [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env
         )
         self.assertEqual((result.returncode, result.stdout), (0, ""), result.stderr)
+
+
+def imported_modules(path: Path) -> list[str]:
+    """The dotted names of the modules a file imports, relative ones resolved."""
+    package = path.parent.relative_to(ROOT).parts
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join([*package[: len(package) - node.level + 1], node.module or ""])
+            else:
+                base = node.module or ""
+            base = base.rstrip(".")
+            found += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    return found
+
+
+class TestLayoutTests(SynchronousTestCase):
+    def test_no_test_module_imports_another(self) -> None:
+        """What tests share lives in support modules: a test module runs, moves
+        and goes alone."""
+        imports = []
+        for directory in TEST_DIRS:
+            for path in sorted((ROOT / directory).glob("*.py")):
+                for name in imported_modules(path):
+                    parts = name.split(".")
+                    if parts[0] == "tests" and any(p.startswith("test_") for p in parts):
+                        imports.append(f"{path.relative_to(ROOT)}: {name}")
+        self.assertEqual(imports, [])
