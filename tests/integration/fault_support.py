@@ -33,8 +33,8 @@ from . import harness as h
 
 PROTOCOL = "2025-11-25"
 ACCEPT_BOTH = "application/json, text/event-stream"
-FIXTURE = str(h.HERE / "fault_fixture.py")
-STDIO_FIXTURE = str(h.HERE / "stdio_fixture.py")
+FIXTURE = str(h.FIXTURES / "fault_fixture.py")
+STDIO_FIXTURE = str(h.FIXTURES / "stdio_fixture.py")
 FAST_RESTART = "[servers.{name}.restart]\ninitial_delay = 0.1\nmax_delay = 0.5\ncrash_limit = 3\ncrash_window = 60\n"
 PROMPT = 3.0  # seconds: how soon a caller must hear that its child died
 

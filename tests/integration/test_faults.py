@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from . import harness as h
 from .fault_support import FAST_RESTART, PROMPT, FaultTestMixin, url_for
 
-FIXTURE = str(h.HERE / "stdio_fixture.py")
+FIXTURE = str(h.FIXTURES / "stdio_fixture.py")
 ACCEPT = {"Accept": "application/json, text/event-stream"}
 INITIALIZE = {
     "jsonrpc": "2.0",

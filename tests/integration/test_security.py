@@ -338,7 +338,7 @@ class ChildShareTests(SynchronousTestCase):
 
 def fixture_toml() -> str:
     """Server "example" run by the stdio fixture (its sleep tool keeps calls in flight)."""
-    return h.python_server_toml("example", [str(h.HERE / "stdio_fixture.py")])
+    return h.python_server_toml("example", [str(h.FIXTURES / "stdio_fixture.py")])
 
 
 def session(bridge: h.Bridge, token: str, version: str = "2025-06-18") -> dict[str, str]:
