@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ..support.messages import INIT, JSON
+from ..support.messages import INIT, JSON, bearer
 from . import harness as h
 
 
@@ -295,9 +295,6 @@ class ReloadRevocationTests(SynchronousTestCase):
         bridge.headers = {"Authorization": "Bearer mcpt_ops"}
         bridge.wait_state("a", "running")
         bridge.wait_state("b", "running")
-
-        def bearer(secret: str) -> dict[str, str]:
-            return {"Authorization": f"Bearer {secret}"}
 
         alice = Client(bridge, "a", bearer("mcpt_alice"))
         carol = Client(bridge, "a", bearer("mcpt_carol"))
