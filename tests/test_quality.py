@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,3 +96,15 @@ class TestLayoutTests(SynchronousTestCase):
                     if parts[0] == "tests" and any(p.startswith("test_") for p in parts):
                         imports.append(f"{path.relative_to(ROOT)}: {name}")
         self.assertEqual(imports, [])
+
+    def test_test_case_names_name_test_modules(self) -> None:
+        """Each source file's test-case-name header names test modules that exist."""
+        header = re.compile(r"^# -\*- test-case-name: (.+) -\*-$", re.MULTILINE)
+        missing = []
+        for path in sorted([*(ROOT / "src").rglob("*.py"), *(ROOT / "twisted").rglob("*.py")]):
+            for found in header.findall(path.read_text()):
+                for name in found.split(","):
+                    module = ROOT / (name.strip().replace(".", "/") + ".py")
+                    if not module.exists():
+                        missing.append(f"{path.relative_to(ROOT)}: {name.strip()}")
+        self.assertEqual(missing, [])
