@@ -20,7 +20,6 @@ from twisted.web.test.requesthelper import DummyRequest
 from mcptwist.config.model import (
     AuditConfig,
     AuthConfig,
-    BridgeConfig,
     Bucket,
     JWTConfig,
     LimitsConfig,
@@ -30,45 +29,33 @@ from mcptwist.config.model import (
 )
 from mcptwist.config.networks import parse_networks
 from mcptwist.mcp import jsonrpc
-from mcptwist.ops.audit import AuditTrail
-from mcptwist.routing.backends import make_backend
-from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.security.auth import hash_token
 from mcptwist.security.ipfilter import rate_key
-from mcptwist.web.access import AccessControl
 from mcptwist.web.app import BridgeApp
 
-from .fakes import FakeProcessReactor, stub_request
-from .test_auth import validate_iss_2_10_0
+from .support import bridge as harness
+from .support.idp import AUD as AUDIENCE
+from .support.idp import SECRET, validate_iss_2_10_0
+from .support.idp import SECRET_ISSUER as ISSUER
+from .support.messages import INIT, JSON, bearer
 
-SECRET = b"a shared secret of at least thirty-two bytes"
-AUDIENCE = "https://mcp.example.com"
-ISSUER = "https://auth.example.com"
 TOKENS = {"alice": "mcpt_alice_token", "ops": "mcpt_ops_token", "bob": "mcpt_bob_token"}
-JSON = {"accept": "application/json", "content-type": "application/json"}
-INIT = jsonrpc.request(
-    1,
-    "initialize",
-    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-)
 
 
-class Bridge:
+class Bridge(harness.Bridge):
     """Two servers, s and t, behind the gate, with static tokens and JWT."""
 
     def __init__(self, test: SynchronousTestCase, hold: bool = False, **settings: Any) -> None:
-        self.test = test
-        self.reactor = FakeProcessReactor(hold=hold)
         directory = test.mktemp()
         os.makedirs(directory)
         key_file = os.path.join(directory, "jwt.secret")
         with open(key_file, "wb") as f:
             f.write(SECRET)
         self.audit_path = os.path.join(directory, "audit.jsonl")
-        servers = {
-            name: ServerConfig(name=name, command="fake", **settings.pop(f"server_{name}", {}))
+        servers = [
+            ServerConfig(name=name, command="fake", **settings.pop(f"server_{name}", {}))
             for name in ("s", "t")
-        }
+        ]
         auth = AuthConfig(
             tokens=(
                 TokenConfig("alice", hash_token(TOKENS["alice"]), frozenset({"s"})),
@@ -84,32 +71,14 @@ class Bridge:
             resource_url=AUDIENCE,
             authorization_servers=(ISSUER,),
         )
-        self.config = BridgeConfig(servers=servers, auth=auth, **settings)
-        self.audit = AuditTrail(AuditConfig(path=self.audit_path), self.reactor)
-        self.audit.start()
-        self.backends = {
-            n: make_backend(s, self.reactor, {}, self.audit) for n, s in servers.items()
-        }
-        for backend in self.backends.values():
-            backend.startService()
-        self.access = AccessControl.from_config(self.config, self.reactor, self.audit)
-        self.registry = SessionRegistry(
-            self.reactor, 100, caps=self.access.caps, recorder=self.audit
-        )
-        self.app = BridgeApp(self.config, self.backends, self.registry, self.reactor, self.access)
-        self.client = StubTreq(self.app.resource())
-        test.addCleanup(self.close)
+        audit = AuditConfig(path=self.audit_path)
+        super().__init__(test, *servers, hold=hold, auth=auth, audit=audit, **settings)
 
-    def close(self) -> None:
-        self.registry.stopService()
-        self.client.flush()
-        self.audit.stop()
-
-    def request(
+    def request(  # type: ignore[override]
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, Any, Any]:
-        """(status, headers, JSON body) of one request (see L{stub_request})."""
-        return stub_request(self.test, self.client, method, path, body, headers)
+        """(status, headers, JSON body) of one request (see L{exchange})."""
+        return self.exchange(method, path, body, headers)
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         self.audit.flush_refusals(everything=True)
@@ -127,10 +96,6 @@ class ComponentizedRequest(DummyRequest, Componentized):
     def __init__(self, postpath: list[bytes]) -> None:
         DummyRequest.__init__(self, postpath)
         Componentized.__init__(self)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
 
 
 def make_jwt(**claims: Any) -> str:

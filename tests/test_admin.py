@@ -36,12 +36,12 @@ from mcptwist.web.admin import AdminAPI
 from mcptwist.web.admission import Admission, IAdmission
 from mcptwist.web.http import HTTPProblem
 
-from .certs import make_ca, make_server_cert
+from .support.certs import make_ca, make_server_cert
+from .support.messages import JSON_BODY
 
 ADMIN = Principal("ops", "token", frozenset({"*"}), admin=True)
 USER = Principal("alice", "token", frozenset({"*"}), admin=False)
 TOKENS = {"admin-token-123": ADMIN, "user-token-456": USER}
-JSON = {"content-type": "application/json"}
 SESSION = "Zq3-session-id_0123456789abcdefghijklmnopqrstu"
 
 
@@ -262,7 +262,7 @@ class Admin:
     ) -> tuple[int, Any, Any]:
         """(status, headers, JSON body) of one request; a POST is JSON unless told."""
         if headers is None:
-            headers = JSON if method == "POST" else {}
+            headers = JSON_BODY if method == "POST" else {}
         if data is None and body is not None:
             data = json.dumps(body).encode()
         status, response_headers, content = self.raw(method, path, data, headers)
@@ -448,7 +448,7 @@ class LifecycleTests(SynchronousTestCase):
     def test_slow_action_answers_when_done(self) -> None:
         self.admin.control.held = []
         d = self.admin.client.request(
-            "POST", "http://127.0.0.1/admin/servers/s/restart", headers=JSON
+            "POST", "http://127.0.0.1/admin/servers/s/restart", headers=JSON_BODY
         )
         self.admin.client.flush()
         self.assertNoResult(d)
@@ -716,7 +716,7 @@ class ServerConfigTests(SynchronousTestCase):
         )
     )
     def test_any_body_is_never_a_500(self, data: bytes) -> None:
-        status, _, body = self.admin.raw("POST", "/admin/servers", data, JSON)
+        status, _, body = self.admin.raw("POST", "/admin/servers", data, JSON_BODY)
         self.assertIn(status, (201, 400, 409, 422), body)
         answer = json.loads(body)
         if status != 201:

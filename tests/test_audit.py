@@ -33,8 +33,8 @@ from mcptwist.routing.backends import make_backend
 from mcptwist.routing.record import RequestEnded
 from mcptwist.routing.sessions import ClientSession, SessionRegistry
 
-from .fakes import FakeProcessReactor
-from .test_modern_child import GREET_QUESTIONS, ModernReactor, greet, held, input_required
+from .support.children import FakeProcessReactor
+from .support.modern import GREET_QUESTIONS, ModernReactor, greet, held, input_required
 
 TS = 1795305599.123456
 TS_TEXT = "2026-11-21T23:59:59.123456Z"

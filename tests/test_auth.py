@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
 from typing import Any
 
 import jwt
@@ -21,11 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given
 from hypothesis import strategies as st
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.utils import base64url_encode
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -50,17 +48,9 @@ from mcptwist.security.auth import (
     hash_token,
 )
 
-AUD = "https://mcp.example.com"
-ISS = "https://idp.example.com"
-JWKS_URL = "https://idp.example.com/jwks.json"
-
+from .support.idp import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key, validate_iss_2_10_0
 
 # Keys, made once per run
-
-
-@functools.cache
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @functools.cache
@@ -88,28 +78,6 @@ def public_pem(private: Any) -> bytes:
     return pem
 
 
-def claims(**changes: Any) -> dict[str, Any]:
-    """Valid claims for AUD from ISS, with some changed (None: left out)."""
-    now = int(time.time())
-    base: dict[str, Any] = {"sub": "alice", "aud": AUD, "iss": ISS, "iat": now, "exp": now + 300}
-    base.update(changes)
-    return {k: v for k, v in base.items() if v is not None}
-
-
-def validate_iss_2_10_0(self: Any, payload: dict[str, Any], issuer: Any) -> None:
-    """PyJWT 2.10.0's issuer check (CVE-2024-53861): a str issuer is a
-    Sequence, so C{in} took any part of it."""
-    if issuer is None:
-        return
-    if "iss" not in payload:
-        raise jwt.MissingRequiredClaimError("iss")
-    if isinstance(issuer, Sequence):
-        if payload["iss"] not in issuer:
-            raise jwt.InvalidIssuerError("Invalid issuer")
-    elif payload["iss"] != issuer:
-        raise jwt.InvalidIssuerError("Invalid issuer")
-
-
 def segment(value: dict[str, Any]) -> str:
     return base64url_encode(json.dumps(value).encode()).decode()
 
@@ -123,40 +91,6 @@ def hs256_by_hand(secret: bytes, payload: dict[str, Any], **header: Any) -> str:
 
 def unsigned(payload: dict[str, Any]) -> str:
     return f"{segment({'alg': 'none', 'typ': 'JWT'})}.{segment(payload)}."
-
-
-def jwk(private: Any, kid: str, alg: str) -> dict[str, Any]:
-    public = private.public_key()
-    kinds: dict[str, Any] = {"RS256": RSAAlgorithm, "ES256": ECAlgorithm, "EdDSA": OKPAlgorithm}
-    kind = kinds[alg]
-    data: dict[str, Any] = kind.to_jwk(public, as_dict=True)
-    return {**data, "kid": kid, "alg": alg, "use": "sig"}
-
-
-class FakeIdP:
-    """Serves a JWKS to the checker's fetch; counts, holds or fails fetches."""
-
-    def __init__(self, *keys: dict[str, Any]) -> None:
-        self.keys = list(keys)
-        self.calls: list[str] = []
-        self.error: Exception | None = None
-        self.hold = False
-        self.held: list[Deferred[bytes]] = []
-
-    def fetch(self, url: str) -> Deferred[bytes]:
-        self.calls.append(url)
-        if self.hold:
-            d: Deferred[bytes] = Deferred()
-            self.held.append(d)
-            return d
-        if self.error is not None:
-            return fail(self.error)
-        return succeed(json.dumps({"keys": self.keys}).encode())
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for d in held:
-            d.callback(json.dumps({"keys": self.keys}).encode())
 
 
 def assert_secret_kept(test: SynchronousTestCase, failure: Failure, token: str) -> None:

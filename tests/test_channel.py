@@ -16,9 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from mcptwist.config.model import (
-    AuditConfig,
     AuthConfig,
-    BridgeConfig,
     JWTConfig,
     LimitsConfig,
     ListenerConfig,
@@ -27,26 +25,17 @@ from mcptwist.config.model import (
 )
 from mcptwist.config.networks import parse_networks
 from mcptwist.mcp import jsonrpc
-from mcptwist.ops.audit import AuditTrail
 from mcptwist.ops.metrics import Metrics
-from mcptwist.routing.backends import make_backend
-from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.security.auth import hash_token
 from mcptwist.service.site import BridgeSite, MetricsOnly
-from mcptwist.web.access import AccessControl
-from mcptwist.web.app import BridgeApp
 from mcptwist.web.channel import LINGER, ConnectionCounter
 
-from .fakes import FakeProcessReactor
-from .test_auth import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key
+from .support.bridge import Bridge
+from .support.idp import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key
+from .support.messages import INIT
 
 TOKEN = "mcpt_channel_test_token"
 MiB = 1024 * 1024
-INIT = jsonrpc.request(
-    1,
-    "initialize",
-    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-)
 
 
 def parse(data: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -75,7 +64,7 @@ def post_head(path: str, length: int, token: str | None = None, **extra: str) ->
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-class Wire:
+class Wire(Bridge):
     """A site over fake children, and raw connections to it."""
 
     def __init__(
@@ -85,31 +74,18 @@ class Wire:
         fetch: Any = None,
         **limits: Any,
     ) -> None:
-        self.test = test
-        self.reactor = FakeProcessReactor()
         servers = (
             ServerConfig(name="s", command="fake", max_message_size=2 * MiB),
             ServerConfig(name="t", command="fake", max_message_size=128 * 1024),
         )
         if auth is None:
             auth = AuthConfig(tokens=(TokenConfig("user", hash_token(TOKEN)),))
-        self.config = BridgeConfig(
-            servers={s.name: s for s in servers},
-            auth=auth,
-            insecure=True,
-            limits=LimitsConfig(**limits),
+        super().__init__(
+            test, *servers, fetch=fetch, auth=auth, insecure=True, limits=LimitsConfig(**limits)
         )
         self.metrics = Metrics()
-        self.audit = AuditTrail(AuditConfig(), self.reactor)
         self.audit.metrics = self.metrics
-        self.access = AccessControl.from_config(self.config, self.reactor, self.audit, fetch)
-        self.backends = {s.name: make_backend(s, self.reactor, {}) for s in servers}
-        for backend in self.backends.values():
-            backend.startService()
-        self.registry = SessionRegistry(self.reactor, self.config.max_sessions)
-        self.app = BridgeApp(self.config, self.backends, self.registry, self.reactor, self.access)
         self.site = self.make_site(self.app.resource())
-        test.addCleanup(self.registry.stopService)
 
     def make_site(self, resource: Any) -> BridgeSite:
         site = BridgeSite(resource, reactor=self.reactor, parsePOSTFormSubmission=False)

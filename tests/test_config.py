@@ -23,7 +23,7 @@ from mcptwist.config.model import (
     default_config,
 )
 
-from .certs import make_ca, make_server_cert
+from .support.certs import make_ca, make_server_cert
 
 
 def endpoints(config: BridgeConfig) -> tuple[str, ...]:

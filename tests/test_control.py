@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.config.load import parse_config
@@ -20,12 +19,11 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.routing.upstream import CapacityError
 from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor
+from .support.bridge import Service
 
 
 class ControlTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = FakeProcessReactor()
         servers = {
             "s": ServerConfig(name="s", command="fake"),
             "p": ServerConfig(name="p", command="fake", sharing="session"),
@@ -34,15 +32,9 @@ class ControlTests(SynchronousTestCase):
             name="fake", command="fake", args=("--serve",), env={"API_KEY": "secret-value"}
         )
         config = BridgeConfig(servers=servers, admin=AdminConfig(commands={"fake": fake}))
-        self.service = BridgeService(config, self.reactor, {"SECRET": "from-the-environment"})
-        self.service.startService()
-        self.addCleanup(self.stop)
+        bridge = Service(self, config, {"SECRET": "from-the-environment"})
+        self.reactor, self.service = bridge.reactor, bridge.service
         self.control = self.service.control
-
-    def stop(self) -> None:
-        if self.service.running:
-            self.service.stopService()
-            self.reactor.advance(10)
 
     def result(self, d: Any) -> Any:
         self.reactor.advance(0)
@@ -186,18 +178,11 @@ class AdminSwitchTests(SynchronousTestCase):
     """[admin] enabled = false: nothing under /admin is served, to anyone."""
 
     def status(self, enabled: bool) -> int:
-        reactor = FakeProcessReactor()
         config = BridgeConfig(
             servers={"s": ServerConfig(name="s", command="fake")},
             admin=AdminConfig(enabled=enabled),
         )
-        service = BridgeService(config, reactor, {})
-        service.startService()
-        self.addCleanup(service.stopService)
-        client = StubTreq(service.resource)
-        d = client.get("http://127.0.0.1/admin/servers")
-        client.flush()
-        code: int = self.successResultOf(d).code
+        code: int = Service(self, config).request("GET", "/admin/servers").code
         return code
 
     def test_off(self) -> None:
@@ -212,13 +197,10 @@ class AddedServerTests(SynchronousTestCase):
         from mcptwist.config.model import AuthConfig, TokenConfig
         from mcptwist.security.auth import hash_token
 
-        reactor = FakeProcessReactor()
         auth = AuthConfig(tokens=(TokenConfig("t", hash_token("mcpt_t")),))
         servers = {"s": ServerConfig(name="s", command="fake")}
         admin = AdminConfig(commands={"fake": CommandConfig("fake", "fake")})
-        service = BridgeService(BridgeConfig(servers=servers, auth=auth, admin=admin), reactor, {})
-        service.startService()
-        self.addCleanup(lambda: (service.stopService(), reactor.advance(10)))
+        service = Service(self, BridgeConfig(servers=servers, auth=auth, admin=admin)).service
         service.control.add_server("x", {"command": "fake"})
         service.control.add_server("y", {"command": "fake", "stderr_in_errors": True})
         self.assertFalse(service.backends["x"].server.stderr_in_errors)

@@ -18,7 +18,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from treq.testing import StubTreq
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mcptwist.config.keys import digest_text
@@ -26,9 +25,9 @@ from mcptwist.config.load import load_config
 from mcptwist.config.model import ConfigError
 from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token
-from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor
+from .support.bridge import Service
+from .support.messages import BOTH, INIT, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -174,21 +173,10 @@ class DockerfileTests(SynchronousTestCase):
         nothing but /health, and the token opens the servers, not the admin API."""
         _, file = self.installed_config()
         config = load_config(file, {"MCPTWIST_TOKEN_HASH": digest_text(hash_token(TOKEN))})
-        reactor = FakeProcessReactor()
-        service = BridgeService(config, reactor, {})
-        service.startService()
-        self.addCleanup(service.stopService)
-        client = StubTreq(service.resource)
-        token = {"authorization": f"Bearer {TOKEN}"}
-        initialize = jsonrpc.dumps(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {"protocolVersion": "2025-06-18", "capabilities": {}},
-            }
-        )
-        mcp = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+        client = Service(self, config).client
+        token = bearer(TOKEN)
+        initialize = jsonrpc.dumps(INIT)
+        mcp = BOTH
 
         def status(
             method: str, path: str, headers: dict[str, str], data: bytes | None = None

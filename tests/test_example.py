@@ -26,12 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.example._stdio import (
-    RequestContext,
-    ResourceTemplate,
-    check_arguments,
-)
+from mcptwist.example.kit import check_arguments
 from mcptwist.example.server import MAX_INT_BITS, CalculationError, evaluate
+
+from .fixtures.kit import RequestContext, ResourceTemplate
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -857,7 +855,7 @@ class ConformanceFixtureTests(ServerTestMixin, SynchronousTestCase):
 
 KIT_SERVER = """
 import math
-from mcptwist.example._stdio import McpError, StdioServer
+from mcptwist.example.kit import McpError, StdioServer
 
 server = StdioServer("kit", "0", max_message_size=1000)
 

@@ -35,7 +35,7 @@ from mcptwist.config.model import (
 from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, Principal, hash_token
 from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor
+from .support.children import FakeProcessReactor
 
 # token -> (name, servers, admin)
 TOKENS: dict[str, tuple[str, frozenset[str], bool]] = {

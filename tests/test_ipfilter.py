@@ -26,7 +26,7 @@ from mcptwist.security.ipfilter import (
     listening_factory,
 )
 from mcptwist.security.tls import ReloadableTLS
-from tests.test_tls import cert_dir, client_context, listen, make_site, run
+from tests.support.tls import cert_dir, client_context, listen, make_site, run
 
 
 def nets(*values: str) -> tuple[Network, ...]:

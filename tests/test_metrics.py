@@ -31,7 +31,8 @@ from mcptwist.ops.metrics import (
     auth_reason,
     exit_reason,
 )
-from mcptwist.routing.record import RequestEnded
+
+from .support.router import ended
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -356,25 +357,6 @@ class SessionTests(SynchronousTestCase):
         )
 
 
-def ended(**changes: Any) -> RequestEnded:
-    """A tools/call that ended well after 1.5s."""
-    base = RequestEnded(
-        session="abc",
-        server="files",
-        principal="alice",
-        peer="192.0.2.7",
-        method="tools/call",
-        name="read",
-        arg_size=2,
-        arg_sha256="",
-        status="ok",
-        error_code=None,
-        latency_ms=1500.0,
-        child_pid=4242,
-    )
-    return attrs.evolve(base, **changes)
-
-
 class RecorderTests(SynchronousTestCase):
     """The metrics count what the core reports, by the labels they always had."""
 
@@ -646,7 +628,7 @@ class MetricsListenerTests(SynchronousTestCase):
         from mcptwist.config.model import BridgeConfig, ListenerConfig, MetricsConfig, ServerConfig
         from mcptwist.service.bridge import BridgeService
 
-        from .fakes import FakeProcessReactor
+        from .support.children import FakeProcessReactor
 
         if config is None:
             config = BridgeConfig(

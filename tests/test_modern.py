@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
@@ -15,120 +14,13 @@ from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.era import MODERN, agreed_filter
 from mcptwist.mcp.jsonrpc import Message, RequestId
 from mcptwist.ops.audit import AuditTrail
-from mcptwist.routing.stateless import ModernCall, StatelessSink
-from mcptwist.web.modern import MAX_LISTEN_URIS, MAX_LISTENS, HTTPResponder
+from mcptwist.web.modern import MAX_LISTEN_URIS, MAX_LISTENS
 
-from .fakes import FakeChild
-from .test_sse import decode
-from .test_web import JSON, Bridge
+from .support.bridge import Bridge, Client, send
+from .support.children import FakeChild
+from .support.messages import JSON, call, events, headers, modern
 
-ACCEPT_BOTH = "application/json, text/event-stream"
 SERVER_INFO = {"name": "fake", "version": "1.0"}
-
-
-def modern(
-    id: RequestId,
-    method: str,
-    params: dict[str, Any] | None = None,
-    caps: dict[str, Any] | None = None,
-    level: str | None = None,
-) -> Message:
-    """A request as a 2026-07-28 client sends it."""
-    params = dict(params or {})
-    meta: dict[str, Any] = dict(params.get("_meta") or {})
-    meta.update(
-        {
-            era.META_VERSION: MODERN,
-            era.META_CAPABILITIES: caps if caps is not None else {},
-            era.META_CLIENT: {"name": "modern-client", "version": "1"},
-        }
-    )
-    if level is not None:
-        meta[era.META_LOG_LEVEL] = level
-    params["_meta"] = meta
-    return jsonrpc.request(id, method, params)
-
-
-def call(id: RequestId, name: str = "echo", **params: Any) -> Message:
-    caps = params.pop("caps", {"elicitation": {}})
-    return modern(id, "tools/call", {"name": name, "arguments": {"x": 1}, **params}, caps)
-
-
-def headers(message: Message, accept: str = ACCEPT_BOTH, **extra: str) -> dict[str, str]:
-    found = {
-        "accept": accept,
-        "content-type": "application/json",
-        "mcp-protocol-version": MODERN,
-        "mcp-method": message["method"],
-    }
-    named = era.NAMED_PARAM.get(message["method"])
-    if named is not None:
-        found["mcp-name"] = str(message["params"][named])
-    found.update(extra)
-    return found
-
-
-def events(chunks: list[bytes]) -> list[Message]:
-    """The JSON-RPC messages of an SSE response's chunks."""
-    return [jsonrpc.loads(e["data"]) for e in decode(b"".join(chunks)) if e["data"]]
-
-
-def send(bridge: Bridge, message: Message, headers: dict[str, str]) -> Deferred[Any]:
-    """POST a message to server s; the Deferred fires with the response, maybe later."""
-    treq: Any = bridge.client
-    d: Deferred[Any] = treq.request(
-        "POST", "http://127.0.0.1/servers/s/mcp", data=jsonrpc.dumps(message), headers=headers
-    )
-    treq.flush()
-    return d
-
-
-class Client:
-    """A 2026-07-28 client of a bridge over fake children."""
-
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
-        self.test = bridge.test
-
-    @property
-    def child(self) -> FakeChild:
-        return self.bridge.reactor.child
-
-    def start(self, message: Message, accept: str = ACCEPT_BOTH, **extra: str) -> Deferred[Any]:
-        """Send a request whose answer may come later; the Deferred fires with the response."""
-        return send(self.bridge, message, headers(message, accept, **extra))
-
-    def post(self, message: Message, accept: str = ACCEPT_BOTH, **extra: str) -> tuple[int, Any]:
-        """Send a request answered at once: (status, JSON body)."""
-        response = self.test.successResultOf(self.start(message, accept, **extra))
-        return response.code, self.bridge.json(response)
-
-    def finish(self, d: Deferred[Any]) -> tuple[int, Any]:
-        """The status and JSON body of a request answered by now."""
-        self.bridge.client.flush()
-        response = self.test.successResultOf(d)
-        self.test.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
-        return response.code, self.bridge.json(response)
-
-    def held(self, method: str) -> Message:
-        """The one request of this method the child holds."""
-        [found] = [m for m in self.child.held if m["method"] == method]
-        return found
-
-    def calls(self) -> list[ModernCall]:
-        calls: list[ModernCall] = []
-        for hub in self.bridge.registry.sessions.values():
-            if isinstance(hub.sink, StatelessSink):
-                calls += hub.sink.calls
-        return calls
-
-    def hang_up(self) -> None:
-        """The client closes every response of a call that is still open."""
-        for c in self.calls():
-            responder = c.responder
-            assert isinstance(responder, HTTPResponder)
-            responder.request.channel.transport.loseConnection()
-        self.bridge.client.flush()
 
 
 def session_bridge(test: SynchronousTestCase, capabilities: dict[str, Any]) -> Bridge:

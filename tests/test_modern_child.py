@@ -23,54 +23,20 @@ from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import ModernCall, StatelessSink, StateSigner
 from mcptwist.routing.upstream import BRIDGE_CAPABILITIES, Upstream
 
-from .fakes import FakeChild, FakeProcessReactor
-from .test_routing import FakeSession, call, initialize, send
+from .support.children import FakeChild
+from .support.messages import modern
+from .support.modern import (
+    DISCOVER,
+    GREET_QUESTIONS,
+    SERVER_INFO,
+    ModernReactor,
+    greet,
+    held,
+    input_required,
+)
+from .support.router import FakeSession, call, initialize, send
 
-SERVER_INFO = {"name": "modern-fake", "version": "2.0"}
-DISCOVER: dict[str, Any] = {
-    "resultType": "complete",
-    "supportedVersions": [era.MODERN],
-    "capabilities": {
-        "tools": {"listChanged": True},
-        "resources": {"subscribe": True},
-        "logging": {},
-    },
-    "instructions": "a modern fake",
-    "ttlMs": 0,
-    "cacheScope": "private",
-    "_meta": {era.META_SERVER: SERVER_INFO},
-}
 BOTH = {"sampling": {}, "elicitation": {}}
-GREET_QUESTIONS: dict[str, Any] = {
-    "name": {
-        "method": "elicitation/create",
-        "params": {"message": "What is your name?", "requestedSchema": {"type": "object"}},
-    },
-    "motto": {
-        "method": "sampling/createMessage",
-        "params": {"messages": [{"role": "user", "content": {"type": "text", "text": "?"}}]},
-    },
-}
-
-
-class ModernReactor(FakeProcessReactor):
-    """Children that answer C{server/discover} with L{discover} (unless it is
-    None) and C{initialize} as the session era does; everything else waits in
-    C{child.held}."""
-
-    def __init__(self, discover: dict[str, Any] | None = DISCOVER) -> None:
-        super().__init__(hold=True)
-        self.discover = discover
-
-    def on_message(self, child: FakeChild, message: Message) -> None:
-        if "method" not in message or "id" not in message:
-            return
-        if message["method"] == "server/discover" and self.discover is not None:
-            child.send(jsonrpc.result(message["id"], copy.deepcopy(self.discover)))
-        elif message["method"] == "initialize":
-            child.answer(message)
-        else:
-            child.held.append(message)
 
 
 def server(**kwargs: Any) -> ServerConfig:
@@ -96,10 +62,6 @@ def one_client(
     return reactor, upstream, a
 
 
-def held(child: FakeChild, method: str) -> list[Message]:
-    return [m for m in child.held if m["method"] == method]
-
-
 def questions(session: FakeSession) -> list[tuple[Message, RequestId | None]]:
     """The server-to-client requests a session was sent, with their related id."""
     return [(m, r) for m, r in session.got if "method" in m and "id" in m]
@@ -110,36 +72,15 @@ def responses_to(session: FakeSession, id: RequestId) -> list[Message]:
     return [m for m, _ in session.got if "method" not in m and m["id"] == id]
 
 
-def input_required(inputs: dict[str, Any], state: Any = "state-1") -> dict[str, Any]:
-    result: dict[str, Any] = {"resultType": "input_required", "inputRequests": inputs}
-    if state is not None:
-        result["requestState"] = state
-    return result
-
-
 def answer_for(message: Message) -> dict[str, Any]:
     if message["method"] == "elicitation/create":
         return {"action": "accept", "content": {"name": "Ada"}}
     return {"role": "assistant", "content": {"type": "text", "text": "Onward"}, "model": "m"}
 
 
-def greet(id: RequestId = 5, token: Any = None) -> Message:
-    params: dict[str, Any] = {"name": "greet", "arguments": {"loud": True}}
-    if token is not None:
-        params["_meta"] = {"progressToken": token}
-    return jsonrpc.request(id, "tools/call", params)
-
-
 def modern_request(id: RequestId, method: str, params: dict[str, Any] | None = None) -> Message:
-    """A request as a 2026-07-28 client sends it, with the revision's _meta."""
-    params = dict(params or {})
-    params["_meta"] = {
-        era.META_VERSION: era.MODERN,
-        era.META_CAPABILITIES: {"elicitation": {}},
-        era.META_CLIENT: {"name": "modern-client", "version": "1"},
-        era.META_LOG_LEVEL: "info",
-    }
-    return jsonrpc.request(id, method, params)
+    """A request as a 2026-07-28 client that takes elicitations sends it, at log level info."""
+    return modern(id, method, params, caps={"elicitation": {}}, level="info")
 
 
 class HandshakeTests(SynchronousTestCase):

@@ -7,14 +7,13 @@ import signal
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from mcptwist.child.process import Child
 from mcptwist.child.supervisor import ChildState, Supervisor
 from mcptwist.config.model import RestartPolicy, ServerConfig
-from mcptwist.mcp import jsonrpc
+
+from .support.children import Owner
 
 # Forks a grandchild that leaves the process group (setsid) while holding the
 # child's stdout, reports the grandchild's pid on stderr, then exits with 3.
@@ -29,30 +28,6 @@ sys.stderr.write(f"grandchild {pid}\\n")
 sys.stderr.flush()
 os._exit(3)
 """
-
-
-class Owner:
-    """A child's owner that records what it is told of its end, and when."""
-
-    def __init__(self) -> None:
-        self.lost: list[str] = []
-        self.lost_at: list[float] = []
-        self.lost_once: Deferred[None] = Deferred()
-
-    def child_spawned(self, child: Child) -> None:
-        pass
-
-    def child_message(self, child: Child, message: jsonrpc.Message) -> None:
-        pass
-
-    def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None:
-        pass
-
-    def child_lost(self, child: Child, why: str) -> None:
-        self.lost.append(why)
-        self.lost_at.append(reactor.seconds())
-        if not self.lost_once.called:
-            self.lost_once.callback(None)
 
 
 class EscapedGrandchildTests(TestCase):

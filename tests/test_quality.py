@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_DIRS = ("tests", "tests/support", "tests/fixtures", "tests/integration")
 
 
 def tool(name: str) -> str:
@@ -62,3 +65,46 @@ class QualityTests(SynchronousTestCase):
             [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env
         )
         self.assertEqual((result.returncode, result.stdout), (0, ""), result.stderr)
+
+
+def imported_modules(path: Path) -> list[str]:
+    """The dotted names of the modules a file imports, relative ones resolved."""
+    package = path.parent.relative_to(ROOT).parts
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join([*package[: len(package) - node.level + 1], node.module or ""])
+            else:
+                base = node.module or ""
+            base = base.rstrip(".")
+            found += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    return found
+
+
+class TestLayoutTests(SynchronousTestCase):
+    def test_no_test_module_imports_another(self) -> None:
+        """What tests share lives in support modules: a test module runs, moves
+        and goes alone."""
+        imports = []
+        for directory in TEST_DIRS:
+            for path in sorted((ROOT / directory).glob("*.py")):
+                for name in imported_modules(path):
+                    parts = name.split(".")
+                    if parts[0] == "tests" and any(p.startswith("test_") for p in parts):
+                        imports.append(f"{path.relative_to(ROOT)}: {name}")
+        self.assertEqual(imports, [])
+
+    def test_test_case_names_name_test_modules(self) -> None:
+        """Each source file's test-case-name header names test modules that exist."""
+        header = re.compile(r"^# -\*- test-case-name: (.+) -\*-$", re.MULTILINE)
+        missing = []
+        for path in sorted([*(ROOT / "src").rglob("*.py"), *(ROOT / "twisted").rglob("*.py")]):
+            for found in header.findall(path.read_text()):
+                for name in found.split(","):
+                    module = ROOT / (name.strip().replace(".", "/") + ".py")
+                    if not module.exists():
+                        missing.append(f"{path.relative_to(ROOT)}: {name.strip()}")
+        self.assertEqual(missing, [])

@@ -8,7 +8,6 @@ from typing import Any
 
 import attrs
 import orjson
-from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,10 +19,10 @@ from mcptwist.ops.record import Recorders
 from mcptwist.routing.record import RequestEnded
 from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor, stub_request
-from .test_metrics import ended
+from .support.bridge import Service
+from .support.messages import JSON
+from .support.router import ended
 
-JSON = {"accept": "application/json", "content-type": "application/json"}
 INIT = jsonrpc.request(
     0,
     "initialize",
@@ -109,36 +108,23 @@ class BridgeTests(SynchronousTestCase):
         directory = self.mktemp()
         os.makedirs(directory)
         self.audit_path = os.path.join(directory, "audit.jsonl")
-        self.reactor = FakeProcessReactor()
         self.config = BridgeConfig(
             servers={"s": ServerConfig(name="s", command="fake")},
             listeners=(),
             audit=AuditConfig(path=self.audit_path if audit else None),
             metrics=MetricsConfig(enabled=metrics),
         )
-        service = BridgeService(self.config, self.reactor, {})
-        service.privilegedStartService()
-        service.startService()
-        self.client = StubTreq(service.resource)
-
-        def stop() -> None:
-            service.stopService()
-            self.client.flush()
-            self.reactor.advance(10)
-
-        self.addCleanup(stop)
-        return service
+        self.bridge = Service(self, self.config)
+        return self.bridge.service
 
     def session(self) -> str:
-        status, headers, _ = stub_request(self, self.client, "POST", "/servers/s/mcp", INIT, JSON)
+        status, headers, _ = self.bridge.exchange("POST", "/servers/s/mcp", INIT, JSON)
         self.assertEqual(status, 200)
         [session_id] = headers.getRawHeaders("mcp-session-id")
         return str(session_id)
 
     def call(self, session_id: str) -> None:
-        status, _, body = stub_request(
-            self,
-            self.client,
+        status, _, body = self.bridge.exchange(
             "POST",
             "/servers/s/mcp",
             CALL,

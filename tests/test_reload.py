@@ -12,7 +12,6 @@ import attrs
 import jwt
 from hypothesis import given
 from hypothesis import strategies as st
-from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed
 
@@ -26,28 +25,16 @@ from mcptwist.config.model import (
 )
 from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token, revoked
-from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor, stub_request
-
-SECRET = b"a shared secret of at least thirty-two bytes"
-AUDIENCE = "https://mcp.example.com"
-ISSUER = "https://auth.example.com"
-JSON = {"accept": "application/json", "content-type": "application/json"}
-STREAM = {"accept": "text/event-stream"}
-INIT = jsonrpc.request(
-    1,
-    "initialize",
-    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-)
+from .support.bridge import Service
+from .support.idp import AUD as AUDIENCE
+from .support.idp import SECRET
+from .support.idp import SECRET_ISSUER as ISSUER
+from .support.messages import JSON, STREAM, bearer
 
 
 def token(name: str, secret: str, *servers: str) -> TokenConfig:
     return TokenConfig(name, hash_token(secret), frozenset(servers or ("*",)))
-
-
-def bearer(secret: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {secret}"}
 
 
 def make_jwt(**claims: Any) -> str:
@@ -68,7 +55,6 @@ class Bridge:
 
     def __init__(self, test: SynchronousTestCase, auth: AuthConfig) -> None:
         self.test = test
-        self.reactor = FakeProcessReactor()
         directory = test.mktemp()
         os.makedirs(directory)
         self.key_file = os.path.join(directory, "jwt.secret")
@@ -82,22 +68,15 @@ class Bridge:
             auth=self.with_key(auth),
             audit=AuditConfig(path=self.audit_path),
         )
-        self.service = BridgeService(self.config, self.reactor, {})
-        self.service.privilegedStartService()
-        self.service.startService()
-        self.client = StubTreq(self.service.resource)
-        test.addCleanup(self.stop)
+        self.harness = Service(test, self.config)
+        self.service = self.harness.service
+        self.client = self.harness.client
 
     def with_key(self, auth: AuthConfig) -> AuthConfig:
         """C{auth} with the test's key file for its JWT settings."""
         if auth.jwt is None:
             return auth
         return attrs.evolve(auth, jwt=attrs.evolve(auth.jwt, key_file=self.key_file))
-
-    def stop(self) -> None:
-        self.service.stopService()
-        self.client.flush()
-        self.reactor.advance(10)
 
     def reload(self, auth: AuthConfig) -> dict[str, Any]:
         d = self.service.apply(attrs.evolve(self.config, auth=self.with_key(auth)))
@@ -109,22 +88,11 @@ class Bridge:
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, Any, Any]:
-        return stub_request(self.test, self.client, method, path, body, headers)
+        return self.harness.exchange(method, path, body, headers)
 
     def session(self, server: str, credentials: dict[str, str]) -> str:
         """A Streamable HTTP session, initialized."""
-        status, headers, _ = self.request(
-            "POST", f"/servers/{server}/mcp", INIT, {**JSON, **credentials}
-        )
-        self.test.assertEqual(status, 200)
-        [session_id] = headers.getRawHeaders("mcp-session-id")
-        self.request(
-            "POST",
-            f"/servers/{server}/mcp",
-            jsonrpc.notification("notifications/initialized"),
-            {**JSON, "mcp-session-id": session_id, **credentials},
-        )
-        return str(session_id)
+        return self.harness.open_session(server, headers=credentials)
 
     def ping(self, server: str, session_id: str, credentials: dict[str, str]) -> int:
         status, _, _ = self.request(

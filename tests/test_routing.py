@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs
@@ -13,76 +12,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist.child.supervisor import ChildState
 from mcptwist.config.model import RestartPolicy, ServerConfig
 from mcptwist.mcp import jsonrpc
-from mcptwist.mcp.jsonrpc import Message, RequestId
 from mcptwist.routing.backends import SessionBackend, SharedBackend
-from mcptwist.routing.record import Status
-from mcptwist.routing.upstream import ABANDONED_GRACE, Pending, Upstream, oversize_response_id
+from mcptwist.routing.upstream import ABANDONED_GRACE, Upstream, oversize_response_id
 
-from .fakes import INIT_RESULT, FakeProcessReactor
-
-
-@attrs.define(eq=False)
-class FakeSession:
-    id: str
-    protocol_version: str | None = None
-    capabilities: dict[str, Any] = attrs.field(factory=dict)
-    client_info: dict[str, Any] = attrs.field(factory=dict)
-    log_level: str | None = None
-    stateless: bool = False
-    got: list[tuple[Message, RequestId | None]] = attrs.field(factory=list)
-    cancelled_ids: list[RequestId] = attrs.field(factory=list)
-    # Its requests the router holds, and how each that ended did.
-    in_flight: int = 0
-    ended: list[tuple[RequestId | None, Status, int | None]] = attrs.field(factory=list)
-
-    def deliver(
-        self, message: Message, related: RequestId | None, encoded: bytes | None = None
-    ) -> None:
-        if encoded is not None:
-            assert jsonrpc.loads(encoded) == message
-        self.got.append((message, related))
-
-    def cancelled(self, request_id: RequestId) -> None:
-        self.cancelled_ids.append(request_id)
-
-    def request_started(self, request: Pending, message: Message) -> None:
-        self.in_flight += 1
-
-    def request_ended(self, request: Pending, status: Status, error_code: int | None) -> None:
-        self.in_flight -= 1
-        self.ended.append((request.client_id, status, error_code))
-
-    def responses(self) -> dict[RequestId, Message]:
-        return {m["id"]: m for m, _ in self.got if "method" not in m}
-
-    def notifications(self, method: str) -> list[Message]:
-        return [m for m, _ in self.got if m.get("method") == method and "id" not in m]
-
-
-def send(upstream: Upstream, session: FakeSession, message: Message) -> None:
-    upstream.handle(session, message, jsonrpc.classify(message))
-
-
-def initialize(
-    upstream: Upstream,
-    session: FakeSession,
-    version: str = "2025-11-25",
-    caps: dict[str, Any] | None = None,
-) -> Message:
-    send(
-        upstream,
-        session,
-        jsonrpc.request(
-            0,
-            "initialize",
-            {
-                "protocolVersion": version,
-                "capabilities": caps or {},
-                "clientInfo": {"name": session.id},
-            },
-        ),
-    )
-    return session.responses()[0]
+from .support.children import INIT_RESULT, FakeProcessReactor
+from .support.router import FakeSession, call, initialize, send
 
 
 def make(reactor: FakeProcessReactor, **kwargs: Any) -> Upstream:
@@ -102,13 +36,6 @@ def one_client(
     upstream.attach(a)
     initialize(upstream, a)
     return reactor, upstream, a
-
-
-def call(id: RequestId, text: str, token: Any = None) -> Message:
-    params: dict[str, Any] = {"name": "echo", "arguments": {"text": text}}
-    if token is not None:
-        params["_meta"] = {"progressToken": token}
-    return jsonrpc.request(id, "tools/call", params)
 
 
 class HandshakeTests(SynchronousTestCase):

@@ -25,7 +25,7 @@ from mcptwist.routing.sessions import ClientSession
 from mcptwist.service.bridge import BridgeService
 from mcptwist.service.listener import ListenerError
 
-from .fakes import FakeChild, FakeProcessReactor
+from .support.children import FakeChild, FakeProcessReactor
 
 
 class Port:

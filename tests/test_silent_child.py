@@ -27,10 +27,9 @@ from mcptwist.routing.backends import SharedBackend
 from mcptwist.routing.upstream import Upstream
 from mcptwist.service.bridge import BridgeService
 
-from .fakes import FakeProcessReactor
-from .test_process import Owner
-from .test_routing import FakeSession, call, initialize, send
-from .test_web import Bridge
+from .support.bridge import Bridge
+from .support.children import FakeProcessReactor, Owner
+from .support.router import FakeSession, call, initialize, send
 
 TIMEOUT = 30.0
 POLICY = RestartPolicy(initial_delay=1, max_delay=8, crash_limit=3, crash_window=60)

@@ -19,30 +19,7 @@ from mcptwist.web.sse import (
     parse_event_id,
 )
 
-
-def decode(stream: bytes) -> list[dict[str, str]]:
-    """A minimal SSE parser, as the WHATWG spec describes, for checking the encoder."""
-    events = []
-    for block in stream.decode().split("\n\n"):
-        if not block:
-            continue
-        event: dict[str, str] = {}
-        data: list[str] = []
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                continue
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "retry" and not value.isdigit():
-                continue
-            if field == "data":
-                data.append(value)
-            else:
-                event[field] = value
-        if data or event:
-            event["data"] = "\n".join(data)
-            events.append(event)
-    return events
+from .support.messages import decode
 
 
 class DummyTransportRequest(DummyRequest):

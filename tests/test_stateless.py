@@ -35,9 +35,9 @@ from mcptwist.routing.stateless import (
 from mcptwist.routing.upstream import ABANDONED_GRACE
 from mcptwist.security.auth import hash_token
 
-from .fakes import FakeChild
-from .test_modern import Client, call, events, modern, send
-from .test_web import BOTH, Bridge
+from .support.bridge import Bridge, Client, send
+from .support.children import FakeChild
+from .support.messages import BOTH, call, events, modern
 
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 NAME = {"action": "accept", "content": {"name": "Ada"}}

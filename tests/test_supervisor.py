@@ -10,7 +10,7 @@ from mcptwist.child.supervisor import ChildState
 from mcptwist.config.model import RestartPolicy, ServerConfig
 from mcptwist.routing.upstream import Upstream
 
-from .fakes import FakeProcessReactor
+from .support.children import FakeProcessReactor
 
 
 def make(reactor: FakeProcessReactor, **kwargs: object) -> Upstream:

@@ -2,94 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseFailed
 
-from mcptwist.config.model import BridgeConfig, RestartPolicy, ServerConfig
+from mcptwist.config.model import RestartPolicy, ServerConfig
 from mcptwist.mcp import jsonrpc
-from mcptwist.routing.backends import make_backend
-from mcptwist.routing.sessions import SessionRegistry
-from mcptwist.web.app import BridgeApp
 
-from .fakes import FakeProcessReactor
-from .test_sse import decode
-
-BOTH = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
-JSON = {"accept": "application/json", "content-type": "application/json"}
-INIT = jsonrpc.request(
-    1,
-    "initialize",
-    {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-)
-
-
-class Bridge:
-    """An app over fake children, and a client in front of it."""
-
-    def __init__(
-        self, test: SynchronousTestCase, *servers: ServerConfig, hold: bool = False, **settings: Any
-    ) -> None:
-        self.test = test
-        self.reactor = FakeProcessReactor(hold=hold)
-        servers = servers or (ServerConfig(name="s", command="fake"),)
-        self.config = BridgeConfig(servers={s.name: s for s in servers}, **settings)
-        self.backends = {s.name: make_backend(s, self.reactor, {}) for s in servers}
-        for backend in self.backends.values():
-            backend.startService()
-        self.registry = SessionRegistry(self.reactor, self.config.max_sessions)
-        self.app = BridgeApp(self.config, self.backends, self.registry, self.reactor)
-        self.client = StubTreq(self.app.resource())
-        test.addCleanup(self.close)
-
-    def close(self) -> None:
-        """End every session, so that no stream outlives its test."""
-        self.registry.stopService()
-        self.client.flush()
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-        raw: bytes | None = None,
-    ) -> Any:
-        data = raw if raw is not None else (jsonrpc.dumps(body) if body is not None else None)
-        d = self.client.request(method, "http://127.0.0.1" + path, data=data, headers=headers or {})
-        self.client.flush()
-        return self.test.successResultOf(d)
-
-    def content(self, response: Any) -> bytes:
-        d = self.client.content(response)
-        self.client.flush()
-        return self.test.successResultOf(d)  # type: ignore[no-any-return]
-
-    def json(self, response: Any) -> Any:
-        return jsonrpc.loads(self.content(response))
-
-    def open_session(self, server: str = "s", init: jsonrpc.Message = INIT) -> str:
-        response = self.request("POST", f"/servers/{server}/mcp", init, JSON)
-        self.test.assertEqual(response.code, 200)
-        [session_id] = response.headers.getRawHeaders("mcp-session-id")
-        self.json(response)
-        self.request(
-            "POST",
-            f"/servers/{server}/mcp",
-            jsonrpc.notification("notifications/initialized"),
-            {**JSON, "mcp-session-id": session_id},
-        )
-        return str(session_id)
-
-    def stream(self, response: Any) -> list[bytes]:
-        chunks: list[bytes] = []
-        d = self.client.collect(response, chunks.append)
-        # A stream that the test cuts off ends with ResponseFailed.
-        d.addErrback(lambda f: f.trap(ResponseFailed))
-        self.client.flush()
-        return chunks
+from .support.bridge import Bridge
+from .support.messages import BOTH, INIT, JSON, decode
 
 
 class StreamableTests(SynchronousTestCase):
@@ -259,29 +178,6 @@ class StreamableTests(SynchronousTestCase):
             "POST", "/servers/s/mcp", jsonrpc.request(5, "ping"), {**JSON, "mcp-session-id": sid}
         )
         self.assertEqual(bridge.json(good)["result"], {})
-
-    def test_session_with_a_request_in_flight_is_not_reaped(self) -> None:
-        bridge = Bridge(
-            self, ServerConfig(name="s", command="fake", session_idle_timeout=60), hold=True
-        )
-        sid = bridge.open_session()
-        d = bridge.client.request(
-            "POST",
-            "http://127.0.0.1/servers/s/mcp",
-            data=jsonrpc.dumps(jsonrpc.request(2, "tools/call", {"name": "slow"})),
-            headers={**JSON, "mcp-session-id": sid},
-        )
-        bridge.client.flush()
-        bridge.reactor.advance(100)
-        bridge.registry.reap()
-        child = bridge.reactor.child
-        child.answer(child.held[0])
-        bridge.client.flush()
-        response = self.successResultOf(d)
-        self.assertIn("result", bridge.json(response))
-        bridge.reactor.advance(100)
-        bridge.registry.reap()
-        self.assertEqual(bridge.registry.sessions, {}, "idle once answered: reaped")
 
     def test_priming_id_never_ahead_of_replayed_events(self) -> None:
         bridge = Bridge(self)

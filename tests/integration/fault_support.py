@@ -9,6 +9,8 @@ synchronous trial test; trial runs no reactor for those), speak raw
 JSON-RPC over C{httpx2} and bound every wait, so that a test never hangs:
 L{StreamableClient} (Streamable HTTP, answers as JSON or SSE) and
 L{LegacyClient} (HTTP+SSE: one GET stream, answers routed by id).
+L{FaultTestMixin} makes calls through the official SDK's client instead, in
+a process of its own.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from . import harness as h
 
 PROTOCOL = "2025-11-25"
 ACCEPT_BOTH = "application/json, text/event-stream"
-FIXTURE = str(h.HERE / "fault_fixture.py")
-STDIO_FIXTURE = str(h.HERE / "stdio_fixture.py")
+FIXTURE = str(h.FIXTURES / "fault_fixture.py")
+STDIO_FIXTURE = str(h.FIXTURES / "stdio_fixture.py")
+FAST_RESTART = "[servers.{name}.restart]\ninitial_delay = 0.1\nmax_delay = 0.5\ncrash_limit = 3\ncrash_window = 60\n"
+PROMPT = 3.0  # seconds: how soon a caller must hear that its child died
 
 # Exceptions that mean "the connection was closed" (not a hang, not an answer).
 CLOSED_ERRORS: tuple[type[BaseException], ...] = (
@@ -77,6 +81,77 @@ def text_of(message: Mapping[str, Any]) -> str | None:
         return None
     content = result.get("content") or []
     return content[0].get("text") if content else ""
+
+
+def url_for(bridge: h.Bridge, name: str, transport: str) -> str:
+    return bridge.mcp_url(name) if transport == "http" else bridge.sse_url(name)
+
+
+class FaultTestMixin:
+    bridge: h.Bridge
+
+    def call(
+        self, name: str, transport: str, tool: str, args: Any, timeout: float = 60
+    ) -> dict[str, Any]:
+        return h.run_client(
+            "sdk_client.py",
+            "--url",
+            url_for(self.bridge, name, transport),
+            "--transport",
+            transport,
+            "call",
+            tool,
+            json.dumps(args),
+            timeout=timeout,
+        )
+
+    def start_call(self, name: str, transport: str, tool: str, args: Any) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            h.client_argv(
+                "sdk_client.py",
+                "--url",
+                url_for(self.bridge, name, transport),
+                "--transport",
+                transport,
+                "call",
+                tool,
+                json.dumps(args),
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=h.python_env(),
+        )
+        self.addCleanup(_reap, proc)
+        return proc
+
+    def wait_in_flight(self, name: str, proc: subprocess.Popen[str]) -> None:
+        def in_flight() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the client ended early: {proc.communicate()}")
+            return bool(self.bridge.status(name)["in_flight"] == 1)
+
+        h.wait_for(in_flight, 20, f"a request in flight on {name}")
+
+    def finish(self, proc: subprocess.Popen[str], timeout: float = 20) -> dict[str, Any]:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"the client did not finish within {timeout}s: {out[-2000:]} {err[-2000:]}"
+            ) from None
+        return h.parse_client_output(
+            subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        )
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
 
 
 def fixture_server(name: str, *options: str, extra: str = "", fixture: str = FIXTURE) -> str:

@@ -34,6 +34,8 @@ from twisted.trial.unittest import SkipTest
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
 HERE = Path(__file__).resolve().parent
+# The MCP servers the integration tests run as children.
+FIXTURES = REPO / "tests" / "fixtures"
 CLIENTS = HERE / "clients"
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent

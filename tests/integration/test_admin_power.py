@@ -14,11 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist.config.keys import digest_text
 from mcptwist.security.auth import hash_token
 
+from ..support.messages import JSON_BODY
 from . import harness as h
 
 ADMIN = "mcpt_scoped_admin_secret_for_tests"
 SECRET = "s3cr3t-in-the-bridge-environment"
-JSON = {"Content-Type": "application/json"}
 
 
 def servers_toml() -> str:
@@ -43,7 +43,7 @@ class AdminPowerTests(SynchronousTestCase):
     def call(
         self, bridge: h.Bridge, method: str, path: str, body: Any = None, **headers: str
     ) -> tuple[int, dict[str, Any]]:
-        status, _, content = h.http(method, bridge.url(path), body, {**JSON, **headers})
+        status, _, content = h.http(method, bridge.url(path), body, {**JSON_BODY, **headers})
         return status, json.loads(content)
 
     def add_shell(self, bridge: h.Bridge, **headers: str) -> tuple[int, dict[str, Any]]:
@@ -91,7 +91,7 @@ class AdminPowerTests(SynchronousTestCase):
             ({"command": "example", "sharing": "${SECRET}"}, "servers.pwn.sharing"),
         ):
             status, _, content = h.http(
-                "POST", bridge.url("/admin/servers"), {"name": "pwn", "config": table}, JSON
+                "POST", bridge.url("/admin/servers"), {"name": "pwn", "config": table}, JSON_BODY
             )
             self.assertEqual(status, 422, table)
             self.assertEqual(json.loads(content)["error"]["data"]["key"], key)
@@ -109,7 +109,7 @@ class AdminPowerTests(SynchronousTestCase):
         bridge = h.start_bridge(self, servers_toml(), env={"SECRET": SECRET})
         config = bridge.dir / "mcpbridge.toml"
         config.write_text(config.read_text() + '[servers.leak]\ncommand = "x"\ncwd = "${SECRET}"\n')
-        status, _, content = h.http("POST", bridge.url("/admin/reload"), None, JSON)
+        status, _, content = h.http("POST", bridge.url("/admin/reload"), None, JSON_BODY)
         self.assertEqual(status, 422)
         self.assertIn(b"servers.leak.cwd", content)
         self.assertIn(b"${SECRET}", content)

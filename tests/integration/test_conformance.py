@@ -26,7 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from . import harness as h
 
-FIXTURE = h.REPO / "tests" / "fixtures" / "conformance_server.py"
+FIXTURE = h.FIXTURES / "conformance_server.py"
 PASSING = ("SUCCESS", "INFO", "WARNING")
 
 _TIMESTAMP = re.compile(r"-\d{4}-\d{2}-\d{2}T[\d-]+Z$")

@@ -9,17 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from . import harness as h
+from .fault_support import FAST_RESTART, PROMPT, FaultTestMixin, url_for
 
-FIXTURE = str(h.HERE / "stdio_fixture.py")
-FAST_RESTART = "[servers.{name}.restart]\ninitial_delay = 0.1\nmax_delay = 0.5\ncrash_limit = 3\ncrash_window = 60\n"
-PROMPT = 3.0  # seconds: how soon a caller must hear that its child died
+FIXTURE = str(h.FIXTURES / "stdio_fixture.py")
 ACCEPT = {"Accept": "application/json, text/event-stream"}
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -35,77 +33,6 @@ INITIALIZE = {
 
 def fixture_toml(name: str, *options: str, extra: str = "") -> str:
     return h.python_server_toml(name, [FIXTURE, *options], extra) + FAST_RESTART.format(name=name)
-
-
-def url_for(bridge: h.Bridge, name: str, transport: str) -> str:
-    return bridge.mcp_url(name) if transport == "http" else bridge.sse_url(name)
-
-
-class FaultTestMixin:
-    bridge: h.Bridge
-
-    def call(
-        self, name: str, transport: str, tool: str, args: Any, timeout: float = 60
-    ) -> dict[str, Any]:
-        return h.run_client(
-            "sdk_client.py",
-            "--url",
-            url_for(self.bridge, name, transport),
-            "--transport",
-            transport,
-            "call",
-            tool,
-            json.dumps(args),
-            timeout=timeout,
-        )
-
-    def start_call(self, name: str, transport: str, tool: str, args: Any) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            h.client_argv(
-                "sdk_client.py",
-                "--url",
-                url_for(self.bridge, name, transport),
-                "--transport",
-                transport,
-                "call",
-                tool,
-                json.dumps(args),
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=h.python_env(),
-        )
-        self.addCleanup(_reap, proc)
-        return proc
-
-    def wait_in_flight(self, name: str, proc: subprocess.Popen[str]) -> None:
-        def in_flight() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"the client ended early: {proc.communicate()}")
-            return bool(self.bridge.status(name)["in_flight"] == 1)
-
-        h.wait_for(in_flight, 20, f"a request in flight on {name}")
-
-    def finish(self, proc: subprocess.Popen[str], timeout: float = 20) -> dict[str, Any]:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            raise AssertionError(
-                f"the client did not finish within {timeout}s: {out[-2000:]} {err[-2000:]}"
-            ) from None
-        return h.parse_client_output(
-            subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-        )
-
-
-def _reap(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate()
 
 
 class ChildKilledTests(FaultTestMixin, SynchronousTestCase):

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from . import harness as h
 
-FIXTURE = h.REPO / "tests" / "fixtures" / "modern_server.py"
+FIXTURE = h.FIXTURES / "modern_server.py"
 MODERN = "2026-07-28"
 LEGACY = "2025-11-25"
 # The SDK modes, and the protocol version each settles on through the bridge.

@@ -15,23 +15,17 @@ from mcptwist.__main__ import main
 from mcptwist.config.keys import digest_text
 from mcptwist.security.auth import hash_token
 
+from ..support.messages import INIT, JSON
 from . import harness as h
 
 ADMIN = "mcpt_operations_admin_token"
 USER = "mcpt_operations_user_token"
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-}
 CALL = {
     "jsonrpc": "2.0",
     "id": 2,
     "method": "tools/call",
     "params": {"name": "current_time", "arguments": {"timezone": "UTC"}},
 }
-JSON = {"Accept": "application/json", "Content-Type": "application/json"}
 # The example server, after seven lines on stderr.
 NOISY = (
     "import runpy, sys\n"

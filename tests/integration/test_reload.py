@@ -14,15 +14,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from ..support.messages import INIT, JSON, bearer
 from . import harness as h
-
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-}
-JSON = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
 def example(name: str, extra: str = "") -> str:
@@ -213,7 +206,7 @@ class ReloadSecurityTests(SynchronousTestCase):
     def test_tls_turned_on_in_place_and_metrics_listener_kept(self) -> None:
         import ssl
 
-        from .. import certs
+        from ..support import certs
 
         directory = Path(tempfile.mkdtemp(prefix="mcptwist-reload-"))
         ca = certs.make_ca(str(directory))
@@ -302,9 +295,6 @@ class ReloadRevocationTests(SynchronousTestCase):
         bridge.headers = {"Authorization": "Bearer mcpt_ops"}
         bridge.wait_state("a", "running")
         bridge.wait_state("b", "running")
-
-        def bearer(secret: str) -> dict[str, str]:
-            return {"Authorization": f"Bearer {secret}"}
 
         alice = Client(bridge, "a", bearer("mcpt_alice"))
         carol = Client(bridge, "a", bearer("mcpt_carol"))

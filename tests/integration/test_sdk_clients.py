@@ -35,8 +35,8 @@ LEGACY = "2025-11-25"
 # The SDK modes, and the protocol version each settles on through the bridge.
 MODES = {"auto": MODERN, MODERN: MODERN, "legacy": LEGACY}
 
-STDIO_FIXTURE = h.HERE / "stdio_fixture.py"
-CONFORMANCE_FIXTURE = h.REPO / "tests" / "fixtures" / "conformance_server.py"
+STDIO_FIXTURE = h.FIXTURES / "stdio_fixture.py"
+CONFORMANCE_FIXTURE = h.FIXTURES / "conformance_server.py"
 
 
 def time_toml() -> str:

@@ -21,20 +21,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist.config.keys import digest_text
 from mcptwist.security.auth import hash_token
 
-from .. import certs
-from ..test_modern import headers as modern_headers
-from ..test_modern import modern
+from ..support import certs
+from ..support.messages import INIT, JSON, bearer, modern
+from ..support.messages import headers as modern_headers
 from . import harness as h
 
 ADMIN = "mcpt_admin_secret_for_tests"
 USER = "mcpt_user_secret_for_tests"
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}},
-}
-JSON = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
 def auth_toml(extra: str = "") -> str:
@@ -55,10 +48,6 @@ def example_toml() -> str:
     return h.python_server_toml("example", ["-m", "mcptwist.example"]) + h.python_server_toml(
         "other", ["-m", "mcptwist.example"]
     )
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def audit_events(path: Path, kind: str) -> list[dict[str, Any]]:
@@ -349,7 +338,7 @@ class ChildShareTests(SynchronousTestCase):
 
 def fixture_toml() -> str:
     """Server "example" run by the stdio fixture (its sleep tool keeps calls in flight)."""
-    return h.python_server_toml("example", [str(h.HERE / "stdio_fixture.py")])
+    return h.python_server_toml("example", [str(h.FIXTURES / "stdio_fixture.py")])
 
 
 def session(bridge: h.Bridge, token: str, version: str = "2025-06-18") -> dict[str, str]:

@@ -17,9 +17,9 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from . import harness as h
-from .test_faults import FAST_RESTART, PROMPT, FaultTestMixin
+from .fault_support import FAST_RESTART, PROMPT, FaultTestMixin
 
-FIXTURE = str(h.HERE / "mute_fixture.py")
+FIXTURE = str(h.FIXTURES / "mute_fixture.py")
 
 
 def mute_toml(name: str, extra: str = "") -> str:

@@ -34,7 +34,7 @@ from mcptwist.config.load import load_config
 from mcptwist.config.model import ServerConfig
 from mcptwist.service.bridge import BridgeService
 
-from .. import certs
+from ..support import certs
 from . import harness as h
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")

@@ -31,7 +31,7 @@ from mcptwist.config.endpoints import join_description, parse_ssl_endpoint
 from mcptwist.config.model import ListenerConfig
 from mcptwist.security.ipfilter import listening_factory
 from mcptwist.security.tls import ReloadableTLS, tls_factory
-from tests.test_tls import cert_dir, listen, make_site
+from tests.support.tls import cert_dir, listen, make_site
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = REPO / "build" / "sslyze-venv"

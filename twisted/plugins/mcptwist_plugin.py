@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tap -*-
 """twistd plugin: ``twistd -n --pidfile= mcpbridge [--config FILE]``.
 
 The real work lives in L{mcptwist.tap}; this file only names it, so that

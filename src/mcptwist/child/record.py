@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_supervisor -*-
+# -*- test-case-name: tests.test_silent_child,tests.test_audit -*-
 """What a supervisor reports of its children, to whoever records it.
 
 The audit trail and the metrics each implement it; the supervisor knows

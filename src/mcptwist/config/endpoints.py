@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_config,tests.test_tls -*-
 """Endpoint strings as the configuration writes them: split, joined, checked.
 
 An C{ssl:} string becomes a TCP endpoint plus a L{TLSConfig}, so that the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_example -*-
 """Run the example server: ``python -m mcptwist.example``."""
 
 from mcptwist.example.server import main

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_example -*-
 """The built-in example MCP server, "mcptwist-example".
 
 A handful of small, dependable utilities: time zones, arithmetic, hashing,
@@ -20,7 +21,7 @@ import zoneinfo
 from collections.abc import Callable
 from importlib import metadata
 
-from mcptwist.example._stdio import (
+from mcptwist.example.kit import (
     JSONObject,
     PromptArgument,
     RequestContext,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jsonrpc -*-
 """MCP facts the bridge relies on: protocol versions, log levels, methods."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_routing -*-
+# -*- test-case-name: tests.test_routing,tests.test_modern_child -*-
 """The sharing modes: one upstream per server, or one per session.
 
 A backend owns a server's upstreams and their children; the sessions and the

@@ -1,9 +1,11 @@
+# -*- test-case-name: tests.test_example -*-
 """A small standard-library kit for writing stdio MCP servers.
 
 Messages are newline-delimited JSON-RPC 2.0 on stdin/stdout (UTF-8, one
 message per line); diagnostics go to stderr.  Every request runs in its own
-asyncio task, so a handler can ``await`` a server-to-client request (sampling,
-elicitation, roots) whose response arrives later on stdin.
+asyncio task.  The server answers what its client asks and sends nothing of
+its own accord; a server that does (notifications, requests to the client)
+extends :class:`StdioServer` through :meth:`~StdioServer.send` and its hooks.
 
 Typical use::
 
@@ -24,7 +26,6 @@ import contextlib
 import inspect
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -52,7 +53,6 @@ __all__ = [
     "METHOD_NOT_FOUND",
     "PARSE_ERROR",
     "SUPPORTED_PROTOCOL_VERSIONS",
-    "ClientError",
     "CompletionHandler",
     "JSONObject",
     "McpError",
@@ -61,20 +61,19 @@ __all__ = [
     "PromptHandler",
     "PromptReturn",
     "RequestContext",
+    "RequestId",
     "Resource",
     "ResourceReader",
     "ResourceReturn",
-    "ResourceTemplate",
     "StdioServer",
-    "TemplateReader",
     "Tool",
     "ToolError",
     "ToolHandler",
     "ToolReturn",
-    "audio_content",
+    "base64_text",
     "check_arguments",
-    "embedded_resource",
-    "image_content",
+    "list_entry",
+    "resource_contents",
     "text_content",
 ]
 
@@ -108,16 +107,6 @@ class ToolError(Exception):
     """Raise from a tool handler to return an ``isError: true`` result."""
 
 
-class ClientError(Exception):
-    """A server-to-client request failed (error reply, missing capability, EOF)."""
-
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
-
-
 # --------------------------------------------------------------------------
 # Content helpers
 # --------------------------------------------------------------------------
@@ -128,44 +117,22 @@ def text_content(text: str) -> JSONObject:
     return {"type": "text", "text": text}
 
 
-def image_content(data: str | bytes, mime_type: str) -> JSONObject:
-    """Return an ``image`` content block (bytes are base64-encoded)."""
-    return {"type": "image", "data": _b64(data), "mimeType": mime_type}
-
-
-def audio_content(data: str | bytes, mime_type: str) -> JSONObject:
-    """Return an ``audio`` content block (bytes are base64-encoded)."""
-    return {"type": "audio", "data": _b64(data), "mimeType": mime_type}
-
-
-def embedded_resource(
-    uri: str,
-    *,
-    text: str | None = None,
-    blob: str | bytes | None = None,
-    mime_type: str | None = None,
-) -> JSONObject:
-    """Return a ``resource`` content block embedding text or binary contents."""
-    return {
-        "type": "resource",
-        "resource": _resource_contents(uri, text, blob, mime_type),
-    }
-
-
-def _b64(data: str | bytes) -> str:
+def base64_text(data: str | bytes) -> str:
+    """Base64 text of ``data`` (a string is taken as encoded already)."""
     if isinstance(data, bytes):
         return base64.b64encode(data).decode("ascii")
     return data
 
 
-def _resource_contents(
+def resource_contents(
     uri: str, text: str | None, blob: str | bytes | None, mime_type: str | None
 ) -> JSONObject:
+    """Return resource contents: ``blob`` (base64) if given, else ``text``."""
     contents: JSONObject = {"uri": uri}
     if mime_type is not None:
         contents["mimeType"] = mime_type
     if blob is not None:
-        contents["blob"] = _b64(blob)
+        contents["blob"] = base64_text(blob)
     else:
         contents["text"] = text if text is not None else ""
     return contents
@@ -266,9 +233,6 @@ ToolHandler: TypeAlias = Callable[[JSONObject, "RequestContext"], _MaybeAwaitabl
 ResourceReturn: TypeAlias = str | bytes | Sequence[JSONObject]
 """Resource contents: text, bytes (sent as ``blob``) or full contents objects."""
 ResourceReader: TypeAlias = Callable[[str, "RequestContext"], _MaybeAwaitable[ResourceReturn]]
-TemplateReader: TypeAlias = Callable[
-    [str, dict[str, str], "RequestContext"], _MaybeAwaitable[ResourceReturn]
-]
 
 PromptReturn: TypeAlias = str | Sequence[JSONObject] | JSONObject
 """Prompt messages: a user text, a list of messages or a full ``GetPromptResult``."""
@@ -290,7 +254,7 @@ async def _resolve(value: Any) -> Any:
     return value
 
 
-def _entry(**fields: Any) -> JSONObject:
+def list_entry(**fields: Any) -> JSONObject:
     """A list entry: the given fields, leaving out those that are None."""
     return {key: value for key, value in fields.items() if value is not None}
 
@@ -310,7 +274,7 @@ class Tool:
 
     def to_json(self) -> JSONObject:
         """Return the ``tools/list`` entry."""
-        return _entry(
+        return list_entry(
             name=self.name,
             description=self.description,
             inputSchema=self.input_schema,
@@ -333,47 +297,8 @@ class Resource:
 
     def to_json(self) -> JSONObject:
         """Return the ``resources/list`` entry."""
-        return _entry(
+        return list_entry(
             uri=self.uri,
-            name=self.name,
-            description=self.description,
-            title=self.title,
-            mimeType=self.mime_type,
-        )
-
-
-@dataclass
-class ResourceTemplate:
-    """A registered resource template (level-1 RFC 6570: ``{var}``, ``{+var}``)."""
-
-    uri_template: str
-    name: str
-    description: str
-    reader: TemplateReader
-    mime_type: str | None = None
-    title: str | None = None
-    _pattern: re.Pattern[str] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        parts: list[str] = []
-        position = 0
-        for match in re.finditer(r"\{(\+?)([A-Za-z0-9_]+)\}", self.uri_template):
-            parts.append(re.escape(self.uri_template[position : match.start()]))
-            reserved, name = match.groups()
-            parts.append(f"(?P<{name}>{'.+' if reserved else '[^/?#]+'})")
-            position = match.end()
-        parts.append(re.escape(self.uri_template[position:]))
-        self._pattern = re.compile("".join(parts))
-
-    def match(self, uri: str) -> dict[str, str] | None:
-        """Return the template variables if ``uri`` matches, else None."""
-        found = self._pattern.fullmatch(uri)
-        return found.groupdict() if found else None
-
-    def to_json(self) -> JSONObject:
-        """Return the ``resources/templates/list`` entry."""
-        return _entry(
-            uriTemplate=self.uri_template,
             name=self.name,
             description=self.description,
             title=self.title,
@@ -391,7 +316,7 @@ class PromptArgument:
 
     def to_json(self) -> JSONObject:
         """Return the ``arguments`` entry."""
-        return _entry(name=self.name, required=self.required, description=self.description)
+        return list_entry(name=self.name, required=self.required, description=self.description)
 
 
 @dataclass
@@ -406,7 +331,7 @@ class Prompt:
 
     def to_json(self) -> JSONObject:
         """Return the ``prompts/list`` entry."""
-        return _entry(
+        return list_entry(
             name=self.name,
             description=self.description,
             arguments=[a.to_json() for a in self.arguments],
@@ -420,7 +345,7 @@ class Prompt:
 
 
 class RequestContext:
-    """What a handler knows about the request it serves, and how it talks back."""
+    """What a handler knows about the request it serves."""
 
     def __init__(
         self,
@@ -433,94 +358,6 @@ class RequestContext:
         self.request_id = request_id
         self.method = method
         self.params = params
-        meta = params.get("_meta")
-        self.meta: JSONObject = meta if isinstance(meta, dict) else {}
-        token = self.meta.get("progressToken")
-        valid = isinstance(token, (str, int)) and not isinstance(token, bool)
-        self.progress_token: str | int | None = token if valid else None
-
-    @property
-    def client_capabilities(self) -> JSONObject:
-        """The capabilities the client declared in ``initialize``."""
-        return self.server.client_capabilities
-
-    async def report_progress(
-        self, progress: float, total: float | None = None, message: str | None = None
-    ) -> None:
-        """Send ``notifications/progress`` if the request carried a progress token."""
-        if self.progress_token is None:
-            return
-        params: JSONObject = {
-            "progressToken": self.progress_token,
-            "progress": progress,
-        }
-        if total is not None:
-            params["total"] = total
-        if message is not None:
-            params["message"] = message
-        await self.server.send_notification("notifications/progress", params)
-
-    async def log(self, level: str, data: Any, logger: str | None = None) -> None:
-        """Send ``notifications/message`` if ``level`` passes the client's threshold."""
-        await self.server.log(level, data, logger)
-
-    async def send_request(
-        self,
-        method: str,
-        params: JSONObject | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> JSONObject:
-        """Send a request to the client and return its result.
-
-        ``request_id`` names the request (a bridge serving a stateless client
-        uses it as the key of the input it asks for); it must not be in use.
-        """
-        return await self.server.send_request(method, params, timeout, request_id)
-
-    async def sample(
-        self,
-        messages: Sequence[JSONObject],
-        max_tokens: int,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **extra: Any,
-    ) -> JSONObject:
-        """Ask the client for an LLM completion (``sampling/createMessage``)."""
-        self._require("sampling")
-        params: JSONObject = {
-            "messages": list(messages),
-            "maxTokens": max_tokens,
-            **extra,
-        }
-        return await self.send_request("sampling/createMessage", params, timeout, request_id)
-
-    async def elicit(
-        self,
-        message: str,
-        requested_schema: JSONObject,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> JSONObject:
-        """Ask the user for input (``elicitation/create``, form mode)."""
-        self._require("elicitation")
-        params: JSONObject = {"message": message, "requestedSchema": requested_schema}
-        return await self.send_request("elicitation/create", params, timeout, request_id)
-
-    async def list_roots(
-        self, *, timeout: float | None = None, request_id: str | None = None
-    ) -> list[JSONObject]:
-        """Ask the client for its roots (``roots/list``)."""
-        self._require("roots")
-        result = await self.send_request("roots/list", None, timeout, request_id)
-        roots = result.get("roots")
-        return [r for r in roots if isinstance(r, dict)] if isinstance(roots, list) else []
-
-    def _require(self, capability: str) -> None:
-        if not isinstance(self.client_capabilities.get(capability), dict):
-            raise ClientError(METHOD_NOT_FOUND, f"The client does not support {capability}")
 
 
 # --------------------------------------------------------------------------
@@ -700,6 +537,13 @@ _Method: TypeAlias = Callable[[RequestContext], Awaitable[JSONObject]]
 class StdioServer:
     """A stdio MCP server: register tools, resources and prompts, then :meth:`run`."""
 
+    context_class: type[RequestContext] = RequestContext
+    """What each handler is given about its request."""
+
+    list_changed = False
+    """Whether the lists of tools, prompts and resources may change (a server
+    that announces their changes says so)."""
+
     def __init__(
         self,
         name: str,
@@ -709,12 +553,8 @@ class StdioServer:
         instructions: str | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         shutdown_grace: float = 2.0,
-        list_changed: bool = False,
     ) -> None:
         self.name = name
-        # Whether the lists of tools, prompts and resources may change (and
-        # the server says so with notify_list_changed).
-        self.list_changed = list_changed
         self.version = version
         self.title = title
         self.instructions = instructions
@@ -722,7 +562,6 @@ class StdioServer:
         self.shutdown_grace = shutdown_grace
         self.tools: dict[str, Tool] = {}
         self.resources: dict[str, Resource] = {}
-        self.templates: list[ResourceTemplate] = []
         self.prompts: dict[str, Prompt] = {}
         self.completion_handler: CompletionHandler | None = None
         self.subscriptions: set[str] = set()
@@ -733,9 +572,6 @@ class StdioServer:
         self.initialized = False
         self._output: _Output | None = None
         self._in_flight: dict[RequestId, asyncio.Task[None]] = {}
-        self._outgoing: dict[RequestId, asyncio.Future[JSONObject]] = {}
-        self._next_id = 0
-        self._closing = False
         self._methods: dict[str, _Method] = {
             "initialize": self._initialize,
             "ping": self._ping,
@@ -811,25 +647,6 @@ class StdioServer:
 
         return register
 
-    def resource_template(
-        self,
-        uri_template: str,
-        name: str,
-        description: str,
-        *,
-        mime_type: str | None = None,
-        title: str | None = None,
-    ) -> Callable[[_F], _F]:
-        """Decorator registering ``reader(uri, variables, ctx)`` for a URI template."""
-
-        def register(reader: _F) -> _F:
-            self.templates.append(
-                ResourceTemplate(uri_template, name, description, reader, mime_type, title)
-            )
-            return reader
-
-        return register
-
     def prompt(
         self,
         name: str,
@@ -862,11 +679,19 @@ class StdioServer:
         changes = self.list_changed
         if self.prompts:
             caps["prompts"] = {"listChanged": changes}
-        if self.resources or self.templates:
+        if self.has_resources():
             caps["resources"] = {"subscribe": True, "listChanged": changes}
         if self.tools:
             caps["tools"] = {"listChanged": changes}
         return caps
+
+    def has_resources(self) -> bool:
+        """Whether the server offers resources (and declares the capability)."""
+        return bool(self.resources)
+
+    def find_resource(self, uri: str) -> Resource | None:
+        """The resource ``uri`` names, if any."""
+        return self.resources.get(uri)
 
     # -- outgoing messages --------------------------------------------------
 
@@ -879,78 +704,6 @@ class StdioServer:
         if self._output is None:
             raise RuntimeError("the server is not running")
         await self._output.write(_encode(message))
-
-    async def send_notification(self, method: str, params: JSONObject | None = None) -> None:
-        """Send a notification to the client (dropped silently once stdout is gone)."""
-        message: JSONObject = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            message["params"] = params
-        with contextlib.suppress(OSError, RuntimeError):
-            await self.send(message)
-
-    async def send_request(
-        self,
-        method: str,
-        params: JSONObject | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> JSONObject:
-        """Send a request to the client and wait for its result.
-
-        Raises :class:`ClientError` on an error reply or when stdin closes; on
-        timeout or cancellation the client is sent ``notifications/cancelled``.
-        A ``request_id`` already in use gets a numbered suffix.
-        """
-        if self._closing:
-            raise ClientError(INTERNAL_ERROR, "Connection closed")
-        self._next_id += 1
-        if request_id is None:
-            request_id = f"srv-{self._next_id}"
-        elif request_id in self._outgoing:
-            request_id = f"{request_id}-{self._next_id}"
-        future: asyncio.Future[JSONObject] = asyncio.get_running_loop().create_future()
-        self._outgoing[request_id] = future
-        message: JSONObject = {"jsonrpc": "2.0", "id": request_id, "method": method}
-        if params is not None:
-            message["params"] = params
-        try:
-            try:
-                await self.send(message)
-            except OSError as exc:
-                raise ClientError(INTERNAL_ERROR, f"Connection closed: {exc}") from exc
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except (asyncio.CancelledError, TimeoutError):
-            if not future.done():
-                reason = "timed out" if timeout is not None else "cancelled"
-                await asyncio.shield(
-                    self.send_notification(
-                        "notifications/cancelled",
-                        {"requestId": request_id, "reason": reason},
-                    )
-                )
-            raise
-        finally:
-            self._outgoing.pop(request_id, None)
-
-    async def log(self, level: str, data: Any, logger: str | None = None) -> None:
-        """Send ``notifications/message`` if ``level`` reaches the current level."""
-        if level not in LOG_LEVELS:
-            raise ValueError(f"unknown log level {level!r}")
-        if LOG_LEVELS.index(level) < LOG_LEVELS.index(self.log_level):
-            return
-        params: JSONObject = {"level": level, "data": data}
-        if logger is not None:
-            params["logger"] = logger
-        await self.send_notification("notifications/message", params)
-
-    async def notify_list_changed(self, kind: str) -> None:
-        """Send ``notifications/<kind>/list_changed`` (kind: tools, prompts or resources)."""
-        await self.send_notification(f"notifications/{kind}/list_changed")
-
-    async def notify_resource_updated(self, uri: str) -> None:
-        """Send ``notifications/resources/updated`` if ``uri`` is subscribed."""
-        if uri in self.subscriptions:
-            await self.send_notification("notifications/resources/updated", {"uri": uri})
 
     # -- running -------------------------------------------------------------
 
@@ -990,8 +743,7 @@ class StdioServer:
         stop_task = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({read_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            self._closing = True
-            self._fail_outgoing()
+            self._input_ended()
             # On EOF, let in-flight requests finish (briefly) so their answers go out.
             deadline = loop.time() + self.shutdown_grace
             while self._in_flight and not stop.is_set() and loop.time() < deadline:
@@ -1012,10 +764,8 @@ class StdioServer:
             source.close()
             await self._output.close()
 
-    def _fail_outgoing(self) -> None:
-        for future in self._outgoing.values():
-            if not future.done():
-                future.set_exception(ClientError(INTERNAL_ERROR, "Connection closed"))
+    def _input_ended(self) -> None:
+        """Nothing more will be read from the client (EOF, or the server is stopping)."""
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         while True:
@@ -1066,7 +816,9 @@ class StdioServer:
             else:
                 await self._on_notification(message)
         elif "id" in message and ("result" in message or "error" in message):
-            self._on_response(message)
+            request_id = message.get("id")
+            if _is_request_id(request_id):
+                self._on_response(request_id, message)
         else:
             request_id = message.get("id") if _is_request_id(message.get("id")) else None
             await self._send_error(request_id, INVALID_REQUEST, "Invalid Request")
@@ -1095,7 +847,7 @@ class StdioServer:
                 request_id, INVALID_REQUEST, "Invalid Request: id already in use"
             )
             return
-        ctx = RequestContext(self, request_id, method, params)
+        ctx = self.context_class(self, request_id, method, params)
         task = asyncio.create_task(self._handle_request(ctx), name=f"mcp:{method}")
         self._in_flight[request_id] = task
         task.add_done_callback(lambda _t: self._in_flight.pop(request_id, None))
@@ -1137,26 +889,8 @@ class StdioServer:
             if task is not None and task.get_name() != "mcp:initialize":
                 task.cancel()
 
-    def _on_response(self, message: JSONObject) -> None:
-        request_id = message.get("id")
-        future = self._outgoing.get(request_id) if _is_request_id(request_id) else None
-        if future is None or future.done():
-            return  # late or unknown response: ignore
-        error = message.get("error")
-        result = message.get("result")
-        if isinstance(error, dict):
-            code = error.get("code")
-            future.set_exception(
-                ClientError(
-                    code if isinstance(code, int) else INTERNAL_ERROR,
-                    str(error.get("message", "Unknown error")),
-                    error.get("data"),
-                )
-            )
-        elif isinstance(result, dict):
-            future.set_result(result)
-        else:
-            future.set_exception(ClientError(INTERNAL_ERROR, "Malformed response from client"))
+    def _on_response(self, request_id: RequestId, message: JSONObject) -> None:
+        """A response from the client: this server asks nothing, so it answers nothing."""
 
     async def _send_error(
         self, request_id: RequestId | None, code: int, message: str, data: Any = None
@@ -1246,23 +980,18 @@ class StdioServer:
 
     async def _list_templates(self, ctx: RequestContext) -> JSONObject:
         self._require_capability("resources", ctx)
-        return {"resourceTemplates": [t.to_json() for t in self.templates]}
+        return {"resourceTemplates": []}
 
     async def _read_resource(self, ctx: RequestContext) -> JSONObject:
         self._require_capability("resources", ctx)
         uri = ctx.params.get("uri")
         if not isinstance(uri, str):
             raise McpError(INVALID_PARAMS, "Invalid params: uri must be a string")
-        resource = self.resources.get(uri)
-        if resource is not None:
-            value: ResourceReturn = await _resolve(resource.reader(uri, ctx))
-            return {"contents": _resource_result(uri, resource.mime_type, value)}
-        for template in self.templates:
-            variables = template.match(uri)
-            if variables is not None:
-                value = await _resolve(template.reader(uri, variables, ctx))
-                return {"contents": _resource_result(uri, template.mime_type, value)}
-        raise McpError(INVALID_PARAMS, "Resource not found", {"uri": uri})
+        resource = self.find_resource(uri)
+        if resource is None:
+            raise McpError(INVALID_PARAMS, "Resource not found", {"uri": uri})
+        value: ResourceReturn = await _resolve(resource.reader(uri, ctx))
+        return {"contents": _resource_result(uri, resource.mime_type, value)}
 
     async def _subscribe(self, ctx: RequestContext) -> JSONObject:
         self._require_capability("resources", ctx)
@@ -1352,7 +1081,7 @@ def _tool_result(value: ToolReturn) -> JSONObject:
 
 def _resource_result(uri: str, mime_type: str | None, value: ResourceReturn) -> list[JSONObject]:
     if isinstance(value, str):
-        return [_resource_contents(uri, value, None, mime_type)]
+        return [resource_contents(uri, value, None, mime_type)]
     if isinstance(value, bytes):
-        return [_resource_contents(uri, None, value, mime_type)]
+        return [resource_contents(uri, None, value, mime_type)]
     return list(value)

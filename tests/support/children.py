@@ -4,7 +4,8 @@ L{FakeProcessReactor} provides C{spawnProcess} (which the real reactor has
 and C{MemoryReactorClock} lacks), C{killpg} (so that no real process group
 is ever signalled) and the time of a L{Clock}. Each spawned L{FakeChild}
 answers like a small MCP server, and a test can also hold its requests and
-answer them itself, in any order.
+answer them itself, in any order. An L{Owner} stands in for a real child's
+supervisor and records what it is told.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-import orjson
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
@@ -21,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mcptwist.child.process import Child
 from mcptwist.mcp import jsonrpc
 
 # Far above the kernel's pid_max, so that a stray signal could reach nothing.
@@ -256,23 +259,25 @@ class FakeProcessReactor(Clock):
         return self.children[-1]
 
 
-def stub_request(
-    test: Any,
-    client: Any,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any, Any]:
-    """One request through a StubTreq client: (status, headers, JSON body or
-    None), or the response itself for an event stream (it stays open)."""
-    data = jsonrpc.dumps(body) if body is not None else None
-    d = client.request(method, "http://127.0.0.1" + path, data=data, headers=headers or {})
-    client.flush()
-    response = test.successResultOf(d)
-    if response.headers.getRawHeaders("content-type") == ["text/event-stream"]:
-        return response.code, response.headers, response
-    d = client.content(response)
-    client.flush()
-    content = test.successResultOf(d)
-    return response.code, response.headers, orjson.loads(content) if content else None
+class Owner:
+    """A child's owner that records what it is told of its end, and when."""
+
+    def __init__(self) -> None:
+        self.lost: list[str] = []
+        self.lost_at: list[float] = []
+        self.lost_once: Deferred[None] = Deferred()
+
+    def child_spawned(self, child: Child) -> None:
+        pass
+
+    def child_message(self, child: Child, message: jsonrpc.Message) -> None:
+        pass
+
+    def child_oversize(self, child: Child, size: int, head: bytes, tail: bytes) -> None:
+        pass
+
+    def child_lost(self, child: Child, why: str) -> None:
+        self.lost.append(why)
+        self.lost_at.append(reactor.seconds())
+        if not self.lost_once.called:
+            self.lost_once.callback(None)
