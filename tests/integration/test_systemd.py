@@ -262,7 +262,7 @@ class SocketActivationTests(SynchronousTestCase):
 class NotifyTests(SynchronousTestCase):
     """sd_notify from a real bridge: READY, RELOADING...READY, STOPPING, WATCHDOG.
 
-    The contract: the bridge builds a L{mcptwist.notify.SystemdNotifier} from
+    The contract: the bridge builds a L{mcptwist.ops.notify.SystemdNotifier} from
     its environment; it calls C{ready(status)} once it answers HTTP and its
     servers' children run, C{reloading(status)} then C{ready(status)} around a
     SIGHUP reload, C{stopping(status)} when it is told to stop, and

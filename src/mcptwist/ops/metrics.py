@@ -71,7 +71,7 @@ MCP_METHODS: Final = frozenset(
     }
 )
 
-# The phrases the authenticator gives for a refusal (see L{mcptwist.auth}).
+# The phrases the authenticator gives for a refusal (see L{mcptwist.security.auth}).
 AUTH_REASONS: Final = frozenset(
     {
         "no credentials",
@@ -99,7 +99,7 @@ AUTH_REASONS: Final = frozenset(
     }
 )
 
-# Rate-limit scopes (L{mcptwist.ratelimit.Refusal}) and IP filter scopes.
+# Rate-limit scopes (L{mcptwist.security.ratelimit.Refusal}) and IP filter scopes.
 RATE_LIMIT_SCOPES: Final = frozenset(
     {
         "principal",

@@ -9,7 +9,7 @@ certificate in service.
 
 The IP filter must see a connection before TLS does, so that a refused peer
 costs no handshake: build the stack with L{tls_factory} inside
-L{mcptwist.ipfilter.IPFilterFactory} rather than wrapping the endpoint with
+L{mcptwist.security.ipfilter.IPFilterFactory} rather than wrapping the endpoint with
 Twisted's C{wrapServerTLS}, which suits listeners without a filter.
 
 L{parse_ssl_endpoint} turns a Twisted C{ssl:} endpoint string into a plain
