@@ -5,12 +5,12 @@ the root of a metrics listener."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from mcptwist.config.model import LimitsConfig, ListenerConfig
 from mcptwist.ops.audit import AuditTrail
@@ -52,7 +52,7 @@ class BridgeSite(Site):
         """ALPN: its channels speak HTTP/1.1 only (whatever Twisted could add)."""
         return [b"http/1.1"]
 
-    def request_head(self, request: Any) -> bytes | int | Deferred[None]:
+    def request_head(self, request: Request) -> bytes | int | Deferred[None]:
         """Judge a request from its head (the gate's rules): an answer to
         send now, the most body to read, or a Deferred to wait for."""
         head = getattr(self.resource, "head", None)
@@ -74,7 +74,7 @@ class BridgeSite(Site):
         self.body_timeout = limits.body_timeout
         self.preauth_body = limits.preauth_body
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         if self.metrics is not None:
             server, route = _route_of(request.path)
             if server is not None and not self.is_server(server):
@@ -129,14 +129,15 @@ class MetricsOnly(Resource):
         self.metrics = metrics
         self.app = app
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: Request) -> bytes | int:
         refusal = self.app.screen(
             request, header(request, b"origin"), operator=True, hosts=self.app.metrics_hosts
         )
         if refusal is not None:
             return refusal.render(request)
         if request.path == b"/metrics":
-            return self.metrics.render(request)
+            answer: bytes | int = self.metrics.render(request)
+            return answer
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"Not Found: this listener serves /metrics only\n"
