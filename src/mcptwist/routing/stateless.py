@@ -115,6 +115,65 @@ def request_digest(server: str, principal: str, message: Message) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+class Dialect(Protocol):
+    """How a call speaks to its child: the request it sends, and the answer
+    it makes of the child's."""
+
+    def request(self, call: ModernCall) -> Message: ...
+
+    def answer(self, call: ModernCall, message: Message) -> Message: ...
+
+
+class PassThrough:
+    """A child that speaks 2026-07-28: the request goes as the client sent it,
+    and the child's answer comes back as it is (its id restored)."""
+
+    def request(self, call: ModernCall) -> Message:
+        # Copied: the router rewrites its id and progress token in place.
+        message = dict(call.request.message, id=CALL_ID)
+        params = message.get("params")
+        if isinstance(params, dict):
+            meta = params.get("_meta")
+            message["params"] = dict(params)
+            if isinstance(meta, dict):
+                message["params"]["_meta"] = dict(meta)
+        return message
+
+    def answer(self, call: ModernCall, message: Message) -> Message:
+        message["id"] = call.request.id
+        return message
+
+
+class Translation:
+    """A session-era child: the request is carried over in its terms, and the
+    answer given the revision's shape."""
+
+    def request(self, call: ModernCall) -> Message:
+        if call.method == "server/discover":
+            # Answered from the child's handshake, once it is ready.
+            return jsonrpc.request(
+                CALL_ID, "initialize", {"protocolVersion": protocol.LATEST_LEGACY}
+            )
+        message = era.for_child(call.request.message)
+        message["id"] = CALL_ID
+        return message
+
+    def answer(self, call: ModernCall, message: Message) -> Message:
+        error = message.get("error")
+        if isinstance(error, dict):
+            return jsonrpc.error(call.request.id, *modern_error(error, call.request))
+        result = message.get("result")
+        if call.method == "server/discover":
+            return jsonrpc.result(call.request.id, era.discover(result or {}, call.server_info()))
+        return jsonrpc.result(
+            call.request.id, era.complete(call.method, result, call.server_info())
+        )
+
+
+PASS_THROUGH: Final = PassThrough()
+TRANSLATION: Final = Translation()
+
+
 class ModernCall:
     """One modern request, through all its rounds, as the router sees it."""
 
@@ -168,6 +227,10 @@ class ModernCall:
         self._gather: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
         self._params = request.message.get("params")
+        # How the call speaks to its child, chosen once: the child's revision or the session era.
+        self._dialect: Dialect = PASS_THROUGH if self.upstream.modern else TRANSLATION
+        # A listen stream on a child that speaks this revision: it lasts until the client leaves.
+        self._listening = self.upstream.modern and self.method == "subscriptions/listen"
 
     @property
     def sink(self) -> StatelessSink:
@@ -185,29 +248,9 @@ class ModernCall:
         if self._counted:
             self.hub.call_started()
         self.upstream.attach(self)
-        if self.upstream.modern:
-            # The child speaks this revision: the request goes as the client sent it
-            # (copied: the router rewrites its id and progress token in place).
-            message = dict(self.request.message, id=CALL_ID)
-            params = message.get("params")
-            if isinstance(params, dict):
-                meta = params.get("_meta")
-                message["params"] = dict(params)
-                if isinstance(meta, dict):
-                    message["params"]["_meta"] = dict(meta)
-            if self.method == "subscriptions/listen":
-                self.upstream.handle(self, message, Kind.REQUEST)
-                self.upstream.pause_timer(self, CALL_ID)  # it lasts until the client leaves
-                return
-        elif self.method == "server/discover":
-            # Answered from the child's handshake, once it is ready.
-            message = jsonrpc.request(
-                CALL_ID, "initialize", {"protocolVersion": protocol.LATEST_LEGACY}
-            )
-        else:
-            message = era.for_child(self.request.message)
-            message["id"] = CALL_ID
-        self.upstream.handle(self, message, Kind.REQUEST)
+        self.upstream.handle(self, self._dialect.request(self), Kind.REQUEST)
+        if self._listening:
+            self.upstream.pause_timer(self, CALL_ID)  # it lasts until the client leaves
 
     def resume(
         self,
@@ -270,7 +313,7 @@ class ModernCall:
     ) -> None:
         if self.ended:
             return
-        if self.upstream.modern and self.method == "subscriptions/listen":
+        if self._listening:
             _restore_subscription(message, self.request.id)
         if "method" not in message:
             self._respond(message)
@@ -311,27 +354,10 @@ class ModernCall:
             self._final = message  # parked: the retry gets it
             return
         error = message.get("error")
+        answer = self._dialect.answer(self, message)
         status = 200
-        if isinstance(error, dict):
-            if self.upstream.modern:
-                answer = message  # the child's, as it is
-                answer["id"] = self.request.id
-            else:
-                answer = jsonrpc.error(self.request.id, *modern_error(error, self.request))
-            if answer["error"].get("code") == jsonrpc.METHOD_NOT_FOUND:
-                status = 404
-        elif self.upstream.modern:
-            answer = message
-            answer["id"] = self.request.id
-        elif self.method == "server/discover":
-            answer = jsonrpc.result(
-                self.request.id, era.discover(message.get("result") or {}, self.server_info())
-            )
-        else:
-            answer = jsonrpc.result(
-                self.request.id,
-                era.complete(self.method, message.get("result"), self.server_info()),
-            )
+        if isinstance(error, dict) and answer["error"].get("code") == jsonrpc.METHOD_NOT_FOUND:
+            status = 404
         self.responder.answer(answer, status)
         self.responder = None
         self._end(self._status, error)
