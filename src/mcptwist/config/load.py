@@ -27,6 +27,7 @@ from mcptwist.config.model import (
     DEFAULT_ORIGINS,
     LOOPBACK_HOSTS,
     SHARING_MODES,
+    TOOL_CHANGE_POLICIES,
     AdminConfig,
     AuditConfig,
     AuthConfig,
@@ -34,6 +35,7 @@ from mcptwist.config.model import (
     Bucket,
     CommandConfig,
     ConfigError,
+    EndpointConfig,
     JWTConfig,
     LimitsConfig,
     ListenerConfig,
@@ -46,6 +48,7 @@ from mcptwist.config.model import (
     TLSConfig,
     TokenConfig,
 )
+from mcptwist.mcp.naming import SEPARATOR, clashing_prefixes
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VAR_RE: Final = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
@@ -456,6 +459,8 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         "drain_timeout": top.number("drain_timeout", defaults.drain_timeout),
     }
     servers_table = top.table_at("servers")
+    endpoints_table = top.table_at("endpoints")
+    pin_file = top.string("pin_file")
     top.finish()
     if not servers_table:
         raise ConfigError(
@@ -483,6 +488,8 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         )
     return BridgeConfig(
         servers=servers,
+        endpoints=_parse_endpoints(top, endpoints_table, servers),
+        pin_file=pin_file,
         listeners=tuple(listeners),
         auth=auth,
         allowed_origins=origins,
@@ -494,9 +501,10 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
 def _check_server_names(
     source: str, key: str, names: frozenset[str], servers: Mapping[str, Any]
 ) -> None:
-    """Every name in C{names} (a list of servers, C{"*"} for all) is a server
-    of the file, disabled ones included."""
-    unknown = sorted(names - {"*"} - set(servers))
+    """Every name in C{names} (a list of servers, C{"*"} for all, or
+    C{"SERVER/TOOL"} for some tools of one) is a server of the file, disabled
+    ones included."""
+    unknown = sorted({n.partition("/")[0] for n in names} - {"*"} - set(servers))
     if unknown:
         last = key.rpartition(".")[2]
         raise ConfigError(
@@ -642,6 +650,9 @@ def _parse_server(
         deny=_networks(r, "deny"),
         limits=_parse_server_limits(r),
         audit_arguments=r.boolean("audit_arguments", defaults.audit_arguments),
+        include=r.strings("include"),
+        exclude=r.strings("exclude"),
+        on_tool_change=_tool_change(r),
     )
     r.finish(ignored=CLIENT_ONLY_KEYS)
     if server.max_request_timeout < server.request_timeout:
@@ -666,6 +677,186 @@ def _parse_server(
         )
     _check_cwd(r, server.cwd)
     return server
+
+
+def _tool_change(r: _Reader) -> str:
+    policy = r.string("on_tool_change", "warn")
+    if policy not in TOOL_CHANGE_POLICIES:
+        raise r.error(
+            "on_tool_change",
+            f"{policy!r} is not a policy",
+            'write on_tool_change = "warn" (log, audit and count it), "hide" (the tool '
+            'is hidden until it is pinned again) or "block" (the server is marked unhealthy)',
+        )
+    return policy or "warn"
+
+
+# What a separator may be made of: characters a tool name may hold.
+_SEPARATOR_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
+
+
+def _parse_endpoints(
+    top: _Reader, tables: Mapping[str, Any], servers: Mapping[str, ServerConfig]
+) -> dict[str, EndpointConfig]:
+    """The C{[endpoints.NAME]} tables: several servers served at one URL."""
+    endpoints: dict[str, EndpointConfig] = {}
+    for name, table in tables.items():
+        key = f"endpoints.{name}"
+        if not _NAME_RE.match(name):
+            raise top.error(
+                key,
+                "is not a usable endpoint name (it becomes part of the URL)",
+                "use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64",
+            )
+        if not isinstance(table, dict):
+            raise top.error(key, "must be a table", f'write [{key}] with servers = ["..."]')
+        endpoint = _parse_endpoint(top, name, table, servers)
+        if endpoint is not None:
+            endpoints[name] = endpoint
+    return endpoints
+
+
+def _parse_endpoint(
+    top: _Reader, name: str, table: Mapping[str, Any], servers: Mapping[str, ServerConfig]
+) -> EndpointConfig | None:
+    r = _Reader(top.source, f"endpoints.{name}.", table, top.environ)
+    if r.boolean("disabled", False):
+        return None
+    members = r.strings("servers")
+    if not members:
+        raise r.error(
+            "servers", "names no server", 'list the servers it serves, such as ["github", "time"]'
+        )
+    for i, member in enumerate(members):
+        if member not in top.table_at("servers"):
+            known = ", ".join(sorted(servers)) or "none"
+            raise r.error(
+                f"servers[{i}]",
+                f"{member!r} is not a server of this file",
+                f"name a [servers.NAME] table (servers: {known})",
+            )
+        if members.index(member) != i:
+            raise r.error(f"servers[{i}]", f"names {member!r} twice", "list each server once")
+    # A disabled member is left out, as it is everywhere else.
+    enabled = tuple(m for m in members if m in servers)
+    if not enabled:
+        return None
+    separator = r.string("separator", SEPARATOR) or SEPARATOR
+    if not _SEPARATOR_RE.match(separator):
+        raise r.error(
+            "separator",
+            f"{separator!r} cannot join a prefix and a tool name",
+            'use one to eight letters, digits, "_", "." or "-", such as "__" (the default) or "."',
+        )
+    prefixes = _prefixes(r, enabled)
+    rename = _rename(r, enabled, prefixes, separator)
+    defaults = EndpointConfig(name=name, servers=enabled, prefixes=prefixes)
+    endpoint = EndpointConfig(
+        name=name,
+        servers=enabled,
+        prefixes=prefixes,
+        separator=separator,
+        include=r.strings("include"),
+        exclude=r.strings("exclude"),
+        rename=rename,
+        page_size=r.integer("page_size", defaults.page_size),
+        json_response=r.boolean("json_response", defaults.json_response),
+        session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
+        list_timeout=r.number("list_timeout", defaults.list_timeout),
+    )
+    r.finish()
+    return endpoint
+
+
+def _prefixes(r: _Reader, members: tuple[str, ...]) -> dict[str, str]:
+    """Each member's prefix: its name, unless C{prefix} says otherwise."""
+    given = r.table.get("prefix")
+    r.used.add("prefix")
+    if given is None:
+        prefixes = {m: m for m in members}
+    elif given == "none":
+        if len(members) != 1:
+            raise r.error(
+                "prefix",
+                f'"none" shows names as they are, and the names of {len(members)} servers '
+                "could clash",
+                'keep prefix = "none" for endpoints of one server, or give each server a '
+                'prefix (prefix.SERVER = "...")',
+            )
+        return {members[0]: ""}
+    elif isinstance(given, dict):
+        prefixes = {m: m for m in members}
+        for server, prefix in given.items():
+            if server not in members:
+                raise r.error(
+                    f"prefix.{server}",
+                    f"{server!r} is not one of this endpoint's servers",
+                    f"name one of {', '.join(members)}",
+                )
+            if not isinstance(prefix, str) or not _NAME_RE.match(prefix):
+                raise r.error(
+                    f"prefix.{server}",
+                    f"{prefix!r} is not a usable prefix",
+                    "use letters, digits, '.', '_' and '-', starting with a letter or digit",
+                )
+            prefixes[server] = prefix
+    else:
+        raise r.error(
+            "prefix",
+            f'must be "none" or a table of prefixes, not {given!r}',
+            'write prefix = "none" (one server), or prefix.SERVER = "short" for each '
+            "server whose prefix is not its name",
+        )
+    clash = clashing_prefixes(prefixes, r.table.get("separator", SEPARATOR))
+    if clash is not None:
+        first, second = clash
+        raise r.error(
+            "prefix",
+            f"the names of {first!r} (prefix {prefixes[first]!r}) and {second!r} (prefix "
+            f"{prefixes[second]!r}) could be confused",
+            "give each server a prefix that does not begin another's",
+        )
+    return prefixes
+
+
+def _rename(
+    r: _Reader, members: tuple[str, ...], prefixes: Mapping[str, str], separator: str
+) -> dict[tuple[str, str], str]:
+    """C{rename."SERVER/NAME" = "shown"}: explicit names, each unique and
+    outside every prefix's names (so no other name can take it)."""
+    rename: dict[tuple[str, str], str] = {}
+    shown_by: dict[str, str] = {}
+    for source, shown in r.table_at("rename").items():
+        key = f"rename.{source}"
+        server, slash, tool = source.partition("/")
+        if not slash or server not in members or not tool:
+            raise r.error(
+                key,
+                "does not name a tool of this endpoint's servers",
+                'write rename."SERVER/TOOL" = "new_name", with SERVER one of ' + ", ".join(members),
+            )
+        if not isinstance(shown, str) or not re.match(r"^[A-Za-z0-9_.-]{1,128}$", shown):
+            raise r.error(
+                key,
+                f"{shown!r} is not a usable name",
+                "use 1 to 128 letters, digits, '_', '.' and '-'",
+            )
+        if shown in shown_by:
+            raise r.error(
+                key,
+                f"gives {shown!r}, which rename.{shown_by[shown]} gives already",
+                "give each tool a name of its own",
+            )
+        taken = next((p for p in prefixes.values() if p and shown.startswith(p + separator)), None)
+        if taken is not None:
+            raise r.error(
+                key,
+                f"{shown!r} begins with {taken + separator!r}, the prefix of another server's names",
+                "choose a name outside every server's prefix",
+            )
+        shown_by[shown] = source
+        rename[(server, tool)] = shown
+    return rename
 
 
 def _command(r: _Reader) -> str:

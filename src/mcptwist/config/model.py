@@ -22,6 +22,8 @@ DEFAULT_ORIGINS: Final[tuple[str, ...]] = ()
 LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 MiB: Final = 1024 * 1024
 SHARING_MODES: Final = ("shared", "session")
+# What the bridge does when a child serves a tool whose definition differs from its pin.
+TOOL_CHANGE_POLICIES: Final = ("warn", "hide", "block")
 # What a child speaks: the session era only, both (mcp 2.x servers), or 2026-07-28 only.
 CHILD_ERAS: Final = ("legacy", "dual", "modern")
 
@@ -247,6 +249,11 @@ class ServerConfig:
     deny: tuple[Network, ...] = ()
     limits: ServerLimits = ServerLimits()
     audit_arguments: bool = False
+    # Which of its tools clients see and may call (glob lists of the tools' own names).
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    # A tool whose definition changed since it was pinned: "warn", "hide" or "block".
+    on_tool_change: str = "warn"
 
     @property
     def children_per_principal(self) -> int:
@@ -256,6 +263,31 @@ class ServerConfig:
         if self.max_children_per_principal is not None:
             return min(self.max_children_per_principal, self.max_children)
         return max(1, self.max_children // 4)
+
+
+@attrs.frozen
+class EndpointConfig:
+    """An endpoint that serves several servers at one URL (C{/endpoints/NAME/}).
+
+    C{prefixes} maps each member to the prefix of its names (C{""} for the
+    one member of an endpoint with C{prefix = "none"}); C{rename} maps a
+    member's own tool or prompt name, as C{(server, name)}, to the one shown.
+    C{include} and C{exclude} filter the names shown.
+    """
+
+    name: str
+    servers: tuple[str, ...]
+    prefixes: Mapping[str, str]
+    separator: str = "__"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    rename: Mapping[tuple[str, str], str] = attrs.field(factory=dict)
+    # Items in one page of a merged list.
+    page_size: int = 1000
+    json_response: bool = False
+    session_idle_timeout: float = 1800.0
+    # How long a list waits for members that are starting.
+    list_timeout: float = 10.0
 
 
 @attrs.frozen
@@ -278,6 +310,9 @@ class BridgeConfig:
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
     drain_timeout: float = 60.0
+    endpoints: Mapping[str, EndpointConfig] = attrs.field(factory=dict)
+    # Where the digests of tools that were accepted are kept (None: in memory only).
+    pin_file: str | None = None
     source: str = "<built-in>"
 
 

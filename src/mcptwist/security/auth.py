@@ -66,6 +66,24 @@ def _principal_id(principal: Principal) -> str:
     return f"{principal.kind}:{principal.name}"
 
 
+def tool_grants(servers: frozenset[str]) -> dict[str, tuple[str, ...] | None]:
+    """Each granted server and the tools granted of it (None: all of them),
+    from grants of whole servers (C{"NAME"}) and of some of their tools
+    (C{"NAME/GLOB"}); C{"*"} is left to L{Principal.may_use}."""
+    grants: dict[str, tuple[str, ...] | None] = {}
+    for grant in sorted(servers):
+        server, slash, tools = grant.partition("/")
+        if not slash:
+            grants[server] = None
+        elif tools and grants.get(server, ()) is not None:
+            grants[server] = (*(grants.get(server) or ()), tools)
+    return grants
+
+
+def _tool_grants(principal: Principal) -> dict[str, tuple[str, ...] | None]:
+    return tool_grants(principal.servers)
+
+
 @implementer(IPrincipal)
 @attrs.frozen
 class Principal:
@@ -77,15 +95,26 @@ class Principal:
 
     name: str
     kind: str  # "token" | "jwt" | "anonymous"
-    servers: frozenset[str]  # "*": every server
+    # "*": every server; "NAME": a server; "NAME/GLOB": the tools of a server
+    # whose names match GLOB (other servers' grants do not narrow).
+    servers: frozenset[str]
     admin: bool
     id: str = attrs.field(
         init=False, eq=False, repr=False, default=attrs.Factory(_principal_id, takes_self=True)
     )
+    grants: dict[str, tuple[str, ...] | None] = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_tool_grants, takes_self=True)
+    )
 
     def may_use(self, server: str) -> bool:
-        """Whether this caller may talk to the server named C{server}."""
-        return "*" in self.servers or server in self.servers
+        """Whether this caller may talk to the server named C{server} (to
+        some of its tools at least)."""
+        return "*" in self.servers or server in self.grants
+
+    def tools(self, server: str) -> tuple[str, ...] | None:
+        """The glob patterns of the tools of C{server} granted to this caller
+        (None: every tool; only meaningful where L{may_use} is true)."""
+        return None if "*" in self.servers else self.grants.get(server)
 
 
 # Without authentication the bridge listens on loopback only: whoever can
@@ -477,7 +506,7 @@ def revoked(old: AuthConfig, new: AuthConfig, principal: str, server: str) -> st
             return "revoked: token removed by reload"
         if before is None or before.digest != after.digest:
             return "revoked: token replaced by reload"
-        if "*" not in after.servers and server not in after.servers:
+        if "*" not in after.servers and server not in tool_grants(after.servers):
             return "revoked: server no longer granted by reload"
         return None
     if kind == "jwt":
