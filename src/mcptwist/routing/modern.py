@@ -326,10 +326,18 @@ class ModernUpstream(Upstream):
             ),
         )
 
+    def _own_request(self, child_id: int, method: str, params: dict[str, Any]) -> Message:
+        meta = self._envelope(BRIDGE_CAPABILITIES, BRIDGE_INFO, None)
+        return jsonrpc.request(child_id, method, {**params, "_meta": meta})
+
+    def catalog_used(self) -> None:
+        self._listen()
+
     def _wanted(self) -> dict[str, Any]:
         """What the bridge's listen stream asks for."""
-        # Only session-era clients need it (stateless ones listen for themselves).
-        if all(s.stateless for s in self.sessions):
+        # Only session-era clients need it (stateless ones listen for themselves),
+        # and the catalog once an endpoint reads it.
+        if all(s.stateless for s in self.sessions) and not self.catalog.used:
             return {}
         everything: dict[str, Any] = {field: True for field, _ in LIST_CHANGED.values()}
         if self._subscriptions:

@@ -34,6 +34,7 @@ from mcptwist.child.supervisor import ChildState, Supervisor
 from mcptwist.config.model import ServerConfig
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
+from mcptwist.routing.catalog import STALE_AFTER, Catalog
 from mcptwist.routing.record import Described, Recorder, Status
 
 log = Logger(namespace="mcptwist.routing")
@@ -221,6 +222,8 @@ class Upstream(Service):
         self._ready_waiters: list[Deferred[None]] = []
         # The current child's silence while its requests time out.
         self._silence = _Silence()
+        # What the child offers, for aggregating endpoints.
+        self.catalog = Catalog(self)
 
     @property
     def label(self) -> str:
@@ -626,6 +629,7 @@ class Upstream(Service):
 
     def _became_ready(self) -> None:
         """The child answered its handshake: send what waited for it."""
+        self.catalog.reset()
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
             if not d.called:
@@ -636,6 +640,7 @@ class Upstream(Service):
         waiting, self._waiting_init = self._waiting_init, []
         for p, message in waiting:
             self._answer_initialize(p, message)
+        self.catalog.ready()
 
     def child_message(self, child: Child, message: Message) -> None:
         if self._silence.timeouts and child is self._child:
@@ -715,6 +720,9 @@ class Upstream(Service):
                     del self._outbound[out_id]
                     params["requestId"] = out_id
                     out.session.deliver(message, None)
+        elif method in STALE_AFTER:
+            self.catalog.changed(method)
+            self._broadcast(message, list(self.sessions))
         else:
             self._broadcast(message, list(self.sessions))
 
@@ -881,6 +889,7 @@ class Upstream(Service):
             text += f"; last stderr: {stderr[-1]}"
         if child is self._child:
             self._ready = False
+            self.catalog.reset(gone=True)
             for p in [p for p in self._pending.values() if p.sent_to is child]:
                 self._fail(
                     p,
@@ -948,6 +957,30 @@ class Upstream(Service):
         self._pending[child_id] = p
         p.sent_to = self._child
         self._send(self._child, jsonrpc.request(child_id, method, params))
+
+    def ask(self, method: str, params: dict[str, Any], answered: Callable[[Message], None]) -> None:
+        """A request of the bridge's own to the running child; C{answered} gets
+        its answer, or the error that ends it (timeout, the child's end)."""
+        if not self._ready or self._child is None:
+            answered(jsonrpc.error(0, jsonrpc.SERVER_UNAVAILABLE, self.unavailable_text()))
+            return
+        child_id = next(self._ids)
+        p = Pending(
+            method=method,
+            started=self.clock.seconds(),
+            child_id=child_id,
+            on_response=lambda response, _: answered(response),
+        )
+        p.timer = self.clock.callLater(self.server.request_timeout, self._timed_out, p)
+        self._pending[child_id] = p
+        self._send_or_queue(p, self._own_request(child_id, method, params))
+
+    def _own_request(self, child_id: int, method: str, params: dict[str, Any]) -> Message:
+        """The bridge's own request, as this child is spoken to."""
+        return jsonrpc.request(child_id, method, params)
+
+    def catalog_used(self) -> None:
+        """An endpoint reads the catalog: the child's list changes matter now."""
 
     def _timed_out(self, p: Pending) -> None:
         p.timer = None
@@ -1071,6 +1104,10 @@ class Upstream(Service):
         if not self.server.stderr_in_errors:
             return []
         return list(self.supervisor.stderr)[-STDERR_IN_ERRORS:]
+
+    def unavailable_text(self) -> str:
+        """Why the server cannot serve now (its state, how its child ended)."""
+        return self._unavailable_text()
 
     def _unavailable_text(self) -> str:
         why = self.supervisor.last_exit

@@ -1,0 +1,209 @@
+# -*- test-case-name: tests.test_aggregate -*-
+"""What one child offers: its tools, prompts, resources and templates, fetched
+once and kept until the child says they changed.
+
+Each L{Upstream} has a L{Catalog}. An aggregating endpoint answers its
+clients' lists from its members' catalogs, so a C{tools/list} on an endpoint
+of ten servers costs what one does. A list is fetched (every page of it)
+the first time it is asked for, and again only after the child sends its
+C{list_changed} notification, or when a new child takes the old one's place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from mcptwist.child.supervisor import ChildState
+from mcptwist.mcp.jsonrpc import Message
+
+log = Logger(namespace="mcptwist.routing")
+
+# Each list: the key of its items in a result, and the capability that offers it.
+LISTS: Final = {
+    "tools/list": ("tools", "tools"),
+    "prompts/list": ("prompts", "prompts"),
+    "resources/list": ("resources", "resources"),
+    "resources/templates/list": ("resourceTemplates", "resources"),
+}
+# The lists each list_changed notification makes stale.
+STALE_AFTER: Final = {
+    "notifications/tools/list_changed": ("tools/list",),
+    "notifications/prompts/list_changed": ("prompts/list",),
+    "notifications/resources/list_changed": ("resources/list", "resources/templates/list"),
+}
+# Bounds on what is fetched of one list: a child that pages forever is cut off.
+MAX_PAGES: Final = 100
+MAX_ITEMS: Final = 10_000
+
+
+class Source(Protocol):
+    """What a catalog asks of its upstream."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def state(self) -> ChildState: ...
+
+    @property
+    def init_result(self) -> dict[str, Any] | None: ...
+
+    def when_ready(self) -> Deferred[None]: ...
+
+    def ask(
+        self, method: str, params: dict[str, Any], answered: Callable[[Message], None]
+    ) -> None: ...
+
+    def catalog_used(self) -> None: ...
+
+    def unavailable_text(self) -> str: ...
+
+
+class Unavailable(Exception):
+    """The child cannot be asked now (failed, stopped), or failed the list."""
+
+
+class Catalog:
+    """One child's lists, fetched once and kept current by its notifications."""
+
+    def __init__(self, upstream: Source) -> None:
+        self._upstream = upstream
+        self._lists: dict[str, list[dict[str, Any]]] = {}
+        self._waiting: dict[str, list[Deferred[list[dict[str, Any]]]]] = {}
+        # Bumped whenever what was fetched may be stale: an answer from before is dropped.
+        self.generation = 0
+        self.used = False
+        # Told (with the method) whenever a list is known to have changed.
+        self.watchers: list[Callable[[str], None]] = []
+        # Reviews a fresh tools list before it is kept (pinning); may drop tools.
+        self.review: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+
+    def cached(self, method: str) -> list[dict[str, Any]] | None:
+        return self._lists.get(method)
+
+    def offers(self, method: str) -> bool:
+        """Whether the child declared the capability of this list."""
+        init = self._upstream.init_result or {}
+        capabilities = init.get("capabilities")
+        return isinstance(capabilities, dict) and LISTS[method][1] in capabilities
+
+    def get(self, method: str) -> Deferred[list[dict[str, Any]]]:
+        """The whole list (every page), from the cache or fetched; fails with
+        L{Unavailable} when the child is down or refuses."""
+        kept = self._lists.get(method)
+        if kept is not None:
+            return succeed(kept)
+        d: Deferred[list[dict[str, Any]]] = Deferred()
+        waiting = self._waiting.get(method)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._waiting[method] = [d]
+        if not self.used:
+            self.used = True
+            self._upstream.catalog_used()
+        self._fetch(method)
+        return d
+
+    def _fetch(self, method: str) -> None:
+        upstream = self._upstream
+        if upstream.state in (ChildState.FAILED, ChildState.STOPPED):
+            self._settle(method, Unavailable(upstream.unavailable_text()))
+            return
+        if upstream.init_result is None or upstream.state is not ChildState.RUNNING:
+            ready = upstream.when_ready()
+            ready.addCallback(lambda _: self._fetch(method) if method in self._waiting else None)
+            return
+        if not self.offers(method):
+            self._keep(method, [], self.generation)
+            return
+        self._page(method, None, [], self.generation, 0)
+
+    def _page(
+        self,
+        method: str,
+        cursor: str | None,
+        items: list[dict[str, Any]],
+        generation: int,
+        pages: int,
+    ) -> None:
+        def answered(response: Message) -> None:
+            if generation != self.generation or method not in self._waiting:
+                return  # stale: a fetch after the change is under way (or nobody waits)
+            result = response.get("result")
+            if not isinstance(result, dict):
+                error = response.get("error")
+                text = error.get("message") if isinstance(error, dict) else None
+                self._settle(method, Unavailable(f"{method} failed: {text or response}"))
+                return
+            found = result.get(LISTS[method][0])
+            if isinstance(found, list):
+                items.extend(i for i in found if isinstance(i, dict))
+            following = result.get("nextCursor")
+            more = isinstance(following, str) and bool(following)
+            if more and pages + 1 < MAX_PAGES and len(items) < MAX_ITEMS:
+                self._page(method, following, items, generation, pages + 1)
+                return
+            if len(items) > MAX_ITEMS or more:
+                log.warn(
+                    "{server}: kept the first {count} items of its {method} only",
+                    server=self._upstream.label,
+                    count=min(len(items), MAX_ITEMS),
+                    method=method,
+                )
+            self._keep(method, items[:MAX_ITEMS], generation)
+
+        self._upstream.ask(method, {"cursor": cursor} if cursor else {}, answered)
+
+    def _keep(self, method: str, items: list[dict[str, Any]], generation: int) -> None:
+        if method == "tools/list" and self.review is not None:
+            items = self.review(items)
+        if generation == self.generation:
+            self._lists[method] = items
+        waiting = self._waiting.pop(method, [])
+        for d in waiting:
+            d.callback(items)
+
+    def _settle(self, method: str, failure: Exception) -> None:
+        for d in self._waiting.pop(method, []):
+            d.errback(failure)
+
+    def changed(self, notification: str) -> None:
+        """The child says a list changed: fetch it again when next asked."""
+        methods = STALE_AFTER.get(notification, ())
+        self.generation += 1
+        for method in methods:
+            self._lists.pop(method, None)
+            if method in self._waiting:
+                self._fetch(method)
+        for method in methods:
+            for watcher in list(self.watchers):
+                watcher(method)
+
+    def reset(self, gone: bool = False) -> None:
+        """A new child, or none (C{gone}: its lists are gone, and watchers are
+        told): nothing fetched from the old one holds."""
+        self.generation += 1
+        stale = list(self._lists)
+        self._lists.clear()
+        for method in list(self._waiting):
+            self._fetch(method)
+        if gone:
+            for method in stale:
+                for watcher in list(self.watchers):
+                    watcher(method)
+
+    def ready(self) -> None:
+        """A new child is ready: what it offers may differ from the last one's."""
+        if self.used:
+            for method in LISTS:
+                for watcher in list(self.watchers):
+                    watcher(method)
+
+    def refresh_tools(self) -> None:
+        """The review of tools changed (a pin was accepted): review them again."""
+        self.changed("notifications/tools/list_changed")
