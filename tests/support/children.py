@@ -113,6 +113,10 @@ class FakeChild:
         self.reading = True
         self.unread: list[bytes] = []
         self.init_result = dict(INIT_RESULT)
+        # What it lists, by list method (tools/list: its tools), and how
+        # many items a page holds (0: all in one).
+        self.lists: dict[str, list[dict[str, Any]]] = {}
+        self.page_size = 0
         # When True, requests other than initialize wait in self.held.
         self.hold = reactor.hold
         self.transport = FakeProcessTransport(self)
@@ -147,8 +151,21 @@ class FakeChild:
             self.send(
                 jsonrpc.result(message["id"], {"content": [{"type": "text", "text": repr(args)}]})
             )
+        elif method in self.lists:
+            self.send(jsonrpc.result(message["id"], self.list_page(method, message)))
         else:
             self.send(jsonrpc.result(message["id"], {}))
+
+    def list_page(self, method: str, message: jsonrpc.Message) -> dict[str, Any]:
+        """One page of a list it offers; the cursor is the offset, as text."""
+        key = {"resources/templates/list": "resourceTemplates"}.get(method, method.split("/")[0])
+        items = self.lists[method]
+        start = int((message.get("params") or {}).get("cursor") or 0)
+        size = self.page_size or len(items)
+        result: dict[str, Any] = {key: items[start : start + size]}
+        if start + size < len(items):
+            result["nextCursor"] = str(start + size)
+        return result
 
     def send(self, message: jsonrpc.Message) -> None:
         self.send_raw(jsonrpc.dumps(message) + b"\n")

@@ -144,7 +144,16 @@ class ClientSession:
         if self.recorder is not None:
             request.described = self._describe(request.method, message.get("params"))
 
-    def request_ended(self, request: Pending, status: Status, error_code: int | None) -> None:
+    def request_ended(
+        self,
+        request: Pending,
+        status: Status,
+        error_code: int | None,
+        server: str | None = None,
+        child_pid: int | None = None,
+    ) -> None:
+        """How one of its requests ended; C{server} and C{child_pid} name the
+        member that served it, on an endpoint."""
         if self.stateless:
             return
         self._requests -= 1
@@ -164,7 +173,14 @@ class ClientSession:
                 protocol_version=self.protocol_version,
             )
         self._record(
-            request.method, request.described, status, error_code, request.started, self.peer
+            request.method,
+            request.described,
+            status,
+            error_code,
+            request.started,
+            self.peer,
+            server,
+            child_pid,
         )
 
     def call_started(self) -> None:
@@ -213,12 +229,17 @@ class ClientSession:
         error_code: int | None,
         started: float,
         peer: str | None,
+        server: str | None = None,
+        child_pid: int | None = None,
     ) -> None:
         assert self.recorder is not None and self.clock is not None
+        if server is None and child_pid is None:
+            supervisor = getattr(self.upstream, "supervisor", None)
+            child_pid = supervisor.pid if supervisor is not None else None
         self.recorder.request_ended(
             RequestEnded(
                 session=self.id,
-                server=self.server,
+                server=server or self.server,
                 principal=self.principal,
                 peer=peer,
                 method=method,
@@ -228,7 +249,7 @@ class ClientSession:
                 status=status,
                 error_code=error_code,
                 latency_ms=(self.clock.seconds() - started) * 1000.0,
-                child_pid=self.upstream.supervisor.pid if self.upstream is not None else None,
+                child_pid=child_pid,
                 arguments=described.arguments,
             )
         )

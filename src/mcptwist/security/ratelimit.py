@@ -164,12 +164,17 @@ class RateLimiter:
         return len(full)
 
     def _applicable(
-        self, principal: str | None, ip: str | None, server: str | None, ip_charged: bool = False
+        self,
+        principal: str | None,
+        ip: str | None,
+        server: str | None,
+        ip_charged: bool = False,
+        server_only: bool = False,
     ) -> list[tuple[_Key, Bucket]]:
         found: list[tuple[_Key, Bucket]] = []
-        if self.limits.per_principal is not None and principal is not None:
+        if self.limits.per_principal is not None and principal is not None and not server_only:
             found.append((("principal", "", principal), self.limits.per_principal))
-        if self.limits.per_ip is not None and ip is not None and not ip_charged:
+        if self.limits.per_ip is not None and ip is not None and not ip_charged and not server_only:
             found.append((("ip", "", ip), self.limits.per_ip))
         limits = self.server_limits.get(server) if server is not None else None
         if server is not None and limits is not None:
@@ -189,6 +194,7 @@ class RateLimiter:
         ip_charged: bool = False,
         cost: int = 1,
         paid: int = 0,
+        server_only: bool = False,
     ) -> Refusal | None:
         """Spend C{cost} tokens of every applicable bucket, or refuse and spend none.
 
@@ -197,9 +203,11 @@ class RateLimiter:
         bridge-wide per-IP bucket (already charged before authentication).
         C{paid}: tokens this request already spent, so that a bucket must
         be able to hold C{cost + paid} (or no retry could ever pass).
+        C{server_only}: only the server's own buckets (a request an endpoint
+        routes to one of its members, charged to the bridge-wide ones already).
         """
         now = self._clock.seconds()
-        applicable = self._applicable(principal, ip, server, ip_charged)
+        applicable = self._applicable(principal, ip, server, ip_charged, server_only)
         for key, spec in applicable:
             if cost + paid > spec.burst:
                 return Refusal(key[0], float(_MAX_RETRY_AFTER), spec.burst)

@@ -105,6 +105,7 @@ class BridgeService(MultiService):
         self.fleet.serving = self._log_urls
         self.web = BridgeApp(config, self.fleet.backends, self.registry, reactor, self.access)
         self.web.draining = self.fleet.draining
+        self.web.endpoints = self.fleet.endpoints
         self.reloader = Reloader(
             self,
             reactor,

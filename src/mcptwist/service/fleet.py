@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from mcptwist.config.model import BridgeConfig, ServerConfig
 from mcptwist.ops.metrics import ServerSnapshot, Snapshot
 from mcptwist.ops.notify import status_line
+from mcptwist.routing.aggregate import Aggregate, AggregateBackend, endpoint_settings
 from mcptwist.routing.backends import Backend, make_backend
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import ClientSession, SessionRegistry
@@ -66,8 +67,33 @@ class Fleet(MultiService):
         self.serving: Callable[[str], None] = lambda name: None
         self._stopping: set[Deferred[Any]] = set()
         registry.on_closed = self._session_closed
+        # The aggregating endpoints, by "endpoints/NAME" (the web app reads them).
+        self.endpoints: dict[str, AggregateBackend] = {}
         for server in config.servers.values():
             self._serve(server)
+        self._set_endpoints(config)
+
+    def _set_endpoints(self, config: BridgeConfig) -> None:
+        """Build the endpoints of a configuration, in place of the last ones
+        (their sessions keep what they had; new ones get the new rules)."""
+        endpoints: dict[str, AggregateBackend] = {}
+        for endpoint in config.endpoints.values():
+            key = f"endpoints/{endpoint.name}"
+            old = self.endpoints.get(key)
+            if old is not None and old.aggregate.config == endpoint:
+                endpoints[key] = old
+                continue
+            aggregate = Aggregate(endpoint, self._server_config)
+            settings = endpoint_settings(endpoint, config.servers)
+            endpoints[key] = AggregateBackend(
+                aggregate, settings, self.backends, self.reactor, self.recorder
+            )
+        self.endpoints.clear()
+        self.endpoints.update(endpoints)
+
+    def _server_config(self, name: str) -> ServerConfig | None:
+        backend = self.backends.get(name)
+        return backend.server if backend is not None else None
 
     def _serve(self, server: ServerConfig) -> Backend:
         backend = make_backend(server, self.reactor, self.environ, self.recorder)
@@ -90,8 +116,12 @@ class Fleet(MultiService):
         return stopped.addCallback(lambda _: log.info("every child has stopped"))
 
     def is_server(self, name: str) -> bool:
-        """Whether a server of this name is served, or drains."""
-        return name in self.backends or any(b.server.name == name for b in self.draining)
+        """Whether a server (or endpoint) of this name is served, or drains."""
+        return (
+            name in self.backends
+            or name in self.endpoints
+            or any(b.server.name == name for b in self.draining)
+        )
 
     def add(self, server: ServerConfig) -> Backend:
         """Serve a server from now on (a reload, or the admin API)."""
@@ -149,6 +179,7 @@ class Fleet(MultiService):
                 self.add(server)
                 result["restarted"].append(name)
         self.runtime_added.clear()
+        self._set_endpoints(new)
         return result
 
     def _close_hub(self, hub: ClientSession, why: str) -> None:

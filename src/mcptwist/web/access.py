@@ -12,10 +12,12 @@ status a client can act on, and each is written to the audit trail.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
@@ -70,6 +72,7 @@ class AccessControl:
             for name, s in config.servers.items()
             if s.allow or s.deny
         }
+        self.endpoint_members = _endpoint_members(config)
         self._listener_policies: dict[int, AddressPolicy] = {}
         # Which configuration a request was admitted under (see reconfigure).
         self.generation = 0
@@ -129,6 +132,7 @@ class AccessControl:
             for name, s in config.servers.items()
             if s.allow or s.deny
         }
+        self.endpoint_members = _endpoint_members(config)
         self._listener_policies.clear()
         self.generation += 1
 
@@ -274,8 +278,17 @@ class AccessControl:
     def authorise(
         self, request: IRequest, principal: Principal, ip: str | None, server: str | None
     ) -> None:
-        """Raise the HTTPProblem that refuses this principal this route, if any."""
-        if server is not None and not principal.may_use(server):
+        """Raise the HTTPProblem that refuses this principal this route, if any.
+
+        An endpoint (C{endpoints/NAME}) is open to a principal that may use
+        any of its servers; what it sees there is the L{ClientGuard}'s business.
+        """
+        members = self.endpoint_members.get(server) if server is not None else None
+        if members is not None:
+            usable = any(principal.may_use(m) for m in members)
+        else:
+            usable = server is None or principal.may_use(server)
+        if not usable:
             self.audit.access_refused(
                 principal=principal.id, peer=ip, server=server, route=route_of(request)
             )
@@ -300,6 +313,10 @@ class AccessControl:
         refusal = self.limiter.check(who, rate_key(ip), server, ip_charged=self.auth.enabled)
         if refusal is not None:
             raise self._limited(refusal, principal.id, ip, server)
+
+    def guard(self, principal: Principal, ip: str | None) -> ClientGuard:
+        """What this client may see and use of an endpoint's servers."""
+        return ClientGuard(self, principal, ip)
 
     def limit_address(self, ip: str | None) -> None:
         """Before authentication, charge the client's address: floods of bad
@@ -455,6 +472,48 @@ class AccessControl:
                 principal=principal.id, peer=ip, server=None, route=route_of(request)
             )
             raise HTTPProblem(403, jsonrpc.FORBIDDEN, f"Forbidden: this needs {missing}")
+
+
+def _endpoint_members(config: BridgeConfig) -> dict[str, tuple[str, ...]]:
+    return {f"endpoints/{name}": e.servers for name, e in config.endpoints.items()}
+
+
+@attrs.frozen
+class ClientGuard:
+    """One client on an endpoint: the servers its grants and address allow,
+    the tools its grants name, and each server's own rate limits."""
+
+    access: AccessControl
+    principal: Principal
+    ip: str | None
+
+    def sees(self, server: str) -> bool:
+        if not self.principal.may_use(server):
+            return False
+        policy = self.access.server_policies.get(server)
+        return policy is None or self.ip is None or policy.allows_ip(self.ip)
+
+    def tool(self, server: str, name: str) -> bool:
+        patterns = self.principal.tools(server)
+        return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    def admit(self, server: str) -> str | None:
+        principal = self.principal
+        who = principal.id if principal.kind != "anonymous" else None
+        refusal = self.access.limiter.check(who, rate_key(self.ip), server, server_only=True)
+        if refusal is None:
+            return None
+        self.access.audit.rate_limited(
+            principal=principal.id,
+            peer=self.ip,
+            server=server,
+            scope=refusal.scope,
+            retry_after=refusal.retry_after,
+        )
+        return (
+            f"Too Many Requests: the {refusal.scope} rate limit of MCP server '{server}' is "
+            f"reached; retry in {max(1, round(refusal.retry_after))}s"
+        )
 
 
 def listener_of(request: Request) -> ListenerConfig | None:

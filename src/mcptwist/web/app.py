@@ -26,6 +26,7 @@ from mcptwist import __version__
 from mcptwist.config.model import BridgeConfig
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import RequestId
+from mcptwist.routing.aggregate import AggregateBackend, AggregateUpstream
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import (
     ClientSession,
@@ -201,12 +202,16 @@ class Gate(Resource):
         count = len(parts)
         first = parts[1]
         server = None
-        if count >= 3 and first == b"servers":
+        if count >= 3 and first in (b"servers", b"endpoints"):
             try:
                 server = parts[2].decode("utf-8")
             except UnicodeDecodeError:
                 # A name that is not UTF-8 names no server.
                 return HTTPProblem(404, jsonrpc.INVALID_REQUEST, "Not Found").render(request)
+            if first == b"endpoints":
+                # An endpoint is served as a server of this name (no server's
+                # name holds a slash).
+                server = "endpoints/" + server
         if first == b"admin":
             unserved = self._admin_unserved(request, who, ip)
             if unserved is not None:
@@ -325,6 +330,8 @@ class BridgeApp:
         self.access = access if access is not None else AccessControl.from_config(config, clock)
         # Backends of removed or changed servers whose sessions are draining.
         self.draining: Mapping[Backend, object] = {}
+        # The aggregating endpoints, by "endpoints/NAME".
+        self.endpoints: Mapping[str, AggregateBackend] = {}
         # Mounted by the service: the admin API at /admin/, metrics at /metrics.
         self.admin: IResource | None = None
         self.metrics: IResource | None = None
@@ -390,6 +397,14 @@ class BridgeApp:
         """The server's backend; with C{draining}, also one a reload retired
         (its existing sessions go on until they end or are closed)."""
         backend = self.backends.get(name)
+        if backend is None and name.startswith("endpoints/"):
+            backend = self.endpoints.get(name)
+            if backend is None:
+                raise HTTPProblem(
+                    404,
+                    jsonrpc.INVALID_REQUEST,
+                    f"Not Found: no endpoint is named {name[len('endpoints/') :]!r}",
+                )
         if backend is None and draining:
             backend = next((b for b in self.draining if b.server.name == name), None)
         if backend is None:
@@ -411,13 +426,16 @@ class BridgeApp:
         """A new session for this request's principal, or the HTTP refusal
         (429 past the principal's share, 503 when the bridge or server is full)."""
         with self.refusing_sessions(request, backend.server.name, request_id):
-            return self.registry.create(
+            session = self.registry.create(
                 backend,
                 transport,
                 sink_factory,
                 principal_id(request),
                 peer_of(request),
             )
+        if isinstance(session.upstream, AggregateUpstream):
+            session.upstream.guard = self.access.guard(principal_of(request), peer_of(request))
+        return session
 
     @contextlib.contextmanager
     def refusing_sessions(
@@ -518,8 +536,20 @@ class BridgeApp:
                     for name in self.backends
                     if principal_of(request).may_use(name)
                 },
+                "endpoints": {
+                    e.aggregate.name: {
+                        "streamable_http": f"/{key}/mcp",
+                        "sse": f"/{key}/sse",
+                    }
+                    for key, e in self.endpoints.items()
+                    if self._may_see(principal_of(request), e)
+                },
             },
         )
+
+    @staticmethod
+    def _may_see(principal: Principal, endpoint: AggregateBackend) -> bool:
+        return any(principal.may_use(m) for m in endpoint.aggregate.members)
 
     @app.route("/servers", methods=["GET"])
     @guarded
@@ -530,9 +560,20 @@ class BridgeApp:
             {
                 "servers": [
                     self._status(b) for name, b in self.backends.items() if principal.may_use(name)
-                ]
+                ],
+                "endpoints": [
+                    self._endpoint_status(e, principal)
+                    for e in self.endpoints.values()
+                    if self._may_see(principal, e)
+                ],
             },
         )
+
+    def _endpoint_status(self, endpoint: AggregateBackend, principal: Principal) -> dict[str, Any]:
+        status = endpoint.status()
+        status["servers"] = [s for s in status["servers"] if principal.may_use(s["name"])]
+        status["sessions"] = self.registry.count(endpoint.server.name)
+        return status
 
     @app.route("/servers/<name>", methods=["GET"])
     @guarded
@@ -571,6 +612,12 @@ class BridgeApp:
             {
                 "status": "ok",
                 "servers": {name: held.get(name, "running") for name in self.backends},
+                "endpoints": {
+                    e.aggregate.name: {
+                        name: held.get(name, "running") for name in e.aggregate.members
+                    }
+                    for e in self.endpoints.values()
+                },
             },
         )
 

@@ -21,6 +21,11 @@ from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head
 from .sse import EventConnection, encode_event
 
 
+def base_path(name: str) -> str:
+    """Where a server's URLs are (an endpoint's name holds its own prefix)."""
+    return f"/{name}" if name.startswith("endpoints/") else f"/servers/{name}"
+
+
 class LegacySink:
     """A legacy session's single stream."""
 
@@ -64,7 +69,7 @@ async def stream(ctx: TransportContext, request: Request, name: str) -> None:
         ctx.registry.close(session, "refused: too many streams")
         raise
     sink.connection = connection
-    endpoint = f"/servers/{name}/messages?session_id={session.id}"
+    endpoint = f"{base_path(name)}/messages?session_id={session.id}"
     connection.send(encode_event(endpoint.encode(), event=b"endpoint"))
     try:
         await connection.done
@@ -85,7 +90,7 @@ def post(ctx: TransportContext, request: Request, name: str) -> bytes:
         raise HTTPProblem(
             404,
             jsonrpc.SESSION_NOT_FOUND,
-            "Session not found: open a new stream at /servers/" + name + "/sse",
+            f"Session not found: open a new stream at {base_path(name)}/sse",
         )
     require_json(request)
     messages, kinds, batch = parse_messages(

@@ -12,21 +12,25 @@ notifications. GET and DELETE do not exist in this revision (405).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
+import attrs
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mcptwist.mcp import era, jsonrpc
-from mcptwist.mcp.era import agreed_filter
+from mcptwist.mcp.era import LIST_CHANGED, agreed_filter
 from mcptwist.mcp.jsonrpc import Kind, Message
+from mcptwist.routing.aggregate import AggregateBackend, Refused, gather_lists
 from mcptwist.routing.backends import Backend
+from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
 
-from .admission import peer_of, principal_id
+from .admission import peer_of, principal_id, principal_of
 from .context import TransportContext
 from .http import HTTPProblem
 from .sse import EventConnection, encode_event
@@ -43,8 +47,15 @@ class HTTPResponder:
     """One HTTP request of a call: JSON, or SSE from its first notification."""
 
     def __init__(
-        self, ctx: TransportContext, request: Request, json_ok: bool, sse_ok: bool, label: str
+        self,
+        ctx: TransportContext,
+        request: Request,
+        json_ok: bool,
+        sse_ok: bool,
+        label: str,
+        rewrite: Callable[[Message], Message] | None = None,
     ) -> None:
+        self.rewrite = rewrite
         self.ctx = ctx
         self.request = request
         self.json_ok = json_ok
@@ -65,6 +76,8 @@ class HTTPResponder:
         if self.done:
             return
         self.done = True
+        if self.rewrite is not None:
+            message = self.rewrite(message)
         if self.gone:
             return
         if self.connection is None and not self.json_ok:
@@ -123,8 +136,6 @@ def post(
         raise HTTPProblem(
             refusal.status, refusal.code, refusal.message, refusal.id, data=refusal.data
         ) from None
-    params = message.get("params") or {}
-    principal = principal_id(request)
     if checked.method == "subscriptions/listen" and not sse_ok:
         raise HTTPProblem(
             406,
@@ -132,6 +143,25 @@ def post(
             "Not Acceptable: subscriptions/listen answers with a text/event-stream",
             checked.id,
         )
+    backend = ctx.backend(name)
+    if isinstance(backend, AggregateBackend):
+        return endpoint_post(ctx, request, backend, checked, json_ok, sse_ok)
+    return serve(ctx, request, name, checked, json_ok, sse_ok)
+
+
+def serve(
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    checked: era.ModernRequest,
+    json_ok: bool,
+    sse_ok: bool,
+    rewrite: Callable[[Message], Message] | None = None,
+) -> int:
+    """Serve a checked request on a server: on the principal's hub, as a call
+    (C{rewrite} changes its answer: an endpoint's names)."""
+    params = checked.message.get("params") or {}
+    principal = principal_id(request)
     answers = params.get("inputResponses")
     if answers is not None and not (
         isinstance(answers, dict) and all(isinstance(v, dict) for v in answers.values())
@@ -160,7 +190,9 @@ def post(
     prefer_json = (
         json_ok and hub.backend.server.json_response and checked.method != "subscriptions/listen"
     )
-    responder = HTTPResponder(ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST")
+    responder = HTTPResponder(
+        ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST", rewrite
+    )
     peer = peer_of(request)
     if state is not None:
         call.resume(responder, checked, answers or {}, peer)
@@ -183,6 +215,150 @@ def post(
 
     if not responder.done:
         request.notifyFinish().addErrback(vanished)
+    return NOT_DONE_YET
+
+
+def endpoint_post(
+    ctx: TransportContext,
+    request: Request,
+    backend: AggregateBackend,
+    checked: era.ModernRequest,
+    json_ok: bool,
+    sse_ok: bool,
+) -> bytes | int:
+    """A request to an endpoint: answered from its members' catalogs, or
+    renamed and served by the member it names."""
+    aggregate = backend.aggregate
+    guard = ctx.access.guard(principal_of(request), peer_of(request))
+    method = checked.method
+    if method == "server/discover":
+        result = era.discover(aggregate.initialize_result(None), aggregate.server_info())
+        return _json(request, jsonrpc.result(checked.id, result))
+    if method in LISTS or method == "subscriptions/listen":
+        catalogs: list[tuple[str, Catalog | None]] = []
+        for server in aggregate.members:
+            if guard.sees(server):
+                catalogs.append((server, _catalog(ctx, request, server, checked)))
+        if method == "subscriptions/listen":
+            if aggregate.namer.bare:
+                # The lone member's stream, as it is.
+                return serve(ctx, request, aggregate.members[0], checked, json_ok, sse_ok)
+            return _endpoint_listen(ctx, request, backend, checked, catalogs)
+        cursor = (checked.message.get("params") or {}).get("cursor")
+
+        def merged(lists: list[tuple[str, list[dict[str, Any]]]]) -> None:
+            if request.finished or request.channel is None:
+                return
+            try:
+                page = aggregate.page(method, aggregate.merge(method, lists, guard), cursor)
+            except Refused as refused:
+                answer = jsonrpc.error(checked.id, refused.code, refused.text)
+            else:
+                answer = jsonrpc.result(
+                    checked.id, era.complete(method, page, aggregate.server_info())
+                )
+            request.setHeader(b"content-type", b"application/json")
+            request.write(jsonrpc.dumps(answer))
+            request.finish()
+
+        gather_lists(aggregate, method, catalogs, ctx.clock).addCallback(merged).addErrback(
+            lambda f: log.failure("endpoint list", f)
+        )
+        return NOT_DONE_YET
+    try:
+        route = aggregate.route(
+            checked.message, guard, lambda server: _catalog(ctx, request, server, checked)
+        )
+    except Refused as refused:
+        ctx.access.audit.access_refused(
+            principal=principal_id(request),
+            peer=peer_of(request),
+            server=backend.server.name,
+            route=f"{request.path.decode('latin-1')} {method} {refused.text}",
+        )
+        status = {jsonrpc.METHOD_NOT_FOUND: 404, jsonrpc.RATE_LIMITED: 429}.get(refused.code, 200)
+        return _json(request, jsonrpc.error(checked.id, refused.code, refused.text), status)
+    routed = attrs.evolve(checked, message=route.message)
+    server = route.server
+    rewrite = None
+    if method == "resources/read":
+        rewrite = lambda m: aggregate.shown_result(server, method, m)  # noqa: E731
+    return serve(ctx, request, server, routed, json_ok, sse_ok, rewrite)
+
+
+def _json(request: Request, message: Message, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return jsonrpc.dumps(message)
+
+
+def _catalog(
+    ctx: TransportContext, request: Request, server: str, checked: era.ModernRequest
+) -> Catalog | None:
+    """The catalog of the child that serves this principal's requests to a
+    member (None: no session can be opened for it there now)."""
+    try:
+        hub = open_hub(ctx, request, server, checked)
+    except HTTPProblem:
+        return None
+    return hub.upstream.catalog if hub.upstream is not None else None
+
+
+def _endpoint_listen(
+    ctx: TransportContext,
+    request: Request,
+    backend: AggregateBackend,
+    checked: era.ModernRequest,
+    catalogs: list[tuple[str, Catalog | None]],
+) -> int:
+    """C{subscriptions/listen} on an endpoint of several servers: the list
+    changes of every member (resources are followed on single-server
+    endpoints only: the URIs of several would have to be merged)."""
+    params = checked.message.get("params") or {}
+    wanted = params.get("notifications")
+    wanted = wanted if isinstance(wanted, dict) else {}
+    fields = {LIST_CHANGED[n][0]: n for n in LIST_CHANGED}
+    agreed = {field: True for field in fields if wanted.get(field) is True}
+    try:
+        connection = ctx.stream(request, f"{backend.server.name} listen")
+    except HTTPProblem as problem:
+        problem.id = checked.id
+        raise
+    send(
+        connection,
+        jsonrpc.notification(
+            "notifications/subscriptions/acknowledged",
+            {"_meta": {era.META_SUBSCRIPTION: checked.id}, "notifications": agreed},
+        ),
+    )
+    by_method = {
+        "tools/list": "toolsListChanged",
+        "prompts/list": "promptsListChanged",
+        "resources/list": "resourcesListChanged",
+        "resources/templates/list": "resourcesListChanged",
+    }
+
+    def changed(method: str) -> None:
+        field = by_method[method]
+        if field in agreed:
+            send(
+                connection,
+                jsonrpc.notification(fields[field], {"_meta": {era.META_SUBSCRIPTION: checked.id}}),
+            )
+
+    watched = [c for _, c in catalogs if c is not None]
+    for catalog in watched:
+        catalog.watchers.append(changed)
+        if not catalog.used:
+            # The child's list changes matter from now on.
+            catalog.get("tools/list").addErrback(lambda _: None)
+
+    def ended(_: object) -> None:
+        for catalog in watched:
+            if changed in catalog.watchers:
+                catalog.watchers.remove(changed)
+
+    connection.done.addBoth(ended)
     return NOT_DONE_YET
 
 
