@@ -129,6 +129,20 @@ def everything_server_toml(name: str = "everything", extra: str = "") -> str:
     )
 
 
+def time_toml() -> str:
+    """A [servers.time] table running mcp-server-time (in UTC)."""
+    if not (BIN / "mcp-server-time").exists():
+        message = f"mcp-server-time is not installed next to {PYTHON} (pip install mcp-server-time)"
+        if os.environ.get("CI"):
+            raise AssertionError("CI is set but " + message)
+        raise SkipTest(message)
+    return (
+        "[servers.time]\n"
+        f"command = {toml_str(str(BIN / 'mcp-server-time'))}\n"
+        'args = ["--local-timezone", "UTC"]\n'
+    )
+
+
 def python_server_toml(name: str, args: Sequence[str], extra: str = "") -> str:
     """A [servers.NAME] table running C{sys.executable ARGS} with src on PYTHONPATH."""
     return (

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from . import harness as h
 
@@ -37,21 +36,6 @@ MODES = {"auto": MODERN, MODERN: MODERN, "legacy": LEGACY}
 
 STDIO_FIXTURE = h.FIXTURES / "stdio_fixture.py"
 CONFORMANCE_FIXTURE = h.FIXTURES / "conformance_server.py"
-
-
-def time_toml() -> str:
-    if not (h.BIN / "mcp-server-time").exists():
-        message = (
-            f"mcp-server-time is not installed next to {h.PYTHON} (pip install mcp-server-time)"
-        )
-        if os.environ.get("CI"):
-            raise AssertionError("CI is set but " + message)
-        raise SkipTest(message)
-    return (
-        "[servers.time]\n"
-        f"command = {h.toml_str(str(h.BIN / 'mcp-server-time'))}\n"
-        'args = ["--local-timezone", "UTC"]\n'
-    )
 
 
 class SDKTestMixin:
@@ -158,7 +142,7 @@ class TimeServerTests(SDKTestMixin, SynchronousTestCase):
     """mcp-server-time (a Python SDK server that is also 2026-capable)."""
 
     def setUp(self) -> None:
-        self.bridge = h.start_bridge(self, time_toml())
+        self.bridge = h.start_bridge(self, h.time_toml())
 
     def check_time(self, r: dict[str, Any], version: str = LEGACY) -> None:
         self.assertEqual(r["protocol_version"], version)
