@@ -37,7 +37,7 @@ from mcptwist.config.model import AuditConfig
 from mcptwist.ops.audit_encoding import timestamp
 from mcptwist.ops.audit_file import AuditFileObserver
 from mcptwist.ops.metrics import Metrics
-from mcptwist.routing.record import RequestEnded
+from mcptwist.routing.record import RequestEnded, ToolEvent
 from mcptwist.security.ipfilter import rate_key
 
 NAMESPACE: Final = "mcptwist.audit"
@@ -309,6 +309,20 @@ class AuditTrail:
                 "peer": peer,
                 "transport": transport,
                 "protocol_version": protocol_version,
+            },
+        )
+
+    def tool_event(self, event: ToolEvent) -> None:
+        """Something done about a tool (see L{ToolEvent}), a core event: the
+        metrics hear of it from the core too."""
+        if not self.enabled:
+            return
+        self._emit(
+            event.kind,
+            {
+                key: value
+                for key, value in attrs.asdict(event).items()
+                if key != "kind" and value not in (None, "")
             },
         )
 

@@ -32,7 +32,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from mcptwist import __version__
-from mcptwist.routing.record import RequestEnded
+from mcptwist.routing.record import RequestEnded, ToolEvent
 
 log = Logger(namespace="mcptwist.metrics")
 
@@ -394,6 +394,14 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self._tool_events = Counter(
+            "mcptwist_tool_events",
+            "What the bridge did about tools, by server and event: tool_pinned, "
+            "tool_changed (a definition differs from its pin), tool_accepted, "
+            "tool_refused (a hidden or denied tool was called), name_clash.",
+            ["server", "event"],
+            registry=r,
+        )
         self._tool_calls = Counter(
             "mcptwist_tool_calls",
             "tools/call requests answered, by server, tool and status.",
@@ -671,6 +679,9 @@ class Metrics:
         transport: str | None = None,
     ) -> None:
         self.count_session_closed(server, transport or "")
+
+    def tool_event(self, event: ToolEvent) -> None:
+        self._tool_events.labels(event.server, event.kind).inc()
 
     def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
         self.count_spawn(server)

@@ -8,7 +8,7 @@ child once, whoever records it.
 
 from __future__ import annotations
 
-from mcptwist.routing.record import Recorder, RequestEnded
+from mcptwist.routing.record import Recorder, RequestEnded, ToolEvent
 
 
 class Recorders:
@@ -76,6 +76,10 @@ class Recorders:
                 duration=duration,
                 transport=transport,
             )
+
+    def tool_event(self, event: ToolEvent) -> None:
+        for recorder in self.recorders:
+            recorder.tool_event(event)
 
     def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
         for recorder in self.recorders:

@@ -57,6 +57,24 @@ class RequestEnded:
     arguments: Any = None
 
 
+@attrs.define
+class ToolEvent:
+    """Something the bridge did about a tool: pinned it on first sight, found
+    its definition changed, accepted a change, refused a call to it (hidden
+    or denied), or left it out of an endpoint's list (its name clashed)."""
+
+    kind: Literal["tool_pinned", "tool_changed", "tool_accepted", "tool_refused", "name_clash"]
+    server: str
+    tool: str
+    detail: str = ""
+    endpoint: str | None = None
+    principal: str | None = None
+    # The digests (SHA-256, hex) of the pinned definition and of the one served.
+    pinned: str | None = None
+    current: str | None = None
+    policy: str | None = None
+
+
 class Recorder(ChildRecorder, Protocol):
     """Told when sessions open and close, and how each request ended."""
 
@@ -93,3 +111,5 @@ class Recorder(ChildRecorder, Protocol):
         duration: float,
         transport: str | None = None,
     ) -> None: ...
+
+    def tool_event(self, event: ToolEvent) -> None: ...
