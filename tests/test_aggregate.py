@@ -231,11 +231,8 @@ class EndpointTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         config = BridgeConfig(servers=servers(), endpoints={"team": endpoint(page_size=100)})
-        self.bridge = Service(self, config)
+        self.bridge = Service(self, config, on_spawn=self.dress)
         self.reactor = self.bridge.reactor
-        for child in self.reactor.children:
-            self.dress(child)
-        self.reactor.on_spawn = self.dress
 
     def dress(self, child: FakeChild) -> None:
         name = child.args[-1]

@@ -8,6 +8,7 @@ the 2026-07-28 revision to a L{Bridge}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -161,9 +162,11 @@ class Service(Harness):
         test: SynchronousTestCase,
         config: BridgeConfig,
         environ: dict[str, str] | None = None,
+        on_spawn: Callable[[FakeChild], None] | None = None,
     ) -> None:
         self.test = test
         self.reactor = FakeProcessReactor()
+        self.reactor.on_spawn = on_spawn
         self.config = attrs.evolve(config, listeners=())
         self.service = BridgeService(self.config, self.reactor, environ or {})
         self.service.privilegedStartService()

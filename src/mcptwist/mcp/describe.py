@@ -71,3 +71,15 @@ def _canonical(value: object) -> bytes:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr).encode()
     except Exception:
         return repr(value).encode("utf-8", "backslashreplace")
+
+
+# What a tool's definition is made of, for pinning: what the model reads and
+# what decides how the tool is called.
+TOOL_FIELDS: Final = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
+
+
+def tool_digest(tool: Mapping[str, object]) -> str:
+    """The SHA-256 (hex) of a tool's definition: its name, title, description,
+    input and output schemas and annotations (absent fields count as absent,
+    so a field that appears changes the digest)."""
+    return hashlib.sha256(_canonical({k: tool[k] for k in TOOL_FIELDS if k in tool})).hexdigest()

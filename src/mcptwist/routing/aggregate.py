@@ -35,7 +35,9 @@ from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.mcp.naming import BadCursor, NameFilter, Namer, decode_cursor, encode_cursor, page
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
-from mcptwist.routing.record import Recorder, Status
+from mcptwist.routing.pins import PinBook
+from mcptwist.routing.record import Recorder, Status, ToolEvent
+from mcptwist.routing.tools import unknown_tool
 from mcptwist.routing.upstream import CapacityError, Downstream, Pending, Upstream
 
 log = Logger(namespace="mcptwist.aggregate")
@@ -116,6 +118,8 @@ class Aggregate:
         self,
         config: EndpointConfig,
         servers: Callable[[str], ServerConfig | None],
+        pins: PinBook | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -123,6 +127,8 @@ class Aggregate:
         self.namer = Namer(config.prefixes, config.separator, config.rename)
         self.filter = NameFilter(config.include, config.exclude)
         self._servers = servers
+        self.pins = pins
+        self.recorder = recorder
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -131,6 +137,35 @@ class Aggregate:
     def member_filter(self, server: str) -> NameFilter:
         config = self._servers(server)
         return NameFilter(config.include, config.exclude) if config else NameFilter()
+
+    def blocked(self, server: str) -> str | None:
+        """Why a member may not be used now (its pins block it), if so."""
+        config = self._servers(server)
+        if self.pins is None or config is None:
+            return None
+        return self.pins.blocked(config)
+
+    def tool_refused(self, shown: object, principal: str | None, why: str) -> None:
+        """A call of a tool that is hidden, denied or unknown: logged and recorded."""
+        log.info(
+            "endpoint {endpoint}: refused a call of {tool!r} by {principal}: {why}",
+            endpoint=self.name,
+            tool=shown,
+            principal=principal,
+            why=why,
+        )
+        if self.recorder is not None:
+            found = self.namer.resolve(shown)
+            self.recorder.tool_event(
+                ToolEvent(
+                    "tool_refused",
+                    found[0] if found is not None else self.key,
+                    str(shown),
+                    detail=why,
+                    endpoint=self.name,
+                    principal=principal,
+                )
+            )
 
     def tool_visible(self, guard: Guard, server: str, name: str) -> bool:
         """Whether a member's tool is shown to (and may be called by) this client."""
@@ -163,17 +198,7 @@ class Aggregate:
                     shown = self.namer.expose(server, own)
                     first = taken.get(shown)
                     if first is not None:
-                        log.warn(
-                            "endpoint {endpoint}: {server}'s {kind} {own!r} would be shown as "
-                            "{shown!r}, which {first} has already; it is left out",
-                            endpoint=self.name,
-                            server=server,
-                            kind=named,
-                            own=own,
-                            shown=shown,
-                            first=first,
-                            event="name_clash",
-                        )
+                        self._clash(server, named, own, shown, first)
                         continue
                     taken[shown] = server
                     shown_items.append({**item, named: shown})
@@ -183,6 +208,17 @@ class Aggregate:
                         shown_items.append({**item, uri_key: self.namer.expose_uri(server, uri)})
             merged.append(shown_items)
         return merged
+
+    def _clash(self, server: str, kind: str, own: str, shown: str, first: str) -> None:
+        why = (
+            f"{server}'s {kind} {own!r} would be shown as {shown!r}, which {first} has already; "
+            "it is left out"
+        )
+        log.warn("endpoint {endpoint}: {why}", endpoint=self.name, why=why)
+        if self.recorder is not None:
+            self.recorder.tool_event(
+                ToolEvent("name_clash", server, own, detail=why, endpoint=self.name)
+            )
 
     def page(
         self, method: str, merged: list[list[dict[str, Any]]], cursor: object
@@ -228,7 +264,7 @@ class Aggregate:
             if method == "tools/call" and (
                 not self.tool_visible(guard, server, own) or not _listed(catalog(server), own)
             ):
-                raise Refused(jsonrpc.INVALID_PARAMS, f"Unknown tool: {shown}")
+                raise Refused(jsonrpc.INVALID_PARAMS, unknown_tool(0, shown)["error"]["message"])
             params["name"] = own
         elif method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
             shown = params.get("uri")
@@ -258,6 +294,13 @@ class Aggregate:
             shown, server = None, self.members[0]
         else:
             raise Refused(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {method}")
+        blocked = self.blocked(server)
+        if blocked is not None:
+            raise Refused(
+                jsonrpc.SERVER_UNAVAILABLE,
+                f"MCP server '{server}' is {blocked}",
+                {"server": server, "state": "blocked"},
+            )
         refusal = guard.admit(server)
         if refusal is not None:
             raise Refused(jsonrpc.RATE_LIMITED, refusal)
@@ -522,7 +565,12 @@ class AggregateUpstream:
         """Each visible member's catalog, None for one that cannot serve."""
         self.open_links()
         return [
-            (server, link.upstream.catalog if _serving(link) else None)  # type: ignore[union-attr]
+            (
+                server,
+                link.upstream.catalog  # type: ignore[union-attr]
+                if _serving(link) and self.aggregate.blocked(server) is None
+                else None,
+            )
             for server, link in self.links.items()
         ]
 
@@ -636,14 +684,13 @@ class AggregateUpstream:
         try:
             route = self.aggregate.route(message, self.guard, self._catalog)
         except Refused as refused:
-            log.info(
-                "endpoint {endpoint}: refused {method} for {principal}: {why}",
-                endpoint=self.aggregate.name,
-                method=message["method"],
-                principal=self.session.principal,
-                why=refused.text,
+            if message["method"] == "tools/call":
+                params = message.get("params")
+                shown = params.get("name") if isinstance(params, dict) else None
+                self.aggregate.tool_refused(shown, self.session.principal, refused.text)
+            self._own(
+                message, jsonrpc.error(message["id"], refused.code, refused.text, refused.data)
             )
-            self._own(message, jsonrpc.error(message["id"], refused.code, refused.text))
             return
         self.open_links()
         link = self.links.get(route.server)

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from mcptwist.child.supervisor import ChildState
 from mcptwist.config.model import ServerConfig
 from mcptwist.routing.modern import ModernUpstream
+from mcptwist.routing.pins import PinBook
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.upstream import (
     CapacityError,
@@ -35,12 +36,14 @@ class Backend(MultiService):
         reactor: Any,
         environ: Mapping[str, str],
         recorder: Recorder | None = None,
+        pins: PinBook | None = None,
     ) -> None:
         super().__init__()
         self.server = server
         self.reactor = reactor
         self.environ = environ
         self.recorder = recorder
+        self.pins = pins
         # Stopped by an operator (admin API): stays stopped until started.
         self.held = False
         self.build()
@@ -52,7 +55,12 @@ class Backend(MultiService):
         """A new upstream for the sessions of one era (a child speaks it, or is translated for)."""
         era = self.server.era
         cls = _upstream_class(era == "modern" or (era == "dual" and stateless))
-        return cls(self.server, self.reactor, self.environ, label, self.recorder)
+        upstream = cls(self.server, self.reactor, self.environ, label, self.recorder)
+        pins = self.pins
+        if pins is not None:
+            server = self.server
+            upstream.catalog.review = lambda tools: pins.review(server, tools)
+        return upstream
 
     def open(self, session: Downstream) -> Upstream:
         """Give a new session the upstream that will serve it."""
@@ -196,6 +204,7 @@ def make_backend(
     reactor: Any,
     environ: Mapping[str, str],
     recorder: Recorder | None = None,
+    pins: PinBook | None = None,
 ) -> Backend:
     cls = SessionBackend if server.sharing == "session" else SharedBackend
-    return cls(server, reactor, environ, recorder)
+    return cls(server, reactor, environ, recorder, pins)

@@ -198,7 +198,10 @@ class Catalog:
                     watcher(method)
 
     def ready(self) -> None:
-        """A new child is ready: what it offers may differ from the last one's."""
+        """A new child is ready: what it offers may differ from the last one's.
+        Its tools are reviewed (pinned) at once, whether or not anyone asks."""
+        if self.review is not None and self.offers("tools/list"):
+            self.get("tools/list").addErrback(lambda _: None)
         if self.used:
             for method in LISTS:
                 for watcher in list(self.watchers):

@@ -25,7 +25,8 @@ from mcptwist.mcp.describe import argument_digest, request_name
 from mcptwist.mcp.era import MODERN
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.routing.backends import Backend
-from mcptwist.routing.record import Described, Recorder, RequestEnded, Status
+from mcptwist.routing.record import Described, Recorder, RequestEnded, Status, ToolEvent
+from mcptwist.routing.tools import ToolView
 from mcptwist.routing.upstream import Pending, Upstream
 
 if TYPE_CHECKING:
@@ -84,6 +85,10 @@ class ClientSession:
     clock: IReactorTime | None = None
     # Where an authenticated principal's requests in flight are counted.
     caps: Caps | None = None
+    # What of the server's tools this client may see and call (None: all).
+    view: ToolView | None = None
+    # Its tools/list requests in flight (their answers pass through the view).
+    _listing: set[RequestId] = attrs.field(factory=set)
     # Its requests in flight (the router holds them).
     _requests: int = 0
     # A stateless hub's calls in flight (each a downstream of its own).
@@ -107,10 +112,16 @@ class ClientSession:
     def deliver(
         self, message: Message, related: RequestId | None, encoded: bytes | None = None
     ) -> None:
-        if not self.closed:
-            self.sink.deliver(message, related, encoded)
+        if self.closed:
+            return
+        if self._listing and "method" not in message and message.get("id") in self._listing:
+            self._listing.discard(message["id"])
+            assert self.view is not None
+            message, encoded = self.view.listed(message), None
+        self.sink.deliver(message, related, encoded)
 
     def cancelled(self, request_id: RequestId) -> None:
+        self._listing.discard(request_id)
         if not self.closed:
             self.sink.cancelled(request_id)
 
@@ -118,7 +129,52 @@ class ClientSession:
         """A message from the client, for the child."""
         self.last_active = now
         assert self.upstream is not None
+        view = self.view
+        if view is not None and kind is Kind.REQUEST:
+            method = message["method"]
+            if method == "tools/call":
+                refusal = view.refusal(message)
+                if refusal is not None:
+                    self.refuse(message, refusal)
+                    return
+            elif method == "tools/list":
+                self._listing.add(message["id"])
         self.upstream.handle(self, message, kind)
+
+    def refuse(self, message: Message, answer: Message, peer: str | None = None) -> None:
+        """A request the bridge refuses itself: recorded like any other (a
+        refused tool is told to the recorder too), and answered, except on a
+        stateless hub, whose caller answers its HTTP request itself."""
+        error = answer["error"]
+        if self.stateless:
+            started = self.clock.seconds() if self.clock is not None else 0.0
+            self.record_call(
+                message["method"], message.get("params"), "error", error["code"], started, peer
+            )
+        else:
+            p = Pending(
+                method=message["method"],
+                started=self.clock.seconds() if self.clock is not None else 0.0,
+                session=self,
+                client_id=message["id"],
+            )
+            self.request_started(p, message)
+            self.request_ended(p, "error", error["code"])
+        recorder = self.backend.recorder
+        params = message.get("params")
+        name = params.get("name") if isinstance(params, dict) else None
+        if recorder is not None and message["method"] == "tools/call":
+            recorder.tool_event(
+                ToolEvent(
+                    "tool_refused",
+                    self.server,
+                    str(name),
+                    detail=error["message"],
+                    principal=self.principal,
+                )
+            )
+        if not self.stateless:
+            self.deliver(answer, message["id"])
 
     def close(self) -> None:
         """End the session: its requests in flight end with it (cancelled)."""

@@ -993,8 +993,11 @@ class Upstream(Service):
         )
         if p.sent_to is not None:
             self._cancel_on_child(p, "timed out")
-            if p.sent_to is self._child and self._silence.timed_out(
-                p.started, self.clock.seconds()
+            # Silence is judged by clients' requests, not the bridge's own.
+            if (
+                p.session is not None
+                and p.sent_to is self._child
+                and self._silence.timed_out(p.started, self.clock.seconds())
             ):
                 self._check_silence(p.sent_to)
         else:

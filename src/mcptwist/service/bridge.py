@@ -20,12 +20,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
-from mcptwist.config.model import BridgeConfig, ListenerConfig
+from mcptwist.config.model import BridgeConfig, ConfigError, ListenerConfig
 from mcptwist.ops.audit import AuditError, AuditTrail
 from mcptwist.ops.metrics import Metrics, Snapshot
 from mcptwist.ops.notify import SystemdNotifier
 from mcptwist.ops.record import Recorders
 from mcptwist.routing.backends import Backend
+from mcptwist.routing.pins import PinBook, PinFileError
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.service.control import BridgeControl
@@ -101,11 +102,15 @@ class BridgeService(MultiService):
             caps=self.access.caps,
             recorder=self.recorder,
         )
-        self.fleet = Fleet(config, reactor, environ, self.recorder, self.registry, self.access)
+        self.pins = _pin_book(config, self.recorder)
+        self.fleet = Fleet(
+            config, reactor, environ, self.recorder, self.registry, self.access, self.pins
+        )
         self.fleet.serving = self._log_urls
         self.web = BridgeApp(config, self.fleet.backends, self.registry, reactor, self.access)
         self.web.draining = self.fleet.draining
         self.web.endpoints = self.fleet.endpoints
+        self.web.pins = self.pins
         self.reloader = Reloader(
             self,
             reactor,
@@ -361,3 +366,16 @@ class Readiness(Service):
         self.notifier.stop_watchdog()
         if self._status_loop.running:
             self._status_loop.stop()
+
+
+def _pin_book(config: BridgeConfig, recorder: Recorder) -> PinBook:
+    """The pins of tools, from C{pin_file} if there is one."""
+    try:
+        return PinBook(config.pin_file, recorder)
+    except PinFileError as e:
+        raise ConfigError(
+            config.source,
+            "pin_file",
+            str(e),
+            "fix or remove the file (python -m mcptwist pin writes one), or remove pin_file",
+        ) from None

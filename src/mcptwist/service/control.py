@@ -52,6 +52,23 @@ class BridgeControl:
             raise KeyError(name)
         return backend
 
+    # Tool pins
+
+    def pins(self) -> dict[str, dict[str, Any]]:
+        pins = self.fleet.pins
+        result: dict[str, dict[str, Any]] = {}
+        for name, backend in self.fleet.backends.items():
+            status = pins.status(name) if pins is not None else {"pinned": 0, "changed": {}}
+            status["on_tool_change"] = backend.server.on_tool_change
+            status["blocked"] = pins.blocked(backend.server) if pins is not None else None
+            result[name] = status
+        return result
+
+    def accept_tools(self, server: str, tools: list[str] | None) -> list[str]:
+        self._backend(server)
+        pins = self.fleet.pins
+        return pins.accept(server, tools) if pins is not None else []
+
     # Servers
 
     def servers(self) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from mcptwist.ops.metrics import ServerSnapshot, Snapshot
 from mcptwist.ops.notify import status_line
 from mcptwist.routing.aggregate import Aggregate, AggregateBackend, endpoint_settings
 from mcptwist.routing.backends import Backend, make_backend
+from mcptwist.routing.pins import PinBook
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import ClientSession, SessionRegistry
 from mcptwist.routing.stateless import StatelessSink
@@ -48,8 +49,13 @@ class Fleet(MultiService):
         recorder: Recorder,
         registry: SessionRegistry,
         access: AccessControl,
+        pins: PinBook | None = None,
     ) -> None:
         super().__init__()
+        # The pins of every server's tools; an accepted change refreshes its lists.
+        self.pins = pins
+        if pins is not None:
+            pins.on_accept.append(self._accepted)
         # The configuration in force (a reload replaces it, L{apply}).
         self.config = config
         self.reactor = reactor
@@ -83,7 +89,7 @@ class Fleet(MultiService):
             if old is not None and old.aggregate.config == endpoint:
                 endpoints[key] = old
                 continue
-            aggregate = Aggregate(endpoint, self._server_config)
+            aggregate = Aggregate(endpoint, self._server_config, self.pins, self.recorder)
             settings = endpoint_settings(endpoint, config.servers)
             endpoints[key] = AggregateBackend(
                 aggregate, settings, self.backends, self.reactor, self.recorder
@@ -91,12 +97,19 @@ class Fleet(MultiService):
         self.endpoints.clear()
         self.endpoints.update(endpoints)
 
+    def _accepted(self, server: str) -> None:
+        """A tool change was accepted: the server's lists are reviewed again."""
+        backend = self.backends.get(server)
+        if backend is not None:
+            for upstream in backend.upstreams():
+                upstream.catalog.refresh_tools()
+
     def _server_config(self, name: str) -> ServerConfig | None:
         backend = self.backends.get(name)
         return backend.server if backend is not None else None
 
     def _serve(self, server: ServerConfig) -> Backend:
-        backend = make_backend(server, self.reactor, self.environ, self.recorder)
+        backend = make_backend(server, self.reactor, self.environ, self.recorder, self.pins)
         self.backends[server.name] = backend
         # Started now if the fleet runs.
         backend.setServiceParent(self)

@@ -104,6 +104,14 @@ class AdminControl(Protocol):
     def reload(self) -> Deferred[dict[str, Any]]:
         """Re-read the configuration: C{{"ok": bool, "error": str | None, "changes": {...}}}."""
 
+    def pins(self) -> dict[str, dict[str, Any]]:
+        """Every server's pins: how many tools are pinned, which changed and how,
+        its C{on_tool_change} policy and whether it blocks the server."""
+
+    def accept_tools(self, server: str, tools: list[str] | None) -> list[str]:
+        """Pin the definitions a server serves now of these changed tools (all
+        by default); the names accepted. KeyError if the server is unknown."""
+
 
 class Problem(HTTPProblem):
     """An L{HTTPProblem} whose error carries C{data} for programs to read."""
@@ -329,6 +337,33 @@ class AdminAPI:
         self._record(request, "close_session", session_id, "ok")
         return json_body(request, {"closed": session_id})
 
+    # Tool pins
+
+    @app.route("/admin/pins", methods=["GET"])
+    @answered
+    def list_pins(self, request: Request) -> bytes:
+        principal = principal_of(request)
+        pins = {name: p for name, p in self.control.pins().items() if principal.may_use(name)}
+        return json_body(request, {"servers": pins})
+
+    @app.route("/admin/pins/<name>/accept", methods=["POST"])
+    @answered
+    def accept_tools(self, request: Request, name: str) -> bytes:
+        self._granted(request, name, "accept_tools")
+        self._require_json(request, "accept_tools", name)
+        try:
+            tools = _accept_body(read_body(request, MAX_BODY))
+            accepted = self.control.accept_tools(name, tools)
+        except HTTPProblem as problem:
+            self._record(request, "accept_tools", name, _failed(problem))
+            raise
+        except KeyError:
+            missing = no_server(name)
+            self._record(request, "accept_tools", name, _failed(missing))
+            raise missing from None
+        self._record(request, "accept_tools", name, f"ok: {', '.join(accepted) or 'nothing'}")
+        return json_body(request, {"server": name, "accepted": accepted})
+
     # Configuration
 
     @app.route("/admin/reload", methods=["POST"])
@@ -541,3 +576,19 @@ def _lines(request: IRequest) -> int:
 
 
 __all__ = ["AdminAPI", "AdminControl", "Problem", "config_problem"]
+
+
+def _accept_body(body: bytes) -> list[str] | None:
+    """The tools an accept names (None: every changed one)."""
+    if not body.strip():
+        return None
+    try:
+        document = jsonrpc.loads(body)
+    except jsonrpc.ProtocolError:
+        raise bad_request('the body must be JSON: {"tools": ["NAME", ...]} or empty') from None
+    tools = document.get("tools") if isinstance(document, dict) else None
+    if tools is None and isinstance(document, dict) and set(document) <= {"tools"}:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+        raise bad_request('send {"tools": ["NAME", ...]}, or nothing to accept every change')
+    return tools

@@ -28,6 +28,7 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import RequestId
 from mcptwist.routing.aggregate import AggregateBackend, AggregateUpstream
 from mcptwist.routing.backends import Backend
+from mcptwist.routing.pins import PinBook
 from mcptwist.routing.sessions import (
     ClientSession,
     PrincipalLimitError,
@@ -36,6 +37,7 @@ from mcptwist.routing.sessions import (
     Sink,
 )
 from mcptwist.routing.stateless import StateSigner
+from mcptwist.routing.tools import ToolView
 from mcptwist.routing.upstream import CapacityError, PrincipalCapacityError
 from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
 from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same_origin
@@ -332,6 +334,8 @@ class BridgeApp:
         self.draining: Mapping[Backend, object] = {}
         # The aggregating endpoints, by "endpoints/NAME".
         self.endpoints: Mapping[str, AggregateBackend] = {}
+        # The pins of every server's tools (the service sets them).
+        self.pins: PinBook | None = None
         # Mounted by the service: the admin API at /admin/, metrics at /metrics.
         self.admin: IResource | None = None
         self.metrics: IResource | None = None
@@ -435,7 +439,14 @@ class BridgeApp:
             )
         if isinstance(session.upstream, AggregateUpstream):
             session.upstream.guard = self.access.guard(principal_of(request), peer_of(request))
+        else:
+            session.view = self.tool_view(request, backend)
         return session
+
+    def tool_view(self, request: Request, backend: Backend) -> ToolView | None:
+        """What of a server's tools this request's principal may see and call."""
+        server = backend.server
+        return ToolView.of(server, principal_of(request).tools(server.name), self.pins)
 
     @contextlib.contextmanager
     def refusing_sessions(
@@ -599,6 +610,9 @@ class BridgeApp:
                         )
                     elif child.get("unresponsive"):
                         problems[name] = _unresponsive(child)
+                blocked = self.pins.blocked(backend.server) if self.pins is not None else None
+                if blocked is not None:
+                    problems[name] = blocked
         if problems:
             request.setResponseCode(503)
         # Anyone may ask (load balancers have no token); with authentication on,

@@ -21,6 +21,7 @@ from mcptwist.mcp.jsonrpc import RequestId
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession, SessionRegistry, Sink
 from mcptwist.routing.stateless import StateSigner
+from mcptwist.routing.tools import ToolView
 
 from .access import AccessControl
 from .http import HTTPProblem
@@ -77,6 +78,9 @@ class TransportContext(Protocol):
         request_id: RequestId | None = None,
     ) -> HTTPProblem:
         """The refusal of this request by a cap (C{scope} says which), audited."""
+
+    def tool_view(self, request: Request, backend: Backend) -> ToolView | None:
+        """What of a server's tools this request's principal may see and call."""
 
     def stream(self, request: Request, label: str) -> EventConnection:
         """Start an SSE response on this request (or refuse: too many streams)."""

@@ -157,7 +157,7 @@ def serve(
     json_ok: bool,
     sse_ok: bool,
     rewrite: Callable[[Message], Message] | None = None,
-) -> int:
+) -> bytes | int:
     """Serve a checked request on a server: on the principal's hub, as a call
     (C{rewrite} changes its answer: an endpoint's names)."""
     params = checked.message.get("params") or {}
@@ -174,6 +174,16 @@ def serve(
         )
     hub = open_hub(ctx, request, name, checked)
     assert hub.upstream is not None
+    view = hub.view
+    if view is not None:
+        if checked.method == "tools/call":
+            refusal = view.refusal(checked.message)
+            if refusal is not None:
+                hub.refuse(checked.message, refusal, peer_of(request))
+                return _json(request, refusal)
+        elif checked.method == "tools/list":
+            inner = rewrite
+            rewrite = view.listed if inner is None else (lambda m: view.listed(inner(m)))
     # A child that speaks this revision gets its requests as they are: its own
     # input_required, requestState and listen streams included.
     translated = not hub.upstream.modern
@@ -270,14 +280,13 @@ def endpoint_post(
             checked.message, guard, lambda server: _catalog(ctx, request, server, checked)
         )
     except Refused as refused:
-        ctx.access.audit.access_refused(
-            principal=principal_id(request),
-            peer=peer_of(request),
-            server=backend.server.name,
-            route=f"{request.path.decode('latin-1')} {method} {refused.text}",
-        )
+        if method == "tools/call":
+            shown = (checked.message.get("params") or {}).get("name")
+            aggregate.tool_refused(shown, principal_id(request), refused.text)
         status = {jsonrpc.METHOD_NOT_FOUND: 404, jsonrpc.RATE_LIMITED: 429}.get(refused.code, 200)
-        return _json(request, jsonrpc.error(checked.id, refused.code, refused.text), status)
+        return _json(
+            request, jsonrpc.error(checked.id, refused.code, refused.text, refused.data), status
+        )
     routed = attrs.evolve(checked, message=route.message)
     server = route.server
     rewrite = None
@@ -384,6 +393,7 @@ def open_hub(
     assert isinstance(sink, StatelessSink)
     if sink.session is None:  # a new hub
         sink.session = hub
+        hub.view = ctx.tool_view(request, backend)
     return hub
 
 
