@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_auth -*-
 """Command-line tools: C{python -m mcptwist token --name NAME} makes a
-bearer token; C{python -m mcptwist admin COMMAND} drives a running bridge
-through its admin API (status, start, stop, restart, stderr, sessions, add,
-remove, reload).
+bearer token; C{python -m mcptwist pin --config FILE} pins the tools the
+configured servers serve (or checks them against their pins);
+C{python -m mcptwist admin COMMAND} drives a running bridge through its
+admin API (status, start, stop, restart, stderr, sessions, add, remove,
+reload, pins, accept).
 
 The bridge itself runs under C{twistd -n mcpbridge}; this is for chores
 around it. Nothing here imports the reactor, so it starts quickly: the admin
@@ -59,6 +61,75 @@ def token_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         "The bridge keeps only its hash; paste the [[auth.tokens]] table into the config.\n"
     )
     return 0
+
+
+def pin_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Run the configured servers, and pin their tools (or, with --check,
+    compare them with their pins): exit 1 when a tool changed."""
+    from mcptwist.child.probe import ProbeError, probe_tools
+    from mcptwist.config.load import load_config
+    from mcptwist.config.model import ConfigError
+    from mcptwist.mcp.describe import tool_digest
+    from mcptwist.routing.pins import Pin, PinFileError, definition, read_pin_file, write_pin_file
+
+    try:
+        config = load_config(args.config, os.environ)
+    except (ConfigError, OSError) as e:
+        err.write(f"mcptwist pin: {e}\n")
+        return 2
+    path = args.pin_file or config.pin_file
+    if path is None:
+        err.write(
+            "mcptwist pin: the configuration sets no pin_file; add pin_file = PATH, "
+            "or give --pin-file PATH\n"
+        )
+        return 2
+    names = args.server or sorted(config.servers)
+    unknown = [n for n in names if n not in config.servers]
+    if unknown:
+        err.write(f"mcptwist pin: no server is named {unknown[0]!r}\n")
+        return 2
+    try:
+        pins = read_pin_file(path)
+    except PinFileError as e:
+        err.write(f"mcptwist pin: {e}\n")
+        return 2
+    changed = failed = 0
+    rows: list[list[str]] = []
+    for name in names:
+        try:
+            tools = probe_tools(config.servers[name], os.environ)
+        except ProbeError as e:
+            err.write(f"mcptwist pin: {name}: {e}\n")
+            failed += 1
+            continue
+        known = pins.get(name, {})
+        fresh = {t["name"]: Pin(tool_digest(t), definition(t)) for t in tools if "name" in t}
+        for tool, pin in sorted(fresh.items()):
+            old = known.get(tool)
+            if old is None:
+                state = "new"
+            elif old.digest != pin.digest:
+                state = "changed"
+                changed += 1
+            else:
+                state = "same"
+            rows.append([name, tool, state, pin.digest[:16]])
+        for tool in sorted(set(known) - set(fresh)):
+            rows.append([name, tool, "gone", known[tool].digest[:16]])
+        if not args.check:
+            pins[name] = fresh
+    _table(out, ["SERVER", "TOOL", "STATE", "SHA256"], rows)
+    if not args.check:
+        try:
+            write_pin_file(path, pins)
+        except PinFileError as e:
+            err.write(f"mcptwist pin: {e}\n")
+            return 2
+        out.write(f"pinned the tools of {len(names) - failed} servers in {path}\n")
+    if failed:
+        return 2
+    return 1 if args.check and changed else 0
 
 
 # The admin client
@@ -397,6 +468,39 @@ def _show_stderr(doc: Any, out: TextIO) -> None:
         out.write(f"{line}\n")
 
 
+def _show_pins(doc: Any, out: TextIO) -> None:
+    servers = doc.get("servers", {}) if isinstance(doc, dict) else {}
+    rows = []
+    for name, status in sorted(servers.items()):
+        changed = status.get("changed") or {}
+        rows.append(
+            [
+                name,
+                _cell(status.get("pinned")),
+                _cell(status.get("on_tool_change")),
+                ", ".join(sorted(changed)) or "-",
+                "yes" if status.get("blocked") else "no",
+            ]
+        )
+    _table(out, ["SERVER", "PINNED", "ON_CHANGE", "CHANGED", "BLOCKED"], rows)
+    for name, status in sorted(servers.items()):
+        for tool, change in sorted((status.get("changed") or {}).items()):
+            fields = ", ".join(change.get("changed") or []) or "definition"
+            out.write(f"{name}/{tool}: {fields} changed\n")
+            for field in change.get("changed") or []:
+                out.write(f"  pinned {field}: {_cell(change['pinned'].get(field))}\n")
+                out.write(f"  served {field}: {_cell(change['current'].get(field))}\n")
+
+
+def _show_accepted(doc: Any, out: TextIO) -> None:
+    accepted = doc.get("accepted") if isinstance(doc, dict) else None
+    server = doc.get("server") if isinstance(doc, dict) else None
+    if not accepted:
+        out.write(f"{server}: no changed tool to accept\n")
+    else:
+        out.write(f"{server}: accepted {', '.join(accepted)}\n")
+
+
 def _show_closed(doc: Any, out: TextIO) -> None:
     out.write("session closed\n")
 
@@ -417,6 +521,8 @@ def _admin_call(
         return "GET", "/admin/sessions", None, query, _show_sessions
     if command == "reload":
         return "POST", "/admin/reload", None, None, _show_reload
+    if command == "pins":
+        return "GET", "/admin/pins", None, None, _show_pins
     if command == "close":
         path = f"/admin/sessions/{_quote(args.session_id)}"
         return "DELETE", path, None, None, _show_closed
@@ -435,6 +541,10 @@ def _admin_call(
             table["command"] = args.server_command
         body = {"name": name, "config": table}
         return "POST", "/admin/servers", body, None, _summary("added", name)
+    if command == "accept":
+        body = {"tools": args.tools} if args.tools else {}
+        path = f"/admin/pins/{_quote(name)}/accept"
+        return "POST", path, body, None, _show_accepted
     assert command == "remove", command
     return "DELETE", server, None, None, _summary("removed", name, state=False)
 
@@ -550,6 +660,10 @@ def _add_admin_parser(commands: Any) -> None:
     remove = command("remove", "stop and remove a server until the next reload")
     remove.add_argument("name", metavar="NAME")
     command("reload", "re-read the configuration file")
+    command("pins", "show each server's pinned tools, and what changed since they were pinned")
+    accept = command("accept", "pin the definitions a server serves now of its changed tools")
+    accept.add_argument("name", metavar="NAME")
+    accept.add_argument("tools", metavar="TOOL", nargs="*", help="only these (default: every one)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -571,6 +685,20 @@ def parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--admin", action="store_true", help="also allow the admin endpoints")
     token.set_defaults(run=token_command)
+    pin = commands.add_parser(
+        "pin",
+        help="pin the tools the configured servers serve (run each server once)",
+        description="Run each configured server once, read its tools, and write their "
+        "digests to the pin file (pin_file, or --pin-file). With --check, only compare: "
+        "exit 1 when a tool changed since it was pinned.",
+    )
+    pin.add_argument("--config", required=True, metavar="FILE", help="the bridge's configuration")
+    pin.add_argument("--pin-file", metavar="FILE", help="the pin file (default: pin_file)")
+    pin.add_argument(
+        "--server", action="append", metavar="NAME", help="only this server (repeatable)"
+    )
+    pin.add_argument("--check", action="store_true", help="compare only; write nothing")
+    pin.set_defaults(run=pin_command)
     _add_admin_parser(commands)
     return top
 
