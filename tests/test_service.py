@@ -301,6 +301,32 @@ class ReloadTests(SynchronousTestCase):
     def open_sessions(self) -> set[str]:
         return {s.server for s in self.bridge.service.registry.sessions.values()}
 
+    def test_endpoints(self) -> None:
+        """A reload adds, changes and removes endpoints; a new session follows
+        the new rules, and a changed pin file is read (a bad one refuses the reload)."""
+        endpoint = '[endpoints.team]\nservers = ["a", "b"]\n'
+        self.assertTrue(self.bridge.reload(BASE + endpoint)["ok"])
+        endpoints = self.bridge.service.fleet.endpoints
+        self.assertEqual(endpoints["endpoints/team"].aggregate.members, ("a", "b"))
+        same = endpoints["endpoints/team"]
+        self.assertTrue(self.bridge.reload(BASE + endpoint)["ok"])
+        self.assertIs(endpoints["endpoints/team"], same)
+        result = self.bridge.reload(BASE + '[endpoints.team]\nservers = ["c"]\nprefix = "none"\n')
+        self.assertIn("endpoints", result["changes"]["settings"])
+        self.assertEqual(endpoints["endpoints/team"].aggregate.members, ("c",))
+        self.assertTrue(self.bridge.reload(BASE)["ok"])
+        self.assertEqual(endpoints, {})
+        bad = Path(self.mktemp())
+        bad.write_text("{not json")
+        result = self.bridge.reload(f'pin_file = "{bad}"\n' + BASE)
+        self.assertFalse(result["ok"])
+        self.assertIn("cannot read the pin file", result["error"])
+        self.assertIsNone(self.bridge.service.config.pin_file)
+        good = self.mktemp()
+        self.assertTrue(self.bridge.reload(f'pin_file = "{good}"\n' + BASE)["ok"])
+        self.assertEqual(self.bridge.service.pins.path, good)
+        self.assertTrue(Path(good).exists())
+
     def test_unchanged_changed_removed_and_added_servers(self) -> None:
         text = "drain_timeout = 5\n" + LOOPBACK + server("a") + server("b", 'args = ["-v"]')
         result = self.bridge.reload(text + server("d"))

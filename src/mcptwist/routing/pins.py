@@ -143,6 +143,15 @@ class PinBook:
         # Told (with the server's name) when an accepted change alters what is shown.
         self.on_accept: list[Callable[[str], None]] = []
 
+    def reopen(self, path: str | None, pins: dict[str, dict[str, Pin]]) -> None:
+        """Another pin file (a reload): its pins, then those seen since start
+        that it lacks (and it is written with them)."""
+        for server, tools in self.pins.items():
+            for name, pin in tools.items():
+                pins.setdefault(server, {}).setdefault(name, pin)
+        self.path, self.pins = path, pins
+        self._save()
+
     def review(self, server: ServerConfig, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Check a child's tools against their pins: pin new ones, note changes,
         and give the tools clients may see (without those a policy hides)."""

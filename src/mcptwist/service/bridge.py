@@ -26,13 +26,19 @@ from mcptwist.ops.metrics import Metrics, Snapshot
 from mcptwist.ops.notify import SystemdNotifier
 from mcptwist.ops.record import Recorders
 from mcptwist.routing.backends import Backend
-from mcptwist.routing.pins import PinBook, PinFileError
+from mcptwist.routing.pins import PinBook, PinFileError, read_pin_file
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.service.control import BridgeControl
 from mcptwist.service.fleet import Fleet
 from mcptwist.service.listener import Listener, ListenerError, ListenerGroup, describe_address
-from mcptwist.service.reload import Reloader, changed_settings, refuse_exposure, revoke
+from mcptwist.service.reload import (
+    Reloader,
+    ReloadRefused,
+    changed_settings,
+    refuse_exposure,
+    revoke,
+)
 from mcptwist.service.site import BridgeSite, MetricsOnly
 from mcptwist.web.access import AccessControl
 from mcptwist.web.admin import AdminAPI
@@ -231,10 +237,13 @@ class BridgeService(MultiService):
             address = listener.port.getHost()
             if getattr(address, "host", None) is not None:
                 scheme = "https" if listener.config.tls is not None else "http"
+                # An endpoint's name (endpoints/NAME) is its own path.
+                path = name if name.startswith("endpoints/") else f"servers/{name}"
                 log.info(
-                    "serving {server}: {scheme}://{address}/servers/{server}/mcp (Streamable HTTP), "
-                    "/servers/{server}/sse (HTTP+SSE)",
+                    "serving {server}: {scheme}://{address}/{path}/mcp (Streamable HTTP), "
+                    "/{path}/sse (HTTP+SSE)",
                     server=name,
+                    path=path,
                     scheme=scheme,
                     address=describe_address(address),
                 )
@@ -247,8 +256,16 @@ class BridgeService(MultiService):
         """
         refuse_exposure(self.listening, new)
         old = self.config
-        # What can fail (new authenticators, keys) is built before anything changes.
+        # What can fail (new authenticators, keys, pins) is built before anything changes.
+        pins = None
+        if new.pin_file != old.pin_file and new.pin_file:
+            try:
+                pins = read_pin_file(new.pin_file)
+            except PinFileError as e:
+                raise ReloadRefused(str(e)) from None
         self.access.reconfigure(new, self.reactor)
+        if new.pin_file != old.pin_file:
+            self.pins.reopen(new.pin_file, pins or {})
         # Who lost a credential or a grant loses its sessions and streams now.
         lost = revoke(self.registry, old.auth, new.auth)
         changes: dict[str, Any] = {"servers": self.fleet.apply(new), "revoked": lost}

@@ -117,7 +117,7 @@ class Fleet(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        for name in self.backends:
+        for name in [*self.backends, *self.endpoints]:
             self.serving(name)
 
     def stopService(self) -> Deferred[None]:
