@@ -623,3 +623,99 @@ class ShareKeyTests(SynchronousTestCase):
             )
             self.assertEqual(error.key, f"limits.{key}")
             self.assertTrue(error.fix)
+
+
+def endpoint_doc(**endpoint: Any) -> dict[str, Any]:
+    return {
+        "servers": {n: {"command": "c"} for n in ("github", "time", "off")}
+        | {"off": {"command": "c", "disabled": True}},
+        "endpoints": {"team": {"servers": ["github", "time"], **endpoint}},
+    }
+
+
+class EndpointConfigTests(SynchronousTestCase):
+    """[endpoints.NAME]: what loads, and what is refused (naming file, key and fix)."""
+
+    def test_defaults(self) -> None:
+        config = parse_config(endpoint_doc(), "t.toml", {})
+        team = config.endpoints["team"]
+        self.assertEqual(team.servers, ("github", "time"))
+        self.assertEqual(team.prefixes, {"github": "github", "time": "time"})
+        self.assertEqual((team.separator, team.page_size), ("__", 1000))
+
+    def test_keys(self) -> None:
+        config = parse_config(
+            endpoint_doc(
+                prefix={"github": "gh"},
+                separator=".",
+                include=["gh.get_*"],
+                exclude=["time.*"],
+                rename={"time/get_current_time": "now"},
+                page_size=50,
+            ),
+            "t.toml",
+            {},
+        )
+        team = config.endpoints["team"]
+        self.assertEqual(team.prefixes, {"github": "gh", "time": "time"})
+        self.assertEqual(team.rename, {("time", "get_current_time"): "now"})
+        self.assertEqual(
+            (team.include, team.exclude, team.page_size), (("gh.get_*",), ("time.*",), 50)
+        )
+
+    def test_disabled_member_left_out(self) -> None:
+        doc = endpoint_doc()
+        doc["endpoints"]["team"]["servers"] = ["off", "time"]
+        self.assertEqual(parse_config(doc, "t", {}).endpoints["team"].servers, ("time",))
+
+    def test_server_filters(self) -> None:
+        config = parse_config(
+            server_doc(include=["get_*"], exclude=["get_secret"], on_tool_change="hide"), "t", {}
+        )
+        server = config.servers["s"]
+        self.assertEqual((server.include, server.exclude), (("get_*",), ("get_secret",)))
+        self.assertEqual(server.on_tool_change, "hide")
+
+    def test_refused(self) -> None:
+        cases: list[tuple[dict[str, Any], str, str]] = [
+            ({"servers": ["github", "nope"]}, "endpoints.team.servers[1]", "not a server"),
+            ({"servers": []}, "endpoints.team.servers", "names no server"),
+            ({"servers": ["time", "time"]}, "endpoints.team.servers[1]", "twice"),
+            ({"prefix": "none"}, "endpoints.team.prefix", "could clash"),
+            ({"prefix": {"github": "x", "time": "x__y"}}, "endpoints.team.prefix", "confused"),
+            ({"prefix": {"github": "same", "time": "same"}}, "endpoints.team.prefix", "confused"),
+            ({"prefix": {"other": "x"}}, "endpoints.team.prefix.other", "not one of"),
+            ({"prefix": 3}, "endpoints.team.prefix", "must be"),
+            ({"separator": "/"}, "endpoints.team.separator", "cannot join"),
+            ({"rename": {"time": "x"}}, "endpoints.team.rename.time", "does not name"),
+            (
+                {"rename": {"time/a": "same", "time/b": "same"}},
+                "endpoints.team.rename.time/b",
+                "gives 'same'",
+            ),
+            ({"rename": {"time/a": "github__x"}}, "endpoints.team.rename.time/a", "prefix"),
+            ({"page_size": 0}, "endpoints.team.page_size", "at least 1"),
+            ({"color": "blue"}, "endpoints.team.color", "unknown key"),
+        ]
+        for extra, key, problem in cases:
+            doc = endpoint_doc(**{k: v for k, v in extra.items() if k != "servers"})
+            if "servers" in extra:
+                doc["endpoints"]["team"]["servers"] = extra["servers"]
+            error = self.assertRaises(ConfigError, parse_config, doc, "t.toml", {})
+            self.assertEqual(error.key, key, extra)
+            self.assertIn(problem, error.problem, extra)
+            self.assertTrue(error.fix)
+
+    def test_prefix_none_alone(self) -> None:
+        doc = endpoint_doc(prefix="none")
+        doc["endpoints"]["team"]["servers"] = ["time"]
+        self.assertEqual(parse_config(doc, "t", {}).endpoints["team"].prefixes, {"time": ""})
+
+    def test_tool_grants(self) -> None:
+        """A token may name some tools of a server; the server must exist."""
+        token = {"name": "t", "hash": "sha256:" + "0" * 64, "servers": ["time/get_*"]}
+        doc = endpoint_doc() | {"auth": {"tokens": [token]}}
+        self.assertEqual(parse_config(doc, "t", {}).auth.tokens[0].servers, {"time/get_*"})
+        doc["auth"]["tokens"][0]["servers"] = ["nope/x"]
+        error = self.assertRaises(ConfigError, parse_config, doc, "t", {})
+        self.assertIn("'nope'", error.problem)
