@@ -394,6 +394,41 @@ class EndpointTests(SynchronousTestCase):
         )
         self.assertEqual(body["error"]["message"], "Unknown tool: a__none")
 
+    def test_modern_listen(self) -> None:
+        """A 2026-07-28 listen stream on an endpoint: every member's list changes,
+        and updates of a resource, followed on its own server under its own URI."""
+        message = modern(
+            9,
+            "subscriptions/listen",
+            {
+                "notifications": {
+                    "toolsListChanged": True,
+                    "resourceSubscriptions": ["mcptwist:bee/mem://b", "mcptwist:zz/x"],
+                }
+            },
+        )
+        response = self.bridge.request(
+            "POST", "/endpoints/team/mcp", message, headers(message, "text/event-stream")
+        )
+        self.assertEqual(response.code, 200)
+        [subscribe] = self.child("b").requests("resources/subscribe")
+        self.assertEqual(subscribe["params"], {"uri": "mem://b"})
+        self.child("a").send(jsonrpc.notification("notifications/tools/list_changed"))
+        self.child("b").send(
+            jsonrpc.notification("notifications/resources/updated", {"uri": "mem://b"})
+        )
+        self.reactor.advance(0)
+        events = _events(self.bridge.stream(response))
+        acknowledged, changed, updated = events
+        self.assertEqual(
+            acknowledged["params"]["notifications"],
+            {"toolsListChanged": True, "resourceSubscriptions": ["mcptwist:bee/mem://b"]},
+        )
+        self.assertEqual(changed["method"], "notifications/tools/list_changed")
+        self.assertEqual(updated["params"]["uri"], "mcptwist:bee/mem://b")
+        for event in (changed, updated):
+            self.assertEqual(event["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], 9)
+
     def test_status(self) -> None:
         status, _, body = self.bridge.exchange("GET", "/servers")
         self.assertEqual(status, 200)

@@ -321,13 +321,38 @@ def _endpoint_listen(
     catalogs: list[tuple[str, Catalog | None]],
 ) -> int:
     """C{subscriptions/listen} on an endpoint of several servers: the list
-    changes of every member (resources are followed on single-server
-    endpoints only: the URIs of several would have to be merged)."""
+    changes of every server, and updates of the resources asked for, each
+    followed on the server whose URI it is (one whose child speaks the
+    session era and declared resource subscriptions)."""
+    aggregate = backend.aggregate
     params = checked.message.get("params") or {}
     wanted = params.get("notifications")
     wanted = wanted if isinstance(wanted, dict) else {}
     fields = {LIST_CHANGED[n][0]: n for n in LIST_CHANGED}
-    agreed = {field: True for field in fields if wanted.get(field) is True}
+    agreed: dict[str, Any] = {field: True for field in fields if wanted.get(field) is True}
+    uris = wanted.get("resourceSubscriptions")
+    if isinstance(uris, list) and len(uris) > MAX_LISTEN_URIS:
+        raise HTTPProblem(
+            400,
+            jsonrpc.INVALID_PARAMS,
+            f"Invalid params: at most {MAX_LISTEN_URIS} resourceSubscriptions per stream",
+            checked.id,
+        )
+    # Each server's resources asked for: (the URI shown, its own).
+    followed: dict[str, list[tuple[str, str]]] = {}
+    visible = {server for server, catalog in catalogs if catalog is not None}
+    for uri in uris if isinstance(uris, list) else []:
+        found = aggregate.namer.resolve_uri(uri)
+        if found is not None and found[0] in visible:
+            followed.setdefault(found[0], []).append((uri, found[1]))
+    hubs: list[tuple[str, ClientSession]] = []
+    for server in followed:
+        hub = open_hub(ctx, request, server, checked)
+        if _follows_resources(hub):
+            hubs.append((server, hub))
+    shown_uris = [shown for server, _ in hubs for shown, _ in followed[server]]
+    if shown_uris:
+        agreed["resourceSubscriptions"] = shown_uris
     try:
         connection = ctx.stream(request, f"{backend.server.name} listen")
     except HTTPProblem as problem:
@@ -361,14 +386,51 @@ def _endpoint_listen(
         if not catalog.used:
             # The child's list changes matter from now on.
             catalog.get("tools/list").addErrback(lambda _: None)
+    listens: list[tuple[ClientSession, Listen]] = []
+
+    def forward(server: str) -> Callable[[Message], None]:
+        return lambda m: send(connection, aggregate.shown_notification(server, m))
+
+    for server, hub in hubs:
+        listen = Listen(
+            checked.id,
+            {"resourceSubscriptions": [own for _, own in followed[server]]},
+            forward(server),
+            lambda m: _finish(connection, m),
+        )
+        sink = hub.sink
+        assert isinstance(sink, StatelessSink)
+        sink.listens.add(listen)
+        sink.subscribe(listen.uris, add=True)
+        listens.append((hub, listen))
 
     def ended(_: object) -> None:
         for catalog in watched:
             if changed in catalog.watchers:
                 catalog.watchers.remove(changed)
+        for hub, listen in listens:
+            sink = hub.sink
+            assert isinstance(sink, StatelessSink)
+            if listen in sink.listens:
+                sink.listens.discard(listen)
+                if not hub.closed:
+                    sink.subscribe(listen.uris, add=False)
+                sink.settled()
+            hub.last_active = ctx.clock.seconds()
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET
+
+
+def _follows_resources(hub: ClientSession) -> bool:
+    """Whether a hub's child can be followed for resource updates here: a
+    session-era child (the hub subscribes it) that declared subscriptions."""
+    upstream = hub.upstream
+    if upstream is None or upstream.modern:
+        return False
+    capabilities = (upstream.init_result or {}).get("capabilities")
+    resources = capabilities.get("resources") if isinstance(capabilities, dict) else None
+    return isinstance(resources, dict) and bool(resources.get("subscribe"))
 
 
 def _headers(request: IRequest, name: str) -> list[str]:
