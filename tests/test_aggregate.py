@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.child.supervisor import ChildState
-from mcptwist.config.model import BridgeConfig, EndpointConfig, ServerConfig
+from mcptwist.config.model import BridgeConfig, Bucket, EndpointConfig, ServerConfig, ServerLimits
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import Message
 from mcptwist.mcp.naming import encode_cursor
@@ -19,7 +19,7 @@ from mcptwist.routing.catalog import Catalog, Unavailable
 
 from .support.bridge import Service
 from .support.children import FakeChild
-from .support.messages import JSON, decode, headers, modern
+from .support.messages import INIT, JSON, decode, headers, modern
 
 TOOLS = {
     "a": [{"name": "echo", "inputSchema": {"type": "object"}}, {"name": "drop"}],
@@ -234,7 +234,8 @@ class EndpointTests(SynchronousTestCase):
         self.bridge = Service(self, config, on_spawn=self.dress)
         self.reactor = self.bridge.reactor
 
-    def dress(self, child: FakeChild) -> None:
+    @staticmethod
+    def dress(child: FakeChild) -> None:
         name = child.args[-1]
         child.init_result = {
             **child.init_result,
@@ -436,6 +437,37 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual([s["name"] for s in team["servers"]], ["a", "b"])
         status, _, body = self.bridge.exchange("GET", "/endpoints/none/mcp")
         self.assertEqual(status, 404)
+
+
+class MemberLimitTests(SynchronousTestCase):
+    """A member's own rate limits hold for what an endpoint hands it."""
+
+    def test_total(self) -> None:
+        limited = ServerConfig(
+            name="b",
+            command="fake",
+            args=("b",),
+            limits=ServerLimits(total=Bucket(rate=0.001, burst=1)),
+        )
+        config = BridgeConfig(servers={**servers(), "b": limited}, endpoints={"team": endpoint()})
+        bridge = Service(self, config, on_spawn=EndpointTests.dress)
+        response = bridge.request("POST", "/endpoints/team/mcp", INIT, JSON)
+        [session] = response.headers.getRawHeaders("mcp-session-id")
+        bridge.json(response)
+        extra = {**JSON, "mcp-session-id": session}
+        answers = [
+            bridge.exchange(
+                "POST",
+                "/endpoints/team/mcp",
+                jsonrpc.request(i, "tools/call", {"name": name}),
+                extra,
+            )[2]
+            for i, name in ((2, "bee__sum"), (3, "bee__sum"), (4, "a__echo"))
+        ]
+        self.assertIn("result", answers[0])
+        self.assertEqual(answers[1]["error"]["code"], jsonrpc.RATE_LIMITED)
+        self.assertIn("rate limit of MCP server 'b'", answers[1]["error"]["message"])
+        self.assertIn("result", answers[2])
 
 
 def _events(chunks: list[bytes]) -> list[Message]:
