@@ -455,7 +455,7 @@ class MemberLink:
         self.owner.session.cancelled(request_id)
 
     def request_started(self, request: Pending, message: Message) -> None:
-        self.owner.session.request_started(request, message)
+        self.owner.session.request_started(request, message, self.backend.server.audit_arguments)
 
     def request_ended(self, request: Pending, status: Status, error_code: int | None) -> None:
         pid = self.upstream.supervisor.pid if self.upstream is not None else None
@@ -473,6 +473,10 @@ class AggregateSession(Downstream, Protocol):
 
     @property
     def closed(self) -> bool: ...
+
+    def request_started(
+        self, request: Pending, message: Message, audit_arguments: bool | None = None
+    ) -> None: ...
 
     def request_ended(
         self,
@@ -903,5 +907,4 @@ def endpoint_settings(
         input_timeout=max(m.input_timeout for m in members),
         session_idle_timeout=endpoint.session_idle_timeout,
         json_response=endpoint.json_response,
-        audit_arguments=any(m.audit_arguments for m in members),
     )

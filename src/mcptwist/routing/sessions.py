@@ -87,6 +87,8 @@ class ClientSession:
     caps: Caps | None = None
     # What of the server's tools this client may see and call (None: all).
     view: ToolView | None = None
+    # The credentials (a Principal) its view or guard was given for.
+    admitted_as: object = None
     # Its tools/list requests in flight (their answers pass through the view).
     _listing: set[RequestId] = attrs.field(factory=set)
     # Its requests in flight (the router holds them).
@@ -191,14 +193,20 @@ class ClientSession:
     # subscriptions of its listen streams) are the bridge's: neither counted
     # nor recorded.
 
-    def request_started(self, request: Pending, message: Message) -> None:
+    def request_started(
+        self, request: Pending, message: Message, audit_arguments: bool | None = None
+    ) -> None:
+        """One of its requests was taken; C{audit_arguments} is the setting of
+        the server that serves it, on an endpoint."""
         if self.stateless:
             return
         self._requests += 1
         if self.caps is not None:
             self.caps.request_started(self.principal)
         if self.recorder is not None:
-            request.described = self._describe(request.method, message.get("params"))
+            request.described = self._describe(
+                request.method, message.get("params"), audit_arguments
+            )
 
     def request_ended(
         self,
@@ -265,7 +273,7 @@ class ClientSession:
         if self.recorder is not None:
             self._record(method, self._describe(method, params), status, error_code, started, peer)
 
-    def _describe(self, method: str, params: Any) -> Described:
+    def _describe(self, method: str, params: Any, audit_arguments: bool | None = None) -> Described:
         """What a request's record says it asked for (from its params as the
         client sent them, before the bridge rewrites anything in them)."""
         assert self.recorder is not None
@@ -273,7 +281,9 @@ class ClientSession:
             return Described(request_name(method, params))
         size, digest = argument_digest(params)
         arguments = None
-        if self.backend.server.audit_arguments and isinstance(params, dict):
+        if audit_arguments is None:
+            audit_arguments = self.backend.server.audit_arguments
+        if audit_arguments and isinstance(params, dict):
             arguments = params.get("arguments", params)
         return Described(request_name(method, params), size, digest, arguments)
 

@@ -22,6 +22,7 @@ from mcptwist.config.load import load_config
 from mcptwist.config.model import AuthConfig, BridgeConfig, ConfigError, ListenerConfig
 from mcptwist.ops.audit import AuditTrail
 from mcptwist.ops.notify import SystemdNotifier
+from mcptwist.routing.aggregate import AggregateBackend
 from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.security.auth import revoked
 from mcptwist.security.origin import is_local_address
@@ -191,7 +192,15 @@ def revoke(registry: SessionRegistry, old: AuthConfig, new: AuthConfig) -> list[
         return []
     lost: set[str] = set()
     for session in list(registry.sessions.values()):
-        why = revoked(old, new, session.principal, session.server)
+        backend = session.backend
+        # A session of an endpoint goes on while any of its servers is granted.
+        servers = (
+            backend.aggregate.members
+            if isinstance(backend, AggregateBackend)
+            else (session.server,)
+        )
+        reasons = [revoked(old, new, session.principal, server) for server in servers]
+        why = None if None in reasons else reasons[0]
         if why is not None:
             registry.close(session, why)
             lost.add(f"{session.principal} on {session.server}")

@@ -437,11 +437,29 @@ class BridgeApp:
                 principal_id(request),
                 peer_of(request),
             )
-        if isinstance(session.upstream, AggregateUpstream):
-            session.upstream.guard = self.access.guard(principal_of(request), peer_of(request))
-        else:
-            session.view = self.tool_view(request, backend)
+        self._admit(request, session)
         return session
+
+    def find_session(
+        self, request: Request, session_id: str | None, name: str
+    ) -> ClientSession | None:
+        """The open session with this id on this server, if this request's
+        principal opened it; what it may see follows the principal's grants
+        as this request presents them."""
+        session = self.registry.get(session_id, name, principal_id(request))
+        if session is not None and session.admitted_as != principal_of(request):
+            self._admit(request, session)
+        return session
+
+    def _admit(self, request: Request, session: ClientSession) -> None:
+        """Give a session what its principal may see: an endpoint's guard, or
+        a server's tool view."""
+        principal = principal_of(request)
+        session.admitted_as = principal
+        if isinstance(session.upstream, AggregateUpstream):
+            session.upstream.guard = self.access.guard(principal, peer_of(request))
+        else:
+            session.view = self.tool_view(request, session.backend)
 
     def tool_view(self, request: Request, backend: Backend) -> ToolView | None:
         """What of a server's tools this request's principal may see and call."""

@@ -79,6 +79,12 @@ class TransportContext(Protocol):
     ) -> HTTPProblem:
         """The refusal of this request by a cap (C{scope} says which), audited."""
 
+    def find_session(
+        self, request: Request, session_id: str | None, name: str
+    ) -> ClientSession | None:
+        """The open session with this id on this server, if this request's
+        principal opened it (what it may see refreshed to its grants now)."""
+
     def tool_view(self, request: Request, backend: Backend) -> ToolView | None:
         """What of a server's tools this request's principal may see and call."""
 

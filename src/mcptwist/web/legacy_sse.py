@@ -15,7 +15,6 @@ from twisted.web.server import Request
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 
-from .admission import principal_id
 from .context import TransportContext
 from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event
@@ -85,7 +84,7 @@ def post(ctx: TransportContext, request: Request, name: str) -> bytes:
     values = args.get(b"session_id") or args.get(b"sessionId")
     if not values:
         raise HTTPProblem(400, jsonrpc.BAD_SESSION, "Bad Request: session_id is required")
-    session = ctx.registry.get(values[0].decode("latin-1"), name, principal_id(request))
+    session = ctx.find_session(request, values[0].decode("latin-1"), name)
     if session is None or session.transport != "sse":
         raise HTTPProblem(
             404,

@@ -24,7 +24,6 @@ from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession
 
-from .admission import principal_id
 from .context import TransportContext
 from .http import HTTPProblem, header, negotiate, refuse_head
 from .sse import EventChannel, parse_event_id
@@ -172,7 +171,7 @@ def _session(
             jsonrpc.BAD_SESSION,
             "Bad Request: Mcp-Session-Id header is required",
         )
-    session = ctx.registry.get(session_id, name, principal_id(request))
+    session = ctx.find_session(request, session_id, name)
     if session is None:
         raise HTTPProblem(
             404,
