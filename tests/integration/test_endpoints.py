@@ -1,4 +1,5 @@
-"""Aggregating endpoints, driven by the official MCP Python SDK (mcp 2.x).
+"""Aggregating endpoints, driven by real clients: the official MCP Python SDK
+(mcp 2.x) and the MCP Inspector CLI.
 
 One endpoint serves the built-in example server, mcp-server-time and
 @modelcontextprotocol/server-everything (its names prefixed C{ev}) at
@@ -6,7 +7,7 @@ One endpoint serves the built-in example server, mcp-server-time and
 (session era and 2026-07-28) and over HTTP+SSE, and each call must reach the
 child whose tool it names; server-everything's questions to the client
 (sampling, elicitation) and its progress reach the client that made the call,
-and only it.
+and only it; the Inspector sees every member's tools.
 """
 
 from __future__ import annotations
@@ -242,3 +243,78 @@ class ServerQuestionsTests(EndpointMixin, SynchronousTestCase):
             min(r["ended"] for r in results.values()),
             f"the calls did not overlap: {context}",
         )
+
+
+class InspectorTests(SynchronousTestCase):
+    """The MCP Inspector CLI (v2) against the endpoint, over Streamable HTTP and HTTP+SSE."""
+
+    def setUp(self) -> None:
+        h.require_node_tools(h.INSPECTOR_BIN, h.NODE22_BIN / "node")
+        self.bridge = h.start_bridge(self, h.team_toml())
+        self.home = tempfile.mkdtemp(prefix="mcptwist-inspector-home-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+
+    def inspector(self, transport: str, *args: str) -> Any:
+        """What the Inspector printed (C{{"result": ...}}); it must exit 0."""
+        path = "/endpoints/team/" + ("mcp" if transport == "http" else "sse")
+        result = h.run(
+            [
+                str(h.INSPECTOR_BIN),
+                "--cli",
+                self.bridge.url(path),
+                "--transport",
+                transport,
+                *args,
+                "--format",
+                "json",
+            ],
+            timeout=60,
+            env=h.node_env(self.home),
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"inspector {args} over {transport} exited {result.returncode}\n"
+                f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}\n"
+                f"bridge log:\n{self.bridge.log[-3000:]}"
+            )
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def test_list_and_call(self) -> None:
+        for transport in ("http", "sse"):
+            listed = self.inspector(transport, "--method", "tools/list")
+            names = {t["name"] for t in listed["result"]["tools"]}
+            for tool in (
+                "example__calculate",
+                "example__hash_text",
+                "time__get_current_time",
+                "time__convert_time",
+                "ev__echo",
+                "ev__get-sum",
+            ):
+                self.assertIn(tool, names, transport)
+            self.assertEqual(
+                {name.split("__", 1)[0] for name in names}, {"example", "time", "ev"}, transport
+            )
+            product = self.inspector(
+                transport,
+                "--method",
+                "tools/call",
+                "--tool-name",
+                "example__calculate",
+                "--tool-args-json",
+                '{"expression": "6 * 7"}',
+            )
+            self.assertEqual(product["result"]["content"], [{"type": "text", "text": "42"}])
+            total = self.inspector(
+                transport,
+                "--method",
+                "tools/call",
+                "--tool-name",
+                "ev__get-sum",
+                "--tool-args-json",
+                '{"a": 19, "b": 23}',
+            )
+            self.assertEqual(
+                total["result"]["content"],
+                [{"type": "text", "text": "The sum of 19 and 23 is 42."}],
+            )
