@@ -7,14 +7,17 @@ One endpoint serves the built-in example server, mcp-server-time and
 (session era and 2026-07-28) and over HTTP+SSE, and each call must reach the
 child whose tool it names; server-everything's questions to the client
 (sampling, elicitation) and its progress reach the client that made the call,
-and only it; the Inspector sees every member's tools.
+and only it; the Inspector sees every member's tools; a member that dies
+leaves the others serving, and its tools come back with it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -318,3 +321,105 @@ class InspectorTests(SynchronousTestCase):
                 total["result"]["content"],
                 [{"type": "text", "text": "The sum of 19 and 23 is 42."}],
             )
+
+
+# The example server gives up at its first crash and tries again after a cool-down:
+# down for a known while, then back on its own.
+COOLDOWN = 6
+FAIL_ONCE = f"[servers.example.restart]\ncrash_limit = 1\ncooldown = {COOLDOWN}\n"
+# The example server's tools.
+EXAMPLE_TOOLS = (
+    "calculate",
+    "convert_time",
+    "current_time",
+    "decode",
+    "encode",
+    "hash_text",
+    "uuid",
+)
+# One call to each member, as list_and_call's arguments.
+ONE_CALL_EACH = (
+    "example__calculate",
+    '{"expression": "6 * 7"}',
+    "time__get_current_time",
+    '{"timezone": "UTC"}',
+    "ev__echo",
+    '{"message": "still here"}',
+)
+
+
+class MemberFailureTests(EndpointMixin, SynchronousTestCase):
+    """One member's child is killed: the endpoint goes on serving the others;
+    the member's tools leave the list and a call to one names its state; when
+    the member is back, so are its tools."""
+
+    def setUp(self) -> None:
+        self.bridge = h.start_bridge(self, h.team_toml(example=FAIL_ONCE))
+        for member in ("example", "time", "everything"):
+            self.bridge.wait_state(member, "running", timeout=30)
+
+    def every_mode(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """list_and_call (one call to each member) in every mode, at once."""
+        with ThreadPoolExecutor(len(MODES)) as pool:
+            futures = {
+                (transport, mode): pool.submit(
+                    self.sdk, transport, mode, "list_and_call", *ONE_CALL_EACH
+                )
+                for transport, mode in MODES
+            }
+            return {key: future.result() for key, future in futures.items()}
+
+    def check_others(self, r: dict[str, Any], context: str) -> None:
+        """time and server-everything answered, and are listed."""
+        _, now, echo = r["calls"]
+        self.assertEqual(json.loads(now["texts"][0])["timezone"], "UTC", context)
+        self.assertEqual(echo["texts"], ["Echo: still here"], context)
+        self.assertIn("time__get_current_time", r["tools"], context)
+        self.assertIn("ev__echo", r["tools"], context)
+
+    def test_member_killed(self) -> None:
+        before = self.sdk("http", "legacy", "list_and_call", *ONE_CALL_EACH)
+        self.assertIn("example__calculate", before["tools"])
+        self.assertEqual(before["calls"][0]["texts"], ["42"])
+
+        pid = self.bridge.status("example")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        down = self.bridge.wait_state("example", "failed", timeout=5)
+        self.assertEqual(down["last_exit"], "killed by SIGKILL")
+        for (transport, mode), r in self.every_mode().items():
+            context = (
+                f"{transport} ({mode}) while example is down: {json.dumps(r, indent=1)[:4000]}"
+            )
+            self.check_others(r, context)
+            # Its tools are not listed, and a call to one is an error naming its state.
+            self.assertEqual([t for t in r["tools"] if t.startswith("example__")], [], context)
+            error = r["calls"][0].get("error")
+            self.assertIsNotNone(error, context)
+            self.assertEqual(error["code"], -32000, context)  # the bridge's "server unavailable"
+            self.assertEqual(
+                error["message"],
+                "MCP server 'example' is failed (its child killed by SIGKILL)",
+                context,
+            )
+            self.assertEqual(
+                (error["data"]["server"], error["data"]["state"]), ("example", "failed"), context
+            )
+        self.assertEqual(
+            self.bridge.status("example")["state"],
+            "failed",
+            f"example came back before the clients were done: {COOLDOWN}s is too short here",
+        )
+        h.wait_for(lambda: h.process_state(pid) is None, 5, f"pid {pid} to be reaped")
+
+        # The cool-down over, the bridge starts it again: its tools are back.
+        self.bridge.wait_state("example", "running", timeout=COOLDOWN + 15)
+        self.assertNotEqual(self.bridge.status("example")["pid"], pid)
+        for (transport, mode), r in self.every_mode().items():
+            context = f"{transport} ({mode}) once example is back: {json.dumps(r, indent=1)[:4000]}"
+            self.check_others(r, context)
+            self.assertEqual(
+                sorted(t for t in r["tools"] if t.startswith("example__")),
+                sorted(f"example__{t}" for t in EXAMPLE_TOOLS),
+                context,
+            )
+            self.assertEqual(r["calls"][0]["texts"], ["42"], context)
