@@ -355,6 +355,48 @@ class EndpointTests(SynchronousTestCase):
             [m for m in self.child("a").received if "result" in m and "method" not in m]
         )
 
+    def test_set_level(self) -> None:
+        """An endpoint offers logging whatever its members do: a client's level
+        goes to each member whose child logs, and one that does not is not
+        asked (or its refusal is not the client's concern)."""
+        logs = {"a": True, "b": True}
+
+        def spawned(child: FakeChild) -> None:
+            self.dress(child)
+            if logs[child.args[-1]]:
+                child.init_result["capabilities"]["logging"] = {}
+            else:
+                child.answer = lambda message: _refuse_levels(child, message)  # type: ignore[method-assign]
+
+        self.reactor.on_spawn = spawned
+        for name in logs:
+            self.child(name).exit(1)
+        self.reactor.advance(5)
+        session = self.open()
+        # a's child ends; until its next one has said what it offers, a is
+        # asked as the last one was (it logged)...
+        logs["a"] = False
+        self.child("a").exit(1)
+        d = self.bridge.client.request(
+            "POST",
+            "http://127.0.0.1/endpoints/team/mcp",
+            data=jsonrpc.dumps(jsonrpc.request(2, "logging/setLevel", {"level": "debug"})),
+            headers={**JSON, "mcp-session-id": session},
+        )
+        self.bridge.client.flush()
+        self.assertNoResult(d)
+        self.reactor.advance(5)
+        self.bridge.client.flush()
+        # ...and the next one refuses: not a failure of the client's request.
+        self.assertEqual(len(self.child("a").requests("logging/setLevel")), 1)
+        self.assertEqual(self.bridge.json(self.successResultOf(d)), jsonrpc.result(2, {}))
+        # Now a is known not to log: only b is asked.
+        body = self.post(session, jsonrpc.request(3, "logging/setLevel", {"level": "info"}))
+        self.assertEqual(body, jsonrpc.result(3, {}))
+        self.assertEqual(len(self.child("a").requests("logging/setLevel")), 1)
+        levels = [m["params"]["level"] for m in self.child("b").requests("logging/setLevel")]
+        self.assertEqual(levels, ["debug", "info"])
+
     def test_member_down(self) -> None:
         """A failed member's tools leave the list, and a call to one names its state;
         the other member goes on."""
@@ -468,6 +510,14 @@ class MemberLimitTests(SynchronousTestCase):
         self.assertEqual(answers[1]["error"]["code"], jsonrpc.RATE_LIMITED)
         self.assertIn("rate limit of MCP server 'b'", answers[1]["error"]["message"])
         self.assertIn("result", answers[2])
+
+
+def _refuse_levels(child: FakeChild, message: Message) -> None:
+    """A child without logging: it refuses logging/setLevel, as mcp-server-time does."""
+    if message.get("method") == "logging/setLevel":
+        child.send(jsonrpc.error(message["id"], jsonrpc.METHOD_NOT_FOUND, "Method not found"))
+    else:
+        FakeChild.answer(child, message)
 
 
 def _events(chunks: list[bytes]) -> list[Message]:

@@ -154,6 +154,21 @@ def python_server_toml(name: str, args: Sequence[str], extra: str = "") -> str:
     )
 
 
+def team_toml(endpoint: str = "", example: str = "") -> str:
+    """The built-in example server, mcp-server-time and server-everything, and
+    C{[endpoints.team]} serving the three (server-everything's names prefixed
+    C{ev}); C{endpoint} is added to the endpoint's table, C{example} to the
+    example server's."""
+    return (
+        python_server_toml("example", ["-m", "mcptwist.example"], example)
+        + time_toml()
+        + everything_server_toml()
+        + '[endpoints.team]\nservers = ["example", "time", "everything"]\n'
+        + 'prefix.everything = "ev"\n'
+        + endpoint
+    )
+
+
 # Processes
 
 

@@ -11,6 +11,10 @@ scenarios it does not score for that revision (the tasks extension, and
 json-schema-2020-12, http-header-validation and
 http-custom-header-server-validation, pending), and those are reported by
 the suite but never fail this test.
+
+L{EndpointConformanceTests} runs the same two revisions through an
+aggregating endpoint of the fixture alone with its names unchanged
+(C{[endpoints.solo]}, C{prefix = "none"}) at /endpoints/solo/mcp.
 """
 
 from __future__ import annotations
@@ -71,19 +75,23 @@ def failed_checks(scenario: str, checks: list[dict[str, Any]]) -> list[str]:
 
 
 class ConformanceTests(SynchronousTestCase):
+    # What the bridge serves (besides the fixture, as "conf"), and the path the suite tests.
+    ENDPOINT = ""
+    PATH = "/servers/conf/mcp"
+
     def run_suite(self, revision: str) -> tuple[h.Bridge, Path, subprocess.CompletedProcess[str]]:
         """Run C{conformance server --requirements REVISION} against the bridged fixture."""
         h.require_node_tools(h.CONFORMANCE_BIN, h.NODE22_BIN / "node")
         if not FIXTURE.exists():
             raise SkipTest(f"{FIXTURE} is not there yet")
-        bridge = h.start_bridge(self, h.python_server_toml("conf", [str(FIXTURE)]))
+        bridge = h.start_bridge(self, h.python_server_toml("conf", [str(FIXTURE)]) + self.ENDPOINT)
         out = Path(tempfile.mkdtemp(prefix=f"mcptwist-conformance-{revision}-"))
         result = h.run(
             [
                 str(h.CONFORMANCE_BIN),
                 "server",
                 "--url",
-                bridge.mcp_url("conf"),
+                bridge.url(self.PATH),
                 "--requirements",
                 revision,
                 "-o",
@@ -131,3 +139,11 @@ class ConformanceTests(SynchronousTestCase):
     def test_requirements_2026_07_28(self) -> None:
         """The stateless revision, served in front of the session-era fixture."""
         self.check_requirements("2026-07-28", every_scenario=False)
+
+
+class EndpointConformanceTests(ConformanceTests):
+    """The same suite through an aggregating endpoint of the fixture alone,
+    with its names unchanged (C{prefix = "none"})."""
+
+    ENDPOINT = '[endpoints.solo]\nservers = ["conf"]\nprefix = "none"\n'
+    PATH = "/endpoints/solo/mcp"

@@ -671,8 +671,9 @@ class AggregateUpstream:
         d.addErrback(lambda f: log.failure("endpoint list", f))
 
     def _set_level(self, message: Message) -> None:
-        """Every member's child logs at the client's level: one answer for all."""
-        links = [link for link in self.links.values() if _serving(link)]
+        """Every member's child that logs does so at the client's level: one
+        answer for all (the endpoint offers logging whatever its members do)."""
+        links = [link for link in self.links.values() if _serving(link) and _logs(link)]
         p = self._start(message)
         if not links:
             self._own(message, jsonrpc.result(message["id"], {}), p)
@@ -759,7 +760,7 @@ class AggregateUpstream:
             request_id = message.get("id")
             fanout = self._fanouts.get(request_id)  # type: ignore[arg-type]
             if fanout is not None:
-                self._fanned(request_id, fanout, message)  # type: ignore[arg-type]
+                self._fanned(request_id, fanout, message, link)  # type: ignore[arg-type]
                 return
             sent = self.routes.pop(request_id, None)  # type: ignore[arg-type]
             if sent is not None:
@@ -785,9 +786,11 @@ class AggregateUpstream:
         else:
             self.session.deliver(self.aggregate.shown_notification(link.server, message), related)
 
-    def _fanned(self, request_id: RequestId, fanout: _FanOut, message: Message) -> None:
+    def _fanned(
+        self, request_id: RequestId, fanout: _FanOut, message: Message, link: MemberLink
+    ) -> None:
         fanout.waiting -= 1
-        if "error" in message and fanout.error is None:
+        if "error" in message and fanout.error is None and _logs(link):
             fanout.error = message
         if fanout.waiting == 0:
             del self._fanouts[request_id]
@@ -822,6 +825,12 @@ class _FanOut:
 def _serving(link: MemberLink) -> bool:
     upstream = link.upstream
     return upstream is not None and upstream.state not in (ChildState.FAILED, ChildState.STOPPED)
+
+
+def _logs(link: MemberLink) -> bool:
+    """Whether a member's child offers logging (or has not said yet: it is starting)."""
+    init = link.upstream.init_result if link.upstream is not None else None
+    return init is None or "logging" in (init.get("capabilities") or {})
 
 
 def _state(link: MemberLink | None) -> str:

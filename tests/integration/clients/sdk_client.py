@@ -8,6 +8,8 @@ Scenarios:
   time                        mcp-server-time
   everything                  server-everything: tools, sampling, elicitation,
                               progress and logging
+  questions                   server-everything: tools, sampling, elicitation and
+                              progress (no logging: fits every mode)
   call TOOL JSON_ARGS         one tools/call; prints the result or the error
   timeout_then_echo S T       (stdio_fixture) sleep S s with a T s client timeout,
                               then echo on the same session
@@ -16,6 +18,8 @@ Scenarios:
   list_and_call [TOOL JSON_ARGS]...
                               tools/list, then each call in turn, each with its
                               result or error and when it started and ended
+  progress TOOL JSON_ARGS     one tools/call with a progress callback: its result,
+                              the progress it got and when it started and ended
 
 --mode is the SDK Client's mode: "legacy" (initialize), "auto" (server/discover,
 falling back to initialize) or a modern protocol version such as "2026-07-28".
@@ -23,12 +27,15 @@ With --barrier DIR --parties N, the client connects, then waits until N
 clients have connected (each writes a file in DIR) before its scenario, so
 that the requests of clients started together overlap.
 
+With --prefix P, the everything and questions scenarios call server-everything's
+tools as P + their name (e.g. "ev__echo" through an aggregating endpoint).
 The environment variable SAMPLING_DELAY (seconds) slows the sampling callback.
 Elicitation answers fill the requested schema's properties from ANSWERS.
 seen["posts"] has one line per JSON-RPC POST the client sent:
 its JSON-RPC method and params.name, its MCP-Protocol-Version header, whether
 it carried Mcp-Session-Id, the keys of its inputResponses and whether it
-carried a requestState (a 2026-07-28 client's input_required rounds).
+carried a requestState (a 2026-07-28 client's input_required rounds), and its
+progress token.
 
 The JSON printed on stdout has C{ok: true} and what was seen, or C{ok: false}
 and the error (JSON-RPC code and message when there is one). The whole run is
@@ -77,6 +84,14 @@ ANSWERS: dict[str, Any] = {
     "ok": True,
     "context": "bridged context",
 }
+
+# Put before server-everything's tool names (--prefix).
+naming = {"prefix": ""}
+
+
+def tool(name: str) -> str:
+    return naming["prefix"] + name
+
 
 # server-everything's simulated log lines, e.g. "Info-level message".
 SIMULATED_LOG = re.compile(r"-level message|level-message")
@@ -201,15 +216,17 @@ async def scenario_time(c: Client, args: list[str]) -> dict[str, Any]:
     return out
 
 
-async def scenario_everything(c: Client, args: list[str]) -> dict[str, Any]:
+async def scenario_questions(c: Client, args: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["tools"] = sorted(t.name for t in (await c.list_tools()).tools)
-    out["echo"] = call_summary(await c.call_tool("echo", {"message": "hello bridge"}))
-    out["get_sum"] = call_summary(await c.call_tool("get-sum", {"a": 2, "b": 40}))
+    out["echo"] = call_summary(await c.call_tool(tool("echo"), {"message": "hello bridge"}))
+    out["get_sum"] = call_summary(await c.call_tool(tool("get-sum"), {"a": 2, "b": 40}))
     out["sampling"] = call_summary(
-        await c.call_tool("trigger-sampling-request", {"prompt": "hello sampler", "maxTokens": 10})
+        await c.call_tool(
+            tool("trigger-sampling-request"), {"prompt": "hello sampler", "maxTokens": 10}
+        )
     )
-    out["elicitation"] = call_summary(await c.call_tool("trigger-elicitation-request", {}))
+    out["elicitation"] = call_summary(await c.call_tool(tool("trigger-elicitation-request"), {}))
 
     progress: list[list[Any]] = []
 
@@ -218,21 +235,27 @@ async def scenario_everything(c: Client, args: list[str]) -> dict[str, Any]:
 
     out["long_running"] = call_summary(
         await c.call_tool(
-            "trigger-long-running-operation",
+            tool("trigger-long-running-operation"),
             {"duration": 1, "steps": 4},
             progress_callback=on_progress,
         )
     )
     out["progress"] = progress
+    return out
 
+
+async def scenario_everything(c: Client, args: list[str]) -> dict[str, Any]:
+    out = await scenario_questions(c, args)
     await c.set_logging_level("debug")
-    out["toggle_logging"] = call_summary(await c.call_tool("toggle-simulated-logging", {}))
+    out["toggle_logging"] = call_summary(await c.call_tool(tool("toggle-simulated-logging"), {}))
     # The first simulated message is sent at once; wait for it (bounded). Other
     # log lines (server-everything also logs root updates) may come first.
     with anyio.move_on_after(8):
         while not any(SIMULATED_LOG.search(str(data)) for _, data in seen["logs"]):
             await anyio.sleep(0.05)
-    out["toggle_logging_off"] = call_summary(await c.call_tool("toggle-simulated-logging", {}))
+    out["toggle_logging_off"] = call_summary(
+        await c.call_tool(tool("toggle-simulated-logging"), {})
+    )
     try:
         await c.read_resource("demo://no/such/resource")
         out["bad_resource"] = {"raised": False}
@@ -253,6 +276,22 @@ async def scenario_call(c: Client, args: list[str]) -> dict[str, Any]:
             "started": started,
             "ended": time.time(),
         }
+
+
+async def scenario_progress(c: Client, args: list[str]) -> dict[str, Any]:
+    progress: list[list[Any]] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append([value, total, message])
+
+    started = time.time()
+    result = await c.call_tool(args[0], json.loads(args[1]), progress_callback=on_progress)
+    return {
+        "call": call_summary(result),
+        "progress": progress,
+        "started": started,
+        "ended": time.time(),
+    }
 
 
 async def scenario_timeout_then_echo(c: Client, args: list[str]) -> dict[str, Any]:
@@ -316,6 +355,7 @@ async def record_post(request: httpx2.Request) -> None:
         return
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
     responses = params.get("inputResponses")
+    meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
     seen["posts"].append(
         {
             "method": body.get("method"),
@@ -324,6 +364,7 @@ async def record_post(request: httpx2.Request) -> None:
             "session": "mcp-session-id" in request.headers,
             "input_responses": sorted(responses) if isinstance(responses, dict) else None,
             "request_state": "requestState" in params,
+            "progress_token": meta.get("progressToken"),
         }
     )
 
@@ -332,6 +373,8 @@ SCENARIOS = {
     "example": scenario_example,
     "time": scenario_time,
     "everything": scenario_everything,
+    "questions": scenario_questions,
+    "progress": scenario_progress,
     "call": scenario_call,
     "timeout_then_echo": scenario_timeout_then_echo,
     "roots": scenario_roots,
@@ -423,9 +466,11 @@ def main() -> int:
     parser.add_argument("--read-timeout", type=float, default=30.0)
     parser.add_argument("--bearer", help="send Authorization: Bearer with every request")
     parser.add_argument("--cafile", help="trust this CA (PEM) for https URLs")
+    parser.add_argument("--prefix", default="", help="put before server-everything's tool names")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("args", nargs="*")
     opts = parser.parse_args()
+    naming["prefix"] = opts.prefix
     try:
         result = anyio.run(main_async, opts)
     except TimeoutError:
