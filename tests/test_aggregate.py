@@ -414,6 +414,37 @@ class EndpointTests(SynchronousTestCase):
         body = self.post(session, jsonrpc.request(5, "tools/call", {"name": "a__echo"}))
         self.assertIn("result", body)
 
+    def test_member_leaves_and_returns(self) -> None:
+        """A member whose child dies, and then comes back, changes the endpoint's
+        list: its clients are told each time, and its tools come back."""
+        session = self.open()
+        self.post(session, jsonrpc.request(2, "tools/list"))
+        stream = self.bridge.request(
+            "GET",
+            "/endpoints/team/mcp",
+            headers={"accept": "text/event-stream", "mcp-session-id": session},
+        )
+        chunks = self.bridge.stream(stream)
+        self.child("b").exit(1)
+        self.reactor.advance(0)
+        self.bridge.client.flush()
+        # Only the lists it had fetched (its tools) are gone.
+        self.assertEqual(
+            [m["method"] for m in _events(chunks)], ["notifications/tools/list_changed"]
+        )
+        body = self.post(session, jsonrpc.request(3, "tools/list"))
+        self.assertEqual([t["name"] for t in body["result"]["tools"]], ["a__echo", "a__drop"])
+        self.reactor.advance(1)  # the restart's first backoff
+        self.reactor.advance(0)
+        self.bridge.client.flush()
+        # Back: what it offers may have changed.
+        self.assertEqual(
+            [m["method"] for m in _events(chunks)[1:]],
+            ["notifications/resources/list_changed", "notifications/tools/list_changed"],
+        )
+        body = self.post(session, jsonrpc.request(4, "tools/list"))
+        self.assertEqual(len(body["result"]["tools"]), 4)
+
     def test_modern(self) -> None:
         """A 2026-07-28 client: lists from the catalogs, calls routed by name."""
         message = modern(1, "tools/list")

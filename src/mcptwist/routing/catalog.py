@@ -111,7 +111,8 @@ class Catalog:
 
     def _fetch(self, method: str) -> None:
         upstream = self._upstream
-        if upstream.state in (ChildState.FAILED, ChildState.STOPPED):
+        if upstream.state in (ChildState.FAILED, ChildState.STOPPED, ChildState.RESTARTING):
+            # A child that is starting is waited for; one that crashed is not.
             self._settle(method, Unavailable(upstream.unavailable_text()))
             return
         if upstream.init_result is None or upstream.state is not ChildState.RUNNING:
@@ -204,8 +205,9 @@ class Catalog:
             self.get("tools/list").addErrback(lambda _: None)
         if self.used:
             for method in LISTS:
-                for watcher in list(self.watchers):
-                    watcher(method)
+                if self.offers(method):
+                    for watcher in list(self.watchers):
+                        watcher(method)
 
     def refresh_tools(self) -> None:
         """The review of tools changed (a pin was accepted): review them again."""
