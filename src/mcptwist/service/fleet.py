@@ -21,8 +21,9 @@ from twisted.logger import Logger
 from mcptwist.config.model import BridgeConfig, ServerConfig
 from mcptwist.ops.metrics import ServerSnapshot, Snapshot
 from mcptwist.ops.notify import status_line
-from mcptwist.routing.aggregate import Aggregate, AggregateBackend, endpoint_settings
+from mcptwist.routing.aggregate import Aggregate, endpoint_settings
 from mcptwist.routing.backends import Backend, make_backend
+from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.pins import PinBook
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import ClientSession, SessionRegistry

@@ -22,7 +22,7 @@ from mcptwist.config.load import load_config
 from mcptwist.config.model import AuthConfig, BridgeConfig, ConfigError, ListenerConfig
 from mcptwist.ops.audit import AuditTrail
 from mcptwist.ops.notify import SystemdNotifier
-from mcptwist.routing.aggregate import AggregateBackend
+from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.sessions import SessionRegistry
 from mcptwist.security.auth import revoked
 from mcptwist.security.origin import is_local_address

@@ -26,8 +26,8 @@ from mcptwist import __version__
 from mcptwist.config.model import BridgeConfig
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import RequestId
-from mcptwist.routing.aggregate import AggregateBackend, AggregateUpstream
 from mcptwist.routing.backends import Backend
+from mcptwist.routing.members import AggregateBackend, AggregateUpstream
 from mcptwist.routing.pins import PinBook
 from mcptwist.routing.sessions import (
     ClientSession,

@@ -24,9 +24,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.era import LIST_CHANGED, agreed_filter
 from mcptwist.mcp.jsonrpc import Kind, Message
-from mcptwist.routing.aggregate import AggregateBackend, Refused, gather_lists
+from mcptwist.routing.aggregate import Refused, gather_lists
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
+from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
 
