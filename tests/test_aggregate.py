@@ -70,7 +70,8 @@ class AggregateTests(SynchronousTestCase):
             "tools/list", [("a", TOOLS["a"]), ("b", TOOLS["b"])], EVERYONE
         )
         self.assertEqual(
-            [[t["name"] for t in m] for m in merged], [["a__echo", "a__drop"], ["bee__echo"]]
+            [(s, [t["name"] for t in m]) for s, m in merged],
+            [("a", ["a__echo", "a__drop"]), ("b", ["bee__echo"])],
         )
         # The members' own items are left as they were.
         self.assertEqual(TOOLS["a"][0]["name"], "echo")
@@ -78,7 +79,7 @@ class AggregateTests(SynchronousTestCase):
             "resources/list", [("a", RESOURCES["a"]), ("b", RESOURCES["b"])], EVERYONE
         )
         self.assertEqual(
-            [r["uri"] for m in resources for r in m],
+            [r["uri"] for _, m in resources for r in m],
             ["mcptwist:a/file:///a.txt", "mcptwist:bee/mem://b"],
         )
 
@@ -86,7 +87,7 @@ class AggregateTests(SynchronousTestCase):
         """A client sees the tools its grants allow, and may call only those."""
         guard = Guard({"a", "b"}, {"a": {"drop"}})
         merged = self.aggregate.merge("tools/list", [("a", TOOLS["a"]), ("b", TOOLS["b"])], guard)
-        self.assertEqual([t["name"] for m in merged for t in m], ["a__drop", "bee__echo"])
+        self.assertEqual([t["name"] for _, m in merged for t in m], ["a__drop", "bee__echo"])
         call = jsonrpc.request(1, "tools/call", {"name": "a__echo", "arguments": {}})
         hidden = self.assertRaises(Refused, self.aggregate.route, call, guard)
         unknown = self.assertRaises(
@@ -136,6 +137,14 @@ class AggregateTests(SynchronousTestCase):
             if cursor is None:
                 break
         self.assertEqual(names, ["a__echo", "a__drop", "bee__echo", "bee__sum"])
+        # A client that sees only the second member pages through it alone.
+        alone = aggregate.merge("tools/list", [("b", TOOLS["b"])], EVERYONE)
+        first = aggregate.page("tools/list", alone, None)
+        second = aggregate.page("tools/list", alone, first["nextCursor"])
+        self.assertEqual(
+            [t["name"] for t in first["tools"] + second["tools"]], ["bee__echo", "bee__sum"]
+        )
+        self.assertNotIn("nextCursor", second)
         for bad in ("nonsense", encode_cursor("zz", 0)):
             refused = self.assertRaises(Refused, aggregate.page, "tools/list", merged, bad)
             self.assertEqual(refused.code, jsonrpc.INVALID_PARAMS)

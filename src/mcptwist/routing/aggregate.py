@@ -169,13 +169,13 @@ class Aggregate:
 
     def merge(
         self, method: str, lists: list[tuple[str, list[dict[str, Any]]]], guard: Guard
-    ) -> list[list[dict[str, Any]]]:
+    ) -> list[tuple[str, list[dict[str, Any]]]]:
         """Each member's items as clients see them (renamed copies), in the
-        endpoint's order; hidden tools left out, and a clash refused."""
+        order given; hidden tools left out, and a clash refused."""
         named = _NAMED.get(method)
         uri_key = _URI.get(method)
         taken: dict[str, str] = {}
-        merged: list[list[dict[str, Any]]] = []
+        merged: list[tuple[str, list[dict[str, Any]]]] = []
         for server, items in lists:
             shown_items: list[dict[str, Any]] = []
             for item in items:
@@ -196,7 +196,7 @@ class Aggregate:
                     uri = item.get(uri_key)
                     if isinstance(uri, str):
                         shown_items.append({**item, uri_key: self.namer.expose_uri(server, uri)})
-            merged.append(shown_items)
+            merged.append((server, shown_items))
         return merged
 
     def _clash(self, server: str, kind: str, own: str, shown: str, first: str) -> None:
@@ -211,10 +211,11 @@ class Aggregate:
             )
 
     def page(
-        self, method: str, merged: list[list[dict[str, Any]]], cursor: object
+        self, method: str, merged: list[tuple[str, list[dict[str, Any]]]], cursor: object
     ) -> dict[str, Any]:
-        """One page of a merged list; L{Refused} for a cursor it did not make."""
-        members = list(self.members)
+        """One page of a merged list; L{Refused} for a cursor it did not make
+        (or that names a member this client no longer sees)."""
+        members = [server for server, _ in merged]
         start = (0, 0)
         if cursor is not None:
             try:
@@ -224,7 +225,7 @@ class Aggregate:
             if server not in members:
                 raise Refused(jsonrpc.INVALID_PARAMS, "Invalid params: unknown cursor")
             start = (members.index(server), offset)
-        items, following = page(merged, start, self.config.page_size)
+        items, following = page([items for _, items in merged], start, self.config.page_size)
         result: dict[str, Any] = {LISTS[method][0]: items}
         if following is not None:
             result["nextCursor"] = encode_cursor(members[following[0]], following[1])

@@ -147,7 +147,6 @@ class AggregateUpstream:
         self.guard: Guard = EVERYONE
         self._backends = backends
         self.links: dict[str, MemberLink] = {}
-        self._opened = False
         # Requests of the client a member is working on, by the client's id.
         self.routes: dict[RequestId, tuple[MemberLink, str]] = {}
         # Requests of the members to the client, by the endpoint's id.
@@ -185,26 +184,22 @@ class AggregateUpstream:
     # Members
 
     def open_links(self) -> None:
-        """Open a link to each member this client may use (once, at initialize)."""
-        if self._opened:
-            return
-        self._opened = True
+        """Link each member this client may use now (once each; a member its
+        grants come to allow later is linked then)."""
         for server in self.aggregate.members:
-            if not self.guard.sees(server):
+            if server in self.links or not self.guard.sees(server):
                 continue
             backend = self._backends(server)
-            link = (
-                MemberLink(self, server, backend, self.session.id) if backend is not None else None
-            )
-            if link is None:
+            if backend is None:
                 continue
-            self.links[server] = link
+            link = self.links[server] = MemberLink(self, server, backend, self.session.id)
             try:
-                link.upstream = backend.open(link)  # type: ignore[union-attr]
+                upstream = backend.open(link)
             except CapacityError as e:
                 link.unavailable = str(e)
                 continue
-            link.upstream.catalog.watchers.append(link.changed)
+            link.upstream = upstream
+            upstream.catalog.watchers.append(link.changed)
 
     def catalogs(self) -> list[tuple[str, Catalog | None]]:
         """Each visible member's catalog, None for one that cannot serve."""
@@ -212,12 +207,18 @@ class AggregateUpstream:
         return [
             (
                 server,
-                link.upstream.catalog  # type: ignore[union-attr]
-                if _serving(link) and self.aggregate.blocked(server) is None
+                link.upstream.catalog
+                if link.upstream is not None
+                and _serving(link)
+                and self.guard.sees(server)
+                and self.aggregate.blocked(server) is None
                 else None,
             )
-            for server, link in self.links.items()
+            for server, link in sorted(self.links.items(), key=self._order)
         ]
+
+    def _order(self, item: tuple[str, MemberLink]) -> int:
+        return self.aggregate.members.index(item[0])
 
     def _catalog(self, server: str) -> Catalog | None:
         link = self.links.get(server)
