@@ -4,6 +4,7 @@ what members send back, partial failure; and each child's catalog."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -16,6 +17,7 @@ from mcptwist.mcp.jsonrpc import Message
 from mcptwist.mcp.naming import encode_cursor
 from mcptwist.routing.aggregate import EVERYONE, Aggregate, Refused
 from mcptwist.routing.catalog import Catalog, Unavailable
+from mcptwist.routing.record import ToolEvent
 
 from .support.bridge import Service
 from .support.children import FakeChild
@@ -82,6 +84,26 @@ class AggregateTests(SynchronousTestCase):
             [r["uri"] for _, m in resources for r in m],
             ["mcptwist:a/file:///a.txt", "mcptwist:bee/mem://b"],
         )
+
+    def test_clash(self) -> None:
+        """A clash only the lists reveal: the second tool is left out, and recorded."""
+        events: list[ToolEvent] = []
+        recorder = SimpleNamespace(tool_event=events.append)
+        aggregate = Aggregate(
+            EndpointConfig(
+                name="one",
+                servers=("a",),
+                prefixes={"a": ""},
+                rename={("a", "echo"): "drop"},
+            ),
+            servers().get,
+            recorder=recorder,  # type: ignore[arg-type]
+        )
+        [(_, shown)] = aggregate.merge("tools/list", [("a", TOOLS["a"])], EVERYONE)
+        self.assertEqual([t["name"] for t in shown], ["drop"])
+        self.assertEqual(shown[0]["inputSchema"], {"type": "object"})
+        [event] = events
+        self.assertEqual((event.kind, event.server, event.tool), ("name_clash", "a", "drop"))
 
     def test_grants(self) -> None:
         """A client sees the tools its grants allow, and may call only those."""
