@@ -12,6 +12,8 @@ notifications/initialized, ping); tools:
                                progressToken; else notifications/message) before answering
 
 Run: python3 -u bench/child.py   (stderr gets one line at start and at end)
+     python3 -u bench/child.py --extra-tools N   (also lists extra_1..extra_N, which echo:
+                                                  longer lists for the aggregate scenario)
 """
 
 from __future__ import annotations
@@ -81,6 +83,23 @@ TOOLS = [
 ]
 
 
+def extra_tool(n: int) -> dict:
+    """A listed tool of about the size of a real one's definition (it echoes)."""
+    return {
+        "name": f"extra_{n}",
+        "description": f"Extra tool {n}: echoes its text back; it is here to make the list "
+        "as long as a real server's.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {
+                "text": {"type": "string", "description": "What to echo back."},
+                "limit": {"type": "integer", "minimum": 1, "description": "Unused."},
+            },
+            "required": ["text"],
+        },
+    }
+
+
 def pattern(size: int, seed: str = "") -> str:
     """A deterministic ASCII text of `size` bytes (the driver builds the same one)."""
     unit = hashlib.sha256(seed.encode()).hexdigest()  # 64 bytes
@@ -102,7 +121,7 @@ def text_result(text: str) -> dict:
 def call_tool(rid, params: dict, timers: list) -> dict | None:
     name = params.get("name")
     args = params.get("arguments") or {}
-    if name == "echo":
+    if name == "echo" or (isinstance(name, str) and name.startswith("extra_")):
         text = args.get("text", "")
         if args.get("mode") == "digest":
             raw = text.encode()
@@ -174,6 +193,9 @@ def handle(message: dict, timers: list) -> None:
 
 
 def main() -> int:
+    if "--extra-tools" in sys.argv:
+        count = int(sys.argv[sys.argv.index("--extra-tools") + 1])
+        TOOLS.extend(extra_tool(n) for n in range(1, count + 1))
     fd = sys.stdin.fileno()
     os.set_blocking(fd, True)
     timers: list = []

@@ -3,7 +3,9 @@
 
 Runs one measurement and prints one JSON object on stdout. Modes:
 
-  load     S sessions x K requests in flight each, tools/call echo, for a window
+  load     S sessions x K requests in flight each, tools/call echo (or tools/list), for a window
+  once     one fresh session, N requests one after another, each timed (the first meets what
+           the bridge has not cached yet); --since T: also the time from T to the first answer
   large    1 MiB / 16 MiB results (blob) and requests (echo, digest only), checked
   notify   progress notifications reach the caller only
   streams  open N idle SSE streams, report, hold until a line on stdin, report again
@@ -13,7 +15,8 @@ Every response is checked: the id must be one this session has in flight, and
 the echoed text (which names the session and the request) must be the one that
 session sent. A response that carries another session's text is counted in
 `wrong_client`; one for no request in flight in `foreign` (another session's) or
-`duplicates` (this session's, again); one never received in `lost`.
+`duplicates` (this session's, again); one never received in `lost`. A tools/list
+answer must hold --expect-tools tools (else it counts in `bad_lists`).
 
 The driver keeps one keep-alive connection per request slot (so a session with
 K requests in flight has K connections; an HTTP+SSE session also holds its
@@ -432,6 +435,7 @@ class Stats:
         self.timeouts = 0
         self.notifications = 0
         self.examples: list[str] = []
+        self.bad_lists = 0  # tools/list answers without the expected number of tools
 
     def note(self, what: str) -> None:
         if len(self.examples) < 5:
@@ -447,6 +451,7 @@ class Stats:
             "timeouts": self.timeouts,
             "notifications": self.notifications,
             "examples": self.examples,
+            "bad_lists": self.bad_lists,
         }
 
 
@@ -732,6 +737,28 @@ def percentiles(values: list[float]) -> dict:
 # --------------------------------------------------------------------------- modes
 
 
+def list_size(msg: dict) -> int | None:
+    try:
+        tools = msg["result"]["tools"]
+    except (KeyError, TypeError):
+        return None
+    return len(tools) if isinstance(tools, list) else None
+
+
+def request_of(a, n: int, text: str) -> tuple[str, dict, str | None]:
+    """The n-th request of a slot: (method, params, the text its answer must carry)."""
+    if a.method == "list":
+        return "tools/list", {}, None
+    tool = a.tools[n % len(a.tools)]  # several: one after another (members of an endpoint)
+    return "tools/call", {"name": tool, "arguments": {"text": text}}, text
+
+
+def check_list(a, stats: Stats, msg: dict) -> None:
+    if a.method == "list" and a.expect_tools is not None and list_size(msg) != a.expect_tools:
+        stats.bad_lists += 1
+        stats.note(f"tools/list answered {list_size(msg)} tools, want {a.expect_tools}")
+
+
 async def mode_load(a) -> dict:
     stats = Stats()
     t_setup = time.monotonic()
@@ -751,12 +778,12 @@ async def mode_load(a) -> dict:
         while not stop and not s.closed:
             n += 1
             text = f"{s.prefix}{slot}.{n}"
+            method, params, expected = request_of(a, n, text)
             sent_total += 1
             try:
-                _, lat = await s.call(
-                    slot, "tools/call", {"name": "echo", "arguments": {"text": text}},
-                    expected=text, timeout=a.timeout,
-                )
+                msg, lat = await s.call(slot, method, params, expected=expected,
+                                        timeout=a.timeout)
+                check_list(a, stats, msg)
             except asyncio.TimeoutError:
                 continue
             except RpcError as e:
@@ -804,6 +831,7 @@ async def mode_load(a) -> dict:
     wall = d["wall_s"]
     out = {
         "mode": "load",
+        "method": "tools/list" if a.method == "list" else "tools/call",
         "transport": a.transport,
         "sessions": a.sessions,
         "inflight_per_session": a.inflight,
@@ -827,6 +855,44 @@ async def mode_load(a) -> dict:
         out["children_cpu_us_per_call"] = d["children_cpu_s"] / calls * 1e6
     out["driver_cpu_us_per_call"] = d["driver_cpu_s"] / calls * 1e6 if calls else None
     return out
+
+
+async def mode_once(a) -> dict:
+    """One fresh session, --count requests one after another, each timed."""
+    stats = Stats()
+    t0 = time.monotonic()
+    out: dict = {"mode": "once", "transport": a.transport,
+                 "method": "tools/list" if a.method == "list" else "tools/call"}
+    s = make_session(a.transport, 0, a.url, stats, 1)
+    try:
+        while True:  # with --since the bridge may not listen yet: try again until it does
+            try:
+                await s.start()
+                break
+            except ConnectionRefusedError:
+                await s.close()
+                if a.since is None or time.monotonic() - t0 > a.timeout:
+                    raise
+                await asyncio.sleep(0.01)
+                s = make_session(a.transport, 0, a.url, stats, 1)
+        out["setup_s"] = time.monotonic() - t0
+        lats, sizes = [], []
+        for n in range(a.count):
+            method, params, expected = request_of(a, n, f"{s.prefix}0.{n}")
+            msg, lat = await s.call(0, method, params, expected=expected, timeout=a.timeout)
+            check_list(a, stats, msg)
+            lats.append(lat * 1000.0)
+            if n == 0:
+                if a.since is not None:  # a wall-clock time (time.time()) given by the caller
+                    out["answered_after_s"] = time.time() - a.since
+                if a.method == "list":
+                    out["first_tools"] = [t.get("name") for t in msg["result"]["tools"]]
+            sizes.append(list_size(msg))
+        out.update(latencies_ms=lats, list_sizes=sizes, ok=True)
+    except Exception as e:  # noqa: BLE001
+        out.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+    await s.close()
+    return {**out, **stats.as_dict()}
 
 
 def pattern(size: int, seed: str = "") -> str:
@@ -1038,7 +1104,7 @@ async def mode_direct(a) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=["load", "large", "notify", "streams", "direct"])
+    p.add_argument("mode", choices=["load", "once", "large", "notify", "streams", "direct"])
     p.add_argument("--transport", choices=["streamable", "sse"], default="streamable")
     p.add_argument("--url", help="the /mcp or /sse URL")
     p.add_argument("--pid", type=int, help="the bridge's pid, for /proc figures")
@@ -1047,13 +1113,20 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--timeout", type=float, default=10.0, help="per call, seconds")
+    p.add_argument("--method", choices=["call", "list"], default="call",
+                   help="load/once: tools/call (of --tool) or tools/list")
+    p.add_argument("--tool", dest="tools", type=lambda s: s.split(","), default=["echo"],
+                   help="the echo tool's name; several (comma-separated): called in turn")
+    p.add_argument("--expect-tools", type=int, help="tools a tools/list answer must hold")
+    p.add_argument("--since", type=float,
+                   help="once: also report the seconds from this time.time() to the first answer")
     p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1 << 20, 16 << 20])
-    p.add_argument("--count", type=int, default=1000, help="streams to open")
+    p.add_argument("--count", type=int, default=1000, help="streams to open; once: requests")
     p.add_argument("--concurrency", type=int, default=64, help="streams opened at once")
     p.add_argument("--child", type=shlex.split, help="direct mode: the child's command line")
     a = p.parse_args()
-    run = {"load": mode_load, "large": mode_large, "notify": mode_notify,
+    run = {"load": mode_load, "once": mode_once, "large": mode_large, "notify": mode_notify,
            "streams": mode_streams, "direct": mode_direct}[a.mode]
     if uvloop is not None:
         uvloop.install()

@@ -45,7 +45,8 @@ That one command
    the resolved dependency trees are pinned in `bench/locks/` (the first install writes them,
    later installs follow them; delete a lock to re-resolve);
 2. measures the child alone, then each bridge and transport in turn (a fresh bridge process
-   for each), every bridge bound to 127.0.0.1 only;
+   for each), every bridge bound to 127.0.0.1 only, then mcptwist's aggregating endpoint of
+   10 servers against one server (no peer is measured there);
 3. writes `bench/results.json` (raw), this `bench/README.md` and `bench/chart.png`.
 
 Scratch files go to `bench/.work/` (configs, bridge logs in `bench/.work/logs/`): ignore it too.
@@ -59,6 +60,7 @@ python3 bench/run.py --only mcptwist-shared                 # one bridge, both t
 python3 bench/run.py --only mcptwist-shared/sse,punkpeye/sse
 python3 bench/run.py --transport streamable --quick
 python3 bench/run.py --no-install --only sparfenyuk         # skip installs (mcptwist not rebuilt)
+python3 bench/run.py --quick --only aggregate               # the endpoint of 10 servers only
 python3 bench/run.py --report-only                          # README.md + chart.png from results.json
 python3 bench/run.py --help
 ```
@@ -87,7 +89,8 @@ orjson: tools `echo` (text back, or only `len:sha256` of it with `mode=digest`),
 (`size` bytes of deterministic text), `sleep` (`ms`, without blocking other calls) and
 `notify` (`count` progress notifications, or log messages without a progress token, before
 the answer); the 2024-11-05..2025-11-25 lifecycle; one line per message, one unbuffered
-`os.write` per line.
+`os.write` per line. With `--extra-tools N` it also lists N tools that echo (`run.py
+--aggregate-tools N`: longer lists through the aggregate scenario's endpoint).
 
 **The driver** (`bench/driver.py`) is a raw asyncio HTTP/1.1 + SSE client on uvloop, run as a
 separate process for every measurement. Each session keeps one keep-alive connection per
@@ -125,6 +128,17 @@ and is not used as the reference for the targets.
   GET stream first.
 - **The child alone**: the driver writes straight to the child's stdin: sequentially and
   with 32 requests in flight; that is the ceiling no bridge can pass.
+- **Aggregating endpoint** (mcptwist only): one bridge runs ten servers `s0`..`s9`, each
+  the child, and `[endpoints.all]` with all ten. Each point is measured through
+  `/servers/s0/…`, through `/endpoints/all/…` calling `s0__echo` (the same child), and through
+  the endpoint calling `s0__echo` … `s9__echo` in turn ("spread"), on the same bridge, in an
+  order whose reverse follows it (one server, endpoint, spread, spread, endpoint, one server;
+  {window:g} s windows); a figure is the mean of its windows. Points: `tools/list` one at a
+  time (1 session), `tools/call echo` one at a time, and `tools/call` with 8 sessions. Every
+  list answer is checked for its number of tools (and the endpoint's first one for its names).
+  Also: the first `tools/list` once the children run (the endpoint's cache of its members'
+  lists is still empty), and from a standing start (a fresh bridge, a driver that connects as
+  soon as it listens: the time from starting the bridge to that answer).
 - **driver core share**: the driver's own `getrusage` CPU over the window ÷ window; **machine
   busy**: `/proc/stat` over the window (1.0 = both cores busy).
 """
@@ -370,7 +384,172 @@ def targets(results: dict) -> list[str]:
             detail = "; ".join(f"{e['direction']}: {short_error(e)}" for e in es)
             add(f"{label} intact both ways", tname, detail, "intact", ok,
                 "see the cell" if not ok else "")
+    aggregate_targets(results, add)
     return lines
+
+
+AGG_ROWS = [
+    # (label, point, figure)
+    ("tools/list p50 ms (one at a time)", "list", "p50"),
+    ("tools/list p99 ms (one at a time)", "list", "p99"),
+    ("tools/list per s (one at a time)", "list", "rate"),
+    ("bridge CPU µs per tools/list", "list", "cpu"),
+    ("tools/call p50 ms (one at a time)", "call", "p50"),
+    ("tools/call p99 ms (one at a time)", "call", "p99"),
+    ("tools/call per s (one at a time)", "call", "rate"),
+    ("bridge CPU µs per tools/call (one at a time)", "call", "cpu"),
+    ("tools/call per s (8 sessions)", "call8", "rate"),
+    ("tools/call p50 ms (8 sessions)", "call8", "p50"),
+    ("bridge CPU µs per tools/call (8 sessions)", "call8", "cpu"),
+    ("children's CPU µs per tools/call (8 sessions)", "call8", "kids"),
+]
+
+
+def agg_value(r: dict, what: str):
+    return {"p50": get(r, "latency", "p50_ms"), "p99": get(r, "latency", "p99_ms"),
+            "rate": r.get("calls_per_s"), "cpu": r.get("bridge_cpu_us_per_call"),
+            "kids": r.get("children_cpu_us_per_call")}[what]
+
+
+def agg_figure(windows: list[dict], what: str) -> tuple[float | None, list[float]]:
+    """The mean over a target's windows, and each window's value."""
+    vals = [v for v in (agg_value(r, what) for r in windows) if v is not None]
+    return (sum(vals) / len(vals) if vals else None), vals
+
+
+def agg_cell(windows: list[dict], what: str) -> str:
+    mean, vals = agg_figure(windows, what)
+    nd = 2 if what in ("p50", "p99") else 0
+    if mean is None:
+        return "–"
+    spread = f" ({fmt(min(vals), nd)}–{fmt(max(vals), nd)})" if len(vals) > 1 else ""
+    return fmt(mean, nd) + spread
+
+
+def agg_ratio(points: dict, key: str, what: str, target: str = "aggregate") -> float | None:
+    a, _ = agg_figure(get(points, key, target, default=[]), what)
+    b, _ = agg_figure(get(points, key, "single", default=[]), what)
+    return a / b if a is not None and b else None
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def agg_windows(agg: dict):
+    for transport, points in (agg.get("transports") or {}).items():
+        for key, got in points.items():
+            for target, windows in got.items():
+                for r in windows:
+                    yield transport, key, target, r
+
+
+def aggregate_section(results: dict) -> list[str]:
+    agg = results.get("aggregate")
+    if not agg:
+        return []
+    n = agg.get("members", 10)
+    per = agg.get("tools_per_member")
+    L = ["## An aggregating endpoint of 10 servers (mcptwist only)", "",
+         f"One bridge, {n} servers `s0`..`s{n - 1}` (each the child, shared) and "
+         f"`[endpoints.all]` of all of them. Each point is measured through one server "
+         f"(`/servers/s0/…`), through the endpoint with every call to `s0__echo` (the same "
+         f"child: what the endpoint itself adds) and through the endpoint with the calls spread "
+         f"over `s0__echo` … `s{n - 1}__echo` in turn; on the same bridge, in the order one "
+         "server, endpoint, spread, spread, endpoint, one server (lists: one server, endpoint, "
+         "endpoint, one server). A figure is the mean of its windows (their range in brackets); "
+         "÷ is the ratio to one server (above 1× is worse for latency and CPU, better for "
+         f"rates). Lists through the endpoint hold {n} × {per if per else '?'} tools. No peer is "
+         "measured here: none of them serves several stdio servers on one URL from what "
+         "bench/.peers holds.", ""]
+    if "error" in agg:
+        L += [f"**Run error**: {agg['error']}", ""]
+    tot = {"wrong": 0, "lost": 0, "errors": 0, "bad_lists": 0}
+    for _, _, _, r in agg_windows(agg):
+        tot["wrong"] += (r.get("wrong_client") or 0) + (r.get("foreign") or 0)
+        tot["lost"] += r.get("lost") or 0
+        tot["errors"] += r.get("errors") or 0
+        tot["bad_lists"] += r.get("bad_lists") or 0
+    for transport, tname in TRANSPORTS:
+        points = get(agg, "transports", transport)
+        if not points:
+            continue
+        tail = "mcp" if transport == "streamable" else "sse"
+        L += [f"### {tname}: `/endpoints/all/{tail}` against `/servers/s0/{tail}`", "",
+              "| figure | one server | endpoint | ÷ | endpoint, calls spread over 10 | ÷ |",
+              "|---|---:|---:|---:|---:|---:|"]
+        for label, key, what in AGG_ROWS:
+            cells = [agg_cell(get(points, key, t, default=[]), what)
+                     for t in ("single", "aggregate", "spread")]
+            L.append(f"| {label} | {cells[0]} | {cells[1]} | "
+                     f"{fmt_ratio(agg_ratio(points, key, what))} | {cells[2]} | "
+                     f"{fmt_ratio(agg_ratio(points, key, what, 'spread'))} |")
+        L.append("")
+    fl = agg.get("first_list") or {}
+    if fl:
+        a, one = fl.get("aggregate") or {}, fl.get("single") or {}
+        la, lo = a.get("latencies_ms") or [], one.get("latencies_ms") or []
+        L.append(
+            f"- **First `tools/list` once the children run** ({dict(TRANSPORTS)[fl['transport']]}, "
+            "a fresh session each, then two more on it): through the endpoint "
+            + (", ".join(f"{x:.2f}" for x in la) + " ms" if la else f"failed: {a.get('error')}")
+            + f" ({(a.get('list_sizes') or ['?'])[0]} tools, names "
+            + ("as expected" if a.get("names_ok") else "**not as expected**")
+            + "); through one server " + (", ".join(f"{x:.2f}" for x in lo) + " ms" if lo else
+                                          f"failed: {one.get('error')}")
+            + f" ({per} tools). The endpoint's first list fetches every member's list; later "
+            "ones are served from its cache.")
+    cold = agg.get("cold") or {}
+    if cold:
+        def starts(target: str) -> str:
+            rs = cold.get(target) or []
+            return ", ".join(
+                f"{r['answered_after_s'] * 1000:,.0f} ms ({r['list_sizes'][0]} tools)"
+                if r.get("ok") else f"failed ({r.get('error', '')[:60]})" for r in rs) or "–"
+        L.append(f"- **From a standing start** (a fresh bridge each time; from starting the "
+                 f"bridge to the first `tools/list` answered): through the endpoint "
+                 f"{starts('aggregate')}; through one server {starts('single')}.")
+    idle = agg.get("idle") or {}
+    if idle:
+        L.append(f"- **Memory**: bridge {mib(idle.get('bridge_kib'))} MiB idle with "
+                 f"{idle.get('children_n', '?')} children ({mib(idle.get('children_kib'))} MiB "
+                 f"together), {mib(get(agg, 'after_load', 'bridge_kib'))} MiB after the load.")
+    L.append(f"- **Correctness** over every window: {tot['wrong']} responses to the wrong "
+             f"client or to no request in flight, {tot['lost']} lost, {tot['errors']} errors, "
+             f"{tot['bad_lists']} lists without the expected number of tools.")
+    L.append("")
+    return L
+
+
+def aggregate_targets(results: dict, add) -> None:
+    agg = results.get("aggregate")
+    if not agg:
+        return
+    for transport, tname in TRANSPORTS:
+        points = get(agg, "transports", transport)
+        if not points:
+            continue
+        p99 = max(agg_figure(get(points, "list", "aggregate", default=[]), "p99")[1],
+                  default=None)
+        if p99 is not None:
+            add("tools/list through an endpoint of 10 servers well under 100 ms (worst window's "
+                "p99)", tname, f"{p99:.2f} ms", "100 ms", p99 < 100, f"{p99:.0f} ms")
+        for key, what, target, label in (
+            ("list", "p50", "aggregate", "tools/list p50"),
+            ("list", "cpu", "aggregate", "bridge CPU per tools/list"),
+            ("call", "p50", "aggregate", "tools/call p50, one at a time"),
+            ("call8", "cpu", "aggregate", "bridge CPU per tools/call, 8 sessions"),
+        ):
+            r = agg_ratio(points, key, what, target)
+            if r is not None:
+                same = "" if key == "list" else ", the same child"
+                add(f"{label}: endpoint of 10 about what one server costs (≤ 1.1×{same})",
+                    tname, f"{r:.2f}×", "one server", r <= 1.1, f"{r:.2f}×")
+    fl = get(agg, "first_list", "aggregate", "latencies_ms")
+    if fl:
+        tname = dict(TRANSPORTS)[agg["first_list"]["transport"]]
+        add("first tools/list through the endpoint once the children run under 100 ms", tname,
+            f"{fl[0]:.2f} ms", "100 ms", fl[0] < 100, f"{fl[0]:.0f} ms")
 
 
 def write(results: dict, out: Path) -> None:
@@ -383,6 +562,10 @@ def write(results: dict, out: Path) -> None:
     for key, run in runs.items():
         commands.append(f"| {key} | child {run['child_model']} | `{run.get('command', '')}` |")
         seen.add(key)
+    agg = results.get("aggregate")
+    if agg and agg.get("command"):
+        commands.append(f"| mcptwist-aggregate | {agg.get('members', 10)} children, shared "
+                        f"(both transports) | `{agg['command']}` |")
     text = HOW_TO_RUN.replace("{commands}", "\n".join(commands) or "| – | – | – |")
     text = text.format(window=s["window_s"], warmup=s["warmup_s"],
                        large_timeout=s["large_timeout_s"])
@@ -453,6 +636,7 @@ def write(results: dict, out: Path) -> None:
             L.append(f"| {key} | {fmt(rate)} | {rate / child_rate * 100:.1f}% | {fmt(v['cpu'])} | "
                      f"{ratio(v['cpu'], child_us, 0)} | {fmt(added)} |")
         L.append("")
+    L += aggregate_section(results)
     # correctness
     L += ["## Correctness", "",
           "Totals over the four load points (responses checked by id and content), plus the progress check.",
@@ -509,7 +693,8 @@ def write(results: dict, out: Path) -> None:
     L += ["## Targets", "",
           "Evaluated for mcptwist-shared against the peers that delivered every response to the "
           "right client and lost none on the same transport (any child model; which one is named). "
-          "For latency the reference is the lowest p50 among those peers.", "",
+          "For latency the reference is the lowest p50 among those peers. The rows on the "
+          "endpoint of 10 servers compare it with one server of the same bridge.", "",
           *targets(results), ""]
     # logs
     L += ["## Bridge logs", "",
@@ -527,17 +712,19 @@ def write(results: dict, out: Path) -> None:
         for n, st in (run.get("streams") or {}).items():
             log_lines(f"{key}, {int(n):,} streams", st.get("log") or {},
                       st.get("exit_code_after"), st.get("error"))
+    agg = results.get("aggregate")
+    if agg:
+        log_lines("mcptwist-aggregate", agg.get("log") or {}, agg.get("exit_code"), agg.get("error"))
     L += ["", "(Exit code −15 for twistd is normal: after a clean shutdown on SIGTERM, twistd "
           "re-raises the signal so that its exit status says what stopped it.)", ""]
     # accuracy
-    shares = [r.get("driver_core_share") or 0 for run in runs.values()
-              for r in (run.get("load") or {}).values()]
-    busy = [r.get("machine_busy_share") or 0 for run in runs.values()
-            for r in (run.get("load") or {}).values()]
-    others = [(r.get("other_processes_cores") or 0, key, k) for key, run in runs.items()
-              for k, r in (run.get("load") or {}).items()]
-    retried = sum((r.get("tries") or 1) - 1 for run in runs.values()
-                  for r in (run.get("load") or {}).values())
+    windows = [(key, k, r) for key, run in runs.items() for k, r in (run.get("load") or {}).items()]
+    windows += [(f"aggregate/{t} {target}", k, r)
+                for t, k, target, r in agg_windows(results.get("aggregate") or {})]
+    shares = [r.get("driver_core_share") or 0 for _, _, r in windows]
+    busy = [r.get("machine_busy_share") or 0 for _, _, r in windows]
+    others = [(r.get("other_processes_cores") or 0, key, k) for key, k, r in windows]
+    retried = sum((r.get("tries") or 1) - 1 for _, _, r in windows)
     noisy = [o for o in others if o[0] > 0.15]
     L += ["## Accuracy: what limits it", "",
           f"- The driver used at most {max(shares, default=0) * 100:.0f}% of one core in any window "

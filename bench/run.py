@@ -5,6 +5,7 @@
                                               # README.md and chart.png in bench/
     python3 bench/run.py --quick              # short windows, 1 000 streams, 1 MiB only
     python3 bench/run.py --only mcptwist-shared --only punkpeye/sse
+    python3 bench/run.py --quick --only aggregate   # an endpoint of 10 servers against one
     python3 bench/run.py --report-only        # redo README.md + chart.png from results.json
 
 Installs (once; `--reinstall` to redo) into bench/.peers/: a venv for the driver and the
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -62,6 +64,17 @@ POINTS = [("s1", 1, 1), ("s8", 8, 1), ("s32", 32, 1), ("s1x32", 1, 32)]
 MiB = 1 << 20
 LARGE_SIZES = [MiB, 16 * MiB - 1024, 16 * MiB]
 OTHER_LOAD_LIMIT = 0.15  # cores used by processes not ours before a load point is re-measured
+# The aggregate scenario: one bridge with AGG_MEMBERS servers (each running the child) and an
+# endpoint of all of them; each point measured through the endpoint and through one server.
+AGG = "mcptwist-aggregate"
+AGG_MEMBERS = 10
+# Targets: "single" /servers/s0; "aggregate" the endpoint (its calls to s0__echo, the same
+# child); "spread" the endpoint with its calls to s0__echo .. s9__echo in turn. In an order
+# whose reverse follows it (ABBA), so that a drift of the machine cancels in the ratios.
+_ABBA = ["single", "aggregate", "aggregate", "single"]
+_ABCCBA = ["single", "aggregate", "spread", "spread", "aggregate", "single"]
+AGG_POINTS = [("list", "list", 1, _ABBA), ("call", "call", 1, _ABCCBA),
+              ("call8", "call", 8, _ABCCBA)]
 
 
 def log(msg: str) -> None:
@@ -202,12 +215,35 @@ CHILD_MODEL = {
 }
 
 
-def bridge_command(bridge: str, transport: str, port: int) -> tuple[list, dict, str, str]:
-    """(argv, extra env, URL, how it is run in words)."""
+def aggregate_config(cfg: Path, port: int, child: list[str]) -> str:
+    """AGG_MEMBERS servers s0..s9, each the child, and [endpoints.all] of all of them."""
+    names = [f"s{i}" for i in range(AGG_MEMBERS)]
+    text = f'listen = ["tcp:{port}:interface=127.0.0.1"]\nmax_sessions = 20000\n\n'
+    for name in names:
+        text += (f"[servers.{name}]\ncommand = {json.dumps(child[0])}\n"
+                 f"args = {json.dumps(child[1:])}\n\n")
+    text += f"[endpoints.all]\nservers = {json.dumps(names)}\n"
+    cfg.write_text(text)
+    return (f"twistd -n --pidfile= mcpbridge --config {cfg.name} ([servers.s0] .. "
+            f"[servers.s{AGG_MEMBERS - 1}], each the child, shared; [endpoints.all] servers = "
+            f"all {AGG_MEMBERS}; max_sessions = 20000)")
+
+
+def bridge_command(bridge: str, transport: str, port: int,
+                   extra_tools: int = 0) -> tuple[list, dict, str, str]:
+    """(argv, extra env, URL, how it is run in words); for AGG the URL is the base."""
     child = [str(BENCH_PY), "-u", str(CHILD)]
     env: dict[str, str] = {}
     base = f"http://127.0.0.1:{port}"
     node_env = {"NODE_OPTIONS": f"--require {BENCH / 'loopback.cjs'}"}
+    if bridge == AGG:
+        cfg = WORK / f"{AGG}.toml"
+        if extra_tools:
+            child += ["--extra-tools", str(extra_tools)]
+        words = aggregate_config(cfg, port, child)
+        argv = [str(VENV_TWIST / "bin" / "twistd"), "-n", "--pidfile=", "mcpbridge",
+                "--config", str(cfg)]
+        return argv, env, base, words
     if bridge.startswith("mcptwist"):
         sharing = "shared" if bridge == "mcptwist-shared" else "session"
         cfg = WORK / f"{bridge}.toml"
@@ -296,23 +332,27 @@ def memory(pid: int) -> dict:
 
 
 class Bridge:
-    def __init__(self, name: str, transport: str, suffix: str = "") -> None:
+    def __init__(self, name: str, transport: str, suffix: str = "", extra_tools: int = 0) -> None:
         self.name = name
         self.transport = transport
         self.port = free_port()
-        self.argv, extra, self.url, self.words = bridge_command(name, transport, self.port)
+        self.argv, extra, self.url, self.words = bridge_command(name, transport, self.port,
+                                                                extra_tools)
         self.env = {**os.environ, **extra}
         self.log_path = LOGS / f"{name}-{transport}{suffix}.log"
         self.proc: subprocess.Popen | None = None
         self.seen: set[int] = set()
 
-    def start(self) -> None:
+    def spawn(self) -> None:
         LOGS.mkdir(parents=True, exist_ok=True)
         self.logf = open(self.log_path, "wb")
         log(f"start {self.name}/{self.transport}: {self.words}")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.logf,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, cwd=WORK)
+
+    def start(self) -> None:
+        self.spawn()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -448,6 +488,27 @@ def scan_log(path: Path) -> dict:
             "examples": [{"count": c, "line": k} for k, c in top]}
 
 
+def quiet_load(b: Bridge, key: str, opts, args: list) -> dict:
+    """One load window; measured again (up to --retries times, within the run's budget)
+    while other processes on the machine used more than OTHER_LOAD_LIMIT cores."""
+    tries = []
+    for attempt in range(1 + opts.retries):
+        r = driver(["load", "--pid", b.pid, "--warmup", opts.warmup, "--duration", opts.window,
+                    "--timeout", opts.call_timeout, *args])
+        b.remember_children()
+        tries.append(r)
+        other = r.get("other_processes_cores") or 0.0
+        if other <= OTHER_LOAD_LIMIT or opts.retry_budget <= 0:
+            break
+        opts.retry_budget -= 1
+        log(f"  {key}: other processes used {other:.2f} cores during the window: "
+            + ("measuring again" if attempt < opts.retries else "keeping the quietest try"))
+        time.sleep(1.0)
+    r = min(tries, key=lambda x: x.get("other_processes_cores") or 0.0)
+    r["tries"] = len(tries)
+    return r
+
+
 def bench_one(name: str, transport: str, opts) -> dict:
     res: dict = {"bridge": name, "transport": transport,
                  "child_model": CHILD_MODEL[(name, transport)]}
@@ -462,23 +523,8 @@ def bench_one(name: str, transport: str, opts) -> dict:
         res["idle"] = memory(b.pid)
         res["load"] = {}
         for key, sessions, inflight in POINTS:
-            tries = []
-            for attempt in range(1 + opts.retries):
-                r = driver(["load", "--transport", transport, "--url", b.url, "--pid", b.pid,
-                            "--sessions", sessions, "--inflight", inflight,
-                            "--warmup", opts.warmup, "--duration", opts.window,
-                            "--timeout", opts.call_timeout])
-                b.remember_children()
-                tries.append(r)
-                other = r.get("other_processes_cores") or 0.0
-                if other <= OTHER_LOAD_LIMIT or opts.retry_budget <= 0:
-                    break
-                opts.retry_budget -= 1
-                log(f"  {key}: other processes used {other:.2f} cores during the window: "
-                    + ("measuring again" if attempt < opts.retries else "keeping the quietest try"))
-                time.sleep(1.0)
-            r = min(tries, key=lambda x: x.get("other_processes_cores") or 0.0)
-            r["tries"] = len(tries)
+            r = quiet_load(b, key, opts, ["--transport", transport, "--url", b.url,
+                                          "--sessions", sessions, "--inflight", inflight])
             res["load"][key] = r
             log(f"  {key:6s} {r['calls_per_s']:9.0f} calls/s  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
                 f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms  bridge {r.get('bridge_cpu_us_per_call', 0):6.0f} us/call"
@@ -532,6 +578,135 @@ def bench_one(name: str, transport: str, opts) -> dict:
             log(f"  streams {n}: opened {st.get('opened')} held {st.get('still_open_after_hold')}"
                 f" bridge {st.get('bridge_kib_per_stream', 0):.1f} KiB/stream"
                 + (f" ERROR {st['error']}" if "error" in st else ""))
+    res["seconds"] = time.monotonic() - t0
+    return res
+
+
+def wait_members(b: Bridge, timeout: float = 40) -> float:
+    """Until /health shows every member of the endpoint running; the seconds it took."""
+    t0 = time.monotonic()
+    last = ""
+    while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(f"{b.url}/health", timeout=2) as r:
+                body = json.loads(r.read())
+            states = (body.get("endpoints") or {}).get("all") or {}
+            last = json.dumps(states)
+            if len(states) == AGG_MEMBERS and set(states.values()) == {"running"}:
+                return time.monotonic() - t0
+        time.sleep(0.1)
+    raise RuntimeError(f"the endpoint's members are not all running after {timeout:.0f} s: {last}")
+
+
+def agg_urls(b: Bridge, transport: str) -> dict[str, str]:
+    tail = "mcp" if transport == "streamable" else "sse"
+    return {"single": f"{b.url}/servers/s0/{tail}", "aggregate": f"{b.url}/endpoints/all/{tail}"}
+
+
+def agg_once(url: str, transport: str, method: str, expect: int | None = None, count: int = 1,
+             since: float | None = None) -> dict:
+    args = ["once", "--transport", transport, "--url", url, "--method", method,
+            "--count", count, "--timeout", 30]
+    if expect is not None:
+        args += ["--expect-tools", expect]
+    if since is not None:
+        args += ["--since", f"{since:.6f}"]
+    return driver(args, timeout=90)
+
+
+def bench_aggregate(transports: list[str], opts) -> dict:
+    """tools/list and tools/call through an endpoint of AGG_MEMBERS children, against the
+    same through one of its servers, on the same bridge (ABBA per point)."""
+    res: dict = {"members": AGG_MEMBERS, "extra_tools": opts.aggregate_tools,
+                 "order": {k: order for k, _, _, order in AGG_POINTS}, "transports": {}}
+    t0 = time.monotonic()
+    spread = ",".join(f"s{i}__echo" for i in range(AGG_MEMBERS))
+    # A standing start: a fresh bridge, its first tools/list (the driver starts with the
+    # bridge and connects as soon as it listens), through the endpoint, then through one
+    # server; twice, alternated.
+    first = transports[0]
+    res["cold"] = {"transport": first, "single": [], "aggregate": []}
+    for i, target in enumerate(("aggregate", "single", "aggregate", "single")):
+        b = Bridge(AGG, "start", suffix=f"-{i // 2}-{target}", extra_tools=opts.aggregate_tools)
+        try:
+            spawned = time.time()
+            b.spawn()
+            r = agg_once(agg_urls(b, first)[target], first, "list", since=spawned)
+        except Exception as e:  # noqa: BLE001
+            r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        finally:
+            b.stop()
+        r.pop("first_tools", None)
+        res["cold"][target].append(r)
+        log(f"  standing start, first tools/list via {target}: "
+            + (f"answered {r['answered_after_s'] * 1000:.0f} ms after the bridge was started, "
+               f"{r['list_sizes'][0]} tools" if r.get("ok") else f"ERROR {r.get('error')}"))
+    b = Bridge(AGG, "both", extra_tools=opts.aggregate_tools)
+    res["command"] = b.words
+    try:
+        b.start()
+        res["pid"] = b.pid
+        res["members_running_after_s"] = wait_members(b)
+        # The first list through each, once the children run: the endpoint's catalog is empty.
+        urls = agg_urls(b, first)
+        single = agg_once(urls["single"], first, "list", count=3)
+        if not single.get("ok"):
+            raise RuntimeError(f"tools/list through one server failed: {single.get('error')}")
+        per_member = single["list_sizes"][0]
+        res["tools_per_member"] = per_member
+        aggregate = agg_once(urls["aggregate"], first, "list", expect=per_member * AGG_MEMBERS,
+                             count=3)
+        shown = aggregate.pop("first_tools", None) or []
+        own = single.pop("first_tools", None) or []
+        want = {f"s{i}__{name}" for i in range(AGG_MEMBERS) for name in own}
+        aggregate["names_ok"] = set(shown) == want and len(shown) == len(want)
+        res["first_list"] = {"transport": first, "single": single, "aggregate": aggregate}
+        log(f"  first tools/list once the children run: endpoint "
+            f"{aggregate.get('latencies_ms', [0])[0]:.2f} ms ({len(shown)} tools, names "
+            f"{'as expected' if aggregate['names_ok'] else 'WRONG'}), one server "
+            f"{single['latencies_ms'][0]:.2f} ms ({per_member} tools)")
+        time.sleep(0.5)
+        res["idle"] = memory(b.pid)
+        for transport in transports:
+            urls = agg_urls(b, transport)
+            points: dict = {}
+            for key, method, sessions, order in AGG_POINTS:
+                got: dict = {target: [] for target in order}
+                for target in order:
+                    url = urls["single" if target == "single" else "aggregate"]
+                    args = ["--transport", transport, "--url", url, "--sessions", sessions,
+                            "--method", method]
+                    if method == "list":
+                        n = per_member * (AGG_MEMBERS if target == "aggregate" else 1)
+                        args += ["--expect-tools", n]
+                    elif target == "aggregate":
+                        args += ["--tool", "s0__echo"]
+                    elif target == "spread":
+                        args += ["--tool", spread]
+                    r = quiet_load(b, f"{transport} {key} {target}", opts, args)
+                    got[target].append(r)
+                    log(f"  {transport:10s} {key:5s} {target:9s} {r['calls_per_s']:7.0f}/s"
+                        f"  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
+                        f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms"
+                        f"  bridge {r.get('bridge_cpu_us_per_call', 0):5.0f} us/request"
+                        f"  children {r.get('children_cpu_us_per_call', 0):4.0f} us/request"
+                        f"  others {r.get('other_processes_cores') or 0:.2f} cores"
+                        f"  wrong {r['wrong_client'] + r['foreign']} lost {r['lost']}"
+                        f" err {r['errors']} bad lists {r.get('bad_lists', 0)}")
+                    time.sleep(0.3)
+                    if b.proc.poll() is not None:
+                        raise RuntimeError(f"bridge exited ({b.proc.returncode}) during {key}")
+                points[key] = got
+            res["transports"][transport] = points
+        res["after_load"] = memory(b.pid)
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {e}"
+        log(f"  ERROR {res['error']}")
+    finally:
+        b.stop()
+        res["exit_code"] = b.proc.returncode if b.proc else None
+        res["log"] = scan_log(b.log_path)
+        res["log_file"] = str(b.log_path.relative_to(BENCH))
     res["seconds"] = time.monotonic() - t0
     return res
 
@@ -592,31 +767,61 @@ def installed_versions() -> dict:
 # ---- main -------------------------------------------------------------------------------
 
 
-def selected(opts) -> list[tuple[str, str]]:
+def measure_direct(opts) -> dict:
+    log("direct stdio rate of the child (no bridge)")
+    tries = []
+    for attempt in range(1 + opts.retries):
+        r = driver(["direct", "--child", shlex.join([str(BENCH_PY), "-u", str(CHILD)]),
+                    "--warmup", opts.warmup, "--duration", opts.window])
+        r["other_processes_cores"] = max(r[k].get("other_processes_cores") or 0.0
+                                         for k in ("sequential", "inflight32"))
+        tries.append(r)
+        if r["other_processes_cores"] <= OTHER_LOAD_LIMIT:
+            break
+        log(f"  other processes used {r['other_processes_cores']:.2f} cores: "
+            + ("measuring again" if attempt < opts.retries else "keeping the quietest try"))
+    direct = min(tries, key=lambda x: x["other_processes_cores"])
+    direct["tries"] = len(tries)
+    log(f"  sequential {direct['sequential']['calls_per_s']:.0f} calls/s, "
+        f"32 in flight {direct['inflight32']['calls_per_s']:.0f} calls/s")
+    return direct
+
+
+def selected(opts) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (bridge, transport) pairs to measure, and the aggregate scenario's transports."""
     pairs = [(b, t) for b in BRIDGES for t in TRANSPORTS]
+    agg = list(TRANSPORTS)
     if opts.only:
         wanted = [w for o in opts.only for w in o.split(",") if w]
         for w in wanted:
-            if w.split("/")[0] not in BRIDGES:
-                raise SystemExit(f"--only {w}: unknown bridge (choose from {', '.join(BRIDGES)})")
+            if w.split("/")[0] not in [*BRIDGES, "aggregate"]:
+                raise SystemExit(f"--only {w}: unknown bridge (choose from {', '.join(BRIDGES)}, "
+                                 "or aggregate)")
         pairs = [(b, t) for b, t in pairs
                  if any(w == b or w == f"{b}/{t}" for w in wanted)]
+        agg = [t for t in agg if any(w in ("aggregate", f"aggregate/{t}") for w in wanted)]
     if opts.transport:
         pairs = [(b, t) for b, t in pairs if t == opts.transport]
-    return pairs
+        agg = [t for t in agg if t == opts.transport]
+    return pairs, agg
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", action="append",
                    help="bridge or bridge/transport, repeatable or comma-separated: "
-                   + ", ".join(BRIDGES) + "; transports: streamable, sse")
+                   + ", ".join(BRIDGES) + "; transports: streamable, sse; or aggregate "
+                   "(or aggregate/TRANSPORT): tools/list and tools/call through an endpoint "
+                   f"of {AGG_MEMBERS} servers against one server")
     p.add_argument("--transport", choices=TRANSPORTS, help="only this transport")
     p.add_argument("--quick", action="store_true",
                    help="2 s windows, 1 000 streams, 1 MiB messages only")
     p.add_argument("--window", type=float, help="seconds measured per load point (default 5)")
     p.add_argument("--warmup", type=float, help="seconds before each window (default 1)")
     p.add_argument("--streams", help="idle SSE streams to open, e.g. 1000,10000")
+    p.add_argument("--aggregate-tools", type=int, default=0, metavar="N",
+                   help="aggregate scenario: each child also lists N extra tools (default 0: "
+                   "the child's own 4)")
     p.add_argument("--retries", type=int, default=2,
                    help="re-measure a load point up to N times when other processes on the "
                    "machine used more than 0.15 cores during its window (default 2)")
@@ -650,7 +855,9 @@ def main() -> int:
     opts.streams = ([int(x) for x in opts.streams.split(",")] if opts.streams
                     else ([1000] if opts.quick else [1000, 10000]))
     opts.sizes = [MiB] if opts.quick else LARGE_SIZES
-    opts.retry_budget = 8 * opts.retries + 4  # re-measurements over the whole run (time cap)
+    pairs, agg_transports = selected(opts)
+    # re-measurements over the whole run (a time cap)
+    opts.retry_budget = 8 * opts.retries + 4 + (6 * opts.retries if agg_transports else 0)
     opts.large_timeout = 30.0
     opts.call_timeout = 10.0
     WORK.mkdir(parents=True, exist_ok=True)
@@ -661,7 +868,6 @@ def main() -> int:
         install_peers(opts.reinstall)
         twist = install_mcptwist()
     install_s = time.monotonic() - t_install
-    pairs = selected(opts)
     results: dict = {
         "meta": {
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -674,6 +880,8 @@ def main() -> int:
                 "large_sizes": opts.sizes, "call_timeout_s": opts.call_timeout,
                 "large_timeout_s": opts.large_timeout,
                 "points": [{"key": k, "sessions": s, "inflight": i} for k, s, i in POINTS],
+                "aggregate_points": [{"key": k, "method": m, "sessions": s, "order": o}
+                                     for k, m, s, o in AGG_POINTS],
             },
             "install_seconds": install_s,
             "partial": partial,
@@ -681,26 +889,15 @@ def main() -> int:
         "runs": {},
     }
     out.mkdir(parents=True, exist_ok=True)
-    log("direct stdio rate of the child (no bridge)")
-    tries = []
-    for attempt in range(1 + opts.retries):
-        r = driver(["direct", "--child", shlex.join([str(BENCH_PY), "-u", str(CHILD)]),
-                    "--warmup", opts.warmup, "--duration", opts.window])
-        r["other_processes_cores"] = max(r[k].get("other_processes_cores") or 0.0
-                                         for k in ("sequential", "inflight32"))
-        tries.append(r)
-        if r["other_processes_cores"] <= OTHER_LOAD_LIMIT:
-            break
-        log(f"  other processes used {r['other_processes_cores']:.2f} cores: "
-            + ("measuring again" if attempt < opts.retries else "keeping the quietest try"))
-    results["direct"] = min(tries, key=lambda x: x["other_processes_cores"])
-    results["direct"]["tries"] = len(tries)
-    log(f"  sequential {results['direct']['sequential']['calls_per_s']:.0f} calls/s, "
-        f"32 in flight {results['direct']['inflight32']['calls_per_s']:.0f} calls/s")
+    if pairs:  # the ceiling the bridges are compared with
+        results["direct"] = measure_direct(opts)
     for name, transport in pairs:
         results["runs"][f"{name}/{transport}"] = bench_one(name, transport, opts)
         results["meta"]["seconds"] = time.monotonic() - started
         (out / "results.json").write_text(json.dumps(results, indent=1))
+    if agg_transports:
+        log(f"aggregate: an endpoint of {AGG_MEMBERS} servers against one server")
+        results["aggregate"] = bench_aggregate(agg_transports, opts)
     results["meta"]["seconds"] = time.monotonic() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report.write(results, out)
