@@ -11,7 +11,7 @@ in L{mcptwist.routing.members}.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Final, Protocol
 
 import attrs
@@ -47,6 +47,11 @@ CHANGED: Final = {
     "resources/list": "notifications/resources/list_changed",
     "resources/templates/list": "notifications/resources/list_changed",
 }
+# The list of a member that has none to give (one list, never changed, so
+# that merged lists made with it can be kept).
+NOTHING: Final[list[dict[str, Any]]] = []
+# Merged lists kept per endpoint (by method and guard key).
+MAX_LISTINGS: Final = 256
 # The name of a list's items (tools and prompts) or their URI (resources).
 _NAMED: Final = {"tools/list": "name", "prompts/list": "name"}
 _URI: Final = {"resources/list": "uri", "resources/templates/list": "uriTemplate"}
@@ -64,9 +69,15 @@ class Guard(Protocol):
     def admit(self, server: str) -> str | None:
         """Charge one request to the member's own rate limits: None, or the refusal."""
 
+    @property
+    def key(self) -> Hashable:
+        """What decides what this client sees: clients of one key see the same lists."""
+
 
 class Everyone:
     """The guard without authentication or rules: everything is allowed."""
+
+    key = ()
 
     def sees(self, server: str) -> bool:
         return True
@@ -119,6 +130,13 @@ class Aggregate:
         self._servers = servers
         self.pins = pins
         self.recorder = recorder
+        # Each member's filter, built once for the settings it is built from.
+        self._filters: dict[str, tuple[ServerConfig | None, NameFilter]] = {}
+        # Merged lists by method and guard, with the member lists they were made of.
+        self._listings: dict[
+            tuple[str, Hashable],
+            tuple[list[tuple[str, list[dict[str, Any]]]], list[tuple[str, list[dict[str, Any]]]]],
+        ] = {}
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -126,7 +144,11 @@ class Aggregate:
 
     def member_filter(self, server: str) -> NameFilter:
         config = self._servers(server)
-        return NameFilter(config.include, config.exclude) if config else NameFilter()
+        kept = self._filters.get(server)
+        if kept is None or kept[0] is not config:
+            built = NameFilter(config.include, config.exclude) if config else NameFilter()
+            kept = self._filters[server] = (config, built)
+        return kept[1]
 
     def blocked(self, server: str) -> str | None:
         """Why a member may not be used now (its pins block it), if so."""
@@ -157,11 +179,12 @@ class Aggregate:
                 )
             )
 
-    def tool_visible(self, guard: Guard, server: str, name: str) -> bool:
-        """Whether a member's tool is shown to (and may be called by) this client."""
+    def tool_visible(self, guard: Guard, server: str, name: str, shown: str | None = None) -> bool:
+        """Whether a member's tool is shown to (and may be called by) this client
+        (C{shown}: its name as shown, if known)."""
         return (
             self.member_filter(server).allows(name)
-            and self.filter.allows(self.namer.expose(server, name))
+            and self.filter.allows(shown if shown is not None else self.namer.expose(server, name))
             and guard.tool(server, name)
         )
 
@@ -183,9 +206,9 @@ class Aggregate:
                     own = item.get(named)
                     if not isinstance(own, str):
                         continue
-                    if method == "tools/list" and not self.tool_visible(guard, server, own):
-                        continue
                     shown = self.namer.expose(server, own)
+                    if method == "tools/list" and not self.tool_visible(guard, server, own, shown):
+                        continue
                     first = taken.get(shown)
                     if first is not None:
                         self._clash(server, named, own, shown, first)
@@ -197,6 +220,21 @@ class Aggregate:
                     if isinstance(uri, str):
                         shown_items.append({**item, uri_key: self.namer.expose_uri(server, uri)})
             merged.append((server, shown_items))
+        return merged
+
+    def listing(
+        self, method: str, lists: list[tuple[str, list[dict[str, Any]]]], guard: Guard
+    ) -> list[tuple[str, list[dict[str, Any]]]]:
+        """L{merge}, kept for clients of the same guard key until a member's
+        list is another (a catalog replaces its list when it changes)."""
+        key = (method, guard.key)
+        kept = self._listings.get(key)
+        if kept is not None and _same(kept[0], lists):
+            return kept[1]
+        merged = self.merge(method, lists, guard)
+        if len(self._listings) >= MAX_LISTINGS:
+            del self._listings[next(iter(self._listings))]
+        self._listings[key] = (lists, merged)
         return merged
 
     def _clash(self, server: str, kind: str, own: str, shown: str, first: str) -> None:
@@ -335,8 +373,31 @@ class Aggregate:
 
 def _listed(catalog: Catalog | None, name: str) -> bool:
     """Whether a tool may exist: listed by the member, or its list is not known yet."""
-    tools = catalog.cached("tools/list") if catalog is not None else None
-    return tools is None or any(t.get("name") == name for t in tools)
+    listed = catalog.lists_tool(name) if catalog is not None else None
+    return listed is None or listed
+
+
+def _same(
+    kept: list[tuple[str, list[dict[str, Any]]]], lists: list[tuple[str, list[dict[str, Any]]]]
+) -> bool:
+    """Whether two sets of member lists are the very same lists."""
+    return len(kept) == len(lists) and all(
+        a[0] == b[0] and a[1] is b[1] for a, b in zip(kept, lists, strict=True)
+    )
+
+
+def cached_lists(
+    method: str, catalogs: list[tuple[str, Catalog | None]]
+) -> list[tuple[str, list[dict[str, Any]]]] | None:
+    """Each member's list when every one is at hand (kept, or the member
+    cannot serve), without waiting: None if one must be fetched."""
+    lists: list[tuple[str, list[dict[str, Any]]]] = []
+    for server, catalog in catalogs:
+        kept = catalog.cached(method) if catalog is not None else NOTHING
+        if kept is None:
+            return None
+        lists.append((server, kept))
+    return lists
 
 
 def gather_lists(
@@ -360,7 +421,7 @@ def gather_lists(
     joined: Deferred[Any] = DeferredList(waits, consumeErrors=True)
     return joined.addCallback(
         lambda results: [
-            (server, items if ok else [])
+            (server, items if ok else NOTHING)
             for (server, _), (ok, items) in zip(catalogs, results, strict=True)
         ]
     )
@@ -368,7 +429,7 @@ def gather_lists(
 
 def _empty() -> Deferred[list[dict[str, Any]]]:
     d: Deferred[list[dict[str, Any]]] = Deferred()
-    d.callback([])
+    d.callback(NOTHING)
     return d
 
 
@@ -382,7 +443,7 @@ def _missing(
         method=method,
         why=reason.getErrorMessage() or repr(reason.value),
     )
-    return []
+    return NOTHING
 
 
 def endpoint_settings(

@@ -77,6 +77,9 @@ class Catalog:
         # Bumped whenever what was fetched may be stale: an answer from before is dropped.
         self.generation = 0
         self.used = False
+        # The names of the tools kept, and the list they were taken from.
+        self._names: set[Any] = set()
+        self._names_of: list[dict[str, Any]] | None = None
         # Told (with the method) whenever a list is known to have changed.
         self.watchers: list[Callable[[str], None]] = []
         # Reviews a fresh tools list before it is kept (pinning); may drop tools.
@@ -84,6 +87,16 @@ class Catalog:
 
     def cached(self, method: str) -> list[dict[str, Any]] | None:
         return self._lists.get(method)
+
+    def lists_tool(self, name: str) -> bool | None:
+        """Whether the child lists a tool of this name (None: its tools are not kept)."""
+        tools = self._lists.get("tools/list")
+        if tools is None:
+            return None
+        if self._names_of is not tools:
+            self._names = {t.get("name") for t in tools}
+            self._names_of = tools
+        return name in self._names
 
     def offers(self, method: str) -> bool:
         """Whether the child declared the capability of this list."""

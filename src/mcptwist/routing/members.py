@@ -26,7 +26,15 @@ from mcptwist.child.supervisor import ChildState
 from mcptwist.config.model import ServerConfig
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
-from mcptwist.routing.aggregate import CHANGED, EVERYONE, Aggregate, Guard, Refused, gather_lists
+from mcptwist.routing.aggregate import (
+    CHANGED,
+    EVERYONE,
+    Aggregate,
+    Guard,
+    Refused,
+    cached_lists,
+    gather_lists,
+)
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.record import Recorder, Status
@@ -295,20 +303,25 @@ class AggregateUpstream:
         p = self._start(message)
         params = message.get("params")
         cursor = params.get("cursor") if isinstance(params, dict) else None
-        d = gather_lists(self.aggregate, method, self.catalogs(), self.clock)
+        catalogs = self.catalogs()
 
         def merged(lists: list[tuple[str, list[dict[str, Any]]]]) -> None:
             if self.session.closed:
                 return
             try:
                 result = self.aggregate.page(
-                    method, self.aggregate.merge(method, lists, self.guard), cursor
+                    method, self.aggregate.listing(method, lists, self.guard), cursor
                 )
             except Refused as refused:
                 self._own(message, jsonrpc.error(message["id"], refused.code, refused.text), p)
                 return
             self._own(message, jsonrpc.result(message["id"], result), p)
 
+        kept = cached_lists(method, catalogs)
+        if kept is not None:
+            merged(kept)
+            return
+        d = gather_lists(self.aggregate, method, catalogs, self.clock)
         d.addCallback(merged)
         d.addErrback(lambda f: log.failure("endpoint list", f))
 

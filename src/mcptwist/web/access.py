@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -486,6 +486,12 @@ class ClientGuard:
     access: AccessControl
     principal: Principal
     ip: str | None
+
+    @property
+    def key(self) -> Hashable:
+        """Clients with the same grants (and address, where a server's rules
+        depend on it) see the same."""
+        return (self.principal.servers, self.ip if self.access.server_policies else None)
 
     def sees(self, server: str) -> bool:
         if not self.principal.may_use(server):

@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.era import LIST_CHANGED, agreed_filter
 from mcptwist.mcp.jsonrpc import Kind, Message
-from mcptwist.routing.aggregate import Refused, gather_lists
+from mcptwist.routing.aggregate import Refused, cached_lists, gather_lists
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.members import AggregateBackend
@@ -257,22 +257,25 @@ def endpoint_post(
             return _endpoint_listen(ctx, request, backend, checked, catalogs)
         cursor = (checked.message.get("params") or {}).get("cursor")
 
-        def merged(lists: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        def answer(lists: list[tuple[str, list[dict[str, Any]]]]) -> Message:
+            try:
+                page = aggregate.page(method, aggregate.listing(method, lists, guard), cursor)
+            except Refused as refused:
+                return jsonrpc.error(checked.id, refused.code, refused.text)
+            return jsonrpc.result(checked.id, era.complete(method, page, aggregate.server_info()))
+
+        kept = cached_lists(method, catalogs)
+        if kept is not None:
+            return _json(request, answer(kept))
+
+        def fetched(lists: list[tuple[str, list[dict[str, Any]]]]) -> None:
             if request.finished or request.channel is None:
                 return
-            try:
-                page = aggregate.page(method, aggregate.merge(method, lists, guard), cursor)
-            except Refused as refused:
-                answer = jsonrpc.error(checked.id, refused.code, refused.text)
-            else:
-                answer = jsonrpc.result(
-                    checked.id, era.complete(method, page, aggregate.server_info())
-                )
             request.setHeader(b"content-type", b"application/json")
-            request.write(jsonrpc.dumps(answer))
+            request.write(jsonrpc.dumps(answer(lists)))
             request.finish()
 
-        gather_lists(aggregate, method, catalogs, ctx.clock).addCallback(merged).addErrback(
+        gather_lists(aggregate, method, catalogs, ctx.clock).addCallback(fetched).addErrback(
             lambda f: log.failure("endpoint list", f)
         )
         return NOT_DONE_YET
