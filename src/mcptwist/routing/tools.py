@@ -33,6 +33,12 @@ class ToolView:
         self.filter = NameFilter(server.include, server.exclude)
         self.grants = grants
         self.pins = pins
+        # Whether a call can be refused at all (or every tool may be called).
+        self.checks = (
+            not self.filter.everything
+            or grants is not None
+            or (pins is not None and server.on_tool_change in ("hide", "block"))
+        )
 
     @classmethod
     def of(
@@ -66,6 +72,8 @@ class ToolView:
 
     def refusal(self, message: Message) -> Message | None:
         """The answer to a call this client may not make (None: it may)."""
+        if not self.checks:
+            return None
         params = message.get("params")
         name = params.get("name") if isinstance(params, dict) else None
         blocked = self.blocked()

@@ -447,8 +447,10 @@ class BridgeApp:
         principal opened it; what it may see follows the principal's grants
         as this request presents them."""
         session = self.registry.get(session_id, name, principal_id(request))
-        if session is not None and session.admitted_as != principal_of(request):
-            self._admit(request, session)
+        if session is not None:
+            principal = principal_of(request)
+            if session.admitted_as is not principal and session.admitted_as != principal:
+                self._admit(request, session)
         return session
 
     def _admit(self, request: Request, session: ClientSession) -> None:
