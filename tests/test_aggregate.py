@@ -232,6 +232,25 @@ class CatalogTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), [{"name": "new"}])
         self.assertEqual(self.changes, ["tools/list"])
 
+    def test_other_list_unharmed(self) -> None:
+        """A list being fetched when another list changes is still kept."""
+        self.source.init_result = {"capabilities": {"tools": {}, "prompts": {}}}
+        prompts = self.catalog.get("prompts/list")
+        self.catalog.changed("notifications/tools/list_changed")
+        self.answer({"prompts": [{"name": "p"}]})
+        self.assertEqual(self.successResultOf(prompts), [{"name": "p"}])
+        self.assertEqual(self.catalog.cached("prompts/list"), [{"name": "p"}])
+
+    def test_one_fetch_at_a_time(self) -> None:
+        """A child that becomes ready is asked for a list once, however many wait."""
+        self.source.state = ChildState.STARTING
+        self.catalog.get("tools/list")
+        self.catalog.get("tools/list")
+        self.source.state = ChildState.RUNNING
+        self.catalog.reset()
+        self.source.ready.callback(None)
+        self.assertEqual([m for m, _, _ in self.source.asked], ["tools/list"])
+
     def test_not_offered(self) -> None:
         """A list the child did not declare is empty, without asking."""
         self.assertEqual(self.successResultOf(self.catalog.get("prompts/list")), [])

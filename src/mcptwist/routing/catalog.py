@@ -74,8 +74,13 @@ class Catalog:
         self._upstream = upstream
         self._lists: dict[str, list[dict[str, Any]]] = {}
         self._waiting: dict[str, list[Deferred[list[dict[str, Any]]]]] = {}
-        # Bumped whenever what was fetched may be stale: an answer from before is dropped.
-        self.generation = 0
+        # Each list's generation, bumped whenever what was fetched of it may be
+        # stale: an answer to an older fetch is dropped (and a new one sent).
+        self._generations: dict[str, int] = dict.fromkeys(LISTS, 0)
+        # The generation of each list's fetch under way (one at a time).
+        self._fetching: dict[str, int] = {}
+        # Lists waiting for the child to be ready.
+        self._until_ready: set[str] = set()
         self.used = False
         # The names of the tools kept, and the list they were taken from.
         self._names: set[Any] = set()
@@ -111,11 +116,7 @@ class Catalog:
         if kept is not None:
             return succeed(kept)
         d: Deferred[list[dict[str, Any]]] = Deferred()
-        waiting = self._waiting.get(method)
-        if waiting is not None:
-            waiting.append(d)
-            return d
-        self._waiting[method] = [d]
+        self._waiting.setdefault(method, []).append(d)
         if not self.used:
             self.used = True
             self._upstream.catalog_used()
@@ -123,19 +124,29 @@ class Catalog:
         return d
 
     def _fetch(self, method: str) -> None:
+        """Fetch a list someone waits for, unless its current fetch is under way."""
+        if method not in self._waiting or self._fetching.get(method) == self._generations[method]:
+            return
         upstream = self._upstream
         if upstream.state in (ChildState.FAILED, ChildState.STOPPED, ChildState.RESTARTING):
             # A child that is starting is waited for; one that crashed is not.
             self._settle(method, Unavailable(upstream.unavailable_text()))
             return
         if upstream.init_result is None or upstream.state is not ChildState.RUNNING:
-            ready = upstream.when_ready()
-            ready.addCallback(lambda _: self._fetch(method) if method in self._waiting else None)
+            if method not in self._until_ready:
+                self._until_ready.add(method)
+                upstream.when_ready().addCallback(lambda _: self._ready_for(method))
             return
+        generation = self._generations[method]
         if not self.offers(method):
-            self._keep(method, [], self.generation)
+            self._keep(method, [], generation)
             return
-        self._page(method, None, [], self.generation, 0)
+        self._fetching[method] = generation
+        self._page(method, None, [], generation, 0)
+
+    def _ready_for(self, method: str) -> None:
+        self._until_ready.discard(method)
+        self._fetch(method)
 
     def _page(
         self,
@@ -146,8 +157,8 @@ class Catalog:
         pages: int,
     ) -> None:
         def answered(response: Message) -> None:
-            if generation != self.generation or method not in self._waiting:
-                return  # stale: a fetch after the change is under way (or nobody waits)
+            if generation != self._generations[method]:
+                return  # stale: the fetch after the change is under way
             result = response.get("result")
             if not isinstance(result, dict):
                 error = response.get("error")
@@ -174,26 +185,35 @@ class Catalog:
         self._upstream.ask(method, {"cursor": cursor} if cursor else {}, answered)
 
     def _keep(self, method: str, items: list[dict[str, Any]], generation: int) -> None:
+        self._fetching.pop(method, None)
         if method == "tools/list" and self.review is not None:
             items = self.review(items)
-        if generation == self.generation:
+        if generation == self._generations[method]:
             self._lists[method] = items
-        waiting = self._waiting.pop(method, [])
-        for d in waiting:
+        for d in self._waiting.pop(method, []):
             d.callback(items)
 
     def _settle(self, method: str, failure: Exception) -> None:
+        self._fetching.pop(method, None)
         for d in self._waiting.pop(method, []):
             d.errback(failure)
 
+    def _stale(self, method: str) -> None:
+        """What was fetched of a list no longer holds: fetch it again if
+        someone waits (or, for tools under review, at once)."""
+        self._generations[method] += 1
+        self._lists.pop(method, None)
+        if method == "tools/list" and self.review is not None and self.used:
+            self.get(method).addErrback(lambda _: None)
+        else:
+            self._fetch(method)
+
     def changed(self, notification: str) -> None:
-        """The child says a list changed: fetch it again when next asked."""
+        """The child says a list changed: fetch it again (when next asked,
+        but at once for tools under review)."""
         methods = STALE_AFTER.get(notification, ())
-        self.generation += 1
         for method in methods:
-            self._lists.pop(method, None)
-            if method in self._waiting:
-                self._fetch(method)
+            self._stale(method)
         for method in methods:
             for watcher in list(self.watchers):
                 watcher(method)
@@ -201,10 +221,10 @@ class Catalog:
     def reset(self, gone: bool = False) -> None:
         """A new child, or none (C{gone}: its lists are gone, and watchers are
         told): nothing fetched from the old one holds."""
-        self.generation += 1
         stale = list(self._lists)
-        self._lists.clear()
-        for method in list(self._waiting):
+        for method in LISTS:
+            self._generations[method] += 1
+            self._lists.pop(method, None)
             self._fetch(method)
         if gone:
             for method in stale:
