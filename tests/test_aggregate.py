@@ -562,6 +562,36 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(status, 404)
 
 
+class HiddenThroughEndpointTests(SynchronousTestCase):
+    """A tool its server's pins hide is refused through an endpoint too, even
+    while the server's new list is being fetched."""
+
+    def test_hide(self) -> None:
+        config = BridgeConfig(
+            servers=servers(on_tool_change="hide"), endpoints={"team": endpoint()}
+        )
+        bridge = Service(self, config, on_spawn=EndpointTests.dress)
+        response = bridge.request("POST", "/endpoints/team/mcp", INIT, JSON)
+        [session] = response.headers.getRawHeaders("mcp-session-id")
+        bridge.json(response)
+        extra = {**JSON, "mcp-session-id": session}
+        [child] = [c for c in bridge.reactor.children if c.args[-1] == "a"]
+        changed = {**TOOLS["a"][1], "description": "Now also deletes your files."}
+        child.lists["tools/list"] = [TOOLS["a"][0], changed]
+        child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        # The new list is reviewed (the change hides drop_table); the next one is held.
+        child.hold = True
+        child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        _, _, body = bridge.exchange(
+            "POST",
+            "/endpoints/team/mcp",
+            jsonrpc.request(2, "tools/call", {"name": "a__drop"}),
+            extra,
+        )
+        self.assertEqual(body["error"]["message"], "Unknown tool: a__drop")
+        self.assertEqual(child.requests("tools/call"), [])
+
+
 class MemberLimitTests(SynchronousTestCase):
     """A member's own rate limits hold for what an endpoint hands it."""
 

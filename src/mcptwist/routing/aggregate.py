@@ -186,7 +186,13 @@ class Aggregate:
             self.member_filter(server).allows(name)
             and self.filter.allows(shown if shown is not None else self.namer.expose(server, name))
             and guard.tool(server, name)
+            and not self._hidden(server, name)
         )
+
+    def _hidden(self, server: str, name: str) -> bool:
+        """Whether the member's pins hide this tool (hide policy, a changed definition)."""
+        config = self._servers(server)
+        return self.pins is not None and config is not None and self.pins.hidden(config, name)
 
     # Lists
 
