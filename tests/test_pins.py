@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.child.probe import ProbeError, probe_tools
@@ -237,6 +238,43 @@ class GrantTests(SynchronousTestCase):
             ),
             2.0,
         )
+
+
+class NarrowedGrantTests(SynchronousTestCase):
+    """A reload that narrows a token's grant holds at once on both paths of
+    a server's URL: a session's and a 2026-07-28 client's."""
+
+    def test_reload(self) -> None:
+        from mcptwist.config.load import parse_config
+
+        def config(servers: list[str]) -> Any:
+            token = {"name": "reader", "hash": _hash(TOKEN), "servers": servers}
+            doc = {"servers": {"s": {"command": "fake"}}, "auth": {"tokens": [token]}}
+            return parse_config(doc, "test.toml", {})
+
+        def lists(message: jsonrpc.Message, extra: dict[str, str]) -> list[str]:
+            _, _, body = service.exchange("POST", "/servers/s/mcp", message, extra)
+            return [t["name"] for t in body["result"]["tools"]]
+
+        service = Service(
+            self,
+            config(["s"]),
+            on_spawn=lambda c: setattr(c, "lists", {"tools/list": [ECHO, DROP]}),
+        )
+        auth = bearer(TOKEN)
+        session = service.open_session(init=_init(), headers=auth)
+        in_session = {**JSON, **auth, "mcp-session-id": session}
+        stateless = modern(1, "tools/list")
+        self.assertEqual(
+            lists(jsonrpc.request(2, "tools/list"), in_session), ["echo", "drop_table"]
+        )
+        self.assertEqual(lists(stateless, {**headers(stateless), **auth}), ["echo", "drop_table"])
+        self.successResultOf(Deferred.fromCoroutine(service.service.apply(config(["s/echo"]))))
+        self.assertEqual(lists(jsonrpc.request(3, "tools/list"), in_session), ["echo"])
+        self.assertEqual(lists(stateless, {**headers(stateless), **auth}), ["echo"])
+
+
+TOKEN = "reader-token-0123456789abcdef"
 
 
 def _hash(token: str) -> str:

@@ -324,7 +324,7 @@ class Aggregate:
                 raise Refused(jsonrpc.INVALID_PARAMS, f"Invalid params: unknown ref {shown}")
             server = found[0]
             params["ref"] = ref
-        elif len(self.members) == 1:
+        elif len(self.members) == 1 and guard.sees(self.members[0]):
             # Anything else a lone member may know what to do with.
             shown, server = None, self.members[0]
         else:

@@ -87,7 +87,7 @@ class ClientSession:
     caps: Caps | None = None
     # What of the server's tools this client may see and call (None: all).
     view: ToolView | None = None
-    # The credentials (a Principal) its view or guard was given for.
+    # The credentials (a Principal) and address its view or guard was given for.
     admitted_as: object = None
     # Its tools/list requests in flight (their answers pass through the view).
     _listing: set[RequestId] = attrs.field(factory=set)

@@ -448,8 +448,9 @@ class BridgeApp:
         as this request presents them."""
         session = self.registry.get(session_id, name, principal_id(request))
         if session is not None:
-            principal = principal_of(request)
-            if session.admitted_as is not principal and session.admitted_as != principal:
+            # What it may see follows the credentials, and the address, of each request.
+            admitted = (principal_of(request), peer_of(request))
+            if session.admitted_as != admitted:
                 self._admit(request, session)
         return session
 
@@ -457,7 +458,7 @@ class BridgeApp:
         """Give a session what its principal may see: an endpoint's guard, or
         a server's tool view."""
         principal = principal_of(request)
-        session.admitted_as = principal
+        session.admitted_as = (principal, peer_of(request))
         if isinstance(session.upstream, AggregateUpstream):
             session.upstream.guard = self.access.guard(principal, peer_of(request))
         else:

@@ -175,7 +175,9 @@ def serve(
         )
     hub = open_hub(ctx, request, name, checked)
     assert hub.upstream is not None
-    view = hub.view
+    # A hub serves every request of its principal id: what each may see is
+    # taken from the credentials it presents.
+    view = ctx.tool_view(request, hub.backend)
     if view is not None:
         if checked.method == "tools/call":
             refusal = view.refusal(checked.message)
@@ -251,7 +253,7 @@ def endpoint_post(
             if guard.sees(server):
                 catalogs.append((server, _catalog(ctx, request, server, checked)))
         if method == "subscriptions/listen":
-            if aggregate.namer.bare:
+            if aggregate.namer.bare and catalogs:
                 # The lone member's stream, as it is.
                 return serve(ctx, request, aggregate.members[0], checked, json_ok, sse_ok)
             return _endpoint_listen(ctx, request, backend, checked, catalogs)
@@ -459,7 +461,6 @@ def open_hub(
     assert isinstance(sink, StatelessSink)
     if sink.session is None:  # a new hub
         sink.session = hub
-        hub.view = ctx.tool_view(request, backend)
     return hub
 
 
