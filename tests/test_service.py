@@ -21,6 +21,7 @@ from mcptwist.config.load import load_config
 from mcptwist.mcp import jsonrpc
 from mcptwist.ops.notify import SystemdNotifier
 from mcptwist.routing.backends import SharedBackend
+from mcptwist.routing.members import AggregateUpstream
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.service.bridge import BridgeService
 from mcptwist.service.listener import ListenerError
@@ -309,9 +310,23 @@ class ReloadTests(SynchronousTestCase):
         endpoints = self.bridge.service.fleet.endpoints
         self.assertEqual(endpoints["endpoints/team"].aggregate.members, ("a", "b"))
         same = endpoints["endpoints/team"]
+        registry = self.bridge.service.registry
+        open_ = registry.create(same, "sse", lambda _: Sink(lambda: None))
+        upstream = open_.upstream
+        assert isinstance(upstream, AggregateUpstream)
+        upstream.open_links()
         self.assertTrue(self.bridge.reload(BASE + endpoint)["ok"])
         self.assertIs(endpoints["endpoints/team"], same)
+        # A member reconfigured: the session goes on, on the new child.
+        changed = BASE.replace(server("b"), server("b", 'args = ["-v"]')) + endpoint
+        self.assertTrue(self.bridge.reload(changed)["ok"])
+        self.assertFalse(open_.closed)
+        upstream.open_links()
+        self.assertIs(upstream.links["b"].backend, self.bridge.service.backends["b"])
+        self.assertEqual(upstream.links["b"].upstream.state.value, "running")
         result = self.bridge.reload(BASE + '[endpoints.team]\nservers = ["c"]\nprefix = "none"\n')
+        # The endpoint changed: its sessions end, so the new rules hold at once.
+        self.assertTrue(open_.closed)
         self.assertIn("endpoints", result["changes"]["settings"])
         self.assertEqual(endpoints["endpoints/team"].aggregate.members, ("c",))
         self.assertTrue(self.bridge.reload(BASE)["ok"])

@@ -183,11 +183,14 @@ class AggregateUpstream:
     def close(self) -> None:
         """The session ended: each member forgets it (its requests end)."""
         for link in self.links.values():
-            if link.upstream is not None:
-                link.upstream.catalog.watchers.remove(link.changed)
-                link.backend.close(link, link.upstream)
-                link.upstream = None
+            self._unlink(link)
         self._outbound.clear()
+
+    def _unlink(self, link: MemberLink) -> None:
+        upstream, link.upstream = link.upstream, None
+        if upstream is not None:
+            upstream.catalog.watchers.remove(link.changed)
+            link.backend.close(link, upstream)
 
     # Members
 
@@ -195,11 +198,17 @@ class AggregateUpstream:
         """Link each member this client may use now (once each; a member its
         grants come to allow later is linked then)."""
         for server in self.aggregate.members:
-            if server in self.links or not self.guard.sees(server):
+            if not self.guard.sees(server):
                 continue
             backend = self._backends(server)
             if backend is None:
                 continue
+            link = self.links.get(server)
+            if link is not None:
+                if link.backend is backend and link.unavailable is None:
+                    continue
+                # The server was replaced (a reload), or had no room: try again.
+                self._unlink(link)
             link = self.links[server] = MemberLink(self, server, backend, self.session.id)
             try:
                 upstream = backend.open(link)

@@ -87,14 +87,20 @@ class Fleet(MultiService):
         for endpoint in config.endpoints.values():
             key = f"endpoints/{endpoint.name}"
             old = self.endpoints.get(key)
-            if old is not None and old.aggregate.config == endpoint:
+            settings = endpoint_settings(endpoint, config.servers)
+            if old is not None and old.aggregate.config == endpoint and old.server == settings:
                 endpoints[key] = old
                 continue
             aggregate = Aggregate(endpoint, self._server_config, self.pins, self.recorder)
-            settings = endpoint_settings(endpoint, config.servers)
             endpoints[key] = AggregateBackend(
                 aggregate, settings, self.backends, self.reactor, self.recorder
             )
+        # The sessions of an endpoint that changed or went end now: the new
+        # rules hold at once (a client initializes again, as after any 404).
+        for key, old in self.endpoints.items():
+            if endpoints.get(key) is not old:
+                for session in self.registry.of_backend(old):
+                    self.registry.close(session, "closed: the endpoint was reconfigured")
         self.endpoints.clear()
         self.endpoints.update(endpoints)
 
