@@ -592,6 +592,34 @@ class HiddenThroughEndpointTests(SynchronousTestCase):
         self.assertEqual(child.requests("tools/call"), [])
 
 
+class BlockedThroughEndpointTests(SynchronousTestCase):
+    """A member its pins block leaves the endpoint's lists, in both eras."""
+
+    def test_block(self) -> None:
+        config = BridgeConfig(
+            servers=servers(on_tool_change="block"), endpoints={"team": endpoint()}
+        )
+        bridge = Service(self, config, on_spawn=EndpointTests.dress)
+        [child] = [c for c in bridge.reactor.children if c.args[-1] == "a"]
+        child.lists["tools/list"] = [{**TOOLS["a"][0], "description": "changed"}, TOOLS["a"][1]]
+        child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        message = modern(1, "tools/list")
+        _, _, body = bridge.exchange(
+            "POST", "/endpoints/team/mcp", message, headers(message, "application/json")
+        )
+        self.assertEqual([t["name"] for t in body["result"]["tools"]], ["bee__echo", "bee__sum"])
+        response = bridge.request("POST", "/endpoints/team/mcp", INIT, JSON)
+        [session] = response.headers.getRawHeaders("mcp-session-id")
+        bridge.json(response)
+        _, _, body = bridge.exchange(
+            "POST",
+            "/endpoints/team/mcp",
+            jsonrpc.request(2, "tools/list"),
+            {**JSON, "mcp-session-id": session},
+        )
+        self.assertEqual([t["name"] for t in body["result"]["tools"]], ["bee__echo", "bee__sum"])
+
+
 class MemberLimitTests(SynchronousTestCase):
     """A member's own rate limits hold for what an endpoint hands it."""
 

@@ -228,6 +228,36 @@ class Aggregate:
             merged.append((server, shown_items))
         return merged
 
+    def catalogs(
+        self, guard: Guard, catalog_of: Callable[[str], Catalog | None]
+    ) -> list[tuple[str, Catalog | None]]:
+        """The catalog of each member this client may use, in the endpoint's
+        order (None for one that cannot serve now: down, full, or blocked)."""
+        return [
+            (server, catalog_of(server) if self.blocked(server) is None else None)
+            for server in self.members
+            if guard.sees(server)
+        ]
+
+    def list_page(
+        self,
+        method: str,
+        catalogs: list[tuple[str, Catalog | None]],
+        guard: Guard,
+        cursor: object,
+        clock: IReactorTime,
+    ) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        """One page of a merged list: at once when every member's list is at
+        hand, or once they are fetched. L{Refused} (raised, or the Deferred's
+        failure) for a cursor this endpoint did not make."""
+        kept = cached_lists(method, catalogs)
+        if kept is not None:
+            return self.page(method, self.listing(method, kept, guard), cursor)
+        d = gather_lists(self, method, catalogs, clock)
+        return d.addCallback(
+            lambda lists: self.page(method, self.listing(method, lists, guard), cursor)
+        )
+
     def listing(
         self, method: str, lists: list[tuple[str, list[dict[str, Any]]]], guard: Guard
     ) -> list[tuple[str, list[dict[str, Any]]]]:

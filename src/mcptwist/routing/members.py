@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mcptwist.child.supervisor import ChildState
 from mcptwist.config.model import ServerConfig
@@ -32,8 +34,6 @@ from mcptwist.routing.aggregate import (
     Aggregate,
     Guard,
     Refused,
-    cached_lists,
-    gather_lists,
 )
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
@@ -221,21 +221,13 @@ class AggregateUpstream:
     def catalogs(self) -> list[tuple[str, Catalog | None]]:
         """Each visible member's catalog, None for one that cannot serve."""
         self.open_links()
-        return [
-            (
-                server,
-                link.upstream.catalog
-                if link.upstream is not None
-                and _serving(link)
-                and self.guard.sees(server)
-                and self.aggregate.blocked(server) is None
-                else None,
-            )
-            for server, link in sorted(self.links.items(), key=self._order)
-        ]
+        return self.aggregate.catalogs(self.guard, self._serving_catalog)
 
-    def _order(self, item: tuple[str, MemberLink]) -> int:
-        return self.aggregate.members.index(item[0])
+    def _serving_catalog(self, server: str) -> Catalog | None:
+        link = self.links.get(server)
+        if link is None or link.upstream is None or not _serving(link):
+            return None
+        return link.upstream.catalog
 
     def _catalog(self, server: str) -> Catalog | None:
         link = self.links.get(server)
@@ -312,27 +304,26 @@ class AggregateUpstream:
         p = self._start(message)
         params = message.get("params")
         cursor = params.get("cursor") if isinstance(params, dict) else None
-        catalogs = self.catalogs()
 
-        def merged(lists: list[tuple[str, list[dict[str, Any]]]]) -> None:
-            if self.session.closed:
-                return
-            try:
-                result = self.aggregate.page(
-                    method, self.aggregate.listing(method, lists, self.guard), cursor
-                )
-            except Refused as refused:
-                self._own(message, jsonrpc.error(message["id"], refused.code, refused.text), p)
-                return
-            self._own(message, jsonrpc.result(message["id"], result), p)
+        def answer(result: dict[str, Any]) -> None:
+            if not self.session.closed:
+                self._own(message, jsonrpc.result(message["id"], result), p)
 
-        kept = cached_lists(method, catalogs)
-        if kept is not None:
-            merged(kept)
+        def refused(reason: Failure) -> None:
+            reason.trap(Refused)
+            error = reason.value
+            assert isinstance(error, Refused)
+            self._own(message, jsonrpc.error(message["id"], error.code, error.text), p)
+
+        try:
+            page = self.aggregate.list_page(method, self.catalogs(), self.guard, cursor, self.clock)
+        except Refused as error:
+            self._own(message, jsonrpc.error(message["id"], error.code, error.text), p)
             return
-        d = gather_lists(self.aggregate, method, catalogs, self.clock)
-        d.addCallback(merged)
-        d.addErrback(lambda f: log.failure("endpoint list", f))
+        if isinstance(page, Deferred):
+            page.addCallbacks(answer, refused).addErrback(lambda f: log.failure("endpoint list", f))
+        else:
+            answer(page)
 
     def _set_level(self, message: Message) -> None:
         """Every member's child that logs does so at the client's level: one

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -24,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.era import LIST_CHANGED, agreed_filter
 from mcptwist.mcp.jsonrpc import Kind, Message
-from mcptwist.routing.aggregate import Refused, cached_lists, gather_lists
+from mcptwist.routing.aggregate import Refused
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.members import AggregateBackend
@@ -248,10 +249,7 @@ def endpoint_post(
         result = era.discover(aggregate.initialize_result(None), aggregate.server_info())
         return _json(request, jsonrpc.result(checked.id, result))
     if method in LISTS or method == "subscriptions/listen":
-        catalogs: list[tuple[str, Catalog | None]] = []
-        for server in aggregate.members:
-            if guard.sees(server):
-                catalogs.append((server, _catalog(ctx, request, server, checked)))
+        catalogs = aggregate.catalogs(guard, lambda server: _catalog(ctx, request, server, checked))
         if method == "subscriptions/listen":
             if aggregate.namer.bare and catalogs:
                 # The lone member's stream, as it is.
@@ -259,25 +257,32 @@ def endpoint_post(
             return _endpoint_listen(ctx, request, backend, checked, catalogs)
         cursor = (checked.message.get("params") or {}).get("cursor")
 
-        def answer(lists: list[tuple[str, list[dict[str, Any]]]]) -> Message:
-            try:
-                page = aggregate.page(method, aggregate.listing(method, lists, guard), cursor)
-            except Refused as refused:
-                return jsonrpc.error(checked.id, refused.code, refused.text)
+        def answer(page: dict[str, Any]) -> Message:
             return jsonrpc.result(checked.id, era.complete(method, page, aggregate.server_info()))
 
-        kept = cached_lists(method, catalogs)
-        if kept is not None:
-            return _json(request, answer(kept))
+        def refusal(error: Refused) -> Message:
+            return jsonrpc.error(checked.id, error.code, error.text)
 
-        def fetched(lists: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        try:
+            page = aggregate.list_page(method, catalogs, guard, cursor, ctx.clock)
+        except Refused as error:
+            return _json(request, refusal(error))
+        if not isinstance(page, Deferred):
+            return _json(request, answer(page))
+
+        def write(message: Message) -> None:
             if request.finished or request.channel is None:
                 return
             request.setHeader(b"content-type", b"application/json")
-            request.write(jsonrpc.dumps(answer(lists)))
+            request.write(jsonrpc.dumps(message))
             request.finish()
 
-        gather_lists(aggregate, method, catalogs, ctx.clock).addCallback(fetched).addErrback(
+        def failed(reason: Failure) -> None:
+            reason.trap(Refused)
+            assert isinstance(reason.value, Refused)
+            write(refusal(reason.value))
+
+        page.addCallbacks(lambda result: write(answer(result)), failed).addErrback(
             lambda f: log.failure("endpoint list", f)
         )
         return NOT_DONE_YET
