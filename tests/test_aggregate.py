@@ -104,6 +104,12 @@ class AggregateTests(SynchronousTestCase):
         self.assertEqual(shown[0]["inputSchema"], {"type": "object"})
         [event] = events
         self.assertEqual((event.kind, event.server, event.tool), ("name_clash", "a", "drop"))
+        # Whatever the order, the name is the rename's: the list shows what a call reaches.
+        events.clear()
+        [(_, shown)] = aggregate.merge("tools/list", [("a", TOOLS["a"][::-1])], EVERYONE)
+        self.assertEqual([t["name"] for t in shown], ["drop"])
+        self.assertEqual(shown[0]["inputSchema"], {"type": "object"})
+        self.assertEqual(len(events), 1)
 
     def test_grants(self) -> None:
         """A client sees the tools its grants allow, and may call only those."""
@@ -494,6 +500,29 @@ class EndpointTests(SynchronousTestCase):
         )
         body = self.post(session, jsonrpc.request(4, "tools/list"))
         self.assertEqual(len(body["result"]["tools"]), 4)
+
+    def test_closed_while_listing(self) -> None:
+        """A session that ends while the endpoint waits for a member's list
+        leaves no request counted in flight, and records it as cancelled."""
+        session = self.open()
+        registry = self.bridge.service.registry
+        [open_] = [s for s in registry.sessions.values() if s.id == session]
+        for child in self.reactor.children:
+            child.hold = True
+        for upstream in self.bridge.service.fleet.backends["b"].upstreams():
+            upstream.catalog.changed("notifications/tools/list_changed")
+        d = self.bridge.client.request(
+            "POST",
+            "http://127.0.0.1/endpoints/team/mcp",
+            data=jsonrpc.dumps(jsonrpc.request(2, "tools/list")),
+            headers={**JSON, "mcp-session-id": session},
+        )
+        self.bridge.client.flush()
+        self.assertEqual(open_.in_flight, 1)
+        registry.close(open_)
+        self.assertEqual(open_.in_flight, 0)
+        self.bridge.client.flush()
+        del d
 
     def test_modern(self) -> None:
         """A 2026-07-28 client: lists from the catalogs, calls routed by name."""

@@ -87,6 +87,10 @@ class Namer:
                 return server, shown[len(head) :]
         return None, shown
 
+    def renamed_from(self, shown: str) -> tuple[str, str] | None:
+        """The member and tool a rename gives this name, if one does."""
+        return self._renamed.get(shown)
+
     def expose_uri(self, server: str, uri: str) -> str:
         """The URI (or URI template) a client sees for a member's resource."""
         prefix = self.prefixes[server]

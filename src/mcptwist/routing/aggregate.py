@@ -216,6 +216,10 @@ class Aggregate:
                     if method == "tools/list" and not self.tool_visible(guard, server, own, shown):
                         continue
                     first = taken.get(shown)
+                    renamed = self.namer.renamed_from(shown)
+                    if renamed is not None and renamed != (server, own):
+                        # That name is a rename's: a call to it reaches the renamed tool.
+                        first = renamed[0]
                     if first is not None:
                         self._clash(server, named, own, shown, first)
                         continue

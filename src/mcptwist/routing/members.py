@@ -104,11 +104,21 @@ class MemberLink:
         self.owner.session.cancelled(request_id)
 
     def request_started(self, request: Pending, message: Message) -> None:
-        self.owner.session.request_started(request, message, self.backend.server.audit_arguments)
+        if not self._fanned(request):
+            self.owner.session.request_started(
+                request, message, self.backend.server.audit_arguments
+            )
 
     def request_ended(self, request: Pending, status: Status, error_code: int | None) -> None:
+        if self._fanned(request):
+            return
         pid = self.upstream.supervisor.pid if self.upstream is not None else None
         self.owner.session.request_ended(request, status, error_code, self.server, pid)
+
+    def _fanned(self, request: Pending) -> bool:
+        """A member's share of one request the endpoint sent to every member
+        (counted and recorded once, as the endpoint's)."""
+        return request.client_id in self.owner.fanouts
 
     def changed(self, method: str) -> None:
         """The member's catalog changed a list."""
@@ -161,7 +171,9 @@ class AggregateUpstream:
         self._outbound: dict[int, tuple[MemberLink, RequestId]] = {}
         self._ids = itertools.count(1)
         # Fan-outs of one client request to every member (log levels).
-        self._fanouts: dict[RequestId, _FanOut] = {}
+        self.fanouts: dict[RequestId, _FanOut] = {}
+        # The requests the endpoint answers itself that have not ended yet.
+        self._own_requests: set[Pending] = set()
         # List-changed notifications to send once the current turn ends.
         self._changed: set[str] = set()
         self._init_result: dict[str, Any] | None = None
@@ -185,6 +197,10 @@ class AggregateUpstream:
         for link in self.links.values():
             self._unlink(link)
         self._outbound.clear()
+        # What the endpoint was answering itself ends with the session.
+        ending, self._own_requests = self._own_requests, set()
+        for p in ending:
+            self.session.request_ended(p, "cancelled", None)
 
     def _unlink(self, link: MemberLink) -> None:
         upstream, link.upstream = link.upstream, None
@@ -238,7 +254,7 @@ class AggregateUpstream:
     def _request(self, message: Message) -> None:
         method = message["method"]
         request_id = message["id"]
-        if request_id in self.routes or request_id in self._fanouts:
+        if request_id in self.routes or request_id in self.fanouts:
             self.session.deliver(
                 jsonrpc.error(
                     request_id,
@@ -267,6 +283,7 @@ class AggregateUpstream:
             client_id=message["id"],
         )
         self.session.request_started(p, message)
+        self._own_requests.add(p)
         return p
 
     def _own(
@@ -279,6 +296,7 @@ class AggregateUpstream:
         """Answer a request the endpoint serves itself (recorded like any other)."""
         if p is None:
             p = self._start(message)
+        self._own_requests.discard(p)
         error = answer.get("error")
         status: Status = "error" if error is not None else "ok"
         self.session.request_ended(
@@ -334,7 +352,7 @@ class AggregateUpstream:
             self._own(message, jsonrpc.result(message["id"], {}), p)
             return
         fanout = _FanOut(p, len(links))
-        self._fanouts[message["id"]] = fanout
+        self.fanouts[message["id"]] = fanout
         for link in links:
             copy = {**message, "params": dict(message.get("params") or {})}
             assert link.upstream is not None
@@ -413,7 +431,7 @@ class AggregateUpstream:
         method = message.get("method")
         if method is None:
             request_id = message.get("id")
-            fanout = self._fanouts.get(request_id)  # type: ignore[arg-type]
+            fanout = self.fanouts.get(request_id)  # type: ignore[arg-type]
             if fanout is not None:
                 self._fanned(request_id, fanout, message, link)  # type: ignore[arg-type]
                 return
@@ -448,7 +466,7 @@ class AggregateUpstream:
         if "error" in message and fanout.error is None and _logs(link):
             fanout.error = message
         if fanout.waiting == 0:
-            del self._fanouts[request_id]
+            del self.fanouts[request_id]
             answer = fanout.error or jsonrpc.result(request_id, {})
             self._own({"id": request_id}, {**answer, "id": request_id}, fanout.pending)
 
