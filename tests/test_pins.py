@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist.child.probe import ProbeError, probe_tools
 from mcptwist.config.model import ServerConfig
 from mcptwist.mcp import jsonrpc
-from mcptwist.routing.pins import PinBook, PinFileError, read_pin_file, write_pin_file
+from mcptwist.mcp.describe import tool_digest
+from mcptwist.routing.pins import Pin, PinBook, PinFileError, read_pin_file, write_pin_file
 from mcptwist.routing.record import ToolEvent
 from mcptwist.routing.tools import ToolView
 
@@ -108,6 +109,27 @@ class PinBookTests(SynchronousTestCase):
         self.book.review(server("block"), [ECHO])
         self.book.review(server("block"), [changed(ECHO)])
         self.book.review(server("block"), [ECHO])
+        self.assertIsNone(self.book.blocked(server("block")))
+
+    def test_file_pinned_again(self) -> None:
+        """A pin file written anew (python -m mcptwist pin) and read on reload
+        wins: the change it pins is no longer one, and the pins seen since stay."""
+        self.book.review(server("block"), [ECHO, DROP])
+        self.book.review(server("block"), [changed(ECHO), DROP])
+        self.assertIsNotNone(self.book.blocked(server("block")))
+        pinned = read_pin_file(self.path)
+        pinned["s"]["echo"] = Pin(tool_digest(changed(ECHO)), changed(ECHO))
+        del pinned["s"]["drop_table"]
+        write_pin_file(self.path, pinned)
+        self.book.reopen(self.path, read_pin_file(self.path))
+        self.assertIsNone(self.book.blocked(server("block")))
+        self.assertEqual(sorted(read_pin_file(self.path)["s"]), ["drop_table", "echo"])
+
+    def test_changed_tool_withdrawn(self) -> None:
+        """A changed tool the server stops serving holds nothing back."""
+        self.book.review(server("block"), [ECHO, DROP])
+        self.book.review(server("block"), [changed(ECHO), DROP])
+        self.book.review(server("block"), [DROP])
         self.assertIsNone(self.book.blocked(server("block")))
 
     def test_status(self) -> None:

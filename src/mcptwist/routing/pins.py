@@ -144,12 +144,18 @@ class PinBook:
         self.on_accept: list[Callable[[str], None]] = []
 
     def reopen(self, path: str | None, pins: dict[str, dict[str, Pin]]) -> None:
-        """Another pin file (a reload): its pins, then those seen since start
-        that it lacks (and it is written with them)."""
+        """The pin file read again (a reload): its pins win, then those seen
+        since start that it lacks (and it is written with them). A change
+        whose served definition the file now pins is no longer a change."""
         for server, tools in self.pins.items():
             for name, pin in tools.items():
                 pins.setdefault(server, {}).setdefault(name, pin)
         self.path, self.pins = path, pins
+        for server, changes in self.changes.items():
+            for name, change in list(changes.items()):
+                now = pins.get(server, {}).get(name)
+                if now is not None and now.digest == change.current.digest:
+                    del changes[name]
         self._save()
 
     def review(self, server: ServerConfig, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -178,6 +184,10 @@ class PinBook:
             else:
                 changes.pop(name, None)
             shown.append(tool)
+        served = {t.get("name") for t in tools}
+        for name in [n for n in changes if n not in served]:
+            # A changed tool no longer served holds nothing back.
+            del changes[name]
         if pinned_now:
             for name in pinned_now:
                 self._event("tool_pinned", server.name, name, current=known[name].digest)

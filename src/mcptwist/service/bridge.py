@@ -257,15 +257,17 @@ class BridgeService(MultiService):
         refuse_exposure(self.listening, new)
         old = self.config
         # What can fail (new authenticators, keys, pins) is built before anything changes.
+        # The pin file is read again (python -m mcptwist pin may have written it).
         pins = None
-        if new.pin_file != old.pin_file and new.pin_file:
+        if new.pin_file:
             try:
                 pins = read_pin_file(new.pin_file)
             except PinFileError as e:
                 raise ReloadRefused(str(e)) from None
         self.access.reconfigure(new, self.reactor)
-        if new.pin_file != old.pin_file:
+        if new.pin_file or old.pin_file:
             self.pins.reopen(new.pin_file, pins or {})
+            self.fleet.review_tools()
         # Who lost a credential or a grant loses its sessions and streams now.
         lost = revoke(self.registry, old.auth, new.auth)
         changes: dict[str, Any] = {"servers": self.fleet.apply(new), "revoked": lost}

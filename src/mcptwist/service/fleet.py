@@ -111,6 +111,11 @@ class Fleet(MultiService):
             for upstream in backend.upstreams():
                 upstream.catalog.refresh_tools()
 
+    def review_tools(self) -> None:
+        """The pins were read again: every server's tools are reviewed again."""
+        for name in self.backends:
+            self._accepted(name)
+
     def _server_config(self, name: str) -> ServerConfig | None:
         backend = self.backends.get(name)
         return backend.server if backend is not None else None
