@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.child.probe import ProbeError, probe_tools
-from mcptwist.config.model import ServerConfig
+from mcptwist.config.model import BridgeConfig, ServerConfig
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.describe import tool_digest
 from mcptwist.routing.pins import Pin, PinBook, PinFileError, read_pin_file, write_pin_file
@@ -207,6 +207,33 @@ class ServerURLTests(SynchronousTestCase):
         status, _, body = self.bridge.exchange("POST", "/servers/s/mcp", message, headers(message))
         self.assertEqual((status, body["error"]["code"]), (200, -32602))
         self.assertEqual(self.bridge.reactor.child.requests("tools/call"), [])
+
+
+class IndistinguishableTests(SynchronousTestCase):
+    """Where a tool can be hidden, a call of a tool that does not exist gets
+    the very answer a hidden one does, from the bridge."""
+
+    def test_missing_and_hidden(self) -> None:
+        config = BridgeConfig(servers={"s": server(exclude=("drop_*",))})
+        service = Service(
+            self, config, on_spawn=lambda c: setattr(c, "lists", {"tools/list": [ECHO, DROP]})
+        )
+        session = service.open_session(init=_init())
+        extra = {**JSON, "mcp-session-id": session}
+        answers = [
+            service.exchange(
+                "POST", "/servers/s/mcp", jsonrpc.request(i, "tools/call", {"name": name}), extra
+            )[2]["error"]
+            for i, name in ((2, "drop_table"), (3, "no_such_tool"))
+        ]
+        self.assertEqual(
+            answers,
+            [
+                {"code": -32602, "message": "Unknown tool: drop_table"},
+                {"code": -32602, "message": "Unknown tool: no_such_tool"},
+            ],
+        )
+        self.assertEqual(service.reactor.child.requests("tools/call"), [])
 
 
 class GrantTests(SynchronousTestCase):

@@ -135,7 +135,7 @@ class ClientSession:
         if view is not None and kind is Kind.REQUEST:
             method = message["method"]
             if method == "tools/call":
-                refusal = view.refusal(message)
+                refusal = view.refusal(message, self.upstream.catalog.lists_tool)
                 if refusal is not None:
                     self.refuse(message, refusal)
                     return

@@ -11,6 +11,7 @@ as a call to a tool that does not exist is.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from typing import Any
 
 from mcptwist.config.model import ServerConfig
@@ -70,8 +71,15 @@ class ToolView:
             listed = self.pins.review(self.server, listed)
         return [t for t in listed if isinstance(t.get("name"), str) and self.allows(t["name"])]
 
-    def refusal(self, message: Message) -> Message | None:
-        """The answer to a call this client may not make (None: it may)."""
+    def refusal(
+        self, message: Message, listed: Callable[[str], bool | None] | None = None
+    ) -> Message | None:
+        """The answer to a call this client may not make (None: it may).
+
+        Where a tool can be hidden, a name the child does not list (C{listed},
+        when its tools are known) is refused in the same words: a hidden tool
+        cannot be told from one that does not exist.
+        """
         if not self.checks:
             return None
         params = message.get("params")
@@ -84,7 +92,11 @@ class ToolView:
                 f"MCP server '{self.server.name}' is {blocked}",
                 {"server": self.server.name, "state": "blocked"},
             )
-        if isinstance(name, str) and self.allows(name):
+        if (
+            isinstance(name, str)
+            and self.allows(name)
+            and (listed is None or listed(name) is not False)
+        ):
             return None
         return unknown_tool(message["id"], name)
 

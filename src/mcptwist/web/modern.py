@@ -181,7 +181,7 @@ def serve(
     view = ctx.tool_view(request, hub.backend)
     if view is not None:
         if checked.method == "tools/call":
-            refusal = view.refusal(checked.message)
+            refusal = view.refusal(checked.message, hub.upstream.catalog.lists_tool)
             if refusal is not None:
                 hub.refuse(checked.message, refusal, peer_of(request))
                 return _json(request, refusal)
