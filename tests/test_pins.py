@@ -236,6 +236,49 @@ class IndistinguishableTests(SynchronousTestCase):
         self.assertEqual(service.reactor.child.requests("tools/call"), [])
 
 
+class BlockOnServerURLTests(SynchronousTestCase):
+    """A server its pins block refuses every request but initialize and ping,
+    and /health names it."""
+
+    def test_block(self) -> None:
+        config = BridgeConfig(servers={"s": server("block")})
+        service = Service(
+            self, config, on_spawn=lambda c: setattr(c, "lists", {"tools/list": [ECHO, DROP]})
+        )
+        child = service.reactor.child
+        child.lists["tools/list"] = [changed(ECHO), DROP]
+        child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        session = service.open_session(init=_init())
+        extra = {**JSON, "mcp-session-id": session}
+        for i, (method, params) in enumerate(
+            (("tools/call", {"name": "drop_table"}), ("prompts/get", {"name": "p"})), 2
+        ):
+            _, _, body = service.exchange(
+                "POST", "/servers/s/mcp", jsonrpc.request(i, method, params), extra
+            )
+            self.assertEqual(body["error"]["data"], {"server": "s", "state": "blocked"})
+        _, _, body = service.exchange("POST", "/servers/s/mcp", jsonrpc.request(9, "ping"), extra)
+        self.assertEqual(body["result"], {})
+        status, _, body = service.exchange("GET", "/health")
+        self.assertEqual(status, 503)
+        self.assertIn("'echo' changed", body["servers"]["s"])
+
+
+class AdminGrantTests(SynchronousTestCase):
+    """An admin granted some tools of a server may not operate the server."""
+
+    def test_narrow_admin(self) -> None:
+        from mcptwist.config.load import parse_config
+
+        token = {"name": "ops", "hash": _hash(TOKEN), "servers": ["s/echo"], "admin": True}
+        doc = {"servers": {"s": {"command": "fake"}}, "auth": {"tokens": [token]}}
+        service = Service(self, parse_config(doc, "test.toml", {}))
+        status, _, _ = service.exchange(
+            "POST", "/admin/servers/s/restart", None, {**JSON, **bearer(TOKEN)}
+        )
+        self.assertEqual(status, 403)
+
+
 class GrantTests(SynchronousTestCase):
     """A token granted some tools of a server sees only those, on its URL and
     through an endpoint, and its call to another is refused and audited."""

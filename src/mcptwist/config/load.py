@@ -748,7 +748,7 @@ def _parse_endpoint(
             f"{separator!r} cannot join a prefix and a tool name",
             'use one to eight letters, digits, "_", "." or "-", such as "__" (the default) or "."',
         )
-    prefixes = _prefixes(r, enabled)
+    prefixes = _prefixes(r, enabled, separator)
     rename = _rename(r, enabled, prefixes, separator)
     defaults = EndpointConfig(name=name, servers=enabled, prefixes=prefixes)
     endpoint = EndpointConfig(
@@ -768,7 +768,7 @@ def _parse_endpoint(
     return endpoint
 
 
-def _prefixes(r: _Reader, members: tuple[str, ...]) -> dict[str, str]:
+def _prefixes(r: _Reader, members: tuple[str, ...], separator: str) -> dict[str, str]:
     """Each member's prefix: its name, unless C{prefix} says otherwise."""
     given = r.table.get("prefix")
     r.used.add("prefix")
@@ -807,7 +807,7 @@ def _prefixes(r: _Reader, members: tuple[str, ...]) -> dict[str, str]:
             'write prefix = "none" (one server), or prefix.SERVER = "short" for each '
             "server whose prefix is not its name",
         )
-    clash = clashing_prefixes(prefixes, r.table.get("separator", SEPARATOR))
+    clash = clashing_prefixes(prefixes, separator)
     if clash is not None:
         first, second = clash
         raise r.error(

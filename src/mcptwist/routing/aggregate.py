@@ -98,8 +98,6 @@ class Route:
 
     server: str
     message: Message
-    # What the client called it (for errors and records).
-    shown: str | None = None
 
 
 class Refused(Exception):
@@ -374,7 +372,7 @@ class Aggregate:
         if refusal is not None:
             raise Refused(jsonrpc.RATE_LIMITED, refusal)
         routed = {**message, "params": params} if params or "params" in message else message
-        return Route(server, routed, shown if isinstance(shown, str) else None)
+        return Route(server, routed)
 
     def shown_result(self, server: str, method: str, message: Message) -> Message:
         """A member's answer as the client sees it (URIs of resources it read)."""

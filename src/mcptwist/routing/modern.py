@@ -336,7 +336,8 @@ class ModernUpstream(Upstream):
     def _wanted(self) -> dict[str, Any]:
         """What the bridge's listen stream asks for."""
         # Only session-era clients need it (stateless ones listen for themselves),
-        # and the catalog once an endpoint reads it.
+        # and the catalog once it is used (tools are reviewed as soon as the
+        # child is ready, so pinning follows their changes).
         if all(s.stateless for s in self.sessions) and not self.catalog.used:
             return {}
         everything: dict[str, Any] = {field: True for field, _ in LIST_CHANGED.values()}

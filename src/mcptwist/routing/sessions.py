@@ -141,6 +141,11 @@ class ClientSession:
                     return
             elif method == "tools/list":
                 self._listing.add(message["id"])
+            elif method not in ("initialize", "ping"):
+                refusal = view.blocked_refusal(message)
+                if refusal is not None:
+                    self.refuse(message, refusal)
+                    return
         self.upstream.handle(self, message, kind)
 
     def refuse(self, message: Message, answer: Message, peer: str | None = None) -> None:

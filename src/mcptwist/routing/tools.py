@@ -84,14 +84,9 @@ class ToolView:
             return None
         params = message.get("params")
         name = params.get("name") if isinstance(params, dict) else None
-        blocked = self.blocked()
+        blocked = self.blocked_refusal(message)
         if blocked is not None:
-            return jsonrpc.error(
-                message["id"],
-                jsonrpc.SERVER_UNAVAILABLE,
-                f"MCP server '{self.server.name}' is {blocked}",
-                {"server": self.server.name, "state": "blocked"},
-            )
+            return blocked
         if (
             isinstance(name, str)
             and self.allows(name)
@@ -99,6 +94,18 @@ class ToolView:
         ):
             return None
         return unknown_tool(message["id"], name)
+
+    def blocked_refusal(self, message: Message) -> Message | None:
+        """The answer to any request while the pins block the server (None: they do not)."""
+        blocked = self.blocked() if self.checks else None
+        if blocked is None:
+            return None
+        return jsonrpc.error(
+            message["id"],
+            jsonrpc.SERVER_UNAVAILABLE,
+            f"MCP server '{self.server.name}' is {blocked}",
+            {"server": self.server.name, "state": "blocked"},
+        )
 
     def listed(self, message: Message) -> Message:
         """A tools/list answer as this client sees it (changed in place)."""

@@ -111,6 +111,11 @@ class Principal:
         some of its tools at least)."""
         return "*" in self.servers or server in self.grants
 
+    def holds(self, server: str) -> bool:
+        """Whether this caller is granted the whole server (not some of its
+        tools only): what operating it (the admin API) needs."""
+        return "*" in self.servers or (server in self.grants and self.grants[server] is None)
+
     def tools(self, server: str) -> tuple[str, ...] | None:
         """The glob patterns of the tools of C{server} granted to this caller
         (None: every tool; only meaningful where L{may_use} is true)."""

@@ -214,7 +214,7 @@ class AdminAPI:
     @answered
     def list_servers(self, request: Request) -> bytes:
         principal = principal_of(request)
-        servers = [s for s in self.control.servers() if principal.may_use(s["name"])]
+        servers = [s for s in self.control.servers() if principal.holds(s["name"])]
         return json_body(request, {"servers": servers})
 
     @app.route("/admin/servers/<name>", methods=["GET"])
@@ -312,7 +312,7 @@ class AdminAPI:
             if self.control.server(server) is None:
                 raise no_server(server)
         principal = principal_of(request)
-        sessions = [s for s in self.control.sessions(server) if principal.may_use(s["server"])]
+        sessions = [s for s in self.control.sessions(server) if principal.holds(s["server"])]
         return json_body(request, {"sessions": sessions})
 
     @app.route("/admin/sessions/<session_id>", methods=["DELETE"])
@@ -322,7 +322,7 @@ class AdminAPI:
         try:
             # A session of a server the admin may not use is not there for it.
             closed = any(
-                s["id"] == session_id and principal.may_use(s["server"])
+                s["id"] == session_id and principal.holds(s["server"])
                 for s in self.control.sessions(None)
             ) and self.control.close_session(session_id)
         except Exception as error:
@@ -343,7 +343,7 @@ class AdminAPI:
     @answered
     def list_pins(self, request: Request) -> bytes:
         principal = principal_of(request)
-        pins = {name: p for name, p in self.control.pins().items() if principal.may_use(name)}
+        pins = {name: p for name, p in self.control.pins().items() if principal.holds(name)}
         return json_body(request, {"servers": pins})
 
     @app.route("/admin/pins/<name>/accept", methods=["POST"])
@@ -397,7 +397,7 @@ class AdminAPI:
         C{"*"}: one that needs a grant of every server. The answer is the same
         whether or not the server exists."""
         principal = principal_of(request)
-        granted = "*" in principal.servers if server == "*" else principal.may_use(server)
+        granted = "*" in principal.servers if server == "*" else principal.holds(server)
         if granted:
             return
         self.audit.access_refused(

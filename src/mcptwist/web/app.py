@@ -640,21 +640,16 @@ class BridgeApp:
         # the answer names no server.
         if self.config.auth.enabled:
             return json_body(request, {"status": "unhealthy" if problems else "ok"})
+        states = {name: problems.get(name) or held.get(name, "running") for name in self.backends}
+        endpoints = {
+            e.aggregate.name: {name: states.get(name, "absent") for name in e.aggregate.members}
+            for e in self.endpoints.values()
+        }
         if problems:
-            return json_body(request, {"status": "unhealthy", "servers": problems})
-        return json_body(
-            request,
-            {
-                "status": "ok",
-                "servers": {name: held.get(name, "running") for name in self.backends},
-                "endpoints": {
-                    e.aggregate.name: {
-                        name: held.get(name, "running") for name in e.aggregate.members
-                    }
-                    for e in self.endpoints.values()
-                },
-            },
-        )
+            return json_body(
+                request, {"status": "unhealthy", "servers": problems, "endpoints": endpoints}
+            )
+        return json_body(request, {"status": "ok", "servers": states, "endpoints": endpoints})
 
     def _status(self, backend: Backend) -> dict[str, Any]:
         status = backend.status()

@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.era import LIST_CHANGED, agreed_filter
 from mcptwist.mcp.jsonrpc import Kind, Message
-from mcptwist.routing.aggregate import Refused
+from mcptwist.routing.aggregate import CHANGED, Refused
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.members import AggregateBackend
@@ -185,7 +185,12 @@ def serve(
             if refusal is not None:
                 hub.refuse(checked.message, refusal, peer_of(request))
                 return _json(request, refusal)
-        elif checked.method == "tools/list":
+        elif checked.method not in ("tools/list", "server/discover"):
+            refusal = view.blocked_refusal(checked.message)
+            if refusal is not None:
+                hub.refuse(checked.message, refusal, peer_of(request))
+                return _json(request, refusal)
+        if checked.method == "tools/list":
             inner = rewrite
             rewrite = view.listed if inner is None else (lambda m: view.listed(inner(m)))
     # A child that speaks this revision gets its requests as they are: its own
@@ -376,15 +381,9 @@ def _endpoint_listen(
             {"_meta": {era.META_SUBSCRIPTION: checked.id}, "notifications": agreed},
         ),
     )
-    by_method = {
-        "tools/list": "toolsListChanged",
-        "prompts/list": "promptsListChanged",
-        "resources/list": "resourcesListChanged",
-        "resources/templates/list": "resourcesListChanged",
-    }
 
     def changed(method: str) -> None:
-        field = by_method[method]
+        field = LIST_CHANGED[CHANGED[method]][0]
         if field in agreed:
             send(
                 connection,
