@@ -23,7 +23,7 @@ from mcptwist.mcp.naming import (
 NAME_CHARS = string.ascii_letters + string.digits + "_.-"
 names = st.text(NAME_CHARS, min_size=1, max_size=20)
 prefixes = st.text(string.ascii_lowercase + string.digits + "_-", min_size=1, max_size=8)
-separators = st.sampled_from(["__", "_", ".", "-", "::".replace(":", "_")])
+separators = st.sampled_from(["__", "_", ".", "-", "___"])
 
 
 @st.composite
@@ -35,6 +35,26 @@ def namers(draw: st.DrawFn) -> Namer:
         # Make them distinct and unconfusable the way an operator would: by name.
         chosen = {server: f"p{i}" for i, server in enumerate(chosen)}
     return Namer(chosen, separator)
+
+
+@st.composite
+def renaming(draw: st.DrawFn) -> tuple[Namer, list[tuple[str, str]]]:
+    """A rule with renames the loader would accept (each new name unique and
+    outside every prefix's names), and the tools it is used on."""
+    namer = draw(namers())
+    servers = sorted(namer.prefixes)
+    tools = draw(
+        st.lists(st.tuples(st.sampled_from(servers), names), min_size=1, max_size=8, unique=True)
+    )
+    rename: dict[tuple[str, str], str] = {}
+    for key in draw(st.lists(st.sampled_from(tools), unique=True)):
+        new = "r" + draw(names)
+        clashes = new in rename.values() or any(
+            new.startswith(p + namer.separator) for p in namer.prefixes.values()
+        )
+        if not clashes:
+            rename[key] = new
+    return Namer(namer.prefixes, namer.separator, rename), tools
 
 
 class NamerTests(SynchronousTestCase):
@@ -64,6 +84,16 @@ class NamerTests(SynchronousTestCase):
         shown = namer.expose_uri(server, uri)
         self.assertTrue(shown.startswith(URI_SCHEME))
         self.assertEqual(namer.resolve_uri(shown), (server, uri))
+
+    @settings(max_examples=300)
+    @given(renaming())
+    def test_renames(self, case: tuple[Namer, list[tuple[str, str]]]) -> None:
+        """With renames too, every tool comes back as itself, and no two share a name."""
+        namer, tools = case
+        shown = {namer.expose(server, tool): (server, tool) for server, tool in tools}
+        self.assertEqual(len(shown), len(tools))
+        for name, key in shown.items():
+            self.assertEqual(namer.resolve(name), key)
 
     def test_unknown_names(self) -> None:
         namer = Namer({"github": "gh", "time": "time"})

@@ -28,6 +28,21 @@ TOOL_CHANGE_POLICIES: Final = ("warn", "hide", "block")
 CHILD_ERAS: Final = ("legacy", "dual", "modern")
 
 
+# An endpoint is served, named and counted where servers are as
+# "endpoints/NAME": no server's name holds a slash.
+ENDPOINT_PREFIX: Final = "endpoints/"
+
+
+def endpoint_key(name: str) -> str:
+    """The name an endpoint goes by where servers are named (its URL's path too)."""
+    return ENDPOINT_PREFIX + name
+
+
+def url_path(name: str) -> str:
+    """Where a server's (or an endpoint's) URLs are: /servers/NAME or /endpoints/NAME."""
+    return f"/{name}" if name.startswith(ENDPOINT_PREFIX) else f"/servers/{name}"
+
+
 class ConfigError(Exception):
     """A configuration problem, worded for the person who has to fix it."""
 

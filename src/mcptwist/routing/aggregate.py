@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mcptwist import __version__
-from mcptwist.config.model import EndpointConfig, ServerConfig
+from mcptwist.config.model import EndpointConfig, ServerConfig, endpoint_key
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Message
 from mcptwist.mcp.naming import BadCursor, NameFilter, Namer, decode_cursor, encode_cursor, page
@@ -122,7 +122,7 @@ class Aggregate:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.key = f"endpoints/{config.name}"
+        self.key = endpoint_key(config.name)
         self.namer = Namer(config.prefixes, config.separator, config.rename)
         self.filter = NameFilter(config.include, config.exclude)
         self._servers = servers
@@ -491,7 +491,7 @@ def endpoint_settings(
     most generous of its members' (each member still applies its own)."""
     members = [servers[s] for s in endpoint.servers if s in servers]
     return ServerConfig(
-        name=f"endpoints/{endpoint.name}",
+        name=endpoint_key(endpoint.name),
         command="",
         max_message_size=max(m.max_message_size for m in members),
         request_timeout=max(m.request_timeout for m in members),

@@ -10,7 +10,6 @@ as a call to a tool that does not exist is.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,8 @@ class ToolView:
         self.server = server
         self.filter = NameFilter(server.include, server.exclude)
         self.grants = grants
+        # The tools the grants name (None: all).
+        self.granted = NameFilter(include=grants) if grants is not None else None
         self.pins = pins
         # Whether a call can be refused at all (or every tool may be called).
         self.checks = (
@@ -54,9 +55,7 @@ class ToolView:
         """Whether this client may see and call the tool C{name}."""
         if not self.filter.allows(name):
             return False
-        if self.grants is not None and not any(
-            fnmatch.fnmatchcase(name, pattern) for pattern in self.grants
-        ):
+        if self.granted is not None and not self.granted.allows(name):
             return False
         return self.pins is None or not self.pins.hidden(self.server, name)
 

@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
-from mcptwist.config.model import BridgeConfig, ConfigError, ListenerConfig
+from mcptwist.config.model import BridgeConfig, ConfigError, ListenerConfig, url_path
 from mcptwist.ops.audit import AuditError, AuditTrail
 from mcptwist.ops.metrics import Metrics, Snapshot
 from mcptwist.ops.notify import SystemdNotifier
@@ -237,11 +237,10 @@ class BridgeService(MultiService):
             address = listener.port.getHost()
             if getattr(address, "host", None) is not None:
                 scheme = "https" if listener.config.tls is not None else "http"
-                # An endpoint's name (endpoints/NAME) is its own path.
-                path = name if name.startswith("endpoints/") else f"servers/{name}"
+                path = url_path(name)
                 log.info(
-                    "serving {server}: {scheme}://{address}/{path}/mcp (Streamable HTTP), "
-                    "/{path}/sse (HTTP+SSE)",
+                    "serving {server}: {scheme}://{address}{path}/mcp (Streamable HTTP), "
+                    "{path}/sse (HTTP+SSE)",
                     server=name,
                     path=path,
                     scheme=scheme,

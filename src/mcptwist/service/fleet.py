@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from mcptwist.config.model import BridgeConfig, ServerConfig
+from mcptwist.config.model import BridgeConfig, ServerConfig, endpoint_key
 from mcptwist.ops.metrics import ServerSnapshot, Snapshot
 from mcptwist.ops.notify import status_line
 from mcptwist.routing.aggregate import Aggregate, endpoint_settings
@@ -85,7 +85,7 @@ class Fleet(MultiService):
         (their sessions keep what they had; new ones get the new rules)."""
         endpoints: dict[str, AggregateBackend] = {}
         for endpoint in config.endpoints.values():
-            key = f"endpoints/{endpoint.name}"
+            key = endpoint_key(endpoint.name)
             old = self.endpoints.get(key)
             settings = endpoint_settings(endpoint, config.servers)
             if old is not None and old.aggregate.config == endpoint and old.server == settings:

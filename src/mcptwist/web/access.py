@@ -12,7 +12,6 @@ status a client can act on, and each is written to the audit trail.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -21,8 +20,15 @@ import attrs
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
-from mcptwist.config.model import AuditConfig, BridgeConfig, ListenerConfig, ServerConfig
+from mcptwist.config.model import (
+    AuditConfig,
+    BridgeConfig,
+    ListenerConfig,
+    ServerConfig,
+    endpoint_key,
+)
 from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.naming import NameFilter
 from mcptwist.ops.audit import AuditTrail
 from mcptwist.security.auth import Authenticator, AuthFailure, Principal
 from mcptwist.security.ipfilter import AddressPolicy, forwarded_client, rate_key
@@ -475,7 +481,7 @@ class AccessControl:
 
 
 def _endpoint_members(config: BridgeConfig) -> dict[str, tuple[str, ...]]:
-    return {f"endpoints/{name}": e.servers for name, e in config.endpoints.items()}
+    return {endpoint_key(name): e.servers for name, e in config.endpoints.items()}
 
 
 @attrs.frozen
@@ -501,7 +507,7 @@ class ClientGuard:
 
     def tool(self, server: str, name: str) -> bool:
         patterns = self.principal.tools(server)
-        return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        return patterns is None or NameFilter(include=patterns).allows(name)
 
     def admit(self, server: str) -> str | None:
         principal = self.principal

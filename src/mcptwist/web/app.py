@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from mcptwist import __version__
-from mcptwist.config.model import BridgeConfig
+from mcptwist.config.model import ENDPOINT_PREFIX, BridgeConfig, endpoint_key
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import RequestId
 from mcptwist.routing.backends import Backend
@@ -213,7 +213,7 @@ class Gate(Resource):
             if first == b"endpoints":
                 # An endpoint is served as a server of this name (no server's
                 # name holds a slash).
-                server = "endpoints/" + server
+                server = endpoint_key(server)
         if first == b"admin":
             unserved = self._admin_unserved(request, who, ip)
             if unserved is not None:
@@ -401,13 +401,13 @@ class BridgeApp:
         """The server's backend; with C{draining}, also one a reload retired
         (its existing sessions go on until they end or are closed)."""
         backend = self.backends.get(name)
-        if backend is None and name.startswith("endpoints/"):
+        if backend is None and name.startswith(ENDPOINT_PREFIX):
             backend = self.endpoints.get(name)
             if backend is None:
                 raise HTTPProblem(
                     404,
                     jsonrpc.INVALID_REQUEST,
-                    f"Not Found: no endpoint is named {name[len('endpoints/') :]!r}",
+                    f"Not Found: no endpoint is named {name[len(ENDPOINT_PREFIX) :]!r}",
                 )
         if backend is None and draining:
             backend = next((b for b in self.draining if b.server.name == name), None)

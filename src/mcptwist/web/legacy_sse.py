@@ -12,17 +12,13 @@ from __future__ import annotations
 from twisted.internet.defer import CancelledError
 from twisted.web.server import Request
 
+from mcptwist.config.model import url_path
 from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 
 from .context import TransportContext
 from .http import HTTPProblem, negotiate, parse_messages, read_body, refuse_head, require_json
 from .sse import EventConnection, encode_event
-
-
-def base_path(name: str) -> str:
-    """Where a server's URLs are (an endpoint's name holds its own prefix)."""
-    return f"/{name}" if name.startswith("endpoints/") else f"/servers/{name}"
 
 
 class LegacySink:
@@ -68,7 +64,7 @@ async def stream(ctx: TransportContext, request: Request, name: str) -> None:
         ctx.registry.close(session, "refused: too many streams")
         raise
     sink.connection = connection
-    endpoint = f"{base_path(name)}/messages?session_id={session.id}"
+    endpoint = f"{url_path(name)}/messages?session_id={session.id}"
     connection.send(encode_event(endpoint.encode(), event=b"endpoint"))
     try:
         await connection.done
@@ -89,7 +85,7 @@ def post(ctx: TransportContext, request: Request, name: str) -> bytes:
         raise HTTPProblem(
             404,
             jsonrpc.SESSION_NOT_FOUND,
-            f"Session not found: open a new stream at {base_path(name)}/sse",
+            f"Session not found: open a new stream at {url_path(name)}/sse",
         )
     require_json(request)
     messages, kinds, batch = parse_messages(
