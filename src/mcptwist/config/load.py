@@ -592,7 +592,8 @@ def _parse_server(
         raise r.error(
             "sharing",
             f"{sharing!r} is not a sharing mode",
-            'write sharing = "shared" (one child for all) or "session"',
+            'write sharing = "shared" (one child for all), "session" (a child per session) '
+            'or "principal" (a child per authenticated client)',
         )
     era = r.string("era", "legacy")
     if era not in CHILD_ERAS:
@@ -639,6 +640,7 @@ def _parse_server(
             else None
         ),
         session_idle_timeout=r.number("session_idle_timeout", defaults.session_idle_timeout),
+        child_idle_timeout=r.number("child_idle_timeout", defaults.child_idle_timeout),
         startup_timeout=r.number("startup_timeout", defaults.startup_timeout),
         unresponsive_after=r.integer("unresponsive_after", defaults.unresponsive_after, minimum=0),
         restart_unresponsive=r.boolean("restart_unresponsive", defaults.restart_unresponsive),

@@ -21,7 +21,7 @@ DEFAULT_ORIGINS: Final[tuple[str, ...]] = ()
 # Host names a loopback-only bridge answers to (DNS-rebinding protection).
 LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 MiB: Final = 1024 * 1024
-SHARING_MODES: Final = ("shared", "session")
+SHARING_MODES: Final = ("shared", "session", "principal")
 # What the bridge does when a child serves a tool whose definition differs from its pin.
 TOOL_CHANGE_POLICIES: Final = ("warn", "hide", "block")
 # What a child speaks: the session era only, both (mcp 2.x servers), or 2026-07-28 only.
@@ -248,6 +248,9 @@ class ServerConfig:
     # Of those, what one authenticated principal may hold (None: a quarter).
     max_children_per_principal: int | None = None
     session_idle_timeout: float = 1800.0
+    # With sharing = "principal": how long a principal's child runs once its
+    # last session (or stateless hub) has ended.
+    child_idle_timeout: float = 600.0
     startup_timeout: float = 60.0
     # Requests that time out one after another, with no message from the child
     # meanwhile, before it is reported unresponsive (0: never); and whether it

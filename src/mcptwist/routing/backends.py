@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall
 
 from mcptwist.child.supervisor import ChildState
 from mcptwist.config.model import ServerConfig
@@ -194,6 +195,99 @@ class SessionBackend(Backend):
         }
 
 
+class PrincipalBackend(Backend):
+    """A child of its own for each principal, shared by all of that
+    principal's sessions and stateless requests, up to max_children; a
+    child whose principal has no session left stops after
+    child_idle_timeout. Two principals never share a child (without
+    authentication every client is the one principal "anonymous")."""
+
+    def build(self) -> None:
+        # Each principal's child (a dual-era server's stateless clients have a second).
+        self._children: dict[tuple[str, bool], Upstream] = {}
+        # The idle timer of a child whose principal has no session left.
+        self._idle: dict[Upstream, IDelayedCall] = {}
+        self._stopping: set[Deferred[Any]] = set()
+
+    def open(self, session: Downstream) -> Upstream:
+        if self.held:
+            raise CapacityError(f"MCP server '{self.server.name}' was stopped by an operator")
+        principal = downstream_principal(session) or "anonymous"
+        key = (principal, self.server.era == "dual" and session.stateless)
+        upstream = self._children.get(key)
+        if upstream is None:
+            count = len(self._children)
+            if count >= self.server.max_children:
+                raise CapacityError(
+                    f"MCP server '{self.server.name}' already runs {count} children, one per "
+                    "client, its max_children"
+                )
+            label = f"{self.server.name}[{principal}{'/2026' if key[1] else ''}]"
+            upstream = self._upstream(session.stateless, label)
+            upstream.principal = principal
+            self._children[key] = upstream
+            upstream.setServiceParent(self)
+        else:
+            timer = self._idle.pop(upstream, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+        upstream.attach(session)
+        return upstream
+
+    def close(self, session: Downstream, upstream: Upstream) -> None:
+        upstream.detach(session)
+        if not upstream.sessions and upstream.parent is self and upstream not in self._idle:
+            self._idle[upstream] = self.reactor.callLater(
+                self.server.child_idle_timeout, self._reap, upstream
+            )
+
+    def _reap(self, upstream: Upstream) -> None:
+        """A principal's child idle for child_idle_timeout: it stops."""
+        self._idle.pop(upstream, None)
+        if upstream.sessions:
+            return
+        for key, child in list(self._children.items()):
+            if child is upstream:
+                del self._children[key]
+        if upstream.parent is self:
+            stopping = upstream.disownServiceParent()
+            if stopping is not None and not stopping.called:
+                self._stopping.add(stopping)
+                stopping.addBoth(lambda _: self._stopping.discard(stopping))
+
+    def stopService(self) -> Deferred[Any]:
+        for timer in self._idle.values():
+            if timer.active():
+                timer.cancel()
+        self._idle.clear()
+        return DeferredList([super().stopService(), *self._stopping])
+
+    @property
+    def state(self) -> str:
+        """Failed when every child has failed; otherwise running (no children
+        yet included: a principal's first request spawns one)."""
+        states = {u.supervisor.state for u in self.upstreams()}
+        if states == {ChildState.FAILED}:
+            return ChildState.FAILED.value
+        return ChildState.RUNNING.value
+
+    def status(self) -> dict[str, Any]:
+        children = [{"principal": u.principal, **u.status()} for u in self.upstreams()]
+        running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
+        silent = sum(1 for c in children if c["unresponsive"])
+        return {
+            "name": self.server.name,
+            "sharing": "principal",
+            "state": self.state,
+            "children": children,
+            "running_children": running,
+            "unresponsive_children": silent,
+            "unresponsive": bool(children) and silent == len(children),
+            "max_children": self.server.max_children,
+            "sessions": sum(c["sessions"] for c in children),
+        }
+
+
 def _upstream_class(modern: bool) -> type[Upstream]:
     """The upstream for a child that speaks 2026-07-28, or the session era."""
     return ModernUpstream if modern else Upstream
@@ -206,5 +300,7 @@ def make_backend(
     recorder: Recorder | None = None,
     pins: PinBook | None = None,
 ) -> Backend:
-    cls = SessionBackend if server.sharing == "session" else SharedBackend
+    cls = {"session": SessionBackend, "principal": PrincipalBackend}.get(
+        server.sharing, SharedBackend
+    )
     return cls(server, reactor, environ, recorder, pins)

@@ -224,6 +224,8 @@ class Upstream(Service):
         self._silence = _Silence()
         # What the child offers, for aggregating endpoints.
         self.catalog = Catalog(self)
+        # The principal whose child this is (sharing = "principal"), if any.
+        self.principal: str | None = None
 
     @property
     def label(self) -> str:
