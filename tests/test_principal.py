@@ -15,7 +15,11 @@ from mcptwist.mcp import jsonrpc
 from .support.bridge import Service
 from .support.messages import JSON, bearer, headers, modern
 
-TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef"}
+TOKENS = {
+    "alice": "alice-token-0123456789abcdef",
+    "bob": "bob-token-0123456789abcdef",
+    "ops": "ops-token-0123456789abcdef",
+}
 
 
 def config(**server: Any) -> BridgeConfig:
@@ -23,7 +27,12 @@ def config(**server: Any) -> BridgeConfig:
     from mcptwist.security.auth import hash_token
 
     tokens = [
-        {"name": name, "hash": digest_text(hash_token(token)), "servers": ["*"]}
+        {
+            "name": name,
+            "hash": digest_text(hash_token(token)),
+            "servers": ["*"],
+            "admin": name == "ops",
+        }
         for name, token in TOKENS.items()
     ]
     doc = {
@@ -107,3 +116,38 @@ class PrincipalSharingTests(SynchronousTestCase):
         self.reactor.advance(10)  # the child's stop
         self.assertEqual(self.children(), [])
         self.assertTrue(child.stdin_is_closed)
+
+    def test_operator_stops_one_child(self) -> None:
+        """An operator stops one principal's child: its sessions end, the
+        other principal's child and sessions go on, and its next session
+        starts a new child."""
+        alice, bob = self.session("alice"), self.session("bob")
+        before = {c.pid for c in self.children()}
+        path = "/admin/servers/s/children/token:alice/stop"
+        status, _, _ = self.bridge.exchange("POST", path, None, {**JSON, **bearer(TOKENS["bob"])})
+        self.assertEqual(status, 403, "an admin route needs the admin scope")
+        status, _, body = self.bridge.exchange(
+            "POST", path, None, {**JSON, **bearer(TOKENS["ops"])}
+        )
+        self.assertEqual(status, 200, body)
+        self.assertEqual([c["principal"] for c in body["children"]], ["token:bob"])
+        self.reactor.advance(10)
+        self.assertEqual(len(self.children()), 1)
+        self.assertIn("result", self.call("bob", bob, 2))
+        gone = self.bridge.exchange(
+            "POST",
+            "/servers/s/mcp",
+            jsonrpc.request(3, "ping"),
+            {**JSON, **bearer(TOKENS["alice"]), "mcp-session-id": alice},
+        )
+        self.assertEqual(gone[0], 404)
+        self.session("alice")
+        self.assertEqual(len(self.children()), 2)
+        self.assertEqual(len({c.pid for c in self.children()} - before), 1)
+        status, _, _ = self.bridge.exchange(
+            "POST",
+            "/admin/servers/s/children/token:nobody/stop",
+            None,
+            {**JSON, **bearer(TOKENS["ops"])},
+        )
+        self.assertEqual(status, 404)

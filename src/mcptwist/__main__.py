@@ -532,6 +532,9 @@ def _admin_call(
         return "GET", server, None, None, _show_status
     if command == "stderr":
         return "GET", f"{server}/stderr", None, {"lines": args.lines}, _show_stderr
+    if command == "stop" and getattr(args, "principal", None):
+        path = f"{server}/children/{_quote(args.principal)}/stop"
+        return "POST", path, None, None, _summary(f"stopped {args.principal}'s child of", name)
     if command in ("start", "stop", "restart"):
         verb = {"start": "started", "stop": "stopped", "restart": "restarted"}[command]
         return "POST", f"{server}/{command}", None, None, _summary(verb, name)
@@ -631,7 +634,14 @@ def _add_admin_parser(commands: Any) -> None:
         ("stop", "stop a server until it is started again"),
         ("restart", "restart a server's child processes"),
     ):
-        command(name, summary).add_argument("name", metavar="NAME")
+        parsed = command(name, summary)
+        parsed.add_argument("name", metavar="NAME")
+        if name == "stop":
+            parsed.add_argument(
+                "--principal",
+                metavar="ID",
+                help='only this client\'s child (sharing = "principal"), such as token:alice',
+            )
     stderr = command("stderr", "print the last lines a server wrote to stderr")
     stderr.add_argument("name", metavar="NAME")
     stderr.add_argument(

@@ -241,10 +241,11 @@ class PrincipalBackend(Backend):
                 self.server.child_idle_timeout, self._reap, upstream
             )
 
-    def _reap(self, upstream: Upstream) -> None:
-        """A principal's child idle for child_idle_timeout: it stops."""
+    def _reap(self, upstream: Upstream, force: bool = False) -> None:
+        """A principal's child idle for child_idle_timeout (or stopped by an
+        operator, C{force}): it stops."""
         self._idle.pop(upstream, None)
-        if upstream.sessions:
+        if upstream.sessions and not force:
             return
         for key, child in list(self._children.items()):
             if child is upstream:
@@ -254,6 +255,17 @@ class PrincipalBackend(Backend):
             if stopping is not None and not stopping.called:
                 self._stopping.add(stopping)
                 stopping.addBoth(lambda _: self._stopping.discard(stopping))
+
+    def stop_child(self, principal: str) -> bool:
+        """Stop one principal's child (its sessions must have been closed
+        first); False if it has none. Its next request starts a new one."""
+        children = [u for (who, _), u in self._children.items() if who == principal]
+        for upstream in children:
+            timer = self._idle.pop(upstream, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._reap(upstream, force=True)
+        return bool(children)
 
     def stopService(self) -> Deferred[Any]:
         for timer in self._idle.values():

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from mcptwist.child.supervisor import ChildState
 from mcptwist.config.load import ADMIN_SOURCE, requested_server
 from mcptwist.config.model import ConfigError
-from mcptwist.routing.backends import Backend, SessionBackend
+from mcptwist.routing.backends import Backend, PrincipalBackend, SessionBackend
 from mcptwist.routing.sessions import ClientSession, SessionRegistry
 from mcptwist.service.fleet import Fleet
 
@@ -117,6 +117,20 @@ class BridgeControl:
         stops = [u.supervisor.stopService() for u in backend.upstreams() if u.supervisor.running]
         d = DeferredList(stops)
         return d.addCallback(lambda _: self._status(backend))
+
+    def stop_child(self, name: str, principal: str) -> dict[str, Any]:
+        """Stop one principal's child of a server in principal mode (its
+        sessions end); KeyError if the server is unknown, LookupError if
+        that principal has no child there."""
+        backend = self._backend(name)
+        if not isinstance(backend, PrincipalBackend):
+            raise LookupError(f"MCP server '{name}' does not run a child per principal")
+        for session in self.registry.of_backend(backend):
+            if session.principal == principal:
+                self.registry.close(session, "closed: its child was stopped by an operator")
+        if not backend.stop_child(principal):
+            raise LookupError(f"no child of MCP server '{name}' runs for {principal!r}")
+        return self._status(backend)
 
     def restart(self, name: str) -> Deferred[dict[str, Any]]:
         self._running()

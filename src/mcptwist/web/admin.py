@@ -79,6 +79,11 @@ class AdminControl(Protocol):
     def restart(self, name: str) -> Deferred[dict[str, Any]]:
         """Stop and start a server; its status then. KeyError if unknown."""
 
+    def stop_child(self, name: str, principal: str) -> dict[str, Any]:
+        """Stop one principal's child of a server in principal mode (its sessions
+        end); the server's status. KeyError if the server is unknown,
+        LookupError if that principal has no child there."""
+
     def stderr(self, name: str, lines: int) -> list[str]:
         """The last C{lines} lines a server wrote to stderr. KeyError if unknown."""
 
@@ -235,6 +240,23 @@ class AdminAPI:
     @answered
     async def stop(self, request: Request, name: str) -> bytes:
         return await self._lifecycle(request, "stop", name, self.control.stop)
+
+    @app.route("/admin/servers/<name>/children/<principal>/stop", methods=["POST"])
+    @answered
+    def stop_child(self, request: Request, name: str, principal: str) -> bytes:
+        self._granted(request, name, "stop_child")
+        self._require_json(request, "stop_child", name)
+        try:
+            status = self.control.stop_child(name, principal)
+        except KeyError:
+            problem = no_server(name)
+        except LookupError as e:
+            problem = HTTPProblem(404, jsonrpc.INVALID_REQUEST, f"Not Found: {e}")
+        else:
+            self._record(request, "stop_child", f"{name}/{principal}", "ok")
+            return json_body(request, status)
+        self._record(request, "stop_child", f"{name}/{principal}", _failed(problem))
+        raise problem
 
     @app.route("/admin/servers/<name>/restart", methods=["POST"])
     @answered
