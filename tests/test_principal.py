@@ -4,16 +4,25 @@ shared by all of that client's sessions and stateless requests."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
 from typing import Any
 
+import jwt
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.config.load import parse_config
-from mcptwist.config.model import BridgeConfig
+from mcptwist.config.model import BridgeConfig, ConfigError
 from mcptwist.mcp import jsonrpc
 
 from .support.bridge import Service
+from .support.idp import SECRET
+from .support.idp import SECRET_ISSUER as ISSUER
 from .support.messages import JSON, bearer, headers, modern
+
+AUD = "https://mcp.example.com"
 
 TOKENS = {
     "alice": "alice-token-0123456789abcdef",
@@ -151,3 +160,123 @@ class PrincipalSharingTests(SynchronousTestCase):
             {**JSON, **bearer(TOKENS["ops"])},
         )
         self.assertEqual(status, 404)
+
+
+class CredentialTests(SynchronousTestCase):
+    """Each principal's child gets its own credentials: from its JWT's claims,
+    its entry of the secrets file, or systemd; never the client's token."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.key = os.path.join(self.dir, "jwt.secret")
+        Path(self.key).write_bytes(SECRET)
+        self.secrets = os.path.join(self.dir, "secrets.toml")
+        write_private(self.secrets, '["jwt:alice"]\nDB_PASSWORD = "alice-db-pw"\n')
+        credentials = os.path.join(self.dir, "credentials")
+        os.makedirs(credentials)
+        Path(credentials, "api_key").write_text("systemd-api-key\n")
+        self.environ = {"CREDENTIALS_DIRECTORY": credentials}
+
+    def bridge(self, **server: Any) -> Service:
+        doc = {
+            "servers": {
+                "s": {
+                    "command": "fake",
+                    "sharing": "principal",
+                    "env": {
+                        "GH_TOKEN": "${claim:gh_token}",
+                        "DB_PASSWORD": "${secret:DB_PASSWORD}",
+                        "API_KEY": "${credential:api_key}",
+                    },
+                    **server,
+                }
+            },
+            "auth": {
+                "jwt": {
+                    "issuer": ISSUER,
+                    "audience": [AUD],
+                    "key_file": self.key,
+                    "algorithms": ["HS256"],
+                },
+                "authorization_servers": [ISSUER],
+                "resource_url": AUD,
+            },
+            "secrets": {"file": self.secrets},
+        }
+        config = parse_config(doc, "test.toml", self.environ)
+        return Service(self, config, environ=self.environ)
+
+    def token(self, sub: str, **claims: Any) -> dict[str, str]:
+        now = int(time.time())
+        payload = {"sub": sub, "aud": AUD, "iss": ISSUER, "iat": now, "exp": now + 300, **claims}
+        return bearer(jwt.encode(payload, SECRET, "HS256"))
+
+    def test_each_principal_its_own(self) -> None:
+        bridge = self.bridge()
+        alice = self.token("alice", gh_token="gh-alice", mcp_servers="*")
+        bridge.open_session(init=init(), headers=alice)
+        [child] = bridge.reactor.children
+        self.assertEqual(child.env["GH_TOKEN"], "gh-alice")
+        self.assertEqual(child.env["DB_PASSWORD"], "alice-db-pw")
+        self.assertEqual(child.env["API_KEY"], "systemd-api-key")
+        # The client's own token is nowhere in what the child gets.
+        token = alice["authorization"].split()[1]
+        self.assertFalse([v for v in child.env.values() if token in v])
+        self.assertFalse([m for m in child.received if token in json.dumps(m)])
+        # What the operator sees names the principal, never a credential.
+        status = json.dumps(bridge.service.control.server("s"))
+        self.assertIn("jwt:alice", status)
+        for secret in ("gh-alice", "alice-db-pw", "systemd-api-key"):
+            self.assertNotIn(secret, status)
+
+    def test_missing(self) -> None:
+        """A missing credential refuses the principal, naming the key, and starts nothing."""
+        bridge = self.bridge()
+        bob = self.token("bob", gh_token="gh-bob", mcp_servers="*")
+        response = bridge.request("POST", "/servers/s/mcp", init(), {**JSON, **bob})
+        self.assertEqual(response.code, 403)
+        message = bridge.json(response)["error"]["message"]
+        self.assertIn("'DB_PASSWORD'", message)
+        self.assertIn("jwt:bob", message)
+        self.assertEqual(bridge.reactor.children, [])
+
+    def test_changed_secret(self) -> None:
+        """A changed secret: the principal's next session gets a new child; the
+        old one serves its session until that ends, then stops."""
+        bridge = self.bridge()
+        alice = self.token("alice", gh_token="gh-alice", mcp_servers="*")
+        first = bridge.open_session(init=init(), headers=alice)
+        [old] = bridge.reactor.children
+        write_private(self.secrets, '["jwt:alice"]\nDB_PASSWORD = "rotated-pw"\n')
+        os.utime(self.secrets, (time.time() + 5, time.time() + 5))
+        bridge.open_session(init=init(), headers=alice)
+        [_, new] = bridge.reactor.children
+        self.assertEqual(new.env["DB_PASSWORD"], "rotated-pw")
+        self.assertFalse(old.stdin_is_closed)
+        bridge.exchange("DELETE", "/servers/s/mcp", None, {**alice, "mcp-session-id": first})
+        bridge.reactor.advance(10)
+        self.assertTrue(old.exited)
+        self.assertFalse(new.exited)
+
+    def test_config(self) -> None:
+        """A per-client value needs a child per client, and a private secrets file."""
+        shared = {
+            "servers": {"s": {"command": "c", "env": {"T": "${claim:t}"}}},
+        }
+        error = self.assertRaises(ConfigError, parse_config, shared, "t.toml", {})
+        self.assertEqual(error.key, "servers.s.env.T")
+        self.assertIn('sharing = "principal"', error.fix)
+        os.chmod(self.secrets, 0o644)
+        doc = {"servers": {"s": {"command": "c"}}, "secrets": {"file": self.secrets}}
+        error = self.assertRaises(ConfigError, parse_config, doc, "t.toml", {})
+        self.assertEqual(error.key, "secrets.file")
+        self.assertIn("chmod 600", error.fix)
+        # A systemd credential is the same for everyone: any sharing mode takes it.
+        fine = {"servers": {"s": {"command": "c", "env": {"K": "${credential:k}"}}}}
+        self.assertEqual(parse_config(fine, "t", {}).servers["s"].env, {"K": "${credential:k}"})
+
+
+def write_private(path: str, text: str) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)

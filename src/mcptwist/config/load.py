@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -23,9 +24,11 @@ import attrs
 from mcptwist.config.endpoints import _check_tls_files, check_endpoint, listener_from_string
 from mcptwist.config.model import (
     CHILD_ERAS,
+    CREDENTIAL_REFERENCE,
     DEFAULT_LISTEN,
     DEFAULT_ORIGINS,
     LOOPBACK_HOSTS,
+    PER_PRINCIPAL,
     SHARING_MODES,
     TOOL_CHANGE_POLICIES,
     AdminConfig,
@@ -43,6 +46,7 @@ from mcptwist.config.model import (
     MiB,
     Network,
     RestartPolicy,
+    SecretsConfig,
     ServerConfig,
     ServerLimits,
     TLSConfig,
@@ -461,6 +465,7 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
     servers_table = top.table_at("servers")
     endpoints_table = top.table_at("endpoints")
     pin_file = top.string("pin_file")
+    secrets = _parse_secrets(top)
     top.finish()
     if not servers_table:
         raise ConfigError(
@@ -478,6 +483,8 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         raise ConfigError(
             source, "servers", "every server is disabled", "enable at least one server"
         )
+    for server in servers.values():
+        _check_credentials(source, server, secrets)
     if auth.jwt is not None:
         _check_server_names(
             source, "auth.jwt.default_servers", auth.jwt.default_servers, servers_table
@@ -490,12 +497,66 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         servers=servers,
         endpoints=_parse_endpoints(top, endpoints_table, servers),
         pin_file=pin_file,
+        secrets=secrets,
         listeners=tuple(listeners),
         auth=auth,
         allowed_origins=origins,
         source=source,
         **settings,  # type: ignore[arg-type]
     )
+
+
+def _parse_secrets(top: _Reader) -> SecretsConfig:
+    """[secrets]: one file keyed by principal id, or a directory of one file each."""
+    r = _Reader(top.source, "secrets.", top.table_at("secrets"), top.environ)
+    file, directory = r.string("file"), r.string("directory")
+    r.finish()
+    if file is not None and directory is not None:
+        raise r.error(
+            "directory", "is given with file", "keep one: file (keyed by principal) or directory"
+        )
+    if file is not None:
+        try:
+            mode = os.stat(file).st_mode
+        except OSError as e:
+            raise r.error(
+                "file", f"{file!r} cannot be read ({e.strerror})", "give an existing file"
+            ) from None
+        if stat.S_IMODE(mode) & 0o077:
+            raise r.error(
+                "file",
+                f"{file!r} may be read by others (mode {stat.S_IMODE(mode):04o})",
+                f"chmod 600 {file}",
+            )
+    if directory is not None and not os.path.isdir(directory):
+        raise r.error(
+            "directory", f"{directory!r} is not a directory", "give an existing directory"
+        )
+    return SecretsConfig(file, directory)
+
+
+def _check_credentials(source: str, server: ServerConfig, secrets: SecretsConfig) -> None:
+    """A value that differs by principal needs a child per principal, and a
+    secret needs somewhere to come from."""
+    for var, value in server.env.items():
+        for match in CREDENTIAL_REFERENCE.finditer(value):
+            kind, name = match.group(1), match.group(2)
+            key = f"servers.{server.name}.env.{var}"
+            if kind in PER_PRINCIPAL and server.sharing != "principal":
+                raise ConfigError(
+                    source,
+                    key,
+                    f"refers to ${{{kind}:{name}}}, which differs from one client to another, "
+                    f"but the server's children are {server.sharing!r}",
+                    'set sharing = "principal" (a child per client)',
+                )
+            if kind == "secret" and secrets.file is None and secrets.directory is None:
+                raise ConfigError(
+                    source,
+                    key,
+                    f"refers to ${{secret:{name}}}, but no secrets are configured",
+                    "add [secrets] file = PATH (a table per principal) or directory = PATH",
+                )
 
 
 def _check_server_names(

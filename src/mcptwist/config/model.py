@@ -8,6 +8,7 @@ A leaf: it imports nothing of the bridge, and nothing of Twisted. The loader
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, Final
@@ -41,6 +42,13 @@ def endpoint_key(name: str) -> str:
 def url_path(name: str) -> str:
     """Where a server's (or an endpoint's) URLs are: /servers/NAME or /endpoints/NAME."""
     return f"/{name}" if name.startswith(ENDPOINT_PREFIX) else f"/servers/{name}"
+
+
+# A value of a server's env that its child gets per principal, or from systemd:
+# ${claim:NAME}, ${secret:NAME}, ${credential:NAME}.
+CREDENTIAL_REFERENCE: Final = re.compile(r"\$\{(claim|secret|credential):([A-Za-z0-9_.:/-]+)\}")
+# Sources whose values differ by principal.
+PER_PRINCIPAL: Final = frozenset({"claim", "secret"})
 
 
 class ConfigError(Exception):
@@ -309,6 +317,15 @@ class EndpointConfig:
 
 
 @attrs.frozen
+class SecretsConfig:
+    """Where each principal's secrets are: one file keyed by principal id, or
+    a directory of one file per principal (C{PRINCIPAL.toml} or C{.json})."""
+
+    file: str | None = None
+    directory: str | None = None
+
+
+@attrs.frozen
 class BridgeConfig:
     """Everything the bridge needs to start; built once, never mutated."""
 
@@ -331,6 +348,7 @@ class BridgeConfig:
     endpoints: Mapping[str, EndpointConfig] = attrs.field(factory=dict)
     # Where the digests of tools that were accepted are kept (None: in memory only).
     pin_file: str | None = None
+    secrets: SecretsConfig = SecretsConfig()
     source: str = "<built-in>"
 
 

@@ -398,6 +398,20 @@ class AuditTrail:
             {"principal": principal, "peer": peer, "server": server, "route": route},
         )
 
+    def credential_missing(
+        self, *, principal: str | None, peer: str | None, server: str, reason: str
+    ) -> None:
+        """A principal's child could not be started: a value it needs is missing
+        (C{reason} names the key, never a value)."""
+        if self.metrics is not None:
+            self.metrics.access_refused()
+        if not self.enabled:
+            return
+        self._refusal(
+            "credential_missing",
+            {"principal": principal, "peer": peer, "server": server, "reason": reason},
+        )
+
     def rate_limited(
         self,
         *,

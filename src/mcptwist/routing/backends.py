@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 
+from mcptwist.child.credentials import MissingCredential, Secrets, resolve
 from mcptwist.child.supervisor import ChildState
 from mcptwist.config.model import ServerConfig
 from mcptwist.routing.modern import ModernUpstream
@@ -21,6 +23,7 @@ from mcptwist.routing.pins import PinBook
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.upstream import (
     CapacityError,
+    CredentialError,
     Downstream,
     PrincipalCapacityError,
     Upstream,
@@ -47,16 +50,21 @@ class Backend(MultiService):
         self.pins = pins
         # Stopped by an operator (admin API): stays stopped until started.
         self.held = False
+        # Each principal's secrets (${secret:NAME}), when the file configures them.
+        self.secrets: Secrets | None = None
         self.build()
 
     def build(self) -> None:
         """Set up what this sharing mode needs (called once, by the constructor)."""
 
-    def _upstream(self, stateless: bool, label: str | None = None) -> Upstream:
-        """A new upstream for the sessions of one era (a child speaks it, or is translated for)."""
+    def _upstream(
+        self, stateless: bool, label: str | None = None, server: ServerConfig | None = None
+    ) -> Upstream:
+        """A new upstream for the sessions of one era (a child speaks it, or is
+        translated for); C{server}: the settings its child runs with, if not the server's."""
         era = self.server.era
         cls = _upstream_class(era == "modern" or (era == "dual" and stateless))
-        upstream = cls(self.server, self.reactor, self.environ, label, self.recorder)
+        upstream = cls(server or self.server, self.reactor, self.environ, label, self.recorder)
         pins = self.pins
         if pins is not None:
             server = self.server
@@ -205,6 +213,8 @@ class PrincipalBackend(Backend):
     def build(self) -> None:
         # Each principal's child (a dual-era server's stateless clients have a second).
         self._children: dict[tuple[str, bool], Upstream] = {}
+        # The environment each child was started with (its principal's credentials).
+        self._env: dict[Upstream, Mapping[str, str]] = {}
         # The idle timer of a child whose principal has no session left.
         self._idle: dict[Upstream, IDelayedCall] = {}
         self._stopping: set[Deferred[Any]] = set()
@@ -214,7 +224,24 @@ class PrincipalBackend(Backend):
             raise CapacityError(f"MCP server '{self.server.name}' was stopped by an operator")
         principal = downstream_principal(session) or "anonymous"
         key = (principal, self.server.era == "dual" and session.stateless)
+        try:
+            env = resolve(
+                self.server.env,
+                principal,
+                getattr(session, "claims", None) or {},
+                self.secrets,
+                self.environ,
+            )
+        except MissingCredential as e:
+            raise CredentialError(f"MCP server '{self.server.name}' cannot start: {e}") from None
         upstream = self._children.get(key)
+        if upstream is not None and self._env.get(upstream) != env:
+            # Its credentials changed: a new child serves from now on; the old
+            # one finishes what it has, and stops once its sessions have ended.
+            del self._children[key]
+            if not upstream.sessions:
+                self._reap(upstream, force=True)
+            upstream = None
         if upstream is None:
             count = len(self._children)
             if count >= self.server.max_children:
@@ -223,9 +250,10 @@ class PrincipalBackend(Backend):
                     "client, its max_children"
                 )
             label = f"{self.server.name}[{principal}{'/2026' if key[1] else ''}]"
-            upstream = self._upstream(session.stateless, label)
+            upstream = self._upstream(session.stateless, label, attrs.evolve(self.server, env=env))
             upstream.principal = principal
             self._children[key] = upstream
+            self._env[upstream] = env
             upstream.setServiceParent(self)
         else:
             timer = self._idle.pop(upstream, None)
@@ -236,7 +264,11 @@ class PrincipalBackend(Backend):
 
     def close(self, session: Downstream, upstream: Upstream) -> None:
         upstream.detach(session)
-        if not upstream.sessions and upstream.parent is self and upstream not in self._idle:
+        if upstream.sessions or upstream.parent is not self:
+            return
+        if upstream not in self._children.values():
+            self._reap(upstream)  # replaced (new credentials): its last session ended
+        elif upstream not in self._idle:
             self._idle[upstream] = self.reactor.callLater(
                 self.server.child_idle_timeout, self._reap, upstream
             )
@@ -247,6 +279,7 @@ class PrincipalBackend(Backend):
         self._idle.pop(upstream, None)
         if upstream.sessions and not force:
             return
+        self._env.pop(upstream, None)
         for key, child in list(self._children.items()):
             if child is upstream:
                 del self._children[key]

@@ -12,7 +12,7 @@ ones.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -89,6 +89,8 @@ class ClientSession:
     view: ToolView | None = None
     # The credentials (a Principal) and address its view or guard was given for.
     admitted_as: object = None
+    # Its principal's JWT claims (what a child per principal reads as ${claim:NAME}).
+    claims: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     # Its tools/list requests in flight (their answers pass through the view).
     _listing: set[RequestId] = attrs.field(factory=set)
     # Its requests in flight (the router holds them).
@@ -369,8 +371,10 @@ class SessionRegistry(Service):
         sink_factory: Callable[[str], Sink],
         principal: str = "anonymous",
         peer: str | None = None,
+        claims: Mapping[str, str] | None = None,
     ) -> ClientSession:
-        """Open a session on a server for a principal; the backend may refuse (CapacityError)."""
+        """Open a session on a server for a principal; the backend may refuse
+        (CapacityError, or MissingCredential for a child per principal)."""
         if len(self.sessions) >= self.max_sessions:
             raise SessionLimitError(
                 f"the bridge already holds {len(self.sessions)} sessions (max_sessions)"
@@ -393,6 +397,7 @@ class SessionRegistry(Service):
             principal=principal,
             peer=peer,
             opened=now,
+            claims=claims or {},
         )
         if self.recorder is not None and self.recorder.recording:
             session.recorder, session.clock = self.recorder, self.clock
@@ -418,6 +423,7 @@ class SessionRegistry(Service):
         sink_factory: Callable[[str], Sink],
         principal: str = "anonymous",
         peer: str | None = None,
+        claims: Mapping[str, str] | None = None,
     ) -> ClientSession:
         """The principal's stateless hub on a backend, opened on first use.
 
@@ -429,7 +435,7 @@ class SessionRegistry(Service):
         if hub is not None and not hub.closed:
             hub.last_active = self.clock.seconds()
             return hub
-        hub = self.create(backend, "stateless", sink_factory, principal, peer)
+        hub = self.create(backend, "stateless", sink_factory, principal, peer, claims)
         self._hubs[(backend, principal)] = hub
         if hub.recorder is not None:
             hub.announced = True

@@ -123,6 +123,10 @@ class PrincipalCapacityError(CapacityError):
     """This principal already holds its share of the server's children."""
 
 
+class CredentialError(CapacityError):
+    """A value this principal's child needs is missing: no child is started."""
+
+
 @attrs.define(eq=False)
 class Pending:
     """A request in flight, and the only record of it: a client's, from the

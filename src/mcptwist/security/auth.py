@@ -16,7 +16,7 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -105,6 +105,9 @@ class Principal:
     grants: dict[str, tuple[str, ...] | None] = attrs.field(
         init=False, eq=False, repr=False, default=attrs.Factory(_tool_grants, takes_self=True)
     )
+    # The string claims of its JWT (what ${claim:NAME} reads for its child);
+    # never shown (repr) and not part of who it is (eq).
+    claims: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False, kw_only=True)
 
     def may_use(self, server: str) -> bool:
         """Whether this caller may talk to the server named C{server} (to
@@ -482,7 +485,10 @@ class JWTChecker:
             raise UnauthorizedLogin(f"bad claim {c.scope_claim}")
         prefix = c.server_scope_prefix
         servers.update(s[len(prefix) :] for s in scopes if s.startswith(prefix) and s != prefix)
-        return Principal(name, "jwt", frozenset(servers), admin=c.admin_scope in scopes)
+        strings = {k: v for k, v in claims.items() if isinstance(v, str)}
+        return Principal(
+            name, "jwt", frozenset(servers), admin=c.admin_scope in scopes, claims=strings
+        )
 
 
 # What a reload takes away

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from mcptwist.child.credentials import Secrets
 from mcptwist.config.model import BridgeConfig, ServerConfig, endpoint_key
 from mcptwist.ops.metrics import ServerSnapshot, Snapshot
 from mcptwist.ops.notify import status_line
@@ -74,6 +75,8 @@ class Fleet(MultiService):
         self.serving: Callable[[str], None] = lambda name: None
         self._stopping: set[Deferred[Any]] = set()
         registry.on_closed = self._session_closed
+        # Each principal's secrets, for children per principal.
+        self.secrets = Secrets(config.secrets.file, config.secrets.directory)
         # The aggregating endpoints, by "endpoints/NAME" (the web app reads them).
         self.endpoints: dict[str, AggregateBackend] = {}
         for server in config.servers.values():
@@ -122,6 +125,7 @@ class Fleet(MultiService):
 
     def _serve(self, server: ServerConfig) -> Backend:
         backend = make_backend(server, self.reactor, self.environ, self.recorder, self.pins)
+        backend.secrets = self.secrets
         self.backends[server.name] = backend
         # Started now if the fleet runs.
         backend.setServiceParent(self)
@@ -204,6 +208,7 @@ class Fleet(MultiService):
                 self.add(server)
                 result["restarted"].append(name)
         self.runtime_added.clear()
+        self.secrets.file, self.secrets.directory = new.secrets.file, new.secrets.directory
         self._set_endpoints(new)
         return result
 

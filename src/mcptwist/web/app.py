@@ -38,7 +38,7 @@ from mcptwist.routing.sessions import (
 )
 from mcptwist.routing.stateless import StateSigner
 from mcptwist.routing.tools import ToolView
-from mcptwist.routing.upstream import CapacityError, PrincipalCapacityError
+from mcptwist.routing.upstream import CapacityError, CredentialError, PrincipalCapacityError
 from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
 from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same_origin
 
@@ -436,6 +436,7 @@ class BridgeApp:
                 sink_factory,
                 principal_id(request),
                 peer_of(request),
+                principal_of(request).claims,
             )
         self._admit(request, session)
         return session
@@ -476,6 +477,11 @@ class BridgeApp:
         """Turn a session that cannot be opened into its HTTP refusal, audited."""
         try:
             yield
+        except CredentialError as e:
+            self.access.audit.credential_missing(
+                principal=principal_id(request), peer=peer_of(request), server=server, reason=str(e)
+            )
+            raise HTTPProblem(403, jsonrpc.FORBIDDEN, f"Forbidden: {e}", request_id) from None
         except PrincipalCapacityError as e:
             raise self.refused(
                 request,

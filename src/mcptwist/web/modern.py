@@ -460,6 +460,7 @@ def open_hub(
             lambda _: StatelessSink(),
             principal_id(request),
             peer_of(request),
+            principal_of(request).claims,
         )
     sink = hub.sink
     assert isinstance(sink, StatelessSink)
