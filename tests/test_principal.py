@@ -172,13 +172,16 @@ class CredentialTests(SynchronousTestCase):
         self.key = os.path.join(self.dir, "jwt.secret")
         Path(self.key).write_bytes(SECRET)
         self.secrets = os.path.join(self.dir, "secrets.toml")
-        write_private(self.secrets, '["jwt:alice"]\nDB_PASSWORD = "alice-db-pw"\n')
+        write_private(
+            self.secrets,
+            '["jwt:alice"]\nDB_PASSWORD = "alice-db-pw"\n["jwt:bob"]\nDB_PASSWORD = "bob-db-pw"\n',
+        )
         credentials = os.path.join(self.dir, "credentials")
         os.makedirs(credentials)
         Path(credentials, "api_key").write_text("systemd-api-key\n")
         self.environ = {"CREDENTIALS_DIRECTORY": credentials}
 
-    def bridge(self, **server: Any) -> Service:
+    def bridge(self, endpoint: bool = False, **server: Any) -> Service:
         doc = {
             "servers": {
                 "s": {
@@ -204,6 +207,8 @@ class CredentialTests(SynchronousTestCase):
             },
             "secrets": {"file": self.secrets},
         }
+        if endpoint:
+            doc["endpoints"] = {"one": {"servers": ["s"]}}
         config = parse_config(doc, "test.toml", self.environ)
         return Service(self, config, environ=self.environ)
 
@@ -230,15 +235,31 @@ class CredentialTests(SynchronousTestCase):
         for secret in ("gh-alice", "alice-db-pw", "systemd-api-key"):
             self.assertNotIn(secret, status)
 
+    def test_two_principals(self) -> None:
+        """Two principals, two children, each with its own values, through a
+        server's URL and through an endpoint."""
+        bridge = self.bridge(endpoint=True)
+        alice = self.token("alice", gh_token="gh-alice", mcp_servers="*")
+        bob = self.token("bob", gh_token="gh-bob", mcp_servers="*")
+        bridge.open_session(init=init(), headers=alice)
+        response = bridge.request("POST", "/endpoints/one/mcp", init(), {**JSON, **bob})
+        self.assertEqual(response.code, 200)
+        bridge.json(response)
+        envs = {c.env["GH_TOKEN"]: (c.env["DB_PASSWORD"], c.pid) for c in bridge.reactor.children}
+        self.assertEqual(sorted(envs), ["gh-alice", "gh-bob"])
+        self.assertEqual(envs["gh-alice"][0], "alice-db-pw")
+        self.assertEqual(envs["gh-bob"][0], "bob-db-pw")
+        self.assertNotEqual(envs["gh-alice"][1], envs["gh-bob"][1])
+
     def test_missing(self) -> None:
         """A missing credential refuses the principal, naming the key, and starts nothing."""
         bridge = self.bridge()
-        bob = self.token("bob", gh_token="gh-bob", mcp_servers="*")
-        response = bridge.request("POST", "/servers/s/mcp", init(), {**JSON, **bob})
+        carol = self.token("carol", gh_token="gh-carol", mcp_servers="*")
+        response = bridge.request("POST", "/servers/s/mcp", init(), {**JSON, **carol})
         self.assertEqual(response.code, 403)
         message = bridge.json(response)["error"]["message"]
         self.assertIn("'DB_PASSWORD'", message)
-        self.assertIn("jwt:bob", message)
+        self.assertIn("jwt:carol", message)
         self.assertEqual(bridge.reactor.children, [])
 
     def test_changed_secret(self) -> None:

@@ -24,16 +24,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
 import attrs
 
+from mcptwist.config.files import private_file_problem
 from mcptwist.config.model import CREDENTIAL_REFERENCE
-
-REFERENCE: Final = CREDENTIAL_REFERENCE
 
 
 class MissingCredential(Exception):
@@ -46,20 +44,10 @@ class SecretsError(Exception):
     by others than the bridge's user)."""
 
 
-def check_private(path: str) -> None:
-    """Refuse a file that others than its owner may read or write (0600 at most)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise SecretsError(f"{path}: cannot read it: {e.strerror}") from None
-    if stat.S_IMODE(mode) & 0o077:
-        raise SecretsError(
-            f"{path}: its permissions ({stat.S_IMODE(mode):04o}) let others read it; chmod 600 it"
-        )
-
-
 def _load(path: str) -> Any:
-    check_private(path)
+    problem = private_file_problem(path)
+    if problem is not None:
+        raise SecretsError(f"{path} {problem[0]}; {problem[1]}")
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -144,7 +132,7 @@ def resolve(
             raise MissingCredential(f"no {what[source]} {name!r} for {principal}")
         return found
 
-    return {key: REFERENCE.sub(value, text) for key, text in env.items()}
+    return {key: CREDENTIAL_REFERENCE.sub(value, text) for key, text in env.items()}
 
 
 def _credential(name: str, environ: Mapping[str, str]) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Final, TypeVar
 import attrs
 
 from mcptwist.config.endpoints import _check_tls_files, check_endpoint, listener_from_string
+from mcptwist.config.files import private_file_problem
 from mcptwist.config.model import (
     CHILD_ERAS,
     CREDENTIAL_REFERENCE,
@@ -515,19 +515,9 @@ def _parse_secrets(top: _Reader) -> SecretsConfig:
         raise r.error(
             "directory", "is given with file", "keep one: file (keyed by principal) or directory"
         )
-    if file is not None:
-        try:
-            mode = os.stat(file).st_mode
-        except OSError as e:
-            raise r.error(
-                "file", f"{file!r} cannot be read ({e.strerror})", "give an existing file"
-            ) from None
-        if stat.S_IMODE(mode) & 0o077:
-            raise r.error(
-                "file",
-                f"{file!r} may be read by others (mode {stat.S_IMODE(mode):04o})",
-                f"chmod 600 {file}",
-            )
+    problem = private_file_problem(file) if file is not None else None
+    if problem is not None:
+        raise r.error("file", f"{file!r} {problem[0]}", problem[1])
     if directory is not None and not os.path.isdir(directory):
         raise r.error(
             "directory", f"{directory!r} is not a directory", "give an existing directory"

@@ -63,6 +63,11 @@ class MemberLink:
         return self.owner.session.principal
 
     @property
+    def claims(self) -> Mapping[str, str]:
+        """Its principal's claims (a member that runs a child per principal reads them)."""
+        return self.owner.session.claims
+
+    @property
     def protocol_version(self) -> str | None:
         return self.owner.session.protocol_version
 
@@ -129,6 +134,7 @@ class AggregateSession(Downstream, Protocol):
     """The client session an aggregate upstream serves (a ClientSession)."""
 
     principal: str
+    claims: Mapping[str, str]
 
     @property
     def closed(self) -> bool: ...
