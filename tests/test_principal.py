@@ -181,7 +181,7 @@ class CredentialTests(SynchronousTestCase):
         Path(credentials, "api_key").write_text("systemd-api-key\n")
         self.environ = {"CREDENTIALS_DIRECTORY": credentials}
 
-    def bridge(self, endpoint: bool = False, **server: Any) -> Service:
+    def bridge(self, endpoint: bool = False, on_spawn: Any = None, **server: Any) -> Service:
         doc = {
             "servers": {
                 "s": {
@@ -210,7 +210,7 @@ class CredentialTests(SynchronousTestCase):
         if endpoint:
             doc["endpoints"] = {"one": {"servers": ["s"]}}
         config = parse_config(doc, "test.toml", self.environ)
-        return Service(self, config, environ=self.environ)
+        return Service(self, config, environ=self.environ, on_spawn=on_spawn)
 
     def token(self, sub: str, **claims: Any) -> dict[str, str]:
         now = int(time.time())
@@ -262,23 +262,152 @@ class CredentialTests(SynchronousTestCase):
         self.assertIn("jwt:carol", message)
         self.assertEqual(bridge.reactor.children, [])
 
+    def post(self, bridge: Service, message: Any, extra: dict[str, str]) -> Any:
+        """POST to server s; the Deferred fires with the response, maybe later."""
+        treq: Any = bridge.client
+        d = treq.request(
+            "POST",
+            "http://127.0.0.1/servers/s/mcp",
+            data=jsonrpc.dumps(message),
+            headers={**JSON, **extra},
+        )
+        treq.flush()
+        return d
+
+    def answered(self, bridge: Service, d: Any) -> Any:
+        bridge.client.flush()
+        return bridge.json(self.successResultOf(d))
+
     def test_changed_secret(self) -> None:
-        """A changed secret: the principal's next session gets a new child; the
-        old one serves its session until that ends, then stops."""
+        """A changed secret restarts the principal's child on its next request:
+        the call in flight on the old child is answered by it first, the new
+        request waits for the new child, and the session goes on."""
         bridge = self.bridge()
         alice = self.token("alice", gh_token="gh-alice", mcp_servers="*")
-        first = bridge.open_session(init=init(), headers=alice)
+        session = bridge.open_session(init=init(), headers=alice)
+        extra = {**alice, "mcp-session-id": session}
         [old] = bridge.reactor.children
+        old.hold = True
+        slow = self.post(bridge, call(2, "slow"), extra)
         write_private(self.secrets, '["jwt:alice"]\nDB_PASSWORD = "rotated-pw"\n')
         os.utime(self.secrets, (time.time() + 5, time.time() + 5))
-        bridge.open_session(init=init(), headers=alice)
-        [_, new] = bridge.reactor.children
-        self.assertEqual(new.env["DB_PASSWORD"], "rotated-pw")
-        self.assertFalse(old.stdin_is_closed)
-        bridge.exchange("DELETE", "/servers/s/mcp", None, {**alice, "mcp-session-id": first})
+        fast = self.post(bridge, call(3, "fast"), extra)
+        bridge.reactor.advance(0)
+        self.assertNoResult(slow)
+        self.assertNoResult(fast)
+        self.assertEqual(len(bridge.reactor.children), 1)
+        self.assertFalse(old.stdin_is_closed, "the old child finishes its call first")
+        self.assertEqual([m["params"]["arguments"] for m in old.held], [{"step": "slow"}])
+        old.hold = False
+        old.answer(old.held.pop())
+        bridge.reactor.advance(0)
+        self.assertEqual(
+            self.answered(bridge, slow)["result"]["content"][0]["text"], "{'step': 'slow'}"
+        )
         bridge.reactor.advance(10)
         self.assertTrue(old.exited)
-        self.assertFalse(new.exited)
+        [new] = [c for c in bridge.reactor.children if not c.exited]
+        self.assertEqual(new.env["DB_PASSWORD"], "rotated-pw")
+        self.assertEqual(
+            self.answered(bridge, fast)["result"]["content"][0]["text"], "{'step': 'fast'}"
+        )
+        self.assertEqual(
+            [m["params"]["arguments"] for m in new.requests("tools/call")], [{"step": "fast"}]
+        )
+        # The same session goes on, on the new child.
+        after = self.answered(bridge, self.post(bridge, call(4, "after"), extra))
+        self.assertIn("result", after)
+
+    def test_changed_claim(self) -> None:
+        """A new token whose claim changed restarts the child on the session's
+        next request; a request with the same values changes nothing."""
+        bridge = self.bridge()
+        first = self.token("alice", gh_token="gh-alice", mcp_servers="*")
+        session = bridge.open_session(init=init(), headers=first)
+        [old] = bridge.reactor.children
+        again = self.token("alice", gh_token="gh-alice", mcp_servers="*", iat=int(time.time()) - 1)
+        self.answered(bridge, self.post(bridge, call(2, "a"), {**again, "mcp-session-id": session}))
+        bridge.reactor.advance(10)
+        self.assertEqual(bridge.reactor.children, [old])
+        renewed = self.token("alice", gh_token="gh-alice-2", mcp_servers="*")
+        d = self.post(bridge, call(3, "b"), {**renewed, "mcp-session-id": session})
+        bridge.reactor.advance(10)
+        self.assertIn("result", self.answered(bridge, d))
+        self.assertTrue(old.exited)
+        [new] = [c for c in bridge.reactor.children if not c.exited]
+        self.assertEqual(new.env["GH_TOKEN"], "gh-alice-2")
+
+    def test_changed_claim_stateless(self) -> None:
+        """The same for 2026-07-28 requests: the principal's hub child restarts
+        with the new value."""
+        bridge = self.bridge()
+
+        def ask(i: int, token: dict[str, str]) -> Any:
+            message = modern(i, "tools/call", {"name": "echo", "arguments": {"i": i}})
+            treq: Any = bridge.client
+            d = treq.request(
+                "POST",
+                "http://127.0.0.1/servers/s/mcp",
+                data=jsonrpc.dumps(message),
+                headers={**headers(message), **token},
+            )
+            bridge.reactor.advance(10)
+            return self.answered(bridge, d)
+
+        self.assertIn("result", ask(1, self.token("alice", gh_token="one", mcp_servers="*")))
+        [old] = bridge.reactor.children
+        self.assertEqual(old.env["GH_TOKEN"], "one")
+        self.assertIn("result", ask(2, self.token("alice", gh_token="two", mcp_servers="*")))
+        self.assertTrue(old.exited)
+        [new] = [c for c in bridge.reactor.children if not c.exited]
+        self.assertEqual(new.env["GH_TOKEN"], "two")
+
+    def test_missing_later(self) -> None:
+        """A credential gone from the secrets file: the principal's next
+        request is refused with 403 naming it, and audited; its child is
+        left as it was."""
+        bridge = self.bridge()
+        alice = self.token("alice", gh_token="gh-alice", mcp_servers="*")
+        session = bridge.open_session(init=init(), headers=alice)
+        [child] = bridge.reactor.children
+        write_private(self.secrets, '["jwt:bob"]\nDB_PASSWORD = "bob-db-pw"\n')
+        os.utime(self.secrets, (time.time() + 5, time.time() + 5))
+        response = self.successResultOf(
+            self.post(bridge, call(2, "x"), {**alice, "mcp-session-id": session})
+        )
+        self.assertEqual(response.code, 403)
+        body = bridge.json(response)
+        self.assertEqual(body["id"], 2)
+        self.assertIn("'DB_PASSWORD'", body["error"]["message"])
+        self.assertFalse(child.exited)
+        self.assertEqual(child.requests("tools/call"), [])
+
+    def test_endpoint_member_renews(self) -> None:
+        """Through an endpoint, the member's child restarts with the new claim too."""
+
+        def tools(child: Any) -> None:
+            child.lists["tools/list"] = [{"name": "echo", "inputSchema": {"type": "object"}}]
+
+        bridge = self.bridge(endpoint=True, on_spawn=tools)
+        first = self.token("alice", gh_token="one", mcp_servers="*")
+        response = bridge.request("POST", "/endpoints/one/mcp", init(), {**JSON, **first})
+        [session] = response.headers.getRawHeaders("mcp-session-id")
+        bridge.json(response)
+        [old] = bridge.reactor.children
+        renewed = self.token("alice", gh_token="two", mcp_servers="*")
+        message = jsonrpc.request(2, "tools/call", {"name": "s__echo", "arguments": {}})
+        treq: Any = bridge.client
+        d = treq.request(
+            "POST",
+            "http://127.0.0.1/endpoints/one/mcp",
+            data=jsonrpc.dumps(message),
+            headers={**JSON, **renewed, "mcp-session-id": session},
+        )
+        bridge.reactor.advance(10)
+        self.assertIn("result", self.answered(bridge, d))
+        self.assertTrue(old.exited)
+        [new] = [c for c in bridge.reactor.children if not c.exited]
+        self.assertEqual(new.env["GH_TOKEN"], "two")
 
     def test_config(self) -> None:
         """A per-client value needs a child per client, and a private secrets file."""
@@ -296,6 +425,10 @@ class CredentialTests(SynchronousTestCase):
         # A systemd credential is the same for everyone: any sharing mode takes it.
         fine = {"servers": {"s": {"command": "c", "env": {"K": "${credential:k}"}}}}
         self.assertEqual(parse_config(fine, "t", {}).servers["s"].env, {"K": "${credential:k}"})
+
+
+def call(i: int, step: str) -> jsonrpc.Message:
+    return jsonrpc.request(i, "tools/call", {"name": "echo", "arguments": {"step": step}})
 
 
 def write_private(path: str, text: str) -> None:

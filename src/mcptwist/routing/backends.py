@@ -14,6 +14,7 @@ import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 
 from mcptwist.child.credentials import MissingCredential, Secrets, resolve
 from mcptwist.child.supervisor import ChildState
@@ -30,9 +31,16 @@ from mcptwist.routing.upstream import (
     downstream_principal,
 )
 
+log = Logger(namespace="mcptwist.routing")
+
 
 class Backend(MultiService):
     """How one configured server is served: the interface transports use."""
+
+    @property
+    def per_principal(self) -> bool:
+        """A child per principal: each request checks its principal's credentials."""
+        return False
 
     def __init__(
         self,
@@ -78,6 +86,10 @@ class Backend(MultiService):
     def close(self, session: Downstream, upstream: Upstream) -> None:
         """The session has ended."""
         raise NotImplementedError
+
+    def refresh(self, session: Downstream, upstream: Upstream) -> None:
+        """Before each of a session's requests: nothing, except for a child
+        per principal (its credentials may have changed)."""
 
     def upstreams(self) -> Iterator[Upstream]:
         for service in self:
@@ -210,6 +222,10 @@ class PrincipalBackend(Backend):
     child_idle_timeout. Two principals never share a child (without
     authentication every client is the one principal "anonymous")."""
 
+    @property
+    def per_principal(self) -> bool:
+        return True
+
     def build(self) -> None:
         # Each principal's child (a dual-era server's stateless clients have a second).
         self._children: dict[tuple[str, bool], Upstream] = {}
@@ -224,24 +240,8 @@ class PrincipalBackend(Backend):
             raise CapacityError(f"MCP server '{self.server.name}' was stopped by an operator")
         principal = downstream_principal(session) or "anonymous"
         key = (principal, self.server.era == "dual" and session.stateless)
-        try:
-            env = resolve(
-                self.server.env,
-                principal,
-                getattr(session, "claims", None) or {},
-                self.secrets,
-                self.environ,
-            )
-        except MissingCredential as e:
-            raise CredentialError(f"MCP server '{self.server.name}' cannot start: {e}") from None
+        env = self._credentials(principal, session)
         upstream = self._children.get(key)
-        if upstream is not None and self._env.get(upstream) != env:
-            # Its credentials changed: a new child serves from now on; the old
-            # one finishes what it has, and stops once its sessions have ended.
-            del self._children[key]
-            if not upstream.sessions:
-                self._reap(upstream, force=True)
-            upstream = None
         if upstream is None:
             count = len(self._children)
             if count >= self.server.max_children:
@@ -259,19 +259,51 @@ class PrincipalBackend(Backend):
             timer = self._idle.pop(upstream, None)
             if timer is not None and timer.active():
                 timer.cancel()
+            self._renew(upstream, env)
         upstream.attach(session)
         return upstream
 
+    def refresh(self, session: Downstream, upstream: Upstream) -> None:
+        """Before a request: the principal's credentials as they are now; a
+        change restarts its child (CredentialError: one is missing now)."""
+        if upstream.parent is self and upstream.principal is not None:
+            self._renew(upstream, self._credentials(upstream.principal, session))
+
+    def _credentials(self, principal: str, session: Downstream) -> Mapping[str, str]:
+        """The environment of this principal's child: the server's env, its
+        references resolved for the principal."""
+        try:
+            return resolve(
+                self.server.env,
+                principal,
+                getattr(session, "claims", None) or {},
+                self.secrets,
+                self.environ,
+            )
+        except MissingCredential as e:
+            raise CredentialError(f"MCP server '{self.server.name}' cannot start: {e}") from None
+
+    def _renew(self, upstream: Upstream, env: Mapping[str, str]) -> None:
+        """Credentials that changed restart the child, once its requests in
+        flight have been answered; its sessions go on with the new child."""
+        if self._env.get(upstream) == env:
+            return
+        self._env[upstream] = env
+        log.info(
+            "{server}: the credentials of {principal} changed; its child restarts once its "
+            "requests in flight are answered",
+            server=self.server.name,
+            principal=upstream.principal,
+        )
+        upstream.renew(attrs.evolve(self.server, env=env))
+
     def close(self, session: Downstream, upstream: Upstream) -> None:
         upstream.detach(session)
-        if upstream.sessions or upstream.parent is not self:
+        if upstream.sessions or upstream.parent is not self or upstream in self._idle:
             return
-        if upstream not in self._children.values():
-            self._reap(upstream)  # replaced (new credentials): its last session ended
-        elif upstream not in self._idle:
-            self._idle[upstream] = self.reactor.callLater(
-                self.server.child_idle_timeout, self._reap, upstream
-            )
+        self._idle[upstream] = self.reactor.callLater(
+            self.server.child_idle_timeout, self._reap, upstream
+        )
 
     def _reap(self, upstream: Upstream, force: bool = False) -> None:
         """A principal's child idle for child_idle_timeout (or stopped by an

@@ -38,7 +38,13 @@ from mcptwist.routing.aggregate import (
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.record import Recorder, Status
-from mcptwist.routing.upstream import CapacityError, Downstream, Pending, Upstream
+from mcptwist.routing.upstream import (
+    CapacityError,
+    CredentialError,
+    Downstream,
+    Pending,
+    Upstream,
+)
 
 log = Logger(namespace="mcptwist.aggregate")
 
@@ -395,8 +401,17 @@ class AggregateUpstream:
                 server=route.server,
             )
             return
-        self.routes[message["id"]] = (link, message["method"])
         assert link.upstream is not None
+        try:
+            link.backend.refresh(link, link.upstream)
+        except CredentialError as e:
+            self._own(
+                message,
+                jsonrpc.error(message["id"], jsonrpc.FORBIDDEN, f"Forbidden: {e}"),
+                server=route.server,
+            )
+            return
+        self.routes[message["id"]] = (link, message["method"])
         link.upstream.handle(link, route.message, Kind.REQUEST)
 
     # The client's notifications and responses
@@ -552,6 +567,12 @@ class AggregateBackend(Backend):
 
     def close(self, session: Downstream, upstream: Upstream) -> None:
         upstream.close()  # type: ignore[attr-defined]
+
+    @property
+    def per_principal(self) -> bool:
+        """A member runs a child per principal: the session's claims matter
+        (each request routed to it checks them, L{AggregateUpstream._route})."""
+        return any(b is not None and b.per_principal for _, b in self.members())
 
     def upstreams(self) -> Iterator[Upstream]:
         return iter(())

@@ -45,6 +45,8 @@ STDERR_IN_ERRORS: Final = 20
 CANNOT_ASK: Final = frozenset(
     {"resources/subscribe", "resources/unsubscribe", "logging/setLevel", "ping"}
 )
+# A client's stream of a child's changes (2026-07-28): a request that never ends.
+LISTEN: Final = "subscriptions/listen"
 # How long after a cancellation a child's request to a client may still be its.
 ABANDONED_GRACE: Final = 5.0
 BRIDGE_INFO: Final = {"name": protocol.BRIDGE_NAME, "version": __version__}
@@ -230,6 +232,9 @@ class Upstream(Service):
         self.catalog = Catalog(self)
         # The principal whose child this is (sharing = "principal"), if any.
         self.principal: str | None = None
+        # A new configuration (new credentials) waits for the child's requests
+        # in flight to end; requests meanwhile wait for the new child.
+        self._renewing = False
 
     @property
     def label(self) -> str:
@@ -250,6 +255,33 @@ class Upstream(Service):
         d = self.supervisor.stopService()
         self._fail_all(f"MCP server '{self.label}' is shutting down")
         return d
+
+    def renew(self, server: ServerConfig) -> None:
+        """Restart the child with a new configuration (its principal's new
+        credentials) once its clients' requests in flight have been answered;
+        requests from now on wait for the new child. Sessions go on."""
+        self.server = self.supervisor.server = server
+        if not self._ready or self._child is None:
+            # Not serving yet: the child about to answer would have the old settings.
+            if self.supervisor.running:
+                self.supervisor.restart()
+            return
+        self._renewing = True
+        self._renew_when_drained()
+
+    def _renew_when_drained(self) -> None:
+        """Restart a renewing child once no client request waits on it (a
+        client's listen stream does not count: it never ends by itself)."""
+        if not self._renewing:
+            return
+        child = self._child
+        for p in self._pending.values():
+            if p.sent_to is child and p.session is not None and p.method != LISTEN:
+                return
+        self._renewing = False
+        self._ready = False
+        if self.supervisor.running:
+            self.supervisor.restart()
 
     # Sessions
 
@@ -588,6 +620,7 @@ class Upstream(Service):
         """Send a new child its first request; it must answer within startup_timeout."""
         self._child = child
         self._ready = False
+        self._renewing = False
         self._silence = _Silence()
         child_id = next(self._ids)
         p = Pending(
@@ -913,7 +946,7 @@ class Upstream(Service):
     # Plumbing
 
     def _send_or_queue(self, p: Pending | None, message: Message) -> None:
-        if self._ready and self._child is not None:
+        if self._ready and not self._renewing and self._child is not None:
             if p is not None:
                 p.sent_to = self._child
             if not self._send(self._child, message) and p is not None:
@@ -1088,6 +1121,9 @@ class Upstream(Service):
         if p.timer is not None and p.timer.active():
             p.timer.cancel()
         p.timer = None
+        if self._renewing and live and p.sent_to is not None:
+            # Not from inside whatever ends the request: the restart stops the child.
+            self.clock.callLater(0, self._renew_when_drained)
         return live
 
     def _fail_all(self, text: str) -> None:

@@ -465,6 +465,19 @@ class BridgeApp:
         else:
             session.view = self.tool_view(request, session.backend)
 
+    def refresh(
+        self, request: Request, session: ClientSession, request_id: RequestId | None
+    ) -> None:
+        """Before a session's requests: a child per principal gets its
+        credentials as this request presents them (a changed JWT claim or
+        secret restarts it), or the 403 that names the one missing."""
+        upstream = session.upstream
+        if upstream is None or not session.backend.per_principal:
+            return
+        session.claims = principal_of(request).claims
+        with self.refusing_sessions(request, session.server, request_id):
+            session.backend.refresh(session, upstream)
+
     def tool_view(self, request: Request, backend: Backend) -> ToolView | None:
         """What of a server's tools this request's principal may see and call."""
         server = backend.server

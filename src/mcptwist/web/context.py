@@ -85,6 +85,12 @@ class TransportContext(Protocol):
         """The open session with this id on this server, if this request's
         principal opened it (what it may see refreshed to its grants now)."""
 
+    def refresh(
+        self, request: Request, session: ClientSession, request_id: RequestId | None
+    ) -> None:
+        """Before a session's requests: a child per principal gets its
+        credentials as this request presents them (or the HTTP refusal)."""
+
     def tool_view(self, request: Request, backend: Backend) -> ToolView | None:
         """What of a server's tools this request's principal may see and call."""
 

@@ -101,6 +101,7 @@ def post(ctx: TransportContext, request: Request, name: str) -> bytes:
     requests = [m["id"] for m, k in zip(messages, kinds, strict=True) if k is Kind.REQUEST]
     if requests:
         ctx.access.admit_requests(request, session, len(requests), None if batch else requests[0])
+        ctx.refresh(request, session, None if batch else requests[0])
     now = ctx.clock.seconds()
     for message, kind in zip(messages, kinds, strict=True):
         session.receive(message, kind, now)

@@ -454,14 +454,15 @@ def open_hub(
     """The principal's stateless hub on this server (opened on first use), or
     the HTTP refusal when no session can be opened for it."""
     backend: Backend = ctx.backend(name)
+    claims = principal_of(request).claims
     with ctx.refusing_sessions(request, name, checked.id):
         hub = ctx.registry.hub(
-            backend,
-            lambda _: StatelessSink(),
-            principal_id(request),
-            peer_of(request),
-            principal_of(request).claims,
+            backend, lambda _: StatelessSink(), principal_id(request), peer_of(request), claims
         )
+        if hub.claims is not claims and hub.upstream is not None:
+            # An open hub: its child gets the credentials this request presents.
+            hub.claims = claims
+            backend.refresh(hub, hub.upstream)
     sink = hub.sink
     assert isinstance(sink, StatelessSink)
     if sink.session is None:  # a new hub

@@ -267,6 +267,7 @@ def post(
         )
     if not initialize:
         ctx.access.admit_requests(request, session, len(ids), None if batch else ids[0])
+        ctx.refresh(request, session, None if batch else ids[0])
     # initialize is answered as JSON when the client takes it, so that the
     # session id is sent only with a successful result.
     use_sse = sse_ok and not (json_ok and (backend.server.json_response or initialize))
