@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import time
 from pathlib import Path
 from typing import Any
 
 import jwt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.logger import eventAsJSON, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.config.load import parse_config
@@ -434,3 +438,119 @@ def call(i: int, step: str) -> jsonrpc.Message:
 def write_private(path: str, text: str) -> None:
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(text)
+
+
+# Secret values: long enough that none turns up anywhere by chance.
+SECRET_VALUES = st.text(
+    alphabet=string.ascii_letters + string.digits + "-_.~+/=!@#$%^&*",
+    min_size=12,
+    max_size=40,
+)
+
+
+class SecretsHiddenTests(SynchronousTestCase):
+    """Whatever the values, no credential a child gets appears in what the
+    bridge logs, audits, shows (status, admin API, metrics) or answers."""
+
+    @settings(max_examples=20, deadline=None)
+    @given(
+        claims=st.tuples(SECRET_VALUES, SECRET_VALUES),
+        secrets=st.tuples(SECRET_VALUES, SECRET_VALUES, SECRET_VALUES),
+        credential=SECRET_VALUES,
+    )
+    def test_nowhere(
+        self, claims: tuple[str, str], secrets: tuple[str, str, str], credential: str
+    ) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        key = directory / "jwt.secret"
+        key.write_bytes(SECRET)
+        secrets_file = directory / "secrets.json"
+        write_private(
+            str(secrets_file),
+            json.dumps({"jwt:alice": {"DB": secrets[0]}, "jwt:bob": {"DB": secrets[1]}}),
+        )
+        credentials = directory / "credentials"
+        credentials.mkdir()
+        (credentials / "api_key").write_text(credential)
+        environ = {"CREDENTIALS_DIRECTORY": str(credentials)}
+        audit = directory / "audit.jsonl"
+        doc = {
+            "servers": {
+                "s": {
+                    "command": "fake",
+                    "sharing": "principal",
+                    "env": {
+                        "GH": "${claim:gh}",
+                        "DB": "${secret:DB}",
+                        "KEY": "${credential:api_key}",
+                    },
+                }
+            },
+            "auth": {
+                "jwt": {
+                    "issuer": ISSUER,
+                    "audience": [AUD],
+                    "key_file": str(key),
+                    "algorithms": ["HS256"],
+                },
+                "authorization_servers": [ISSUER],
+                "resource_url": AUD,
+            },
+            "secrets": {"file": str(secrets_file)},
+            "audit": {"path": str(audit)},
+        }
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        bridge = Service(self, parse_config(doc, "test.toml", environ), environ=environ)
+        seen: list[bytes] = []
+
+        def token(sub: str, **more: Any) -> dict[str, str]:
+            now = int(time.time())
+            payload = {"sub": sub, "aud": AUD, "iss": ISSUER, "iat": now, "exp": now + 300}
+            payload.update(more, mcp_servers="*")
+            return bearer(jwt.encode(payload, SECRET, "HS256"))
+
+        def ask(method: str, path: str, body: Any, extra: dict[str, str]) -> Any:
+            response = bridge.request(method, path, body, {**JSON, **extra})
+            content = bridge.content(response)
+            seen.append(content)
+            return response, content
+
+        alice = token("alice", gh=claims[0])
+        bob = token("bob", gh=claims[1])
+        ops = token("ops", scope="mcp:admin")
+        response, _ = ask("POST", "/servers/s/mcp", init(), alice)
+        [session] = response.headers.getRawHeaders("mcp-session-id")
+        ask("POST", "/servers/s/mcp", call(2, "a"), {**alice, "mcp-session-id": session})
+        stateless = modern(3, "tools/call", {"name": "echo", "arguments": {}})
+        ask("POST", "/servers/s/mcp", stateless, {**headers(stateless), **bob})
+        # Carol has no secret: refused, and the refusal is audited.
+        carol = token("carol", gh="carol-claim")
+        ask("POST", "/servers/s/mcp", init(), carol)
+        # Alice's secret changes: her child restarts (logged, audited).
+        write_private(
+            str(secrets_file),
+            json.dumps({"jwt:alice": {"DB": secrets[2]}, "jwt:bob": {"DB": secrets[1]}}),
+        )
+        os.utime(secrets_file, (time.time() + 5, time.time() + 5))
+        ask("POST", "/servers/s/mcp", call(4, "b"), {**alice, "mcp-session-id": session})
+        bridge.reactor.advance(10)
+        for path in ("/servers", "/servers/s", "/health", "/metrics", "/admin/servers/s"):
+            ask("GET", path, None, ops)
+        ask("GET", "/admin/sessions", None, ops)
+        ask("POST", "/admin/servers/s/children/jwt:bob/stop", None, ops)
+        bridge.close()
+        spawned = {c.env["DB"] for c in bridge.reactor.children}
+        self.assertEqual(spawned, {secrets[0], secrets[1], secrets[2]}, "every value was used")
+        shown = [
+            *(formatEvent(e) or "" for e in events),
+            *(eventAsJSON(e) for e in events),
+            audit.read_text(),
+            *(b.decode("utf-8", "replace") for b in seen),
+        ]
+        self.assertIn("jwt:carol", audit.read_text())
+        for value in (*claims, *secrets, credential):
+            leaks = [text for text in shown if value in text]
+            self.assertEqual(leaks, [], f"{value!r} shown")

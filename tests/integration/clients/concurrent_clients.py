@@ -1,7 +1,8 @@
 """Many raw MCP clients at once on one server, all using the same JSON-RPC ids.
 
     python concurrent_clients.py --base http://127.0.0.1:PORT --server NAME \
-        --clients 20 --calls 10 --tool echo|calculate --transport http|sse|mixed
+        --clients 20 --calls 10 --tool echo|calculate --transport http|sse|mixed \
+        [--bearer TOKEN]...
 
 Every client initializes with the id C{"init"}, then sends C{--calls}
 tools/call requests at once with the ids 1..N (the same ids in every client)
@@ -159,10 +160,10 @@ class Checker:
 
 
 async def http_client(
-    h: httpx2.AsyncClient, url: str, client: int, tool: str, calls: int
+    h: httpx2.AsyncClient, url: str, client: int, tool: str, calls: int, auth: dict[str, str]
 ) -> dict[str, Any]:
     checker = Checker(client, tool, calls)
-    headers = {"Accept": ACCEPT, "Content-Type": "application/json"}
+    headers = {"Accept": ACCEPT, "Content-Type": "application/json", **auth}
     r = await h.post(url, json=initialize("init"), headers=headers)
     r.raise_for_status()
     session = r.headers["mcp-session-id"]
@@ -190,13 +191,19 @@ async def http_client(
 
 
 async def sse_client(
-    h: httpx2.AsyncClient, base: str, name: str, client: int, tool: str, calls: int
+    h: httpx2.AsyncClient,
+    base: str,
+    name: str,
+    client: int,
+    tool: str,
+    calls: int,
+    auth: dict[str, str],
 ) -> dict[str, Any]:
     checker = Checker(client, tool, calls)
     queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
     async with h.stream(
-        "GET", f"{base}/servers/{name}/sse", headers={"Accept": "text/event-stream"}
+        "GET", f"{base}/servers/{name}/sse", headers={"Accept": "text/event-stream", **auth}
     ) as r:
         r.raise_for_status()
 
@@ -214,7 +221,7 @@ async def sse_client(
             name_, endpoint = await queue.get()
             assert name_ == "endpoint", (name_, endpoint)
             post_url = base + endpoint
-            headers = {"Content-Type": "application/json"}
+            headers = {"Content-Type": "application/json", **auth}
             await h.post(post_url, json=initialize("init"), headers=headers)
             while True:
                 _, data = await queue.get()
@@ -256,10 +263,13 @@ async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
             transport = opts.transport
             if transport == "mixed":
                 transport = "http" if c % 2 else "sse"
+            auth = {}
+            if opts.bearer:
+                auth = {"Authorization": f"Bearer {opts.bearer[(c - 1) % len(opts.bearer)]}"}
             if transport == "http":
-                jobs.append(http_client(h, url, c, opts.tool, opts.calls))
+                jobs.append(http_client(h, url, c, opts.tool, opts.calls, auth))
             else:
-                jobs.append(sse_client(h, opts.base, opts.server, c, opts.tool, opts.calls))
+                jobs.append(sse_client(h, opts.base, opts.server, c, opts.tool, opts.calls, auth))
         outcomes = await asyncio.wait_for(
             asyncio.gather(*jobs, return_exceptions=True), opts.timeout
         )
@@ -286,6 +296,12 @@ def main() -> int:
     parser.add_argument("--tool", default="echo")
     parser.add_argument("--transport", default="http", choices=["http", "sse", "mixed"])
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--bearer",
+        action="append",
+        default=[],
+        help="a token to present; given several times, client N presents the Nth in turn",
+    )
     opts = parser.parse_args()
     try:
         result = asyncio.run(main_async(opts))
