@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist import __version__
@@ -768,6 +769,37 @@ class ListenTests(SynchronousTestCase):
         # It lasts: no timeout.
         reactor.advance(upstream.server.request_timeout * 2)
         self.assertNotIn("L-7", s.responses())
+
+    def test_renewal_does_not_wait_for_a_listen_stream(self) -> None:
+        """A child renewed with new settings (a principal's new credentials)
+        restarts once the calls it works on are answered: a stateless
+        client's listen stream, which never ends, does not hold it back; it
+        ends with the old child, and the call sent meanwhile goes to the new one."""
+        reactor, upstream, _ = one_client()
+        s = FakeSession("s", stateless=True)
+        upstream.attach(s)
+        listen = {"notifications": {"toolsListChanged": True}}
+        send(upstream, s, modern_request("L-7", "subscriptions/listen", listen))
+        upstream.pause_timer(s, "L-7")
+        send(upstream, s, modern_request("C-1", "tools/call", {"name": "t"}))
+        old = reactor.child
+        upstream.renew(attrs.evolve(upstream.server, env={"TOKEN": "new"}))
+        send(upstream, s, modern_request("C-2", "tools/call", {"name": "t"}))
+        reactor.advance(0)
+        self.assertFalse(old.stdin_is_closed, "C-1 is still in flight")
+        [c1] = [m for m in old.held if m["method"] == "tools/call"]
+        old.send(jsonrpc.result(c1["id"], {"content": []}))
+        reactor.advance(0)
+        self.assertTrue(old.stdin_is_closed)
+        reactor.advance(10)
+        new = reactor.child
+        self.assertIsNot(new, old)
+        self.assertEqual(new.env["TOKEN"], "new")
+        self.assertEqual(len([m for m in new.held if m["method"] == "tools/call"]), 1)
+        responses = s.responses()
+        self.assertIn("result", responses["C-1"])
+        self.assertEqual(responses["L-7"]["error"]["code"], jsonrpc.SERVER_UNAVAILABLE)
+        self.assertNotIn("C-2", responses)
 
     def test_a_closed_stateless_listen_is_not_shown_to_session_clients(self) -> None:
         """Notifications the child still sends to a stateless client's listen stream
