@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -28,6 +30,8 @@ from mcptwist.config.model import (
     DEFAULT_LISTEN,
     DEFAULT_ORIGINS,
     LOOPBACK_HOSTS,
+    MIN_CLUSTER_KEY,
+    NODE_ID,
     PER_PRINCIPAL,
     SHARING_MODES,
     TOOL_CHANGE_POLICIES,
@@ -36,6 +40,7 @@ from mcptwist.config.model import (
     AuthConfig,
     BridgeConfig,
     Bucket,
+    ClusterConfig,
     CommandConfig,
     ConfigError,
     EndpointConfig,
@@ -466,6 +471,7 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
     endpoints_table = top.table_at("endpoints")
     pin_file = top.string("pin_file")
     secrets = _parse_secrets(top)
+    cluster = _parse_cluster(top)
     top.finish()
     if not servers_table:
         raise ConfigError(
@@ -498,12 +504,121 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         endpoints=_parse_endpoints(top, endpoints_table, servers),
         pin_file=pin_file,
         secrets=secrets,
+        cluster=cluster,
         listeners=tuple(listeners),
         auth=auth,
         allowed_origins=origins,
         source=source,
         **settings,  # type: ignore[arg-type]
     )
+
+
+def _parse_cluster(top: _Reader) -> ClusterConfig | None:
+    """[cluster]: this node's id, the cluster's keys, its Redis and its address."""
+    if "cluster" not in top.table:
+        top.used.add("cluster")
+        return None
+    r = _Reader(top.source, "cluster.", top.table_at("cluster"), top.environ)
+    node = r.string("node_id")
+    if node is None:
+        node = socket.gethostname().split(".")[0]
+        if not NODE_ID.match(node):
+            raise r.error(
+                "node_id",
+                f"is not given, and this host's name {node!r} cannot be one",
+                'write node_id = "n1": letters, digits, "-" and "_" (at most 63)',
+            )
+    elif not NODE_ID.match(node):
+        raise r.error(
+            "node_id",
+            f"{node!r} is not a node id",
+            'write node_id = "n1": letters, digits, "-" and "_" (at most 63), no dot',
+        )
+    keys = r.strings("keys")
+    if not keys:
+        raise r.error(
+            "keys",
+            "is missing: the nodes sign session ids with a key they share",
+            'add keys = ["${MCPTWIST_CLUSTER_KEY}"], the same on every node; make one with '
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+        )
+    for i, key in enumerate(keys):
+        if len(key) < MIN_CLUSTER_KEY:
+            raise r.error(
+                f"keys[{i}]",
+                f"is {len(key)} characters long, fewer than {MIN_CLUSTER_KEY}",
+                "use a random key: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            )
+    redis = r.string("redis")
+    if redis is not None:
+        problem = redis_url_problem(redis)
+        if problem is not None:
+            raise r.error(
+                "redis",
+                problem,
+                'write redis = "redis://HOST:6379/0" (a password as redis://:PASSWORD@HOST)',
+            )
+    advertise = r.string("advertise")
+    if advertise is not None:
+        parsed = urllib.parse.urlsplit(advertise)
+        if (
+            parsed.scheme not in ("http", "https")
+            or not parsed.hostname
+            or parsed.path not in ("", "/")
+        ):
+            raise r.error(
+                "advertise",
+                f"{advertise!r} is not the base URL of this node",
+                'write advertise = "http://10.0.0.1:8080" (scheme, host and port, no path)',
+            )
+        advertise = advertise.rstrip("/")
+    elif redis is not None:
+        raise r.error(
+            "advertise",
+            "is missing: with redis, the other nodes forward requests to this node at this URL",
+            'add advertise = "http://THIS-HOST:PORT" (a listener of this node the others can reach)',
+        )
+    defaults = ClusterConfig(node_id="n", keys=(b"",))
+    heartbeat = r.number("heartbeat", defaults.heartbeat)
+    node_ttl = r.number("node_ttl", defaults.node_ttl)
+    if node_ttl <= heartbeat * 2:
+        raise r.error(
+            "node_ttl",
+            f"{node_ttl:g}s is not more than two heartbeats ({heartbeat:g}s each)",
+            f"write node_ttl = {heartbeat * 5:g} or more",
+        )
+    timeout = r.number("redis_timeout", defaults.redis_timeout)
+    r.finish()
+    return ClusterConfig(
+        node_id=node,
+        keys=tuple(k.encode() for k in keys),
+        redis=redis,
+        advertise=advertise,
+        heartbeat=heartbeat,
+        node_ttl=node_ttl,
+        redis_timeout=timeout,
+    )
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a redis:// URL, if anything (never repeating it: it may hold a password)."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        port = parsed.port
+    except ValueError:
+        return "is not a URL"
+    if parsed.scheme != "redis":
+        return "must start with redis://"
+    if not parsed.hostname:
+        return "names no host"
+    if port is not None and not 0 < port < 65536:
+        return "has no valid port"
+    db = parsed.path.lstrip("/")
+    if db and not db.isdigit():
+        return "names a database that is not a number"
+    if parsed.query or parsed.fragment:
+        return "has a query or fragment, which are not taken"
+    return None
 
 
 def _parse_secrets(top: _Reader) -> SecretsConfig:

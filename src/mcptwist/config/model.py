@@ -325,6 +325,32 @@ class SecretsConfig:
     directory: str | None = None
 
 
+# A node id: the first field of its session ids, so neither a dot nor anything
+# a balancer's header map would have to escape.
+NODE_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+# The shortest cluster key taken: 32 characters (of a random token, 192 bits or more).
+MIN_CLUSTER_KEY: Final = 32
+
+
+@attrs.frozen
+class ClusterConfig:
+    """[cluster]: this node's identity among several behind one balancer, and
+    what they share (keys, a Redis)."""
+
+    node_id: str
+    # The cluster's keys: the first signs, every one verifies (rotation).
+    keys: tuple[bytes, ...] = attrs.field(repr=False)
+    # redis://[:password@]host[:port][/db] (None: nothing shared, limits per node).
+    redis: str | None = attrs.field(default=None, repr=False)
+    # The URL other nodes reach this one at (what the registry advertises).
+    advertise: str | None = None
+    # Seconds between this node's heartbeats, and how long its record outlives one.
+    heartbeat: float = 2.0
+    node_ttl: float = 10.0
+    # How long one Redis command may take before the node goes on without it.
+    redis_timeout: float = 0.25
+
+
 @attrs.frozen
 class BridgeConfig:
     """Everything the bridge needs to start; built once, never mutated."""
@@ -349,6 +375,7 @@ class BridgeConfig:
     # Where the digests of tools that were accepted are kept (None: in memory only).
     pin_file: str | None = None
     secrets: SecretsConfig = SecretsConfig()
+    cluster: ClusterConfig | None = None
     source: str = "<built-in>"
 
 

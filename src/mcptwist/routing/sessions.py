@@ -11,7 +11,6 @@ ones.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mcptwist.cluster.keys import SessionIds
 from mcptwist.mcp.describe import argument_digest, request_name
 from mcptwist.mcp.era import MODERN
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
@@ -338,8 +338,11 @@ class SessionRegistry(Service):
         reap_interval: float = 30.0,
         caps: Caps | None = None,
         recorder: Recorder | None = None,
+        ids: SessionIds | None = None,
     ) -> None:
         self.clock = clock
+        # Makes session ids (in a cluster, ids that name this node).
+        self.ids = ids or SessionIds()
         self.max_sessions = max_sessions
         self.caps = caps
         # Where the sessions opened from now on, and their requests, are recorded.
@@ -386,7 +389,7 @@ class SessionRegistry(Service):
                 "this client already holds its share of sessions "
                 "(limits.max_sessions_per_principal)"
             )
-        session_id = secrets.token_urlsafe(32)
+        session_id = self.ids.new()
         now = self.clock.seconds()
         session = ClientSession(
             id=session_id,

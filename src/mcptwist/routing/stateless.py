@@ -22,7 +22,6 @@ filter asked for, tagged with their subscription id.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import itertools
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mcptwist.cluster.keys import STATE, ClusterKeys, b64, unb64
 from mcptwist.mcp import era, jsonrpc, protocol
 from mcptwist.mcp.era import LIST_CHANGED
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
@@ -72,35 +72,68 @@ class StateSigner:
 
     The state names a parked call and its round, and is bound to the
     principal, the server, the method and the request's parameters; it
-    expires. The key lives only in this process: parked calls do too.
+    expires. Parked calls live in one process: without a cluster the key
+    does too. In a cluster a state is C{NODE.BODY.MAC} under the cluster's
+    keys, so that any node can tell a genuine state of another node (and
+    forward its retry there) from a forged one.
     """
 
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(
+        self, key: bytes | None = None, node: str | None = None, keys: ClusterKeys | None = None
+    ) -> None:
         self._key = key or secrets.token_bytes(32)
+        self.node = node
+        self._keys = keys if node is not None else None
+
+    def rekey(self, keys: ClusterKeys) -> None:
+        """New cluster keys (a rotation)."""
+        if self._keys is not None:
+            self._keys = keys
 
     def sign(self, payload: str) -> str:
-        mac = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
-        return (
-            base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
-            + "."
-            + base64.urlsafe_b64encode(mac).decode().rstrip("=")
-        )
+        body = b64(payload.encode())
+        if self._keys is not None:
+            named = f"{self.node}.{body}"
+            return f"{named}.{b64(self._keys.mac(STATE, named.encode()))}"
+        return f"{body}.{b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())}"
 
     def verify(self, token: object) -> str | None:
-        """The payload of a state this signer made, or None."""
-        if not isinstance(token, str) or token.count(".") != 1 or len(token) > 4096:
+        """The payload of a state this node made, or None."""
+        opened = self._open(token)
+        return opened[1] if opened is not None and opened[0] == self.node else None
+
+    def owner(self, token: object) -> str | None:
+        """The node that made a genuine state (None: forged, or no cluster)."""
+        opened = self._open(token) if self._keys is not None else None
+        return opened[0] if opened is not None else None
+
+    def _open(self, token: object) -> tuple[str | None, str] | None:
+        """(node, payload) of a genuine state."""
+        if not isinstance(token, str) or len(token) > 4096:
             return None
-        body, mac = token.split(".")
+        keys = self._keys
+        if keys is None:
+            if token.count(".") != 1:
+                return None
+            body, mac = token.split(".")
+            node = None
+        else:
+            if token.count(".") != 2:
+                return None
+            node, body, mac = token.split(".")
         try:
-            payload = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
-            given = base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))
+            payload = unb64(body).decode()
+            given = unb64(mac)
         except (ValueError, UnicodeDecodeError):
             return None
-        expected = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(given, expected):
-            return None
-        # One spelling only: base64 would also take stray padding or low bits.
-        return payload if hmac.compare_digest(token, self.sign(payload)) else None
+        if keys is not None:
+            if not keys.check(STATE, f"{node}.{body}".encode(), given):
+                return None
+        else:
+            expected = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(given, expected):
+                return None
+        return node, payload
 
 
 def request_digest(server: str, principal: str, message: Message) -> str:

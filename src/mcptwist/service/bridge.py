@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
+from mcptwist.cluster.keys import SessionIds, cluster_keys
 from mcptwist.config.model import BridgeConfig, ConfigError, ListenerConfig, url_path
 from mcptwist.ops.audit import AuditError, AuditTrail
 from mcptwist.ops.metrics import Metrics, Snapshot
@@ -107,6 +108,7 @@ class BridgeService(MultiService):
             max(1.0, min(30.0, shortest / 4)),
             caps=self.access.caps,
             recorder=self.recorder,
+            ids=session_ids(config),
         )
         self.pins = _pin_book(config, self.recorder)
         self.fleet = Fleet(
@@ -255,6 +257,7 @@ class BridgeService(MultiService):
         """
         refuse_exposure(self.listening, new)
         old = self.config
+        refuse_cluster_change(old, new)
         # What can fail (new authenticators, keys, pins) is built before anything changes.
         # The pin file is read again (python -m mcptwist pin may have written it).
         pins = None
@@ -276,6 +279,9 @@ class BridgeService(MultiService):
             log.error("reload: kept the old audit trail: {error}", error=str(e))
             changes["audit"] = f"kept the old one: {e}"
         self.web.reconfigure(new)
+        keys = cluster_keys(new.cluster.keys if new.cluster is not None else None)
+        if keys is not None:
+            self.registry.ids.rekey(keys)
         self.registry.max_sessions = new.max_sessions
         self.connections.limit = new.limits.max_connections_per_ip
         for listener in [*self.listening, *self.metrics_listening]:
@@ -397,3 +403,23 @@ def _pin_book(config: BridgeConfig, recorder: Recorder) -> PinBook:
             str(e),
             "fix or remove the file (python -m mcptwist pin writes one), or remove pin_file",
         ) from None
+
+
+def session_ids(config: BridgeConfig) -> SessionIds:
+    """Session ids as this node makes them: naming the node in a cluster."""
+    cluster = config.cluster
+    if cluster is None:
+        return SessionIds()
+    return SessionIds(cluster.node_id, cluster_keys(cluster.keys))
+
+
+def refuse_cluster_change(old: BridgeConfig, new: BridgeConfig) -> None:
+    """A node keeps its identity and its Redis while it runs: ids it gave out
+    name it. Keys and timings may change (a key rotation is a reload)."""
+    before, after = old.cluster, new.cluster
+    if (before is None) != (after is None):
+        raise ReloadRefused("[cluster] cannot be added or removed by a reload: restart the node")
+    if before is not None and after is not None:
+        for key in ("node_id", "redis", "advertise"):
+            if getattr(before, key) != getattr(after, key):
+                raise ReloadRefused(f"cluster.{key} cannot change by a reload: restart the node")

@@ -23,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from mcptwist import __version__
+from mcptwist.cluster.keys import cluster_keys
 from mcptwist.config.model import ENDPOINT_PREFIX, BridgeConfig, endpoint_key
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import RequestId
@@ -344,7 +345,12 @@ class BridgeApp:
         self.metrics_hosts = HostPolicy(config.metrics.allowed_hosts)
         self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
         # Signs the requestState of stateless calls waiting for their client's input.
-        self.signer = StateSigner()
+        cluster = config.cluster
+        self.signer = (
+            StateSigner(node=cluster.node_id, keys=cluster_keys(cluster.keys))
+            if cluster is not None
+            else StateSigner()
+        )
 
     def reconfigure(self, config: BridgeConfig) -> None:
         """A reload's bridge-wide settings (the backends dict is updated in place)."""
@@ -352,6 +358,9 @@ class BridgeApp:
         self.origins = OriginPolicy(config.allowed_origins)
         self.hosts = HostPolicy(config.allowed_hosts)
         self.metrics_hosts = HostPolicy(config.metrics.allowed_hosts)
+        keys = cluster_keys(config.cluster.keys if config.cluster is not None else None)
+        if keys is not None:
+            self.signer.rekey(keys)
         if config.heartbeat_interval != self.heartbeat.interval:
             self.heartbeat.interval = config.heartbeat_interval
             if self.heartbeat.running:

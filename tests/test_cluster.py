@@ -1,0 +1,191 @@
+# -*- test-case-name: tests.test_cluster -*-
+"""[cluster]: node ids, the cluster's keys, session ids and request states
+that name their node, and key rotation."""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import attrs
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from mcptwist.cluster.keys import ClusterKeys, SessionIds
+from mcptwist.config.load import parse_config
+from mcptwist.config.model import ConfigError
+from mcptwist.mcp import jsonrpc
+from mcptwist.routing.stateless import StateSigner
+
+from .support.bridge import Service
+from .support.messages import INIT, JSON
+
+KEY = "k" * 16 + "0123456789abcdef"
+OTHER = "x" * 16 + "fedcba9876543210"
+
+
+def cluster_doc(**cluster: Any) -> dict[str, Any]:
+    return {"servers": {"s": {"command": "fake"}}, "cluster": {"keys": [KEY], **cluster}}
+
+
+def ids(node: str = "n1", *keys: str) -> SessionIds:
+    return SessionIds(node, ClusterKeys([k.encode() for k in keys or (KEY,)]))
+
+
+class ConfigTests(SynchronousTestCase):
+    def error(self, **cluster: Any) -> ConfigError:
+        return self.assertRaises(ConfigError, parse_config, cluster_doc(**cluster), "c.toml", {})
+
+    def test_defaults(self) -> None:
+        config = parse_config(cluster_doc(node_id="n1"), "c.toml", {})
+        assert config.cluster is not None
+        self.assertEqual(config.cluster.node_id, "n1")
+        self.assertEqual(config.cluster.keys, (KEY.encode(),))
+        self.assertIsNone(config.cluster.redis)
+        self.assertNotIn(KEY, repr(config))
+        self.assertIsNone(parse_config({"servers": {"s": {"command": "c"}}}, "c", {}).cluster)
+
+    def test_node_id_from_hostname(self) -> None:
+        config = parse_config(cluster_doc(), "c.toml", {})
+        assert config.cluster is not None
+        self.assertRegex(config.cluster.node_id, r"^[A-Za-z0-9_-]+$")
+
+    def test_keys_from_the_environment(self) -> None:
+        doc = cluster_doc(node_id="n1", keys=["${CLUSTER_KEY}"])
+        config = parse_config(doc, "c.toml", {"CLUSTER_KEY": OTHER})
+        assert config.cluster is not None
+        self.assertEqual(config.cluster.keys, (OTHER.encode(),))
+
+    def test_errors(self) -> None:
+        for cluster, key, fix in (
+            ({"node_id": "n.1"}, "cluster.node_id", "no dot"),
+            ({"keys": []}, "cluster.keys", "token_urlsafe"),
+            ({"keys": [KEY, "short"]}, "cluster.keys[1]", "token_urlsafe"),
+            ({"redis": "http://h"}, "cluster.redis", "redis://"),
+            ({"redis": "redis://h:6379/x"}, "cluster.redis", "redis://"),
+            ({"redis": "redis://h:6379/0"}, "cluster.advertise", "advertise = "),
+            ({"advertise": "http://h:1/path"}, "cluster.advertise", "no path"),
+            ({"node_ttl": 3}, "cluster.node_ttl", "node_ttl = 10"),
+            ({"colour": "red"}, "cluster.colour", "remove it"),
+        ):
+            error = self.error(**cluster)
+            self.assertEqual(error.key, key, cluster)
+            self.assertIn(fix, error.fix, cluster)
+            self.assertIn("c.toml", str(error))
+
+    def test_a_password_is_not_repeated(self) -> None:
+        error = self.error(redis="redis://:hunter2-secret@h:99999/0")
+        self.assertNotIn("hunter2", str(error))
+
+
+class SessionIdTests(SynchronousTestCase):
+    def test_without_a_cluster(self) -> None:
+        plain = SessionIds()
+        made = plain.new()
+        self.assertNotIn(".", made)
+        self.assertIsNone(plain.owner(made))
+        self.assertNotEqual(made, plain.new())
+
+    def test_names_its_node(self) -> None:
+        made = ids("n1").new()
+        node, random, _ = made.split(".")
+        self.assertEqual(node, "n1")
+        self.assertGreaterEqual(len(random), 32)
+        self.assertEqual(ids("n2").owner(made), "n1", "every node tells whose it is")
+        self.assertIsNone(ids("n2", OTHER).owner(made), "another cluster's key does not")
+
+    def test_rotation(self) -> None:
+        """The first key signs, all verify: an id made before a rotation
+        stays genuine while its key is listed."""
+        old = ids("n1", KEY).new()
+        rotated = ids("n1", OTHER, KEY)
+        self.assertEqual(rotated.owner(old), "n1")
+        new = rotated.new()
+        self.assertIsNone(ids("n1", KEY).owner(new))
+        self.assertIsNone(ids("n1", OTHER).owner(old), "dropped: unknown")
+
+    @given(st.data())
+    def test_any_alteration_is_unknown(self, data: st.DataObject) -> None:
+        made = ids("n1").new()
+        i = data.draw(st.integers(0, len(made) - 1))
+        c = data.draw(st.sampled_from(string.ascii_letters + string.digits + "-_."))
+        altered = made[:i] + c + made[i + 1 :]
+        assume(altered != made)
+        self.assertIsNone(ids("n2").owner(altered))
+
+    @given(st.text(max_size=300))
+    def test_forgeries_are_unknown(self, text: str) -> None:
+        self.assertIsNone(ids("n2").owner(text))
+        self.assertIsNone(ids("n2").owner("n1." + text))
+
+
+class StateTests(SynchronousTestCase):
+    def signer(self, node: str = "n1", *keys: str) -> StateSigner:
+        return StateSigner(node=node, keys=ClusterKeys([k.encode() for k in keys or (KEY,)]))
+
+    def test_names_its_node(self) -> None:
+        state = self.signer("n1").sign('{"p": 1}')
+        self.assertTrue(state.startswith("n1."))
+        self.assertEqual(self.signer("n1").verify(state), '{"p": 1}')
+        other = self.signer("n2")
+        self.assertIsNone(other.verify(state), "its parked call is not on n2")
+        self.assertEqual(other.owner(state), "n1")
+
+    def test_forged_and_rotated(self) -> None:
+        state = self.signer("n1").sign('{"p": 1}')
+        node, body, mac = state.split(".")
+        for forged in (f"n2.{body}.{mac}", f"n1.{body}x.{mac}", f"{node}.{body}", state + "."):
+            self.assertIsNone(self.signer("n2").owner(forged), forged)
+            self.assertIsNone(self.signer("n1").verify(forged), forged)
+        rotated = self.signer("n1", OTHER, KEY)
+        self.assertEqual(rotated.verify(state), '{"p": 1}')
+        self.assertIsNone(StateSigner().verify(state), "a node without the cluster's keys")
+
+    @given(st.text(max_size=300))
+    def test_forgeries(self, text: str) -> None:
+        self.assertIsNone(self.signer("n2").owner(text))
+        self.assertIsNone(self.signer("n1").verify(text))
+
+
+class NodeTests(SynchronousTestCase):
+    """A node's sessions, as its clients see them."""
+
+    def setUp(self) -> None:
+        self.config = parse_config(cluster_doc(node_id="n1"), "c.toml", {})
+        self.bridge = Service(self, self.config)
+
+    def post(self, session: str) -> int:
+        headers = {**JSON, "mcp-session-id": session}
+        return self.bridge.exchange("POST", "/servers/s/mcp", jsonrpc.request(2, "ping"), headers)[
+            0
+        ]
+
+    def test_session_ids_name_the_node(self) -> None:
+        session = self.bridge.open_session(init=INIT)
+        self.assertTrue(session.startswith("n1."))
+        self.assertEqual(self.post(session), 200)
+
+    def test_unknown_ids(self) -> None:
+        """Another node's genuine id, and any forged or altered id: 404."""
+        session = self.bridge.open_session(init=INIT)
+        _, random, mac = session.split(".")
+        other = ids("n2").new()
+        altered = mac[:-1] + ("A" if mac[-1] != "A" else "B")
+        for unknown in (other, f"n2.{random}.{mac}", f"n1.{random}.{altered}", random):
+            self.assertEqual(self.post(unknown), 404, unknown)
+
+    def test_rotation_by_reload(self) -> None:
+        """A reload adds a key: sessions go on, new ids are signed with it;
+        the node id cannot change by a reload."""
+        session = self.bridge.open_session(init=INIT)
+        rotated = parse_config(cluster_doc(node_id="n1", keys=[OTHER, KEY]), "c.toml", {})
+        service = self.bridge.service
+        self.successResultOf(Deferred.fromCoroutine(service.apply(rotated)))
+        self.assertEqual(self.post(session), 200)
+        new = self.bridge.open_session(init=INIT)
+        self.assertEqual(ids("n9", OTHER).owner(new), "n1")
+        renamed = attrs.evolve(rotated, cluster=attrs.evolve(rotated.cluster, node_id="n2"))
+        failure = self.failureResultOf(Deferred.fromCoroutine(service.apply(renamed)))
+        self.assertIn("node_id", str(failure.value))
