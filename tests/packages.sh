@@ -1,0 +1,18 @@
+#!/bin/sh
+# The Debian packages the tests run for real (Redis and HAProxy for the
+# cluster tests), installed when missing.
+set -e
+missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+    sudo=sudo
+else
+    sudo=
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get install -y -qq $missing >/dev/null 2>&1 || {
+    $sudo apt-get update -qq >/dev/null
+    $sudo apt-get install -y -qq $missing >/dev/null
+}
