@@ -189,3 +189,63 @@ class NodeTests(SynchronousTestCase):
         renamed = attrs.evolve(rotated, cluster=attrs.evolve(rotated.cluster, node_id="n2"))
         failure = self.failureResultOf(Deferred.fromCoroutine(service.apply(renamed)))
         self.assertIn("node_id", str(failure.value))
+
+
+class DrainTests(SynchronousTestCase):
+    """A node drains: health says so, its sessions go on until they end (or
+    drain_timeout), then it stops."""
+
+    def setUp(self) -> None:
+        doc = {**cluster_doc(node_id="n1"), "drain_timeout": 5}
+        self.bridge = Service(self, parse_config(doc, "c.toml", {}))
+        self.reactor = self.bridge.reactor
+
+    def health(self) -> tuple[int, Any]:
+        status, _, body = self.bridge.exchange("GET", "/health")
+        return status, body
+
+    def ping(self, session: str) -> int:
+        headers = {**JSON, "mcp-session-id": session}
+        return self.bridge.exchange("POST", "/servers/s/mcp", jsonrpc.request(9, "ping"), headers)[
+            0
+        ]
+
+    def test_sessions_go_on_until_they_end(self) -> None:
+        session = self.bridge.open_session(init=INIT)
+        self.assertEqual(self.health()[0], 200)
+        drained = self.bridge.service.drain("test")
+        self.assertEqual(self.health(), (503, {"status": "draining"}))
+        self.assertEqual(self.ping(session), 200, "a session held goes on")
+        self.reactor.advance(2)
+        self.assertNoResult(drained)
+        self.bridge.exchange("DELETE", "/servers/s/mcp", None, {"mcp-session-id": session})
+        self.reactor.advance(1)
+        self.successResultOf(drained)
+
+    def test_drain_timeout(self) -> None:
+        session = self.bridge.open_session(init=INIT)
+        stopping = self.bridge.service.stopService()
+        self.assertEqual(self.health()[0], 503)
+        self.reactor.advance(4)
+        self.assertEqual(self.ping(session), 200, "still served while draining")
+        self.assertNoResult(stopping)
+        self.reactor.advance(1)
+        self.reactor.advance(10)
+        self.successResultOf(stopping)
+        self.assertFalse(self.bridge.service.registry.sessions)
+
+    def test_admin_drain_then_stop(self) -> None:
+        stopped: list[bool] = []
+        self.reactor.running = True  # type: ignore[attr-defined]
+        self.reactor.stop = lambda: stopped.append(True)  # type: ignore[attr-defined]
+        session = self.bridge.open_session(init=INIT)
+        status, _, body = self.bridge.exchange("POST", "/admin/drain", None, JSON)
+        self.assertEqual(status, 202, body)
+        self.assertEqual(body["sessions"], 1)
+        self.assertFalse(body["already"])
+        self.assertEqual(
+            self.bridge.exchange("POST", "/admin/drain", None, JSON)[2]["already"], True
+        )
+        self.assertEqual(self.ping(session), 200)
+        self.reactor.advance(5)
+        self.assertEqual(stopped, [True])

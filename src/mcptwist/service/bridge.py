@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
@@ -48,6 +48,9 @@ from mcptwist.web.channel import ConnectionCounter
 from mcptwist.web.sse import Heartbeat
 
 log = Logger(namespace="mcptwist.service")
+
+# How often a draining node looks whether its sessions have ended.
+DRAIN_POLL: Final = 0.5
 
 
 class BridgeService(MultiService):
@@ -129,8 +132,14 @@ class BridgeService(MultiService):
             listen_override=listen_override,
             handle_sighup=handle_sighup,
         )
+        # Fires once a drain has ended (None: not draining).
+        self._drained: Deferred[None] | None = None
         self.control = BridgeControl(
-            self.fleet, self.registry, self.reloader.reload, lambda: bool(self.running)
+            self.fleet,
+            self.registry,
+            self.reloader.reload,
+            lambda: bool(self.running),
+            drain=self._drain_and_stop,
         )
         self.web.admin = AdminAPI(self.control, self.audit).resource()
         self._metrics_root: IResource | None = None
@@ -218,13 +227,77 @@ class BridgeService(MultiService):
         """Stop the children one at a time, the last started first, each
         waited for: MultiService would stop them all at once, but a child
         must not stop while one started after it still runs (the sessions
-        while a port listens, the audit trail while children exit)."""
-        Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop_children())
+        while a port listens, the audit trail while children exit).
 
-    async def _stop_children(self) -> None:
+        A node of a cluster drains first (L{drain}): its balancer moves new
+        sessions elsewhere while those it holds finish."""
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.config.cluster is not None:
+            await self.drain("the node is stopping")
+        Service.stopService(self)
         for child in reversed(list(self)):
             await DeferredList([maybeDeferred(child.stopService)])
+
+    def drain(self, why: str) -> Deferred[None]:
+        """Take no new work from the balancer, and let the sessions held end.
+
+        /health answers 503 C{draining}, so the balancer sends new sessions
+        elsewhere; sessions and calls in flight go on until they end, or
+        for C{drain_timeout} at most. Fires then (at once if drained already).
+        """
+        if self._drained is None:
+            self.web.node_state = "draining"
+            log.info(
+                "draining ({why}): health says draining; sessions may go on for up to "
+                "{timeout:g}s (drain_timeout)",
+                why=why,
+                timeout=self.config.drain_timeout,
+            )
+            self._drained = Deferred.fromCoroutine(self._drain())
+        done: Deferred[None] = Deferred()
+
+        def tell(result: object) -> object:
+            done.callback(None)
+            return result
+
+        self._drained.addBoth(tell)
+        return done
+
+    async def _drain(self) -> None:
+        deadline = self.reactor.seconds() + self.config.drain_timeout
+        while True:
+            held = self._held()
+            now = self.reactor.seconds()
+            if not held or now >= deadline:
+                break
+            await deferLater(self.reactor, min(DRAIN_POLL, deadline - now), lambda: None)
+        if held:
+            log.info("drained: closing {count} sessions still open", count=held)
+        else:
+            log.info("drained: no session left")
+
+    def _held(self) -> int:
+        """Sessions that still hold this node: open session-era sessions, and
+        stateless hubs with calls in flight."""
+        return sum(1 for s in self.registry.sessions.values() if not s.stateless or s.in_flight)
+
+    def _drain_and_stop(self) -> dict[str, Any]:
+        """The admin API's drain: drain, then stop the process."""
+        first = self._drained is None
+        if first:
+            self.drain("the admin API asked").addCallback(lambda _: self._stop_process())
+        return {
+            "draining": True,
+            "already": not first,
+            "sessions": self._held(),
+            "drain_timeout": self.config.drain_timeout,
+        }
+
+    def _stop_process(self) -> None:
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
 
     def status_line(self) -> str:
         return self.fleet.status_line()

@@ -32,11 +32,14 @@ class BridgeControl:
         registry: SessionRegistry,
         reload: Callable[[], Deferred[dict[str, Any]]],
         running: Callable[[], bool],
+        drain: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.fleet = fleet
         self.registry = registry
         # Re-reads the configuration file (as SIGHUP does).
         self._reload = reload
+        # Drains the node, then stops it.
+        self._drain = drain
         # Whether the bridge runs: false from the moment it begins to stop.
         self._bridge_running = running
 
@@ -206,6 +209,13 @@ class BridgeControl:
 
     def reload(self) -> Deferred[dict[str, Any]]:
         return self._reload()
+
+    def drain(self) -> dict[str, Any]:
+        """Drain the node (health 503 draining while its sessions end), then stop it."""
+        self._running()
+        if self._drain is None:
+            raise RuntimeError("this bridge cannot drain")
+        return self._drain()
 
 
 def _session_info(session: ClientSession, now: float) -> dict[str, Any]:

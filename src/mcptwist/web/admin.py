@@ -109,6 +109,10 @@ class AdminControl(Protocol):
     def reload(self) -> Deferred[dict[str, Any]]:
         """Re-read the configuration: C{{"ok": bool, "error": str | None, "changes": {...}}}."""
 
+    def drain(self) -> dict[str, Any]:
+        """Start draining the node (then it stops): C{{"draining": True,
+        "already": bool, "sessions": int, "drain_timeout": float}}."""
+
     def pins(self) -> dict[str, dict[str, Any]]:
         """Every server's pins: how many tools are pinned, which changed and how,
         its C{on_tool_change} policy and whether it blocks the server."""
@@ -396,6 +400,16 @@ class AdminAPI:
         result = await self._perform(
             request, "reload", None, self.control.reload, _reload_error, _reload_refusal
         )
+        return json_body(request, result)
+
+    @app.route("/admin/drain", methods=["POST"])
+    @answered
+    async def drain(self, request: Request) -> bytes:
+        self._granted(request, "*", "drain")
+        self._require_json(request, "drain", None)
+        result = self.control.drain()
+        self._record(request, "drain", None, f"ok: {result['sessions']} sessions held")
+        request.setResponseCode(202)
         return json_body(request, result)
 
     # Errors for what no route matched

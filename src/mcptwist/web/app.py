@@ -344,6 +344,8 @@ class BridgeApp:
         self.hosts = HostPolicy(config.allowed_hosts)
         self.metrics_hosts = HostPolicy(config.metrics.allowed_hosts)
         self.heartbeat = Heartbeat(clock, config.heartbeat_interval)
+        # "ok", or "draining": the balancer must send new sessions elsewhere.
+        self.node_state = "ok"
         # Signs the requestState of stateless calls waiting for their client's input.
         cluster = config.cluster
         self.signer = (
@@ -643,6 +645,9 @@ class BridgeApp:
     @app.route("/health", methods=["GET"])
     @guarded
     def health(self, request: Request) -> bytes:
+        if self.node_state == "draining":
+            request.setResponseCode(503)
+            return json_body(request, {"status": "draining"})
         problems = {}
         held = {}
         for name, backend in self.backends.items():
