@@ -8,19 +8,24 @@ import string
 from typing import Any
 
 import attrs
+import orjson
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.cluster.keys import ClusterKeys, SessionIds
 from mcptwist.config.load import parse_config
 from mcptwist.config.model import ConfigError
 from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.jsonrpc import Message
 from mcptwist.routing.stateless import StateSigner
+from mcptwist.web.forward import Forwarder
 
 from .support.bridge import Service
-from .support.messages import INIT, JSON
+from .support.children import FakeChild
+from .support.messages import INIT, JSON, call, headers
 
 KEY = "k" * 16 + "0123456789abcdef"
 OTHER = "x" * 16 + "fedcba9876543210"
@@ -249,3 +254,127 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(self.ping(session), 200)
         self.reactor.advance(5)
         self.assertEqual(stopped, [True])
+
+
+class Directory:
+    """The registry of nodes, as a forwarder asks it."""
+
+    def __init__(self, nodes: dict[str, str]) -> None:
+        self.nodes = nodes
+
+    def address(self, node: str) -> Deferred[str | None]:
+        return succeed(self.nodes.get(node))
+
+
+class ForwardTests(SynchronousTestCase):
+    """A 2026-07-28 retry that reaches a node other than the one whose call
+    waits for it is forwarded there, once."""
+
+    def setUp(self) -> None:
+        def held(child: FakeChild) -> None:
+            child.hold = True
+
+        self.n1 = Service(self, parse_config(cluster_doc(node_id="n1"), "c", {}), on_spawn=held)
+        self.n2 = Service(self, parse_config(cluster_doc(node_id="n2"), "c", {}), on_spawn=held)
+        self.hop = StubTreq(self.n1.service.resource)
+        forwarder = self.n2.service.web.forwarder
+        assert forwarder is not None
+        forwarder.directory = Directory({"n1": "http://n1.example"})
+        forwarder._client = self.hop  # type: ignore[assignment]
+
+    def post(self, node: Service, message: Message, **extra: str) -> Deferred[Any]:
+        treq: Any = node.client
+        d: Deferred[Any] = treq.request(
+            "POST",
+            "http://127.0.0.1/servers/s/mcp",
+            data=jsonrpc.dumps(message),
+            headers=headers(message, "application/json", **extra),
+        )
+        treq.flush()
+        return d
+
+    def flush(self) -> None:
+        for _ in range(3):
+            self.n1.client.flush()
+            self.hop.flush()
+            self.n2.client.flush()
+
+    def answer(self, node: Service, d: Deferred[Any]) -> tuple[int, Any]:
+        self.flush()
+        response = self.successResultOf(d)
+        d = node.client.content(response)
+        self.flush()
+        return response.code, orjson.loads(self.successResultOf(d))
+
+    def asked(self) -> tuple[FakeChild, Message, str]:
+        """A call on n1 whose child asks its client a question: the child, the
+        call as the child got it, and the requestState."""
+        d = self.post(self.n1, call(1))
+        [child] = self.n1.reactor.children
+        [held] = [m for m in child.held if m["method"] == "tools/call"]
+        question = {"message": "Your name?", "requestedSchema": {}}
+        child.send(jsonrpc.request("q", "elicitation/create", question))
+        self.n1.reactor.advance(0.1)
+        status, body = self.answer(self.n1, d)
+        self.assertEqual(status, 200, body)
+        state = body["result"]["requestState"]
+        self.assertTrue(state.startswith("n1."))
+        return child, held, state
+
+    def retry(self, state: str) -> Message:
+        answers = {"q": {"action": "accept", "content": {"name": "Ada"}}}
+        return call(2, requestState=state, inputResponses=answers)
+
+    def test_retry_on_another_node(self) -> None:
+        child, held, state = self.asked()
+        d = self.post(self.n2, self.retry(state))
+        self.flush()
+        [answer] = [m for m in child.received if m.get("id") == "q" and "method" not in m]
+        self.assertEqual(answer["result"]["content"], {"name": "Ada"})
+        child.answer(held)
+        status, body = self.answer(self.n2, d)
+        self.assertEqual((status, body["id"]), (200, 2), body)
+        self.assertEqual(body["result"]["resultType"], "complete")
+        [own] = self.n2.reactor.children
+        self.assertEqual(own.requests("tools/call"), [], "n2's child never saw it")
+
+    def test_owner_gone(self) -> None:
+        """A state of a node the registry does not know: the error for a lost state."""
+        _, _, state = self.asked()
+        forwarder = self.n2.service.web.forwarder
+        assert forwarder is not None
+        forwarder.directory = Directory({})
+        status, body = self.answer(self.n2, self.post(self.n2, self.retry(state)))
+        self.assertEqual((status, body["error"]["code"]), (400, jsonrpc.INVALID_PARAMS))
+        self.assertIn("send the request again without it", body["error"]["message"])
+
+    def test_forwarded_once(self) -> None:
+        """A genuine hop is never forwarded again; a forged hop is ignored."""
+        child, held, state = self.asked()
+        retry = self.retry(state)
+        forwarder = self.n2.service.web.forwarder
+        assert forwarder is not None
+        n3 = Forwarder("n3", ClusterKeys([KEY.encode()]), self.n2.reactor)
+        hop = n3.hop(jsonrpc.dumps(retry)).decode()
+        status, body = self.answer(self.n2, self.post(self.n2, retry, **{"mcp-twist-hop": hop}))
+        self.assertEqual((status, body["error"]["code"]), (400, jsonrpc.INVALID_PARAMS))
+        # A forged hop: the client's own request, forwarded to n1 as any other.
+        d = self.post(self.n2, retry, **{"mcp-twist-hop": "n3.1.AAAA"})
+        self.flush()
+        child.answer(held)
+        status, body = self.answer(self.n2, d)
+        self.assertEqual((status, body["result"]["resultType"]), (200, "complete"))
+
+    def test_forged_state(self) -> None:
+        """A state no node of this cluster made is invalid; nothing is forwarded."""
+        _, _, state = self.asked()
+        _, body, mac = state.split(".")
+        forwarder = self.n2.service.web.forwarder
+        assert forwarder is not None
+        asked: list[str] = []
+        forwarder.directory = Directory({})
+        forwarder.directory.address = lambda node: asked.append(node) or succeed(None)  # type: ignore[method-assign]
+        for forged in (f"n1.{body}.{mac[:-2]}AA", f"n1.{body[:-1]}.{mac}", ids("n1", OTHER).new()):
+            status, _ = self.answer(self.n2, self.post(self.n2, self.retry(forged)))
+            self.assertEqual(status, 400, forged)
+        self.assertEqual(asked, [], "nothing was forwarded")

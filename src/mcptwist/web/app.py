@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 
 from mcptwist import __version__
-from mcptwist.cluster.keys import cluster_keys
+from mcptwist.cluster.keys import ClusterKeys, cluster_keys
 from mcptwist.config.model import ENDPOINT_PREFIX, BridgeConfig, endpoint_key
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import RequestId
@@ -47,6 +47,7 @@ from .access import PRM_PATH, AccessControl, local_listener, route_of
 from .admin import MAX_BODY as ADMIN_MAX_BODY
 from .admission import Admission, IAdmission, admission_of, peer_of, principal_id, principal_of
 from .dispatch import ENDPOINTS, dispatch, guarded, internal_error, takes_body
+from .forward import Forwarder
 from .http import (
     HTTPProblem,
     header,
@@ -348,11 +349,14 @@ class BridgeApp:
         self.node_state = "ok"
         # Signs the requestState of stateless calls waiting for their client's input.
         cluster = config.cluster
-        self.signer = (
-            StateSigner(node=cluster.node_id, keys=cluster_keys(cluster.keys))
-            if cluster is not None
-            else StateSigner()
-        )
+        self.signer = StateSigner()
+        # In a cluster: sends a retry to the node holding its call (the
+        # service plugs in the registry of nodes).
+        self.forwarder: Forwarder | None = None
+        if cluster is not None:
+            keys = ClusterKeys(cluster.keys)
+            self.signer = StateSigner(node=cluster.node_id, keys=keys)
+            self.forwarder = Forwarder(cluster.node_id, keys, clock)
 
     def reconfigure(self, config: BridgeConfig) -> None:
         """A reload's bridge-wide settings (the backends dict is updated in place)."""
@@ -363,6 +367,8 @@ class BridgeApp:
         keys = cluster_keys(config.cluster.keys if config.cluster is not None else None)
         if keys is not None:
             self.signer.rekey(keys)
+            if self.forwarder is not None:
+                self.forwarder.rekey(keys)
         if config.heartbeat_interval != self.heartbeat.interval:
             self.heartbeat.interval = config.heartbeat_interval
             if self.heartbeat.running:

@@ -24,6 +24,7 @@ from mcptwist.routing.stateless import StateSigner
 from mcptwist.routing.tools import ToolView
 
 from .access import AccessControl
+from .forward import Forwarder
 from .http import HTTPProblem
 from .sse import EventConnection
 
@@ -47,6 +48,10 @@ class TransportContext(Protocol):
     @property
     def signer(self) -> StateSigner:
         """Signs the requestState of stateless calls waiting for their client's input."""
+
+    @property
+    def forwarder(self) -> Forwarder | None:
+        """In a cluster: sends a retry to the node whose call waits for it."""
 
     def backend(self, name: str, draining: bool = False) -> Backend:
         """The server's backend (404 if there is none); with C{draining}, also

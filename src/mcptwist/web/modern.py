@@ -34,6 +34,7 @@ from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, reques
 
 from .admission import peer_of, principal_id, principal_of
 from .context import TransportContext
+from .forward import Forwarder
 from .http import HTTPProblem
 from .sse import EventConnection, encode_event
 
@@ -174,6 +175,12 @@ def serve(
             "Invalid params: inputResponses must map each input request's key to its result object",
             checked.id,
         )
+    state = params.get("requestState")
+    forwarder = ctx.forwarder
+    if state is not None and forwarder is not None:
+        owner = ctx.signer.owner(state)
+        if owner is not None and owner != forwarder.node:
+            return _forward(ctx, forwarder, request, owner, checked)
     hub = open_hub(ctx, request, name, checked)
     assert hub.upstream is not None
     # A hub serves every request of its principal id: what each may see is
@@ -470,17 +477,45 @@ def open_hub(
     return hub
 
 
-def _parked_call(
-    ctx: TransportContext, name: str, principal: str, checked: era.ModernRequest, state: object
-) -> ModernCall:
-    """The call a retry's requestState names, if the state is genuine and current."""
-    invalid = HTTPProblem(
+def _invalid_state(checked: era.ModernRequest) -> HTTPProblem:
+    """The answer to a retry whose requestState names no call waiting for it
+    (what a client gets, too, when the node that held the call is gone)."""
+    return HTTPProblem(
         400,
         jsonrpc.INVALID_PARAMS,
         "Invalid params: requestState is not valid for this request "
         "(altered, expired, already used, or for another request); send the request again without it",
         checked.id,
     )
+
+
+def _forward(
+    ctx: TransportContext,
+    forwarder: Forwarder,
+    request: Request,
+    owner: str,
+    checked: era.ModernRequest,
+) -> int:
+    """A retry for a call parked on another node: forwarded there, once."""
+    content = request.content
+    assert content is not None
+    content.seek(0)
+    body = content.read()
+    lost = _invalid_state(checked)
+    if forwarder.hopped_from(request, body) is not None:
+        # Forwarded here already: a state this node does not hold is lost.
+        raise lost
+    forwarder.forward(request, body, peer_of(request), owner, lost).addErrback(
+        lambda f: log.failure("forwarding a retry to node {owner}", f, owner=owner)
+    )
+    return NOT_DONE_YET
+
+
+def _parked_call(
+    ctx: TransportContext, name: str, principal: str, checked: era.ModernRequest, state: object
+) -> ModernCall:
+    """The call a retry's requestState names, if the state is genuine and current."""
+    invalid = _invalid_state(checked)
     payload_text = ctx.signer.verify(state)
     if payload_text is None:
         raise invalid

@@ -1,0 +1,190 @@
+# -*- test-case-name: tests.test_cluster -*-
+"""Forwarding a 2026-07-28 retry to the node whose child is waiting for it.
+
+A call that asked its client for input is parked on one node, and its
+C{requestState} names that node. The balancer routes a retry without a
+session anywhere; the node that gets a retry for another node forwards it
+there over HTTP, once: the hop carries C{Mcp-Twist-Hop}, a MAC under the
+cluster's keys of the forwarding node, the time and the body, and a node
+never forwards a request that came over a genuine hop. The owner sees the
+client's address in C{X-Forwarded-For} (list the nodes in its listener's
+C{trusted_proxies}) and the client's own C{Host}, and checks the client's
+credentials as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from mcptwist.cluster.keys import HOP, ClusterKeys, b64, unb64
+
+from .http import HTTPProblem
+
+log = Logger(namespace="mcptwist.cluster")
+
+HOP_HEADER: Final = b"mcp-twist-hop"
+# How old a hop may be when it arrives (clocks of the nodes may differ a little).
+HOP_WINDOW: Final = 60.0
+# Headers that belong to one connection, or that the forwarding node sets itself.
+_NOT_FORWARDED: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"x-forwarded-for",
+        HOP_HEADER,
+    }
+)
+_NOT_RETURNED: Final = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
+)
+
+
+class NodeDirectory(Protocol):
+    """Where the other nodes are: the cluster's registry."""
+
+    def address(self, node: str) -> Deferred[str | None]:
+        """The base URL a live node advertises (None: no such node now)."""
+
+
+class HTTPClient(Protocol):
+    """What the forwarder needs of treq (treq itself, or a test's StubTreq)."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+    def collect(self, response: Any, collector: Callable[[bytes], None]) -> Deferred[None]: ...
+
+
+class Forwarder:
+    """Sends a retry to the node that holds its call, once."""
+
+    def __init__(
+        self,
+        node: str,
+        keys: ClusterKeys,
+        clock: IReactorTime,
+        directory: NodeDirectory | None = None,
+        client: HTTPClient | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.node = node
+        self.keys = keys
+        self.clock = clock
+        self.directory = directory
+        self._client = client
+        self.timeout = timeout
+
+    def rekey(self, keys: ClusterKeys) -> None:
+        self.keys = keys
+
+    @property
+    def client(self) -> HTTPClient:
+        if self._client is None:
+            import treq
+
+            self._client = treq  # type: ignore[assignment]
+        assert self._client is not None
+        return self._client
+
+    # The hop
+
+    def _hop_data(self, node: str, when: int, body: bytes) -> bytes:
+        return f"{node}.{when}.{hashlib.sha256(body).hexdigest()}".encode()
+
+    def hop(self, body: bytes) -> bytes:
+        """The header value that marks a request forwarded by this node."""
+        when = int(self.clock.seconds())
+        mac = self.keys.mac(HOP, self._hop_data(self.node, when, body))
+        return f"{self.node}.{when}.{b64(mac)}".encode()
+
+    def hopped_from(self, request: Request, body: bytes) -> str | None:
+        """The node that forwarded this request, if it carries a genuine,
+        recent hop (a forged one is ignored: the request is the client's own)."""
+        values = request.requestHeaders.getRawHeaders(HOP_HEADER)
+        if not values or len(values) != 1:
+            return None
+        try:
+            node, when_text, mac = values[0].decode("ascii").split(".")
+            when = int(when_text)
+            given = unb64(mac)
+        except ValueError:
+            return None
+        if abs(self.clock.seconds() - when) > HOP_WINDOW:
+            return None
+        if not self.keys.check(HOP, self._hop_data(node, when, body), given):
+            return None
+        return node
+
+    # Forwarding
+
+    def forward(
+        self, request: Request, body: bytes, client_ip: str | None, owner: str, lost: HTTPProblem
+    ) -> Deferred[None]:
+        """Answer C{request} with the owner's answer to it; C{lost} if the
+        owner is not in the registry or cannot be reached (its parked call is
+        gone with it)."""
+        return Deferred.fromCoroutine(self._forward(request, body, client_ip, owner, lost))
+
+    async def _forward(
+        self, request: Request, body: bytes, client_ip: str | None, owner: str, lost: HTTPProblem
+    ) -> None:
+        address = await self.directory.address(owner) if self.directory is not None else None
+        if address is None:
+            log.info("a retry for node {owner}, which is not in the registry", owner=owner)
+            self._finish(request, lost.render(request))
+            return
+        headers: dict[bytes, list[bytes]] = {}
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() not in _NOT_FORWARDED:
+                headers[name] = list(values)
+        headers[HOP_HEADER] = [self.hop(body)]
+        if client_ip is not None:
+            headers[b"x-forwarded-for"] = [client_ip.encode()]
+        url = address + request.uri.decode("latin-1")
+        try:
+            response = await self.client.request(
+                "POST", url, headers=headers, data=body, timeout=self.timeout, unbuffered=True
+            )
+        except Exception as e:
+            log.warn("forwarding a retry to node {owner} failed: {error}", owner=owner, error=e)
+            self._finish(request, lost.render(request))
+            return
+        request.setResponseCode(response.code)
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in _NOT_RETURNED:
+                request.responseHeaders.setRawHeaders(name, values)
+        finished = request.notifyFinish()
+        gone: list[Failure] = []
+        finished.addErrback(gone.append)
+
+        def write(data: bytes) -> None:
+            if not gone:
+                request.write(data)
+
+        try:
+            await self.client.collect(response, write)
+        except Exception as e:
+            log.warn("the answer of node {owner} broke off: {error}", owner=owner, error=e)
+        self._finish(request, b"")
+
+    @staticmethod
+    def _finish(request: Request, data: bytes) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        if data:
+            request.write(data)
+        request.finish()
