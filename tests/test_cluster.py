@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import string
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -259,11 +260,14 @@ class DrainTests(SynchronousTestCase):
 class Directory:
     """The registry of nodes, as a forwarder asks it."""
 
-    def __init__(self, nodes: dict[str, str]) -> None:
-        self.nodes = nodes
+    def __init__(self, addresses: dict[str, str]) -> None:
+        self.addresses = addresses
 
     def address(self, node: str) -> Deferred[str | None]:
-        return succeed(self.nodes.get(node))
+        return succeed(self.addresses.get(node))
+
+    def nodes(self) -> Deferred[list[str]]:
+        return succeed(list(self.addresses))
 
 
 class ForwardTests(SynchronousTestCase):
@@ -378,3 +382,90 @@ class ForwardTests(SynchronousTestCase):
             status, _ = self.answer(self.n2, self.post(self.n2, self.retry(forged)))
             self.assertEqual(status, 400, forged)
         self.assertEqual(asked, [], "nothing was forwarded")
+
+
+class Nodes:
+    """An HTTP client that reaches each in-memory node by its host name."""
+
+    def __init__(self, stubs: dict[str, StubTreq]) -> None:
+        self.stubs = stubs
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+        host = urlsplit(url).hostname
+        assert host is not None
+        return self.stubs[host].request(method, url, **kwargs)  # type: ignore[no-any-return]
+
+    def content(self, response: Any) -> Deferred[bytes]:
+        return next(iter(self.stubs.values())).content(response)  # type: ignore[no-any-return]
+
+    def collect(self, response: Any, collector: Any) -> Deferred[None]:
+        return next(iter(self.stubs.values())).collect(response, collector)  # type: ignore[no-any-return]
+
+    def flush(self) -> None:
+        for stub in self.stubs.values():
+            stub.flush()
+
+
+class NodeAdminTests(SynchronousTestCase):
+    """An admin request for one node of the cluster, or for all of them."""
+
+    def setUp(self) -> None:
+        self.n1 = Service(self, parse_config(cluster_doc(node_id="n1"), "c", {}))
+        self.n2 = Service(self, parse_config(cluster_doc(node_id="n2"), "c", {}))
+        self.nodes = Nodes(
+            {"n1": StubTreq(self.n1.service.resource), "n2": StubTreq(self.n2.service.resource)}
+        )
+        for service in (self.n1, self.n2):
+            forwarder = service.service.web.forwarder
+            assert forwarder is not None
+            forwarder.directory = Directory({"n1": "http://n1", "n2": "http://n2"})
+            forwarder._client = self.nodes  # type: ignore[assignment]
+
+    def ask(self, method: str, path: str) -> tuple[int, Any]:
+        treq: Any = self.n1.client
+        d = treq.request(method, "http://127.0.0.1" + path, headers=JSON)
+        for _ in range(3):
+            treq.flush()
+            self.nodes.flush()
+        response = self.successResultOf(d)
+        d = treq.content(response)
+        treq.flush()
+        return response.code, orjson.loads(self.successResultOf(d))
+
+    def test_one_node(self) -> None:
+        [c1], [c2] = self.n1.reactor.children, self.n2.reactor.children
+        status, body = self.ask("POST", "/admin/nodes/n2/servers/s/restart")
+        self.assertEqual(status, 200, body)
+        self.n2.reactor.advance(10)
+        self.assertTrue(c2.exited, "n2's child restarted")
+        self.assertFalse(c1.exited, "n1's did not")
+        status, body = self.ask("GET", "/admin/nodes/n2/servers/s")
+        self.assertEqual((status, body["name"]), (200, "s"))
+
+    def test_all_nodes(self) -> None:
+        status, body = self.ask("GET", "/admin/nodes/all/servers")
+        self.assertEqual(status, 200)
+        self.assertEqual(sorted(body["nodes"]), ["n1", "n2"])
+        for answer in body["nodes"].values():
+            self.assertEqual(answer["status"], 200)
+            self.assertEqual([s["name"] for s in answer["body"]["servers"]], ["s"])
+
+    def test_unknown_node(self) -> None:
+        status, body = self.ask("GET", "/admin/nodes/n9/servers")
+        self.assertEqual(status, 404)
+        self.assertIn("n9", body["error"]["message"])
+
+    def test_not_in_a_cluster(self) -> None:
+        plain = Service(self, parse_config({"servers": {"s": {"command": "c"}}}, "c", {}))
+        status, _, body = plain.exchange("GET", "/admin/nodes/all/servers")
+        self.assertEqual(status, 404)
+        self.assertIn("not part of a cluster", body["error"]["message"])
+
+    def test_a_forwarded_request_is_not_sent_on(self) -> None:
+        forwarder = self.n2.service.web.forwarder
+        assert forwarder is not None
+        hop = forwarder.hop(b"").decode()
+        status, _, body = self.n1.exchange(
+            "GET", "/admin/nodes/n2/servers", None, {**JSON, "mcp-twist-hop": hop}
+        )
+        self.assertEqual(status, 400, body)

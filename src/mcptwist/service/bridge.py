@@ -141,7 +141,7 @@ class BridgeService(MultiService):
             lambda: bool(self.running),
             drain=self._drain_and_stop,
         )
-        self.web.admin = AdminAPI(self.control, self.audit).resource()
+        self.web.admin = AdminAPI(self.control, self.audit, self.web.forwarder).resource()
         self._metrics_root: IResource | None = None
         if self.metrics is not None:
             # One resource (a leaf that only renders), at /metrics and on metrics listeners.

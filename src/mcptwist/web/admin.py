@@ -19,11 +19,12 @@ in the bridge, with the status a client can act on: 400 bad body or query,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, Final, Protocol, TypeVar
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -38,6 +39,7 @@ from mcptwist.security.auth import Principal
 
 from .access import identity
 from .admission import admission_of, peer_of, principal_of
+from .forward import Forwarder
 from .http import (
     Handler,
     HTTPProblem,
@@ -210,9 +212,13 @@ class AdminAPI:
 
     app = Klein()
 
-    def __init__(self, control: AdminControl, audit: AuditTrail) -> None:
+    def __init__(
+        self, control: AdminControl, audit: AuditTrail, forwarder: Forwarder | None = None
+    ) -> None:
         self.control = control
         self.audit = audit
+        # In a cluster: sends an admin request to another node, or to all.
+        self.forwarder = forwarder
 
     def resource(self) -> IResource:
         return _AdminOnly(self, self.app.resource())
@@ -411,6 +417,52 @@ class AdminAPI:
         self._record(request, "drain", None, f"ok: {result['sessions']} sessions held")
         request.setResponseCode(202)
         return json_body(request, result)
+
+    # The cluster's nodes
+
+    @app.route("/admin/nodes/<node>/<path:rest>", methods=["GET", "POST", "DELETE"])
+    @answered
+    async def on_node(self, request: Request, node: str, rest: str) -> bytes:
+        """Any admin request, for one node of the cluster or (C{all}) each:
+        sent there as it is, credentials included (the node checks them)."""
+        forwarder = self.forwarder
+        if forwarder is None:
+            raise HTTPProblem(
+                404, jsonrpc.INVALID_REQUEST, "Not Found: this bridge is not part of a cluster"
+            )
+        content = request.content
+        body = content.read() if content is not None else b""
+        target = f"{node}:/admin/{rest}"
+        if forwarder.hopped_from(request, body) is not None:
+            raise HTTPProblem(
+                400, jsonrpc.INVALID_REQUEST, "Bad Request: a forwarded request is not sent on"
+            )
+        query = request.uri.partition(b"?")[2].decode("latin-1")
+        path = f"/admin/{rest}" + (f"?{query}" if query else "")
+        peer = peer_of(request)
+        if node != "all":
+            status, answer = await forwarder.relay(request, body, peer, node, path)
+            if request.method != b"GET":
+                self._record(request, "node", target, f"{status}")
+            request.setResponseCode(status)
+            request.setHeader(b"content-type", b"application/json")
+            return answer
+        directory = forwarder.directory
+        nodes = sorted(await directory.nodes()) if directory is not None else []
+        answers = await gatherResults(
+            [forwarder.relay(request, body, peer, n, path) for n in nodes]
+        )
+        result = {}
+        for n, (status, answer) in zip(nodes, answers, strict=True):
+            try:
+                parsed: Any = json.loads(answer)
+            except ValueError:
+                parsed = answer.decode("utf-8", "replace")
+            result[n] = {"status": status, "body": parsed}
+        if request.method != b"GET":
+            outcome = ", ".join(f"{n}: {r['status']}" for n, r in result.items()) or "no node"
+            self._record(request, "node", target, outcome)
+        return json_body(request, {"nodes": result})
 
     # Errors for what no route matched
 

@@ -25,8 +25,15 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from mcptwist.cluster.keys import HOP, ClusterKeys, b64, unb64
+from mcptwist.mcp import jsonrpc
 
 from .http import HTTPProblem
+
+
+def json_error(text: str) -> bytes:
+    """A JSON-RPC error body, as the admin API answers its errors."""
+    return jsonrpc.dumps(jsonrpc.error(None, jsonrpc.INVALID_REQUEST, text))
+
 
 log = Logger(namespace="mcptwist.cluster")
 
@@ -60,6 +67,9 @@ class NodeDirectory(Protocol):
     def address(self, node: str) -> Deferred[str | None]:
         """The base URL a live node advertises (None: no such node now)."""
 
+    def nodes(self) -> Deferred[list[str]]:
+        """The ids of the live nodes, this one included."""
+
 
 class HTTPClient(Protocol):
     """What the forwarder needs of treq (treq itself, or a test's StubTreq)."""
@@ -67,6 +77,8 @@ class HTTPClient(Protocol):
     def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
 
     def collect(self, response: Any, collector: Callable[[bytes], None]) -> Deferred[None]: ...
+
+    def content(self, response: Any) -> Deferred[bytes]: ...
 
 
 class Forwarder:
@@ -147,17 +159,15 @@ class Forwarder:
             log.info("a retry for node {owner}, which is not in the registry", owner=owner)
             self._finish(request, lost.render(request))
             return
-        headers: dict[bytes, list[bytes]] = {}
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in _NOT_FORWARDED:
-                headers[name] = list(values)
-        headers[HOP_HEADER] = [self.hop(body)]
-        if client_ip is not None:
-            headers[b"x-forwarded-for"] = [client_ip.encode()]
         url = address + request.uri.decode("latin-1")
         try:
             response = await self.client.request(
-                "POST", url, headers=headers, data=body, timeout=self.timeout, unbuffered=True
+                "POST",
+                url,
+                headers=self._headers(request, body, client_ip),
+                data=body,
+                timeout=self.timeout,
+                unbuffered=True,
             )
         except Exception as e:
             log.warn("forwarding a retry to node {owner} failed: {error}", owner=owner, error=e)
@@ -180,6 +190,47 @@ class Forwarder:
         except Exception as e:
             log.warn("the answer of node {owner} broke off: {error}", owner=owner, error=e)
         self._finish(request, b"")
+
+    def _headers(
+        self, request: Request, body: bytes, client_ip: str | None
+    ) -> dict[bytes, list[bytes]]:
+        """The client's headers, but those of its connection, and the hop's own."""
+        headers: dict[bytes, list[bytes]] = {}
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() not in _NOT_FORWARDED:
+                headers[name] = list(values)
+        headers[HOP_HEADER] = [self.hop(body)]
+        if client_ip is not None:
+            headers[b"x-forwarded-for"] = [client_ip.encode()]
+        return headers
+
+    def relay(
+        self, request: Request, body: bytes, client_ip: str | None, node: str, path: str
+    ) -> Deferred[tuple[int, bytes]]:
+        """Send an admin request to one node, at C{path}: its status and body
+        (404 for a node not in the registry, 502 for one that cannot be reached)."""
+        return Deferred.fromCoroutine(self._relay(request, body, client_ip, node, path))
+
+    async def _relay(
+        self, request: Request, body: bytes, client_ip: str | None, node: str, path: str
+    ) -> tuple[int, bytes]:
+        address = await self.directory.address(node) if self.directory is not None else None
+        if address is None:
+            return 404, json_error(f"Not Found: no node {node!r} in the cluster's registry")
+        method = request.method.decode("ascii")
+        try:
+            response = await self.client.request(
+                method,
+                address + path,
+                headers=self._headers(request, body, client_ip),
+                data=body or None,
+                timeout=self.timeout,
+            )
+            content = await self.client.content(response)
+        except Exception as e:
+            log.warn("an admin request to node {node} failed: {error}", node=node, error=e)
+            return 502, json_error(f"Bad Gateway: node {node!r} did not answer ({e})")
+        return int(response.code), content
 
     @staticmethod
     def _finish(request: Request, data: bytes) -> None:
