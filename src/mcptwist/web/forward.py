@@ -38,6 +38,9 @@ def json_error(text: str) -> bytes:
 log = Logger(namespace="mcptwist.cluster")
 
 HOP_HEADER: Final = b"mcp-twist-hop"
+# How long a node may take to answer an admin request sent to it. (A forwarded
+# retry has no such bound here: the owner's request_timeout bounds the call.)
+ADMIN_TIMEOUT: Final = 30.0
 # How old a hop may be when it arrives (clocks of the nodes may differ a little).
 HOP_WINDOW: Final = 60.0
 # Headers that belong to one connection, or that the forwarding node sets itself.
@@ -91,7 +94,7 @@ class Forwarder:
         clock: IReactorTime,
         directory: NodeDirectory | None = None,
         client: HTTPClient | None = None,
-        timeout: float = 30.0,
+        timeout: float = ADMIN_TIMEOUT,
     ) -> None:
         self.node = node
         self.keys = keys
@@ -166,7 +169,6 @@ class Forwarder:
                 url,
                 headers=self._headers(request, body, client_ip),
                 data=body,
-                timeout=self.timeout,
                 unbuffered=True,
             )
         except Exception as e:
