@@ -255,6 +255,7 @@ class BridgeService(MultiService):
                 why=why,
                 timeout=self.config.drain_timeout,
             )
+            self.notifier.status(f"draining ({why}): {self._held()} sessions held")
             self._drained = Deferred.fromCoroutine(self._drain())
         done: Deferred[None] = Deferred()
 
