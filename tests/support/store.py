@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from mcptwist.cluster.store import FALLBACK_REASONS, Bucket, Waits
+from mcptwist.config.model import ClusterConfig
 
 
 class FakeStore:
@@ -28,6 +29,7 @@ class FakeStore:
         self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, time)
         self.records: dict[str, tuple[str, float]] = {}  # node -> (JSON, expiry)
         self.started = False
+        self.config: ClusterConfig | None = None
         self.takes: list[tuple[tuple[Bucket, ...], int, int, bool]] = []
         self._up = True
         self._fallbacks = dict.fromkeys(FALLBACK_REASONS, 0)
@@ -124,6 +126,9 @@ class FakeStore:
 
     def start(self) -> None:
         self.started = True
+
+    def reconfigure(self, config: ClusterConfig) -> None:
+        self.config = config
 
     def stop(self) -> Deferred[None]:
         self.started = False

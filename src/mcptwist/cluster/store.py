@@ -172,6 +172,9 @@ class Store(Protocol):
     def stop(self) -> Deferred[None]:
         """Stop probing and close the connections."""
 
+    def reconfigure(self, config: ClusterConfig) -> None:
+        """A reload's settings (the Redis itself cannot change while it runs)."""
+
 
 @attrs.frozen
 class RedisAddress:
@@ -302,6 +305,9 @@ class RedisStore:
 
     def watch(self, watcher: Callable[[bool], None]) -> None:
         self._watchers.append(watcher)
+
+    def reconfigure(self, config: ClusterConfig) -> None:
+        self.timeout = config.redis_timeout
 
     def start(self) -> None:
         if self._client is None:

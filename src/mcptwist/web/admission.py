@@ -16,6 +16,7 @@ from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
 from mcptwist.security.auth import ANONYMOUS, Principal
+from mcptwist.security.ratelimit import Refusal
 
 
 class IAdmission(Interface):
@@ -41,6 +42,9 @@ class Admission:
     server: str | None = None
     # The access rules it was judged under (AccessControl.generation).
     generation: int = 0
+    # With a cluster's shared rate limits: each verdict once known, by what
+    # was charged (None: allowed). None until the first is asked.
+    verdicts: dict[str, Refusal | None] | None = None
     _waiting: list[Deferred[None]] = attrs.field(factory=list)
 
     @property
