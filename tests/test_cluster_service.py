@@ -248,19 +248,42 @@ class WireTests(SynchronousTestCase):
             channel = site.buildProtocol(address)
             transport = StringTransport(peerAddress=address)
             channel.makeConnection(transport)
+            # The head and the body arrive together: the request is judged
+            # from its head, and again once its body is in.
             channel.dataReceived(post(TOKENS["alice"], jsonrpc.dumps(INIT_BATCHING)))
-            node.client.flush()
             self.assertEqual(transport.value(), b"")
-            while store.takes and store._held:
-                store.release()
-                node.reactor.advance(0)
+            while store.step():
+                pass
+            store.release()
             answers.append(transport.value().split(b" ", 2)[1])
             channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(answers, [b"200", b"200", b"429"])
+        # Each charge was asked of Redis once: the address and the principal
+        # of the first two, the address of the third.
+        self.assertEqual(len(store.takes), 5)
         # The address was charged before the credentials, the principal after.
         keys = [tuple(b.key for b in take[0]) for take in store.takes]
         self.assertEqual(keys[:2], [("ip:192.0.2.1",), ("principal:token:alice",)])
         self.assertIn(b"the ip rate limit", transport.value())
+
+    def test_judged_twice_asked_once(self) -> None:
+        """A request whose body arrives while Redis decides its head is judged
+        again, but Redis is asked once: it pays once."""
+        store = FakeStore(Clock())
+        [node] = nodes(self, store, 1)
+        site = BridgeSite(node.app.resource(), reactor=node.reactor, parsePOSTFormSubmission=False)
+        site.configure(node.config.limits)
+        store.hold()
+        address = IPv4Address("TCP", "192.0.2.1", 40000)
+        channel = site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        channel.dataReceived(post(TOKENS["alice"], jsonrpc.dumps(INIT_BATCHING)))
+        self.assertEqual(transport.value(), b"")
+        store.release()
+        self.assertEqual(transport.value().split(b" ", 2)[1], b"200")
+        self.assertEqual(len(store.takes), 1)
+        self.assertEqual(store.buckets["principal:token:alice"][0], 2.0)
 
 
 class ServiceNode(Service):

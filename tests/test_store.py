@@ -183,13 +183,31 @@ class StoreTests(SynchronousTestCase):
         self.assertFalse(self.store.up)
 
     def test_first_probe_fails(self) -> None:
-        """Redis unreachable from the start: said once, however long it lasts."""
+        """Redis unreachable from the start: the first PING waits for a
+        connection (up to the connection timeout), then it is said once,
+        however long it lasts."""
         self.client.is_connected = False
+        self.client.answer_ping = False
         with capturedLogs() as events:
             self.store.start()
-            self.clock.pump([1] * 30)
+            self.clock.advance(0.9)
+            self.assertEqual(events, [])
+            self.clock.pump([0.1] + [1] * 30)
         self.assertFalse(self.store.up)
         self.assertEqual(len(events), 1)
+        self.assertEqual(len(self.client.pending), 1)
+
+    def test_first_probe_waits_for_the_connection(self) -> None:
+        """The pool connects after the store starts: up as soon as the first
+        PING is answered, with nothing said of an outage."""
+        self.client.is_connected = False
+        self.client.answer_ping = False
+        with capturedLogs() as events:
+            self.store.start()
+            self.clock.advance(0.1)
+            self.client.pending[0].callback("PONG")
+        self.assertTrue(self.store.up)
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.info])
 
     def test_registry(self) -> None:
         """A node's record is written with its TTL in ms and read back by id;

@@ -21,7 +21,7 @@ class FakeStore:
 
     Set L{available} False to make it unreachable (every command answers
     "unavailable", as a L{RedisStore} that is down does) and True to bring
-    it back; L{hold} makes commands wait until L{release}.
+    it back; L{hold} makes commands wait until L{release} (or L{step}).
     """
 
     def __init__(self, clock: Clock) -> None:
@@ -59,9 +59,17 @@ class FakeStore:
         self._held = []
 
     def release(self) -> None:
+        """Answer what waits, and stop holding."""
         held, self._held = self._held or [], None
         for d, command in held:
             d.callback(command())
+
+    def step(self) -> int:
+        """Answer what waits now, holding what comes next; how many were answered."""
+        held, self._held = self._held or [], []
+        for d, command in held:
+            d.callback(command())
+        return len(held)
 
     def _run(self, command: Callable[[], Any]) -> Deferred[Any]:
         if self._held is not None:

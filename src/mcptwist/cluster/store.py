@@ -291,9 +291,14 @@ class RedisStore:
         self._probe.clock = clock
         self._probe_interval = probe_interval
 
+    @property
+    def _connect_timeout(self) -> float:
+        # Beyond a few deadlines a connection attempt, or a connection that
+        # stays silent, is given up (and made again).
+        return max(1.0, self.timeout * 4)
+
     def _txredisapi(self) -> RedisClient:
-        # Beyond a few deadlines of silence a connection is given up (and made again).
-        return TxRedisClient(self.address, self._clock, max(1.0, self.timeout * 4))
+        return TxRedisClient(self.address, self._clock, self._connect_timeout)
 
     @property
     def up(self) -> bool:
@@ -313,7 +318,9 @@ class RedisStore:
         if self._client is None:
             self._client = self._connect()
         if not self._probe.running:
-            self._probe.start(self._probe_interval, now=True)
+            self._probe.start(self._probe_interval, now=False)
+            # The first probe waits for the first connection (one PING queued).
+            self._send_probe(first=True)
 
     def stop(self) -> Deferred[None]:
         if self._probe.running:
@@ -382,17 +389,17 @@ class RedisStore:
 
     # Availability
 
-    def _send_probe(self) -> None:
+    def _send_probe(self, first: bool = False) -> None:
         client = self._client
         if self._probing or client is None:
             return
-        if not client.connected():
+        if not first and not client.connected():
             # Not sent: txredisapi would queue it until a connection is made.
             self._down("not connected")
             return
         self._probing = True
         d = client.ping()
-        d.addTimeout(self.timeout, self._clock)
+        d.addTimeout(self._connect_timeout if first else self.timeout, self._clock)
         d.addCallbacks(lambda _: self._set_up(), lambda f: self._failed(f, "ping"))
         d.addBoth(self._probed)
 

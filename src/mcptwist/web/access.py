@@ -36,7 +36,7 @@ from mcptwist.security.ipfilter import AddressPolicy, forwarded_client, rate_key
 from mcptwist.security.origin import is_local_address
 from mcptwist.security.ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 
-from .admission import admission_of, peer_of, principal_of
+from .admission import Verdict, admission_of, peer_of, principal_of
 from .http import HTTPProblem, Undecided, header
 
 if TYPE_CHECKING:
@@ -363,12 +363,13 @@ class AccessControl:
         verdicts = admission.verdicts
         if verdicts is None:
             verdicts = admission.verdicts = {}
-        if what not in verdicts:
-            d = self.limiter.decide(who, key, server, ip_charged, cost, paid)
-            d.addCallback(lambda refusal: verdicts.__setitem__(what, refusal))
-            if what not in verdicts:
-                raise Undecided(d)
-        return verdicts[what]
+        verdict = verdicts.get(what)
+        if verdict is None:
+            decision = self.limiter.decide(who, key, server, ip_charged, cost, paid)
+            verdict = verdicts[what] = Verdict(decision)
+        if not verdict.known:
+            raise Undecided(verdict.ready())
+        return verdict.refusal
 
     def guard(self, principal: Principal, ip: str | None) -> ClientGuard:
         """What this client may see and use of an endpoint's servers."""

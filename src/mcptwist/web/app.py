@@ -247,7 +247,8 @@ class Gate(Resource):
         except HTTPProblem as problem:
             return problem.render(request)
         except Undecided as undecided:
-            return undecided.ready.addCallback(lambda _: None)
+            ready: Deferred[None] = undecided.ready
+            return ready
         admission.server = server
         admission.checked = True
         return None
