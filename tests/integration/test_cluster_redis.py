@@ -116,9 +116,8 @@ class StoreOnRedisTests(TestCase):
 
     async def test_wrong_password(self) -> None:
         """A password Redis refuses: the store stays down, and says so without it."""
-        wrong = RedisServer.__new__(RedisServer)
-        wrong.port, wrong.password = self.redis.port, "not-the-password"
-        store = RedisStore(cluster(wrong.url), reactor)
+        wrong = f"redis://:not-the-password@127.0.0.1:{self.redis.port}/0"
+        store = RedisStore(cluster(wrong), reactor)
         with capturedLogs() as events:
             store.start()
             self.addCleanup(store.stop)
