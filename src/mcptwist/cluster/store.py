@@ -282,7 +282,7 @@ class RedisStore:
         self._connect = client or self._txredisapi
         self._client: RedisClient | None = None
         self._up = False
-        # Said once, when the first probe fails (later outages log as they start).
+        # Whether this outage (or the wait for Redis's first answer) was logged.
         self._told = False
         self._fallbacks = dict.fromkeys(FALLBACK_REASONS, 0)
         self._watchers: list[Callable[[bool], None]] = []

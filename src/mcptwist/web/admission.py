@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
 from mcptwist.security.auth import ANONYMOUS, Principal
 from mcptwist.security.ratelimit import Refusal
+
+log = Logger(namespace="mcptwist.web")
 
 
 class IAdmission(Interface):
@@ -79,7 +82,7 @@ class Verdict:
         self.known = False
         self.refusal: Refusal | None = None
         self._waiting: list[Deferred[None]] = []
-        decision.addCallback(self._decided)
+        decision.addCallbacks(self._decided, self._failed)
 
     def _decided(self, refusal: Refusal | None) -> None:
         self.known = True
@@ -87,6 +90,11 @@ class Verdict:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
+
+    def _failed(self, failure: Failure) -> None:
+        # RateLimiter.decide answers even when the store fails: this is a bug.
+        log.failure("while deciding a shared rate limit; the request is let through", failure)
+        self._decided(None)
 
     def ready(self) -> Deferred[None]:
         """A Deferred that fires once the verdict is known."""

@@ -175,7 +175,10 @@ class Gate(Resource):
             self._authenticate(None, request, admission)
         else:
             # The cluster's limit on the address is decided (in Redis) first.
-            access.address_verdict(ip).addCallback(self._authenticate, request, admission)
+            d = access.address_verdict(ip)
+            d.addCallback(self._authenticate, request, admission)
+            # An unexpected error is the admission's outcome (logged, answered 500).
+            d.addErrback(admission.settle)
         return admission
 
     def _authenticate(
