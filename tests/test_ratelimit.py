@@ -20,6 +20,8 @@ from mcptwist.security.ratelimit import (
     retry_after_header,
 )
 
+from .support.store import FakeStore
+
 NO_LIMITS = LimitsConfig(per_principal=None, per_ip=None)
 
 
@@ -402,3 +404,73 @@ class RetryAfterTests(SynchronousTestCase):
         self.assertGreaterEqual(value, seconds - 1e-6)
         self.assertLess(value, max(seconds, 1.0) + 1)
         self.assertEqual(value, max(1, math.ceil(seconds - 1e-9)))
+
+
+LIMITS = LimitsConfig(per_principal=Bucket(1.0, 3), per_ip=Bucket(2.0, 4))
+SERVERS = {"s": ServerLimits(per_principal=Bucket(0.5, 2), total=Bucket(4.0, 5))}
+
+
+class SharedTests(SynchronousTestCase):
+    """With a cluster's store: the bridge-wide buckets in the store, a
+    server's on the node, the answers of one node holding every bucket."""
+
+    def shared(self) -> tuple[RateLimiter, FakeStore, Clock]:
+        clock = Clock()
+        clock.advance(1000)
+        store = FakeStore(clock)
+        return RateLimiter(LIMITS, SERVERS, clock, store=store), store, clock
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["alice", "bob", None]),
+                st.sampled_from(["192.0.2.1", "192.0.2.2", None]),
+                st.sampled_from(["s", "t", None]),
+                st.integers(1, 6),
+                st.integers(0, 1),
+                st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]),
+            ),
+            max_size=40,
+        )
+    )
+    def test_answers_as_one_node(
+        self, steps: list[tuple[str | None, str | None, str | None, int, int, float]]
+    ) -> None:
+        alone, clock = limiter(LIMITS, SERVERS)
+        shared, _, shared_clock = self.shared()
+        for principal, ip, server, cost, paid, wait in steps:
+            clock.advance(wait)
+            shared_clock.advance(wait)
+            expected = alone.check(principal, ip, server, cost=cost, paid=paid)
+            got = self.successResultOf(shared.decide(principal, ip, server, cost=cost, paid=paid))
+            self.assertEqual(got is None, expected is None, (got, expected))
+            if got is not None and expected is not None:
+                self.assertEqual((got.scope, got.burst), (expected.scope, expected.burst))
+                self.assertAlmostEqual(got.retry_after, expected.retry_after, places=9)
+
+    def test_a_node_bucket_refusing_spends_nothing_shared(self) -> None:
+        """A server's bucket on this node refuses: Redis is told not to spend."""
+        limiter_, store, _ = self.shared()
+        for _ in range(2):
+            self.assertIsNone(self.successResultOf(limiter_.decide("alice", None, "s")))
+        refusal = self.successResultOf(limiter_.decide("alice", None, "s"))
+        self.assertEqual(refusal, Refusal("server-principal", 2.0))
+        self.assertFalse(store.takes[-1][3])
+        self.assertEqual(store.buckets["principal:alice"][0], 1.0)
+
+    def test_unavailable(self) -> None:
+        """Redis unavailable: every bucket is the node's own, decided at once."""
+        limiter_, store, _ = self.shared()
+        store.set_up(False)
+        answers = [self.successResultOf(limiter_.decide("alice", None, None)) for _ in range(4)]
+        self.assertEqual(answers, [None, None, None, Refusal("principal", 1.0)])
+        self.assertEqual(store.fallbacks["down"], 4)
+        self.assertEqual(store.buckets, {})
+
+    def test_too_costly(self) -> None:
+        """A cost no bucket can ever hold is refused without asking Redis."""
+        limiter_, store, _ = self.shared()
+        refusal = self.successResultOf(limiter_.decide("alice", None, None, cost=4))
+        self.assertEqual(refusal.burst if refusal else None, 3)
+        self.assertEqual(store.takes, [])

@@ -535,6 +535,10 @@ class Bridge:
                 left[pid] = stat[0]
         return left
 
+    def kill(self) -> None:
+        """The bridge dies at once (SIGKILL, no goodbye), and its children with it."""
+        self._abort()
+
     def _abort(self) -> None:
         self.stopped = True
         children = self.children()

@@ -127,6 +127,7 @@ class Bridge(Harness):
         *servers: ServerConfig,
         hold: bool = False,
         fetch: Any = None,
+        store: Any = None,
         **settings: Any,
     ) -> None:
         self.test = test
@@ -138,7 +139,9 @@ class Bridge(Harness):
         self.backends = {s.name: make_backend(s, self.reactor, {}, self.audit) for s in servers}
         for backend in self.backends.values():
             backend.startService()
-        self.access = AccessControl.from_config(self.config, self.reactor, self.audit, fetch)
+        self.access = AccessControl.from_config(
+            self.config, self.reactor, self.audit, fetch, store=store
+        )
         self.registry = SessionRegistry(
             self.reactor, self.config.max_sessions, caps=self.access.caps, recorder=self.audit
         )
@@ -163,12 +166,14 @@ class Service(Harness):
         config: BridgeConfig,
         environ: dict[str, str] | None = None,
         on_spawn: Callable[[FakeChild], None] | None = None,
+        store: Any = None,
+        reactor: FakeProcessReactor | None = None,
     ) -> None:
         self.test = test
-        self.reactor = FakeProcessReactor()
+        self.reactor = reactor or FakeProcessReactor()
         self.reactor.on_spawn = on_spawn
         self.config = attrs.evolve(config, listeners=())
-        self.service = BridgeService(self.config, self.reactor, environ or {})
+        self.service = BridgeService(self.config, self.reactor, environ or {}, store=store)
         self.service.privilegedStartService()
         self.service.startService()
         self.client = StubTreq(self.service.resource)

@@ -20,7 +20,7 @@ them succeeded, so that calls to made-up tools cannot fill the table.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 import attrs
@@ -211,12 +211,24 @@ class ServerSnapshot:
 
 
 @attrs.frozen
+class ClusterSnapshot:
+    """A cluster node's Redis at scrape time: whether it answers, and how many
+    rate-limit decisions fell back to this node's own buckets, by why
+    (C{down}, C{timeout}, C{error})."""
+
+    redis_up: bool
+    fallbacks: Mapping[str, int]
+
+
+@attrs.frozen
 class Snapshot:
-    """The bridge at scrape time: its servers, open SSE streams and registered sessions."""
+    """The bridge at scrape time: its servers, open SSE streams and registered
+    sessions, and its cluster's Redis (None without one)."""
 
     servers: tuple[ServerSnapshot, ...]
     streams: int
     sessions_total: int
+    cluster: ClusterSnapshot | None = None
 
 
 class _Bounded:
@@ -244,7 +256,7 @@ class _LiveState:
 
     def describe(self) -> list[Metric]:
         # The names, so that the registry refuses any clash when registering.
-        return self._families(Snapshot((), 0, 0))
+        return self._families(Snapshot((), 0, 0, ClusterSnapshot(False, {})))
 
     def collect(self) -> Iterator[Metric]:
         source = self.source
@@ -311,7 +323,7 @@ class _LiveState:
             "Sessions in the session registry, all servers (what max_sessions limits).",
             value=float(snapshot.sessions_total),
         )
-        return [
+        families: list[Metric] = [
             info,
             state,
             restarts,
@@ -324,6 +336,26 @@ class _LiveState:
             streams,
             registered,
         ]
+        cluster = snapshot.cluster
+        if cluster is not None:
+            families.append(
+                GaugeMetricFamily(
+                    "mcptwist_cluster_redis_up",
+                    "1 while the cluster's Redis answers, 0 while this node goes on without it.",
+                    value=1.0 if cluster.redis_up else 0.0,
+                )
+            )
+            fallbacks = CounterMetricFamily(
+                "mcptwist_cluster_limit_fallbacks",
+                "Rate-limit decisions made with this node's own buckets because the "
+                "cluster's Redis was unavailable, by why: down (known down, not asked), "
+                "timeout (no answer within redis_timeout), error (the command failed).",
+                labels=["reason"],
+            )
+            for reason, count in sorted(cluster.fallbacks.items()):
+                fallbacks.add_metric([reason], float(count))
+            families.append(fallbacks)
+        return families
 
 
 class MetricsResource(Resource):

@@ -13,6 +13,11 @@ Buckets exist only for keys that were seen recently: a bucket that has
 refilled to its burst is indistinguishable from a new one, so it is dropped
 by L{RateLimiter.prune}, which runs every minute and whenever the table is
 full.
+
+In a cluster with a Redis (L{RateLimiter.decide}), the bridge-wide buckets
+(per principal, per IP) live in Redis, shared by every node, and a
+server's own buckets stay on the node (they guard that node's children);
+while Redis is unavailable the node uses its own bridge-wide buckets too.
 """
 
 from __future__ import annotations
@@ -22,10 +27,17 @@ from collections.abc import Mapping
 from typing import Final
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mcptwist.cluster.store import Bucket as SharedBucket
+from mcptwist.cluster.store import Store, Waits
 from mcptwist.config.model import Bucket, LimitsConfig, ServerLimits
+
+log = Logger(namespace="mcptwist.ratelimit")
 
 MAX_KEYS: Final = 100_000
 PRUNE_INTERVAL: Final = 60.0
@@ -103,6 +115,10 @@ class Refusal:
 
 
 _Key = tuple[str, str, str]  # (scope, server or "", principal or IP or "")
+_Limits = list[tuple[_Key, Bucket]]
+# The scopes whose buckets a cluster shares through its store (they come
+# first in check order).
+SHARED_SCOPES: Final = frozenset({"principal", "ip"})
 
 
 class RateLimiter:
@@ -125,6 +141,7 @@ class RateLimiter:
         *,
         max_keys: int = MAX_KEYS,
         prune_interval: float = PRUNE_INTERVAL,
+        store: Store | None = None,
     ) -> None:
         specs = [limits.per_principal, limits.per_ip]
         for s in server_limits.values():
@@ -135,6 +152,8 @@ class RateLimiter:
         self.limits = limits
         self.server_limits = dict(server_limits)
         self.max_keys = max_keys
+        # A cluster's shared buckets (see decide); None: every bucket is local.
+        self.store = store
         self._clock = clock
         self._buckets: dict[_Key, TokenBucket] = {}
         self._next_forced_prune = float("-inf")
@@ -206,11 +225,18 @@ class RateLimiter:
         C{server_only}: only the server's own buckets (a request an endpoint
         routes to one of its members, charged to the bridge-wide ones already).
         """
-        now = self._clock.seconds()
         applicable = self._applicable(principal, ip, server, ip_charged, server_only)
-        for key, spec in applicable:
-            if cost + paid > spec.burst:
-                return Refusal(key[0], float(_MAX_RETRY_AFTER), spec.burst)
+        return self._check(applicable, cost, paid)
+
+    def _check(
+        self, applicable: _Limits, cost: int, paid: int, spend: bool = True
+    ) -> Refusal | None:
+        """L{check} on these buckets; without C{spend}, only what it would answer
+        (nothing is spent, nor any bucket made)."""
+        too_costly = _too_costly(applicable, cost + paid)
+        if too_costly is not None:
+            return too_costly
+        now = self._clock.seconds()
         buckets = self._buckets
         found = [buckets.get(key) for key, _ in applicable]
         scope: str | None = None
@@ -226,6 +252,8 @@ class RateLimiter:
                 wait = max(wait, bucket.peek(now, cost + paid))
         if scope is not None:
             return Refusal(scope, wait)
+        if not spend:
+            return None
         if missing and len(buckets) + missing > self.max_keys:
             if now >= self._next_forced_prune:
                 self._next_forced_prune = now + CAPACITY_RETRY
@@ -242,6 +270,68 @@ class RateLimiter:
                 bucket = buckets[key] = TokenBucket(spec.rate, spec.burst, now)
             bucket.spend(cost)
         return None
+
+    def decide(
+        self,
+        principal: str | None,
+        ip: str | None,
+        server: str | None,
+        ip_charged: bool = False,
+        cost: int = 1,
+        paid: int = 0,
+    ) -> Deferred[Refusal | None]:
+        """L{check} with the bridge-wide buckets in the cluster's store.
+
+        The node's own buckets (a server's) are looked at first, spending
+        nothing; then the store takes from the shared buckets, all or none,
+        and only if the node's own allow too; then the node's own are spent.
+        The answer is the one L{check} would give on one node holding every
+        bucket (the first refusing scope, the longest wait), except that a
+        request whose own buckets another request on this node emptied while
+        the store answered is refused having paid the shared ones. When the
+        store is unavailable (it answers at once while Redis is down), every
+        bucket is the node's own.
+        """
+        store = self.store
+        applicable = self._applicable(principal, ip, server, ip_charged)
+        shared = [(key, spec) for key, spec in applicable if key[0] in SHARED_SCOPES]
+        if store is None or not shared:
+            return succeed(self._check(applicable, cost, paid))
+        too_costly = _too_costly(applicable, cost + paid)
+        if too_costly is not None:
+            return succeed(too_costly)
+        own = applicable[len(shared) :]
+        refused = self._check(own, cost, paid, spend=False)
+        buckets = [
+            SharedBucket(f"{key[0]}:{key[2]}", spec.rate, spec.burst) for key, spec in shared
+        ]
+        d = store.take(buckets, cost, paid, spend=refused is None)
+
+        def decided(waits: Waits) -> Refusal | None:
+            if waits is None:
+                return self._check(applicable, cost, paid)
+            scope = next((key[0] for (key, _), w in zip(shared, waits, strict=True) if w), None)
+            if scope is None:
+                if refused is None:
+                    return self._check(own, cost, paid)
+                scope = refused.scope
+            return Refusal(scope, max(0.0, *waits, refused.retry_after if refused else 0.0))
+
+        def failed(failure: Failure) -> Refusal | None:
+            log.failure(
+                "while asking the cluster's store; limiting with this node's buckets", failure
+            )
+            return self._check(applicable, cost, paid)
+
+        return d.addCallbacks(decided, failed)
+
+
+def _too_costly(applicable: _Limits, cost: int) -> Refusal | None:
+    """The refusal of a cost more than one of these buckets can ever hold."""
+    for key, spec in applicable:
+        if cost > spec.burst:
+            return Refusal(key[0], float(_MAX_RETRY_AFTER), spec.burst)
+    return None
 
 
 class _Counter:

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_service -*-
-"""The service tree: the audit trail, the admission rules, every server's
-children, the sessions, the listeners, the reloader and the report to systemd.
+"""The service tree: the audit trail, the admission rules, this node in its
+cluster, every server's children, the sessions, the listeners, the reloader
+and the report to systemd.
 
 Start order: bind the listeners (refusing a non-loopback one unless the
 config says C{insecure = true}), then spawn the children. Stop order: stop
@@ -14,6 +15,7 @@ import gc
 from collections.abc import Mapping
 from typing import Any, Final
 
+import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import LoopingCall, deferLater
@@ -21,15 +23,17 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource
 
 from mcptwist.cluster.keys import SessionIds, cluster_keys
+from mcptwist.cluster.store import RedisStore, Store
 from mcptwist.config.model import BridgeConfig, ConfigError, ListenerConfig, url_path
 from mcptwist.ops.audit import AuditError, AuditTrail
-from mcptwist.ops.metrics import Metrics, Snapshot
+from mcptwist.ops.metrics import ClusterSnapshot, Metrics, Snapshot
 from mcptwist.ops.notify import SystemdNotifier
 from mcptwist.ops.record import Recorders
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.pins import PinBook, PinFileError, read_pin_file
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import SessionRegistry
+from mcptwist.service.cluster import ClusterService
 from mcptwist.service.control import BridgeControl
 from mcptwist.service.fleet import Fleet
 from mcptwist.service.listener import Listener, ListenerError, ListenerGroup, describe_address
@@ -60,15 +64,18 @@ class BridgeService(MultiService):
 
      1. the audit trail (opened before privileges are dropped);
      2. the admission rules (their key refresh and rate limit timers);
-     3. the L{Fleet}: every server's backend, which spawns its children;
-     4. the SSE streams' heartbeat (on stop, the streams left end);
-     5. the L{SessionRegistry} (on stop, every session ends, answering
+     3. this node in its cluster (L{ClusterService}: with a cluster Redis,
+        the connection and the heartbeat of its record; on stop, the record
+        is withdrawn and the connection closed);
+     4. the L{Fleet}: every server's backend, which spawns its children;
+     5. the SSE streams' heartbeat (on stop, the streams left end);
+     6. the L{SessionRegistry} (on stop, every session ends, answering
         what is in flight);
-     6. the listeners, the bridge's and the metrics' (they bind before any
+     7. the listeners, the bridge's and the metrics' (they bind before any
         child starts, in C{privilegedStartService}; on stop they stop
         listening, together);
-     7. the L{Reloader} (on stop, a reload under way ends first);
-     8. the report to systemd (L{Readiness}).
+     8. the L{Reloader} (on stop, a reload under way ends first);
+     9. the report to systemd (L{Readiness}).
 
     Unlike a plain MultiService it waits for each child to stop before it
     stops the next (L{stopService}).
@@ -84,6 +91,7 @@ class BridgeService(MultiService):
         notifier: SystemdNotifier | None = None,
         listen_override: tuple[ListenerConfig, ...] | None = None,
         freeze_gc: bool = False,
+        store: Store | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -100,7 +108,12 @@ class BridgeService(MultiService):
             # The refusals only reach the audit trail, which counts them.
             self.audit.metrics = self.metrics
             self.recorder = Recorders(self.audit, self.metrics)
-        self.access = AccessControl.from_config(config, reactor, self.audit)
+        cluster = config.cluster
+        # The state shared with the cluster's other nodes (None: nothing is shared).
+        if store is None and cluster is not None and cluster.redis:
+            store = RedisStore(cluster, reactor)
+        self.store = store
+        self.access = AccessControl.from_config(config, reactor, self.audit, store=self.store)
         # Open connections by client address, over every listener.
         self.connections = ConnectionCounter(config.limits.max_connections_per_ip)
         # Reap often enough that no session outlives its idle timeout by much.
@@ -122,6 +135,12 @@ class BridgeService(MultiService):
         self.web.draining = self.fleet.draining
         self.web.endpoints = self.fleet.endpoints
         self.web.pins = self.pins
+        self.cluster = ClusterService(
+            cluster, self.store, reactor, self._snapshot, self.web.health_status
+        )
+        if self.web.forwarder is not None:
+            # Retries and admin requests for other nodes find them in the registry.
+            self.web.forwarder.directory = self.cluster
         self.reloader = Reloader(
             self,
             reactor,
@@ -139,6 +158,7 @@ class BridgeService(MultiService):
             self.registry,
             self.reloader.reload,
             lambda: bool(self.running),
+            self.cluster.nodes,
             drain=self._drain_and_stop,
         )
         self.web.admin = AdminAPI(self.control, self.audit, self.web.forwarder).resource()
@@ -170,6 +190,7 @@ class BridgeService(MultiService):
         for child in (
             AuditService(self.audit),
             AccessService(self.access),
+            self.cluster,
             self.fleet,
             HeartbeatService(self.web.heartbeat),
             self.registry,
@@ -304,7 +325,11 @@ class BridgeService(MultiService):
         return self.fleet.status_line()
 
     def _snapshot(self) -> Snapshot:
-        return self.fleet.snapshot(streams=len(self.web.heartbeat.connections))
+        snapshot = self.fleet.snapshot(streams=len(self.web.heartbeat.connections))
+        if self.store is None:
+            return snapshot
+        cluster = ClusterSnapshot(self.store.up, dict(self.store.fallbacks))
+        return attrs.evolve(snapshot, cluster=cluster)
 
     def _log_urls(self, name: str) -> None:
         for listener in self.listening:
@@ -353,6 +378,7 @@ class BridgeService(MultiService):
             log.error("reload: kept the old audit trail: {error}", error=str(e))
             changes["audit"] = f"kept the old one: {e}"
         self.web.reconfigure(new)
+        self.cluster.reconfigure(new.cluster)
         keys = cluster_keys(new.cluster.keys if new.cluster is not None else None)
         if keys is not None:
             self.registry.ids.rekey(keys)

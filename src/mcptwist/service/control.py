@@ -32,9 +32,12 @@ class BridgeControl:
         registry: SessionRegistry,
         reload: Callable[[], Deferred[dict[str, Any]]],
         running: Callable[[], bool],
+        cluster: Callable[[], Deferred[dict[str, Any]]] | None = None,
         drain: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.fleet = fleet
+        # Every node's record (the cluster's registry, or this node alone).
+        self._cluster = cluster
         self.registry = registry
         # Re-reads the configuration file (as SIGHUP does).
         self._reload = reload
@@ -54,6 +57,13 @@ class BridgeControl:
         if backend is None:
             raise KeyError(name)
         return backend
+
+    # The cluster
+
+    def cluster(self) -> Deferred[dict[str, Any]]:
+        if self._cluster is None:
+            return succeed({"node_id": None, "redis": None, "nodes": []})
+        return self._cluster()
 
     # Tool pins
 

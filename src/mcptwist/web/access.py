@@ -17,6 +17,7 @@ from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
@@ -35,10 +36,11 @@ from mcptwist.security.ipfilter import AddressPolicy, forwarded_client, rate_key
 from mcptwist.security.origin import is_local_address
 from mcptwist.security.ratelimit import Caps, RateLimiter, Refusal, retry_after_header
 
-from .admission import peer_of, principal_of
-from .http import HTTPProblem, header
+from .admission import Verdict, admission_of, peer_of, principal_of
+from .http import HTTPProblem, Undecided, header
 
 if TYPE_CHECKING:
+    from mcptwist.cluster.store import Store
     from mcptwist.mcp.jsonrpc import RequestId
     from mcptwist.routing.sessions import ClientSession
 
@@ -57,7 +59,15 @@ _SERVER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class AccessControl:
-    """The admission rules of one configuration, shared by every listener."""
+    """The admission rules of one configuration, shared by every listener.
+
+    With a cluster's L{Store} (C{[cluster] redis}), the bridge-wide rate
+    limits are decided in Redis, which a request's admission waits for:
+    L{authorise} and L{charge_messages} raise L{Undecided} until the
+    verdict, kept on the request's admission, is known, and the gate or the
+    handler asks again then; L{limit_address} is replaced by
+    L{address_verdict}. Without one, nothing waits.
+    """
 
     def __init__(
         self,
@@ -66,8 +76,11 @@ class AccessControl:
         limiter: RateLimiter,
         caps: Caps,
         audit: AuditTrail,
+        store: Store | None = None,
     ) -> None:
         self.config = config
+        # The cluster's shared state (None: every limit is this node's own).
+        self.store = store
         self.auth = config.auth
         self.authenticator = authenticator
         self.limiter = limiter
@@ -90,14 +103,18 @@ class AccessControl:
         clock: Any,
         audit: AuditTrail | None = None,
         fetch: Any = None,
+        store: Store | None = None,
     ) -> AccessControl:
         limits = config.limits
         return cls(
             config,
             Authenticator(config.auth, clock, fetch),
-            RateLimiter(limits, {n: s.limits for n, s in config.servers.items()}, clock),
+            RateLimiter(
+                limits, {n: s.limits for n, s in config.servers.items()}, clock, store=store
+            ),
             Caps.from_limits(limits),
             audit if audit is not None else AuditTrail(AuditConfig(), clock),
+            store,
         )
 
     def reconfigure(self, config: BridgeConfig, clock: Any, fetch: Any = None) -> None:
@@ -117,7 +134,7 @@ class AccessControl:
         if config.limits != old.limits or server_limits != {
             n: s.limits for n, s in old.servers.items()
         }:
-            limiter = RateLimiter(config.limits, server_limits, clock)
+            limiter = RateLimiter(config.limits, server_limits, clock, store=self.store)
         if authenticator is not self.authenticator:
             self.authenticator.stop()
             self.authenticator = authenticator
@@ -316,9 +333,43 @@ class AccessControl:
         # Without authentication every client is "anonymous": only per-IP limits
         # can tell them apart.
         who = principal.id if principal.kind != "anonymous" else None
-        refusal = self.limiter.check(who, rate_key(ip), server, ip_charged=self.auth.enabled)
+        if self.store is None:
+            refusal = self.limiter.check(who, rate_key(ip), server, ip_charged=self.auth.enabled)
+        else:
+            refusal = self._verdict(
+                request, "request", who, rate_key(ip), server, ip_charged=self.auth.enabled
+            )
         if refusal is not None:
             raise self._limited(refusal, principal.id, ip, server)
+
+    def _verdict(
+        self,
+        request: IRequest,
+        what: str,
+        who: str | None,
+        key: str | None,
+        server: str | None,
+        ip_charged: bool = False,
+        cost: int = 1,
+        paid: int = 0,
+    ) -> Refusal | None:
+        """The shared rate limits' verdict on what this request is charged for
+        (C{what}), asked once and kept on its admission; L{Undecided} while
+        the store has not answered (a store that is down answers at once)."""
+        admission = admission_of(request)  # type: ignore[arg-type]
+        if admission is None:
+            # No gate judged it, so there is nowhere to keep a verdict: this node decides.
+            return self.limiter.check(who, key, server, ip_charged, cost, paid)
+        verdicts = admission.verdicts
+        if verdicts is None:
+            verdicts = admission.verdicts = {}
+        verdict = verdicts.get(what)
+        if verdict is None:
+            decision = self.limiter.decide(who, key, server, ip_charged, cost, paid)
+            verdict = verdicts[what] = Verdict(decision)
+        if not verdict.known:
+            raise Undecided(verdict.ready())
+        return verdict.refusal
 
     def guard(self, principal: Principal, ip: str | None) -> ClientGuard:
         """What this client may see and use of an endpoint's servers."""
@@ -332,6 +383,14 @@ class AccessControl:
         refusal = self.limiter.check(None, rate_key(ip), None)
         if refusal is not None:
             raise self._limited(refusal, None, ip, None)
+
+    def address_verdict(self, ip: str | None) -> Deferred[HTTPProblem | None]:
+        """L{limit_address} with the cluster's shared limits: the refusal, if any,
+        once the store has answered."""
+        d = self.limiter.decide(None, rate_key(ip), None)
+        return d.addCallback(
+            lambda refusal: None if refusal is None else self._limited(refusal, None, ip, None)
+        )
 
     def charge_messages(self, request: Request, server: str, count: int) -> None:
         """A POST's body holds C{count} JSON-RPC messages: refuse a batch longer
@@ -361,7 +420,12 @@ class AccessControl:
                 None,
             )
         who = principal.id if principal.kind != "anonymous" else None
-        refusal = self.limiter.check(who, rate_key(ip), server, cost=count - 1, paid=1)
+        if self.store is None:
+            refusal = self.limiter.check(who, rate_key(ip), server, cost=count - 1, paid=1)
+        else:
+            refusal = self._verdict(
+                request, "batch", who, rate_key(ip), server, cost=count - 1, paid=1
+            )
         if refusal is None:
             return
         if refusal.burst is not None:

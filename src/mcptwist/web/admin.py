@@ -123,6 +123,11 @@ class AdminControl(Protocol):
         """Pin the definitions a server serves now of these changed tools (all
         by default); the names accepted. KeyError if the server is unknown."""
 
+    def cluster(self) -> Deferred[dict[str, Any]]:
+        """Every node's record (this one marked C{"self": true}), this node's id,
+        and whether the cluster's Redis is up (C{"up"}, C{"down"}, or None
+        without one); without a Redis, or while it is down, this node alone."""
+
 
 class Problem(HTTPProblem):
     """An L{HTTPProblem} whose error carries C{data} for programs to read."""
@@ -396,6 +401,20 @@ class AdminAPI:
         self._record(request, "accept_tools", name, f"ok: {', '.join(accepted) or 'nothing'}")
         return json_body(request, {"server": name, "accepted": accepted})
 
+    # The cluster
+
+    @app.route("/admin/cluster", methods=["GET"])
+    @answered
+    async def cluster(self, request: Request) -> bytes:
+        principal = principal_of(request)
+        view = await self.control.cluster()
+        # Each node's servers, as every list here: those the admin's grants name.
+        for node in view["nodes"]:
+            servers = node.get("servers")
+            if isinstance(servers, dict):
+                node["servers"] = {n: s for n, s in servers.items() if principal.holds(n)}
+        return json_body(request, view)
+
     # Configuration
 
     @app.route("/admin/reload", methods=["POST"])
@@ -448,7 +467,7 @@ class AdminAPI:
             request.setHeader(b"content-type", b"application/json")
             return answer
         directory = forwarder.directory
-        nodes = sorted(await directory.nodes()) if directory is not None else []
+        nodes = sorted(await directory.node_ids()) if directory is not None else []
         answers = await gatherResults(
             [forwarder.relay(request, body, peer, n, path) for n in nodes]
         )

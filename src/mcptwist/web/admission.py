@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
 from mcptwist.security.auth import ANONYMOUS, Principal
+from mcptwist.security.ratelimit import Refusal
+
+log = Logger(namespace="mcptwist.web")
 
 
 class IAdmission(Interface):
@@ -41,6 +45,9 @@ class Admission:
     server: str | None = None
     # The access rules it was judged under (AccessControl.generation).
     generation: int = 0
+    # With a cluster's shared rate limits: each verdict, by what was charged.
+    # None until the first is asked.
+    verdicts: dict[str, Verdict] | None = None
     _waiting: list[Deferred[None]] = attrs.field(factory=list)
 
     @property
@@ -60,6 +67,39 @@ class Admission:
         """A Deferred that fires once L{who} is known."""
         d: Deferred[None] = Deferred()
         if self.who is not None:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
+
+
+class Verdict:
+    """A cluster's shared rate limits on one charge of a request: waiting for
+    the store, then the refusal or None. However often the request is
+    judged (its head, then its body), the store is asked once."""
+
+    def __init__(self, decision: Deferred[Refusal | None]) -> None:
+        self.known = False
+        self.refusal: Refusal | None = None
+        self._waiting: list[Deferred[None]] = []
+        decision.addCallbacks(self._decided, self._failed)
+
+    def _decided(self, refusal: Refusal | None) -> None:
+        self.known = True
+        self.refusal = refusal
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def _failed(self, failure: Failure) -> None:
+        # RateLimiter.decide answers even when the store fails: this is a bug.
+        log.failure("while deciding a shared rate limit; the request is let through", failure)
+        self._decided(None)
+
+    def ready(self) -> Deferred[None]:
+        """A Deferred that fires once the verdict is known."""
+        d: Deferred[None] = Deferred()
+        if self.known:
             d.callback(None)
         else:
             self._waiting.append(d)
@@ -89,4 +129,12 @@ def peer_of(request: Request) -> str | None:
     return admission.ip if admission is not None else None
 
 
-__all__ = ["Admission", "IAdmission", "admission_of", "peer_of", "principal_id", "principal_of"]
+__all__ = [
+    "Admission",
+    "IAdmission",
+    "Verdict",
+    "admission_of",
+    "peer_of",
+    "principal_id",
+    "principal_of",
+]

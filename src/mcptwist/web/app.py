@@ -50,6 +50,7 @@ from .dispatch import ENDPOINTS, dispatch, guarded, internal_error, takes_body
 from .forward import Forwarder
 from .http import (
     HTTPProblem,
+    Undecided,
     header,
     json_body,
     query_names,
@@ -160,7 +161,8 @@ class Gate(Resource):
                 return admission
             if path.startswith(PRM_PATH):
                 return self._metadata(request, path)
-            access.limit_address(ip)
+            if access.store is None:
+                access.limit_address(ip)
         except HTTPProblem as problem:
             return problem.render(request)
         admission = Admission(ip, parts, operator, generation=access.generation)
@@ -170,11 +172,27 @@ class Gate(Resource):
             local = local_listener(request) and is_local_ip(ip)
             admission.who = ANONYMOUS if local else ANONYMOUS_REMOTE
             return admission
-        d = access.authenticator.authenticate(
+        if access.store is None:
+            self._authenticate(None, request, admission)
+        else:
+            # The cluster's limit on the address is decided (in Redis) first.
+            d = access.address_verdict(ip)
+            d.addCallback(self._authenticate, request, admission)
+            # An unexpected error is the admission's outcome (logged, answered 500).
+            d.addErrback(admission.settle)
+        return admission
+
+    def _authenticate(
+        self, refusal: HTTPProblem | None, request: Request, admission: Admission
+    ) -> None:
+        """Check the request's credentials, unless its address was refused."""
+        if refusal is not None:
+            admission.settle(Failure(refusal))
+            return
+        d = self.app.access.authenticator.authenticate(
             request.getHeader(b"authorization"), query_names(request.uri, b"access_token")
         )
         d.addBoth(admission.settle)
-        return admission
 
     def _answer_later(self, request: Request, admission: Admission) -> None:
         if request.finished or request.channel is None:
@@ -188,8 +206,10 @@ class Gate(Resource):
             request.write(body)
             request.finish()
 
-    def _check(self, request: Request, admission: Admission) -> bytes | None:
-        """Authorise an authenticated request (once): None, or its refusal."""
+    def _check(self, request: Request, admission: Admission) -> bytes | Deferred[None] | None:
+        """Authorise an authenticated request (once): None, its refusal, or,
+        while a cluster's shared rate limit is decided, a Deferred that fires
+        when it has been (ask again then)."""
         if admission.checked:
             return None
         access = self.app.access
@@ -199,6 +219,9 @@ class Gate(Resource):
             route = route_of(request)
             if isinstance(who.value, AuthFailure):
                 return access.failure_problem(request, who.value, ip, route).render(request)
+            if isinstance(who.value, HTTPProblem):
+                # Its address was refused (and audited) before authentication.
+                return who.value.render(request)
             log.failure("while authenticating {path}", who, path=route)
             return internal_error(request)
         assert who is not None
@@ -227,6 +250,9 @@ class Gate(Resource):
             access.authorise(request, who, ip, server)
         except HTTPProblem as problem:
             return problem.render(request)
+        except Undecided as undecided:
+            ready: Deferred[None] = undecided.ready
+            return ready
         admission.server = server
         admission.checked = True
         return None
@@ -256,6 +282,9 @@ class Gate(Resource):
         """Authorise an authenticated (or refused) request, then route it."""
         refusal = self._check(request, admission)
         if refusal is not None:
+            if isinstance(refusal, Deferred):
+                refusal.addCallback(lambda _: self._answer_later(request, admission))
+                return NOT_DONE_YET
             return refusal
         parts = admission.parts
         count = len(parts)
@@ -651,9 +680,56 @@ class BridgeApp:
     @app.route("/health", methods=["GET"])
     @guarded
     def health(self, request: Request) -> bytes:
-        if self.node_state == "draining":
+        problems, held = self._problems()
+        status = self._health_word(problems)
+        if status in ("unhealthy", "draining"):
             request.setResponseCode(503)
-            return json_body(request, {"status": "draining"})
+        body: dict[str, Any] = {"status": status}
+        cluster = self._cluster_view()
+        # Anyone may ask (load balancers have no token); with authentication on,
+        # the answer names no server.
+        if not self.config.auth.enabled:
+            states = {
+                name: problems.get(name) or held.get(name, "running") for name in self.backends
+            }
+            body["servers"] = problems if problems else states
+            body["endpoints"] = {
+                e.aggregate.name: {name: states.get(name, "absent") for name in e.aggregate.members}
+                for e in self.endpoints.values()
+            }
+        if cluster is not None:
+            body["cluster"] = cluster
+        return json_body(request, body)
+
+    def health_status(self) -> str:
+        """What C{/health} says of this node: C{ok}; C{degraded} (it serves,
+        but its cluster's Redis is unavailable: its limits are its own);
+        C{unhealthy} (a server is down: 503); C{draining} (it stops: 503, so
+        that the balancer sends new sessions elsewhere)."""
+        return self._health_word(self._problems()[0])
+
+    def _health_word(self, problems: Mapping[str, str]) -> str:
+        if self.node_state == "draining":
+            return "draining"
+        if problems:
+            return "unhealthy"
+        store = self.access.store
+        if store is not None and not store.up:
+            return "degraded"
+        return "ok"
+
+    def _cluster_view(self) -> dict[str, Any] | None:
+        """This node as its cluster sees it: its id, and whether Redis is up."""
+        cluster = self.config.cluster
+        if cluster is None:
+            return None
+        store = self.access.store
+        redis = None if store is None else ("up" if store.up else "down")
+        return {"node_id": cluster.node_id, "redis": redis}
+
+    def _problems(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The servers that are not serving (by name, why), and those an
+        operator stopped on purpose."""
         problems = {}
         held = {}
         for name, backend in self.backends.items():
@@ -673,22 +749,7 @@ class BridgeApp:
                 blocked = self.pins.blocked(backend.server) if self.pins is not None else None
                 if blocked is not None:
                     problems[name] = blocked
-        if problems:
-            request.setResponseCode(503)
-        # Anyone may ask (load balancers have no token); with authentication on,
-        # the answer names no server.
-        if self.config.auth.enabled:
-            return json_body(request, {"status": "unhealthy" if problems else "ok"})
-        states = {name: problems.get(name) or held.get(name, "running") for name in self.backends}
-        endpoints = {
-            e.aggregate.name: {name: states.get(name, "absent") for name in e.aggregate.members}
-            for e in self.endpoints.values()
-        }
-        if problems:
-            return json_body(
-                request, {"status": "unhealthy", "servers": problems, "endpoints": endpoints}
-            )
-        return json_body(request, {"status": "ok", "servers": states, "endpoints": endpoints})
+        return problems, held
 
     def _status(self, backend: Backend) -> dict[str, Any]:
         status = backend.status()

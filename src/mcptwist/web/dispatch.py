@@ -30,6 +30,7 @@ from .context import TransportContext
 from .http import (
     Handler,
     HTTPProblem,
+    Undecided,
     catching,
     header,
     negotiate,
@@ -176,7 +177,11 @@ def dispatch(ctx: TransportContext, request: Request, endpoint: Endpoint, name: 
     method = request.method
     handler = endpoint.answers.get(method)
     if handler is not None:
-        return handler(ctx, request, name) or b""
+        try:
+            return handler(ctx, request, name) or b""
+        except Undecided as undecided:
+            undecided.ready.addCallback(_answer_again, ctx, request, handler, name)
+            return NOT_DONE_YET
     handler = endpoint.coroutines.get(method)
     if handler is None:
         return endpoint.refuse(ctx, request, name)
@@ -199,6 +204,26 @@ def dispatch(ctx: TransportContext, request: Request, endpoint: Endpoint, name: 
     d.addErrback(lambda f: f.trap(CancelledError))
     d.addErrback(lambda f: log.failure("while answering {path}", f, path=request.path))
     return NOT_DONE_YET
+
+
+def _answer_again(
+    _: object, ctx: TransportContext, request: Request, handler: Handler, name: str
+) -> None:
+    """Run a synchronous handler again, now that what it waited for is known
+    (L{Undecided}): it reads the body again, and answers."""
+    if request.finished or request.channel is None:
+        return
+    if request.content is not None:
+        request.content.seek(0)
+    try:
+        body = handler(ctx, request, name)
+    except Exception:
+        log.failure("while answering {path}", path=request.path)
+        body = internal_error(request)
+    if body is not NOT_DONE_YET and not request.finished:
+        if body:
+            request.write(body)
+        request.finish()
 
 
 __all__ = ["ENDPOINTS", "Endpoint", "dispatch", "guarded", "internal_error", "takes_body"]

@@ -70,7 +70,7 @@ class NodeDirectory(Protocol):
     def address(self, node: str) -> Deferred[str | None]:
         """The base URL a live node advertises (None: no such node now)."""
 
-    def nodes(self) -> Deferred[list[str]]:
+    def node_ids(self) -> Deferred[list[str]]:
         """The ids of the live nodes, this one included."""
 
 

@@ -8,7 +8,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Final
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 from twisted.web.http import parse_qs
 from twisted.web.iweb import IRequest
@@ -207,6 +207,16 @@ def parse_messages(
 Handler = Callable[..., Any]
 
 
+class Undecided(Exception):
+    """A request that cannot be answered yet: its admission waits for
+    something (a cluster's shared rate limit, in Redis). Raised by a
+    synchronous handler, which is run again once C{ready} has fired."""
+
+    def __init__(self, ready: Deferred[Any]) -> None:
+        super().__init__("waiting")
+        self.ready = ready
+
+
 def catching(handler: Handler, on_error: Callable[[Request, Exception], bytes | None]) -> Handler:
     """C{handler} (a method taking the request first) with any exception but a
     cancellation answered by C{on_error(request, error)}.
@@ -231,6 +241,8 @@ def catching(handler: Handler, on_error: Callable[[Request, Exception], bytes | 
     def sync_wrapper(self: object, request: Request, *args: Any, **kwargs: Any) -> Any:
         try:
             return handler(self, request, *args, **kwargs)
+        except Undecided:
+            raise
         except Exception as error:
             return on_error(request, error)
 
