@@ -136,6 +136,8 @@ def node_config(node: str, port: int, redis: RedisServer, per_principal: str) ->
     """One node of the cluster: the example server, a user and an admin token,
     its limits, and [cluster] with the shared Redis."""
     return (
+        # A node drains on SIGTERM: the sessions these tests leave open need not wait.
+        "drain_timeout = 1\n"
         "[limits]\n"
         f"per_principal = {per_principal}\n"
         "[[auth.tokens]]\n"
