@@ -476,3 +476,49 @@ class HealthTests(SynchronousTestCase):
         self.assertIn("mcptwist_cluster_redis_up 0.0", text)
         self.assertIn('mcptwist_cluster_limit_fallbacks_total{reason="down"} 1.0', text)
         self.assertIn('mcptwist_cluster_limit_fallbacks_total{reason="timeout"} 0.0', text)
+
+
+class ClusterCapTests(SynchronousTestCase):
+    """A principal's caps count what it holds on every node: each node says
+    so in its record, and reads the others' at each heartbeat."""
+
+    def setUp(self) -> None:
+        self.store = FakeStore(FakeProcessReactor())
+        auth = AuthConfig(
+            tokens=(
+                TokenConfig("alice", hash_token(TOKENS["alice"]), frozenset({"*"})),
+                TokenConfig("ops", hash_token(TOKENS["ops"]), frozenset({"*"}), admin=True),
+            )
+        )
+        self.node = ServiceNode(self, self.store, auth=auth)
+        limits = attrs.evolve(self.node.config.limits, max_sessions_per_principal=2)
+        self.node.service.access.caps.set_limits(limits.max_streams_per_principal, 2)
+
+    def open(self) -> int:
+        response = self.node.request(
+            "POST", "/servers/s/mcp", INIT_BATCHING, {**JSON, **bearer(TOKENS["alice"])}
+        )
+        self.node.content(response)
+        return int(response.code)
+
+    def test_held_here_is_published(self) -> None:
+        self.assertEqual(self.open(), 200)
+        self.store.clock.advance(2)
+        record = orjson.loads(self.store.records["n1"][0])
+        self.assertEqual(record["held"]["sessions"], {"token:alice": 1})
+        status, _, view = self.node.exchange("GET", "/admin/cluster", None, bearer(TOKENS["ops"]))
+        self.assertEqual(status, 200, view)
+        self.assertNotIn("held", view["nodes"][0], "the admin view leaves it out")
+
+    def test_held_elsewhere_counts(self) -> None:
+        held = {"sessions": {"token:alice": 1}, "streams": {}, "requests": {}}
+        self.store.records["n2"] = (orjson.dumps({"node_id": "n2", "held": held}).decode(), 1e9)
+        self.store.clock.advance(2)
+        self.assertEqual(self.open(), 200, "one here and one on n2: at the cap of 2")
+        self.assertEqual(self.open(), 429)
+        self.store.set_up(False)
+        self.assertEqual(self.open(), 200, "Redis down: the caps are this node's own")
+        self.store.set_up(True)
+        del self.store.records["n2"]
+        self.store.clock.advance(2)
+        self.assertEqual(self.node.service.access.caps.sessions("token:alice"), 2)

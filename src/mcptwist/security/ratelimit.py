@@ -340,12 +340,17 @@ class _Counter:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.counts: dict[str, int] = {}
+        # What each principal holds on the cluster's other nodes (as of their
+        # last heartbeats): the cap is the cluster's.
+        self.elsewhere: Mapping[str, int] = {}
+
+    def held(self, principal: str) -> int:
+        return self.counts.get(principal, 0) + self.elsewhere.get(principal, 0)
 
     def open(self, principal: str) -> bool:
-        count = self.counts.get(principal, 0)
-        if count >= self.limit:
+        if self.held(principal) >= self.limit:
             return False
-        self.counts[principal] = count + 1
+        self.counts[principal] = self.counts.get(principal, 0) + 1
         return True
 
     def close(self, principal: str) -> None:
@@ -358,7 +363,9 @@ class _Counter:
 
 class Caps:
     """How many SSE streams, sessions and requests in flight each principal
-    holds at once.
+    holds at once; in a cluster, on all its nodes (the others' counts come
+    with their heartbeats, L{held_elsewhere}, so a principal may pass a cap
+    by what it opens elsewhere within one heartbeat).
 
     Every successful C{open_*} must be paired with one C{close_*}; closing
     more than was opened is harmless. Requests are counted as they start and
@@ -393,8 +400,8 @@ class Caps:
         return self._requests.limit
 
     def requests(self, principal: str) -> int:
-        """The principal's requests in flight now."""
-        return self._requests.counts.get(principal, 0)
+        """The principal's requests in flight now (on the whole cluster)."""
+        return self._requests.held(principal)
 
     def request_started(self, principal: str) -> None:
         """Count a request sent on (room was checked before)."""
@@ -419,10 +426,26 @@ class Caps:
         self._sessions.close(principal)
 
     def streams(self, principal: str) -> int:
-        return self._streams.counts.get(principal, 0)
+        return self._streams.held(principal)
 
     def sessions(self, principal: str) -> int:
-        return self._sessions.counts.get(principal, 0)
+        return self._sessions.held(principal)
+
+    def held_here(self) -> dict[str, dict[str, int]]:
+        """What each principal holds on this node, by kind (what this node
+        tells the cluster's other nodes)."""
+        return {
+            "sessions": dict(self._sessions.counts),
+            "streams": dict(self._streams.counts),
+            "requests": dict(self._requests.counts),
+        }
+
+    def held_elsewhere(self, held: Mapping[str, Mapping[str, int]]) -> None:
+        """What each principal holds on the other nodes, by kind (their
+        L{held_here}, summed): from now on each cap counts it too."""
+        self._sessions.elsewhere = dict(held.get("sessions", {}))
+        self._streams.elsewhere = dict(held.get("streams", {}))
+        self._requests.elsewhere = dict(held.get("requests", {}))
 
     def __len__(self) -> int:
         """How many counters exist (principals with anything open)."""

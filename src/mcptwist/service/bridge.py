@@ -138,6 +138,8 @@ class BridgeService(MultiService):
         self.cluster = ClusterService(
             cluster, self.store, reactor, self._snapshot, self.web.health_status
         )
+        # Each principal's caps hold on the whole cluster.
+        self.cluster.caps = self.access.caps
         if self.web.forwarder is not None:
             # Retries and admin requests for other nodes find them in the registry.
             self.web.forwarder.directory = self.cluster

@@ -25,6 +25,7 @@ from mcptwist import __version__
 from mcptwist.cluster.store import Store
 from mcptwist.config.model import ClusterConfig
 from mcptwist.ops.metrics import Snapshot
+from mcptwist.security.ratelimit import Caps
 
 log = Logger(namespace="mcptwist.cluster")
 
@@ -55,7 +56,9 @@ class ClusterService(Service):
         self.started: float | None = None
         self._addresses: dict[str, str] = {}
         self._addresses_until = float("-inf")
-        self._beat = LoopingCall(self.announce)
+        # The caps each principal holds here, shared with the other nodes.
+        self.caps: Caps | None = None
+        self._beat = LoopingCall(self.beat)
         self._beat.clock = clock
         if store is not None:
             store.watch(self._store_changed)
@@ -114,7 +117,41 @@ class ClusterService(Service):
                 for s in snapshot.servers
             },
             "sessions": snapshot.sessions_total,
+            # What each principal holds here (the other nodes count it in its caps).
+            "held": self.caps.held_here() if self.caps is not None else {},
         }
+
+    def beat(self) -> Deferred[None]:
+        """One heartbeat: write this node's record, then read the others'
+        (their addresses, and what each principal holds there)."""
+        if self.store is None or self.cluster is None or not self.store.up:
+            return succeed(None)
+        store = self.store
+
+        def read(_: object) -> Deferred[None]:
+            return store.nodes().addCallback(self._learn)
+
+        return self.announce().addCallback(read)
+
+    def _learn(self, records: dict[str, dict[str, Any]] | None) -> None:
+        if records is None:
+            return
+        self._remember(records)
+        if self.caps is None:
+            return
+        elsewhere: dict[str, dict[str, int]] = {}
+        for node, record in records.items():
+            held = record.get("held")
+            if node == self.node_id or not isinstance(held, dict):
+                continue
+            for kind, counts in held.items():
+                if not isinstance(counts, dict):
+                    continue
+                total = elsewhere.setdefault(str(kind), {})
+                for principal, count in counts.items():
+                    if isinstance(count, int):
+                        total[principal] = total.get(principal, 0) + count
+        self.caps.held_elsewhere(elsewhere)
 
     def announce(self) -> Deferred[bool]:
         """Write this node's record (while Redis is up): it lives C{node_ttl} seconds."""
@@ -123,14 +160,18 @@ class ClusterService(Service):
         return self.store.announce(self.cluster.node_id, self.record(), self.cluster.node_ttl)
 
     def _store_changed(self, up: bool) -> None:
+        if not up and self.caps is not None:
+            # The others' counts are not known any more: the caps are this node's.
+            self.caps.held_elsewhere({})
         if up and self.running:
             # Back after an outage (or up for the first time): say so at once.
             self.announce()
 
     def nodes(self) -> Deferred[dict[str, Any]]:
         """Every node's record (this one marked C{"self": true}) and whether
-        Redis is up; without Redis, or while it is down, this node alone."""
-        own = {**self.record(), "self": True}
+        Redis is up; without Redis, or while it is down, this node alone.
+        (What each principal holds is left out: it is the caps' business.)"""
+        own = {**_shown(self.record()), "self": True}
         view: dict[str, Any] = {"node_id": self.node_id, "redis": self.redis, "nodes": [own]}
         if self.store is None:
             return succeed(view)
@@ -141,7 +182,7 @@ class ClusterService(Service):
                 return view
             self._remember(records)
             others = [
-                {**record, "node_id": node, "self": False}
+                {**_shown(record), "node_id": node, "self": False}
                 for node, record in sorted(records.items())
                 if node != self.node_id
             ]
@@ -157,12 +198,13 @@ class ClusterService(Service):
 
     def address(self, node_id: str) -> Deferred[str | None]:
         """The URL a node advertises (None: no live node of that id, or Redis
-        is unavailable); what the registry said is kept for a heartbeat."""
+        is unavailable); what the registry said is kept for a heartbeat (a
+        node not in it is asked for again: it may have just joined)."""
         cluster = self.cluster
         if cluster is not None and node_id == cluster.node_id:
             return succeed(cluster.advertise)
-        if self.clock.seconds() < self._addresses_until:
-            return succeed(self._addresses.get(node_id))
+        if self.clock.seconds() < self._addresses_until and node_id in self._addresses:
+            return succeed(self._addresses[node_id])
         if self.store is None:
             return succeed(None)
 
@@ -182,3 +224,8 @@ class ClusterService(Service):
         }
         heartbeat = self.cluster.heartbeat if self.cluster is not None else 0.0
         self._addresses_until = self.clock.seconds() + heartbeat
+
+
+def _shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A node's record as the admin API shows it."""
+    return {k: v for k, v in record.items() if k != "held"}
