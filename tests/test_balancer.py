@@ -1,0 +1,130 @@
+"""The balancer configurations in etc/, checked by the balancers themselves.
+
+C{etc/haproxy/haproxy.cfg} is read by C{haproxy -c} with every combination of
+environment the file documents (the integration tests in
+C{tests/integration/test_cluster.py} run it); its timeouts are compared with
+the bridge's defaults, which they must exceed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from mcptwist.config.model import BridgeConfig, ServerConfig
+
+from .support.certs import make_ca, make_server_cert
+
+ROOT = Path(__file__).resolve().parent.parent
+HAPROXY_CFG = ROOT / "etc" / "haproxy" / "haproxy.cfg"
+
+
+def program(name: str, *fallbacks: str) -> str:
+    """A program's path; skip without it (fail under CI, which installs it)."""
+    found = shutil.which(name) or next((f for f in fallbacks if os.access(f, os.X_OK)), None)
+    if found:
+        return found
+    if os.environ.get("CI"):
+        raise AssertionError(f"CI is set but {name} is not installed")
+    raise SkipTest(f"{name} is not installed")
+
+
+def seconds(value: str) -> float:
+    """An HAProxy time ("310s", "1m", "500ms", a bare number of ms)."""
+    match = re.fullmatch(r"(\d+)(us|ms|s|m|h|d)?", value)
+    assert match, value
+    unit = {"us": 1e-6, "ms": 1e-3, None: 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return int(match.group(1)) * unit[match.group(2)]
+
+
+class HAProxyConfigTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.haproxy = program("haproxy", "/usr/sbin/haproxy")
+        self.text = HAPROXY_CFG.read_text()
+
+    def check(self, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MCPTWIST_")}
+        return subprocess.run(
+            [self.haproxy, "-c", "-f", str(HAPROXY_CFG)],
+            env={**clean, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def assertValid(self, env: Mapping[str, str]) -> None:
+        result = self.check(env)
+        self.assertEqual(result.returncode, 0, f"{dict(env)}:\n{result.stdout}{result.stderr}")
+
+    def test_every_documented_environment(self) -> None:
+        """One node; three; three by name; node ids of one's own, principal
+        hashing and the runtime API; TLS with a PEM of certificate and key."""
+        base = {"MCPTWIST_BIND": "127.0.0.1:8800", "MCPTWIST_NODE1": "127.0.0.1:8801"}
+        self.assertValid(base)
+        three = {**base, "MCPTWIST_NODE2": "10.0.0.2:8080", "MCPTWIST_NODE3": "10.0.0.3:8080"}
+        self.assertValid(three)
+        # Nodes by DNS name, none of which resolves yet (compose before its
+        # nodes start): refused without MCPTWIST_RESOLVE, valid with it.
+        named = {
+            **base,
+            "MCPTWIST_NODE2": "node2.invalid:8080",
+            "MCPTWIST_NODE3": "node3.invalid:8080",
+        }
+        self.assertNotEqual(self.check(named).returncode, 0)
+        self.assertValid({**named, "MCPTWIST_RESOLVE": "1"})
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.assertValid(
+            {
+                **three,
+                "MCPTWIST_NODE1_ID": "n8801",
+                "MCPTWIST_NODE2_ID": "web-2",
+                "MCPTWIST_HASH_PRINCIPAL": "1",
+                "MCPTWIST_STATS_SOCKET": os.path.join(directory, "haproxy.sock"),
+                "MCPTWIST_SERVER_TIMEOUT": "1h",
+            }
+        )
+        cert, key = make_server_cert(directory, make_ca(directory), "balancer")
+        pem = Path(directory) / "balancer.pem"
+        pem.write_text(Path(cert).read_text() + Path(key).read_text())
+        self.assertValid({**three, "MCPTWIST_TLS_PEM": str(pem)})
+
+    def test_refused_without_an_address_or_a_node(self) -> None:
+        """A missing required variable is an error, not a balancer that
+        listens nowhere or balances over nothing."""
+        self.assertNotEqual(self.check({"MCPTWIST_BIND": "127.0.0.1:8800"}).returncode, 0)
+        self.assertNotEqual(self.check({"MCPTWIST_NODE1": "127.0.0.1:8801"}).returncode, 0)
+
+    def test_timeouts_fit_the_bridge(self) -> None:
+        """timeout server outlasts a quiet SSE stream (its heartbeat) and the
+        longest silent call (a JSON answer after request_timeout)."""
+        match = re.search(r'timeout server "\$\{MCPTWIST_SERVER_TIMEOUT-(\w+)\}"', self.text)
+        assert match is not None
+        server = seconds(match.group(1))
+        bridge = BridgeConfig(servers={})
+        child = ServerConfig(name="x", command="x")
+        self.assertGreater(server, bridge.heartbeat_interval * 2)
+        self.assertGreater(server, child.request_timeout)
+
+    def test_routing_rules(self) -> None:
+        """The rules the integration tests rely on are the file's own: the
+        session's node from the header or either legacy parameter, use-server
+        on it, persistence for draining nodes, redispatch for dead ones."""
+        for rule in (
+            "req.fhdr(mcp-session-id),field(1,.)",
+            "urlp(session_id),field(1,.)",
+            "urlp(sessionId),field(1,.)",
+            "use-server %[var(txn.node)] if { var(txn.node) -m found }",
+            "option persist",
+            "option redispatch",
+            "option httpchk GET /health",
+            "balance leastconn",
+        ):
+            self.assertIn(rule, self.text)
