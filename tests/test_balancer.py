@@ -3,7 +3,9 @@
 C{etc/haproxy/haproxy.cfg} is read by C{haproxy -c} with every combination of
 environment the file documents (the integration tests in
 C{tests/integration/test_cluster.py} run it); its timeouts are compared with
-the bridge's defaults, which they must exceed.
+the bridge's defaults, which they must exceed. C{etc/nginx/mcptwist.conf} is
+read by C{nginx -t} inside an http block, when nginx is installed (CI does
+not install it).
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from .support.certs import make_ca, make_server_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "etc" / "haproxy" / "haproxy.cfg"
+NGINX_CONF = ROOT / "etc" / "nginx" / "mcptwist.conf"
 
 
-def program(name: str, *fallbacks: str) -> str:
-    """A program's path; skip without it (fail under CI, which installs it)."""
+def program(name: str, *fallbacks: str, ci: bool = True) -> str:
+    """A program's path; skip without it (fail under CI, which installs it,
+    unless C{ci} is false)."""
     found = shutil.which(name) or next((f for f in fallbacks if os.access(f, os.X_OK)), None)
     if found:
         return found
-    if os.environ.get("CI"):
+    if ci and os.environ.get("CI"):
         raise AssertionError(f"CI is set but {name} is not installed")
     raise SkipTest(f"{name} is not installed")
 
@@ -128,3 +132,52 @@ class HAProxyConfigTests(SynchronousTestCase):
             "balance leastconn",
         ):
             self.assertIn(rule, self.text)
+
+
+class NginxConfigTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.text = NGINX_CONF.read_text()
+
+    def test_nginx_accepts_it(self) -> None:
+        """The file as shipped, included in an http block."""
+        nginx = program("nginx", "/usr/sbin/nginx", ci=False)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        main = Path(directory) / "nginx.conf"
+        main.write_text(
+            f"pid {directory}/nginx.pid;\n"
+            f"error_log {directory}/error.log;\n"
+            "events {}\n"
+            "http {\n"
+            f"    client_body_temp_path {directory}/body;\n"
+            f"    proxy_temp_path {directory}/proxy;\n"
+            f"    include {NGINX_CONF};\n"
+            "}\n"
+        )
+        result = subprocess.run(
+            [nginx, "-t", "-c", str(main), "-p", directory],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_routing_and_streams(self) -> None:
+        """The session's node from the header or either legacy parameter, an
+        upstream per node whose backups answer for a dead node, no buffering
+        of streams, and a read timeout above the bridge's longest silence."""
+        for rule in (
+            "map $http_mcp_session_id $mcptwist_session",
+            "$arg_session_id$arg_sessionid",
+            "proxy_pass http://$mcptwist_upstream;",
+            "proxy_http_version 1.1;",
+            "proxy_buffering off;",
+            "proxy_next_upstream error timeout;",
+        ):
+            self.assertIn(rule, self.text)
+        for node in ("n1", "n2", "n3"):
+            self.assertIn(f"~^{node}\\.      mcptwist_{node};", self.text)
+            self.assertIn(f"upstream mcptwist_{node} {{", self.text)
+        match = re.search(r"proxy_read_timeout (\d+)s;", self.text)
+        assert match is not None
+        self.assertGreater(int(match.group(1)), ServerConfig(name="x", command="x").request_timeout)
