@@ -5,7 +5,9 @@ environment the file documents (the integration tests in
 C{tests/integration/test_cluster.py} run it); its timeouts are compared with
 the bridge's defaults, which they must exceed. C{etc/nginx/mcptwist.conf} is
 read by C{nginx -t} inside an http block, when nginx is installed (CI does
-not install it).
+not install it). The compose example's node configuration is loaded as each
+node loads it, its HAProxy environment given to C{haproxy -c}, and the whole
+file to C{docker compose config} where Compose is installed.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from mcptwist.config.keys import digest_text
+from mcptwist.config.load import load_config
 from mcptwist.config.model import BridgeConfig, ServerConfig
+from mcptwist.security.auth import hash_token
 
 from .support.certs import make_ca, make_server_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "etc" / "haproxy" / "haproxy.cfg"
 NGINX_CONF = ROOT / "etc" / "nginx" / "mcptwist.conf"
+COMPOSE = ROOT / "etc" / "compose"
 
 
 def program(name: str, *fallbacks: str, ci: bool = True) -> str:
@@ -40,6 +46,27 @@ def program(name: str, *fallbacks: str, ci: bool = True) -> str:
     raise SkipTest(f"{name} is not installed")
 
 
+def haproxy_check(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """C{haproxy -c} of the shipped file with only C{env} of MCPTWIST_*."""
+    haproxy = program("haproxy", "/usr/sbin/haproxy")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MCPTWIST_")}
+    return subprocess.run(
+        [haproxy, "-c", "-f", str(HAPROXY_CFG)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def balancer_pem(directory: str) -> Path:
+    """A PEM of a certificate and its key, as HAProxy's crt takes it."""
+    cert, key = make_server_cert(directory, make_ca(directory), "balancer")
+    pem = Path(directory) / "balancer.pem"
+    pem.write_text(Path(cert).read_text() + Path(key).read_text())
+    return pem
+
+
 def seconds(value: str) -> float:
     """An HAProxy time ("310s", "1m", "500ms", a bare number of ms)."""
     match = re.fullmatch(r"(\d+)(us|ms|s|m|h|d)?", value)
@@ -50,18 +77,10 @@ def seconds(value: str) -> float:
 
 class HAProxyConfigTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.haproxy = program("haproxy", "/usr/sbin/haproxy")
         self.text = HAPROXY_CFG.read_text()
 
     def check(self, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("MCPTWIST_")}
-        return subprocess.run(
-            [self.haproxy, "-c", "-f", str(HAPROXY_CFG)],
-            env={**clean, **env},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        return haproxy_check(env)
 
     def assertValid(self, env: Mapping[str, str]) -> None:
         result = self.check(env)
@@ -95,10 +114,7 @@ class HAProxyConfigTests(SynchronousTestCase):
                 "MCPTWIST_SERVER_TIMEOUT": "1h",
             }
         )
-        cert, key = make_server_cert(directory, make_ca(directory), "balancer")
-        pem = Path(directory) / "balancer.pem"
-        pem.write_text(Path(cert).read_text() + Path(key).read_text())
-        self.assertValid({**three, "MCPTWIST_TLS_PEM": str(pem)})
+        self.assertValid({**three, "MCPTWIST_TLS_PEM": str(balancer_pem(directory))})
 
     def test_refused_without_an_address_or_a_node(self) -> None:
         """A missing required variable is an error, not a balancer that
@@ -181,3 +197,89 @@ class NginxConfigTests(SynchronousTestCase):
         match = re.search(r"proxy_read_timeout (\d+)s;", self.text)
         assert match is not None
         self.assertGreater(int(match.group(1)), ServerConfig(name="x", command="x").request_timeout)
+
+
+def service_environment(compose: str, service: str) -> dict[str, str]:
+    """The MCPTWIST_* variables a service of compose.yaml sets (its
+    environment block, as the file writes it)."""
+    block = re.search(rf"^  {service}:\n((?:    .*\n|\n)*)", compose, re.M)
+    assert block is not None, service
+    found = re.findall(r'^\s+(MCPTWIST_\w+): "?([^"\n]*?)"?$', block.group(1), re.M)
+    return dict(found)
+
+
+class ComposeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.compose = (COMPOSE / "compose.yaml").read_text()
+        self.env = {
+            "MCPTWIST_CLUSTER_KEY": "k" * 43,
+            "MCPTWIST_REDIS_PASSWORD": "a-redis-password",
+            "MCPTWIST_TOKEN_HASH": digest_text(hash_token("mcpt_a_client_token")),
+            "MCPTWIST_SUBNET": "172.28.0.0/24",
+        }
+
+    def test_each_node_loads_its_configuration(self) -> None:
+        """node.toml, with a node's environment: its id, the shared key and
+        Redis, its own address, the balancer's network trusted, tokens on."""
+        for node in ("n1", "n2", "n3"):
+            self.assertIn(f"      NODE_ID: {node}\n", self.compose)
+            config = load_config(str(COMPOSE / "node.toml"), {**self.env, "NODE_ID": node})
+            assert config.cluster is not None
+            self.assertEqual(config.cluster.node_id, node)
+            self.assertEqual(config.cluster.keys, (b"k" * 43,))
+            self.assertEqual(config.cluster.redis, "redis://:a-redis-password@redis:6379/0")
+            self.assertEqual(config.cluster.advertise, f"http://{node}:8080")
+            [listener] = config.listeners
+            self.assertEqual(listener.endpoint, "tcp:8080:interface=0.0.0.0")
+            self.assertEqual([str(n) for n in listener.trusted_proxies], ["172.28.0.0/24"])
+            self.assertTrue(config.auth.enabled)
+            self.assertEqual(list(config.servers), ["example"])
+
+    def test_haproxy_takes_the_compose_environment(self) -> None:
+        """The shipped haproxy.cfg with the environment compose.yaml gives it
+        (the nodes by their compose names, which do not resolve here)."""
+        env = service_environment(self.compose, "haproxy")
+        self.assertEqual(
+            sorted(env),
+            sorted(
+                [
+                    "MCPTWIST_BIND",
+                    "MCPTWIST_TLS_PEM",
+                    "MCPTWIST_NODE1",
+                    "MCPTWIST_NODE2",
+                    "MCPTWIST_NODE3",
+                    "MCPTWIST_RESOLVE",
+                ]
+            ),
+        )
+        self.assertIn("../haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro", self.compose)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        env["MCPTWIST_TLS_PEM"] = str(balancer_pem(directory))
+        result = haproxy_check(env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_compose_accepts_it(self) -> None:
+        """docker compose config (or docker-compose) reads the file; without
+        the keys in the environment it refuses to start anything."""
+        if (
+            shutil.which("docker")
+            and subprocess.run(
+                ["docker", "compose", "version"], capture_output=True, timeout=30
+            ).returncode
+            == 0
+        ):
+            compose = ["docker", "compose"]
+        elif shutil.which("docker-compose"):
+            compose = ["docker-compose"]
+        else:
+            raise SkipTest("neither docker compose nor docker-compose is installed")
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MCPTWIST_")}
+        argv = [*compose, "-f", str(COMPOSE / "compose.yaml"), "config", "-q"]
+        result = subprocess.run(
+            argv, env={**clean, **self.env}, capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        refused = subprocess.run(argv, env=clean, capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn("set it in .env", refused.stderr)
