@@ -1,5 +1,6 @@
-"""A cluster on this host for integration tests: a redis-server, N bridge
-nodes and HAProxy running the shipped C{etc/haproxy/haproxy.cfg}.
+"""A cluster on this host for integration tests: a redis-server
+(C{redis_support}), N bridge nodes and HAProxy running the shipped
+C{etc/haproxy/haproxy.cfg}.
 
 Every process listens on 127.0.0.1, on ports picked before any of them
 starts, so that each node knows the URL it is reached at (C{advertise}) and
@@ -42,6 +43,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest
 
 from . import harness as h
+from .redis_support import RedisServer
 
 HAPROXY_CFG = h.REPO / "etc" / "haproxy" / "haproxy.cfg"
 SERVER = "example"
@@ -102,52 +104,6 @@ def _stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> Non
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
-
-
-class Redis:
-    """A redis-server of its own: no persistence, loopback only."""
-
-    def __init__(self, directory: Path, port: int) -> None:
-        self.binary = require_binary("redis-server", "/usr/bin/redis-server")
-        self.dir = directory
-        self.port = port
-        self.log_path = directory / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start (or start again, on the same port)."""
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
-        argv += ["--logfile", str(self.log_path)]
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        h.wait_for(self._pong, 10.0, f"redis-server to answer on {self.port}")
-
-    def _pong(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"redis-server exited with {self.proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc)
-            self.proc = None
 
 
 class Node:
@@ -423,13 +379,13 @@ class Cluster:
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mcptwist-cluster-"))
         self.key = secrets.token_urlsafe(32)
-        ports = free_ports(size + 2)
-        self.redis: Redis | None = None
+        ports = free_ports(size + 1)
+        self.redis: RedisServer | None = None
         self.nodes: list[Node] = []
         self.haproxy: HAProxy | None = None
         try:
             if redis:
-                self.redis = Redis(self.dir, ports[-1])
+                self.redis = RedisServer()
             redis_url = self.redis.url if self.redis is not None and redis_in_config else None
             servers = servers if servers is not None else example_servers()
             with ThreadPoolExecutor(size) as pool:
@@ -506,7 +462,7 @@ class Cluster:
                 problems.append(e)
         if self.redis is not None:
             try:
-                self.redis.stop()
+                self.redis.close()
             except BaseException as e:
                 problems.append(e)
         if problems:
