@@ -132,6 +132,8 @@ class CallFailed(Exception):
 
 
 class Driver:
+    """Runs every session, each in its own task, and the commands on stdin."""
+
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
         self.sessions: list[Session] = []
