@@ -135,9 +135,14 @@ def all_cpu() -> dict[int, float]:
 
 
 class ProcSnapshot:
-    """CPU of the bridge pid, of its descendants, of this driver, of others and of the machine."""
+    """CPU of the bridge pid, of its descendants, of this driver, of others and of the machine;
+    and of each of the --also-pids (another node, a balancer) and its descendants."""
 
-    def __init__(self, pid: int | None) -> None:
+    def __init__(self, pid: int | None, also: list[int] | None = None) -> None:
+        self.also: dict[int, tuple[float, dict[int, float]]] = {}
+        for other in also or []:
+            kids = {k: c for k in descendants(other) if (c := proc_cpu(k)) is not None}
+            self.also[other] = (proc_cpu(other) or 0.0, kids)
         self.everyone = all_cpu()
         self.t = time.monotonic()
         ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -164,8 +169,18 @@ class ProcSnapshot:
             out["bridge_cpu_s"] = self.bridge - before.bridge
             # children alive at the end; those born during the window count from 0
             out["children_cpu_s"] = sum(c - before.kids.get(k, 0.0) for k, c in self.kids.items())
+        if self.also:
+            # pid -> [its own CPU s, its descendants' CPU s] over the window
+            out["also_cpu_s"] = {
+                str(p): [cpu - before.also.get(p, (0.0, {}))[0],
+                         sum(c - before.also.get(p, (0.0, {}))[1].get(k, 0.0)
+                             for k, c in kids.items())]
+                for p, (cpu, kids) in self.also.items()
+            }
         # Processes that are none of ours (another job on the machine) over the window.
         ours = {os.getpid(), *self.kids, *before.kids}
+        for p, (_, kids) in (*self.also.items(), *before.also.items()):
+            ours.update((p, *kids))
         if self.bridge is not None:
             ours.add(self.pid)
         other = 0.0
@@ -810,7 +825,7 @@ async def mode_load(a) -> dict:
     window[1] = window[0] + a.duration
     tasks = [asyncio.ensure_future(slot_loop(s, k)) for s in sessions for k in range(a.inflight)]
     await asyncio.sleep(a.warmup)
-    before = ProcSnapshot(a.pid)
+    before = ProcSnapshot(a.pid, a.also_pids)
     rss.sample()
     end = window[1]
     while True:
@@ -819,7 +834,7 @@ async def mode_load(a) -> dict:
             break
         await asyncio.sleep(min(0.5, left))
         rss.sample()
-    after = ProcSnapshot(a.pid)
+    after = ProcSnapshot(a.pid, a.also_pids)
     stop = True
     done, pending = await asyncio.wait(tasks, timeout=a.timeout + 2)
     for t in pending:
@@ -1108,6 +1123,9 @@ def main() -> int:
     p.add_argument("--transport", choices=["streamable", "sse"], default="streamable")
     p.add_argument("--url", help="the /mcp or /sse URL")
     p.add_argument("--pid", type=int, help="the bridge's pid, for /proc figures")
+    p.add_argument("--also-pids", type=lambda s: [int(x) for x in s.split(",") if x],
+                   default=[], help="load: more pids (comma-separated) whose CPU (and their "
+                   "descendants') over the window is reported in also_cpu_s")
     p.add_argument("--sessions", type=int, default=1)
     p.add_argument("--inflight", type=int, default=1, help="requests in flight per session")
     p.add_argument("--warmup", type=float, default=1.0)

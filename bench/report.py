@@ -61,12 +61,14 @@ python3 bench/run.py --only mcptwist-shared/sse,punkpeye/sse
 python3 bench/run.py --transport streamable --quick
 python3 bench/run.py --no-install --only sparfenyuk         # skip installs (mcptwist not rebuilt)
 python3 bench/run.py --quick --only aggregate               # the endpoint of 10 servers only
+python3 bench/run.py --only cluster                         # 1 node straight, 1-3 behind HAProxy
 python3 bench/run.py --report-only                          # README.md + chart.png from results.json
 python3 bench/run.py --help
 ```
 
-Requirements: Linux (`/proc`), python3 (3.11 here), npm, access to PyPI and npm. The fd soft
-limit must exceed 10 000 for the 10 000-stream test (it is 20 000 here).
+Requirements: Linux (`/proc`), python3 (3.11 here), npm, access to PyPI and npm, and for the
+cluster scenario HAProxy 2.6 (Debian's `haproxy`). The fd soft limit must exceed 10 000 for
+the 10 000-stream test (it is 20 000 here).
 
 ## What runs
 
@@ -139,6 +141,13 @@ and is not used as the reference for the targets.
   Also: the first `tools/list` once the children run (the endpoint's cache of its members'
   lists is still empty), and from a standing start (a fresh bridge, a driver that connects as
   soon as it listens: the time from starting the bridge to that answer).
+- **Cluster** (mcptwist only): three nodes, each with `[cluster]` and the child shared, and
+  three HAProxy processes running the shipped `etc/haproxy/haproxy.cfg`, in front of node n1,
+  of n1 and n2, and of all three. Each point is measured straight to n1 ("direct") and through
+  each HAProxy, in an order whose reverse follows it ({window:g} s windows); a figure is the
+  mean of its windows. Points: 1 session (one call at a time: the latency the hop adds), 8
+  and 32 sessions. CPU per call adds up every node's bridge (its pid, `--pid` and
+  `--also-pids`), their children and HAProxy over the window.
 - **driver core share**: the driver's own `getrusage` CPU over the window ÷ window; **machine
   busy**: `/proc/stat` over the window (1.0 = both cores busy).
 """
@@ -552,6 +561,98 @@ def aggregate_targets(results: dict, add) -> None:
             f"{fl[0]:.2f} ms", "100 ms", fl[0] < 100, f"{fl[0]:.0f} ms")
 
 
+CLUSTER_TARGETS = ["direct", "haproxy-1", "haproxy-2", "haproxy-3"]
+CLUSTER_ROWS = [
+    # label, point, figure
+    ("tools/call per s, one at a time (1 session)", "s1", "rate"),
+    ("p50 ms, one at a time", "s1", "p50"),
+    ("p99 ms, one at a time", "s1", "p99"),
+    ("tools/call per s, 8 sessions", "s8", "rate"),
+    ("tools/call per s, 32 sessions", "s32", "rate"),
+    ("p50 ms, 32 sessions", "s32", "p50"),
+    ("nodes' CPU µs per call, 32 sessions (their bridges)", "s32", "nodes"),
+    ("children's CPU µs per call, 32 sessions", "s32", "kids"),
+    ("HAProxy's CPU µs per call, 32 sessions", "s32", "haproxy"),
+    ("all of it, µs per call, 32 sessions", "s32", "total"),
+    ("machine busy (of 2 cores), 32 sessions", "s32", "busy"),
+    ("driver's share of a core, 32 sessions", "s32", "driver"),
+]
+
+
+def cluster_value(r: dict, what: str):
+    return {"p50": get(r, "latency", "p50_ms"), "p99": get(r, "latency", "p99_ms"),
+            "rate": r.get("calls_per_s"), "nodes": r.get("nodes_cpu_us_per_call"),
+            "kids": r.get("nodes_children_cpu_us_per_call"),
+            "haproxy": r.get("haproxy_cpu_us_per_call"), "total": r.get("total_cpu_us_per_call"),
+            "busy": (r.get("machine_busy_share") or 0) * 100,
+            "driver": (r.get("driver_core_share") or 0) * 100}[what]
+
+
+def cluster_cell(windows: list[dict], what: str) -> str:
+    vals = [v for v in (cluster_value(r, what) for r in windows) if v is not None]
+    if not vals:
+        return "–"
+    nd = 2 if what in ("p50", "p99") else 0
+    unit = "%" if what in ("busy", "driver") else ""
+    mean = sum(vals) / len(vals)
+    spread = f" ({fmt(min(vals), nd)}–{fmt(max(vals), nd)})" if len(vals) > 1 else ""
+    return fmt(mean, nd, unit) + spread
+
+
+def cluster_windows(clus: dict):
+    for transport, points in (clus.get("transports") or {}).items():
+        for key, got in points.items():
+            for target, windows in got.items():
+                for r in windows:
+                    yield transport, key, target, r
+
+
+def cluster_section(results: dict) -> list[str]:
+    clus = results.get("cluster")
+    if not clus:
+        return []
+    n = clus.get("nodes", 3)
+    L = ["## One node, and a cluster behind HAProxy, on this machine", "",
+         f"{n} nodes, each `[cluster]` with the child shared (as mcptwist-shared), and HAProxy "
+         f"({clus.get('haproxy', 'HAProxy')}) running the shipped `etc/haproxy/haproxy.cfg`. "
+         "*direct*: the driver talks to node n1 itself; *haproxy-k*: to HAProxy in front of "
+         "nodes n1..nk (new sessions to the least busy node, each session's requests to the "
+         "node its id names). Every target is measured twice per point, in the order direct, "
+         "haproxy-1, haproxy-2, haproxy-3, then back; a figure is the mean of its windows (their "
+         "range in brackets). CPU per call is the nodes' bridge processes, their children and "
+         "HAProxy over the window, divided by the calls answered in it. The driver, every node, "
+         "every child and HAProxy share the machine's 2 cores.", ""]
+    if "error" in clus:
+        L += [f"**Run error**: {clus['error']}", ""]
+    tot = {"wrong": 0, "lost": 0, "errors": 0}
+    for _, _, _, r in cluster_windows(clus):
+        tot["wrong"] += (r.get("wrong_client") or 0) + (r.get("foreign") or 0)
+        tot["lost"] += r.get("lost") or 0
+        tot["errors"] += r.get("errors") or 0
+    for transport, tname in TRANSPORTS:
+        points = get(clus, "transports", transport)
+        if not points:
+            continue
+        L += [f"### {tname}", "",
+              "| figure | " + " | ".join(CLUSTER_TARGETS) + " |",
+              "|---|" + "---:|" * len(CLUSTER_TARGETS)]
+        for label, key, what in CLUSTER_ROWS:
+            L.append(f"| {label} | " + " | ".join(
+                cluster_cell(get(points, key, t, default=[]), what) for t in CLUSTER_TARGETS)
+                + " |")
+        direct = [cluster_value(r, "p50") for r in get(points, "s1", "direct", default=[])]
+        hop = [cluster_value(r, "p50") for r in get(points, "s1", "haproxy-1", default=[])]
+        if direct and hop and None not in direct + hop:
+            added = sum(hop) / len(hop) - sum(direct) / len(direct)
+            L += ["", f"The hop through HAProxy adds {added * 1000:.0f} µs to a call's p50, one "
+                  "call at a time (haproxy-1 − direct)."]
+        L.append("")
+    L.append(f"- **Correctness** over every window: {tot['wrong']} responses to the wrong "
+             f"client or to no request in flight, {tot['lost']} lost, {tot['errors']} errors.")
+    L.append("")
+    return L
+
+
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = results["meta"]
@@ -566,6 +667,10 @@ def write(results: dict, out: Path) -> None:
     if agg and agg.get("command"):
         commands.append(f"| mcptwist-aggregate | {agg.get('members', 10)} children, shared "
                         f"(both transports) | `{agg['command']}` |")
+    clus = results.get("cluster")
+    if clus and clus.get("command"):
+        commands.append(f"| cluster | {clus.get('nodes', 3)} nodes, each its child shared "
+                        f"(both transports) | `{clus['command']}`; `{clus.get('balancer', '')}` |")
     text = HOW_TO_RUN.replace("{commands}", "\n".join(commands) or "| – | – | – |")
     text = text.format(window=s["window_s"], warmup=s["warmup_s"],
                        large_timeout=s["large_timeout_s"])
@@ -637,6 +742,7 @@ def write(results: dict, out: Path) -> None:
                      f"{ratio(v['cpu'], child_us, 0)} | {fmt(added)} |")
         L.append("")
     L += aggregate_section(results)
+    L += cluster_section(results)
     # correctness
     L += ["## Correctness", "",
           "Totals over the four load points (responses checked by id and content), plus the progress check.",
@@ -715,12 +821,17 @@ def write(results: dict, out: Path) -> None:
     agg = results.get("aggregate")
     if agg:
         log_lines("mcptwist-aggregate", agg.get("log") or {}, agg.get("exit_code"), agg.get("error"))
+    for name, lg in ((results.get("cluster") or {}).get("log") or {}).items():
+        log_lines(name, lg, get(results, "cluster", "exit_codes", name),
+                  get(results, "cluster", "error"))
     L += ["", "(Exit code −15 for twistd is normal: after a clean shutdown on SIGTERM, twistd "
           "re-raises the signal so that its exit status says what stopped it.)", ""]
     # accuracy
     windows = [(key, k, r) for key, run in runs.items() for k, r in (run.get("load") or {}).items()]
     windows += [(f"aggregate/{t} {target}", k, r)
                 for t, k, target, r in agg_windows(results.get("aggregate") or {})]
+    windows += [(f"cluster/{t} {target}", k, r)
+                for t, k, target, r in cluster_windows(results.get("cluster") or {})]
     shares = [r.get("driver_core_share") or 0 for _, _, r in windows]
     busy = [r.get("machine_busy_share") or 0 for _, _, r in windows]
     others = [(r.get("other_processes_cores") or 0, key, k) for key, k, r in windows]

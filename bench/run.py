@@ -6,6 +6,7 @@
     python3 bench/run.py --quick              # short windows, 1 000 streams, 1 MiB only
     python3 bench/run.py --only mcptwist-shared --only punkpeye/sse
     python3 bench/run.py --quick --only aggregate   # an endpoint of 10 servers against one
+    python3 bench/run.py --only cluster             # 1 node straight, 1-3 behind HAProxy
     python3 bench/run.py --report-only        # redo README.md + chart.png from results.json
 
 Installs (once; `--reinstall` to redo) into bench/.peers/: a venv for the driver and the
@@ -75,6 +76,15 @@ _ABBA = ["single", "aggregate", "aggregate", "single"]
 _ABCCBA = ["single", "aggregate", "spread", "spread", "aggregate", "single"]
 AGG_POINTS = [("list", "list", 1, _ABBA), ("call", "call", 1, _ABCCBA),
               ("call8", "call", 8, _ABCCBA)]
+# The cluster scenario: CLUSTER_NODES nodes ([cluster], each running the child), one measured
+# straight and 1, 2, 3 of them behind HAProxy with the shipped etc/haproxy/haproxy.cfg; the
+# targets in an order whose reverse follows it.
+CLUSTER = "cluster"
+CLUSTER_NODES = 3
+CLUSTER_TARGETS = ["direct", "haproxy-1", "haproxy-2", "haproxy-3"]
+CLUSTER_ORDER = [*CLUSTER_TARGETS, *reversed(CLUSTER_TARGETS)]
+CLUSTER_POINTS = [("s1", 1), ("s8", 8), ("s32", 32)]
+HAPROXY_CFG = REPO / "etc" / "haproxy" / "haproxy.cfg"
 
 
 def log(msg: str) -> None:
@@ -229,6 +239,33 @@ def aggregate_config(cfg: Path, port: int, child: list[str]) -> str:
             f"all {AGG_MEMBERS}; max_sessions = 20000)")
 
 
+# Signs the bench nodes' session ids (they share it, as a cluster's nodes do).
+CLUSTER_KEY = "bench-cluster-key-" + "k" * 32
+
+
+def cluster_config(cfg: Path, port: int, node: str, child: list[str]) -> str:
+    """One node of a cluster: the child shared, as mcptwist-shared, with [cluster] and a
+    listener that trusts the balancer's X-Forwarded-For (no Redis: nothing in the hot path
+    asks it yet)."""
+    cfg.write_text(
+        "max_sessions = 20000\n"
+        "drain_timeout = 1\n\n"
+        "[[listeners]]\n"
+        f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
+        'trusted_proxies = ["127.0.0.1"]\n\n'
+        "[cluster]\n"
+        f'node_id = "{node}"\n'
+        'keys = ["${MCPTWIST_CLUSTER_KEY}"]\n'
+        f'advertise = "http://127.0.0.1:{port}"\n\n'
+        "[servers.bench]\n"
+        f"command = {json.dumps(child[0])}\n"
+        f"args = {json.dumps(child[1:])}\n"
+        'sharing = "shared"\n'
+    )
+    return (f"twistd -n --pidfile= mcpbridge --config {cfg.name} (as mcptwist-shared, with "
+            f'[cluster] node_id = "{node}", a listener trusting 127.0.0.1, drain_timeout = 1)')
+
+
 def bridge_command(bridge: str, transport: str, port: int,
                    extra_tools: int = 0) -> tuple[list, dict, str, str]:
     """(argv, extra env, URL, how it is run in words); for AGG the URL is the base."""
@@ -244,6 +281,14 @@ def bridge_command(bridge: str, transport: str, port: int,
         argv = [str(VENV_TWIST / "bin" / "twistd"), "-n", "--pidfile=", "mcpbridge",
                 "--config", str(cfg)]
         return argv, env, base, words
+    if bridge.startswith(CLUSTER):
+        node = bridge.split("-")[1]
+        cfg = WORK / f"{bridge}.toml"
+        words = cluster_config(cfg, port, node, child)
+        argv = [str(VENV_TWIST / "bin" / "twistd"), "-n", "--pidfile=", "mcpbridge",
+                "--config", str(cfg)]
+        path = "/servers/bench/mcp" if transport == "streamable" else "/servers/bench/sse"
+        return argv, {"MCPTWIST_CLUSTER_KEY": CLUSTER_KEY}, base + path, words
     if bridge.startswith("mcptwist"):
         sharing = "shared" if bridge == "mcptwist-shared" else "session"
         cfg = WORK / f"{bridge}.toml"
@@ -711,6 +756,136 @@ def bench_aggregate(transports: list[str], opts) -> dict:
     return res
 
 
+class Balancer:
+    """HAProxy with the shipped haproxy.cfg in front of some nodes (its environment only)."""
+
+    def __init__(self, nodes: list[Bridge]) -> None:
+        self.binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MCPTWIST_")}
+        self.env["MCPTWIST_BIND"] = f"127.0.0.1:{self.port}"
+        for i, node in enumerate(nodes, 1):
+            self.env[f"MCPTWIST_NODE{i}"] = f"127.0.0.1:{node.port}"
+        self.name = f"haproxy-{len(nodes)}"
+        self.log_path = LOGS / f"{CLUSTER}-{self.name}.log"
+        self.words = ("haproxy -db -f etc/haproxy/haproxy.cfg (MCPTWIST_BIND, "
+                      + ", ".join(f"MCPTWIST_NODE{i}" for i in range(1, len(nodes) + 1)) + ")")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.logf = open(self.log_path, "wb")
+        log(f"start {self.name}: {self.words}")
+        self.proc = subprocess.Popen([self.binary, "-db", "-f", str(HAPROXY_CFG)], env=self.env,
+                                     stdout=self.logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited with {self.proc.returncode}; see {self.log_path}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"haproxy did not listen on {self.port} within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None:
+            self.logf.close()
+
+
+def cluster_figures(r: dict, node_pids: list[int], balancer_pid: int | None) -> None:
+    """CPU per call of the nodes (their bridges, their children) and of HAProxy, from the
+    driver's --pid (the first node) and --also-pids (the others and the balancer)."""
+    calls = r.get("calls") or 0
+    also = r.get("also_cpu_s") or {}
+    bridges = (r.get("bridge_cpu_s") or 0.0) + sum(also.get(str(p), [0.0, 0.0])[0]
+                                                    for p in node_pids[1:])
+    kids = (r.get("children_cpu_s") or 0.0) + sum(also.get(str(p), [0.0, 0.0])[1]
+                                                  for p in node_pids[1:])
+    balancer = also.get(str(balancer_pid), [0.0, 0.0])[0] if balancer_pid else 0.0
+    if calls:
+        r["nodes_cpu_us_per_call"] = bridges / calls * 1e6
+        r["nodes_children_cpu_us_per_call"] = kids / calls * 1e6
+        r["haproxy_cpu_us_per_call"] = balancer / calls * 1e6
+        r["total_cpu_us_per_call"] = (bridges + kids + balancer) / calls * 1e6
+
+
+def bench_cluster(transports: list[str], opts) -> dict:
+    """One node straight, and 1, 2 and 3 nodes behind HAProxy, on this machine: calls/s,
+    latency and CPU per call, each target measured twice per point (in CLUSTER_ORDER)."""
+    res: dict = {"nodes": CLUSTER_NODES, "order": CLUSTER_ORDER, "transports": {},
+                 "haproxy": subprocess.run([shutil.which("haproxy") or "/usr/sbin/haproxy",
+                                            "-v"], capture_output=True, text=True
+                                           ).stdout.splitlines()[0]}
+    t0 = time.monotonic()
+    nodes = [Bridge(f"{CLUSTER}-n{i}", "streamable") for i in range(1, CLUSTER_NODES + 1)]
+    balancers = [Balancer(nodes[:k]) for k in range(1, CLUSTER_NODES + 1)]
+    res["command"] = nodes[0].words
+    res["balancer"] = balancers[-1].words
+    try:
+        for node in nodes:
+            node.start()
+            probe(node)  # its child runs, so /health says ok before HAProxy checks it
+        for balancer in balancers:
+            balancer.start()
+        time.sleep(2.5)  # every server's first checks
+        node_pids = [n.pid for n in nodes]
+        res["idle"] = {n.name: memory(n.pid) for n in nodes}
+        for transport in transports:
+            tail = "/servers/bench/mcp" if transport == "streamable" else "/servers/bench/sse"
+            urls = {"direct": nodes[0].url.replace("/servers/bench/mcp", tail),
+                    **{b.name: b.base + tail for b in balancers}}
+            pids = {"direct": None, **{b.name: b.proc.pid for b in balancers}}
+            points: dict = {}
+            for key, sessions in CLUSTER_POINTS:
+                got: dict = {target: [] for target in CLUSTER_TARGETS}
+                for target in CLUSTER_ORDER:
+                    also = [*node_pids[1:], *([pids[target]] if pids[target] else [])]
+                    r = quiet_load(nodes[0], f"{transport} {key} {target}", opts,
+                                   ["--transport", transport, "--url", urls[target],
+                                    "--sessions", sessions,
+                                    "--also-pids", ",".join(str(p) for p in also)])
+                    cluster_figures(r, node_pids, pids[target])
+                    got[target].append(r)
+                    log(f"  {transport:10s} {key:4s} {target:9s} {r['calls_per_s']:7.0f}/s"
+                        f"  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
+                        f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms"
+                        f"  nodes {r.get('nodes_cpu_us_per_call', 0):4.0f}"
+                        f" children {r.get('nodes_children_cpu_us_per_call', 0):3.0f}"
+                        f" haproxy {r.get('haproxy_cpu_us_per_call', 0):3.0f} us/call"
+                        f"  driver {r['driver_core_share']:.0%} core"
+                        f"  machine {r['machine_busy_share']:.0%}"
+                        f"  others {r.get('other_processes_cores') or 0:.2f} cores"
+                        f"  wrong {r['wrong_client'] + r['foreign']} lost {r['lost']}"
+                        f" err {r['errors']}")
+                    time.sleep(0.3)
+                    for b in (*nodes, *balancers):
+                        if b.proc.poll() is not None:
+                            raise RuntimeError(f"{b.name} exited ({b.proc.returncode})")
+                points[key] = got
+            res["transports"][transport] = points
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {e}"
+        log(f"  ERROR {res['error']}")
+    finally:
+        for b in balancers:
+            b.stop()
+        for node in nodes:
+            node.stop()
+        res["exit_codes"] = {n.name: n.proc.returncode if n.proc else None for n in nodes}
+        res["log"] = {n.name: scan_log(n.log_path) for n in nodes}
+    res["seconds"] = time.monotonic() - t0
+    return res
+
+
 # ---- machine and versions ----------------------------------------------------------------
 
 
@@ -746,6 +921,8 @@ def installed_versions() -> dict:
         return None
 
     def pip_version(venv: Path, pkg: str) -> str | None:
+        if not (venv / "bin" / "python").exists():
+            return None
         p = subprocess.run([venv / "bin" / "python", "-m", "pip", "show", pkg],
                            capture_output=True, text=True)
         m = re.search(r"^Version: (.*)$", p.stdout, re.M)
@@ -787,23 +964,27 @@ def measure_direct(opts) -> dict:
     return direct
 
 
-def selected(opts) -> tuple[list[tuple[str, str]], list[str]]:
-    """The (bridge, transport) pairs to measure, and the aggregate scenario's transports."""
+def selected(opts) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """The (bridge, transport) pairs to measure, and the aggregate and cluster scenarios'
+    transports."""
     pairs = [(b, t) for b in BRIDGES for t in TRANSPORTS]
     agg = list(TRANSPORTS)
+    clus = list(TRANSPORTS)
     if opts.only:
         wanted = [w for o in opts.only for w in o.split(",") if w]
         for w in wanted:
-            if w.split("/")[0] not in [*BRIDGES, "aggregate"]:
+            if w.split("/")[0] not in [*BRIDGES, "aggregate", CLUSTER]:
                 raise SystemExit(f"--only {w}: unknown bridge (choose from {', '.join(BRIDGES)}, "
-                                 "or aggregate)")
+                                 "aggregate or cluster)")
         pairs = [(b, t) for b, t in pairs
                  if any(w == b or w == f"{b}/{t}" for w in wanted)]
         agg = [t for t in agg if any(w in ("aggregate", f"aggregate/{t}") for w in wanted)]
+        clus = [t for t in clus if any(w in (CLUSTER, f"{CLUSTER}/{t}") for w in wanted)]
     if opts.transport:
         pairs = [(b, t) for b, t in pairs if t == opts.transport]
         agg = [t for t in agg if t == opts.transport]
-    return pairs, agg
+        clus = [t for t in clus if t == opts.transport]
+    return pairs, agg, clus
 
 
 def main() -> int:
@@ -812,7 +993,9 @@ def main() -> int:
                    help="bridge or bridge/transport, repeatable or comma-separated: "
                    + ", ".join(BRIDGES) + "; transports: streamable, sse; or aggregate "
                    "(or aggregate/TRANSPORT): tools/list and tools/call through an endpoint "
-                   f"of {AGG_MEMBERS} servers against one server")
+                   f"of {AGG_MEMBERS} servers against one server; or cluster (or "
+                   f"cluster/TRANSPORT): one node straight against 1 to {CLUSTER_NODES} nodes "
+                   "behind HAProxy (needs haproxy)")
     p.add_argument("--transport", choices=TRANSPORTS, help="only this transport")
     p.add_argument("--quick", action="store_true",
                    help="2 s windows, 1 000 streams, 1 MiB messages only")
@@ -855,9 +1038,10 @@ def main() -> int:
     opts.streams = ([int(x) for x in opts.streams.split(",")] if opts.streams
                     else ([1000] if opts.quick else [1000, 10000]))
     opts.sizes = [MiB] if opts.quick else LARGE_SIZES
-    pairs, agg_transports = selected(opts)
+    pairs, agg_transports, cluster_transports = selected(opts)
     # re-measurements over the whole run (a time cap)
-    opts.retry_budget = 8 * opts.retries + 4 + (6 * opts.retries if agg_transports else 0)
+    opts.retry_budget = (8 * opts.retries + 4 + (6 * opts.retries if agg_transports else 0)
+                         + (6 * opts.retries if cluster_transports else 0))
     opts.large_timeout = 30.0
     opts.call_timeout = 10.0
     WORK.mkdir(parents=True, exist_ok=True)
@@ -865,7 +1049,8 @@ def main() -> int:
     t_install = time.monotonic()
     twist = {}
     if not opts.no_install:
-        install_peers(opts.reinstall)
+        if any(not b.startswith("mcptwist") for b, _ in pairs):
+            install_peers(opts.reinstall)
         twist = install_mcptwist()
     install_s = time.monotonic() - t_install
     results: dict = {
@@ -882,6 +1067,7 @@ def main() -> int:
                 "points": [{"key": k, "sessions": s, "inflight": i} for k, s, i in POINTS],
                 "aggregate_points": [{"key": k, "method": m, "sessions": s, "order": o}
                                      for k, m, s, o in AGG_POINTS],
+                "cluster_points": [{"key": k, "sessions": n} for k, n in CLUSTER_POINTS],
             },
             "install_seconds": install_s,
             "partial": partial,
@@ -898,6 +1084,10 @@ def main() -> int:
     if agg_transports:
         log(f"aggregate: an endpoint of {AGG_MEMBERS} servers against one server")
         results["aggregate"] = bench_aggregate(agg_transports, opts)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    if cluster_transports:
+        log(f"cluster: one node straight, and 1 to {CLUSTER_NODES} nodes behind HAProxy")
+        results["cluster"] = bench_cluster(cluster_transports, opts)
     results["meta"]["seconds"] = time.monotonic() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report.write(results, out)
