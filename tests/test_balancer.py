@@ -274,7 +274,9 @@ class ComposeTests(SynchronousTestCase):
             compose = ["docker-compose"]
         else:
             raise SkipTest("neither docker compose nor docker-compose is installed")
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("MCPTWIST_")}
+        # Neither this suite's MCPTWIST_ settings nor its Python's: a Debian
+        # docker-compose runs on the system's Python.
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("MCPTWIST_", "PYTHON"))}
         argv = [*compose, "-f", str(COMPOSE / "compose.yaml"), "config", "-q"]
         result = subprocess.run(
             argv, env={**clean, **self.env}, capture_output=True, text=True, timeout=60
