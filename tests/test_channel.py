@@ -11,7 +11,9 @@ from typing import Any
 import attrs
 import jwt
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
@@ -528,3 +530,25 @@ class PipeliningTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "paused")
         self.assertLess(len(transport.value()), 1024 * 1024)
         self.assertLess(sent, 2_000)
+
+
+class FinishUpTests(SynchronousTestCase):
+    """A listener that stops closes its connections between requests, so
+    that a proxy in front sends the next request on a new connection."""
+
+    def test_idle_closed_busy_after_its_answer(self) -> None:
+        wire = Wire(self)
+        idle, idle_transport = wire.connect()
+        busy, busy_transport = wire.connect("192.0.2.2")
+        self.assertEqual(wire.site.channels, {idle, busy})
+        # A request under way: its head arrived, its body has not.
+        busy.dataReceived(post_head("/health", 10).replace(b"POST", b"GET", 1))
+        self.assertEqual(len(busy.requests), 1)
+        wire.site.finish_up()
+        self.assertTrue(idle_transport.disconnecting, "idle: closed at once")
+        self.assertFalse(busy_transport.disconnecting, "busy: its request goes on")
+        busy.dataReceived(b"x" * 10)
+        self.assertEqual(parse(busy_transport.value())[0], 200)
+        self.assertTrue(busy_transport.disconnecting, "closed once answered")
+        idle.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(wire.site.channels, {busy})

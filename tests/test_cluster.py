@@ -241,6 +241,39 @@ class DrainTests(SynchronousTestCase):
         self.successResultOf(stopping)
         self.assertFalse(self.bridge.service.registry.sessions)
 
+    def test_a_call_in_flight_is_not_cut(self) -> None:
+        """Past drain_timeout an idle session ends, while one whose call is
+        being answered ends once it is answered; a new session meanwhile is
+        refused with 503 (the balancer tries another node)."""
+        idle = self.bridge.open_session(init=INIT)
+        busy = self.bridge.open_session(init=INIT)
+        [child] = self.reactor.children
+        child.hold = True
+        treq: Any = self.bridge.client
+        call = jsonrpc.request(5, "tools/call", {"name": "echo", "arguments": {}})
+        d = treq.request(
+            "POST",
+            "http://127.0.0.1/servers/s/mcp",
+            data=jsonrpc.dumps(call),
+            headers={**JSON, "mcp-session-id": busy},
+        )
+        treq.flush()
+        stopping = self.bridge.service.stopService()
+        response = self.bridge.request("POST", "/servers/s/mcp", INIT, JSON)
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"])
+        self.reactor.advance(5.5)
+        self.assertEqual(self.ping(idle), 404, "idle: ended at drain_timeout")
+        self.assertNoResult(stopping)
+        [held] = [m for m in child.held if m["method"] == "tools/call"]
+        child.hold = False
+        child.answer(held)
+        treq.flush()
+        self.assertEqual(self.successResultOf(d).code, 200, "the call was answered")
+        self.reactor.advance(1)
+        self.reactor.advance(10)
+        self.successResultOf(stopping)
+
     def test_admin_drain_then_stop(self) -> None:
         stopped: list[bool] = []
         self.reactor.running = True  # type: ignore[attr-defined]

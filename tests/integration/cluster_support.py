@@ -380,6 +380,9 @@ class Cluster:
         self.dir = Path(tempfile.mkdtemp(prefix="mcptwist-cluster-"))
         self.key = secrets.token_urlsafe(32)
         ports = free_ports(size + 1)
+        self.extra = extra
+        self.drain_timeout = drain_timeout
+        self.restarts = 0
         self.redis: RedisServer | None = None
         self.nodes: list[Node] = []
         self.haproxy: HAProxy | None = None
@@ -388,6 +391,7 @@ class Cluster:
                 self.redis = RedisServer()
             redis_url = self.redis.url if self.redis is not None and redis_in_config else None
             servers = servers if servers is not None else example_servers()
+            self.redis_url, self.servers = redis_url, servers
             with ThreadPoolExecutor(size) as pool:
                 starting = [
                     pool.submit(
@@ -426,6 +430,28 @@ class Cluster:
 
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.id == node_id)
+
+    def restart(self, node_id: str) -> Node:
+        """Start a node again, on its port, once it has exited (after
+        L{Node.kill} or L{Node.wait_exit}); back when HAProxy has it UP."""
+        old = self.node(node_id)
+        assert old.gone, f"{node_id} still runs"
+        self.restarts += 1
+        new = Node(
+            self.dir / f"{node_id}-{self.restarts}",
+            node_id,
+            old.port,
+            self.key,
+            self.redis_url,
+            self.servers,
+            self.extra,
+            self.drain_timeout,
+        )
+        self.nodes[self.nodes.index(old)] = new
+        new.wait_healthy()
+        if self.haproxy is not None:
+            self.haproxy.wait_state(node_id, "UP")
+        return new
 
     @property
     def base(self) -> str:

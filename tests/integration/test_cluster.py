@@ -406,3 +406,55 @@ class StreamTests(SynchronousTestCase):
         session = stopped["sessions"][0]
         self.assertEqual(session["errors"], [])
         self.assertGreater(good_calls(session), 100)
+
+
+class RollingRestartTests(SynchronousTestCase):
+    def test_every_node_restarted_under_load(self) -> None:
+        """Each of the three nodes is stopped (SIGTERM: it drains) and
+        started again, one after the other, while sessions of every kind
+        call without pause. No call fails but those the specification lets a
+        client retry: a request on a session its node has ended (404: the
+        client opens a new session, which another node takes); and no
+        answer ever reaches the wrong call."""
+        cluster = cs.start_cluster(self, drain_timeout=3, extra="heartbeat_interval = 2\n")
+        client = cs.ClusterClient(
+            self, cluster.base, "http=4,sse=3,modern=3", calls=1, options=["--pause", "0.02"]
+        )
+        assert_all_well(client.read("ready"), 1)
+        client.command("loop", "looping")
+        time.sleep(1.0)
+        for node_id in NODES:
+            node = cluster.node(node_id)
+            node.terminate()
+            node.wait_exit(timeout=30)
+            cluster.restart(node_id)
+            time.sleep(1.0)
+        report = client.command("stop", "stopped")
+        client.close()
+        calls = sum(good_calls(s) for s in report["sessions"])
+        self.assertGreater(calls, 100, "the clients kept calling")
+        wrong = [w for s in report["sessions"] for w in s["wrong"]]
+        self.assertEqual(wrong, [])
+        errors = [(s["kind"], e) for s in report["sessions"] for e in s["errors"]]
+        failed = [(kind, e) for kind, e in errors if not _retryable(kind, e)]
+        assert cluster.haproxy is not None
+        odd = [r for r in cluster.haproxy.requests() if r["status"] not in (*OK, "404")]
+        self.assertEqual(failed, [], f"{len(errors)} errors in all; balancer: {odd}")
+        # Every session-era session that lost its node went on in a new one.
+        for session in sessions_of(report, "http", "sse"):
+            nodes = {cs.node_of(i) for i in session["ids"]}
+            self.assertGreaterEqual(len(session["ids"]), 1, session)
+            self.assertTrue(nodes <= set(NODES), session)
+
+
+def _retryable(kind: str, error: dict[str, Any]) -> bool:
+    """A failed call the specification lets a client make again: its
+    session was ended by its node (404, "Session not found"), or, on the
+    deprecated HTTP+SSE transport, its stream was closed by its node (the
+    client must open a new one)."""
+    message = str(error.get("message", ""))
+    return (
+        error.get("code") == -32001
+        or "Session not found" in message
+        or (kind == "sse" and "onnection closed" in message)
+    )

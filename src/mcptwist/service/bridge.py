@@ -12,6 +12,7 @@ stop the children and wait for them to exit.
 from __future__ import annotations
 
 import gc
+import signal
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -153,8 +154,10 @@ class BridgeService(MultiService):
             listen_override=listen_override,
             handle_sighup=handle_sighup,
         )
-        # Fires once a drain has ended (None: not draining).
+        # Fires once a drain has ended (None: not draining); cut short by a second SIGTERM.
         self._drained: Deferred[None] | None = None
+        self._cut = False
+        self._stopping = False
         self.control = BridgeControl(
             self.fleet,
             self.registry,
@@ -246,6 +249,19 @@ class BridgeService(MultiService):
         assert isinstance(site, BridgeSite)
         return site
 
+    def startService(self) -> None:
+        super().startService()
+        if self.config.cluster is not None and self.reloader.handle_sighup:
+            # A node drains on SIGTERM; a second SIGTERM ends the drain.
+            signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self._sigterm))
+
+    def _sigterm(self) -> None:
+        if not self._stopping:
+            self.reactor.stop()  # the stop drains first
+        elif self._drained is not None and not self._drained.called and not self._cut:
+            log.info("a second SIGTERM: the drain ends now")
+            self._cut = True
+
     def stopService(self) -> Deferred[None]:
         """Stop the children one at a time, the last started first, each
         waited for: MultiService would stop them all at once, but a child
@@ -257,6 +273,7 @@ class BridgeService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self._stopping = True
         if self.config.cluster is not None:
             await self.drain("the node is stopping")
         Service.stopService(self)
@@ -291,16 +308,33 @@ class BridgeService(MultiService):
 
     async def _drain(self) -> None:
         deadline = self.reactor.seconds() + self.config.drain_timeout
+        while await self._drain_step(deadline):
+            pass
+        # drain_timeout has passed: a session with nothing in flight ends now
+        # (its client's next request gets 404 and it opens a new session
+        # elsewhere); one whose requests are still being answered ends when
+        # they are, for up to drain_timeout more, so that no call is cut.
+        closing = self.reactor.seconds() + self.config.drain_timeout
         while True:
-            held = self._held()
-            now = self.reactor.seconds()
-            if not held or now >= deadline:
+            for session in list(self.registry.sessions.values()):
+                if not session.in_flight:
+                    self.registry.close(session, "the node drained")
+            if not await self._drain_step(closing):
                 break
-            await deferLater(self.reactor, min(DRAIN_POLL, deadline - now), lambda: None)
+        held = self._held()
         if held:
             log.info("drained: closing {count} sessions still open", count=held)
         else:
             log.info("drained: no session left")
+
+    async def _drain_step(self, deadline: float) -> bool:
+        """Wait a little if sessions are held and C{deadline} is not passed
+        (nor the drain cut short); whether it waited."""
+        now = self.reactor.seconds()
+        if not self._held() or now >= deadline or self._cut:
+            return False
+        await deferLater(self.reactor, min(DRAIN_POLL, deadline - now), lambda: None)
+        return True
 
     def _held(self) -> int:
         """Sessions that still hold this node: open session-era sessions, and

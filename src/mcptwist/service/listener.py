@@ -203,6 +203,9 @@ class Listener(Service):
             return None
         port, self.port = self.port, None
         stopped: Deferred[None] | None = port.stopListening()
+        finish_up = getattr(self.site, "finish_up", None)
+        if finish_up is not None:
+            finish_up()
         return stopped
 
 

@@ -5,6 +5,7 @@ the root of a metrics listener."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -47,6 +48,16 @@ class BridgeSite(Site):
     preauth_body = _LIMITS.preauth_body
     # Which names are servers (metrics label only those: a URL names anything).
     is_server: Callable[[str], bool] = staticmethod(lambda name: False)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels: set[BridgeChannel] = set()
+
+    def finish_up(self) -> None:
+        """It stops listening: its connections close, each once no request
+        of it is under way."""
+        for channel in list(self.channels):
+            channel.finish_up()
 
     def acceptableProtocols(self) -> list[bytes]:
         """ALPN: its channels speak HTTP/1.1 only (whatever Twisted could add)."""

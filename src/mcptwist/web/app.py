@@ -474,7 +474,17 @@ class BridgeApp:
         request_id: RequestId | None = None,
     ) -> ClientSession:
         """A new session for this request's principal, or the HTTP refusal
-        (429 past the principal's share, 503 when the bridge or server is full)."""
+        (429 past the principal's share, 503 when the bridge or server is full,
+        or this node drains: the balancer tries another node)."""
+        if self.node_state == "draining":
+            raise HTTPProblem(
+                503,
+                jsonrpc.SERVER_UNAVAILABLE,
+                "Service Unavailable: this node is draining; open the session again "
+                "(another node of the cluster takes it)",
+                request_id,
+                headers={b"retry-after": b"1"},
+            )
         with self.refusing_sessions(request, backend.server.name, request_id):
             session = self.registry.create(
                 backend,

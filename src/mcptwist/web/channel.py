@@ -111,6 +111,8 @@ class RequestSite(Protocol):
     header_timeout: float
     body_timeout: float
     preauth_body: int
+    # Its open connections (closed when it stops listening: L{BridgeChannel.finish_up}).
+    channels: set[BridgeChannel]
 
     def request_head(self, request: BoundedRequest) -> bytes | int | Deferred[None]: ...
 
@@ -155,9 +157,18 @@ class BridgeChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.site.channels.add(self)
         # The first request's head is due from the moment the client connects.
         self._start("head")
         self._count()
+
+    def finish_up(self) -> None:
+        """Its listener stops: close now if no request is under way, else
+        once the requests under way are answered. (A proxy in front sees the
+        connection end between requests, and sends the next on a new one.)"""
+        self.persistent = False
+        if not self.requests and self.transport is not None:
+            self.transport.loseConnection()
 
     def _count(self) -> bool:
         """Count this connection against its client's address (known only
@@ -186,6 +197,7 @@ class BridgeChannel(HTTPChannel):
         return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.channels.discard(self)
         if self._key is not None and self.site.connections is not None:
             self.site.connections.release(self._key)
             self._key = None
