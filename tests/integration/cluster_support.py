@@ -153,26 +153,16 @@ class Node:
 
     def health(self) -> tuple[int, Any]:
         """/health's status and body."""
-        status, _, body = h.http("GET", f"{self.base}/health", timeout=5)
-        return status, json.loads(body)
+        return health(self.base)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Until /health answers 200, and, for a node given a Redis, says it
         reaches it (where /health names anything: not with authentication)."""
-
-        def healthy() -> bool:
-            status, body = self.health()
-            redis = body.get("cluster", {}).get("redis", "up")
-            return status == 200 and (not self.redis or redis == "up")
-
-        h.wait_for(healthy, timeout, f"{self.id}'s /health to answer 200")
+        wait_healthy(self.id, self.base, self.redis, timeout)
 
     def sessions(self) -> set[str]:
         """The ids of the sessions this node holds (its admin API)."""
-        status, body = self.get_json("/admin/sessions")
-        if status != 200:
-            raise AssertionError(f"{self.id}: GET /admin/sessions gave {status}: {body}")
-        return {s["id"] for s in body["sessions"]}
+        return held_sessions(self.id, self.bridge)
 
     def kill(self) -> None:
         """SIGKILL the node (not its children, which see their stdin close and
@@ -224,6 +214,33 @@ class Node:
     def stop(self) -> None:
         if not self.gone:
             self.bridge.stop()
+
+
+def health(base: str) -> tuple[int, Any]:
+    """A node's /health: its status and body."""
+    status, _, body = h.http("GET", f"{base}/health", timeout=5)
+    return status, json.loads(body)
+
+
+def wait_healthy(node_id: str, base: str, redis: bool, timeout: float = 30.0) -> None:
+    """Until a node's /health answers 200, and, for a node given a Redis
+    (C{redis}), says it reaches it (where /health names anything: not with
+    authentication)."""
+
+    def healthy() -> bool:
+        status, body = health(base)
+        reached = body.get("cluster", {}).get("redis", "up")
+        return status == 200 and (not redis or reached == "up")
+
+    h.wait_for(healthy, timeout, f"{node_id}'s /health to answer 200")
+
+
+def held_sessions(node_id: str, bridge: h.Bridge) -> set[str]:
+    """The ids of the sessions a node holds (its admin API, asked directly)."""
+    status, body = bridge.get_json("/admin/sessions")
+    if status != 200:
+        raise AssertionError(f"{node_id}: GET /admin/sessions gave {status}: {body}")
+    return {s["id"] for s in body["sessions"]}
 
 
 def node_toml(node_id: str, port: int, redis_url: str | None) -> str:
@@ -361,7 +378,8 @@ class Cluster:
     """Redis, C{size} nodes n1..nN and HAProxy in front of them.
 
     With C{redis=False} no Redis runs; with C{redis_in_config=False} it runs
-    but the nodes are not told about it. C{servers} is the nodes' servers
+    but the nodes are not told about it; with C{balancer=False} no HAProxy
+    runs (a test that speaks to each node itself). C{servers} is the nodes' servers
     (default: the example server), C{extra} goes at the top of every node's
     configuration (before any table), C{haproxy_env} adds to the balancer's
     environment, and each node drains for C{drain_timeout} at most when it stops.
@@ -376,6 +394,7 @@ class Cluster:
         extra: str = "",
         haproxy_env: Mapping[str, str] | None = None,
         drain_timeout: float = DRAIN_TIMEOUT,
+        balancer: bool = True,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mcptwist-cluster-"))
         self.key = secrets.token_urlsafe(32)
@@ -419,6 +438,8 @@ class Cluster:
             # checks fail, so a node still starting its children would flap.
             for node in self.nodes:
                 node.wait_healthy()
+            if not balancer:
+                return
             self.haproxy = HAProxy(
                 self.dir, ports[size], [n.address for n in self.nodes], haproxy_env
             )
@@ -595,6 +616,18 @@ class ClusterClient:
                 with contextlib.suppress(OSError):
                     stream.close()
         self.stderr_file.close()
+
+
+def assert_all_well(report: Mapping[str, Any], calls: int) -> None:
+    """Every session of a L{ClusterClient} report made C{calls} good calls,
+    all in one session (if any), with no error and no wrong answer."""
+    for s in report["sessions"]:
+        assert not s["errors"] and not s["wrong"], s
+        assert s["connects"] == 1, s
+        if s["kind"] == "modern":
+            assert s["ids"] == [] and s["good"] == {"-": calls}, s
+        else:
+            assert len(s["ids"]) == 1 and s["good"] == {s["ids"][0]: calls}, s
 
 
 def accepted_at(request: Mapping[str, str]) -> float:

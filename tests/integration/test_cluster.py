@@ -59,18 +59,6 @@ def good_calls(session: dict[str, Any]) -> int:
     return sum(session["good"].values())
 
 
-def assert_all_well(report: dict[str, Any], calls: int) -> None:
-    """Every session made C{calls} good calls, all in one session (if any),
-    with no error and no wrong answer."""
-    for s in report["sessions"]:
-        assert not s["errors"] and not s["wrong"], s
-        assert s["connects"] == 1, s
-        if s["kind"] == "modern":
-            assert s["ids"] == [] and s["good"] == {"-": calls}, s
-        else:
-            assert len(s["ids"]) == 1 and s["good"] == {s["ids"][0]: calls}, s
-
-
 class StickinessTests(SynchronousTestCase):
     def test_sessions_stay_on_their_node(self) -> None:
         """30 concurrent SDK sessions, ten of each kind: every session-era
@@ -80,7 +68,7 @@ class StickinessTests(SynchronousTestCase):
         cluster = cs.start_cluster(self)
         client = cs.ClusterClient(self, cluster.base, ALL_KINDS, calls=3)
         ready = client.read("ready")
-        assert_all_well(ready, 3)
+        cs.assert_all_well(ready, 3)
         held = {node.id: node.sessions() for node in cluster.nodes}
         ids = [s["ids"][0] for s in sessions_of(ready, "http", "sse")]
         self.assertEqual(len(set(ids)), 20)
@@ -93,7 +81,7 @@ class StickinessTests(SynchronousTestCase):
         self.assertEqual({cs.node_of(i) for i in ids}, set(NODES))
 
         called = client.command("calls", "called")
-        assert_all_well(called, 6)
+        cs.assert_all_well(called, 6)
         client.close()
 
         assert cluster.haproxy is not None
@@ -122,7 +110,7 @@ class NodeLossTests(SynchronousTestCase):
         assert cluster.haproxy is not None
         client = cs.ClusterClient(self, cluster.base, "http=6,modern=6,sse=6", calls=2)
         ready = client.read("ready")
-        assert_all_well(ready, 2)
+        cs.assert_all_well(ready, 2)
         # The node holding most sessions dies, one holding both kinds if any.
         kinds = {
             n: [
@@ -269,7 +257,7 @@ class DrainTests(SynchronousTestCase):
         assert cluster.haproxy is not None
         client = cs.ClusterClient(self, cluster.base, "http=6,sse=6", calls=2)
         ready = client.read("ready")
-        assert_all_well(ready, 2)
+        cs.assert_all_well(ready, 2)
         holding = [cs.node_of(s["ids"][0]) for s in ready["sessions"]]
         draining = cluster.node(max(NODES, key=holding.count))
         draining.terminate()
@@ -279,10 +267,10 @@ class DrainTests(SynchronousTestCase):
         logged_before = len(cluster.haproxy.requests())
 
         called = client.command("calls", "called")
-        assert_all_well(called, 4)
+        cs.assert_all_well(called, 4)
         newcomers = cs.ClusterClient(self, cluster.base, "http=4,sse=4,modern=4", calls=2)
         fresh = newcomers.read("ready")
-        assert_all_well(fresh, 2)
+        cs.assert_all_well(fresh, 2)
         newcomers.close()
         self.assertNotIn(
             draining.id, {cs.node_of(s["ids"][0]) for s in sessions_of(fresh, "http", "sse")}
@@ -354,7 +342,7 @@ class PrincipalHashTests(SynchronousTestCase):
             client = cs.ClusterClient(
                 self, cluster.base, "modern=3,http=1", calls=3, options=("--bearer", bearer)
             )
-            assert_all_well(client.read("ready"), 3)
+            cs.assert_all_well(client.read("ready"), 3)
             client.close()
             unnamed = [r for r in cluster.haproxy.requests()[logged_before:] if r["node"] == "-"]
             self.assertGreaterEqual(len(unnamed), 10)
@@ -381,7 +369,7 @@ class TLSTests(SynchronousTestCase):
         client = cs.ClusterClient(
             self, cluster.base, "http=2,modern=2,sse=2", calls=2, options=("--cafile", ca.path)
         )
-        assert_all_well(client.read("ready"), 2)
+        cs.assert_all_well(client.read("ready"), 2)
         client.close()
         status, headers, _ = h.http(
             "GET", f"{cluster.base}/health", context=cs.tls_context(ca.path)
