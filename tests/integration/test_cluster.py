@@ -340,7 +340,7 @@ class PrincipalHashTests(SynchronousTestCase):
         for name, bearer in {**tokens, **jwts}.items():
             logged_before = len(cluster.haproxy.requests())
             client = cs.ClusterClient(
-                self, cluster.base, "modern=3,http=1", calls=3, options=("--bearer", bearer)
+                self, cluster.base, "modern=3,http=1", calls=3, options=(f"--bearer={bearer}",)
             )
             cs.assert_all_well(client.read("ready"), 3)
             client.close()
@@ -408,7 +408,7 @@ class RollingRestartTests(SynchronousTestCase):
         client = cs.ClusterClient(
             self, cluster.base, "http=4,sse=3,modern=3", calls=1, options=["--pause", "0.02"]
         )
-        assert_all_well(client.read("ready"), 1)
+        cs.assert_all_well(client.read("ready"), 1)
         client.command("loop", "looping")
         time.sleep(1.0)
         for node_id in NODES:
