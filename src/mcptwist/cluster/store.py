@@ -242,10 +242,21 @@ class TxRedisClient:
         )
         factory.reconnect = True
         factory.maxDelay = RECONNECT_MAX_DELAY
+        # Fails if Redis refuses the password (and txredisapi stops trying):
+        # said once, here, rather than left to an unhandled Deferred.
+        factory.deferred.addErrback(self._refused)
         self._factory = factory
         self._pool = factory.handler
         factory.startConnecting(
             HostnameEndpoint(reactor, address.host, address.port, timeout=reply_timeout)
+        )
+
+    @staticmethod
+    def _refused(reason: Failure) -> None:
+        log.error(
+            "Redis refused this node ({error}): check the password of [cluster] redis; the "
+            "node limits requests itself until it is restarted with one Redis takes",
+            error=reason.getErrorMessage(),
         )
 
     def connected(self) -> bool:
