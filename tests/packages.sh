@@ -1,10 +1,11 @@
 #!/bin/sh
-# The Debian packages the tests run for real (Redis and HAProxy for the
-# cluster tests), installed when missing.
+# The Debian packages the tests run for real (Redis, HAProxy and nginx for
+# the cluster tests), installed when missing.
 set -e
 missing=""
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     sudo=sudo

@@ -4,8 +4,8 @@ C{etc/haproxy/haproxy.cfg} is read by C{haproxy -c} with every combination of
 environment the file documents (the integration tests in
 C{tests/integration/test_cluster.py} run it); its timeouts are compared with
 the bridge's defaults, which they must exceed. C{etc/nginx/mcptwist.conf} is
-read by C{nginx -t} inside an http block, when nginx is installed (CI does
-not install it). The compose example's node configuration is loaded as each
+read by C{nginx -t} inside an http block (tests/packages.sh installs nginx;
+tests/integration/test_cluster_nginx.py routes through it). The compose example's node configuration is loaded as each
 node loads it, its HAProxy environment given to C{haproxy -c}, and the whole
 file to C{docker compose config} where Compose is installed.
 """
@@ -156,7 +156,7 @@ class NginxConfigTests(SynchronousTestCase):
 
     def test_nginx_accepts_it(self) -> None:
         """The file as shipped, included in an http block."""
-        nginx = program("nginx", "/usr/sbin/nginx", ci=False)
+        nginx = program("nginx", "/usr/sbin/nginx")
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         main = Path(directory) / "nginx.conf"
@@ -188,7 +188,7 @@ class NginxConfigTests(SynchronousTestCase):
             "proxy_pass http://$mcptwist_upstream;",
             "proxy_http_version 1.1;",
             "proxy_buffering off;",
-            "proxy_next_upstream error timeout;",
+            "proxy_next_upstream error timeout http_503 non_idempotent;",
         ):
             self.assertIn(rule, self.text)
         for node in ("n1", "n2", "n3"):

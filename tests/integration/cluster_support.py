@@ -88,7 +88,7 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _connects(port: int) -> bool:
+def connects(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
@@ -304,7 +304,7 @@ class HAProxy:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"haproxy exited with {self.proc.returncode}:\n{self.log}")
-        return _connects(self.port) and self.socket_path.exists()
+        return connects(self.port) and self.socket_path.exists()
 
     @property
     def log(self) -> str:

@@ -252,8 +252,13 @@ class BridgeService(MultiService):
     def startService(self) -> None:
         super().startService()
         if self.config.cluster is not None and self.reloader.handle_sighup:
-            # A node drains on SIGTERM; a second SIGTERM ends the drain.
-            signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self._sigterm))
+            # A node drains on SIGTERM; a second SIGTERM ends the drain. (Once
+            # the reactor runs: it installs its own handler as it starts.)
+            self.reactor.callWhenRunning(
+                signal.signal,
+                signal.SIGTERM,
+                lambda *_: self.reactor.callFromThread(self._sigterm),
+            )
 
     def _sigterm(self) -> None:
         if not self._stopping:
