@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.test_routing,tests.test_modern_child -*-
-"""The sharing modes: one upstream per server, or one per session.
+"""The sharing modes: one upstream per server, one per session, or one per
+principal.
 
 A backend owns a server's upstreams and their children; the sessions and the
 stateless calls of the web side ask it for the upstream to use.
@@ -137,12 +138,66 @@ class SharedBackend(Backend):
         return status
 
 
-class SessionBackend(Backend):
-    """A child of its own for each session, up to max_children."""
+class PoolBackend(Backend):
+    """Children that come and go (one per session, or per principal), up to
+    max_children: what the two such sharing modes have in common."""
+
+    # Its sharing mode, as its status says.
+    sharing = ""
 
     def build(self) -> None:
-        # Children of ended sessions that are still stopping: shutdown waits for them.
+        # Children retired that are still stopping: shutdown waits for them.
         self._stopping: set[Deferred[Any]] = set()
+
+    def _retire(self, upstream: Upstream) -> None:
+        """Stop a child and forget it (shutdown still waits for its end)."""
+        if upstream.parent is not self:
+            return
+        stopping = upstream.disownServiceParent()
+        if stopping is not None and not stopping.called:
+            self._stopping.add(stopping)
+            stopping.addBoth(lambda _: self._stopping.discard(stopping))
+
+    def stopService(self) -> Deferred[Any]:
+        return DeferredList([super().stopService(), *self._stopping])
+
+    @property
+    def state(self) -> str:
+        """Failed when every child has failed; otherwise running (no children
+        yet included: the next session, or principal, spawns one)."""
+        states = {u.supervisor.state for u in self.upstreams()}
+        if states == {ChildState.FAILED}:
+            return ChildState.FAILED.value
+        return ChildState.RUNNING.value
+
+    def _child_status(self, upstream: Upstream) -> dict[str, Any]:
+        return upstream.status()
+
+    def status(self) -> dict[str, Any]:
+        children = [self._child_status(u) for u in self.upstreams()]
+        running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
+        silent = sum(1 for c in children if c["unresponsive"])
+        return {
+            "name": self.server.name,
+            "sharing": self.sharing,
+            "state": self.state,
+            "children": children,
+            "running_children": running,
+            "unresponsive_children": silent,
+            # Like failed: only when it holds for every child.
+            "unresponsive": bool(children) and silent == len(children),
+            "max_children": self.server.max_children,
+            "sessions": sum(c["sessions"] for c in children),
+        }
+
+
+class SessionBackend(PoolBackend):
+    """A child of its own for each session, up to max_children."""
+
+    sharing = "session"
+
+    def build(self) -> None:
+        super().build()
         # How many children each authenticated principal holds.
         self._held_by: dict[str, int] = {}
 
@@ -179,61 +234,30 @@ class SessionBackend(Backend):
             if not self._held_by[principal]:
                 del self._held_by[principal]
         upstream.detach(session)
-        if upstream.parent is self:
-            stopping = upstream.disownServiceParent()
-            if stopping is not None and not stopping.called:
-                self._stopping.add(stopping)
-                stopping.addBoth(lambda _: self._stopping.discard(stopping))
-
-    def stopService(self) -> Deferred[Any]:
-        return DeferredList([super().stopService(), *self._stopping])
-
-    @property
-    def state(self) -> str:
-        """Failed when every child has failed; otherwise running (no children
-        yet included: the next session spawns one)."""
-        states = {u.supervisor.state for u in self.upstreams()}
-        if states == {ChildState.FAILED}:
-            return ChildState.FAILED.value
-        return ChildState.RUNNING.value
-
-    def status(self) -> dict[str, Any]:
-        children = [u.status() for u in self.upstreams()]
-        running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
-        silent = sum(1 for c in children if c["unresponsive"])
-        return {
-            "name": self.server.name,
-            "sharing": "session",
-            "state": self.state,
-            "children": children,
-            "running_children": running,
-            "unresponsive_children": silent,
-            # Like failed: only when it holds for every child.
-            "unresponsive": bool(children) and silent == len(children),
-            "max_children": self.server.max_children,
-            "sessions": sum(c["sessions"] for c in children),
-        }
+        self._retire(upstream)
 
 
-class PrincipalBackend(Backend):
+class PrincipalBackend(PoolBackend):
     """A child of its own for each principal, shared by all of that
     principal's sessions and stateless requests, up to max_children; a
     child whose principal has no session left stops after
     child_idle_timeout. Two principals never share a child (without
     authentication every client is the one principal "anonymous")."""
 
+    sharing = "principal"
+
     @property
     def per_principal(self) -> bool:
         return True
 
     def build(self) -> None:
+        super().build()
         # Each principal's child (a dual-era server's stateless clients have a second).
         self._children: dict[tuple[str, bool], Upstream] = {}
         # The environment each child was started with (its principal's credentials).
         self._env: dict[Upstream, Mapping[str, str]] = {}
         # The idle timer of a child whose principal has no session left.
         self._idle: dict[Upstream, IDelayedCall] = {}
-        self._stopping: set[Deferred[Any]] = set()
 
     def open(self, session: Downstream) -> Upstream:
         if self.held:
@@ -315,11 +339,7 @@ class PrincipalBackend(Backend):
         for key, child in list(self._children.items()):
             if child is upstream:
                 del self._children[key]
-        if upstream.parent is self:
-            stopping = upstream.disownServiceParent()
-            if stopping is not None and not stopping.called:
-                self._stopping.add(stopping)
-                stopping.addBoth(lambda _: self._stopping.discard(stopping))
+        self._retire(upstream)
 
     def stop_child(self, principal: str) -> bool:
         """Stop one principal's child (its sessions must have been closed
@@ -337,32 +357,10 @@ class PrincipalBackend(Backend):
             if timer.active():
                 timer.cancel()
         self._idle.clear()
-        return DeferredList([super().stopService(), *self._stopping])
+        return super().stopService()
 
-    @property
-    def state(self) -> str:
-        """Failed when every child has failed; otherwise running (no children
-        yet included: a principal's first request spawns one)."""
-        states = {u.supervisor.state for u in self.upstreams()}
-        if states == {ChildState.FAILED}:
-            return ChildState.FAILED.value
-        return ChildState.RUNNING.value
-
-    def status(self) -> dict[str, Any]:
-        children = [{"principal": u.principal, **u.status()} for u in self.upstreams()]
-        running = sum(1 for c in children if c["state"] == ChildState.RUNNING.value)
-        silent = sum(1 for c in children if c["unresponsive"])
-        return {
-            "name": self.server.name,
-            "sharing": "principal",
-            "state": self.state,
-            "children": children,
-            "running_children": running,
-            "unresponsive_children": silent,
-            "unresponsive": bool(children) and silent == len(children),
-            "max_children": self.server.max_children,
-            "sessions": sum(c["sessions"] for c in children),
-        }
+    def _child_status(self, upstream: Upstream) -> dict[str, Any]:
+        return {"principal": upstream.principal, **upstream.status()}
 
 
 def _upstream_class(modern: bool) -> type[Upstream]:
