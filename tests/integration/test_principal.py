@@ -150,6 +150,20 @@ API_KEY = "${{credential:api_key}}"
             name: said(call) for name, call in zip((*names, "pid"), result["calls"], strict=True)
         }
 
+    def initialize(self, who: str) -> tuple[int, dict[str, str], bytes]:
+        """A raw initialize of server who, as C{who}: (status, headers, body)."""
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}},
+        }
+        headers = {
+            "Accept": "application/json, text/event-stream",
+            "Authorization": f"Bearer {self.token(who)}",
+        }
+        return h.http("POST", self.bridge.mcp_url("who"), body, headers)
+
     def status(self) -> dict[str, Any]:
         code, _, body = h.http("GET", self.bridge.url("/servers/who"), headers=self.admin())
         assert code == 200, (code, body)
@@ -241,17 +255,7 @@ class PrincipalTests(PrincipalMixin, SynchronousTestCase):
         result = self.sdk("carol", "http", "legacy", "info")
         self.assertFalse(result.get("ok"), result)
         self.assertIn("DB_PASSWORD", json.dumps(result))
-        body = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}},
-        }
-        headers = {
-            "Accept": "application/json, text/event-stream",
-            "Authorization": f"Bearer {self.token('carol')}",
-        }
-        code, _, raw = h.http("POST", self.bridge.mcp_url("who"), body, headers)
+        code, _, raw = self.initialize("carol")
         self.assertEqual(code, 403)
         error = json.loads(raw)["error"]
         self.assertIn("'DB_PASSWORD'", error["message"])
@@ -315,16 +319,6 @@ class PrincipalTests(PrincipalMixin, SynchronousTestCase):
             if who == "dave":
                 write_private(self.secrets, secrets_text({**DB, "dave": "db-dave", "erin": "e"}))
             self.getenv(who, "http", "legacy", "GH_TOKEN")
-        body = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}},
-        }
-        headers = {
-            "Accept": "application/json, text/event-stream",
-            "Authorization": f"Bearer {self.token('erin')}",
-        }
         # The first three may have been reaped (idle): keep them busy.
         with ThreadPoolExecutor(3) as pool:
             busy = [
@@ -332,7 +326,7 @@ class PrincipalTests(PrincipalMixin, SynchronousTestCase):
                 for who in ("alice", "bob", "dave")
             ]
             h.wait_for(lambda: len(self.running()) == 3, 20.0, "three children")
-            code, headers_, raw = h.http("POST", self.bridge.mcp_url("who"), body, headers)
+            code, headers_, raw = self.initialize("erin")
             self.assertEqual(code, 503, raw)
             self.assertEqual(headers_.get("retry-after"), "5")
             self.assertIn("max_children", json.loads(raw)["error"]["message"])
