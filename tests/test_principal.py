@@ -281,6 +281,13 @@ class CredentialTests(SynchronousTestCase):
         bridge.client.flush()
         return bridge.json(self.successResultOf(d))
 
+    def renewed(self, bridge: Service, d: Any, old: Any, token: str) -> None:
+        """The request was answered, by a new child with the new token; the old one exited."""
+        self.assertIn("result", self.answered(bridge, d))
+        self.assertTrue(old.exited)
+        [new] = [c for c in bridge.reactor.children if not c.exited]
+        self.assertEqual(new.env["GH_TOKEN"], token)
+
     def test_changed_secret(self) -> None:
         """A changed secret restarts the principal's child on its next request:
         the call in flight on the old child is answered by it first, the new
@@ -335,10 +342,7 @@ class CredentialTests(SynchronousTestCase):
         renewed = self.token("alice", gh_token="gh-alice-2", mcp_servers="*")
         d = self.post(bridge, call(3, "b"), {**renewed, "mcp-session-id": session})
         bridge.reactor.advance(10)
-        self.assertIn("result", self.answered(bridge, d))
-        self.assertTrue(old.exited)
-        [new] = [c for c in bridge.reactor.children if not c.exited]
-        self.assertEqual(new.env["GH_TOKEN"], "gh-alice-2")
+        self.renewed(bridge, d, old, "gh-alice-2")
 
     def test_changed_claim_stateless(self) -> None:
         """The same for 2026-07-28 requests: the principal's hub child restarts
@@ -407,10 +411,7 @@ class CredentialTests(SynchronousTestCase):
             headers={**JSON, **renewed, "mcp-session-id": session},
         )
         bridge.reactor.advance(10)
-        self.assertIn("result", self.answered(bridge, d))
-        self.assertTrue(old.exited)
-        [new] = [c for c in bridge.reactor.children if not c.exited]
-        self.assertEqual(new.env["GH_TOKEN"], "two")
+        self.renewed(bridge, d, old, "two")
 
     def test_config(self) -> None:
         """A per-client value needs a child per client, and a private secrets file."""
