@@ -168,12 +168,15 @@ class Service(Harness):
         on_spawn: Callable[[FakeChild], None] | None = None,
         store: Any = None,
         reactor: FakeProcessReactor | None = None,
+        telemetry: Any = None,
     ) -> None:
         self.test = test
         self.reactor = reactor or FakeProcessReactor()
         self.reactor.on_spawn = on_spawn
         self.config = attrs.evolve(config, listeners=())
-        self.service = BridgeService(self.config, self.reactor, environ or {}, store=store)
+        self.service = BridgeService(
+            self.config, self.reactor, environ or {}, store=store, telemetry=telemetry
+        )
         self.service.privilegedStartService()
         self.service.startService()
         self.client = StubTreq(self.service.resource)

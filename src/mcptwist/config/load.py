@@ -54,6 +54,7 @@ from mcptwist.config.model import (
     SecretsConfig,
     ServerConfig,
     ServerLimits,
+    TelemetryConfig,
     TLSConfig,
     TokenConfig,
 )
@@ -472,6 +473,7 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
     pin_file = top.string("pin_file")
     secrets = _parse_secrets(top)
     cluster = _parse_cluster(top)
+    telemetry = _parse_telemetry(top)
     top.finish()
     if not servers_table:
         raise ConfigError(
@@ -505,6 +507,7 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         pin_file=pin_file,
         secrets=secrets,
         cluster=cluster,
+        telemetry=telemetry,
         listeners=tuple(listeners),
         auth=auth,
         allowed_origins=origins,
@@ -598,6 +601,71 @@ def _parse_cluster(top: _Reader) -> ClusterConfig | None:
         node_ttl=node_ttl,
         redis_timeout=timeout,
     )
+
+
+def _parse_telemetry(top: _Reader) -> TelemetryConfig | None:
+    """[telemetry]: where traces go, how many, and what they say of the bridge."""
+    if "telemetry" not in top.table:
+        top.used.add("telemetry")
+        return None
+    r = _Reader(top.source, "telemetry.", top.table_at("telemetry"), top.environ)
+    defaults = TelemetryConfig()
+    if not r.boolean("enabled", True):
+        r.finish(frozenset(r.table))
+        return None
+    endpoint = r.string("endpoint")
+    if endpoint is not None:
+        parsed = urllib.parse.urlsplit(endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise r.error(
+                "endpoint",
+                f"{endpoint!r} is not an OTLP/HTTP URL",
+                'write endpoint = "http://collector:4318" (OTLP over HTTP; '
+                "/v1/traces and /v1/metrics are added)",
+            )
+        endpoint = endpoint.rstrip("/")
+    sampling: float | None = None
+    if "sampling" in r.table:
+        sampling = r.get(
+            "sampling",
+            "a ratio from 0 to 1",
+            _ratio,
+            1.0,
+            "write sampling = 0.1 to record one trace in ten, or 1 for all of them",
+        )
+    telemetry = TelemetryConfig(
+        endpoint=endpoint,
+        headers=_strings_table(r, "headers"),
+        sampling=sampling,
+        service_name=r.string("service_name"),
+        resource=_strings_table(r, "resource"),
+        timeout=r.number("timeout", defaults.timeout),
+        metrics_interval=r.number("metrics_interval", defaults.metrics_interval),
+    )
+    r.finish()
+    return telemetry
+
+
+def _strings_table(r: _Reader, name: str) -> dict[str, str]:
+    """A table of strings (C{${VAR}} expanded), such as headers or attributes."""
+    found: dict[str, str] = {}
+    for key, value in r.table_at(name).items():
+        if not isinstance(value, str):
+            raise r.error(
+                f"{name}.{key}",
+                f"must be a string, not {value!r}",
+                f'write {key} = "{value}"',
+            )
+        found[key] = r.expand(f"{name}.{key}", value)
+    return found
+
+
+def _ratio(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("outside 0 to 1")
+    return float(value)
 
 
 def redis_url_problem(url: str) -> str | None:
@@ -818,6 +886,7 @@ def _parse_server(
         deny=_networks(r, "deny"),
         limits=_parse_server_limits(r),
         audit_arguments=r.boolean("audit_arguments", defaults.audit_arguments),
+        trace_arguments=r.boolean("trace_arguments", defaults.trace_arguments),
         include=r.strings("include"),
         exclude=r.strings("exclude"),
         on_tool_change=_tool_change(r),

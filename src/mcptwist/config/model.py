@@ -275,6 +275,8 @@ class ServerConfig:
     deny: tuple[Network, ...] = ()
     limits: ServerLimits = ServerLimits()
     audit_arguments: bool = False
+    # Whether its spans record tool arguments and results (off: never recorded).
+    trace_arguments: bool = False
     # Which of its tools clients see and may call (glob lists of the tools' own names).
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -352,6 +354,28 @@ class ClusterConfig:
 
 
 @attrs.frozen
+class TelemetryConfig:
+    """[telemetry]: OpenTelemetry traces and metrics, sent over OTLP/HTTP.
+
+    What a key leaves out, the standard C{OTEL_*} environment variables give
+    (the SDK reads them), then the SDK's defaults."""
+
+    # The collector's base URL (/v1/traces and /v1/metrics are added), or None.
+    endpoint: str | None = None
+    # Sent with every export (an API key, often): kept out of reprs and logs.
+    headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    # The ratio of traces recorded (of those a client did not decide itself).
+    sampling: float | None = None
+    service_name: str | None = None
+    resource: Mapping[str, str] = attrs.field(factory=dict)
+    # Seconds an export may take: spans are sent in the background, and a
+    # collector that does not answer delays only the bridge's exit.
+    timeout: float = 5.0
+    # Seconds between metric exports.
+    metrics_interval: float = 60.0
+
+
+@attrs.frozen
 class BridgeConfig:
     """Everything the bridge needs to start; built once, never mutated."""
 
@@ -376,6 +400,8 @@ class BridgeConfig:
     pin_file: str | None = None
     secrets: SecretsConfig = SecretsConfig()
     cluster: ClusterConfig | None = None
+    # None: no traces, and nothing of OpenTelemetry is loaded.
+    telemetry: TelemetryConfig | None = None
     source: str = "<built-in>"
 
 

@@ -23,6 +23,7 @@ from mcptwist.config.model import ServerConfig
 from mcptwist.routing.modern import ModernUpstream
 from mcptwist.routing.pins import PinBook
 from mcptwist.routing.record import Recorder
+from mcptwist.routing.trace import Tracer
 from mcptwist.routing.upstream import (
     CapacityError,
     CredentialError,
@@ -50,6 +51,7 @@ class Backend(MultiService):
         environ: Mapping[str, str],
         recorder: Recorder | None = None,
         pins: PinBook | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         super().__init__()
         self.server = server
@@ -57,6 +59,7 @@ class Backend(MultiService):
         self.environ = environ
         self.recorder = recorder
         self.pins = pins
+        self.tracer = tracer
         # Stopped by an operator (admin API): stays stopped until started.
         self.held = False
         # Each principal's secrets (${secret:NAME}), when the file configures them.
@@ -74,6 +77,7 @@ class Backend(MultiService):
         era = self.server.era
         cls = _upstream_class(era == "modern" or (era == "dual" and stateless))
         upstream = cls(server or self.server, self.reactor, self.environ, label, self.recorder)
+        upstream.tracer = self.tracer
         pins = self.pins
         if pins is not None:
             server = self.server
@@ -374,8 +378,9 @@ def make_backend(
     environ: Mapping[str, str],
     recorder: Recorder | None = None,
     pins: PinBook | None = None,
+    tracer: Tracer | None = None,
 ) -> Backend:
     cls = {"session": SessionBackend, "principal": PrincipalBackend}.get(
         server.sharing, SharedBackend
     )
-    return cls(server, reactor, environ, recorder, pins)
+    return cls(server, reactor, environ, recorder, pins, tracer)

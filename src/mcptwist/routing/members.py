@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mcptwist.child.supervisor import ChildState
-from mcptwist.config.model import ServerConfig
+from mcptwist.config.model import ServerConfig, endpoint_key
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.routing.aggregate import (
@@ -38,6 +38,7 @@ from mcptwist.routing.aggregate import (
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.record import Recorder, Status
+from mcptwist.routing.trace import Tracer
 from mcptwist.routing.upstream import (
     CapacityError,
     CredentialError,
@@ -163,6 +164,8 @@ class AggregateUpstream:
     """One client session of an endpoint, and its links to the members."""
 
     modern = False
+    # Follows the requests the endpoint answers itself (None: not traced).
+    tracer: Tracer | None = None
 
     def __init__(
         self,
@@ -294,6 +297,8 @@ class AggregateUpstream:
             session=self.session,
             client_id=message["id"],
         )
+        if self.tracer is not None:
+            p.trace = self.tracer.request(endpoint_key(self.aggregate.name), self.session, message)
         self.session.request_started(p, message)
         self._own_requests.add(p)
         return p
@@ -311,6 +316,8 @@ class AggregateUpstream:
         self._own_requests.discard(p)
         error = answer.get("error")
         status: Status = "error" if error is not None else "ok"
+        if p.trace is not None:
+            p.trace.ended(answer, status)
         self.session.request_ended(
             p, status, error.get("code") if isinstance(error, dict) else None, server
         )
@@ -552,18 +559,21 @@ class AggregateBackend(Backend):
         backends: Mapping[str, Backend],
         reactor: Any,
         recorder: Recorder | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.aggregate = aggregate
         self.member_backends = backends
-        super().__init__(server, reactor, {}, recorder)
+        super().__init__(server, reactor, {}, recorder, tracer=tracer)
 
     def open(self, session: Downstream) -> AggregateUpstream:  # type: ignore[override]
-        return AggregateUpstream(
+        upstream = AggregateUpstream(
             self.aggregate,
             self.member_backends.get,
             session,  # type: ignore[arg-type]
             self.reactor,
         )
+        upstream.tracer = self.tracer
+        return upstream
 
     def close(self, session: Downstream, upstream: Upstream) -> None:
         upstream.close()  # type: ignore[attr-defined]

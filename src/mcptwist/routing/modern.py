@@ -30,6 +30,7 @@ from mcptwist.mcp import era, jsonrpc, protocol
 from mcptwist.mcp.era import LIST_CHANGED, agreed_filter
 from mcptwist.mcp.jsonrpc import Message
 from mcptwist.routing.record import Status
+from mcptwist.routing.trace import QuestionTrace
 from mcptwist.routing.upstream import (
     BRIDGE_CAPABILITIES,
     BRIDGE_INFO,
@@ -50,6 +51,8 @@ class _Round:
     # The bridge's ids of the questions still unanswered, and their keys.
     waiting: dict[int, str] = attrs.field(factory=dict)
     answers: dict[str, Any] = attrs.field(factory=dict)
+    # The spans of its questions, by the bridge's ids, while traced.
+    traces: dict[int, QuestionTrace] = attrs.field(factory=dict)
 
 
 class ModernUpstream(Upstream):
@@ -167,6 +170,9 @@ class ModernUpstream(Upstream):
             if round_.pending is p:
                 # The call ended: its client's open questions are withdrawn.
                 del self._rounds[out_id]
+                question = round_.traces.pop(out_id, None)
+                if question is not None:
+                    question.answered(None)
                 if p.session is not None and p.session in self.sessions:
                     p.session.deliver(
                         jsonrpc.notification(
@@ -253,6 +259,8 @@ class ModernUpstream(Upstream):
             return
         for question in questions:
             self._rounds[question["id"]] = round_
+            if p.trace is not None:
+                round_.traces[question["id"]] = p.trace.question(question)
             session.deliver(question, p.client_id)
 
     def _client_response(self, session: Downstream, message: Message) -> None:
@@ -265,11 +273,17 @@ class ModernUpstream(Upstream):
             return  # not this client's question
         del self._rounds[message["id"]]
         key = round_.waiting.pop(message["id"])
+        question = round_.traces.pop(message["id"], None)
+        if question is not None:
+            question.answered(message)
         if self._pending.get(p.child_id) is not p:
             return  # the request ended meanwhile (timeout, cancellation)
         if "error" in message:
             for out_id in round_.waiting:
                 self._rounds.pop(out_id, None)
+                question = round_.traces.pop(out_id, None)
+                if question is not None:
+                    question.answered(None)
             error = message["error"]
             self._fail(
                 p,

@@ -36,6 +36,7 @@ from mcptwist.mcp import jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.routing.catalog import STALE_AFTER, Catalog
 from mcptwist.routing.record import Described, Recorder, Status
+from mcptwist.routing.trace import CallTrace, QuestionTrace, Tracer
 
 log = Logger(namespace="mcptwist.routing")
 
@@ -150,6 +151,10 @@ class Pending:
     request: Message | None = None
     # What its client's records say it asked for (None: it is not recorded).
     described: Described | None = None
+    # When it was written to the child (0: not yet).
+    sent_at: float = 0.0
+    # Its spans, while a tracer follows it.
+    trace: CallTrace | None = None
 
 
 @attrs.define
@@ -185,6 +190,7 @@ class _Outbound:
     child_id: RequestId
     session: Downstream
     method: str
+    trace: QuestionTrace | None = None
 
 
 class Upstream(Service):
@@ -192,6 +198,8 @@ class Upstream(Service):
 
     # Whether the child speaks 2026-07-28 (a ModernUpstream).
     modern = False
+    # Follows each client request in spans (None: not traced).
+    tracer: Tracer | None = None
 
     def __init__(
         self,
@@ -306,6 +314,8 @@ class Upstream(Service):
         for out_id, out in list(self._outbound.items()):
             if out.session is session:
                 del self._outbound[out_id]
+                if out.trace is not None:
+                    out.trace.answered(None)
                 self._send(
                     out.child,
                     jsonrpc.error(out.child_id, jsonrpc.UNANSWERABLE, "client session closed"),
@@ -327,6 +337,8 @@ class Upstream(Service):
             self._update_level()
         for p in requests:
             self._forget(p)
+            if p.trace is not None:
+                p.trace.ended(None, "cancelled")
             session.request_ended(p, "cancelled", None)
 
     def _unsubscribed(self, uri: str) -> None:
@@ -405,6 +417,10 @@ class Upstream(Service):
             client_id=client_id,
         )
         self._by_client[key] = p
+        if self.tracer is not None:
+            p.trace = self.tracer.request(
+                self.server.name, session, message, self.server.trace_arguments
+            )
         session.request_started(p, message)
         return p
 
@@ -582,6 +598,8 @@ class Upstream(Service):
             else:
                 self._queue = deque((q, m) for q, m in self._queue if q is not p)
             assert p.client_id is not None
+            if p.trace is not None:
+                p.trace.ended(None, "cancelled")
             session.request_ended(p, "cancelled", None)
             session.cancelled(p.client_id)
             return
@@ -593,6 +611,8 @@ class Upstream(Service):
             log.debug("{server}: dropped a response to an unknown request", server=self.label)
             return
         del self._outbound[message["id"]]
+        if out.trace is not None:
+            out.trace.answered(message)
         message["id"] = out.child_id
         self._send(out.child, message)
 
@@ -727,6 +747,8 @@ class Upstream(Service):
             assert p.client_id is not None
             answer["id"] = p.client_id
             if live:
+                if p.trace is not None:
+                    p.trace.ended(answer, status)
                 error = answer.get("error")
                 session.request_ended(
                     p, status, error.get("code") if isinstance(error, dict) else None
@@ -757,6 +779,8 @@ class Upstream(Service):
             for out_id, out in list(self._outbound.items()):
                 if out.child_id == request_id and out.child is self._child:
                     del self._outbound[out_id]
+                    if out.trace is not None:
+                        out.trace.answered(None)
                     params["requestId"] = out_id
                     out.session.deliver(message, None)
         elif method in STALE_AFTER:
@@ -816,9 +840,13 @@ class Upstream(Service):
             )
             return
         out_id = next(self._ids)
-        self._outbound[out_id] = _Outbound(
+        out = self._outbound[out_id] = _Outbound(
             child=child, child_id=message["id"], session=target, method=method
         )
+        if self.tracer is not None and related is not None:
+            p = self._by_client.get((target, related))
+            if p is not None and p.trace is not None:
+                out.trace = p.trace.question(message)
         message["id"] = out_id
         target.deliver(message, related)
 
@@ -939,6 +967,8 @@ class Upstream(Service):
             for out_id, out in list(self._outbound.items()):
                 if out.child is child:
                     del self._outbound[out_id]
+                    if out.trace is not None:
+                        out.trace.answered(None)
             self._forget_abandoned(lambda owner, c: c is not child)
         if self.state in (ChildState.FAILED, ChildState.STOPPED):
             self._fail_all(text)
@@ -949,6 +979,9 @@ class Upstream(Service):
         if self._ready and not self._renewing and self._child is not None:
             if p is not None:
                 p.sent_to = self._child
+                p.sent_at = self.clock.seconds()
+                if p.trace is not None:
+                    p.trace.sent(message)
             if not self._send(self._child, message) and p is not None:
                 self._fail(
                     p,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import signal
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -51,6 +51,9 @@ from mcptwist.web.admin import AdminAPI
 from mcptwist.web.app import BridgeApp
 from mcptwist.web.channel import ConnectionCounter
 from mcptwist.web.sse import Heartbeat
+
+if TYPE_CHECKING:
+    from mcptwist.ops.telemetry import Telemetry
 
 log = Logger(namespace="mcptwist.service")
 
@@ -93,9 +96,17 @@ class BridgeService(MultiService):
         listen_override: tuple[ListenerConfig, ...] | None = None,
         freeze_gc: bool = False,
         store: Store | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        # Traces and their metrics (None: not traced; OpenTelemetry is loaded
+        # only when [telemetry] asks for it).
+        if telemetry is None and config.telemetry is not None:
+            from mcptwist.ops.telemetry import build
+
+            telemetry = build(config.telemetry, environ)
+        self.telemetry = telemetry
         self.notifier = notifier if notifier is not None else SystemdNotifier({}, reactor)
         self.audit = AuditTrail(config.audit, reactor)
         self.metrics: Metrics | None = None
@@ -129,13 +140,21 @@ class BridgeService(MultiService):
         )
         self.pins = _pin_book(config, self.recorder)
         self.fleet = Fleet(
-            config, reactor, environ, self.recorder, self.registry, self.access, self.pins
+            config,
+            reactor,
+            environ,
+            self.recorder,
+            self.registry,
+            self.access,
+            self.pins,
+            tracer=telemetry,
         )
         self.fleet.serving = self._log_urls
         self.web = BridgeApp(config, self.fleet.backends, self.registry, reactor, self.access)
         self.web.draining = self.fleet.draining
         self.web.endpoints = self.fleet.endpoints
         self.web.pins = self.pins
+        self.web.tracer = telemetry
         self.cluster = ClusterService(
             cluster, self.store, reactor, self._snapshot, self.web.health_status
         )
@@ -194,6 +213,8 @@ class BridgeService(MultiService):
         self.metrics_listening.setServiceParent(listening)
         for child in (
             AuditService(self.audit),
+            # Stopped after everything it traces: what is left is sent then.
+            *([telemetry] if telemetry is not None else []),
             AccessService(self.access),
             self.cluster,
             self.fleet,
@@ -398,6 +419,11 @@ class BridgeService(MultiService):
         refuse_exposure(self.listening, new)
         old = self.config
         refuse_cluster_change(old, new)
+        if old.telemetry != new.telemetry:
+            log.warn(
+                "[telemetry] changed: the change takes effect when the bridge restarts "
+                "(the rest of the reload applies now)"
+            )
         # What can fail (new authenticators, keys, pins) is built before anything changes.
         # The pin file is read again (python -m mcptwist pin may have written it).
         pins = None

@@ -29,6 +29,7 @@ from mcptwist.routing.pins import PinBook
 from mcptwist.routing.record import Recorder
 from mcptwist.routing.sessions import ClientSession, SessionRegistry
 from mcptwist.routing.stateless import StatelessSink
+from mcptwist.routing.trace import Tracer
 from mcptwist.web.access import AccessControl
 
 log = Logger(namespace="mcptwist.service")
@@ -52,8 +53,11 @@ class Fleet(MultiService):
         registry: SessionRegistry,
         access: AccessControl,
         pins: PinBook | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         super().__init__()
+        # Follows every request in spans (None: not traced).
+        self.tracer = tracer
         # The pins of every server's tools; an accepted change refreshes its lists.
         self.pins = pins
         if pins is not None:
@@ -96,7 +100,7 @@ class Fleet(MultiService):
                 continue
             aggregate = Aggregate(endpoint, self._server_config, self.pins, self.recorder)
             endpoints[key] = AggregateBackend(
-                aggregate, settings, self.backends, self.reactor, self.recorder
+                aggregate, settings, self.backends, self.reactor, self.recorder, self.tracer
             )
         # The sessions of an endpoint that changed or went end now: the new
         # rules hold at once (a client initializes again, as after any 404).
@@ -124,7 +128,9 @@ class Fleet(MultiService):
         return backend.server if backend is not None else None
 
     def _serve(self, server: ServerConfig) -> Backend:
-        backend = make_backend(server, self.reactor, self.environ, self.recorder, self.pins)
+        backend = make_backend(
+            server, self.reactor, self.environ, self.recorder, self.pins, self.tracer
+        )
         backend.secrets = self.secrets
         self.backends[server.name] = backend
         # Started now if the fleet runs.

@@ -39,6 +39,7 @@ from mcptwist.routing.sessions import (
 )
 from mcptwist.routing.stateless import StateSigner
 from mcptwist.routing.tools import ToolView
+from mcptwist.routing.trace import Tracer
 from mcptwist.routing.upstream import CapacityError, CredentialError, PrincipalCapacityError
 from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
 from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same_origin
@@ -382,6 +383,8 @@ class BridgeApp:
         # In a cluster: sends a retry to the node holding its call (the
         # service plugs in the registry of nodes).
         self.forwarder: Forwarder | None = None
+        # Follows each request in spans (the service plugs it in with [telemetry]).
+        self.tracer: Tracer | None = None
         if cluster is not None:
             keys = ClusterKeys(cluster.keys)
             self.signer = StateSigner(node=cluster.node_id, keys=keys)

@@ -22,6 +22,7 @@ from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession, SessionRegistry, Sink
 from mcptwist.routing.stateless import StateSigner
 from mcptwist.routing.tools import ToolView
+from mcptwist.routing.trace import Tracer
 
 from .access import AccessControl
 from .forward import Forwarder
@@ -48,6 +49,10 @@ class TransportContext(Protocol):
     @property
     def signer(self) -> StateSigner:
         """Signs the requestState of stateless calls waiting for their client's input."""
+
+    @property
+    def tracer(self) -> Tracer | None:
+        """Follows each request in spans (None: not traced)."""
 
     @property
     def forwarder(self) -> Forwarder | None:

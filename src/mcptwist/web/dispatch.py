@@ -174,6 +174,28 @@ def dispatch(ctx: TransportContext, request: Request, endpoint: Endpoint, name: 
     if the client goes away, and what it returns is written before the
     response is finished.
     """
+    tracer = ctx.tracer
+    if tracer is not None:
+        headers = trace_headers(request)
+        if headers:
+            with tracer.incoming(headers):
+                return _dispatch(ctx, request, endpoint, name)
+    return _dispatch(ctx, request, endpoint, name)
+
+
+def trace_headers(request: Request) -> dict[str, str]:
+    """The W3C trace context fields of a request's headers, if any."""
+    found: dict[str, str] = {}
+    for field in (b"traceparent", b"tracestate", b"baggage"):
+        value = request.getHeader(field)
+        if value is not None:
+            found[field.decode()] = value.decode("latin-1")
+    return found
+
+
+def _dispatch(
+    ctx: TransportContext, request: Request, endpoint: Endpoint, name: str
+) -> bytes | int:
     method = request.method
     handler = endpoint.answers.get(method)
     if handler is not None:
@@ -215,8 +237,14 @@ def _answer_again(
         return
     if request.content is not None:
         request.content.seek(0)
+    tracer = ctx.tracer
+    headers = trace_headers(request) if tracer is not None else None
     try:
-        body = handler(ctx, request, name)
+        if tracer is not None and headers:
+            with tracer.incoming(headers):
+                body = handler(ctx, request, name)
+        else:
+            body = handler(ctx, request, name)
     except Exception:
         log.failure("while answering {path}", path=request.path)
         body = internal_error(request)
