@@ -333,7 +333,11 @@ class MixedModesTests(SDKTestMixin, SynchronousTestCase):
             self.assertEqual(r["protocol_version"], MODES[mode], context)
             if mode == "auto":
                 self.assertEqual((r["discover_result"], r["initialize_result"]), (True, False))
-            self.assertEqual(r["tools"], ["big", "echo", "getenv", "log", "pid", "sleep"], context)
+            self.assertEqual(
+                r["tools"],
+                ["big", "echo", "fail", "getenv", "log", "meta", "pid", "sleep"],
+                context,
+            )
             calls = {call["tool"]: call for call in r["calls"]}
             self.assertEqual(calls["echo"]["texts"], [f"Echo: from {mode}"], context)
             self.assertEqual(calls["sleep"]["texts"], ["slept"], context)
