@@ -378,6 +378,70 @@ class RecorderTests(SynchronousTestCase):
         total = samples(m, "mcptwist_request_duration_seconds_sum")
         self.assertEqual(total[(("method", "tools/call"), ("server", "files"))], 1.5)
 
+    def test_operation_durations(self) -> None:
+        """mcp_server/client_operation_duration_seconds, with the MCP conventions'
+        buckets and error types; the old histogram is unchanged beside them."""
+        m = Metrics()
+        m.request_ended(ended(child_ms=1200.0))
+        m.request_ended(ended(child_ms=100.0, tool_error=True))
+        m.request_ended(ended(status="error", error_code=-32602, child_ms=5.0))
+        m.request_ended(ended(status="error", error_code=7, child_ms=5.0))
+        m.request_ended(ended(status="cancelled", method="made/up"))
+        server = samples(m, "mcp_server_operation_duration_seconds_count")
+        self.assertEqual(
+            server,
+            {
+                (("error_type", ""), ("mcp_method_name", "tools/call"), ("server", "files")): 1.0,
+                (
+                    ("error_type", "tool_error"),
+                    ("mcp_method_name", "tools/call"),
+                    ("server", "files"),
+                ): 1.0,
+                (
+                    ("error_type", "-32602"),
+                    ("mcp_method_name", "tools/call"),
+                    ("server", "files"),
+                ): 1.0,
+                (
+                    ("error_type", OTHER),
+                    ("mcp_method_name", "tools/call"),
+                    ("server", "files"),
+                ): 1.0,
+                (("error_type", "cancelled"), ("mcp_method_name", OTHER), ("server", "files")): 1.0,
+            },
+        )
+        client = samples(m, "mcp_client_operation_duration_seconds_sum")
+        key = (("error_type", ""), ("mcp_method_name", "tools/call"), ("server", "files"))
+        self.assertAlmostEqual(client[key], 1.2)
+        # A request that never reached a child has no client duration.
+        counts = samples(m, "mcp_client_operation_duration_seconds_count")
+        never = (("error_type", "cancelled"), ("mcp_method_name", OTHER), ("server", "files"))
+        self.assertEqual(counts[never], 0.0)
+        buckets = {
+            dict(k)["le"] for k in samples(m, "mcp_server_operation_duration_seconds_bucket")
+        }
+        self.assertEqual(
+            buckets,
+            {
+                "0.01",
+                "0.02",
+                "0.05",
+                "0.1",
+                "0.2",
+                "0.5",
+                "1.0",
+                "2.0",
+                "5.0",
+                "10.0",
+                "30.0",
+                "60.0",
+                "120.0",
+                "300.0",
+                "+Inf",
+            },
+        )
+        self.assertIn("mcptwist_request_duration_seconds", names(m))
+
     def test_sessions(self) -> None:
         """A session without a transport is counted under "other"."""
         m = Metrics()

@@ -138,6 +138,23 @@ EXIT_REASONS: Final = ("exit0", "exit_nonzero", "signal", "spawn_failed", "kille
 # The values of an MCP request's status, in the audit trail's request events
 # and in these metrics' labels.
 STATUSES: Final = frozenset({"ok", "error", "cancelled", "timeout"})
+# The buckets the OpenTelemetry conventions for MCP give mcp.*.operation.duration.
+OPERATION_BUCKETS: Final = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+
+def error_type(status: str, error_code: int | None, tool_error: bool) -> str:
+    """The C{error_type} label of an operation, as the conventions' C{error.type}:
+    a JSON-RPC code of the reserved range, C{tool_error}, how the bridge ended
+    it, or empty for a success (a child's own codes are C{other})."""
+    if error_code is not None:
+        return str(error_code) if -32768 <= error_code <= -32000 else OTHER
+    if tool_error:
+        return "tool_error"
+    if status in ("timeout", "cancelled"):
+        return status
+    return "" if status == "ok" else OTHER
+
+
 # A copy of supervisor.ChildState's values (the tests keep them equal): this
 # module imports of the bridge's only the record of a request, so that any
 # module can import it without a cycle.
@@ -426,6 +443,24 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        # The OpenTelemetry conventions' operation durations, as Prometheus names them.
+        self._server_operation = Histogram(
+            "mcp_server_operation_duration_seconds",
+            "mcp.server.operation.duration: time from an MCP request a client sent "
+            "to its answer, by server, MCP method and error type.",
+            ["server", "mcp_method_name", "error_type"],
+            buckets=OPERATION_BUCKETS,
+            registry=r,
+        )
+        self._client_operation = Histogram(
+            "mcp_client_operation_duration_seconds",
+            "mcp.client.operation.duration: time from a request written to a child "
+            "to its answer, by server, MCP method and error type.",
+            ["server", "mcp_method_name", "error_type"],
+            buckets=OPERATION_BUCKETS,
+            registry=r,
+        )
+        self._operation_series: dict[tuple[str, str, str], tuple[Histogram, Histogram]] = {}
         self._tool_events = Counter(
             "mcptwist_tool_events",
             "What the bridge did about tools, by server and event: tool_pinned, "
@@ -687,6 +722,25 @@ class Metrics:
         self.request_done(
             ended.server, ended.method, ended.status, ended.latency_ms / 1000.0, ended.name
         )
+        kind = error_type(ended.status, ended.error_code, ended.tool_error)
+        key = (ended.server, ended.method, kind)
+        series = self._operation_series.get(key)
+        if series is None:
+            label = (
+                self._server(ended.server),
+                ended.method if ended.method in MCP_METHODS else OTHER,
+                kind,
+            )
+            series = self._operation_series.get(label) or (
+                self._server_operation.labels(*label),
+                self._client_operation.labels(*label),
+            )
+            # Kept by label: a made-up method or server adds nothing here.
+            self._operation_series[label] = series
+        server, client = series
+        server.observe(max(0.0, ended.latency_ms / 1000.0))
+        if ended.child_ms is not None:
+            client.observe(max(0.0, ended.child_ms / 1000.0))
 
     def session_opened(
         self,

@@ -55,6 +55,11 @@ class RequestEnded:
     latency_ms: float
     child_pid: int | None
     arguments: Any = None
+    # How long the child took, from the request written to it to its answer
+    # (None: it never reached a child, or the record does not say).
+    child_ms: float | None = None
+    # A tools/call answered with a result that says isError.
+    tool_error: bool = False
 
 
 @attrs.define

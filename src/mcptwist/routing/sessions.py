@@ -252,6 +252,7 @@ class ClientSession:
             self.peer,
             server,
             child_pid,
+            request,
         )
 
     def call_started(self) -> None:
@@ -304,11 +305,19 @@ class ClientSession:
         peer: str | None,
         server: str | None = None,
         child_pid: int | None = None,
+        request: Pending | None = None,
     ) -> None:
         assert self.recorder is not None and self.clock is not None
         if server is None and child_pid is None:
             supervisor = getattr(self.upstream, "supervisor", None)
             child_pid = supervisor.pid if supervisor is not None else None
+        now = self.clock.seconds()
+        child_ms = None
+        tool_error = False
+        if request is not None:
+            tool_error = request.tool_error
+            if request.sent_at:
+                child_ms = (now - request.sent_at) * 1000.0
         self.recorder.request_ended(
             RequestEnded(
                 session=self.id,
@@ -321,9 +330,11 @@ class ClientSession:
                 arg_sha256=described.arg_sha256,
                 status=status,
                 error_code=error_code,
-                latency_ms=(self.clock.seconds() - started) * 1000.0,
+                latency_ms=(now - started) * 1000.0,
                 child_pid=child_pid,
                 arguments=described.arguments,
+                child_ms=child_ms,
+                tool_error=tool_error,
             )
         )
 

@@ -153,6 +153,8 @@ class Pending:
     described: Described | None = None
     # When it was written to the child (0: not yet).
     sent_at: float = 0.0
+    # Answered with a tool's error (a tools/call result with isError).
+    tool_error: bool = False
     # Its spans, while a tracer follows it.
     trace: CallTrace | None = None
 
@@ -747,6 +749,9 @@ class Upstream(Service):
             assert p.client_id is not None
             answer["id"] = p.client_id
             if live:
+                if p.method == "tools/call":
+                    result = answer.get("result")
+                    p.tool_error = isinstance(result, dict) and result.get("isError") is True
                 if p.trace is not None:
                     p.trace.ended(answer, status)
                 error = answer.get("error")
