@@ -653,6 +653,92 @@ def cluster_section(results: dict) -> list[str]:
     return L
 
 
+TRACING_TARGETS = ["off", "on", "unsampled"]
+TRACING_ROWS = [
+    # label, point, figure (the cluster scenario's figures)
+    ("tools/call per s, one at a time", "s1", "rate"),
+    ("p50 ms, one at a time", "s1", "p50"),
+    ("p99 ms, one at a time", "s1", "p99"),
+    ("tools/call per s, 8 sessions", "s8", "rate"),
+    ("p50 ms, 8 sessions", "s8", "p50"),
+    ("tools/call per s, 32 sessions", "s32", "rate"),
+    ("bridge CPU µs per call, 8 sessions", "s8", "cpu"),
+    ("bridge CPU µs per call, 32 sessions", "s32", "cpu"),
+]
+
+
+def tracing_value(r: dict, what: str):
+    if what == "cpu":
+        return r.get("bridge_cpu_us_per_call")
+    return cluster_value(r, what)
+
+
+def tracing_mean(windows: list[dict], what: str) -> float | None:
+    vals = [v for v in (tracing_value(r, what) for r in windows) if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def tracing_windows(tr: dict):
+    for transport, points in (tr.get("transports") or {}).items():
+        for key, got in points.items():
+            for target, windows in got.items():
+                for r in windows:
+                    yield transport, key, target, r
+
+
+def tracing_section(results: dict) -> list[str]:
+    tr = results.get("tracing")
+    if not tr:
+        return []
+    L = ["## The cost of tracing", "",
+         "The same bridge (the child shared, as mcptwist-shared) three ways: *off*, without "
+         "`[telemetry]` (the default: OpenTelemetry is not even imported); *on*, recording every "
+         "trace (`sampling = 1`): a SERVER and a CLIENT span per call, batched and exported over "
+         "OTLP/HTTP to a sink that answers at once, plus the duration histograms; *unsampled*, "
+         "`sampling = 0`: contexts made and passed to the child, nothing recorded. Each target "
+         "is measured twice per point, in the order off, on, unsampled, then back; a figure is "
+         "the mean of its windows. The export runs in the SDK's thread, inside the bridge "
+         "process: its CPU is in the bridge's.", ""]
+    if "error" in tr:
+        L += [f"**Run error**: {tr['error']}", ""]
+    for transport, tname in TRANSPORTS:
+        points = get(tr, "transports", transport)
+        if not points:
+            continue
+        L += [f"### {tname}", "",
+              "| figure | " + " | ".join(TRACING_TARGETS) + " |",
+              "|---|" + "---:|" * len(TRACING_TARGETS)]
+        for label, key, what in TRACING_ROWS:
+            L.append(f"| {label} | " + " | ".join(
+                cluster_cell(get(points, key, t, default=[]), what) if what != "cpu"
+                else fmt(tracing_mean(get(points, key, t, default=[]), what))
+                for t in TRACING_TARGETS) + " |")
+        L.append("")
+        for key, label in (("s8", "8 sessions"), ("s32", "32 sessions")):
+            off = tracing_mean(get(points, key, "off", default=[]), "cpu")
+            on = tracing_mean(get(points, key, "on", default=[]), "cpu")
+            none = tracing_mean(get(points, key, "unsampled", default=[]), "cpu")
+            if off and on and none:
+                L.append(f"- At {label}, recording every trace adds {on - off:.0f} µs of bridge "
+                         f"CPU per call ({(on / off - 1) * 100:+.0f}%); recording none adds "
+                         f"{none - off:.0f} µs.")
+        L.append("")
+    tot = {"wrong": 0, "lost": 0, "errors": 0}
+    for _, _, _, r in tracing_windows(tr):
+        tot["wrong"] += (r.get("wrong_client") or 0) + (r.get("foreign") or 0)
+        tot["lost"] += r.get("lost") or 0
+        tot["errors"] += r.get("errors") or 0
+    sink = tr.get("sink") or {}
+    if sink:
+        L.append("- **Exported**: " + ", ".join(
+            f"{path}: {n} exports, {b / 1e6:.1f} MB" for path, (n, b) in sorted(sink.items()))
+            + ".")
+    L.append(f"- **Correctness** over every window: {tot['wrong']} responses to the wrong "
+             f"client or to no request in flight, {tot['lost']} lost, {tot['errors']} errors.")
+    L.append("")
+    return L
+
+
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = results["meta"]
@@ -743,6 +829,7 @@ def write(results: dict, out: Path) -> None:
         L.append("")
     L += aggregate_section(results)
     L += cluster_section(results)
+    L += tracing_section(results)
     # correctness
     L += ["## Correctness", "",
           "Totals over the four load points (responses checked by id and content), plus the progress check.",
@@ -821,6 +908,8 @@ def write(results: dict, out: Path) -> None:
     agg = results.get("aggregate")
     if agg:
         log_lines("mcptwist-aggregate", agg.get("log") or {}, agg.get("exit_code"), agg.get("error"))
+    for name, lg in ((results.get("tracing") or {}).get("log") or {}).items():
+        log_lines(f"tracing {name}", lg, None, get(results, "tracing", "error"))
     for name, lg in ((results.get("cluster") or {}).get("log") or {}).items():
         log_lines(name, lg, get(results, "cluster", "exit_codes", name),
                   get(results, "cluster", "error"))
@@ -832,6 +921,8 @@ def write(results: dict, out: Path) -> None:
                 for t, k, target, r in agg_windows(results.get("aggregate") or {})]
     windows += [(f"cluster/{t} {target}", k, r)
                 for t, k, target, r in cluster_windows(results.get("cluster") or {})]
+    windows += [(f"tracing/{t} {target}", k, r)
+                for t, k, target, r in tracing_windows(results.get("tracing") or {})]
     shares = [r.get("driver_core_share") or 0 for _, _, r in windows]
     busy = [r.get("machine_busy_share") or 0 for _, _, r in windows]
     others = [(r.get("other_processes_cores") or 0, key, k) for key, k, r in windows]

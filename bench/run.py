@@ -7,6 +7,7 @@
     python3 bench/run.py --only mcptwist-shared --only punkpeye/sse
     python3 bench/run.py --quick --only aggregate   # an endpoint of 10 servers against one
     python3 bench/run.py --only cluster             # 1 node straight, 1-3 behind HAProxy
+    python3 bench/run.py --only tracing             # tracing off, every trace, none
     python3 bench/run.py --report-only        # redo README.md + chart.png from results.json
 
 Installs (once; `--reinstall` to redo) into bench/.peers/: a venv for the driver and the
@@ -85,6 +86,15 @@ CLUSTER_TARGETS = ["direct", "haproxy-1", "haproxy-2", "haproxy-3"]
 CLUSTER_ORDER = [*CLUSTER_TARGETS, *reversed(CLUSTER_TARGETS)]
 CLUSTER_POINTS = [("s1", 1), ("s8", 8), ("s32", 32)]
 HAPROXY_CFG = REPO / "etc" / "haproxy" / "haproxy.cfg"
+# The tracing scenario: the same bridge (the child shared) without [telemetry] ("off"),
+# recording every trace ("on") and recording none ("unsampled": contexts made and passed to
+# the child, nothing exported), each exporting to a sink that answers at once; the targets in
+# an order whose reverse follows it.
+TRACING = "tracing"
+TRACING_TARGETS = ["off", "on", "unsampled"]
+TRACING_ORDER = [*TRACING_TARGETS, *reversed(TRACING_TARGETS)]
+TRACING_POINTS = [("s1", 1), ("s8", 8), ("s32", 32)]
+OTLP_SINK = BENCH / "otlp_sink.py"
 
 
 def log(msg: str) -> None:
@@ -266,6 +276,28 @@ def cluster_config(cfg: Path, port: int, node: str, child: list[str]) -> str:
             f'[cluster] node_id = "{node}", a listener trusting 127.0.0.1, drain_timeout = 1)')
 
 
+def tracing_config(cfg: Path, port: int, target: str, sink: int, child: list[str]) -> str:
+    """mcptwist-shared, with [telemetry] sending to the sink (none for "off")."""
+    telemetry = ""
+    if target != "off":
+        telemetry = ("[telemetry]\n"
+                     f'endpoint = "http://127.0.0.1:{sink}"\n'
+                     f"sampling = {1 if target == 'on' else 0}\n\n")
+    cfg.write_text(
+        f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
+        "max_sessions = 20000\n\n"
+        + telemetry
+        + "[servers.bench]\n"
+        f"command = {json.dumps(child[0])}\n"
+        f"args = {json.dumps(child[1:])}\n"
+        'sharing = "shared"\n'
+    )
+    if target == "off":
+        return f"twistd -n --pidfile= mcpbridge --config {cfg.name} (as mcptwist-shared)"
+    return (f"twistd -n --pidfile= mcpbridge --config {cfg.name} (as mcptwist-shared, with "
+            f"[telemetry] endpoint = the sink, sampling = {1 if target == 'on' else 0})")
+
+
 def bridge_command(bridge: str, transport: str, port: int,
                    extra_tools: int = 0) -> tuple[list, dict, str, str]:
     """(argv, extra env, URL, how it is run in words); for AGG the URL is the base."""
@@ -281,6 +313,14 @@ def bridge_command(bridge: str, transport: str, port: int,
         argv = [str(VENV_TWIST / "bin" / "twistd"), "-n", "--pidfile=", "mcpbridge",
                 "--config", str(cfg)]
         return argv, env, base, words
+    if bridge.startswith(TRACING):
+        _, target, sink = bridge.split("-")
+        cfg = WORK / f"{TRACING}-{target}.toml"
+        words = tracing_config(cfg, port, target, int(sink), child)
+        argv = [str(VENV_TWIST / "bin" / "twistd"), "-n", "--pidfile=", "mcpbridge",
+                "--config", str(cfg)]
+        path = "/servers/bench/mcp" if transport == "streamable" else "/servers/bench/sse"
+        return argv, env, base + path, words
     if bridge.startswith(CLUSTER):
         node = bridge.split("-")[1]
         cfg = WORK / f"{bridge}.toml"
@@ -886,6 +926,69 @@ def bench_cluster(transports: list[str], opts) -> dict:
     return res
 
 
+def bench_tracing(transports: list[str], opts) -> dict:
+    """The cost of tracing: one bridge without [telemetry], one recording every trace and
+    one recording none, all exporting to a sink that answers at once; each target measured
+    twice per point (in TRACING_ORDER)."""
+    res: dict = {"order": TRACING_ORDER, "transports": {}}
+    t0 = time.monotonic()
+    sink_port = free_port()
+    LOGS.mkdir(parents=True, exist_ok=True)
+    sink = subprocess.Popen([str(BENCH_PY), str(OTLP_SINK), str(sink_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bridges: dict[str, dict[str, Bridge]] = {}
+    try:
+        for transport in transports:
+            bridges[transport] = {t: Bridge(f"{TRACING}-{t}-{sink_port}", transport)
+                                  for t in TRACING_TARGETS}
+            res["commands"] = {t: b.words for t, b in bridges[transport].items()}
+            points: dict = {}
+            for b in bridges[transport].values():
+                b.start()
+                probe(b)
+            res.setdefault("idle", {})[transport] = {
+                t: memory(b.pid) for t, b in bridges[transport].items()}
+            for key, sessions in TRACING_POINTS:
+                got: dict = {target: [] for target in TRACING_TARGETS}
+                for target in TRACING_ORDER:
+                    b = bridges[transport][target]
+                    r = quiet_load(b, f"{transport} {key} {target}", opts,
+                                   ["--transport", transport, "--url", b.url,
+                                    "--sessions", sessions])
+                    got[target].append(r)
+                    log(f"  {transport:10s} {key:4s} {target:9s} {r['calls_per_s']:7.0f}/s"
+                        f"  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
+                        f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms"
+                        f"  bridge {r.get('bridge_cpu_us_per_call', 0):5.0f} us/call"
+                        f"  machine {r['machine_busy_share']:.0%}"
+                        f"  others {r.get('other_processes_cores') or 0:.2f} cores"
+                        f"  wrong {r['wrong_client'] + r['foreign']} lost {r['lost']}"
+                        f" err {r['errors']}")
+                    time.sleep(0.3)
+                    if b.proc.poll() is not None:
+                        raise RuntimeError(f"{b.name} exited ({b.proc.returncode})")
+                points[key] = got
+            res["transports"][transport] = points
+            for b in bridges[transport].values():
+                b.stop()
+        with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/stats", timeout=5) as answer:
+            res["sink"] = json.loads(answer.read())
+        log(f"  the sink received {res['sink']}")
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {e}"
+        log(f"  ERROR {res['error']}")
+    finally:
+        for group in bridges.values():
+            for b in group.values():
+                b.stop()
+        sink.terminate()
+        sink.wait(5)
+        res["log"] = {f"{t}/{target}": scan_log(b.log_path)
+                      for t, group in bridges.items() for target, b in group.items()}
+    res["seconds"] = time.monotonic() - t0
+    return res
+
+
 # ---- machine and versions ----------------------------------------------------------------
 
 
@@ -964,27 +1067,30 @@ def measure_direct(opts) -> dict:
     return direct
 
 
-def selected(opts) -> tuple[list[tuple[str, str]], list[str], list[str]]:
-    """The (bridge, transport) pairs to measure, and the aggregate and cluster scenarios'
-    transports."""
+def selected(opts) -> tuple[list[tuple[str, str]], list[str], list[str], list[str]]:
+    """The (bridge, transport) pairs to measure, and the aggregate, cluster and tracing
+    scenarios' transports."""
     pairs = [(b, t) for b in BRIDGES for t in TRANSPORTS]
     agg = list(TRANSPORTS)
     clus = list(TRANSPORTS)
+    tracing = list(TRANSPORTS)
     if opts.only:
         wanted = [w for o in opts.only for w in o.split(",") if w]
         for w in wanted:
-            if w.split("/")[0] not in [*BRIDGES, "aggregate", CLUSTER]:
+            if w.split("/")[0] not in [*BRIDGES, "aggregate", CLUSTER, TRACING]:
                 raise SystemExit(f"--only {w}: unknown bridge (choose from {', '.join(BRIDGES)}, "
-                                 "aggregate or cluster)")
+                                 "aggregate, cluster or tracing)")
         pairs = [(b, t) for b, t in pairs
                  if any(w == b or w == f"{b}/{t}" for w in wanted)]
         agg = [t for t in agg if any(w in ("aggregate", f"aggregate/{t}") for w in wanted)]
         clus = [t for t in clus if any(w in (CLUSTER, f"{CLUSTER}/{t}") for w in wanted)]
+        tracing = [t for t in tracing if any(w in (TRACING, f"{TRACING}/{t}") for w in wanted)]
     if opts.transport:
         pairs = [(b, t) for b, t in pairs if t == opts.transport]
         agg = [t for t in agg if t == opts.transport]
         clus = [t for t in clus if t == opts.transport]
-    return pairs, agg, clus
+        tracing = [t for t in tracing if t == opts.transport]
+    return pairs, agg, clus, tracing
 
 
 def main() -> int:
@@ -995,7 +1101,8 @@ def main() -> int:
                    "(or aggregate/TRANSPORT): tools/list and tools/call through an endpoint "
                    f"of {AGG_MEMBERS} servers against one server; or cluster (or "
                    f"cluster/TRANSPORT): one node straight against 1 to {CLUSTER_NODES} nodes "
-                   "behind HAProxy (needs haproxy)")
+                   "behind HAProxy (needs haproxy); or tracing (or tracing/TRANSPORT): the "
+                   "bridge without [telemetry], recording every trace, and recording none")
     p.add_argument("--transport", choices=TRANSPORTS, help="only this transport")
     p.add_argument("--quick", action="store_true",
                    help="2 s windows, 1 000 streams, 1 MiB messages only")
@@ -1038,10 +1145,11 @@ def main() -> int:
     opts.streams = ([int(x) for x in opts.streams.split(",")] if opts.streams
                     else ([1000] if opts.quick else [1000, 10000]))
     opts.sizes = [MiB] if opts.quick else LARGE_SIZES
-    pairs, agg_transports, cluster_transports = selected(opts)
+    pairs, agg_transports, cluster_transports, tracing_transports = selected(opts)
     # re-measurements over the whole run (a time cap)
     opts.retry_budget = (8 * opts.retries + 4 + (6 * opts.retries if agg_transports else 0)
-                         + (6 * opts.retries if cluster_transports else 0))
+                         + (6 * opts.retries if cluster_transports else 0)
+                         + (6 * opts.retries if tracing_transports else 0))
     opts.large_timeout = 30.0
     opts.call_timeout = 10.0
     WORK.mkdir(parents=True, exist_ok=True)
@@ -1068,6 +1176,7 @@ def main() -> int:
                 "aggregate_points": [{"key": k, "method": m, "sessions": s, "order": o}
                                      for k, m, s, o in AGG_POINTS],
                 "cluster_points": [{"key": k, "sessions": n} for k, n in CLUSTER_POINTS],
+                "tracing_points": [{"key": k, "sessions": n} for k, n in TRACING_POINTS],
             },
             "install_seconds": install_s,
             "partial": partial,
@@ -1088,6 +1197,10 @@ def main() -> int:
     if cluster_transports:
         log(f"cluster: one node straight, and 1 to {CLUSTER_NODES} nodes behind HAProxy")
         results["cluster"] = bench_cluster(cluster_transports, opts)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    if tracing_transports:
+        log("tracing: without [telemetry], every trace recorded, none recorded")
+        results["tracing"] = bench_tracing(tracing_transports, opts)
     results["meta"]["seconds"] = time.monotonic() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report.write(results, out)
