@@ -97,7 +97,7 @@
     var grid = colour("--grid");
     var series = [{}];
     spec.series.forEach(function (s) {
-      series.push({ label: s.label, stroke: colour(s.colour), width: 1.5, spanGaps: false, points: { show: false } });
+      series.push({ label: s.label, stroke: colour(s.colour), width: 1.5, spanGaps: false, points: { show: true, size: 4 } });
     });
     var axis = { stroke: fg, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 }, size: 40 };
     var options = {
