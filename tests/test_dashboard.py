@@ -8,6 +8,8 @@ import os
 from typing import Any
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcptwist.config.model import (
@@ -18,7 +20,7 @@ from mcptwist.config.model import (
     ServerConfig,
     TokenConfig,
 )
-from mcptwist.security.auth import hash_token
+from mcptwist.security.auth import AuthFailure, bearer_token, hash_token
 from mcptwist.web.dashboard import BASIC_CHALLENGE, PAGE_CSP
 
 from .support.bridge import Service
@@ -284,3 +286,32 @@ class WithoutAuditTests(SynchronousTestCase):
         self.assertEqual(bridge.json(response), {"enabled": False, "records": []})
         response = bridge.request("GET", "/admin/overview", headers=basic(ADMIN))
         self.assertFalse(bridge.json(response)["audit"])
+
+
+TOKEN_CHARS = st.sampled_from("ABCxyz0189-._~+/")
+
+
+class BasicParserTests(SynchronousTestCase):
+    """Basic credentials: the password is the token, whatever the user name."""
+
+    @given(
+        st.text(st.characters(blacklist_characters=":", blacklist_categories=("Cs",))),
+        st.text(TOKEN_CHARS, min_size=1, max_size=64),
+        st.text("=", max_size=2),
+    )
+    def test_the_password_is_the_token(self, user: str, token: str, padding: str) -> None:
+        secret = token + padding
+        header = b"Basic " + base64.b64encode(f"{user}:{secret}".encode())
+        self.assertEqual(bearer_token(header, basic=True), secret)
+        with self.assertRaises(AuthFailure):
+            bearer_token(header)
+
+    @given(st.binary(max_size=200))
+    def test_anything_else_is_refused_as_malformed(self, credentials: bytes) -> None:
+        header = b"Basic " + base64.b64encode(credentials)
+        try:
+            token = bearer_token(header, basic=True)
+        except AuthFailure as failure:
+            self.assertEqual(failure.status, 401)
+        else:
+            self.assertEqual(credentials.partition(b":")[2], token.encode())
