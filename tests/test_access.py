@@ -496,7 +496,9 @@ class OperatorRouteTests(SynchronousTestCase):
             self.assertEqual(status, 403, path)
             self.assertEqual(
                 answer["error"]["message"],
-                "Forbidden: the admin API and metrics are not for browsers",
+                "Forbidden: the admin API answers only the bridge's own pages (same origin)"
+                if path.startswith("/admin")
+                else "Forbidden: the admin API and metrics are not for browsers",
                 path,
             )
             self.assertIsNone(headers.getRawHeaders("access-control-allow-origin"))

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Final, Literal
 
 import attrs
@@ -75,6 +76,21 @@ def _open_writer(writer: AuditFileObserver) -> None:
             "check that it is a regular file the bridge's user may write"
         ) from None
 
+
+# The last records written, kept for the dashboard.
+TAIL: Final = 500
+# The events that are refusals (their outcome is "refused").
+_REFUSALS: Final = frozenset(
+    {
+        "auth_failure",
+        "access_refused",
+        "credential_missing",
+        "rate_limited",
+        "ip_refused",
+        "http_refused",
+        "tool_refused",
+    }
+)
 
 REFUSAL_WINDOW: Final = 10.0
 # Clients whose refusals are being coalesced at once; beyond this, refusals of
@@ -145,6 +161,8 @@ class AuditTrail:
         self._refusals: dict[tuple[str, str | None], _Burst] = {}
         self._flusher = LoopingCall(self.flush_refusals)
         self._flusher.clock = clock
+        # The last records written, as written (nothing else, nothing secret).
+        self.tail: deque[dict[str, object]] = deque(maxlen=TAIL)
         # Sets config, enabled and the writer, which is not open until start():
         # events before then are dropped and counted.
         self._install(config, _writer_for(config))
@@ -274,6 +292,7 @@ class AuditTrail:
         for key, value in fields.items():
             if value is not None:
                 record[key] = value
+        self.tail.append(record)
         # The event Logger.emit would build, without its validation and copies.
         self.publisher(
             {
@@ -286,6 +305,36 @@ class AuditTrail:
                 "log_time": time.time(),
             }
         )
+
+    def recent(
+        self,
+        limit: int,
+        server: str | None = None,
+        principal: str | None = None,
+        outcome: str | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> list[dict[str, object]]:
+        """The last C{limit} records written, newest first, of a server (its
+        C{server}, or the C{target} of an admin action), a principal, an
+        outcome (L{outcome_of}); with C{visible}, only the records of the
+        servers it accepts, and of no server when it accepts C{"*"}."""
+        found: list[dict[str, object]] = []
+        for record in reversed(self.tail):
+            if len(found) >= limit:
+                break
+            subject = record.get("server", record.get("target"))
+            if visible is not None and not visible(
+                subject.partition("/")[0] if isinstance(subject, str) else "*"
+            ):
+                continue
+            if server is not None and subject != server:
+                continue
+            if principal is not None and record.get("principal") != principal:
+                continue
+            if outcome is not None and outcome_of(record) != outcome:
+                continue
+            found.append(record)
+        return found
 
     def session_opened(
         self,
@@ -516,3 +565,20 @@ class AuditTrail:
         if not self.enabled:
             return
         self._emit("tls_reloaded", {"listener": listener, "outcome": outcome, "detail": detail})
+
+
+def outcome_of(record: Mapping[str, object]) -> str | None:
+    """How the event a record tells of ended: a request's status (C{ok},
+    C{error}, C{timeout}, C{cancelled}); C{ok} or C{error} for an admin action
+    or a certificate reload; C{refused} for a refusal; None for an event that
+    has no outcome (a session opened, a child spawned)."""
+    event = record.get("event")
+    if event == "request":
+        status = record.get("status")
+        return status if isinstance(status, str) else None
+    if event in _REFUSALS:
+        return "refused"
+    outcome = record.get("outcome")
+    if isinstance(outcome, str):
+        return "ok" if outcome == "ok" or outcome.startswith("ok:") else "error"
+    return None

@@ -11,6 +11,7 @@ fixed phrases, safe to log and to send back in C{error_description}.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -47,6 +48,8 @@ FETCH_TIMEOUT: Final = 10.0
 MAX_TOKEN_LENGTH: Final = 16 * 1024
 # RFC 7235 credentials: a scheme, spaces, one RFC 6750 b64token (token68).
 _AUTHORIZATION_RE: Final = re.compile(rb"\A[ \t]*([!-~]+?) +([A-Za-z0-9\-._~+/]+=*)[ \t]*\Z")
+# An RFC 6750 b64token: what may follow "Bearer ".
+_TOKEN_RE: Final = re.compile(rb"\A[A-Za-z0-9\-._~+/]+=*\Z")
 # Three base64url segments (the last is empty in an unsigned "alg: none" JWT).
 _JWT_RE: Final = re.compile(r"\A[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")
 
@@ -567,24 +570,44 @@ class AuthFailure(Exception):
         return f"AuthFailure({self.status}, {self.reason!r}, {self.error!r})"
 
 
-def bearer_token(authorization: bytes | None) -> str:
-    """The token of a C{Bearer} Authorization header.
+def bearer_token(authorization: bytes | None, basic: bool = False) -> str:
+    """The token of a C{Bearer} Authorization header; with C{basic}, also
+    the password of a C{Basic} one (RFC 7617: any user name, and the token
+    as password), which is what a browser can send to a page.
 
     @raise AuthFailure: 401 without C{error} when there is no header (RFC
         6750 §3.1: no error code without credentials); 401 C{invalid_request}
-        when it is not one Bearer token.
+        when it is not one Bearer token (or Basic credentials, with C{basic}).
     """
     if authorization is None or not authorization.strip():
         raise AuthFailure(401, "no credentials", None)
     match = _AUTHORIZATION_RE.match(authorization)
     if match is None:
         raise AuthFailure(401, "malformed Authorization header", "invalid_request")
-    if match.group(1).lower() != b"bearer":
-        raise AuthFailure(401, "Authorization is not Bearer", "invalid_request")
+    scheme = match.group(1).lower()
     token = match.group(2)
+    if scheme == b"basic" and basic:
+        token = _basic_password(token)
+    elif scheme != b"bearer":
+        raise AuthFailure(401, "Authorization is not Bearer", "invalid_request")
     if len(token) > MAX_TOKEN_LENGTH:
         raise AuthFailure(401, "token too long", "invalid_request")
     return token.decode("ascii")
+
+
+def _basic_password(credentials: bytes) -> bytes:
+    """The password of Basic credentials (base64 of C{USER:PASSWORD}), which
+    must have the form of a bearer token."""
+    if len(credentials) > 2 * MAX_TOKEN_LENGTH:
+        raise AuthFailure(401, "token too long", "invalid_request")
+    try:
+        decoded = base64.b64decode(credentials, validate=True)
+    except ValueError:
+        raise AuthFailure(401, "malformed Basic credentials", "invalid_request") from None
+    _user, colon, password = decoded.partition(b":")
+    if not colon or not _TOKEN_RE.match(password):
+        raise AuthFailure(401, "malformed Basic credentials", "invalid_request")
+    return password
 
 
 class Authenticator:
@@ -620,20 +643,22 @@ class Authenticator:
         return BearerToken(token)
 
     def authenticate(
-        self, authorization: bytes | None, query_has_token: bool
+        self, authorization: bytes | None, query_has_token: bool, basic: bool = False
     ) -> Deferred[Principal]:
         """Who sent this request; fails with L{AuthFailure}.
 
         @param authorization: the Authorization header, if any.
         @param query_has_token: whether the URL has C{access_token}, which is
             refused (tokens must not travel in URLs, where logs keep them).
+        @param basic: whether the token may come as the password of Basic
+            credentials (under C{/admin/} only, for the dashboard).
         """
         if not self.config.enabled:
             return defer.succeed(ANONYMOUS)
         if query_has_token:
             return defer.fail(AuthFailure(401, "token in query string", "invalid_request"))
         try:
-            token = bearer_token(authorization)
+            token = bearer_token(authorization, basic)
         except AuthFailure as e:
             return defer.fail(e)
         d = self.portal.login(self.credentials(token), None, IPrincipal)

@@ -46,9 +46,10 @@ class OriginPolicy:
 def same_origin(origin: str, host: str | None, secure: bool, hosts: HostPolicy) -> bool:
     """Whether C{origin} is the bridge's own: the scheme and C{Host} the
     request was sent to, where that host is a loopback name or one that
-    C{hosts} lists by name. The bridge serves no pages, so no page of such an
-    origin exists to misuse it (the MCP conformance suite requires these
-    requests to be served). A name matched only by C{"*"} does not count: a
+    C{hosts} lists by name. The bridge's only page is its own dashboard, so
+    no other page of such an origin exists to misuse it (the MCP conformance
+    suite requires these requests to be served; under C{/admin/} it is the
+    only Origin served). A name matched only by C{"*"} does not count: a
     DNS-rebound page has its own name in both headers."""
     if host is None or not hosts.names(host):
         return False

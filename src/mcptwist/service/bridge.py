@@ -27,6 +27,7 @@ from mcptwist.cluster.keys import SessionIds, cluster_keys
 from mcptwist.cluster.store import RedisStore, Store
 from mcptwist.config.model import BridgeConfig, ConfigError, ListenerConfig, url_path
 from mcptwist.ops.audit import AuditError, AuditTrail
+from mcptwist.ops.history import CallHistory
 from mcptwist.ops.metrics import ClusterSnapshot, Metrics, Snapshot
 from mcptwist.ops.notify import SystemdNotifier
 from mcptwist.ops.record import Recorders
@@ -50,6 +51,7 @@ from mcptwist.web.access import AccessControl
 from mcptwist.web.admin import AdminAPI
 from mcptwist.web.app import BridgeApp
 from mcptwist.web.channel import ConnectionCounter
+from mcptwist.web.dashboard import Dashboard
 from mcptwist.web.sse import Heartbeat
 
 if TYPE_CHECKING:
@@ -113,13 +115,18 @@ class BridgeService(MultiService):
         # The core's sessions, requests and children: written by the audit
         # trail (when it has a file, which a reload may give or take) and
         # counted by the metrics, each told once.
-        self.recorder: Recorder = self.audit
+        recorders: list[Recorder] = [self.audit]
         if config.metrics.enabled:
             self.metrics = Metrics(start_time=reactor.seconds())
             self.metrics.set_source(self._snapshot)
             # The refusals only reach the audit trail, which counts them.
             self.audit.metrics = self.metrics
-            self.recorder = Recorders(self.audit, self.metrics)
+            recorders.append(self.metrics)
+        # The dashboard's charts: the last minutes of calls, while an admin API may show them.
+        self.history = CallHistory(reactor) if config.admin.enabled else None
+        if self.history is not None:
+            recorders.append(self.history)
+        self.recorder: Recorder = recorders[0] if len(recorders) == 1 else Recorders(*recorders)
         cluster = config.cluster
         # The state shared with the cluster's other nodes (None: nothing is shared).
         if store is None and cluster is not None and cluster.redis:
@@ -185,7 +192,12 @@ class BridgeService(MultiService):
             self.cluster.nodes,
             drain=self._drain_and_stop,
         )
-        self.web.admin = AdminAPI(self.control, self.audit, self.web.forwarder).resource()
+        dashboard = Dashboard(
+            self.control.servers, self._endpoint_statuses, self.audit, self.history
+        )
+        self.web.admin = AdminAPI(
+            self.control, self.audit, self.web.forwarder, dashboard
+        ).resource()
         self._metrics_root: IResource | None = None
         if self.metrics is not None:
             # One resource (a leaf that only renders), at /metrics and on metrics listeners.
@@ -385,6 +397,13 @@ class BridgeService(MultiService):
 
     def status_line(self) -> str:
         return self.fleet.status_line()
+
+    def _endpoint_statuses(self) -> list[dict[str, Any]]:
+        """Every aggregating endpoint's status, with its open sessions."""
+        return [
+            {**endpoint.status(), "sessions": self.registry.count(endpoint.server.name)}
+            for endpoint in self.fleet.endpoints.values()
+        ]
 
     def _snapshot(self) -> Snapshot:
         snapshot = self.fleet.snapshot(streams=len(self.web.heartbeat.connections))

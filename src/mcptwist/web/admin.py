@@ -39,11 +39,11 @@ from mcptwist.security.auth import Principal
 
 from .access import identity
 from .admission import admission_of, peer_of, principal_of
+from .dashboard import Dashboard, serves
 from .forward import Forwarder
 from .http import (
-    Handler,
     HTTPProblem,
-    catching,
+    answered,
     json_body,
     read_body,
     require_json,
@@ -163,27 +163,6 @@ def not_granted(what: str) -> HTTPProblem:
     return HTTPProblem(403, jsonrpc.FORBIDDEN, f"Forbidden: {what}")
 
 
-def answered(handler: Handler) -> Handler:
-    """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer."""
-
-    def problem_answer(request: Request, error: Exception) -> bytes | None:
-        if not isinstance(error, HTTPProblem):
-            log.failure(
-                "while handling {method} {path}",
-                Failure(error),
-                method=request.method,
-                path=request.path,
-            )
-            error = HTTPProblem(
-                500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
-            )
-        if request.startedWriting:
-            return None
-        return error.render(request)
-
-    return catching(handler, problem_answer)
-
-
 class _AdminOnly(Resource):
     """Refuses (403) any request whose principal is not an admin, then routes."""
 
@@ -208,6 +187,10 @@ class _AdminOnly(Resource):
             return HTTPProblem(
                 403, jsonrpc.FORBIDDEN, "Forbidden: this needs the admin scope"
             ).render(request)
+        dashboard = self.api.dashboard
+        if dashboard is not None and serves(request.path):
+            page: bytes | int = dashboard.render(request)
+            return page
         answer: bytes | int = self.routes.render(request)
         return answer
 
@@ -218,12 +201,18 @@ class AdminAPI:
     app = Klein()
 
     def __init__(
-        self, control: AdminControl, audit: AuditTrail, forwarder: Forwarder | None = None
+        self,
+        control: AdminControl,
+        audit: AuditTrail,
+        forwarder: Forwarder | None = None,
+        dashboard: Dashboard | None = None,
     ) -> None:
         self.control = control
         self.audit = audit
         # In a cluster: sends an admin request to another node, or to all.
         self.forwarder = forwarder
+        # The dashboard's page and JSON, behind the same check (None: not served).
+        self.dashboard = dashboard.resource() if dashboard is not None else None
 
     def resource(self) -> IResource:
         return _AdminOnly(self, self.app.resource())

@@ -47,6 +47,7 @@ from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same
 from .access import PRM_PATH, AccessControl, local_listener, route_of
 from .admin import MAX_BODY as ADMIN_MAX_BODY
 from .admission import Admission, IAdmission, admission_of, peer_of, principal_id, principal_of
+from .dashboard import BASIC_CHALLENGE, PAGE_PATH
 from .dispatch import ENDPOINTS, dispatch, guarded, internal_error, takes_body
 from .forward import Forwarder
 from .http import (
@@ -141,7 +142,8 @@ class Gate(Resource):
         path = request.path
         parts = _segments(path)
         operator = parts is not None and parts[1] in _OPERATOR
-        refusal = self.app.screen(request, origin, operator)
+        admin = parts is not None and parts[1] == b"admin"
+        refusal = self.app.screen(request, origin, operator, admin=admin)
         if refusal is not None:
             return refusal.render(request)
         preflight = access.cors(request, origin)
@@ -191,7 +193,10 @@ class Gate(Resource):
             admission.settle(Failure(refusal))
             return
         d = self.app.access.authenticator.authenticate(
-            request.getHeader(b"authorization"), query_names(request.uri, b"access_token")
+            request.getHeader(b"authorization"),
+            query_names(request.uri, b"access_token"),
+            # A browser sends the dashboard's token as Basic credentials.
+            basic=admission.parts[1] == b"admin",
         )
         d.addBoth(admission.settle)
 
@@ -219,7 +224,11 @@ class Gate(Resource):
         if isinstance(who, Failure):
             route = route_of(request)
             if isinstance(who.value, AuthFailure):
-                return access.failure_problem(request, who.value, ip, route).render(request)
+                body = access.failure_problem(request, who.value, ip, route).render(request)
+                if route == PAGE_PATH and who.value.status == 401:
+                    # So that a browser asks for the token (as a password).
+                    request.responseHeaders.addRawHeader(b"www-authenticate", BASIC_CHALLENGE)
+                return body
             if isinstance(who.value, HTTPProblem):
                 # Its address was refused (and audited) before authentication.
                 return who.value.render(request)
@@ -330,6 +339,30 @@ class Gate(Resource):
         return json_body(request, document)
 
 
+def _cross_site(
+    request: Request, origin: str | None, host: str | None, hosts: HostPolicy
+) -> HTTPProblem | None:
+    """The refusal of an admin request from a browser page other than the
+    bridge's own: an Origin that is not exactly the bridge's (not even one
+    of C{allowed_origins}), or a C{Sec-Fetch-Site} other than C{same-origin}
+    (C{none}, a URL the user typed, is fine without an Origin)."""
+    site = header(request, b"sec-fetch-site")
+    site = site.strip().lower() if site is not None else None
+    if origin is None:
+        foreign = site in ("cross-site", "same-site")
+    else:
+        foreign = (site is not None and site != "same-origin") or not same_origin(
+            origin, host, request.isSecure(), hosts
+        )
+    if not foreign:
+        return None
+    return HTTPProblem(
+        403,
+        jsonrpc.FORBIDDEN,
+        "Forbidden: the admin API answers only the bridge's own pages (same origin)",
+    )
+
+
 def _segments(path: bytes) -> list[bytes] | None:
     """The path split on C{/} (C{b""} first), or None unless it is canonical:
     no percent-escapes, empty segments (no trailing slash) or dot segments.
@@ -416,13 +449,17 @@ class BridgeApp:
         origin: str | None,
         operator: bool,
         hosts: HostPolicy | None = None,
+        admin: bool = False,
     ) -> HTTPProblem | None:
         """The refusal of a request by its Host and Origin, on any listener: a
         Host not in C{allowed_hosts} (or C{hosts}: DNS rebinding: 421), an
         Origin not in C{allowed_origins} (other than the bridge's own), or
-        any Origin on an operator route
-        (the admin API, metrics), since a page that can reach loopback must
-        not drive them (403)."""
+        on an operator route (the admin API, metrics) any Origin but, under
+        C{/admin/} (C{admin}), the bridge's own (the dashboard), since a page
+        that can reach loopback must not drive them (403). Under C{/admin/},
+        a request a browser says comes from another site (C{Sec-Fetch-Site})
+        is refused too: the dashboard's Basic credentials are sent by the
+        browser whatever page asks."""
         host = header(request, b"host")
         if not (hosts if hosts is not None else self.hosts).allows(host):
             return HTTPProblem(
@@ -438,6 +475,8 @@ class BridgeApp:
             return HTTPProblem(
                 403, jsonrpc.FORBIDDEN, f"Forbidden: origin {origin!r} is not allowed"
             )
+        if admin:
+            return _cross_site(request, origin, host, self.hosts)
         if origin is not None and operator:
             return HTTPProblem(
                 403,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import parse_qs
 from twisted.web.iweb import IRequest
@@ -57,6 +58,8 @@ def json_body(request: IRequest, value: Any) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     return jsonrpc.dumps(value)
 
+
+log = Logger(namespace="mcptwist.web")
 
 # Every answer's Server header: no version for a scanner to match.
 SERVER: Final = b"mcptwist"
@@ -261,3 +264,24 @@ def route_not_allowed(self: object, request: IRequest, failure: Failure) -> byte
     return HTTPProblem(405, jsonrpc.INVALID_REQUEST, "Method Not Allowed", headers=headers).render(
         request
     )
+
+
+def answered(handler: Handler) -> Handler:
+    """Turn an L{HTTPProblem}, or any unexpected error, into a JSON-RPC answer."""
+
+    def problem_answer(request: Request, error: Exception) -> bytes | None:
+        if not isinstance(error, HTTPProblem):
+            log.failure(
+                "while handling {method} {path}",
+                Failure(error),
+                method=request.method,
+                path=request.path,
+            )
+            error = HTTPProblem(
+                500, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
+            )
+        if request.startedWriting:
+            return None
+        return error.render(request)
+
+    return catching(handler, problem_answer)
