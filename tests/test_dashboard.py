@@ -7,6 +7,7 @@ import base64
 import os
 from typing import Any
 
+import attrs
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -188,6 +189,19 @@ class DashboardTests(SynchronousTestCase):
                 self.assertEqual(status, expected, (path, extra))
                 if expected == 403:
                     self.assertEqual(orjson.loads(body)["error"]["code"], -32000)
+
+    def test_its_own_origin_under_any_name(self) -> None:
+        """Reached by a name that allowed_hosts matches only by "*", its own
+        origin is served; another is not (a browser keeps Basic credentials
+        per origin: a page that rebinds its name has none to send)."""
+        anywhere = attrs.evolve(self.bridge.config, allowed_hosts=("*",))
+        self.bridge = Service(self, anywhere)
+        own = {"Host": "bridge.example.com", "Origin": "http://bridge.example.com"}
+        status, _, _ = self.get("/admin/overview", **basic(ADMIN), **own)
+        self.assertEqual(status, 200)
+        other = {**own, "Origin": "http://evil.example.com"}
+        status, _, _ = self.get("/admin/overview", **basic(ADMIN), **other)
+        self.assertEqual(status, 403)
 
     def test_a_cross_site_post_is_refused_before_it_acts(self) -> None:
         pid = self.json("/admin/overview")["servers"][0]["pids"]

@@ -53,6 +53,15 @@ def same_origin(origin: str, host: str | None, secure: bool, hosts: HostPolicy) 
     DNS-rebound page has its own name in both headers."""
     if host is None or not hosts.names(host):
         return False
+    return own_origin(origin, host, secure)
+
+
+def own_origin(origin: str, host: str | None, secure: bool) -> bool:
+    """Whether C{origin} is exactly the scheme and C{Host} the request was
+    sent to, whatever that name (for credentials a browser keeps per
+    origin: a page that rebinds its own name to the bridge gets none)."""
+    if host is None:
+        return False
     return _normalise(origin) == _normalise(f"{'https' if secure else 'http'}://{host}")
 
 

@@ -42,7 +42,13 @@ from mcptwist.routing.tools import ToolView
 from mcptwist.routing.trace import Tracer
 from mcptwist.routing.upstream import CapacityError, CredentialError, PrincipalCapacityError
 from mcptwist.security.auth import ANONYMOUS, ANONYMOUS_REMOTE, AuthFailure, Principal
-from mcptwist.security.origin import HostPolicy, OriginPolicy, is_local_ip, same_origin
+from mcptwist.security.origin import (
+    HostPolicy,
+    OriginPolicy,
+    is_local_ip,
+    own_origin,
+    same_origin,
+)
 
 from .access import PRM_PATH, AccessControl, local_listener, route_of
 from .admin import MAX_BODY as ADMIN_MAX_BODY
@@ -339,20 +345,21 @@ class Gate(Resource):
         return json_body(request, document)
 
 
-def _cross_site(
-    request: Request, origin: str | None, host: str | None, hosts: HostPolicy
-) -> HTTPProblem | None:
+def _cross_site(request: Request, origin: str | None, host: str | None) -> HTTPProblem | None:
     """The refusal of an admin request from a browser page other than the
-    bridge's own: an Origin that is not exactly the bridge's (not even one
-    of C{allowed_origins}), or a C{Sec-Fetch-Site} other than C{same-origin}
-    (C{none}, a URL the user typed, is fine without an Origin)."""
+    bridge's own: an Origin that is not exactly the scheme and C{Host} it
+    was sent to (not even one of C{allowed_origins}), or a
+    C{Sec-Fetch-Site} other than C{same-origin} (C{none}, a URL the user
+    typed, is fine without an Origin). The name need not be listed in
+    C{allowed_hosts}: a browser keeps Basic credentials per origin, so a
+    page that rebinds its own name to the bridge has none to send."""
     site = header(request, b"sec-fetch-site")
     site = site.strip().lower() if site is not None else None
     if origin is None:
         foreign = site in ("cross-site", "same-site")
     else:
-        foreign = (site is not None and site != "same-origin") or not same_origin(
-            origin, host, request.isSecure(), hosts
+        foreign = (site is not None and site != "same-origin") or not own_origin(
+            origin, host, request.isSecure()
         )
     if not foreign:
         return None
@@ -467,6 +474,9 @@ class BridgeApp:
                 jsonrpc.MISDIRECTED,
                 f"Misdirected Request: host {host!r} is not served here (allowed_hosts)",
             )
+        if admin:
+            # Stricter than allowed_origins: the bridge's own origin only.
+            return _cross_site(request, origin, host)
         if (
             origin is not None
             and not self.origins.allows(origin)
@@ -475,8 +485,6 @@ class BridgeApp:
             return HTTPProblem(
                 403, jsonrpc.FORBIDDEN, f"Forbidden: origin {origin!r} is not allowed"
             )
-        if admin:
-            return _cross_site(request, origin, host, self.hosts)
         if origin is not None and operator:
             return HTTPProblem(
                 403,
