@@ -172,6 +172,15 @@ class SpanTests(Traced):
         self.assertEqual(server.parent.span_id, int(PARENT_SPAN, 16))
         self.assertTrue(server.parent.is_remote)
 
+    def test_baggage_passed_on(self) -> None:
+        """The client's baggage reaches the child with the bridge's own span."""
+        message = tool_call(7, _meta={"traceparent": TRACEPARENT, "baggage": "tenant=acme"})
+        d = self.post(message)
+        held = self.held()
+        self.assertEqual(held["params"]["_meta"]["baggage"], "tenant=acme")
+        self.child.answer(held)
+        self.answered(d)
+
     def test_header_parent(self) -> None:
         """Without one in _meta, the HTTP request's traceparent header is the parent."""
         self.call(tool_call(7), traceparent=TRACEPARENT)
