@@ -28,7 +28,7 @@ from mcptwist.ops.telemetry import DURATION_BUCKETS, Telemetry, build, carrier_o
 
 from .support.bridge import Service
 from .support.children import FakeChild, FakeProcessReactor
-from .support.messages import BOTH, JSON, call, events, headers
+from .support.messages import BOTH, JSON, call, events, headers, modern
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -398,7 +398,7 @@ class StatelessTests(SynchronousTestCase):
             treq.flush()
             return jsonrpc.loads(bridge.content(self.successResultOf(d)))  # type: ignore[no-any-return]
 
-        d = post(call(1))
+        d = post(call(5))
         child = bridge.reactor.child
         [held] = [m for m in child.held if m["method"] == "tools/call"]
         child.send(jsonrpc.request("q", "elicitation/create", {"message": "Name?"}))
@@ -421,8 +421,29 @@ class StatelessTests(SynchronousTestCase):
         )
         server = next(s for s in spans if s.kind is SpanKind.SERVER)
         assert server.attributes is not None
+        self.assertEqual(server.attributes["jsonrpc.request.id"], "5", "the client's id")
         self.assertNotIn("mcp.session.id", server.attributes)
         self.assertEqual(server.attributes["mcp.protocol.version"], "2026-07-28")
+
+
+class DiscoverTests(SynchronousTestCase):
+    def test_named_as_the_client_sent_it(self) -> None:
+        """A 2026-07-28 server/discover on a session-era child (which the bridge
+        asks initialize) is traced as server/discover."""
+        found, exporter, _ = telemetry()
+        bridge = Service(
+            self,
+            BridgeConfig(servers={"s": ServerConfig(name="s", command="fake")}),
+            telemetry=found,
+        )
+        message = modern(9, "server/discover")
+        code, _, body = bridge.exchange(
+            "POST", "/servers/s/mcp", message, headers(message, "application/json")
+        )
+        self.assertEqual(code, 200, body)
+        names = {(s.name, s.kind) for s in exporter.get_finished_spans()}
+        self.assertIn(("server/discover", SpanKind.SERVER), names)
+        self.assertNotIn(("initialize", SpanKind.SERVER), names)
 
 
 class PropertyTests(SynchronousTestCase):

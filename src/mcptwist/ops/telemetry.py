@@ -51,6 +51,7 @@ from mcptwist import __version__
 from mcptwist.config.model import TelemetryConfig
 from mcptwist.mcp.jsonrpc import Message
 from mcptwist.routing.record import Status as Ending
+from mcptwist.routing.stateless import ModernCall
 from mcptwist.routing.trace import Client
 
 log = Logger(namespace="mcptwist.telemetry")
@@ -62,6 +63,8 @@ DURATION_BUCKETS: Final = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60,
 # At most this much of a tool's arguments or result is recorded (opt-in only).
 MAX_RECORDED: Final = 8192
 SCOPE: Final = "mcptwist"
+# At most this much of an error's message is a span's status description.
+MAX_STATUS: Final = 512
 
 
 def carrier_of(meta: object) -> dict[str, str]:
@@ -116,7 +119,9 @@ def _fail(span: Span, kind: str, answer: Message | None) -> None:
     if isinstance(error, dict):
         span.set_attribute("rpc.response.status_code", kind)
         text = error.get("message")
-        span.set_status(Status(StatusCode.ERROR, text if isinstance(text, str) else None))
+        span.set_status(
+            Status(StatusCode.ERROR, text[:MAX_STATUS] if isinstance(text, str) else None)
+        )
     else:
         span.set_status(Status(StatusCode.ERROR))
 
@@ -146,6 +151,10 @@ class _Call:
         arguments: bool,
     ) -> None:
         self.telemetry = telemetry
+        if isinstance(session, ModernCall):
+            # What the router got is the call in its child's terms (its own
+            # id; initialize for server/discover): the span tells of the client's.
+            message = session.request.message
         method = self.method = message["method"]
         params = message.get("params")
         meta = params.get("_meta") if isinstance(params, dict) else None
