@@ -62,6 +62,7 @@ python3 bench/run.py --transport streamable --quick
 python3 bench/run.py --no-install --only sparfenyuk         # skip installs (mcptwist not rebuilt)
 python3 bench/run.py --quick --only aggregate               # the endpoint of 10 servers only
 python3 bench/run.py --only cluster                         # 1 node straight, 1-3 behind HAProxy
+python3 bench/run.py --only tracing                         # tracing off, every trace, none
 python3 bench/run.py --report-only                          # README.md + chart.png from results.json
 python3 bench/run.py --help
 ```
@@ -148,6 +149,12 @@ and is not used as the reference for the targets.
   mean of its windows. Points: 1 session (one call at a time: the latency the hop adds), 8
   and 32 sessions. CPU per call adds up every node's bridge (its pid, `--pid` and
   `--also-pids`), their children and HAProxy over the window.
+- **Tracing** (mcptwist only): three bridges as mcptwist-shared: without `[telemetry]` (off),
+  recording every trace (`sampling = 1`), and recording none (`sampling = 0`), each sending
+  OTLP/HTTP to `bench/otlp_sink.py`, a collector that answers at once. Each point is measured
+  on each, in an order whose reverse follows it ({window:g} s windows); a figure is the mean of
+  its windows. Points: 1, 8 and 32 sessions. The export runs in the SDK's thread in the
+  bridge process, so its CPU is in the bridge's.
 - **driver core share**: the driver's own `getrusage` CPU over the window ÷ window; **machine
   busy**: `/proc/stat` over the window (1.0 = both cores busy).
 """
