@@ -1105,16 +1105,7 @@ def _command(r: _Reader) -> str:
 
 
 def _env(r: _Reader) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for var, value in r.table_at("env").items():
-        if not isinstance(value, str):
-            raise r.error(
-                f"env.{var}",
-                f"must be a string, not {value!r}",
-                f'write {var} = "{value}"',
-            )
-        env[var] = r.expand(f"env.{var}", value)
-    return env
+    return _strings_table(r, "env")
 
 
 def _check_cwd(r: _Reader, cwd: str | None) -> None:
