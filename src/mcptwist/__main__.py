@@ -4,7 +4,8 @@ bearer token; C{python -m mcptwist pin --config FILE} pins the tools the
 configured servers serve (or checks them against their pins);
 C{python -m mcptwist admin COMMAND} drives a running bridge through its
 admin API (status, start, stop, restart, stderr, sessions, add, remove,
-reload, pins, accept).
+reload, pins, accept); C{python -m mcptwist catalog list|show|add} adds a
+ready server from the catalog to a configuration.
 
 The bridge itself runs under C{twistd -n mcpbridge}; this is for chores
 around it. Nothing here imports the reactor, so it starts quickly: the admin
@@ -676,6 +677,133 @@ def _add_admin_parser(commands: Any) -> None:
     accept.add_argument("tools", metavar="TOOL", nargs="*", help="only these (default: every one)")
 
 
+def catalog_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """List the catalog, show one entry, or add one to a configuration."""
+    from mcptwist.config import catalog
+    from mcptwist.config.load import load_config
+    from mcptwist.config.model import ConfigError
+
+    try:
+        found = catalog.entries(catalog.directory(os.environ, args.catalog))
+        if args.catalog_command == "list":
+            _table(
+                out,
+                ["NAME", "SHARING", "DESCRIPTION"],
+                [[e.name, e.sharing, e.description] for e in found.values()],
+            )
+            return 0
+        entry = found.get(args.name)
+        if entry is None:
+            err.write(f"no catalog entry {args.name!r}; see: python -m mcptwist catalog list\n")
+            return 1
+        if args.catalog_command == "show":
+            _show_entry(entry, out)
+            return 0
+        server = args.server_name or entry.name
+        given = dict(_assignment(a) for a in args.set or ())
+        missing = [
+            v
+            for v in entry.values
+            if v.required and not v.secret and v.default is None and v.name not in given
+        ]
+        if missing and args.config and sys.stdin.isatty():
+            for value in missing:
+                given[value.name] = input(f"{value.name} ({value.description}): ").strip()
+        text = catalog.table(entry, server, given)
+        if not args.config:
+            out.write(text)
+            return 0
+        path = Path(args.config)
+        secrets = catalog.secrets_of(entry)
+
+        def check(candidate: Path) -> None:
+            # The loader expands ${VAR}: one not exported here yet (a secret
+            # the bridge will have) is checked as if it were.
+            named = catalog.references(candidate.read_text())
+            environ = {**os.environ, **{n: "set" for n in named if n not in os.environ}}
+            try:
+                load_config(candidate, environ)
+            except ConfigError as e:
+                raise catalog.CatalogError(str(e).replace(str(candidate), str(path))) from None
+
+        catalog.add(path, text, server, check)
+    except catalog.CatalogError as e:
+        err.write(f"{e}\n")
+        return 1
+    out.write(f"added [servers.{server}] to {path}\n")
+    if secrets:
+        out.write(
+            "export before starting the bridge (the configuration refers to them as ${VAR}): "
+            + ", ".join(secrets)
+            + "\n"
+        )
+    out.write("reload the bridge (SIGHUP, or python -m mcptwist admin reload) to start it\n")
+    return 0
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise SystemExit(f"--set {text!r}: write --set NAME=VALUE")
+    return name, value
+
+
+def _show_entry(entry: Any, out: TextIO) -> None:
+    out.write(f"{entry.name}: {entry.description}\n")
+    out.write(f"package: {entry.package} ({entry.registry})\n")
+    out.write(f"runs: {' '.join([entry.command, *entry.args])}\n")
+    out.write(f"sharing: {entry.sharing}\n")
+    for kind, values in (("argument", entry.params), ("environment", entry.env)):
+        for value in values:
+            traits = [kind]
+            if value.secret:
+                traits.append(f"secret: read from ${{{value.name}}}")
+            elif value.default is not None:
+                traits.append(f"default {value.default!r}")
+            else:
+                traits.append("required" if value.required else "optional")
+            if value.example:
+                traits.append(f"e.g. {value.example}")
+            out.write(f"  {value.name} ({'; '.join(traits)}): {value.description}\n")
+    if entry.notes:
+        out.write(f"{entry.notes}\n")
+
+
+def _add_catalog_parser(commands: Any) -> None:
+    summary = "ready servers: list them, show one, add one to a configuration"
+    top = commands.add_parser("catalog", help=summary, description=summary)
+    top.add_argument(
+        "--catalog",
+        metavar="DIR",
+        help="the catalog's folder "
+        "(default: MCPTWIST_CATALOG, else the one installed with mcptwist)",
+    )
+    sub = top.add_subparsers(dest="catalog_command", metavar="COMMAND", required=True)
+    sub.add_parser("list", help="every server of the catalog")
+    show = sub.add_parser("show", help="what one server runs and needs")
+    show.add_argument("name")
+    add = sub.add_parser(
+        "add",
+        help="add a server to a configuration (or print its table)",
+        description="Add a catalog server's [servers.NAME] table to a TOML configuration "
+        "(without --config: print it). Values come from --set, else their defaults, else "
+        "are asked for on a terminal. Secrets are never written: the table refers to "
+        "${VAR}, which the bridge reads from its environment.",
+    )
+    add.add_argument("name")
+    add.add_argument("--config", metavar="FILE", help="the TOML configuration to add it to")
+    add.add_argument(
+        "--name",
+        dest="server_name",
+        metavar="SERVER",
+        help="the server's name in the configuration (default: the entry's)",
+    )
+    add.add_argument(
+        "--set", action="append", metavar="NAME=VALUE", help="a value the server needs (repeatable)"
+    )
+    top.set_defaults(run=catalog_command)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="python -m mcptwist",
@@ -710,6 +838,7 @@ def parser() -> argparse.ArgumentParser:
     pin.add_argument("--check", action="store_true", help="compare only; write nothing")
     pin.set_defaults(run=pin_command)
     _add_admin_parser(commands)
+    _add_catalog_parser(commands)
     return top
 
 
