@@ -82,8 +82,9 @@ class WebSocketTests(SynchronousTestCase):
         self.url = f"ws://127.0.0.1:{self.bridge.port}/servers/fx/ws"
 
     def open(self, **options: Any) -> ClientConnection:
-        ws = connect(self.url, subprotocols=["mcp"], open_timeout=20, max_size=None, **options)
-        self.addCleanup(ws.close)
+        opening = connect(self.url, subprotocols=["mcp"], open_timeout=20, max_size=None, **options)
+        ws = opening.__enter__()
+        self.addCleanup(opening.__exit__, None, None, None)
         return ws
 
     def test_typescript_sdk(self) -> None:
