@@ -131,7 +131,7 @@ HTTP_REFUSALS: Final = frozenset(
     }
 )
 
-TRANSPORTS: Final = frozenset({"streamable", "sse", "stateless"})
+TRANSPORTS: Final = frozenset({"streamable", "sse", "stateless", "websocket"})
 
 EXIT_REASONS: Final = ("exit0", "exit_nonzero", "signal", "spawn_failed", "killed_by_bridge")
 

@@ -442,6 +442,37 @@ class AccessControl:
             )
         raise self._limited(refusal, principal.id, ip, server)
 
+    def charge_frame(
+        self, request: Request, server: str, count: int
+    ) -> HTTPProblem | Deferred[HTTPProblem | None] | None:
+        """C{count} messages that arrived in one WebSocket frame, charged to the
+        buckets a POSTed message is charged to (the upgrade request paid for
+        itself only): their refusal (429, or 413 for a batch no bucket can
+        ever hold), if any; with a cluster store, a Deferred of it."""
+        principal = principal_of(request)
+        ip = peer_of(request)
+        who = principal.id if principal.kind != "anonymous" else None
+
+        def answer(refusal: Refusal | None) -> HTTPProblem | None:
+            if refusal is None:
+                return None
+            if refusal.burst is not None:
+                return self.refusal(
+                    principal.id,
+                    ip,
+                    server,
+                    refusal.scope,
+                    413,
+                    f"Content Too Large: {count} messages cost more than the burst "
+                    f"({refusal.burst}) of the {refusal.scope} rate limit; send fewer at once",
+                    None,
+                )
+            return self._limited(refusal, principal.id, ip, server)
+
+        if self.store is None:
+            return answer(self.limiter.check(who, rate_key(ip), server, cost=count))
+        return self.limiter.decide(who, rate_key(ip), server, cost=count).addCallback(answer)
+
     def admit_requests(
         self,
         request: Request,

@@ -689,6 +689,7 @@ class BridgeApp:
                     name: {
                         "streamable_http": f"/servers/{name}/mcp",
                         "sse": f"/servers/{name}/sse",
+                        "websocket": f"/servers/{name}/ws",
                     }
                     for name in self.backends
                     if principal_of(request).may_use(name)
@@ -697,6 +698,7 @@ class BridgeApp:
                     e.aggregate.name: {
                         "streamable_http": f"/{key}/mcp",
                         "sse": f"/{key}/sse",
+                        "websocket": f"/{key}/ws",
                     }
                     for key, e in self.endpoints.items()
                     if self._may_see(principal_of(request), e)

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_web -*-
 """The message endpoints: one table from path and method to a transport.
 
-Every request to C{/servers/NAME/mcp}, C{/servers/NAME/sse} and
-C{/servers/NAME/messages}, whatever its method, is dispatched from
+Every request to C{/servers/NAME/mcp}, C{/servers/NAME/sse},
+C{/servers/NAME/messages} and C{/servers/NAME/ws}, whatever its method, is dispatched from
 L{ENDPOINTS} (the gate looks the last segment up; no URL map is consulted:
 these carry every message, and werkzeug's matching cost a fifth of the
 bridge's CPU). Here too, and only here, is it decided which era a request to
@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcptwist.mcp import era, jsonrpc
 
-from . import legacy_sse, modern, streamable
+from . import legacy_sse, modern, streamable, websocket
 from .context import TransportContext
 from .http import (
     Handler,
@@ -158,6 +158,7 @@ ENDPOINTS: Final[Mapping[bytes, Endpoint]] = {
     # A HEAD is answered by the handler: it cannot open a stream.
     b"sse": Endpoint.of({b"GET": legacy_sse.stream, b"HEAD": legacy_sse.stream}, b"HEAD, GET"),
     b"messages": Endpoint.of({b"POST": legacy_sse.post}, b"POST"),
+    b"ws": Endpoint.of({b"GET": websocket.upgrade}, b"GET"),
 }
 
 

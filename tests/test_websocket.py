@@ -1,0 +1,322 @@
+"""MCP over WebSocket (web/websocket.py), on a real site and channel.
+
+A raw connection (a StringTransport) to a L{BridgeSite} over fake children,
+and the C{websockets} library's sans-I/O client protocol on the other end:
+the upgrade meets the gate, then frames go both ways, in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txaio
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+from mcptwist.config.model import (
+    AuthConfig,
+    BridgeConfig,
+    Bucket,
+    EndpointConfig,
+    ServerConfig,
+    ServerLimits,
+    TokenConfig,
+)
+from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.era import META_VERSION, MODERN
+from mcptwist.mcp.jsonrpc import Message
+from mcptwist.ops.metrics import Metrics
+from mcptwist.security.auth import hash_token
+from mcptwist.service.site import BridgeSite
+from mcptwist.web.channel import ConnectionCounter
+
+from .support.bridge import Bridge, Service
+from .support.messages import INIT
+
+TOKEN = "mcpt_websocket_test_token"
+KiB = 1024
+
+
+class Site(Bridge):
+    """A site over fake children (server C{s}), and WebSockets to it."""
+
+    def __init__(self, test: SynchronousTestCase, **settings: Any) -> None:
+        servers = settings.pop("servers", (ServerConfig(name="s", command="fake"),))
+        settings.setdefault("insecure", True)
+        super().__init__(test, *servers, **settings)
+        self.metrics = Metrics()
+        self.registry.recorder = self.metrics
+        self.site = BridgeSite(self.app.resource(), reactor=self.reactor)
+        self.site.audit = self.audit
+        self.site.connections = ConnectionCounter(self.config.limits.max_connections_per_ip)
+        self.site.configure(self.config.limits)
+        # Autobahn's timers (pings, handshake and close deadlines) run on txaio's loop.
+        test.patch(txaio.config, "loop", self.reactor)
+
+    def socket(self, path: str = "/servers/s/ws", **headers: str) -> Socket:
+        return Socket(self.site, path, headers)
+
+
+class Socket:
+    """A client's WebSocket over a StringTransport."""
+
+    def __init__(self, site: BridgeSite, path: str, headers: dict[str, str]) -> None:
+        address = IPv4Address("TCP", "192.0.2.1", 40000)
+        self.channel = site.buildProtocol(address)
+        self.transport = StringTransport(peerAddress=address)
+        # Autobahn gives the connection to its protocol through this attribute.
+        self.transport.protocol = self.channel
+        self.channel.makeConnection(self.transport)
+        self.client = ClientProtocol(
+            parse_uri("ws://127.0.0.1" + path),
+            subprotocols=[headers.pop("subprotocol", "mcp")],
+            max_size=None,
+        )
+        request = self.client.connect()
+        for name, value in headers.items():
+            request.headers[name] = value
+        self.client.send_request(request)
+        self.frames: list[Frame] = []
+        self.response: Response | None = None
+        self._pump()
+
+    def _pump(self) -> None:
+        for data in self.client.data_to_send():
+            if data:
+                self.transport.protocol.dataReceived(data)
+        written = self.transport.value()
+        self.transport.clear()
+        if written:
+            self.client.receive_data(written)
+        for event in self.client.events_received():
+            if isinstance(event, Response):
+                self.response = event
+            else:
+                self.frames.append(event)
+
+    @property
+    def status(self) -> int:
+        assert self.response is not None
+        return self.response.status_code
+
+    def send(self, message: Any) -> None:
+        self.send_raw(jsonrpc.dumps(message))
+
+    def send_raw(self, data: bytes) -> None:
+        self.client.send_text(data)
+        self._pump()
+
+    def read(self) -> list[Message]:
+        """The messages received since the last read."""
+        self._pump()
+        texts = [f for f in self.frames if f.opcode is Opcode.TEXT]
+        self.frames = [f for f in self.frames if f.opcode is not Opcode.TEXT]
+        return [jsonrpc.loads(f.data) for f in texts]
+
+    def close_code(self) -> int | None:
+        self._pump()
+        closes = [f for f in self.frames if f.opcode is Opcode.CLOSE]
+        return int.from_bytes(closes[0].data[:2], "big") if closes else None
+
+    def lose(self, reason: Failure | None = None) -> None:
+        """The TCP connection ends."""
+        self.transport.protocol.connectionLost(reason or Failure(ConnectionDone()))
+
+    def initialize(self) -> Message:
+        self.send(INIT)
+        [answer] = self.read()
+        self.send(jsonrpc.notification("notifications/initialized"))
+        return answer
+
+
+class UpgradeTests(SynchronousTestCase):
+    def test_session(self) -> None:
+        """The upgrade answers 101 with the mcp subprotocol and opens a
+        session on the WebSocket transport, counted as such."""
+        site = Site(self)
+        socket = site.socket()
+        self.assertEqual(socket.status, 101)
+        assert socket.response is not None
+        self.assertEqual(socket.response.headers["Sec-WebSocket-Protocol"], "mcp")
+        [session] = site.registry.sessions.values()
+        self.assertEqual(session.transport, "websocket")
+        answer = socket.initialize()
+        self.assertEqual(answer["result"]["serverInfo"]["name"], "fake")
+        opened = site.metrics.registry.get_sample_value(
+            "mcptwist_sessions_opened_total", {"server": "s", "transport": "websocket"}
+        )
+        self.assertEqual(opened, 1.0)
+
+    def test_endpoint(self) -> None:
+        """/endpoints/NAME/ws serves an aggregating endpoint the same way."""
+        endpoint = EndpointConfig(name="all", servers=("s",), prefixes={"s": "s"})
+        config = BridgeConfig(
+            servers={"s": ServerConfig(name="s", command="fake")},
+            endpoints={"all": endpoint},
+            insecure=True,
+        )
+        service = Service(self, config)
+        self.patch(txaio.config, "loop", service.reactor)
+        site = BridgeSite(service.service.resource, reactor=service.reactor)
+        site.configure(config.limits)
+        socket = Socket(site, "/endpoints/all/ws", {})
+        self.assertEqual(socket.status, 101)
+        answer = socket.initialize()
+        self.assertIn("serverInfo", answer["result"])
+
+    def test_subprotocol_required(self) -> None:
+        """An upgrade that does not offer mcp is refused (400) before any session."""
+        site = Site(self)
+        socket = site.socket(subprotocol="chat")
+        self.assertEqual(socket.status, 400)
+        self.assertEqual(site.registry.sessions, {})
+
+    def test_not_an_upgrade(self) -> None:
+        """A plain GET is told to upgrade (426)."""
+        site = Site(self)
+        response = site.request("GET", "/servers/s/ws")
+        self.assertEqual(response.code, 426)
+        self.assertIn("Upgrade Required", site.json(response)["error"]["message"])
+
+    def test_cross_site_origin(self) -> None:
+        """A browser page of another site cannot open the socket (403)."""
+        site = Site(self)
+        socket = site.socket(Origin="https://evil.example")
+        self.assertEqual(socket.status, 403)
+        self.assertEqual(site.registry.sessions, {})
+
+    def test_credentials(self) -> None:
+        """Authentication judges the upgrade's headers: none is 401 with a
+        challenge, as is a token in the URL; a token in the header opens the socket."""
+        auth = AuthConfig(tokens=(TokenConfig("user", hash_token(TOKEN)),))
+        site = Site(self, auth=auth)
+        refused = site.socket()
+        self.assertEqual(refused.status, 401)
+        assert refused.response is not None
+        self.assertIn("Bearer", refused.response.headers["WWW-Authenticate"])
+        self.assertEqual(site.socket(Authorization=f"Bearer {TOKEN}").status, 101)
+        self.assertEqual(site.socket(f"/servers/s/ws?access_token={TOKEN}").status, 401)
+
+    def test_grants(self) -> None:
+        """A principal without a grant of the server is refused the upgrade (403)."""
+        auth = AuthConfig(tokens=(TokenConfig("user", hash_token(TOKEN), servers=("other",)),))
+        site = Site(self, auth=auth)
+        self.assertEqual(site.socket(Authorization=f"Bearer {TOKEN}").status, 403)
+
+
+class MessageTests(SynchronousTestCase):
+    def test_frames(self) -> None:
+        """One message per text frame, both ways: requests and their answers,
+        and what the child sends on its own."""
+        site = Site(self)
+        socket = site.socket()
+        socket.initialize()
+        socket.send(jsonrpc.request(2, "tools/call", {"name": "echo", "arguments": {"a": 1}}))
+        [answer] = socket.read()
+        self.assertEqual(answer["id"], 2)
+        self.assertEqual(answer["result"]["content"][0]["text"], "{'a': 1}")
+        site.reactor.child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        [notice] = socket.read()
+        self.assertEqual(notice["method"], "notifications/tools/list_changed")
+
+    def test_not_json(self) -> None:
+        """A frame that is not JSON gets a parse error; the socket stays open."""
+        site = Site(self)
+        socket = site.socket()
+        socket.send_raw(b"{nope")
+        [error] = socket.read()
+        self.assertEqual(error["error"]["code"], jsonrpc.PARSE_ERROR)
+        self.assertEqual(socket.initialize()["id"], 1)
+
+    def test_binary(self) -> None:
+        """A binary frame closes the socket with 1003."""
+        site = Site(self)
+        socket = site.socket()
+        socket.client.send_binary(jsonrpc.dumps(INIT))
+        socket._pump()
+        self.assertEqual(socket.close_code(), 1003)
+
+    def test_oversized(self) -> None:
+        """A message over the server's max_message_size closes the socket with 1009."""
+        site = Site(self, servers=(ServerConfig(name="s", command="fake", max_message_size=KiB),))
+        socket = site.socket()
+        socket.initialize()
+        socket.send(
+            jsonrpc.request(2, "tools/call", {"name": "echo", "arguments": {"a": "x" * KiB}})
+        )
+        self.assertEqual(socket.close_code(), 1009)
+
+    def test_modern(self) -> None:
+        """A 2026-07-28 request gets an error that says where to send it."""
+        site = Site(self)
+        socket = site.socket()
+        socket.send(jsonrpc.request(7, "tools/list", {"_meta": {META_VERSION: MODERN}}))
+        [error] = socket.read()
+        self.assertEqual(error["id"], 7)
+        self.assertEqual(error["error"]["code"], jsonrpc.UNSUPPORTED_VERSION)
+        self.assertIn("/mcp", error["error"]["message"])
+
+    def test_rate_limited(self) -> None:
+        """Each message is charged like a POSTed one: past the server's burst,
+        requests are refused with the rate limit's error."""
+        limits = ServerLimits(total=Bucket(0.001, 3))
+        site = Site(self, servers=(ServerConfig(name="s", command="fake", limits=limits),))
+        socket = site.socket()  # the upgrade takes one token
+        socket.initialize()  # and these two
+        socket.send(jsonrpc.request(2, "ping"))
+        [refused] = socket.read()
+        self.assertEqual(refused["id"], 2)
+        self.assertEqual(refused["error"]["code"], jsonrpc.RATE_LIMITED)
+
+
+class EndTests(SynchronousTestCase):
+    def test_closed_by_client(self) -> None:
+        """Closing the socket ends the session: its request in flight is
+        cancelled in the child, and the connection no longer counts."""
+        site = Site(self, hold=True)
+        socket = site.socket()
+        socket.initialize()
+        socket.send(jsonrpc.request(2, "tools/call", {"name": "slow"}))
+        child = site.reactor.child
+        self.assertEqual(len(child.held), 1)
+        socket.client.send_close(1000)
+        socket._pump()
+        socket.lose()
+        self.assertEqual(site.registry.sessions, {})
+        [cancelled] = child.notifications("notifications/cancelled")
+        self.assertEqual(cancelled["params"]["requestId"], child.held[0]["id"])
+        self.assertEqual(site.site.channels, set())
+        self.assertEqual(site.site.connections.counts if site.site.connections else {}, {})
+
+    def test_closed_by_bridge(self) -> None:
+        """A session the bridge ends closes its socket with 1001."""
+        site = Site(self)
+        socket = site.socket()
+        socket.initialize()
+        site.registry.stopService()
+        self.assertEqual(socket.close_code(), 1001)
+
+    def test_slow_reader(self) -> None:
+        """A reader more than stream_buffer behind is dropped and its session
+        ended; another session of the same child is unharmed."""
+        site = Site(self, stream_buffer=4 * KiB)
+        slow, other = site.socket(), site.socket()
+        slow.initialize()
+        other.initialize()
+        slow.transport.producer.pauseProducing()  # its kernel buffer is full
+        child = site.reactor.child
+        for _ in range(8):
+            child.send(jsonrpc.notification("notifications/message", {"data": "x" * KiB}))
+        self.assertTrue(slow.transport.disconnected)
+        slow.lose(Failure(ConnectionLost()))
+        self.assertEqual(len(site.registry.sessions), 1)
+        self.assertEqual(len(other.read()), 8)
+        other.send(jsonrpc.request(2, "ping"))
+        self.assertEqual(other.read()[0]["id"], 2)
