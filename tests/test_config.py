@@ -20,6 +20,7 @@ from mcptwist.config.model import (
     Bucket,
     ConfigError,
     MiB,
+    TasksConfig,
     default_config,
 )
 
@@ -315,6 +316,26 @@ class SecuritySettingsTests(SynchronousTestCase):
 
     def error(self, text: str) -> ConfigError:
         return self.assertRaises(ConfigError, self.parse, text)
+
+    def test_tasks(self) -> None:
+        self.assertEqual(self.parse("").tasks, TasksConfig())
+        tasks = self.parse(
+            "[tasks]\nttl = 60\nmax_tasks = 5\nmax_tasks_per_principal = 2\n"
+            'max_result_size = "1KiB"\npoll_interval = 0.5\n'
+        ).tasks
+        self.assertEqual(tasks, TasksConfig(True, 60.0, 5, 2, 1024, 0.5))
+        for text, key in [
+            ("[tasks]\nttl = 0", "tasks.ttl"),
+            ("[tasks]\nttl = 1\npoll_interval = 2", "tasks.ttl"),
+            (
+                "[tasks]\nmax_tasks = 2\nmax_tasks_per_principal = 3",
+                "tasks.max_tasks_per_principal",
+            ),
+            ("[tasks]\nlimit = 3", "tasks.limit"),
+        ]:
+            error = self.error(text)
+            self.assertEqual(error.key, key, text)
+            self.assertIn("c.toml", error.source)
 
     def test_everything_on(self) -> None:
         config = self.parse(

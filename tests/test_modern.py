@@ -57,7 +57,15 @@ class ModernPostTests(SynchronousTestCase):
         status, body = client.post(modern(2, "server/discover"))
         self.assertEqual(status, 200)
         result = body["result"]
-        self.assertEqual(result["capabilities"], {"tools": {"listChanged": True}, "logging": {}})
+        self.assertEqual(
+            result["capabilities"],
+            {
+                "tools": {"listChanged": True},
+                "logging": {},
+                # Served by the bridge itself, whatever the child speaks.
+                "extensions": {era.TASKS_EXTENSION: {}},
+            },
+        )
         self.assertEqual(result["supportedVersions"], list(era.SUPPORTED_VERSIONS))
         self.assertEqual(result["instructions"], "a fake server")
         self.assertEqual(result["_meta"][era.META_SERVER], SERVER_INFO)

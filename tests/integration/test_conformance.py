@@ -12,6 +12,10 @@ json-schema-2020-12, http-header-validation and
 http-custom-header-server-validation, pending), and those are reported by
 the suite but never fail this test.
 
+L{TasksConformanceTests} runs the tasks extension's scenarios (C{tasks-*},
+which no requirement set scores) one by one at 2026-07-28 with C{--force}:
+those in L{TASK_SCENARIOS} must pass every check.
+
 L{EndpointConformanceTests} runs the same two revisions through an
 aggregating endpoint of the fixture alone with its names unchanged
 (C{[endpoints.solo]}, C{prefix = "none"}) at /endpoints/solo/mcp.
@@ -24,7 +28,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -139,6 +143,61 @@ class ConformanceTests(SynchronousTestCase):
     def test_requirements_2026_07_28(self) -> None:
         """The stateless revision, served in front of the session-era fixture."""
         self.check_requirements("2026-07-28", every_scenario=False)
+
+
+# The tasks-* scenarios the bridge passes in front of the session-era fixture.
+# Not listed: tasks-mrtr-input and tasks-mrtr-composition (see docs/eras.md,
+# "Tasks"), and tasks-status-notifications, which the suite itself skips.
+TASK_SCENARIOS: Final = (
+    "tasks-lifecycle",
+    "tasks-capability-negotiation",
+    "tasks-wire-fields",
+    "tasks-request-state-removal",
+    "tasks-request-headers",
+    "tasks-dispatch-and-envelope",
+    "tasks-required-task-error",
+)
+
+
+class TasksConformanceTests(SynchronousTestCase):
+    """The tasks extension (SEP-2663), served by the bridge for a child that
+    knows nothing of it."""
+
+    def test_task_scenarios(self) -> None:
+        h.require_node_tools(h.CONFORMANCE_BIN, h.NODE22_BIN / "node")
+        bridge = h.start_bridge(self, h.python_server_toml("conf", [str(FIXTURE)]))
+        out = Path(tempfile.mkdtemp(prefix="mcptwist-conformance-tasks-"))
+        home = tempfile.mkdtemp(prefix="mcptwist-conformance-home-")
+        failures: list[str] = []
+        for scenario in TASK_SCENARIOS:
+            result = h.run(
+                [
+                    str(h.CONFORMANCE_BIN),
+                    "server",
+                    "--url",
+                    bridge.url("/servers/conf/mcp"),
+                    "--scenario",
+                    scenario,
+                    "--spec-version",
+                    "2026-07-28",
+                    "--force",
+                    "-o",
+                    str(out),
+                ],
+                timeout=120,
+                env=h.node_env(home),
+            )
+            checks = read_checks(out).get(scenario)
+            if checks is None:
+                failures.append(f"{scenario}: no results\n{result.stdout[-2000:]}")
+                continue
+            failures += failed_checks(scenario, checks)
+        if failures:
+            raise AssertionError(
+                f"{len(failures)} tasks check(s) failed:\n  "
+                + "\n  ".join(failures)
+                + f"\n(results in {out})\nbridge log:\n{bridge.log[-3000:]}"
+            )
 
 
 class EndpointConformanceTests(ConformanceTests):

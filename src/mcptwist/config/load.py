@@ -54,6 +54,7 @@ from mcptwist.config.model import (
     SecretsConfig,
     ServerConfig,
     ServerLimits,
+    TasksConfig,
     TelemetryConfig,
     TLSConfig,
     TokenConfig,
@@ -474,6 +475,7 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
     secrets = _parse_secrets(top)
     cluster = _parse_cluster(top)
     telemetry = _parse_telemetry(top)
+    tasks = _parse_tasks(top)
     top.finish()
     if not servers_table:
         raise ConfigError(
@@ -508,6 +510,7 @@ def _parse_config(doc: Mapping[str, Any], source: str, environ: Mapping[str, str
         secrets=secrets,
         cluster=cluster,
         telemetry=telemetry,
+        tasks=tasks,
         listeners=tuple(listeners),
         auth=auth,
         allowed_origins=origins,
@@ -644,6 +647,34 @@ def _parse_telemetry(top: _Reader) -> TelemetryConfig | None:
     )
     r.finish()
     return telemetry
+
+
+def _parse_tasks(top: _Reader) -> TasksConfig:
+    """[tasks]: durable tasks for 2026-07-28 clients, and their bounds."""
+    r = _Reader(top.source, "tasks.", top.table_at("tasks"), top.environ)
+    d = TasksConfig()
+    tasks = TasksConfig(
+        enabled=r.boolean("enabled", d.enabled),
+        ttl=r.number("ttl", d.ttl),
+        max_tasks=r.integer("max_tasks", d.max_tasks),
+        max_tasks_per_principal=r.integer("max_tasks_per_principal", d.max_tasks_per_principal),
+        max_result_size=r.size("max_result_size", d.max_result_size),
+        poll_interval=r.number("poll_interval", d.poll_interval),
+    )
+    r.finish()
+    if tasks.ttl < tasks.poll_interval:
+        raise r.error(
+            "ttl",
+            f"({tasks.ttl:g}) is shorter than poll_interval ({tasks.poll_interval:g})",
+            "keep tasks longer than a client waits between two looks at them",
+        )
+    if tasks.max_tasks_per_principal > tasks.max_tasks:
+        raise r.error(
+            "max_tasks_per_principal",
+            f"({tasks.max_tasks_per_principal}) is more than max_tasks ({tasks.max_tasks})",
+            "lower max_tasks_per_principal, or raise max_tasks",
+        )
+    return tasks
 
 
 def _strings_table(r: _Reader, name: str) -> dict[str, str]:
@@ -890,6 +921,7 @@ def _parse_server(
         include=r.strings("include"),
         exclude=r.strings("exclude"),
         on_tool_change=_tool_change(r),
+        task_tools=r.strings("task_tools"),
     )
     r.finish(ignored=CLIENT_ONLY_KEYS)
     if server.max_request_timeout < server.request_timeout:

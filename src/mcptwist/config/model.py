@@ -230,6 +230,23 @@ class MetricsConfig:
 
 
 @attrs.frozen
+class TasksConfig:
+    """Durable tasks (the C{io.modelcontextprotocol/tasks} extension) for
+    2026-07-28 clients: how long a task is kept, and how many and how big."""
+
+    enabled: bool = True
+    # Seconds a task, and its result, are kept from its creation.
+    ttl: float = 3600.0
+    # Tasks kept bridge-wide and per principal, running or finished.
+    max_tasks: int = 10_000
+    max_tasks_per_principal: int = 100
+    # The largest result kept; a larger one fails its task.
+    max_result_size: int = 4 * MiB
+    # How often a client is told to poll (seconds).
+    poll_interval: float = 1.0
+
+
+@attrs.frozen
 class ServerConfig:
     """One stdio MCP server and how the bridge runs and shares it."""
 
@@ -282,6 +299,9 @@ class ServerConfig:
     exclude: tuple[str, ...] = ()
     # A tool whose definition changed since it was pinned: "warn", "hide" or "block".
     on_tool_change: str = "warn"
+    # Tools the bridge runs as tasks for a client that asks, besides those whose
+    # definition declares execution.taskSupport (glob list of the tools' own names).
+    task_tools: tuple[str, ...] = ()
 
     @property
     def children_per_principal(self) -> int:
@@ -402,6 +422,7 @@ class BridgeConfig:
     cluster: ClusterConfig | None = None
     # None: no traces, and nothing of OpenTelemetry is loaded.
     telemetry: TelemetryConfig | None = None
+    tasks: TasksConfig = TasksConfig()
     source: str = "<built-in>"
 
 

@@ -54,8 +54,18 @@ CACHED_METHODS: Final = frozenset(
         "resources/read",
     }
 )
+# The tasks extension (SEP-2663): its id, and its methods.
+TASKS_EXTENSION: Final = "io.modelcontextprotocol/tasks"
+TASK_METHODS: Final = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
+# Methods of the experimental tasks of 2025-11-25 that the extension removed.
+REMOVED_TASK_METHODS: Final = frozenset({"tasks/result", "tasks/list"})
 # The parameter whose value the Mcp-Name header repeats.
-NAMED_PARAM: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+NAMED_PARAM: Final = {
+    "tools/call": "name",
+    "prompts/get": "name",
+    "resources/read": "uri",
+    **dict.fromkeys(TASK_METHODS, "taskId"),
+}
 # Capabilities of the session era that mean nothing to a stateless client.
 LEGACY_ONLY_CAPABILITIES: Final = frozenset({"tasks"})
 
@@ -218,6 +228,29 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
         client_info=client_info or {},
         log_level=level,
     )
+
+
+def declares_tasks(capabilities: Mapping[str, Any]) -> bool:
+    """Whether a client's capabilities declare the tasks extension."""
+    extensions = capabilities.get("extensions")
+    return isinstance(extensions, dict) and isinstance(extensions.get(TASKS_EXTENSION), dict)
+
+
+def without_tasks(message: Message) -> Message:
+    """A request whose client capabilities no longer declare the tasks
+    extension: the bridge runs the task, and the child the call alone."""
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    capabilities = meta.get(META_CAPABILITIES) if isinstance(meta, dict) else None
+    extensions = capabilities.get("extensions") if isinstance(capabilities, dict) else None
+    if not isinstance(extensions, dict) or TASKS_EXTENSION not in extensions:
+        return message
+    assert isinstance(params, dict) and isinstance(meta, dict) and isinstance(capabilities, dict)
+    capabilities = {
+        **capabilities,
+        "extensions": {k: v for k, v in extensions.items() if k != TASKS_EXTENSION},
+    }
+    return {**message, "params": {**params, "_meta": {**meta, META_CAPABILITIES: capabilities}}}
 
 
 def for_child(message: Message) -> Message:

@@ -264,6 +264,8 @@ class ModernCall:
         self._dialect: Dialect = PASS_THROUGH if self.upstream.modern else TRANSLATION
         # A listen stream on a child that speaks this revision: it lasts until the client leaves.
         self._listening = self.upstream.modern and self.method == "subscriptions/listen"
+        # Told how the call ended, however it ended (a task follows its call so).
+        self.on_end: Callable[[Status], None] | None = None
 
     @property
     def sink(self) -> StatelessSink:
@@ -550,6 +552,8 @@ class ModernCall:
         self.sink.settled()
         if record:
             self._record(status, error)
+        if self.on_end is not None:
+            self.on_end(status)
 
     def _record(self, status: Status, error: Any) -> None:
         """One record per round (an input_required answer is a success)."""

@@ -38,6 +38,7 @@ from mcptwist.routing.sessions import (
     Sink,
 )
 from mcptwist.routing.stateless import StateSigner
+from mcptwist.routing.tasks import TaskStore
 from mcptwist.routing.tools import ToolView
 from mcptwist.routing.trace import Tracer
 from mcptwist.routing.upstream import CapacityError, CredentialError, PrincipalCapacityError
@@ -425,6 +426,8 @@ class BridgeApp:
         self.forwarder: Forwarder | None = None
         # Follows each request in spans (the service plugs it in with [telemetry]).
         self.tracer: Tracer | None = None
+        # The tasks of 2026-07-28 clients (the tasks extension).
+        self.tasks = TaskStore(clock, config.tasks)
         if cluster is not None:
             keys = ClusterKeys(cluster.keys)
             self.signer = StateSigner(node=cluster.node_id, keys=keys)
@@ -436,6 +439,7 @@ class BridgeApp:
         self.origins = OriginPolicy(config.allowed_origins)
         self.hosts = HostPolicy(config.allowed_hosts)
         self.metrics_hosts = HostPolicy(config.metrics.allowed_hosts)
+        self.tasks.configure(config.tasks)
         keys = cluster_keys(config.cluster.keys if config.cluster is not None else None)
         if keys is not None:
             self.signer.rekey(keys)

@@ -21,6 +21,7 @@ from mcptwist.mcp.jsonrpc import RequestId
 from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession, SessionRegistry, Sink
 from mcptwist.routing.stateless import StateSigner
+from mcptwist.routing.tasks import TaskStore
 from mcptwist.routing.tools import ToolView
 from mcptwist.routing.trace import Tracer
 
@@ -49,6 +50,10 @@ class TransportContext(Protocol):
     @property
     def signer(self) -> StateSigner:
         """Signs the requestState of stateless calls waiting for their client's input."""
+
+    @property
+    def tasks(self) -> TaskStore:
+        """The tasks of 2026-07-28 clients (the tasks extension)."""
 
     @property
     def tracer(self) -> Tracer | None:

@@ -31,6 +31,7 @@ from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
+from mcptwist.routing.tasks import TaskLimit, task_support
 
 from .admission import peer_of, principal_id, principal_of
 from .context import TransportContext
@@ -147,9 +148,121 @@ def post(
             checked.id,
         )
     backend = ctx.backend(name)
+    if ctx.tasks.enabled and checked.method in era.TASK_METHODS | era.REMOVED_TASK_METHODS:
+        return _task_request(ctx, request, checked)
     if isinstance(backend, AggregateBackend):
         return endpoint_post(ctx, request, backend, checked, json_ok, sse_ok)
     return serve(ctx, request, name, checked, json_ok, sse_ok)
+
+
+def _task_request(ctx: TransportContext, request: Request, checked: era.ModernRequest) -> bytes:
+    """C{tasks/get}, C{tasks/update} or C{tasks/cancel}: answered by the bridge,
+    for the principal's own tasks only (another's are unknown to it)."""
+    method = checked.method
+    if method in era.REMOVED_TASK_METHODS:
+        raise HTTPProblem(
+            404,
+            jsonrpc.METHOD_NOT_FOUND,
+            f"Method not found: {method} does not exist in the tasks extension "
+            "(tasks/get inlines a task's result)",
+            checked.id,
+        )
+    if not era.declares_tasks(checked.capabilities):
+        raise HTTPProblem(
+            400,
+            jsonrpc.MISSING_CAPABILITY,
+            f"Missing required client capability: {method} needs the {era.TASKS_EXTENSION} extension",
+            checked.id,
+            data=_TASKS_REQUIRED,
+        )
+    params = checked.message.get("params") or {}
+    task_id = params.get("taskId")
+    if not isinstance(task_id, str):
+        raise HTTPProblem(
+            400, jsonrpc.INVALID_PARAMS, "Invalid params: taskId must be a string", checked.id
+        )
+    tasks = ctx.tasks
+    task = tasks.find(principal_id(request), task_id)
+    if task is None:
+        return _json(
+            request,
+            jsonrpc.error(
+                checked.id,
+                jsonrpc.INVALID_PARAMS,
+                f"Invalid params: no task {task_id!r} (unknown, or expired)",
+            ),
+        )
+    if method == "tasks/get":
+        return _json(request, jsonrpc.result(checked.id, tasks.detailed(task)))
+    if method == "tasks/cancel":
+        tasks.cancel(task)
+    else:
+        answers = params.get("inputResponses")
+        if not (isinstance(answers, dict) and all(isinstance(v, dict) for v in answers.values())):
+            raise HTTPProblem(
+                400,
+                jsonrpc.INVALID_PARAMS,
+                "Invalid params: inputResponses must map each input request's key to its result object",
+                checked.id,
+            )
+        tasks.update(task, answers)
+    return _json(request, jsonrpc.result(checked.id, {"resultType": "complete"}))
+
+
+# The error data of a request that needs the tasks extension.
+_TASKS_REQUIRED: Final[dict[str, Any]] = {
+    "requiredCapabilities": {"extensions": {era.TASKS_EXTENSION: {}}}
+}
+
+
+def _advertise_tasks(message: Message) -> Message:
+    """A C{server/discover} answer that names the tasks extension the bridge serves."""
+    result = message.get("result")
+    if isinstance(result, dict):
+        capabilities = result.get("capabilities")
+        capabilities = dict(capabilities) if isinstance(capabilities, dict) else {}
+        extensions = capabilities.get("extensions")
+        extensions = dict(extensions) if isinstance(extensions, dict) else {}
+        extensions[era.TASKS_EXTENSION] = {}
+        capabilities["extensions"] = extensions
+        result["capabilities"] = capabilities
+    return message
+
+
+def _as_task(
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    checked: era.ModernRequest,
+    hub: ClientSession,
+    translated: bool,
+) -> bytes:
+    """Run a C{tools/call} as a task: answered at once with the task, while the
+    call goes on in the child with the task as its only responder."""
+    ctx.access.admit_requests(request, hub, 1, checked.id)
+    try:
+        task = ctx.tasks.create(principal_id(request), name)
+    except TaskLimit as limit:
+        raise ctx.refused(
+            request, name, "tasks", 429, f"Too Many Requests: {limit}", 5, checked.id
+        ) from None
+    # The child runs the call itself: it is not asked to make a task of it.
+    message = era.without_tasks(checked.message)
+    running = attrs.evolve(checked, message=message)
+    call = ModernCall(
+        hub,
+        running,
+        _NO_RESPONDER,
+        ctx.clock,
+        ctx.signer,
+        hub.backend.server.input_timeout,
+        peer_of(request),
+    )
+    call.responder = ctx.tasks.run(task, call)
+    params = checked.message.get("params") or {}
+    answers = params.get("inputResponses")
+    call.start(answers if translated else None)
+    return _json(request, jsonrpc.result(checked.id, ctx.tasks.created(task)))
 
 
 def serve(
@@ -160,9 +273,12 @@ def serve(
     json_ok: bool,
     sse_ok: bool,
     rewrite: Callable[[Message], Message] | None = None,
+    tools_known: bool = False,
 ) -> bytes | int:
     """Serve a checked request on a server: on the principal's hub, as a call
-    (C{rewrite} changes its answer: an endpoint's names)."""
+    (C{rewrite} changes its answer: an endpoint's names). With tasks on, a
+    C{tools/call} waits for the child's tools to be known (C{tools_known}
+    once they are, or cannot be), which say whether it runs as a task."""
     params = checked.message.get("params") or {}
     principal = principal_id(request)
     answers = params.get("inputResponses")
@@ -203,6 +319,40 @@ def serve(
     # A child that speaks this revision gets its requests as they are: its own
     # input_required, requestState and listen streams included.
     translated = not hub.upstream.modern
+    if ctx.tasks.enabled:
+        if checked.method == "server/discover":
+            shown = rewrite
+            rewrite = _advertise_tasks if shown is None else (lambda m: _advertise_tasks(shown(m)))
+        elif checked.method == "tools/call" and params.get("requestState") is None:
+            catalog = hub.upstream.catalog
+            tools = catalog.cached("tools/list")
+            tool = str(params.get("name"))
+            declared = era.declares_tasks(checked.capabilities)
+            globs = hub.backend.server.task_tools
+            # Only a client that can take a task waits for the child's tools
+            # (once): the others' calls go to the child at once, as before.
+            if (
+                tools is None
+                and declared
+                and not tools_known
+                and task_support((), tool, globs) == "forbidden"
+            ):
+                return _after_tools(ctx, request, name, checked, json_ok, sse_ok, rewrite, catalog)
+            support = task_support(tools or (), tool, globs)
+            if support == "required" and not declared:
+                return _json(
+                    request,
+                    jsonrpc.error(
+                        checked.id,
+                        jsonrpc.MISSING_CAPABILITY,
+                        f"Missing required client capability: tool {params.get('name')!r} "
+                        f"runs only as a task ({era.TASKS_EXTENSION})",
+                        _TASKS_REQUIRED,
+                    ),
+                    400,
+                )
+            if support != "forbidden" and declared:
+                return _as_task(ctx, request, name, checked, hub, translated)
     if checked.method == "subscriptions/listen" and translated:
         return _listen(ctx, request, name, checked, hub)
     state = params.get("requestState") if translated else None
@@ -244,6 +394,37 @@ def serve(
     return NOT_DONE_YET
 
 
+def _after_tools(
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    checked: era.ModernRequest,
+    json_ok: bool,
+    sse_ok: bool,
+    rewrite: Callable[[Message], Message] | None,
+    catalog: Catalog,
+) -> int:
+    """Serve a C{tools/call} once the child's tools are known (or cannot be:
+    then it runs as the child answers it, never as a task)."""
+
+    def go(_: object) -> None:
+        if request.finished or request.channel is None:
+            return
+        try:
+            body = serve(ctx, request, name, checked, json_ok, sse_ok, rewrite, tools_known=True)
+        except HTTPProblem as problem:
+            body = problem.render(request)
+        if body is not NOT_DONE_YET:
+            assert isinstance(body, bytes)
+            request.write(body)
+            request.finish()
+
+    catalog.get("tools/list").addBoth(go).addErrback(
+        lambda f: log.failure("a tools/call waiting for the tools list", f)
+    )
+    return NOT_DONE_YET
+
+
 def endpoint_post(
     ctx: TransportContext,
     request: Request,
@@ -259,7 +440,8 @@ def endpoint_post(
     method = checked.method
     if method == "server/discover":
         result = era.discover(aggregate.initialize_result(None), aggregate.server_info())
-        return _json(request, jsonrpc.result(checked.id, result))
+        discovered = jsonrpc.result(checked.id, result)
+        return _json(request, _advertise_tasks(discovered) if ctx.tasks.enabled else discovered)
     if method in LISTS or method == "subscriptions/listen":
         catalogs = aggregate.catalogs(guard, lambda server: _catalog(ctx, request, server, checked))
         if method == "subscriptions/listen":
@@ -648,6 +830,19 @@ def _acknowledge(
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET
+
+
+class _NoResponder:
+    """What a task's call answers before the task takes its place."""
+
+    def notify(self, message: Message) -> None:
+        pass
+
+    def answer(self, message: Message, status: int = 200) -> None:
+        pass
+
+
+_NO_RESPONDER: Final = _NoResponder()
 
 
 def send(connection: EventConnection, message: Message) -> None:

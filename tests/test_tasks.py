@@ -1,0 +1,192 @@
+"""Durable tasks (the tasks extension of 2026-07-28) served by the bridge for
+a session-era child: lifecycle, bounds and expiry, cancellation, principals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mcptwist.config.model import AuthConfig, ServerConfig, TasksConfig, TokenConfig
+from mcptwist.mcp import era, jsonrpc
+from mcptwist.mcp.jsonrpc import Message
+from mcptwist.routing.tasks import TaskLimit, TaskStore, task_support, timestamp
+from mcptwist.security.auth import hash_token
+
+from .support.bridge import Bridge, Client
+from .support.messages import modern
+
+TASKS = {"extensions": {era.TASKS_EXTENSION: {}}}
+ALICE, BOB = "Bearer mcpt_alice", "Bearer mcpt_bob"
+
+
+def slow(id: int, caps: dict[str, Any] | None = None) -> Message:
+    return modern(
+        id, "tools/call", {"name": "slow", "arguments": {"n": id}}, TASKS if caps is None else caps
+    )
+
+
+def task_request(id: int, method: str, task_id: str, **params: Any) -> Message:
+    return modern(id, method, {"taskId": task_id, **params}, TASKS)
+
+
+class TaskStoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = TaskStore(
+            self.clock, TasksConfig(ttl=60, max_tasks=3, max_tasks_per_principal=2)
+        )
+
+    def test_envelope(self) -> None:
+        task = self.store.create("alice", "s")
+        created = self.store.created(task)
+        self.assertEqual(created["resultType"], "task")
+        self.assertEqual(created["status"], "working")
+        self.assertEqual(created["ttlMs"], 60_000)
+        self.assertEqual(created["pollIntervalMs"], 1000)
+        self.assertEqual(created["createdAt"], "2023-11-14T22:13:20.000Z")
+        self.assertEqual(timestamp(0.5), "1970-01-01T00:00:00.500Z")
+
+    def test_principals_see_only_their_own(self) -> None:
+        task = self.store.create("alice", "s")
+        self.assertIs(self.store.find("alice", task.id), task)
+        self.assertIsNone(self.store.find("bob", task.id))
+        self.assertIsNone(self.store.find("alice", 5))
+
+    def test_expiry(self) -> None:
+        task = self.store.create("alice", "s")
+        self.store.finish(task, "completed", result={"content": []})
+        self.clock.advance(59)
+        self.assertIs(self.store.find("alice", task.id), task)
+        self.clock.advance(1)
+        self.assertEqual(len(self.store), 0)
+        self.assertIsNone(self.store.find("alice", task.id))
+
+    def test_bounds_push_out_finished_tasks_then_refuse(self) -> None:
+        first = self.store.create("alice", "s")
+        self.store.create("alice", "s")
+        with self.assertRaises(TaskLimit):
+            self.store.create("alice", "s")  # both running
+        self.store.finish(first, "completed", result={})
+        self.store.create("alice", "s")
+        self.assertIsNone(self.store.find("alice", first.id))
+        self.store.create("bob", "s")  # 3 tasks: the bridge is full of running ones
+        with self.assertRaises(TaskLimit):
+            self.store.create("carol", "s")
+
+    def test_task_support(self) -> None:
+        tools = [
+            {"name": "a", "execution": {"taskSupport": "required"}},
+            {"name": "b", "execution": {"taskSupport": "forbidden"}},
+            {"name": "c"},
+        ]
+        self.assertEqual(task_support(tools, "a", ()), "required")
+        self.assertEqual(task_support(tools, "b", ()), "forbidden")
+        self.assertEqual(task_support(tools, "c", ("c*",)), "optional")
+        self.assertEqual(task_support([], "x", ()), "forbidden")
+
+
+class TaskFlowTests(SynchronousTestCase):
+    """Through the HTTP surface, over a fake session-era child."""
+
+    def setUp(self) -> None:
+        tokens = tuple(
+            TokenConfig(name, hash_token(f"mcpt_{name}"), frozenset({"*"}))
+            for name in ("alice", "bob")
+        )
+        server = ServerConfig(name="s", command="fake", task_tools=("slow",))
+        self.client = Client(
+            Bridge(
+                self,
+                server,
+                hold=True,
+                auth=AuthConfig(tokens=tokens),
+                tasks=TasksConfig(ttl=600, max_result_size=200),
+            )
+        )
+
+    def post(self, message: Message, who: str = ALICE) -> tuple[int, Any]:
+        return self.client.post(message, accept="application/json", authorization=who)
+
+    def create(self, id: int = 1) -> str:
+        status, body = self.post(slow(id))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["result"]["resultType"], "task")
+        return str(body["result"]["taskId"])
+
+    def get(self, task_id: str, who: str = ALICE) -> Any:
+        return self.post(task_request(9, "tasks/get", task_id), who)[1]
+
+    def test_lifecycle(self) -> None:
+        task_id = self.create()
+        self.assertEqual(self.get(task_id)["result"]["status"], "working")
+        self.client.child.answer(self.client.held("tools/call"))
+        result = self.get(task_id)["result"]
+        self.assertEqual((result["status"], result["resultType"]), ("completed", "complete"))
+        self.assertEqual(result["result"]["content"][0]["text"], "{'n': 1}")
+
+    def test_a_client_without_the_extension_gets_a_plain_call(self) -> None:
+        d = self.client.start(slow(1, caps={}), accept="application/json", authorization=ALICE)
+        self.client.child.answer(self.client.held("tools/call"))
+        status, body = self.client.finish(d)
+        self.assertNotIn("taskId", body["result"])
+        status, body = self.post(modern(2, "tasks/get", {"taskId": "x"}, {}))
+        self.assertEqual((status, body["error"]["code"]), (400, jsonrpc.MISSING_CAPABILITY))
+
+    def test_the_child_runs_the_call_without_the_extension(self) -> None:
+        self.create()
+        held = self.client.held("tools/call")
+        self.assertNotIn("_meta", held["params"])
+
+    def test_cancel_reaches_the_child(self) -> None:
+        task_id = self.create()
+        held = self.client.held("tools/call")
+        _, body = self.post(task_request(2, "tasks/cancel", task_id))
+        self.assertEqual(body["result"], {"resultType": "complete"})
+        [cancelled] = self.client.child.notifications("notifications/cancelled")
+        self.assertEqual(cancelled["params"]["requestId"], held["id"])
+        self.assertEqual(self.get(task_id)["result"]["status"], "cancelled")
+        # A late answer changes nothing; a second cancel is the same ack.
+        self.client.child.answer(held)
+        self.assertEqual(self.get(task_id)["result"]["status"], "cancelled")
+        self.assertEqual(
+            self.post(task_request(3, "tasks/cancel", task_id))[1]["result"],
+            {"resultType": "complete"},
+        )
+
+    def test_another_principal_can_neither_get_nor_cancel(self) -> None:
+        task_id = self.create()
+        for method in ("tasks/get", "tasks/cancel"):
+            _, body = self.post(task_request(2, method, task_id), BOB)
+            self.assertEqual(body["error"]["code"], jsonrpc.INVALID_PARAMS, method)
+        self.assertEqual(self.client.child.notifications("notifications/cancelled"), [])
+        self.assertEqual(self.get(task_id)["result"]["status"], "working")
+
+    def test_survives_the_clients_disconnect(self) -> None:
+        task_id = self.create()
+        self.client.bridge.client.flush()  # the creating response is long closed
+        self.client.child.answer(self.client.held("tools/call"))
+        self.assertEqual(self.get(task_id)["result"]["status"], "completed")
+
+    def test_an_error_fails_the_task_and_a_large_result_too(self) -> None:
+        first, second = self.create(1), self.create(2)
+        one, two = self.client.child.held
+        self.client.child.send(jsonrpc.error(one["id"], -32603, "crashed"))
+        self.client.child.send(jsonrpc.result(two["id"], {"content": [{"text": "x" * 300}]}))
+        failed = self.get(first)["result"]
+        self.assertEqual(failed["status"], "failed")
+        self.assertEqual(failed["error"]["code"], -32603)
+        self.assertNotIn("result", failed)
+        self.assertIn("max_result_size", self.get(second)["result"]["error"]["message"])
+
+    def test_removed_methods_and_unknown_tasks(self) -> None:
+        for method in ("tasks/result", "tasks/list"):
+            status, body = self.post(modern(1, method, {}, TASKS))
+            self.assertEqual((status, body["error"]["code"]), (404, jsonrpc.METHOD_NOT_FOUND))
+        self.assertEqual(self.get("nope")["error"]["code"], jsonrpc.INVALID_PARAMS)
+
+    def test_discover_names_the_extension(self) -> None:
+        _, body = self.post(modern(1, "server/discover"))
+        self.assertIn(era.TASKS_EXTENSION, body["result"]["capabilities"]["extensions"])
