@@ -55,7 +55,7 @@ from .access import PRM_PATH, AccessControl, local_listener, route_of
 from .admin import MAX_BODY as ADMIN_MAX_BODY
 from .admission import Admission, IAdmission, admission_of, peer_of, principal_id, principal_of
 from .dashboard import BASIC_CHALLENGE, PAGE_PATH
-from .dispatch import ENDPOINTS, dispatch, guarded, internal_error, takes_body
+from .dispatch import dispatch, endpoint_of, guarded, internal_error, takes_body
 from .forward import Forwarder
 from .http import (
     HTTPProblem,
@@ -129,7 +129,7 @@ class Gate(Resource):
             return refusal
         parts = admission.parts
         server = admission.server
-        if server is not None and len(parts) == 4 and takes_body(parts[3], request.method):
+        if server is not None and takes_body(parts, request.method):
             try:
                 backend = self.app.backend(server, draining=True)
             except HTTPProblem as problem:
@@ -316,8 +316,8 @@ class Gate(Resource):
             if count == 2 and self.app.metrics is not None:
                 metrics: bytes | int = self.app.metrics.render(request)
                 return metrics
-        elif server is not None and count == 4:
-            endpoint = ENDPOINTS.get(parts[3])
+        elif server is not None:
+            endpoint = endpoint_of(parts)
             if endpoint is not None:
                 return dispatch(self.app, request, endpoint, server)
         return self._route(request)

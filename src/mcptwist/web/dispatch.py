@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcptwist.mcp import era, jsonrpc
 
-from . import legacy_sse, modern, streamable, websocket
+from . import legacy_sse, modern, rest, streamable, websocket
 from .context import TransportContext
 from .http import (
     Handler,
@@ -37,6 +37,7 @@ from .http import (
     parse_messages,
     read_body,
     require_json,
+    trace_headers,
 )
 
 log = Logger(namespace="mcptwist.web")
@@ -159,12 +160,26 @@ ENDPOINTS: Final[Mapping[bytes, Endpoint]] = {
     b"sse": Endpoint.of({b"GET": legacy_sse.stream, b"HEAD": legacy_sse.stream}, b"HEAD, GET"),
     b"messages": Endpoint.of({b"POST": legacy_sse.post}, b"POST"),
     b"ws": Endpoint.of({b"GET": websocket.upgrade}, b"GET"),
+    # The REST face (web/rest.py): the tools as an OpenAPI document.
+    b"openapi.json": Endpoint.of({b"GET": rest.document}, b"GET"),
 }
+# /servers/NAME/tools/TOOL: a tool called over REST.
+TOOLS: Final = Endpoint.of({b"POST": rest.call}, b"POST")
 
 
-def takes_body(endpoint: bytes, method: bytes) -> bool:
-    """Whether C{method} on this endpoint reads a body of messages."""
-    found = ENDPOINTS.get(endpoint)
+def endpoint_of(parts: list[bytes]) -> Endpoint | None:
+    """The endpoint of a path under /servers/NAME/ (split on "/"), if any."""
+    if len(parts) == 4:
+        return ENDPOINTS.get(parts[3])
+    if len(parts) == 5 and parts[3] == b"tools":
+        return TOOLS
+    return None
+
+
+def takes_body(parts: list[bytes], method: bytes) -> bool:
+    """Whether C{method} on the endpoint of this path reads a body (of
+    messages, or a tool's arguments)."""
+    found = endpoint_of(parts)
     return method == b"POST" and found is not None and method in found.answers
 
 
@@ -182,16 +197,6 @@ def dispatch(ctx: TransportContext, request: Request, endpoint: Endpoint, name: 
             with tracer.incoming(headers):
                 return _dispatch(ctx, request, endpoint, name)
     return _dispatch(ctx, request, endpoint, name)
-
-
-def trace_headers(request: Request) -> dict[str, str]:
-    """The W3C trace context fields of a request's headers, if any."""
-    found: dict[str, str] = {}
-    for field in (b"traceparent", b"tracestate", b"baggage"):
-        value = request.getHeader(field)
-        if value is not None:
-            found[field.decode()] = value.decode("latin-1")
-    return found
 
 
 def _dispatch(
@@ -255,4 +260,13 @@ def _answer_again(
         request.finish()
 
 
-__all__ = ["ENDPOINTS", "Endpoint", "dispatch", "guarded", "internal_error", "takes_body"]
+__all__ = [
+    "ENDPOINTS",
+    "TOOLS",
+    "Endpoint",
+    "dispatch",
+    "endpoint_of",
+    "guarded",
+    "internal_error",
+    "takes_body",
+]

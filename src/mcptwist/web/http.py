@@ -54,6 +54,16 @@ def header(request: IRequest, name: bytes) -> str | None:
     return value.decode("latin-1") if isinstance(value, bytes) else str(value)
 
 
+def trace_headers(request: IRequest) -> dict[str, str]:
+    """The W3C trace context fields of a request's headers, if any."""
+    found: dict[str, str] = {}
+    for field in (b"traceparent", b"tracestate", b"baggage"):
+        value = request.getHeader(field)
+        if value is not None:
+            found[field.decode()] = value.decode("latin-1")
+    return found
+
+
 def json_body(request: IRequest, value: Any) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     return jsonrpc.dumps(value)
