@@ -1,5 +1,5 @@
-"""The REST face of a server's tools: POST /servers/NAME/tools/TOOL and its
-OpenAPI document, over fake children."""
+"""The REST face of a server's tools (POST /servers/NAME/tools/TOOL and its
+OpenAPI document) and of an endpoint's, over fake children."""
 
 from __future__ import annotations
 
@@ -10,11 +10,20 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.config.model import AuthConfig, ServerConfig, TokenConfig
+from mcptwist.config.model import (
+    AuthConfig,
+    BridgeConfig,
+    Bucket,
+    EndpointConfig,
+    LimitsConfig,
+    ServerConfig,
+    ServerLimits,
+    TokenConfig,
+)
 from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token
 from mcptwist.web import openapi
-from tests.support.bridge import Bridge
+from tests.support.bridge import Bridge, Service
 from tests.support.children import FakeChild
 from tests.support.messages import bearer
 
@@ -272,6 +281,196 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(self.exchange("POST", "/servers/s/tools/echo", "t-adder", {})[0], 404)
         status, _, _ = self.exchange("POST", "/servers/s/tools/add", "t-adder", {"a": 1, "b": 2})
         self.assertEqual(status, 200)
+
+
+class RateLimitTests(SynchronousTestCase):
+    def test_burst(self) -> None:
+        """A burst of REST calls past a [limits] bucket: 429 with Retry-After
+        and a JSON error body; the bucket refills with time."""
+        bridge = Bridge(
+            self,
+            auth=AuthConfig(tokens=TOKENS),
+            limits=LimitsConfig(per_principal=Bucket(1.0, 3), per_ip=None),
+        )
+        bridge.reactor.child.lists["tools/list"] = [ECHO]
+        answers = [
+            bridge.exchange(
+                "POST", "/servers/s/tools/echo", {"text": "hi"}, {**POST_JSON, **bearer("t-all")}
+            )
+            for _ in range(5)
+        ]
+        self.assertEqual([a[0] for a in answers], [200, 200, 200, 429, 429])
+        _, headers, body = answers[3]
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["1"])
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(body["error"]["code"], jsonrpc.RATE_LIMITED)
+        self.assertIn("rate limit", body["error"]["message"])
+        self.assertEqual(len(bridge.reactor.child.requests("tools/call")), 3)
+        bridge.reactor.advance(1.0)
+        status, _, body = bridge.exchange(
+            "POST", "/servers/s/tools/echo", {}, {**POST_JSON, **bearer("t-all")}
+        )
+        self.assertEqual(status, 200, body)
+
+
+# The tools of an endpoint's two members.
+MEMBER_TOOLS = {
+    "a": [ECHO, {"name": "drop", "inputSchema": {"type": "object"}}],
+    "b": [ADD, {"name": "sum", "inputSchema": {"type": "object"}}],
+}
+TEAM_TOKENS = (
+    TokenConfig("all", hash_token("t-all")),
+    TokenConfig("adder", hash_token("t-adder"), frozenset({"a/echo", "b/add"})),
+    TokenConfig("only-a", hash_token("t-only-a"), frozenset({"a"})),
+)
+
+
+class EndpointTests(SynchronousTestCase):
+    """An endpoint of two fake servers: its tools under the names its
+    tools/list shows, each call routed to its member."""
+
+    def setUp(self) -> None:
+        self.bridge = self.service()
+
+    def service(self, **settings: Any) -> Service:
+        member_settings = settings.pop("members", {})
+        servers = {
+            n: ServerConfig(name=n, command="fake", args=(n,), **member_settings.get(n, {}))
+            for n in ("a", "b")
+        }
+        team = EndpointConfig(
+            name="team",
+            servers=("a", "b"),
+            prefixes={"a": "a", "b": "bee"},
+            rename={("b", "sum"): "total"},
+            exclude=("a__drop",),
+        )
+        config = BridgeConfig(servers=servers, endpoints={"team": team}, **settings)
+        return Service(self, config, on_spawn=self.dress)
+
+    @staticmethod
+    def dress(child: FakeChild) -> None:
+        child.init_result = {**child.init_result, "capabilities": {"tools": {"listChanged": True}}}
+        child.lists = {"tools/list": list(MEMBER_TOOLS[child.args[-1]])}
+
+    def child(self, name: str) -> FakeChild:
+        return [c for c in self.bridge.reactor.children if c.args[-1] == name and not c.exited][-1]
+
+    def exchange(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any, Any]:
+        headers = dict(POST_JSON)
+        if token is not None:
+            headers.update(bearer(token))
+        return self.bridge.exchange(method, "/endpoints/team" + path, body, headers)
+
+    def paths(self, token: str | None = None) -> list[str]:
+        status, _, doc = self.exchange("GET", "/openapi.json", token=token)
+        self.assertEqual(status, 200)
+        validate(doc)
+        return sorted(doc["paths"])
+
+    def test_document(self) -> None:
+        """The document names the tools as the endpoint shows them: prefixed,
+        renamed, filtered; with each member's schemas."""
+        status, _, doc = self.exchange("GET", "/openapi.json")
+        self.assertEqual(status, 200)
+        validate(doc)
+        self.assertEqual(doc["servers"], [{"url": "/endpoints/team"}])
+        self.assertEqual(doc["info"]["title"], "team: MCP tools")
+        self.assertEqual(
+            sorted(doc["paths"]), ["/tools/a__echo", "/tools/bee__add", "/tools/total"]
+        )
+        add = doc["paths"]["/tools/bee__add"]["post"]
+        self.assertEqual(add["operationId"], "bee__add")
+        self.assertEqual(
+            add["requestBody"]["content"]["application/json"]["schema"], ADD["inputSchema"]
+        )
+        echo = doc["paths"]["/tools/a__echo"]["post"]["requestBody"]["content"]
+        self.assertEqual(
+            echo["application/json"]["schema"]["properties"]["item"]["$ref"],
+            "#/paths/~1tools~1a__echo/post/requestBody/content/application~1json/schema/$defs/Item",
+        )
+
+    def test_calls(self) -> None:
+        """Each call reaches its member under the member's own tool name."""
+        serve(self.child("b"), {"add": {"content": [], "structuredContent": {"sum": 5}}})
+        self.assertEqual(
+            self.exchange("POST", "/tools/bee__add", {"a": 2, "b": 3})[::2], (200, {"sum": 5})
+        )
+        status, _, body = self.exchange("POST", "/tools/total", {"k": 1})
+        self.assertEqual((status, body), (200, "{'k': 1}"))
+        status, _, body = self.exchange("POST", "/tools/a__echo", {"text": "hi"})
+        self.assertEqual((status, body), (200, "{'text': 'hi'}"))
+        self.assertEqual(
+            [m["params"]["name"] for m in self.child("b").requests("tools/call")], ["add", "sum"]
+        )
+        self.assertEqual(
+            [m["params"]["arguments"] for m in self.child("a").requests("tools/call")],
+            [{"text": "hi"}],
+        )
+
+    def test_refused(self) -> None:
+        """A name the endpoint does not show (filtered, a member's own name,
+        unknown) is 404, and arguments against the member's schema 422: no
+        member sees those calls."""
+        for shown in ("a__drop", "bee__sum", "sum", "a__nope", "zz__echo"):
+            status, _, body = self.exchange("POST", f"/tools/{shown}", {})
+            self.assertEqual(
+                (status, body["error"]["message"]), (404, f"Not Found: unknown tool {shown!r}")
+            )
+        status, _, body = self.exchange("POST", "/tools/bee__add", {"a": "x", "b": 1})
+        self.assertEqual(status, 422)
+        self.assertIn("'bee__add'", body["error"]["message"])
+        self.assertEqual(
+            body["error"]["data"]["errors"],
+            [{"path": "/a", "message": "'x' is not of type 'integer'"}],
+        )
+        self.assertEqual(self.child("a").requests("tools/call"), [])
+        self.assertEqual(self.child("b").requests("tools/call"), [])
+
+    def test_list_changed(self) -> None:
+        """A member's list_changed: the next document shows its new tool, and
+        it can be called."""
+        self.assertNotIn("/tools/bee__late", self.paths())
+        late = {"name": "late", "inputSchema": {"type": "object"}}
+        child = self.child("b")
+        child.lists["tools/list"] = [*MEMBER_TOOLS["b"], late]
+        child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        self.assertIn("/tools/bee__late", self.paths())
+        serve(child, {"late": {"content": [{"type": "text", "text": "late"}]}})
+        status, _, body = self.exchange("POST", "/tools/bee__late", {})
+        self.assertEqual((status, body), (200, "late"))
+
+    def test_grants(self) -> None:
+        """With auth, a client sees and calls only what its grants name, on
+        each member."""
+        self.bridge = self.service(auth=AuthConfig(tokens=TEAM_TOKENS))
+        self.assertEqual(self.exchange("GET", "/openapi.json")[0], 401)
+        self.assertEqual(self.paths("t-all"), ["/tools/a__echo", "/tools/bee__add", "/tools/total"])
+        self.assertEqual(self.paths("t-adder"), ["/tools/a__echo", "/tools/bee__add"])
+        self.assertEqual(self.paths("t-only-a"), ["/tools/a__echo"])
+        self.assertEqual(self.exchange("POST", "/tools/total", {}, "t-adder")[0], 404)
+        self.assertEqual(
+            self.exchange("POST", "/tools/bee__add", {"a": 1, "b": 1}, "t-only-a")[0], 404
+        )
+        self.assertEqual(self.exchange("POST", "/tools/a__echo", {}, "t-only-a")[0], 200)
+        self.assertEqual(self.child("b").requests("tools/call"), [])
+
+    def test_member_limit(self) -> None:
+        """A member's own rate limit refuses the calls routed to it (429),
+        not those to the other member."""
+        self.bridge = self.service(
+            members={"b": {"limits": ServerLimits(per_principal=Bucket(1.0, 1))}},
+            limits=LimitsConfig(per_principal=None, per_ip=None),
+            auth=AuthConfig(tokens=TEAM_TOKENS),
+        )
+        self.assertEqual(self.exchange("POST", "/tools/total", {}, "t-all")[0], 200)
+        status, _, body = self.exchange("POST", "/tools/total", {}, "t-all")
+        self.assertEqual((status, body["error"]["code"]), (429, jsonrpc.RATE_LIMITED))
+        self.assertIn("MCP server 'b'", body["error"]["message"])
+        self.assertEqual(self.exchange("POST", "/tools/a__echo", {}, "t-all")[0], 200)
+        self.assertEqual(len(self.child("b").requests("tools/call")), 1)
 
 
 _names = st.one_of(

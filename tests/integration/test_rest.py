@@ -1,11 +1,18 @@
-"""The REST face against a real bridge and a real child
+"""The REST face against a real bridge and real children
 (C{tests/fixtures/rest_fixture.py}): the document validates as OpenAPI 3.1,
 a client driven by it calls the tools, schema errors give 422, auth and
-grants apply, and a tool the child adds at run time appears."""
+grants apply, and a tool the child adds at run time appears; on an endpoint
+of two servers too, called through a client that C{openapi-python-client}
+generates from the bridge's live document."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from openapi_spec_validator import validate
@@ -36,6 +43,8 @@ def config() -> str:
         h.python_server_toml("tools", [str(FIXTURE)])
         + h.python_server_toml("time", [str(FIXTURE)])
         + tokens
+        + '[endpoints.team]\nservers = ["tools", "time"]\nexclude = ["time__ask"]\n'
+        + 'rename."time/add" = "plus"\n'
     )
 
 
@@ -139,3 +148,129 @@ class RestTests(SynchronousTestCase):
         h.wait_for(grown, 10, "the added tool in the document")
         validate(client.document)
         self.assertEqual(client.call("grown"), (200, "grown here"))
+
+
+class EndpointTests(SynchronousTestCase):
+    """An endpoint of two servers: one document of both servers' tools under
+    the endpoint's names, each call served by its server."""
+
+    def setUp(self) -> None:
+        self.bridge = h.start_bridge(self, config())
+
+    def test_document_and_calls(self) -> None:
+        """The document names both servers' tools as the endpoint shows them;
+        each call reaches its server under the server's own name."""
+        client = OpenAPIClient(self.bridge, "/endpoints/team", ALL)
+        validate(client.document)
+        self.assertEqual(client.document["servers"], [{"url": "/endpoints/team"}])
+        self.assertEqual(
+            sorted(client.operations()),
+            [
+                "plus",
+                "time__fail",
+                "time__greet",
+                "time__grow",
+                "tools__add",
+                "tools__ask",
+                "tools__fail",
+                "tools__greet",
+                "tools__grow",
+            ],
+        )
+        self.assertEqual(client.call("tools__add", a=2, b=3), (200, {"sum": 5}))
+        self.assertEqual(client.call("plus", a=4, b=5), (200, {"sum": 9}))
+        self.assertEqual(client.call("time__greet", name="Ada"), (200, "Hello, Ada!"))
+        status, body = client.call("plus", a="four")
+        self.assertEqual(status, 422)
+        self.assertEqual(len(body["error"]["data"]["errors"]), 2)
+        adder = OpenAPIClient(self.bridge, "/endpoints/team", ADDER)
+        self.assertEqual(sorted(adder.operations()), ["tools__add"])
+        self.assertEqual(adder.call("tools__add", a=1, b=1), (200, {"sum": 2}))
+        status, _, _ = h.http(
+            "POST",
+            self.bridge.url("/endpoints/team/tools/plus"),
+            {"a": 1, "b": 1},
+            headers={"Authorization": f"Bearer {ADDER}"},
+        )
+        self.assertEqual(status, 404)
+
+    def test_list_changed(self) -> None:
+        """A tool one server adds appears in the endpoint's document."""
+        client = OpenAPIClient(self.bridge, "/endpoints/team", ALL)
+        self.assertNotIn("time__grown", client.operations())
+        self.assertEqual(client.call("time__grow"), (200, "grew"))
+
+        def grown() -> bool:
+            client.document = client.fetch()
+            return "time__grown" in client.operations()
+
+        h.wait_for(grown, 10, "the added tool in the endpoint's document")
+        self.assertNotIn("tools__grown", client.operations())
+        self.assertEqual(client.call("time__grown"), (200, "grown here"))
+
+    def test_generated_client(self) -> None:
+        """openapi-python-client generates a client package from the live
+        document; its function for an operation calls the tool with the
+        bearer token, and answers the tool's structured result, or the
+        error model for a refusal."""
+        status, _, body = h.http(
+            "GET",
+            self.bridge.url("/endpoints/team/openapi.json"),
+            headers={"Authorization": f"Bearer {ALL}"},
+        )
+        self.assertEqual(status, 200)
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        (folder / "openapi.json").write_bytes(body)
+        package = folder / "team_client"
+        bin_dir = Path(sys.executable).parent
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        generated = subprocess.run(
+            [
+                str(bin_dir / "openapi-python-client"),
+                "generate",
+                "--path",
+                str(folder / "openapi.json"),
+                "--output-path",
+                str(package),
+                "--meta",
+                "none",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        self.assertEqual(generated.returncode, 0, generated.stdout + generated.stderr)
+        sys.path.insert(0, str(folder))
+        self.addCleanup(sys.path.remove, str(folder))
+        self.addCleanup(_forget, "team_client")
+        client_module = importlib.import_module("team_client.client")
+        plus = importlib.import_module("team_client.api.default.plus")
+        bodies = importlib.import_module("team_client.models")
+        client = client_module.AuthenticatedClient(
+            base_url=self.bridge.url("/endpoints/team"), token=ALL, timeout=30.0
+        )
+        with client:
+            answer = plus.sync(client=client, body=bodies.PlusBody(a=20, b=22))
+            self.assertEqual(answer.to_dict(), {"sum": 42})
+            self.assertEqual(answer.sum_, 42)
+            refused = plus.sync_detailed(client=client, body=bodies.PlusBody(a=1, b="two"))
+            self.assertEqual(refused.status_code, 422)
+            self.assertEqual(
+                refused.parsed.error.message,
+                "Unprocessable Content: the arguments do not match 'plus''s input schema",
+            )
+        anonymous = client_module.Client(base_url=self.bridge.url("/endpoints/team"))
+        with anonymous:
+            self.assertEqual(
+                plus.sync_detailed(client=anonymous, body=bodies.PlusBody(a=1, b=1)).status_code,
+                401,
+            )
+
+
+def _forget(package: str) -> None:
+    """Unload a generated package (each test generates its own)."""
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        del sys.modules[name]

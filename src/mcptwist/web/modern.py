@@ -443,7 +443,9 @@ def endpoint_post(
         discovered = jsonrpc.result(checked.id, result)
         return _json(request, _advertise_tasks(discovered) if ctx.tasks.enabled else discovered)
     if method in LISTS or method == "subscriptions/listen":
-        catalogs = aggregate.catalogs(guard, lambda server: _catalog(ctx, request, server, checked))
+        catalogs = aggregate.catalogs(
+            guard, lambda server: member_catalog(ctx, request, server, checked)
+        )
         if method == "subscriptions/listen":
             if aggregate.namer.bare and catalogs:
                 # The lone member's stream, as it is.
@@ -482,7 +484,7 @@ def endpoint_post(
         return NOT_DONE_YET
     try:
         route = aggregate.route(
-            checked.message, guard, lambda server: _catalog(ctx, request, server, checked)
+            checked.message, guard, lambda server: member_catalog(ctx, request, server, checked)
         )
     except Refused as refused:
         if method == "tools/call":
@@ -506,7 +508,7 @@ def _json(request: Request, message: Message, status: int = 200) -> bytes:
     return jsonrpc.dumps(message)
 
 
-def _catalog(
+def member_catalog(
     ctx: TransportContext, request: Request, server: str, checked: era.ModernRequest
 ) -> Catalog | None:
     """The catalog of the child that serves this principal's requests to a

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_rest -*-
 """The REST face of a server's tools: C{POST /servers/NAME/tools/TOOL} and
-C{GET /servers/NAME/openapi.json}.
+C{GET /servers/NAME/openapi.json}; and of an endpoint's, on C{/endpoints/NAME/}.
 
 A REST call is a stateless C{tools/call} on the principal's hub (the one
 2026-07-28 requests use): the same child, sharing mode, credentials, tool
@@ -12,6 +12,12 @@ tool's input schema (from the server's L{Catalog}) before the child sees
 them. The document is made from the same catalog, as this client may see
 it, at each request: a C{list_changed} refetches the catalog, and the next
 document shows the change.
+
+An endpoint's document holds its members' tools as its C{tools/list} shows
+them to this client (renamed, filtered, granted). A call is routed as a
+2026-07-28 C{tools/call} to the endpoint is: to the member that owns the
+name, as the member's own tool, where the member's tool view, limits and
+schema apply as on the member's own URL.
 """
 
 from __future__ import annotations
@@ -20,23 +26,24 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Final
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.web.server import Request
 
 from mcptwist import __version__
 from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.jsonrpc import Message
-from mcptwist.routing.backends import Backend
+from mcptwist.routing.aggregate import Refused, cached_lists, gather_lists
 from mcptwist.routing.catalog import Unavailable
 from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import ModernCall
 
 from . import openapi
-from .admission import admission_of, peer_of
+from .admission import admission_of, peer_of, principal_id, principal_of
 from .context import TransportContext
 from .http import HTTPProblem, json_body, read_body, require_json, trace_headers
-from .modern import open_hub
+from .modern import member_catalog, open_hub
 
 # The id of a REST call's request (it is alone in its call).
 CALL_ID: Final = 1
@@ -72,22 +79,11 @@ def _request(tool: str, arguments: dict[str, Any]) -> era.ModernRequest:
     return era.ModernRequest(message, CALL_ID, "tools/call", era.MODERN, {}, CLIENT_INFO, None)
 
 
-def _server_backend(ctx: TransportContext, name: str) -> Backend:
-    backend = ctx.backend(name)
-    if isinstance(backend, AggregateBackend):
-        raise HTTPProblem(
-            404,
-            jsonrpc.INVALID_REQUEST,
-            "Not Found: the REST face serves a server's tools; use /servers/NAME/",
-        )
-    return backend
-
-
 async def _tools(
     ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest
 ) -> tuple[ClientSession, dict[str, dict[str, Any]]]:
     """The principal's hub on the server, and the tools it may see there (by name)."""
-    backend = _server_backend(ctx, name)
+    backend = ctx.backend(name)
     hub = open_hub(ctx, request, name, checked)
     upstream = hub.upstream
     assert upstream is not None
@@ -122,21 +118,45 @@ _RETRY: Final = {b"retry-after": b"5"}
 
 async def document(ctx: TransportContext, request: Request, name: str) -> bytes:
     """C{GET .../openapi.json}: the tools this client may call, as operations."""
-    hub, tools = await _tools(ctx, request, name, _request("", {}))
-    assert hub.upstream is not None
-    init = hub.upstream.init_result or {}
-    instructions = init.get("instructions")
     base = request.path.decode("ascii").rsplit("/", 1)[0]
-    doc = openapi.document(
-        name,
-        base,
-        tools.values(),
-        ctx.config.auth.enabled,
-        init.get("serverInfo") if isinstance(init.get("serverInfo"), dict) else None,
-        instructions if isinstance(instructions, str) else None,
-    )
+    backend = ctx.backend(name)
+    if isinstance(backend, AggregateBackend):
+        tools = await _endpoint_tools(ctx, request, backend)
+        info = backend.aggregate.server_info()
+        doc = openapi.document(backend.aggregate.name, base, tools, ctx.config.auth.enabled, info)
+    else:
+        hub, served = await _tools(ctx, request, name, _request("", {}))
+        assert hub.upstream is not None
+        init = hub.upstream.init_result or {}
+        instructions = init.get("instructions")
+        doc = openapi.document(
+            name,
+            base,
+            served.values(),
+            ctx.config.auth.enabled,
+            init.get("serverInfo") if isinstance(init.get("serverInfo"), dict) else None,
+            instructions if isinstance(instructions, str) else None,
+        )
     request.setHeader(b"cache-control", b"no-store")
     return json_body(request, doc)
+
+
+async def _endpoint_tools(
+    ctx: TransportContext, request: Request, backend: AggregateBackend
+) -> list[dict[str, Any]]:
+    """An endpoint's tools as its C{tools/list} shows them to this client (a
+    member that is down, blocked or too slow to list them has none)."""
+    aggregate = backend.aggregate
+    guard = ctx.access.guard(principal_of(request), peer_of(request))
+    checked = _request("", {})
+    catalogs = aggregate.catalogs(
+        guard, lambda server: member_catalog(ctx, request, server, checked)
+    )
+    lists = cached_lists("tools/list", catalogs)
+    if lists is None:
+        lists = await gather_lists(aggregate, "tools/list", catalogs, ctx.clock)
+    merged = aggregate.listing("tools/list", lists, guard)
+    return [tool for _, items in merged for tool in items]
 
 
 async def call(ctx: TransportContext, request: Request, name: str) -> bytes:
@@ -144,7 +164,7 @@ async def call(ctx: TransportContext, request: Request, name: str) -> bytes:
     admission = admission_of(request)
     assert admission is not None
     tool = admission.parts[4].decode("utf-8", "replace")
-    backend = _server_backend(ctx, name)
+    backend = ctx.backend(name)
     require_json(request)
     body = read_body(request, backend.server.max_message_size)
     try:
@@ -158,16 +178,67 @@ async def call(ctx: TransportContext, request: Request, name: str) -> bytes:
             "Bad Request: the body must be a JSON object: the tool's arguments",
         )
     checked = _request(tool, arguments)
+    if isinstance(backend, AggregateBackend):
+        name, checked = _routed(ctx, request, backend, checked, tool)
+    return await _call(ctx, request, name, checked, tool)
+
+
+def _routed(
+    ctx: TransportContext,
+    request: Request,
+    backend: AggregateBackend,
+    checked: era.ModernRequest,
+    shown: str,
+) -> tuple[str, era.ModernRequest]:
+    """An endpoint's call: the member it is for, and the call as it gets it
+    (the member's own name for the tool); refused as on C{/endpoints/NAME/mcp}."""
+    aggregate = backend.aggregate
+    guard = ctx.access.guard(principal_of(request), peer_of(request))
+    try:
+        route = aggregate.route(
+            checked.message, guard, lambda server: member_catalog(ctx, request, server, checked)
+        )
+    except Refused as refused:
+        aggregate.tool_refused(shown, principal_id(request), refused.text)
+        status = _refused_status(refused)
+        raise HTTPProblem(
+            status,
+            refused.code,
+            f"Not Found: unknown tool {shown!r}" if status == 404 else refused.text,
+            data=refused.data,
+        ) from None
+    return route.server, attrs.evolve(checked, message=route.message)
+
+
+def _refused_status(refused: Refused) -> int:
+    """The status of an endpoint's refusal: a name it does not show (404), a
+    member blocked by its pins (503), a member's rate limit (429)."""
+    if refused.code in (jsonrpc.INVALID_PARAMS, jsonrpc.METHOD_NOT_FOUND):
+        return 404
+    if refused.code == jsonrpc.SERVER_UNAVAILABLE and isinstance(refused.data, dict):
+        return 503
+    if refused.code == jsonrpc.RATE_LIMITED:
+        return 429
+    return 502
+
+
+async def _call(
+    ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest, shown: str
+) -> bytes:
+    """A checked call on server C{name} (C{shown}: the tool's name as its
+    client knows it)."""
+    tool = checked.message["params"]["name"]
     hub, tools = await _tools(ctx, request, name, checked)
     found = tools.get(tool)
     if found is None:
-        raise HTTPProblem(404, jsonrpc.INVALID_PARAMS, f"Not Found: unknown tool {tool!r}")
+        raise HTTPProblem(404, jsonrpc.INVALID_PARAMS, f"Not Found: unknown tool {shown!r}")
+    arguments = checked.message["params"]["arguments"]
     errors = openapi.argument_errors(found, arguments)
     if errors:
         raise HTTPProblem(
             422,
             jsonrpc.INVALID_PARAMS,
-            f"Unprocessable Content: the arguments do not match {tool!r}'s input schema",
+            f"Unprocessable Content: the arguments do not match {shown!r}'s input schema",
             data={"errors": errors},
         )
     if hub.closed:
