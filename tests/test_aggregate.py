@@ -637,6 +637,13 @@ class BlockedThroughEndpointTests(SynchronousTestCase):
             "POST", "/endpoints/team/mcp", message, headers(message, "application/json")
         )
         self.assertEqual([t["name"] for t in body["result"]["tools"]], ["bee__echo", "bee__sum"])
+        # A call for it is refused as the member's state: 503, not a rate limit's 429.
+        message = modern(3, "tools/call", {"name": "a__echo", "arguments": {}})
+        status, _, body = bridge.exchange(
+            "POST", "/endpoints/team/mcp", message, headers(message, "application/json")
+        )
+        self.assertEqual(status, 503, body)
+        self.assertEqual(body["error"]["data"], {"server": "a", "state": "blocked"})
         response = bridge.request("POST", "/endpoints/team/mcp", INIT, JSON)
         [session] = response.headers.getRawHeaders("mcp-session-id")
         bridge.json(response)

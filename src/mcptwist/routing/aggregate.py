@@ -101,13 +101,18 @@ class Route:
 
 
 class Refused(Exception):
-    """A request the aggregate answers with an error, without any member."""
+    """A request the aggregate answers with an error, without any member.
 
-    def __init__(self, code: int, text: str, data: Any = None) -> None:
+    C{status} is the HTTP status that says why, when the code alone cannot:
+    several refusals share a JSON-RPC code (a member blocked and a member's
+    rate limit are both -32000), not a status (503 and 429)."""
+
+    def __init__(self, code: int, text: str, data: Any = None, status: int | None = None) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
         self.data = data
+        self.status = status
 
 
 class Aggregate:
@@ -367,10 +372,11 @@ class Aggregate:
                 jsonrpc.SERVER_UNAVAILABLE,
                 f"MCP server '{server}' is {blocked}",
                 {"server": server, "state": "blocked"},
+                status=503,
             )
         refusal = guard.admit(server)
         if refusal is not None:
-            raise Refused(jsonrpc.RATE_LIMITED, refusal)
+            raise Refused(jsonrpc.RATE_LIMITED, refusal, status=429)
         routed = {**message, "params": params} if params or "params" in message else message
         return Route(server, routed)
 

@@ -490,7 +490,7 @@ def endpoint_post(
         if method == "tools/call":
             shown = (checked.message.get("params") or {}).get("name")
             aggregate.tool_refused(shown, principal_id(request), refused.text)
-        status = {jsonrpc.METHOD_NOT_FOUND: 404, jsonrpc.RATE_LIMITED: 429}.get(refused.code, 200)
+        status = refused.status or (404 if refused.code == jsonrpc.METHOD_NOT_FOUND else 200)
         return _json(
             request, jsonrpc.error(checked.id, refused.code, refused.text, refused.data), status
         )

@@ -213,12 +213,10 @@ def _routed(
 def _refused_status(refused: Refused) -> int:
     """The status of an endpoint's refusal: a name it does not show (404), a
     member blocked by its pins (503), a member's rate limit (429)."""
+    if refused.status is not None:
+        return refused.status
     if refused.code in (jsonrpc.INVALID_PARAMS, jsonrpc.METHOD_NOT_FOUND):
         return 404
-    if refused.code == jsonrpc.SERVER_UNAVAILABLE and isinstance(refused.data, dict):
-        return 503
-    if refused.code == jsonrpc.RATE_LIMITED:
-        return 429
     return 502
 
 
