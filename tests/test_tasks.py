@@ -190,3 +190,74 @@ class TaskFlowTests(SynchronousTestCase):
     def test_discover_names_the_extension(self) -> None:
         _, body = self.post(modern(1, "server/discover"))
         self.assertIn(era.TASKS_EXTENSION, body["result"]["capabilities"]["extensions"])
+
+
+def ask(id: str, text: str) -> Message:
+    """The child's elicitation, as a session-era child sends it (no link to a request)."""
+    return jsonrpc.request(id, "elicitation/create", {"message": text, "requestedSchema": {}})
+
+
+class QuestionsAfterACancelTests(SynchronousTestCase):
+    """Anonymous clients (one principal, as tasks see them): a task cancelled
+    while its child may still ask, then another task that asks."""
+
+    def setUp(self) -> None:
+        server = ServerConfig(name="s", command="fake", task_tools=("slow",))
+        self.client = Client(Bridge(self, server, hold=True, tasks=TasksConfig(ttl=600)))
+
+    def post(self, message: Message) -> Any:
+        status, body = self.client.post(message, accept="application/json")
+        self.assertEqual(status, 200, body)
+        return body["result"]
+
+    def cancelled_task(self) -> None:
+        task_id = self.post(slow(1))["taskId"]
+        self.post(task_request(2, "tasks/cancel", task_id))
+        [cancelled] = self.client.child.notifications("notifications/cancelled")
+        self.assertEqual(cancelled["params"]["requestId"], self.client.child.held[0]["id"])
+
+    def answers(self, id: str) -> list[Message]:
+        return [m for m in self.client.child.received if "method" not in m and m.get("id") == id]
+
+    def test_another_task_of_the_principal_is_asked(self) -> None:
+        """The cancelled task's principal is the only one who could read its
+        questions: the task that runs now gets the question, and its answer."""
+        self.cancelled_task()
+        task_id = self.post(slow(3, {"elicitation": {}, **TASKS}))["taskId"]
+        self.client.child.send(ask("q", "Delete it?"))
+        self.client.bridge.reactor.advance(1)
+        waiting = self.post(task_request(4, "tasks/get", task_id))
+        self.assertEqual(waiting["status"], "input_required")
+        [(key, question)] = waiting["inputRequests"].items()
+        self.assertEqual(question["params"]["message"], "Delete it?")
+        answer = {"action": "accept", "content": {"confirm": True}}
+        self.post(task_request(5, "tasks/update", task_id, inputResponses={key: answer}))
+        [answered] = self.answers("q")
+        self.assertEqual(answered["result"], answer)
+        self.assertEqual(self.post(task_request(6, "tasks/get", task_id))["status"], "working")
+
+    def test_a_plain_call_is_not_asked(self) -> None:
+        """A call that is not a task answers its own client, who may be anyone:
+        the cancelled task's question might reach the wrong person."""
+        self.cancelled_task()
+        d = self.client.start(modern(3, "tools/call", {"name": "echo"}, {"elicitation": {}}))
+        self.client.child.send(ask("q", "Delete it?"))
+        [refused] = self.answers("q")
+        self.assertIn("cannot tell which", refused["error"]["message"])
+        self.client.child.answer(self.client.child.held[-1])
+        self.assertEqual(self.client.finish(d)[0], 200)
+
+    def test_an_abandoned_plain_call_blurs_the_picture_for_tasks_too(self) -> None:
+        """The HTTP client of a plain call went away: its question must not land
+        in a task (the tasks' principal is every anonymous client)."""
+        d = self.client.start(
+            modern(1, "tools/call", {"name": "echo"}, {"elicitation": {}}),
+            accept="application/json",
+        )
+        self.client.hang_up()
+        self.failureResultOf(d)
+        task_id = self.post(slow(3))["taskId"]
+        self.client.child.send(ask("q", "Delete it?"))
+        [refused] = self.answers("q")
+        self.assertIn("cannot tell which", refused["error"]["message"])
+        self.assertEqual(self.post(task_request(4, "tasks/get", task_id))["status"], "working")

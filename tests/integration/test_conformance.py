@@ -146,8 +146,8 @@ class ConformanceTests(SynchronousTestCase):
 
 
 # The tasks-* scenarios the bridge passes in front of the session-era fixture.
-# Not listed: tasks-mrtr-input and tasks-mrtr-composition (see docs/eras.md,
-# "Tasks"), and tasks-status-notifications, which the suite itself skips.
+# Not listed: tasks-mrtr-composition (see docs/eras.md, "Tasks"), and
+# tasks-status-notifications, which the suite itself skips.
 TASK_SCENARIOS: Final = (
     "tasks-lifecycle",
     "tasks-capability-negotiation",
@@ -156,6 +156,7 @@ TASK_SCENARIOS: Final = (
     "tasks-request-headers",
     "tasks-dispatch-and-envelope",
     "tasks-required-task-error",
+    "tasks-mrtr-input",
 )
 
 

@@ -266,6 +266,8 @@ class ModernCall:
         self._listening = self.upstream.modern and self.method == "subscriptions/listen"
         # Told how the call ended, however it ended (a task follows its call so).
         self.on_end: Callable[[Status], None] | None = None
+        # The task whose work this call does, if it is one's.
+        self.task_id: str | None = None
 
     @property
     def sink(self) -> StatelessSink:
