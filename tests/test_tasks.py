@@ -261,3 +261,75 @@ class QuestionsAfterACancelTests(SynchronousTestCase):
         [refused] = self.answers("q")
         self.assertIn("cannot tell which", refused["error"]["message"])
         self.assertEqual(self.post(task_request(4, "tasks/get", task_id))["status"], "working")
+
+
+class TaskAfterInputTests(SynchronousTestCase):
+    """A tool named in C{task_after_input}: its first round asks the client,
+    the retry that answers becomes a task."""
+
+    def setUp(self) -> None:
+        server = ServerConfig(
+            name="s", command="fake", task_tools=("ask", "slow"), task_after_input=("ask",)
+        )
+        self.client = Client(Bridge(self, server, hold=True, tasks=TasksConfig(ttl=600)))
+        self.caps = {"elicitation": {}, **TASKS}
+
+    def test_asks_first_then_runs_as_a_task(self) -> None:
+        # A task cancelled just before, whose child may still ask, changes nothing:
+        # the first rounds ask the client that will own the task.
+        _, body = self.client.post(slow(9), accept="application/json")
+        self.client.post(
+            task_request(8, "tasks/cancel", body["result"]["taskId"]), accept="application/json"
+        )
+        d = self.client.start(
+            modern(1, "tools/call", {"name": "ask"}, self.caps), accept="application/json"
+        )
+        self.client.child.send(ask("q", "Your name?"))
+        self.client.bridge.reactor.advance(1)
+        status, body = self.client.finish(d)
+        first = body["result"]
+        self.assertEqual((status, first["resultType"]), (200, "input_required"))
+        self.assertNotIn("taskId", first)
+        [key] = first["inputRequests"]
+        answer = {"action": "accept", "content": {"name": "Alice"}}
+        retry = modern(
+            2,
+            "tools/call",
+            {"name": "ask", "inputResponses": {key: answer}, "requestState": first["requestState"]},
+            self.caps,
+        )
+        status, body = self.client.post(retry, accept="application/json")
+        created = body["result"]
+        self.assertEqual((status, created["resultType"]), (200, "task"))
+        self.assertNotIn("requestState", created)
+        [answered] = [m for m in self.client.child.received if m.get("id") == "q"]
+        self.assertEqual(answered["result"], answer)
+        self.client.child.answer(self.client.child.held[-1])
+        _, body = self.client.post(
+            task_request(3, "tasks/get", created["taskId"]), accept="application/json"
+        )
+        self.assertEqual(body["result"]["status"], "completed")
+
+    def test_without_the_extension_the_retry_is_a_plain_round(self) -> None:
+        caps = {"elicitation": {}}
+        d = self.client.start(
+            modern(1, "tools/call", {"name": "ask"}, caps), accept="application/json"
+        )
+        self.client.child.send(ask("q", "Your name?"))
+        self.client.bridge.reactor.advance(1)
+        first = self.client.finish(d)[1]["result"]
+        [key] = first["inputRequests"]
+        retry = modern(
+            2,
+            "tools/call",
+            {
+                "name": "ask",
+                "inputResponses": {key: {"action": "decline"}},
+                "requestState": first["requestState"],
+            },
+            caps,
+        )
+        d = self.client.start(retry, accept="application/json")
+        self.client.child.answer(self.client.held("tools/call"))
+        status, body = self.client.finish(d)
+        self.assertEqual((status, body["result"]["resultType"]), (200, "complete"))

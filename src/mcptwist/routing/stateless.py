@@ -266,8 +266,10 @@ class ModernCall:
         self._listening = self.upstream.modern and self.method == "subscriptions/listen"
         # Told how the call ended, however it ended (a task follows its call so).
         self.on_end: Callable[[Status], None] | None = None
-        # The task whose work this call does, if it is one's.
-        self.task_id: str | None = None
+        # A task's call; or the first rounds of a call that becomes a task on
+        # its retry (they ask the client that will own the task).
+        self.in_task = False
+        self.before_task = False
 
     @property
     def sink(self) -> StatelessSink:

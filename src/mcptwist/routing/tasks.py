@@ -244,7 +244,7 @@ class TaskStore:
         """Tie a task to the call that does its work (before the call starts)."""
         run = TaskRun(self, task)
         task.call = call
-        call.task_id = task.id
+        call.in_task = True
         call.on_end = run.ended
         return run
 

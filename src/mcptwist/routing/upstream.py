@@ -203,7 +203,7 @@ class _Abandoned:
     child: Child
     expiry: IDelayedCall
     principal: str | None
-    # The call of a task (whose questions only its principal's clients can read).
+    # The call of a task (whose questions only its principal's clients read).
     task: bool
 
 
@@ -903,11 +903,11 @@ class Upstream(Service):
         recent = self.clock.seconds() + self.server.request_timeout - ABANDONED_GRACE
         principals = {downstream_principal(o) for o in owners}
         # A task's questions wait in the task, read only by its principal, who may
-        # read every task of theirs: among the tasks of one principal, the call of a
-        # cancelled task hides nothing from the task that asks.
+        # read every task of theirs: among the tasks of one principal (and the first
+        # rounds of calls that become tasks), a cancelled task's call hides nothing.
         tasks_of = (
             next(iter(principals))
-            if len(principals) == 1 and all(downstream_task(o) for o in owners)
+            if len(principals) == 1 and all(downstream_task(o, before=True) for o in owners)
             else None
         )
         for abandoned in self._abandoned.values():
@@ -1271,6 +1271,9 @@ def downstream_principal(session: object) -> str | None:
     return principal if isinstance(principal, str) else None
 
 
-def downstream_task(session: object) -> bool:
-    """Whether a downstream is the call of a task (its C{task_id} says so)."""
-    return isinstance(getattr(session, "task_id", None), str)
+def downstream_task(session: object, before: bool = False) -> bool:
+    """Whether a downstream is the call of a task (its C{in_task} says so),
+    or, with C{before}, the first rounds of one (C{before_task})."""
+    return getattr(session, "in_task", False) is True or (
+        before and getattr(session, "before_task", False) is True
+    )
