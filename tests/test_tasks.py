@@ -190,3 +190,146 @@ class TaskFlowTests(SynchronousTestCase):
     def test_discover_names_the_extension(self) -> None:
         _, body = self.post(modern(1, "server/discover"))
         self.assertIn(era.TASKS_EXTENSION, body["result"]["capabilities"]["extensions"])
+
+
+def ask(id: str, text: str) -> Message:
+    """The child's elicitation, as a session-era child sends it (no link to a request)."""
+    return jsonrpc.request(id, "elicitation/create", {"message": text, "requestedSchema": {}})
+
+
+class QuestionsAfterACancelTests(SynchronousTestCase):
+    """Anonymous clients (one principal, as tasks see them): a task cancelled
+    while its child may still ask, then another task that asks."""
+
+    def setUp(self) -> None:
+        server = ServerConfig(name="s", command="fake", task_tools=("slow",))
+        self.client = Client(Bridge(self, server, hold=True, tasks=TasksConfig(ttl=600)))
+
+    def post(self, message: Message) -> Any:
+        status, body = self.client.post(message, accept="application/json")
+        self.assertEqual(status, 200, body)
+        return body["result"]
+
+    def cancelled_task(self) -> None:
+        task_id = self.post(slow(1))["taskId"]
+        self.post(task_request(2, "tasks/cancel", task_id))
+        [cancelled] = self.client.child.notifications("notifications/cancelled")
+        self.assertEqual(cancelled["params"]["requestId"], self.client.child.held[0]["id"])
+
+    def answers(self, id: str) -> list[Message]:
+        return [m for m in self.client.child.received if "method" not in m and m.get("id") == id]
+
+    def test_another_task_of_the_principal_is_asked(self) -> None:
+        """The cancelled task's principal is the only one who could read its
+        questions: the task that runs now gets the question, and its answer."""
+        self.cancelled_task()
+        task_id = self.post(slow(3, {"elicitation": {}, **TASKS}))["taskId"]
+        self.client.child.send(ask("q", "Delete it?"))
+        self.client.bridge.reactor.advance(1)
+        waiting = self.post(task_request(4, "tasks/get", task_id))
+        self.assertEqual(waiting["status"], "input_required")
+        [(key, question)] = waiting["inputRequests"].items()
+        self.assertEqual(question["params"]["message"], "Delete it?")
+        answer = {"action": "accept", "content": {"confirm": True}}
+        self.post(task_request(5, "tasks/update", task_id, inputResponses={key: answer}))
+        [answered] = self.answers("q")
+        self.assertEqual(answered["result"], answer)
+        self.assertEqual(self.post(task_request(6, "tasks/get", task_id))["status"], "working")
+
+    def test_a_plain_call_is_not_asked(self) -> None:
+        """A call that is not a task answers its own client, who may be anyone:
+        the cancelled task's question might reach the wrong person."""
+        self.cancelled_task()
+        d = self.client.start(modern(3, "tools/call", {"name": "echo"}, {"elicitation": {}}))
+        self.client.child.send(ask("q", "Delete it?"))
+        [refused] = self.answers("q")
+        self.assertIn("cannot tell which", refused["error"]["message"])
+        self.client.child.answer(self.client.child.held[-1])
+        self.assertEqual(self.client.finish(d)[0], 200)
+
+    def test_an_abandoned_plain_call_blurs_the_picture_for_tasks_too(self) -> None:
+        """The HTTP client of a plain call went away: its question must not land
+        in a task (the tasks' principal is every anonymous client)."""
+        d = self.client.start(
+            modern(1, "tools/call", {"name": "echo"}, {"elicitation": {}}),
+            accept="application/json",
+        )
+        self.client.hang_up()
+        self.failureResultOf(d)
+        task_id = self.post(slow(3))["taskId"]
+        self.client.child.send(ask("q", "Delete it?"))
+        [refused] = self.answers("q")
+        self.assertIn("cannot tell which", refused["error"]["message"])
+        self.assertEqual(self.post(task_request(4, "tasks/get", task_id))["status"], "working")
+
+
+class TaskAfterInputTests(SynchronousTestCase):
+    """A tool named in C{task_after_input}: its first round asks the client,
+    the retry that answers becomes a task."""
+
+    def setUp(self) -> None:
+        server = ServerConfig(
+            name="s", command="fake", task_tools=("ask", "slow"), task_after_input=("ask",)
+        )
+        self.client = Client(Bridge(self, server, hold=True, tasks=TasksConfig(ttl=600)))
+        self.caps = {"elicitation": {}, **TASKS}
+
+    def test_asks_first_then_runs_as_a_task(self) -> None:
+        # A task cancelled just before, whose child may still ask, changes nothing:
+        # the first rounds ask the client that will own the task.
+        _, body = self.client.post(slow(9), accept="application/json")
+        self.client.post(
+            task_request(8, "tasks/cancel", body["result"]["taskId"]), accept="application/json"
+        )
+        d = self.client.start(
+            modern(1, "tools/call", {"name": "ask"}, self.caps), accept="application/json"
+        )
+        self.client.child.send(ask("q", "Your name?"))
+        self.client.bridge.reactor.advance(1)
+        status, body = self.client.finish(d)
+        first = body["result"]
+        self.assertEqual((status, first["resultType"]), (200, "input_required"))
+        self.assertNotIn("taskId", first)
+        [key] = first["inputRequests"]
+        answer = {"action": "accept", "content": {"name": "Alice"}}
+        retry = modern(
+            2,
+            "tools/call",
+            {"name": "ask", "inputResponses": {key: answer}, "requestState": first["requestState"]},
+            self.caps,
+        )
+        status, body = self.client.post(retry, accept="application/json")
+        created = body["result"]
+        self.assertEqual((status, created["resultType"]), (200, "task"))
+        self.assertNotIn("requestState", created)
+        [answered] = [m for m in self.client.child.received if m.get("id") == "q"]
+        self.assertEqual(answered["result"], answer)
+        self.client.child.answer(self.client.child.held[-1])
+        _, body = self.client.post(
+            task_request(3, "tasks/get", created["taskId"]), accept="application/json"
+        )
+        self.assertEqual(body["result"]["status"], "completed")
+
+    def test_without_the_extension_the_retry_is_a_plain_round(self) -> None:
+        caps = {"elicitation": {}}
+        d = self.client.start(
+            modern(1, "tools/call", {"name": "ask"}, caps), accept="application/json"
+        )
+        self.client.child.send(ask("q", "Your name?"))
+        self.client.bridge.reactor.advance(1)
+        first = self.client.finish(d)[1]["result"]
+        [key] = first["inputRequests"]
+        retry = modern(
+            2,
+            "tools/call",
+            {
+                "name": "ask",
+                "inputResponses": {key: {"action": "decline"}},
+                "requestState": first["requestState"],
+            },
+            caps,
+        )
+        d = self.client.start(retry, accept="application/json")
+        self.client.child.answer(self.client.held("tools/call"))
+        status, body = self.client.finish(d)
+        self.assertEqual((status, body["result"]["resultType"]), (200, "complete"))

@@ -146,8 +146,7 @@ class ConformanceTests(SynchronousTestCase):
 
 
 # The tasks-* scenarios the bridge passes in front of the session-era fixture.
-# Not listed: tasks-mrtr-input and tasks-mrtr-composition (see docs/eras.md,
-# "Tasks"), and tasks-status-notifications, which the suite itself skips.
+# Not listed: tasks-status-notifications, which the suite itself skips.
 TASK_SCENARIOS: Final = (
     "tasks-lifecycle",
     "tasks-capability-negotiation",
@@ -156,6 +155,8 @@ TASK_SCENARIOS: Final = (
     "tasks-request-headers",
     "tasks-dispatch-and-envelope",
     "tasks-required-task-error",
+    "tasks-mrtr-input",
+    "tasks-mrtr-composition",
 )
 
 
@@ -165,7 +166,12 @@ class TasksConformanceTests(SynchronousTestCase):
 
     def test_task_scenarios(self) -> None:
         h.require_node_tools(h.CONFORMANCE_BIN, h.NODE22_BIN / "node")
-        bridge = h.start_bridge(self, h.python_server_toml("conf", [str(FIXTURE)]))
+        bridge = h.start_bridge(
+            self,
+            h.python_server_toml(
+                "conf", [str(FIXTURE)], 'task_after_input = ["test_tool_with_task"]'
+            ),
+        )
         out = Path(tempfile.mkdtemp(prefix="mcptwist-conformance-tasks-"))
         home = tempfile.mkdtemp(prefix="mcptwist-conformance-home-")
         failures: list[str] = []

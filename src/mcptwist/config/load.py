@@ -922,6 +922,7 @@ def _parse_server(
         exclude=r.strings("exclude"),
         on_tool_change=_tool_change(r),
         task_tools=r.strings("task_tools"),
+        task_after_input=r.strings("task_after_input"),
     )
     r.finish(ignored=CLIENT_ONLY_KEYS)
     if server.max_request_timeout < server.request_timeout:

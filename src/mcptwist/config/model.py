@@ -302,6 +302,9 @@ class ServerConfig:
     # Tools the bridge runs as tasks for a client that asks, besides those whose
     # definition declares execution.taskSupport (glob list of the tools' own names).
     task_tools: tuple[str, ...] = ()
+    # Tools that ask their client first (input_required rounds) and run as a task
+    # from the retry that answers them on (glob list of the tools' own names).
+    task_after_input: tuple[str, ...] = ()
 
     @property
     def children_per_principal(self) -> int:

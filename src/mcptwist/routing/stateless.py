@@ -266,6 +266,10 @@ class ModernCall:
         self._listening = self.upstream.modern and self.method == "subscriptions/listen"
         # Told how the call ended, however it ended (a task follows its call so).
         self.on_end: Callable[[Status], None] | None = None
+        # A task's call; or the first rounds of a call that becomes a task on
+        # its retry (they ask the client that will own the task).
+        self.in_task = False
+        self.before_task = False
 
     @property
     def sink(self) -> StatelessSink:

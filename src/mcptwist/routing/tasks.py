@@ -244,6 +244,7 @@ class TaskStore:
         """Tie a task to the call that does its work (before the call starts)."""
         run = TaskRun(self, task)
         task.call = call
+        call.in_task = True
         call.on_end = run.ended
         return run
 

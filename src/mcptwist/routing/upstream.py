@@ -195,6 +195,18 @@ class _Outbound:
     trace: QuestionTrace | None = None
 
 
+@attrs.define(eq=False)
+class _Abandoned:
+    """A request the bridge gave up on that the child may still be working on."""
+
+    owner: Downstream | None
+    child: Child
+    expiry: IDelayedCall
+    principal: str | None
+    # The call of a task (whose questions only its principal's clients read).
+    task: bool
+
+
 class Upstream(Service):
     """One child and the sessions that share it."""
 
@@ -232,8 +244,8 @@ class Upstream(Service):
         self._subscribing: dict[str, list[Pending]] = {}
         # Requests the bridge gave up on (timeout, cancellation, session gone) that the
         # child may still be working on: a server-to-client request may belong to them.
-        # (owner, child, expiry, the owner's principal) by the child's id.
-        self._abandoned: dict[int, tuple[Downstream | None, Child, IDelayedCall, str | None]] = {}
+        # By the child's id.
+        self._abandoned: dict[int, _Abandoned] = {}
         self._child_level: str | None = None
         self._ready_waiters: list[Deferred[None]] = []
         # The current child's silence while its requests time out.
@@ -331,9 +343,9 @@ class Upstream(Service):
                     self._unsubscribed(uri)
         for waiters in self._subscribing.values():
             waiters[:] = [w for w in waiters if w.session is not session]
-        for child_id, (owner, child, timer, principal) in list(self._abandoned.items()):
-            if owner is session:
-                self._abandoned[child_id] = (None, child, timer, principal)
+        for abandoned in self._abandoned.values():
+            if abandoned.owner is session:
+                abandoned.owner = None
         if session.log_level is not None:
             # The most verbose client may have left: the child can be quieter.
             self._update_level()
@@ -717,8 +729,8 @@ class Upstream(Service):
             p = self._pending.get(message["id"]) if isinstance(message["id"], int) else None
             if p is None or p.sent_to is not child:
                 late = self._abandoned.pop(message["id"], None)
-                if late is not None and late[2].active():
-                    late[2].cancel()
+                if late is not None and late.expiry.active():
+                    late.expiry.cancel()
                 log.debug("{server}: dropped a late or unknown response", server=self.label)
                 return
             self._respond(p, message)
@@ -890,10 +902,21 @@ class Upstream(Service):
         # does a child told to cancel stop blurring the picture after a grace period.
         recent = self.clock.seconds() + self.server.request_timeout - ABANDONED_GRACE
         principals = {downstream_principal(o) for o in owners}
-        for owner, _, timer, principal in self._abandoned.values():
+        # A task's questions wait in the task, read only by its principal, who may
+        # read every task of theirs: among the tasks of one principal (and the first
+        # rounds of calls that become tasks), a cancelled task's call hides nothing.
+        tasks_of = (
+            next(iter(principals))
+            if len(principals) == 1 and all(downstream_task(o, before=True) for o in owners)
+            else None
+        )
+        for abandoned in self._abandoned.values():
+            principal = abandoned.principal
+            if abandoned.task and principal is not None and principal == tasks_of:
+                continue
             alone = principals == {principal} and principal not in (None, "anonymous")
-            if not alone or timer.getTime() > recent:
-                owners.setdefault(owner, [])
+            if not alone or abandoned.expiry.getTime() > recent:
+                owners.setdefault(abandoned.owner, [])
         # Each session-era client, and each principal of stateless ones, has roots of its own.
         holders = {s if not s.stateless else downstream_principal(s) for s in self.sessions}
         if method == "roots/list" and len(holders) > 1:
@@ -1137,14 +1160,16 @@ class Upstream(Service):
         timer = self.clock.callLater(
             self.server.request_timeout, self._abandoned.pop, p.child_id, None
         )
-        self._abandoned[p.child_id] = (owner, p.sent_to, timer, downstream_principal(p.session))
+        self._abandoned[p.child_id] = _Abandoned(
+            owner, p.sent_to, timer, downstream_principal(p.session), downstream_task(p.session)
+        )
 
     def _forget_abandoned(self, keep: Callable[[Downstream | None, Child], bool]) -> None:
-        for child_id, (owner, child, timer, _) in list(self._abandoned.items()):
-            if not keep(owner, child):
+        for child_id, abandoned in list(self._abandoned.items()):
+            if not keep(abandoned.owner, abandoned.child):
                 del self._abandoned[child_id]
-                if timer.active():
-                    timer.cancel()
+                if abandoned.expiry.active():
+                    abandoned.expiry.cancel()
 
     def _fail(
         self, p: Pending, code: int, text: str, data: Any = None, status: Status = "error"
@@ -1244,3 +1269,11 @@ def downstream_principal(session: object) -> str | None:
     """Who is behind a downstream (None when the downstream does not say)."""
     principal = getattr(session, "principal", None)
     return principal if isinstance(principal, str) else None
+
+
+def downstream_task(session: object, before: bool = False) -> bool:
+    """Whether a downstream is the call of a task (its C{in_task} says so),
+    or, with C{before}, the first rounds of one (C{before_task})."""
+    return getattr(session, "in_task", False) is True or (
+        before and getattr(session, "before_task", False) is True
+    )

@@ -13,6 +13,7 @@ notifications. GET and DELETE do not exist in this revision (405).
 from __future__ import annotations
 
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 from typing import Any, Final
 
 import attrs
@@ -31,7 +32,7 @@ from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
-from mcptwist.routing.tasks import TaskLimit, task_support
+from mcptwist.routing.tasks import Task, TaskLimit, task_support
 
 from .admission import peer_of, principal_id, principal_of
 from .context import TransportContext
@@ -229,6 +230,18 @@ def _advertise_tasks(message: Message) -> Message:
     return message
 
 
+def _new_task(
+    ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest
+) -> Task:
+    """A new task of the request's principal, or 429 when the store is full."""
+    try:
+        return ctx.tasks.create(principal_id(request), name)
+    except TaskLimit as limit:
+        raise ctx.refused(
+            request, name, "tasks", 429, f"Too Many Requests: {limit}", 5, checked.id
+        ) from None
+
+
 def _as_task(
     ctx: TransportContext,
     request: Request,
@@ -240,12 +253,7 @@ def _as_task(
     """Run a C{tools/call} as a task: answered at once with the task, while the
     call goes on in the child with the task as its only responder."""
     ctx.access.admit_requests(request, hub, 1, checked.id)
-    try:
-        task = ctx.tasks.create(principal_id(request), name)
-    except TaskLimit as limit:
-        raise ctx.refused(
-            request, name, "tasks", 429, f"Too Many Requests: {limit}", 5, checked.id
-        ) from None
+    task = _new_task(ctx, request, name, checked)
     # The child runs the call itself: it is not asked to make a task of it.
     message = era.without_tasks(checked.message)
     running = attrs.evolve(checked, message=message)
@@ -262,6 +270,28 @@ def _as_task(
     params = checked.message.get("params") or {}
     answers = params.get("inputResponses")
     call.start(answers if translated else None)
+    return _json(request, jsonrpc.result(checked.id, ctx.tasks.created(task)))
+
+
+def _after_input(hub: ClientSession, tool: str) -> bool:
+    """Whether a tool asks its client first and runs as a task from the retry on."""
+    return any(fnmatchcase(tool, glob) for glob in hub.backend.server.task_after_input)
+
+
+def _retry_as_task(
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    checked: era.ModernRequest,
+    call: ModernCall,
+    answers: dict[str, Any],
+) -> bytes:
+    """The retry of a parked call that answers its questions: the call goes on
+    as a task, and the retry is answered at once with the task (without the
+    requestState of the rounds before: a task is followed by its id)."""
+    task = _new_task(ctx, request, name, checked)
+    running = attrs.evolve(checked, message=era.without_tasks(checked.message))
+    call.resume(ctx.tasks.run(task, call), running, answers, peer_of(request))
     return _json(request, jsonrpc.result(checked.id, ctx.tasks.created(task)))
 
 
@@ -319,6 +349,9 @@ def serve(
     # A child that speaks this revision gets its requests as they are: its own
     # input_required, requestState and listen streams included.
     translated = not hub.upstream.modern
+    # A tool that asks first (task_after_input): its first rounds, then the
+    # retry that answers them, which runs on as a task.
+    asks_first = task_on_retry = False
     if ctx.tasks.enabled:
         if checked.method == "server/discover":
             shown = rewrite
@@ -351,14 +384,21 @@ def serve(
                     ),
                     400,
                 )
-            if support != "forbidden" and declared:
+            asks_first = support != "forbidden" and declared and _after_input(hub, tool)
+            if support != "forbidden" and declared and not asks_first:
                 return _as_task(ctx, request, name, checked, hub, translated)
+        elif checked.method == "tools/call" and translated:
+            task_on_retry = era.declares_tasks(checked.capabilities) and _after_input(
+                hub, str(params.get("name"))
+            )
     if checked.method == "subscriptions/listen" and translated:
         return _listen(ctx, request, name, checked, hub)
     state = params.get("requestState") if translated else None
     if state is not None:
         call = _parked_call(ctx, name, principal, checked, state)
         hub = call.hub
+        if task_on_retry:
+            return _retry_as_task(ctx, request, name, checked, call, answers or {})
     elif checked.method != "subscriptions/listen":
         ctx.access.admit_requests(request, hub, 1, checked.id)
     # A server set to json_response answers JSON to clients that take it
@@ -382,6 +422,7 @@ def serve(
             hub.backend.server.input_timeout,
             peer,
         )
+        call.before_task = asks_first
         call.start(answers if translated else None)
 
     def vanished(_: object) -> None:
