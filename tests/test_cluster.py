@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcptwist.cluster.keys import ClusterKeys, SessionIds
 from mcptwist.config.load import parse_config
 from mcptwist.config.model import ConfigError
-from mcptwist.mcp import jsonrpc
+from mcptwist.mcp import era, jsonrpc
 from mcptwist.mcp.jsonrpc import Message
 from mcptwist.routing.stateless import StateSigner
 from mcptwist.web.forward import Forwarder
@@ -30,6 +30,8 @@ from .support.messages import INIT, JSON, call, headers
 
 KEY = "k" * 16 + "0123456789abcdef"
 OTHER = "x" * 16 + "fedcba9876543210"
+# A client's capabilities that declare the tasks extension.
+TASKS = {"elicitation": {}, "extensions": {era.TASKS_EXTENSION: {}}}
 
 
 def cluster_doc(**cluster: Any) -> dict[str, Any]:
@@ -304,16 +306,22 @@ class Directory:
         return succeed(list(self.addresses))
 
 
-class ForwardTests(SynchronousTestCase):
-    """A 2026-07-28 retry that reaches a node other than the one whose call
-    waits for it is forwarded there, once."""
+class TwoNodes(SynchronousTestCase):
+    """Two nodes of a cluster, n1 and n2, over children that hold their
+    requests; n2 reaches n1 (and only n1) over the hop."""
+
+    # Server s's table, on both nodes.
+    server: dict[str, Any] = {"command": "fake"}
 
     def setUp(self) -> None:
         def held(child: FakeChild) -> None:
             child.hold = True
 
-        self.n1 = Service(self, parse_config(cluster_doc(node_id="n1"), "c", {}), on_spawn=held)
-        self.n2 = Service(self, parse_config(cluster_doc(node_id="n2"), "c", {}), on_spawn=held)
+        def doc(node: str) -> dict[str, Any]:
+            return {**cluster_doc(node_id=node), "servers": {"s": self.server}}
+
+        self.n1 = Service(self, parse_config(doc("n1"), "c", {}), on_spawn=held)
+        self.n2 = Service(self, parse_config(doc("n2"), "c", {}), on_spawn=held)
         self.hop = StubTreq(self.n1.service.resource)
         forwarder = self.n2.service.web.forwarder
         assert forwarder is not None
@@ -343,6 +351,11 @@ class ForwardTests(SynchronousTestCase):
         d = node.client.content(response)
         self.flush()
         return response.code, orjson.loads(self.successResultOf(d))
+
+
+class ForwardTests(TwoNodes):
+    """A 2026-07-28 retry that reaches a node other than the one whose call
+    waits for it is forwarded there, once."""
 
     def asked(self) -> tuple[FakeChild, Message, str]:
         """A call on n1 whose child asks its client a question: the child, the
@@ -416,6 +429,48 @@ class ForwardTests(SynchronousTestCase):
             status, _ = self.answer(self.n2, self.post(self.n2, self.retry(forged)))
             self.assertEqual(status, 400, forged)
         self.assertEqual(asked, [], "nothing was forwarded")
+
+
+class TaskForwardTests(TwoNodes):
+    """A task lives on the node that accepted it: its id names that node, and
+    another node sends the task's requests there."""
+
+    server = {"command": "fake", "task_tools": ["echo"]}
+
+    def task_request(self, id: int, method: str, task_id: str) -> Message:
+        message = call(id)
+        message["method"] = method
+        message["params"] = {"_meta": message["params"]["_meta"], "taskId": task_id}
+        return message
+
+    def test_a_task_through_another_node(self) -> None:
+        message = call(1)
+        message["params"]["_meta"][era.META_CAPABILITIES] = TASKS
+        status, body = self.answer(self.n1, self.post(self.n1, message))
+        self.assertEqual(status, 200, body)
+        task_id = body["result"]["taskId"]
+        self.assertTrue(task_id.startswith("n1."), task_id)
+        get = self.task_request(2, "tasks/get", task_id)
+        get["params"]["_meta"][era.META_CAPABILITIES] = TASKS
+        status, body = self.answer(self.n2, self.post(self.n2, get, **{"mcp-name": task_id}))
+        self.assertEqual((status, body["result"]["status"]), (200, "working"), body)
+        cancel = self.task_request(3, "tasks/cancel", task_id)
+        cancel["params"]["_meta"][era.META_CAPABILITIES] = TASKS
+        self.answer(self.n2, self.post(self.n2, cancel, **{"mcp-name": task_id}))
+        [child] = self.n1.reactor.children
+        [cancelled] = child.notifications("notifications/cancelled")
+        [held] = [m for m in child.held if m["method"] == "tools/call"]
+        self.assertEqual(cancelled["params"]["requestId"], held["id"])
+        [own] = self.n2.reactor.children
+        self.assertEqual(own.requests("tools/call"), [], "n2's child never saw it")
+
+    def test_a_task_of_a_node_that_is_gone(self) -> None:
+        """An id naming a node the registry does not know: an unknown task."""
+        get = self.task_request(2, "tasks/get", "n9.abcdef")
+        get["params"]["_meta"][era.META_CAPABILITIES] = TASKS
+        status, body = self.answer(self.n2, self.post(self.n2, get, **{"mcp-name": "n9.abcdef"}))
+        self.assertEqual((status, body["error"]["code"]), (200, jsonrpc.INVALID_PARAMS), body)
+        self.assertIn("no task 'n9.abcdef'", body["error"]["message"])
 
 
 class Nodes:

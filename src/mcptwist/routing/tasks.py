@@ -182,9 +182,12 @@ def _error_shape(error: dict[str, Any]) -> dict[str, Any]:
 class TaskStore:
     """Every task of this bridge, by id, bounded in count, size and time."""
 
-    def __init__(self, clock: IReactorTime, config: TasksConfig) -> None:
+    def __init__(self, clock: IReactorTime, config: TasksConfig, node: str | None = None) -> None:
         self.clock = clock
         self.config = config
+        # In a cluster, this node's id: every task id starts with it (NODE.RANDOM),
+        # so that any node can tell where a task lives.
+        self.node = node
         self._tasks: dict[str, Task] = {}
         self._by_principal: dict[str, dict[str, Task]] = {}
         self._sweep: IDelayedCall | None = None
@@ -214,7 +217,9 @@ class TaskStore:
                 self._tasks.values(), f"the bridge holds {len(self._tasks)} running tasks"
             )
         now = self.clock.seconds()
-        task = Task(secrets.token_urlsafe(18), principal, server, now, self.config.ttl)
+        random = secrets.token_urlsafe(18)
+        task_id = f"{self.node}.{random}" if self.node is not None else random
+        task = Task(task_id, principal, server, now, self.config.ttl)
         self._tasks[task.id] = task
         self._by_principal.setdefault(principal, {})[task.id] = task
         self._schedule()

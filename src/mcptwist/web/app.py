@@ -427,7 +427,9 @@ class BridgeApp:
         # Follows each request in spans (the service plugs it in with [telemetry]).
         self.tracer: Tracer | None = None
         # The tasks of 2026-07-28 clients (the tasks extension).
-        self.tasks = TaskStore(clock, config.tasks)
+        self.tasks = TaskStore(
+            clock, config.tasks, cluster.node_id if cluster is not None else None
+        )
         if cluster is not None:
             keys = ClusterKeys(cluster.keys)
             self.signer = StateSigner(node=cluster.node_id, keys=keys)

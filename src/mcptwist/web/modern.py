@@ -156,7 +156,9 @@ def post(
     return serve(ctx, request, name, checked, json_ok, sse_ok)
 
 
-def _task_request(ctx: TransportContext, request: Request, checked: era.ModernRequest) -> bytes:
+def _task_request(
+    ctx: TransportContext, request: Request, checked: era.ModernRequest
+) -> bytes | int:
     """C{tasks/get}, C{tasks/update} or C{tasks/cancel}: answered by the bridge,
     for the principal's own tasks only (another's are unknown to it)."""
     method = checked.method
@@ -182,17 +184,21 @@ def _task_request(ctx: TransportContext, request: Request, checked: era.ModernRe
         raise HTTPProblem(
             400, jsonrpc.INVALID_PARAMS, "Invalid params: taskId must be a string", checked.id
         )
+    unknown = HTTPProblem(
+        200,
+        jsonrpc.INVALID_PARAMS,
+        f"Invalid params: no task {task_id!r} (unknown, or expired)",
+        checked.id,
+    )
+    forwarder = ctx.forwarder
+    owner, dot, _ = task_id.partition(".")
+    if forwarder is not None and dot and owner != forwarder.node:
+        # A task lives on the node that accepted it: the request goes there, once.
+        return _forward(ctx, forwarder, request, owner, unknown, "a task request")
     tasks = ctx.tasks
     task = tasks.find(principal_id(request), task_id)
     if task is None:
-        return _json(
-            request,
-            jsonrpc.error(
-                checked.id,
-                jsonrpc.INVALID_PARAMS,
-                f"Invalid params: no task {task_id!r} (unknown, or expired)",
-            ),
-        )
+        return unknown.render(request)
     if method == "tasks/get":
         return _json(request, jsonrpc.result(checked.id, tasks.detailed(task)))
     if method == "tasks/cancel":
@@ -326,7 +332,7 @@ def serve(
     if state is not None and forwarder is not None:
         owner = ctx.signer.owner(state)
         if owner is not None and owner != forwarder.node:
-            return _forward(ctx, forwarder, request, owner, checked)
+            return _forward(ctx, forwarder, request, owner, _invalid_state(checked), "a retry")
     hub = open_hub(ctx, request, name, checked)
     assert hub.upstream is not None
     # A hub serves every request of its principal id: what each may see is
@@ -719,19 +725,20 @@ def _forward(
     forwarder: Forwarder,
     request: Request,
     owner: str,
-    checked: era.ModernRequest,
+    lost: HTTPProblem,
+    what: str,
 ) -> int:
-    """A retry for a call parked on another node: forwarded there, once."""
+    """A request for what another node holds (a parked call, a task):
+    forwarded there, once; C{lost} when that node is gone."""
     content = request.content
     assert content is not None
     content.seek(0)
     body = content.read()
-    lost = _invalid_state(checked)
     if forwarder.hopped_from(request, body) is not None:
-        # Forwarded here already: a state this node does not hold is lost.
+        # Forwarded here already: what this node does not hold is lost.
         raise lost
     forwarder.forward(request, body, peer_of(request), owner, lost).addErrback(
-        lambda f: log.failure("forwarding a retry to node {owner}", f, owner=owner)
+        lambda f: log.failure("forwarding {what} to node {owner}", f, what=what, owner=owner)
     )
     return NOT_DONE_YET
 
