@@ -19,15 +19,14 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import jsonschema
 import orjson
-from jsonschema.exceptions import SchemaError
-from jsonschema.protocols import Validator
-from referencing.exceptions import Unresolvable
 
 from mcptwist.mcp import jsonrpc
+
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
 
 OPENAPI_VERSION: Final = "3.1.0"
 # A tool is served only if its name is one path segment the gate takes as it
@@ -128,6 +127,8 @@ def _schema(value: Any) -> dict[str, Any] | None:
     themselves: no validator or resolver gets out of such a loop)."""
     if not isinstance(value, dict) or _bad_refs(value):
         return None
+    from jsonschema.exceptions import SchemaError
+
     try:
         validator_class(value).check_schema(value)
     except (SchemaError, RecursionError):
@@ -178,9 +179,14 @@ def _bad_refs(root: dict[str, Any]) -> bool:
 
 
 def validator_class(schema: dict[str, Any]) -> type[Validator]:
-    """The validator of the schema's C{$schema} dialect (2020-12 unless it names another)."""
+    """The validator of the schema's C{$schema} dialect (2020-12 unless it names another).
+
+    jsonschema is imported on first use: a bridge whose REST face is never
+    called does not load it."""
+    import jsonschema.validators
+
     found: type[Validator] = jsonschema.validators.validator_for(
-        schema, default=jsonschema.Draft202012Validator
+        schema, default=jsonschema.validators.Draft202012Validator
     )
     return found
 
@@ -301,6 +307,8 @@ def argument_errors(tool: dict[str, Any], arguments: Any) -> list[dict[str, str]
         return []
     if validator is None:
         return []
+    from referencing.exceptions import Unresolvable
+
     try:
         found = sorted(validator.iter_errors(arguments), key=lambda e: list(map(str, e.path)))
     except (RecursionError, Unresolvable):
