@@ -59,6 +59,8 @@ TASKS_EXTENSION: Final = "io.modelcontextprotocol/tasks"
 TASK_METHODS: Final = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
 # Methods of the experimental tasks of 2025-11-25 that the extension removed.
 REMOVED_TASK_METHODS: Final = frozenset({"tasks/result", "tasks/list"})
+# Every tasks/* method a client may send, served by the bridge or refused.
+ANY_TASK_METHOD: Final = TASK_METHODS | REMOVED_TASK_METHODS
 # The parameter whose value the Mcp-Name header repeats.
 NAMED_PARAM: Final = {
     "tools/call": "name",

@@ -149,7 +149,7 @@ def post(
             checked.id,
         )
     backend = ctx.backend(name)
-    if ctx.tasks.enabled and checked.method in era.TASK_METHODS | era.REMOVED_TASK_METHODS:
+    if ctx.tasks.enabled and checked.method in era.ANY_TASK_METHOD:
         return _task_request(ctx, request, checked)
     if isinstance(backend, AggregateBackend):
         return endpoint_post(ctx, request, backend, checked, json_ok, sse_ok)
