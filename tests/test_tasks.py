@@ -15,7 +15,7 @@ from mcptwist.routing.tasks import TaskLimit, TaskStore, task_support, timestamp
 from mcptwist.security.auth import hash_token
 
 from .support.bridge import Bridge, Client
-from .support.messages import modern
+from .support.messages import events, modern
 
 TASKS = {"extensions": {era.TASKS_EXTENSION: {}}}
 ALICE, BOB = "Bearer mcpt_alice", "Bearer mcpt_bob"
@@ -333,3 +333,97 @@ class TaskAfterInputTests(SynchronousTestCase):
         self.client.child.answer(self.client.held("tools/call"))
         status, body = self.client.finish(d)
         self.assertEqual((status, body["result"]["resultType"]), (200, "complete"))
+
+
+class TaskNotificationTests(SynchronousTestCase):
+    """C{notifications/tasks} on a C{subscriptions/listen} stream whose filter
+    names task ids (SEP-2663, "Task Status Notifications")."""
+
+    def setUp(self) -> None:
+        tokens = tuple(
+            TokenConfig(name, hash_token(f"mcpt_{name}"), frozenset({"*"}))
+            for name in ("alice", "bob")
+        )
+        server = ServerConfig(name="s", command="fake", task_tools=("slow",))
+        self.client = Client(
+            Bridge(
+                self, server, hold=True, auth=AuthConfig(tokens=tokens), tasks=TasksConfig(ttl=600)
+            )
+        )
+
+    def post(self, message: Message, who: str = ALICE) -> Any:
+        status, body = self.client.post(message, accept="application/json", authorization=who)
+        self.assertEqual(status, 200, body)
+        return body["result"]
+
+    def listen(self, task_ids: list[str], who: str = ALICE) -> list[bytes]:
+        message = modern(
+            "L", "subscriptions/listen", {"notifications": {"taskIds": task_ids}}, TASKS
+        )
+        response = self.successResultOf(self.client.start(message, authorization=who))
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
+        return self.client.bridge.stream(response)
+
+    def seen(self, chunks: list[bytes]) -> list[Message]:
+        self.client.bridge.client.flush()
+        return [m for m in events(chunks) if m["method"] == "notifications/tasks"]
+
+    def test_working_input_required_completed(self) -> None:
+        task_id = self.post(slow(1, {"elicitation": {}, **TASKS}))["taskId"]
+        chunks = self.listen([task_id, "unknown"])
+        [ack] = [m for m in events(chunks) if m["method"].endswith("acknowledged")]
+        self.assertEqual(ack["params"]["notifications"], {"taskIds": [task_id]})
+        self.client.child.send(ask("q", "Delete it?"))
+        self.client.bridge.reactor.advance(1)
+        [key] = self.seen(chunks)[-1]["params"]["inputRequests"]
+        answer = {"action": "accept", "content": {"confirm": True}}
+        self.post(task_request(2, "tasks/update", task_id, inputResponses={key: answer}))
+        self.client.child.answer(self.client.held("tools/call"))
+        seen = self.seen(chunks)
+        self.assertEqual(
+            [m["params"]["status"] for m in seen],
+            ["working", "input_required", "working", "completed"],
+        )
+        last = seen[-1]["params"]
+        self.assertEqual(last["taskId"], task_id)
+        self.assertEqual(last["_meta"], {era.META_SUBSCRIPTION: "L"})
+        self.assertNotIn("resultType", last)
+        # The task as tasks/get shows it.
+        got = self.post(task_request(3, "tasks/get", task_id))
+        del got["resultType"]
+        self.assertEqual({k: v for k, v in last.items() if k != "_meta"}, got)
+
+    def test_cancelled(self) -> None:
+        task_id = self.post(slow(1))["taskId"]
+        chunks = self.listen([task_id])
+        self.post(task_request(2, "tasks/cancel", task_id))
+        self.client.child.answer(self.client.held("tools/call"))  # too late: nothing more
+        seen = self.seen(chunks)
+        self.assertEqual([m["params"]["status"] for m in seen], ["working", "cancelled"])
+        self.assertEqual(seen[-1]["params"]["statusMessage"], "the client cancelled the task")
+
+    def test_a_closed_stream_stops_following_and_the_task_goes_on(self) -> None:
+        task_id = self.post(slow(1))["taskId"]
+        chunks = self.listen([task_id])
+        streams = [c for c in self.client.bridge.app.heartbeat.connections if c.label == "s listen"]
+        streams[0].request.channel.transport.loseConnection()
+        self.client.bridge.client.flush()
+        self.client.child.answer(self.client.held("tools/call"))
+        self.assertEqual([m["params"]["status"] for m in self.seen(chunks)], ["working"])
+        self.assertEqual(self.post(task_request(2, "tasks/get", task_id))["status"], "completed")
+
+    def test_another_principal_gets_nothing(self) -> None:
+        task_id = self.post(slow(1))["taskId"]
+        chunks = self.listen([task_id], BOB)
+        [ack] = events(chunks)
+        self.assertEqual(ack["params"]["notifications"], {})
+        self.client.child.answer(self.client.held("tools/call"))
+        self.assertEqual(self.seen(chunks), [])
+
+    def test_json_tasks_get_is_unchanged_and_the_extension_is_required(self) -> None:
+        task_id = self.post(slow(1))["taskId"]
+        status, body = self.client.post(task_request(2, "tasks/get", task_id), authorization=ALICE)
+        self.assertEqual((status, body["result"]["status"]), (200, "working"))
+        message = modern("L", "subscriptions/listen", {"notifications": {"taskIds": [task_id]}})
+        status, body = self.client.post(message, authorization=ALICE)
+        self.assertEqual((status, body["error"]["code"]), (400, jsonrpc.MISSING_CAPABILITY))

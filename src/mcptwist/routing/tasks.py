@@ -22,7 +22,7 @@ than C{max_result_size} fails its task.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Final
@@ -126,6 +126,7 @@ class TaskRun:
             requests = result.get("inputRequests")
             self.store.touch(task, INPUT_REQUIRED)
             task.input_requests = dict(requests) if isinstance(requests, dict) else {}
+            self.store.changed(task)
             return
         size = len(jsonrpc.dumps(result))
         limit = self.store.config.max_result_size
@@ -191,6 +192,8 @@ class TaskStore:
         self._tasks: dict[str, Task] = {}
         self._by_principal: dict[str, dict[str, Task]] = {}
         self._sweep: IDelayedCall | None = None
+        # Who follows a task's status (a listen stream), by task id.
+        self._watchers: dict[str, list[Callable[[Task], None]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -270,6 +273,9 @@ class TaskStore:
         task.result = result
         task.error = error
         task.input_requests = None
+        self.changed(task)
+        # A finished task changes no more.
+        self._watchers.pop(task.id, None)
 
     def cancel(self, task: Task, why: str = "the client cancelled the task") -> None:
         """Stop a task that runs (the child hears C{notifications/cancelled});
@@ -277,8 +283,8 @@ class TaskStore:
         if task.finished:
             return
         call = task.call
-        self.finish(task, CANCELLED)
         task.status_message = why
+        self.finish(task, CANCELLED)
         if call is not None and not call.ended:
             call.abandon(why)
 
@@ -290,7 +296,30 @@ class TaskStore:
             return
         self.touch(task, WORKING)
         task.input_requests = None
+        self.changed(task)
         call.resume(self.run(task, call), call.request, answers, call.peer)
+
+    def watch(self, task: Task, watcher: Callable[[Task], None]) -> None:
+        """Call C{watcher} with the task at each change of its status, until it
+        ends (a finished task has nothing more to tell)."""
+        if not task.finished:
+            self._watchers.setdefault(task.id, []).append(watcher)
+
+    def unwatch(self, task_id: str, watcher: Callable[[Task], None]) -> None:
+        """Stop calling C{watcher} (its stream closed); the task goes on."""
+        watchers = self._watchers.get(task_id)
+        if watchers is not None and watcher in watchers:
+            watchers.remove(watcher)
+            if not watchers:
+                del self._watchers[task_id]
+
+    def changed(self, task: Task) -> None:
+        """Tell the task's watchers its new status."""
+        for watcher in list(self._watchers.get(task.id, ())):
+            try:
+                watcher(task)
+            except Exception:
+                log.failure("telling a watcher of task {task} its status", task=task.id)
 
     def expire(self) -> None:
         """Drop every task past its time."""
@@ -311,6 +340,7 @@ class TaskStore:
 
     def _drop(self, task: Task) -> None:
         self._tasks.pop(task.id, None)
+        self._watchers.pop(task.id, None)
         mine = self._by_principal.get(task.principal)
         if mine is not None:
             mine.pop(task.id, None)

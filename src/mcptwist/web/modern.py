@@ -46,6 +46,7 @@ ALLOW: Final = {b"allow": b"POST"}
 # Bounds of a client's subscriptions/listen streams on one server.
 MAX_LISTENS: Final = 32
 MAX_LISTEN_URIS: Final = 256
+MAX_LISTEN_TASKS: Final = 256
 
 
 class HTTPResponder:
@@ -148,6 +149,8 @@ def post(
             "Not Acceptable: subscriptions/listen answers with a text/event-stream",
             checked.id,
         )
+    if checked.method == "subscriptions/listen" and ctx.tasks.enabled:
+        _check_task_filter(checked)
     backend = ctx.backend(name)
     if ctx.tasks.enabled and checked.method in era.ANY_TASK_METHOD:
         return _task_request(ctx, request, checked)
@@ -220,6 +223,75 @@ def _task_request(
 _TASKS_REQUIRED: Final[dict[str, Any]] = {
     "requiredCapabilities": {"extensions": {era.TASKS_EXTENSION: {}}}
 }
+
+
+def _check_task_filter(checked: era.ModernRequest) -> None:
+    """A listen filter's C{taskIds}: only from a client that declared the tasks
+    extension, and bounded."""
+    wanted = (checked.message.get("params") or {}).get("notifications")
+    if not isinstance(wanted, dict) or "taskIds" not in wanted:
+        return
+    if not era.declares_tasks(checked.capabilities):
+        raise HTTPProblem(
+            400,
+            jsonrpc.MISSING_CAPABILITY,
+            f"Missing required client capability: task notifications need the "
+            f"{era.TASKS_EXTENSION} extension",
+            checked.id,
+            data=_TASKS_REQUIRED,
+        )
+    ids = wanted["taskIds"]
+    if not isinstance(ids, list) or len(ids) > MAX_LISTEN_TASKS:
+        raise HTTPProblem(
+            400,
+            jsonrpc.INVALID_PARAMS,
+            f"Invalid params: taskIds must be a list of at most {MAX_LISTEN_TASKS} task ids",
+            checked.id,
+        )
+
+
+def _listened_tasks(
+    ctx: TransportContext, request: Request, checked: era.ModernRequest
+) -> list[Task]:
+    """The tasks a listen stream follows: those of its C{taskIds} that are the
+    principal's and live on this node (another's, or an unknown id, is not agreed)."""
+    wanted = (checked.message.get("params") or {}).get("notifications")
+    ids = wanted.get("taskIds") if isinstance(wanted, dict) and ctx.tasks.enabled else None
+    principal = principal_id(request)
+    found: list[Task] = []
+    for task_id in ids if isinstance(ids, list) else []:
+        task = ctx.tasks.find(principal, task_id)
+        if task is not None and task not in found:
+            found.append(task)
+    return found
+
+
+def _follow_tasks(
+    ctx: TransportContext,
+    connection: EventConnection,
+    checked: era.ModernRequest,
+    tasks: list[Task],
+) -> None:
+    """Send each task's state on the stream (C{notifications/tasks}, the task as
+    C{tasks/get} shows it): now, then at each change of its status, until the
+    task ends or the stream closes."""
+    store = ctx.tasks
+
+    def tell(task: Task) -> None:
+        shown = store.detailed(task)
+        del shown["resultType"]
+        shown["_meta"] = {era.META_SUBSCRIPTION: checked.id}
+        send(connection, jsonrpc.notification("notifications/tasks", shown))
+
+    for task in tasks:
+        tell(task)
+        store.watch(task, tell)
+
+    def ended(_: object) -> None:
+        for task in tasks:
+            store.unwatch(task.id, tell)
+
+    connection.done.addBoth(ended)
 
 
 def _advertise_tasks(message: Message) -> Message:
@@ -607,6 +679,7 @@ def _endpoint_listen(
     shown_uris = [shown for server, _ in hubs for shown, _ in followed[server]]
     if shown_uris:
         agreed["resourceSubscriptions"] = shown_uris
+    tasks = _listened_tasks(ctx, request, checked)
     try:
         connection = ctx.stream(request, f"{backend.server.name} listen")
     except HTTPProblem as problem:
@@ -616,9 +689,13 @@ def _endpoint_listen(
         connection,
         jsonrpc.notification(
             "notifications/subscriptions/acknowledged",
-            {"_meta": {era.META_SUBSCRIPTION: checked.id}, "notifications": agreed},
+            {
+                "_meta": {era.META_SUBSCRIPTION: checked.id},
+                "notifications": _with_tasks(agreed, tasks),
+            },
         ),
     )
+    _follow_tasks(ctx, connection, checked, tasks)
 
     def changed(method: str) -> None:
         field = LIST_CHANGED[CHANGED[method]][0]
@@ -668,6 +745,11 @@ def _endpoint_listen(
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET
+
+
+def _with_tasks(agreed: dict[str, Any], tasks: list[Task]) -> dict[str, Any]:
+    """An acknowledged filter, with the task ids agreed (if any)."""
+    return {**agreed, "taskIds": [task.id for task in tasks]} if tasks else agreed
 
 
 def _follows_resources(hub: ClientSession) -> bool:
@@ -847,6 +929,7 @@ def _acknowledge(
     assert isinstance(sink, StatelessSink) and hub.upstream is not None
     params = checked.message.get("params") or {}
     agreed = agreed_filter(wanted, (hub.upstream.init_result or {}).get("capabilities"))
+    tasks = _listened_tasks(ctx, request, checked)
     try:
         connection = ctx.stream(request, f"{name} listen")
     except HTTPProblem as problem:
@@ -862,9 +945,13 @@ def _acknowledge(
         connection,
         jsonrpc.notification(
             "notifications/subscriptions/acknowledged",
-            {"_meta": {era.META_SUBSCRIPTION: checked.id}, "notifications": agreed},
+            {
+                "_meta": {era.META_SUBSCRIPTION: checked.id},
+                "notifications": _with_tasks(agreed, tasks),
+            },
         ),
     )
+    _follow_tasks(ctx, connection, checked, tasks)
     sink.listens.add(listen)
     sink.subscribe(listen.uris, add=True)
     opened = ctx.clock.seconds()
