@@ -82,10 +82,13 @@ class TaskStoreTests(SynchronousTestCase):
             {"name": "b", "execution": {"taskSupport": "forbidden"}},
             {"name": "c"},
         ]
-        self.assertEqual(task_support(tools, "a", ()), "required")
-        self.assertEqual(task_support(tools, "b", ()), "forbidden")
-        self.assertEqual(task_support(tools, "c", ("c*",)), "optional")
-        self.assertEqual(task_support([], "x", ()), "forbidden")
+        by_name = {t["name"]: t for t in tools}
+        self.assertEqual(task_support(by_name["a"], "a", ()), "required")
+        self.assertEqual(task_support(by_name["b"], "b", ()), "forbidden")
+        self.assertEqual(task_support(by_name["b"], "b", ("b*",)), "optional")
+        self.assertEqual(task_support(by_name["c"], "c", ("c*",)), "optional")
+        self.assertEqual(task_support(by_name["c"], "c", ()), "forbidden")
+        self.assertEqual(task_support(None, "x", ()), "forbidden")
 
 
 class TaskFlowTests(SynchronousTestCase):

@@ -83,7 +83,8 @@ class Catalog:
         self._until_ready: set[str] = set()
         self.used = False
         # The names of the tools kept, and the list they were taken from.
-        self._names: set[Any] = set()
+        # The kept tools by name, made once per list the child gives.
+        self._by_name: dict[Any, dict[str, Any]] = {}
         self._names_of: list[dict[str, Any]] | None = None
         # Told (with the method) whenever a list is known to have changed.
         self.watchers: list[Callable[[str], None]] = []
@@ -95,13 +96,22 @@ class Catalog:
 
     def lists_tool(self, name: str) -> bool | None:
         """Whether the child lists a tool of this name (None: its tools are not kept)."""
+        tools = self._tools_by_name()
+        return None if tools is None else name in tools
+
+    def tool(self, name: str) -> dict[str, Any] | None:
+        """The definition of the child's tool of this name, if it lists one."""
+        tools = self._tools_by_name()
+        return None if tools is None else tools.get(name)
+
+    def _tools_by_name(self) -> dict[Any, dict[str, Any]] | None:
         tools = self._lists.get("tools/list")
         if tools is None:
             return None
         if self._names_of is not tools:
-            self._names = {t.get("name") for t in tools}
+            self._by_name = {t.get("name"): t for t in tools}
             self._names_of = tools
-        return name in self._names
+        return self._by_name
 
     def offers(self, method: str) -> bool:
         """Whether the child declared the capability of this list."""

@@ -56,17 +56,16 @@ class TaskLimit(Exception):
     """No task can be created now: the store is full of running tasks."""
 
 
-def task_support(tools: Iterable[Mapping[str, Any]], name: str, globs: Iterable[str]) -> str:
-    """How a tool may run: C{"required"} or C{"optional"} as its definition
-    declares (C{execution.taskSupport}), C{"optional"} when the operator
-    named it in C{task_tools}, otherwise C{"forbidden"}."""
-    for tool in tools:
-        if tool.get("name") == name:
-            execution = tool.get("execution")
-            support = execution.get("taskSupport") if isinstance(execution, dict) else None
-            if support in ("optional", "required"):
-                return str(support)
-            break
+def task_support(tool: Mapping[str, Any] | None, name: str, globs: Iterable[str]) -> str:
+    """How tool C{name} may run: C{"required"} or C{"optional"} as its
+    definition (C{tool}, if the child lists it) declares
+    (C{execution.taskSupport}), C{"optional"} when the operator named it in
+    C{task_tools}, otherwise C{"forbidden"}."""
+    if tool is not None:
+        execution = tool.get("execution")
+        support = execution.get("taskSupport") if isinstance(execution, dict) else None
+        if support in ("optional", "required"):
+            return str(support)
     if any(fnmatchcase(name, glob) for glob in globs):
         return "optional"
     return "forbidden"

@@ -37,7 +37,7 @@ from .http import (
     parse_messages,
     read_body,
     require_json,
-    trace_headers,
+    trace_context,
 )
 
 log = Logger(namespace="mcptwist.web")
@@ -191,12 +191,10 @@ def dispatch(ctx: TransportContext, request: Request, endpoint: Endpoint, name: 
     response is finished.
     """
     tracer = ctx.tracer
-    if tracer is not None:
-        headers = trace_headers(request)
-        if headers:
-            with tracer.incoming(headers):
-                return _dispatch(ctx, request, endpoint, name)
-    return _dispatch(ctx, request, endpoint, name)
+    if tracer is None:
+        return _dispatch(ctx, request, endpoint, name)
+    with trace_context(tracer, request):
+        return _dispatch(ctx, request, endpoint, name)
 
 
 def _dispatch(
@@ -243,13 +241,8 @@ def _answer_again(
         return
     if request.content is not None:
         request.content.seek(0)
-    tracer = ctx.tracer
-    headers = trace_headers(request) if tracer is not None else None
     try:
-        if tracer is not None and headers:
-            with tracer.incoming(headers):
-                body = handler(ctx, request, name)
-        else:
+        with trace_context(ctx.tracer, request):
             body = handler(ctx, request, name)
     except Exception:
         log.failure("while answering {path}", path=request.path)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, Final
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -17,6 +18,9 @@ from twisted.web.server import Request
 
 from mcptwist.mcp import jsonrpc
 from mcptwist.mcp.jsonrpc import RequestId
+
+if TYPE_CHECKING:
+    from mcptwist.routing.trace import Tracer
 
 
 class HTTPProblem(Exception):
@@ -62,6 +66,16 @@ def trace_headers(request: IRequest) -> dict[str, str]:
         if value is not None:
             found[field.decode()] = value.decode("latin-1")
     return found
+
+
+def trace_context(tracer: Tracer | None, request: IRequest) -> AbstractContextManager[None]:
+    """The HTTP request's trace context, current while its messages are
+    handed to the router (nothing to do without a tracer or trace headers)."""
+    if tracer is not None:
+        headers = trace_headers(request)
+        if headers:
+            return tracer.incoming(headers)
+    return nullcontext()
 
 
 def json_body(request: IRequest, value: Any) -> bytes:

@@ -446,10 +446,10 @@ def serve(
                 tools is None
                 and declared
                 and not tools_known
-                and task_support((), tool, globs) == "forbidden"
+                and task_support(None, tool, globs) == "forbidden"
             ):
                 return _after_tools(ctx, request, name, checked, json_ok, sse_ok, rewrite, catalog)
-            support = task_support(tools or (), tool, globs)
+            support = task_support(catalog.tool(tool), tool, globs)
             if support == "required" and not declared:
                 return _json(
                     request,

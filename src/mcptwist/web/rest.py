@@ -22,8 +22,6 @@ schema apply as on the member's own URL.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, Final
 
 import attrs
@@ -42,7 +40,7 @@ from mcptwist.routing.stateless import ModernCall
 from . import openapi
 from .admission import admission_of, peer_of, principal_id, principal_of
 from .context import TransportContext
-from .http import HTTPProblem, json_body, read_body, require_json, trace_headers
+from .http import HTTPProblem, json_body, read_body, require_json, trace_context
 from .modern import member_catalog, open_hub
 
 # The id of a REST call's request (it is alone in its call).
@@ -252,7 +250,7 @@ async def _call(
         hub.backend.server.input_timeout,
         peer_of(request),
     )
-    with _traced(ctx, request):
+    with trace_context(ctx.tracer, request):
         modern_call.start(None)
     try:
         message, _ = await responder.done
@@ -260,19 +258,6 @@ async def _call(
         modern_call.abandon("the client closed the HTTP response")
         raise
     return _answer(request, found, message)
-
-
-@contextlib.contextmanager
-def _traced(ctx: TransportContext, request: Request) -> Iterator[None]:
-    """The request's trace context, current while its call is handed to the
-    router (the call may start after the tools list was awaited)."""
-    tracer = ctx.tracer
-    headers = trace_headers(request) if tracer is not None else None
-    if tracer is None or not headers:
-        yield
-        return
-    with tracer.incoming(headers):
-        yield
 
 
 def _answer(request: Request, tool: dict[str, Any], message: Message) -> bytes:
