@@ -1,5 +1,6 @@
 """Durable tasks (the tasks extension of 2026-07-28) served by the bridge for
-a session-era child: lifecycle, bounds and expiry, cancellation, principals."""
+any child: lifecycle, bounds and expiry, cancellation, principals, status
+notifications."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mcptwist.security.auth import hash_token
 
 from .support.bridge import Bridge, Client
 from .support.messages import events, modern
+from .support.modern import ModernReactor
 
 TASKS = {"extensions": {era.TASKS_EXTENSION: {}}}
 ALICE, BOB = "Bearer mcpt_alice", "Bearer mcpt_bob"
@@ -430,3 +432,47 @@ class TaskNotificationTests(SynchronousTestCase):
         message = modern("L", "subscriptions/listen", {"notifications": {"taskIds": [task_id]}})
         status, body = self.client.post(message, authorization=ALICE)
         self.assertEqual((status, body["error"]["code"]), (400, jsonrpc.MISSING_CAPABILITY))
+
+
+class ModernChildTaskNotificationTests(SynchronousTestCase):
+    """A server whose child speaks 2026-07-28: the listen stream is the
+    child's, and the bridge's task notifications are merged into it."""
+
+    def setUp(self) -> None:
+        server = ServerConfig(name="s", command="fake", era="modern", task_tools=("slow",))
+        bridge = Bridge(self, server, reactor=ModernReactor(), tasks=TasksConfig(ttl=600))
+        self.client = Client(bridge)
+
+    def test_the_childs_stream_carries_the_tasks(self) -> None:
+        status, body = self.client.post(slow(1), accept="application/json")
+        self.assertEqual(status, 200, body)
+        task_id = body["result"]["taskId"]
+        wanted = {"toolsListChanged": True, "taskIds": [task_id, "unknown"]}
+        message = modern("L", "subscriptions/listen", {"notifications": wanted}, TASKS)
+        d = self.client.start(message)
+        listen = self.client.held("subscriptions/listen")
+        self.assertEqual(listen["params"]["notifications"], {"toolsListChanged": True})
+        self.assertNoResult(d)  # the stream opens with the child's acknowledgement
+        child = self.client.child
+        subscription = {era.META_SUBSCRIPTION: listen["id"]}
+        child.send(
+            jsonrpc.notification(
+                "notifications/subscriptions/acknowledged",
+                {"notifications": {"toolsListChanged": True}, "_meta": subscription},
+            )
+        )
+        self.client.bridge.client.flush()
+        chunks = self.client.bridge.stream(self.successResultOf(d))
+        child.send(
+            jsonrpc.notification("notifications/tools/list_changed", {"_meta": subscription})
+        )
+        child.send(jsonrpc.result(self.client.held("tools/call")["id"], {"content": []}))
+        self.client.bridge.client.flush()
+        seen = [(m["method"], m["params"]) for m in events(chunks)]
+        ack, working, changed, completed = seen
+        self.assertEqual(ack[1]["notifications"], {"toolsListChanged": True, "taskIds": [task_id]})
+        self.assertEqual(ack[1]["_meta"], {era.META_SUBSCRIPTION: "L"})
+        self.assertEqual((working[0], working[1]["status"]), ("notifications/tasks", "working"))
+        self.assertEqual(changed[0], "notifications/tools/list_changed")
+        self.assertEqual(completed[1]["status"], "completed")
+        self.assertEqual(completed[1]["_meta"], {era.META_SUBSCRIPTION: "L"})

@@ -128,10 +128,11 @@ class Bridge(Harness):
         hold: bool = False,
         fetch: Any = None,
         store: Any = None,
+        reactor: FakeProcessReactor | None = None,
         **settings: Any,
     ) -> None:
         self.test = test
-        self.reactor = FakeProcessReactor(hold=hold)
+        self.reactor = reactor or FakeProcessReactor(hold=hold)
         servers = servers or (ServerConfig(name="s", command="fake"),)
         self.config = BridgeConfig(servers={s.name: s for s in servers}, **settings)
         self.audit = AuditTrail(self.config.audit, self.reactor)

@@ -70,13 +70,27 @@ class HTTPResponder:
         self.connection: EventConnection | None = None
         self.gone = False
         self.done = False
+        # A listen stream's request and the bridge's tasks it follows, once
+        # the child acknowledged it.
+        self.listen: tuple[era.ModernRequest, list[Task]] | None = None
 
     def notify(self, message: Message) -> None:
         if self.done or self.gone or not self.sse_ok:
             return
         connection = self._stream()
-        if connection is not None:
-            send(connection, message)
+        if connection is None:
+            return
+        listen = self.listen
+        if (
+            listen is not None
+            and message.get("method") == "notifications/subscriptions/acknowledged"
+        ):
+            self.listen = None
+            checked, tasks = listen
+            send(connection, _acknowledging_tasks(message, tasks))
+            _follow_tasks(self.ctx, connection, checked, tasks)
+            return
+        send(connection, message)
 
     def answer(self, message: Message, status: int = 200) -> None:
         if self.done:
@@ -294,6 +308,28 @@ def _follow_tasks(
     connection.done.addBoth(ended)
 
 
+def _without_task_ids(checked: era.ModernRequest) -> era.ModernRequest:
+    """A listen request as a child sees it: without the bridge's task ids."""
+    params = checked.message.get("params")
+    wanted = params.get("notifications") if isinstance(params, dict) else None
+    if not isinstance(wanted, dict) or "taskIds" not in wanted:
+        return checked
+    assert isinstance(params, dict)
+    narrowed = {k: v for k, v in wanted.items() if k != "taskIds"}
+    message = {**checked.message, "params": {**params, "notifications": narrowed}}
+    return attrs.evolve(checked, message=message)
+
+
+def _acknowledging_tasks(message: Message, tasks: list[Task]) -> Message:
+    """A child's acknowledgement of a listen, with the tasks the bridge follows
+    on the stream added to the filter it agreed."""
+    params = message.get("params")
+    params = dict(params) if isinstance(params, dict) else {}
+    agreed = params.get("notifications")
+    params["notifications"] = _with_tasks(agreed if isinstance(agreed, dict) else {}, tasks)
+    return {**message, "params": params}
+
+
 def _advertise_tasks(message: Message) -> Message:
     """A C{server/discover} answer that names the tasks extension the bridge serves."""
     result = message.get("result")
@@ -471,6 +507,12 @@ def serve(
             )
     if checked.method == "subscriptions/listen" and translated:
         return _listen(ctx, request, name, checked, hub)
+    followed: list[Task] = []
+    if checked.method == "subscriptions/listen" and ctx.tasks.enabled:
+        # The child's own stream, with the bridge's tasks merged in: the
+        # child knows nothing of them, so their ids are not its to see.
+        followed = _listened_tasks(ctx, request, checked)
+        checked = _without_task_ids(checked)
     state = params.get("requestState") if translated else None
     if state is not None:
         call = _parked_call(ctx, name, principal, checked, state)
@@ -487,6 +529,8 @@ def serve(
     responder = HTTPResponder(
         ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST", rewrite
     )
+    if followed:
+        responder.listen = (checked, followed)
     peer = peer_of(request)
     if state is not None:
         call.resume(responder, checked, answers or {}, peer)
