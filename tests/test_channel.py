@@ -394,6 +394,24 @@ class DeadlineTests(SynchronousTestCase):
         wire.reactor.advance(5)
         self.assertEqual(parse(transport.value())[0], 408)
 
+    def test_the_listening_address_is_asked_once_a_connection(self) -> None:
+        """Every request wants the listening address: the channel asks the
+        transport once (a system call each time on a socket)."""
+        wire = Wire(self)
+        channel, transport = wire.connect()
+        asked: list[object] = []
+        own = transport.getHost
+
+        def get_host() -> Any:
+            asked.append(None)
+            return own()
+
+        transport.getHost = get_host  # type: ignore[method-assign]
+        for _ in range(3):
+            channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200"), 3)
+        self.assertEqual(len(asked), 1)
+
     def test_response_streams_are_not_cut(self) -> None:
         wire = Wire(self, header_timeout=5.0, body_timeout=5.0)
         channel, transport = wire.connect()

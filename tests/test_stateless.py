@@ -355,14 +355,16 @@ class QuestionRoutingTests(SynchronousTestCase):
     """Which client a shared child's question goes to, with modern calls about."""
 
     def legacy(self, bridge: Bridge, id: int, capability: str = "elicitation") -> list[bytes]:
-        """A session-era client with a tools/call in flight: its POST's stream."""
+        """A session-era client with a tools/call in flight: its POST's stream
+        (open from the start: the client takes nothing else)."""
         caps: dict[str, Any] = {capability: {}}
         init = jsonrpc.request(
             1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": caps}
         )
         sid = bridge.open_session(init=init)
         message = jsonrpc.request(id, "tools/call", {"name": "legacy"})
-        d = send(bridge, message, {**BOTH, "mcp-session-id": sid})
+        headers = {**BOTH, "accept": "text/event-stream", "mcp-session-id": sid}
+        d = send(bridge, message, headers)
         return bridge.stream(self.successResultOf(d))
 
     def asked(self, chunks: list[bytes]) -> list[RequestId]:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcptwist.config.model import RestartPolicy, ServerConfig
+from mcptwist.config.model import (
+    AuthConfig,
+    LimitsConfig,
+    RestartPolicy,
+    ServerConfig,
+    TokenConfig,
+)
 from mcptwist.mcp import jsonrpc
+from mcptwist.security.auth import hash_token
 
-from .support.bridge import Bridge
-from .support.messages import BOTH, INIT, JSON, decode
+from .support.bridge import Bridge, send
+from .support.messages import BOTH, INIT, JSON, STREAM, bearer, decode
 
 
 class StreamableTests(SynchronousTestCase):
@@ -24,7 +31,7 @@ class StreamableTests(SynchronousTestCase):
         self.assertEqual(body["id"], 1)
         self.assertEqual(body["result"]["protocolVersion"], "2025-06-18")
 
-    def test_request_answered_as_sse_with_event_ids(self) -> None:
+    def test_a_quick_answer_is_json_for_a_client_that_takes_either(self) -> None:
         bridge = Bridge(self)
         sid = bridge.open_session()
         response = bridge.request(
@@ -32,6 +39,80 @@ class StreamableTests(SynchronousTestCase):
             "/servers/s/mcp",
             jsonrpc.request(2, "tools/call", {"name": "e", "arguments": {"a": 1}}),
             {**BOTH, "mcp-session-id": sid},
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(bridge.json(response)["id"], 2)
+        [session] = bridge.registry.sessions.values()
+        self.assertEqual(list(session.sink._channels), [0])  # type: ignore[attr-defined]
+
+    def test_a_message_before_the_answer_opens_the_stream(self) -> None:
+        """A client that takes either: a notification for the request comes
+        first, so the answer is a stream (primed, in 2025-11-25)."""
+        bridge = Bridge(self, hold=True)
+        init = jsonrpc.request(
+            1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}}
+        )
+        sid = bridge.open_session(init=init)
+        message = jsonrpc.request(
+            2, "tools/call", {"name": "slow", "_meta": {"progressToken": "p"}}
+        )
+        d = send(bridge, message, {**BOTH, "mcp-session-id": sid})
+        self.assertNoResult(d)
+        child = bridge.reactor.child
+        [held] = child.held
+        progress = {"progressToken": held["params"]["_meta"]["progressToken"], "progress": 1}
+        child.send(jsonrpc.notification("notifications/progress", progress))
+        bridge.client.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
+        chunks = bridge.stream(response)
+        child.answer(held)
+        bridge.client.flush()
+        priming, notice, answer = decode(b"".join(chunks))
+        self.assertEqual(priming["data"], "")
+        self.assertEqual(jsonrpc.loads(notice["data"])["params"]["progressToken"], "p")
+        self.assertEqual(jsonrpc.loads(answer["data"])["id"], 2)
+
+    def test_no_stream_to_be_had_the_answer_is_json(self) -> None:
+        """A client at its cap of streams when a notification would open one:
+        the notification goes to the session's own stream, the answer is JSON."""
+        tokens = (TokenConfig("user", hash_token("mcpt_user")),)
+        bridge = Bridge(
+            self,
+            hold=True,
+            auth=AuthConfig(tokens=tokens),
+            limits=LimitsConfig(max_streams_per_principal=1),
+        )
+        user = bearer("mcpt_user")
+        sid = bridge.open_session(headers=user)
+        own = bridge.request(
+            "GET", "/servers/s/mcp", headers={**user, **STREAM, "mcp-session-id": sid}
+        )
+        chunks = bridge.stream(own)
+        message = jsonrpc.request(2, "tools/call", {"name": "slow", "_meta": {"progressToken": 7}})
+        d = send(bridge, message, {**BOTH, **user, "mcp-session-id": sid})
+        child = bridge.reactor.child
+        [held] = child.held
+        progress = {"progressToken": held["params"]["_meta"]["progressToken"], "progress": 1}
+        child.send(jsonrpc.notification("notifications/progress", progress))
+        child.answer(held)
+        bridge.client.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(bridge.json(response)["id"], 2)
+        [notice] = [e for e in decode(b"".join(chunks)) if e.get("data")]
+        self.assertEqual(jsonrpc.loads(notice["data"])["params"]["progressToken"], 7)
+
+    def test_request_answered_as_sse_with_event_ids(self) -> None:
+        """A client that takes only a stream gets one from the start."""
+        bridge = Bridge(self)
+        sid = bridge.open_session()
+        response = bridge.request(
+            "POST",
+            "/servers/s/mcp",
+            jsonrpc.request(2, "tools/call", {"name": "e", "arguments": {"a": 1}}),
+            {**BOTH, "accept": "text/event-stream", "mcp-session-id": sid},
         )
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
@@ -43,10 +124,20 @@ class StreamableTests(SynchronousTestCase):
         [session] = bridge.registry.sessions.values()
         self.assertEqual(list(session.sink._channels), [0])  # type: ignore[attr-defined]
 
-    def test_cancelled_request_stream_ends_without_a_response(self) -> None:
+    def test_cancelled_request_json_answer_is_an_error_the_client_ignores(self) -> None:
         bridge = Bridge(self, hold=True)
         sid = bridge.open_session()
         h = {**BOTH, "mcp-session-id": sid}
+        d = send(bridge, jsonrpc.request(4, "tools/call", {"name": "slow"}), h)
+        cancel = jsonrpc.notification("notifications/cancelled", {"requestId": 4})
+        self.assertEqual(bridge.request("POST", "/servers/s/mcp", cancel, h).code, 202)
+        response = self.successResultOf(d)
+        self.assertEqual(bridge.json(response)["error"]["code"], jsonrpc.REQUEST_CANCELLED)
+
+    def test_cancelled_request_stream_ends_without_a_response(self) -> None:
+        bridge = Bridge(self, hold=True)
+        sid = bridge.open_session()
+        h = {**BOTH, "accept": "text/event-stream", "mcp-session-id": sid}
         d = bridge.client.request(
             "POST",
             "http://127.0.0.1/servers/s/mcp",
@@ -348,6 +439,14 @@ class StreamableTests(SynchronousTestCase):
             data=jsonrpc.dumps(jsonrpc.request(9, "tools/call", {"name": "slow"})),
             headers=h,
         )
+        bridge.client.flush()
+        self.assertNoResult(d)
+        # An answer slow in coming: a stream, opened between half a heartbeat
+        # interval and one after the request.
+        bridge.app.heartbeat.beat()
+        bridge.client.flush()
+        self.assertNoResult(d)
+        bridge.app.heartbeat.beat()
         bridge.client.flush()
         response = self.successResultOf(d)
         chunks = bridge.stream(response)

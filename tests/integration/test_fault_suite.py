@@ -759,10 +759,11 @@ class DisconnectTests(SynchronousTestCase):
             sock.close()
 
         for i in range(30):
-            # A JSON answer, gone before it comes; an SSE answer, gone after its head.
+            # A JSON answer, gone before it comes; an SSE answer (to a client
+            # that takes only a stream), gone after its head.
             post(session, fs.tool_call(f"j{i}", "sleep", {"seconds": 0.3}), None)
             post(
-                {**stream_headers, "Accept": fs.ACCEPT_BOTH},
+                {**stream_headers, "Accept": "text/event-stream"},
                 fs.tool_call(f"s{i}", "sleep", {"seconds": 0.3}),
                 b"retry:",
             )

@@ -33,7 +33,7 @@ from typing import Any, Final, Protocol
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -132,6 +132,7 @@ class BridgeChannel(HTTPChannel):
         "_closer",
         "_closing",
         "_first",
+        "_host",
         "_key",
         "_paused",
         "_phase",
@@ -152,8 +153,19 @@ class BridgeChannel(HTTPChannel):
         self._first = True
         self._unregistered = False
         self._closer: IDelayedCall | None = None
+        self._host: IAddress | None = None
 
     # Connection
+
+    def getHost(self) -> IAddress:
+        """The listening address (every request asks: a system call, once here,
+        after the first bytes: behind a PROXY header it is the header's)."""
+        host = self._host
+        if host is None:
+            host = super().getHost()
+            if not self._first:
+                self._host = host
+        return host
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -28,7 +28,7 @@ from mcptwist.routing.trace import Tracer
 from .access import AccessControl
 from .forward import Forwarder
 from .http import HTTPProblem
-from .sse import EventConnection
+from .sse import EventConnection, Heartbeat
 
 
 class TransportContext(Protocol):
@@ -108,6 +108,10 @@ class TransportContext(Protocol):
 
     def tool_view(self, request: Request, backend: Backend) -> ToolView | None:
         """What of a server's tools this request's principal may see and call."""
+
+    @property
+    def heartbeat(self) -> Heartbeat:
+        """The timer of every stream, which also runs what is due soon."""
 
     def stream(self, request: Request, label: str) -> EventConnection:
         """Start an SSE response on this request (or refuse: too many streams)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
@@ -171,6 +172,9 @@ class Heartbeat:
         self.clock = clock
         self.interval = interval
         self.connections: set[EventConnection] = set()
+        # What is due at the next beat, and what at the one after it.
+        self._due: set[Callable[[], None]] = set()
+        self._next: set[Callable[[], None]] = set()
         self._loop = LoopingCall(self.beat)
         self._loop.clock = clock
 
@@ -189,8 +193,20 @@ class Heartbeat:
         if self._loop.running:
             self._loop.stop()
 
+    def soon(self, action: Callable[[], None]) -> None:
+        """Run C{action} at a beat between half an interval and an interval
+        from now, unless it is L{dropped<drop>} first (no timer of its own)."""
+        self._next.add(action)
+
+    def drop(self, action: Callable[[], None]) -> None:
+        self._next.discard(action)
+        self._due.discard(action)
+
     def beat(self) -> None:
         now = self.clock.seconds()
+        due, self._due, self._next = self._due, self._next, set()
+        for action in due:
+            action()
         for connection in list(self.connections):
             connection.heartbeat(now, self.interval)
 

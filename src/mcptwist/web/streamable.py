@@ -37,7 +37,12 @@ VERSION_HEADER: Final = b"mcp-protocol-version"
 
 
 class Reply:
-    """The answer to one POST: the responses to its requests, as JSON or SSE."""
+    """The answer to one POST: the responses to its requests, as JSON or SSE.
+
+    For a client that takes either, the choice waits for the first message:
+    the answers alone are JSON; a notification or a question first opens
+    the stream (L{promote}), as does an answer slow in coming.
+    """
 
     def __init__(self, ids: list[RequestId], batch: bool, channel: EventChannel | None) -> None:
         self.waiting = set(ids)
@@ -47,6 +52,17 @@ class Reply:
         # A JSON reply's body once every response is in, and who waits for it.
         self.body: bytes | None = None
         self.on_body: Callable[[bytes], None] | None = None
+        # Opens the stream of a reply still undecided (None: decided).
+        self.promote: Callable[[], None] | None = None
+
+    def stream(self, channel: EventChannel) -> None:
+        """Go on as SSE, on C{channel}: the answers taken so far first."""
+        self.promote = None
+        self.on_body = None
+        self.channel = channel
+        for message in self.responses:
+            channel.emit(jsonrpc.dumps(message))
+        self.responses.clear()
 
     def respond(self, message: Message) -> bool:
         """Take a response; True once every request of the POST is answered."""
@@ -100,14 +116,15 @@ class StreamableSink:
         return any(i in self._replies for i in ids)
 
     def open_reply(self, ids: list[RequestId], batch: bool, sse: bool) -> Reply:
-        channel = None
-        if sse:
-            channel = EventChannel(next(self._numbers), self.keep, self.max_bytes)
-            self._channels[channel.number] = channel
-        reply = Reply(ids, batch, channel)
+        reply = Reply(ids, batch, self.new_channel() if sse else None)
         for request_id in ids:
             self._replies[request_id] = reply
         return reply
+
+    def new_channel(self) -> EventChannel:
+        channel = EventChannel(next(self._numbers), self.keep, self.max_bytes)
+        self._channels[channel.number] = channel
+        return channel
 
     def channel(self, number: int) -> EventChannel | None:
         return self._channels.get(number)
@@ -117,6 +134,8 @@ class StreamableSink:
     ) -> None:
         reply = self._replies.get(related) if related is not None else None
         if reply is None or "method" in message:
+            if reply is not None and reply.promote is not None:
+                reply.promote()
             data = encoded if encoded is not None else jsonrpc.dumps(message)
             channel = reply.channel if reply is not None else None
             (channel or self.standalone).emit(data)
@@ -269,8 +288,10 @@ def post(
         ctx.access.admit_requests(request, session, len(ids), None if batch else ids[0])
         ctx.refresh(request, session, None if batch else ids[0])
     # initialize is answered as JSON when the client takes it, so that the
-    # session id is sent only with a successful result.
-    use_sse = sse_ok and not (json_ok and (backend.server.json_response or initialize))
+    # session id is sent only with a successful result. A client that takes
+    # either gets JSON unless a message for it comes before the answer.
+    use_sse = sse_ok and not json_ok
+    undecided = sse_ok and json_ok and not (backend.server.json_response or initialize)
     reply = sink.open_reply(ids, batch, use_sse)
     connection = None
     if reply.channel is not None:
@@ -286,6 +307,8 @@ def post(
         reply.channel.attach(connection)
         if session.protocol_version in protocol.PRIMING_VERSIONS:
             reply.channel.prime()
+    elif undecided:
+        reply.promote = _promoter(ctx, request, name, session, reply)
     try:
         for message, kind in zip(messages, kinds, strict=True):
             session.receive(message, kind, now)
@@ -313,10 +336,19 @@ def post(
 
     if reply.body is not None:
         return json_answer(reply.body)
+    if reply.channel is not None:
+        # A question or notification came first, before this returned.
+        return NOT_DONE_YET
     gone: list[bool] = []
+
+    def undecide() -> None:
+        if reply.promote is not None:
+            ctx.heartbeat.drop(reply.promote)
+            reply.promote = None
 
     def vanished(_: object) -> None:
         gone.append(True)
+        undecide()
         if initialize and reply.body is None:
             # Nobody can ever learn this session's id: end it (and its child).
             ctx.registry.close(session, "failed to initialize: the client left before the answer")
@@ -324,13 +356,40 @@ def post(
     request.notifyFinish().addErrback(vanished)
 
     def answer_later(body: bytes) -> None:
+        undecide()
         body = json_answer(body)
         if not gone:
             request.write(body)
             request.finish()
 
     reply.on_body = answer_later
+    if reply.promote is not None:
+        # A slow answer goes out on a stream: resumable, and kept alive.
+        ctx.heartbeat.soon(reply.promote)
     return NOT_DONE_YET
+
+
+def _promoter(
+    ctx: TransportContext, request: Request, name: str, session: ClientSession, reply: Reply
+) -> Callable[[], None]:
+    """What opens the stream of an undecided reply."""
+
+    def promote() -> None:
+        reply.promote = None
+        ctx.heartbeat.drop(promote)
+        try:
+            connection = ctx.stream(request, f"{name} POST")
+        except HTTPProblem:
+            # No stream for this client now: the answer comes as JSON, and
+            # what comes before it goes to the session's own stream.
+            return
+        channel = _sink(session).new_channel()
+        channel.attach(connection)
+        if session.protocol_version in protocol.PRIMING_VERSIONS:
+            channel.prime()
+        reply.stream(channel)
+
+    return promote
 
 
 async def get(
