@@ -26,16 +26,12 @@ from mcptwist.web.forward import Forwarder
 
 from .support.bridge import Service
 from .support.children import FakeChild
-from .support.messages import INIT, JSON, call, headers
+from .support.cluster import KEY, Directory, TwoNodes, cluster_doc
+from .support.messages import INIT, JSON, call
 
-KEY = "k" * 16 + "0123456789abcdef"
 OTHER = "x" * 16 + "fedcba9876543210"
 # A client's capabilities that declare the tasks extension.
 TASKS = {"elicitation": {}, "extensions": {era.TASKS_EXTENSION: {}}}
-
-
-def cluster_doc(**cluster: Any) -> dict[str, Any]:
-    return {"servers": {"s": {"command": "fake"}}, "cluster": {"keys": [KEY], **cluster}}
 
 
 def ids(node: str = "n1", *keys: str) -> SessionIds:
@@ -291,66 +287,6 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(self.ping(session), 200)
         self.reactor.advance(5)
         self.assertEqual(stopped, [True])
-
-
-class Directory:
-    """The registry of nodes, as a forwarder asks it."""
-
-    def __init__(self, addresses: dict[str, str]) -> None:
-        self.addresses = addresses
-
-    def address(self, node: str) -> Deferred[str | None]:
-        return succeed(self.addresses.get(node))
-
-    def node_ids(self) -> Deferred[list[str]]:
-        return succeed(list(self.addresses))
-
-
-class TwoNodes(SynchronousTestCase):
-    """Two nodes of a cluster, n1 and n2, over children that hold their
-    requests; n2 reaches n1 (and only n1) over the hop."""
-
-    # Server s's table, on both nodes.
-    server: dict[str, Any] = {"command": "fake"}
-
-    def setUp(self) -> None:
-        def held(child: FakeChild) -> None:
-            child.hold = True
-
-        def doc(node: str) -> dict[str, Any]:
-            return {**cluster_doc(node_id=node), "servers": {"s": self.server}}
-
-        self.n1 = Service(self, parse_config(doc("n1"), "c", {}), on_spawn=held)
-        self.n2 = Service(self, parse_config(doc("n2"), "c", {}), on_spawn=held)
-        self.hop = StubTreq(self.n1.service.resource)
-        forwarder = self.n2.service.web.forwarder
-        assert forwarder is not None
-        forwarder.directory = Directory({"n1": "http://n1.example"})
-        forwarder._client = self.hop  # type: ignore[assignment]
-
-    def post(self, node: Service, message: Message, **extra: str) -> Deferred[Any]:
-        treq: Any = node.client
-        d: Deferred[Any] = treq.request(
-            "POST",
-            "http://127.0.0.1/servers/s/mcp",
-            data=jsonrpc.dumps(message),
-            headers=headers(message, "application/json", **extra),
-        )
-        treq.flush()
-        return d
-
-    def flush(self) -> None:
-        for _ in range(3):
-            self.n1.client.flush()
-            self.hop.flush()
-            self.n2.client.flush()
-
-    def answer(self, node: Service, d: Deferred[Any]) -> tuple[int, Any]:
-        self.flush()
-        response = self.successResultOf(d)
-        d = node.client.content(response)
-        self.flush()
-        return response.code, orjson.loads(self.successResultOf(d))
 
 
 class ForwardTests(TwoNodes):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
@@ -14,6 +16,8 @@ from mcptwist.web.sse import (
     HEARTBEAT,
     EventChannel,
     EventConnection,
+    EventReader,
+    EventTooLarge,
     Heartbeat,
     encode_event,
     parse_event_id,
@@ -107,6 +111,49 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(request.written, [b"1", b"2"])
         self.assertEqual(request.finished, 1)
 
+    def test_held_frames_come_after_the_first_one_released(self) -> None:
+        request = DummyTransportRequest()
+        connection = EventConnection(request, Clock(), 1000)
+        connection.hold()
+        connection.send(b"2")
+        connection.send(b"3")
+        self.assertEqual(request.written, [])
+        connection.release(b"1")
+        connection.send(b"4")
+        self.assertEqual(request.written, [b"1", b"2", b"3", b"4"])
+        connection.release(b"again")  # not held: nothing
+        self.assertEqual(request.written[-1], b"4")
+
+    def test_a_finish_while_held_waits_for_the_release(self) -> None:
+        request = DummyTransportRequest()
+        connection = EventConnection(request, Clock(), 1000)
+        connection.hold()
+        connection.finish()
+        self.assertEqual((request.written, request.finished), ([], 0))
+        connection.release(b"1")
+        self.assertEqual((request.written, request.finished), ([b"1"], 1))
+
+    def test_a_release_while_paused_waits_for_the_reader(self) -> None:
+        request = DummyTransportRequest()
+        connection = EventConnection(request, Clock(), 1000)
+        connection.hold()
+        connection.send(b"2")
+        connection.pauseProducing()
+        connection.release(b"1")
+        self.assertEqual(request.written, [])
+        connection.resumeProducing()
+        self.assertEqual(request.written, [b"1", b"2"])
+
+    def test_a_held_reader_is_bounded_too(self) -> None:
+        request = DummyTransportRequest()
+        connection = EventConnection(request, Clock(), 100)
+        connection.hold()
+        connection.send(b"x" * 80)
+        connection.send(b"y" * 80)
+        self.assertTrue(request.aborted)
+        connection.release(b"1")
+        self.assertEqual(request.written, [])
+
     def test_heartbeat_only_on_quiet_connections(self) -> None:
         clock = Clock()
         quiet, busy = DummyTransportRequest(), DummyTransportRequest()
@@ -121,6 +168,66 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(quiet.written.count(HEARTBEAT), 2)
         self.assertNotIn(HEARTBEAT, busy.written)
         heartbeat.stop()
+
+
+# What an event's data may hold once decoded: any text, its line ends LF.
+payloads = st.lists(
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=40).filter(
+        lambda t: t.replace("\r\n", "\n").replace("\r", "\n") != ""
+    ),
+    max_size=6,
+)
+
+
+def normalized(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """C{data} cut at these offsets (each taken modulo its length)."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    edges = [0, *points, len(data)]
+    return [data[a:b] for a, b in pairwise(edges)]
+
+
+class ReaderTests(SynchronousTestCase):
+    @given(
+        payloads,
+        st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+        st.sampled_from([b"\n", b"\r\n", b"\r"]),
+        st.booleans(),
+    )
+    def test_reads_back_what_was_encoded_however_it_is_cut(
+        self, texts: list[str], cuts: list[int], newline: bytes, comments: bool
+    ) -> None:
+        """Every event comes back whole, in order, whatever the chunks and
+        line ends, with comments and other fields skipped."""
+        stream = b""
+        for text in texts:
+            if comments:
+                stream += HEARTBEAT
+            stream += encode_event(text.encode(), event=b"message", id=b"1-2", retry=10)
+        stream = stream.replace(b"\n", newline)
+        reader = EventReader(1 << 20)
+        got: list[bytes] = []
+        for chunk in split(stream, cuts):
+            got += reader.feed(chunk)
+        self.assertEqual([g.decode() for g in got], [normalized(t) for t in texts])
+
+    def test_fields_as_the_format_defines_them(self) -> None:
+        reader = EventReader(100)
+        self.assertEqual(reader.feed(b"data:a\ndata:  b\ndata\n\n"), [b"a\n b\n"])
+        self.assertEqual(reader.feed(b"data:\n\nevent: x\n\n: hi\n\n"), [])
+        self.assertEqual(reader.feed(b"data: half"), [])
+        self.assertEqual(reader.feed(b"\r"), [])
+        self.assertEqual(reader.feed(b"\n\r\n"), [b"half"])
+
+    def test_an_event_too_large_is_refused(self) -> None:
+        reader = EventReader(10)
+        self.assertEqual(reader.feed(b"data: 12345\n\n"), [b"12345"])
+        reader.feed(b"data: 1234\n")
+        self.assertRaises(EventTooLarge, reader.feed, b"data: 12345")
+        self.assertRaises(EventTooLarge, EventReader(10).feed, b"data: " + b"x" * 20)
 
 
 class ChannelTests(SynchronousTestCase):

@@ -1,16 +1,21 @@
-"""A 2026-07-28 retry sent to another node than the one whose child waits.
+"""A 2026-07-28 retry sent to another node than the one whose child waits,
+and a task followed from another node than the one that holds it.
 
 Two real nodes, n1 and n2, share a real redis-server (its registry gives
 each node the other's address) and each run server-everything. A raw
 2026-07-28 client speaks to each node itself, as a balancer that spreads
 requests without a session may make it: the call goes to n1, whose child
 asks for input; the retry, with the answers and the C{requestState}, goes
-to n2, which forwards it to n1, where the call completes.
+to n2, which forwards it to n1, where the call completes. A task created on
+n1 is followed by a listen stream opened on n2, which listens on n1 for it.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
+import urllib.parse
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -123,3 +128,82 @@ class RetryOnAnotherNodeTests(SynchronousTestCase):
         status, anew = post(n2, call(6))
         self.assertEqual(anew["result"]["resultType"], "input_required", anew)
         self.assertTrue(anew["result"]["requestState"].startswith("n2."), anew)
+
+
+LONG = "trigger-long-running-operation"
+TASKS = {"extensions": {"io.modelcontextprotocol/tasks": {}}}
+
+
+def read_events(response: http.client.HTTPResponse, until: float) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of an SSE response, read until a task ends or C{until}."""
+    seen: list[dict[str, Any]] = []
+    data: list[str] = []
+    while time.monotonic() < until:
+        line = response.readline().decode()
+        if not line:
+            break
+        line = line.rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            seen.append(json.loads("\n".join(data)))
+            data = []
+            params = seen[-1].get("params", {})
+            if params.get("status") in ("completed", "failed", "cancelled"):
+                break
+    return seen
+
+
+class TaskListenTests(SynchronousTestCase):
+    def test_a_task_followed_from_another_node(self) -> None:
+        """A listen stream opened on n2 for a task held on n1 agrees it, and
+        carries its states, working then completed (with its result), as n1
+        sends them."""
+        cluster = cs.start_cluster(
+            self,
+            size=2,
+            balancer=False,
+            servers=h.everything_server_toml(extra=f'task_tools = ["{LONG}"]'),
+        )
+        n1, n2 = cluster.nodes
+        # server-everything asks its client for roots 350 ms after it starts:
+        # its child is started first, so that the task is not what it asks.
+        status, listed = post(n1, messages.modern(0, "tools/list", {}, caps=TASKS))
+        self.assertEqual(status, 200, listed)
+        time.sleep(1.0)
+        message = messages.modern(
+            1, "tools/call", {"name": LONG, "arguments": {"duration": 3, "steps": 3}}, caps=TASKS
+        )
+        status, created = post(n1, message)
+        self.assertEqual((status, created["result"]["resultType"]), (200, "task"), created)
+        task_id = created["result"]["taskId"]
+        self.assertTrue(task_id.startswith("n1."), task_id)
+
+        listen = messages.modern(
+            "L", "subscriptions/listen", {"notifications": {"taskIds": [task_id]}}, caps=TASKS
+        )
+        address = urllib.parse.urlsplit(n2.base)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        self.addCleanup(connection.close)
+        connection.request(
+            "POST",
+            "/servers/everything/mcp",
+            json.dumps(listen).encode(),
+            messages.headers(listen),
+        )
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("content-type"), "text/event-stream")
+        seen = read_events(response, time.monotonic() + 30)
+        ack, *notes = seen
+        self.assertEqual(ack["method"], "notifications/subscriptions/acknowledged", seen)
+        self.assertEqual(ack["params"]["notifications"], {"taskIds": [task_id]}, seen)
+        self.assertEqual({m["method"] for m in notes}, {"notifications/tasks"}, seen)
+        self.assertEqual(
+            [(m["params"]["taskId"], m["params"]["status"]) for m in notes],
+            [(task_id, "working"), (task_id, "completed")],
+            seen,
+        )
+        final = notes[-1]["params"]
+        self.assertEqual(final["_meta"], {"io.modelcontextprotocol/subscriptionId": "L"})
+        self.assertIn("Long running operation completed", final["result"]["content"][0]["text"])

@@ -9,7 +9,9 @@ cluster's keys of the forwarding node, the time and the body, and a node
 never forwards a request that came over a genuine hop. The owner sees the
 client's address in C{X-Forwarded-For} (list the nodes in its listener's
 C{trusted_proxies}) and the client's own C{Host}, and checks the client's
-credentials as usual.
+credentials as usual. A task's requests go to the node that holds it the
+same way, and a listen stream that follows tasks held on other nodes opens
+a listen on each of them over a hop (L{Forwarder.open}, L{remote_tasks}).
 """
 
 from __future__ import annotations
@@ -157,22 +159,14 @@ class Forwarder:
     async def _forward(
         self, request: Request, body: bytes, client_ip: str | None, owner: str, lost: HTTPProblem
     ) -> None:
-        address = await self.directory.address(owner) if self.directory is not None else None
-        if address is None:
-            log.info("a retry for node {owner}, which is not in the registry", owner=owner)
-            self._finish(request, lost.render(request))
-            return
-        url = address + request.uri.decode("latin-1")
         try:
-            response = await self.client.request(
-                "POST",
-                url,
-                headers=self._headers(request, body, client_ip),
-                data=body,
-                unbuffered=True,
-            )
+            response = await self._post(request, body, client_ip, owner)
         except Exception as e:
             log.warn("forwarding a retry to node {owner} failed: {error}", owner=owner, error=e)
+            self._finish(request, lost.render(request))
+            return
+        if response is None:
+            log.info("a retry for node {owner}, which is not in the registry", owner=owner)
             self._finish(request, lost.render(request))
             return
         request.setResponseCode(response.code)
@@ -192,6 +186,29 @@ class Forwarder:
         except Exception as e:
             log.warn("the answer of node {owner} broke off: {error}", owner=owner, error=e)
         self._finish(request, b"")
+
+    def open(
+        self, request: Request, body: bytes, client_ip: str | None, node: str
+    ) -> Deferred[Any | None]:
+        """POST C{body} (not the client's own) to node C{node} over a hop, at
+        the client's path and with its headers: the response once its head
+        is in, its body left to read (None: no such node in the registry; a
+        node that cannot be reached fails the Deferred)."""
+        return Deferred.fromCoroutine(self._post(request, body, client_ip, node))
+
+    async def _post(
+        self, request: Request, body: bytes, client_ip: str | None, node: str
+    ) -> Any | None:
+        address = await self.directory.address(node) if self.directory is not None else None
+        if address is None:
+            return None
+        return await self.client.request(
+            "POST",
+            address + request.uri.decode("latin-1"),
+            headers=self._headers(request, body, client_ip),
+            data=body,
+            unbuffered=True,
+        )
 
     def _headers(
         self, request: Request, body: bytes, client_ip: str | None

@@ -36,9 +36,10 @@ from mcptwist.routing.tasks import Task, TaskLimit, task_support
 
 from .admission import peer_of, principal_id, principal_of
 from .context import TransportContext
-from .forward import Forwarder
+from .forward import HOP_HEADER, Forwarder
 from .http import HTTPProblem
-from .sse import EventConnection, encode_event
+from .remote_tasks import EVENT_ROOM, RemoteTasks
+from .sse import EventConnection, message_event
 
 log = Logger(namespace="mcptwist.web.modern")
 
@@ -70,9 +71,9 @@ class HTTPResponder:
         self.connection: EventConnection | None = None
         self.gone = False
         self.done = False
-        # A listen stream's request and the bridge's tasks it follows, once
-        # the child acknowledged it.
-        self.listen: tuple[era.ModernRequest, list[Task]] | None = None
+        # A listen stream whose filter names the bridge's tasks: followed
+        # once the child acknowledged it.
+        self.listen: era.ModernRequest | None = None
 
     def notify(self, message: Message) -> None:
         if self.done or self.gone or not self.sse_ok:
@@ -85,10 +86,12 @@ class HTTPResponder:
             listen is not None
             and message.get("method") == "notifications/subscriptions/acknowledged"
         ):
+            # The child's filter, with the bridge's tasks it follows.
             self.listen = None
-            checked, tasks = listen
-            send(connection, _acknowledging_tasks(message, tasks))
-            _follow_tasks(self.ctx, connection, checked, tasks)
+            params = message.get("params")
+            agreed = params.get("notifications") if isinstance(params, dict) else None
+            agreed = agreed if isinstance(agreed, dict) else {}
+            _acknowledge_tasks(self.ctx, self.request, connection, listen, agreed)
             return
         send(connection, message)
 
@@ -166,6 +169,8 @@ def post(
     if checked.method == "subscriptions/listen" and ctx.tasks.enabled:
         _check_task_filter(checked)
     backend = ctx.backend(name)
+    if checked.method == "subscriptions/listen" and _hopped(ctx, request):
+        return _hopped_listen(ctx, request, name, checked)
     if ctx.tasks.enabled and checked.method in era.ANY_TASK_METHOD:
         return _task_request(ctx, request, checked)
     if isinstance(backend, AggregateBackend):
@@ -269,15 +274,11 @@ def _listened_tasks(
 ) -> list[Task]:
     """The tasks a listen stream follows: those of its C{taskIds} that are the
     principal's and live on this node (another's, or an unknown id, is not agreed)."""
-    wanted = (checked.message.get("params") or {}).get("notifications")
-    ids = wanted.get("taskIds") if isinstance(wanted, dict) and ctx.tasks.enabled else None
+    if not ctx.tasks.enabled:
+        return []
     principal = principal_id(request)
-    found: list[Task] = []
-    for task_id in ids if isinstance(ids, list) else []:
-        task = ctx.tasks.find(principal, task_id)
-        if task is not None and task not in found:
-            found.append(task)
-    return found
+    found = (ctx.tasks.find(principal, task_id) for task_id in _asked_tasks(checked))
+    return [task for task in found if task is not None]
 
 
 def _follow_tasks(
@@ -320,14 +321,95 @@ def _without_task_ids(checked: era.ModernRequest) -> era.ModernRequest:
     return attrs.evolve(checked, message=message)
 
 
-def _acknowledging_tasks(message: Message, tasks: list[Task]) -> Message:
-    """A child's acknowledgement of a listen, with the tasks the bridge follows
-    on the stream added to the filter it agreed."""
-    params = message.get("params")
-    params = dict(params) if isinstance(params, dict) else {}
-    agreed = params.get("notifications")
-    params["notifications"] = _with_tasks(agreed if isinstance(agreed, dict) else {}, tasks)
-    return {**message, "params": params}
+def _acknowledge_tasks(
+    ctx: TransportContext,
+    request: Request,
+    connection: EventConnection,
+    checked: era.ModernRequest,
+    agreed: dict[str, Any],
+    hopped: bool = False,
+) -> None:
+    """Acknowledge a listen stream (C{agreed}: its filter as agreed, without
+    tasks), then follow the tasks its filter names. Those held here are
+    agreed at once; in a cluster, those held on other nodes are followed
+    there over a hop (not from a stream that came over one, C{hopped}), and
+    agreed as those nodes acknowledge them (L{RemoteTasks})."""
+    tasks = _listened_tasks(ctx, request, checked)
+    remote = {} if hopped else _remote_tasks(ctx, checked)
+
+    def acknowledgement(elsewhere: list[str]) -> Message:
+        found = {task.id for task in tasks}.union(elsewhere)
+        ids = [task_id for task_id in _asked_tasks(checked) if task_id in found]
+        return jsonrpc.notification(
+            "notifications/subscriptions/acknowledged",
+            {
+                "_meta": {era.META_SUBSCRIPTION: checked.id},
+                "notifications": {**agreed, "taskIds": ids} if ids else agreed,
+            },
+        )
+
+    forwarder = ctx.forwarder
+    if remote and forwarder is not None:
+        max_event = ctx.tasks.config.max_result_size + EVENT_ROOM
+        RemoteTasks(connection, ctx.clock, acknowledgement).start(
+            forwarder, request, peer_of(request), checked.message, remote, max_event
+        )
+    else:
+        send(connection, acknowledgement([]))
+    _follow_tasks(ctx, connection, checked, tasks)
+
+
+def _remote_tasks(ctx: TransportContext, checked: era.ModernRequest) -> dict[str, list[str]]:
+    """The task ids of a listen's filter that name another node of the cluster, by node."""
+    forwarder = ctx.forwarder
+    if forwarder is None or not ctx.tasks.enabled:
+        return {}
+    remote: dict[str, list[str]] = {}
+    for task_id in _asked_tasks(checked):
+        node, dot, _ = task_id.partition(".")
+        if dot and node != forwarder.node:
+            remote.setdefault(node, []).append(task_id)
+    return remote
+
+
+def _asked_tasks(checked: era.ModernRequest) -> list[str]:
+    """The task ids a listen's filter names, each once, in its order."""
+    wanted = (checked.message.get("params") or {}).get("notifications")
+    ids = wanted.get("taskIds") if isinstance(wanted, dict) else None
+    return (
+        list(dict.fromkeys(i for i in ids if isinstance(i, str))) if isinstance(ids, list) else []
+    )
+
+
+def _hopped_listen(
+    ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest
+) -> int:
+    """A listen another node opened here for its client (over a genuine hop):
+    the tasks of its filter held here, and nothing else (it is never
+    forwarded again)."""
+    try:
+        connection = ctx.stream(request, f"{name} listen (hop)")
+    except HTTPProblem as problem:
+        problem.id = checked.id
+        raise
+    _acknowledge_tasks(ctx, request, connection, checked, {}, hopped=True)
+    return NOT_DONE_YET
+
+
+def _hopped(ctx: TransportContext, request: Request) -> bool:
+    """Whether a request came from another node of the cluster over a genuine hop."""
+    forwarder = ctx.forwarder
+    if forwarder is None or not request.requestHeaders.hasHeader(HOP_HEADER):
+        return False
+    return forwarder.hopped_from(request, _body(request)) is not None
+
+
+def _body(request: Request) -> bytes:
+    content = request.content
+    assert content is not None
+    content.seek(0)
+    body: bytes = content.read()
+    return body
 
 
 def _advertise_tasks(message: Message) -> Message:
@@ -507,11 +589,11 @@ def serve(
             )
     if checked.method == "subscriptions/listen" and translated:
         return _listen(ctx, request, name, checked, hub)
-    followed: list[Task] = []
-    if checked.method == "subscriptions/listen" and ctx.tasks.enabled:
+    listen: era.ModernRequest | None = None
+    if checked.method == "subscriptions/listen" and ctx.tasks.enabled and _asked_tasks(checked):
         # The child's own stream, with the bridge's tasks merged in: the
         # child knows nothing of them, so their ids are not its to see.
-        followed = _listened_tasks(ctx, request, checked)
+        listen = checked
         checked = _without_task_ids(checked)
     state = params.get("requestState") if translated else None
     if state is not None:
@@ -529,8 +611,7 @@ def serve(
     responder = HTTPResponder(
         ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST", rewrite
     )
-    if followed:
-        responder.listen = (checked, followed)
+    responder.listen = listen
     peer = peer_of(request)
     if state is not None:
         call.resume(responder, checked, answers or {}, peer)
@@ -723,23 +804,12 @@ def _endpoint_listen(
     shown_uris = [shown for server, _ in hubs for shown, _ in followed[server]]
     if shown_uris:
         agreed["resourceSubscriptions"] = shown_uris
-    tasks = _listened_tasks(ctx, request, checked)
     try:
         connection = ctx.stream(request, f"{backend.server.name} listen")
     except HTTPProblem as problem:
         problem.id = checked.id
         raise
-    send(
-        connection,
-        jsonrpc.notification(
-            "notifications/subscriptions/acknowledged",
-            {
-                "_meta": {era.META_SUBSCRIPTION: checked.id},
-                "notifications": _with_tasks(agreed, tasks),
-            },
-        ),
-    )
-    _follow_tasks(ctx, connection, checked, tasks)
+    _acknowledge_tasks(ctx, request, connection, checked, agreed)
 
     def changed(method: str) -> None:
         field = LIST_CHANGED[CHANGED[method]][0]
@@ -789,11 +859,6 @@ def _endpoint_listen(
 
     connection.done.addBoth(ended)
     return NOT_DONE_YET
-
-
-def _with_tasks(agreed: dict[str, Any], tasks: list[Task]) -> dict[str, Any]:
-    """An acknowledged filter, with the task ids agreed (if any)."""
-    return {**agreed, "taskIds": [task.id for task in tasks]} if tasks else agreed
 
 
 def _follows_resources(hub: ClientSession) -> bool:
@@ -856,10 +921,7 @@ def _forward(
 ) -> int:
     """A request for what another node holds (a parked call, a task):
     forwarded there, once; C{lost} when that node is gone."""
-    content = request.content
-    assert content is not None
-    content.seek(0)
-    body = content.read()
+    body = _body(request)
     if forwarder.hopped_from(request, body) is not None:
         # Forwarded here already: what this node does not hold is lost.
         raise lost
@@ -973,7 +1035,6 @@ def _acknowledge(
     assert isinstance(sink, StatelessSink) and hub.upstream is not None
     params = checked.message.get("params") or {}
     agreed = agreed_filter(wanted, (hub.upstream.init_result or {}).get("capabilities"))
-    tasks = _listened_tasks(ctx, request, checked)
     try:
         connection = ctx.stream(request, f"{name} listen")
     except HTTPProblem as problem:
@@ -985,17 +1046,7 @@ def _acknowledge(
         lambda m: send(connection, m),
         lambda m: _finish(connection, m),
     )
-    send(
-        connection,
-        jsonrpc.notification(
-            "notifications/subscriptions/acknowledged",
-            {
-                "_meta": {era.META_SUBSCRIPTION: checked.id},
-                "notifications": _with_tasks(agreed, tasks),
-            },
-        ),
-    )
-    _follow_tasks(ctx, connection, checked, tasks)
+    _acknowledge_tasks(ctx, request, connection, checked, agreed)
     sink.listens.add(listen)
     sink.subscribe(listen.uris, add=True)
     opened = ctx.clock.seconds()
@@ -1028,7 +1079,7 @@ _NO_RESPONDER: Final = _NoResponder()
 
 def send(connection: EventConnection, message: Message) -> None:
     """One JSON-RPC message as one SSE event (no event ids in this revision)."""
-    connection.send(encode_event(jsonrpc.dumps(message)))
+    connection.send(message_event(message))
 
 
 def _finish(connection: EventConnection, message: Message | None) -> None:

@@ -1,10 +1,12 @@
 # -*- test-case-name: tests.test_sse -*-
-"""Server-sent events: the one encoder, bounded connections, replayable channels.
+"""Server-sent events: the one encoder and reader, bounded connections, replayable channels.
 
 An L{EventConnection} is one open HTTP response carrying SSE. It is a push
 producer: when the client reads slowly, frames queue up to a byte limit, and
 a client that falls further behind is disconnected (and logged) rather than
-letting memory grow. A L{Heartbeat} writes a comment on quiet connections so
+letting memory grow. It can be held, its frames queued until the one that
+must come first is known. An L{EventReader} reads the events of a stream
+that another node sends, chunk by chunk. A L{Heartbeat} writes a comment on quiet connections so
 that proxies and dead peers are noticed. An L{EventChannel} is a logical
 stream with event ids and a bounded log, so a client that reconnects with
 C{Last-Event-ID} gets what it missed.
@@ -24,6 +26,9 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from mcptwist.mcp import jsonrpc
+from mcptwist.mcp.jsonrpc import Message
 
 log = Logger(namespace="mcptwist.sse")
 
@@ -50,6 +55,11 @@ def encode_event(
         parts += [b"data: ", data, b"\n"]
     parts.append(b"\n")
     return b"".join(parts)
+
+
+def message_event(message: Message) -> bytes:
+    """One JSON-RPC message as one SSE event, without an id (as 2026-07-28 streams send them)."""
+    return encode_event(jsonrpc.dumps(message))
 
 
 def start_stream(request: IRequest) -> None:
@@ -79,6 +89,7 @@ class EventConnection:
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._finish_when_drained = False
+        self._held = False
         self.done: Deferred[None] = Deferred()
         request.notifyFinish().addBoth(self._ended)
         start_stream(request)
@@ -87,7 +98,7 @@ class EventConnection:
     def send(self, frame: bytes) -> None:
         if not self.open:
             return
-        if self._paused or self._queue:
+        if self._paused or self._queue or self._held:
             self._queue.append(frame)
             self._queued += len(frame)
             # One frame may exceed the limit on its own; a reader that is more
@@ -111,12 +122,29 @@ class EventConnection:
         """End the response once everything queued has been written."""
         if not self.open:
             return
-        if self._queue:
+        if self._queue or self._held:
             self._finish_when_drained = True
             return
         self.open = False
         self._unregister()
         self.request.finish()
+
+    def hold(self) -> None:
+        """Queue every frame sent from now on until L{release}."""
+        self._held = True
+
+    def release(self, first: bytes) -> None:
+        """Send C{first}, then the frames queued while held (and finish, if
+        L{finish} was called meanwhile)."""
+        if not self._held:
+            return
+        self._held = False
+        if not self.open:
+            return
+        self._queue.appendleft(first)
+        self._queued += len(first)
+        if not self._paused:
+            self._drain()
 
     def abort(self) -> None:
         self.open = False
@@ -153,6 +181,10 @@ class EventConnection:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if not self._held:
+            self._drain()
+
+    def _drain(self) -> None:
         while self._queue and not self._paused and self.open:
             frame = self._queue.popleft()
             self._queued -= len(frame)
@@ -163,6 +195,73 @@ class EventConnection:
     def stopProducing(self) -> None:
         self._queue.clear()
         self._queued = 0
+
+
+class EventTooLarge(ValueError):
+    """An event of a stream being read grew past the reader's bound."""
+
+
+class EventReader:
+    """The events of an SSE stream, read chunk by chunk as they arrive.
+
+    Reads what the WHATWG event-stream format defines that a JSON-RPC stream
+    uses: each event's C{data} lines, joined by newlines, dispatched at the
+    blank line that ends it (an event without data is not); comments and
+    the other fields are skipped. Lines end in CRLF, LF or CR, even when a
+    chunk splits a CRLF. An event (with the line being read) larger than
+    C{max_event} bytes raises L{EventTooLarge}: a stream is not let to grow
+    this process's memory.
+    """
+
+    def __init__(self, max_event: int) -> None:
+        self.max_event = max_event
+        self._partial = b""
+        self._data: list[bytes] = []
+        self._size = 0
+        self._after_cr = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of each event that C{chunk} completes."""
+        buffer = self._partial + chunk
+        start = 1 if self._after_cr and buffer.startswith(b"\n") else 0
+        self._after_cr = False
+        events: list[bytes] = []
+        end = len(buffer)
+        while (found := _LINE_END.search(buffer, start)) is not None:
+            at = found.start()
+            line = buffer[start:at]
+            start = at + 1
+            if buffer[at] == _CR:
+                if start == end:
+                    self._after_cr = True
+                elif buffer[start] == _LF:
+                    start += 1
+            data = self._line(line)
+            if data is not None:
+                events.append(data)
+        self._partial = buffer[start:]
+        if self._size + len(self._partial) > self.max_event:
+            raise EventTooLarge(f"an event of more than {self.max_event} bytes")
+        return events
+
+    def _line(self, line: bytes) -> bytes | None:
+        if not line:
+            data = b"\n".join(self._data)
+            self._data.clear()
+            self._size = 0
+            return data or None
+        field, colon, value = line.partition(b":")
+        if field == b"data":
+            if colon and value.startswith(b" "):
+                value = value[1:]
+            self._data.append(value)
+            self._size += len(value) + 1
+        return None
+
+
+_LINE_END: Final = re.compile(rb"[\r\n]")
+_CR: Final = ord("\r")
+_LF: Final = ord("\n")
 
 
 class Heartbeat:
