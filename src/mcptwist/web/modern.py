@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from fnmatch import fnmatchcase
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -31,7 +31,13 @@ from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.sessions import ClientSession
-from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
+from mcptwist.routing.stateless import (
+    Listen,
+    ModernCall,
+    Responder,
+    StatelessSink,
+    request_digest,
+)
 from mcptwist.routing.tasks import Task, TaskLimit, task_support
 
 from .admission import peer_of, principal_id, principal_of
@@ -47,6 +53,45 @@ ALLOW: Final = {b"allow": b"POST"}
 MAX_LISTENS: Final = 32
 MAX_LISTEN_URIS: Final = 256
 MAX_LISTEN_TASKS: Final = 256
+
+
+class Responding(Responder, Protocol):
+    """A call's responder as L{serve} holds it: told when its client has gone."""
+
+    gone: bool
+    done: bool
+
+
+class MessageStream(Protocol):
+    """A stream of one request's messages that is not an SSE response (a
+    WebSocket's frames): C{done} fires when it ends, whoever ended it."""
+
+    done: Deferred[None]
+
+    def send_message(self, message: Message) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+Stream = EventConnection | MessageStream
+
+
+class SocketRequest(Request):
+    """A request that came as a message on a socket (L{websocket
+    <mcptwist.web.websocket>}), not as a POST of its own.
+
+    This module serves it as it would the POST: what it answers at once is
+    its answer, and what it writes and finishes later is one message. It
+    makes its own responder and streams, whose messages go back on the
+    socket, and it is never forwarded to another node (the socket is held
+    by this one).
+    """
+
+    def responder(self, label: str, rewrite: Callable[[Message], Message] | None) -> Responding:
+        raise NotImplementedError
+
+    def stream(self, label: str) -> MessageStream:
+        raise NotImplementedError
 
 
 class HTTPResponder:
@@ -149,6 +194,19 @@ def post(
             "Not Acceptable: subscriptions/listen answers with a text/event-stream",
             checked.id,
         )
+    return handle(ctx, request, name, checked, json_ok, sse_ok)
+
+
+def handle(
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    checked: era.ModernRequest,
+    json_ok: bool,
+    sse_ok: bool,
+) -> bytes | int:
+    """Serve a checked request: a task request, a request to an endpoint, or
+    one to a server (over HTTP, or on a socket: a L{SocketRequest})."""
     if checked.method == "subscriptions/listen" and ctx.tasks.enabled:
         _check_task_filter(checked)
     backend = ctx.backend(name)
@@ -268,7 +326,7 @@ def _listened_tasks(
 
 def _follow_tasks(
     ctx: TransportContext,
-    connection: EventConnection,
+    connection: Stream,
     checked: era.ModernRequest,
     tasks: list[Task],
 ) -> None:
@@ -484,8 +542,12 @@ def serve(
     prefer_json = (
         json_ok and hub.backend.server.json_response and checked.method != "subscriptions/listen"
     )
-    responder = HTTPResponder(
-        ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST", rewrite
+    responder: Responding = (
+        request.responder(f"{name} socket", rewrite)
+        if isinstance(request, SocketRequest)
+        else HTTPResponder(
+            ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST", rewrite
+        )
     )
     peer = peer_of(request)
     if state is not None:
@@ -511,6 +573,13 @@ def serve(
     if not responder.done:
         request.notifyFinish().addErrback(vanished)
     return NOT_DONE_YET
+
+
+def _stream(ctx: TransportContext, request: Request, label: str) -> Stream:
+    """The stream of a listen: an SSE response, or a socket's frames."""
+    if isinstance(request, SocketRequest):
+        return request.stream(label)
+    return ctx.stream(request, label)
 
 
 def _after_tools(
@@ -681,7 +750,7 @@ def _endpoint_listen(
         agreed["resourceSubscriptions"] = shown_uris
     tasks = _listened_tasks(ctx, request, checked)
     try:
-        connection = ctx.stream(request, f"{backend.server.name} listen")
+        connection = _stream(ctx, request, f"{backend.server.name} listen")
     except HTTPProblem as problem:
         problem.id = checked.id
         raise
@@ -812,6 +881,9 @@ def _forward(
 ) -> int:
     """A request for what another node holds (a parked call, a task):
     forwarded there, once; C{lost} when that node is gone."""
+    if isinstance(request, SocketRequest):
+        # A socket's messages are served by the node that holds it.
+        raise lost
     content = request.content
     assert content is not None
     content.seek(0)
@@ -931,7 +1003,7 @@ def _acknowledge(
     agreed = agreed_filter(wanted, (hub.upstream.init_result or {}).get("capabilities"))
     tasks = _listened_tasks(ctx, request, checked)
     try:
-        connection = ctx.stream(request, f"{name} listen")
+        connection = _stream(ctx, request, f"{name} listen")
     except HTTPProblem as problem:
         problem.id = checked.id
         raise
@@ -982,12 +1054,16 @@ class _NoResponder:
 _NO_RESPONDER: Final = _NoResponder()
 
 
-def send(connection: EventConnection, message: Message) -> None:
-    """One JSON-RPC message as one SSE event (no event ids in this revision)."""
-    connection.send(encode_event(jsonrpc.dumps(message)))
+def send(connection: Stream, message: Message) -> None:
+    """One JSON-RPC message as one SSE event (no event ids in this revision),
+    or as one message of a socket's stream."""
+    if isinstance(connection, EventConnection):
+        connection.send(encode_event(jsonrpc.dumps(message)))
+    else:
+        connection.send_message(message)
 
 
-def _finish(connection: EventConnection, message: Message | None) -> None:
+def _finish(connection: Stream, message: Message | None) -> None:
     if message is not None:
         send(connection, message)
     connection.finish()
