@@ -27,18 +27,19 @@ from mcptwist.config.model import (
     EndpointConfig,
     ServerConfig,
     ServerLimits,
+    TasksConfig,
     TokenConfig,
 )
-from mcptwist.mcp import jsonrpc
-from mcptwist.mcp.era import META_VERSION, MODERN
-from mcptwist.mcp.jsonrpc import Message
+from mcptwist.mcp import era, jsonrpc
+from mcptwist.mcp.jsonrpc import Message, RequestId
 from mcptwist.ops.metrics import Metrics
+from mcptwist.routing.stateless import INPUT_GATHER, StatelessSink
 from mcptwist.security.auth import hash_token
 from mcptwist.service.site import BridgeSite
 from mcptwist.web.channel import ConnectionCounter
 
 from .support.bridge import Bridge, Service
-from .support.messages import INIT
+from .support.messages import INIT, call, modern
 
 TOKEN = "mcpt_websocket_test_token"
 KiB = 1024
@@ -138,16 +139,19 @@ class Socket:
 
 class UpgradeTests(SynchronousTestCase):
     def test_session(self) -> None:
-        """The upgrade answers 101 with the mcp subprotocol and opens a
-        session on the WebSocket transport, counted as such."""
+        """The upgrade answers 101 with the mcp subprotocol; the first message
+        of the session era opens a session on the WebSocket transport,
+        counted as such."""
         site = Site(self)
         socket = site.socket()
         self.assertEqual(socket.status, 101)
         assert socket.response is not None
         self.assertEqual(socket.response.headers["Sec-WebSocket-Protocol"], "mcp")
+        self.assertEqual(site.registry.sessions, {})
+        socket.send(INIT)
         [session] = site.registry.sessions.values()
         self.assertEqual(session.transport, "websocket")
-        answer = socket.initialize()
+        [answer] = socket.read()
         self.assertEqual(answer["result"]["serverInfo"]["name"], "fake")
         opened = site.metrics.registry.get_sample_value(
             "mcptwist_sessions_opened_total", {"server": "s", "transport": "websocket"}
@@ -253,15 +257,17 @@ class MessageTests(SynchronousTestCase):
         )
         self.assertEqual(socket.close_code(), 1009)
 
-    def test_modern(self) -> None:
-        """A 2026-07-28 request gets an error that says where to send it."""
-        site = Site(self)
+    def test_session_refused(self) -> None:
+        """A session that cannot be opened (the bridge is full): the first
+        request gets the refusal, then the socket closes with 1013."""
+        site = Site(self, max_sessions=0)
         socket = site.socket()
-        socket.send(jsonrpc.request(7, "tools/list", {"_meta": {META_VERSION: MODERN}}))
-        [error] = socket.read()
-        self.assertEqual(error["id"], 7)
-        self.assertEqual(error["error"]["code"], jsonrpc.UNSUPPORTED_VERSION)
-        self.assertIn("/mcp", error["error"]["message"])
+        socket.send(INIT)
+        [refused] = socket.read()
+        self.assertEqual(refused["id"], 1)
+        self.assertIn("Service Unavailable", refused["error"]["message"])
+        self.assertEqual(socket.close_code(), 1013)
+        self.assertEqual(site.registry.sessions, {})
 
     def test_rate_limited(self) -> None:
         """Each message is charged like a POSTed one: past the server's burst,
@@ -320,3 +326,231 @@ class EndTests(SynchronousTestCase):
         self.assertEqual(len(other.read()), 8)
         other.send(jsonrpc.request(2, "ping"))
         self.assertEqual(other.read()[0]["id"], 2)
+
+
+TASKS = {"extensions": {era.TASKS_EXTENSION: {}}}
+LISTEN_CAPS = {"tools": {"listChanged": True}}
+
+
+def elicit(id: RequestId) -> Message:
+    return jsonrpc.request(id, "elicitation/create", {"message": "Name?", "requestedSchema": {}})
+
+
+class ModernTests(SynchronousTestCase):
+    """2026-07-28 on a socket: each request served as a POST to /mcp is."""
+
+    def test_discover_list_and_call(self) -> None:
+        """A first request with _meta protocolVersion makes the socket
+        stateless: no session is opened, and each answer is a frame shaped
+        by the revision, without any header."""
+        site = Site(self)
+        socket = site.socket()
+        socket.send(modern(1, "server/discover"))
+        [discovered] = socket.read()
+        self.assertEqual(discovered["id"], 1)
+        self.assertIn(era.MODERN, discovered["result"]["supportedVersions"])
+        socket.send(modern(2, "tools/list"))
+        [listed] = socket.read()
+        self.assertEqual(listed["result"]["resultType"], "complete")
+        socket.send(call(3, arguments={"a": 1}))
+        [called] = socket.read()
+        self.assertEqual(called["id"], 3)
+        self.assertEqual(called["result"]["content"][0]["text"], "{'a': 1}")
+        self.assertEqual(called["result"]["_meta"][era.META_SERVER]["name"], "fake")
+        transports = [s.transport for s in site.registry.sessions.values()]
+        self.assertNotIn("websocket", transports)
+        child = site.reactor.child
+        [sent] = child.requests("tools/call")
+        self.assertNotIn("_meta", sent["params"])
+        self.assertEqual(len(child.requests("initialize")), 1, "only the bridge's own")
+
+    def test_concurrent_requests_and_progress(self) -> None:
+        """Requests run concurrently on one socket: each gets its progress and
+        its answer as frames, in the order the child answers."""
+        site = Site(self, hold=True)
+        socket = site.socket()
+        socket.send(call(1, _meta={"progressToken": "p"}))
+        socket.send(call(2))
+        child = site.reactor.child
+        first, second = child.requests("tools/call")
+        child.send(
+            jsonrpc.notification(
+                "notifications/progress", {"progressToken": first["id"], "progress": 1}
+            )
+        )
+        child.answer(second)
+        child.answer(first)
+        progress, answered_second, answered_first = socket.read()
+        self.assertEqual(progress["params"]["progressToken"], "p")
+        self.assertEqual((answered_second["id"], answered_first["id"]), (2, 1))
+
+    def test_input_required_then_retry(self) -> None:
+        """A child's question answers the request with input_required; the
+        retry, a new request on the socket, resumes the same call."""
+        site = Site(self, hold=True)
+        socket = site.socket()
+        socket.send(call(1))
+        child = site.reactor.child
+        [held] = child.requests("tools/call")
+        child.send(elicit("who"))
+        site.reactor.advance(INPUT_GATHER)
+        [asked] = socket.read()
+        result = asked["result"]
+        self.assertEqual(result["resultType"], "input_required")
+        self.assertEqual(list(result["inputRequests"]), ["who"])
+        answer = {"action": "accept", "content": {"name": "Ada"}}
+        socket.send(call(2, requestState=result["requestState"], inputResponses={"who": answer}))
+        [given] = [m for m in child.received if m.get("id") == "who" and "method" not in m]
+        self.assertEqual(given["result"], answer)
+        child.answer(held)
+        [done] = socket.read()
+        self.assertEqual((done["id"], done["result"]["resultType"]), (2, "complete"))
+        socket.send(call(3, requestState=result["requestState"], inputResponses={}))
+        [replayed] = socket.read()
+        self.assertEqual(replayed["error"]["code"], jsonrpc.INVALID_PARAMS)
+
+    def test_listen_until_cancelled(self) -> None:
+        """subscriptions/listen: acknowledged, then the child's list changes
+        as frames tagged with its id, until notifications/cancelled names it."""
+        site = Site(self, servers=(ServerConfig(name="s", command="fake", sharing="session"),))
+        site.reactor.on_spawn = lambda child: child.init_result.update(capabilities=LISTEN_CAPS)
+        socket = site.socket()
+        socket.send(
+            modern("L", "subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+        )
+        [ack] = socket.read()
+        self.assertEqual(ack["method"], "notifications/subscriptions/acknowledged")
+        self.assertEqual(ack["params"]["notifications"], {"toolsListChanged": True})
+        child = site.reactor.child
+        child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        [changed] = socket.read()
+        self.assertEqual(changed["method"], "notifications/tools/list_changed")
+        self.assertEqual(changed["params"]["_meta"], {era.META_SUBSCRIPTION: "L"})
+        [hub] = site.registry.sessions.values()
+        assert isinstance(hub.sink, StatelessSink)
+        self.assertEqual(len(hub.sink.listens), 1)
+        socket.send(jsonrpc.notification("notifications/cancelled", {"requestId": "L"}))
+        self.assertEqual(hub.sink.listens, set())
+        child.send(jsonrpc.notification("notifications/tools/list_changed"))
+        self.assertEqual(socket.read(), [])
+
+    def test_cancelled_request(self) -> None:
+        """notifications/cancelled naming a request in progress cancels it in
+        the child, and it gets no answer; its id may then be used again."""
+        site = Site(self, hold=True)
+        socket = site.socket()
+        socket.send(call(1))
+        child = site.reactor.child
+        [held] = child.requests("tools/call")
+        socket.send(jsonrpc.notification("notifications/cancelled", {"requestId": 1}))
+        [cancelled] = child.notifications("notifications/cancelled")
+        self.assertEqual(cancelled["params"]["requestId"], held["id"])
+        child.answer(held)
+        self.assertEqual(socket.read(), [])
+        socket.send(call(1))
+        self.assertEqual(len(child.requests("tools/call")), 2)
+
+    def test_closing_cancels_in_the_child(self) -> None:
+        """Closing the socket cancels its calls in the child, as a closed
+        response does."""
+        site = Site(self, hold=True)
+        socket = site.socket()
+        socket.send(call(1))
+        child = site.reactor.child
+        [held] = child.requests("tools/call")
+        socket.lose()
+        [cancelled] = child.notifications("notifications/cancelled")
+        self.assertEqual(cancelled["params"]["requestId"], held["id"])
+        self.assertEqual(site.site.channels, set())
+
+    def test_eras_are_not_mixed(self) -> None:
+        """A socket keeps the era of its first message: a message of the
+        other era is refused with -32600, and the socket goes on."""
+        site = Site(self)
+        stateless = site.socket()
+        stateless.send(modern(1, "tools/list"))
+        stateless.read()
+        stateless.send(INIT)
+        [refused] = stateless.read()
+        self.assertEqual((refused["id"], refused["error"]["code"]), (1, jsonrpc.INVALID_REQUEST))
+        self.assertIn(era.MODERN, refused["error"]["message"])
+        stateless.send(modern(2, "tools/list"))
+        self.assertEqual(stateless.read()[0]["id"], 2)
+        session = site.socket()
+        session.initialize()
+        session.send(modern(2, "tools/list"))
+        [refused] = session.read()
+        self.assertEqual((refused["id"], refused["error"]["code"]), (2, jsonrpc.INVALID_REQUEST))
+        self.assertIn("session era", refused["error"]["message"])
+
+    def test_refusals_of_the_revision(self) -> None:
+        """The revision's checks, less the headers a frame does not have: a
+        batch, a removed method, an id already in progress."""
+        site = Site(self, hold=True)
+        socket = site.socket()
+        socket.send(call(1))
+        socket.send([modern(2, "tools/list")])
+        socket.send(modern(3, "ping"))
+        socket.send(call(1))
+        batch, removed, again = socket.read()
+        self.assertEqual(batch["error"]["code"], jsonrpc.INVALID_REQUEST)
+        self.assertEqual((removed["id"], removed["error"]["code"]), (3, jsonrpc.METHOD_NOT_FOUND))
+        self.assertEqual((again["id"], again["error"]["code"]), (1, jsonrpc.INVALID_REQUEST))
+
+    def test_tool_view(self) -> None:
+        """What a client may see and call is the HTTP path's: a tool the
+        server's filter hides is not listed, and its call is refused."""
+        server = ServerConfig(name="s", command="fake", exclude=("echo",))
+        site = Site(self, servers=(server,))
+        tools = [{"name": n, "inputSchema": {"type": "object"}} for n in ("echo", "other")]
+        site.reactor.child.lists["tools/list"] = tools
+        socket = site.socket()
+        socket.send(modern(1, "tools/list"))
+        [listed] = socket.read()
+        self.assertEqual([t["name"] for t in listed["result"]["tools"]], ["other"])
+        socket.send(call(2))
+        [refused] = socket.read()
+        self.assertEqual(refused["id"], 2)
+        self.assertIn("error", refused)
+        self.assertEqual(site.reactor.child.requests("tools/call"), [])
+
+    def test_tasks(self) -> None:
+        """With tasks on, a task tool's call is answered with a task, which
+        tasks/get on the same socket shows."""
+        server = ServerConfig(name="s", command="fake", task_tools=("slow",))
+        site = Site(self, servers=(server,), hold=True, tasks=TasksConfig(ttl=600))
+        socket = site.socket()
+        socket.send(modern(1, "tools/call", {"name": "slow", "arguments": {}}, TASKS))
+        [created] = socket.read()
+        self.assertEqual(created["result"]["resultType"], "task")
+        task_id = created["result"]["taskId"]
+        site.reactor.child.answer(site.reactor.child.requests("tools/call")[0])
+        socket.send(modern(2, "tasks/get", {"taskId": task_id}, TASKS))
+        [got] = socket.read()
+        self.assertEqual(got["result"]["status"], "completed")
+
+    def test_rate_limited(self) -> None:
+        """Each frame is charged as a POSTed message is."""
+        limits = ServerLimits(total=Bucket(0.001, 3))
+        site = Site(self, servers=(ServerConfig(name="s", command="fake", limits=limits),))
+        socket = site.socket()  # the upgrade takes one token
+        socket.send(modern(1, "tools/list"))
+        socket.send(modern(2, "tools/list"))
+        socket.send(modern(3, "tools/list"))
+        ok, also, refused = socket.read()
+        self.assertEqual(refused["id"], 3)
+        self.assertEqual(refused["error"]["code"], jsonrpc.RATE_LIMITED)
+        self.assertNotIn("error", ok)
+        self.assertNotIn("error", also)
+
+    def test_audited_and_counted(self) -> None:
+        """Each request is recorded as the HTTP path records it."""
+        site = Site(self)
+        socket = site.socket()
+        socket.send(call(1))
+        socket.read()
+        calls = site.metrics.registry.get_sample_value(
+            "mcptwist_requests_total",
+            {"server": "s", "method": "tools/call", "status": "ok"},
+        )
+        self.assertEqual(calls, 1.0)

@@ -3,7 +3,9 @@
 
 Two independent clients: the official TypeScript SDK's
 C{WebSocketClientTransport} (under the Node 22 of tests/node) and the
-C{websockets} library speaking raw JSON-RPC. Then what a hostile or slow
+C{websockets} library speaking raw JSON-RPC, in the session era and in
+2026-07-28 (in front of the conformance fixture: an input_required round,
+a listen stream that hears a list change). Then what a hostile or slow
 client meets: a cross-site Origin (403 on the upgrade), an oversized frame
 (close 1009), and a reader that stops reading (dropped, while another session
 of the same child goes on).
@@ -25,6 +27,7 @@ from websockets.uri import parse_uri
 from . import harness as h
 
 FIXTURE = str(h.FIXTURES / "stdio_fixture.py")
+CONFORMANCE = str(h.FIXTURES / "conformance_server.py")
 SDK = h.NODE_MODULES / "@modelcontextprotocol" / "sdk"
 KiB = 1024
 MAX_MESSAGE = 256 * KiB
@@ -36,7 +39,9 @@ CONFIG = (
     + h.python_server_toml(
         "fx", [FIXTURE], f'sharing = "shared"\nmax_message_size = "{MAX_MESSAGE // KiB}KiB"'
     )
+    + h.python_server_toml("cf", [CONFORMANCE], 'sharing = "shared"')
 )
+MODERN = "2026-07-28"
 
 INIT = {
     "jsonrpc": "2.0",
@@ -56,6 +61,21 @@ def call(tool: str, request_id: int, **arguments: Any) -> dict[str, Any]:
         "id": request_id,
         "method": "tools/call",
         "params": {"name": tool, "arguments": arguments},
+    }
+
+
+def modern(request_id: Any, method: str, **params: Any) -> dict[str, Any]:
+    """A 2026-07-28 request: everything in its _meta, no headers on a socket."""
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": MODERN,
+        "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+    }
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": method,
+        "params": {**params, "_meta": meta},
     }
 
 
@@ -158,6 +178,90 @@ class WebSocketTests(SynchronousTestCase):
         self.assertTrue(slow.reset())
         echoed = ask(other, call("echo", 4, message="still here"))
         self.assertEqual(echoed["result"]["content"][0]["text"], "Echo: still here")
+
+
+class ModernWebSocketTests(SynchronousTestCase):
+    """2026-07-28 requests on a socket, served as POSTs to /mcp are."""
+
+    def setUp(self) -> None:
+        self.bridge = h.start_bridge(self, CONFIG)
+        self.url = f"ws://127.0.0.1:{self.bridge.port}/servers/cf/ws"
+
+    def open(self) -> ClientConnection:
+        opening = connect(self.url, subprotocols=["mcp"], open_timeout=20, max_size=None)
+        ws = opening.__enter__()
+        self.addCleanup(opening.__exit__, None, None, None)
+        return ws
+
+    def test_discover_list_and_input_required(self) -> None:
+        """server/discover, tools/list, then a call whose child asks the
+        client's name: input_required, and the retry with requestState (a new
+        request on the same socket) gets the tool's answer."""
+        ws = self.open()
+        discovered = ask(ws, modern(1, "server/discover"))["result"]
+        self.assertIn(MODERN, discovered["supportedVersions"])
+        self.assertEqual(discovered["resultType"], "complete")
+        listed = ask(ws, modern(2, "tools/list"))["result"]
+        names = [t["name"] for t in listed["tools"]]
+        self.assertIn("test_input_required_result_elicitation", names)
+        simple = ask(ws, modern(3, "tools/call", name="test_simple_text", arguments={}))
+        self.assertEqual(simple["result"]["resultType"], "complete")
+        tool = {"name": "test_input_required_result_elicitation", "arguments": {}}
+        asked = ask(ws, modern(4, "tools/call", **tool))["result"]
+        self.assertEqual(asked["resultType"], "input_required")
+        self.assertEqual(list(asked["inputRequests"]), ["user_name"])
+        answers = {"user_name": {"action": "accept", "content": {"name": "Ada"}}}
+        retry = modern(
+            5, "tools/call", **tool, inputResponses=answers, requestState=asked["requestState"]
+        )
+        done = ask(ws, retry)["result"]
+        self.assertEqual(done["resultType"], "complete")
+        self.assertEqual(done["content"][0]["text"], "Hello, Ada!")
+        self.assertEqual(self.bridge.status("cf")["sessions"], 1, "the principal's hub alone")
+
+    def test_listen_hears_a_list_change(self) -> None:
+        """A listen stream and calls share one socket: the listen is
+        acknowledged, a tool that changes the list is called meanwhile, and
+        the change arrives tagged with the listen's id; notifications/cancelled
+        then ends the listen."""
+        ws = self.open()
+        ws.send(
+            json.dumps(
+                modern("L", "subscriptions/listen", notifications={"toolsListChanged": True})
+            )
+        )
+        ack = json.loads(ws.recv(timeout=20))
+        self.assertEqual(ack["method"], "notifications/subscriptions/acknowledged")
+        self.assertEqual(ack["params"]["notifications"], {"toolsListChanged": True})
+        ws.send(json.dumps(modern(2, "tools/call", name="test_trigger_tool_change", arguments={})))
+        seen = [json.loads(ws.recv(timeout=20)) for _ in range(2)]
+        [changed] = [m for m in seen if m.get("method") == "notifications/tools/list_changed"]
+        self.assertEqual(changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "L")
+        [answered] = [m for m in seen if m.get("id") == 2]
+        self.assertEqual(answered["result"]["resultType"], "complete")
+        ws.send(
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/cancelled",
+                    "params": {"requestId": "L"},
+                }
+            )
+        )
+        again = ask(ws, modern(3, "tools/call", name="test_trigger_tool_change", arguments={}))
+        self.assertEqual(again["result"]["resultType"], "complete")
+        with self.assertRaises(TimeoutError):
+            ws.recv(timeout=1)
+
+    def test_eras_are_not_mixed(self) -> None:
+        """A socket that began in 2026-07-28 refuses initialize with a clear
+        error, and goes on serving its era."""
+        ws = self.open()
+        self.assertIn("result", ask(ws, modern(1, "tools/list")))
+        refused = ask(ws, INIT)
+        self.assertEqual(refused["error"]["code"], -32600)
+        self.assertIn("2026-07-28", refused["error"]["message"])
+        self.assertIn("result", ask(ws, modern(2, "tools/list")))
 
 
 class RawSocket:

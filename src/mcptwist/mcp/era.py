@@ -139,12 +139,14 @@ def decode_header(value: str) -> str:
         ) from None
 
 
-def check(message: Message, headers: Callable[[str], list[str]]) -> ModernRequest:
+def check(message: Message, headers: Callable[[str], list[str]] | None) -> ModernRequest:
     """Validate one modern request (already a JSON-RPC request) and its headers.
 
-    C{headers(name)} gives every value of a request header. The order of the
-    checks is the revision's: headers present once, C{_meta} shape, headers
-    matching the body, protocol version, log level, then the method.
+    C{headers(name)} gives every value of a request header; None on a
+    transport whose messages carry no headers (a WebSocket, as stdio), where
+    the body alone speaks. The order of the checks is the revision's:
+    headers present once, C{_meta} shape, headers matching the body,
+    protocol version, log level, then the method.
     """
     id = message["id"]
     method = message["method"]
@@ -154,7 +156,7 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
 
     values: dict[str, str | None] = {}
     for name in ("mcp-protocol-version", "mcp-method", "mcp-name"):
-        found = headers(name)
+        found = headers(name) if headers is not None else []
         if len(found) > 1:
             raise refuse(
                 400, jsonrpc.HEADER_MISMATCH, f"Header mismatch: {name} is sent more than once"
@@ -180,14 +182,14 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
     client_info = meta.get(META_CLIENT)
     if client_info is not None and not isinstance(client_info, dict):
         raise invalid(f"_meta {META_CLIENT} must be an object")
-    header_version = values["mcp-protocol-version"]
+    header_version = values["mcp-protocol-version"] if headers is not None else version
     if header_version != version:
         raise refuse(
             400,
             jsonrpc.HEADER_MISMATCH,
             f"Header mismatch: MCP-Protocol-Version is {header_version!r} but _meta says {version!r}",
         )
-    header_method = values["mcp-method"]
+    header_method = values["mcp-method"] if headers is not None else method
     if header_method != method:
         raise refuse(
             400,
@@ -195,7 +197,7 @@ def check(message: Message, headers: Callable[[str], list[str]]) -> ModernReques
             f"Header mismatch: Mcp-Method is {header_method!r} but the body's method is {method!r}",
         )
     named = NAMED_PARAM.get(method)
-    if named is not None:
+    if named is not None and headers is not None:
         expected = params.get(named) if isinstance(params, dict) else None
         header_name = values["mcp-name"]
         if header_name != expected:

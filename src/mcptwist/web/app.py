@@ -660,11 +660,21 @@ class BridgeApp:
 
     def stream(self, request: Request, label: str) -> EventConnection:
         """Start an SSE response on this request, kept alive by the heartbeat."""
+        release = self.count_stream(request)
+        connection = EventConnection(request, self.clock, self.config.stream_buffer, label)
+        self.heartbeat.add(connection)
+        connection.done.addBoth(lambda _: release())
+        return connection
+
+    def count_stream(self, request: Request) -> Callable[[], None]:
+        """Count a stream of this request's principal (or refuse: too many);
+        what gives it back when the stream ends."""
         principal = principal_id(request)
         caps = self.access.caps
         # Without authentication, max_sessions and the heartbeat bound streams.
-        counted = principal != "anonymous"
-        if counted and not caps.open_stream(principal):
+        if principal == "anonymous":
+            return lambda: None
+        if not caps.open_stream(principal):
             raise self.refused(
                 request,
                 None,
@@ -675,11 +685,7 @@ class BridgeApp:
                 "(limits.max_streams_per_principal)",
                 5,
             )
-        connection = EventConnection(request, self.clock, self.config.stream_buffer, label)
-        self.heartbeat.add(connection)
-        if counted:
-            connection.done.addBoth(lambda _: caps.close_stream(principal))
-        return connection
+        return lambda: caps.close_stream(principal)
 
     # Status (the message endpoints are dispatched by the Gate)
 

@@ -115,3 +115,7 @@ class TransportContext(Protocol):
 
     def stream(self, request: Request, label: str) -> EventConnection:
         """Start an SSE response on this request (or refuse: too many streams)."""
+
+    def count_stream(self, request: Request) -> Callable[[], None]:
+        """Count a stream of this request's principal that is not an SSE
+        response (a WebSocket's), or refuse: too many; what gives it back."""

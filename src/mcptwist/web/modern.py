@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from fnmatch import fnmatchcase
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -31,7 +31,13 @@ from mcptwist.routing.backends import Backend
 from mcptwist.routing.catalog import LISTS, Catalog
 from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.sessions import ClientSession
-from mcptwist.routing.stateless import Listen, ModernCall, StatelessSink, request_digest
+from mcptwist.routing.stateless import (
+    Listen,
+    ModernCall,
+    Responder,
+    StatelessSink,
+    request_digest,
+)
 from mcptwist.routing.tasks import Task, TaskLimit, task_support
 
 from .admission import peer_of, principal_id, principal_of
@@ -48,6 +54,101 @@ ALLOW: Final = {b"allow": b"POST"}
 MAX_LISTENS: Final = 32
 MAX_LISTEN_URIS: Final = 256
 MAX_LISTEN_TASKS: Final = 256
+
+
+class Responding(Responder, Protocol):
+    """A call's responder as L{serve} holds it: told when its client has gone."""
+
+    gone: bool
+    done: bool
+
+
+class MessageStream(Protocol):
+    """A stream of one request's messages that is not an SSE response (a
+    WebSocket's frames): C{done} fires when it ends, whoever ended it."""
+
+    done: Deferred[None]
+
+    def send_message(self, message: Message) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+Stream = EventConnection | MessageStream
+
+
+class SocketRequest(Request):
+    """A request that came as a message on a socket (L{websocket
+    <mcptwist.web.websocket>}), not as a POST of its own.
+
+    This module serves it as it would the POST: what it answers at once is
+    its answer, and what it writes and finishes later is one message. It
+    makes its own responder and streams, whose messages go back on the
+    socket, and it is never forwarded to another node (the socket is held
+    by this one).
+    """
+
+    def responder(self, label: str, rewrite: Callable[[Message], Message] | None) -> Responding:
+        raise NotImplementedError
+
+    def stream(self, label: str) -> MessageStream:
+        raise NotImplementedError
+
+
+class _ChildListen:
+    """The responder of a child's own listen stream whose filter named the
+    bridge's tasks: the child's acknowledgement is sent with the tasks the
+    bridge follows (L{_acknowledge_tasks}), whose notifications then join
+    the stream."""
+
+    def __init__(
+        self,
+        inner: Responding,
+        ctx: TransportContext,
+        request: Request,
+        listen: era.ModernRequest,
+        stream: Callable[[], Stream | None],
+    ) -> None:
+        self.inner = inner
+        self.ctx = ctx
+        self.request = request
+        self.listen: era.ModernRequest | None = listen
+        self.stream = stream
+
+    @property
+    def gone(self) -> bool:
+        return self.inner.gone
+
+    @gone.setter
+    def gone(self, value: bool) -> None:
+        self.inner.gone = value
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        self.inner.done = value
+
+    def notify(self, message: Message) -> None:
+        listen = self.listen
+        if listen is not None and message.get("method") == ACKNOWLEDGED:
+            self.listen = None
+            connection = self.stream()
+            if connection is not None:
+                params = message.get("params")
+                agreed = params.get("notifications") if isinstance(params, dict) else None
+                agreed = agreed if isinstance(agreed, dict) else {}
+                _acknowledge_tasks(self.ctx, self.request, connection, listen, agreed)
+            return
+        self.inner.notify(message)
+
+    def answer(self, message: Message, status: int = 200) -> None:
+        self.inner.answer(message, status)
+
+
+ACKNOWLEDGED: Final = "notifications/subscriptions/acknowledged"
 
 
 class HTTPResponder:
@@ -71,29 +172,13 @@ class HTTPResponder:
         self.connection: EventConnection | None = None
         self.gone = False
         self.done = False
-        # A listen stream whose filter names the bridge's tasks: followed
-        # once the child acknowledged it.
-        self.listen: era.ModernRequest | None = None
 
     def notify(self, message: Message) -> None:
         if self.done or self.gone or not self.sse_ok:
             return
         connection = self._stream()
-        if connection is None:
-            return
-        listen = self.listen
-        if (
-            listen is not None
-            and message.get("method") == "notifications/subscriptions/acknowledged"
-        ):
-            # The child's filter, with the bridge's tasks it follows.
-            self.listen = None
-            params = message.get("params")
-            agreed = params.get("notifications") if isinstance(params, dict) else None
-            agreed = agreed if isinstance(agreed, dict) else {}
-            _acknowledge_tasks(self.ctx, self.request, connection, listen, agreed)
-            return
-        send(connection, message)
+        if connection is not None:
+            send(connection, message)
 
     def answer(self, message: Message, status: int = 200) -> None:
         if self.done:
@@ -114,6 +199,13 @@ class HTTPResponder:
         request.setHeader(b"content-type", b"application/json")
         request.write(jsonrpc.dumps(message))
         request.finish()
+
+    def stream(self) -> EventConnection | None:
+        """The response's SSE stream (opened now if it is not yet), or None:
+        no stream to be had, or the client is gone."""
+        if self.done or self.gone or not self.sse_ok:
+            return None
+        return self._stream()
 
     def _stream(self) -> EventConnection | None:
         if self.connection is None:
@@ -166,6 +258,19 @@ def post(
             "Not Acceptable: subscriptions/listen answers with a text/event-stream",
             checked.id,
         )
+    return handle(ctx, request, name, checked, json_ok, sse_ok)
+
+
+def handle(
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    checked: era.ModernRequest,
+    json_ok: bool,
+    sse_ok: bool,
+) -> bytes | int:
+    """Serve a checked request: a task request, a request to an endpoint, or
+    one to a server (over HTTP, or on a socket: a L{SocketRequest})."""
     if checked.method == "subscriptions/listen" and ctx.tasks.enabled:
         _check_task_filter(checked)
     backend = ctx.backend(name)
@@ -283,7 +388,7 @@ def _listened_tasks(
 
 def _follow_tasks(
     ctx: TransportContext,
-    connection: EventConnection,
+    connection: Stream,
     checked: era.ModernRequest,
     tasks: list[Task],
 ) -> None:
@@ -324,7 +429,7 @@ def _without_task_ids(checked: era.ModernRequest) -> era.ModernRequest:
 def _acknowledge_tasks(
     ctx: TransportContext,
     request: Request,
-    connection: EventConnection,
+    connection: Stream,
     checked: era.ModernRequest,
     agreed: dict[str, Any],
     hopped: bool = False,
@@ -332,10 +437,12 @@ def _acknowledge_tasks(
     """Acknowledge a listen stream (C{agreed}: its filter as agreed, without
     tasks), then follow the tasks its filter names. Those held here are
     agreed at once; in a cluster, those held on other nodes are followed
-    there over a hop (not from a stream that came over one, C{hopped}), and
-    agreed as those nodes acknowledge them (L{RemoteTasks})."""
+    there over a hop (not from a stream that came over one, C{hopped}, nor
+    from a socket's, whose requests this node serves alone), and agreed as
+    those nodes acknowledge them (L{RemoteTasks})."""
     tasks = _listened_tasks(ctx, request, checked)
-    remote = {} if hopped else _remote_tasks(ctx, checked)
+    local = hopped or not isinstance(connection, EventConnection)
+    remote = {} if local else _remote_tasks(ctx, checked)
 
     def acknowledgement(elsewhere: list[str]) -> Message:
         found = {task.id for task in tasks}.union(elsewhere)
@@ -349,7 +456,7 @@ def _acknowledge_tasks(
         )
 
     forwarder = ctx.forwarder
-    if remote and forwarder is not None:
+    if remote and forwarder is not None and isinstance(connection, EventConnection):
         max_event = ctx.tasks.config.max_result_size + EVENT_ROOM
         RemoteTasks(connection, ctx.clock, acknowledgement).start(
             forwarder, request, peer_of(request), checked.message, remote, max_event
@@ -608,10 +715,15 @@ def serve(
     prefer_json = (
         json_ok and hub.backend.server.json_response and checked.method != "subscriptions/listen"
     )
-    responder = HTTPResponder(
-        ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST", rewrite
+    responder: Responding = (
+        request.responder(f"{name} socket", rewrite)
+        if isinstance(request, SocketRequest)
+        else HTTPResponder(
+            ctx, request, json_ok, sse_ok and not prefer_json, f"{name} POST", rewrite
+        )
     )
-    responder.listen = listen
+    if listen is not None:
+        responder = _child_listen(ctx, request, name, responder, listen)
     peer = peer_of(request)
     if state is not None:
         call.resume(responder, checked, answers or {}, peer)
@@ -636,6 +748,33 @@ def serve(
     if not responder.done:
         request.notifyFinish().addErrback(vanished)
     return NOT_DONE_YET
+
+
+def _child_listen(
+    ctx: TransportContext,
+    request: Request,
+    name: str,
+    responder: Responding,
+    listen: era.ModernRequest,
+) -> Responding:
+    """A child's listen stream that also follows the bridge's tasks."""
+    if isinstance(responder, HTTPResponder):
+        return _ChildListen(responder, ctx, request, listen, responder.stream)
+
+    def frames() -> Stream | None:
+        try:
+            return _stream(ctx, request, f"{name} listen")
+        except HTTPProblem:
+            return None
+
+    return _ChildListen(responder, ctx, request, listen, frames)
+
+
+def _stream(ctx: TransportContext, request: Request, label: str) -> Stream:
+    """The stream of a listen: an SSE response, or a socket's frames."""
+    if isinstance(request, SocketRequest):
+        return request.stream(label)
+    return ctx.stream(request, label)
 
 
 def _after_tools(
@@ -805,7 +944,7 @@ def _endpoint_listen(
     if shown_uris:
         agreed["resourceSubscriptions"] = shown_uris
     try:
-        connection = ctx.stream(request, f"{backend.server.name} listen")
+        connection = _stream(ctx, request, f"{backend.server.name} listen")
     except HTTPProblem as problem:
         problem.id = checked.id
         raise
@@ -921,6 +1060,9 @@ def _forward(
 ) -> int:
     """A request for what another node holds (a parked call, a task):
     forwarded there, once; C{lost} when that node is gone."""
+    if isinstance(request, SocketRequest):
+        # A socket's messages are served by the node that holds it.
+        raise lost
     body = _body(request)
     if forwarder.hopped_from(request, body) is not None:
         # Forwarded here already: what this node does not hold is lost.
@@ -1036,7 +1178,7 @@ def _acknowledge(
     params = checked.message.get("params") or {}
     agreed = agreed_filter(wanted, (hub.upstream.init_result or {}).get("capabilities"))
     try:
-        connection = ctx.stream(request, f"{name} listen")
+        connection = _stream(ctx, request, f"{name} listen")
     except HTTPProblem as problem:
         problem.id = checked.id
         raise
@@ -1077,12 +1219,16 @@ class _NoResponder:
 _NO_RESPONDER: Final = _NoResponder()
 
 
-def send(connection: EventConnection, message: Message) -> None:
-    """One JSON-RPC message as one SSE event (no event ids in this revision)."""
-    connection.send(message_event(message))
+def send(connection: Stream, message: Message) -> None:
+    """One JSON-RPC message as one SSE event (no event ids in this revision),
+    or as one message of a socket's stream."""
+    if isinstance(connection, EventConnection):
+        connection.send(message_event(message))
+    else:
+        connection.send_message(message)
 
 
-def _finish(connection: EventConnection, message: Message | None) -> None:
+def _finish(connection: Stream, message: Message | None) -> None:
     if message is not None:
         send(connection, message)
     connection.finish()

@@ -5,23 +5,35 @@ The upgrade is a GET that the gate judges like any other request (Host,
 Origin, address, credentials, grants, rate limit), so every refusal is an
 HTTP answer with its headers (401 with C{WWW-Authenticate}, 429 with
 C{Retry-After}). The client must offer the C{mcp} subprotocol, as the
-official TypeScript SDK's C{WebSocketClientTransport} does. One connection is
-one session of the session era, opened when the upgrade is accepted and
-ended when the socket closes (its requests in flight are cancelled, as a
-DELETE would): each text frame carries one JSON-RPC message (or a batch,
-where the session's protocol version allows one), from the client to the
-router and from the router back, the child's requests and notifications
-included.
+official TypeScript SDK's C{WebSocketClientTransport} does. Each text frame
+carries one JSON-RPC message (or a batch, where the era allows one).
+
+The client's first message decides the connection's era, as a POST's does
+without headers: one whose C{_meta} names a protocol version is of the
+stateless revision (2026-07-28), any other of the session era; a message of
+the other era later on the same socket is refused.
+
+ - The session era: the connection is one session, opened by the first
+   message and ended when the socket closes (its requests in flight are
+   cancelled, as a DELETE would). Messages go to the router and back, the
+   child's requests and notifications included.
+ - 2026-07-28: each request is served on the principal's stateless hub
+   exactly as a POST to C{/mcp} is (L{modern<mcptwist.web.modern>}), with a
+   L{SocketRequest<mcptwist.web.modern.SocketRequest>} in place of the POST:
+   its notifications and its answer come back as frames, requests run
+   concurrently, an input_required retry is a new request on the socket.
+   The revision cancels a request on HTTP by closing its response and on a
+   byte stream by C{notifications/cancelled}: on a socket, as on stdio, that
+   notification naming a request (a C{subscriptions/listen} included) ends
+   it, and nothing more is sent for it. Closing the socket cancels all its
+   requests. Retries and task requests are served by this node, never
+   forwarded to another node of a cluster.
 
 Each frame is charged to the rate limits a POSTed message is charged to.
 Frames and messages over the server's C{max_message_size} close the socket
 with 1009. Pings every C{heartbeat_interval} find dead peers. What waits to
 be sent is bounded by C{stream_buffer}: a reader further behind is dropped
 (its socket closed, its session ended), as on an SSE stream.
-
-The stateless revision (2026-07-28) has no sessions and no connection to
-hold: a message of it on a socket is answered with an error that says to
-POST it to C{/mcp}.
 
 Autobahn is imported on the first upgrade: a bridge that serves no
 WebSocket never loads it.
@@ -31,14 +43,19 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Callable
+from io import BytesIO
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
-from twisted.web.server import Request
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from mcptwist import __version__
@@ -46,6 +63,8 @@ from mcptwist.mcp import era, jsonrpc, protocol
 from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.routing.sessions import ClientSession
 
+from . import modern
+from .admission import IAdmission, admission_of
 from .context import TransportContext
 from .http import HTTPProblem, header, parse_messages
 
@@ -59,10 +78,11 @@ GOING_AWAY: Final = 1001
 UNSUPPORTED_DATA: Final = 1003
 POLICY_VIOLATION: Final = 1008
 TOO_BIG: Final = 1009
+TRY_AGAIN_LATER: Final = 1013
 
 
 def upgrade(ctx: TransportContext, request: Request, name: str) -> bytes | int:
-    """Open a session and hand the connection to a WebSocket, or refuse in HTTP."""
+    """Hand the connection to a WebSocket, or refuse in HTTP."""
     backend = ctx.backend(name)
     if (header(request, b"upgrade") or "").strip().lower() != "websocket":
         raise HTTPProblem(
@@ -80,7 +100,6 @@ def upgrade(ctx: TransportContext, request: Request, name: str) -> bytes | int:
         )
     server = backend.server
     connection = Connection(ctx, request, name, ctx.config.stream_buffer)
-    connection.session = ctx.open_session(request, backend, TRANSPORT, lambda _: connection)
     resource, factory_class, protocol_class = _autobahn()
     factory = factory_class(server=f"mcptwist/{__version__}", reactor=ctx.clock)
     factory.protocol = functools.partial(protocol_class, connection)
@@ -100,7 +119,6 @@ def upgrade(ctx: TransportContext, request: Request, name: str) -> bytes | int:
         answer: bytes | int = resource(factory).render(request)
     except BaseException:
         connection.channel = None
-        ctx.registry.close(connection.session, "refused: the WebSocket could not be opened")
         raise
     return answer
 
@@ -144,8 +162,9 @@ def _autobahn() -> tuple[Any, Any, Any]:
 
 @implementer(IPushProducer)
 class Connection:
-    """One MCP WebSocket: the session's sink, its frames in and out, and the
-    push producer that bounds what waits for a slow reader."""
+    """One MCP WebSocket: its frames in and out, the push producer that
+    bounds what waits for a slow reader, and either the sink of its session
+    (the session era) or its requests in progress (2026-07-28)."""
 
     def __init__(self, ctx: TransportContext, request: Request, name: str, max_queued: int) -> None:
         self.ctx = ctx
@@ -154,6 +173,10 @@ class Connection:
         self.name = name
         self.max_queued = max_queued
         self.session: ClientSession | None = None
+        # The era, once the first message told it (True: 2026-07-28).
+        self.modern: bool | None = None
+        # 2026-07-28: the requests in progress, by id.
+        self.exchanges: dict[RequestId, Exchange] = {}
         # twisted.web's channel, released when the socket closes.
         self.channel: Any = None
         self.protocol: Any = None
@@ -165,6 +188,8 @@ class Connection:
         # Frames that arrived while a cluster's rate limit was being decided.
         self._waiting: deque[tuple[bytes, bool]] = deque()
         self._deciding = False
+        # How the socket closes once it has ended.
+        self._closing = (GOING_AWAY, "the session has ended")
 
     # The socket
 
@@ -177,7 +202,7 @@ class Connection:
         transport.registerProducer(self, True)
         self.open = True
         if self.ended:
-            self._close(GOING_AWAY, "the session has ended")
+            self._close(*self._closing)
             return
         self.resumeProducing()
 
@@ -194,7 +219,8 @@ class Connection:
         self._take(payload)
 
     def lost(self, reason: Failure) -> None:
-        """The connection is gone: the session ends, as a DELETE ends it."""
+        """The connection is gone: the session ends, as a DELETE ends it; the
+        requests in progress are cancelled, as closed responses are."""
         self.open = False
         self._out.clear()
         self._queued = 0
@@ -203,6 +229,8 @@ class Connection:
         if session is not None and not self.ended:
             self.ctx.registry.close(session, "socket closed")
         self.ended = True
+        for exchange in list(self.exchanges.values()):
+            exchange.gone("the client closed the WebSocket")
         channel, self.channel = self.channel, None
         if channel is not None:
             # twisted.web's channel lost its transport to the socket: it
@@ -252,41 +280,162 @@ class Connection:
     def _handle(
         self, refusal: HTTPProblem | None, messages: list[Message], kinds: list[Kind], batch: bool
     ) -> None:
-        session = self.session
-        assert session is not None
+        if self.modern is None:
+            self.modern = not batch and era.is_modern(None, None, messages[0])
+        if self.modern:
+            self._handle_modern(refusal, messages, kinds, batch)
+            return
         requests = [m["id"] for m, k in zip(messages, kinds, strict=True) if k is Kind.REQUEST]
         first = None if batch or not requests else requests[0]
         try:
             if refusal is not None:
                 raise refusal
-            self._check_era(session, messages, batch)
+            if any(era.is_modern(None, None, m) for m in messages):
+                raise HTTPProblem(
+                    400,
+                    jsonrpc.INVALID_REQUEST,
+                    "Invalid Request: this WebSocket carries a session of the session era "
+                    f"(its first message opened it); a {era.MODERN} request cannot be mixed in: "
+                    "open another WebSocket for it",
+                )
+            session = self.session or self._open_session(first)
+            if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
+                raise HTTPProblem(
+                    400,
+                    jsonrpc.INVALID_REQUEST,
+                    "Invalid Request: batches are not allowed in protocol version "
+                    f"{session.protocol_version}",
+                )
             if requests:
                 self.ctx.access.admit_requests(self.request, session, len(requests), first)
                 self.ctx.refresh(self.request, session, first)
         except HTTPProblem as problem:
-            for request_id in requests or [None]:
-                self._send_error(request_id, problem)
+            if not self.ended:
+                for request_id in requests or [None]:
+                    self._send_error(request_id, problem)
             return
         now = self.ctx.clock.seconds()
         for message, kind in zip(messages, kinds, strict=True):
             session.receive(message, kind, now)
 
-    def _check_era(self, session: ClientSession, messages: list[Message], batch: bool) -> None:
-        if batch and session.protocol_version not in protocol.BATCH_VERSIONS:
+    def _open_session(self, request_id: RequestId | None) -> ClientSession:
+        """The connection's session, opened by its first message; refused, the
+        socket closes once the client has the refusal."""
+        try:
+            backend = self.ctx.backend(self.name)
+            self.session = self.ctx.open_session(
+                self.request, backend, TRANSPORT, lambda _: self, request_id
+            )
+        except HTTPProblem as problem:
+            self._send_error(request_id, problem)
+            # Full, or draining: the client may try again later (elsewhere).
+            code = TRY_AGAIN_LATER if problem.status in (429, 503) else POLICY_VIOLATION
+            self._end(code, "no session could be opened")
+            raise
+        return self.session
+
+    def _handle_modern(
+        self, refusal: HTTPProblem | None, messages: list[Message], kinds: list[Kind], batch: bool
+    ) -> None:
+        """2026-07-28: each request served as a POST to C{/mcp} would be."""
+        if batch:
+            problem = HTTPProblem(
+                400,
+                jsonrpc.INVALID_REQUEST,
+                f"Invalid Request: a batch is not allowed in {era.MODERN}",
+            )
+            for message in messages:
+                self._send_error(message.get("id"), problem)
+            return
+        [message], [kind] = messages, kinds
+        if kind is Kind.NOTIFICATION:
+            # Cancelling only ever frees: it is honoured even past a rate limit.
+            if message["method"] == "notifications/cancelled":
+                params = message.get("params")
+                cancelled = params.get("requestId") if isinstance(params, dict) else None
+                exchange = (
+                    self.exchanges.get(cancelled) if isinstance(cancelled, str | int) else None
+                )
+                if exchange is not None:
+                    exchange.gone("the client cancelled the request")
+            return
+        if kind is Kind.RESPONSE:
+            self._send_error(
+                message.get("id"),
+                HTTPProblem(
+                    400,
+                    jsonrpc.INVALID_REQUEST,
+                    f"Invalid Request: a client sends no responses in {era.MODERN}",
+                ),
+            )
+            return
+        request_id: RequestId = message["id"]
+        try:
+            if refusal is not None:
+                raise refusal
+            self._admit_modern(message, request_id)
+            try:
+                checked = era.check(message, None)
+            except era.Refusal as refused:
+                raise HTTPProblem(
+                    refused.status, refused.code, refused.message, data=refused.data
+                ) from None
+        except HTTPProblem as problem:
+            self._send_error(request_id, problem)
+            return
+        exchange = Exchange(self, request_id)
+        self.exchanges[request_id] = exchange
+        try:
+            body = modern.handle(self.ctx, exchange, self.name, checked, True, True)
+        except HTTPProblem as problem:
+            if problem.id is None:
+                problem.id = request_id
+            body = problem.render(exchange)
+        except Exception:
+            log.failure("while serving {method} on a WebSocket", method=checked.method)
+            body = jsonrpc.dumps(
+                jsonrpc.error(
+                    request_id, jsonrpc.INTERNAL_ERROR, "Internal error in the bridge (logged)"
+                )
+            )
+        if body is not NOT_DONE_YET:
+            assert isinstance(body, bytes)
+            exchange.write(body)
+            exchange.finish()
+
+    def _admit_modern(self, message: Message, request_id: RequestId) -> None:
+        """Refuse a request of the other era, an id already in progress, or
+        one request too many on this socket."""
+        if not era.is_modern(None, None, message):
             raise HTTPProblem(
                 400,
                 jsonrpc.INVALID_REQUEST,
-                "Invalid Request: batches are not allowed in protocol version "
-                f"{session.protocol_version}",
+                f"Invalid Request: this WebSocket speaks {era.MODERN} (its first request "
+                f"carried _meta {era.META_VERSION}); a session-era message (initialize, or a "
+                "request without that _meta) cannot be mixed in: open another WebSocket for it",
             )
-        if session.protocol_version is None and era.is_modern(None, None, messages[0]):
+        if request_id in self.exchanges:
             raise HTTPProblem(
                 400,
-                jsonrpc.UNSUPPORTED_VERSION,
-                f"Unsupported protocol version: {era.MODERN} is stateless and has no "
-                "WebSocket transport; POST its requests to the server's /mcp URL, or "
-                "send initialize to open a session on this socket",
+                jsonrpc.INVALID_REQUEST,
+                f"Invalid Request: request {request_id!r} is still in progress on this "
+                "WebSocket; each request needs an id of its own",
             )
+        largest = self.ctx.config.limits.max_in_flight_per_session
+        if len(self.exchanges) >= largest:
+            raise self.ctx.refused(
+                self.request,
+                self.name,
+                "in-flight-session",
+                429,
+                f"Too Many Requests: this WebSocket already has {largest} requests in "
+                "progress (limits.max_in_flight_per_session)",
+                1,
+            )
+
+    def ended_exchange(self, exchange: Exchange) -> None:
+        if self.exchanges.get(exchange.id) is exchange:
+            del self.exchanges[exchange.id]
 
     # Messages to the client (the session's sink)
 
@@ -306,11 +455,16 @@ class Connection:
     def close(self) -> None:
         """The session ended (the bridge stops, the server went away): the
         socket closes once what is queued has been sent."""
+        self._end(GOING_AWAY, "the session has ended")
+
+    def _end(self, code: int, reason: str) -> None:
+        """Take no more messages, and close once what is queued has been sent."""
         if self.ended:
             return
         self.ended = True
+        self._closing = (code, reason)
         if not self._out:
-            self._close(GOING_AWAY, "the session has ended")
+            self._close(code, reason)
 
     def send(self, data: bytes) -> None:
         if self.protocol is None or self._paused or self._out:
@@ -339,7 +493,8 @@ class Connection:
             protocol.sendMessage(data, isBinary=False)
 
     def _send_error(self, request_id: RequestId | None, problem: HTTPProblem) -> None:
-        self.send(jsonrpc.dumps(jsonrpc.error(request_id, problem.code, problem.message)))
+        error = jsonrpc.error(request_id, problem.code, problem.message, problem.data)
+        self.send(jsonrpc.dumps(error))
 
     def _close(self, code: int, reason: str) -> None:
         protocol = self.protocol
@@ -368,11 +523,128 @@ class Connection:
             self._queued -= len(data)
             self._write(data)
         if self.ended and not self._out:
-            self._close(GOING_AWAY, "the session has ended")
+            self._close(*self._closing)
 
     def stopProducing(self) -> None:
         self._out.clear()
         self._queued = 0
 
 
-__all__ = ["SUBPROTOCOL", "TRANSPORT", "Connection", "offered", "upgrade"]
+class Exchange(modern.SocketRequest):
+    """One 2026-07-28 request on a socket, served by L{modern} as its POST
+    would be: what would be its response body is one frame, its
+    notifications are frames, and the client leaving (the request cancelled,
+    the socket closed) is its response closing."""
+
+    def __init__(self, connection: Connection, request_id: RequestId) -> None:
+        # Not Request.__init__: there is no HTTP channel of its own to take.
+        # What the modern path reads of a request is here: the upgrade's
+        # admission (who asks, from where), no headers (a frame has none).
+        Componentized.__init__(self)
+        upgrade = connection.request
+        admission = admission_of(upgrade)
+        if admission is not None:
+            self.setComponent(IAdmission, admission)
+        self.connection = connection
+        self.id = request_id
+        self.channel = upgrade.channel
+        self.method = b"POST"
+        self.uri = self.path = upgrade.path
+        self.requestHeaders = Headers()
+        self.responseHeaders = Headers()
+        self.content = BytesIO()
+        self.notifications: list[Deferred[None]] = []
+        self.finished = 0
+        self.code = 200
+        self._body: list[bytes] = []
+
+    def send(self, message: Message) -> None:
+        """One message of this request, now."""
+        if not self.finished:
+            self.connection.send(jsonrpc.dumps(message))
+
+    def write(self, data: bytes) -> None:
+        if not self.finished:
+            self._body.append(data)
+
+    def finish(self) -> None:
+        """The request is answered: what was written goes as one frame."""
+        if self.finished:
+            return
+        self.finished = 1
+        if self._body:
+            self.connection.send(b"".join(self._body))
+            self._body.clear()
+        self._ended(None)
+
+    def gone(self, why: str) -> None:
+        """The client cancelled the request, or left: nothing more is sent for it."""
+        if self.finished:
+            return
+        self.finished = 1
+        self._body.clear()
+        self._ended(Failure(ConnectionDone(why)))
+
+    def _ended(self, result: Failure | None) -> None:
+        self.connection.ended_exchange(self)
+        notifications, self.notifications = self.notifications, []
+        for notification in notifications:
+            if result is None:
+                notification.callback(None)
+            else:
+                notification.errback(result)
+
+    def responder(
+        self, label: str, rewrite: Callable[[Message], Message] | None
+    ) -> modern.Responding:
+        return FrameResponder(self, rewrite)
+
+    def stream(self, label: str) -> modern.MessageStream:
+        release = self.connection.ctx.count_stream(self)
+        stream = FrameStream(self)
+        stream.done.addBoth(lambda _: release())
+        return stream
+
+
+class FrameResponder:
+    """A call's responder on a socket: each notification, then the answer,
+    one frame each."""
+
+    def __init__(self, exchange: Exchange, rewrite: Callable[[Message], Message] | None) -> None:
+        self.exchange = exchange
+        self.rewrite = rewrite
+        self.gone = False
+        self.done = False
+
+    def notify(self, message: Message) -> None:
+        if not (self.done or self.gone):
+            self.exchange.send(message)
+
+    def answer(self, message: Message, status: int = 200) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.rewrite is not None:
+            message = self.rewrite(message)
+        if not self.gone:
+            self.exchange.send(message)
+            self.exchange.finish()
+
+
+class FrameStream:
+    """A listen stream on a socket: its messages as frames, until it ends or
+    the client cancels it."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.done: Deferred[None] = Deferred()
+        exchange.notifyFinish().addBoth(lambda _: self.done.callback(None))
+
+    def send_message(self, message: Message) -> None:
+        self.exchange.send(message)
+
+    def finish(self) -> None:
+        self.exchange.finish()
+
+
+__all__ = ["SUBPROTOCOL", "TRANSPORT", "Connection", "Exchange", "offered", "upgrade"]
