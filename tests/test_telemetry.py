@@ -3,9 +3,6 @@ in and out, their metrics, and what is never recorded."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from typing import Any
 
 import attrs
@@ -546,27 +543,3 @@ class ConfigTests(SynchronousTestCase):
         resource = resource_of(named, {"OTEL_SERVICE_NAME": "env"}).attributes
         self.assertEqual(resource["service.name"], "edge")
         self.assertEqual(resource["deployment.environment"], "prod")
-
-
-class CostTests(SynchronousTestCase):
-    def test_not_loaded_when_off(self) -> None:
-        """Without [telemetry], a started bridge has not imported OpenTelemetry;
-        nor the libraries of other features until they are used (WebSocket,
-        the REST face's schema checks, Redis)."""
-        script = (
-            "import sys\n"
-            "from tests.support.bridge import Service\n"
-            "from mcptwist.config.model import BridgeConfig, ServerConfig\n"
-            "from twisted.trial.unittest import SynchronousTestCase\n"
-            "t = SynchronousTestCase()\n"
-            "Service(t, BridgeConfig(servers={'s': ServerConfig(name='s', command='x')}))\n"
-            "optional = ('opentelemetry', 'autobahn', 'jsonschema', 'referencing', 'txredisapi')\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in optional))\n"
-        )
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "src"), root]))
-        out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env
-        )
-        self.assertEqual(out.returncode, 0, out.stderr)
-        self.assertEqual(out.stdout.strip(), "[]")

@@ -42,6 +42,11 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    from mcptwist.service.lazytls import import_twisted_without_tls
+
+    # Before anything imports the reactor or Twisted's endpoints (the
+    # configuration's listeners are checked with them).
+    import_twisted_without_tls()
     from twisted.internet import reactor
 
     from mcptwist.ops.notify import SystemdNotifier

@@ -3,21 +3,21 @@
 
 Read when the configuration is loaded, so that a wrong key fails at start or
 reload with the file's name, and again by the JWT checker that uses the key.
-Imported only when the configuration has an C{[auth]} table: it loads
-cryptography.
+cryptography is imported by the first key file read, not by token digests.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+    PublicKey = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
 
 DIGEST_PREFIX: Final = "sha256:"
 
@@ -28,15 +28,19 @@ _DIGEST_RE: Final = re.compile(r"\Asha256:([0-9A-Fa-f]{64})\Z")
 _HMAC_MINIMUM: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 
-_ASYMMETRIC: Final = (
-    (RSAPublicKey, ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")),
-    (EllipticCurvePublicKey, ("ES256", "ES384", "ES512")),
-    (Ed25519PublicKey, ("EdDSA",)),
-    (Ed448PublicKey, ("EdDSA",)),
-)
+def _asymmetric() -> tuple[tuple[Any, tuple[str, ...]], ...]:
+    """Each public key type, and the algorithms it verifies."""
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-
-PublicKey = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
+    return (
+        (RSAPublicKey, ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")),
+        (EllipticCurvePublicKey, ("ES256", "ES384", "ES512")),
+        (Ed25519PublicKey, ("EdDSA",)),
+        (Ed448PublicKey, ("EdDSA",)),
+    )
 
 
 def digest_text(digest: bytes) -> str:
@@ -60,6 +64,9 @@ def parse_digest(text: str) -> bytes:
 
 def _pem_public_key(data: bytes) -> Any | None:
     """The public key of a PEM public key, else of a PEM certificate; None for neither."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_pem_public_key(data)
     except ValueError:
@@ -104,7 +111,9 @@ def load_key_file(path: str, algorithms: tuple[str, ...]) -> bytes | PublicKey:
     key = _pem_public_key(data)
     if key is None:
         raise ValueError(f"{path}: is neither a PEM public key nor a PEM certificate")
-    for kind, usable in _ASYMMETRIC:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+    for kind, usable in _asymmetric():
         if isinstance(key, kind):
             wrong = [a for a in algorithms if a not in usable]
             if wrong:
@@ -134,6 +143,10 @@ def key_file_algorithms(path: str) -> tuple[str, ...]:
         return ("RS256",)
     if b"-----BEGIN" not in data:
         return ("HS256",)
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     key = _pem_public_key(data)
     if isinstance(key, EllipticCurvePublicKey):
         return ({"secp384r1": "ES384", "secp521r1": "ES512"}.get(key.curve.name, "ES256"),)

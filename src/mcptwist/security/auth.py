@@ -18,10 +18,9 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import jwt
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -34,8 +33,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from mcptwist.config.keys import PublicKey, load_key_file
 from mcptwist.config.model import AuthConfig, JWTConfig, TokenConfig
+
+if TYPE_CHECKING:
+    # PyJWT and the key types (cryptography) are imported by the JWT checker
+    # when one is configured: a bridge with static tokens or none never loads them.
+    import jwt
+
+    from mcptwist.config.keys import PublicKey
 
 log = Logger(namespace="mcptwist.auth")
 
@@ -244,27 +249,27 @@ def _status_200(body: bytes, code: int) -> bytes:
     return body
 
 
-# Why PyJWT refused a token, most specific first, as fixed loggable phrases.
-_REASONS: Final[tuple[tuple[type[Exception], str], ...]] = (
-    (jwt.ExpiredSignatureError, "expired"),
-    (jwt.ImmatureSignatureError, "not yet valid"),
-    (jwt.InvalidAudienceError, "wrong audience"),
-    (jwt.InvalidIssuerError, "wrong issuer"),
-    (jwt.InvalidSignatureError, "bad signature"),
-    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
-    (jwt.InvalidKeyError, "unusable key"),
-)
-
-
 def _reason(error: Exception) -> str:
     """A fixed, loggable phrase for why PyJWT refused a token."""
+    import jwt
+
     if isinstance(error, jwt.MissingRequiredClaimError):
         return (
             f"missing claim {error.claim}"
             if error.claim in ("exp", "iss", "aud")
             else "missing claim"
         )
-    return next((phrase for kind, phrase in _REASONS if isinstance(error, kind)), "malformed")
+    # Most specific first.
+    reasons: tuple[tuple[type[Exception], str], ...] = (
+        (jwt.ExpiredSignatureError, "expired"),
+        (jwt.ImmatureSignatureError, "not yet valid"),
+        (jwt.InvalidAudienceError, "wrong audience"),
+        (jwt.InvalidIssuerError, "wrong issuer"),
+        (jwt.InvalidSignatureError, "bad signature"),
+        (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+        (jwt.InvalidKeyError, "unusable key"),
+    )
+    return next((phrase for kind, phrase in reasons if isinstance(error, kind)), "malformed")
 
 
 @implementer(ICredentialsChecker)
@@ -297,6 +302,8 @@ class JWTChecker:
         self._fetch = fetch if fetch is not None else _treq_fetch(clock)
         self._key: bytes | PublicKey | None = None
         if config.key_file is not None:
+            from mcptwist.config.keys import load_key_file
+
             self._key = load_key_file(config.key_file, config.algorithms)
         self._keys: jwt.PyJWKSet | None = None
         # From the JWKS, by _install: its signing keys by kid, and the one key a
@@ -351,6 +358,8 @@ class JWTChecker:
         return waiter
 
     def _install(self, body: bytes, url: str) -> None:
+        import jwt
+
         document = json.loads(body)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
@@ -413,6 +422,8 @@ class JWTChecker:
             # jwt.decode parses the header itself, and refuses what
             # get_unverified_header would (as "malformed" too).
             return self._settle(token, self._key)
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, ValueError, TypeError):
@@ -440,6 +451,8 @@ class JWTChecker:
             return defer.fail(e)
 
     def _verify(self, token: str, key: bytes | PublicKey | jwt.PyJWK) -> Principal:
+        import jwt
+
         c = self.config
         try:
             claims = jwt.decode(

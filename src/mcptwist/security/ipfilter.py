@@ -32,7 +32,6 @@ from zope.interface import implementer
 
 from mcptwist.config.model import ListenerConfig, Network
 from mcptwist.config.networks import IPAddress, _normalise_network, normalise, parse_ip
-from mcptwist.security.tls import tls_factory
 
 OnRefused = Callable[[IAddress], None]
 UNIX_POLICIES: Final = ("allow", "deny")
@@ -267,7 +266,12 @@ def listening_factory(
 
     @raise ValueError: for C{proxy_protocol} without C{trusted_proxies}.
     """
-    inner = site if creator is None else tls_factory(creator, site)
+    if creator is None:
+        inner = site
+    else:
+        from mcptwist.security.tls import tls_factory
+
+        inner = tls_factory(creator, site)
     clients = AddressPolicy.from_listener(cfg)
     if cfg.proxy_protocol:
         if not cfg.trusted_proxies:

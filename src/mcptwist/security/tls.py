@@ -35,6 +35,8 @@ from zope.interface import implementer
 
 from mcptwist.config.model import TLSConfig
 
+from .tlserror import TLSLoadError
+
 # TLS 1.2 suites with forward secrecy and an AEAD cipher only. Twisted's
 # default list also accepts RSA key exchange (AES128-SHA, AES256-GCM-SHA384:
 # no forward secrecy) and CBC suites with SHA-1 MACs, so it is replaced.
@@ -49,15 +51,6 @@ MIN_VERSIONS: Final = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 
 
 _ciphers = AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS)
-
-
-class TLSLoadError(Exception):
-    """A certificate, key or chain that cannot be served, and why."""
-
-    def __init__(self, source: str, problem: str) -> None:
-        self.source = source
-        self.problem = problem
-        super().__init__(f"{source}: {problem}")
 
 
 def _utcnow() -> datetime.datetime:

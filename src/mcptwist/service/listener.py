@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -23,7 +23,10 @@ from mcptwist.config.model import ListenerConfig
 from mcptwist.ops.audit import AuditTrail
 from mcptwist.security.ipfilter import listening_factory
 from mcptwist.security.origin import is_local_address
-from mcptwist.security.tls import ReloadableTLS, TLSLoadError
+from mcptwist.security.tlserror import TLSLoadError
+
+if TYPE_CHECKING:
+    from mcptwist.security.tls import ReloadableTLS
 
 log = Logger(namespace="mcptwist.service")
 
@@ -84,6 +87,9 @@ class Listener(Service):
         @raise ListenerError: when it cannot, or must not, listen.
         """
         if self.config.tls is not None:
+            # pyOpenSSL and cryptography are imported by the first TLS listener.
+            from mcptwist.security.tls import ReloadableTLS
+
             try:
                 self.creator = ReloadableTLS(self.config.tls)
             except TLSLoadError as e:
@@ -147,6 +153,8 @@ class Listener(Service):
         if config.tls is None:
             creator = None
         elif creator is None:
+            from mcptwist.security.tls import ReloadableTLS
+
             creator = ReloadableTLS(config.tls)
         elif config.tls != self.config.tls:
             try:
