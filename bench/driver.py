@@ -10,6 +10,12 @@ Runs one measurement and prints one JSON object on stdout. Modes:
   notify   progress notifications reach the caller only
   streams  open N idle SSE streams, report, hold until a line on stdin, report again
   direct   the child's own stdio rate (no bridge): sequential and K in flight
+  stdio    as load, but the driver writes to a child of its own (no bridge): K in flight
+
+Transports: streamable (Streamable HTTP), sse (HTTP+SSE), websocket (the mcp subprotocol,
+one session per socket; --url ws://.../ws), rest (POST URL/tools/TOOL with the arguments,
+one stateless call each; --url http://.../servers/NAME). --tokens gives the sessions bearer
+tokens in turn (session i the i-th, modulo their number).
 
 Every response is checked: the id must be one this session has in flight, and
 the echoed text (which names the session and the request) must be the one that
@@ -20,7 +26,7 @@ answer must hold --expect-tools tools (else it counts in `bad_lists`).
 
 The driver keeps one keep-alive connection per request slot (so a session with
 K requests in flight has K connections; an HTTP+SSE session also holds its
-GET stream). It uses uvloop when installed. Its own CPU use over the window is
+GET stream; a WebSocket session has its one socket). It uses uvloop when installed. Its own CPU use over the window is
 reported (getrusage) next to the bridge's (from /proc/PID/stat).
 """
 
@@ -486,8 +492,11 @@ def result_text(msg: dict) -> str | None:
 
 
 class Session:
-    def __init__(self, sid: int, url: str, stats: Stats, slots: int) -> None:
+    def __init__(self, sid: int, url: str, stats: Stats, slots: int,
+                 token: str | None = None) -> None:
         self.sid = sid
+        self.token = token
+        self.auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
         self.prefix = f"s{sid}."
         u = urllib.parse.urlsplit(url)
         self.url = url
@@ -593,7 +602,7 @@ class StreamableSession(Session):
             self.on_message(loads(data))
 
     def _headers(self) -> bytes:
-        h = b"Content-Type: application/json\r\nAccept: " + ACCEPT_BOTH + b"\r\n"
+        h = b"Content-Type: application/json\r\nAccept: " + ACCEPT_BOTH + b"\r\n" + self.auth
         if self.session_id is not None:
             h += b"Mcp-Session-Id: " + self.session_id + b"\r\nMcp-Protocol-Version: " + self.version.encode() + b"\r\n"
         return h
@@ -613,7 +622,7 @@ class StreamableSession(Session):
             if not status.done():
                 status.set_result(resp.status)
 
-        h = b"Accept: text/event-stream\r\nMcp-Session-Id: " + self.session_id + (
+        h = b"Accept: text/event-stream\r\n" + self.auth + b"Mcp-Session-Id: " + self.session_id + (
             b"\r\nMcp-Protocol-Version: " + self.version.encode() + b"\r\n"
         )
         done = self.get_conn.request(b"GET", self.path, h, on_event=self._on_event,
@@ -670,7 +679,7 @@ class SseSession(Session):
     async def open_stream(self, timeout: float = 10.0) -> None:
         self.stream = await Conn.open(self.host, self.port)
         self.stream_done = self.stream.request(
-            b"GET", self.path, b"Accept: text/event-stream\r\n",
+            b"GET", self.path, b"Accept: text/event-stream\r\n" + self.auth,
             on_event=self._on_event, on_headers=self._on_headers,
         )
         self.stream_done.add_done_callback(self._stream_ended)
@@ -695,7 +704,7 @@ class SseSession(Session):
         if conn.closed.done():
             conn = self.conns[slot] = await Conn.open(self.host, self.port)
         return await conn.request(
-            b"POST", self.post_path, b"Content-Type: application/json\r\n", body
+            b"POST", self.post_path, b"Content-Type: application/json\r\n" + self.auth, body
         )
 
     async def close(self) -> None:
@@ -706,19 +715,108 @@ class SseSession(Session):
             c.close()
 
 
-def make_session(transport: str, sid: int, url: str, stats: Stats, slots: int) -> Session:
-    cls = StreamableSession if transport == "streamable" else SseSession
-    return cls(sid, url, stats, slots)
+class WsSession(Session):
+    """One WebSocket (the mcp subprotocol) is one session of the session era: every message
+    a text frame, the answers of all its requests in flight on the one socket."""
+
+    def __init__(self, *a, **k) -> None:
+        super().__init__(*a, **k)
+        self.ws = None
+        self.reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        from websockets.asyncio.client import connect
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        # No compression (the bridge's frames are measured as they are), no size cap, no
+        # pings: the window is short.
+        self.ws = await connect(self.url, subprotocols=["mcp"], additional_headers=headers,
+                                compression=None, max_size=None, ping_interval=None)
+        self.reader = asyncio.ensure_future(self._read())
+        await self.initialize(STREAMABLE_VERSION)
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for frame in self.ws:
+                self.on_message(loads(frame))
+
+    async def post(self, slot: int, body: bytes) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self.ws.send(body.decode())
+        except ConnectionClosed as e:
+            raise ConnectionError(f"WebSocket closed: {e}") from None
+
+    async def close(self) -> None:
+        self.closed = True
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(), 5)
+        if self.reader is not None:
+            self.reader.cancel()
 
 
-async def start_sessions(transport, url, n, slots, stats, retries=1) -> list[Session]:
+class RestSession(Session):
+    """The REST face: each tools/call a POST of its arguments to URL/tools/TOOL, answered by
+    the tool's text as JSON (a text that is not JSON comes back as a JSON string); no
+    session, no initialize, no JSON-RPC."""
+
+    async def start(self) -> None:
+        for _ in range(self.slots):
+            self.conns.append(await Conn.open(self.host, self.port))
+
+    async def call(self, slot: int, method: str, params: dict, expected: str | None = None,
+                   timeout: float = 10.0):
+        if method != "tools/call":
+            raise RpcError(f"the REST face has no {method}")
+        conn = self.conns[slot]
+        if conn.closed.done():
+            conn = self.conns[slot] = await Conn.open(self.host, self.port)
+        path = self.path.rstrip(b"/") + b"/tools/" + params["name"].encode()
+        sent = time.monotonic()
+        try:
+            resp = await asyncio.wait_for(
+                conn.request(b"POST", path, b"Content-Type: application/json\r\n" + self.auth,
+                             dumps(params["arguments"])), timeout)
+        except asyncio.TimeoutError:
+            self.stats.timeouts += 1
+            conn.close()  # its answer may still come: never read it as the next one's
+            raise
+        latency = time.monotonic() - sent
+        if resp.status != 200:
+            raise HttpStatusError(f"HTTP {resp.status}: {resp.body[:200]!r}")
+        text = loads(resp.body)
+        if expected is not None and text != expected:
+            self.stats.wrong_client += 1
+            self.stats.note(f"session {self.sid} expected {expected[:40]!r} got {str(text)[:40]!r}")
+        return {"result": {"content": [{"type": "text", "text": text}]}}, latency
+
+    async def close(self) -> None:
+        self.closed = True
+        for c in self.conns:
+            c.close()
+
+
+SESSIONS = {"streamable": StreamableSession, "sse": SseSession, "websocket": WsSession,
+            "rest": RestSession}
+
+
+def make_session(transport: str, sid: int, url: str, stats: Stats, slots: int,
+                 tokens: list[str] | None = None) -> Session:
+    token = tokens[sid % len(tokens)] if tokens else None
+    return SESSIONS[transport](sid, url, stats, slots, token)
+
+
+async def start_sessions(transport, url, n, slots, stats, retries=1,
+                         tokens=None) -> list[Session]:
     sem = asyncio.Semaphore(8)
 
     async def one(i: int) -> Session:
         async with sem:
             last = None
             for _ in range(retries):
-                s = make_session(transport, i, url, stats, slots)
+                s = make_session(transport, i, url, stats, slots, tokens)
                 try:
                     await s.start()
                     return s
@@ -743,6 +841,7 @@ def percentiles(values: list[float]) -> dict:
         "n": len(v),
         "p50_ms": p(0.50),
         "p90_ms": p(0.90),
+        "p95_ms": p(0.95),
         "p99_ms": p(0.99),
         "max_ms": v[-1] * 1000.0,
         "mean_ms": sum(v) / len(v) * 1000.0,
@@ -777,7 +876,8 @@ def check_list(a, stats: Stats, msg: dict) -> None:
 async def mode_load(a) -> dict:
     stats = Stats()
     t_setup = time.monotonic()
-    sessions = await start_sessions(a.transport, a.url, a.sessions, a.inflight, stats, retries=3)
+    sessions = await start_sessions(a.transport, a.url, a.sessions, a.inflight, stats, retries=3,
+                                    tokens=a.tokens)
     setup_s = time.monotonic() - t_setup
     latencies: list[float] = []
     calls = 0
@@ -878,7 +978,7 @@ async def mode_once(a) -> dict:
     t0 = time.monotonic()
     out: dict = {"mode": "once", "transport": a.transport,
                  "method": "tools/list" if a.method == "list" else "tools/call"}
-    s = make_session(a.transport, 0, a.url, stats, 1)
+    s = make_session(a.transport, 0, a.url, stats, 1, a.tokens)
     try:
         while True:  # with --since the bridge may not listen yet: try again until it does
             try:
@@ -889,7 +989,7 @@ async def mode_once(a) -> dict:
                 if a.since is None or time.monotonic() - t0 > a.timeout:
                     raise
                 await asyncio.sleep(0.01)
-                s = make_session(a.transport, 0, a.url, stats, 1)
+                s = make_session(a.transport, 0, a.url, stats, 1, a.tokens)
         out["setup_s"] = time.monotonic() - t0
         lats, sizes = [], []
         for n in range(a.count):
@@ -1034,46 +1134,54 @@ async def mode_streams(a) -> dict:
     return {"mode": "streams", "still_open": still}
 
 
-async def mode_direct(a) -> dict:
-    """The child alone: a driver writing straight to its stdin."""
-    proc = await asyncio.create_subprocess_exec(
-        *a.child, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, limit=64 << 20,
-    )
-    waiters: dict[int, asyncio.Future] = {}
+class StdioChild:
+    """The child run by the driver itself, its stdin written straight (no bridge)."""
 
-    async def reader() -> None:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.waiters: dict[int, asyncio.Future] = {}
+        self.next_id = 0
+        self.reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def start(cls, argv: list[str]) -> StdioChild:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, limit=64 << 20,
+        )
+        child = cls(proc)
+        await child.call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                        "clientInfo": {"name": "bench", "version": "1"}})
+        proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        return child
+
+    async def _read(self) -> None:
         while True:
-            line = await proc.stdout.readline()
+            line = await self.proc.stdout.readline()
             if not line:
                 return
             m = loads(line)
-            f = waiters.pop(m.get("id"), None)
+            f = self.waiters.pop(m.get("id"), None)
             if f is not None and not f.done():
                 f.set_result(m)
 
-    rtask = asyncio.ensure_future(reader())
-    next_id = 0
-
-    async def call(method: str, params: dict) -> dict:
-        nonlocal next_id
-        next_id += 1
+    async def call(self, method: str, params: dict) -> dict:
+        self.next_id += 1
         f = asyncio.get_running_loop().create_future()
-        waiters[next_id] = f
-        proc.stdin.write(dumps({"jsonrpc": "2.0", "id": next_id, "method": method,
-                                "params": params}) + b"\n")
+        self.waiters[self.next_id] = f
+        self.proc.stdin.write(dumps({"jsonrpc": "2.0", "id": self.next_id, "method": method,
+                                     "params": params}) + b"\n")
         return await f
 
-    await call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                              "clientInfo": {"name": "bench", "version": "1"}})
-    proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
-    out = {"mode": "direct"}
-    for label, k in (("sequential", 1), ("inflight32", 32)):
+    async def window(self, inflight: int, warmup: float, duration: float) -> dict:
+        """`inflight` callers of echo, one call each at a time, over a window after a warm-up:
+        the calls answered inside it, their latencies, and the window's /proc figures (the
+        child's CPU as the snapshot's "bridge")."""
         stop = False
         lats: list[float] = []
-        count = 0
-        window = [0.0, 0.0]
-        bad = 0
+        count = bad = 0
+        window = [time.monotonic() + warmup, 0.0]
+        window[1] = window[0] + duration
 
         async def slot(j: int) -> None:
             nonlocal count, bad
@@ -1082,7 +1190,7 @@ async def mode_direct(a) -> dict:
                 n += 1
                 text = f"d{j}.{n}"
                 t = time.monotonic()
-                m = await call("tools/call", {"name": "echo", "arguments": {"text": text}})
+                m = await self.call("tools/call", {"name": "echo", "arguments": {"text": text}})
                 now = time.monotonic()
                 if result_text(m) != text:
                     bad += 1
@@ -1090,38 +1198,66 @@ async def mode_direct(a) -> dict:
                     count += 1
                     lats.append(now - t)
 
-        window[0] = time.monotonic() + a.warmup
-        window[1] = window[0] + a.duration
-        tasks = [asyncio.ensure_future(slot(j)) for j in range(k)]
-        await asyncio.sleep(a.warmup)
-        before = ProcSnapshot(proc.pid)
-        cb = proc_cpu(proc.pid)
-        await asyncio.sleep(a.duration)
-        after = ProcSnapshot(proc.pid)
-        ca = proc_cpu(proc.pid)
+        tasks = [asyncio.ensure_future(slot(j)) for j in range(inflight)]
+        await asyncio.sleep(warmup)
+        before = ProcSnapshot(self.proc.pid)
+        await asyncio.sleep(duration)
+        after = ProcSnapshot(self.proc.pid)
         stop = True
         await asyncio.gather(*tasks)
         d = after.delta(before)
-        out[label] = {
-            "calls_per_s": count / d["wall_s"],
-            "latency": percentiles(lats),
-            "child_cpu_us_per_call": (ca - cb) / count * 1e6 if count else None,
-            "driver_core_share": d["driver_core_share"],
-            "other_processes_cores": d["other_processes_cores"],
-            "bad": bad,
-            "window_s": d["wall_s"],
-        }
-    proc.stdin.close()
-    await proc.wait()
-    rtask.cancel()
+        child_s = d.pop("bridge_cpu_s", None)
+        d.pop("children_cpu_s", None)
+        return {"calls": count, "calls_per_s": count / d["wall_s"], "latency": percentiles(lats),
+                "child_cpu_us_per_call": child_s / count * 1e6 if count and child_s else None,
+                "bad": bad, **d}
+
+    async def stop(self) -> None:
+        self.proc.stdin.close()
+        await self.proc.wait()
+        self.reader.cancel()
+
+
+async def mode_direct(a) -> dict:
+    """The child alone: sequential, then 32 in flight."""
+    child = await StdioChild.start(a.child)
+    out: dict = {"mode": "direct"}
+    for label, k in (("sequential", 1), ("inflight32", 32)):
+        r = await child.window(k, a.warmup, a.duration)
+        out[label] = {"calls_per_s": r["calls_per_s"], "latency": r["latency"],
+                      "child_cpu_us_per_call": r["child_cpu_us_per_call"],
+                      "driver_core_share": r["driver_core_share"],
+                      "other_processes_cores": r["other_processes_cores"], "bad": r["bad"],
+                      "window_s": r["wall_s"]}
+    await child.stop()
     return out
+
+
+async def mode_stdio(a) -> dict:
+    """One load window on the child alone, --inflight callers at once: the figures of a load
+    window (the child's CPU in children_cpu_us_per_call, no bridge), for the stdio hop."""
+    t0 = time.monotonic()
+    child = await StdioChild.start(a.child)
+    setup_s = time.monotonic() - t0
+    r = await child.window(a.inflight, a.warmup, a.duration)
+    await child.stop()
+    bad = r.pop("bad")
+    return {"mode": "stdio", "method": "tools/call", "transport": "stdio", "sessions": 1,
+            "inflight_per_session": a.inflight, "window_s": r["wall_s"], "warmup_s": a.warmup,
+            "setup_s": setup_s, "errors": 0, "lost": 0, "wrong_client": bad, "foreign": 0,
+            "duplicates": 0, "children_cpu_us_per_call": r.pop("child_cpu_us_per_call"),
+            "driver_cpu_us_per_call": r["driver_cpu_s"] / r["calls"] * 1e6 if r["calls"] else None,
+            **r}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=["load", "once", "large", "notify", "streams", "direct"])
-    p.add_argument("--transport", choices=["streamable", "sse"], default="streamable")
-    p.add_argument("--url", help="the /mcp or /sse URL")
+    p.add_argument("mode", choices=["load", "once", "large", "notify", "streams", "direct",
+                                    "stdio"])
+    p.add_argument("--transport", choices=list(SESSIONS), default="streamable")
+    p.add_argument("--url", help="the /mcp, /sse or /ws URL; rest: the server's (/servers/NAME)")
+    p.add_argument("--tokens", type=lambda s: [t for t in s.split(",") if t],
+                   help="bearer tokens, comma-separated: session i sends the i-th (modulo)")
     p.add_argument("--pid", type=int, help="the bridge's pid, for /proc figures")
     p.add_argument("--also-pids", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[], help="load: more pids (comma-separated) whose CPU (and their "
@@ -1142,10 +1278,11 @@ def main() -> int:
                    default=[1 << 20, 16 << 20])
     p.add_argument("--count", type=int, default=1000, help="streams to open; once: requests")
     p.add_argument("--concurrency", type=int, default=64, help="streams opened at once")
-    p.add_argument("--child", type=shlex.split, help="direct mode: the child's command line")
+    p.add_argument("--child", type=shlex.split,
+                   help="direct, stdio: the child's command line")
     a = p.parse_args()
     run = {"load": mode_load, "once": mode_once, "large": mode_large, "notify": mode_notify,
-           "streams": mode_streams, "direct": mode_direct}[a.mode]
+           "streams": mode_streams, "direct": mode_direct, "stdio": mode_stdio}[a.mode]
     if uvloop is not None:
         uvloop.install()
     result = asyncio.run(run(a))

