@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+)
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -21,16 +30,19 @@ from mcptwist.child.supervisor import ChildState
 from mcptwist.ops.metrics import (
     AUTH_REASONS,
     CHILD_STATES,
+    DURATION_BUCKETS,
     EXIT_REASONS,
     MAX_SERVERS,
     MCP_METHODS,
     OTHER,
+    ClusterSnapshot,
     Metrics,
     ServerSnapshot,
     Snapshot,
     auth_reason,
     exit_reason,
 )
+from mcptwist.routing.record import ToolEvent
 
 from .support.router import ended
 
@@ -755,3 +767,210 @@ class MetricsListenerTests(SynchronousTestCase):
         status, body = self.request("localhost:9100")
         self.assertEqual(status, 200)
         self.assertIn(b"mcptwist_", body)
+
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "support", "golden")
+
+
+class Ticking:
+    """Metrics whose wall clock moves on a quarter second at each call to them."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+        self.metrics = Metrics(start_time=1_700_000_000.5, max_tools=2, wall=self.wall)
+
+    def wall(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.metrics, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.now += 0.25
+            return method(*args, **kwargs)
+
+        return call
+
+
+def feed(m: Any) -> None:
+    """One of every event the metrics count, with values at and beyond every limit."""
+    for name, route, method, code, received, sent in [
+        ("files", "mcp", "POST", 200, 120, 340),
+        ("files", "mcp", "POST", 200, 80, 0),
+        ("files", "sse", "GET", 200, 0, 0),
+        ("files", "mcp", "DELETE", 404, 0, 12),
+        (None, "health", "GET", 200, 0, 15),
+        (None, "metrics", "HEAD", 405, 0, 0),
+        ("time", "/etc/passwd", "BREW", 99, 3, 0),
+        ("time", "messages", "POST", 1000, 7, 9),
+        ("x" * 65, "mcp", "POST", 200, 1, 1),
+    ]:
+        m.http_request(name, route, method, code, received, sent)
+    for latency, child in [
+        (0.0, None),
+        (5.0, 4.0),
+        (10.0, 9.5),
+        (0.0001, 0.00005),
+        (-3.0, -1.0),
+        (25.0, 20.0),
+        (1000.0, 999.0),
+        (20_000.0, None),
+        (300_000.0, 299_999.0),
+        (1e9, 1e9),
+        (7.5, 7.5),
+        (2.5, 2.5),
+    ]:
+        m.request_ended(ended(latency_ms=latency, child_ms=child))
+    changes: list[dict[str, Any]] = [
+        {"status": "error", "error_code": -32602},
+        {"status": "error", "error_code": -32001, "name": "write"},
+        {"status": "error", "error_code": 42, "name": "made-up"},
+        {"status": "ok", "tool_error": True, "name": "write"},
+        {"status": "timeout", "latency_ms": 30_000.0},
+        {"status": "cancelled", "latency_ms": 12.0, "child_ms": 11.0},
+        {"status": "weird", "latency_ms": 1.0},
+        {"method": "tools/list", "name": None, "latency_ms": 0.4},
+        {"method": "initialize", "name": None, "latency_ms": 50.0, "child_ms": 48.0},
+        {"method": "made/up", "name": None, "latency_ms": 3.0},
+        {"method": "ping", "name": None, "server": "time", "latency_ms": 0.1},
+        {"name": "third", "status": "ok"},
+        {"name": "fourth", "status": "ok"},
+        {"name": "x" * 129, "status": "ok"},
+        {"server": "y" * 70, "latency_ms": 2.0},
+    ]
+    for change in changes:
+        m.request_ended(ended(**change))
+    m.request_done("time", "tools/call", "ok", 0.2, "now")
+    m.request_done("time", "tools/call", "ok", 0.3, None)
+    m.request_done("time", "prompts/get", "error", 0.05, "now")
+    for reason in ["unknown token", "missing claim sub", "bad claim exp", "a secret reason"]:
+        m.auth_failure(reason)
+    m.access_refused()
+    m.access_refused()
+    for scope in ["principal", "server-total", "nonsense"]:
+        m.rate_limited(scope)
+    for scope in ["listener", "server", "elsewhere"]:
+        m.ip_refused(scope)
+    for reason in ["header_timeout", "body_too_large", "sideways"]:
+        m.http_refused(reason)
+    m.child_spawned(server="files", pid=10, command="npx")
+    m.child_spawned(server="files[abc]", pid=11, command="npx")
+    m.child_exited(server="files", pid=10, exit_code=0, signal=None, reason="r")
+    m.child_exited(server="files[abc]", pid=11, exit_code=1, signal=None, reason="r")
+    m.child_exited(server="files", pid=12, exit_code=None, signal=9, reason="r")
+    m.child_exited(server="files", pid=13, exit_code=None, signal=None, reason="r")
+    m.child_exited(server="files", pid=14, exit_code=None, signal=15, reason="r", stopping=True)
+    m.count_exit("files", "meltdown")
+    for transport in ["streamable", "sse", "stateless", "websocket", None, "pigeon"]:
+        m.session_opened(
+            session="s",
+            server="files",
+            principal=None,
+            peer=None,
+            transport=transport,
+            protocol_version=None,
+        )
+        m.session_closed(
+            session="s",
+            server="files",
+            principal=None,
+            reason="gone",
+            duration=1.0,
+            transport=transport,
+        )
+    m.session_closed(session="s", server="time", principal=None, reason="idle", duration=2.0)
+    for kind in ["tool_pinned", "tool_changed", "tool_accepted", "tool_refused", "name_clash"]:
+        m.tool_event(ToolEvent(kind, "files", "read"))
+    m.tool_event(ToolEvent("tool_refused", "files", "write"))
+    m.set_source(
+        lambda: Snapshot(
+            (
+                ServerSnapshot("files", "shared", "running", 1, 1, 2, 12.5, 3, 1, 4),
+                ServerSnapshot("time", "session", "restarting", 2, 1, 0, None, 0, 0, 2),
+            ),
+            streams=3,
+            sessions_total=6,
+            cluster=ClusterSnapshot(True, {"timeout": 2, "down": 1}),
+        )
+    )
+
+
+class ExpositionTests(SynchronousTestCase):
+    """What a scraper reads is what prometheus_client's own counters and
+    histograms gave for the same events."""
+
+    def fed(self) -> Metrics:
+        ticking = Ticking()
+        feed(ticking)
+        return ticking.metrics
+
+    def golden(self, name: str) -> str:
+        with open(os.path.join(GOLDEN, name), encoding="utf-8") as f:
+            return f.read().replace('version="VERSION"', f'version="{__version__}"')
+
+    def test_text_format(self) -> None:
+        """The text format, byte for byte, _created (when each series was
+        first counted) included."""
+        _, body = scrape(self.fed())
+        self.assertEqual(body, self.golden("metrics.prom"))
+
+    def test_openmetrics(self) -> None:
+        _, body = scrape(self.fed(), b"application/openmetrics-text; version=1.0.0")
+        self.assertEqual(body, self.golden("metrics.om"))
+
+    def test_created_series_can_be_disabled(self) -> None:
+        """prometheus_client's switch for _created turns off ours too."""
+        disable_created_metrics()
+        self.addCleanup(enable_created_metrics)
+        _, body = scrape(self.fed())
+        expected = "".join(
+            line
+            for line in self.golden("metrics.prom").splitlines(keepends=True)
+            if "_created" not in line
+        )
+        self.assertEqual(body, expected)
+
+    @given(
+        st.lists(
+            st.one_of(
+                st.floats(min_value=0.0, allow_nan=False),
+                st.sampled_from(DURATION_BUCKETS).flatmap(
+                    lambda bound: st.sampled_from(
+                        [math.nextafter(bound, 0.0), bound, math.nextafter(bound, math.inf)]
+                    )
+                ),
+            ),
+            max_size=40,
+        )
+    )
+    def test_histogram_buckets(self, durations: list[float]) -> None:
+        """Every duration, on a bound, beside one or beyond them all, falls in
+        the bucket prometheus_client's Histogram puts it in, and sums alike."""
+        m = Metrics()
+        registry = CollectorRegistry()
+        reference = Histogram(
+            "mcptwist_request_duration_seconds",
+            "",
+            ["server", "method"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        ).labels("time", "ping")
+        for seconds in durations:
+            m.request_done("time", "ping", "ok", seconds)
+            reference.observe(seconds)
+
+        def observed(samples: list[Sample]) -> list[tuple[str, dict[str, str], float]]:
+            return [
+                (s.name, s.labels, s.value)
+                for s in samples
+                if s.name.startswith("mcptwist_request_duration_seconds")
+                and not s.name.endswith("_created")
+            ]
+
+        ours = [family.samples for family in m.registry.collect()]
+        [theirs] = [family.samples for family in registry.collect()]
+        if not durations:
+            # A series is made by its first observation.
+            self.assertEqual(observed([s for samples in ours for s in samples]), [])
+            return
+        self.assertEqual(observed([s for samples in ours for s in samples]), observed(theirs))

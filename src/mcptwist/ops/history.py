@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from twisted.internet.interfaces import IReactorTime
 
-from mcptwist.routing.record import RequestEnded, ToolEvent
+from mcptwist.routing.record import BaseRecorder, RequestEnded
 
 BUCKET_SECONDS: Final = 5.0
 WINDOW_SECONDS: Final = 600.0
@@ -60,7 +60,7 @@ class _Bucket:
         self.histogram = [0] * (len(LATENCY_BOUNDS) + 1)
 
 
-class CallHistory:
+class CallHistory(BaseRecorder):
     """Calls per server in fixed intervals over a sliding window, on an injected clock."""
 
     def __init__(
@@ -77,15 +77,7 @@ class CallHistory:
         self.window = self.buckets * bucket
         self._series: dict[str, deque[_Bucket]] = {}
 
-    # The Recorder protocol: only the end of a request is counted.
-
-    @property
-    def recording(self) -> bool:
-        return True
-
-    @property
-    def detailed(self) -> bool:
-        return False
+    # A Recorder of the end of each request, and of nothing else.
 
     def request_ended(self, ended: RequestEnded) -> None:
         """Count a request in its server's current bucket."""
@@ -106,48 +98,6 @@ class CallHistory:
         if latency > current.latency_max:
             current.latency_max = latency
         current.histogram[bisect_left(LATENCY_BOUNDS, latency)] += 1
-
-    def session_opened(
-        self,
-        *,
-        session: str,
-        server: str,
-        principal: str | None,
-        peer: str | None,
-        transport: str | None,
-        protocol_version: str | None,
-    ) -> None:
-        pass
-
-    def session_closed(
-        self,
-        *,
-        session: str,
-        server: str,
-        principal: str | None,
-        reason: str,
-        duration: float,
-        transport: str | None = None,
-    ) -> None:
-        pass
-
-    def tool_event(self, event: ToolEvent) -> None:
-        pass
-
-    def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
-        pass
-
-    def child_exited(
-        self,
-        *,
-        server: str,
-        pid: int | None,
-        exit_code: int | None,
-        signal: int | None,
-        reason: str,
-        stopping: bool = False,
-    ) -> None:
-        pass
 
     # Reading
 

@@ -4,7 +4,10 @@
 L{Metrics} owns a registry of its own (never the process-wide one, so that
 tests and embedders never share series). Events are counted by explicit
 calls (L{Metrics.http_request}, L{Metrics.request_done}, ...) that cost a
-couple of dictionary lookups once a label set has been seen. L{Metrics} is a
+dictionary lookup and a few additions once a label set has been seen: the
+counts are plain numbers, kept on the reactor thread without locks, that the
+registry turns into the exposition prometheus_client's own counters and
+histograms would give (L{_CounterFamily}, L{_HistogramFamily}). L{Metrics} is a
 L{Recorder} too: the core reports its sessions, requests and children to it
 beside the audit trail (L{mcptwist.ops.record.Recorders}). What the bridge
 already knows at any moment (child states, queue depths, open sessions) is
@@ -20,19 +23,27 @@ them succeeded, so that calls to made-up tools cannot fill the table.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import INF, floatToGoString
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from mcptwist import __version__
-from mcptwist.routing.record import RequestEnded, ToolEvent
+from mcptwist.routing.record import BaseRecorder, RequestEnded, ToolEvent
 
 log = Logger(namespace="mcptwist.metrics")
 
@@ -375,6 +386,137 @@ class _LiveState:
         return families
 
 
+def _created_series() -> bool:
+    """Whether counters and histograms expose C{_created}, as prometheus_client
+    decides for its own (C{PROMETHEUS_DISABLE_CREATED_SERIES},
+    C{disable_created_metrics})."""
+    return bool(getattr(prometheus_metrics, "_use_created", True))
+
+
+class _Count:
+    """One series of a counter: its value, and when it was first counted."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self, created: float) -> None:
+        self.created = created
+        self.value: float = 0
+
+
+class _Observed:
+    """One series of a histogram: how many observations fell in each bucket
+    (not cumulated), their sum, and when it was first observed."""
+
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...], created: float) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = created
+
+    def observe(self, amount: float) -> None:
+        """Count C{amount} (never NaN) in the first bucket whose bound it does
+        not exceed, as prometheus_client does."""
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _CounterFamily:
+    """A counter kept in plain numbers on the reactor thread, read at scrape.
+
+    prometheus_client's own counters take a lock at every increment; the
+    bridge counts on one thread and so needs none. The exposition is the
+    one prometheus_client gives for a C{Counter} of the same name, help and
+    labels: a series per label set, in the order they were first counted.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], wall: Callable[[], float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labels
+        self.series: dict[tuple[str, ...], _Count] = {}
+        self._wall = wall
+        if not labels:
+            # A counter without labels has its one series from the start.
+            self.labels()
+
+    def labels(self, *values: str) -> _Count:
+        """The series of these label values (made on first use)."""
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = _Count(self._wall())
+        return series
+
+    def inc(self, *values: str) -> None:
+        """Add one to the series of these label values."""
+        self.labels(*values).value += 1
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = _created_series()
+        for values, series in self.series.items():
+            family.add_metric(
+                values, float(series.value), created=series.created if created else None
+            )
+        yield family
+
+
+class _HistogramFamily:
+    """A histogram kept in plain numbers on the reactor thread, read at scrape:
+    the exposition prometheus_client gives for a C{Histogram} of the same
+    name, help, labels and buckets."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        buckets: tuple[float, ...],
+        wall: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labels
+        self.bounds = (*map(float, buckets), INF)
+        self._les = tuple(floatToGoString(bound) for bound in self.bounds)
+        self.series: dict[tuple[str, ...], _Observed] = {}
+        self._wall = wall
+
+    def labels(self, *values: str) -> _Observed:
+        """The series of these label values (made on first use)."""
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = _Observed(self.bounds, self._wall())
+        return series
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = _created_series()
+        for values, series in self.series.items():
+            cumulated = 0.0
+            buckets: list[tuple[str, float]] = []
+            for le, count in zip(self._les, series.counts, strict=True):
+                cumulated += count
+                buckets.append((le, cumulated))
+            family.add_metric(values, buckets, series.sum)
+            if created:
+                family.add_sample(
+                    self.name + "_created",
+                    dict(zip(self.labelnames, values, strict=True)),
+                    series.created,
+                )
+        yield family
+
+
 class MetricsResource(Resource):
     """The registry in the exposition format the scraper asks for.
 
@@ -406,127 +548,130 @@ class MetricsResource(Resource):
         return body
 
 
-class Metrics:
-    """The bridge's Prometheus metrics, in a registry of their own."""
+class Metrics(BaseRecorder):
+    """The bridge's Prometheus metrics, in a registry of their own.
 
-    def __init__(self, *, start_time: float | None = None, max_tools: int = MAX_TOOLS) -> None:
+    Counted on the reactor thread only, in plain numbers that the registry
+    reads when it is scraped (see L{_CounterFamily}).
+    """
+
+    def __init__(
+        self,
+        *,
+        start_time: float | None = None,
+        max_tools: int = MAX_TOOLS,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        """C{wall} tells the time (Unix seconds) a series is first counted at: its C{_created}."""
         self.registry = CollectorRegistry()
         r = self.registry
-        self._http = Counter(
+
+        def counter(name: str, documentation: str, *labels: str) -> _CounterFamily:
+            family = _CounterFamily(name, documentation, labels, wall)
+            r.register(family)
+            return family
+
+        def histogram(
+            name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+        ) -> _HistogramFamily:
+            family = _HistogramFamily(name, documentation, labels, buckets, wall)
+            r.register(family)
+            return family
+
+        self._http = counter(
             "mcptwist_http_requests",
             "HTTP requests answered, by server, route, method and status code.",
-            ["server", "route", "method", "code"],
-            registry=r,
+            "server",
+            "route",
+            "method",
+            "code",
         )
-        self._received = Counter(
-            "mcptwist_received_bytes",
-            "HTTP request body bytes received, by server.",
-            ["server"],
-            registry=r,
+        self._received = counter(
+            "mcptwist_received_bytes", "HTTP request body bytes received, by server.", "server"
         )
-        self._sent = Counter(
-            "mcptwist_sent_bytes",
-            "HTTP response body bytes sent, by server.",
-            ["server"],
-            registry=r,
+        self._sent = counter(
+            "mcptwist_sent_bytes", "HTTP response body bytes sent, by server.", "server"
         )
-        self._requests = Counter(
+        self._requests = counter(
             "mcptwist_requests",
             "MCP requests answered, by server, method and status.",
-            ["server", "method", "status"],
-            registry=r,
+            "server",
+            "method",
+            "status",
         )
-        self._duration = Histogram(
+        self._duration = histogram(
             "mcptwist_request_duration_seconds",
             "Time from an MCP request to its answer, by server and method.",
-            ["server", "method"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            ("server", "method"),
+            DURATION_BUCKETS,
         )
         # The OpenTelemetry conventions' operation durations, as Prometheus names them.
-        self._server_operation = Histogram(
+        self._server_operation = histogram(
             "mcp_server_operation_duration_seconds",
             "mcp.server.operation.duration: time from an MCP request a client sent "
             "to its answer, by server, MCP method and error type.",
-            ["server", "mcp_method_name", "error_type"],
-            buckets=OPERATION_BUCKETS,
-            registry=r,
+            ("server", "mcp_method_name", "error_type"),
+            OPERATION_BUCKETS,
         )
-        self._client_operation = Histogram(
+        self._client_operation = histogram(
             "mcp_client_operation_duration_seconds",
             "mcp.client.operation.duration: time from a request written to a child "
             "to its answer, by server, MCP method and error type.",
-            ["server", "mcp_method_name", "error_type"],
-            buckets=OPERATION_BUCKETS,
-            registry=r,
+            ("server", "mcp_method_name", "error_type"),
+            OPERATION_BUCKETS,
         )
-        self._operation_series: dict[tuple[str, str, str], tuple[Histogram, Histogram]] = {}
-        self._tool_events = Counter(
+        self._tool_events = counter(
             "mcptwist_tool_events",
             "What the bridge did about tools, by server and event: tool_pinned, "
             "tool_changed (a definition differs from its pin), tool_accepted, "
             "tool_refused (a hidden or denied tool was called), name_clash.",
-            ["server", "event"],
-            registry=r,
+            "server",
+            "event",
         )
-        self._tool_calls = Counter(
+        self._tool_calls = counter(
             "mcptwist_tool_calls",
             "tools/call requests answered, by server, tool and status.",
-            ["server", "tool", "status"],
-            registry=r,
+            "server",
+            "tool",
+            "status",
         )
-        self._auth_failures = Counter(
-            "mcptwist_auth_failures",
-            "Requests refused by authentication, by reason.",
-            ["reason"],
-            registry=r,
+        self._auth_failures = counter(
+            "mcptwist_auth_failures", "Requests refused by authentication, by reason.", "reason"
         )
-        self._access_refused = Counter(
+        self._access_refused = counter(
             "mcptwist_access_refused",
             "Authenticated requests refused for want of access to the server or admin scope.",
-            registry=r,
         )
-        self._rate_limited = Counter(
+        self._rate_limited = counter(
             "mcptwist_rate_limited",
             "Requests refused by a rate limit, by the limit that refused.",
-            ["scope"],
-            registry=r,
+            "scope",
         )
-        self._ip_refused = Counter(
+        self._ip_refused = counter(
             "mcptwist_ip_refused",
             "Connections or requests refused by an IP filter, by where it applies.",
-            ["scope"],
-            registry=r,
+            "scope",
         )
-        self._http_refused = Counter(
+        self._http_refused = counter(
             "mcptwist_http_refused",
             "Connections or requests refused while they were received, by reason.",
-            ["reason"],
-            registry=r,
+            "reason",
         )
-        self._spawns = Counter(
-            "mcptwist_child_spawns",
-            "Children spawned, by server.",
-            ["server"],
-            registry=r,
+        self._spawns = counter("mcptwist_child_spawns", "Children spawned, by server.", "server")
+        self._exits = counter(
+            "mcptwist_child_exits", "Children ended, by server and how.", "server", "reason"
         )
-        self._exits = Counter(
-            "mcptwist_child_exits",
-            "Children ended, by server and how.",
-            ["server", "reason"],
-            registry=r,
-        )
-        self._opened = Counter(
+        self._opened = counter(
             "mcptwist_sessions_opened",
             "Client sessions opened, by server and transport.",
-            ["server", "transport"],
-            registry=r,
+            "server",
+            "transport",
         )
-        self._closed = Counter(
+        self._closed = counter(
             "mcptwist_sessions_closed",
             "Client sessions closed, by server and transport.",
-            ["server", "transport"],
-            registry=r,
+            "server",
+            "transport",
         )
         Gauge(
             "mcptwist_build_info",
@@ -545,11 +690,16 @@ class Metrics:
         self._server = _Bounded(MAX_SERVERS, MAX_SERVER_NAME)
         self._max_tools = max_tools
         self._tools_seen: dict[str, set[str]] = {}
-        # Label children by their (normalised) label values: a raw call whose
-        # values are all valid finds its children in one lookup.
-        self._http_series: dict[tuple[str, str, str, int], tuple[Counter, Counter, Counter]] = {}
-        self._request_series: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
-        self._tool_series: dict[tuple[str, str, str], Counter] = {}
+        # Series by their label values: a call whose values are all valid
+        # labels finds its series in one lookup. Kept by label only, so that
+        # made-up methods or servers add nothing here.
+        self._http_series: dict[tuple[str, str, str, int], tuple[_Count, _Count, _Count]] = {}
+        self._request_series: dict[tuple[str, str, str], tuple[_Count, _Observed]] = {}
+        self._tool_series: dict[tuple[str, str, str], _Count] = {}
+        # What a request's end counts, by server, method, status and error type.
+        self._ended_series: dict[
+            tuple[str, str, str, str], tuple[_Count, _Observed, _Observed, _Observed]
+        ] = {}
 
     def set_source(self, source: Callable[[], Snapshot] | None) -> None:
         """Read the live state from C{source} at each scrape (C{None}: leave it out)."""
@@ -571,15 +721,15 @@ class Metrics:
         if series is None:
             series = self._new_http_series(server, route, method, code)
         requests, received_bytes, sent_bytes = series
-        requests.inc()
+        requests.value += 1
         if received > 0:
-            received_bytes.inc(received)
+            received_bytes.value += received
         if sent > 0:
-            sent_bytes.inc(sent)
+            sent_bytes.value += sent
 
     def _new_http_series(
         self, server: str, route: str, method: str, code: int
-    ) -> tuple[Counter, Counter, Counter]:
+    ) -> tuple[_Count, _Count, _Count]:
         key = (
             self._server(server),
             route if route in ROUTES else OTHER,
@@ -610,17 +760,14 @@ class Metrics:
         if series is None:
             series = self._new_request_series(server, method, status)
         requests, duration = series
-        requests.inc()
+        requests.value += 1
         duration.observe(seconds if seconds > 0.0 else 0.0)
         if tool is not None and method == "tools/call":
-            calls = self._tool_series.get((server, tool, status))
-            if calls is None:
-                calls = self._new_tool_series(server, tool, status)
-            calls.inc()
+            self._count_tool(server, tool, status)
 
     def _new_request_series(
         self, server: str, method: str, status: str
-    ) -> tuple[Counter, Histogram]:
+    ) -> tuple[_Count, _Observed]:
         key = (
             self._server(server),
             method if method in MCP_METHODS else OTHER,
@@ -632,7 +779,13 @@ class Metrics:
             self._request_series[key] = series
         return series
 
-    def _new_tool_series(self, server: str, tool: str, status: str) -> Counter:
+    def _count_tool(self, server: str, tool: str, status: str) -> None:
+        calls = self._tool_series.get((server, tool, status))
+        if calls is None:
+            calls = self._new_tool_series(server, tool, status)
+        calls.value += 1
+
+    def _new_tool_series(self, server: str, tool: str, status: str) -> _Count:
         server = self._server(server)
         seen = self._tools_seen.setdefault(server, set())
         if tool not in seen:
@@ -652,7 +805,7 @@ class Metrics:
 
     def auth_failure(self, reason: str) -> None:
         """A request refused by authentication, for this reason (see L{auth_reason})."""
-        self._auth_failures.labels(auth_reason(reason)).inc()
+        self._auth_failures.inc(auth_reason(reason))
 
     def access_refused(self) -> None:
         """An authenticated principal asked for a server or admin call it may not use."""
@@ -660,27 +813,25 @@ class Metrics:
 
     def rate_limited(self, scope: str) -> None:
         """A request refused by the rate limit of this scope (L{RATE_LIMIT_SCOPES})."""
-        self._rate_limited.labels(scope if scope in RATE_LIMIT_SCOPES else OTHER).inc()
+        self._rate_limited.inc(scope if scope in RATE_LIMIT_SCOPES else OTHER)
 
     def ip_refused(self, scope: str) -> None:
         """A peer refused by the IP filter of a listener or a server (L{IP_SCOPES})."""
-        self._ip_refused.labels(scope if scope in IP_SCOPES else OTHER).inc()
+        self._ip_refused.inc(scope if scope in IP_SCOPES else OTHER)
 
     def http_refused(self, reason: str) -> None:
         """A connection or request refused while received (L{HTTP_REFUSALS})."""
-        self._http_refused.labels(reason if reason in HTTP_REFUSALS else OTHER).inc()
+        self._http_refused.inc(reason if reason in HTTP_REFUSALS else OTHER)
 
     # Children
 
     def count_spawn(self, server: str) -> None:
         """A child of this server was spawned."""
-        self._spawns.labels(self._child_server(server)).inc()
+        self._spawns.inc(self._child_server(server))
 
     def count_exit(self, server: str, reason: str) -> None:
         """A child of this server ended; C{reason} from L{exit_reason}."""
-        self._exits.labels(
-            self._child_server(server), reason if reason in EXIT_REASONS else OTHER
-        ).inc()
+        self._exits.inc(self._child_server(server), reason if reason in EXIT_REASONS else OTHER)
 
     def _child_server(self, server: str) -> str:
         # A per-session child's label is "name[session]": count it under its server.
@@ -691,9 +842,7 @@ class Metrics:
     def count_session_opened(self, server: str, transport: str) -> None:
         """A client session opened on this server, through C{"streamable"} or C{"sse"}
         (or a principal's C{"stateless"} hub)."""
-        self._opened.labels(
-            self._server(server), transport if transport in TRANSPORTS else OTHER
-        ).inc()
+        self._opened.inc(self._server(server), transport if transport in TRANSPORTS else OTHER)
 
     def count_session_closed(self, server: str, transport: str) -> None:
         """A client session closed.
@@ -701,46 +850,56 @@ class Metrics:
         Why is free text (the session registry's) and so is not a label: the
         audit trail and the log keep it.
         """
-        self._closed.labels(
-            self._server(server), transport if transport in TRANSPORTS else OTHER
-        ).inc()
+        self._closed.inc(self._server(server), transport if transport in TRANSPORTS else OTHER)
 
-    # What the core reports (a Recorder): counted with the calls above.
-
-    @property
-    def recording(self) -> bool:
-        """Always: every session and request is counted."""
-        return True
-
-    @property
-    def detailed(self) -> bool:
-        """Never: a request is counted by its name, not by its arguments."""
-        return False
+    # What the core reports (a Recorder): counted with the calls above. Every
+    # session and request is counted, by its name (not detailed).
 
     def request_ended(self, ended: RequestEnded) -> None:
-        """A request ended: counted by method and status, its latency observed."""
-        self.request_done(
-            ended.server, ended.method, ended.status, ended.latency_ms / 1000.0, ended.name
-        )
-        kind = error_type(ended.status, ended.error_code, ended.tool_error)
-        key = (ended.server, ended.method, kind)
-        series = self._operation_series.get(key)
+        """A request ended: counted by method and status, its latency observed
+        (by method, and by error type as the OpenTelemetry conventions say)."""
+        server, method, status = ended.server, ended.method, ended.status
+        if ended.error_code is None and not ended.tool_error and status == "ok":
+            kind = ""
+        else:
+            kind = error_type(status, ended.error_code, ended.tool_error)
+        series = self._ended_series.get((server, method, status, kind))
         if series is None:
-            label = (
-                self._server(ended.server),
-                ended.method if ended.method in MCP_METHODS else OTHER,
-                kind,
-            )
-            series = self._operation_series.get(label) or (
+            series = self._new_ended_series(server, method, status, kind)
+        requests, duration, server_operation, client_operation = series
+        seconds = ended.latency_ms / 1000.0
+        if not seconds > 0.0:
+            seconds = 0.0
+        requests.value += 1
+        duration.observe(seconds)
+        server_operation.observe(seconds)
+        if ended.child_ms is not None:
+            child = ended.child_ms / 1000.0
+            client_operation.observe(child if child > 0.0 else 0.0)
+        if ended.name is not None and method == "tools/call":
+            self._count_tool(server, ended.name, status)
+
+    def _new_ended_series(
+        self, server: str, method: str, status: str, kind: str
+    ) -> tuple[_Count, _Observed, _Observed, _Observed]:
+        requests, duration = self._new_request_series(server, method, status)
+        key = (
+            self._server(server),
+            method if method in MCP_METHODS else OTHER,
+            status if status in STATUSES else OTHER,
+            kind,
+        )
+        series = self._ended_series.get(key)
+        if series is None:
+            label = (key[0], key[1], kind)
+            series = (
+                requests,
+                duration,
                 self._server_operation.labels(*label),
                 self._client_operation.labels(*label),
             )
-            # Kept by label: a made-up method or server adds nothing here.
-            self._operation_series[label] = series
-        server, client = series
-        server.observe(max(0.0, ended.latency_ms / 1000.0))
-        if ended.child_ms is not None:
-            client.observe(max(0.0, ended.child_ms / 1000.0))
+            self._ended_series[key] = series
+        return series
 
     def session_opened(
         self,
@@ -767,7 +926,7 @@ class Metrics:
         self.count_session_closed(server, transport or "")
 
     def tool_event(self, event: ToolEvent) -> None:
-        self._tool_events.labels(event.server, event.kind).inc()
+        self._tool_events.inc(event.server, event.kind)
 
     def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
         self.count_spawn(server)

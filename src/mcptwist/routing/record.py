@@ -118,3 +118,60 @@ class Recorder(ChildRecorder, Protocol):
     ) -> None: ...
 
     def tool_event(self, event: ToolEvent) -> None: ...
+
+
+class BaseRecorder:
+    """A L{Recorder} that records nothing: a recorder derives from it and
+    spells out only what it records.
+
+    It records sessions and requests (C{recording}), by their names only
+    (not C{detailed}); a recorder whose answer changes makes them properties.
+    """
+
+    recording: bool = True
+    detailed: bool = False
+
+    def request_ended(self, ended: RequestEnded) -> None:
+        pass
+
+    def session_opened(
+        self,
+        *,
+        session: str,
+        server: str,
+        principal: str | None,
+        peer: str | None,
+        transport: str | None,
+        protocol_version: str | None,
+    ) -> None:
+        pass
+
+    def session_closed(
+        self,
+        *,
+        session: str,
+        server: str,
+        principal: str | None,
+        reason: str,
+        duration: float,
+        transport: str | None = None,
+    ) -> None:
+        pass
+
+    def tool_event(self, event: ToolEvent) -> None:
+        pass
+
+    def child_spawned(self, *, server: str, pid: int | None, command: str) -> None:
+        pass
+
+    def child_exited(
+        self,
+        *,
+        server: str,
+        pid: int | None,
+        exit_code: int | None,
+        signal: int | None,
+        reason: str,
+        stopping: bool = False,
+    ) -> None:
+        pass

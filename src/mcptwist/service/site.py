@@ -4,6 +4,7 @@ the root of a metrics listener."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -87,7 +88,8 @@ class BridgeSite(Site):
 
     def log(self, request: http.Request) -> None:
         if self.metrics is not None:
-            server, route = _route_of(request.path)
+            path = request.path
+            server, route = _known_route(path) if len(path) <= _KNOWN_PATH else _route_of(path)
             if server is not None and not self.is_server(server):
                 server = None
             self.metrics.http_request(
@@ -110,6 +112,11 @@ class BridgeSite(Site):
         )
 
 
+# The longest path whose route is remembered: the endpoints' own are short.
+# At most 512 are (the latest used), so made-up paths cost memory only that.
+_KNOWN_PATH = 128
+
+
 def _route_of(path: bytes) -> tuple[str | None, str]:
     """(server, route) of a request path, for the metrics' bounded labels."""
     parts = path.split(b"/")
@@ -126,6 +133,9 @@ def _route_of(path: bytes) -> tuple[str | None, str]:
         return None, "metadata"
     name = first.decode("utf-8", "replace")
     return None, name if name in ("health", "metrics", "admin") else "other"
+
+
+_known_route = functools.lru_cache(maxsize=512)(_route_of)
 
 
 class MetricsOnly(Resource):
