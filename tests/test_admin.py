@@ -33,7 +33,7 @@ from mcptwist.config.model import AuditConfig, CommandConfig, ConfigError
 from mcptwist.ops.audit import AuditTrail
 from mcptwist.security.auth import Principal
 from mcptwist.web.admin import AdminAPI
-from mcptwist.web.admission import Admission, IAdmission
+from mcptwist.web.admission import Admission, admit
 from mcptwist.web.http import HTTPProblem
 
 from .support.certs import make_ca, make_server_cert
@@ -205,7 +205,7 @@ class FrontDoor(Resource):
 
     def render(self, request: Any) -> Any:
         admission = Admission("127.0.0.1", [])
-        request.setComponent(IAdmission, admission)
+        admit(request, admission)
         if self.tokens is not None:
             value = (request.getHeader(b"authorization") or b"").decode("latin-1")
             principal = self.tokens.get(value.removeprefix("Bearer "))
@@ -469,7 +469,7 @@ class LifecycleTests(SynchronousTestCase):
         request.args = {}
         request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
         request.content = io.BytesIO(b"{}")
-        request.setComponent(IAdmission, Admission("127.0.0.1", [], who=ADMIN))
+        admit(request, Admission("127.0.0.1", [], who=ADMIN))
         self.assertIs(self.admin.api.resource().render(request), NOT_DONE_YET)
         [held] = self.admin.control.held
         request.connectionLost(Failure(ConnectionDone()))

@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.test_access -*-
 """What the gate found out about a request, kept on the request itself.
 
-twisted.web's requests are componentized: the L{Gate<mcptwist.web.app.Gate>}
-sets an L{Admission} as the request's L{IAdmission} component when it first
-judges it (from its head, before the body is read), and everything that
-answers the request reads it back with L{admission_of}.
+The L{Gate<mcptwist.web.app.Gate>} keeps an L{Admission} on the request
+(L{admit}) when it first judges it (from its head, before the body is
+read), and everything that answers the request reads it back with
+L{admission_of} (a plain attribute: it is read several times a request).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
-from zope.interface import Interface, implementer
 
 from mcptwist.security.auth import ANONYMOUS, Principal
 from mcptwist.security.ratelimit import Refusal
@@ -22,11 +21,6 @@ from mcptwist.security.ratelimit import Refusal
 log = Logger(namespace="mcptwist.web")
 
 
-class IAdmission(Interface):
-    """A request's admission by the gate (the component is an L{Admission})."""
-
-
-@implementer(IAdmission)
 @attrs.define(eq=False)
 class Admission:
     """A request past the gate's checks that come before credentials: what
@@ -106,9 +100,14 @@ class Verdict:
         return d
 
 
+def admit(request: Request, admission: Admission) -> None:
+    """Keep the gate's admission on the request."""
+    request.mcptwist_admission = admission  # type: ignore[attr-defined]
+
+
 def admission_of(request: Request) -> Admission | None:
     """The gate's admission of this request; None if no gate judged it."""
-    admission: Admission | None = request.getComponent(IAdmission)
+    admission: Admission | None = getattr(request, "mcptwist_admission", None)
     return admission
 
 
@@ -131,9 +130,9 @@ def peer_of(request: Request) -> str | None:
 
 __all__ = [
     "Admission",
-    "IAdmission",
     "Verdict",
     "admission_of",
+    "admit",
     "peer_of",
     "principal_id",
     "principal_of",

@@ -53,7 +53,7 @@ from mcptwist.security.origin import (
 
 from .access import PRM_PATH, AccessControl, local_listener, route_of
 from .admin import MAX_BODY as ADMIN_MAX_BODY
-from .admission import Admission, IAdmission, admission_of, peer_of, principal_id, principal_of
+from .admission import Admission, admission_of, admit, peer_of, principal_id, principal_of
 from .dashboard import BASIC_CHALLENGE, PAGE_PATH
 from .dispatch import dispatch, endpoint_of, guarded, internal_error, takes_body
 from .forward import Forwarder
@@ -167,7 +167,7 @@ class Gate(Resource):
                 admission = Admission(
                     ip, parts, operator, ANONYMOUS, checked=True, generation=access.generation
                 )
-                request.setComponent(IAdmission, admission)
+                admit(request, admission)
                 return admission
             if path.startswith(PRM_PATH):
                 return self._metadata(request, path)
@@ -176,7 +176,7 @@ class Gate(Resource):
         except HTTPProblem as problem:
             return problem.render(request)
         admission = Admission(ip, parts, operator, generation=access.generation)
-        request.setComponent(IAdmission, admission)
+        admit(request, admission)
         if not access.auth.enabled:
             # Without authentication only a client on this host is an operator.
             local = local_listener(request) and is_local_ip(ip)

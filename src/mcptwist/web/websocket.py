@@ -64,7 +64,7 @@ from mcptwist.mcp.jsonrpc import Kind, Message, RequestId
 from mcptwist.routing.sessions import ClientSession
 
 from . import modern
-from .admission import IAdmission, admission_of
+from .admission import admission_of, admit
 from .context import TransportContext
 from .http import HTTPProblem, header, parse_messages
 
@@ -544,7 +544,7 @@ class Exchange(modern.SocketRequest):
         upgrade = connection.request
         admission = admission_of(upgrade)
         if admission is not None:
-            self.setComponent(IAdmission, admission)
+            admit(self, admission)
         self.connection = connection
         self.id = request_id
         self.channel = upgrade.channel
