@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import string
 from typing import Any
+from unittest.mock import patch
 from urllib.parse import urlsplit
 
 import attrs
@@ -91,6 +92,13 @@ class SessionIdTests(SynchronousTestCase):
         self.assertNotIn(".", made)
         self.assertIsNone(plain.owner(made))
         self.assertNotEqual(made, plain.new())
+
+    def test_never_read_as_an_option(self) -> None:
+        """One id in 64 would begin with a dash, which a command line
+        (C{mcptwist admin close ID}) takes for an option."""
+        plain = SessionIds()
+        with patch("secrets.token_urlsafe", side_effect=["-abc", "_abc"]):
+            self.assertEqual(plain.new(), "_abc")
 
     def test_names_its_node(self) -> None:
         made = ids("n1").new()

@@ -70,6 +70,16 @@ def cluster_keys(keys: Sequence[bytes] | None) -> ClusterKeys | None:
     return ClusterKeys(keys) if keys else None
 
 
+def _unflagged(size: int) -> str:
+    """A random URL-safe id that does not begin with C{-}: an operator pastes
+    session ids on command lines (C{mcptwist admin close ID}), where a
+    leading dash reads as an option."""
+    while True:
+        text = secrets.token_urlsafe(size)
+        if not text.startswith("-"):
+            return text
+
+
 class SessionIds:
     """Makes session ids, and tells which node made one.
 
@@ -91,7 +101,7 @@ class SessionIds:
     def new(self) -> str:
         random = secrets.token_urlsafe(24)
         if self.node is None or self._keys is None:
-            return secrets.token_urlsafe(32)
+            return _unflagged(32)
         named = f"{self.node}.{random}"
         mac = self._keys.mac(SESSION, named.encode())[:SESSION_MAC_BYTES]
         return f"{named}.{b64(mac)}"
