@@ -60,6 +60,7 @@ from .forward import Forwarder
 from .http import (
     HTTPProblem,
     Undecided,
+    finish_with,
     header,
     json_body,
     query_names,
@@ -216,8 +217,8 @@ class Gate(Resource):
             log.failure("while answering {path}", path=request.path)
             body = internal_error(request)
         if body is not NOT_DONE_YET:
-            request.write(body)
-            request.finish()
+            assert isinstance(body, bytes)
+            finish_with(request, body)
 
     def _check(self, request: Request, admission: Admission) -> bytes | Deferred[None] | None:
         """Authorise an authenticated request (once): None, its refusal, or,

@@ -24,6 +24,12 @@ against clients that hold resources without being admitted:
 An answer given before the request was read whole says C{Connection: close};
 the rest of the request is then read and thrown away for a short while, so
 that a client still sending its body can read the answer rather than a reset.
+
+Answers leave in as few system calls as they can: a response's head waits
+for its first body bytes and goes out with them, and on a plain TCP
+connection whose buffer is empty the bytes are sent at once rather than at
+the reactor's next turn (which would register the socket for writing, then
+unregister it). What the socket does not take is buffered by Twisted as usual.
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import connectionDone
+from twisted.internet.tcp import Server
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from mcptwist.config.model import ListenerConfig
@@ -101,6 +109,30 @@ def connection_key(address: object, listener: ListenerConfig | None) -> str | No
     return rate_key(host)
 
 
+def send_now(transport: Any, data: bytes) -> None:
+    """Write C{data}: on a plain TCP connection with nothing buffered, sent
+    at once, and only what the socket does not take is left to Twisted."""
+    if not data or transport is None:
+        return
+    if (
+        type(transport) is Server
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # Full (EAGAIN), or broken: Twisted finds out which when it writes.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 class RequestSite(Protocol):
     """What a L{BridgeChannel} asks of its site."""
 
@@ -132,6 +164,7 @@ class BridgeChannel(HTTPChannel):
         "_closer",
         "_closing",
         "_first",
+        "_held",
         "_host",
         "_key",
         "_paused",
@@ -154,6 +187,8 @@ class BridgeChannel(HTTPChannel):
         self._unregistered = False
         self._closer: IDelayedCall | None = None
         self._host: IAddress | None = None
+        # A response's head, until its first body bytes go out with it.
+        self._held: bytes | None = None
 
     # Connection
 
@@ -386,7 +421,51 @@ class BridgeChannel(HTTPChannel):
         if self._handlingRequest and self.transport is not None:
             self._networkProducer.pauseProducing()
 
+    # Sending
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """Twisted's rendering of a response's head, held for its body."""
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._flush()
+        self._held = b"".join(head)
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            data = held + data
+        send_now(self.transport, data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        held = self._held
+        self._held = None
+        data = b"".join(iovec)
+        send_now(self.transport, data if held is None else held + data)
+
+    def _flush(self) -> None:
+        """Send a head still held (its response has no body, or ended)."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            send_now(self.transport, held)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._flush()
+        super().registerProducer(producer, streaming)
+
+    def loseConnection(self) -> None:
+        self._flush()
+        super().loseConnection()
+
     def requestDone(self, request: Request) -> None:
+        self._flush()
         if not self._closing:
             super().requestDone(request)
             return
@@ -418,6 +497,7 @@ class BridgeChannel(HTTPChannel):
             *(headers or {}).items(),
         ]
         assert self.transport is not None
+        self._flush()
         self.transport.writeSequence([*_head(status, lines), body])
         if linger:
             self._linger()

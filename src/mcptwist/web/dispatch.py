@@ -32,6 +32,7 @@ from .http import (
     HTTPProblem,
     Undecided,
     catching,
+    finish_with,
     header,
     negotiate,
     parse_messages,
@@ -222,9 +223,7 @@ def _dispatch(
     def done(body: bytes | None) -> None:
         if request.finished or gone:
             return
-        if body:
-            request.write(body)
-        request.finish()
+        finish_with(request, body or b"")
 
     d.addCallback(done)
     d.addErrback(lambda f: f.trap(CancelledError))
@@ -248,9 +247,7 @@ def _answer_again(
         log.failure("while answering {path}", path=request.path)
         body = internal_error(request)
     if body is not NOT_DONE_YET and not request.finished:
-        if body:
-            request.write(body)
-        request.finish()
+        finish_with(request, body)
 
 
 __all__ = [

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import parse_qs
+from twisted.web.http import NO_BODY_CODES, parse_qs
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
@@ -121,6 +121,16 @@ class BoundedRequest(Request):
         if not self.startedWriting:
             self.responseHeaders.setRawHeaders(b"server", [SERVER])
         super().write(data)
+
+
+def finish_with(request: IRequest, body: bytes) -> None:
+    """Answer with this whole body: its length given, so that the head and
+    the body leave in one write (not chunked, nothing after them)."""
+    if not request.startedWriting and request.code not in NO_BODY_CODES:  # type: ignore[attr-defined]
+        request.setHeader(b"content-length", b"%d" % len(body))
+    if body:
+        request.write(body)
+    request.finish()
 
 
 def too_large(limit: int) -> HTTPProblem:

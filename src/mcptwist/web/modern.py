@@ -43,7 +43,7 @@ from mcptwist.routing.tasks import Task, TaskLimit, task_support
 from .admission import peer_of, principal_id, principal_of
 from .context import TransportContext
 from .forward import HOP_HEADER, Forwarder
-from .http import HTTPProblem
+from .http import HTTPProblem, finish_with
 from .remote_tasks import EVENT_ROOM, RemoteTasks
 from .sse import EventConnection, message_event
 
@@ -197,8 +197,7 @@ class HTTPResponder:
         request = self.request
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
-        request.write(jsonrpc.dumps(message))
-        request.finish()
+        finish_with(request, jsonrpc.dumps(message))
 
     def stream(self) -> EventConnection | None:
         """The response's SSE stream (opened now if it is not yet), or None:
@@ -799,8 +798,7 @@ def _after_tools(
             body = problem.render(request)
         if body is not NOT_DONE_YET:
             assert isinstance(body, bytes)
-            request.write(body)
-            request.finish()
+            finish_with(request, body)
 
     catalog.get("tools/list").addBoth(go).addErrback(
         lambda f: log.failure("a tools/call waiting for the tools list", f)
@@ -853,8 +851,7 @@ def endpoint_post(
             if request.finished or request.channel is None:
                 return
             request.setHeader(b"content-type", b"application/json")
-            request.write(jsonrpc.dumps(message))
-            request.finish()
+            finish_with(request, jsonrpc.dumps(message))
 
         def failed(reason: Failure) -> None:
             reason.trap(Refused)
@@ -1145,8 +1142,7 @@ def _listen(
         try:
             _acknowledge(ctx, request, name, checked, hub, wanted)
         except HTTPProblem as problem:
-            request.write(problem.render(request))
-            request.finish()
+            finish_with(request, problem.render(request))
 
     def failed(reason: Failure) -> None:
         if request.finished or request.channel is None:
@@ -1158,8 +1154,7 @@ def _listen(
             checked.id,
             {b"retry-after": b"5"},
         )
-        request.write(problem.render(request))
-        request.finish()
+        finish_with(request, problem.render(request))
 
     ready.addCallbacks(go, failed)
     return NOT_DONE_YET

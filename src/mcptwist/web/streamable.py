@@ -25,7 +25,7 @@ from mcptwist.routing.backends import Backend
 from mcptwist.routing.sessions import ClientSession
 
 from .context import TransportContext
-from .http import HTTPProblem, header, negotiate, refuse_head
+from .http import HTTPProblem, finish_with, header, negotiate, refuse_head
 from .sse import EventChannel, parse_event_id
 
 RETAINED_CHANNELS: Final = 16
@@ -359,8 +359,7 @@ def post(
         undecide()
         body = json_answer(body)
         if not gone:
-            request.write(body)
-            request.finish()
+            finish_with(request, body)
 
     reply.on_body = answer_later
     if reply.promote is not None:
