@@ -6,18 +6,13 @@ and fake children behind, on a Clock: what a client sees byte by byte.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import attrs
 import jwt
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -35,7 +30,7 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.ops.metrics import Metrics
 from mcptwist.security.auth import hash_token
 from mcptwist.service.site import BridgeSite, MetricsOnly
-from mcptwist.web.channel import LINGER, ConnectionCounter, send_now
+from mcptwist.web.channel import LINGER, ConnectionCounter
 
 from .support.bridge import Bridge
 from .support.idp import AUD, ISS, JWKS_URL, FakeIdP, claims, jwk, rsa_key
@@ -577,60 +572,7 @@ class FinishUpTests(SynchronousTestCase):
         self.assertEqual(wire.site.channels, {busy})
 
 
-class SendNowTests(SynchronousTestCase):
-    """Bytes for a plain TCP connection go out at once while nothing is
-    buffered, and never overtake what is."""
-
-    def connection(self) -> tuple[tcp.Server, socket.socket, MemoryReactor]:
-        reactor = MemoryReactor()
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        theirs.setblocking(False)
-        self.addCleanup(theirs.close)
-        transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)
-        transport.protocol.makeConnection(transport)
-        self.addCleanup(transport.connectionLost, Failure(ConnectionDone()))
-        return transport, theirs, reactor
-
-    def drain(self, peer: socket.socket) -> bytes:
-        got = b""
-        while True:
-            try:
-                chunk = peer.recv(1 << 20)
-            except BlockingIOError:
-                return got
-            if not chunk:
-                return got
-            got += chunk
-
-    def test_sent_at_once_without_the_reactor(self) -> None:
-        transport, peer, reactor = self.connection()
-        send_now(transport, b"HTTP/1.1 200 OK\r\n\r\n")
-        self.assertEqual(self.drain(peer), b"HTTP/1.1 200 OK\r\n\r\n")
-        self.assertEqual(reactor.writers, set())
-
-    @settings(max_examples=20, deadline=None)
-    @given(st.lists(st.integers(min_value=1, max_value=3 << 20), min_size=1, max_size=6))
-    def test_what_the_socket_does_not_take_waits_in_order(self, sizes: list[int]) -> None:
-        transport, peer, reactor = self.connection()
-        sent = b"".join(bytes([n % 251]) * size for n, size in enumerate(sizes))
-        offset = 0
-        for size in sizes:
-            send_now(transport, sent[offset : offset + size])
-            offset += size
-        got = self.drain(peer)
-        while len(got) < len(sent):
-            self.assertEqual(reactor.writers, {transport})
-            transport.doWrite()
-            got += self.drain(peer)
-        self.assertEqual(got, sent)
-
-    def test_other_transports_write_as_usual(self) -> None:
-        transport = StringTransport()
-        send_now(transport, b"abc")
-        send_now(transport, b"")
-        self.assertEqual(transport.value(), b"abc")
-
+class OneWriteTests(SynchronousTestCase):
     def test_a_head_goes_out_with_its_body(self) -> None:
         """One write for a response: its head is held for the body's first bytes."""
         wire = Wire(self)

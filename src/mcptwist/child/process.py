@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mcptwist.child.direct import write_to_child
 from mcptwist.child.framing import LineFramer
 from mcptwist.config.model import ServerConfig
 from mcptwist.mcp import jsonrpc
@@ -267,7 +268,7 @@ class Child:
         data = jsonrpc.dumps(message)
         if backlog.paused:
             backlog.unread += len(data) + 1
-        self.transport.writeSequence([data, b"\n"])
+        write_to_child(self.transport, data + b"\n")
         return True
 
     def stop(self) -> Deferred[None]:

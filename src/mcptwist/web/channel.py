@@ -41,13 +41,13 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import connectionDone
-from twisted.internet.tcp import Server
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from mcptwist.child.direct import send_now
 from mcptwist.config.model import ListenerConfig
 from mcptwist.config.networks import parse_ip
 from mcptwist.mcp import jsonrpc
@@ -107,30 +107,6 @@ def connection_key(address: object, listener: ListenerConfig | None) -> str | No
         if any(ip in network for network in listener.trusted_proxies):
             return None
     return rate_key(host)
-
-
-def send_now(transport: Any, data: bytes) -> None:
-    """Write C{data}: on a plain TCP connection with nothing buffered, sent
-    at once, and only what the socket does not take is left to Twisted."""
-    if not data or transport is None:
-        return
-    if (
-        type(transport) is Server
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            # Full (EAGAIN), or broken: Twisted finds out which when it writes.
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 class RequestSite(Protocol):
