@@ -532,3 +532,17 @@ class DocumentProperties(SynchronousTestCase):
             {op["post"]["operationId"] for op in doc["paths"].values()},
             names,
         )
+
+
+class ArgumentCheckTests(SynchronousTestCase):
+    def test_each_schema_by_its_own_rules(self) -> None:
+        """Validators are kept per schema object: a new list's schema of the
+        same tool (the same name, other rules) is not judged by the old one."""
+        old = {"name": "t", "inputSchema": {"type": "object", "required": ["a"]}}
+        new = {"name": "t", "inputSchema": {"type": "object", "required": ["b"]}}
+        for _ in range(2):
+            self.assertEqual(openapi.argument_errors(old, {"a": 1}), [])
+            self.assertEqual(len(openapi.argument_errors(new, {"a": 1})), 1)
+            self.assertEqual(openapi.argument_errors(new, {"b": 1}), [])
+        new["inputSchema"] = {"type": "object"}  # a schema replaced in place
+        self.assertEqual(openapi.argument_errors(new, {"a": 1}), [])

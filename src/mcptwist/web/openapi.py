@@ -294,6 +294,27 @@ def _validator(schema_json: bytes) -> Validator | None:
     return validator_class(schema)(schema)
 
 
+# Each schema's validator, by the schema object itself: a kept tools list
+# hands the same one to every call, so it is not serialised again to find
+# it. The schema is held with it, so that its id is not reused meanwhile.
+_BY_OBJECT: dict[int, tuple[dict[str, Any], Validator | None]] = {}
+_BY_OBJECT_SIZE: Final = 512
+
+
+def _validator_of(schema: dict[str, Any]) -> Validator | None:
+    kept = _BY_OBJECT.get(id(schema))
+    if kept is not None and kept[0] is schema:
+        return kept[1]
+    try:
+        validator = _validator(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+    except (TypeError, orjson.JSONEncodeError):
+        validator = None
+    if len(_BY_OBJECT) >= _BY_OBJECT_SIZE:
+        del _BY_OBJECT[next(iter(_BY_OBJECT))]
+    _BY_OBJECT[id(schema)] = (schema, validator)
+    return validator
+
+
 def argument_errors(tool: dict[str, Any], arguments: Any) -> list[dict[str, str]]:
     """What is wrong with a call's arguments, by the tool's input schema (each
     error's JSON pointer and message; none if the schema is not one a
@@ -301,10 +322,7 @@ def argument_errors(tool: dict[str, Any], arguments: Any) -> list[dict[str, str]
     schema = tool.get("inputSchema")
     if not isinstance(schema, dict):
         return []
-    try:
-        validator = _validator(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
-    except (TypeError, orjson.JSONEncodeError):
-        return []
+    validator = _validator_of(schema)
     if validator is None:
         return []
     from referencing.exceptions import Unresolvable

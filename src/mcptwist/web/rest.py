@@ -36,6 +36,7 @@ from mcptwist.routing.catalog import Unavailable
 from mcptwist.routing.members import AggregateBackend
 from mcptwist.routing.sessions import ClientSession
 from mcptwist.routing.stateless import ModernCall
+from mcptwist.routing.tools import ToolView
 
 from . import openapi
 from .admission import admission_of, peer_of, principal_id, principal_of
@@ -81,6 +82,30 @@ async def _tools(
     ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest
 ) -> tuple[ClientSession, dict[str, dict[str, Any]]]:
     """The principal's hub on the server, and the tools it may see there (by name)."""
+    hub, view, tools = await _listed(ctx, request, name, checked)
+    shown = view.shown(tools) if view is not None else tools
+    return hub, openapi.served_tools(shown)
+
+
+async def _tool(
+    ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest, tool: str
+) -> tuple[ClientSession, dict[str, Any] | None]:
+    """The principal's hub on the server, and the tool of this name if it may
+    call it there: found by name in the child's kept list (a call does not
+    go through the whole list), and judged as a call over MCP is."""
+    hub, view, _ = await _listed(ctx, request, name, checked)
+    assert hub.upstream is not None
+    found = hub.upstream.catalog.tool(tool)
+    if found is None or not openapi.served(tool) or (view is not None and not view.allows(tool)):
+        return hub, None
+    return hub, found
+
+
+async def _listed(
+    ctx: TransportContext, request: Request, name: str, checked: era.ModernRequest
+) -> tuple[ClientSession, ToolView | None, list[Any]]:
+    """The principal's hub on the server, what it may see there, and the
+    child's tools (listed first if they are not kept)."""
     backend = ctx.backend(name)
     hub = open_hub(ctx, request, name, checked)
     upstream = hub.upstream
@@ -92,6 +117,9 @@ async def _tools(
             raise HTTPProblem(
                 503, jsonrpc.SERVER_UNAVAILABLE, f"Service Unavailable: '{name}' is {blocked}"
             )
+    kept = upstream.catalog.cached("tools/list")
+    if kept is not None:
+        return hub, view, kept
     listed = upstream.catalog.get("tools/list")
     listed.addTimeout(backend.server.request_timeout, ctx.clock)
     try:
@@ -107,8 +135,7 @@ async def _tools(
             f"Gateway Timeout: MCP server '{name}' did not list its tools within "
             f"{backend.server.request_timeout:g}s",
         ) from None
-    shown = view.shown(tools) if view is not None else tools
-    return hub, openapi.served_tools(shown)
+    return hub, view, tools
 
 
 _RETRY: Final = {b"retry-after": b"5"}
@@ -224,8 +251,7 @@ async def _call(
     """A checked call on server C{name} (C{shown}: the tool's name as its
     client knows it)."""
     tool = checked.message["params"]["name"]
-    hub, tools = await _tools(ctx, request, name, checked)
-    found = tools.get(tool)
+    hub, found = await _tool(ctx, request, name, checked, tool)
     if found is None:
         raise HTTPProblem(404, jsonrpc.INVALID_PARAMS, f"Not Found: unknown tool {shown!r}")
     arguments = checked.message["params"]["arguments"]
