@@ -40,6 +40,7 @@ from mcptwist.web.channel import ConnectionCounter
 
 from .support.bridge import Bridge, Service
 from .support.messages import INIT, call, modern
+from .support.modern import ModernReactor
 
 TOKEN = "mcpt_websocket_test_token"
 KiB = 1024
@@ -554,3 +555,35 @@ class ModernTests(SynchronousTestCase):
             {"server": "s", "method": "tools/call", "status": "ok"},
         )
         self.assertEqual(calls, 1.0)
+
+
+class ModernChildTaskTests(SynchronousTestCase):
+    def test_a_childs_listen_carries_the_tasks(self) -> None:
+        """On a server whose child speaks 2026-07-28, a socket's listen is the
+        child's own stream, with the bridge's task notifications merged in."""
+        server = ServerConfig(name="s", command="fake", era="modern", task_tools=("slow",))
+        site = Site(self, servers=(server,), reactor=ModernReactor(), tasks=TasksConfig(ttl=600))
+        socket = site.socket()
+        socket.send(modern(1, "tools/call", {"name": "slow", "arguments": {}}, TASKS))
+        [created] = socket.read()
+        task_id = created["result"]["taskId"]
+        wanted = {"toolsListChanged": True, "taskIds": [task_id]}
+        socket.send(modern("L", "subscriptions/listen", {"notifications": wanted}, TASKS))
+        child = site.reactor.child
+        [listen] = [m for m in child.held if m["method"] == "subscriptions/listen"]
+        self.assertEqual(listen["params"]["notifications"], {"toolsListChanged": True})
+        subscription = {era.META_SUBSCRIPTION: listen["id"]}
+        child.send(
+            jsonrpc.notification(
+                "notifications/subscriptions/acknowledged",
+                {"notifications": {"toolsListChanged": True}, "_meta": subscription},
+            )
+        )
+        [call] = [m for m in child.held if m["method"] == "tools/call"]
+        child.send(jsonrpc.result(call["id"], {"content": []}))
+        ack, working, completed = socket.read()
+        self.assertEqual(ack["params"]["notifications"], {**wanted, "taskIds": [task_id]})
+        self.assertEqual(ack["params"]["_meta"], {era.META_SUBSCRIPTION: "L"})
+        self.assertEqual(
+            [working["params"]["status"], completed["params"]["status"]], ["working", "completed"]
+        )
