@@ -243,8 +243,10 @@ class Child:
         """Bytes written to the child's stdin that it has not read (beyond 64 KiB)."""
         return self._backlog.unread if self._backlog.paused else 0
 
-    def send(self, message: jsonrpc.Message) -> bool:
-        """Write one message to the child's stdin.
+    def send(self, message: jsonrpc.Message, at_once: bool = True) -> bool:
+        """Write one message to the child's stdin: C{at_once} when the child
+        is idle (it waits for nothing else), else with whatever else is
+        written to it in this turn of the reactor, in one write.
 
         Returns False, writing nothing, when the child has left more than
         max_message_size bytes unread: a child that stops reading must not
@@ -268,7 +270,10 @@ class Child:
         data = jsonrpc.dumps(message)
         if backlog.paused:
             backlog.unread += len(data) + 1
-        write_to_child(self.transport, data + b"\n")
+        if at_once:
+            write_to_child(self.transport, data + b"\n")
+        else:
+            self.transport.writeSequence([data, b"\n"])
         return True
 
     def stop(self) -> Deferred[None]:
