@@ -590,6 +590,8 @@ class OneWriteTests(SynchronousTestCase):
         self.assertEqual(len(writes), 1)
         status, headers, answer = parse(writes[0])
         self.assertEqual((status, int(headers["content-length"])), (200, len(answer)))
+        self.assertEqual(headers["server"], "mcptwist")
+        self.assertRegex(headers["date"], r"^\w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} GMT$")
         self.assertEqual(jsonrpc.loads(answer)["id"], INIT["id"])
         # A response without a body: its head goes out when it is done.
         writes.clear()

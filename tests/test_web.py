@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import datetimeToString
 
 from mcptwist.config.model import (
     AuthConfig,
@@ -13,6 +14,7 @@ from mcptwist.config.model import (
 )
 from mcptwist.mcp import jsonrpc
 from mcptwist.security.auth import hash_token
+from mcptwist.web import http
 
 from .support.bridge import Bridge, send
 from .support.messages import BOTH, INIT, JSON, STREAM, bearer, decode
@@ -573,3 +575,22 @@ class StatusTests(SynchronousTestCase):
         self.assertIn("failed", error["message"])
         self.assertIn("fatal: no config", error["message"])
         self.assertEqual(bridge.registry.sessions, {})
+
+
+class DateTests(SynchronousTestCase):
+    def test_formatted_once_a_second(self) -> None:
+        formatted: list[float] = []
+
+        def format_date(seconds: float) -> bytes:
+            formatted.append(seconds)
+            return datetimeToString(seconds)
+
+        self.patch(http, "datetimeToString", format_date)
+        now = [1_700_000_000.25]
+        self.patch(http.time, "time", lambda: now[0])
+        self.assertEqual(http.http_date(), b"Tue, 14 Nov 2023 22:13:20 GMT")
+        now[0] += 0.5
+        self.assertEqual(http.http_date(), b"Tue, 14 Nov 2023 22:13:20 GMT")
+        now[0] += 0.5
+        self.assertEqual(http.http_date(), b"Tue, 14 Nov 2023 22:13:21 GMT")
+        self.assertEqual(formatted, [1_700_000_000, 1_700_000_001])

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import NO_BODY_CODES, parse_qs
+from twisted.web.http import NO_BODY_CODES, datetimeToString, parse_qs
 from twisted.web.iweb import IRequest
+from twisted.web.resource import _IEncodingResource
 from twisted.web.server import Request
 
 from mcptwist.mcp import jsonrpc
@@ -117,10 +120,45 @@ class BoundedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def process(self) -> None:
+        """twisted.web's, but the Server header is ours from the start and the
+        Date is formatted once a second, not once a request."""
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", [SERVER])
+        headers.setRawHeaders(b"date", [http_date()])
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            resrc = self.site.getResourceFor(self)
+            if _IEncodingResource.providedBy(resrc):
+                encoder = resrc.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(resrc)
+        except BaseException:
+            self.processingFailed(Failure())
+
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             self.responseHeaders.setRawHeaders(b"server", [SERVER])
         super().write(data)
+
+
+_date: list[Any] = [None, b""]
+
+
+def http_date() -> bytes:
+    """Now as an HTTP date (RFC 9110), formatted anew each second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0] = now
+        _date[1] = datetimeToString(now)
+    date: bytes = _date[1]
+    return date
 
 
 def finish_with(request: IRequest, body: bytes) -> None:
