@@ -176,6 +176,29 @@ class UpgradeTests(SynchronousTestCase):
         answer = socket.initialize()
         self.assertIn("serverInfo", answer["result"])
 
+    def test_endpoint_in_2026_07_28(self) -> None:
+        """A 2026-07-28 socket on an endpoint: its tools namespaced, a call routed."""
+        endpoint = EndpointConfig(name="all", servers=("s",), prefixes={"s": "s"})
+        config = BridgeConfig(
+            servers={"s": ServerConfig(name="s", command="fake")},
+            endpoints={"all": endpoint},
+            insecure=True,
+        )
+        echo = {"name": "echo", "inputSchema": {"type": "object"}}
+        service = Service(
+            self, config, on_spawn=lambda child: child.lists.update({"tools/list": [echo]})
+        )
+        self.patch(txaio.config, "loop", service.reactor)
+        site = BridgeSite(service.service.resource, reactor=service.reactor)
+        site.configure(config.limits)
+        socket = Socket(site, "/endpoints/all/ws", {})
+        socket.send(modern(1, "tools/call", {"name": "s__echo", "arguments": {"a": 1}}))
+        [called] = socket.read()
+        self.assertEqual(called["id"], 1)
+        self.assertEqual(called["result"]["content"][0]["text"], "{'a': 1}")
+        [sent] = service.reactor.child.requests("tools/call")
+        self.assertEqual(sent["params"]["name"], "echo")
+
     def test_subprotocol_required(self) -> None:
         """An upgrade that does not offer mcp is refused (400) before any session."""
         site = Site(self)
@@ -446,6 +469,7 @@ class ModernTests(SynchronousTestCase):
         socket.send(jsonrpc.notification("notifications/cancelled", {"requestId": 1}))
         [cancelled] = child.notifications("notifications/cancelled")
         self.assertEqual(cancelled["params"]["requestId"], held["id"])
+        self.assertEqual(cancelled["params"]["reason"], "the client cancelled the request")
         child.answer(held)
         self.assertEqual(socket.read(), [])
         socket.send(call(1))

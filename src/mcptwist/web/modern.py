@@ -88,6 +88,9 @@ class SocketRequest(Request):
     by this one).
     """
 
+    # Why the client ended the request (a cancel, the socket closed), once it has.
+    why: str | None = None
+
     def responder(self, label: str, rewrite: Callable[[Message], Message] | None) -> Responding:
         raise NotImplementedError
 
@@ -742,7 +745,8 @@ def serve(
     def vanished(_: object) -> None:
         responder.gone = True
         if not responder.done and call.responder is responder:
-            call.abandon("the client closed the HTTP response")
+            why = request.why if isinstance(request, SocketRequest) else None
+            call.abandon(why or "the client closed the HTTP response")
 
     if not responder.done:
         request.notifyFinish().addErrback(vanished)

@@ -582,6 +582,7 @@ class Exchange(modern.SocketRequest):
         if self.finished:
             return
         self.finished = 1
+        self.why = why
         self._body.clear()
         self._ended(Failure(ConnectionDone(why)))
 
