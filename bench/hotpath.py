@@ -5,9 +5,9 @@ serves one shared server whose child is the test suite's in-memory fake, and a
 listener's site takes each request over an in-memory transport, keep-alive, one
 after another. What is timed is the CPU of the whole exchange: parsing the request,
 the gate, routing, the child's framing, and writing the answer. System calls and
-the kernel's share are not in it, so the figure moves only when the bridge's code
-does: it is for comparing a change with what came before (bench/notes.md), next to
-the full run's figures, which are the ones that count.
+the kernel's share are not in it: it is for comparing a change with what came before
+(bench/notes.md), run back to back with it (a virtual machine's speed drifts), next
+to the full run's figures, which are the ones that count.
 
     PYTHONPATH=src:. python bench/hotpath.py [--calls N] [--rounds R] [--profile NAME]
 
@@ -24,7 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from mcptwist.config.model import BridgeConfig, ListenerConfig, ServerConfig
 from mcptwist.mcp import era, jsonrpc
@@ -67,6 +69,13 @@ class Bench:
         self.site = self.service._listener(
             ListenerConfig(endpoint="tcp:0:interface=127.0.0.1")
         ).site
+
+    def stop(self) -> None:
+        """End every connection and the service, as a bridge that stops."""
+        for channel in list(self.site.channels):
+            channel.connectionLost(Failure(ConnectionDone()))
+        self.service.stopService()
+        self.reactor.advance(10)
 
     def connect(self) -> tuple[Any, StringTransport]:
         channel = self.site.buildProtocol(PEER)
@@ -195,14 +204,16 @@ def main() -> None:
     for name, make in SCENARIOS.items():
         if args.profile and not name.startswith(args.profile):
             continue
-        one = make(Bench())
+        bench = Bench()
+        one = make(bench)
         measure(one, 500, 1)  # warm up
         if args.profile:
             profile = cProfile.Profile()
             profile.runcall(measure, one, args.calls, 1, 1_000_000)
             pstats.Stats(profile).sort_stats("tottime").print_stats(40)
-            continue
-        print(f"{name:36} {measure(one, args.calls, args.rounds, 10_000):7.1f} µs/call")
+        else:
+            print(f"{name:36} {measure(one, args.calls, args.rounds, 10_000):7.1f} µs/call")
+        bench.stop()
 
 
 if __name__ == "__main__":
