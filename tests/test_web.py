@@ -106,6 +106,31 @@ class StreamableTests(SynchronousTestCase):
         [notice] = [e for e in decode(b"".join(chunks)) if e.get("data")]
         self.assertEqual(jsonrpc.loads(notice["data"])["params"]["progressToken"], 7)
 
+    def test_a_slow_answer_opens_the_stream_at_the_heartbeat(self) -> None:
+        """An older revision has no priming event: the stream opens with a
+        comment, and the answer comes on it when it is ready."""
+        bridge = Bridge(self, hold=True)
+        sid = bridge.open_session()  # 2025-06-18
+        d = send(
+            bridge,
+            jsonrpc.request(3, "tools/call", {"name": "slow"}),
+            {**BOTH, "mcp-session-id": sid},
+        )
+        bridge.app.heartbeat.beat()
+        bridge.client.flush()
+        self.assertNoResult(d)
+        bridge.app.heartbeat.beat()
+        bridge.client.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
+        chunks = bridge.stream(response)
+        self.assertEqual(b"".join(chunks), b": stream open\n\n")
+        child = bridge.reactor.child
+        child.answer(child.held[0])
+        bridge.client.flush()
+        [answer] = decode(b"".join(chunks))
+        self.assertEqual(jsonrpc.loads(answer["data"])["id"], 3)
+
     def test_request_answered_as_sse_with_event_ids(self) -> None:
         """A client that takes only a stream gets one from the start."""
         bridge = Bridge(self)

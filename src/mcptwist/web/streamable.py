@@ -387,6 +387,10 @@ def _promoter(
         if session.protocol_version in protocol.PRIMING_VERSIONS:
             channel.prime()
         reply.stream(channel)
+        if not request.startedWriting:
+            # Nothing to send yet (an older revision has no priming event):
+            # the stream opens now all the same.
+            connection.send(b": stream open\n\n")
 
     return promote
 
