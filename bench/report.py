@@ -234,6 +234,13 @@ def correctness(run: dict) -> dict:
     return tot
 
 
+# This round's targets (issue 18) against the best peer that routes correctly.
+CALLS_RATIO = 1.5
+P50_RATIO = 0.7
+CPU_TARGET_US = 110
+IDLE_MIB = 45
+
+
 def row_values(run: dict) -> dict:
     L = run.get("load") or {}
     s32 = L.get("s32") or {}
@@ -376,34 +383,40 @@ def targets(results: dict) -> list[str]:
         if not c["correct"]:
             add("mcptwist-shared delivers every response to the right client", tname,
                 f"wrong {c['wrong_client'] + c['foreign']}, lost {c['lost']}", "–", False)
-        for key, label in (("s8", "calls/s at 8 sessions ≥ 1.2 × best correct peer"),
-                           ("s32", "calls/s at 32 sessions ≥ 1.2 × best correct peer")):
+        for key, label in (("s8", f"calls/s at 8 sessions ≥ {CALLS_RATIO} × best correct peer"),
+                           ("s32", f"calls/s at 32 sessions ≥ {CALLS_RATIO} × best correct peer")):
             bp = best_peer(results, transport, key)
             if bp is None or v[key] is None:
                 add(label, tname, fmt(v[key]), "no correct peer measured", None)
                 continue
-            need = 1.2 * bp[1]
+            need = CALLS_RATIO * bp[1]
             holds = v[key] >= need
             add(label, tname, f"{fmt(v[key])} ({v[key] / bp[1]:.2f}×)",
                 f"{bp[0]}: {fmt(bp[1])} → needs {fmt(need)}", holds,
                 f"{v[key] / need:.2f} of the target ({fmt(need - v[key])} calls/s short)")
         bp = best_peer(results, transport, "p50", lower=True)
         if bp is not None and v["p50"] is not None:
-            need = 0.8 * bp[1]
+            need = P50_RATIO * bp[1]
             holds = v["p50"] <= need
-            add("sequential p50 ≤ 0.8 × the lowest p50 of a correct peer", tname,
+            add(f"sequential p50 ≤ {P50_RATIO} × the lowest p50 of a correct peer", tname,
                 f"{v['p50']:.3f} ms ({v['p50'] / bp[1]:.2f}×)",
                 f"{bp[0]}: {bp[1]:.3f} ms → needs ≤ {need:.3f} ms", holds,
                 f"{v['p50'] / need:.2f}× the target (+{(v['p50'] - need) * 1000:.0f} µs)")
+        cpu = get(run, "load", "s8", "bridge_cpu_us_per_call")
+        if cpu is not None:
+            add(f"bridge CPU per call at 8 sessions ≤ {CPU_TARGET_US} µs", tname, f"{cpu:.0f} µs",
+                f"{CPU_TARGET_US} µs", cpu <= CPU_TARGET_US,
+                f"{cpu / CPU_TARGET_US:.2f}× the target (+{cpu - CPU_TARGET_US:.0f} µs)")
     # memory and streams: transport-independent for idle RSS; per SSE for streams
     idle = [(t, get(runs, f"mcptwist-shared/{t}", "idle")) for t, _ in TRANSPORTS]
     idle = [(t, m) for t, m in idle if m]
     if idle:
         worst = max(m["bridge_kib"] for _, m in idle)
-        holds = worst <= 50 * 1024
-        add("idle RSS ≤ 50 MiB (bridge process, one child running)", "both",
+        holds = worst <= IDLE_MIB * 1024
+        add(f"idle RSS ≤ {IDLE_MIB} MiB (bridge process, one child running)", "both",
             f"{worst / 1024:.1f} MiB (+ child {idle[0][1]['children_kib'] / 1024:.1f} MiB)",
-            "50 MiB", holds, f"{worst / 1024 - 50:.1f} MiB over ({worst / 1024 / 50:.2f}×)")
+            f"{IDLE_MIB} MiB", holds,
+            f"{worst / 1024 - IDLE_MIB:.1f} MiB over ({worst / 1024 / IDLE_MIB:.2f}×)")
     st = get(runs, "mcptwist-shared/sse", "streams")
     if st:
         for n in ("1000", "10000"):
