@@ -177,9 +177,7 @@ class HTTPResponder:
         self.done = False
 
     def notify(self, message: Message) -> None:
-        if self.done or self.gone or not self.sse_ok:
-            return
-        connection = self._stream()
+        connection = self.stream()
         if connection is not None:
             send(connection, message)
 
@@ -443,8 +441,7 @@ def _acknowledge_tasks(
     from a socket's, whose requests this node serves alone), and agreed as
     those nodes acknowledge them (L{RemoteTasks})."""
     tasks = _listened_tasks(ctx, request, checked)
-    local = hopped or not isinstance(connection, EventConnection)
-    remote = {} if local else _remote_tasks(ctx, checked)
+    remote = {} if hopped else _remote_tasks(ctx, checked)
 
     def acknowledgement(elsewhere: list[str]) -> Message:
         found = {task.id for task in tasks}.union(elsewhere)
