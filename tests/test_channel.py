@@ -10,12 +10,15 @@ from typing import Any
 
 import attrs
 import jwt
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from mcptwist.config.model import (
     AuthConfig,
@@ -512,6 +515,155 @@ class ProtocolEdgeTests(SynchronousTestCase):
         self.assertEqual([a[0] for a in answers], [200, 401, 401, 200, 404])
         for _, headers, _ in answers:
             self.assertEqual(headers["server"], "mcptwist")
+
+
+class Echo(Resource):
+    """/slow waits to be answered; /echo answers with its body; others, their path."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Any] = []
+
+    def render(self, request: Any) -> bytes | int:
+        if request.path == b"/slow":
+            self.waiting.append(request)
+            return NOT_DONE_YET
+        if request.path == b"/echo":
+            return b"echo:" + request.content.read()
+        return b"path:" + request.path
+
+
+def answer(request: Any, body: bytes) -> None:
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def responses(data: bytes) -> list[tuple[int, bytes]]:
+    """The (status, body) of each whole response in C{data}, in order."""
+    found = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status, headers, _ = parse(head + b"\r\n\r\n")
+        length = int(headers.get("content-length", "0"))
+        found.append((status, rest[:length]))
+        data = rest[length:]
+    return found
+
+
+# Three requests as a client may pipeline them: a body by length, a chunked
+# one, and one without a body.
+PIPELINED = [
+    b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+    b"GET /other?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+]
+PIPELINED_ANSWERS = [(200, b"echo:hello"), (200, b"echo:abcdefg"), (200, b"path:/other")]
+
+
+class ParserTests(SynchronousTestCase):
+    """The C parser (llhttp) under the channel: what a client sends is read
+    the same however it is split, pipelined requests wait their turn, and
+    what llhttp refuses gets a JSON-RPC 400."""
+
+    def wire(self) -> tuple[Echo, Any, StringTransport]:
+        wire = Wire(self)
+        resource = Echo()
+        channel, transport = wire.connect(site=wire.make_site(resource))
+        return resource, channel, transport
+
+    @settings(max_examples=200, deadline=None)
+    @given(cuts=st.lists(st.integers(0, sum(map(len, PIPELINED))), max_size=12))
+    def test_requests_split_anywhere_are_read_the_same(self, cuts: list[int]) -> None:
+        _, channel, transport = self.wire()
+        data = b"".join(PIPELINED)
+        start = 0
+        for cut in sorted(set(cuts)):
+            channel.dataReceived(data[start:cut])
+            start = cut
+        channel.dataReceived(data[start:])
+        self.assertEqual(responses(transport.value()), PIPELINED_ANSWERS)
+        self.assertFalse(transport.disconnecting)
+
+    def test_pipelined_requests_wait_for_the_one_being_answered(self) -> None:
+        resource, channel, transport = self.wire()
+        slow = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        channel.dataReceived(slow + b"".join(PIPELINED) + slow + PIPELINED[0][:30])
+        self.assertEqual(transport.value(), b"")
+        [first] = resource.waiting
+        answer(first, b"slow done")
+        answers = responses(transport.value())
+        self.assertEqual(answers, [(200, b"slow done"), *PIPELINED_ANSWERS])
+        # The second slow request waits in turn; the partial one after it too.
+        second = resource.waiting[1]
+        transport.clear()
+        channel.dataReceived(PIPELINED[0][30:])
+        self.assertEqual(transport.value(), b"")
+        answer(second, b"again")
+        self.assertEqual(responses(transport.value()), [(200, b"again"), (200, b"echo:hello")])
+
+    def test_requests_sent_while_one_is_answered_wait_for_it(self) -> None:
+        """A long answer (a stream) holds no parser; what the client sends
+        meanwhile is read, and answered after it."""
+        resource, channel, transport = self.wire()
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertIsNone(channel._parser)
+        for piece in PIPELINED:
+            channel.dataReceived(piece)
+        self.assertEqual(transport.value(), b"")
+        answer(resource.waiting[0], b"streamed")
+        self.assertEqual(responses(transport.value()), [(200, b"streamed"), *PIPELINED_ANSWERS])
+
+    def test_nothing_is_read_after_a_request_that_closes(self) -> None:
+        _, channel, transport = self.wire()
+        closing = b"GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        channel.dataReceived(closing + PIPELINED[2])
+        self.assertEqual(responses(transport.value()), [(200, b"path:/a")])
+        self.assertTrue(transport.disconnecting)
+
+    def test_an_upgrade_not_taken_is_an_ordinary_request(self) -> None:
+        """llhttp would take a body after an Upgrade header for the new
+        protocol's; twisted.web's parser reads the request instead, and the
+        connection goes on with it."""
+        _, channel, transport = self.wire()
+        upgrade = (
+            b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: 4\r\n\r\nbody"
+        )
+        channel.dataReceived(upgrade + b"".join(PIPELINED))
+        self.assertEqual(responses(transport.value()), [(200, b"echo:body"), *PIPELINED_ANSWERS])
+
+    def test_what_llhttp_refuses_gets_a_json_rpc_400(self) -> None:
+        for request in (
+            b"GET /health\r\n\r\n",  # HTTP/0.9
+            b"GET /health HTTP/1.1\nHost: 127.0.0.1\n\n",  # bare LF
+            b"GET /health HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",  # obsolete line folding
+            b"GET /health HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"POST /health HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"BREW /health HTTP/1.1\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nX-A: a\x00b\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nX-A: a\x01b\r\n\r\n",
+        ):
+            wire = Wire(self)
+            channel, transport = wire.connect()
+            channel.dataReceived(request)
+            status, headers, body = parse(transport.value())
+            self.assertEqual((status, headers["connection"]), (400, "close"), request)
+            self.assertEqual(jsonrpc.loads(body)["error"]["code"], jsonrpc.INVALID_REQUEST)
+
+    def test_a_malformed_request_behind_a_slow_one_is_answered_after_it(self) -> None:
+        resource, channel, transport = self.wire()
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /x\r\nX\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        [slow] = resource.waiting
+        answer(slow, b"first")
+        answers = responses(transport.value())
+        self.assertEqual([status for status, _ in answers], [200, 400])
+        self.assertEqual(answers[0][1], b"first")
 
 
 class UnreadTransport(StringTransport):

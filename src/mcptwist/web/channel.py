@@ -21,6 +21,16 @@ against clients that hold resources without being admitted:
 - A head too large, a malformed request, or a late one gets an answer
   (431, 400, 408) with a JSON-RPC error body rather than a bare close.
 
+Requests are parsed by llhttp, the C parser of Node.js (through httptools),
+into twisted.web's own L{Request}: twisted.web's parser in Python cost more
+than any other part of a call. The channel keeps twisted.web's rules: the head
+is limited (llhttp has no limits), and what a client pipelines behind a
+request being answered waits until it is (it is parsed as it comes, and its
+parts are replayed in order; past a small amount the client is read no more).
+An upgrade request that is not taken (one for HTTP/2, or a refused WebSocket)
+is read by twisted.web's parser, which then keeps the connection: llhttp would
+take its body for the new protocol's bytes.
+
 An answer given before the request was read whole says C{Connection: close};
 the rest of the request is then read and thrown away for a short while, so
 that a client still sending its body can read the answer rather than a reset.
@@ -37,6 +47,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall
@@ -54,6 +70,9 @@ from mcptwist.mcp import jsonrpc
 from mcptwist.security.ipfilter import rate_key
 
 from .http import SERVER, BoundedRequest, too_large
+
+# The HTTP versions served (llhttp also parses HTTP/0.9, which is refused).
+VERSIONS: Final = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
 # How long the rest of a refused request is read (and dropped) after its answer.
 LINGER: Final = 2.0
@@ -137,15 +156,23 @@ class BridgeChannel(HTTPChannel):
     # connection a dict of its own (about 1.3 KiB more for each idle stream).
     __slots__ = (
         "_body_of",
+        "_buffered",
         "_closer",
         "_closing",
+        "_events",
         "_first",
+        "_head_size",
+        "_headers",
         "_held",
         "_host",
         "_key",
+        "_parser",
+        "_parser_done",
         "_paused",
         "_phase",
+        "_twisted",
         "_unregistered",
+        "_url",
     )
 
     def __init__(self) -> None:
@@ -165,6 +192,21 @@ class BridgeChannel(HTTPChannel):
         self._host: IAddress | None = None
         # A response's head, until its first body bytes go out with it.
         self._held: bytes | None = None
+        # The parser (made when bytes arrive), and the request it reads: its
+        # target, its header fields, and the size of its head so far.
+        self._parser: Any = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        # While a request is being answered, what the parser finds after it
+        # (pipelined requests) waits here, in order, with the bytes it came in.
+        self._events: list[tuple[Any, ...]] | None = None
+        self._buffered = 0
+        # The parser stopped at an upgrade: what follows is not HTTP to it.
+        self._parser_done = False
+        # twisted.web's own parser has the connection (after an upgrade that
+        # was not taken: the rest of that request, and every later one).
+        self._twisted = False
 
     # Connection
 
@@ -229,6 +271,7 @@ class BridgeChannel(HTTPChannel):
         self._closer = None
         self._body_of = None
         self._paused = False
+        self._events = None
         super().connectionLost(reason)
 
     # Receiving
@@ -246,7 +289,212 @@ class BridgeChannel(HTTPChannel):
                 self.resetTimeout()
             else:
                 self._start("head")
+        self._feed(data)
+
+    # Parsing, with llhttp (through httptools); twisted.web's parser takes a
+    # connection over only after an upgrade that was not taken (see L{_upgrade}).
+
+    def _feed(self, data: bytes) -> None:
+        events = self._events
+        if events is not None:
+            # HTTPChannel's rule for pipelined requests: read on (a closed
+            # connection is noticed) until a small limit, then stop reading.
+            self._buffered += len(data)
+            if self._buffered > self._optimisticEagerReadSize and not self._waitingForTransport:
+                self._networkProducer.pauseProducing()
+        if self._parser_done:
+            self._later(self._raw, data)
+            return
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = HttpRequestParser(self)
+        try:
+            parser.feed_data(data)
+            if events is None and self._events == []:
+                # A request is being answered and nothing came after it: the
+                # parser is not held meanwhile (a response stream may last
+                # hours). Another is made if the client sends more.
+                self._parser = None
+        except HttpParserUpgrade as upgrade:
+            self._parser_done = True
+            rest = data[upgrade.args[0] :]
+            if rest:
+                self._later(self._raw, rest)
+        except HttpParserCallbackError as error:
+            if not isinstance(error.__context__, _Stop):
+                raise
+        except HttpParserError:
+            self._later(self._malformed)
+
+    def _later(self, handler: Any, *args: Any) -> None:
+        """Run C{handler} now, or after the request being answered."""
+        events = self._events
+        if events is None:
+            handler(*args)
+        else:
+            events.append((handler, *args))
+
+    def _replay(self, events: list[tuple[Any, ...]]) -> None:
+        """What the parser found while a request was answered, in order."""
+        for index, (handler, *args) in enumerate(events):
+            if self._events is not None:
+                # Another request is being answered: the rest waits for it.
+                self._events.extend(events[index:])
+                return
+            if self._closing or self.transport is None:
+                return
+            try:
+                handler(*args)
+            except _Stop:
+                return
+
+    def _raw(self, data: bytes) -> None:
         LineReceiver.dataReceived(self, data)
+
+    def _malformed(self) -> None:
+        self._respondToBadRequestAndDisconnect()
+
+    # httptools' callbacks: each runs now, or once the request being answered
+    # is (spelled out: these run for every request).
+
+    def on_message_begin(self) -> None:
+        if self._events is None:
+            self._begin()
+        else:
+            self._events.append((self._begin,))
+
+    def on_url(self, url: bytes) -> None:
+        if self._events is None:
+            self._url_part(url)
+        else:
+            self._events.append((self._url_part, url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._events is None:
+            self._header(name, value)
+        else:
+            self._events.append((self._header, name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        head = (parser.get_method(), parser.get_http_version(), parser.should_upgrade())
+        if self._events is None:
+            self._head(*head)
+        else:
+            self._events.append((self._head, *head))
+
+    def on_body(self, body: bytes) -> None:
+        if self._events is None:
+            self._body(body)
+        else:
+            self._events.append((self._body, body))
+
+    def on_message_complete(self) -> None:
+        if self._events is None:
+            self._complete()
+        else:
+            self._events.append((self._complete,))
+
+    def _begin(self) -> None:
+        if self._closing or not self.persistent:
+            # Nothing is read after a request that closes the connection.
+            raise _Stop
+        if self._phase is None:
+            self._start("head")
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._receivedHeaderCount = 0
+
+    def _url_part(self, part: bytes) -> None:
+        if self._closing:
+            raise _Stop
+        self._url += part
+        self._head_size += len(part)
+        if len(self._url) > self.MAX_LENGTH:
+            self._head_too_large(uri=True)
+            raise _Stop
+
+    def _header(self, name: bytes, value: bytes) -> None:
+        if self._closing:
+            raise _Stop
+        line = len(name) + len(value) + 2
+        self._head_size += line
+        self._receivedHeaderCount += 1
+        if (
+            line > self.MAX_LENGTH
+            or self._head_size > self.totalHeadersSize
+            or self._receivedHeaderCount > self.maxHeaders
+        ):
+            self._head_too_large()
+            raise _Stop
+        self._headers.append((name, value))
+
+    def _head(self, method: bytes, version: str, upgrade: bool) -> None:
+        if self._closing:
+            raise _Stop
+        protocol = VERSIONS.get(version)
+        if protocol is None:
+            self._respondToBadRequestAndDisconnect()
+            raise _Stop
+        if upgrade:
+            self._upgrade(method, protocol)
+            return
+        request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        add = request.requestHeaders.addRawHeader
+        length: int | None = 0
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                # llhttp has checked that the last coding is chunked.
+                length = None
+            add(name, value.rstrip(b" \t"))
+        self.length = length
+        self._command = method
+        self._path = self._url
+        self._version = protocol
+        self.allHeadersReceived()
+
+    def _upgrade(self, method: bytes, protocol: bytes) -> None:
+        """A request asks to upgrade: twisted.web's parser takes the connection
+        over, with this request's head, as if it had read the head itself.
+
+        llhttp would hand whatever follows the head to the new protocol,
+        the request's body included; an upgrade that is not taken (not a
+        WebSocket, or a refused one) must be an ordinary request instead."""
+        self._twisted = True
+        request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        self._command, self._path, self._version = method, self._url, protocol
+        self._receivedHeaderCount = 0
+        for name, value in self._headers:
+            if not self.headerReceived(name + b": " + value):
+                raise _Stop
+        self.allHeadersReceived()
+        if self._closing:
+            raise _Stop
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
+
+    def _body(self, data: bytes) -> None:
+        if self._closing:
+            raise _Stop
+        self.requests[-1].handleContentChunk(data)
+
+    def _complete(self) -> None:
+        if self._twisted:
+            return
+        if self._closing:
+            raise _Stop
+        self.allContentReceived()
+        if self._handlingRequest and self._events is None:
+            self._events = []
+            self._buffered = 0
 
     def _start(self, phase: str) -> None:
         """Start the deadline of a request's head or body (the idle timer stops)."""
@@ -254,7 +502,7 @@ class BridgeChannel(HTTPChannel):
         self.setTimeout(self.site.header_timeout if phase == "head" else self.site.body_timeout)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._head_too_large()
+        self._head_too_large(uri=not self.requests)
 
     def headerReceived(self, line: bytes) -> bool:
         if self._closing:
@@ -265,9 +513,9 @@ class BridgeChannel(HTTPChannel):
         ok: bool = super().headerReceived(line)
         return ok
 
-    def _head_too_large(self) -> None:
+    def _head_too_large(self, uri: bool = False) -> None:
         self._refuse(self._key_for_audit(), "headers_too_large")
-        if not self.requests:
+        if uri:
             self._answer(
                 414,
                 jsonrpc.INVALID_REQUEST,
@@ -444,6 +692,10 @@ class BridgeChannel(HTTPChannel):
         self._flush()
         if not self._closing:
             super().requestDone(request)
+            events = self._events
+            if events is not None and not self._handlingRequest:
+                self._events = None
+                self._replay(events)
             return
         # A request answered before it was read whole.
         del self.requests[0]
@@ -535,6 +787,10 @@ class BridgeChannel(HTTPChannel):
 
     def _refuse(self, peer: str | None, reason: str) -> None:
         self.site.refused(peer, reason)
+
+
+class _Stop(Exception):
+    """Parse no further: the connection is answered and closing."""
 
 
 def _head(status: int, headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
