@@ -121,7 +121,10 @@ and is not used as the reference for the targets.
 
 - **calls/s**: S sessions each with K requests in flight, calls completed inside a window of
   {window:g} s after {warmup:g} s of warm-up (the same sessions throughout). Points: 1, 8, 32
-  sessions with 1 in flight each, and 1 session with 32 in flight.
+  sessions with 1 in flight each, and 1 session with 32 in flight. Each point is measured in
+  {point_windows} windows on the same bridge, one after another; every figure of the point
+  (calls/s, latency, CPU) is that of its median window by calls/s; responses to the wrong
+  client, lost or failed are counted over all of them.
 - **latency p50/p99**: of the calls in the 1-session window (sequential: one call at a time).
 - **CPU µs per call**: `utime+stime` of the bridge's own pid over the window (`/proc/PID/stat`,
   all its threads, not its children) divided by the calls; children likewise, separately.
@@ -1054,6 +1057,7 @@ def write(results: dict, out: Path) -> None:
             commands.append(f"| {name} scenario | {what} | `{res['command']}` |")
     text = HOW_TO_RUN.replace("{commands}", "\n".join(commands) or "| – | – | – |")
     text = text.format(window=s["window_s"], warmup=s["warmup_s"],
+                       point_windows=s.get("point_windows", 1),
                        large_timeout=s["large_timeout_s"])
     L = [text]
     m = meta["machine"]
