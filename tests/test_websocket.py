@@ -138,7 +138,29 @@ class Socket:
         return answer
 
 
+class EagerSocket(Socket):
+    """A client that sends bytes right behind its upgrade request, in the same read."""
+
+    extra = b"x" * 20_000
+
+    def _pump(self) -> None:
+        if self.extra:
+            data = b"".join(self.client.data_to_send()) + self.extra
+            self.extra = b""
+            self.transport.protocol.dataReceived(data)
+        super()._pump()
+
+
 class UpgradeTests(SynchronousTestCase):
+    def test_bytes_behind_the_upgrade_request_do_not_stall_the_socket(self) -> None:
+        """What came with the upgrade request is neither HTTP nor frames: it is
+        dropped, and the socket is read on."""
+        site = Site(self)
+        socket = EagerSocket(site.site, "/servers/s/ws", {})
+        self.assertEqual(socket.status, 101)
+        self.assertNotEqual(socket.transport.producerState, "paused")
+        self.assertIn("serverInfo", socket.initialize()["result"])
+
     def test_session(self) -> None:
         """The upgrade answers 101 with the mcp subprotocol; the first message
         of the session era opens a session on the WebSocket transport,

@@ -349,6 +349,10 @@ class BridgeChannel(HTTPChannel):
                 return
 
     def _raw(self, data: bytes) -> None:
+        if self.transport is None:
+            # A WebSocket took the connection: what came with its upgrade
+            # request is not HTTP (nor frames: a client waits for the 101).
+            return
         LineReceiver.dataReceived(self, data)
 
     def _malformed(self) -> None:
