@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import datetimeToString
 
@@ -18,6 +20,18 @@ from mcptwist.web import http
 
 from .support.bridge import Bridge, send
 from .support.messages import BOTH, INIT, JSON, STREAM, bearer, decode
+
+
+def stream_at_heartbeat(test: SynchronousTestCase, bridge: Bridge, answer: Any) -> Any:
+    """The response to a POST whose answer is slow in coming: none at the
+    first heartbeat, a stream at the second (between half an interval and
+    one after the request)."""
+    bridge.app.heartbeat.beat()
+    bridge.client.flush()
+    test.assertNoResult(answer)
+    bridge.app.heartbeat.beat()
+    bridge.client.flush()
+    return test.successResultOf(answer)
 
 
 class StreamableTests(SynchronousTestCase):
@@ -116,12 +130,7 @@ class StreamableTests(SynchronousTestCase):
             jsonrpc.request(3, "tools/call", {"name": "slow"}),
             {**BOTH, "mcp-session-id": sid},
         )
-        bridge.app.heartbeat.beat()
-        bridge.client.flush()
-        self.assertNoResult(d)
-        bridge.app.heartbeat.beat()
-        bridge.client.flush()
-        response = self.successResultOf(d)
+        response = stream_at_heartbeat(self, bridge, d)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
         chunks = bridge.stream(response)
         self.assertEqual(b"".join(chunks), b": stream open\n\n")
@@ -468,14 +477,7 @@ class StreamableTests(SynchronousTestCase):
         )
         bridge.client.flush()
         self.assertNoResult(d)
-        # An answer slow in coming: a stream, opened between half a heartbeat
-        # interval and one after the request.
-        bridge.app.heartbeat.beat()
-        bridge.client.flush()
-        self.assertNoResult(d)
-        bridge.app.heartbeat.beat()
-        bridge.client.flush()
-        response = self.successResultOf(d)
+        response = stream_at_heartbeat(self, bridge, d)
         chunks = bridge.stream(response)
         [priming] = decode(b"".join(chunks))
         self.assertEqual(priming["data"], "")

@@ -181,39 +181,33 @@ class UpgradeTests(SynchronousTestCase):
         )
         self.assertEqual(opened, 1.0)
 
-    def test_endpoint(self) -> None:
-        """/endpoints/NAME/ws serves an aggregating endpoint the same way."""
+    def endpoint_socket(self, on_spawn: Any = None) -> tuple[Service, Socket]:
+        """A socket to /endpoints/all/ws, an endpoint of the one server s (prefix s)."""
         endpoint = EndpointConfig(name="all", servers=("s",), prefixes={"s": "s"})
         config = BridgeConfig(
             servers={"s": ServerConfig(name="s", command="fake")},
             endpoints={"all": endpoint},
             insecure=True,
         )
-        service = Service(self, config)
+        service = Service(self, config, on_spawn=on_spawn)
         self.patch(txaio.config, "loop", service.reactor)
         site = BridgeSite(service.service.resource, reactor=service.reactor)
         site.configure(config.limits)
-        socket = Socket(site, "/endpoints/all/ws", {})
+        return service, Socket(site, "/endpoints/all/ws", {})
+
+    def test_endpoint(self) -> None:
+        """/endpoints/NAME/ws serves an aggregating endpoint the same way."""
+        _, socket = self.endpoint_socket()
         self.assertEqual(socket.status, 101)
         answer = socket.initialize()
         self.assertIn("serverInfo", answer["result"])
 
     def test_endpoint_in_2026_07_28(self) -> None:
         """A 2026-07-28 socket on an endpoint: its tools namespaced, a call routed."""
-        endpoint = EndpointConfig(name="all", servers=("s",), prefixes={"s": "s"})
-        config = BridgeConfig(
-            servers={"s": ServerConfig(name="s", command="fake")},
-            endpoints={"all": endpoint},
-            insecure=True,
-        )
         echo = {"name": "echo", "inputSchema": {"type": "object"}}
-        service = Service(
-            self, config, on_spawn=lambda child: child.lists.update({"tools/list": [echo]})
+        service, socket = self.endpoint_socket(
+            on_spawn=lambda child: child.lists.update({"tools/list": [echo]})
         )
-        self.patch(txaio.config, "loop", service.reactor)
-        site = BridgeSite(service.service.resource, reactor=service.reactor)
-        site.configure(config.limits)
-        socket = Socket(site, "/endpoints/all/ws", {})
         socket.send(modern(1, "tools/call", {"name": "s__echo", "arguments": {"a": 1}}))
         [called] = socket.read()
         self.assertEqual(called["id"], 1)
